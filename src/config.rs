@@ -1,0 +1,781 @@
+//! `proxy.toml`: its schema, defaults and validation.
+//!
+//! Parsing is strict (unknown keys are errors) and every error names the offending key, so
+//! `cutover-proxy check` can answer like `nginx -t`. Nothing here does I/O beyond reading the file
+//! and the environment variables the file names.
+
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The execution mode of one chat request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    DirectLlm,
+    RuntimeOrchestrator,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::DirectLlm => "direct_llm",
+            Mode::RuntimeOrchestrator => "runtime_orchestrator",
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A configuration problem, always tied to the key that caused it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigError {
+    /// Dotted key path, e.g. `breaker.error_rate`; empty when the file itself is unreadable.
+    pub key: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.key, self.message)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub legacy: LegacyConfig,
+    pub runtime: RuntimeConfig,
+    #[serde(default)]
+    pub rollout: RolloutConfig,
+    #[serde(default)]
+    pub identity: IdentityConfig,
+    #[serde(default)]
+    pub breaker: BreakerConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    pub listen: String,
+    #[serde(default = "defaults::admin_listen")]
+    pub admin_listen: String,
+    #[serde(default = "defaults::metrics_listen")]
+    pub metrics_listen: String,
+    /// Worker threads of the proxy service.
+    #[serde(default = "defaults::threads")]
+    pub threads: usize,
+    /// On SIGTERM, how long in-flight streams may run before they are ended with an error event.
+    #[serde(default = "defaults::grace_period_secs")]
+    pub grace_period_secs: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LegacyConfig {
+    pub address: String,
+    #[serde(default = "defaults::connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Pooled keep-alive connections to legacy are dropped after this long idle.
+    #[serde(default = "defaults::pool_idle_timeout_ms")]
+    pub pool_idle_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    pub address: String,
+    #[serde(default = "defaults::stream_path")]
+    pub stream_path: String,
+    #[serde(default = "defaults::health_path")]
+    pub health_path: String,
+    #[serde(default = "defaults::execution_timeout_ms")]
+    pub execution_timeout_ms: u64,
+    #[serde(default = "defaults::health_interval_ms")]
+    pub health_interval_ms: u64,
+    #[serde(default = "defaults::health_timeout_ms")]
+    pub health_timeout_ms: u64,
+    /// Consecutive failed health checks that open the breaker.
+    #[serde(default = "defaults::health_failures")]
+    pub health_failures: u32,
+    #[serde(default = "defaults::connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Pooled keep-alive connections to the runtime are dropped after this long idle; keep it
+    /// below the runtime's own keep-alive (uvicorn: 5 s) so a reused connection is never stale.
+    #[serde(default = "defaults::runtime_pool_idle_timeout_ms")]
+    pub pool_idle_timeout_ms: u64,
+    /// A heartbeat event is sent when nothing was written to the client for this long.
+    #[serde(default = "defaults::heartbeat_secs")]
+    pub heartbeat_secs: u64,
+    /// Largest runtime SSE frame accepted; a larger one ends the stream with an error event.
+    #[serde(default = "defaults::max_frame_bytes")]
+    pub max_frame_bytes: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutConfig {
+    #[serde(default = "defaults::default_mode")]
+    pub default_mode: Mode,
+    /// Allowlist: these orgs get `runtime_orchestrator`.
+    #[serde(default)]
+    pub runtime_orgs: Vec<String>,
+    /// Denylist: these orgs always get `direct_llm`; wins over everything else.
+    #[serde(default)]
+    pub direct_orgs: Vec<String>,
+    /// Share of the remaining verified orgs (0-100) moved to the runtime, sticky per org.
+    #[serde(default)]
+    pub runtime_percent: f64,
+    /// Share of direct_llm chat requests (0-100) mirrored to the runtime in the background.
+    #[serde(default)]
+    pub shadow_percent: f64,
+    /// Most shadow requests in flight at once; further ones are skipped.
+    #[serde(default = "defaults::shadow_max_inflight")]
+    pub shadow_max_inflight: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    #[serde(default = "defaults::jwt_secret_env")]
+    pub jwt_secret_env: String,
+    #[serde(default = "defaults::org_claim")]
+    pub org_claim: String,
+    #[serde(default = "defaults::user_claim")]
+    pub user_claim: String,
+    /// Clock skew tolerated when checking `exp` / `nbf`.
+    #[serde(default)]
+    pub leeway_secs: u64,
+    /// When set, tokens must carry this `iss`.
+    #[serde(default)]
+    pub issuer: Option<String>,
+    /// When set, tokens must carry this `aud`.
+    #[serde(default)]
+    pub audience: Option<String>,
+    /// Header an ingress in front of the proxy sets to the caller's verified org. Unset (the
+    /// default): no header is trusted, only the JWT.
+    #[serde(default)]
+    pub trusted_org_header: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerConfig {
+    #[serde(default = "defaults::window_secs")]
+    pub window_secs: u64,
+    #[serde(default = "defaults::min_requests")]
+    pub min_requests: u64,
+    #[serde(default = "defaults::error_rate")]
+    pub error_rate: f64,
+    #[serde(default = "defaults::timeout_rate")]
+    pub timeout_rate: f64,
+    #[serde(default = "defaults::latency_ratio")]
+    pub latency_ratio: f64,
+    #[serde(default = "defaults::open_secs")]
+    pub open_secs: u64,
+    #[serde(default = "defaults::half_open_probes")]
+    pub half_open_probes: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    #[serde(default = "defaults::token_env")]
+    pub token_env: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest chat request body; larger ones get 413.
+    #[serde(default = "defaults::max_chat_body_bytes")]
+    pub max_chat_body_bytes: usize,
+    /// Most per-org entries kept for `GET /runtime/metrics/{orgId}`; the least recently seen go.
+    #[serde(default = "defaults::max_tracked_orgs")]
+    pub max_tracked_orgs: usize,
+}
+
+mod defaults {
+    use super::Mode;
+    pub fn admin_listen() -> String {
+        "127.0.0.1:9901".into()
+    }
+    pub fn metrics_listen() -> String {
+        "0.0.0.0:9090".into()
+    }
+    pub fn threads() -> usize {
+        2
+    }
+    pub fn grace_period_secs() -> u64 {
+        25
+    }
+    pub fn connect_timeout_ms() -> u64 {
+        1000
+    }
+    pub fn pool_idle_timeout_ms() -> u64 {
+        30_000
+    }
+    pub fn runtime_pool_idle_timeout_ms() -> u64 {
+        4_000
+    }
+    pub fn stream_path() -> String {
+        "/api/v1/execute/stream".into()
+    }
+    pub fn health_path() -> String {
+        "/health".into()
+    }
+    pub fn execution_timeout_ms() -> u64 {
+        300_000
+    }
+    pub fn health_interval_ms() -> u64 {
+        5_000
+    }
+    pub fn health_timeout_ms() -> u64 {
+        2_000
+    }
+    pub fn health_failures() -> u32 {
+        3
+    }
+    pub fn heartbeat_secs() -> u64 {
+        30
+    }
+    pub fn max_frame_bytes() -> usize {
+        1024 * 1024
+    }
+    pub fn default_mode() -> Mode {
+        Mode::DirectLlm
+    }
+    pub fn shadow_max_inflight() -> usize {
+        32
+    }
+    pub fn jwt_secret_env() -> String {
+        "JWT_SECRET".into()
+    }
+    pub fn org_claim() -> String {
+        "orgId".into()
+    }
+    pub fn user_claim() -> String {
+        "userId".into()
+    }
+    pub fn window_secs() -> u64 {
+        300
+    }
+    pub fn min_requests() -> u64 {
+        10
+    }
+    pub fn error_rate() -> f64 {
+        0.5
+    }
+    pub fn timeout_rate() -> f64 {
+        0.3
+    }
+    pub fn latency_ratio() -> f64 {
+        0.8
+    }
+    pub fn open_secs() -> u64 {
+        30
+    }
+    pub fn half_open_probes() -> u32 {
+        3
+    }
+    pub fn token_env() -> String {
+        "CUTOVER_ADMIN_TOKEN".into()
+    }
+    pub fn max_chat_body_bytes() -> usize {
+        1024 * 1024
+    }
+    pub fn max_tracked_orgs() -> usize {
+        1000
+    }
+}
+
+impl Default for RolloutConfig {
+    fn default() -> Self {
+        RolloutConfig {
+            default_mode: defaults::default_mode(),
+            runtime_orgs: Vec::new(),
+            direct_orgs: Vec::new(),
+            runtime_percent: 0.0,
+            shadow_percent: 0.0,
+            shadow_max_inflight: defaults::shadow_max_inflight(),
+        }
+    }
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        IdentityConfig {
+            jwt_secret_env: defaults::jwt_secret_env(),
+            org_claim: defaults::org_claim(),
+            user_claim: defaults::user_claim(),
+            leeway_secs: 0,
+            issuer: None,
+            audience: None,
+            trusted_org_header: None,
+        }
+    }
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        BreakerConfig {
+            window_secs: defaults::window_secs(),
+            min_requests: defaults::min_requests(),
+            error_rate: defaults::error_rate(),
+            timeout_rate: defaults::timeout_rate(),
+            latency_ratio: defaults::latency_ratio(),
+            open_secs: defaults::open_secs(),
+            half_open_probes: defaults::half_open_probes(),
+        }
+    }
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            token_env: defaults::token_env(),
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_chat_body_bytes: defaults::max_chat_body_bytes(),
+            max_tracked_orgs: defaults::max_tracked_orgs(),
+        }
+    }
+}
+
+impl Config {
+    /// Parse and validate a TOML document.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let de = toml::Deserializer::new(text);
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let key = if key == "." { String::new() } else { key };
+            let inner = e.into_inner();
+            let message = inner.message().to_string();
+            if message.starts_with("unknown field") {
+                ConfigError::new(key, "unknown key")
+            } else {
+                let at = inner
+                    .span()
+                    .map(|s| format!(" (at byte {})", s.start))
+                    .unwrap_or_default();
+                ConfigError::new(key, format!("{message}{at}"))
+            }
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Read, parse and validate a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new("", format!("cannot read {}: {e}", path.display())))?;
+        Config::parse(&text)
+    }
+
+    /// Semantic checks that serde cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_addr("server.listen", &self.server.listen)?;
+        check_addr("server.admin_listen", &self.server.admin_listen)?;
+        check_addr("server.metrics_listen", &self.server.metrics_listen)?;
+        check_range("server.threads", self.server.threads as f64, 1.0, 256.0)?;
+        check_addr("legacy.address", &self.legacy.address)?;
+        check_addr("runtime.address", &self.runtime.address)?;
+        check_path("runtime.stream_path", &self.runtime.stream_path)?;
+        check_path("runtime.health_path", &self.runtime.health_path)?;
+        check_positive("legacy.connect_timeout_ms", self.legacy.connect_timeout_ms)?;
+        check_positive(
+            "runtime.connect_timeout_ms",
+            self.runtime.connect_timeout_ms,
+        )?;
+        check_positive(
+            "runtime.execution_timeout_ms",
+            self.runtime.execution_timeout_ms,
+        )?;
+        check_positive(
+            "runtime.health_interval_ms",
+            self.runtime.health_interval_ms,
+        )?;
+        check_positive("runtime.health_timeout_ms", self.runtime.health_timeout_ms)?;
+        check_positive(
+            "runtime.health_failures",
+            self.runtime.health_failures.into(),
+        )?;
+        check_positive("runtime.heartbeat_secs", self.runtime.heartbeat_secs)?;
+        check_range(
+            "runtime.max_frame_bytes",
+            self.runtime.max_frame_bytes as f64,
+            1024.0,
+            (64 * 1024 * 1024) as f64,
+        )?;
+        check_orgs("rollout.runtime_orgs", &self.rollout.runtime_orgs)?;
+        check_orgs("rollout.direct_orgs", &self.rollout.direct_orgs)?;
+        check_range(
+            "rollout.runtime_percent",
+            self.rollout.runtime_percent,
+            0.0,
+            100.0,
+        )?;
+        check_range(
+            "rollout.shadow_percent",
+            self.rollout.shadow_percent,
+            0.0,
+            100.0,
+        )?;
+        check_positive(
+            "rollout.shadow_max_inflight",
+            self.rollout.shadow_max_inflight as u64,
+        )?;
+        check_env_name("identity.jwt_secret_env", &self.identity.jwt_secret_env)?;
+        check_nonempty("identity.org_claim", &self.identity.org_claim)?;
+        check_nonempty("identity.user_claim", &self.identity.user_claim)?;
+        if let Some(h) = &self.identity.trusted_org_header {
+            if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                return Err(ConfigError::new(
+                    "identity.trusted_org_header",
+                    format!("{h:?} is not a valid header name"),
+                ));
+            }
+            if h.eq_ignore_ascii_case("authorization") {
+                return Err(ConfigError::new(
+                    "identity.trusted_org_header",
+                    "must not be the Authorization header",
+                ));
+            }
+        }
+        check_positive("breaker.window_secs", self.breaker.window_secs)?;
+        check_positive("breaker.min_requests", self.breaker.min_requests)?;
+        check_rate("breaker.error_rate", self.breaker.error_rate)?;
+        check_rate("breaker.timeout_rate", self.breaker.timeout_rate)?;
+        if !(self.breaker.latency_ratio > 0.0 && self.breaker.latency_ratio.is_finite()) {
+            return Err(ConfigError::new(
+                "breaker.latency_ratio",
+                format!(
+                    "must be a positive number, got {}",
+                    self.breaker.latency_ratio
+                ),
+            ));
+        }
+        check_positive("breaker.open_secs", self.breaker.open_secs)?;
+        check_positive(
+            "breaker.half_open_probes",
+            self.breaker.half_open_probes.into(),
+        )?;
+        check_env_name("admin.token_env", &self.admin.token_env)?;
+        check_range(
+            "limits.max_chat_body_bytes",
+            self.limits.max_chat_body_bytes as f64,
+            1.0,
+            (64 * 1024 * 1024) as f64,
+        )?;
+        check_positive(
+            "limits.max_tracked_orgs",
+            self.limits.max_tracked_orgs as u64,
+        )?;
+        Ok(())
+    }
+
+    /// Keys whose change only takes effect after a restart (listeners and worker threads).
+    pub fn restart_only_changes(&self, newer: &Config) -> Vec<&'static str> {
+        let mut keys = Vec::new();
+        if self.server.listen != newer.server.listen {
+            keys.push("server.listen");
+        }
+        if self.server.admin_listen != newer.server.admin_listen {
+            keys.push("server.admin_listen");
+        }
+        if self.server.metrics_listen != newer.server.metrics_listen {
+            keys.push("server.metrics_listen");
+        }
+        if self.server.threads != newer.server.threads {
+            keys.push("server.threads");
+        }
+        keys
+    }
+}
+
+impl RuntimeConfig {
+    pub fn execution_timeout(&self) -> Duration {
+        Duration::from_millis(self.execution_timeout_ms)
+    }
+}
+
+/// `host:port` where host is an IP literal, `[v6]` or a DNS name; resolution happens later.
+fn check_addr(key: &str, value: &str) -> Result<(), ConfigError> {
+    let bad = || {
+        ConfigError::new(
+            key,
+            format!("{value:?} is not a host:port address (e.g. \"127.0.0.1:8080\")"),
+        )
+    };
+    if value.parse::<std::net::SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    let (host, port) = value.rsplit_once(':').ok_or_else(bad)?;
+    port.parse::<u16>().map_err(|_| bad())?;
+    let host_ok = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .split('.')
+            .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+    if host_ok {
+        Ok(())
+    } else {
+        Err(bad())
+    }
+}
+
+fn check_path(key: &str, value: &str) -> Result<(), ConfigError> {
+    if value.starts_with('/') && value.parse::<http::uri::PathAndQuery>().is_ok() {
+        Ok(())
+    } else {
+        Err(ConfigError::new(
+            key,
+            format!("{value:?} is not an absolute path"),
+        ))
+    }
+}
+
+fn check_positive(key: &str, value: u64) -> Result<(), ConfigError> {
+    if value > 0 {
+        Ok(())
+    } else {
+        Err(ConfigError::new(key, "must be greater than 0"))
+    }
+}
+
+fn check_range(key: &str, value: f64, min: f64, max: f64) -> Result<(), ConfigError> {
+    if value.is_finite() && value >= min && value <= max {
+        Ok(())
+    } else {
+        Err(ConfigError::new(
+            key,
+            format!("must be between {min} and {max}, got {value}"),
+        ))
+    }
+}
+
+fn check_rate(key: &str, value: f64) -> Result<(), ConfigError> {
+    if value.is_finite() && (0.0..=1.0).contains(&value) {
+        Ok(())
+    } else {
+        Err(ConfigError::new(
+            key,
+            format!("must be a rate between 0 and 1, got {value}"),
+        ))
+    }
+}
+
+fn check_nonempty(key: &str, value: &str) -> Result<(), ConfigError> {
+    if value.trim().is_empty() {
+        Err(ConfigError::new(key, "must not be empty"))
+    } else {
+        Ok(())
+    }
+}
+
+fn check_env_name(key: &str, value: &str) -> Result<(), ConfigError> {
+    let ok = !value.is_empty()
+        && !value.starts_with(|c: char| c.is_ascii_digit())
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::new(
+            key,
+            format!("{value:?} is not an environment variable name"),
+        ))
+    }
+}
+
+fn check_orgs(key: &str, orgs: &[String]) -> Result<(), ConfigError> {
+    for (i, org) in orgs.iter().enumerate() {
+        if org.trim().is_empty() || org.trim() != org {
+            return Err(ConfigError::new(
+                format!("{key}[{i}]"),
+                format!("{org:?} is not an org id (empty or surrounded by spaces)"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[server]
+listen = "127.0.0.1:8080"
+[legacy]
+address = "127.0.0.1:3001"
+[runtime]
+address = "runtime:8000"
+"#;
+
+    fn err_key(text: &str) -> String {
+        Config::parse(text).unwrap_err().key
+    }
+
+    #[test]
+    fn minimal_config_gets_contract_defaults() {
+        let c = Config::parse(MINIMAL).unwrap();
+        assert_eq!(c.server.admin_listen, "127.0.0.1:9901");
+        assert_eq!(c.server.metrics_listen, "0.0.0.0:9090");
+        assert_eq!(c.runtime.stream_path, "/api/v1/execute/stream");
+        assert_eq!(c.runtime.health_path, "/health");
+        assert_eq!(c.runtime.execution_timeout_ms, 300_000);
+        assert_eq!(c.runtime.health_interval_ms, 5_000);
+        assert_eq!(c.rollout.default_mode, Mode::DirectLlm);
+        assert_eq!(c.identity.jwt_secret_env, "JWT_SECRET");
+        assert_eq!(c.identity.org_claim, "orgId");
+        assert_eq!(c.breaker.window_secs, 300);
+        assert_eq!(c.breaker.min_requests, 10);
+        assert_eq!(c.breaker.error_rate, 0.5);
+        assert_eq!(c.breaker.timeout_rate, 0.3);
+        assert_eq!(c.breaker.latency_ratio, 0.8);
+        assert_eq!(c.breaker.open_secs, 30);
+        assert_eq!(c.breaker.half_open_probes, 3);
+        assert_eq!(c.admin.token_env, "CUTOVER_ADMIN_TOKEN");
+    }
+
+    #[test]
+    fn shipped_example_is_valid() {
+        let text = include_str!("../proxy.toml");
+        Config::parse(text).unwrap();
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_table() {
+        let text = MINIMAL.replace("[legacy]", "[legacy]\nadress = \"x\"");
+        let e = Config::parse(&text).unwrap_err();
+        assert_eq!(e.key, "legacy.adress");
+        assert!(e.to_string().contains("unknown key"), "{e}");
+    }
+
+    #[test]
+    fn unknown_table_is_named() {
+        assert_eq!(err_key(&format!("{MINIMAL}\n[bogus]\nx = 1\n")), "bogus");
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let text = format!("{MINIMAL}\n[breaker]\nmin_requests = \"ten\"\n");
+        let e = Config::parse(&text).unwrap_err();
+        assert_eq!(e.key, "breaker.min_requests");
+        assert!(e.message.contains("invalid type"), "{e}");
+    }
+
+    #[test]
+    fn bad_mode_names_the_key() {
+        let text = format!("{MINIMAL}\n[rollout]\ndefault_mode = \"runtime\"\n");
+        let e = Config::parse(&text).unwrap_err();
+        assert_eq!(e.key, "rollout.default_mode");
+        assert!(e.message.contains("runtime_orchestrator"), "{e}");
+    }
+
+    #[test]
+    fn bad_addresses_are_refused() {
+        for bad in ["nonsense", "127.0.0.1", "host:99999", ":80", "a b:80"] {
+            let text = MINIMAL.replace("127.0.0.1:3001", bad);
+            assert_eq!(err_key(&text), "legacy.address", "{bad}");
+        }
+        for good in ["localhost:1", "[::1]:80", "legacy.svc.cluster.local:3001"] {
+            let text = MINIMAL.replace("127.0.0.1:3001", good);
+            Config::parse(&text).unwrap();
+        }
+    }
+
+    #[test]
+    fn rates_outside_unit_interval_are_refused() {
+        for (key, v) in [
+            ("error_rate", "1.5"),
+            ("timeout_rate", "-0.1"),
+            ("error_rate", "nan"),
+        ] {
+            let text = format!("{MINIMAL}\n[breaker]\n{key} = {v}\n");
+            assert_eq!(err_key(&text), format!("breaker.{key}"), "{key}={v}");
+        }
+    }
+
+    #[test]
+    fn percentages_are_bounded() {
+        let text = format!("{MINIMAL}\n[rollout]\nruntime_percent = 101\n");
+        assert_eq!(err_key(&text), "rollout.runtime_percent");
+        let text = format!("{MINIMAL}\n[rollout]\nshadow_percent = -1\n");
+        assert_eq!(err_key(&text), "rollout.shadow_percent");
+    }
+
+    #[test]
+    fn missing_required_key_is_named() {
+        let text = MINIMAL.replace("address = \"runtime:8000\"", "");
+        let e = Config::parse(&text).unwrap_err();
+        assert_eq!(e.key, "runtime");
+        assert!(e.message.contains("address"), "{e}");
+    }
+
+    #[test]
+    fn zero_durations_are_refused() {
+        let text = MINIMAL.replace(
+            "address = \"runtime:8000\"",
+            "address = \"runtime:8000\"\nexecution_timeout_ms = 0",
+        );
+        assert_eq!(err_key(&text), "runtime.execution_timeout_ms");
+    }
+
+    #[test]
+    fn blank_org_ids_are_refused() {
+        let text = format!("{MINIMAL}\n[rollout]\nruntime_orgs = [\"a\", \" \"]\n");
+        assert_eq!(err_key(&text), "rollout.runtime_orgs[1]");
+    }
+
+    #[test]
+    fn relative_paths_are_refused() {
+        let text = MINIMAL.replace(
+            "address = \"runtime:8000\"",
+            "address = \"runtime:8000\"\nstream_path = \"execute\"",
+        );
+        assert_eq!(err_key(&text), "runtime.stream_path");
+    }
+
+    #[test]
+    fn restart_only_changes_are_listed() {
+        let a = Config::parse(MINIMAL).unwrap();
+        let mut b = a.clone();
+        b.server.listen = "127.0.0.1:9".into();
+        b.rollout.runtime_orgs.push("x".into());
+        assert_eq!(a.restart_only_changes(&b), vec!["server.listen"]);
+    }
+}
