@@ -4,4 +4,22 @@
 //! The pure core (`config`, `identity`, `routing`, `sse`, `agent2ui`, `breaker`, `stats`) has no
 //! I/O; the rest wires it to Pingora.
 
+pub mod admin;
+pub mod agent2ui;
+pub mod app;
+pub mod breaker;
+pub mod chat;
 pub mod config;
+pub mod demo;
+pub mod health;
+pub mod identity;
+pub mod logging;
+pub mod metrics;
+pub mod proxy;
+pub mod relay;
+pub mod reload;
+pub mod routing;
+pub mod sse;
+pub mod state;
+pub mod stats;
+pub mod upstream;

@@ -1,0 +1,341 @@
+//! Who is calling: the org and user of a chat request, from a verified HS256 JWT.
+//!
+//! A request whose org cannot be verified gets `Identity::Unverified` and is never sent to the
+//! runtime. Client-supplied org headers are trusted only when the config names the header an
+//! ingress sets.
+
+use jsonwebtoken::{decode, Algorithm, DecodingKey, Validation};
+use serde_json::{Map, Value};
+
+use crate::config::IdentityConfig;
+
+/// The verified caller of a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub org_id: String,
+    pub user_id: Option<String>,
+}
+
+/// Why a request has no verified org; bounded so it can label metrics and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unverified {
+    /// No `Authorization: Bearer` header.
+    Missing,
+    /// The proxy has no secret to verify with (the env var is unset or empty).
+    NoSecret,
+    /// Bad signature, wrong algorithm, malformed token, wrong issuer or audience.
+    Invalid,
+    Expired,
+    /// A valid token without the org claim.
+    NoOrgClaim,
+}
+
+impl Unverified {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Unverified::Missing => "missing",
+            Unverified::NoSecret => "no_secret",
+            Unverified::Invalid => "invalid",
+            Unverified::Expired => "expired",
+            Unverified::NoOrgClaim => "no_org_claim",
+        }
+    }
+}
+
+/// Verifies tokens with one secret and one validation policy; built once per config.
+pub struct Verifier {
+    key: Option<DecodingKey>,
+    validation: Validation,
+    org_claim: String,
+    user_claim: String,
+    trusted_org_header: Option<http::HeaderName>,
+}
+
+impl Verifier {
+    /// `secret` is the value of the env var the config names (`None` when unset).
+    pub fn new(config: &IdentityConfig, secret: Option<&str>) -> Verifier {
+        // Only HS256 is accepted: `alg: none` and RS/HS confusion are refused by construction.
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.leeway = config.leeway_secs;
+        validation.validate_nbf = true;
+        if let Some(iss) = &config.issuer {
+            validation.set_issuer(&[iss]);
+        }
+        match &config.audience {
+            Some(aud) => validation.set_audience(&[aud]),
+            None => validation.validate_aud = false,
+        }
+        Verifier {
+            key: secret
+                .filter(|s| !s.is_empty())
+                .map(|s| DecodingKey::from_secret(s.as_bytes())),
+            validation,
+            org_claim: config.org_claim.clone(),
+            user_claim: config.user_claim.clone(),
+            trusted_org_header: config
+                .trusted_org_header
+                .as_deref()
+                .and_then(|h| http::HeaderName::from_bytes(h.as_bytes()).ok()),
+        }
+    }
+
+    /// Reads the secret from the environment variable named in the config.
+    pub fn from_env(config: &IdentityConfig) -> Verifier {
+        let secret = std::env::var(&config.jwt_secret_env).ok();
+        Verifier::new(config, secret.as_deref())
+    }
+
+    pub fn has_secret(&self) -> bool {
+        self.key.is_some()
+    }
+
+    pub fn trusted_org_header(&self) -> Option<&http::HeaderName> {
+        self.trusted_org_header.as_ref()
+    }
+
+    /// Identify the caller of a request from its headers.
+    pub fn identify(&self, headers: &http::HeaderMap) -> Result<Caller, Unverified> {
+        if let Some(name) = &self.trusted_org_header {
+            if let Some(org) = headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+            {
+                let user_id = self.verify_bearer(headers).ok().and_then(|c| c.user_id);
+                return Ok(Caller {
+                    org_id: org.to_string(),
+                    user_id,
+                });
+            }
+        }
+        self.verify_bearer(headers)
+    }
+
+    fn verify_bearer(&self, headers: &http::HeaderMap) -> Result<Caller, Unverified> {
+        let token = bearer_token(headers).ok_or(Unverified::Missing)?;
+        self.verify(token)
+    }
+
+    /// Verify one compact JWT.
+    pub fn verify(&self, token: &str) -> Result<Caller, Unverified> {
+        let key = self.key.as_ref().ok_or(Unverified::NoSecret)?;
+        let data =
+            decode::<Map<String, Value>>(token, key, &self.validation).map_err(|e| {
+                match e.kind() {
+                    jsonwebtoken::errors::ErrorKind::ExpiredSignature => Unverified::Expired,
+                    _ => Unverified::Invalid,
+                }
+            })?;
+        let claims = data.claims;
+        let org_id = claim_string(&claims, &self.org_claim).ok_or(Unverified::NoOrgClaim)?;
+        let user_id = claim_string(&claims, &self.user_claim);
+        Ok(Caller { org_id, user_id })
+    }
+}
+
+/// A claim as a non-empty string; numeric ids are accepted and rendered as text.
+fn claim_string(claims: &Map<String, Value>, name: &str) -> Option<String> {
+    match claims.get(name)? {
+        Value::String(s) if !s.trim().is_empty() => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+fn bearer_token(headers: &http::HeaderMap) -> Option<&str> {
+    let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.trim().split_once(' ')?;
+    if scheme.eq_ignore_ascii_case("bearer") {
+        let token = token.trim();
+        (!token.is_empty()).then_some(token)
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    use serde_json::json;
+
+    const SECRET: &str = "test-secret";
+
+    fn now() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    }
+
+    fn token(claims: Value, secret: &str) -> String {
+        encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
+    }
+
+    fn verifier() -> Verifier {
+        Verifier::new(&IdentityConfig::default(), Some(SECRET))
+    }
+
+    fn headers(auth: &str) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        h.insert("authorization", auth.parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn valid_token_yields_org_and_user() {
+        let t = token(
+            json!({"orgId": "org-a", "userId": "u1", "exp": now() + 60}),
+            SECRET,
+        );
+        let c = verifier()
+            .identify(&headers(&format!("Bearer {t}")))
+            .unwrap();
+        assert_eq!(c.org_id, "org-a");
+        assert_eq!(c.user_id.as_deref(), Some("u1"));
+    }
+
+    #[test]
+    fn scheme_is_case_insensitive() {
+        let t = token(json!({"orgId": "org-a", "exp": now() + 60}), SECRET);
+        let c = verifier()
+            .identify(&headers(&format!("bearer {t}")))
+            .unwrap();
+        assert_eq!(c.org_id, "org-a");
+        assert_eq!(c.user_id, None);
+    }
+
+    #[test]
+    fn wrong_signature_is_invalid() {
+        let t = token(json!({"orgId": "org-a", "exp": now() + 60}), "other");
+        assert_eq!(verifier().verify(&t), Err(Unverified::Invalid));
+    }
+
+    #[test]
+    fn expired_token_is_refused_without_leeway() {
+        let t = token(json!({"orgId": "org-a", "exp": now() - 5}), SECRET);
+        assert_eq!(verifier().verify(&t), Err(Unverified::Expired));
+    }
+
+    #[test]
+    fn leeway_is_configurable() {
+        let cfg = IdentityConfig {
+            leeway_secs: 120,
+            ..IdentityConfig::default()
+        };
+        let v = Verifier::new(&cfg, Some(SECRET));
+        let t = token(json!({"orgId": "org-a", "exp": now() - 5}), SECRET);
+        assert_eq!(v.verify(&t).unwrap().org_id, "org-a");
+    }
+
+    #[test]
+    fn token_without_exp_is_refused() {
+        let t = token(json!({"orgId": "org-a"}), SECRET);
+        assert_eq!(verifier().verify(&t), Err(Unverified::Invalid));
+    }
+
+    #[test]
+    fn alg_none_is_refused() {
+        // header {"alg":"none","typ":"JWT"}, payload {"orgId":"org-a","exp":9999999999}
+        let t =
+            "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJvcmdJZCI6Im9yZy1hIiwiZXhwIjo5OTk5OTk5OTk5fQ.";
+        assert_eq!(verifier().verify(t), Err(Unverified::Invalid));
+    }
+
+    #[test]
+    fn other_hmac_algorithms_are_refused() {
+        let t = encode(
+            &Header::new(Algorithm::HS512),
+            &json!({"orgId": "org-a", "exp": now() + 60}),
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap();
+        assert_eq!(verifier().verify(&t), Err(Unverified::Invalid));
+    }
+
+    #[test]
+    fn garbage_and_truncated_tokens_are_invalid() {
+        let good = token(json!({"orgId": "org-a", "exp": now() + 60}), SECRET);
+        for bad in ["garbage", "a.b.c", "", &good[..good.len() - 5]] {
+            assert!(verifier().verify(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn missing_header_and_other_schemes_are_missing() {
+        assert_eq!(
+            verifier().identify(&http::HeaderMap::new()),
+            Err(Unverified::Missing)
+        );
+        assert_eq!(
+            verifier().identify(&headers("Basic dXNlcjpwYXNz")),
+            Err(Unverified::Missing)
+        );
+    }
+
+    #[test]
+    fn missing_org_claim_is_reported() {
+        let t = token(json!({"userId": "u1", "exp": now() + 60}), SECRET);
+        assert_eq!(verifier().verify(&t), Err(Unverified::NoOrgClaim));
+    }
+
+    #[test]
+    fn no_secret_verifies_nothing() {
+        let v = Verifier::new(&IdentityConfig::default(), None);
+        let t = token(json!({"orgId": "org-a", "exp": now() + 60}), SECRET);
+        assert_eq!(v.verify(&t), Err(Unverified::NoSecret));
+        let v = Verifier::new(&IdentityConfig::default(), Some(""));
+        assert!(!v.has_secret());
+    }
+
+    #[test]
+    fn client_org_header_is_ignored_by_default() {
+        let mut h = http::HeaderMap::new();
+        h.insert("x-org-id", "org-a".parse().unwrap());
+        assert_eq!(verifier().identify(&h), Err(Unverified::Missing));
+    }
+
+    #[test]
+    fn trusted_header_is_used_when_configured() {
+        let cfg = IdentityConfig {
+            trusted_org_header: Some("x-org-id".into()),
+            ..IdentityConfig::default()
+        };
+        let v = Verifier::new(&cfg, Some(SECRET));
+        let mut h = http::HeaderMap::new();
+        h.insert("x-org-id", "org-b".parse().unwrap());
+        assert_eq!(v.identify(&h).unwrap().org_id, "org-b");
+    }
+
+    #[test]
+    fn issuer_and_audience_are_enforced_when_configured() {
+        let cfg = IdentityConfig {
+            issuer: Some("chat-api".into()),
+            audience: Some("chat".into()),
+            ..IdentityConfig::default()
+        };
+        let v = Verifier::new(&cfg, Some(SECRET));
+        let ok = token(
+            json!({"orgId": "o", "exp": now() + 60, "iss": "chat-api", "aud": "chat"}),
+            SECRET,
+        );
+        assert!(v.verify(&ok).is_ok());
+        let wrong_iss = token(
+            json!({"orgId": "o", "exp": now() + 60, "iss": "evil", "aud": "chat"}),
+            SECRET,
+        );
+        assert_eq!(v.verify(&wrong_iss), Err(Unverified::Invalid));
+    }
+
+    #[test]
+    fn numeric_org_claim_is_accepted() {
+        let t = token(json!({"orgId": 42, "exp": now() + 60}), SECRET);
+        assert_eq!(verifier().verify(&t).unwrap().org_id, "42");
+    }
+}

@@ -1,0 +1,262 @@
+//! Prometheus series, registered once in the default registry that Pingora's crates share.
+//!
+//! The first six names are the source document's and must not change; the rest are ours. Handles
+//! are created once and passed around, never looked up by name on the hot path. Label values are
+//! bounded: modes, reasons and outcomes are enums, and orgs are labelled only when the config names
+//! them (everything else is `other`).
+
+use std::sync::OnceLock;
+
+use prometheus::{
+    register_gauge, register_histogram_vec, register_int_counter, register_int_counter_vec,
+    register_int_gauge, register_int_gauge_vec, Encoder, Gauge, HistogramVec, IntCounter,
+    IntCounterVec, IntGauge, IntGaugeVec, TextEncoder,
+};
+
+/// Latency buckets for chat streams: tens of milliseconds to ten minutes.
+const LATENCY_BUCKETS_MS: &[f64] = &[
+    10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1_000.0, 2_500.0, 5_000.0, 10_000.0, 30_000.0, 60_000.0,
+    120_000.0, 300_000.0, 600_000.0,
+];
+
+/// Time to first event: a sidecar adds microseconds, the runtime seconds.
+const FIRST_EVENT_BUCKETS_MS: &[f64] = &[
+    1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1_000.0, 2_500.0, 5_000.0, 10_000.0,
+    30_000.0,
+];
+
+pub struct Metrics {
+    // The source document's series.
+    pub execution_total: IntCounterVec,
+    pub execution_success_total: IntCounterVec,
+    pub execution_error_total: IntCounterVec,
+    pub execution_timeout_total: IntCounterVec,
+    pub execution_latency_ms: HistogramVec,
+    pub fallback_enabled: IntGauge,
+    // Ours.
+    pub execution_cancelled_total: IntCounterVec,
+    pub requests_total: IntCounterVec,
+    pub unverified_total: IntCounterVec,
+    pub rejected_total: IntCounterVec,
+    pub failover_total: IntCounter,
+    pub streams_in_flight: IntGaugeVec,
+    pub first_event_ms: HistogramVec,
+    pub sse_events_total: IntCounterVec,
+    pub sse_dropped_frames_total: IntCounterVec,
+    pub stream_errors_total: IntCounterVec,
+    pub breaker_state: IntGaugeVec,
+    pub breaker_transitions_total: IntCounterVec,
+    pub health_up: IntGauge,
+    pub health_checks_total: IntCounterVec,
+    pub config_reloads_total: IntCounterVec,
+    pub config_last_reload_success: Gauge,
+    pub shadow_total: IntCounterVec,
+    pub shadow_latency_ms: HistogramVec,
+    pub shadow_events_total: IntCounter,
+}
+
+static METRICS: OnceLock<Metrics> = OnceLock::new();
+
+impl Metrics {
+    /// The process-wide handles, registered on first use.
+    pub fn global() -> &'static Metrics {
+        METRICS.get_or_init(|| Metrics::register().expect("metric names are unique"))
+    }
+
+    fn register() -> prometheus::Result<Metrics> {
+        let m = Metrics {
+            execution_total: register_int_counter_vec!(
+                "chat_execution_total",
+                "Chat executions, by mode.",
+                &["mode"]
+            )?,
+            execution_success_total: register_int_counter_vec!(
+                "chat_execution_success_total",
+                "Chat executions that completed, by mode.",
+                &["mode"]
+            )?,
+            execution_error_total: register_int_counter_vec!(
+                "chat_execution_error_total",
+                "Chat executions that failed (non-2xx, connect failure, execution_error, truncated stream), by mode.",
+                &["mode"]
+            )?,
+            execution_timeout_total: register_int_counter_vec!(
+                "chat_execution_timeout_total",
+                "Chat executions that exceeded their timeout, by mode.",
+                &["mode"]
+            )?,
+            execution_latency_ms: register_histogram_vec!(
+                "chat_execution_latency_ms",
+                "Chat execution latency in milliseconds, by mode.",
+                &["mode"],
+                LATENCY_BUCKETS_MS.to_vec()
+            )?,
+            fallback_enabled: register_int_gauge!(
+                "chat_runtime_fallback_enabled",
+                "1 while the breaker keeps the runtime out (open, half-open or tripped by hand)."
+            )?,
+            execution_cancelled_total: register_int_counter_vec!(
+                "chat_execution_cancelled_total",
+                "Chat executions the client abandoned; not counted against the upstream.",
+                &["mode"]
+            )?,
+            requests_total: register_int_counter_vec!(
+                "chat_requests_total",
+                "Chat requests by final mode, reason and org (orgs named in the config, else other).",
+                &["mode", "reason", "org"]
+            )?,
+            unverified_total: register_int_counter_vec!(
+                "chat_identity_unverified_total",
+                "Chat requests whose org could not be verified, by cause.",
+                &["cause"]
+            )?,
+            rejected_total: register_int_counter_vec!(
+                "chat_requests_rejected_total",
+                "Chat requests answered by the proxy itself with a 4xx, by cause.",
+                &["cause"]
+            )?,
+            failover_total: register_int_counter!(
+                "chat_runtime_failover_total",
+                "Runtime requests served by legacy because the runtime failed before the first byte."
+            )?,
+            streams_in_flight: register_int_gauge_vec!(
+                "chat_streams_in_flight",
+                "Chat responses being streamed now, by mode.",
+                &["mode"]
+            )?,
+            first_event_ms: register_histogram_vec!(
+                "chat_time_to_first_event_ms",
+                "Time from request to the first response byte sent to the client, by mode.",
+                &["mode"],
+                FIRST_EVENT_BUCKETS_MS.to_vec()
+            )?,
+            sse_events_total: register_int_counter_vec!(
+                "chat_sse_events_total",
+                "Events written to clients on the runtime path, by client event or Agent2UI type.",
+                &["type"]
+            )?,
+            sse_dropped_frames_total: register_int_counter_vec!(
+                "chat_sse_dropped_frames_total",
+                "Runtime frames dropped, by cause (malformed, unknown_event).",
+                &["cause"]
+            )?,
+            stream_errors_total: register_int_counter_vec!(
+                "chat_runtime_stream_errors_total",
+                "Runtime streams that ended with an error event, by code.",
+                &["code"]
+            )?,
+            breaker_state: register_int_gauge_vec!(
+                "chat_runtime_breaker_state",
+                "1 for the breaker's current state, 0 for the others.",
+                &["state"]
+            )?,
+            breaker_transitions_total: register_int_counter_vec!(
+                "chat_runtime_breaker_transitions_total",
+                "Breaker state changes.",
+                &["from", "to"]
+            )?,
+            health_up: register_int_gauge!(
+                "chat_runtime_health_up",
+                "1 when the last runtime health check passed."
+            )?,
+            health_checks_total: register_int_counter_vec!(
+                "chat_runtime_health_checks_total",
+                "Runtime health checks, by result.",
+                &["result"]
+            )?,
+            config_reloads_total: register_int_counter_vec!(
+                "cutover_config_reloads_total",
+                "Config reload attempts, by result (success, invalid).",
+                &["result"]
+            )?,
+            config_last_reload_success: register_gauge!(
+                "cutover_config_last_reload_success_timestamp_seconds",
+                "Unix time of the last config load that took effect."
+            )?,
+            shadow_total: register_int_counter_vec!(
+                "chat_shadow_total",
+                "Shadow requests mirrored to the runtime, by outcome (success, error, timeout, skipped).",
+                &["outcome"]
+            )?,
+            shadow_latency_ms: register_histogram_vec!(
+                "chat_shadow_latency_ms",
+                "Latency of shadow runtime executions, by outcome.",
+                &["outcome"],
+                LATENCY_BUCKETS_MS.to_vec()
+            )?,
+            shadow_events_total: register_int_counter!(
+                "chat_shadow_events_total",
+                "Runtime events received on shadow streams."
+            )?,
+        };
+        for state in ["closed", "open", "half_open"] {
+            m.breaker_state
+                .with_label_values(&[state])
+                .set(i64::from(state == "closed"));
+        }
+        Ok(m)
+    }
+
+    /// Mirror a breaker state ("closed" | "open" | "half_open") into the gauges.
+    pub fn set_breaker_state(&self, state: &str) {
+        for s in ["closed", "open", "half_open"] {
+            self.breaker_state
+                .with_label_values(&[s])
+                .set(i64::from(s == state));
+        }
+        self.fallback_enabled.set(i64::from(state != "closed"));
+    }
+}
+
+/// The text exposition of every registered series.
+pub fn render() -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 * 1024);
+    // Encoding only fails on a malformed metric family, which registration already ruled out.
+    let _ = TextEncoder::new().encode(&prometheus::gather(), &mut out);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_document_names_are_exported() {
+        let m = Metrics::global();
+        for mode in ["direct_llm", "runtime_orchestrator"] {
+            m.execution_total.with_label_values(&[mode]).inc_by(0);
+            m.execution_success_total
+                .with_label_values(&[mode])
+                .inc_by(0);
+            m.execution_error_total.with_label_values(&[mode]).inc_by(0);
+            m.execution_timeout_total
+                .with_label_values(&[mode])
+                .inc_by(0);
+            m.execution_latency_ms
+                .with_label_values(&[mode])
+                .observe(1.0);
+        }
+        let text = String::from_utf8(render()).unwrap();
+        for name in [
+            "chat_execution_total{mode=\"direct_llm\"}",
+            "chat_execution_success_total{mode=\"runtime_orchestrator\"}",
+            "chat_execution_error_total{mode=\"direct_llm\"}",
+            "chat_execution_timeout_total{mode=\"runtime_orchestrator\"}",
+            "chat_execution_latency_ms_bucket{mode=\"direct_llm\",le=\"10\"}",
+            "chat_runtime_fallback_enabled ",
+        ] {
+            assert!(text.contains(name), "missing {name}");
+        }
+    }
+
+    #[test]
+    fn breaker_state_gauges_are_one_hot() {
+        let m = Metrics::global();
+        m.set_breaker_state("open");
+        assert_eq!(m.breaker_state.with_label_values(&["open"]).get(), 1);
+        assert_eq!(m.breaker_state.with_label_values(&["closed"]).get(), 0);
+        assert_eq!(m.fallback_enabled.get(), 1);
+        m.set_breaker_state("closed");
+        assert_eq!(m.fallback_enabled.get(), 0);
+    }
+}

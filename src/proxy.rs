@@ -1,0 +1,616 @@
+//! The Pingora glue: one `ProxyHttp` whose callbacks call into the pure modules.
+//!
+//! `request_filter` decides the mode of a chat request and, on the runtime path, answers it itself
+//! through `relay`; everything else (legacy chat, failover, every other route) is proxied to legacy
+//! untouched by Pingora. `logging` is the one place where outcomes are counted.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::http::ResponseHeader;
+use pingora::proxy::{ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+use pingora::{Error, ErrorSource, ErrorType, Result};
+
+use crate::breaker::{Admission, State};
+use crate::chat;
+use crate::config::Mode;
+use crate::identity::{Caller, Unverified};
+use crate::relay::{self, InFlight, OpenFailure, RelayArgs, StreamReport};
+use crate::routing::{chat_route, ChatRoute, Reason, RolloutDecision};
+use crate::state::{Active, Shared};
+use crate::stats::{Outcome, Path};
+use crate::upstream;
+
+/// Largest body Pingora can replay to legacy when the runtime fails before its first byte.
+pub const REPLAY_LIMIT: usize = 64 * 1024;
+
+pub struct CutoverProxy {
+    shared: Arc<Shared>,
+}
+
+impl CutoverProxy {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        CutoverProxy { shared }
+    }
+}
+
+/// Everything one request carries between callbacks.
+pub struct RequestCtx {
+    started: Instant,
+    active: Option<Arc<Active>>,
+    chat: Option<ChatCtx>,
+}
+
+struct ChatCtx {
+    caller: Option<Caller>,
+    decision: RolloutDecision,
+    /// Admitted by a half-open breaker as a probe.
+    probe: bool,
+    /// The proxy answered the request itself (4xx) without any upstream.
+    answered: Option<u16>,
+    /// Set once the runtime was tried.
+    runtime: Option<RuntimeAttempt>,
+    /// Legacy response: time to first body byte and bytes sent.
+    first_byte: Option<Duration>,
+    bytes: u64,
+    in_flight: Option<InFlight>,
+}
+
+enum RuntimeAttempt {
+    Relayed(StreamReport),
+    FailedOver {
+        failure: OpenFailure,
+        after: Duration,
+    },
+}
+
+impl RuntimeAttempt {
+    fn outcome(&self) -> Option<Outcome> {
+        match self {
+            RuntimeAttempt::Relayed(r) => r.outcome,
+            RuntimeAttempt::FailedOver { failure, .. } => Some(failure.outcome),
+        }
+    }
+}
+
+fn content_length(session: &Session) -> Option<usize> {
+    session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+enum BodyRead {
+    Complete(Bytes),
+    TooLarge,
+}
+
+/// Read the whole (bounded) chat body, keeping Pingora's retry buffer so that legacy can be
+/// sent the original body if the runtime fails before its first byte.
+async fn read_chat_body(session: &mut Session, limit: usize) -> Result<BodyRead> {
+    session.enable_retry_buffering();
+    let mut body = Vec::new();
+    while let Some(chunk) = session.read_request_body().await? {
+        if body.len() + chunk.len() > limit {
+            return Ok(BodyRead::TooLarge);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(BodyRead::Complete(Bytes::from(body)))
+}
+
+async fn respond_json(
+    session: &mut Session,
+    status: u16,
+    decision: RolloutDecision,
+    code: &str,
+    message: &str,
+) -> Result<()> {
+    let body = serde_json::json!({
+        "success": false,
+        "error": {"code": code, "message": message},
+    });
+    let body = Bytes::from(serde_json::to_vec(&body).expect("json"));
+    let mut resp = ResponseHeader::build(status, Some(5))?;
+    resp.insert_header("content-type", "application/json")?;
+    resp.insert_header("content-length", body.len().to_string())?;
+    resp.insert_header("x-execution-mode", decision.mode.as_str())?;
+    resp.insert_header("x-execution-reason", decision.reason.as_str())?;
+    // The rest of an unread body would be taken for the next request.
+    resp.insert_header("connection", "close")?;
+    session.set_keepalive(None);
+    session.write_response_header(Box::new(resp), false).await?;
+    session.write_response_body(Some(body), true).await
+}
+
+/// Answer with an SSE stream holding one error event (the runtime never produced a response).
+async fn respond_sse_error(
+    session: &mut Session,
+    decision: RolloutDecision,
+    code: &str,
+    message: &str,
+) -> Result<u64> {
+    let resp = relay::sse_response_header(decision, session.req_header().version)?;
+    session.write_response_header(Box::new(resp), false).await?;
+    let mut out = Vec::new();
+    crate::agent2ui::error_event(&mut out, code, message);
+    let len = out.len() as u64;
+    session
+        .write_response_body(Some(Bytes::from(out)), true)
+        .await?;
+    Ok(len)
+}
+
+impl CutoverProxy {
+    fn decide(&self, active: &Active, org: Option<&str>) -> (RolloutDecision, bool) {
+        let decision = active.rollout.decide(org, false);
+        if decision.mode == Mode::RuntimeOrchestrator {
+            return match self.shared.breaker.admit() {
+                Admission::Allowed => (decision, false),
+                Admission::Probe => (decision, true),
+                Admission::Rejected => (
+                    RolloutDecision {
+                        mode: Mode::DirectLlm,
+                        reason: Reason::BreakerOpen,
+                    },
+                    false,
+                ),
+            };
+        }
+        if self.shared.breaker.state() != State::Closed {
+            return (active.rollout.decide(org, true), false);
+        }
+        (decision, false)
+    }
+
+    /// The runtime path: returns true when the proxy answered, false to hand over to legacy.
+    async fn serve_runtime(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        active: &Arc<Active>,
+        route: &ChatRoute,
+    ) -> Result<bool> {
+        let metrics = self.shared.metrics;
+        let chat_ctx = ctx.chat.as_mut().expect("chat ctx");
+        let caller = chat_ctx
+            .caller
+            .clone()
+            .expect("runtime path has a verified caller");
+
+        if content_length(session).is_some_and(|n| n > REPLAY_LIMIT) {
+            // Legacy could not be given this body again if the runtime failed, so it goes
+            // there directly.
+            self.release_probe(chat_ctx);
+            chat_ctx.decision = RolloutDecision {
+                mode: Mode::DirectLlm,
+                reason: Reason::LargeBody,
+            };
+            return Ok(false);
+        }
+        let limit = active.config.limits.max_chat_body_bytes.min(REPLAY_LIMIT);
+        let body = match read_chat_body(session, limit).await? {
+            BodyRead::Complete(b) => b,
+            BodyRead::TooLarge => {
+                self.release_probe(chat_ctx);
+                metrics
+                    .rejected_total
+                    .with_label_values(&["too_large"])
+                    .inc();
+                chat_ctx.answered = Some(413);
+                let msg = format!("chat request body without Content-Length exceeds {limit} bytes");
+                respond_json(session, 413, chat_ctx.decision, "PAYLOAD_TOO_LARGE", &msg).await?;
+                return Ok(true);
+            }
+        };
+        let chat_body = match chat::parse_chat_body(&body) {
+            Ok(b) => b,
+            Err(e) => {
+                self.release_probe(chat_ctx);
+                metrics
+                    .rejected_total
+                    .with_label_values(&["bad_body"])
+                    .inc();
+                chat_ctx.answered = Some(400);
+                let decision = chat_ctx.decision;
+                respond_json(session, 400, decision, "INVALID_REQUEST", &e.message()).await?;
+                return Ok(true);
+            }
+        };
+        let session_id = chat::session_id_for(route);
+        let runtime_body =
+            Bytes::from(chat::runtime_request_body(&session_id, &caller, &chat_body));
+        let deadline = ctx.started + active.config.runtime.execution_timeout();
+
+        let opened = relay::open(
+            &self.shared,
+            active,
+            session.req_header(),
+            runtime_body,
+            deadline,
+        )
+        .await;
+        let chat_ctx = ctx.chat.as_mut().expect("chat ctx");
+        match opened {
+            Ok(stream) => {
+                let args = RelayArgs {
+                    shared: self.shared.clone(),
+                    decision: chat_ctx.decision,
+                    session_id,
+                    started: ctx.started,
+                    deadline,
+                    heartbeat: Duration::from_secs(active.config.runtime.heartbeat_secs),
+                    max_frame_bytes: active.config.runtime.max_frame_bytes,
+                    pool_idle: active.runtime.pool_idle_timeout,
+                };
+                let report = relay::relay(session, stream, args).await;
+                chat_ctx.runtime = Some(RuntimeAttempt::Relayed(report));
+                Ok(true)
+            }
+            Err(failure) if failure.failover => {
+                tracing::warn!(detail = %failure.detail, "runtime failed before the first byte; serving from legacy");
+                metrics.failover_total.inc();
+                chat_ctx.runtime = Some(RuntimeAttempt::FailedOver {
+                    failure,
+                    after: ctx.started.elapsed(),
+                });
+                chat_ctx.decision = RolloutDecision {
+                    mode: Mode::DirectLlm,
+                    reason: Reason::Failover,
+                };
+                Ok(false)
+            }
+            Err(failure) => {
+                let bytes =
+                    respond_sse_error(session, chat_ctx.decision, "TIMEOUT", &failure.detail)
+                        .await
+                        .unwrap_or(0);
+                chat_ctx.runtime = Some(RuntimeAttempt::Relayed(StreamReport {
+                    outcome: Some(failure.outcome),
+                    error_code: Some("TIMEOUT"),
+                    detail: Some(failure.detail),
+                    first_write: Some(ctx.started.elapsed()),
+                    events: 1,
+                    bytes,
+                }));
+                Ok(true)
+            }
+        }
+    }
+
+    fn release_probe(&self, chat_ctx: &mut ChatCtx) {
+        if std::mem::take(&mut chat_ctx.probe) {
+            self.shared.breaker.release_probe();
+        }
+    }
+
+    /// Count a finished chat request: breaker, window stats, Prometheus, access log.
+    fn record(&self, session: &Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        let Some(chat_ctx) = ctx.chat.as_mut() else {
+            return;
+        };
+        let active = ctx.active.as_ref().expect("snapshot taken");
+        let metrics = self.shared.metrics;
+        let now = Instant::now();
+        let total = ctx.started.elapsed();
+        let org_owned = chat_ctx.caller.as_ref().map(|c| c.org_id.clone());
+        let org = org_owned.as_deref();
+        let rt = Mode::RuntimeOrchestrator.as_str();
+        let direct = Mode::DirectLlm.as_str();
+
+        let mut runtime_outcome = None;
+        if let Some(attempt) = &chat_ctx.runtime {
+            let latency = match attempt {
+                RuntimeAttempt::Relayed(_) => total,
+                RuntimeAttempt::FailedOver { after, .. } => *after,
+            };
+            runtime_outcome = attempt.outcome();
+            match runtime_outcome {
+                Some(outcome) => {
+                    self.shared.breaker.record(outcome, latency, chat_ctx.probe);
+                    self.shared.stats.lock().unwrap().record(
+                        Path::Runtime,
+                        org,
+                        outcome,
+                        latency,
+                        now,
+                    );
+                    count_execution(metrics, rt, outcome, latency);
+                }
+                None => {
+                    metrics.execution_total.with_label_values(&[rt]).inc();
+                    metrics
+                        .execution_cancelled_total
+                        .with_label_values(&[rt])
+                        .inc();
+                }
+            }
+            if let RuntimeAttempt::Relayed(r) = attempt {
+                if let Some(t) = r.first_write {
+                    metrics
+                        .first_event_ms
+                        .with_label_values(&[rt])
+                        .observe(t.as_secs_f64() * 1000.0);
+                }
+            }
+        }
+
+        // A probe with no verdict (client gone, bad body, read error) must free its slot.
+        if runtime_outcome.is_none() {
+            self.release_probe(chat_ctx);
+        }
+
+        let served_by_legacy =
+            chat_ctx.decision.mode == Mode::DirectLlm && chat_ctx.answered.is_none();
+        let status = session
+            .response_written()
+            .map(|r| r.status.as_u16())
+            .unwrap_or(0);
+        let mut direct_outcome = None;
+        if served_by_legacy {
+            direct_outcome = legacy_outcome(status, e);
+            match direct_outcome {
+                Some(outcome) => {
+                    self.shared.stats.lock().unwrap().record(
+                        Path::Direct,
+                        org,
+                        outcome,
+                        total,
+                        now,
+                    );
+                    count_execution(metrics, direct, outcome, total);
+                }
+                None => {
+                    metrics.execution_total.with_label_values(&[direct]).inc();
+                    metrics
+                        .execution_cancelled_total
+                        .with_label_values(&[direct])
+                        .inc();
+                }
+            }
+            if let Some(t) = chat_ctx.first_byte {
+                metrics
+                    .first_event_ms
+                    .with_label_values(&[direct])
+                    .observe(t.as_secs_f64() * 1000.0);
+            }
+        }
+
+        let decision = chat_ctx.decision;
+        metrics
+            .requests_total
+            .with_label_values(&[
+                decision.mode.as_str(),
+                decision.reason.as_str(),
+                active.org_label(org),
+            ])
+            .inc();
+
+        let (events, bytes, first, error_code, detail) = match &chat_ctx.runtime {
+            Some(RuntimeAttempt::Relayed(r)) => (
+                r.events,
+                r.bytes,
+                r.first_write,
+                r.error_code,
+                r.detail.as_deref(),
+            ),
+            Some(RuntimeAttempt::FailedOver { failure, .. }) => (
+                0,
+                chat_ctx.bytes,
+                chat_ctx.first_byte,
+                None,
+                Some(failure.detail.as_str()),
+            ),
+            None => (0, chat_ctx.bytes, chat_ctx.first_byte, None, None),
+        };
+        let outcome = direct_outcome.or(runtime_outcome);
+        tracing::info!(
+            target: "access",
+            path = session.req_header().uri.path(),
+            org = org.unwrap_or(""),
+            user = chat_ctx.caller.as_ref().and_then(|c| c.user_id.as_deref()).unwrap_or(""),
+            mode = decision.mode.as_str(),
+            reason = decision.reason.as_str(),
+            status,
+            outcome = outcome_str(outcome),
+            runtime_outcome = outcome_str(runtime_outcome),
+            latency_ms = total.as_millis() as u64,
+            first_event_ms = first.map(|d| d.as_millis() as u64),
+            events,
+            bytes,
+            error_code,
+            detail,
+            "chat request"
+        );
+    }
+}
+
+fn outcome_str(o: Option<Outcome>) -> &'static str {
+    match o {
+        Some(Outcome::Success) => "success",
+        Some(Outcome::Error) => "error",
+        Some(Outcome::Timeout) => "timeout",
+        None => "cancelled",
+    }
+}
+
+fn count_execution(
+    metrics: &crate::metrics::Metrics,
+    mode: &str,
+    outcome: Outcome,
+    latency: Duration,
+) {
+    metrics.execution_total.with_label_values(&[mode]).inc();
+    let counter = match outcome {
+        Outcome::Success => &metrics.execution_success_total,
+        Outcome::Error => &metrics.execution_error_total,
+        Outcome::Timeout => &metrics.execution_timeout_total,
+    };
+    counter.with_label_values(&[mode]).inc();
+    metrics
+        .execution_latency_ms
+        .with_label_values(&[mode])
+        .observe(latency.as_secs_f64() * 1000.0);
+}
+
+/// Classify what legacy did with a chat request; `None` when the client went away.
+fn legacy_outcome(status: u16, e: Option<&Error>) -> Option<Outcome> {
+    match e {
+        Some(e) if e.esource() == &ErrorSource::Downstream => None,
+        Some(e)
+            if matches!(
+                e.etype(),
+                ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout
+            ) =>
+        {
+            Some(Outcome::Timeout)
+        }
+        Some(_) => Some(Outcome::Error),
+        None if status >= 500 || status == 0 => Some(Outcome::Error),
+        None => Some(Outcome::Success),
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for CutoverProxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx {
+            started: Instant::now(),
+            active: None,
+            chat: None,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let active = self.shared.snapshot();
+        ctx.active = Some(active.clone());
+        let req = session.req_header();
+        let Some(route) = chat_route(&req.method, req.uri.path()) else {
+            return Ok(false);
+        };
+        let metrics = self.shared.metrics;
+        let (caller, unverified) = match active.verifier.identify(&req.headers) {
+            Ok(c) => (Some(c), None),
+            Err(u) => (None, Some(u)),
+        };
+        if let Some(u) = unverified {
+            metrics
+                .unverified_total
+                .with_label_values(&[u.as_str()])
+                .inc();
+            if u == Unverified::NoSecret {
+                tracing::warn!(
+                    env = %active.config.identity.jwt_secret_env,
+                    "no JWT secret configured: every chat request goes to legacy"
+                );
+            }
+        }
+        let org = caller.as_ref().map(|c| c.org_id.clone());
+        let (decision, probe) = self.decide(&active, org.as_deref());
+        ctx.chat = Some(ChatCtx {
+            caller,
+            decision,
+            probe,
+            answered: None,
+            runtime: None,
+            first_byte: None,
+            bytes: 0,
+            in_flight: None,
+        });
+
+        let limit = active.config.limits.max_chat_body_bytes;
+        if content_length(session).is_some_and(|n| n > limit) {
+            let chat_ctx = ctx.chat.as_mut().expect("chat ctx");
+            self.release_probe(chat_ctx);
+            metrics
+                .rejected_total
+                .with_label_values(&["too_large"])
+                .inc();
+            chat_ctx.answered = Some(413);
+            let msg = format!("chat request body exceeds {limit} bytes");
+            respond_json(session, 413, decision, "PAYLOAD_TOO_LARGE", &msg).await?;
+            return Ok(true);
+        }
+
+        if decision.mode == Mode::RuntimeOrchestrator {
+            return self.serve_runtime(session, ctx, &active, &route).await;
+        }
+        Ok(false)
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        let active = ctx.active.get_or_insert_with(|| self.shared.snapshot());
+        let addr = self
+            .shared
+            .resolver
+            .resolve(&active.config.legacy.address)
+            .await
+            .map_err(|e| {
+                Error::explain(
+                    ErrorType::ConnectNoRoute,
+                    format!("resolving legacy address: {e}"),
+                )
+            })?;
+        if let Some(chat) = ctx.chat.as_mut() {
+            if chat.in_flight.is_none() {
+                let gauge = self
+                    .shared
+                    .metrics
+                    .streams_in_flight
+                    .with_label_values(&[Mode::DirectLlm.as_str()]);
+                chat.in_flight = Some(InFlight::new(gauge));
+            }
+        }
+        Ok(Box::new(upstream::peer(addr, &active.legacy)))
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(chat) = &ctx.chat {
+            resp.insert_header("x-execution-mode", chat.decision.mode.as_str())?;
+            resp.insert_header("x-execution-reason", chat.decision.reason.as_str())?;
+        }
+        Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<Duration>> {
+        if let (Some(chat), Some(b)) = (ctx.chat.as_mut(), body.as_ref()) {
+            if !b.is_empty() {
+                chat.first_byte.get_or_insert_with(|| ctx.started.elapsed());
+                chat.bytes += b.len() as u64;
+            }
+        }
+        Ok(None)
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        self.record(session, e, ctx);
+        if let Some(chat) = ctx.chat.as_mut() {
+            chat.in_flight = None;
+        }
+    }
+}

@@ -1,0 +1,317 @@
+//! The mode decision: which upstream serves a chat request, and why.
+//!
+//! Pure: it takes the caller, the rollout settings and the breaker's state, and returns a
+//! `RolloutDecision`. Request classification (which paths are chat routes) lives here too.
+
+use std::collections::HashSet;
+
+use crate::config::{Mode, RolloutConfig};
+
+/// Why a request got its mode; sent as `x-execution-reason` and used as a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    BreakerOpen,
+    Denylist,
+    Allowlist,
+    Percent,
+    Default,
+    NoIdentity,
+    /// The runtime was chosen but refused or failed before the first byte; legacy served it.
+    Failover,
+    /// The runtime was chosen but the body is larger than can be replayed on failover.
+    LargeBody,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::BreakerOpen => "breaker_open",
+            Reason::Denylist => "denylist",
+            Reason::Allowlist => "allowlist",
+            Reason::Percent => "percent",
+            Reason::Default => "default",
+            Reason::NoIdentity => "no_identity",
+            Reason::Failover => "failover",
+            Reason::LargeBody => "large_body",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RolloutDecision {
+    pub mode: Mode,
+    pub reason: Reason,
+}
+
+impl RolloutDecision {
+    fn direct(reason: Reason) -> Self {
+        RolloutDecision {
+            mode: Mode::DirectLlm,
+            reason,
+        }
+    }
+    fn runtime(reason: Reason) -> Self {
+        RolloutDecision {
+            mode: Mode::RuntimeOrchestrator,
+            reason,
+        }
+    }
+}
+
+/// Rollout settings compiled for fast lookups.
+#[derive(Debug, Clone)]
+pub struct Rollout {
+    default_mode: Mode,
+    runtime_orgs: HashSet<String>,
+    direct_orgs: HashSet<String>,
+    /// Orgs whose bucket is below this (out of 10 000) go to the runtime.
+    percent_basis_points: u64,
+}
+
+impl Rollout {
+    pub fn new(config: &RolloutConfig) -> Rollout {
+        Rollout {
+            default_mode: config.default_mode,
+            runtime_orgs: config.runtime_orgs.iter().cloned().collect(),
+            direct_orgs: config.direct_orgs.iter().cloned().collect(),
+            percent_basis_points: (config.runtime_percent * 100.0).round() as u64,
+        }
+    }
+
+    /// Decide the mode for a caller. `org` is `None` when the caller could not be verified;
+    /// `breaker_open` is true while the breaker keeps the runtime out (open or tripped by hand).
+    pub fn decide(&self, org: Option<&str>, breaker_open: bool) -> RolloutDecision {
+        if breaker_open {
+            return RolloutDecision::direct(Reason::BreakerOpen);
+        }
+        let Some(org) = org else {
+            return RolloutDecision::direct(Reason::NoIdentity);
+        };
+        if self.direct_orgs.contains(org) {
+            return RolloutDecision::direct(Reason::Denylist);
+        }
+        if self.runtime_orgs.contains(org) {
+            return RolloutDecision::runtime(Reason::Allowlist);
+        }
+        if self.percent_basis_points > 0 && org_bucket(org) < self.percent_basis_points {
+            return RolloutDecision::runtime(Reason::Percent);
+        }
+        match self.default_mode {
+            Mode::DirectLlm => RolloutDecision::direct(Reason::Default),
+            Mode::RuntimeOrchestrator => RolloutDecision::runtime(Reason::Default),
+        }
+    }
+
+    /// Whether an org is named in the config (allow- or denylist): only those may label metrics.
+    pub fn names(&self, org: &str) -> bool {
+        self.runtime_orgs.contains(org) || self.direct_orgs.contains(org)
+    }
+}
+
+/// A stable bucket in 0..10 000 for an org: the same on every replica and across restarts, so an
+/// org never flaps between modes while `runtime_percent` is unchanged, and raising the percentage
+/// only ever adds orgs.
+pub fn org_bucket(org: &str) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(org.as_bytes()) % 10_000
+}
+
+/// Whether a request should be mirrored to the runtime, for `shadow_percent` in 0..=100.
+/// `draw` is a uniform random number in 0..10 000.
+pub fn shadow_selected(shadow_percent: f64, draw: u64) -> bool {
+    draw < (shadow_percent * 100.0).round() as u64
+}
+
+/// A chat route and the session it names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChatRoute {
+    /// `POST /api/v1/chat/sessions/{sessionId}`
+    Session(String),
+    /// `POST /api/v1/chat/start`
+    Start,
+}
+
+impl ChatRoute {
+    pub fn session_id(&self) -> Option<&str> {
+        match self {
+            ChatRoute::Session(id) => Some(id),
+            ChatRoute::Start => None,
+        }
+    }
+}
+
+/// Classify a request: `Some` for the two chat routes, `None` for everything else (which goes to
+/// legacy untouched). The query string is ignored.
+pub fn chat_route(method: &http::Method, path: &str) -> Option<ChatRoute> {
+    if method != http::Method::POST {
+        return None;
+    }
+    let path = path.split('?').next().unwrap_or(path);
+    let path = path.strip_suffix('/').unwrap_or(path);
+    if path == "/api/v1/chat/start" {
+        return Some(ChatRoute::Start);
+    }
+    let id = path.strip_prefix("/api/v1/chat/sessions/")?;
+    let valid = !id.is_empty()
+        && id.len() <= 256
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'%'));
+    valid.then(|| ChatRoute::Session(id.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn rollout(f: impl FnOnce(&mut RolloutConfig)) -> Rollout {
+        let mut c = RolloutConfig::default();
+        f(&mut c);
+        Rollout::new(&c)
+    }
+
+    #[test]
+    fn allowlisted_org_goes_to_runtime() {
+        let r = rollout(|c| c.runtime_orgs = vec!["org-a".into()]);
+        assert_eq!(
+            r.decide(Some("org-a"), false),
+            RolloutDecision::runtime(Reason::Allowlist)
+        );
+        assert_eq!(
+            r.decide(Some("org-b"), false),
+            RolloutDecision::direct(Reason::Default)
+        );
+    }
+
+    #[test]
+    fn breaker_open_wins_over_allowlist_and_default() {
+        let r = rollout(|c| {
+            c.runtime_orgs = vec!["org-a".into()];
+            c.default_mode = Mode::RuntimeOrchestrator;
+        });
+        for org in [Some("org-a"), Some("org-b"), None] {
+            assert_eq!(
+                r.decide(org, true),
+                RolloutDecision::direct(Reason::BreakerOpen)
+            );
+        }
+    }
+
+    #[test]
+    fn unverified_callers_never_reach_the_runtime() {
+        let r = rollout(|c| {
+            c.default_mode = Mode::RuntimeOrchestrator;
+            c.runtime_percent = 100.0;
+        });
+        assert_eq!(
+            r.decide(None, false),
+            RolloutDecision::direct(Reason::NoIdentity)
+        );
+    }
+
+    #[test]
+    fn default_mode_applies_to_other_orgs() {
+        let r = rollout(|c| c.default_mode = Mode::RuntimeOrchestrator);
+        assert_eq!(
+            r.decide(Some("anyone"), false),
+            RolloutDecision::runtime(Reason::Default)
+        );
+    }
+
+    #[test]
+    fn denylist_wins_over_allowlist_percent_and_default() {
+        let r = rollout(|c| {
+            c.default_mode = Mode::RuntimeOrchestrator;
+            c.runtime_orgs = vec!["org-x".into()];
+            c.direct_orgs = vec!["org-x".into()];
+            c.runtime_percent = 100.0;
+        });
+        assert_eq!(
+            r.decide(Some("org-x"), false),
+            RolloutDecision::direct(Reason::Denylist)
+        );
+    }
+
+    #[test]
+    fn percent_share_is_close_to_configured_over_10k_orgs() {
+        for percent in [5.0, 25.0, 50.0] {
+            let r = rollout(|c| c.runtime_percent = percent);
+            let moved = (0..10_000)
+                .filter(|i| {
+                    r.decide(Some(&format!("org-{i}")), false).mode == Mode::RuntimeOrchestrator
+                })
+                .count() as f64;
+            let share = moved / 100.0;
+            assert!(
+                (share - percent).abs() < 1.5,
+                "{percent}% configured, {share}% moved"
+            );
+        }
+    }
+
+    #[test]
+    fn percent_zero_and_hundred_are_exact() {
+        let none = rollout(|c| c.runtime_percent = 0.0);
+        let all = rollout(|c| c.runtime_percent = 100.0);
+        for i in 0..1000 {
+            let org = format!("o{i}");
+            assert_eq!(none.decide(Some(&org), false).mode, Mode::DirectLlm);
+            assert_eq!(
+                all.decide(Some(&org), false),
+                RolloutDecision::runtime(Reason::Percent)
+            );
+        }
+    }
+
+    #[test]
+    fn org_bucket_is_stable() {
+        // Pinned so a dependency upgrade cannot silently reshuffle which orgs are moved.
+        assert_eq!(org_bucket("org-a"), org_bucket("org-a"));
+        assert_eq!(
+            org_bucket("org-a"),
+            xxhash_rust::xxh3::xxh3_64(b"org-a") % 10_000
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn raising_the_percentage_only_adds_orgs(org in "[a-z0-9-]{1,20}", low in 0.0f64..100.0, extra in 0.0f64..50.0) {
+            let high = (low + extra).min(100.0);
+            let a = rollout(|c| c.runtime_percent = low);
+            let b = rollout(|c| c.runtime_percent = high);
+            if a.decide(Some(&org), false).mode == Mode::RuntimeOrchestrator {
+                prop_assert_eq!(b.decide(Some(&org), false).mode, Mode::RuntimeOrchestrator);
+            }
+        }
+    }
+
+    #[test]
+    fn shadow_selection_matches_share() {
+        assert!(!shadow_selected(0.0, 0));
+        assert!(shadow_selected(100.0, 9_999));
+        assert!(shadow_selected(10.0, 999));
+        assert!(!shadow_selected(10.0, 1000));
+    }
+
+    #[test]
+    fn chat_routes_are_recognised() {
+        let post = http::Method::POST;
+        assert_eq!(
+            chat_route(&post, "/api/v1/chat/sessions/abc-123"),
+            Some(ChatRoute::Session("abc-123".into()))
+        );
+        assert_eq!(
+            chat_route(&post, "/api/v1/chat/start"),
+            Some(ChatRoute::Start)
+        );
+        assert_eq!(
+            chat_route(&post, "/api/v1/chat/start?x=1"),
+            Some(ChatRoute::Start)
+        );
+        assert_eq!(chat_route(&http::Method::GET, "/api/v1/chat/start"), None);
+        assert_eq!(chat_route(&post, "/api/v1/chat/sessions/"), None);
+        assert_eq!(chat_route(&post, "/api/v1/chat/sessions/a/b"), None);
+        assert_eq!(chat_route(&post, "/api/v1/chat/sessions"), None);
+        assert_eq!(chat_route(&post, "/api/v1/agents"), None);
+    }
+}

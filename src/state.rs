@@ -1,0 +1,161 @@
+//! State shared by the proxy, the admin API and the background services.
+//!
+//! The config lives in an `ArcSwap<Active>`: a request takes one snapshot at its start and keeps
+//! it to the end, so a reload never changes the rules under a request in flight.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use pingora::connectors::http::Connector;
+
+use crate::breaker::{Breaker, BreakerSettings, SharedBreaker};
+use crate::config::Config;
+use crate::identity::Verifier;
+use crate::metrics::Metrics;
+use crate::routing::Rollout;
+use crate::stats::ExecutionStats;
+use crate::upstream::{PeerSettings, Resolver};
+
+/// One validated config, compiled for the hot path.
+pub struct Active {
+    pub config: Config,
+    pub rollout: Rollout,
+    pub verifier: Verifier,
+    pub legacy: PeerSettings,
+    pub runtime: PeerSettings,
+    /// The admin bearer token (from the env var the config names); `None` refuses mutations.
+    pub admin_token: Option<String>,
+}
+
+impl Active {
+    /// Compile a config; secrets are read from the environment variables it names.
+    pub fn new(config: Config) -> Active {
+        let verifier = Verifier::from_env(&config.identity);
+        let admin_token = std::env::var(&config.admin.token_env)
+            .ok()
+            .filter(|t| !t.is_empty());
+        Active {
+            rollout: Rollout::new(&config.rollout),
+            verifier,
+            legacy: PeerSettings {
+                connect_timeout: Duration::from_millis(config.legacy.connect_timeout_ms),
+                pool_idle_timeout: Duration::from_millis(config.legacy.pool_idle_timeout_ms),
+                read_timeout: None,
+            },
+            runtime: PeerSettings {
+                connect_timeout: Duration::from_millis(config.runtime.connect_timeout_ms),
+                pool_idle_timeout: Duration::from_millis(config.runtime.pool_idle_timeout_ms),
+                read_timeout: None,
+            },
+            admin_token,
+            config,
+        }
+    }
+
+    /// Label value for an org: only orgs the config names, so the series stay bounded.
+    pub fn org_label<'a>(&self, org: Option<&'a str>) -> &'a str {
+        match org {
+            Some(o) if self.rollout.names(o) => o,
+            _ => "other",
+        }
+    }
+}
+
+/// Counts requests in flight; each request's context holds one `RequestGuard`.
+#[derive(Default)]
+pub struct InFlightRequests(AtomicUsize);
+
+impl InFlightRequests {
+    pub fn enter(self: &Arc<Self>) -> RequestGuard {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        RequestGuard(self.clone())
+    }
+    pub fn count(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+pub struct RequestGuard(Arc<InFlightRequests>);
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.0 .0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+pub struct Shared {
+    pub active: ArcSwap<Active>,
+    pub breaker: SharedBreaker,
+    pub stats: Mutex<ExecutionStats>,
+    pub metrics: &'static Metrics,
+    /// Pingora's pooled connector, for runtime executions, shadow copies and health checks.
+    pub connector: Connector,
+    pub resolver: Resolver,
+    /// Set on SIGTERM: readiness fails and streams are told to finish.
+    pub draining: AtomicBool,
+    /// Raised when the shutdown grace period is over: relays end their streams with an error
+    /// event instead of having the connection cut.
+    pub cutoff: tokio::sync::watch::Sender<bool>,
+    /// Shadow requests in flight now.
+    pub shadow_in_flight: std::sync::atomic::AtomicUsize,
+    pub started: Instant,
+    /// Every proxied request in flight, for the shutdown drain.
+    pub requests: Arc<InFlightRequests>,
+}
+
+impl Shared {
+    pub fn new(config: Config) -> Arc<Shared> {
+        let now = Instant::now();
+        let metrics = Metrics::global();
+        let breaker = SharedBreaker::new(Breaker::new(BreakerSettings::from_config(&config), now));
+        breaker.on_transition(move |t| {
+            metrics
+                .breaker_transitions_total
+                .with_label_values(&[t.from.as_str(), t.to.as_str()])
+                .inc();
+            metrics.set_breaker_state(t.to.as_str());
+        });
+        metrics.set_breaker_state(breaker.state().as_str());
+        let stats = ExecutionStats::new(
+            Duration::from_secs(config.breaker.window_secs),
+            config.limits.max_tracked_orgs,
+            now,
+        );
+        Arc::new(Shared {
+            active: ArcSwap::from_pointee(Active::new(config)),
+            breaker,
+            stats: Mutex::new(stats),
+            metrics,
+            connector: Connector::new(None),
+            resolver: Resolver::default(),
+            draining: AtomicBool::new(false),
+            cutoff: tokio::sync::watch::channel(false).0,
+            shadow_in_flight: Default::default(),
+            started: now,
+            requests: Arc::default(),
+        })
+    }
+
+    pub fn snapshot(&self) -> Arc<Active> {
+        self.active.load_full()
+    }
+
+    /// Swap in a new config; requests in flight keep the one they started with.
+    pub fn apply(&self, config: Config) {
+        let now = Instant::now();
+        self.breaker
+            .set_settings(BreakerSettings::from_config(&config));
+        self.stats.lock().unwrap().reconfigure(
+            Duration::from_secs(config.breaker.window_secs),
+            config.limits.max_tracked_orgs,
+            now,
+        );
+        self.active.store(Arc::new(Active::new(config)));
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+}
