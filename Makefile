@@ -1,0 +1,58 @@
+# cutover-proxy. `make demo` and `make test` work on a fresh Debian machine with only the Rust
+# toolchain: they install what they need (scripts/install-deps.sh).
+
+CARGO ?= cargo
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+
+.PHONY: all build release demo test test-rust test-e2e lint check-config deps deps-test venv bench soak fuzz clean
+
+all: build
+
+deps:
+	@scripts/install-deps.sh build
+
+deps-test:
+	@scripts/install-deps.sh test
+
+build: deps
+	$(CARGO) build
+
+release: deps
+	$(CARGO) build --release
+
+# Stand-in legacy and runtime upstreams plus the proxy in front of them; prints curl commands.
+demo: release
+	./target/release/cutover-proxy demo --config demo/proxy.toml
+
+$(PY): tests/e2e/requirements.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r tests/e2e/requirements.txt
+	touch $(PY)
+
+venv: $(PY)
+
+test: deps-test lint test-rust check-config test-e2e
+
+test-rust:
+	$(CARGO) test --all-targets
+
+check-config: build
+	./target/debug/cutover-proxy check --config proxy.toml
+	./target/debug/cutover-proxy check --config demo/proxy.toml
+
+test-e2e: build venv
+	CUTOVER_PROXY_BIN=$(CURDIR)/target/debug/cutover-proxy $(PY) -m pytest -q tests/e2e
+
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+bench: release
+	@scripts/install-deps.sh bench
+	bench/run.sh
+
+clean:
+	$(CARGO) clean
+	rm -rf $(VENV)

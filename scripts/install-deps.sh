@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs what building and testing need on a fresh Debian/Ubuntu machine that has only the
+# Rust toolchain: a C toolchain and cmake (Pingora's zlib-ng), Python with venv (end-to-end tests
+# against a real sse-starlette runtime), promtool (alert rule tests), nginx and wrk (benchmarks).
+# Usage: scripts/install-deps.sh [build|test|bench]
+set -euo pipefail
+need=${1:-build}
+
+pkgs=()
+command -v cc >/dev/null || pkgs+=(build-essential)
+command -v cmake >/dev/null || pkgs+=(cmake)
+if [ "$need" = test ] || [ "$need" = bench ]; then
+  command -v python3 >/dev/null || pkgs+=(python3)
+  python3 -m venv --help >/dev/null 2>&1 || pkgs+=(python3-venv)
+  command -v promtool >/dev/null || pkgs+=(prometheus)
+  command -v curl >/dev/null || pkgs+=(curl)
+fi
+if [ "$need" = bench ]; then
+  command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || pkgs+=(nginx-light)
+  command -v wrk >/dev/null || pkgs+=(wrk)
+fi
+[ ${#pkgs[@]} -eq 0 ] && exit 0
+
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+echo "installing: ${pkgs[*]}"
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -qq
+$sudo apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null
