@@ -5,7 +5,7 @@ CARGO ?= cargo
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
 
-.PHONY: all build release demo test test-rust test-e2e lint check-config deps deps-test venv bench soak fuzz clean
+.PHONY: all build release demo test test-rust test-e2e lint check-config check-observability deps deps-test venv bench soak fuzz clean
 
 all: build
 
@@ -33,10 +33,15 @@ $(PY): tests/e2e/requirements.txt
 
 venv: $(PY)
 
-test: deps-test lint test-rust check-config test-e2e
+test: deps-test lint test-rust check-observability check-config test-e2e
 
 test-rust:
 	$(CARGO) test --all-targets
+
+# Alert rules (promtool check + unit tests), dashboard and docs against the series we export;
+# test-rust writes the exposition it compares against.
+check-observability:
+	scripts/check-observability.sh
 
 check-config: build
 	./target/debug/cutover-proxy check --config proxy.toml

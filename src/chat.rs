@@ -142,15 +142,62 @@ mod tests {
     }
 
     #[test]
+    fn message_is_passed_as_sent_and_optional_ids_are_lenient() {
+        let chat = parse_chat_body(
+            br#"{"message":"  line1\nline2 \"q\" \u00e9  ","parentMessageId":7,"agentId":null,"x":{}}"#,
+        )
+        .unwrap();
+        assert_eq!(chat.message, "  line1\nline2 \"q\" \u{e9}  ");
+        assert_eq!(chat.parent_message_id, None);
+        assert_eq!(chat.agent_id, None);
+        let body: Value =
+            serde_json::from_slice(&runtime_request_body("s", &caller(), &chat)).unwrap();
+        assert_eq!(body["user_message"], chat.message.as_str());
+        assert!(body.get("agent_id").is_none(), "{body}");
+    }
+
+    #[test]
+    fn runtime_body_without_a_user_has_null_user_id() {
+        let chat = parse_chat_body(br#"{"message":"hi","agentId":"g"}"#).unwrap();
+        let anon = Caller {
+            org_id: "org-\"q\"".into(),
+            user_id: None,
+        };
+        let bytes = runtime_request_body("s\n1", &anon, &chat);
+        let body: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(
+            body,
+            json!({
+                "session_id": "s\n1",
+                "org_id": "org-\"q\"",
+                "user_message": "hi",
+                "agent_id": "g",
+                "metadata": {"user_id": null, "parent_message_id": null}
+            })
+        );
+        // One line of JSON, whatever the strings hold.
+        assert!(!bytes.contains(&b'\n'));
+    }
+
+    #[test]
     fn bad_bodies_are_refused() {
         assert!(matches!(
             parse_chat_body(b"not json"),
             Err(BodyError::NotJson(_))
         ));
-        assert!(matches!(
-            parse_chat_body(&[0xff, 0xfe]),
-            Err(BodyError::NotJson(_))
-        ));
+        for body in [
+            &[0xff, 0xfe][..],
+            b"",
+            b"   ",
+            b"{\"message\":\"hi\"",
+            b"{\"message\":\"hi\"} trailing",
+            b"\xef\xbb\xbf{\"message\":\"hi\"}",
+        ] {
+            assert!(
+                matches!(parse_chat_body(body), Err(BodyError::NotJson(_))),
+                "{body:?}"
+            );
+        }
         for body in [
             r#"{}"#,
             r#"{"message": 5}"#,
@@ -158,6 +205,11 @@ mod tests {
             r#"{"message": "  "}"#,
             r#"[1,2]"#,
             r#""message""#,
+            r#"null"#,
+            r#"{"message": null}"#,
+            r#"{"message": ["hi"]}"#,
+            r#"{"message": {"text": "hi"}}"#,
+            r#"{"Message": "hi"}"#,
         ] {
             assert_eq!(
                 parse_chat_body(body.as_bytes()),

@@ -379,17 +379,29 @@ impl Config {
         let de = toml::Deserializer::new(text);
         let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let key = e.path().to_string();
-            let key = if key == "." { String::new() } else { key };
             let inner = e.into_inner();
-            let message = inner.message().to_string();
+            let message = inner.message().trim().to_string();
+            let located = inner.span().map(|s| locate(text, s.start));
+            // A syntax error leaves serde's path empty; the line it points at still names a key.
+            let key = match (key.as_str(), &located) {
+                (".", Some(loc)) => loc.key.clone().unwrap_or_default(),
+                (".", None) => String::new(),
+                _ => key,
+            };
             if message.starts_with("unknown field") {
-                ConfigError::new(key, "unknown key")
-            } else {
-                let at = inner
-                    .span()
-                    .map(|s| format!(" (at byte {})", s.start))
-                    .unwrap_or_default();
-                ConfigError::new(key, format!("{message}{at}"))
+                return ConfigError::new(key, "unknown key");
+            }
+            match located {
+                Some(loc) => ConfigError::new(
+                    key,
+                    format!(
+                        "{message} (line {}, column {}: {})",
+                        loc.line,
+                        loc.column,
+                        loc.text.trim()
+                    ),
+                ),
+                None => ConfigError::new(key, message),
             }
         })?;
         config.validate()?;
@@ -527,6 +539,44 @@ impl Config {
 impl RuntimeConfig {
     pub fn execution_timeout(&self) -> Duration {
         Duration::from_millis(self.execution_timeout_ms)
+    }
+}
+
+/// Where a byte offset falls in the document, and the key that line sets, if any.
+struct Location {
+    line: usize,
+    column: usize,
+    text: String,
+    key: Option<String>,
+}
+
+fn locate(text: &str, offset: usize) -> Location {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before[line_start..].chars().count() + 1;
+    let line_text = text[line_start..].lines().next().unwrap_or("").to_string();
+    // The table this line belongs to: the last `[header]` above it.
+    let table = before[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('[') && !l.starts_with("[["))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    let key = line_text
+        .split_once('=')
+        .map(|(k, _)| k.trim().trim_matches('"').to_string())
+        .filter(|k| !k.is_empty() && !k.starts_with('#') && !k.starts_with('['))
+        .map(|k| match &table {
+            Some(t) => format!("{t}.{k}"),
+            None => k,
+        });
+    Location {
+        line,
+        column,
+        text: line_text,
+        key,
     }
 }
 
@@ -736,6 +786,17 @@ address = "runtime:8000"
         assert_eq!(err_key(&text), "rollout.runtime_percent");
         let text = format!("{MINIMAL}\n[rollout]\nshadow_percent = -1\n");
         assert_eq!(err_key(&text), "rollout.shadow_percent");
+    }
+
+    #[test]
+    fn syntax_errors_name_the_key_and_line() {
+        let text = MINIMAL.replace("\"127.0.0.1:3001\"", "127.0.0.1:3001");
+        let e = Config::parse(&text).unwrap_err();
+        assert_eq!(e.key, "legacy.address", "{e}");
+        assert!(e.message.contains("line 5"), "{e}");
+        let text = format!("{MINIMAL}\n[rollout]\nruntime_orgs = [\"a\",\n");
+        let e = Config::parse(&text).unwrap_err();
+        assert!(e.message.contains("line"), "{e}");
     }
 
     #[test]

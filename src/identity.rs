@@ -94,10 +94,19 @@ impl Verifier {
     }
 
     /// Identify the caller of a request from its headers.
+    ///
+    /// With a trusted ingress header configured, its value names the org (the user still comes
+    /// from a valid token, if any). The header is believed only when it occurs exactly once with
+    /// a non-empty value: several copies mean a client copy survived next to the ingress's and
+    /// nothing tells them apart, so the JWT decides as if the header were absent.
     pub fn identify(&self, headers: &http::HeaderMap) -> Result<Caller, Unverified> {
         if let Some(name) = &self.trusted_org_header {
-            if let Some(org) = headers
-                .get(name)
+            let mut values = headers.get_all(name).iter();
+            let single = match (values.next(), values.next()) {
+                (Some(v), None) => Some(v),
+                _ => None,
+            };
+            if let Some(org) = single
                 .and_then(|v| v.to_str().ok())
                 .map(str::trim)
                 .filter(|v| !v.is_empty())
@@ -311,6 +320,128 @@ mod tests {
         let mut h = http::HeaderMap::new();
         h.insert("x-org-id", "org-b".parse().unwrap());
         assert_eq!(v.identify(&h).unwrap().org_id, "org-b");
+    }
+
+    fn trusting() -> Verifier {
+        let cfg = IdentityConfig {
+            trusted_org_header: Some("x-org-id".into()),
+            ..IdentityConfig::default()
+        };
+        Verifier::new(&cfg, Some(SECRET))
+    }
+
+    #[test]
+    fn trusted_header_takes_the_user_from_a_valid_token_only() {
+        let good = token(
+            json!({"orgId": "org-x", "userId": "u1", "exp": now() + 60}),
+            SECRET,
+        );
+        let forged = token(
+            json!({"orgId": "org-x", "userId": "u1", "exp": now() + 60}),
+            "other",
+        );
+        let mut h = headers(&format!("Bearer {good}"));
+        h.insert("x-org-id", "org-b".parse().unwrap());
+        assert_eq!(
+            trusting().identify(&h).unwrap(),
+            Caller {
+                org_id: "org-b".into(),
+                user_id: Some("u1".into())
+            }
+        );
+        let mut h = headers(&format!("Bearer {forged}"));
+        h.insert("x-org-id", "org-b".parse().unwrap());
+        assert_eq!(trusting().identify(&h).unwrap().user_id, None);
+    }
+
+    #[test]
+    fn repeated_or_empty_trusted_header_falls_back_to_the_token() {
+        let mut h = http::HeaderMap::new();
+        h.append("x-org-id", "org-a".parse().unwrap());
+        h.append("x-org-id", "org-b".parse().unwrap());
+        assert_eq!(trusting().identify(&h), Err(Unverified::Missing));
+        let t = token(json!({"orgId": "org-c", "exp": now() + 60}), SECRET);
+        h.insert("authorization", format!("Bearer {t}").parse().unwrap());
+        assert_eq!(trusting().identify(&h).unwrap().org_id, "org-c");
+
+        let mut h = http::HeaderMap::new();
+        h.insert("x-org-id", " ".parse().unwrap());
+        assert_eq!(trusting().identify(&h), Err(Unverified::Missing));
+        // A value that is not visible ASCII is not an org either.
+        let mut h = http::HeaderMap::new();
+        h.insert(
+            "x-org-id",
+            http::HeaderValue::from_bytes(b"org-\xff").unwrap(),
+        );
+        assert_eq!(trusting().identify(&h), Err(Unverified::Missing));
+    }
+
+    #[test]
+    fn bearer_token_is_trimmed_and_needs_a_value() {
+        let t = token(json!({"orgId": "org-a", "exp": now() + 60}), SECRET);
+        assert_eq!(
+            verifier()
+                .identify(&headers(&format!("  Bearer   {t}  ")))
+                .unwrap()
+                .org_id,
+            "org-a"
+        );
+        assert_eq!(
+            verifier().identify(&headers("Bearer")),
+            Err(Unverified::Missing)
+        );
+        assert_eq!(
+            verifier().identify(&headers("Bearer    ")),
+            Err(Unverified::Missing)
+        );
+        assert_eq!(
+            verifier().identify(&headers(&format!("Token {t}"))),
+            Err(Unverified::Missing)
+        );
+    }
+
+    #[test]
+    fn not_yet_valid_token_is_refused() {
+        let t = token(
+            json!({"orgId": "org-a", "exp": now() + 600, "nbf": now() + 300}),
+            SECRET,
+        );
+        assert_eq!(verifier().verify(&t), Err(Unverified::Invalid));
+    }
+
+    #[test]
+    fn non_string_org_claims_are_missing() {
+        for org in [
+            json!(null),
+            json!(true),
+            json!(["org-a"]),
+            json!({"id": "org-a"}),
+            json!("  "),
+        ] {
+            let t = token(json!({"orgId": org, "exp": now() + 60}), SECRET);
+            assert_eq!(verifier().verify(&t), Err(Unverified::NoOrgClaim), "{org}");
+        }
+    }
+
+    #[test]
+    fn org_claim_name_is_configurable() {
+        let cfg = IdentityConfig {
+            org_claim: "tenant".into(),
+            user_claim: "sub".into(),
+            ..IdentityConfig::default()
+        };
+        let v = Verifier::new(&cfg, Some(SECRET));
+        let t = token(
+            json!({"tenant": "t-1", "sub": "u-9", "orgId": "ignored", "exp": now() + 60}),
+            SECRET,
+        );
+        assert_eq!(
+            v.verify(&t).unwrap(),
+            Caller {
+                org_id: "t-1".into(),
+                user_id: Some("u-9".into())
+            }
+        );
     }
 
     #[test]

@@ -23,3 +23,4 @@ pub mod sse;
 pub mod state;
 pub mod stats;
 pub mod upstream;
+pub mod shadow;

@@ -194,7 +194,53 @@ impl Metrics {
                 .with_label_values(&[state])
                 .set(i64::from(state == "closed"));
         }
+        m.init_label_values();
         Ok(m)
+    }
+
+    /// Export every bounded label value at 0 from startup. A counter child that appears at 1
+    /// is invisible to `rate()`/`increase()`, so without this the first error of a mode, the
+    /// first refused config or the first breaker trip would never reach the alerts
+    /// (deploy/prometheus/rules.yml). Labels with open-ended values (org, reason, type, code,
+    /// cause of identity failures) are left to appear on first use.
+    fn init_label_values(&self) {
+        for mode in ["direct_llm", "runtime_orchestrator"] {
+            for c in [
+                &self.execution_total,
+                &self.execution_success_total,
+                &self.execution_error_total,
+                &self.execution_timeout_total,
+                &self.execution_cancelled_total,
+            ] {
+                c.with_label_values(&[mode]);
+            }
+            self.execution_latency_ms.with_label_values(&[mode]);
+            self.first_event_ms.with_label_values(&[mode]);
+            self.streams_in_flight.with_label_values(&[mode]);
+        }
+        // Every transition the breaker can make (a reset closes from open or half-open).
+        for (from, to) in [
+            ("closed", "open"),
+            ("open", "half_open"),
+            ("half_open", "closed"),
+            ("half_open", "open"),
+            ("open", "closed"),
+        ] {
+            self.breaker_transitions_total
+                .with_label_values(&[from, to]);
+        }
+        for result in ["ok", "failed"] {
+            self.health_checks_total.with_label_values(&[result]);
+        }
+        for result in ["success", "invalid"] {
+            self.config_reloads_total.with_label_values(&[result]);
+        }
+        for cause in ["malformed", "unknown_event"] {
+            self.sse_dropped_frames_total.with_label_values(&[cause]);
+        }
+        for outcome in ["success", "error", "timeout", "skipped"] {
+            self.shadow_total.with_label_values(&[outcome]);
+        }
     }
 
     /// Mirror a breaker state ("closed" | "open" | "half_open") into the gauges.

@@ -40,6 +40,8 @@ impl CutoverProxy {
 /// Everything one request carries between callbacks.
 pub struct RequestCtx {
     started: Instant,
+    /// Counts the request as in flight until Pingora drops the context, for the shutdown drain.
+    _guard: crate::state::RequestGuard,
     active: Option<Arc<Active>>,
     chat: Option<ChatCtx>,
 }
@@ -56,6 +58,9 @@ struct ChatCtx {
     /// Legacy response: time to first body byte and bytes sent.
     first_byte: Option<Duration>,
     bytes: u64,
+    /// Request body bytes passed on to legacy, held to `limits.max_chat_body_bytes` for bodies
+    /// without a Content-Length (which cannot be refused up front).
+    body_to_legacy: usize,
     in_flight: Option<InFlight>,
 }
 
@@ -96,6 +101,19 @@ enum BodyRead {
 /// Read the whole (bounded) chat body, keeping Pingora's retry buffer so that legacy can be
 /// sent the original body if the runtime fails before its first byte.
 async fn read_chat_body(session: &mut Session, limit: usize) -> Result<BodyRead> {
+    let expects_continue = session
+        .req_header()
+        .headers
+        .get(http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if expects_continue {
+        // curl sends this for bodies over 1 KiB and would otherwise wait a second before sending.
+        // The header is consumed here, so a failover to legacy does not answer it a second time.
+        session.downstream_session.write_continue_response().await?;
+        session
+            .req_header_mut()
+            .remove_header(&http::header::EXPECT);
+    }
     session.enable_retry_buffering();
     let mut body = Vec::new();
     while let Some(chunk) = session.read_request_body().await? {
@@ -284,6 +302,45 @@ impl CutoverProxy {
                 Ok(true)
             }
         }
+    }
+
+    /// Mirror a share of direct_llm chats to the runtime (`rollout.shadow_percent`). The body is
+    /// read here (kept in Pingora's retry buffer, so legacy still gets it) only for selected
+    /// requests from verified orgs whose body fits the buffer, and only while the breaker is
+    /// closed: a known-bad runtime is not loaded further.
+    async fn maybe_shadow(
+        &self,
+        session: &mut Session,
+        active: &Arc<Active>,
+        route: &ChatRoute,
+        caller: Option<Caller>,
+    ) -> Result<()> {
+        let percent = active.config.rollout.shadow_percent;
+        let Some(caller) = caller else { return Ok(()) };
+        if percent <= 0.0
+            || !crate::routing::shadow_selected(percent, fastrand::u64(0..10_000))
+            || self.shared.breaker.state() != State::Closed
+            || content_length(session).is_none_or(|n| n > REPLAY_LIMIT)
+        {
+            return Ok(());
+        }
+        let BodyRead::Complete(body) = read_chat_body(session, REPLAY_LIMIT).await? else {
+            return Ok(());
+        };
+        let Ok(chat_body) = chat::parse_chat_body(&body) else {
+            return Ok(());
+        };
+        let session_id = chat::session_id_for(route);
+        let runtime_body =
+            Bytes::from(chat::runtime_request_body(&session_id, &caller, &chat_body));
+        crate::shadow::spawn(
+            &self.shared,
+            active.clone(),
+            session.req_header().clone(),
+            session_id,
+            runtime_body,
+        );
+        Ok(())
     }
 
     fn release_probe(&self, chat_ctx: &mut ChatCtx) {
@@ -486,6 +543,7 @@ impl ProxyHttp for CutoverProxy {
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
             started: Instant::now(),
+            _guard: self.shared.requests.enter(),
             active: None,
             chat: None,
         }
@@ -525,6 +583,7 @@ impl ProxyHttp for CutoverProxy {
             runtime: None,
             first_byte: None,
             bytes: 0,
+            body_to_legacy: 0,
             in_flight: None,
         });
 
@@ -545,6 +604,8 @@ impl ProxyHttp for CutoverProxy {
         if decision.mode == Mode::RuntimeOrchestrator {
             return self.serve_runtime(session, ctx, &active, &route).await;
         }
+        let caller = ctx.chat.as_ref().and_then(|c| c.caller.clone());
+        self.maybe_shadow(session, &active, &route, caller).await?;
         Ok(false)
     }
 
@@ -576,6 +637,114 @@ impl ProxyHttp for CutoverProxy {
             }
         }
         Ok(Box::new(upstream::peer(addr, &active.legacy)))
+    }
+
+    /// What legacy is sent: the client's request as it came, with one exception. When
+    /// `identity.trusted_org_header` is configured, every copy of that header is removed, on
+    /// every request to legacy (chat, failover and all other routes).
+    ///
+    /// The header is the ingress's assertion to this proxy and is consumed here to pick the mode.
+    /// The proxy cannot tell a copy the ingress set from one a client got past it, so it forwards
+    /// none: legacy keeps identifying callers by their token exactly as before the proxy existed,
+    /// and the header can never be used to speak for another org to legacy through the proxy.
+    /// Without the setting the header is an ordinary one and passes untouched. (The runtime gets
+    /// only a fixed list of headers, with the org in its JSON body.)
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream_request: &mut pingora::http::RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let active = ctx.active.get_or_insert_with(|| self.shared.snapshot());
+        if let Some(name) = active.verifier.trusted_org_header() {
+            upstream_request.remove_header(name);
+        }
+        Ok(())
+    }
+
+    /// A chat body on its way to legacy without a Content-Length is streamed, so its size is
+    /// only known as it passes: once it exceeds `limits.max_chat_body_bytes` the request is
+    /// cut off and answered 413, like one whose Content-Length says so up front. Legacy may have
+    /// seen the start of it, never a complete request.
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let (Some(chat), Some(b)) = (ctx.chat.as_mut(), body.as_ref()) else {
+            return Ok(());
+        };
+        let limit = ctx
+            .active
+            .as_ref()
+            .map_or(usize::MAX, |a| a.config.limits.max_chat_body_bytes);
+        chat.body_to_legacy += b.len();
+        if chat.body_to_legacy > limit {
+            chat.answered = Some(413);
+            self.shared
+                .metrics
+                .rejected_total
+                .with_label_values(&["too_large"])
+                .inc();
+            return Error::e_explain(
+                ErrorType::HTTPStatus(413),
+                format!("chat request body exceeds {limit} bytes"),
+            );
+        }
+        Ok(())
+    }
+
+    /// Pingora's own error answers (legacy unreachable, a failure mid-request), except that a
+    /// chat request's still says how it was routed, as every chat response does, and a chat body
+    /// cut off for its size gets the same JSON 413 as one refused up front.
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> pingora::proxy::FailToProxy {
+        let code = match e.etype() {
+            ErrorType::HTTPStatus(code) => *code,
+            _ => match e.esource() {
+                ErrorSource::Upstream => 502,
+                ErrorSource::Downstream => match e.etype() {
+                    // The client is gone: nobody to answer.
+                    ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
+                    _ => 400,
+                },
+                ErrorSource::Internal | ErrorSource::Unset => 500,
+            },
+        };
+        let decision = ctx.chat.as_ref().map(|c| c.decision);
+        let written = if code == 0 {
+            Ok(())
+        } else if let (Some(decision), 413, None) = (decision, code, session.response_written()) {
+            let limit = ctx
+                .active
+                .as_ref()
+                .map_or(0, |a| a.config.limits.max_chat_body_bytes);
+            let msg = format!("chat request body exceeds {limit} bytes");
+            respond_json(session, 413, decision, "PAYLOAD_TOO_LARGE", &msg).await
+        } else {
+            let mut resp = pingora::protocols::http::ServerSession::generate_error(code);
+            if let Some(d) = decision {
+                let _ = resp.insert_header("x-execution-mode", d.mode.as_str());
+                let _ = resp.insert_header("x-execution-reason", d.reason.as_str());
+            }
+            session
+                .downstream_session
+                .write_error_response(resp, Bytes::new())
+                .await
+        };
+        if let Err(err) = written {
+            tracing::debug!(error = %err, "could not send the error response");
+        }
+        pingora::proxy::FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
     }
 
     async fn response_filter(

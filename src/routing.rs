@@ -141,6 +141,10 @@ impl ChatRoute {
 
 /// Classify a request: `Some` for the two chat routes, `None` for everything else (which goes to
 /// legacy untouched). The query string is ignored.
+///
+/// The session id is the path segment percent-decoded, as the legacy API's router hands it to its
+/// handler, so both upstreams see the same id. A segment with a malformed escape, or one that
+/// decodes to something that is not printable UTF-8, is not taken for a chat route.
 pub fn chat_route(method: &http::Method, path: &str) -> Option<ChatRoute> {
     if method != http::Method::POST {
         return None;
@@ -156,7 +160,32 @@ pub fn chat_route(method: &http::Method, path: &str) -> Option<ChatRoute> {
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'%'));
-    valid.then(|| ChatRoute::Session(id.to_string()))
+    if !valid {
+        return None;
+    }
+    percent_decode(id).map(ChatRoute::Session)
+}
+
+/// Decode `%XX` escapes; `None` for a malformed escape or a result that is not UTF-8 without
+/// control characters.
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3)?;
+            let hex = std::str::from_utf8(hex).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    let decoded = String::from_utf8(out).ok()?;
+    let printable = !decoded.trim().is_empty() && !decoded.chars().any(char::is_control);
+    printable.then_some(decoded)
 }
 
 #[cfg(test)]
@@ -313,5 +342,76 @@ mod tests {
         assert_eq!(chat_route(&post, "/api/v1/chat/sessions/a/b"), None);
         assert_eq!(chat_route(&post, "/api/v1/chat/sessions"), None);
         assert_eq!(chat_route(&post, "/api/v1/agents"), None);
+    }
+
+    #[test]
+    fn chat_route_edge_cases() {
+        let post = http::Method::POST;
+        let session = |id: &str| Some(ChatRoute::Session(id.into()));
+        // One trailing slash is the same route; the query never matters.
+        assert_eq!(
+            chat_route(&post, "/api/v1/chat/sessions/s1/"),
+            session("s1")
+        );
+        assert_eq!(
+            chat_route(&post, "/api/v1/chat/start/"),
+            Some(ChatRoute::Start)
+        );
+        assert_eq!(
+            chat_route(&post, "/api/v1/chat/sessions/s1?a=/b"),
+            session("s1")
+        );
+        // Look-alikes are not chat routes.
+        for path in [
+            "/api/v1/chat/start//",
+            "/api/v1/chat/starts",
+            "/api/v1/chat//start",
+            "/api/v1/chat/sessions//",
+            "/api/v1/chat/sessions/s1//",
+            "/api/v1/chat/sessions/s1/messages",
+            "/api/v2/chat/start",
+            "/prefix/api/v1/chat/start",
+            "api/v1/chat/start",
+            "/api/v1/chat/sessions/../start",
+            "/api/v1/chat/sessions/a b",
+            "/api/v1/chat/sessions/a:b",
+        ] {
+            assert_eq!(chat_route(&post, path), None, "{path}");
+        }
+        // Every other method, even on chat paths.
+        for m in ["GET", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"] {
+            let m = http::Method::from_bytes(m.as_bytes()).unwrap();
+            assert_eq!(chat_route(&m, "/api/v1/chat/start"), None);
+            assert_eq!(chat_route(&m, "/api/v1/chat/sessions/s1"), None);
+        }
+        // Session ids up to 256 bytes; longer ones go to legacy as they are.
+        let id = "a".repeat(256);
+        assert_eq!(
+            chat_route(&post, &format!("/api/v1/chat/sessions/{id}")),
+            session(&id)
+        );
+        let too_long = format!("/api/v1/chat/sessions/{}", "a".repeat(257));
+        assert_eq!(chat_route(&post, &too_long), None);
+        // Ids are the decoded segment, as legacy's router sees them.
+        let uuid = "3f2b8c1e-9d4a-4c6b-8e2f-1a2b3c4d5e6f";
+        assert_eq!(
+            chat_route(&post, &format!("/api/v1/chat/sessions/{uuid}")),
+            session(uuid)
+        );
+        assert_eq!(
+            chat_route(&post, "/api/v1/chat/sessions/a%20b%2Fc"),
+            session("a b/c")
+        );
+        assert_eq!(
+            chat_route(&post, "/api/v1/chat/sessions/%E4%BD%A0"),
+            session("你")
+        );
+        for bad in ["%", "a%2", "%zz", "%FF", "%00x", "%0A", "%20%20"] {
+            assert_eq!(
+                chat_route(&post, &format!("/api/v1/chat/sessions/{bad}")),
+                None,
+                "{bad}"
+            );
+        }
     }
 }

@@ -130,18 +130,28 @@ impl Upstream {
     }
 
     /// Serve on an existing listener (e.g. to bring a stopped upstream back on the same port).
-    pub fn on(listener: TcpListener, handler: impl Fn(&Received) -> Reply + Send + Sync + 'static) -> Upstream {
+    pub fn on(
+        listener: TcpListener,
+        handler: impl Fn(&Received) -> Reply + Send + Sync + 'static,
+    ) -> Upstream {
         let addr = listener.local_addr().unwrap();
         let handler: Arc<Handler> = Arc::new(handler);
         let received = Arc::new(Mutex::new(Vec::new()));
         let connections = Arc::new(AtomicUsize::new(0));
         let release = Arc::new(Notify::new());
         let arrived = Arc::new(Notify::new());
-        let (r, c, rel, arr) = (received.clone(), connections.clone(), release.clone(), arrived.clone());
+        let (r, c, rel, arr) = (
+            received.clone(),
+            connections.clone(),
+            release.clone(),
+            arrived.clone(),
+        );
         let task = tokio::spawn(async move {
             let mut conns = tokio::task::JoinSet::new();
             loop {
-                let Ok((stream, _)) = listener.accept().await else { return };
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
                 let id = c.fetch_add(1, Ordering::SeqCst);
                 let (h, r, rel, arr) = (handler.clone(), r.clone(), rel.clone(), arr.clone());
                 conns.spawn(serve_conn(stream, id, h, r, rel, arr));
@@ -212,7 +222,9 @@ async fn serve_conn(
     let _ = stream.set_nodelay(true);
     let mut buf = Vec::new();
     loop {
-        let Some(req) = read_request(&mut stream, &mut buf, id).await else { return };
+        let Some(req) = read_request(&mut stream, &mut buf, id).await else {
+            return;
+        };
         received.lock().unwrap().push(req.clone());
         arrived.notify_waiters();
         let reply = handler(&req);
@@ -263,7 +275,11 @@ async fn serve_conn(
     }
 }
 
-async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>, connection: usize) -> Option<Received> {
+async fn read_request(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    connection: usize,
+) -> Option<Received> {
     let mut chunk = [0u8; 16 * 1024];
     let head_end = loop {
         if let Some(i) = find(buf, b"\r\n\r\n") {
@@ -283,7 +299,12 @@ async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>, connection: usi
     let headers: Vec<(String, String)> = parsed
         .headers
         .iter()
-        .map(|h| (h.name.to_ascii_lowercase(), String::from_utf8_lossy(h.value).to_string()))
+        .map(|h| {
+            (
+                h.name.to_ascii_lowercase(),
+                String::from_utf8_lossy(h.value).to_string(),
+            )
+        })
         .collect();
     buf.drain(..head_end);
     let get = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
@@ -316,7 +337,9 @@ async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>, connection: usi
             }
         }
     } else {
-        let len: usize = get("content-length").and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+        let len: usize = get("content-length")
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
         while buf.len() < len {
             let n = stream.read(&mut chunk).await.ok()?;
             if n == 0 {
@@ -356,7 +379,10 @@ pub fn done_frame() -> Vec<u8> {
 pub fn runtime_ok_steps() -> Vec<Step> {
     vec![
         Step::Send(frame("text_chunk", serde_json::json!({"content": "hi"}))),
-        Step::Send(frame("execution_complete", serde_json::json!({"final_response": "hi"}))),
+        Step::Send(frame(
+            "execution_complete",
+            serde_json::json!({"final_response": "hi"}),
+        )),
         Step::Send(done_frame()),
     ]
 }
@@ -377,7 +403,10 @@ pub fn echo_legacy(req: &Received) -> Reply {
             b"event: message\ndata: {\"id\":\"l1\",\"type\":\"text\",\"data\":{\"content\":\"legacy\"}}\n\n".to_vec(),
         ), Step::Send(b"event: done\ndata: {\"executionMode\":\"direct_llm\"}\n\n".to_vec())])
     } else {
-        Reply::json(200, serde_json::json!({"echo": req.path, "method": req.method}))
+        Reply::json(
+            200,
+            serde_json::json!({"echo": req.path, "method": req.method}),
+        )
     }
 }
 
@@ -521,27 +550,24 @@ impl Client {
     }
 
     async fn fill(&mut self) -> bool {
-        let mut chunk = [0u8; 64 * 1024];
-        match self.stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => false,
-            Ok(n) => {
-                self.buf.extend_from_slice(&chunk[..n]);
-                true
-            }
-        }
+        // Read straight into the heap buffer: a 64 KiB array held across the await made every
+        // client future ~68 KB, and a test awaiting many of them overflowed the test thread's
+        // stack in debug builds.
+        self.buf.reserve(64 * 1024);
+        !matches!(self.stream.read_buf(&mut self.buf).await, Ok(0) | Err(_))
     }
 
     /// Read the response head, then call `on_chunk` for each body piece as it arrives.
-    pub async fn read_response_with(
-        &mut self,
-        mut on_chunk: impl FnMut(&[u8]),
-    ) -> Response {
+    pub async fn read_response_with(&mut self, mut on_chunk: impl FnMut(&[u8])) -> Response {
         let start = Instant::now();
         let head_end = loop {
             if let Some(i) = find(&self.buf, b"\r\n\r\n") {
                 break i + 4;
             }
-            assert!(self.fill().await, "connection closed before the response head");
+            assert!(
+                self.fill().await,
+                "connection closed before the response head"
+            );
         };
         let mut headers = [httparse::EMPTY_HEADER; 64];
         let mut parsed = httparse::Response::new(&mut headers);
@@ -550,7 +576,12 @@ impl Client {
         let headers: Vec<(String, String)> = parsed
             .headers
             .iter()
-            .map(|h| (h.name.to_ascii_lowercase(), String::from_utf8_lossy(h.value).to_string()))
+            .map(|h| {
+                (
+                    h.name.to_ascii_lowercase(),
+                    String::from_utf8_lossy(h.value).to_string(),
+                )
+            })
             .collect();
         self.buf.drain(..head_end);
         let get = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
@@ -624,20 +655,35 @@ impl Client {
 }
 
 /// POST a chat message as `org` (None: no Authorization header) and read the whole response.
-pub async fn chat(addr: std::net::SocketAddr, org: Option<&str>, session: &str, body: &str) -> Response {
+pub async fn chat(
+    addr: std::net::SocketAddr,
+    org: Option<&str>,
+    session: &str,
+    body: &str,
+) -> Response {
     let mut c = Client::connect(addr).await;
     let auth = org.map(|o| format!("Bearer {}", token(o)));
     let mut headers = vec![("content-type", "application/json")];
     if let Some(a) = &auth {
         headers.push(("authorization", a.as_str()));
     }
-    c.send("POST", &format!("/api/v1/chat/sessions/{session}"), &headers, body.as_bytes())
-        .await;
+    c.send(
+        "POST",
+        &format!("/api/v1/chat/sessions/{session}"),
+        &headers,
+        body.as_bytes(),
+    )
+    .await;
     c.read_response().await
 }
 
 /// GET/POST on the admin API, returning status and JSON.
-pub async fn admin(server: &LocalServer, method: &str, path: &str, token: Option<&str>) -> (u16, serde_json::Value) {
+pub async fn admin(
+    server: &LocalServer,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> (u16, serde_json::Value) {
     let mut c = Client::connect(server.admin_addr).await;
     let auth = token.map(|t| format!("Bearer {t}"));
     let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("authorization", a.as_str())).collect();
@@ -656,4 +702,24 @@ pub async fn eventually(within: Duration, mut cond: impl FnMut() -> bool) -> boo
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     cond()
+}
+
+impl Client {
+    /// Write bytes exactly as given: a hand-framed request (chunked body) or part of one.
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.unwrap();
+    }
+}
+
+/// Send one request on a fresh connection and read the whole response.
+pub async fn request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Response {
+    let mut c = Client::connect(addr).await;
+    c.send(method, path, headers, body).await;
+    c.read_response().await
 }
