@@ -5,7 +5,7 @@ CARGO ?= cargo
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
 
-.PHONY: all build release demo test test-rust test-e2e lint check-config check-observability deps deps-test venv bench soak fuzz clean
+.PHONY: all build release demo test test-rust test-e2e lint check-config check-observability check-k8s deps deps-test venv bench soak fuzz clean
 
 all: build
 
@@ -33,7 +33,7 @@ $(PY): tests/e2e/requirements.txt
 
 venv: $(PY)
 
-test: deps-test lint test-rust check-observability check-config test-e2e
+test: deps-test lint test-rust check-observability check-config check-k8s test-e2e
 
 test-rust:
 	$(CARGO) test --all-targets
@@ -42,6 +42,10 @@ test-rust:
 # test-rust writes the exposition it compares against.
 check-observability:
 	scripts/check-observability.sh
+
+# Kustomize builds, offline schema validation, and `check` on the ConfigMap's proxy.toml.
+check-k8s: build
+	CUTOVER_PROXY_BIN=$(CURDIR)/target/debug/cutover-proxy scripts/check-k8s.sh
 
 check-config: build
 	./target/debug/cutover-proxy check --config proxy.toml
@@ -60,4 +64,4 @@ bench: release
 
 clean:
 	$(CARGO) clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) .venv-k8s

@@ -14,7 +14,6 @@ use pingora::apps::ServerApp;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
 use pingora::services::background::{background_service, BackgroundService};
-use pingora::services::listening::Service;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -42,10 +41,9 @@ impl BackgroundService for ReloadService {
     }
 }
 
-/// SIGTERM: readiness fails at once and Pingora stops accepting; in-flight requests may finish
-/// within the grace period. Streams still open near its end get an `error` event instead of a cut
-/// connection, and the process exits as soon as nothing is in flight rather than sleeping out
-/// the whole grace period.
+/// SIGTERM starts the drain: readiness fails at once and Pingora's proxy listener stops
+/// accepting (the admin and metrics listeners stay up, see `Endpoint`), while a separate thread
+/// runs `drain` and ends the process. SIGINT before SIGTERM exits at once.
 struct DrainOnSigterm {
     shared: Arc<Shared>,
 }
@@ -63,7 +61,9 @@ impl ShutdownSignalWatch for DrainOnSigterm {
             }
             _ = term.recv() => {}
         }
-        let grace = Duration::from_secs(self.shared.snapshot().config.server.grace_period_secs);
+        // The value in force now: grace_period_secs is reloadable.
+        let grace = Duration::from_secs(self.shared.snapshot().config.server.grace_period_secs)
+            .min(MAX_GRACE);
         tracing::info!(
             grace_secs = grace.as_secs(),
             in_flight = self.shared.requests.count(),
@@ -71,51 +71,193 @@ impl ShutdownSignalWatch for DrainOnSigterm {
         );
         self.shared.draining.store(true, Ordering::SeqCst);
         let shared = self.shared.clone();
-        std::thread::spawn(move || drain_then_exit(shared, grace));
+        let spawned = std::thread::Builder::new()
+            .name("drain".into())
+            .spawn(move || drain_then_exit(shared, grace));
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the drain thread; exiting now");
+            return ShutdownSignal::FastShutdown;
+        }
         ShutdownSignal::GracefulTerminate
     }
 }
 
-fn drain_then_exit(shared: Arc<Shared>, grace: Duration) {
-    let start = Instant::now();
-    // Leave the last second of the grace period for error events to reach clients.
-    let cutoff_at = start + grace.saturating_sub(Duration::from_secs(1));
-    let mut cut = false;
+/// How a drain ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainEnd {
+    /// Nothing was in flight any more.
+    Idle,
+    /// The grace period ran out with requests still in flight.
+    GraceOver,
+}
+
+/// Streams still open this long before the grace period ends are told to finish (`cutoff`), so
+/// that their `error` event reaches the client before the process exits.
+pub const CUTOFF_MARGIN: Duration = Duration::from_secs(1);
+
+/// Wait until no request is in flight, at most `grace`. `CUTOFF_MARGIN` before the end, raise
+/// `cutoff`: every runtime stream still open then ends with a `SHUTTING_DOWN` error event and a
+/// properly terminated response, which lets those requests finish before the grace period does.
+/// Legacy responses, which Pingora proxies byte for byte, are not told; they are cut at the end.
+pub async fn drain(shared: &Shared, grace: Duration) -> DrainEnd {
+    let grace = grace.min(MAX_GRACE);
+    let start = tokio::time::Instant::now();
+    let cutoff_at = start + grace.saturating_sub(CUTOFF_MARGIN);
+    let end_at = cutoff_at + grace.min(CUTOFF_MARGIN).max(Duration::from_millis(200));
+    let mut idle_polls = 0;
     loop {
+        // Two idle polls in a row: a request whose header Pingora was reading at SIGTERM time has
+        // had the chance to be counted.
         if shared.requests.count() == 0 {
+            idle_polls += 1;
+            if idle_polls >= 2 {
+                return DrainEnd::Idle;
+            }
+        } else {
+            idle_polls = 0;
+        }
+        let now = tokio::time::Instant::now();
+        if now >= cutoff_at && !*shared.cutoff.borrow() {
+            tracing::warn!(
+                in_flight = shared.requests.count(),
+                "grace period nearly over: ending the remaining streams with an error event"
+            );
+            shared.cutoff.send_replace(true);
+        }
+        if now >= end_at {
+            return DrainEnd::GraceOver;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Run `drain` on its own small runtime, then end the process. A SIGINT during the drain ends it
+/// at once. Never returns.
+fn drain_then_exit(shared: Arc<Shared>, grace: Duration) {
+    let started = Instant::now();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
+    let end = match runtime {
+        Ok(rt) => rt.block_on(async {
+            use tokio::signal::unix::{signal, SignalKind};
+            let mut int = signal(SignalKind::interrupt()).ok();
+            tokio::select! {
+                end = drain(&shared, grace) => Some(end),
+                Some(()) = async {
+                    match int.as_mut() {
+                        Some(s) => s.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => None,
+            }
+        }),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build the drain runtime; waiting out the grace period");
+            std::thread::sleep(grace);
+            Some(DrainEnd::GraceOver)
+        }
+    };
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    let in_flight = shared.requests.count();
+    match end {
+        Some(DrainEnd::Idle) => tracing::info!(elapsed_ms, "drained; exiting"),
+        Some(DrainEnd::GraceOver) if in_flight == 0 => {
             tracing::info!(
-                elapsed_ms = start.elapsed().as_millis() as u64,
-                "drained; exiting"
-            );
-            std::process::exit(0);
+                elapsed_ms,
+                "drained at the end of the grace period; exiting"
+            )
         }
-        let now = Instant::now();
-        if !cut && now >= cutoff_at {
-            tracing::warn!(
-                in_flight = shared.requests.count(),
-                "grace period over: ending remaining streams"
-            );
-            let _ = shared.cutoff.send(true);
-            cut = true;
+        Some(DrainEnd::GraceOver) => tracing::warn!(
+            elapsed_ms,
+            in_flight,
+            "grace period over: exiting with requests still in flight"
+        ),
+        None => tracing::warn!(
+            elapsed_ms,
+            in_flight,
+            "SIGINT during the drain: exiting now"
+        ),
+    }
+    std::process::exit(0);
+}
+
+/// Pingora's own post-SIGTERM wait. `drain_then_exit` always ends the process within
+/// `grace_period_secs` (which is reloadable, so its value at startup is no bound); this only has
+/// to outlast it.
+const PINGORA_GRACE_SECS: u64 = 24 * 3600;
+
+/// The longest drain: `grace_period_secs` beyond this is taken as this (and cannot overflow a
+/// deadline).
+pub const MAX_GRACE: Duration = Duration::from_secs(PINGORA_GRACE_SECS - 3600);
+
+/// An HTTP app on a listener bound before the server starts, served on a background service
+/// that ignores Pingora's shutdown broadcast: the admin API keeps answering through the drain
+/// (`/readyz` 503, `/healthz` 200, `/runtime/*`) and Prometheus can scrape the drain's progress.
+/// The process exit closes them.
+struct Endpoint<A> {
+    listener: std::sync::Mutex<Option<std::net::TcpListener>>,
+    app: Arc<A>,
+    /// Never raised: keeps the accept loop's shutdown channel open.
+    never: watch::Sender<bool>,
+}
+
+impl<A> Endpoint<A> {
+    fn new(listener: std::net::TcpListener, app: A) -> Self {
+        Endpoint {
+            listener: std::sync::Mutex::new(Some(listener)),
+            app: Arc::new(app),
+            never: watch::channel(false).0,
         }
-        if now >= start + grace + Duration::from_secs(1) {
-            tracing::warn!(
-                in_flight = shared.requests.count(),
-                "exiting with requests still in flight"
-            );
-            std::process::exit(0);
+    }
+}
+
+#[async_trait]
+impl<A: ServerApp + Send + Sync + 'static> BackgroundService for Endpoint<A> {
+    async fn start(&self, _shutdown: watch::Receiver<bool>) {
+        let Some(std_listener) = self.listener.lock().unwrap().take() else {
+            return;
+        };
+        let listener = match TcpListener::from_std(std_listener) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot serve a listener");
+                return;
+            }
+        };
+        accept_loop(listener, self.app.clone(), self.never.subscribe()).await
+    }
+}
+
+/// Bind `addr` for `key`, or exit with a message naming the key: a port already in use must
+/// fail the start, not leave a process that looks healthy without its listener. (Pingora retries
+/// a taken port for 30 s and then gives up on that service alone.)
+fn bind_or_exit(key: &str, addr: &str) -> std::net::TcpListener {
+    let bound = std::net::TcpListener::bind(addr).and_then(|l| {
+        l.set_nonblocking(true)?;
+        Ok(l)
+    });
+    match bound {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(key, addr, error = %e, "cannot listen");
+            eprintln!("{key}: cannot listen on {addr}: {e}");
+            std::process::exit(1);
         }
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
 /// Run the proxy until SIGTERM/SIGINT. Never returns.
 pub fn run(config_path: PathBuf, config: Config) -> ! {
+    // The proxy port is only checked here (Pingora binds it itself); admin and metrics are kept.
+    drop(bind_or_exit("server.listen", &config.server.listen));
+    let admin_listener = bind_or_exit("server.admin_listen", &config.server.admin_listen);
+    let metrics_listener = bind_or_exit("server.metrics_listen", &config.server.metrics_listen);
+
     let shared = Shared::new(config.clone());
     let conf = ServerConf {
         threads: config.server.threads,
-        // The drain above exits earlier; this only bounds it.
-        grace_period_seconds: Some(config.server.grace_period_secs + 2),
+        grace_period_seconds: Some(PINGORA_GRACE_SECS),
         graceful_shutdown_timeout_seconds: Some(1),
         ..ServerConf::default()
     };
@@ -129,17 +271,15 @@ pub fn run(config_path: PathBuf, config: Config) -> ! {
     );
     proxy.add_tcp(&config.server.listen);
 
-    let mut admin = Service::new("admin".to_string(), AdminApp::new(shared.clone()));
-    admin.add_tcp(&config.server.admin_listen);
-    admin.threads = Some(1);
-
-    let mut metrics = Service::new("metrics".to_string(), MetricsApp);
-    metrics.add_tcp(&config.server.metrics_listen);
-    metrics.threads = Some(1);
-
     server.add_service(proxy);
-    server.add_service(admin);
-    server.add_service(metrics);
+    server.add_service(background_service(
+        "admin",
+        Endpoint::new(admin_listener, AdminApp::new(shared.clone())),
+    ));
+    server.add_service(background_service(
+        "metrics",
+        Endpoint::new(metrics_listener, MetricsApp),
+    ));
     server.add_service(background_service(
         "runtime-health",
         HealthService(shared.clone()),
@@ -206,25 +346,148 @@ impl Drop for LocalServer {
 
 async fn serve<A: ServerApp + Send + Sync + 'static>(
     app: Arc<A>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<std::net::SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        loop {
-            let accepted = tokio::select! {
-                a = listener.accept() => a,
-                _ = shutdown.changed() => return,
-            };
-            let Ok((tcp, _)) = accepted else { continue };
-            let _ = tcp.set_nodelay(true);
-            let (app, rx) = (app.clone(), shutdown.clone());
-            tokio::spawn(async move {
-                let stream: pingora::protocols::Stream =
-                    Box::new(pingora::protocols::l4::stream::Stream::from(tcp));
-                app.process_new(stream, &rx).await;
-            });
-        }
-    });
+    tokio::spawn(accept_loop(listener, app, shutdown));
     Ok(addr)
+}
+
+/// Accept connections and hand each to `app` until `shutdown` turns true.
+async fn accept_loop<A: ServerApp + Send + Sync + 'static>(
+    listener: TcpListener,
+    app: Arc<A>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.changed() => return,
+        };
+        let tcp = match accepted {
+            Ok((tcp, _)) => tcp,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let (app, rx) = (app.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let stream: pingora::protocols::Stream =
+                Box::new(pingora::protocols::l4::stream::Stream::from(tcp));
+            app.process_new(stream, &rx).await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared() -> Arc<Shared> {
+        let config = Config::parse(
+            "[server]\nlisten = \"127.0.0.1:1\"\n[legacy]\naddress = \"127.0.0.1:2\"\n[runtime]\naddress = \"127.0.0.1:3\"\n",
+        )
+        .unwrap();
+        Shared::new(config)
+    }
+
+    #[tokio::test]
+    async fn an_idle_drain_ends_at_once() {
+        let shared = shared();
+        let t = Instant::now();
+        assert_eq!(
+            drain(&shared, Duration::from_secs(30)).await,
+            DrainEnd::Idle
+        );
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            t.elapsed()
+        );
+        assert!(!*shared.cutoff.borrow());
+    }
+
+    #[tokio::test]
+    async fn the_drain_waits_for_requests_in_flight() {
+        let shared = shared();
+        let guard = shared.requests.enter();
+        let release = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            drop(guard);
+        });
+        let t = Instant::now();
+        assert_eq!(
+            drain(&shared, Duration::from_secs(30)).await,
+            DrainEnd::Idle
+        );
+        assert!(
+            t.elapsed() >= Duration::from_millis(290),
+            "{:?}",
+            t.elapsed()
+        );
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        assert!(
+            !*shared.cutoff.borrow(),
+            "no cutoff while within the grace period"
+        );
+        release.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn streams_are_told_to_finish_before_the_grace_period_ends() {
+        let shared = shared();
+        let guard = shared.requests.enter();
+        // A stream that ends as soon as it is told to, like the relay does.
+        let mut cutoff = shared.cutoff.subscribe();
+        let stream = tokio::spawn(async move {
+            cutoff.wait_for(|c| *c).await.unwrap();
+            drop(guard);
+            Instant::now()
+        });
+        let t = Instant::now();
+        let end = drain(&shared, Duration::from_millis(1500)).await;
+        assert_eq!(end, DrainEnd::Idle);
+        let told_after = stream.await.unwrap() - t;
+        assert!(told_after >= Duration::from_millis(450), "{told_after:?}");
+        assert!(told_after < Duration::from_millis(1000), "{told_after:?}");
+    }
+
+    #[tokio::test]
+    async fn the_cutoff_is_kept_for_streams_that_start_later() {
+        let shared = shared();
+        let guard = shared.requests.enter();
+        // No stream is subscribed when the cutoff is raised.
+        let end = drain(&shared, Duration::from_millis(300)).await;
+        assert_eq!(end, DrainEnd::GraceOver);
+        assert!(
+            *shared.cutoff.subscribe().borrow(),
+            "a late subscriber sees the cutoff"
+        );
+        drop(guard);
+    }
+
+    #[tokio::test]
+    async fn an_absurd_grace_period_does_not_overflow() {
+        let shared = shared();
+        assert_eq!(drain(&shared, Duration::MAX).await, DrainEnd::Idle);
+    }
+
+    #[tokio::test]
+    async fn a_stuck_request_ends_the_drain_at_the_grace_period() {
+        let shared = shared();
+        let _guard = shared.requests.enter();
+        let t = Instant::now();
+        assert_eq!(
+            drain(&shared, Duration::from_secs(1)).await,
+            DrainEnd::GraceOver
+        );
+        let took = t.elapsed();
+        assert!(took >= Duration::from_millis(950), "{took:?}");
+        assert!(took < Duration::from_millis(1500), "{took:?}");
+    }
 }

@@ -421,6 +421,12 @@ impl Config {
         check_addr("server.admin_listen", &self.server.admin_listen)?;
         check_addr("server.metrics_listen", &self.server.metrics_listen)?;
         check_range("server.threads", self.server.threads as f64, 1.0, 256.0)?;
+        check_range(
+            "server.grace_period_secs",
+            self.server.grace_period_secs as f64,
+            0.0,
+            3600.0,
+        )?;
         check_addr("legacy.address", &self.legacy.address)?;
         check_addr("runtime.address", &self.runtime.address)?;
         check_path("runtime.stream_path", &self.runtime.stream_path)?;

@@ -60,7 +60,11 @@ pub fn spawn(
             .with_label_values(&[label])
             .observe(started.elapsed().as_secs_f64() * 1000.0);
         m.shadow_events_total.inc_by(report.events);
-        tracing::debug!(outcome = label, events = report.events, "shadow execution finished");
+        tracing::debug!(
+            outcome = label,
+            events = report.events,
+            "shadow execution finished"
+        );
     });
     true
 }
