@@ -248,15 +248,28 @@ impl CutoverProxy {
             Bytes::from(chat::runtime_request_body(&session_id, &caller, &chat_body));
         let deadline = ctx.started + active.config.runtime.execution_timeout();
 
-        let opened = relay::open(
-            &self.shared,
-            active,
-            session.req_header(),
-            runtime_body,
-            deadline,
-        )
-        .await;
+        let mut cutoff = self.shared.cutoff.subscribe();
+        let opened = tokio::select! {
+            r = relay::open(&self.shared, active, session.req_header(), runtime_body, deadline) => Some(r),
+            _ = cutoff.wait_for(|c| *c) => None,
+        };
         let chat_ctx = ctx.chat.as_mut().expect("chat ctx");
+        let Some(opened) = opened else {
+            // Shutting down while the runtime had not answered yet: not the runtime's fault.
+            let message = "the proxy is shutting down; please retry";
+            let bytes = respond_sse_error(session, chat_ctx.decision, "SHUTTING_DOWN", message)
+                .await
+                .unwrap_or(0);
+            chat_ctx.runtime = Some(RuntimeAttempt::Relayed(StreamReport {
+                outcome: None,
+                error_code: Some("SHUTTING_DOWN"),
+                detail: Some(message.into()),
+                first_write: Some(ctx.started.elapsed()),
+                events: 1,
+                bytes,
+            }));
+            return Ok(true);
+        };
         match opened {
             Ok(stream) => {
                 let args = RelayArgs {
