@@ -1,0 +1,747 @@
+#!/usr/bin/env python3
+"""Helpers for bench/run.sh: stdlib only (no pip), so `make bench` needs nothing but python3.
+
+Subcommands:
+  render TEMPLATE OUT KEY=VALUE...   fill @KEY@ placeholders
+  gen-sse OUT --chunks N             canned runtime stream: N text_chunk frames + complete + [DONE]
+  jwt --org ORG --user USER          HS256 token signed with $BENCH_JWT_SECRET
+  sse ...                            time to first event / total time of runtime streams
+  idle-runtime --port P              runtime stand-in: first event, then holds every stream open
+  idle-client ...                    opens N streams, waits for the first event on each, holds them
+  rss PID...                         VmRSS (KiB) summed over the given pids
+  cputime PID...                     user+system CPU seconds of processes
+  wrk URL --out F --case C ...       run `wrk --latency`, keep its output, print one JSON line
+  collect OUT ...                    merge JSON runs and settings into one document
+  report OUT_DIR RESULTS_MD          write bench/results.md from the JSON files in OUT_DIR
+"""
+
+import argparse
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import os
+import re
+import signal
+import socket
+import statistics
+import sys
+import time
+
+# --------------------------------------------------------------------------------------------
+# small utilities
+
+
+def render(args):
+    text = open(args.template).read()
+    for kv in args.pairs:
+        k, _, v = kv.partition("=")
+        text = text.replace("@" + k + "@", v)
+    left = re.findall(r"@[A-Z_]+@", text)
+    if left:
+        sys.exit(f"render {args.template}: unfilled placeholders {sorted(set(left))}")
+    with open(args.out, "w") as f:
+        f.write(text)
+
+
+SENTENCES = [
+    "你好！我是你的智能助手，",
+    "Sure — here is how ownership works in Rust: ",
+    "首先，我们来看一下所有权（ownership）的概念：",
+    "each value has exactly one owner, ",
+    "当所有者离开作用域时，值会被丢弃。🦀",
+    "and when the owner goes out of scope the value is dropped.\n",
+]
+
+
+def gen_sse(args):
+    """sse-starlette framing (CRLF), Python json.dumps defaults (ASCII-escaped non-ASCII)."""
+    ts = "2026-02-09T10:11:12.345678"
+    out = bytearray()
+
+    def frame(obj):
+        out.extend(b"data: ")
+        out.extend((obj if isinstance(obj, str) else json.dumps(obj)).encode())
+        out.extend(b"\r\n\r\n")
+
+    for i in range(args.chunks):
+        frame({"event": "text_chunk", "data": {"content": SENTENCES[i % len(SENTENCES)]},
+               "timestamp": ts})
+    frame({"event": "execution_complete",
+           "data": {"final_response": "…", "usage": {"prompt_tokens": 812,
+                                                     "completion_tokens": args.chunks,
+                                                     "total_tokens": 812 + args.chunks}},
+           "timestamp": ts})
+    frame("[DONE]")
+    with open(args.out, "wb") as f:
+        f.write(out)
+    print(f"{args.out}: {len(out)} bytes, {args.chunks + 2} runtime frames")
+
+
+def b64url(b):
+    return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+
+
+def make_jwt(org, user, secret):
+    header = b64url(json.dumps({"alg": "HS256", "typ": "JWT"}, separators=(",", ":")).encode())
+    claims = {"orgId": org, "userId": user, "exp": int(time.time()) + 24 * 3600}
+    payload = b64url(json.dumps(claims, separators=(",", ":")).encode())
+    signing_input = f"{header}.{payload}".encode()
+    sig = hmac.new(secret.encode(), signing_input, hashlib.sha256).digest()
+    return f"{header}.{payload}.{b64url(sig)}"
+
+
+def jwt_cmd(args):
+    secret = os.environ.get(args.secret_env)
+    if not secret:
+        sys.exit(f"jwt: ${args.secret_env} is not set")
+    print(make_jwt(args.org, args.user, secret))
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def rss_cmd(args):
+    print(sum(rss_kib(p) for p in args.pids))
+
+
+def cputime(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cputime_cmd(args):
+    print(f"{sum(cputime(p) for p in args.pids):.3f}")
+
+
+# --------------------------------------------------------------------------------------------
+# SSE timing client
+
+
+def chat_request(host, port, path, token, body, close=True, request_id=None):
+    lines = [
+        f"POST {path} HTTP/1.1",
+        f"Host: {host}:{port}",
+        "Content-Type: application/json",
+        "Accept: text/event-stream",
+        f"Content-Length: {len(body)}",
+    ]
+    if request_id:
+        lines.append(f"X-Request-Id: {request_id}")
+    if token:
+        lines.append(f"Authorization: Bearer {token}")
+    if close:
+        lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+EVENT_END = re.compile(rb"\r?\n\r?\n")
+
+
+def dechunk(body):
+    out = bytearray()
+    i = 0
+    while True:
+        j = body.index(b"\r\n", i)
+        size = int(body[i:j].split(b";")[0], 16)
+        if size == 0:
+            return bytes(out)
+        out.extend(body[j + 2:j + 2 + size])
+        i = j + 2 + size + 2
+
+
+def one_stream(host, port, path, token, body, timeout, request_id=None):
+    """One request on a fresh connection. Returns (first_event_s, total_s, body bytes)."""
+    req = chat_request(host, port, path, token, body, request_id=request_id)
+    t0 = time.perf_counter()
+    s = socket.create_connection((host, port), timeout=timeout)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    s.sendall(req)
+    buf = bytearray()
+    head_end = -1
+    first = None
+    length = None
+    chunked = False
+    total = None
+    while True:
+        data = s.recv(1 << 18)
+        if not data:
+            break
+        buf.extend(data)
+        if head_end < 0:
+            head_end = buf.find(b"\r\n\r\n")
+            if head_end < 0:
+                continue
+            head = bytes(buf[:head_end]).decode("latin-1").lower()
+            status = head.split("\r\n", 1)[0]
+            if " 200 " not in status + " ":
+                raise RuntimeError(f"unexpected status: {status!r}")
+            m = re.search(r"\r\ncontent-length:\s*(\d+)", head)
+            length = int(m.group(1)) if m else None
+            chunked = "transfer-encoding: chunked" in head
+            head_end += 4
+        if first is None and EVENT_END.search(buf, head_end):
+            first = time.perf_counter() - t0
+        if length is not None and len(buf) - head_end >= length:
+            total = time.perf_counter() - t0
+            break
+        if chunked and buf.endswith(b"\r\n0\r\n\r\n"):
+            total = time.perf_counter() - t0
+            break
+    if total is None:  # close-delimited
+        total = time.perf_counter() - t0
+    s.close()
+    raw = bytes(buf[head_end:])
+    return first, total, (dechunk(raw) if chunked else raw)
+
+
+def pct(values, p):
+    """Nearest-rank percentile."""
+    v = sorted(values)
+    if not v:
+        return None
+    k = max(0, min(len(v) - 1, int(round(p / 100.0 * len(v) + 0.5)) - 1))
+    return v[k]
+
+
+def sse_cmd(args):
+    token = make_jwt(args.org, "bench-user", os.environ[args.secret_env]) if args.org else None
+    body = json.dumps({"message": "benchmark"}).encode()
+    firsts, totals = [], []
+    events = None
+    cpu0 = cputime(args.cpu_pid) if args.cpu_pid else None
+    for i in range(args.warmup + args.count):
+        # The runtime stand-in answers the short stream to request ids starting "short-".
+        first, total, payload = one_stream(args.host, args.port, args.path, token, body,
+                                           args.timeout, f"{args.stream}-{os.getpid()}-{i}")
+        if args.kind == "proxy":
+            n = payload.count(b"event: message\n") + payload.count(b"event: done\n")
+            if b"event: error" in payload:
+                raise RuntimeError("proxy stream carried an error event: "
+                                   + payload[payload.find(b"event: error"):][:300].decode())
+        else:
+            n = len(re.findall(rb"(?m)^data: ", payload))
+        if events is None:
+            events = n
+        elif n != events:
+            raise RuntimeError(f"stream {i}: {n} events, earlier streams had {events}")
+        if i >= args.warmup:
+            firsts.append(first)
+            totals.append(total)
+    cpu = cputime(args.cpu_pid) - cpu0 if args.cpu_pid else None
+    res = {
+        "kind": args.kind,
+        "stream": args.stream,
+        "count": args.count,
+        "events_per_stream": events,
+        "first_event_s": firsts,
+        "total_s": totals,
+        "cpu_s": cpu,  # CPU used by --cpu-pid (the proxy) over warm-up + measured streams
+        "streams_for_cpu": args.warmup + args.count,
+    }
+    with open(args.out, "w") as f:
+        json.dump(res, f)
+    ms = lambda x: f"{x * 1000:.2f} ms"
+    print(f"  {args.kind:6} {args.stream:5} n={args.count} events/stream={events} "
+          f"first event p50 {ms(pct(firsts, 50))} p99 {ms(pct(firsts, 99))}; "
+          f"total p50 {ms(pct(totals, 50))} p99 {ms(pct(totals, 99))}"
+          + (f"; proxy CPU {cpu:.2f} s" if cpu is not None else ""))
+
+
+# --------------------------------------------------------------------------------------------
+# idle streams: runtime stand-in and client
+
+IDLE_FIRST = ("data: " + json.dumps({"event": "text_chunk", "data": {"content": "hello"},
+                                     "timestamp": "2026-02-09T10:11:12.345678"}) + "\r\n\r\n")
+
+
+async def idle_conn(reader, writer):
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            text = head.decode("latin-1")
+            method, path = text.split(" ", 2)[:2]
+            m = re.search(r"(?i)\r\ncontent-length:\s*(\d+)", text)
+            if m and int(m.group(1)):
+                await reader.readexactly(int(m.group(1)))
+            if method == "GET":
+                body = b'{"status":"ok"}'
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                             b"content-length: %d\r\n\r\n%s" % (len(body), body))
+                await writer.drain()
+                continue
+            frame = IDLE_FIRST.encode()
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                         b"cache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n"
+                         + b"%x\r\n%s\r\n" % (len(frame), frame))
+            await writer.drain()
+            # Hold the stream until the other side goes away.
+            while await reader.read(65536):
+                pass
+            return
+    except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
+        pass
+    finally:
+        writer.close()
+
+
+def idle_runtime_cmd(args):
+    async def main():
+        server = await asyncio.start_server(idle_conn, "127.0.0.1", args.port, backlog=4096)
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        async with server:
+            await stop.wait()
+    asyncio.run(main())
+
+
+def idle_client_cmd(args):
+    token = make_jwt(args.org, "bench-user", os.environ[args.secret_env]) if args.org else None
+    req = chat_request("127.0.0.1", args.port, args.path, token,
+                       json.dumps({"message": "idle"}).encode(), close=False)
+
+    async def main():
+        sem = asyncio.Semaphore(args.concurrency)
+        conns, errors = [], []
+
+        async def one(i):
+            async with sem:
+                try:
+                    r, w = await asyncio.open_connection("127.0.0.1", args.port)
+                    w.write(req)
+                    await w.drain()
+                    buf = b""
+                    while True:
+                        he = buf.find(b"\r\n\r\n")
+                        if he >= 0 and EVENT_END.search(buf, he + 4):
+                            break
+                        data = await asyncio.wait_for(r.read(65536), args.timeout)
+                        if not data:
+                            raise ConnectionError("closed before the first event")
+                        buf += data
+                    if not buf.startswith(b"HTTP/1.1 200"):
+                        raise RuntimeError(buf[:80])
+                    conns.append((r, w))
+                except Exception as e:  # noqa: BLE001 - counted and reported
+                    errors.append(repr(e))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(args.n)))
+        took = time.perf_counter() - t0
+        with open(args.ready_file, "w") as f:
+            json.dump({"requested": args.n, "established": len(conns), "errors": len(errors),
+                       "first_errors": errors[:5], "seconds": took}, f)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        try:
+            await asyncio.wait_for(stop.wait(), args.hold)
+        except asyncio.TimeoutError:
+            pass
+        for _, w in conns:
+            w.transport.abort()
+    asyncio.run(main())
+
+
+# --------------------------------------------------------------------------------------------
+# wrk output
+
+UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
+
+
+def to_ms(s):
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", s.strip())
+    return float(m.group(1)) * UNITS[m.group(2)] if m else None
+
+
+def parse_wrk(text):
+    res = {}
+    m = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    res["rps"] = float(m.group(1)) if m else None
+    for p in ("50", "75", "90", "99"):
+        m = re.search(rf"^\s+{p}%\s+(\S+)", text, re.M)
+        res[f"p{p}_ms"] = to_ms(m.group(1)) if m else None
+    m = re.search(r"(\d+) requests in ([\d.]+\w+)", text)
+    res["requests"] = int(m.group(1)) if m else None
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    res["socket_errors"] = sum(int(x) for x in m.groups()) if m else 0
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    res["non_2xx"] = int(m.group(1)) if m else 0
+    return res
+
+
+def wrk_cmd(args):
+    """Run wrk, keep its output in --out, print one JSON line. With --pids, also the CPU time
+    (user+system) those processes used during the run, per request: less sensitive than req/s
+    to what else the machine is doing."""
+    import subprocess
+    cmd = ["wrk", f"-t{args.threads}", f"-c{args.connections}", f"-d{args.duration}",
+           "--latency", args.url]
+    cpu0 = sum(cputime(p) for p in args.pids) if args.pids else None
+    text = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    cpu1 = sum(cputime(p) for p in args.pids) if args.pids else None
+    with open(args.out, "w") as f:
+        f.write("$ " + " ".join(cmd) + "\n" + text)
+    res = parse_wrk(text)
+    if res["rps"] is None:
+        sys.exit(f"wrk: no Requests/sec in {args.out}")
+    res.update(case=args.case, round=args.round, file=os.path.basename(args.out))
+    res["cpu_us_per_req"] = ((cpu1 - cpu0) * 1e6 / res["requests"]
+                             if args.pids and res["requests"] else None)
+    print(json.dumps(res))
+    errs = res["socket_errors"] + res["non_2xx"]
+    cpu = (f"  CPU {res['cpu_us_per_req']:.1f} us/req" if res["cpu_us_per_req"] is not None
+           else "")
+    print(f"  round {args.round} {args.case:<11} {res['rps']:>10,.0f} req/s  p50 {res['p50_ms']:.2f} ms"
+          f"  p99 {res['p99_ms']:.2f} ms{cpu}" + (f"  ERRORS {errs}" if errs else ""),
+          file=sys.stderr)
+
+
+def idle_record_cmd(args):
+    r = json.load(open(args.ready))
+    rec = {"case": args.case, "requested": args.want, "opened": r["requested"],
+           "established": r["established"], "errors": r["errors"],
+           "first_errors": r["first_errors"], "connect_seconds": r["seconds"],
+           "rss_before_kib": args.before, "rss_after_kib": args.after}
+    print(json.dumps(rec))
+    per = (args.after - args.before) / max(1, r["established"])
+    print(f"  {args.case:<9} {r['established']:,}/{r['requested']:,} streams in {r['seconds']:.1f} s"
+          f" ({r['errors']} errors); RSS {args.before / 1024:.1f} -> {args.after / 1024:.1f} MiB,"
+          f" {per:.1f} KiB per stream", file=sys.stderr)
+
+
+def collect_cmd(args):
+    """Merge JSON lines (one per run) and key=value settings into one JSON document."""
+    doc = {}
+    for kv in args.set or []:
+        k, _, v = kv.partition("=")
+        try:
+            doc[k] = json.loads(v)
+        except ValueError:
+            doc[k] = v
+    runs = []
+    for path in args.jsonl or []:
+        with open(path) as f:
+            runs += [json.loads(line) for line in f if line.strip()]
+    for path in args.json or []:
+        with open(path) as f:
+            runs.append(json.load(f))
+    doc["runs"] = runs
+    if args.case:
+        doc["cases"] = [dict(zip(("name", "label"), c.split("=", 1))) for c in args.case]
+    with open(args.out, "w") as f:
+        json.dump(doc, f, indent=1)
+
+
+# --------------------------------------------------------------------------------------------
+# report
+
+
+def med(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def fmt(x, nd=2):
+    return "–" if x is None else f"{x:,.{nd}f}"
+
+
+def ratio(a, b):
+    return "–" if a is None or not b else f"{a / b:.2f}×"
+
+
+def report_cmd(args):
+    out = args.out_dir
+    meta = json.load(open(os.path.join(out, "meta.json")))
+    lines = []
+    w = lines.append
+    w("# Benchmarks: cutover-proxy side by side with direct and nginx")
+    w("")
+    w(f"Produced by `{meta['command']}` on {meta['date']}"
+      + (" — **quick smoke run (`BENCH_QUICK=1`): indicative only**" if meta.get("quick") else "")
+      + ".")
+    w("")
+    w(f"- Machine: {meta['nproc']} cores (`nproc`), {meta['cpu']}, {meta['mem']}, "
+      f"kernel {meta['kernel']}")
+    w(f"- cutover-proxy {meta['proxy_version']} (release build, commit {meta['commit']}); "
+      f"{meta['nginx']}; {meta['wrk']}; Python {meta['python']}")
+    w(f"- Load average at start: {meta['loadavg']}. Everything (load generator, proxy under test, "
+      "stand-in upstream) shares these cores over loopback, as a sidecar does; numbers are only "
+      "comparable within one run.")
+    w("- Raw outputs (every wrk run, every stream timing) are kept in `bench/out/`.")
+    w("")
+
+    # ---- 1. passthrough
+    pt = json.load(open(os.path.join(out, "passthrough.json")))
+    w("## 1. Non-chat passthrough (small JSON GET)")
+    w("")
+    w(f"`wrk -t{pt['wrk_threads']} -c{pt['connections']} -d{pt['duration']} --latency` against "
+      f"`GET /api/v1/bench/status` (a {pt['body_bytes']}-byte JSON body from a static nginx "
+      f"upstream, its own instance, {pt['upstream_workers']} worker(s)). "
+      f"{pt['rounds']} round(s), cases interleaved; medians over rounds (min–max of req/s in "
+      "brackets). Ratios: req/s and p99 against direct and against nginx with one worker.")
+    w("")
+    w("| case | req/s | p50 | p99 | CPU per request | req/s vs direct | req/s vs nginx-1w "
+      "| p99 vs nginx-1w | CPU/req vs nginx-1w | errors |")
+    w("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    cases = pt["cases"]
+    summary = {}
+    for c in cases:
+        runs = [r for r in pt["runs"] if r["case"] == c["name"]]
+        rps = [r["rps"] for r in runs]
+        summary[c["name"]] = {
+            "rps": med(rps), "rps_min": min(rps) if rps else None,
+            "rps_max": max(rps) if rps else None,
+            "p50": med(r["p50_ms"] for r in runs), "p99": med(r["p99_ms"] for r in runs),
+            "cpu": med(r.get("cpu_us_per_req") for r in runs),
+            "errors": sum(r["socket_errors"] + r["non_2xx"] for r in runs),
+        }
+    d = summary.get("direct", {})
+    n1 = summary.get("nginx-1w", {})
+    for c in cases:
+        s = summary[c["name"]]
+        w(f"| {c['label']} | {fmt(s['rps'], 0)} ({fmt(s['rps_min'], 0)}–{fmt(s['rps_max'], 0)}) "
+          f"| {fmt(s['p50'])} ms | {fmt(s['p99'])} ms | {fmt(s['cpu'], 1)} µs "
+          f"| {ratio(s['rps'], d.get('rps'))} | {ratio(s['rps'], n1.get('rps'))} "
+          f"| {ratio(s['p99'], n1.get('p99'))} | {ratio(s['cpu'], n1.get('cpu'))} | {s['errors']} |")
+    w("")
+    w("*CPU per request*: user+system CPU time of the tier under test (the proxy process; nginx "
+      "master and workers; for *direct*, the upstream nginx itself) during the run, from "
+      "/proc/<pid>/stat, divided by the requests wrk completed. It is less sensitive than req/s "
+      "to what else the machine runs (though not immune: preemption and cache contention "
+      "still show), so compare it first when the machine was busy.")
+    w("")
+    for c in [c for c in cases if c["name"].startswith("proxy")]:
+        s = summary[c["name"]]
+        if s["rps"] and n1.get("rps"):
+            ok = s["rps"] >= n1["rps"] and s["p99"] <= n1["p99"]
+            w(f"- Target (req/s ≥ nginx-1w and p99 ≤ nginx-1w), {c['label']}: "
+              f"**{'met' if ok else 'not met'}** "
+              f"({s['rps'] / n1['rps']:.2f}× req/s, {s['p99'] / n1['p99']:.2f}× p99).")
+    w("")
+
+    # ---- 2. SSE
+    sse = json.load(open(os.path.join(out, "sse.json")))
+    w("## 2. SSE on the runtime path (10k-event runtime stream)")
+    w("")
+    w(f"One `POST` per stream on a fresh connection (`Connection: close`), one stream at a time. "
+      f"The runtime stand-in is nginx serving a canned {sse['stream_bytes']:,}-byte stream of "
+      f"{sse['runtime_frames']:,} runtime frames ({sse['chunks']:,} `text_chunk`, "
+      "`execution_complete`, `[DONE]`; sse-starlette framing) as a static file. "
+      "*direct*: the client reads the runtime stream itself. *cutover-proxy*: chat route, "
+      "allowlisted org (HS256 JWT), so every frame is parsed and rewritten into Agent2UI events "
+      f"(proxy threads = {sse['threads']}). {sse['rounds']} round(s) × {sse['per_round']} streams "
+      "per case, interleaved; percentiles over all streams. The *short* rows (a 12-frame stream, "
+      "same path) isolate the fixed per-request cost of the first event from the cost of "
+      "rewriting the first read's worth of frames before the first write.")
+    w("")
+    w("| case | stream | streams | events/stream | first event p50 | first event p99 | total p50 "
+      "| total p99 | events/s (one stream, p50) |")
+    w("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    agg = {}
+    for stream in ("long", "short"):
+        for kind in ("direct", "proxy"):
+            runs = [r for r in sse["runs"]
+                    if r["kind"] == kind and r.get("stream", "long") == stream]
+            if not runs:
+                continue
+            f = [x for r in runs for x in r["first_event_s"]]
+            t = [x for r in runs for x in r["total_s"]]
+            ev = runs[0]["events_per_stream"]
+            agg[kind, stream] = a = {
+                "f50": pct(f, 50), "f99": pct(f, 99), "t50": pct(t, 50), "t99": pct(t, 99),
+                "events": ev, "n": len(t), "cpu": sum(r["cpu_s"] or 0 for r in runs),
+                "nstreams": sum(r["streams_for_cpu"] for r in runs)}
+            label = ("direct (client ← runtime)" if kind == "direct"
+                     else "cutover-proxy (rewrite on)")
+            name = (f"{sse['chunks']:,} chunks" if stream == "long" else "short (12 frames)")
+            w(f"| {label} | {name} | {a['n']} | {fmt(ev, 0)} | {fmt(a['f50'] * 1e3)} ms "
+              f"| {fmt(a['f99'] * 1e3)} ms | {fmt(a['t50'] * 1e3)} ms | {fmt(a['t99'] * 1e3)} ms "
+              f"| {fmt(ev / a['t50'], 0) if stream == 'long' else '–'} |")
+    w("")
+    dr, px = agg[("direct", "long")], agg[("proxy", "long")]
+    w(f"- Proxy vs direct, {sse['chunks']:,}-chunk stream: first event "
+      f"+{(px['f50'] - dr['f50']) * 1e3:.2f} ms at p50, +{(px['f99'] - dr['f99']) * 1e3:.2f} ms "
+      f"at p99 (target ≤ +1 ms at p99: "
+      f"**{'met' if px['f99'] - dr['f99'] <= 1e-3 else 'not met'}**); total time "
+      f"{ratio(px['t50'], dr['t50'])} direct's at p50 (the direct row is the stand-in's own "
+      "speed: it is not the bottleneck).")
+    if ("proxy", "short") in agg:
+        ds, ps = agg[("direct", "short")], agg[("proxy", "short")]
+        w(f"- Short stream: first event +{(ps['f50'] - ds['f50']) * 1e3:.2f} ms at p50, "
+          f"+{(ps['f99'] - ds['f99']) * 1e3:.2f} ms at p99 over direct: the fixed part.")
+    if px["cpu"]:
+        per_core = px["events"] * px["nstreams"] / px["cpu"]
+        w(f"- Rewritten events per CPU-second of the proxy process (events/s per core): "
+          f"**{per_core:,.0f}** ({px['events'] * px['nstreams']:,} events, "
+          f"{px['cpu']:.2f} s user+system CPU, from /proc/<pid>/stat, warm-up streams included).")
+    w("")
+
+    # ---- 3. idle streams
+    idle = json.load(open(os.path.join(out, "idle.json")))
+    w("## 3. Idle SSE streams held open")
+    w("")
+    w("A Python asyncio runtime stand-in sends one event per stream, then holds it; the client "
+      "opens N streams (chat route, allowlisted org: the proxy's runtime path with its relay "
+      "task per stream), waits for the first event on every one, then the proxy's VmRSS is read "
+      "from /proc/<pid>/status. nginx (one worker, `proxy_buffering off`, no rewrite) proxies "
+      "the same streams for comparison. A fresh proxy process per N; heartbeat and execution "
+      "timeout are set far beyond the run.")
+    w("")
+    if idle.get("note"):
+        w(f"> {idle['note']}")
+        w("")
+    w("| case | streams requested | established | RSS before | RSS with streams | RSS per stream "
+      "| RSS per stream vs nginx |")
+    w("|---|---:|---:|---:|---:|---:|---:|")
+    by = {(r["case"], r["requested"]): r for r in idle["runs"]}
+    for r in idle["runs"]:
+        per = (r["rss_after_kib"] - r["rss_before_kib"]) / max(1, r["established"])
+        ng = by.get(("nginx-1w", r["requested"]))
+        ngper = (ng["rss_after_kib"] - ng["rss_before_kib"]) / max(1, ng["established"]) if ng else None
+        label = {"proxy": f"cutover-proxy ({idle['threads']} threads)",
+                 "nginx-1w": "nginx, 1 worker"}[r["case"]]
+        w(f"| {label} | {r['requested']:,} | {r['established']:,} "
+          f"| {r['rss_before_kib'] / 1024:.1f} MiB | {r['rss_after_kib'] / 1024:.1f} MiB "
+          f"| {per:.1f} KiB | {ratio(per, ngper) if r['case'] != 'nginx-1w' else '1.00×'} |")
+    w("")
+    big = [r for r in idle["runs"] if r["case"] == "proxy"]
+    if big:
+        r = max(big, key=lambda r: r["established"])
+        mb = r["rss_after_kib"] * 1024 / 1e6
+        if r["established"] >= 10000:
+            w(f"- Target (10k idle streams ≤ 300 MB RSS): {r['established']:,} streams → "
+              f"{mb:.0f} MB: **{'met' if mb <= 300 else 'not met'}**.")
+        else:
+            per = (r["rss_after_kib"] - r["rss_before_kib"]) / max(1, r["established"])
+            est = (r["rss_before_kib"] + 10000 * per) * 1024 / 1e6
+            w(f"- Target (10k idle streams ≤ 300 MB RSS): measured {r['established']:,} streams → "
+              f"{mb:.0f} MB; extrapolated to 10,000 (RSS before + 10,000 × per stream) → "
+              f"{est:.0f} MB: **{'met' if est <= 300 else 'not met'} (extrapolated)**.")
+    w("")
+    w("## Reproduce")
+    w("")
+    w("```sh")
+    w("make bench                 # ~8 minutes: release build, all three sections, this file")
+    w("BENCH_QUICK=1 make bench   # ~1 minute smoke run (short runs, one round, 1k idle streams)")
+    w("```")
+    w("")
+    w("Knobs (environment): `BENCH_ROUNDS`, `BENCH_DURATION`, `BENCH_CONNS`, `BENCH_WRK_THREADS`, "
+      "`BENCH_PROXY_THREADS` (space-separated list, one proxy per value), `BENCH_SSE_STREAMS`, "
+      "`BENCH_IDLE_N`, `BENCH_NGINX_AUTO`, `CUTOVER_PROXY_BIN`. See the top of `bench/run.sh`.")
+    with open(args.results, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"wrote {args.results}")
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("render")
+    s.add_argument("template")
+    s.add_argument("out")
+    s.add_argument("pairs", nargs="*")
+    s.set_defaults(fn=render)
+
+    s = sub.add_parser("gen-sse")
+    s.add_argument("out")
+    s.add_argument("--chunks", type=int, default=10_000)
+    s.set_defaults(fn=gen_sse)
+
+    s = sub.add_parser("jwt")
+    s.add_argument("--org", required=True)
+    s.add_argument("--user", default="bench-user")
+    s.add_argument("--secret-env", default="BENCH_JWT_SECRET")
+    s.set_defaults(fn=jwt_cmd)
+
+    s = sub.add_parser("sse")
+    s.add_argument("--kind", choices=["direct", "proxy"], required=True)
+    s.add_argument("--stream", choices=["long", "short"], default="long")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, required=True)
+    s.add_argument("--path", required=True)
+    s.add_argument("--org", help="sign a JWT for this org (proxy)")
+    s.add_argument("--secret-env", default="BENCH_JWT_SECRET")
+    s.add_argument("--count", type=int, default=50)
+    s.add_argument("--warmup", type=int, default=2)
+    s.add_argument("--timeout", type=float, default=30)
+    s.add_argument("--cpu-pid", type=int)
+    s.add_argument("--out", required=True)
+    s.set_defaults(fn=sse_cmd)
+
+    s = sub.add_parser("idle-runtime")
+    s.add_argument("--port", type=int, required=True)
+    s.set_defaults(fn=idle_runtime_cmd)
+
+    s = sub.add_parser("idle-client")
+    s.add_argument("--port", type=int, required=True)
+    s.add_argument("--path", required=True)
+    s.add_argument("--org")
+    s.add_argument("--secret-env", default="BENCH_JWT_SECRET")
+    s.add_argument("--n", type=int, required=True)
+    s.add_argument("--concurrency", type=int, default=200)
+    s.add_argument("--timeout", type=float, default=30)
+    s.add_argument("--hold", type=float, default=300, help="give up holding after this long")
+    s.add_argument("--ready-file", required=True)
+    s.set_defaults(fn=idle_client_cmd)
+
+    s = sub.add_parser("rss")
+    s.add_argument("pids", nargs="+", type=int)
+    s.set_defaults(fn=rss_cmd)
+
+    s = sub.add_parser("cputime")
+    s.add_argument("pids", nargs="+", type=int)
+    s.set_defaults(fn=cputime_cmd)
+
+    s = sub.add_parser("wrk")
+    s.add_argument("url")
+    s.add_argument("--out", required=True)
+    s.add_argument("--case", required=True)
+    s.add_argument("--round", type=int, required=True)
+    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--connections", type=int, default=50)
+    s.add_argument("--duration", default="10s")
+    s.add_argument("--pids", type=int, nargs="*", help="processes whose CPU time to count")
+    s.set_defaults(fn=wrk_cmd)
+
+    s = sub.add_parser("idle-record")
+    s.add_argument("ready")
+    s.add_argument("case")
+    s.add_argument("want", type=int)
+    s.add_argument("before", type=int)
+    s.add_argument("after", type=int)
+    s.set_defaults(fn=idle_record_cmd)
+
+    s = sub.add_parser("collect")
+    s.add_argument("out")
+    s.add_argument("--jsonl", action="append")
+    s.add_argument("--json", action="append")
+    s.add_argument("--set", action="append")
+    s.add_argument("--case", action="append", help="name=label, in table order")
+    s.set_defaults(fn=collect_cmd)
+
+    s = sub.add_parser("report")
+    s.add_argument("out_dir")
+    s.add_argument("results")
+    s.set_defaults(fn=report_cmd)
+
+    args = p.parse_args()
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,346 @@
+#!/usr/bin/env bash
+# Side-by-side benchmarks of cutover-proxy against direct access and nginx (issue 8), in one
+# session, loopback only, every run bounded. Writes bench/results.md; raw outputs in bench/out/.
+#
+#   1. non-chat passthrough: wrk on a small JSON GET, direct / nginx (1 worker, auto) / cutover-proxy
+#   2. SSE on the runtime path: first event and total time of a 10k-event runtime stream,
+#      direct vs through the proxy (rewrite on), rewritten events per CPU-second
+#   3. N idle SSE streams held through the proxy (and nginx): RSS per stream
+#
+# Usage: make bench          (release build, then this script; ~8 minutes)
+#        BENCH_QUICK=1 make bench   (~1 minute smoke run)
+# Needs: nginx, wrk, python3 (stdlib only), curl — scripts/install-deps.sh bench installs them.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+TOOL="python3 $ROOT/bench/benchtool.py"
+OUT=${BENCH_OUT:-$ROOT/bench/out}
+QUICK=${BENCH_QUICK:-0}
+
+# ---- knobs ---------------------------------------------------------------------------------
+if [ "$QUICK" = 1 ]; then
+  ROUNDS=${BENCH_ROUNDS:-1}
+  DURATION=${BENCH_DURATION:-3s}
+  SSE_STREAMS=${BENCH_SSE_STREAMS:-20}      # per case and round
+  IDLE_N=${BENCH_IDLE_N:-1000}
+  NGINX_AUTO=${BENCH_NGINX_AUTO:-0}
+else
+  ROUNDS=${BENCH_ROUNDS:-3}
+  DURATION=${BENCH_DURATION:-10s}
+  SSE_STREAMS=${BENCH_SSE_STREAMS:-100}
+  IDLE_N=${BENCH_IDLE_N:-1000 10000}
+  NGINX_AUTO=${BENCH_NGINX_AUTO:-1}
+fi
+CONNS=${BENCH_CONNS:-50}
+WRK_THREADS=${BENCH_WRK_THREADS:-1}
+PROXY_THREADS=${BENCH_PROXY_THREADS:-1 2}     # one cutover-proxy per value, all measured
+SSE_THREADS=${BENCH_SSE_THREADS:-2}           # the proxy used for sections 2 and 3
+UPSTREAM_WORKERS=${BENCH_UPSTREAM_WORKERS:-1}
+SSE_CHUNKS=${BENCH_SSE_CHUNKS:-10000}
+if [ -n "${CUTOVER_PROXY_BIN:-}" ]; then
+  PROXY_BIN=$CUTOVER_PROXY_BIN
+else
+  PROXY_BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/cutover-proxy
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+
+# ---- loopback ports ------------------------------------------------------------------------
+LEGACY_PORT=18081          # upstream nginx: canned JSON
+RUNTIME_PORT=18082         # upstream nginx: canned runtime SSE stream + /health
+IDLE_RUNTIME_PORT=18083    # python: first event, then holds
+NGINX1_PORT=18070
+NGINXA_PORT=18071
+NGINX_IDLE_PORT=18072
+IDLE_PROXY_PORT=18200
+STREAM_PATH=/api/v1/execute/stream
+PT_PATH=/api/v1/bench/status
+CHAT_PATH=/api/v1/chat/sessions/bench-session
+export BENCH_JWT_SECRET=bench-jwt-secret-$$
+export BENCH_ADMIN_TOKEN=bench-admin-token-$$
+
+proxy_port() { echo $((18100 + 10 * $1)); }
+
+# ---- process bookkeeping: only what this script started, by pid ------------------------------
+declare -A PIDS=()      # name -> pid
+declare -A STOPSIG=()   # name -> signal that stops it promptly
+log() { printf '[bench %s] %s\n' "$(date +%T)" "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+start() { # name signal cmd...
+  local name=$1 sig=$2; shift 2
+  "$@" >"$OUT/logs/$name.log" 2>&1 &
+  PIDS[$name]=$!
+  STOPSIG[$name]=$sig
+}
+
+stop() { # name
+  local name=$1 pid=${PIDS[$1]:-}
+  [ -n "$pid" ] || return 0
+  kill "-${STOPSIG[$name]}" "$pid" 2>/dev/null || true
+  for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
+  kill -KILL "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  unset "PIDS[$name]"
+}
+
+cleanup() {
+  local name
+  for name in "${!PIDS[@]}"; do stop "$name"; done
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+wait_port() { # port [seconds] [name]
+  local port=$1 secs=${2:-10} name=${3:-}
+  for _ in $(seq 1 $((secs * 20))); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
+    if [ -n "$name" ] && ! kill -0 "${PIDS[$name]}" 2>/dev/null; then
+      cat "$OUT/logs/$name.log" >&2 || true
+      die "$name exited before listening on $port"
+    fi
+    sleep 0.05
+  done
+  die "nothing listening on 127.0.0.1:$port after ${secs}s${name:+ ($name)}"
+}
+
+port_free() {
+  ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+children_of() { # pid -> its child pids (nginx workers)
+  local p
+  for p in /proc/[0-9]*; do
+    [ "$(awk '{print $4}' "$p/stat" 2>/dev/null)" = "$1" ] && echo "${p#/proc/}"
+  done
+  return 0
+}
+
+# ---- preflight -----------------------------------------------------------------------------
+for tool in wrk python3 curl; do command -v $tool >/dev/null || die "$tool missing (scripts/install-deps.sh bench)"; done
+[ -x "$NGINX" ] || die "nginx missing (scripts/install-deps.sh bench)"
+[ -x "$PROXY_BIN" ] || die "$PROXY_BIN missing: run 'cargo build --release' (make bench does)"
+for p in $LEGACY_PORT $RUNTIME_PORT $IDLE_RUNTIME_PORT $NGINX1_PORT $NGINXA_PORT $NGINX_IDLE_PORT \
+         $IDLE_PROXY_PORT $((IDLE_PROXY_PORT + 1)) $((IDLE_PROXY_PORT + 2)); do
+  port_free "$p" || die "port $p is in use"
+done
+for t in $PROXY_THREADS; do
+  for p in $(proxy_port "$t") $(($(proxy_port "$t") + 1)) $(($(proxy_port "$t") + 2)); do
+    port_free "$p" || die "port $p is in use"
+  done
+done
+case " $PROXY_THREADS " in *" $SSE_THREADS "*) ;; *) die "BENCH_SSE_THREADS=$SSE_THREADS must be one of BENCH_PROXY_THREADS=($PROXY_THREADS)";; esac
+
+rm -rf "$OUT"
+mkdir -p "$OUT"/{logs,wrk,sse,idle,nginx/tmp,nginx/www,conf}
+PREFIX=$OUT/nginx
+
+if [ -n "${MAKELEVEL:-}" ]; then
+  COMMAND="make bench"
+else
+  COMMAND="bench/run.sh"
+fi
+[ "$QUICK" = 1 ] && COMMAND="BENCH_QUICK=1 $COMMAND"
+for v in BENCH_ROUNDS BENCH_DURATION BENCH_CONNS BENCH_WRK_THREADS BENCH_PROXY_THREADS \
+         BENCH_SSE_THREADS BENCH_SSE_STREAMS BENCH_IDLE_N BENCH_NGINX_AUTO BENCH_UPSTREAM_WORKERS \
+         BENCH_SSE_CHUNKS CUTOVER_PROXY_BIN; do
+  [ -n "${!v:-}" ] && COMMAND="$v='${!v}' $COMMAND"
+done
+
+NOFILE_HARD=$(ulimit -Hn)
+ulimit -n "$NOFILE_HARD" 2>/dev/null || true
+NOFILE=$(ulimit -n)
+
+$TOOL collect "$OUT/meta.json" \
+  --set "command=$COMMAND" \
+  --set "date=$(date -u '+%Y-%m-%d %H:%M UTC')" \
+  --set "quick=$([ "$QUICK" = 1 ] && echo true || echo false)" \
+  --set "nproc=$(nproc)" \
+  --set "cpu=$(awk -F': ' '/^model name/{print $2; exit}' /proc/cpuinfo)" \
+  --set "mem=$(awk '/^MemTotal/{printf "%.0f GiB RAM", $2/1048576}' /proc/meminfo)" \
+  --set "kernel=$(uname -r)" \
+  --set "loadavg=$(cut -d' ' -f1-3 /proc/loadavg)" \
+  --set "commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || echo '+dirty')" \
+  --set "proxy_version=$("$PROXY_BIN" --version | awk '{print $2}')" \
+  --set "nginx=$("$NGINX" -v 2>&1 | sed 's/^nginx version: //')" \
+  --set "wrk=wrk $(wrk --version 2>&1 | head -1 | awk '{print $2}')" \
+  --set "python=$(python3 -c 'import platform;print(platform.python_version())')" \
+  --set "nofile=$NOFILE"
+log "machine: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg); proxy: $PROXY_BIN; out: $OUT"
+
+# ---- upstreams -----------------------------------------------------------------------------
+# A ~200-byte JSON body, like a small legacy API answer.
+JSON_BODY='{"service":"legacy","status":"ok","version":"2026.02.1","region":"local","items":[{"id":1,"name":"alpha","enabled":true},{"id":2,"name":"beta","enabled":false}],"requestId":"bench-0000000000000000000"}'
+JSON_BYTES=${#JSON_BODY}
+$TOOL gen-sse "$PREFIX/www/runtime-stream.sse" --chunks "$SSE_CHUNKS" >&2
+$TOOL gen-sse "$PREFIX/www/runtime-short.sse" --chunks 10 >&2
+SSE_BYTES=$(stat -c %s "$PREFIX/www/runtime-stream.sse")
+
+$TOOL render bench/nginx-upstream.conf "$OUT/conf/upstream.conf" \
+  "PREFIX=$PREFIX" "UPSTREAM_WORKERS=$UPSTREAM_WORKERS" "LEGACY_PORT=$LEGACY_PORT" \
+  "RUNTIME_PORT=$RUNTIME_PORT" "STREAM_PATH=$STREAM_PATH" "JSON_BODY=$JSON_BODY"
+"$NGINX" -t -q -p "$PREFIX" -e "$PREFIX/startup.log" -c "$OUT/conf/upstream.conf" \
+  2>"$OUT/logs/upstream-check.log" || { cat "$OUT/logs/upstream-check.log" >&2; die "upstream nginx config invalid"; }
+start upstream TERM "$NGINX" -p "$PREFIX" -e "$PREFIX/startup.log" -c "$OUT/conf/upstream.conf" -g 'daemon off;'
+wait_port $LEGACY_PORT 10 upstream
+wait_port $RUNTIME_PORT 10 upstream
+
+nginx_proxy() { # name workers port runtime_port
+  local name=$1 workers=$2 port=$3 rport=$4
+  $TOOL render bench/nginx-proxy.conf "$OUT/conf/$name.conf" \
+    "PREFIX=$PREFIX" "NAME=$name" "WORKERS=$workers" "PORT=$port" "LEGACY_PORT=$LEGACY_PORT" \
+    "RUNTIME_PORT=$rport" "STREAM_PATH=$STREAM_PATH" "NOFILE=$NOFILE" \
+    "WORKER_CONNECTIONS=$((NOFILE + 10000))"
+  "$NGINX" -t -q -p "$PREFIX" -e "$PREFIX/startup.log" -c "$OUT/conf/$name.conf" \
+    2>"$OUT/logs/$name-check.log" || { cat "$OUT/logs/$name-check.log" >&2; die "$name config invalid"; }
+  start "$name" TERM "$NGINX" -p "$PREFIX" -e "$PREFIX/startup.log" -c "$OUT/conf/$name.conf" -g 'daemon off;'
+  wait_port "$port" 10 "$name"
+}
+
+cutover_proxy() { # name threads port runtime_port
+  local name=$1 threads=$2 port=$3 rport=$4
+  $TOOL render bench/proxy.toml.in "$OUT/conf/$name.toml" \
+    "PROXY_PORT=$port" "ADMIN_PORT=$((port + 1))" "METRICS_PORT=$((port + 2))" \
+    "THREADS=$threads" "LEGACY_PORT=$LEGACY_PORT" "RUNTIME_PORT=$rport" "STREAM_PATH=$STREAM_PATH"
+  "$PROXY_BIN" check --config "$OUT/conf/$name.toml" >/dev/null || die "$name config invalid"
+  # SIGINT: Pingora's fast shutdown (SIGTERM would drain for grace_period_secs).
+  start "$name" INT "$PROXY_BIN" --config "$OUT/conf/$name.toml"
+  wait_port "$port" 20 "$name"
+}
+
+# ---- 1. passthrough ------------------------------------------------------------------------
+log "section 1: passthrough (wrk -t$WRK_THREADS -c$CONNS -d$DURATION, $ROUNDS round(s))"
+CASES=("direct=direct (client → upstream)")
+declare -A CASE_PORT=([direct]=$LEGACY_PORT)
+nginx_proxy nginx-1w 1 $NGINX1_PORT $RUNTIME_PORT
+CASES+=("nginx-1w=nginx, 1 worker"); CASE_PORT[nginx-1w]=$NGINX1_PORT
+if [ "$NGINX_AUTO" = 1 ]; then
+  nginx_proxy nginx-auto auto $NGINXA_PORT $RUNTIME_PORT
+  CASES+=("nginx-auto=nginx, auto workers ($(nproc))"); CASE_PORT[nginx-auto]=$NGINXA_PORT
+fi
+for t in $PROXY_THREADS; do
+  cutover_proxy "proxy-t$t" "$t" "$(proxy_port "$t")" $RUNTIME_PORT
+  CASES+=("proxy-t$t=cutover-proxy, threads = $t"); CASE_PORT[proxy-t$t]=$(proxy_port "$t")
+done
+
+# Sanity: every path answers the canned body with 200.
+for c in "${CASES[@]}"; do
+  name=${c%%=*}
+  got=$(curl -s -o /dev/null -w '%{http_code} %{size_download}' "http://127.0.0.1:${CASE_PORT[$name]}$PT_PATH")
+  [ "$got" = "200 $JSON_BYTES" ] || die "$name: GET $PT_PATH answered '$got', expected '200 $JSON_BYTES'"
+done
+# Whose CPU time is counted per case: the tier under test (for direct, the upstream itself).
+declare -A CASE_PIDS=()
+CASE_PIDS[direct]="${PIDS[upstream]} $(children_of "${PIDS[upstream]}")"
+for c in "${CASES[@]}"; do
+  name=${c%%=*}
+  case $name in
+    nginx-*) CASE_PIDS[$name]="${PIDS[$name]} $(children_of "${PIDS[$name]}")" ;;
+    proxy-*) CASE_PIDS[$name]=${PIDS[$name]} ;;
+  esac
+done
+
+# Warm-up: fill keep-alive pools and caches, not recorded.
+for c in "${CASES[@]}"; do
+  name=${c%%=*}
+  wrk -t"$WRK_THREADS" -c"$CONNS" -d1s "http://127.0.0.1:${CASE_PORT[$name]}$PT_PATH" >/dev/null
+done
+: >"$OUT/passthrough.jsonl"
+for r in $(seq 1 "$ROUNDS"); do
+  for c in "${CASES[@]}"; do
+    name=${c%%=*}
+    # shellcheck disable=SC2086 # pid lists
+    $TOOL wrk "http://127.0.0.1:${CASE_PORT[$name]}$PT_PATH" --out "$OUT/wrk/$name-r$r.txt" \
+      --case "$name" --round "$r" --threads "$WRK_THREADS" --connections "$CONNS" \
+      --duration "$DURATION" --pids ${CASE_PIDS[$name]} >>"$OUT/passthrough.jsonl"
+  done
+done
+case_args=()
+for c in "${CASES[@]}"; do case_args+=(--case "$c"); done
+$TOOL collect "$OUT/passthrough.json" --jsonl "$OUT/passthrough.jsonl" "${case_args[@]}" \
+  --set "rounds=$ROUNDS" --set "duration=$DURATION" --set "connections=$CONNS" \
+  --set "wrk_threads=$WRK_THREADS" --set "body_bytes=$JSON_BYTES" \
+  --set "upstream_workers=$UPSTREAM_WORKERS"
+
+# ---- 2. SSE on the runtime path ------------------------------------------------------------
+log "section 2: SSE, ${SSE_CHUNKS}-chunk runtime stream ($SSE_BYTES bytes), $ROUNDS × $SSE_STREAMS streams per case"
+SSE_PROXY=proxy-t$SSE_THREADS
+SSE_PROXY_PORT=$(proxy_port "$SSE_THREADS")
+for r in $(seq 1 "$ROUNDS"); do
+  # The long stream is the measurement; the short one (12 frames) shows the fixed per-request
+  # part of the first-event time, without the first read's worth of frames to rewrite.
+  for stream in long short; do
+    $TOOL sse --kind direct --stream $stream --port $RUNTIME_PORT --path $STREAM_PATH \
+      --count "$SSE_STREAMS" --out "$OUT/sse/direct-$stream-r$r.json" >&2
+    $TOOL sse --kind proxy --stream $stream --port "$SSE_PROXY_PORT" --path $CHAT_PATH \
+      --org org-bench --cpu-pid "${PIDS[$SSE_PROXY]}" --count "$SSE_STREAMS" \
+      --out "$OUT/sse/proxy-$stream-r$r.json" >&2
+  done
+done
+sse_files=()
+for f in "$OUT"/sse/*.json; do sse_files+=(--json "$f"); done
+$TOOL collect "$OUT/sse.json" "${sse_files[@]}" \
+  --set "rounds=$ROUNDS" --set "per_round=$SSE_STREAMS" --set "threads=$SSE_THREADS" \
+  --set "chunks=$SSE_CHUNKS" --set "runtime_frames=$((SSE_CHUNKS + 2))" --set "stream_bytes=$SSE_BYTES"
+
+# Sections 1 and 2 are done: stop their proxies.
+for t in $PROXY_THREADS; do stop "proxy-t$t"; done
+stop nginx-1w; stop nginx-auto
+
+# ---- 3. idle streams -----------------------------------------------------------------------
+# Each stream holds two descriptors in the proxy (client + runtime connection).
+MAX_STREAMS=$(((NOFILE - 200) / 2))
+log "section 3: idle streams (N = $IDLE_N; open-files limit $NOFILE → at most $MAX_STREAMS per process)"
+NOTE=""
+: >"$OUT/idle.jsonl"
+
+idle_run() { # case n
+  local case=$1 want=$2 n=$2 pid pids before after ready="$OUT/idle/$1-$2.ready" waited
+  if [ "$n" -gt "$MAX_STREAMS" ]; then
+    n=$MAX_STREAMS
+    NOTE="$want streams requested, $n opened: the open-files limit here is $NOFILE (hard), and each proxied stream needs two descriptors. Raise \`ulimit -Hn\` to measure exactly $want."
+  fi
+  start idle-runtime TERM python3 bench/benchtool.py idle-runtime --port $IDLE_RUNTIME_PORT
+  wait_port $IDLE_RUNTIME_PORT 10 idle-runtime
+  if [ "$case" = proxy ]; then
+    cutover_proxy idle-proxy "$SSE_THREADS" $IDLE_PROXY_PORT $IDLE_RUNTIME_PORT
+    pid=${PIDS[idle-proxy]}; pids=$pid; port=$IDLE_PROXY_PORT; path=$CHAT_PATH
+  else
+    nginx_proxy nginx-idle 1 $NGINX_IDLE_PORT $IDLE_RUNTIME_PORT
+    pid=${PIDS[nginx-idle]}; port=$NGINX_IDLE_PORT; path=$CHAT_PATH
+  fi
+  # A few streams first, so that one-off allocations (runtime threads, pools, lazily built
+  # state) count in the baseline rather than per stream.
+  $TOOL idle-client --port "$port" --path "$path" --org org-bench --n 20 --hold 0 \
+    --ready-file "$OUT/idle/$case-$want.warm" >/dev/null
+  sleep 1
+  [ "$case" = proxy ] || pids="$pid $(children_of "$pid")"   # nginx: master + worker
+  before=$($TOOL rss $pids)
+  start idle-client TERM python3 bench/benchtool.py idle-client --port "$port" --path "$path" \
+    --org org-bench --n "$n" --hold 600 --timeout 60 --ready-file "$ready"
+  waited=0
+  while [ ! -s "$ready" ]; do
+    sleep 0.2; waited=$((waited + 1))
+    [ $waited -lt 900 ] || die "idle client: $n streams not established after 180 s"
+    kill -0 "${PIDS[idle-client]}" 2>/dev/null || { cat "$OUT/logs/idle-client.log" >&2; die "idle client died"; }
+  done
+  sleep 1   # let the proxy settle (relay tasks parked, buffers at steady state)
+  after=$($TOOL rss $pids)
+  [ "$case" = proxy ] && curl -s "http://127.0.0.1:$((IDLE_PROXY_PORT + 2))/metrics" \
+    >"$OUT/idle/$case-$want.metrics" || true
+  $TOOL idle-record "$ready" "$case" "$want" "$before" "$after" >>"$OUT/idle.jsonl"
+  stop idle-client
+  if [ "$case" = proxy ]; then stop idle-proxy; else stop nginx-idle; fi
+  stop idle-runtime
+}
+
+for n in $IDLE_N; do
+  idle_run proxy "$n"
+  idle_run nginx-1w "$n"
+done
+$TOOL collect "$OUT/idle.json" --jsonl "$OUT/idle.jsonl" --set "threads=$SSE_THREADS" \
+  --set "nofile=$NOFILE" --set "note=$NOTE"
+
+stop upstream
+$TOOL report "$OUT" bench/results.md
+log "done: bench/results.md (raw outputs in ${OUT#"$ROOT"/}/)"
