@@ -35,16 +35,26 @@ impl AdminApp {
             .headers
             .get(http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
-            .unwrap_or("");
+            .and_then(|v| v.trim().split_once(' '))
+            // The auth scheme is case-insensitive (RFC 9110, 11.1).
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map_or("", |(_, token)| token.trim_start());
         if bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
             Ok(())
         } else {
             Err("missing or invalid admin bearer token")
         }
+    }
+
+    /// `{"success":true,"data":{"fallbackEnabled","fallbackReason","state"}}`: exactly the
+    /// contract's fields (a manual trip shows in the reason, "tripped manually").
+    fn fallback_status(&self) -> Value {
+        let status = self.shared.breaker.status();
+        json!({"success": true, "data": {
+            "fallbackEnabled": status.fallback_enabled(),
+            "fallbackReason": status.reason,
+            "state": status.state.as_str(),
+        }})
     }
 
     fn route(&self, method: &Method, path: &str, session: &ServerSession) -> (StatusCode, Value) {
@@ -78,18 +88,7 @@ impl AdminApp {
                     }}),
                 )
             }
-            ("GET", "/runtime/fallback/status") => {
-                let status = self.shared.breaker.status();
-                (
-                    StatusCode::OK,
-                    json!({"success": true, "data": {
-                        "fallbackEnabled": status.fallback_enabled(),
-                        "fallbackReason": status.reason,
-                        "state": status.state.as_str(),
-                        "manual": status.manual,
-                    }}),
-                )
-            }
+            ("GET", "/runtime/fallback/status") => (StatusCode::OK, self.fallback_status()),
             ("POST", "/runtime/fallback/reset") | ("POST", "/runtime/fallback/trip") => {
                 if let Err(why) = self.authorized(session) {
                     return (
@@ -104,16 +103,7 @@ impl AdminApp {
                     tracing::warn!("breaker tripped by hand through the admin API");
                     self.shared.breaker.trip();
                 }
-                let status = self.shared.breaker.status();
-                (
-                    StatusCode::OK,
-                    json!({"success": true, "data": {
-                        "fallbackEnabled": status.fallback_enabled(),
-                        "fallbackReason": status.reason,
-                        "state": status.state.as_str(),
-                        "manual": status.manual,
-                    }}),
-                )
+                (StatusCode::OK, self.fallback_status())
             }
             ("GET", p) if p.starts_with("/runtime/metrics/") => {
                 let org = &p["/runtime/metrics/".len()..];

@@ -257,6 +257,9 @@ pub fn run(config_path: PathBuf, config: Config) -> ! {
     let shared = Shared::new(config.clone());
     let conf = ServerConf {
         threads: config.server.threads,
+        // Measured (bench/): without work stealing each request stays on the thread that
+        // accepted it, which cost ~15 % less CPU per proxied request on a 2-core sidecar.
+        work_stealing: false,
         grace_period_seconds: Some(PINGORA_GRACE_SECS),
         graceful_shutdown_timeout_seconds: Some(1),
         ..ServerConf::default()

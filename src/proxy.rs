@@ -248,27 +248,46 @@ impl CutoverProxy {
             Bytes::from(chat::runtime_request_body(&session_id, &caller, &chat_body));
         let deadline = ctx.started + active.config.runtime.execution_timeout();
 
+        enum Interrupted {
+            Shutdown,
+            ClientGone,
+        }
         let mut cutoff = self.shared.cutoff.subscribe();
+        let downstream = session.req_header().clone();
         let opened = tokio::select! {
-            r = relay::open(&self.shared, active, session.req_header(), runtime_body, deadline) => Some(r),
-            _ = cutoff.wait_for(|c| *c) => None,
+            r = relay::open(&self.shared, active, &downstream, runtime_body, deadline) => Ok(r),
+            _ = cutoff.wait_for(|c| *c) => Err(Interrupted::Shutdown),
+            // Dropping the pending open closes the runtime connection: the runtime stops working
+            // for a client that is gone, and it is not counted against the runtime.
+            _ = session.downstream_session.read_body_or_idle(true) => Err(Interrupted::ClientGone),
         };
         let chat_ctx = ctx.chat.as_mut().expect("chat ctx");
-        let Some(opened) = opened else {
-            // Shutting down while the runtime had not answered yet: not the runtime's fault.
-            let message = "the proxy is shutting down; please retry";
-            let bytes = respond_sse_error(session, chat_ctx.decision, "SHUTTING_DOWN", message)
-                .await
-                .unwrap_or(0);
-            chat_ctx.runtime = Some(RuntimeAttempt::Relayed(StreamReport {
-                outcome: None,
-                error_code: Some("SHUTTING_DOWN"),
-                detail: Some(message.into()),
-                first_write: Some(ctx.started.elapsed()),
-                events: 1,
-                bytes,
-            }));
-            return Ok(true);
+        let opened = match opened {
+            Ok(r) => r,
+            Err(Interrupted::ClientGone) => {
+                chat_ctx.runtime = Some(RuntimeAttempt::Relayed(StreamReport {
+                    outcome: None,
+                    detail: Some("client disconnected before the runtime answered".into()),
+                    ..StreamReport::default()
+                }));
+                return Ok(true);
+            }
+            Err(Interrupted::Shutdown) => {
+                // Shutting down while the runtime had not answered yet: not the runtime's fault.
+                let message = "the proxy is shutting down; please retry";
+                let bytes = respond_sse_error(session, chat_ctx.decision, "SHUTTING_DOWN", message)
+                    .await
+                    .unwrap_or(0);
+                chat_ctx.runtime = Some(RuntimeAttempt::Relayed(StreamReport {
+                    outcome: None,
+                    error_code: Some("SHUTTING_DOWN"),
+                    detail: Some(message.into()),
+                    first_write: Some(ctx.started.elapsed()),
+                    events: 1,
+                    bytes,
+                }));
+                return Ok(true);
+            }
         };
         match opened {
             Ok(stream) => {

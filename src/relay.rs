@@ -42,6 +42,13 @@ pub struct RuntimeStream {
     peer: HttpPeer,
 }
 
+impl RuntimeStream {
+    /// The next piece of the runtime's body; `None` at its end.
+    pub async fn read_chunk(&mut self) -> pingora::Result<Option<Bytes>> {
+        self.session.read_response_body().await
+    }
+}
+
 /// Why the runtime could not be opened.
 #[derive(Debug)]
 pub struct OpenFailure {
@@ -112,20 +119,13 @@ pub async fn open(
     // A pooled connection the runtime closed meanwhile fails on first use; one fresh attempt
     // is safe because such a connection never delivered the request.
     for attempt in 0..2 {
-        let (mut session, reused) =
-            shared
-                .connector
-                .get_http_session(&peer)
-                .await
-                .map_err(|e| OpenFailure {
-                    outcome: if is_timeout(&e) {
-                        Outcome::Timeout
-                    } else {
-                        Outcome::Error
-                    },
-                    detail: format!("connecting to runtime: {e}"),
-                    failover: true,
-                })?;
+        // Refused or timed out, a connection that could not be made is a connect failure: an
+        // error (CONTRACT.md, "Breaker and failover"), not an execution timeout.
+        let (mut session, reused) = shared
+            .connector
+            .get_http_session(&peer)
+            .await
+            .map_err(|e| OpenFailure::error(format!("connecting to runtime: {e}")))?;
         let exchange = async {
             session
                 .write_request_header(Box::new(header.clone()))
@@ -238,6 +238,10 @@ fn spawn_reader(
     (rx, handle)
 }
 
+/// How a relayed stream ends: the error event to send (code, message), if any, and the outcome
+/// (`None`: not the runtime's fault).
+type StreamEnd = (Option<(&'static str, String)>, Option<Outcome>);
+
 enum Wake {
     Upstream(Option<Upstream>),
     Deadline,
@@ -292,7 +296,10 @@ pub async fn relay(session: &mut Session, stream: RuntimeStream, args: RelayArgs
     let _in_flight = InFlight::new(metrics.streams_in_flight.with_label_values(&[mode]));
 
     loop {
-        let heartbeat_at = last_write + args.heartbeat;
+        // A heartbeat interval too long to add to an Instant just never fires before the deadline.
+        let heartbeat_at = last_write
+            .checked_add(args.heartbeat)
+            .unwrap_or(args.deadline);
         let wake = tokio::select! {
             biased;
             m = rx.recv() => Wake::Upstream(m),
@@ -302,7 +309,7 @@ pub async fn relay(session: &mut Session, stream: RuntimeStream, args: RelayArgs
             _ = session.downstream_session.read_body_or_idle(true) => Wake::ClientGone,
         };
         // `Some(end)` once the stream is over: the error event to send, if any, and the outcome.
-        let mut end: Option<(Option<(&'static str, String)>, Option<Outcome>)> = None;
+        let mut end: Option<StreamEnd> = None;
         match wake {
             Wake::Upstream(Some(Upstream::Chunk(chunk))) => {
                 events.clear();
@@ -328,6 +335,11 @@ pub async fn relay(session: &mut Session, stream: RuntimeStream, args: RelayArgs
                         }
                         Mapped::Failed { code, message } => {
                             metrics.sse_events_total.with_label_values(&["error"]).inc();
+                            // The runtime's own code is unbounded: label it as one kind.
+                            metrics
+                                .stream_errors_total
+                                .with_label_values(&["EXECUTION_ERROR"])
+                                .inc();
                             report.events += 1;
                             report.error_code = Some("EXECUTION_ERROR");
                             report.detail = Some(format!("{code}: {message}"));
@@ -403,20 +415,21 @@ pub async fn relay(session: &mut Session, stream: RuntimeStream, args: RelayArgs
                 });
             }
             Wake::Deadline => {
-                end = Some((
-                    Some((
-                        "TIMEOUT",
-                        format!(
-                            "runtime execution exceeded {} ms",
-                            (args.deadline - args.started).as_millis()
-                        ),
-                    )),
-                    Some(if completed {
-                        Outcome::Success
-                    } else {
-                        Outcome::Timeout
-                    }),
-                ));
+                end = Some(if completed {
+                    // The client already has its `done`; only [DONE] or the end was missing.
+                    (None, Some(Outcome::Success))
+                } else {
+                    (
+                        Some((
+                            "TIMEOUT",
+                            format!(
+                                "runtime execution exceeded {} ms",
+                                (args.deadline - args.started).as_millis()
+                            ),
+                        )),
+                        Some(Outcome::Timeout),
+                    )
+                });
             }
             Wake::Cutoff => {
                 end = Some((
