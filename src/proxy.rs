@@ -255,7 +255,7 @@ impl CutoverProxy {
         let mut cutoff = self.shared.cutoff.subscribe();
         let downstream = session.req_header().clone();
         let opened = tokio::select! {
-            r = relay::open(&self.shared, active, &downstream, runtime_body, deadline) => Ok(r),
+            r = relay::open(&self.shared, active, &downstream, runtime_body, deadline, false) => Ok(r),
             _ = cutoff.wait_for(|c| *c) => Err(Interrupted::Shutdown),
             // Dropping the pending open closes the runtime connection: the runtime stops working
             // for a client that is gone, and it is not counted against the runtime.

@@ -47,7 +47,20 @@ impl RuntimeStream {
     pub async fn read_chunk(&mut self) -> pingora::Result<Option<Bytes>> {
         self.session.read_response_body().await
     }
+
+    /// Return the connection to the pool if the response was read to its end; drop it otherwise.
+    pub async fn release(mut self, shared: &Shared, idle: Duration) {
+        if self.session.response_done() {
+            shared
+                .connector
+                .release_http_session(self.session, &self.peer, Some(idle))
+                .await;
+        }
+    }
 }
+
+/// Marks a shadow copy so the runtime can skip side effects (tool calls, stored history).
+pub const SHADOW_HEADER: &str = "x-cutover-shadow";
 
 /// Why the runtime could not be opened.
 #[derive(Debug)]
@@ -74,6 +87,7 @@ fn runtime_request(
     active: &Active,
     downstream: &RequestHeader,
     body_len: usize,
+    shadow: bool,
 ) -> pingora::Result<RequestHeader> {
     let rt = &active.config.runtime;
     let mut req = RequestHeader::build("POST", rt.stream_path.as_bytes(), Some(12))?;
@@ -85,6 +99,9 @@ fn runtime_request(
         if let Some(v) = downstream.headers.get(*name) {
             req.insert_header(*name, v.clone())?;
         }
+    }
+    if shadow {
+        req.insert_header(SHADOW_HEADER, "1")?;
     }
     Ok(req)
 }
@@ -106,6 +123,7 @@ pub async fn open(
     downstream: &RequestHeader,
     body: Bytes,
     deadline: Instant,
+    shadow: bool,
 ) -> Result<RuntimeStream, OpenFailure> {
     let addr = shared
         .resolver
@@ -113,7 +131,7 @@ pub async fn open(
         .await
         .map_err(|e| OpenFailure::error(format!("resolving runtime address: {e}")))?;
     let peer = upstream::peer(addr, &active.runtime);
-    let header = runtime_request(active, downstream, body.len())
+    let header = runtime_request(active, downstream, body.len(), shadow)
         .map_err(|e| OpenFailure::error(format!("building runtime request: {e}")))?;
 
     // A pooled connection the runtime closed meanwhile fails on first use; one fresh attempt
@@ -368,6 +386,24 @@ pub async fn relay(session: &mut Session, stream: RuntimeStream, args: RelayArgs
                             .sse_dropped_frames_total
                             .with_label_values(&["unknown_event"])
                             .inc(),
+                    }
+                    if report.first_write.is_none() && !out.is_empty() {
+                        // The first event leaves at once instead of after the whole first read
+                        // (up to 64 KiB of frames) is rewritten: time to first event is what
+                        // the user sees.
+                        let bytes = Bytes::from(std::mem::take(&mut out));
+                        report.bytes += bytes.len() as u64;
+                        if session
+                            .write_response_body(Some(bytes), false)
+                            .await
+                            .is_err()
+                        {
+                            reader.abort();
+                            report.detail = Some("client disconnected".into());
+                            return report;
+                        }
+                        last_write = Instant::now();
+                        report.first_write = Some(args.started.elapsed());
                     }
                 }
                 if end.is_none() {

@@ -24,7 +24,31 @@ pub struct ShadowReport {
     pub events: u64,
 }
 
-/// Start a shadow copy unless the concurrency bound is reached. Returns whether it started.
+/// Frees a slot of `shadow_max_inflight` when the copy ends, however it ends (a panic, or its
+/// task dropped at shutdown, included).
+struct Slot(Arc<Shared>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.shadow_in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The org a runtime request body is for.
+fn org_of(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Org {
+        org_id: String,
+    }
+    serde_json::from_slice::<Org>(body).ok().map(|o| o.org_id)
+}
+
+/// Start a shadow copy of a direct_llm chat, `body` being the runtime request built from it,
+/// unless the concurrency bound is reached (counted as `skipped`). Returns whether it started.
+///
+/// Orgs on `rollout.direct_orgs` are never copied: the denylist wins over everything, and an org
+/// kept off the runtime (by contract, data residency, a known incompatibility) must not have its
+/// chats executed there in the background either. Nothing starts while the proxy drains.
 pub fn spawn(
     shared: &Arc<Shared>,
     active: Arc<Active>,
@@ -33,6 +57,11 @@ pub fn spawn(
     body: Bytes,
 ) -> bool {
     let metrics = shared.metrics;
+    let denylisted =
+        org_of(&body).is_none_or(|org| active.config.rollout.direct_orgs.contains(&org));
+    if denylisted || shared.is_draining() {
+        return false;
+    }
     let max = active.config.rollout.shadow_max_inflight;
     let admitted = shared
         .shadow_in_flight
@@ -44,11 +73,12 @@ pub fn spawn(
         metrics.shadow_total.with_label_values(&["skipped"]).inc();
         return false;
     }
+    let slot = Slot(shared.clone());
     let shared = shared.clone();
     tokio::spawn(async move {
         let started = Instant::now();
         let report = run(&shared, &active, &downstream, &session_id, body, started).await;
-        shared.shadow_in_flight.fetch_sub(1, Ordering::AcqRel);
+        drop(slot);
         let label = match report.outcome {
             Outcome::Success => "success",
             Outcome::Error => "error",
@@ -78,15 +108,16 @@ async fn run(
     started: Instant,
 ) -> ShadowReport {
     let deadline = started + active.config.runtime.execution_timeout();
-    let mut stream = match crate::relay::open(shared, active, downstream, body, deadline).await {
-        Ok(s) => s,
-        Err(f) => {
-            return ShadowReport {
-                outcome: f.outcome,
-                events: 0,
+    let mut stream =
+        match crate::relay::open(shared, active, downstream, body, deadline, true).await {
+            Ok(s) => s,
+            Err(f) => {
+                return ShadowReport {
+                    outcome: f.outcome,
+                    events: 0,
+                }
             }
-        }
-    };
+        };
     let mut parser = SseParser::new(active.config.runtime.max_frame_bytes);
     let mut mapper = StreamMapper::new(session_id);
     let mut events = Vec::new();
@@ -96,13 +127,32 @@ async fn run(
     loop {
         let read = tokio::time::timeout_at(deadline.into(), stream.read_chunk()).await;
         let chunk = match read {
+            // As for a relayed stream: past `execution_complete`, only `[DONE]` was missing.
             Err(_) => {
                 return ShadowReport {
-                    outcome: Outcome::Timeout,
+                    outcome: if completed {
+                        Outcome::Success
+                    } else {
+                        Outcome::Timeout
+                    },
                     events: count,
                 }
             }
-            Ok(Err(_)) | Ok(Ok(None)) => {
+            Ok(Ok(None)) => {
+                stream
+                    .release(shared, active.runtime.pool_idle_timeout)
+                    .await;
+                let outcome = if completed {
+                    Outcome::Success
+                } else {
+                    Outcome::Error
+                };
+                return ShadowReport {
+                    outcome,
+                    events: count,
+                };
+            }
+            Ok(Err(_)) => {
                 let outcome = if completed {
                     Outcome::Success
                 } else {
@@ -151,5 +201,22 @@ async fn run(
                 events: count,
             };
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_org_is_read_from_the_runtime_request() {
+        let caller = crate::identity::Caller {
+            org_id: "org-d".into(),
+            user_id: None,
+        };
+        let chat = crate::chat::parse_chat_body(br#"{"message":"hi"}"#).unwrap();
+        let body = crate::chat::runtime_request_body("s", &caller, &chat);
+        assert_eq!(org_of(&body).as_deref(), Some("org-d"));
+        assert_eq!(org_of(b"not json"), None);
     }
 }

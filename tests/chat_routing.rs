@@ -91,6 +91,11 @@ async fn allowlisted_org_is_served_by_the_runtime_with_the_mapped_body() {
         Some(sent.body.len().to_string().as_str())
     );
     assert_eq!(sent.header("transfer-encoding"), None);
+    assert_eq!(
+        sent.header("x-cutover-shadow"),
+        None,
+        "a real execution marked as a copy"
+    );
     // Exactly these keys: no agent_id when none was given, nothing copied from `extra`.
     assert_eq!(
         sent.json(),

@@ -119,12 +119,6 @@ def test_request_in_flight_during_a_reload_completes(proxy, runtime):
         s.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "proxy bug (src/reload.rs run()): the debounce restarts its 100 ms timer on every event of the "
-    "watched directory, whatever file it concerns, and the poll tick, SIGHUP and shutdown are not "
-    "listened to inside the debounce loop; a neighbour file written more often than every 100 ms "
-    "(e.g. the proxy's own log: `cutover-proxy --config proxy.toml >> proxy.log`) postpones every "
-    "reload indefinitely"))
 def test_reload_is_not_starved_by_a_busy_neighbour_file(make_proxy, tmp_path):
     """The proxy started the way many operators do: config and log in one directory. The
     access log line of each request, plus another file written every 10 ms, keep that
