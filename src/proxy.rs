@@ -381,6 +381,49 @@ impl CutoverProxy {
         }
     }
 
+    /// Count one execution on one path: the admin window and Prometheus. `None` is a client
+    /// that went away: counted as cancelled, kept out of the window.
+    fn count(
+        &self,
+        path: Path,
+        org: Option<&str>,
+        outcome: Option<Outcome>,
+        latency: Duration,
+        first_byte: Option<Duration>,
+        now: Instant,
+    ) {
+        let metrics = self.shared.metrics;
+        let mode = match path {
+            Path::Direct => Mode::DirectLlm.as_str(),
+            Path::Runtime => Mode::RuntimeOrchestrator.as_str(),
+        };
+        metrics.execution_total.with_label_values(&[mode]).inc();
+        let counter = match outcome {
+            Some(Outcome::Success) => &metrics.execution_success_total,
+            Some(Outcome::Error) => &metrics.execution_error_total,
+            Some(Outcome::Timeout) => &metrics.execution_timeout_total,
+            None => &metrics.execution_cancelled_total,
+        };
+        counter.with_label_values(&[mode]).inc();
+        if let Some(outcome) = outcome {
+            self.shared
+                .stats
+                .lock()
+                .unwrap()
+                .record(path, org, outcome, latency, now);
+            metrics
+                .execution_latency_ms
+                .with_label_values(&[mode])
+                .observe(latency.as_secs_f64() * 1000.0);
+        }
+        if let Some(t) = first_byte {
+            metrics
+                .first_event_ms
+                .with_label_values(&[mode])
+                .observe(t.as_secs_f64() * 1000.0);
+        }
+    }
+
     /// Count a finished chat request: breaker, window stats, Prometheus, access log.
     fn record(&self, session: &Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         let Some(chat_ctx) = ctx.chat.as_mut() else {
@@ -392,44 +435,17 @@ impl CutoverProxy {
         let total = ctx.started.elapsed();
         let org_owned = chat_ctx.caller.as_ref().map(|c| c.org_id.clone());
         let org = org_owned.as_deref();
-        let rt = Mode::RuntimeOrchestrator.as_str();
-        let direct = Mode::DirectLlm.as_str();
-
         let mut runtime_outcome = None;
         if let Some(attempt) = &chat_ctx.runtime {
-            let latency = match attempt {
-                RuntimeAttempt::Relayed(_) => total,
-                RuntimeAttempt::FailedOver { after, .. } => *after,
+            let (latency, first) = match attempt {
+                RuntimeAttempt::Relayed(r) => (total, r.first_write),
+                RuntimeAttempt::FailedOver { after, .. } => (*after, None),
             };
             runtime_outcome = attempt.outcome();
-            match runtime_outcome {
-                Some(outcome) => {
-                    self.shared.breaker.record(outcome, latency, chat_ctx.probe);
-                    self.shared.stats.lock().unwrap().record(
-                        Path::Runtime,
-                        org,
-                        outcome,
-                        latency,
-                        now,
-                    );
-                    count_execution(metrics, rt, outcome, latency);
-                }
-                None => {
-                    metrics.execution_total.with_label_values(&[rt]).inc();
-                    metrics
-                        .execution_cancelled_total
-                        .with_label_values(&[rt])
-                        .inc();
-                }
+            if let Some(outcome) = runtime_outcome {
+                self.shared.breaker.record(outcome, latency, chat_ctx.probe);
             }
-            if let RuntimeAttempt::Relayed(r) = attempt {
-                if let Some(t) = r.first_write {
-                    metrics
-                        .first_event_ms
-                        .with_label_values(&[rt])
-                        .observe(t.as_secs_f64() * 1000.0);
-                }
-            }
+            self.count(Path::Runtime, org, runtime_outcome, latency, first, now);
         }
 
         // A probe with no verdict (client gone, bad body, read error) must free its slot.
@@ -446,31 +462,14 @@ impl CutoverProxy {
         let mut direct_outcome = None;
         if served_by_legacy {
             direct_outcome = legacy_outcome(status, e);
-            match direct_outcome {
-                Some(outcome) => {
-                    self.shared.stats.lock().unwrap().record(
-                        Path::Direct,
-                        org,
-                        outcome,
-                        total,
-                        now,
-                    );
-                    count_execution(metrics, direct, outcome, total);
-                }
-                None => {
-                    metrics.execution_total.with_label_values(&[direct]).inc();
-                    metrics
-                        .execution_cancelled_total
-                        .with_label_values(&[direct])
-                        .inc();
-                }
-            }
-            if let Some(t) = chat_ctx.first_byte {
-                metrics
-                    .first_event_ms
-                    .with_label_values(&[direct])
-                    .observe(t.as_secs_f64() * 1000.0);
-            }
+            self.count(
+                Path::Direct,
+                org,
+                direct_outcome,
+                total,
+                chat_ctx.first_byte,
+                now,
+            );
         }
 
         let decision = chat_ctx.decision;
@@ -529,25 +528,6 @@ fn outcome_str(o: Option<Outcome>) -> &'static str {
         Some(Outcome::Timeout) => "timeout",
         None => "cancelled",
     }
-}
-
-fn count_execution(
-    metrics: &crate::metrics::Metrics,
-    mode: &str,
-    outcome: Outcome,
-    latency: Duration,
-) {
-    metrics.execution_total.with_label_values(&[mode]).inc();
-    let counter = match outcome {
-        Outcome::Success => &metrics.execution_success_total,
-        Outcome::Error => &metrics.execution_error_total,
-        Outcome::Timeout => &metrics.execution_timeout_total,
-    };
-    counter.with_label_values(&[mode]).inc();
-    metrics
-        .execution_latency_ms
-        .with_label_values(&[mode])
-        .observe(latency.as_secs_f64() * 1000.0);
 }
 
 /// Classify what legacy did with a chat request; `None` when the client went away.

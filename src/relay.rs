@@ -260,6 +260,22 @@ fn spawn_reader(
 /// (`None`: not the runtime's fault).
 type StreamEnd = (Option<(&'static str, String)>, Option<Outcome>);
 
+/// The runtime's stream is over (`[DONE]` or end of body): fine after `execution_complete`,
+/// truncated otherwise.
+fn stream_ended(completed: bool) -> StreamEnd {
+    if completed {
+        (None, Some(Outcome::Success))
+    } else {
+        (
+            Some((
+                "STREAM_TRUNCATED",
+                "runtime stream ended without execution_complete".into(),
+            )),
+            Some(Outcome::Error),
+        )
+    }
+}
+
 enum Wake {
     Upstream(Option<Upstream>),
     Deadline,
@@ -365,17 +381,7 @@ pub async fn relay(session: &mut Session, stream: RuntimeStream, args: RelayArgs
                             break;
                         }
                         Mapped::End => {
-                            end = Some(if completed {
-                                (None, Some(Outcome::Success))
-                            } else {
-                                (
-                                    Some((
-                                        "STREAM_TRUNCATED",
-                                        "runtime stream ended without execution_complete".into(),
-                                    )),
-                                    Some(Outcome::Error),
-                                )
-                            });
+                            end = Some(stream_ended(completed));
                             break;
                         }
                         Mapped::Malformed => metrics
@@ -420,17 +426,7 @@ pub async fn relay(session: &mut Session, stream: RuntimeStream, args: RelayArgs
             }
             Wake::Upstream(Some(Upstream::End)) | Wake::Upstream(None) => {
                 parser.finish();
-                end = Some(if completed {
-                    (None, Some(Outcome::Success))
-                } else {
-                    (
-                        Some((
-                            "STREAM_TRUNCATED",
-                            "runtime stream ended without execution_complete".into(),
-                        )),
-                        Some(Outcome::Error),
-                    )
-                });
+                end = Some(stream_ended(completed));
             }
             Wake::Upstream(Some(Upstream::Failed(e))) => {
                 end = Some(if completed {

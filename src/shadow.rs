@@ -124,45 +124,26 @@ async fn run(
     let mut sink = Vec::new();
     let mut count = 0u64;
     let mut completed = false;
+    // As for a relayed stream: once `execution_complete` arrived, only `[DONE]` can be missing.
+    let report = |completed: bool, otherwise: Outcome, events: u64| ShadowReport {
+        outcome: if completed {
+            Outcome::Success
+        } else {
+            otherwise
+        },
+        events,
+    };
     loop {
         let read = tokio::time::timeout_at(deadline.into(), stream.read_chunk()).await;
         let chunk = match read {
-            // As for a relayed stream: past `execution_complete`, only `[DONE]` was missing.
-            Err(_) => {
-                return ShadowReport {
-                    outcome: if completed {
-                        Outcome::Success
-                    } else {
-                        Outcome::Timeout
-                    },
-                    events: count,
-                }
-            }
+            Err(_) => return report(completed, Outcome::Timeout, count),
             Ok(Ok(None)) => {
                 stream
                     .release(shared, active.runtime.pool_idle_timeout)
                     .await;
-                let outcome = if completed {
-                    Outcome::Success
-                } else {
-                    Outcome::Error
-                };
-                return ShadowReport {
-                    outcome,
-                    events: count,
-                };
+                return report(completed, Outcome::Error, count);
             }
-            Ok(Err(_)) => {
-                let outcome = if completed {
-                    Outcome::Success
-                } else {
-                    Outcome::Error
-                };
-                return ShadowReport {
-                    outcome,
-                    events: count,
-                };
-            }
+            Ok(Err(_)) => return report(completed, Outcome::Error, count),
             Ok(Ok(Some(c))) => c,
         };
         events.clear();
@@ -175,31 +156,13 @@ async fn run(
                     count += 1;
                     completed = true;
                 }
-                Mapped::Failed { .. } => {
-                    return ShadowReport {
-                        outcome: Outcome::Error,
-                        events: count + 1,
-                    }
-                }
-                Mapped::End => {
-                    let outcome = if completed {
-                        Outcome::Success
-                    } else {
-                        Outcome::Error
-                    };
-                    return ShadowReport {
-                        outcome,
-                        events: count,
-                    };
-                }
+                Mapped::Failed { .. } => return report(false, Outcome::Error, count + 1),
+                Mapped::End => return report(completed, Outcome::Error, count),
                 Mapped::Skipped | Mapped::Malformed | Mapped::Unknown => {}
             }
         }
         if parsed.is_err() {
-            return ShadowReport {
-                outcome: Outcome::Error,
-                events: count,
-            };
+            return report(false, Outcome::Error, count);
         }
     }
 }
