@@ -7,30 +7,11 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cutover_proxy::app::LocalServer;
-use cutover_proxy::stats::Path;
 use serde_json::{json, Value};
 use support::*;
-
-/// Outcomes are recorded when the proxy finishes a request, which can be just after the client
-/// read the whole response: wait until at least `runtime` runtime and `direct` direct executions
-/// are in the admin window.
-async fn recorded(server: &LocalServer, runtime: u64, direct: u64) {
-    let shared = server.shared.clone();
-    let ok = eventually(Duration::from_secs(3), move || {
-        let s = shared.stats.lock().unwrap();
-        let now = Instant::now();
-        s.snapshot(Path::Runtime, now).total >= runtime
-            && s.snapshot(Path::Direct, now).total >= direct
-    })
-    .await;
-    assert!(
-        ok,
-        "expected {runtime} runtime and {direct} direct executions to be recorded"
-    );
-}
 
 fn keys(v: &Value) -> BTreeSet<&str> {
     v.as_object()

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use cutover_proxy::app::LocalServer;
 use cutover_proxy::config::Config;
+use cutover_proxy::stats::Path;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
@@ -722,4 +723,22 @@ pub async fn request(
     let mut c = Client::connect(addr).await;
     c.send(method, path, headers, body).await;
     c.read_response().await
+}
+
+/// Outcomes are recorded when the proxy finishes a request, which can be just after the client
+/// read the whole response: wait until at least `runtime` runtime and `direct` direct executions
+/// are in the admin window.
+pub async fn recorded(server: &LocalServer, runtime: u64, direct: u64) {
+    let shared = server.shared.clone();
+    let ok = eventually(Duration::from_secs(3), move || {
+        let s = shared.stats.lock().unwrap();
+        let now = Instant::now();
+        s.snapshot(Path::Runtime, now).total >= runtime
+            && s.snapshot(Path::Direct, now).total >= direct
+    })
+    .await;
+    assert!(
+        ok,
+        "expected {runtime} runtime and {direct} direct executions to be recorded"
+    );
 }
