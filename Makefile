@@ -62,6 +62,27 @@ bench: release
 	@scripts/install-deps.sh bench
 	bench/run.sh
 
+# Fuzzing, not in `make test`: cargo-fuzz (nightly) on the SSE parser + mapper, the config parser
+# and the chat request path; FUZZ_SECS per target (3 targets x 200 s = 10 min).
+FUZZ_SECS ?= 200
+FUZZ_TARGETS := sse_mapper config_parse chat_request
+
+fuzz:
+	@rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+	@set -e; for t in $(FUZZ_TARGETS); do \
+		mkdir -p fuzz/corpus/$$t; \
+		dict=; if [ $$t = config_parse ]; then dict=-dict=fuzz/dicts/config.dict; fi; \
+		echo "== fuzz $$t: $(FUZZ_SECS) s"; \
+		cargo +nightly fuzz run --fuzz-dir fuzz --target-dir fuzz/target -O -a -s none $$t \
+			fuzz/corpus/$$t fuzz/seeds/$$t -- -max_total_time=$(FUZZ_SECS) -print_final_stats=1 $$dict; \
+	done
+
+# Soak, not in `make test`: 10 min of mixed traffic with reloads against the release binary
+# (SOAK_SECS, SOAK_CONCURRENCY, SOAK_RELOAD_SECS, SOAK_SAMPLE_SECS to change it).
+soak: release venv
+	scripts/soak.sh
+
 clean:
 	$(CARGO) clean
-	rm -rf $(VENV) .venv-k8s
+	rm -rf $(VENV) .venv-k8s fuzz/target

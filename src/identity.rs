@@ -65,6 +65,16 @@ impl Verifier {
             Some(aud) => validation.set_audience(&[aud]),
             None => validation.validate_aud = false,
         }
+        // jsonwebtoken checks `iss`/`aud` only when the token carries them: a configured issuer
+        // or audience must also be present, or a token that simply omits it would pass.
+        let mut required = vec!["exp"];
+        if config.issuer.is_some() {
+            required.push("iss");
+        }
+        if config.audience.is_some() {
+            required.push("aud");
+        }
+        validation.set_required_spec_claims(&required);
         Verifier {
             key: secret
                 .filter(|s| !s.is_empty())
@@ -457,6 +467,16 @@ mod tests {
             SECRET,
         );
         assert!(v.verify(&ok).is_ok());
+        let no_iss = token(
+            json!({"orgId": "o", "exp": now() + 60, "aud": "chat"}),
+            SECRET,
+        );
+        assert_eq!(v.verify(&no_iss), Err(Unverified::Invalid));
+        let no_aud = token(
+            json!({"orgId": "o", "exp": now() + 60, "iss": "chat-api"}),
+            SECRET,
+        );
+        assert_eq!(v.verify(&no_aud), Err(Unverified::Invalid));
         let wrong_iss = token(
             json!({"orgId": "o", "exp": now() + 60, "iss": "evil", "aud": "chat"}),
             SECRET,

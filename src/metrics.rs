@@ -137,7 +137,7 @@ impl Metrics {
             )?,
             sse_dropped_frames_total: register_int_counter_vec!(
                 "chat_sse_dropped_frames_total",
-                "Runtime frames dropped, by cause (malformed, unknown_event).",
+                "Runtime frames dropped, by cause (malformed, unknown_event, after_done).",
                 &["cause"]
             )?,
             stream_errors_total: register_int_counter_vec!(
@@ -235,7 +235,7 @@ impl Metrics {
         for result in ["success", "invalid"] {
             self.config_reloads_total.with_label_values(&[result]);
         }
-        for cause in ["malformed", "unknown_event"] {
+        for cause in ["malformed", "unknown_event", "after_done"] {
             self.sse_dropped_frames_total.with_label_values(&[cause]);
         }
         for outcome in ["success", "error", "timeout", "skipped"] {

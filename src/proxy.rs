@@ -259,7 +259,7 @@ impl CutoverProxy {
             _ = cutoff.wait_for(|c| *c) => Err(Interrupted::Shutdown),
             // Dropping the pending open closes the runtime connection: the runtime stops working
             // for a client that is gone, and it is not counted against the runtime.
-            _ = session.downstream_session.read_body_or_idle(true) => Err(Interrupted::ClientGone),
+            _ = relay::client_gone(session) => Err(Interrupted::ClientGone),
         };
         let chat_ctx = ctx.chat.as_mut().expect("chat ctx");
         let opened = match opened {
@@ -562,6 +562,9 @@ impl ProxyHttp for CutoverProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        // A client may send its next request while a stream is still running; Pingora then keeps
+        // those bytes for the next request instead of taking them for a broken connection.
+        session.downstream_session.set_pipelining_enabled(true);
         let active = self.shared.snapshot();
         ctx.active = Some(active.clone());
         let req = session.req_header();

@@ -33,6 +33,9 @@ const FORWARDED_HEADERS: &[&str] = &[
     "user-agent",
 ];
 
+/// Grace for the last write after the execution deadline.
+const WRITE_GRACE: Duration = Duration::from_secs(1);
+
 /// Upstream chunks buffered between the runtime reader and the client writer.
 const RELAY_QUEUE: usize = 8;
 
@@ -309,11 +312,12 @@ pub async fn relay(session: &mut Session, stream: RuntimeStream, args: RelayArgs
             return report;
         }
     };
-    if session
-        .write_response_header(Box::new(header), false)
-        .await
-        .is_err()
-    {
+    let header_written = tokio::time::timeout_at(
+        write_by(args.deadline).into(),
+        session.write_response_header(Box::new(header), false),
+    )
+    .await;
+    if !matches!(header_written, Ok(Ok(()))) {
         return report;
     }
 
@@ -340,7 +344,7 @@ pub async fn relay(session: &mut Session, stream: RuntimeStream, args: RelayArgs
             _ = tokio::time::sleep_until(args.deadline.into()) => Wake::Deadline,
             _ = cutoff.wait_for(|c| *c) => Wake::Cutoff,
             _ = tokio::time::sleep_until(heartbeat_at.into()) => Wake::Heartbeat,
-            _ = session.downstream_session.read_body_or_idle(true) => Wake::ClientGone,
+            _ = client_gone(session) => Wake::ClientGone,
         };
         // `Some(end)` once the stream is over: the error event to send, if any, and the outcome.
         let mut end: Option<StreamEnd> = None;
@@ -349,6 +353,16 @@ pub async fn relay(session: &mut Session, stream: RuntimeStream, args: RelayArgs
                 events.clear();
                 let parsed = parser.feed(&chunk, &mut events);
                 for ev in &events {
+                    // After `execution_complete` the client has its `done`: anything but the
+                    // `[DONE]` marker would follow it as a second terminal event or as stray
+                    // messages.
+                    if completed && ev.data.trim() != "[DONE]" {
+                        metrics
+                            .sse_dropped_frames_total
+                            .with_label_values(&["after_done"])
+                            .inc();
+                        continue;
+                    }
                     match mapper.map(ev, &mut out) {
                         Mapped::Message(kind) => {
                             metrics.sse_events_total.with_label_values(&[kind]).inc();
@@ -399,13 +413,9 @@ pub async fn relay(session: &mut Session, stream: RuntimeStream, args: RelayArgs
                         // the user sees.
                         let bytes = Bytes::from(std::mem::take(&mut out));
                         report.bytes += bytes.len() as u64;
-                        if session
-                            .write_response_body(Some(bytes), false)
-                            .await
-                            .is_err()
-                        {
+                        if !write_client(session, Some(bytes), false, args.deadline).await {
                             reader.abort();
-                            report.detail = Some("client disconnected".into());
+                            report.detail = Some("client disconnected or stopped reading".into());
                             return report;
                         }
                         last_write = Instant::now();
@@ -500,14 +510,10 @@ pub async fn relay(session: &mut Session, stream: RuntimeStream, args: RelayArgs
             let done = end.is_some();
             let bytes = Bytes::from(std::mem::take(&mut out));
             report.bytes += bytes.len() as u64;
-            if session
-                .write_response_body(Some(bytes), done)
-                .await
-                .is_err()
-            {
+            if !write_client(session, Some(bytes), done, args.deadline).await {
                 reader.abort();
                 report.outcome = None;
-                report.detail = Some("client disconnected".into());
+                report.detail = Some("client disconnected or stopped reading".into());
                 return report;
             }
             last_write = Instant::now();
@@ -521,7 +527,7 @@ pub async fn relay(session: &mut Session, stream: RuntimeStream, args: RelayArgs
                 return report;
             }
         } else if let Some((_, outcome)) = end {
-            let _ = session.write_response_body(None, true).await;
+            write_client(session, None, true, args.deadline).await;
             report.outcome = outcome;
             finish_reader(reader, report.outcome);
             return report;
@@ -540,6 +546,69 @@ fn finish_reader(reader: tokio::task::JoinHandle<()>, outcome: Option<Outcome>) 
         });
     } else {
         reader.abort();
+    }
+}
+
+/// How long a client write may wait: until the execution deadline, or a short grace past it so
+/// the final event still reaches a client that is reading.
+fn write_by(deadline: Instant) -> Instant {
+    let now = Instant::now();
+    if now < deadline {
+        deadline
+    } else {
+        now + WRITE_GRACE
+    }
+}
+
+/// Write to the client; false when it went away or stopped reading (its socket stayed full
+/// until `write_by`), which must not hold the runtime stream open.
+async fn write_client(
+    session: &mut Session,
+    body: Option<Bytes>,
+    end: bool,
+    deadline: Instant,
+) -> bool {
+    let write = session.write_response_body(body, end);
+    match tokio::time::timeout_at(write_by(deadline).into(), write).await {
+        Ok(Ok(())) => true,
+        Ok(Err(_)) => false,
+        Err(_) => {
+            // Pingora still finishes the response after us, with no timeout on that last
+            // write: a client that is not reading would hold the connection forever.
+            session.set_keepalive(None);
+            if let Some(fd) = session.downstream_session.stream().map(|s| s.id()) {
+                shutdown_socket(fd);
+            }
+            false
+        }
+    }
+}
+
+/// Shut a socket down in both directions so pending and later writes fail at once.
+fn shutdown_socket(fd: std::os::fd::RawFd) {
+    use std::os::fd::FromRawFd;
+    // SAFETY: `fd` is the client socket the session still owns and keeps open; ManuallyDrop
+    // keeps this temporary handle from closing it, and only shutdown(2) is called through it.
+    let socket = std::mem::ManuallyDrop::new(unsafe { std::net::TcpStream::from_raw_fd(fd) });
+    let _ = socket.shutdown(std::net::Shutdown::Both);
+}
+
+/// Resolves when the client has gone away (closed or reset). Bytes of a pipelined next request
+/// are not a disconnect: with pipelining enabled (see `proxy::request_filter`) Pingora keeps them
+/// for the next request; otherwise the probe consumed one, and the connection is simply not kept
+/// alive after this response.
+pub async fn client_gone(session: &mut Session) {
+    let downstream = &mut session.downstream_session;
+    match downstream.read_body_or_idle(true).await {
+        Err(e)
+            if matches!(
+                e.etype(),
+                ErrorType::ConnectionClosed | ErrorType::ReadError
+            ) => {}
+        _ => {
+            downstream.set_keepalive(None);
+            std::future::pending::<()>().await
+        }
     }
 }
 
