@@ -565,3 +565,39 @@ async fn a_chat_that_legacy_cannot_serve_still_says_how_it_was_routed() {
     assert_eq!(r.status, 502);
     assert_eq!(mode(&r), (Some("direct_llm"), Some("no_identity")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_expecting_100_continue_is_told_to_send_the_body() {
+    // curl sends `Expect: 100-continue` for bodies over 1 KiB and waits before sending them.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let legacy = Upstream::start(echo_legacy).await;
+    let runtime = Upstream::start(healthy_runtime).await;
+    let server = proxy(config(&legacy.address(), &runtime.address())).await;
+
+    let body = format!(r#"{{"message":"{}"}}"#, "x".repeat(2000));
+    let mut conn = tokio::net::TcpStream::connect(server.proxy_addr)
+        .await
+        .unwrap();
+    let head = format!(
+        "POST /api/v1/chat/sessions/s-100 HTTP/1.1\r\nhost: a\r\nauthorization: Bearer {}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\nexpect: 100-continue\r\n\r\n",
+        token("org-a"),
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let mut interim = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_millis(500), conn.read(&mut interim))
+        .await
+        .expect("no 100 Continue: the client would wait before sending its body")
+        .unwrap();
+    assert!(
+        interim[..n].starts_with(b"HTTP/1.1 100"),
+        "{:?}",
+        String::from_utf8_lossy(&interim[..n])
+    );
+    conn.write_all(body.as_bytes()).await.unwrap();
+    runtime.wait_for_work(1).await;
+    let sent = &runtime.work()[0];
+    assert_eq!(sent.json()["user_message"].as_str().unwrap().len(), 2000);
+    assert_eq!(sent.header("expect"), None);
+}
