@@ -50,6 +50,7 @@ pub struct Metrics {
     pub health_checks_total: IntCounterVec,
     pub config_reloads_total: IntCounterVec,
     pub config_last_reload_success: Gauge,
+    pub config_file_valid: IntGauge,
     pub shadow_total: IntCounterVec,
     pub shadow_latency_ms: HistogramVec,
     pub shadow_events_total: IntCounter,
@@ -168,6 +169,10 @@ impl Metrics {
                 "cutover_config_reloads_total",
                 "Config reload attempts, by result (success, invalid).",
                 &["result"]
+            )?,
+            config_file_valid: register_int_gauge!(
+                "cutover_config_file_valid",
+                "0 while the config file on disk is refused (the last good config stays in force), 1 otherwise."
             )?,
             config_last_reload_success: register_gauge!(
                 "cutover_config_last_reload_success_timestamp_seconds",

@@ -68,10 +68,12 @@ fn reload_bytes(shared: &Shared, path: &Path, read: std::io::Result<Vec<u8>>) ->
                 .config_reloads_total
                 .with_label_values(&["invalid"])
                 .inc();
+            metrics.config_file_valid.set(0);
             tracing::error!(path = %path.display(), error = %e, "config refused; keeping the last good one");
             return ReloadResult::Refused(e);
         }
     };
+    metrics.config_file_valid.set(1);
     let current = shared.snapshot();
     if current.config == newer {
         return ReloadResult::Unchanged;
@@ -100,6 +102,7 @@ pub fn mark_loaded(shared: &Shared) {
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0);
     shared.metrics.config_last_reload_success.set(now);
+    shared.metrics.config_file_valid.set(1);
 }
 
 /// What made the reloader look at the file.

@@ -286,6 +286,13 @@ async fn broken_file_keeps_the_last_good_config_is_counted_once_and_a_fix_reload
     // Refused once, not once per poll or per file event: wait out several poll periods.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(reloads("invalid"), invalid0 + 1, "refusal counted again");
+    assert_eq!(
+        cutover_proxy::metrics::Metrics::global()
+            .config_file_valid
+            .get(),
+        0,
+        "a refused file on disk must stay visible after the refusal was counted"
+    );
     assert_eq!(mode_of(server.proxy_addr, "org-a").await, RT);
     assert_eq!(reloads("success"), success0);
 
@@ -308,6 +315,12 @@ async fn broken_file_keeps_the_last_good_config_is_counted_once_and_a_fix_reload
     until_mode(server.proxy_addr, "org-a", DIRECT, t, WITHIN).await;
     assert_eq!(reloads("success"), success0 + 1);
     assert_eq!(reloads("invalid"), invalid0 + 2);
+    assert_eq!(
+        cutover_proxy::metrics::Metrics::global()
+            .config_file_valid
+            .get(),
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
