@@ -93,6 +93,12 @@ fn content_length(session: &Session) -> Option<usize> {
         .ok()
 }
 
+/// Why the proxy answers a chat request itself.
+enum Rejection {
+    TooLarge,
+    BadBody,
+}
+
 enum BodyRead {
     Complete(Bytes),
     TooLarge,
@@ -218,29 +224,18 @@ impl CutoverProxy {
         let body = match read_chat_body(session, limit).await? {
             BodyRead::Complete(b) => b,
             BodyRead::TooLarge => {
-                self.release_probe(chat_ctx);
-                metrics
-                    .rejected_total
-                    .with_label_values(&["too_large"])
-                    .inc();
-                chat_ctx.answered = Some(413);
                 let msg = format!("chat request body without Content-Length exceeds {limit} bytes");
-                respond_json(session, 413, chat_ctx.decision, "PAYLOAD_TOO_LARGE", &msg).await?;
-                return Ok(true);
+                return self
+                    .reject(session, chat_ctx, Rejection::TooLarge, &msg)
+                    .await;
             }
         };
         let chat_body = match chat::parse_chat_body(&body) {
             Ok(b) => b,
             Err(e) => {
-                self.release_probe(chat_ctx);
-                metrics
-                    .rejected_total
-                    .with_label_values(&["bad_body"])
-                    .inc();
-                chat_ctx.answered = Some(400);
-                let decision = chat_ctx.decision;
-                respond_json(session, 400, decision, "INVALID_REQUEST", &e.message()).await?;
-                return Ok(true);
+                return self
+                    .reject(session, chat_ctx, Rejection::BadBody, &e.message())
+                    .await;
             }
         };
         let session_id = chat::session_id_for(route);
@@ -373,6 +368,30 @@ impl CutoverProxy {
             runtime_body,
         );
         Ok(())
+    }
+
+    /// Answer a chat request the proxy refuses itself (no upstream contacted): the probe slot is
+    /// freed, the refusal counted, and the JSON error carries the routing headers.
+    async fn reject(
+        &self,
+        session: &mut Session,
+        chat_ctx: &mut ChatCtx,
+        rejection: Rejection,
+        message: &str,
+    ) -> Result<bool> {
+        let (status, cause, code) = match rejection {
+            Rejection::TooLarge => (413, "too_large", "PAYLOAD_TOO_LARGE"),
+            Rejection::BadBody => (400, "bad_body", "INVALID_REQUEST"),
+        };
+        self.release_probe(chat_ctx);
+        self.shared
+            .metrics
+            .rejected_total
+            .with_label_values(&[cause])
+            .inc();
+        chat_ctx.answered = Some(status);
+        respond_json(session, status, chat_ctx.decision, code, message).await?;
+        Ok(true)
     }
 
     fn release_probe(&self, chat_ctx: &mut ChatCtx) {
@@ -605,15 +624,10 @@ impl ProxyHttp for CutoverProxy {
         let limit = active.config.limits.max_chat_body_bytes;
         if content_length(session).is_some_and(|n| n > limit) {
             let chat_ctx = ctx.chat.as_mut().expect("chat ctx");
-            self.release_probe(chat_ctx);
-            metrics
-                .rejected_total
-                .with_label_values(&["too_large"])
-                .inc();
-            chat_ctx.answered = Some(413);
             let msg = format!("chat request body exceeds {limit} bytes");
-            respond_json(session, 413, decision, "PAYLOAD_TOO_LARGE", &msg).await?;
-            return Ok(true);
+            return self
+                .reject(session, chat_ctx, Rejection::TooLarge, &msg)
+                .await;
         }
 
         if decision.mode == Mode::RuntimeOrchestrator {
