@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -51,8 +52,22 @@ pub struct PeerSettings {
     pub read_timeout: Option<Duration>,
 }
 
+/// The pool partition of the calling worker thread.
+///
+/// Pingora's keepalive pool is shared by all worker threads, and an idle connection is watched by
+/// a task on the thread that released it: reusing it from another thread costs two cross-thread
+/// wake-ups per request. Keyed per thread, a connection is only reused where it idles.
+fn pool_partition() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    thread_local! {
+        static PARTITION: u64 = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    PARTITION.with(|p| *p)
+}
+
 pub fn peer(addr: SocketAddr, settings: &PeerSettings) -> HttpPeer {
     let mut peer = HttpPeer::new(addr, false, String::new());
+    peer.group_key = pool_partition();
     peer.options.connection_timeout = Some(settings.connect_timeout);
     peer.options.idle_timeout = Some(settings.pool_idle_timeout);
     peer.options.read_timeout = settings.read_timeout;
