@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
 use pingora::services::background::{background_service, BackgroundService};
@@ -272,7 +273,12 @@ pub fn run(config_path: PathBuf, config: Config) -> ! {
         CutoverProxy::new(shared.clone()),
         "cutover-proxy",
     );
-    proxy.add_tcp(&config.server.listen);
+    // Pingora's session already reads into its own header and body buffers; its default 64 KiB
+    // read buffer per client connection only adds a copy and resident memory per held stream.
+    proxy.add_listener(
+        ListenerConfig::tcp(config.server.listen.as_str())
+            .l4_buffer(L4BufferSettings::default().read(0)),
+    );
 
     server.add_service(proxy);
     server.add_service(background_service(
