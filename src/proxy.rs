@@ -18,8 +18,9 @@ use crate::breaker::{Admission, State};
 use crate::chat;
 use crate::config::Mode;
 use crate::identity::{Caller, Unverified};
-use crate::relay::{self, InFlight, OpenFailure, RelayArgs, StreamReport};
+use crate::relay::{self, InFlight, RelayArgs, StreamReport};
 use crate::routing::{chat_route, ChatRoute, Reason, RolloutDecision};
+use crate::runtime::{self, OpenFailure};
 use crate::state::{Active, Shared};
 use crate::stats::{Outcome, Path};
 use crate::upstream;
@@ -221,20 +222,19 @@ impl CutoverProxy {
             return Ok(false);
         }
         let limit = active.config.limits.max_chat_body_bytes.min(REPLAY_LIMIT);
-        let body = match read_chat_body(session, limit).await? {
+        // This and the other one-off awaits below are boxed: a future holds room for its
+        // largest await for as long as it lives, and this one lives as long as the stream.
+        let body = match Box::pin(read_chat_body(session, limit)).await? {
             BodyRead::Complete(b) => b,
             BodyRead::TooLarge => {
                 let msg = format!("chat request body without Content-Length exceeds {limit} bytes");
-                return self
-                    .reject(session, chat_ctx, Rejection::TooLarge, &msg)
-                    .await;
+                return Box::pin(self.reject(session, chat_ctx, Rejection::TooLarge, &msg)).await;
             }
         };
         let chat_body = match chat::parse_chat_body(&body) {
             Ok(b) => b,
             Err(e) => {
-                return self
-                    .reject(session, chat_ctx, Rejection::BadBody, &e.message())
+                return Box::pin(self.reject(session, chat_ctx, Rejection::BadBody, &e.message()))
                     .await;
             }
         };
@@ -248,14 +248,19 @@ impl CutoverProxy {
             ClientGone,
         }
         let mut cutoff = self.shared.cutoff.subscribe();
-        let downstream = session.req_header().clone();
-        let opened = tokio::select! {
-            r = relay::open(&self.shared, active, &downstream, runtime_body, deadline, false) => Ok(r),
-            _ = cutoff.wait_for(|c| *c) => Err(Interrupted::Shutdown),
-            // Dropping the pending open closes the runtime connection: the runtime stops working
-            // for a client that is gone, and it is not counted against the runtime.
-            _ = relay::client_gone(session) => Err(Interrupted::ClientGone),
-        };
+        // Boxed so that its state (the request header copy, the exchange) is freed before the
+        // relay, which may hold the stream for minutes, starts.
+        let opened = Box::pin(async {
+            let downstream = session.req_header().clone();
+            tokio::select! {
+                r = runtime::open(&self.shared, active, &downstream, runtime_body, deadline, false) => Ok(r),
+                _ = cutoff.wait_for(|c| *c) => Err(Interrupted::Shutdown),
+                // Dropping the pending open closes the runtime connection: the runtime stops
+                // working for a client that is gone, and it is not counted against the runtime.
+                _ = relay::client_gone(session) => Err(Interrupted::ClientGone),
+            }
+        })
+        .await;
         let chat_ctx = ctx.chat.as_mut().expect("chat ctx");
         let opened = match opened {
             Ok(r) => r,
@@ -270,9 +275,14 @@ impl CutoverProxy {
             Err(Interrupted::Shutdown) => {
                 // Shutting down while the runtime had not answered yet: not the runtime's fault.
                 let message = "the proxy is shutting down; please retry";
-                let bytes = respond_sse_error(session, chat_ctx.decision, "SHUTTING_DOWN", message)
-                    .await
-                    .unwrap_or(0);
+                let bytes = Box::pin(respond_sse_error(
+                    session,
+                    chat_ctx.decision,
+                    "SHUTTING_DOWN",
+                    message,
+                ))
+                .await
+                .unwrap_or(0);
                 chat_ctx.runtime = Some(RuntimeAttempt::Relayed(StreamReport {
                     outcome: None,
                     error_code: Some("SHUTTING_DOWN"),
@@ -314,10 +324,14 @@ impl CutoverProxy {
                 Ok(false)
             }
             Err(failure) => {
-                let bytes =
-                    respond_sse_error(session, chat_ctx.decision, "TIMEOUT", &failure.detail)
-                        .await
-                        .unwrap_or(0);
+                let bytes = Box::pin(respond_sse_error(
+                    session,
+                    chat_ctx.decision,
+                    "TIMEOUT",
+                    &failure.detail,
+                ))
+                .await
+                .unwrap_or(0);
                 chat_ctx.runtime = Some(RuntimeAttempt::Relayed(StreamReport {
                     outcome: Some(failure.outcome),
                     error_code: Some("TIMEOUT"),

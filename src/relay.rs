@@ -1,190 +1,24 @@
-//! One runtime execution: open the runtime's stream, then relay its frames to the client as
-//! Agent2UI events, inline, each event whole and flushed as soon as its frame is complete.
-//!
-//! Opening is separate from relaying so that a runtime that fails before its first byte can be
-//! failed over to legacy; once a byte reached the client every failure ends the stream with
-//! exactly one `error` event instead.
+//! One runtime execution relayed to the client: the runtime's frames become Agent2UI events,
+//! inline, each event whole and flushed as soon as its frame is complete. Once a byte reached the
+//! client every failure ends the stream with exactly one `error` event.
 
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use pingora::http::{RequestHeader, ResponseHeader};
-use pingora::protocols::http::client::HttpSession;
+use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
-use pingora::upstreams::peer::HttpPeer;
 use pingora::ErrorType;
-use tokio::sync::mpsc;
 
 use crate::agent2ui::{self, Mapped, StreamMapper};
 use crate::config::Mode;
 use crate::routing::RolloutDecision;
+use crate::runtime::RuntimeStream;
 use crate::sse::{SseError, SseParser};
-use crate::state::{Active, Shared};
+use crate::state::Shared;
 use crate::stats::Outcome;
-use crate::upstream;
-
-/// Request headers passed on to the runtime besides the ones the proxy sets.
-const FORWARDED_HEADERS: &[&str] = &[
-    "authorization",
-    "x-request-id",
-    "traceparent",
-    "tracestate",
-    "accept-language",
-    "user-agent",
-];
 
 /// Grace for the last write after the execution deadline.
 const WRITE_GRACE: Duration = Duration::from_secs(1);
-
-/// Upstream chunks buffered between the runtime reader and the client writer.
-const RELAY_QUEUE: usize = 8;
-
-/// The runtime answered 2xx and its body is ready to be relayed.
-pub struct RuntimeStream {
-    session: HttpSession,
-    peer: HttpPeer,
-}
-
-impl RuntimeStream {
-    /// The next piece of the runtime's body; `None` at its end.
-    pub async fn read_chunk(&mut self) -> pingora::Result<Option<Bytes>> {
-        self.session.read_response_body().await
-    }
-
-    /// Return the connection to the pool if the response was read to its end; drop it otherwise.
-    pub async fn release(mut self, shared: &Shared, idle: Duration) {
-        if self.session.response_done() {
-            shared
-                .connector
-                .release_http_session(self.session, &self.peer, Some(idle))
-                .await;
-        }
-    }
-}
-
-/// Marks a shadow copy so the runtime can skip side effects (tool calls, stored history).
-pub const SHADOW_HEADER: &str = "x-cutover-shadow";
-
-/// Why the runtime could not be opened.
-#[derive(Debug)]
-pub struct OpenFailure {
-    pub outcome: Outcome,
-    pub detail: String,
-    /// Safe to serve the request from legacy instead: nothing reached the client yet and the
-    /// runtime refused or failed fast. A runtime that stayed silent until the execution deadline
-    /// is answered with an error event instead, not made to wait twice.
-    pub failover: bool,
-}
-
-impl OpenFailure {
-    fn error(detail: String) -> Self {
-        OpenFailure {
-            outcome: Outcome::Error,
-            detail,
-            failover: true,
-        }
-    }
-}
-
-fn runtime_request(
-    active: &Active,
-    downstream: &RequestHeader,
-    body_len: usize,
-    shadow: bool,
-) -> pingora::Result<RequestHeader> {
-    let rt = &active.config.runtime;
-    let mut req = RequestHeader::build("POST", rt.stream_path.as_bytes(), Some(12))?;
-    req.insert_header("host", rt.address.as_str())?;
-    req.insert_header("content-type", "application/json")?;
-    req.insert_header("content-length", body_len.to_string())?;
-    req.insert_header("accept", "text/event-stream")?;
-    for name in FORWARDED_HEADERS {
-        if let Some(v) = downstream.headers.get(*name) {
-            req.insert_header(*name, v.clone())?;
-        }
-    }
-    if shadow {
-        req.insert_header(SHADOW_HEADER, "1")?;
-    }
-    Ok(req)
-}
-
-fn is_timeout(e: &pingora::Error) -> bool {
-    matches!(
-        e.etype(),
-        ErrorType::ConnectTimedout
-            | ErrorType::ReadTimedout
-            | ErrorType::WriteTimedout
-            | ErrorType::TLSHandshakeTimedout
-    )
-}
-
-/// Send the runtime request and wait for a 2xx response header, until `deadline`.
-pub async fn open(
-    shared: &Shared,
-    active: &Active,
-    downstream: &RequestHeader,
-    body: Bytes,
-    deadline: Instant,
-    shadow: bool,
-) -> Result<RuntimeStream, OpenFailure> {
-    let addr = shared
-        .resolver
-        .resolve(&active.config.runtime.address)
-        .await
-        .map_err(|e| OpenFailure::error(format!("resolving runtime address: {e}")))?;
-    let peer = upstream::peer(addr, &active.runtime);
-    let header = runtime_request(active, downstream, body.len(), shadow)
-        .map_err(|e| OpenFailure::error(format!("building runtime request: {e}")))?;
-
-    // A pooled connection the runtime closed meanwhile fails on first use; one fresh attempt
-    // is safe because such a connection never delivered the request.
-    for attempt in 0..2 {
-        // Refused or timed out, a connection that could not be made is a connect failure: an
-        // error (CONTRACT.md, "Breaker and failover"), not an execution timeout.
-        let (mut session, reused) = shared
-            .connector
-            .get_http_session(&peer)
-            .await
-            .map_err(|e| OpenFailure::error(format!("connecting to runtime: {e}")))?;
-        let exchange = async {
-            session
-                .write_request_header(Box::new(header.clone()))
-                .await?;
-            session.write_request_body(body.clone(), true).await?;
-            session.finish_request_body().await?;
-            session.read_response_header().await
-        };
-        match tokio::time::timeout_at(deadline.into(), exchange).await {
-            Err(_) => {
-                return Err(OpenFailure {
-                    outcome: Outcome::Timeout,
-                    detail: "runtime sent no response header before the execution timeout".into(),
-                    failover: false,
-                })
-            }
-            Ok(Err(e)) if reused && attempt == 0 => {
-                tracing::debug!(error = %e, "stale pooled runtime connection, retrying once");
-                continue;
-            }
-            Ok(Err(e)) => {
-                return Err(OpenFailure::error(format!("runtime request failed: {e}")));
-            }
-            Ok(Ok(())) => {}
-        }
-        let status = session
-            .response_header()
-            .map(|h| h.status.as_u16())
-            .unwrap_or(0);
-        if !(200..300).contains(&status) {
-            return Err(OpenFailure::error(format!("runtime answered {status}")));
-        }
-        return Ok(RuntimeStream { session, peer });
-    }
-    Err(OpenFailure::error(
-        "runtime closed two connections in a row".into(),
-    ))
-}
 
 /// What happened on a relayed stream; the proxy records it once the request ends.
 #[derive(Debug, Default, Clone)]
@@ -217,51 +51,25 @@ pub fn sse_response_header(
     Ok(resp)
 }
 
-enum Upstream {
-    Chunk(Bytes),
-    End,
-    Failed(Box<pingora::Error>),
-}
-
-/// Read the runtime body on its own task so the client side can wait on timers without
-/// cancelling a half-done read; the connection returns to the pool only after a clean end.
-fn spawn_reader(
-    shared: std::sync::Arc<Shared>,
-    mut stream: RuntimeStream,
-    idle: Duration,
-) -> (mpsc::Receiver<Upstream>, tokio::task::JoinHandle<()>) {
-    let (tx, rx) = mpsc::channel(RELAY_QUEUE);
-    let handle = tokio::spawn(async move {
-        loop {
-            match stream.session.read_response_body().await {
-                Ok(Some(chunk)) => {
-                    if tx.send(Upstream::Chunk(chunk)).await.is_err() {
-                        return;
-                    }
-                }
-                Ok(None) => {
-                    let _ = tx.send(Upstream::End).await;
-                    if stream.session.response_done() {
-                        shared
-                            .connector
-                            .release_http_session(stream.session, &stream.peer, Some(idle))
-                            .await;
-                    }
-                    return;
-                }
-                Err(e) => {
-                    let _ = tx.send(Upstream::Failed(e)).await;
-                    return;
-                }
-            }
-        }
-    });
-    (rx, handle)
-}
-
 /// How a relayed stream ends: the error event to send (code, message), if any, and the outcome
 /// (`None`: not the runtime's fault).
 type StreamEnd = (Option<(&'static str, String)>, Option<Outcome>);
+
+/// Reading the runtime's body failed: the connection broke or the body's framing was invalid.
+/// Harmless once `execution_complete` was relayed.
+fn stream_failed(completed: bool, e: impl std::fmt::Display) -> StreamEnd {
+    if completed {
+        (None, Some(Outcome::Success))
+    } else {
+        (
+            Some((
+                "RUNTIME_DISCONNECTED",
+                format!("runtime stream failed: {e}"),
+            )),
+            Some(Outcome::Error),
+        )
+    }
+}
 
 /// The runtime's stream is over (`[DONE]` or end of body): fine after `execution_complete`,
 /// truncated otherwise.
@@ -280,7 +88,8 @@ fn stream_ended(completed: bool) -> StreamEnd {
 }
 
 enum Wake {
-    Upstream(Option<Upstream>),
+    /// Bytes read from the runtime (0: end of file), or the read failed.
+    Upstream(std::io::Result<usize>),
     Deadline,
     Heartbeat,
     ClientGone,
@@ -321,12 +130,14 @@ pub async fn relay(session: &mut Session, stream: RuntimeStream, args: RelayArgs
         return report;
     }
 
-    let (mut rx, reader) = spawn_reader(args.shared.clone(), stream, args.pool_idle);
+    let mut stream = stream;
+    // Body bytes that came with the response head are relayed before anything is awaited.
+    let mut buffered = stream.has_buffered();
     let mut cutoff = args.shared.cutoff.subscribe();
     let mut parser = SseParser::new(args.max_frame_bytes);
     let mut mapper = StreamMapper::new(&args.session_id);
     let mut events = Vec::new();
-    let mut out = Vec::with_capacity(4096);
+    let mut out = Vec::new();
     let mut completed = false;
     let mut last_write = Instant::now();
 
@@ -338,20 +149,29 @@ pub async fn relay(session: &mut Session, stream: RuntimeStream, args: RelayArgs
         let heartbeat_at = last_write
             .checked_add(args.heartbeat)
             .unwrap_or(args.deadline);
-        let wake = tokio::select! {
-            biased;
-            m = rx.recv() => Wake::Upstream(m),
-            _ = tokio::time::sleep_until(args.deadline.into()) => Wake::Deadline,
-            _ = cutoff.wait_for(|c| *c) => Wake::Cutoff,
-            _ = tokio::time::sleep_until(heartbeat_at.into()) => Wake::Heartbeat,
-            _ = client_gone(session) => Wake::ClientGone,
+        let wake = if std::mem::take(&mut buffered) {
+            Wake::Upstream(Ok(1))
+        } else {
+            tokio::select! {
+                biased;
+                r = stream.fill() => Wake::Upstream(r),
+                _ = tokio::time::sleep_until(args.deadline.into()) => Wake::Deadline,
+                _ = cutoff.wait_for(|c| *c) => Wake::Cutoff,
+                _ = tokio::time::sleep_until(heartbeat_at.into()) => Wake::Heartbeat,
+                _ = client_gone(session) => Wake::ClientGone,
+            }
         };
         // `Some(end)` once the stream is over: the error event to send, if any, and the outcome.
         let mut end: Option<StreamEnd> = None;
         match wake {
-            Wake::Upstream(Some(Upstream::Chunk(chunk))) => {
+            Wake::Upstream(Ok(n)) if n > 0 => {
                 events.clear();
-                let parsed = parser.feed(&chunk, &mut events);
+                let mut parsed = Ok(());
+                let body = stream.decode(|piece| {
+                    if parsed.is_ok() {
+                        parsed = parser.feed(piece, &mut events);
+                    }
+                });
                 for ev in &events {
                     // After `execution_complete` the client has its `done`: anything but the
                     // `[DONE]` marker would follow it as a second terminal event or as stray
@@ -414,7 +234,6 @@ pub async fn relay(session: &mut Session, stream: RuntimeStream, args: RelayArgs
                         let bytes = Bytes::from(std::mem::take(&mut out));
                         report.bytes += bytes.len() as u64;
                         if !write_client(session, Some(bytes), false, args.deadline).await {
-                            reader.abort();
                             report.detail = Some("client disconnected or stopped reading".into());
                             return report;
                         }
@@ -433,29 +252,27 @@ pub async fn relay(session: &mut Session, stream: RuntimeStream, args: RelayArgs
                         ));
                     }
                 }
+                if end.is_none() {
+                    end = match body {
+                        Ok(true) => {
+                            parser.finish();
+                            Some(stream_ended(completed))
+                        }
+                        Ok(false) => None,
+                        Err(e) => Some(stream_failed(completed, e)),
+                    };
+                }
             }
-            Wake::Upstream(Some(Upstream::End)) | Wake::Upstream(None) => {
-                parser.finish();
-                end = Some(stream_ended(completed));
-            }
-            Wake::Upstream(Some(Upstream::Failed(e))) => {
-                end = Some(if completed {
-                    (None, Some(Outcome::Success))
-                } else if is_timeout(&e) {
-                    (
-                        Some(("TIMEOUT", format!("runtime stream timed out: {e}"))),
-                        Some(Outcome::Timeout),
-                    )
-                } else {
-                    (
-                        Some((
-                            "RUNTIME_DISCONNECTED",
-                            format!("runtime stream failed: {e}"),
-                        )),
-                        Some(Outcome::Error),
-                    )
+            Wake::Upstream(Ok(_)) => {
+                end = Some(match stream.eof() {
+                    Ok(()) => {
+                        parser.finish();
+                        stream_ended(completed)
+                    }
+                    Err(e) => stream_failed(completed, e),
                 });
             }
+            Wake::Upstream(Err(e)) => end = Some(stream_failed(completed, e)),
             Wake::Deadline => {
                 end = Some(if completed {
                     // The client already has its `done`; only [DONE] or the end was missing.
@@ -490,7 +307,6 @@ pub async fn relay(session: &mut Session, stream: RuntimeStream, args: RelayArgs
                     .inc();
             }
             Wake::ClientGone => {
-                reader.abort();
                 report.detail = Some("client disconnected".into());
                 return report;
             }
@@ -511,7 +327,6 @@ pub async fn relay(session: &mut Session, stream: RuntimeStream, args: RelayArgs
             let bytes = Bytes::from(std::mem::take(&mut out));
             report.bytes += bytes.len() as u64;
             if !write_client(session, Some(bytes), done, args.deadline).await {
-                reader.abort();
                 report.outcome = None;
                 report.detail = Some("client disconnected or stopped reading".into());
                 return report;
@@ -523,29 +338,23 @@ pub async fn relay(session: &mut Session, stream: RuntimeStream, args: RelayArgs
             out = Vec::with_capacity(4096);
             if done {
                 report.outcome = end.and_then(|(_, o)| o);
-                finish_reader(reader, report.outcome);
+                finish_runtime(stream, &args, report.outcome);
                 return report;
             }
         } else if let Some((_, outcome)) = end {
             write_client(session, None, true, args.deadline).await;
             report.outcome = outcome;
-            finish_reader(reader, report.outcome);
+            finish_runtime(stream, &args, report.outcome);
             return report;
         }
     }
 }
 
-/// After a clean end the reader may still be reading the body's terminator before it returns
-/// the connection to the pool; give it a moment rather than cutting it. Otherwise stop it now,
-/// which closes the runtime connection.
-fn finish_reader(reader: tokio::task::JoinHandle<()>, outcome: Option<Outcome>) {
+/// After a clean end the connection goes back to the pool, once its body is read to the end;
+/// otherwise it is closed, which tells the runtime to stop.
+fn finish_runtime(stream: RuntimeStream, args: &RelayArgs, outcome: Option<Outcome>) {
     if outcome == Some(Outcome::Success) {
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            reader.abort();
-        });
-    } else {
-        reader.abort();
+        stream.release_when_done(args.shared.clone(), args.pool_idle);
     }
 }
 

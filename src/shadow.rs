@@ -109,7 +109,7 @@ async fn run(
 ) -> ShadowReport {
     let deadline = started + active.config.runtime.execution_timeout();
     let mut stream =
-        match crate::relay::open(shared, active, downstream, body, deadline, true).await {
+        match crate::runtime::open(shared, active, downstream, body, deadline, true).await {
             Ok(s) => s,
             Err(f) => {
                 return ShadowReport {
@@ -133,21 +133,32 @@ async fn run(
         },
         events,
     };
+    // Body bytes that came with the response head are judged before anything is awaited.
+    let mut buffered = stream.has_buffered();
     loop {
-        let read = tokio::time::timeout_at(deadline.into(), stream.read_chunk()).await;
-        let chunk = match read {
+        let read = if std::mem::take(&mut buffered) {
+            Ok(Ok(1))
+        } else {
+            tokio::time::timeout_at(deadline.into(), stream.fill()).await
+        };
+        match read {
             Err(_) => return report(completed, Outcome::Timeout, count),
-            Ok(Ok(None)) => {
-                stream
-                    .release(shared, active.runtime.pool_idle_timeout)
-                    .await;
+            Ok(Err(_)) => return report(completed, Outcome::Error, count),
+            Ok(Ok(0)) => {
+                if stream.eof().is_ok() {
+                    stream.release(shared, active.runtime.pool_idle_timeout);
+                }
                 return report(completed, Outcome::Error, count);
             }
-            Ok(Err(_)) => return report(completed, Outcome::Error, count),
-            Ok(Ok(Some(c))) => c,
-        };
+            Ok(Ok(_)) => {}
+        }
         events.clear();
-        let parsed = parser.feed(&chunk, &mut events);
+        let mut parsed = Ok(());
+        let body = stream.decode(|piece| {
+            if parsed.is_ok() {
+                parsed = parser.feed(piece, &mut events);
+            }
+        });
         for ev in &events {
             sink.clear();
             match mapper.map(ev, &mut sink) {
@@ -163,6 +174,14 @@ async fn run(
         }
         if parsed.is_err() {
             return report(false, Outcome::Error, count);
+        }
+        match body {
+            Ok(true) => {
+                stream.release(shared, active.runtime.pool_idle_timeout);
+                return report(completed, Outcome::Error, count);
+            }
+            Ok(false) => {}
+            Err(_) => return report(completed, Outcome::Error, count),
         }
     }
 }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use pingora::connectors::http::Connector;
+use pingora::connectors::TransportConnector;
 
 use crate::breaker::{Breaker, BreakerSettings, SharedBreaker};
 use crate::config::Config;
@@ -90,8 +91,10 @@ pub struct Shared {
     pub breaker: SharedBreaker,
     pub stats: Mutex<ExecutionStats>,
     pub metrics: &'static Metrics,
-    /// Pingora's pooled connector, for runtime executions, shadow copies and health checks.
+    /// Pingora's pooled connector, for health checks.
     pub connector: Connector,
+    /// Pooled runtime connections for executions and shadow copies, read by `runtime`.
+    pub runtime_pool: TransportConnector,
     pub resolver: Resolver,
     /// Set on SIGTERM: readiness fails and streams are told to finish.
     pub draining: AtomicBool,
@@ -129,6 +132,7 @@ impl Shared {
             stats: Mutex::new(stats),
             metrics,
             connector: Connector::new(None),
+            runtime_pool: TransportConnector::new(None),
             resolver: Resolver::default(),
             draining: AtomicBool::new(false),
             cutoff: tokio::sync::watch::channel(false).0,

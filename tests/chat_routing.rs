@@ -527,8 +527,8 @@ async fn runtime_connections_are_reused_across_executions() {
         assert_eq!(event_names(&r), ["message", "done"]);
     }
     assert_eq!(runtime.work().len(), executions);
-    // Health checks share the pool too; without reuse there would be one connection per
-    // execution plus the health checks'.
+    // Without reuse there would be one connection per execution (one more per worker thread
+    // is allowed: the pool is kept per thread).
     let used: std::collections::HashSet<_> = runtime.work().iter().map(|w| w.connection).collect();
     assert!(
         used.len() <= 2,

@@ -1,0 +1,293 @@
+//! One runtime execution's connection: the request over a pooled connection, the response head,
+//! and the body read by whoever relays it.
+//!
+//! Opening is separate from relaying so that a runtime that fails before its first byte can be
+//! failed over to legacy. The body is read by the caller's own loop (`fill` then `decode`), not by
+//! a reader task: an idle stream then holds no task, no channel and no read buffer, and the first
+//! bytes reach the SSE parser without a hop between tasks.
+
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use pingora::http::RequestHeader;
+use pingora::protocols::Stream;
+use pingora::upstreams::peer::Peer;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::h1::{self, BodyDecoder, BodyError};
+use crate::state::{Active, Shared};
+use crate::stats::Outcome;
+use crate::upstream;
+
+/// Request headers passed on to the runtime besides the ones the proxy sets.
+const FORWARDED_HEADERS: &[&str] = &[
+    "authorization",
+    "x-request-id",
+    "traceparent",
+    "tracestate",
+    "accept-language",
+    "user-agent",
+];
+
+/// Marks a shadow copy so the runtime can skip side effects (tool calls, stored history).
+pub const SHADOW_HEADER: &str = "x-cutover-shadow";
+
+/// Room asked of the read buffer before a read while the runtime streams fast (the last read
+/// filled its buffer).
+const READ_SIZE: usize = 16 * 1024;
+/// Room asked otherwise: a frame or two, so a held stream waits with ~1 KiB, not 16.
+const SMALL_READ: usize = 1024;
+
+/// Why the runtime could not be opened.
+#[derive(Debug)]
+pub struct OpenFailure {
+    pub outcome: Outcome,
+    pub detail: String,
+    /// Safe to serve the request from legacy instead: nothing reached the client yet and the
+    /// runtime refused or failed fast. A runtime that stayed silent until the execution deadline
+    /// is answered with an error event instead, not made to wait twice.
+    pub failover: bool,
+}
+
+impl OpenFailure {
+    fn error(detail: String) -> Self {
+        OpenFailure {
+            outcome: Outcome::Error,
+            detail,
+            failover: true,
+        }
+    }
+}
+
+/// The runtime answered 2xx; its body is read with [`RuntimeStream::fill`] and
+/// [`RuntimeStream::decode`].
+pub struct RuntimeStream {
+    stream: Stream,
+    /// Received bytes not decoded yet; empty (no allocation) between reads.
+    buf: BytesMut,
+    body: BodyDecoder,
+    keep_alive: bool,
+    pool_key: u64,
+    /// The last read filled all the room it had: more is likely waiting.
+    streaming: bool,
+}
+
+impl RuntimeStream {
+    /// Read more of the body from the runtime; `Ok(0)` at end of file. Cancel-safe: a read
+    /// dropped before it completes loses nothing, so it can race timers in a `select!`.
+    pub async fn fill(&mut self) -> std::io::Result<usize> {
+        self.buf.reserve(if self.streaming {
+            READ_SIZE
+        } else {
+            SMALL_READ
+        });
+        let room = self.buf.capacity() - self.buf.len();
+        let n = self.stream.read_buf(&mut self.buf).await?;
+        self.streaming = n == room;
+        Ok(n)
+    }
+
+    /// Decode what `fill` read, handing the payload to `sink` in order; `Ok(true)` once the body
+    /// is complete.
+    pub fn decode(&mut self, sink: impl FnMut(&[u8])) -> Result<bool, BodyError> {
+        let used = self.body.decode(&self.buf, sink)?;
+        self.buf.advance(used);
+        if self.buf.is_empty() {
+            // A held stream keeps no read buffer while it waits.
+            self.buf = BytesMut::new();
+        }
+        Ok(self.body.is_done())
+    }
+
+    /// The runtime closed the connection: the end of a close-delimited body, an error otherwise.
+    pub fn eof(&mut self) -> Result<(), BodyError> {
+        self.body.eof()
+    }
+
+    /// Body bytes are waiting to be decoded (they came with the response head).
+    pub fn has_buffered(&self) -> bool {
+        !self.buf.is_empty()
+    }
+
+    /// Return the connection to the pool if its response was read to its end and it can carry
+    /// another; drop (close) it otherwise.
+    pub fn release(self, shared: &Shared, idle: Duration) {
+        if self.body.is_done() && self.keep_alive && self.buf.is_empty() {
+            shared
+                .runtime_pool
+                .release_stream(self.stream, self.pool_key, Some(idle));
+        }
+    }
+
+    /// After a clean end the body's last bytes (the chunked terminator) may still be on their
+    /// way; read them for a moment on a task of their own so the connection can be reused.
+    pub fn release_when_done(mut self, shared: std::sync::Arc<Shared>, idle: Duration) {
+        if self.body.is_done() || !self.keep_alive {
+            self.release(&shared, idle);
+            return;
+        }
+        tokio::spawn(async move {
+            let drain = async {
+                while !self.body.is_done() {
+                    if self.fill().await.ok()? == 0 {
+                        return None;
+                    }
+                    self.decode(|_| {}).ok()?;
+                }
+                Some(())
+            };
+            if let Ok(Some(())) = tokio::time::timeout(Duration::from_secs(2), drain).await {
+                self.release(&shared, idle);
+            }
+        });
+    }
+}
+
+fn runtime_request(
+    active: &Active,
+    downstream: &RequestHeader,
+    body: &[u8],
+    shadow: bool,
+) -> Vec<u8> {
+    let rt = &active.config.runtime;
+    let length = body.len().to_string();
+    let mut headers: Vec<(&str, &[u8])> = vec![
+        ("host", rt.address.as_bytes()),
+        ("content-type", b"application/json"),
+        ("content-length", length.as_bytes()),
+        ("accept", b"text/event-stream"),
+    ];
+    for name in FORWARDED_HEADERS {
+        if let Some(v) = downstream.headers.get(*name) {
+            headers.push((name, v.as_bytes()));
+        }
+    }
+    if shadow {
+        headers.push((SHADOW_HEADER, b"1"));
+    }
+    h1::encode_request("POST", &rt.stream_path, &headers, body)
+}
+
+/// What went wrong between writing the request and a complete response head.
+enum ExchangeError {
+    Io(std::io::Error),
+    /// Closed before a single byte of the response: a stale pooled connection when reused.
+    ClosedEarly,
+    Head(h1::HeadError),
+}
+
+impl std::fmt::Display for ExchangeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExchangeError::Io(e) => write!(f, "{e}"),
+            ExchangeError::ClosedEarly => write!(f, "connection closed before a response"),
+            ExchangeError::Head(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// Write the request, then read up to a final (non-1xx) response head.
+async fn exchange(
+    stream: &mut Stream,
+    request: &[u8],
+    buf: &mut BytesMut,
+) -> Result<h1::Head, ExchangeError> {
+    stream.write_all(request).await.map_err(ExchangeError::Io)?;
+    stream.flush().await.map_err(ExchangeError::Io)?;
+    let mut received = 0usize;
+    loop {
+        match h1::parse_head(buf, false).map_err(ExchangeError::Head)? {
+            Some(head) if head.status / 100 == 1 && head.status != 101 => {
+                buf.advance(head.len);
+                continue;
+            }
+            Some(head) => {
+                buf.advance(head.len);
+                return Ok(head);
+            }
+            None => {}
+        }
+        buf.reserve(4096);
+        let n = stream.read_buf(buf).await.map_err(ExchangeError::Io)?;
+        if n == 0 {
+            return Err(if received == 0 {
+                ExchangeError::ClosedEarly
+            } else {
+                ExchangeError::Io(std::io::ErrorKind::UnexpectedEof.into())
+            });
+        }
+        received += n;
+    }
+}
+
+/// Send the runtime request and wait for a 2xx response head, until `deadline`.
+pub async fn open(
+    shared: &Shared,
+    active: &Active,
+    downstream: &RequestHeader,
+    body: Bytes,
+    deadline: Instant,
+    shadow: bool,
+) -> Result<RuntimeStream, OpenFailure> {
+    let addr = shared
+        .resolver
+        .resolve(&active.config.runtime.address)
+        .await
+        .map_err(|e| OpenFailure::error(format!("resolving runtime address: {e}")))?;
+    let peer = upstream::peer(addr, &active.runtime);
+    let request = runtime_request(active, downstream, &body, shadow);
+
+    // A pooled connection the runtime closed meanwhile fails on first use; one fresh attempt
+    // is safe because such a connection never delivered a response.
+    for attempt in 0..2 {
+        // Refused or timed out, a connection that could not be made is a connect failure: an
+        // error (CONTRACT.md, "Breaker and failover"), not an execution timeout.
+        let (mut stream, reused) = shared
+            .runtime_pool
+            .get_stream(&peer)
+            .await
+            .map_err(|e| OpenFailure::error(format!("connecting to runtime: {e}")))?;
+        let mut buf = BytesMut::new();
+        let head = match tokio::time::timeout_at(
+            deadline.into(),
+            exchange(&mut stream, &request, &mut buf),
+        )
+        .await
+        {
+            Err(_) => {
+                return Err(OpenFailure {
+                    outcome: Outcome::Timeout,
+                    detail: "runtime sent no response header before the execution timeout".into(),
+                    failover: false,
+                })
+            }
+            Ok(Err(e @ (ExchangeError::ClosedEarly | ExchangeError::Io(_))))
+                if reused && attempt == 0 =>
+            {
+                tracing::debug!(error = %e, "stale pooled runtime connection, retrying once");
+                continue;
+            }
+            Ok(Err(e)) => {
+                return Err(OpenFailure::error(format!("runtime request failed: {e}")));
+            }
+            Ok(Ok(head)) => head,
+        };
+        if !(200..300).contains(&head.status) {
+            return Err(OpenFailure::error(format!(
+                "runtime answered {}",
+                head.status
+            )));
+        }
+        return Ok(RuntimeStream {
+            stream,
+            buf,
+            body: BodyDecoder::new(head.framing),
+            keep_alive: head.keep_alive,
+            pool_key: peer.reuse_hash(),
+            streaming: false,
+        });
+    }
+    Err(OpenFailure::error(
+        "runtime closed two connections in a row".into(),
+    ))
+}
