@@ -34,7 +34,7 @@ pub const SHADOW_HEADER: &str = "x-cutover-shadow";
 
 /// Room asked of the read buffer before a read while the runtime streams fast (the last read
 /// filled its buffer).
-const READ_SIZE: usize = 16 * 1024;
+const READ_SIZE: usize = 32 * 1024;
 /// Room asked otherwise: a frame or two, so a held stream waits with ~1 KiB, not 16.
 const SMALL_READ: usize = 1024;
 
@@ -107,6 +107,11 @@ impl RuntimeStream {
     /// Body bytes are waiting to be decoded (they came with the response head).
     pub fn has_buffered(&self) -> bool {
         !self.buf.is_empty()
+    }
+
+    /// Bytes read and not decoded yet.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
     }
 
     /// Return the connection to the pool if its response was read to its end and it can carry
