@@ -35,7 +35,7 @@ fi
 CONNS=${BENCH_CONNS:-50}
 WRK_THREADS=${BENCH_WRK_THREADS:-1}
 PROXY_THREADS=${BENCH_PROXY_THREADS:-1 2}     # one cutover-proxy per value, all measured
-SSE_THREADS=${BENCH_SSE_THREADS:-2}           # the proxy used for sections 2 and 3
+SSE_THREADS=${BENCH_SSE_THREADS:-2}           # the proxy used for section 3 (section 2 runs each)
 UPSTREAM_WORKERS=${BENCH_UPSTREAM_WORKERS:-1}
 SSE_CHUNKS=${BENCH_SSE_CHUNKS:-10000}
 if [ -n "${CUTOVER_PROXY_BIN:-}" ]; then
@@ -264,23 +264,23 @@ $TOOL collect "$OUT/passthrough.json" --jsonl "$OUT/passthrough.jsonl" "${case_a
 
 # ---- 2. SSE on the runtime path ------------------------------------------------------------
 log "section 2: SSE, ${SSE_CHUNKS}-chunk runtime stream ($SSE_BYTES bytes), $ROUNDS × $SSE_STREAMS streams per case"
-SSE_PROXY=proxy-t$SSE_THREADS
-SSE_PROXY_PORT=$(proxy_port "$SSE_THREADS")
 for r in $(seq 1 "$ROUNDS"); do
   # The long stream is the measurement; the short one (12 frames) shows the fixed per-request
   # part of the first-event time, without the first read's worth of frames to rewrite.
   for stream in long short; do
     $TOOL sse --kind direct --stream $stream --port $RUNTIME_PORT --path $STREAM_PATH \
       --count "$SSE_STREAMS" --out "$OUT/sse/direct-$stream-r$r.json" >&2
-    $TOOL sse --kind proxy --stream $stream --port "$SSE_PROXY_PORT" --path $CHAT_PATH \
-      --org org-bench --cpu-pid "${PIDS[$SSE_PROXY]}" --count "$SSE_STREAMS" \
-      --out "$OUT/sse/proxy-$stream-r$r.json" >&2
+    for t in $PROXY_THREADS; do
+      $TOOL sse --kind proxy --threads "$t" --stream $stream --port "$(proxy_port "$t")" \
+        --path $CHAT_PATH --org org-bench --cpu-pid "${PIDS[proxy-t$t]}" --count "$SSE_STREAMS" \
+        --out "$OUT/sse/proxy-t$t-$stream-r$r.json" >&2
+    done
   done
 done
 sse_files=()
 for f in "$OUT"/sse/*.json; do sse_files+=(--json "$f"); done
 $TOOL collect "$OUT/sse.json" "${sse_files[@]}" \
-  --set "rounds=$ROUNDS" --set "per_round=$SSE_STREAMS" --set "threads=$SSE_THREADS" \
+  --set "rounds=$ROUNDS" --set "per_round=$SSE_STREAMS" \
   --set "chunks=$SSE_CHUNKS" --set "runtime_frames=$((SSE_CHUNKS + 2))" --set "stream_bytes=$SSE_BYTES"
 
 # Sections 1 and 2 are done: stop their proxies.
