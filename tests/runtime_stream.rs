@@ -1013,3 +1013,99 @@ async fn http10_clients_get_a_close_delimited_stream() {
     let events = parse_events(body);
     assert_eq!(names(&events), ["message", "done"], "{body:?}");
 }
+
+/// The runtime's whole answer as raw bytes: `head` then `body`, both written by the test.
+fn raw_runtime(head: &str, body: Vec<u8>) -> impl Fn(&Received) -> Reply + Send + Sync {
+    let mut bytes = head.as_bytes().to_vec();
+    bytes.extend_from_slice(&body);
+    move |req: &Received| {
+        if req.path == "/health" {
+            return Reply::json(200, json!({"status": "ok"}));
+        }
+        let bytes = bytes.clone();
+        Reply::silent(vec![Step::Send(bytes), Step::Close])
+    }
+}
+
+fn ok_body() -> Vec<u8> {
+    [
+        frame("text_chunk", json!({"content": "hi"})),
+        frame("execution_complete", json!({"final_response": "hi"})),
+        done_frame(),
+    ]
+    .concat()
+}
+
+/// However HTTP/1.1 delimits the runtime's body, the client gets the same whole stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_http_framing_of_the_runtime_body_is_relayed() {
+    let body = ok_body();
+    let mut chunked = Vec::new();
+    for piece in body.chunks(7) {
+        chunked.extend_from_slice(format!("{:x};ext=1\r\n", piece.len()).as_bytes());
+        chunked.extend_from_slice(piece);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\nx-trailer: 1\r\n\r\n");
+    let length_head = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    let cases = [
+        ("content-length", length_head.as_str(), body.clone()),
+        (
+            "close-delimited HTTP/1.0",
+            "HTTP/1.0 200 OK\r\ncontent-type: text/event-stream\r\n\r\n",
+            body.clone(),
+        ),
+        (
+            "100 Continue first, chunks with extensions and trailers",
+            "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+            chunked,
+        ),
+    ];
+    for (name, head, bytes) in cases {
+        let runtime = Upstream::start(raw_runtime(head, bytes)).await;
+        let legacy = Upstream::start(echo_legacy).await;
+        let server = proxy(config(&legacy.address(), &runtime.address())).await;
+        let r = chat(
+            server.proxy_addr,
+            Some("org-a"),
+            "s-framing",
+            r#"{"message":"hi"}"#,
+        )
+        .await;
+        assert_eq!(r.header("x-execution-mode"), Some(RT), "{name}");
+        let events = whole_events(&r);
+        assert_eq!(names(&events), ["message", "done"], "{name}: {events:?}");
+        assert_eq!(data_of(&events[0])["data"]["content"], "hi", "{name}");
+        assert!(legacy.work().is_empty(), "{name}: served by legacy");
+    }
+}
+
+/// A chunked body whose framing breaks mid-stream ends with one error event, not a hang or a
+/// clean end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_chunked_body_ends_with_one_error_event() {
+    let first = frame("text_chunk", json!({"content": "before"}));
+    let mut body = format!("{:x}\r\n", first.len()).into_bytes();
+    body.extend_from_slice(&first);
+    body.extend_from_slice(b"\r\nnot-a-size\r\n");
+    let runtime = Upstream::start(raw_runtime(
+        "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+        body,
+    ))
+    .await;
+    let legacy = Upstream::start(echo_legacy).await;
+    let server = proxy(config(&legacy.address(), &runtime.address())).await;
+    let r = chat(
+        server.proxy_addr,
+        Some("org-a"),
+        "s-badchunk",
+        r#"{"message":"hi"}"#,
+    )
+    .await;
+    let (events, err) = ends_with_one_error(&r);
+    assert_eq!(names(&events), ["message", "error"]);
+    assert_eq!(err["code"], "RUNTIME_DISCONNECTED");
+}
