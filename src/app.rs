@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
-use pingora::listeners::{L4BufferSettings, ListenerConfig};
+use pingora::listeners::{L4BufferSettings, ListenerConfig, TcpSocketOptions};
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
 use pingora::services::background::{background_service, BackgroundService};
@@ -248,6 +248,18 @@ fn bind_or_exit(key: &str, addr: &str) -> std::net::TcpListener {
     }
 }
 
+/// The listen address spelled once per worker: `host:port`, `host:0port`, `host:00port`, ...
+///
+/// Pingora keeps one listening socket per address *string* and hands it to every service that
+/// names it, so services naming the same string would share (and each close) one socket. Leading
+/// zeros give each worker its own string for the same port, hence its own SO_REUSEPORT socket.
+fn worker_listen_addresses(listen: &str, workers: usize) -> Vec<String> {
+    let (host, port) = listen.rsplit_once(':').unwrap_or((listen, ""));
+    (0..workers.max(1))
+        .map(|i| format!("{host}:{}{port}", "0".repeat(i)))
+        .collect()
+}
+
 /// Run the proxy until SIGTERM/SIGINT. Never returns.
 pub fn run(config_path: PathBuf, config: Config) -> ! {
     // The proxy port is only checked here (Pingora binds it itself); admin and metrics are kept.
@@ -268,19 +280,33 @@ pub fn run(config_path: PathBuf, config: Config) -> ! {
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(
-        &server.configuration,
-        CutoverProxy::new(shared.clone()),
-        "cutover-proxy",
-    );
-    // Pingora's session already reads into its own header and body buffers; its default 64 KiB
-    // read buffer per client connection only adds a copy and resident memory per held stream.
-    proxy.add_listener(
-        ListenerConfig::tcp(config.server.listen.as_str())
-            .l4_buffer(L4BufferSettings::default().read(0)),
-    );
-
-    server.add_service(proxy);
+    // One single-threaded proxy service per worker thread, each with its own listening socket
+    // on the port (SO_REUSEPORT), as nginx runs its workers: a connection is served on the
+    // thread that accepted it, with that thread's upstream keepalive pool. One multi-threaded
+    // Pingora service instead accepts on one thread and hands each connection to a random one,
+    // which put milliseconds on the p99 of the first event (bench/results.md).
+    for (i, listen) in worker_listen_addresses(&config.server.listen, config.server.threads)
+        .into_iter()
+        .enumerate()
+    {
+        let mut proxy = pingora::proxy::http_proxy_service_with_name(
+            &server.configuration,
+            CutoverProxy::new(shared.clone()),
+            &format!("cutover-proxy-{i}"),
+        );
+        proxy.threads = Some(1);
+        let mut socket = TcpSocketOptions::default();
+        socket.so_reuseport = Some(true);
+        // Pingora's session already reads into its own header and body buffers; its default
+        // 64 KiB read buffer per client connection only adds a copy and resident memory per
+        // held stream.
+        proxy.add_listener(
+            ListenerConfig::tcp(&listen)
+                .tcp_socket_options(socket)
+                .l4_buffer(L4BufferSettings::default().read(0)),
+        );
+        server.add_service(proxy);
+    }
     server.add_service(background_service(
         "admin",
         Endpoint::new(admin_listener, AdminApp::new(shared.clone())),
@@ -498,5 +524,23 @@ mod tests {
         let took = t.elapsed();
         assert!(took >= Duration::from_millis(950), "{took:?}");
         assert!(took < Duration::from_millis(1500), "{took:?}");
+    }
+
+    #[test]
+    fn every_worker_gets_its_own_spelling_of_the_same_listen_address() {
+        use std::net::{SocketAddr, ToSocketAddrs};
+        for listen in ["127.0.0.1:8080", "0.0.0.0:18120", "[::]:8080", "[::1]:443"] {
+            let spellings = worker_listen_addresses(listen, 4);
+            assert_eq!(spellings.len(), 4);
+            let distinct: std::collections::HashSet<_> = spellings.iter().collect();
+            assert_eq!(distinct.len(), 4, "{spellings:?}");
+            let want: SocketAddr = listen.parse().unwrap();
+            for s in &spellings {
+                // Pingora binds through to_socket_addrs: each spelling must be that address.
+                let got: Vec<SocketAddr> = s.as_str().to_socket_addrs().unwrap().collect();
+                assert_eq!(got, [want], "{s}");
+            }
+        }
+        assert_eq!(worker_listen_addresses("127.0.0.1:80", 1), ["127.0.0.1:80"]);
     }
 }
