@@ -283,8 +283,8 @@ pub fn run(config_path: PathBuf, config: Config) -> ! {
     // One single-threaded proxy service per worker thread, each with its own listening socket
     // on the port (SO_REUSEPORT), as nginx runs its workers: a connection is served on the
     // thread that accepted it, with that thread's upstream keepalive pool. One multi-threaded
-    // Pingora service instead accepts on one thread and hands each connection to a random one,
-    // which put milliseconds on the p99 of the first event (bench/results.md).
+    // Pingora service instead accepts on one thread and hands each connection, and each pooled
+    // connection's idle watcher, to a random thread: cross-thread wake-ups on most requests.
     for (i, listen) in worker_listen_addresses(&config.server.listen, config.server.threads)
         .into_iter()
         .enumerate()
