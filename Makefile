@@ -62,10 +62,10 @@ bench: release
 	@scripts/install-deps.sh bench
 	bench/run.sh
 
-# Fuzzing, not in `make test`: cargo-fuzz (nightly) on the SSE parser + mapper, the config parser
-# and the chat request path; FUZZ_SECS per target (3 targets x 200 s = 10 min).
-FUZZ_SECS ?= 200
-FUZZ_TARGETS := sse_mapper config_parse chat_request
+# Fuzzing, not in `make test`: cargo-fuzz (nightly) on the SSE parser + mapper, the config parser,
+# the chat request path and the runtime response decoder; FUZZ_SECS per target (4 x 150 s = 10 min).
+FUZZ_SECS ?= 150
+FUZZ_TARGETS := sse_mapper config_parse chat_request h1_response
 
 fuzz:
 	@rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
