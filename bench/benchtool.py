@@ -642,7 +642,7 @@ def report_cmd(args):
     w("## Reproduce")
     w("")
     w("```sh")
-    w("make bench                 # ~8 minutes: release build, all three sections, this file")
+    w("make bench                 # ~4 minutes: release build, all three sections, this file")
     w("BENCH_QUICK=1 make bench   # ~1 minute smoke run (short runs, one round, 1k idle streams)")
     w("```")
     w("")

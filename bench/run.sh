@@ -7,7 +7,7 @@
 #      direct vs through the proxy (rewrite on), rewritten events per CPU-second
 #   3. N idle SSE streams held through the proxy (and nginx): RSS per stream
 #
-# Usage: make bench          (release build, then this script; ~8 minutes)
+# Usage: make bench          (release build, then this script; ~4 minutes)
 #        BENCH_QUICK=1 make bench   (~1 minute smoke run)
 # Needs: nginx, wrk, python3 (stdlib only), curl — scripts/install-deps.sh bench installs them.
 set -euo pipefail
