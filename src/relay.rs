@@ -131,8 +131,6 @@ pub async fn relay(session: &mut Session, stream: RuntimeStream, args: RelayArgs
     }
 
     let mut stream = stream;
-    // Body bytes that came with the response head are relayed before anything is awaited.
-    let mut buffered = stream.has_buffered();
     let mut cutoff = args.shared.cutoff.subscribe();
     let mut parser = SseParser::new(args.max_frame_bytes);
     let mut mapper = StreamMapper::new(&args.session_id);
@@ -150,17 +148,13 @@ pub async fn relay(session: &mut Session, stream: RuntimeStream, args: RelayArgs
         let heartbeat_at = last_write
             .checked_add(args.heartbeat)
             .unwrap_or(args.deadline);
-        let wake = if std::mem::take(&mut buffered) {
-            Wake::Upstream(Ok(1))
-        } else {
-            tokio::select! {
-                biased;
-                r = stream.fill() => Wake::Upstream(r),
-                _ = tokio::time::sleep_until(args.deadline.into()) => Wake::Deadline,
-                _ = cutoff.wait_for(|c| *c) => Wake::Cutoff,
-                _ = tokio::time::sleep_until(heartbeat_at.into()) => Wake::Heartbeat,
-                _ = client_gone(session) => Wake::ClientGone,
-            }
+        let wake = tokio::select! {
+            biased;
+            r = stream.fill() => Wake::Upstream(r),
+            _ = tokio::time::sleep_until(args.deadline.into()) => Wake::Deadline,
+            _ = cutoff.wait_for(|c| *c) => Wake::Cutoff,
+            _ = tokio::time::sleep_until(heartbeat_at.into()) => Wake::Heartbeat,
+            _ = client_gone(session) => Wake::ClientGone,
         };
         // `Some(end)` once the stream is over: the error event to send, if any, and the outcome.
         let mut end: Option<StreamEnd> = None;
@@ -170,12 +164,7 @@ pub async fn relay(session: &mut Session, stream: RuntimeStream, args: RelayArgs
                 // Rewritten events are a little larger than the frames they come from.
                 let room = stream.buffered() + stream.buffered() / 2;
                 out.reserve(room);
-                let mut parsed = Ok(());
-                let body = stream.decode(|piece| {
-                    if parsed.is_ok() {
-                        parsed = parser.feed(piece, &mut events);
-                    }
-                });
+                let (body, parsed) = stream.parse_into(&mut parser, &mut events);
                 for ev in &events {
                     // After `execution_complete` the client has its `done`: anything but the
                     // `[DONE]` marker would follow it as a second terminal event or as stray

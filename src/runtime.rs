@@ -2,7 +2,7 @@
 //! and the body read by whoever relays it.
 //!
 //! Opening is separate from relaying so that a runtime that fails before its first byte can be
-//! failed over to legacy. The body is read by the caller's own loop (`fill` then `decode`), not by
+//! failed over to legacy. The body is read by the caller's own loop (`fill` then `parse_into`), not by
 //! a reader task: an idle stream then holds no task, no channel and no read buffer, and the first
 //! bytes reach the SSE parser without a hop between tasks.
 
@@ -15,6 +15,7 @@ use pingora::upstreams::peer::Peer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::h1::{self, BodyDecoder, BodyError};
+use crate::sse::{SseError, SseEvent, SseParser};
 use crate::state::{Active, Shared};
 use crate::stats::Outcome;
 use crate::upstream;
@@ -70,12 +71,17 @@ pub struct RuntimeStream {
     pool_key: u64,
     /// The last read filled all the room it had: more is likely waiting.
     streaming: bool,
+    /// Body bytes came with the response head and no caller has seen them yet.
+    unseen_prefix: bool,
 }
 
 impl RuntimeStream {
     /// Read more of the body from the runtime; `Ok(0)` at end of file. Cancel-safe: a read
     /// dropped before it completes loses nothing, so it can race timers in a `select!`.
     pub async fn fill(&mut self) -> std::io::Result<usize> {
+        if std::mem::take(&mut self.unseen_prefix) {
+            return Ok(self.buf.len());
+        }
         self.buf.reserve(if self.streaming {
             READ_SIZE
         } else {
@@ -87,9 +93,25 @@ impl RuntimeStream {
         Ok(n)
     }
 
+    /// Decode what `fill` read and parse it as SSE, pushing complete events onto `events`.
+    /// Returns whether the body is complete, then the parser's verdict (a frame over its limit).
+    pub fn parse_into(
+        &mut self,
+        parser: &mut SseParser,
+        events: &mut Vec<SseEvent>,
+    ) -> (Result<bool, BodyError>, Result<(), SseError>) {
+        let mut parsed = Ok(());
+        let body = self.decode(|piece| {
+            if parsed.is_ok() {
+                parsed = parser.feed(piece, events);
+            }
+        });
+        (body, parsed)
+    }
+
     /// Decode what `fill` read, handing the payload to `sink` in order; `Ok(true)` once the body
     /// is complete.
-    pub fn decode(&mut self, sink: impl FnMut(&[u8])) -> Result<bool, BodyError> {
+    fn decode(&mut self, sink: impl FnMut(&[u8])) -> Result<bool, BodyError> {
         let used = self.body.decode(&self.buf, sink)?;
         self.buf.advance(used);
         if self.buf.is_empty() {
@@ -102,11 +124,6 @@ impl RuntimeStream {
     /// The runtime closed the connection: the end of a close-delimited body, an error otherwise.
     pub fn eof(&mut self) -> Result<(), BodyError> {
         self.body.eof()
-    }
-
-    /// Body bytes are waiting to be decoded (they came with the response head).
-    pub fn has_buffered(&self) -> bool {
-        !self.buf.is_empty()
     }
 
     /// Bytes read and not decoded yet.
@@ -285,11 +302,12 @@ pub async fn open(
         }
         return Ok(RuntimeStream {
             stream,
-            buf,
             body: BodyDecoder::new(head.framing),
             keep_alive: head.keep_alive,
             pool_key: peer.reuse_hash(),
             streaming: false,
+            unseen_prefix: !buf.is_empty(),
+            buf,
         });
     }
     Err(OpenFailure::error(

@@ -133,14 +133,8 @@ async fn run(
         },
         events,
     };
-    // Body bytes that came with the response head are judged before anything is awaited.
-    let mut buffered = stream.has_buffered();
     loop {
-        let read = if std::mem::take(&mut buffered) {
-            Ok(Ok(1))
-        } else {
-            tokio::time::timeout_at(deadline.into(), stream.fill()).await
-        };
+        let read = tokio::time::timeout_at(deadline.into(), stream.fill()).await;
         match read {
             Err(_) => return report(completed, Outcome::Timeout, count),
             Ok(Err(_)) => return report(completed, Outcome::Error, count),
@@ -153,12 +147,7 @@ async fn run(
             Ok(Ok(_)) => {}
         }
         events.clear();
-        let mut parsed = Ok(());
-        let body = stream.decode(|piece| {
-            if parsed.is_ok() {
-                parsed = parser.feed(piece, &mut events);
-            }
-        });
+        let (body, parsed) = stream.parse_into(&mut parser, &mut events);
         for ev in &events {
             sink.clear();
             match mapper.map(ev, &mut sink) {
