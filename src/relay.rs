@@ -11,6 +11,7 @@ use pingora::ErrorType;
 
 use crate::agent2ui::{self, Mapped, StreamMapper};
 use crate::config::Mode;
+use crate::h1::BodyError;
 use crate::routing::RolloutDecision;
 use crate::runtime::RuntimeStream;
 use crate::sse::{SseError, SseParser};
@@ -68,6 +69,17 @@ fn stream_failed(completed: bool, e: impl std::fmt::Display) -> StreamEnd {
             )),
             Some(Outcome::Error),
         )
+    }
+}
+
+/// The runtime's body is over: read to its end, or its framing or connection broke.
+fn body_over(parser: &mut SseParser, completed: bool, body: Result<(), BodyError>) -> StreamEnd {
+    match body {
+        Ok(()) => {
+            parser.finish();
+            stream_ended(completed)
+        }
+        Err(e) => stream_failed(completed, e),
     }
 }
 
@@ -159,7 +171,8 @@ pub async fn relay(session: &mut Session, stream: RuntimeStream, args: RelayArgs
         // `Some(end)` once the stream is over: the error event to send, if any, and the outcome.
         let mut end: Option<StreamEnd> = None;
         match wake {
-            Wake::Upstream(Ok(n)) if n > 0 => {
+            Wake::Upstream(Ok(0)) => end = Some(body_over(&mut parser, completed, stream.eof())),
+            Wake::Upstream(Ok(_)) => {
                 events.clear();
                 // Rewritten events are a little larger than the frames they come from.
                 let room = stream.buffered() + stream.buffered() / 2;
@@ -249,23 +262,11 @@ pub async fn relay(session: &mut Session, stream: RuntimeStream, args: RelayArgs
                 }
                 if end.is_none() {
                     end = match body {
-                        Ok(true) => {
-                            parser.finish();
-                            Some(stream_ended(completed))
-                        }
                         Ok(false) => None,
-                        Err(e) => Some(stream_failed(completed, e)),
+                        Ok(true) => Some(body_over(&mut parser, completed, Ok(()))),
+                        Err(e) => Some(body_over(&mut parser, completed, Err(e))),
                     };
                 }
-            }
-            Wake::Upstream(Ok(_)) => {
-                end = Some(match stream.eof() {
-                    Ok(()) => {
-                        parser.finish();
-                        stream_ended(completed)
-                    }
-                    Err(e) => stream_failed(completed, e),
-                });
             }
             Wake::Upstream(Err(e)) => end = Some(stream_failed(completed, e)),
             Wake::Deadline => {

@@ -61,7 +61,7 @@ impl OpenFailure {
 }
 
 /// The runtime answered 2xx; its body is read with [`RuntimeStream::fill`] and
-/// [`RuntimeStream::decode`].
+/// [`RuntimeStream::parse_into`].
 pub struct RuntimeStream {
     stream: Stream,
     /// Received bytes not decoded yet; empty (no allocation) between reads.

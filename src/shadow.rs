@@ -138,12 +138,8 @@ async fn run(
         match read {
             Err(_) => return report(completed, Outcome::Timeout, count),
             Ok(Err(_)) => return report(completed, Outcome::Error, count),
-            Ok(Ok(0)) => {
-                if stream.eof().is_ok() {
-                    stream.release(shared, active.runtime.pool_idle_timeout);
-                }
-                return report(completed, Outcome::Error, count);
-            }
+            // Closed by the runtime: the connection cannot be reused, whatever the framing.
+            Ok(Ok(0)) => return report(completed, Outcome::Error, count),
             Ok(Ok(_)) => {}
         }
         events.clear();

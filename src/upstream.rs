@@ -54,9 +54,10 @@ pub struct PeerSettings {
 
 /// The pool partition of the calling worker thread.
 ///
-/// Pingora's keepalive pool is shared by all worker threads, and an idle connection is watched by
-/// a task on the thread that released it: reusing it from another thread costs two cross-thread
-/// wake-ups per request. Keyed per thread, a connection is only reused where it idles.
+/// The runtime connection pool is shared by all worker threads (each worker's legacy pool is its
+/// own), and an idle connection is watched by a task on the thread that released it: reusing it
+/// from another thread costs two cross-thread wake-ups. Keyed per thread, a connection is only
+/// reused where it idles.
 fn pool_partition() -> u64 {
     static NEXT: AtomicU64 = AtomicU64::new(1);
     thread_local! {
