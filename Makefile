@@ -55,6 +55,7 @@ test-e2e: build venv
 	CUTOVER_PROXY_BIN=$(CURDIR)/target/debug/cutover-proxy $(PY) -m pytest -q tests/e2e
 
 lint:
+	scripts/check-layers.sh
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
 

@@ -4,8 +4,8 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use cutover_proxy::agent2ui::{Mapped, StreamMapper};
-use cutover_proxy::sse::SseParser;
+use cutover_proxy::core::agent2ui::{Mapped, StreamMapper};
+use cutover_proxy::core::sse::SseParser;
 
 const TEXT_CHUNKS: usize = 200_000;
 /// plan_created + the text chunks + execution_complete + [DONE].

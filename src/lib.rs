@@ -1,28 +1,18 @@
 //! cutover-proxy: a Pingora sidecar that moves chat traffic from a legacy Chat API to a runtime
 //! orchestrator one organisation at a time, rewriting the runtime's SSE into Agent2UI events.
 //!
-//! The pure core (`config`, `identity`, `routing`, `sse`, `agent2ui`, `breaker`, `stats`, `h1`) has no
-//! I/O; the rest wires it to Pingora.
+//! The crate reads bottom-up:
+//! - [`core`]: pure decisions and formats, no I/O (no Pingora, no tokio, no sockets): config,
+//!   identity, routing, the chat request, SSE parsing, the runtime's HTTP/1 response decoding,
+//!   Agent2UI mapping, the stream verdict, execution stats and the breaker.
+//! - [`runtime`]: the runtime connection, the relay that streams one execution to the client, and
+//!   shadow copies.
+//! - [`proxy`]: the Pingora `ProxyHttp` glue for the client-facing listener.
+//! - [`ops`]: what operators talk to: admin API, Prometheus metrics, health checks, config reload.
+//! - [`app`]: composition: shared state, upstream peers, the server and its drain, logging, the demo.
 
-pub mod admin;
-pub mod agent2ui;
 pub mod app;
-pub mod breaker;
-pub mod chat;
-pub mod config;
-pub mod demo;
-pub mod h1;
-pub mod health;
-pub mod identity;
-pub mod logging;
-pub mod metrics;
+pub mod core;
+pub mod ops;
 pub mod proxy;
-pub mod relay;
-pub mod reload;
-pub mod routing;
 pub mod runtime;
-pub mod shadow;
-pub mod sse;
-pub mod state;
-pub mod stats;
-pub mod upstream;

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 // Measured in bench/: ~10 % less CPU per proxied request than glibc malloc, same idle memory.
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-use cutover_proxy::config::Config;
+use cutover_proxy::core::config::Config;
 
 #[derive(Parser)]
 #[command(
@@ -46,11 +46,11 @@ fn main() -> ExitCode {
             }
         },
         Some(Command::Demo) => {
-            cutover_proxy::logging::init();
-            cutover_proxy::demo::run(&cli.config)
+            cutover_proxy::app::logging::init();
+            cutover_proxy::app::demo::run(&cli.config)
         }
         None => {
-            cutover_proxy::logging::init();
+            cutover_proxy::app::logging::init();
             let config = match Config::load(&cli.config) {
                 Ok(c) => c,
                 Err(e) => {

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cutover_proxy::app::LocalServer;
-use cutover_proxy::breaker::State;
-use cutover_proxy::metrics::Metrics;
+use cutover_proxy::core::breaker::State;
+use cutover_proxy::ops::metrics::Metrics;
 use serde_json::{json, Value};
 use support::*;
 
@@ -516,7 +516,7 @@ async fn failing_health_checks_open_the_breaker_without_traffic_and_recovery_fol
     assert_eq!(fallback_gauge(), 0);
 }
 
-fn retry_at_passed(shared: &cutover_proxy::state::Shared) -> bool {
+fn retry_at_passed(shared: &cutover_proxy::app::state::Shared) -> bool {
     shared
         .breaker
         .with_breaker(|b| b.retry_at())

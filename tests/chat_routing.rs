@@ -4,7 +4,7 @@ mod support;
 
 use std::time::Duration;
 
-use cutover_proxy::config::Mode;
+use cutover_proxy::core::config::Mode;
 use serde_json::json;
 use support::*;
 

@@ -19,10 +19,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cutover_proxy::app::LocalServer;
-use cutover_proxy::breaker::State;
-use cutover_proxy::config::Config;
-use cutover_proxy::metrics::Metrics;
-use cutover_proxy::stats::Path;
+use cutover_proxy::core::breaker::State;
+use cutover_proxy::core::config::Config;
+use cutover_proxy::core::stats::Path;
+use cutover_proxy::ops::metrics::Metrics;
 use serde_json::{json, Value};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

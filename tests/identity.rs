@@ -177,7 +177,7 @@ async fn a_client_org_header_is_not_trusted_by_default() {
     assert!(got.iter().all(|r| r.header("x-org-id") == Some("org-a")));
 }
 
-fn trusting(legacy: &Upstream, runtime: &Upstream) -> cutover_proxy::config::Config {
+fn trusting(legacy: &Upstream, runtime: &Upstream) -> cutover_proxy::core::config::Config {
     let mut cfg = config(&legacy.address(), &runtime.address());
     cfg.identity.trusted_org_header = Some("x-org-id".into());
     cfg

@@ -12,8 +12,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use cutover_proxy::config::Config;
-use cutover_proxy::reload::{reload_from, ReloadResult};
+use cutover_proxy::core::config::Config;
+use cutover_proxy::ops::reload::{reload_from, ReloadResult};
 use support::*;
 
 /// `promtool check metrics` problems we accept, each for a named reason. The contract fixes

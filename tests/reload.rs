@@ -14,9 +14,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cutover_proxy::app::LocalServer;
-use cutover_proxy::config::Config;
-use cutover_proxy::metrics::Metrics;
-use cutover_proxy::reload::{reload_from, ReloadResult};
+use cutover_proxy::core::config::Config;
+use cutover_proxy::ops::metrics::Metrics;
+use cutover_proxy::ops::reload::{reload_from, ReloadResult};
 use support::*;
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -287,7 +287,7 @@ async fn broken_file_keeps_the_last_good_config_is_counted_once_and_a_fix_reload
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(reloads("invalid"), invalid0 + 1, "refusal counted again");
     assert_eq!(
-        cutover_proxy::metrics::Metrics::global()
+        cutover_proxy::ops::metrics::Metrics::global()
             .config_file_valid
             .get(),
         0,
@@ -316,7 +316,7 @@ async fn broken_file_keeps_the_last_good_config_is_counted_once_and_a_fix_reload
     assert_eq!(reloads("success"), success0 + 1);
     assert_eq!(reloads("invalid"), invalid0 + 2);
     assert_eq!(
-        cutover_proxy::metrics::Metrics::global()
+        cutover_proxy::ops::metrics::Metrics::global()
             .config_file_valid
             .get(),
         1

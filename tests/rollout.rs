@@ -13,10 +13,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cutover_proxy::app::LocalServer;
-use cutover_proxy::breaker::State;
-use cutover_proxy::config::{Config, Mode};
-use cutover_proxy::metrics::Metrics;
-use cutover_proxy::routing::org_bucket;
+use cutover_proxy::core::breaker::State;
+use cutover_proxy::core::config::{Config, Mode};
+use cutover_proxy::core::routing::org_bucket;
+use cutover_proxy::ops::metrics::Metrics;
 use serde_json::{json, Value};
 use support::*;
 

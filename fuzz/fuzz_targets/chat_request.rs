@@ -7,10 +7,10 @@
 
 #![no_main]
 
-use cutover_proxy::chat::{parse_chat_body, runtime_request_body, session_id_for};
-use cutover_proxy::config::IdentityConfig;
-use cutover_proxy::identity::{Caller, Verifier};
-use cutover_proxy::routing::{chat_route, ChatRoute};
+use cutover_proxy::core::chat::{parse_chat_body, runtime_request_body, session_id_for};
+use cutover_proxy::core::config::IdentityConfig;
+use cutover_proxy::core::identity::{Caller, Verifier};
+use cutover_proxy::core::routing::{chat_route, ChatRoute};
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 

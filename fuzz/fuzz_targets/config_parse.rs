@@ -3,10 +3,10 @@
 
 #![no_main]
 
-use cutover_proxy::breaker::BreakerSettings;
-use cutover_proxy::config::Config;
-use cutover_proxy::identity::Verifier;
-use cutover_proxy::routing::Rollout;
+use cutover_proxy::core::breaker::BreakerSettings;
+use cutover_proxy::core::config::Config;
+use cutover_proxy::core::identity::Verifier;
+use cutover_proxy::core::routing::Rollout;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

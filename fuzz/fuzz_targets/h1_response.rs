@@ -10,12 +10,12 @@
 
 #![no_main]
 
-use cutover_proxy::h1::{parse_head, BodyDecoder};
+use cutover_proxy::core::h1::{parse_head, BodyDecoder};
 use libfuzzer_sys::fuzz_target;
 
 /// Decode `body` fed in `pieces` the way the relay does: unconsumed bytes are offered again
 /// with the next piece. Returns (payload, done, failed).
-fn decode(framing: cutover_proxy::h1::Framing, pieces: &[&[u8]]) -> (Vec<u8>, bool, bool) {
+fn decode(framing: cutover_proxy::core::h1::Framing, pieces: &[&[u8]]) -> (Vec<u8>, bool, bool) {
     let mut dec = BodyDecoder::new(framing);
     let mut payload = Vec::new();
     let mut pending = Vec::new();

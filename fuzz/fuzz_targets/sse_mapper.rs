@@ -13,8 +13,8 @@
 
 #![no_main]
 
-use cutover_proxy::agent2ui::{error_event, heartbeat_event, Mapped, StreamMapper};
-use cutover_proxy::sse::{SseEvent, SseParser};
+use cutover_proxy::core::agent2ui::{error_event, heartbeat_event, Mapped, StreamMapper};
+use cutover_proxy::core::sse::{SseEvent, SseParser};
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 

@@ -14,16 +14,16 @@ use pingora::proxy::{ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
-use crate::breaker::{Admission, State};
-use crate::chat;
-use crate::config::Mode;
-use crate::identity::{Caller, Unverified};
-use crate::relay::{self, InFlight, RelayArgs, StreamReport};
-use crate::routing::{chat_route, ChatRoute, Reason, RolloutDecision};
-use crate::runtime::{self, OpenFailure};
-use crate::state::{Active, Shared};
-use crate::stats::{Outcome, Path};
-use crate::upstream;
+use crate::app::state::{Active, Shared};
+use crate::app::upstream;
+use crate::core::breaker::{Admission, State};
+use crate::core::chat;
+use crate::core::config::Mode;
+use crate::core::identity::{Caller, Unverified};
+use crate::core::routing::{chat_route, ChatRoute, Reason, RolloutDecision};
+use crate::core::stats::{Outcome, Path};
+use crate::runtime::connection::{self, OpenFailure};
+use crate::runtime::relay::{self, InFlight, RelayArgs, StreamReport};
 
 /// Largest body Pingora can replay to legacy when the runtime fails before its first byte.
 pub const REPLAY_LIMIT: usize = 64 * 1024;
@@ -42,7 +42,7 @@ impl CutoverProxy {
 pub struct RequestCtx {
     started: Instant,
     /// Counts the request as in flight until Pingora drops the context, for the shutdown drain.
-    _guard: crate::state::RequestGuard,
+    _guard: crate::app::state::RequestGuard,
     active: Option<Arc<Active>>,
     chat: Option<ChatCtx>,
 }
@@ -166,7 +166,7 @@ async fn respond_sse_error(
     let resp = relay::sse_response_header(decision, session.req_header().version)?;
     session.write_response_header(Box::new(resp), false).await?;
     let mut out = Vec::new();
-    crate::agent2ui::error_event(&mut out, code, message);
+    crate::core::agent2ui::error_event(&mut out, code, message);
     let len = out.len() as u64;
     session
         .write_response_body(Some(Bytes::from(out)), true)
@@ -253,7 +253,7 @@ impl CutoverProxy {
         let opened = Box::pin(async {
             let downstream = session.req_header().clone();
             tokio::select! {
-                r = runtime::open(&self.shared, active, &downstream, runtime_body, deadline, false) => Ok(r),
+                r = connection::open(&self.shared, active, &downstream, runtime_body, deadline, false) => Ok(r),
                 _ = cutoff.wait_for(|c| *c) => Err(Interrupted::Shutdown),
                 // Dropping the pending open closes the runtime connection: the runtime stops
                 // working for a client that is gone, and it is not counted against the runtime.
@@ -359,7 +359,7 @@ impl CutoverProxy {
         let percent = active.config.rollout.shadow_percent;
         let Some(caller) = caller else { return Ok(()) };
         if percent <= 0.0
-            || !crate::routing::shadow_selected(percent, fastrand::u64(0..10_000))
+            || !crate::core::routing::shadow_selected(percent, fastrand::u64(0..10_000))
             || self.shared.breaker.state() != State::Closed
             || content_length(session).is_none_or(|n| n > REPLAY_LIMIT)
         {
@@ -374,7 +374,7 @@ impl CutoverProxy {
         let session_id = chat::session_id_for(route);
         let runtime_body =
             Bytes::from(chat::runtime_request_body(&session_id, &caller, &chat_body));
-        crate::shadow::spawn(
+        crate::runtime::shadow::spawn(
             &self.shared,
             active.clone(),
             session.req_header().clone(),

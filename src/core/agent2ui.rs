@@ -15,7 +15,7 @@ use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
 use serde::Serialize as DeriveSerialize;
 use serde_json::Value;
 
-use crate::sse::SseEvent;
+use crate::core::sse::SseEvent;
 
 /// `executionMode` reported in the `done` event.
 pub const EXECUTION_MODE: &str = "runtime_orchestrator";
@@ -697,7 +697,7 @@ struct DoneData<'x> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sse::SseParser;
+    use crate::core::sse::SseParser;
     use serde_json::json;
     use std::collections::HashSet;
 

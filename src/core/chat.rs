@@ -5,8 +5,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::identity::Caller;
-use crate::routing::ChatRoute;
+use crate::core::identity::Caller;
+use crate::core::routing::ChatRoute;
 
 /// What the web app sends on a chat route.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

@@ -729,7 +729,7 @@ address = "runtime:8000"
 
     #[test]
     fn shipped_example_is_valid() {
-        let text = include_str!("../proxy.toml");
+        let text = include_str!("../../proxy.toml");
         Config::parse(text).unwrap();
     }
 

@@ -9,8 +9,8 @@ use std::time::Duration;
 use pingora::http::RequestHeader;
 use tokio::sync::watch;
 
-use crate::state::Shared;
-use crate::upstream;
+use crate::app::state::Shared;
+use crate::app::upstream;
 
 /// One health check: `Ok` on a 2xx answer within the timeout.
 pub async fn check_once(shared: &Shared) -> Result<(), String> {

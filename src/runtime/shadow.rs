@@ -12,10 +12,10 @@ use std::time::Instant;
 use bytes::Bytes;
 use pingora::http::RequestHeader;
 
-use crate::agent2ui::{Mapped, StreamMapper};
-use crate::sse::SseParser;
-use crate::state::{Active, Shared};
-use crate::stats::Outcome;
+use crate::app::state::{Active, Shared};
+use crate::core::agent2ui::{Mapped, StreamMapper};
+use crate::core::sse::SseParser;
+use crate::core::stats::Outcome;
 
 /// What one shadow execution did.
 #[derive(Debug, Clone, PartialEq)]
@@ -109,7 +109,9 @@ async fn run(
 ) -> ShadowReport {
     let deadline = started + active.config.runtime.execution_timeout();
     let mut stream =
-        match crate::runtime::open(shared, active, downstream, body, deadline, true).await {
+        match crate::runtime::connection::open(shared, active, downstream, body, deadline, true)
+            .await
+        {
             Ok(s) => s,
             Err(f) => {
                 return ShadowReport {
@@ -177,12 +179,12 @@ mod tests {
 
     #[test]
     fn the_org_is_read_from_the_runtime_request() {
-        let caller = crate::identity::Caller {
+        let caller = crate::core::identity::Caller {
             org_id: "org-d".into(),
             user_id: None,
         };
-        let chat = crate::chat::parse_chat_body(br#"{"message":"hi"}"#).unwrap();
-        let body = crate::chat::runtime_request_body("s", &caller, &chat);
+        let chat = crate::core::chat::parse_chat_body(br#"{"message":"hi"}"#).unwrap();
+        let body = crate::core::chat::runtime_request_body("s", &caller, &chat);
         assert_eq!(org_of(&body).as_deref(), Some("org-d"));
         assert_eq!(org_of(b"not json"), None);
     }

@@ -5,7 +5,7 @@
 
 use std::collections::HashSet;
 
-use crate::config::{Mode, RolloutConfig};
+use crate::core::config::{Mode, RolloutConfig};
 
 /// Why a request got its mode; sent as `x-execution-reason` and used as a metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

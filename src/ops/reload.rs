@@ -28,8 +28,8 @@ use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use crate::config::Config;
-use crate::state::Shared;
+use crate::app::state::Shared;
+use crate::core::config::Config;
 
 /// A change is looked at once its events have been quiet this long ...
 const DEBOUNCE: Duration = Duration::from_millis(100);
@@ -344,7 +344,7 @@ mod tests {
     }
 
     fn invalid() -> u64 {
-        crate::metrics::Metrics::global()
+        crate::ops::metrics::Metrics::global()
             .config_reloads_total
             .with_label_values(&["invalid"])
             .get()

@@ -1,7 +1,7 @@
 //! The circuit breaker that keeps the runtime out when it misbehaves.
 //!
 //! [`Breaker`] is a pure state machine (Closed → Open → HalfOpen → Closed/Open) over a
-//! [`stats::Window`](crate::stats::Window) of runtime outcomes; every call takes the time as an
+//! [`stats::Window`](crate::core::stats::Window) of runtime outcomes; every call takes the time as an
 //! `Instant`, so tests drive it without sleeping. [`SharedBreaker`] wraps it for the proxy: a mutex,
 //! a lock-free mirror of the state for the hot path, `tracing` logs and transition callbacks.
 //!
@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
-use crate::stats::{Outcome, Window, WindowStats};
+use crate::core::stats::{Outcome, Window, WindowStats};
 
 /// Breaker thresholds and timings, derived from `[breaker]` and `[runtime]` of proxy.toml.
 #[derive(Debug, Clone, PartialEq)]
@@ -49,7 +49,7 @@ pub struct BreakerSettings {
 impl BreakerSettings {
     /// `max_mean_latency` = `breaker.latency_ratio` × `runtime.execution_timeout_ms`;
     /// `health_failures` = `runtime.health_failures`.
-    pub fn from_config(c: &crate::config::Config) -> Self {
+    pub fn from_config(c: &crate::core::config::Config) -> Self {
         let b = &c.breaker;
         let nanos = c.runtime.execution_timeout_ms as f64 * 1e6 * b.latency_ratio;
         let max_mean_latency = if nanos.is_nan() || nanos <= 0.0 {
@@ -1217,7 +1217,7 @@ address = "runtime:8000"
 
     #[test]
     fn settings_from_config() {
-        let c = crate::config::Config::parse(CONFIG).unwrap();
+        let c = crate::core::config::Config::parse(CONFIG).unwrap();
         let s = BreakerSettings::from_config(&c);
         assert_eq!(s, BreakerSettings::default());
         assert_eq!(s.max_mean_latency, secs(240));
@@ -1228,7 +1228,7 @@ address = "runtime:8000"
              open_secs = 7\nhalf_open_probes = 2\n",
             CONFIG.trim_start()
         );
-        let c = crate::config::Config::parse(&text).unwrap();
+        let c = crate::core::config::Config::parse(&text).unwrap();
         assert_eq!(
             BreakerSettings::from_config(&c),
             BreakerSettings {

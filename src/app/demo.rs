@@ -14,7 +14,7 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::config::Config;
+use crate::core::config::Config;
 
 const DEMO_JWT_SECRET: &str = "demo-jwt-secret";
 const DEMO_ADMIN_TOKEN: &str = "demo-admin-token";

@@ -9,14 +9,14 @@ use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use pingora::ErrorType;
 
-use crate::agent2ui::{self, Mapped, StreamMapper};
-use crate::config::Mode;
-use crate::h1::BodyError;
-use crate::routing::RolloutDecision;
-use crate::runtime::RuntimeStream;
-use crate::sse::{SseError, SseParser};
-use crate::state::Shared;
-use crate::stats::Outcome;
+use crate::app::state::Shared;
+use crate::core::agent2ui::{self, Mapped, StreamMapper};
+use crate::core::config::Mode;
+use crate::core::h1::BodyError;
+use crate::core::routing::RolloutDecision;
+use crate::core::sse::{SseError, SseParser};
+use crate::core::stats::Outcome;
+use crate::runtime::connection::RuntimeStream;
 
 /// Grace for the last write after the execution deadline.
 const WRITE_GRACE: Duration = Duration::from_secs(1);
@@ -420,12 +420,12 @@ pub async fn client_gone(session: &mut Session) {
 /// Message events counted per kind and added to `sse_events_total` once per read rather than
 /// once per event: a label lookup per event was a measurable part of the relay's CPU.
 struct EventTally {
-    metrics: &'static crate::metrics::Metrics,
+    metrics: &'static crate::ops::metrics::Metrics,
     counts: Vec<(&'static str, u64)>,
 }
 
 impl EventTally {
-    fn new(metrics: &'static crate::metrics::Metrics) -> Self {
+    fn new(metrics: &'static crate::ops::metrics::Metrics) -> Self {
         EventTally {
             metrics,
             counts: Vec::new(),

@@ -7,7 +7,7 @@
 use jsonwebtoken::{decode, Algorithm, DecodingKey, Validation};
 use serde_json::{Map, Value};
 
-use crate::config::IdentityConfig;
+use crate::core::config::IdentityConfig;
 
 /// The verified caller of a request.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -4,6 +4,11 @@
 //! same services on ephemeral loopback ports inside the caller's tokio runtime, for tests and
 //! benchmarks.
 
+pub mod demo;
+pub mod logging;
+pub mod state;
+pub mod upstream;
+
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -18,11 +23,11 @@ use pingora::services::background::{background_service, BackgroundService};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::admin::{AdminApp, MetricsApp};
-use crate::config::Config;
+use crate::app::state::Shared;
+use crate::core::config::Config;
+use crate::ops::admin::{AdminApp, MetricsApp};
+use crate::ops::{health, reload};
 use crate::proxy::CutoverProxy;
-use crate::state::Shared;
-use crate::{health, reload};
 
 struct HealthService(Arc<Shared>);
 

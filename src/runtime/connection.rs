@@ -14,11 +14,11 @@ use pingora::protocols::Stream;
 use pingora::upstreams::peer::Peer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::h1::{self, BodyDecoder, BodyError};
-use crate::sse::{SseError, SseEvent, SseParser};
-use crate::state::{Active, Shared};
-use crate::stats::Outcome;
-use crate::upstream;
+use crate::app::state::{Active, Shared};
+use crate::app::upstream;
+use crate::core::h1::{self, BodyDecoder, BodyError};
+use crate::core::sse::{SseError, SseEvent, SseParser};
+use crate::core::stats::Outcome;
 
 /// Request headers passed on to the runtime besides the ones the proxy sets.
 const FORWARDED_HEADERS: &[&str] = &[

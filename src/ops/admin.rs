@@ -13,8 +13,8 @@ use pingora::protocols::http::ServerSession;
 use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 
-use crate::state::Shared;
-use crate::stats::Path;
+use crate::app::state::Shared;
+use crate::core::stats::Path;
 
 pub struct AdminApp {
     shared: Arc<Shared>,
@@ -172,7 +172,7 @@ impl ServeHttp for MetricsApp {
         if path != "/metrics" {
             return json_response(StatusCode::NOT_FOUND, &json!({"error": "see /metrics"}));
         }
-        let body = crate::metrics::render();
+        let body = crate::ops::metrics::render();
         Response::builder()
             .status(StatusCode::OK)
             .header("content-type", prometheus::TEXT_FORMAT)

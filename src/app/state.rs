@@ -11,13 +11,13 @@ use arc_swap::ArcSwap;
 use pingora::connectors::http::Connector;
 use pingora::connectors::TransportConnector;
 
-use crate::breaker::{Breaker, BreakerSettings, SharedBreaker};
-use crate::config::Config;
-use crate::identity::Verifier;
-use crate::metrics::Metrics;
-use crate::routing::Rollout;
-use crate::stats::ExecutionStats;
-use crate::upstream::{PeerSettings, Resolver};
+use crate::app::upstream::{PeerSettings, Resolver};
+use crate::core::breaker::{Breaker, BreakerSettings, SharedBreaker};
+use crate::core::config::Config;
+use crate::core::identity::Verifier;
+use crate::core::routing::Rollout;
+use crate::core::stats::ExecutionStats;
+use crate::ops::metrics::Metrics;
 
 /// One validated config, compiled for the hot path.
 pub struct Active {

@@ -273,11 +273,11 @@ impl fmt::Display for Path {
     }
 }
 
-impl From<crate::config::Mode> for Path {
-    fn from(mode: crate::config::Mode) -> Self {
+impl From<crate::core::config::Mode> for Path {
+    fn from(mode: crate::core::config::Mode) -> Self {
         match mode {
-            crate::config::Mode::DirectLlm => Path::Direct,
-            crate::config::Mode::RuntimeOrchestrator => Path::Runtime,
+            crate::core::config::Mode::DirectLlm => Path::Direct,
+            crate::core::config::Mode::RuntimeOrchestrator => Path::Runtime,
         }
     }
 }
@@ -674,9 +674,12 @@ mod tests {
     fn names() {
         assert_eq!(Path::Direct.as_str(), "direct");
         assert_eq!(Path::Runtime.to_string(), "runtime");
-        assert_eq!(Path::from(crate::config::Mode::DirectLlm), Path::Direct);
         assert_eq!(
-            Path::from(crate::config::Mode::RuntimeOrchestrator),
+            Path::from(crate::core::config::Mode::DirectLlm),
+            Path::Direct
+        );
+        assert_eq!(
+            Path::from(crate::core::config::Mode::RuntimeOrchestrator),
             Path::Runtime
         );
         assert_eq!(Outcome::Timeout.to_string(), "timeout");

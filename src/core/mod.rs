@@ -1,0 +1,13 @@
+//! The pure core: every decision and format the proxy makes, with no I/O. Nothing here names
+//! Pingora, tokio or a socket (`scripts/check-layers.sh` fails the build if it does), so each
+//! module is unit- and property-tested on its own.
+
+pub mod agent2ui;
+pub mod breaker;
+pub mod chat;
+pub mod config;
+pub mod h1;
+pub mod identity;
+pub mod routing;
+pub mod sse;
+pub mod stats;
