@@ -11,3 +11,4 @@ pub mod identity;
 pub mod routing;
 pub mod sse;
 pub mod stats;
+pub mod stream;

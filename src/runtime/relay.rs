@@ -16,6 +16,7 @@ use crate::core::h1::BodyError;
 use crate::core::routing::RolloutDecision;
 use crate::core::sse::{SseError, SseParser};
 use crate::core::stats::Outcome;
+use crate::core::stream::{self, End, Facts, Verdict};
 use crate::runtime::connection::RuntimeStream;
 
 /// Grace for the last write after the execution deadline.
@@ -52,50 +53,14 @@ pub fn sse_response_header(
     Ok(resp)
 }
 
-/// How a relayed stream ends: the error event to send (code, message), if any, and the outcome
-/// (`None`: not the runtime's fault).
-type StreamEnd = (Option<(&'static str, String)>, Option<Outcome>);
-
-/// Reading the runtime's body failed: the connection broke or the body's framing was invalid.
-/// Harmless once `execution_complete` was relayed.
-fn stream_failed(completed: bool, e: impl std::fmt::Display) -> StreamEnd {
-    if completed {
-        (None, Some(Outcome::Success))
-    } else {
-        (
-            Some((
-                "RUNTIME_DISCONNECTED",
-                format!("runtime stream failed: {e}"),
-            )),
-            Some(Outcome::Error),
-        )
-    }
-}
-
 /// The runtime's body is over: read to its end, or its framing or connection broke.
-fn body_over(parser: &mut SseParser, completed: bool, body: Result<(), BodyError>) -> StreamEnd {
+fn body_end(parser: &mut SseParser, body: Result<(), BodyError>) -> End {
     match body {
         Ok(()) => {
             parser.finish();
-            stream_ended(completed)
+            End::BodyEnd
         }
-        Err(e) => stream_failed(completed, e),
-    }
-}
-
-/// The runtime's stream is over (`[DONE]` or end of body): fine after `execution_complete`,
-/// truncated otherwise.
-fn stream_ended(completed: bool) -> StreamEnd {
-    if completed {
-        (None, Some(Outcome::Success))
-    } else {
-        (
-            Some((
-                "STREAM_TRUNCATED",
-                "runtime stream ended without execution_complete".into(),
-            )),
-            Some(Outcome::Error),
-        )
+        Err(e) => End::Broken(e.to_string()),
     }
 }
 
@@ -149,6 +114,7 @@ pub async fn relay(session: &mut Session, stream: RuntimeStream, args: RelayArgs
     let mut events = Vec::new();
     let mut out = Vec::new();
     let mut completed = false;
+    let mut runtime_error: Option<String> = None;
     let mut last_write = Instant::now();
     let mut tally = EventTally::new(metrics);
 
@@ -168,10 +134,10 @@ pub async fn relay(session: &mut Session, stream: RuntimeStream, args: RelayArgs
             _ = tokio::time::sleep_until(heartbeat_at.into()) => Wake::Heartbeat,
             _ = client_gone(session) => Wake::ClientGone,
         };
-        // `Some(end)` once the stream is over: the error event to send, if any, and the outcome.
-        let mut end: Option<StreamEnd> = None;
+        // `Some(end)` once the stream is over.
+        let mut end: Option<End> = None;
         match wake {
-            Wake::Upstream(Ok(0)) => end = Some(body_over(&mut parser, completed, stream.eof())),
+            Wake::Upstream(Ok(0)) => end = Some(body_end(&mut parser, stream.eof())),
             Wake::Upstream(Ok(_)) => {
                 events.clear();
                 // Rewritten events are a little larger than the frames they come from.
@@ -217,11 +183,12 @@ pub async fn relay(session: &mut Session, stream: RuntimeStream, args: RelayArgs
                             report.events += 1;
                             report.error_code = Some("EXECUTION_ERROR");
                             report.detail = Some(format!("{code}: {message}"));
-                            end = Some((None, Some(Outcome::Error)));
+                            runtime_error = Some(code);
+                            end = Some(End::ExecutionError);
                             break;
                         }
                         Mapped::End => {
-                            end = Some(stream_ended(completed));
+                            end = Some(End::Done);
                             break;
                         }
                         Mapped::Malformed => metrics
@@ -251,50 +218,24 @@ pub async fn relay(session: &mut Session, stream: RuntimeStream, args: RelayArgs
                 tally.flush();
                 if end.is_none() {
                     if let Err(SseError::FrameTooLarge { limit }) = parsed {
-                        end = Some((
-                            Some((
-                                "FRAME_TOO_LARGE",
-                                format!("runtime sent a frame larger than {limit} bytes"),
-                            )),
-                            Some(Outcome::Error),
-                        ));
+                        end = Some(End::FrameTooLarge { limit });
                     }
                 }
                 if end.is_none() {
                     end = match body {
                         Ok(false) => None,
-                        Ok(true) => Some(body_over(&mut parser, completed, Ok(()))),
-                        Err(e) => Some(body_over(&mut parser, completed, Err(e))),
+                        Ok(true) => Some(body_end(&mut parser, Ok(()))),
+                        Err(e) => Some(body_end(&mut parser, Err(e))),
                     };
                 }
             }
-            Wake::Upstream(Err(e)) => end = Some(stream_failed(completed, e)),
+            Wake::Upstream(Err(e)) => end = Some(End::Broken(e.to_string())),
             Wake::Deadline => {
-                end = Some(if completed {
-                    // The client already has its `done`; only [DONE] or the end was missing.
-                    (None, Some(Outcome::Success))
-                } else {
-                    (
-                        Some((
-                            "TIMEOUT",
-                            format!(
-                                "runtime execution exceeded {} ms",
-                                (args.deadline - args.started).as_millis()
-                            ),
-                        )),
-                        Some(Outcome::Timeout),
-                    )
+                end = Some(End::Deadline {
+                    budget: args.deadline - args.started,
                 });
             }
-            Wake::Cutoff => {
-                end = Some((
-                    Some((
-                        "SHUTTING_DOWN",
-                        "the proxy is shutting down; please retry".into(),
-                    )),
-                    None,
-                ));
-            }
+            Wake::Cutoff => end = Some(End::Shutdown),
             Wake::Heartbeat => {
                 agent2ui::heartbeat_event(&mut out);
                 metrics
@@ -308,21 +249,35 @@ pub async fn relay(session: &mut Session, stream: RuntimeStream, args: RelayArgs
             }
         }
 
-        if let Some((Some((code, message)), _)) = &end {
-            agent2ui::error_event(&mut out, code, message);
+        let verdict = end.map(|end| {
+            stream::verdict(&Facts {
+                client: true,
+                completed,
+                runtime_error: runtime_error.take(),
+                end,
+            })
+        });
+        if let Some(Verdict {
+            closing: Some(closing),
+            ..
+        }) = &verdict
+        {
+            agent2ui::error_event(&mut out, closing.code, &closing.message);
             metrics.sse_events_total.with_label_values(&["error"]).inc();
-            metrics.stream_errors_total.with_label_values(&[code]).inc();
+            metrics
+                .stream_errors_total
+                .with_label_values(&[closing.code])
+                .inc();
             report.events += 1;
-            report.error_code = Some(code);
+            report.error_code = Some(closing.code);
             if report.detail.is_none() {
-                report.detail = Some(message.clone());
+                report.detail = Some(closing.message.clone());
             }
         }
         if !out.is_empty() {
-            let done = end.is_some();
             let bytes = Bytes::from(std::mem::take(&mut out));
             report.bytes += bytes.len() as u64;
-            if !write_client(session, Some(bytes), done, args.deadline).await {
+            if !write_client(session, Some(bytes), verdict.is_some(), args.deadline).await {
                 report.outcome = None;
                 report.detail = Some("client disconnected or stopped reading".into());
                 return report;
@@ -332,14 +287,14 @@ pub async fn relay(session: &mut Session, stream: RuntimeStream, args: RelayArgs
                 .first_write
                 .get_or_insert_with(|| args.started.elapsed());
             out = Vec::new();
-            if done {
-                report.outcome = end.and_then(|(_, o)| o);
+            if let Some(verdict) = verdict {
+                report.outcome = verdict.outcome;
                 finish_runtime(stream, &args, report.outcome);
                 return report;
             }
-        } else if let Some((_, outcome)) = end {
+        } else if let Some(verdict) = verdict {
             write_client(session, None, true, args.deadline).await;
-            report.outcome = outcome;
+            report.outcome = verdict.outcome;
             finish_runtime(stream, &args, report.outcome);
             return report;
         }

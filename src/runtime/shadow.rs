@@ -14,8 +14,9 @@ use pingora::http::RequestHeader;
 
 use crate::app::state::{Active, Shared};
 use crate::core::agent2ui::{Mapped, StreamMapper};
-use crate::core::sse::SseParser;
+use crate::core::sse::{SseError, SseParser};
 use crate::core::stats::Outcome;
+use crate::core::stream::{self, End, Facts};
 
 /// What one shadow execution did.
 #[derive(Debug, Clone, PartialEq)]
@@ -126,22 +127,23 @@ async fn run(
     let mut sink = Vec::new();
     let mut count = 0u64;
     let mut completed = false;
-    // As for a relayed stream: once `execution_complete` arrived, only `[DONE]` can be missing.
-    let report = |completed: bool, otherwise: Outcome, events: u64| ShadowReport {
-        outcome: if completed {
-            Outcome::Success
-        } else {
-            otherwise
-        },
-        events,
-    };
-    loop {
+    let mut runtime_error = None;
+    let end = 'read: loop {
         let read = tokio::time::timeout_at(deadline.into(), stream.fill()).await;
         match read {
-            Err(_) => return report(completed, Outcome::Timeout, count),
-            Ok(Err(_)) => return report(completed, Outcome::Error, count),
+            Err(_) => {
+                break End::Deadline {
+                    budget: deadline - started,
+                }
+            }
+            Ok(Err(e)) => break End::Broken(e.to_string()),
             // Closed by the runtime: the connection cannot be reused, whatever the framing.
-            Ok(Ok(0)) => return report(completed, Outcome::Error, count),
+            Ok(Ok(0)) => {
+                break match stream.eof() {
+                    Ok(()) => End::BodyEnd,
+                    Err(e) => End::Broken(e.to_string()),
+                }
+            }
             Ok(Ok(_)) => {}
         }
         events.clear();
@@ -154,22 +156,38 @@ async fn run(
                     count += 1;
                     completed = true;
                 }
-                Mapped::Failed { .. } => return report(false, Outcome::Error, count + 1),
-                Mapped::End => return report(completed, Outcome::Error, count),
+                Mapped::Failed { code, .. } => {
+                    count += 1;
+                    runtime_error = Some(code);
+                    break 'read End::ExecutionError;
+                }
+                Mapped::End => break 'read End::Done,
                 Mapped::Skipped | Mapped::Malformed | Mapped::Unknown => {}
             }
         }
-        if parsed.is_err() {
-            return report(false, Outcome::Error, count);
+        if let Err(SseError::FrameTooLarge { limit }) = parsed {
+            break End::FrameTooLarge { limit };
         }
         match body {
             Ok(true) => {
                 stream.release(shared, active.runtime.pool_idle_timeout);
-                return report(completed, Outcome::Error, count);
+                break End::BodyEnd;
             }
             Ok(false) => {}
-            Err(_) => return report(completed, Outcome::Error, count),
+            Err(e) => break End::Broken(e.to_string()),
         }
+    };
+    let verdict = stream::verdict(&Facts {
+        client: false,
+        completed,
+        runtime_error,
+        end,
+    });
+    ShadowReport {
+        // A shadow copy has no client to lose and is dropped, not cut off, at shutdown: every
+        // end it sees is the runtime's doing.
+        outcome: verdict.outcome.unwrap_or(Outcome::Error),
+        events: count,
     }
 }
 
