@@ -1,0 +1,141 @@
+//! What one request carries between Pingora's callbacks: the config it started with and, for a
+//! chat request, who asked, how it was routed and what served it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::app::state::{Active, RequestGuard, Shared};
+use crate::core::identity::Caller;
+use crate::core::routing::RolloutDecision;
+use crate::core::stats::Outcome;
+use crate::runtime::connection::OpenFailure;
+use crate::runtime::relay::{InFlight, StreamReport};
+
+/// Everything one request carries between callbacks.
+pub struct RequestCtx {
+    pub(super) started: Instant,
+    /// Counts the request as in flight until Pingora drops the context, for the shutdown drain.
+    pub(super) _guard: RequestGuard,
+    /// The config the request started with; a reload mid-request does not change it.
+    pub(super) active: Arc<Active>,
+    pub(super) chat: Option<ChatCtx>,
+}
+
+/// A chat request's state.
+pub(super) struct ChatCtx {
+    pub caller: Option<Caller>,
+    pub decision: RolloutDecision,
+    /// Holds a half-open breaker's probe slot, if this request was admitted as a probe.
+    pub probe: ProbeGuard,
+    pub served: Served,
+    /// Legacy response: time to first body byte and bytes sent.
+    pub first_byte: Option<Duration>,
+    pub bytes: u64,
+    /// Request body bytes passed on to legacy, held to `limits.max_chat_body_bytes` for bodies
+    /// without a Content-Length (which cannot be refused up front).
+    pub body_to_legacy: usize,
+    pub in_flight: Option<InFlight>,
+}
+
+/// What serves a chat request.
+pub(super) enum Served {
+    /// The runtime was chosen and nothing answered: reading the request failed first.
+    Unanswered,
+    /// The proxy refused it itself (4xx) without any upstream.
+    Refused,
+    /// The proxy answered it with a runtime stream (or an error event in its place).
+    Runtime(StreamReport),
+    /// Proxied to legacy, as decided or because the runtime failed before its first byte.
+    Legacy { failover: Option<Failover> },
+}
+
+/// The runtime failed before its first byte and legacy served the request instead.
+pub(super) struct Failover {
+    pub failure: OpenFailure,
+    /// How long the runtime took to fail.
+    pub after: Duration,
+}
+
+impl ChatCtx {
+    pub fn new(caller: Option<Caller>, decision: RolloutDecision, probe: ProbeGuard) -> Self {
+        let served = match decision.mode {
+            crate::core::config::Mode::DirectLlm => Served::Legacy { failover: None },
+            crate::core::config::Mode::RuntimeOrchestrator => Served::Unanswered,
+        };
+        ChatCtx {
+            caller,
+            decision,
+            probe,
+            served,
+            first_byte: None,
+            bytes: 0,
+            body_to_legacy: 0,
+            in_flight: None,
+        }
+    }
+
+    pub fn org(&self) -> Option<&str> {
+        self.caller.as_ref().map(|c| c.org_id.as_str())
+    }
+
+    /// What reached the client, for the access log.
+    pub fn delivered(&self) -> Delivered<'_> {
+        let legacy = Delivered {
+            events: 0,
+            bytes: self.bytes,
+            first_write: self.first_byte,
+            error_code: None,
+            detail: None,
+        };
+        match &self.served {
+            Served::Runtime(r) => Delivered {
+                events: r.events,
+                bytes: r.bytes,
+                first_write: r.first_write,
+                error_code: r.error_code,
+                detail: r.detail.as_deref(),
+            },
+            Served::Legacy {
+                failover: Some(failover),
+            } => Delivered {
+                detail: Some(failover.failure.detail.as_str()),
+                ..legacy
+            },
+            Served::Legacy { failover: None } | Served::Refused | Served::Unanswered => legacy,
+        }
+    }
+}
+
+/// What reached the client of a chat request.
+pub(super) struct Delivered<'a> {
+    pub events: u64,
+    pub bytes: u64,
+    pub first_write: Option<Duration>,
+    pub error_code: Option<&'static str>,
+    pub detail: Option<&'a str>,
+}
+
+/// A half-open breaker admits a few probes at a time. The slot is freed when the guard drops,
+/// unless a recorded outcome already settled it, so no path out of a request can leak one.
+#[derive(Default)]
+pub(super) struct ProbeGuard(Option<Arc<Shared>>);
+
+impl ProbeGuard {
+    pub fn new(shared: &Arc<Shared>, probe: bool) -> Self {
+        ProbeGuard(probe.then(|| shared.clone()))
+    }
+
+    /// Count the runtime's outcome on the breaker; a probe's slot is settled by it.
+    pub fn record(&mut self, shared: &Shared, outcome: Outcome, latency: Duration) {
+        let probe = self.0.take().is_some();
+        shared.breaker.record(outcome, latency, probe);
+    }
+}
+
+impl Drop for ProbeGuard {
+    fn drop(&mut self) {
+        if let Some(shared) = self.0.take() {
+            shared.breaker.release_probe();
+        }
+    }
+}

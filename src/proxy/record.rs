@@ -1,0 +1,175 @@
+//! Counting a finished chat request, once, in `logging`: the breaker, the admin window stats,
+//! Prometheus and the access log.
+
+use std::time::{Duration, Instant};
+
+use pingora::proxy::Session;
+use pingora::{Error, ErrorSource, ErrorType};
+
+use super::ctx::{ChatCtx, RequestCtx, Served};
+use super::CutoverProxy;
+use crate::core::config::Mode;
+use crate::core::stats::{Outcome, Path};
+
+impl CutoverProxy {
+    /// Count a finished chat request: breaker, window stats, Prometheus, access log.
+    pub(super) fn record(&self, session: &Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        let Some(chat) = ctx.chat.as_mut() else {
+            return;
+        };
+        let now = Instant::now();
+        let total = ctx.started.elapsed();
+        let runtime_outcome = self.record_runtime(chat, total, now);
+        let status = session
+            .response_written()
+            .map(|r| r.status.as_u16())
+            .unwrap_or(0);
+        let direct_outcome = self.record_legacy(chat, status, e, total, now);
+        let org = chat.org();
+        let decision = chat.decision;
+        self.shared
+            .metrics
+            .requests_total
+            .with_label_values(&[
+                decision.mode.as_str(),
+                decision.reason.as_str(),
+                ctx.active.org_label(org),
+            ])
+            .inc();
+
+        let delivered = chat.delivered();
+        let outcome = direct_outcome.or(runtime_outcome);
+        tracing::info!(
+            target: "access",
+            path = session.req_header().uri.path(),
+            org = org.unwrap_or(""),
+            user = chat.caller.as_ref().and_then(|c| c.user_id.as_deref()).unwrap_or(""),
+            mode = decision.mode.as_str(),
+            reason = decision.reason.as_str(),
+            status,
+            outcome = outcome_str(outcome),
+            runtime_outcome = outcome_str(runtime_outcome),
+            latency_ms = total.as_millis() as u64,
+            first_event_ms = delivered.first_write.map(|d| d.as_millis() as u64),
+            events = delivered.events,
+            bytes = delivered.bytes,
+            error_code = delivered.error_code,
+            detail = delivered.detail,
+            "chat request"
+        );
+    }
+
+    /// The runtime's part, if it was tried: the breaker judges it, the stats count it.
+    fn record_runtime(&self, chat: &mut ChatCtx, total: Duration, now: Instant) -> Option<Outcome> {
+        let (outcome, latency, first) = match &chat.served {
+            Served::Runtime(report) => (report.outcome, total, report.first_write),
+            Served::Legacy {
+                failover: Some(failover),
+            } => (Some(failover.failure.outcome), failover.after, None),
+            Served::Legacy { failover: None } | Served::Refused | Served::Unanswered => {
+                return None
+            }
+        };
+        // A probe with no verdict (client gone, shutdown) frees its slot when the context drops.
+        if let Some(outcome) = outcome {
+            chat.probe.record(&self.shared, outcome, latency);
+        }
+        let org = chat.org();
+        self.count(Path::Runtime, org, outcome, latency, first, now);
+        outcome
+    }
+
+    /// Legacy's part, if legacy served the request.
+    fn record_legacy(
+        &self,
+        chat: &ChatCtx,
+        status: u16,
+        e: Option<&Error>,
+        total: Duration,
+        now: Instant,
+    ) -> Option<Outcome> {
+        if !matches!(chat.served, Served::Legacy { .. }) {
+            return None;
+        }
+        let outcome = legacy_outcome(status, e);
+        self.count(
+            Path::Direct,
+            chat.org(),
+            outcome,
+            total,
+            chat.first_byte,
+            now,
+        );
+        outcome
+    }
+
+    /// Count one execution on one path: the admin window and Prometheus. `None` is a client
+    /// that went away: counted as cancelled, kept out of the window.
+    fn count(
+        &self,
+        path: Path,
+        org: Option<&str>,
+        outcome: Option<Outcome>,
+        latency: Duration,
+        first_byte: Option<Duration>,
+        now: Instant,
+    ) {
+        let metrics = self.shared.metrics;
+        let mode = match path {
+            Path::Direct => Mode::DirectLlm.as_str(),
+            Path::Runtime => Mode::RuntimeOrchestrator.as_str(),
+        };
+        metrics.execution_total.with_label_values(&[mode]).inc();
+        let counter = match outcome {
+            Some(Outcome::Success) => &metrics.execution_success_total,
+            Some(Outcome::Error) => &metrics.execution_error_total,
+            Some(Outcome::Timeout) => &metrics.execution_timeout_total,
+            None => &metrics.execution_cancelled_total,
+        };
+        counter.with_label_values(&[mode]).inc();
+        if let Some(outcome) = outcome {
+            self.shared
+                .stats
+                .lock()
+                .unwrap()
+                .record(path, org, outcome, latency, now);
+            metrics
+                .execution_latency_ms
+                .with_label_values(&[mode])
+                .observe(latency.as_secs_f64() * 1000.0);
+        }
+        if let Some(t) = first_byte {
+            metrics
+                .first_event_ms
+                .with_label_values(&[mode])
+                .observe(t.as_secs_f64() * 1000.0);
+        }
+    }
+}
+
+fn outcome_str(o: Option<Outcome>) -> &'static str {
+    match o {
+        Some(Outcome::Success) => "success",
+        Some(Outcome::Error) => "error",
+        Some(Outcome::Timeout) => "timeout",
+        None => "cancelled",
+    }
+}
+
+/// Classify what legacy did with a chat request; `None` when the client went away.
+fn legacy_outcome(status: u16, e: Option<&Error>) -> Option<Outcome> {
+    match e {
+        Some(e) if e.esource() == &ErrorSource::Downstream => None,
+        Some(e)
+            if matches!(
+                e.etype(),
+                ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout
+            ) =>
+        {
+            Some(Outcome::Timeout)
+        }
+        Some(_) => Some(Outcome::Error),
+        None if status >= 500 || status == 0 => Some(Outcome::Error),
+        None => Some(Outcome::Success),
+    }
+}
