@@ -5,6 +5,7 @@
 
 use std::collections::HashSet;
 
+use crate::core::breaker::{Admission, State};
 use crate::core::config::{Mode, RolloutConfig};
 
 /// Why a request got its mode; sent as `x-execution-reason` and used as a metric label.
@@ -108,6 +109,33 @@ impl Rollout {
     }
 }
 
+/// A chat request's mode once the breaker had its say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gated {
+    pub decision: RolloutDecision,
+    /// Admitted by a half-open breaker as a probe: its outcome (or release) settles the slot.
+    pub probe: bool,
+}
+
+/// The mode gate: the rollout's choice, then the breaker's. Only a request the rollout sends to
+/// the runtime asks the breaker for admission (`admit` is called then and only then, since asking
+/// a half-open breaker takes a probe slot); one sent to legacy while the breaker is not closed is
+/// labelled `breaker_open`, whatever sent it there, so the reason says the runtime is out.
+pub fn gate(decision: RolloutDecision, breaker: State, admit: impl FnOnce() -> Admission) -> Gated {
+    let go = |decision, probe| Gated { decision, probe };
+    match decision.mode {
+        Mode::RuntimeOrchestrator => match admit() {
+            Admission::Allowed => go(decision, false),
+            Admission::Probe => go(decision, true),
+            Admission::Rejected => go(RolloutDecision::direct(Reason::BreakerOpen), false),
+        },
+        Mode::DirectLlm if breaker != State::Closed => {
+            go(RolloutDecision::direct(Reason::BreakerOpen), false)
+        }
+        Mode::DirectLlm => go(decision, false),
+    }
+}
+
 /// A stable bucket in 0..10 000 for an org: the same on every replica and across restarts, so an
 /// org never flaps between modes while `runtime_percent` is unchanged, and raising the percentage
 /// only ever adds orgs.
@@ -197,6 +225,56 @@ mod tests {
         let mut c = RolloutConfig::default();
         f(&mut c);
         Rollout::new(&c)
+    }
+
+    fn gated(decision: RolloutDecision, breaker: State, admission: Admission) -> (Gated, bool) {
+        let mut asked = false;
+        let g = gate(decision, breaker, || {
+            asked = true;
+            admission
+        });
+        (g, asked)
+    }
+
+    #[test]
+    fn the_gate_asks_the_breaker_only_for_the_runtime() {
+        let to_runtime = RolloutDecision::runtime(Reason::Allowlist);
+        let ok = |decision, probe| Gated { decision, probe };
+        assert_eq!(
+            gated(to_runtime, State::Closed, Admission::Allowed),
+            (ok(to_runtime, false), true)
+        );
+        assert_eq!(
+            gated(to_runtime, State::HalfOpen, Admission::Probe),
+            (ok(to_runtime, true), true)
+        );
+        assert_eq!(
+            gated(to_runtime, State::Open, Admission::Rejected),
+            (
+                ok(RolloutDecision::direct(Reason::BreakerOpen), false),
+                true
+            )
+        );
+    }
+
+    #[test]
+    fn the_gate_labels_legacy_traffic_breaker_open_unless_closed() {
+        let to_legacy = RolloutDecision::direct(Reason::Denylist);
+        let ok = |decision| Gated {
+            decision,
+            probe: false,
+        };
+        assert_eq!(
+            gated(to_legacy, State::Closed, Admission::Rejected),
+            (ok(to_legacy), false)
+        );
+        for state in [State::Open, State::HalfOpen] {
+            assert_eq!(
+                gated(to_legacy, state, Admission::Probe),
+                (ok(RolloutDecision::direct(Reason::BreakerOpen)), false),
+                "{state:?}"
+            );
+        }
     }
 
     #[test]

@@ -19,12 +19,11 @@ use pingora::proxy::{ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
-use crate::app::state::{Active, Shared};
+use crate::app::state::Shared;
 use crate::app::upstream;
-use crate::core::breaker::{Admission, State};
 use crate::core::config::Mode;
 use crate::core::identity::Unverified;
-use crate::core::routing::{chat_route, Reason, RolloutDecision};
+use crate::core::routing::{chat_route, gate, Gated};
 use crate::runtime::relay::InFlight;
 
 pub use ctx::RequestCtx;
@@ -42,27 +41,6 @@ pub struct CutoverProxy {
 impl CutoverProxy {
     pub fn new(shared: Arc<Shared>) -> Self {
         CutoverProxy { shared }
-    }
-
-    fn decide(&self, active: &Active, org: Option<&str>) -> (RolloutDecision, bool) {
-        let decision = active.rollout.decide(org, false);
-        if decision.mode == Mode::RuntimeOrchestrator {
-            return match self.shared.breaker.admit() {
-                Admission::Allowed => (decision, false),
-                Admission::Probe => (decision, true),
-                Admission::Rejected => (
-                    RolloutDecision {
-                        mode: Mode::DirectLlm,
-                        reason: Reason::BreakerOpen,
-                    },
-                    false,
-                ),
-            };
-        }
-        if self.shared.breaker.state() != State::Closed {
-            return (active.rollout.decide(org, true), false);
-        }
-        (decision, false)
     }
 }
 
@@ -105,7 +83,12 @@ impl ProxyHttp for CutoverProxy {
                 None
             }
         };
-        let (decision, probe) = self.decide(&active, caller.as_ref().map(|c| c.org_id.as_str()));
+        let org = caller.as_ref().map(|c| c.org_id.as_str());
+        let breaker = &self.shared.breaker;
+        let Gated { decision, probe } =
+            gate(active.rollout.decide(org, false), breaker.state(), || {
+                breaker.admit()
+            });
         let probe = ProbeGuard::new(&self.shared, probe);
         let chat = ctx.chat.insert(ChatCtx::new(caller, decision, probe));
 
