@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use cutover_proxy::app::LocalServer;
 use cutover_proxy::core::breaker::State;
 use cutover_proxy::core::config::Config;
-use cutover_proxy::core::stats::Path;
+use cutover_proxy::core::config::Mode;
 use cutover_proxy::ops::metrics::Metrics;
 use serde_json::{json, Value};
 use support::*;
@@ -1113,7 +1113,7 @@ async fn disconnect_storm_mid_stream_releases_upstreams_and_counts_no_runtime_fa
         .stats
         .lock()
         .unwrap()
-        .snapshot(Path::Runtime, now);
+        .snapshot(Mode::RuntimeOrchestrator, now);
     assert_eq!(
         (window.total, window.error, window.timeout),
         (0, 0, 0),
@@ -1194,7 +1194,7 @@ async fn disconnect_storm_before_the_first_byte_releases_runtime_connections() {
         .stats
         .lock()
         .unwrap()
-        .snapshot(Path::Runtime, now);
+        .snapshot(Mode::RuntimeOrchestrator, now);
     assert_eq!(
         (window.error, window.timeout),
         (0, 0),

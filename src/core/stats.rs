@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use serde::ser::SerializeStruct;
 
+use crate::core::config::Mode;
+
 /// Number of buckets a [`Window`] splits its span into: the window slides in steps of
 /// `span / DEFAULT_BUCKETS` (5 s for the default 300 s window).
 pub const DEFAULT_BUCKETS: usize = 60;
@@ -34,6 +36,12 @@ impl Outcome {
     pub fn is_failure(self) -> bool {
         self != Outcome::Success
     }
+}
+
+/// The label of an execution that may have no outcome: `None` (the client went away, the proxy
+/// shut down) is counted and logged as `cancelled`.
+pub fn outcome_label(outcome: Option<Outcome>) -> &'static str {
+    outcome.map_or("cancelled", Outcome::as_str)
 }
 
 impl fmt::Display for Outcome {
@@ -249,39 +257,6 @@ impl Window {
     }
 }
 
-/// One of the two execution modes, as the admin API names them (`direct`, `runtime`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Path {
-    Direct,
-    Runtime,
-}
-
-impl Path {
-    pub const ALL: [Path; 2] = [Path::Direct, Path::Runtime];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Path::Direct => "direct",
-            Path::Runtime => "runtime",
-        }
-    }
-}
-
-impl fmt::Display for Path {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl From<crate::core::config::Mode> for Path {
-    fn from(mode: crate::core::config::Mode) -> Self {
-        match mode {
-            crate::core::config::Mode::DirectLlm => Path::Direct,
-            crate::core::config::Mode::RuntimeOrchestrator => Path::Runtime,
-        }
-    }
-}
-
 #[derive(Debug, Clone)]
 struct OrgEntry {
     /// Value of `ExecutionStats::seq` at this org's latest record: its key in `lru`.
@@ -291,10 +266,10 @@ struct OrgEntry {
 }
 
 impl OrgEntry {
-    fn window_mut(&mut self, path: Path) -> &mut Window {
-        match path {
-            Path::Direct => &mut self.direct,
-            Path::Runtime => &mut self.runtime,
+    fn window_mut(&mut self, mode: Mode) -> &mut Window {
+        match mode {
+            Mode::DirectLlm => &mut self.direct,
+            Mode::RuntimeOrchestrator => &mut self.runtime,
         }
     }
 }
@@ -328,23 +303,23 @@ impl ExecutionStats {
         }
     }
 
-    fn window_mut(&mut self, path: Path) -> &mut Window {
-        match path {
-            Path::Direct => &mut self.direct,
-            Path::Runtime => &mut self.runtime,
+    fn window_mut(&mut self, mode: Mode) -> &mut Window {
+        match mode {
+            Mode::DirectLlm => &mut self.direct,
+            Mode::RuntimeOrchestrator => &mut self.runtime,
         }
     }
 
-    /// Count one execution on `path`, and for `org` when given.
+    /// Count one execution in `mode`, and for `org` when given.
     pub fn record(
         &mut self,
-        path: Path,
+        mode: Mode,
         org: Option<&str>,
         outcome: Outcome,
         latency: Duration,
         now: Instant,
     ) {
-        self.window_mut(path).record(outcome, latency, now);
+        self.window_mut(mode).record(outcome, latency, now);
         let Some(org) = org else { return };
         if self.max_orgs == 0 {
             return;
@@ -358,7 +333,7 @@ impl ExecutionStats {
                 .unwrap_or_else(|| org.to_owned());
             self.lru.insert(seq, name);
             entry.seq = seq;
-            entry.window_mut(path).record(outcome, latency, now);
+            entry.window_mut(mode).record(outcome, latency, now);
             return;
         }
         self.evict_to(self.max_orgs - 1);
@@ -367,7 +342,7 @@ impl ExecutionStats {
             direct: Window::new(self.span, now),
             runtime: Window::new(self.span, now),
         };
-        entry.window_mut(path).record(outcome, latency, now);
+        entry.window_mut(mode).record(outcome, latency, now);
         self.orgs.insert(org.to_owned(), entry);
         self.lru.insert(seq, org.to_owned());
     }
@@ -385,10 +360,10 @@ impl ExecutionStats {
     }
 
     /// Totals of one mode over the window.
-    pub fn snapshot(&self, path: Path, now: Instant) -> WindowStats {
-        match path {
-            Path::Direct => self.direct.snapshot(now),
-            Path::Runtime => self.runtime.snapshot(now),
+    pub fn snapshot(&self, mode: Mode, now: Instant) -> WindowStats {
+        match mode {
+            Mode::DirectLlm => self.direct.snapshot(now),
+            Mode::RuntimeOrchestrator => self.runtime.snapshot(now),
         }
     }
 
@@ -672,17 +647,10 @@ mod tests {
 
     #[test]
     fn names() {
-        assert_eq!(Path::Direct.as_str(), "direct");
-        assert_eq!(Path::Runtime.to_string(), "runtime");
-        assert_eq!(
-            Path::from(crate::core::config::Mode::DirectLlm),
-            Path::Direct
-        );
-        assert_eq!(
-            Path::from(crate::core::config::Mode::RuntimeOrchestrator),
-            Path::Runtime
-        );
         assert_eq!(Outcome::Timeout.to_string(), "timeout");
+        assert_eq!(outcome_label(Some(Outcome::Success)), "success");
+        assert_eq!(outcome_label(Some(Outcome::Error)), "error");
+        assert_eq!(outcome_label(None), "cancelled");
         assert!(Outcome::Error.is_failure() && !Outcome::Success.is_failure());
     }
 
@@ -690,12 +658,30 @@ mod tests {
     fn execution_stats_per_mode_and_org() {
         let t0 = Instant::now();
         let mut st = ExecutionStats::new(secs(60), 10, t0);
-        st.record(Path::Direct, Some("a"), Outcome::Success, 10 * MS, t0);
-        st.record(Path::Runtime, Some("a"), Outcome::Error, 20 * MS, t0);
-        st.record(Path::Runtime, Some("b"), Outcome::Timeout, 30 * MS, t0);
-        st.record(Path::Runtime, None, Outcome::Success, 40 * MS, t0);
-        let d = st.snapshot(Path::Direct, t0);
-        let r = st.snapshot(Path::Runtime, t0);
+        st.record(Mode::DirectLlm, Some("a"), Outcome::Success, 10 * MS, t0);
+        st.record(
+            Mode::RuntimeOrchestrator,
+            Some("a"),
+            Outcome::Error,
+            20 * MS,
+            t0,
+        );
+        st.record(
+            Mode::RuntimeOrchestrator,
+            Some("b"),
+            Outcome::Timeout,
+            30 * MS,
+            t0,
+        );
+        st.record(
+            Mode::RuntimeOrchestrator,
+            None,
+            Outcome::Success,
+            40 * MS,
+            t0,
+        );
+        let d = st.snapshot(Mode::DirectLlm, t0);
+        let r = st.snapshot(Mode::RuntimeOrchestrator, t0);
         assert_eq!((d.total, d.success), (1, 1));
         assert_eq!((r.total, r.success, r.error, r.timeout), (3, 1, 1, 1));
         let (ad, ar) = st.org_snapshot("a", t0).unwrap();
@@ -707,7 +693,10 @@ mod tests {
         // Windows slide for orgs too.
         let (_, ar) = st.org_snapshot("a", t0 + secs(61)).unwrap();
         assert_eq!(ar.total, 0);
-        assert_eq!(st.snapshot(Path::Runtime, t0 + secs(61)).total, 0);
+        assert_eq!(
+            st.snapshot(Mode::RuntimeOrchestrator, t0 + secs(61)).total,
+            0
+        );
     }
 
     #[test]
@@ -715,23 +704,29 @@ mod tests {
         let t0 = Instant::now();
         let mut st = ExecutionStats::new(secs(60), 3, t0);
         for org in ["a", "b", "c"] {
-            st.record(Path::Direct, Some(org), Outcome::Success, MS, t0);
+            st.record(Mode::DirectLlm, Some(org), Outcome::Success, MS, t0);
         }
         // "a" recorded again: "b" is now the least recently recorded.
-        st.record(Path::Runtime, Some("a"), Outcome::Success, MS, t0);
+        st.record(
+            Mode::RuntimeOrchestrator,
+            Some("a"),
+            Outcome::Success,
+            MS,
+            t0,
+        );
         // Reads do not count as use.
         assert!(st.org_snapshot("b", t0).is_some());
-        st.record(Path::Direct, Some("d"), Outcome::Success, MS, t0);
+        st.record(Mode::DirectLlm, Some("d"), Outcome::Success, MS, t0);
         assert_eq!(st.org_count(), 3);
         assert!(st.org_snapshot("b", t0).is_none());
         for org in ["a", "c", "d"] {
             assert!(st.org_snapshot(org, t0).is_some(), "{org}");
         }
-        st.record(Path::Direct, Some("e"), Outcome::Success, MS, t0);
+        st.record(Mode::DirectLlm, Some("e"), Outcome::Success, MS, t0);
         assert!(st.org_snapshot("c", t0).is_none());
         assert_eq!(st.lru.len(), st.orgs.len());
         // Global totals are not affected by eviction.
-        assert_eq!(st.snapshot(Path::Direct, t0).total, 5);
+        assert_eq!(st.snapshot(Mode::DirectLlm, t0).total, 5);
     }
 
     #[test]
@@ -739,21 +734,27 @@ mod tests {
         let t0 = Instant::now();
         let mut st = ExecutionStats::new(secs(60), 5, t0);
         for org in ["a", "b", "c", "d"] {
-            st.record(Path::Direct, Some(org), Outcome::Success, MS, t0);
+            st.record(Mode::DirectLlm, Some(org), Outcome::Success, MS, t0);
         }
         st.reconfigure(secs(60), 2, t0);
         assert_eq!(st.org_count(), 2);
         assert!(st.org_snapshot("c", t0).is_some() && st.org_snapshot("d", t0).is_some());
         assert_eq!(
-            st.snapshot(Path::Direct, t0).total,
+            st.snapshot(Mode::DirectLlm, t0).total,
             4,
             "same span keeps data"
         );
         st.reconfigure(secs(10), 2, t0 + secs(1));
         assert_eq!(st.span(), secs(10));
         assert_eq!(st.max_orgs(), 2);
-        assert_eq!(st.snapshot(Path::Direct, t0 + secs(1)).total, 0);
-        st.record(Path::Runtime, Some("c"), Outcome::Error, MS, t0 + secs(2));
+        assert_eq!(st.snapshot(Mode::DirectLlm, t0 + secs(1)).total, 0);
+        st.record(
+            Mode::RuntimeOrchestrator,
+            Some("c"),
+            Outcome::Error,
+            MS,
+            t0 + secs(2),
+        );
         assert_eq!(st.org_snapshot("c", t0 + secs(2)).unwrap().1.error, 1);
         assert_eq!(st.org_snapshot("c", t0 + secs(13)).unwrap().1.error, 0);
     }
@@ -762,9 +763,9 @@ mod tests {
     fn zero_org_cap_tracks_no_orgs() {
         let t0 = Instant::now();
         let mut st = ExecutionStats::new(secs(60), 0, t0);
-        st.record(Path::Direct, Some("a"), Outcome::Success, MS, t0);
+        st.record(Mode::DirectLlm, Some("a"), Outcome::Success, MS, t0);
         assert_eq!(st.org_count(), 0);
-        assert_eq!(st.snapshot(Path::Direct, t0).total, 1);
+        assert_eq!(st.snapshot(Mode::DirectLlm, t0).total, 1);
     }
 
     proptest! {
@@ -826,8 +827,8 @@ mod tests {
             let mut recent: Vec<String> = Vec::new();
             for (org, runtime) in ops {
                 let org = format!("org-{org}");
-                let path = if runtime { Path::Runtime } else { Path::Direct };
-                st.record(path, Some(&org), Outcome::Success, MS, t0);
+                let mode = if runtime { Mode::RuntimeOrchestrator } else { Mode::DirectLlm };
+                st.record(mode, Some(&org), Outcome::Success, MS, t0);
                 recent.retain(|o| *o != org);
                 recent.push(org);
                 prop_assert!(st.org_count() <= cap);

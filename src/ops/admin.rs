@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 
 use crate::app::state::Shared;
-use crate::core::stats::Path;
+use crate::core::config::Mode;
 
 pub struct AdminApp {
     shared: Arc<Shared>,
@@ -81,8 +81,8 @@ impl AdminApp {
                 (
                     StatusCode::OK,
                     json!({"success": true, "data": {
-                        "direct": stats.snapshot(Path::Direct, now),
-                        "runtime": stats.snapshot(Path::Runtime, now),
+                        "direct": stats.snapshot(Mode::DirectLlm, now),
+                        "runtime": stats.snapshot(Mode::RuntimeOrchestrator, now),
                         "fallbackEnabled": status.fallback_enabled(),
                         "fallbackReason": status.reason,
                     }}),

@@ -9,7 +9,7 @@ use pingora::{Error, ErrorSource, ErrorType};
 use super::ctx::{ChatCtx, RequestCtx, Served};
 use super::CutoverProxy;
 use crate::core::config::Mode;
-use crate::core::stats::{Outcome, Path};
+use crate::core::stats::{outcome_label, Outcome};
 
 impl CutoverProxy {
     /// Count a finished chat request: breaker, window stats, Prometheus, access log.
@@ -47,8 +47,8 @@ impl CutoverProxy {
             mode = decision.mode.as_str(),
             reason = decision.reason.as_str(),
             status,
-            outcome = outcome_str(outcome),
-            runtime_outcome = outcome_str(runtime_outcome),
+            outcome = outcome_label(outcome),
+            runtime_outcome = outcome_label(runtime_outcome),
             latency_ms = total.as_millis() as u64,
             first_event_ms = delivered.first_write.map(|d| d.as_millis() as u64),
             events = delivered.events,
@@ -75,7 +75,7 @@ impl CutoverProxy {
             chat.probe.record(&self.shared, outcome, latency);
         }
         let org = chat.org();
-        self.count(Path::Runtime, org, outcome, latency, first, now);
+        self.count(Mode::RuntimeOrchestrator, org, outcome, latency, first, now);
         outcome
     }
 
@@ -93,7 +93,7 @@ impl CutoverProxy {
         }
         let outcome = legacy_outcome(status, e);
         self.count(
-            Path::Direct,
+            Mode::DirectLlm,
             chat.org(),
             outcome,
             total,
@@ -107,7 +107,7 @@ impl CutoverProxy {
     /// that went away: counted as cancelled, kept out of the window.
     fn count(
         &self,
-        path: Path,
+        mode: Mode,
         org: Option<&str>,
         outcome: Option<Outcome>,
         latency: Duration,
@@ -115,44 +115,32 @@ impl CutoverProxy {
         now: Instant,
     ) {
         let metrics = self.shared.metrics;
-        let mode = match path {
-            Path::Direct => Mode::DirectLlm.as_str(),
-            Path::Runtime => Mode::RuntimeOrchestrator.as_str(),
-        };
-        metrics.execution_total.with_label_values(&[mode]).inc();
+        let label = mode.as_str();
+        metrics.execution_total.with_label_values(&[label]).inc();
         let counter = match outcome {
             Some(Outcome::Success) => &metrics.execution_success_total,
             Some(Outcome::Error) => &metrics.execution_error_total,
             Some(Outcome::Timeout) => &metrics.execution_timeout_total,
             None => &metrics.execution_cancelled_total,
         };
-        counter.with_label_values(&[mode]).inc();
+        counter.with_label_values(&[label]).inc();
         if let Some(outcome) = outcome {
             self.shared
                 .stats
                 .lock()
                 .unwrap()
-                .record(path, org, outcome, latency, now);
+                .record(mode, org, outcome, latency, now);
             metrics
                 .execution_latency_ms
-                .with_label_values(&[mode])
+                .with_label_values(&[label])
                 .observe(latency.as_secs_f64() * 1000.0);
         }
         if let Some(t) = first_byte {
             metrics
                 .first_event_ms
-                .with_label_values(&[mode])
+                .with_label_values(&[label])
                 .observe(t.as_secs_f64() * 1000.0);
         }
-    }
-}
-
-fn outcome_str(o: Option<Outcome>) -> &'static str {
-    match o {
-        Some(Outcome::Success) => "success",
-        Some(Outcome::Error) => "error",
-        Some(Outcome::Timeout) => "timeout",
-        None => "cancelled",
     }
 }
 

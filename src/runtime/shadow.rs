@@ -80,11 +80,7 @@ pub fn spawn(
         let started = Instant::now();
         let report = run(&shared, &active, &downstream, &session_id, body, started).await;
         drop(slot);
-        let label = match report.outcome {
-            Outcome::Success => "success",
-            Outcome::Error => "error",
-            Outcome::Timeout => "timeout",
-        };
+        let label = report.outcome.as_str();
         let m = shared.metrics;
         m.shadow_total.with_label_values(&[label]).inc();
         m.shadow_latency_ms

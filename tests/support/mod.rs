@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use cutover_proxy::app::LocalServer;
 use cutover_proxy::core::config::Config;
-use cutover_proxy::core::stats::Path;
+use cutover_proxy::core::config::Mode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
@@ -733,8 +733,8 @@ pub async fn recorded(server: &LocalServer, runtime: u64, direct: u64) {
     let ok = eventually(Duration::from_secs(3), move || {
         let s = shared.stats.lock().unwrap();
         let now = Instant::now();
-        s.snapshot(Path::Runtime, now).total >= runtime
-            && s.snapshot(Path::Direct, now).total >= direct
+        s.snapshot(Mode::RuntimeOrchestrator, now).total >= runtime
+            && s.snapshot(Mode::DirectLlm, now).total >= direct
     })
     .await;
     assert!(
