@@ -475,10 +475,11 @@ impl Breaker {
         self.health_failures
     }
 
-    /// When an Open breaker will let probes through (if health allows); `None` unless Open
-    /// and not manually tripped.
+    /// When the current open period ends: an Open breaker lets probes through from then on (if
+    /// health allows); a HalfOpen one reports the end of the period that led to it, which is
+    /// past. `None` when Closed or manually tripped.
     pub fn retry_at(&self) -> Option<Instant> {
-        (self.state == State::Open && !self.manual)
+        (self.state != State::Closed && !self.manual)
             .then(|| self.opened_at.checked_add(self.settings.open_for))
             .flatten()
     }
@@ -859,7 +860,7 @@ mod tests {
         assert_eq!(b.reason(), t.reason);
         // A tick takes no probe slot: the first request after it is still a probe.
         assert_eq!(b.probes_in_flight(), 0);
-        assert_eq!(b.retry_at(), None);
+        assert_eq!(b.retry_at(), Some(at));
         assert_eq!(b.tick(at + secs(3600)), None);
         assert_eq!(b.state(), State::HalfOpen);
         assert_eq!(b.admit(at + secs(1)), (Admission::Probe, None));
@@ -1491,7 +1492,7 @@ address = "runtime:8000"
             status.reason
         );
         assert_eq!(shared.state(), State::HalfOpen);
-        assert_eq!(shared.retry_at(), None);
+        assert!(shared.retry_at().is_some_and(|at| at <= Instant::now()));
         assert_eq!(
             *seen.lock().unwrap(),
             vec![(State::Closed, State::Open), (State::Open, State::HalfOpen)]
