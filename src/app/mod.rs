@@ -318,7 +318,7 @@ pub fn run(config_path: PathBuf, config: Config) -> ! {
     ));
     server.add_service(background_service(
         "metrics",
-        Endpoint::new(metrics_listener, MetricsApp),
+        Endpoint::new(metrics_listener, MetricsApp::new(shared.clone())),
     ));
     server.add_service(background_service(
         "runtime-health",
@@ -363,7 +363,11 @@ impl LocalServer {
         let proxy_addr = serve(proxy, shutdown_rx.clone()).await?;
         let admin_addr =
             serve(Arc::new(AdminApp::new(shared.clone())), shutdown_rx.clone()).await?;
-        let metrics_addr = serve(Arc::new(MetricsApp), shutdown_rx.clone()).await?;
+        let metrics_addr = serve(
+            Arc::new(MetricsApp::new(shared.clone())),
+            shutdown_rx.clone(),
+        )
+        .await?;
         tokio::spawn(health::run(shared.clone(), shutdown_rx.clone()));
         if let Some(path) = config_path {
             tokio::spawn(reload::run(shared.clone(), path, shutdown_rx.clone()));

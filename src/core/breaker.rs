@@ -10,7 +10,9 @@
 //!   samples, error rate > `error_rate`, timeout rate > `timeout_rate` or mean latency >
 //!   `max_mean_latency` opens the breaker. So do `health_failures` consecutive failed health checks.
 //! - Open: every request is rejected (served by legacy). Once `open_for` has passed, and the last
-//!   health check did not fail, the next request turns it HalfOpen.
+//!   health check did not fail, the clock alone turns it HalfOpen ([`Breaker::tick`]): the proxy
+//!   ticks on every request and status read and on a timer at [`Breaker::retry_at`], so what is
+//!   reported is never stale.
 //! - HalfOpen: at most `half_open_probes` probes are in flight at once; `half_open_probes` probe
 //!   successes close it (with a fresh window), one probe failure opens it again.
 //! - A manual trip keeps it Open, whatever happens, until a manual reset.
@@ -166,7 +168,9 @@ impl State {
         }
     }
 
-    /// True while the breaker keeps (some) traffic away from the runtime.
+    /// True while the breaker keeps (some) traffic away from the runtime. HalfOpen counts: every
+    /// request beyond the probes in flight still goes to legacy, and the runtime has not yet
+    /// proved itself; `chat_runtime_fallback_enabled` and `fallbackEnabled` both follow this.
     pub fn fallback_enabled(self) -> bool {
         self != State::Closed
     }
@@ -296,20 +300,30 @@ impl Breaker {
         match self.state {
             State::Closed => (Admission::Allowed, None),
             State::HalfOpen => (self.take_probe(), None),
-            State::Open => {
-                let waited = now.saturating_duration_since(self.opened_at);
-                if waited < self.settings.open_for || self.health_failures > 0 {
-                    return (Admission::Rejected, None);
-                }
-                let reason = format!(
-                    "half-open after {} open: letting up to {} probes through",
-                    fmt_duration(self.settings.open_for),
-                    self.settings.probes()
-                );
-                let t = self.transition(State::HalfOpen, reason, now);
-                (self.take_probe(), t)
-            }
+            State::Open => match self.tick(now) {
+                Some(t) => (self.take_probe(), Some(t)),
+                None => (Admission::Rejected, None),
+            },
         }
+    }
+
+    /// Let time act with no request to prompt it: Open turns HalfOpen once `open_for` has
+    /// passed since it opened, unless it was tripped by hand or the last health check failed.
+    /// The only transition a tick makes. Whoever reports the state ticks first, and a timer
+    /// ticks at [`Breaker::retry_at`], so the state never waits for traffic to move.
+    pub fn tick(&mut self, now: Instant) -> Option<Transition> {
+        if self.state != State::Open || self.manual || self.health_failures > 0 {
+            return None;
+        }
+        if now.saturating_duration_since(self.opened_at) < self.settings.open_for {
+            return None;
+        }
+        let reason = format!(
+            "half-open after {} open: letting up to {} probes through",
+            fmt_duration(self.settings.open_for),
+            self.settings.probes()
+        );
+        self.transition(State::HalfOpen, reason, now)
     }
 
     /// Outcome of a runtime execution; `probe` = it was admitted as `Probe`.
@@ -461,10 +475,11 @@ impl Breaker {
         self.health_failures
     }
 
-    /// When an Open breaker will let probes through (if health allows); `None` unless Open
-    /// and not manually tripped.
+    /// When the current open period ends: an Open breaker lets probes through from then on (if
+    /// health allows); a HalfOpen one reports the end of the period that led to it, which is
+    /// past. `None` when Closed or manually tripped.
     pub fn retry_at(&self) -> Option<Instant> {
-        (self.state == State::Open && !self.manual)
+        (self.state != State::Closed && !self.manual)
             .then(|| self.opened_at.checked_add(self.settings.open_for))
             .flatten()
     }
@@ -591,6 +606,18 @@ impl SharedBreaker {
         State::from_u8(self.state.load(Ordering::Acquire))
     }
 
+    /// See [`Breaker::tick`]; returns the state after it. Lock-free unless Open.
+    pub fn tick(&self) -> State {
+        if self.state() != State::Open {
+            return self.state();
+        }
+        self.apply(|b, now| {
+            let t = b.tick(now);
+            (b.state(), t)
+        })
+    }
+
+    /// The state as it last moved; see [`report`](Self::report) for what to show.
     pub fn status(&self) -> BreakerStatus {
         let b = self.lock();
         BreakerStatus {
@@ -598,6 +625,25 @@ impl SharedBreaker {
             reason: b.reason().to_owned(),
             manual: b.manually_tripped(),
         }
+    }
+
+    /// The status as of now, for the admin API: ticked first (in the same lock), so an open
+    /// period that is over reads `half_open` whether or not a request came since.
+    pub fn report(&self) -> BreakerStatus {
+        self.apply(|b, now| {
+            let t = b.tick(now);
+            let status = BreakerStatus {
+                state: b.state(),
+                reason: b.reason().to_owned(),
+                manual: b.manually_tripped(),
+            };
+            (status, t)
+        })
+    }
+
+    /// See [`Breaker::retry_at`].
+    pub fn retry_at(&self) -> Option<Instant> {
+        self.lock().retry_at()
     }
 
     /// See [`Breaker::window_stats`].
@@ -795,6 +841,79 @@ mod tests {
         );
         assert_eq!(b.state(), State::HalfOpen);
         assert_eq!(b.probes_in_flight(), 1);
+    }
+
+    #[test]
+    fn tick_half_opens_at_retry_at_with_no_request() {
+        let t0 = Instant::now();
+        let mut b = opened(t0);
+        let at = b.retry_at().unwrap();
+        assert_eq!(b.tick(t0), None);
+        assert_eq!(b.tick(at - Duration::from_nanos(1)), None);
+        assert_eq!(b.state(), State::Open);
+        let t = b.tick(at).unwrap();
+        assert_eq!((t.from, t.to), (State::Open, State::HalfOpen));
+        assert_eq!(
+            t.reason,
+            "half-open after 30s open: letting up to 3 probes through"
+        );
+        assert_eq!(b.reason(), t.reason);
+        // A tick takes no probe slot: the first request after it is still a probe.
+        assert_eq!(b.probes_in_flight(), 0);
+        assert_eq!(b.retry_at(), Some(at));
+        assert_eq!(b.tick(at + secs(3600)), None);
+        assert_eq!(b.state(), State::HalfOpen);
+        assert_eq!(b.admit(at + secs(1)), (Admission::Probe, None));
+    }
+
+    #[test]
+    fn tick_changes_nothing_but_an_open_period_that_is_over() {
+        let t0 = Instant::now();
+        let mut b = Breaker::new(settings(), t0);
+        assert_eq!(b.tick(t0 + secs(3600)), None);
+        assert_eq!(b.state(), State::Closed);
+
+        // Tripped by hand: open whatever the clock says.
+        b.trip(t0);
+        assert_eq!(b.tick(t0 + secs(3600)), None);
+        assert_eq!(b.state(), State::Open);
+        assert_eq!(b.reason(), "tripped manually");
+
+        // Opened by errors, then tripped: still held.
+        let mut b = opened(t0);
+        b.trip(t0 + secs(1));
+        assert_eq!(b.tick(t0 + secs(31)), None);
+        assert_eq!(b.state(), State::Open);
+        b.reset(t0 + secs(32));
+        assert_eq!(b.tick(t0 + secs(3600)), None);
+        assert_eq!(b.state(), State::Closed);
+    }
+
+    #[test]
+    fn tick_waits_while_the_last_health_check_failed() {
+        let t0 = Instant::now();
+        let mut b = opened(t0);
+        b.record_health(false, "503", t0 + secs(10));
+        assert_eq!(b.tick(t0 + secs(31)), None);
+        assert_eq!(b.tick(t0 + secs(300)), None);
+        assert_eq!(b.state(), State::Open);
+        b.record_health(true, "", t0 + secs(301));
+        let t = b.tick(t0 + secs(301)).unwrap();
+        assert_eq!((t.from, t.to), (State::Open, State::HalfOpen));
+    }
+
+    #[test]
+    fn tick_follows_a_reopening_from_half_open() {
+        let t0 = Instant::now();
+        let mut b = opened(t0);
+        b.tick(t0 + secs(30));
+        assert_eq!(b.admit(t0 + secs(31)).0, Admission::Probe);
+        let t = b.record(Outcome::Error, MS, true, t0 + secs(40)).unwrap();
+        assert_eq!((t.from, t.to), (State::HalfOpen, State::Open));
+        // The new open period counts from the reopening, not from the first opening.
+        assert_eq!(b.retry_at(), Some(t0 + secs(70)));
+        assert_eq!(b.tick(t0 + secs(69)), None);
+        assert_eq!(b.tick(t0 + secs(70)).unwrap().to, State::HalfOpen);
     }
 
     #[test]
@@ -1351,6 +1470,42 @@ address = "runtime:8000"
     }
 
     #[test]
+    fn shared_report_ticks_and_passes_the_transition_on() {
+        let mut s = settings();
+        s.min_requests = 1;
+        s.open_for = Duration::ZERO;
+        let shared = SharedBreaker::new(Breaker::new(s, Instant::now()));
+        let seen: Arc<Mutex<Vec<(State, State)>>> = Arc::default();
+        let seen2 = Arc::clone(&seen);
+        shared.on_transition(move |t| seen2.lock().unwrap().push((t.from, t.to)));
+        assert_eq!(shared.tick(), State::Closed);
+        shared.record(Outcome::Error, MS, false);
+        // Nothing ticked since it opened: the mirror and a plain status read have not moved.
+        assert_eq!(shared.state(), State::Open);
+        assert_eq!(shared.status().state, State::Open);
+        let status = shared.report();
+        assert_eq!(status.state, State::HalfOpen);
+        assert!(status.fallback_enabled());
+        assert!(
+            status.reason.starts_with("half-open after 0s open"),
+            "{}",
+            status.reason
+        );
+        assert_eq!(shared.state(), State::HalfOpen);
+        assert!(shared.retry_at().is_some_and(|at| at <= Instant::now()));
+        assert_eq!(
+            *seen.lock().unwrap(),
+            vec![(State::Closed, State::Open), (State::Open, State::HalfOpen)]
+        );
+
+        shared.trip();
+        assert_eq!(shared.tick(), State::Open);
+        assert_eq!(shared.report().state, State::Open);
+        assert_eq!(shared.retry_at(), None);
+        assert_eq!(seen.lock().unwrap().len(), 3);
+    }
+
+    #[test]
     fn shared_breaker_bounds_probes_across_threads() {
         let mut s = settings();
         s.open_for = Duration::ZERO;
@@ -1405,6 +1560,7 @@ address = "runtime:8000"
         Release,
         Health(bool),
         Advance(u64),
+        Tick,
         Trip,
         Reset,
     }
@@ -1416,6 +1572,7 @@ address = "runtime:8000"
             1 => Just(Op::Release),
             2 => any::<bool>().prop_map(Op::Health),
             4 => (0u64..3000).prop_map(Op::Advance),
+            2 => Just(Op::Tick),
             1 => Just(Op::Trip),
             1 => Just(Op::Reset),
         ]
@@ -1529,6 +1686,19 @@ address = "runtime:8000"
                     Op::Advance(ms) => {
                         now += Duration::from_millis(ms);
                         None
+                    }
+                    Op::Tick => {
+                        let t = b.tick(now);
+                        if let Some(t) = &t {
+                            prop_assert_eq!((t.from, t.to), (State::Open, State::HalfOpen));
+                            prop_assert!(!was_manual);
+                            prop_assert_eq!(b.health_failures(), 0);
+                        }
+                        // Never left Open past its period when time alone may move it.
+                        if b.state() == State::Open && !b.manually_tripped() && b.health_failures() == 0 {
+                            prop_assert!(b.retry_at().is_some_and(|at| now < at));
+                        }
+                        t
                     }
                     Op::Trip => {
                         let t = b.trip(now);

@@ -49,7 +49,7 @@ impl AdminApp {
     /// `{"success":true,"data":{"fallbackEnabled","fallbackReason","state"}}`: exactly the
     /// contract's fields (a manual trip shows in the reason, "tripped manually").
     fn fallback_status(&self) -> Value {
-        let status = self.shared.breaker.status();
+        let status = self.shared.breaker.report();
         json!({"success": true, "data": {
             "fallbackEnabled": status.fallback_enabled(),
             "fallbackReason": status.reason,
@@ -76,7 +76,7 @@ impl AdminApp {
                 }
             }
             ("GET", "/runtime/metrics") => {
-                let status = self.shared.breaker.status();
+                let status = self.shared.breaker.report();
                 let stats = self.shared.stats.lock().unwrap();
                 (
                     StatusCode::OK,
@@ -162,7 +162,15 @@ impl ServeHttp for AdminApp {
 }
 
 /// `GET /metrics`: the Prometheus text exposition.
-pub struct MetricsApp;
+pub struct MetricsApp {
+    shared: Arc<Shared>,
+}
+
+impl MetricsApp {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        MetricsApp { shared }
+    }
+}
 
 #[async_trait]
 impl ServeHttp for MetricsApp {
@@ -172,6 +180,9 @@ impl ServeHttp for MetricsApp {
         if path != "/metrics" {
             return json_response(StatusCode::NOT_FOUND, &json!({"error": "see /metrics"}));
         }
+        // The breaker gauges move on transitions: let an open period that is over make its
+        // transition before they are read.
+        self.shared.breaker.tick();
         let body = crate::ops::metrics::render();
         Response::builder()
             .status(StatusCode::OK)

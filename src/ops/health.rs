@@ -1,16 +1,19 @@
-//! Background health checks of the runtime, feeding the breaker.
+//! Background health checks of the runtime, feeding the breaker, and the breaker's clock.
 //!
-//! They run on their own schedule, never on the request path (the source document checked health
-//! on every request), and re-read the config each round so interval and path are reloadable.
+//! Checks run on their own schedule, never on the request path (the source document checked health
+//! on every request), and re-read the config each round so interval and path are reloadable. The
+//! clock wakes at the instant an open breaker may half-open, so its state and gauges move on time
+//! with no traffic, scrape or health check to prompt them.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pingora::http::RequestHeader;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
 use crate::app::state::Shared;
 use crate::app::upstream;
+use crate::core::breaker::State;
 
 /// One health check: `Ok` on a 2xx answer within the timeout.
 pub async fn check_once(shared: &Shared) -> Result<(), String> {
@@ -69,8 +72,15 @@ pub async fn check_once(shared: &Shared) -> Result<(), String> {
     }
 }
 
-/// Check every `health_interval_ms` until `shutdown` turns true.
-pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+/// Check every `health_interval_ms`, and keep the breaker on time, until `shutdown` turns true.
+pub async fn run(shared: Arc<Shared>, shutdown: watch::Receiver<bool>) {
+    tokio::join!(
+        check_every_interval(shared.clone(), shutdown.clone()),
+        follow_clock(shared, shutdown),
+    );
+}
+
+async fn check_every_interval(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
     loop {
         let result = check_once(&shared).await;
         let metrics = shared.metrics;
@@ -91,9 +101,44 @@ pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
         shared
             .breaker
             .record_health(result.is_ok(), result.as_ref().err().map_or("", |d| d));
+        // A pass after the open period ended is what lets it half-open: the clock below already
+        // woke, found the check failing, and waits for the next opening.
+        shared.breaker.tick();
         let interval = Duration::from_millis(shared.snapshot().config.runtime.health_interval_ms);
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// Tick the breaker at [`retry_at`](crate::core::breaker::SharedBreaker::retry_at), the instant
+/// its open period ends. An opening wakes it to learn the new instant; with no instant ahead
+/// (closed, half-open, tripped by hand, or waiting on a failed health check) it sleeps until the
+/// next opening. A reload that shortens `open_secs` during an open period is caught by the next
+/// health check's tick, or by any status read or scrape before it.
+async fn follow_clock(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    let opened = Arc::new(Notify::new());
+    let wake = opened.clone();
+    // notify_one keeps a permit when nobody waits, so an opening between the tick and the wait
+    // below is not missed.
+    shared.breaker.on_transition(move |t| {
+        if t.to == State::Open {
+            wake.notify_one();
+        }
+    });
+    loop {
+        shared.breaker.tick();
+        let ahead = shared.breaker.retry_at().filter(|at| *at > Instant::now());
+        let until_retry = async {
+            match ahead {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = until_retry => {}
+            _ = opened.notified() => {}
             _ = shutdown.changed() => return,
         }
     }
