@@ -258,7 +258,7 @@ fn handle(st: &mut State, req: &Received) -> Reply {
         }
         LegacyRoute::CreateSession => {
             let agent_id = body["agentId"].as_str().unwrap_or_default().to_string();
-            if !st.agents.get(&agent_id).is_some_and(|a| a.org == org) {
+            if st.agents.get(&agent_id).is_none_or(|a| a.org != org) {
                 return not_found();
             }
             st.next_id += 1;
