@@ -5,6 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::core::bridge::{AgentProfile, Conversation, HistoryMessage};
 use crate::core::identity::Caller;
 use crate::core::routing::ChatRoute;
 
@@ -57,7 +58,7 @@ pub fn parse_chat_body(bytes: &[u8]) -> Result<ChatBody, BodyError> {
 }
 
 #[derive(Debug, Serialize)]
-struct RuntimeRequest<'a> {
+struct BareRequest<'a> {
     session_id: &'a str,
     org_id: &'a str,
     user_message: &'a str,
@@ -80,9 +81,10 @@ pub fn session_id_for(route: &ChatRoute) -> String {
     }
 }
 
-/// The JSON body POSTed to the runtime's stream path.
+/// The JSON body POSTed to the runtime's stream path before the bridge: no agent config and no
+/// history. [`RuntimeRequest`] is the contract's body; the request path moves to it.
 pub fn runtime_request_body(session_id: &str, caller: &Caller, chat: &ChatBody) -> Vec<u8> {
-    let req = RuntimeRequest {
+    let req = BareRequest {
         session_id,
         org_id: &caller.org_id,
         user_message: &chat.message,
@@ -93,6 +95,126 @@ pub fn runtime_request_body(session_id: &str, caller: &Caller, chat: &ChatBody) 
         },
     };
     serde_json::to_vec(&req).expect("plain strings serialise")
+}
+
+/// Temperature when the agent sets none (the legacy API's own default).
+pub const DEFAULT_TEMPERATURE: f64 = 0.7;
+/// Token limit when the agent sets none (the legacy API's own default).
+pub const DEFAULT_MAX_TOKENS: u64 = 4096;
+
+/// The runtime's `agent_config`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AgentConfig {
+    pub system_prompt: String,
+    /// Left out when the agent names none, so the runtime applies its own default model.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    pub temperature: f64,
+    pub max_tokens: u64,
+}
+
+impl AgentConfig {
+    /// The agent's settings, with the legacy API's defaults where it has none.
+    pub fn of_agent(agent: &AgentProfile) -> AgentConfig {
+        let system_prompt = if agent.system_prompt.trim().is_empty() {
+            format!("你是 {}，一个有帮助的 AI 助手。", agent.name)
+        } else {
+            agent.system_prompt.clone()
+        };
+        AgentConfig {
+            system_prompt,
+            model: agent.model.clone(),
+            temperature: agent.temperature.unwrap_or(DEFAULT_TEMPERATURE),
+            max_tokens: agent.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
+        }
+    }
+
+    /// With the bridge off the proxy knows no agent: no prompt of its own making (the runtime
+    /// owns its agents), the defaults otherwise.
+    pub fn unknown_agent() -> AgentConfig {
+        AgentConfig {
+            system_prompt: String::new(),
+            model: None,
+            temperature: DEFAULT_TEMPERATURE,
+            max_tokens: DEFAULT_MAX_TOKENS,
+        }
+    }
+}
+
+/// The runtime request of CONTRACT.md, fields in its order.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RuntimeRequest {
+    pub session_id: String,
+    /// Absent only with the bridge off, no `agentId` in the body and no `default_agent_id`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_id: Option<String>,
+    pub org_id: String,
+    pub user_message: String,
+    pub history_messages: Vec<HistoryMessage>,
+    pub agent_config: AgentConfig,
+    pub metadata: RequestMetadata,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RequestMetadata {
+    pub user_id: Option<String>,
+    pub parent_message_id: Option<String>,
+}
+
+impl RuntimeRequest {
+    /// With the bridge on: the agent, its settings and the history legacy gave.
+    pub fn bridged(
+        session_id: &str,
+        caller: &Caller,
+        chat: &ChatBody,
+        conversation: &Conversation,
+    ) -> RuntimeRequest {
+        RuntimeRequest {
+            session_id: session_id.to_string(),
+            agent_id: Some(conversation.agent_id.clone()),
+            org_id: caller.org_id.clone(),
+            user_message: chat.message.clone(),
+            history_messages: conversation.history.clone(),
+            agent_config: AgentConfig::of_agent(&conversation.agent),
+            metadata: metadata(caller, chat),
+        }
+    }
+
+    /// With the bridge off: the body's `agentId`, else `default_agent_id` (empty: none); no
+    /// history, default settings.
+    pub fn standalone(
+        session_id: &str,
+        caller: &Caller,
+        chat: &ChatBody,
+        default_agent_id: &str,
+    ) -> RuntimeRequest {
+        let agent_id = chat
+            .agent_id
+            .clone()
+            .filter(|a| !a.is_empty())
+            .or_else(|| Some(default_agent_id.to_string()).filter(|a| !a.is_empty()));
+        RuntimeRequest {
+            session_id: session_id.to_string(),
+            agent_id,
+            org_id: caller.org_id.clone(),
+            user_message: chat.message.clone(),
+            history_messages: Vec::new(),
+            agent_config: AgentConfig::unknown_agent(),
+            metadata: metadata(caller, chat),
+        }
+    }
+
+    /// The JSON body, one line.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("strings and finite numbers serialise")
+    }
+}
+
+fn metadata(caller: &Caller, chat: &ChatBody) -> RequestMetadata {
+    RequestMetadata {
+        user_id: caller.user_id.clone(),
+        parent_message_id: chat.parent_message_id.clone(),
+    }
 }
 
 #[cfg(test)]
@@ -217,5 +339,93 @@ mod tests {
                 "{body}"
             );
         }
+    }
+
+    fn conversation() -> Conversation {
+        Conversation {
+            agent_id: "ag-1".into(),
+            agent: AgentProfile {
+                name: "Helper".into(),
+                system_prompt: "Be brief.".into(),
+                model: Some("gpt-4o".into()),
+                temperature: Some(0.2),
+                max_tokens: Some(1000),
+            },
+            history: vec![
+                HistoryMessage {
+                    role: "user".into(),
+                    content: "earlier".into(),
+                },
+                HistoryMessage {
+                    role: "assistant".into(),
+                    content: "reply".into(),
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn bridged_request_is_the_contract_s_in_its_order() {
+        let chat = parse_chat_body(br#"{"message":"hi","parentMessageId":"m0"}"#).unwrap();
+        let bytes = RuntimeRequest::bridged("s1", &caller(), &chat, &conversation()).to_bytes();
+        let text = String::from_utf8(bytes.clone()).unwrap();
+        assert_eq!(
+            text,
+            concat!(
+                r#"{"session_id":"s1","agent_id":"ag-1","org_id":"org-a","user_message":"hi","#,
+                r#""history_messages":[{"role":"user","content":"earlier"},"#,
+                r#"{"role":"assistant","content":"reply"}],"#,
+                r#""agent_config":{"system_prompt":"Be brief.","model":"gpt-4o","#,
+                r#""temperature":0.2,"max_tokens":1000},"#,
+                r#""metadata":{"user_id":"u1","parent_message_id":"m0"}}"#
+            )
+        );
+    }
+
+    #[test]
+    fn agent_without_settings_gets_legacy_s_defaults() {
+        let mut c = conversation();
+        c.agent = AgentProfile {
+            name: "小助手".into(),
+            system_prompt: "  ".into(),
+            model: None,
+            temperature: None,
+            max_tokens: None,
+        };
+        let chat = parse_chat_body(br#"{"message":"hi"}"#).unwrap();
+        let body: Value =
+            serde_json::from_slice(&RuntimeRequest::bridged("s1", &caller(), &chat, &c).to_bytes())
+                .unwrap();
+        assert_eq!(
+            body["agent_config"],
+            json!({"system_prompt": "你是 小助手，一个有帮助的 AI 助手。",
+                   "temperature": 0.7, "max_tokens": 4096})
+        );
+        assert_eq!(body["metadata"]["parent_message_id"], Value::Null);
+    }
+
+    #[test]
+    fn standalone_request_takes_the_body_s_agent_then_the_default() {
+        let chat = parse_chat_body(br#"{"agentId":"ag-7","message":"hi"}"#).unwrap();
+        let body: Value = serde_json::from_slice(
+            &RuntimeRequest::standalone("s2", &caller(), &chat, "ag-0").to_bytes(),
+        )
+        .unwrap();
+        assert_eq!(
+            body,
+            json!({
+                "session_id": "s2", "agent_id": "ag-7", "org_id": "org-a", "user_message": "hi",
+                "history_messages": [],
+                "agent_config": {"system_prompt": "", "temperature": 0.7, "max_tokens": 4096},
+                "metadata": {"user_id": "u1", "parent_message_id": null}
+            })
+        );
+        let chat = parse_chat_body(br#"{"message":"hi","agentId":""}"#).unwrap();
+        let r = RuntimeRequest::standalone("s", &caller(), &chat, "ag-0");
+        assert_eq!(r.agent_id.as_deref(), Some("ag-0"));
+        let r = RuntimeRequest::standalone("s", &caller(), &chat, "");
+        assert_eq!(r.agent_id, None);
+        let body: Value = serde_json::from_slice(&r.to_bytes()).unwrap();
+        assert!(body.get("agent_id").is_none(), "{body}");
     }
 }

@@ -78,6 +78,8 @@ pub struct Config {
     pub admin: AdminConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
+    #[serde(default)]
+    pub bridge: BridgeConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -136,6 +138,9 @@ pub struct RuntimeConfig {
     /// Largest runtime SSE frame accepted; a larger one ends the stream with an error event.
     #[serde(default = "defaults::max_frame_bytes")]
     pub max_frame_bytes: usize,
+    /// The runtime's `agent_id` when the bridge is off and the body names none; empty: none.
+    #[serde(default)]
+    pub default_agent_id: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -219,6 +224,35 @@ pub struct LimitsConfig {
     /// Most per-org entries kept for `GET /runtime/metrics/{orgId}`; the least recently seen go.
     #[serde(default = "defaults::max_tracked_orgs")]
     pub max_tracked_orgs: usize,
+}
+
+/// The conversation bridge: the legacy API's REST routes the proxy reads a session's agent and
+/// history from, and saves a runtime chat's messages to.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BridgeConfig {
+    #[serde(default = "defaults::bridge_enabled")]
+    pub enabled: bool,
+    #[serde(default = "defaults::session_path")]
+    pub session_path: String,
+    #[serde(default = "defaults::agent_path")]
+    pub agent_path: String,
+    #[serde(default = "defaults::messages_path")]
+    pub messages_path: String,
+    #[serde(default = "defaults::sessions_path")]
+    pub sessions_path: String,
+    /// Most earlier messages of the session sent to the runtime as history.
+    #[serde(default = "defaults::history_limit")]
+    pub history_limit: usize,
+    /// Bound of each call to legacy.
+    #[serde(default = "defaults::bridge_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Most session agent ids and agent configs cached (each); the oldest go first.
+    #[serde(default = "defaults::cache_entries")]
+    pub cache_entries: usize,
+    /// How long a cached agent id or agent config is served without asking legacy; 0: no cache.
+    #[serde(default = "defaults::cache_ttl_ms")]
+    pub cache_ttl_ms: u64,
 }
 
 mod defaults {
@@ -313,6 +347,33 @@ mod defaults {
     pub fn max_tracked_orgs() -> usize {
         1000
     }
+    pub fn bridge_enabled() -> bool {
+        true
+    }
+    pub fn session_path() -> String {
+        "/api/v1/sessions/{sessionId}".into()
+    }
+    pub fn agent_path() -> String {
+        "/api/v1/agents/{agentId}".into()
+    }
+    pub fn messages_path() -> String {
+        "/api/v1/sessions/{sessionId}/messages".into()
+    }
+    pub fn sessions_path() -> String {
+        "/api/v1/sessions".into()
+    }
+    pub fn history_limit() -> usize {
+        20
+    }
+    pub fn bridge_timeout_ms() -> u64 {
+        2_000
+    }
+    pub fn cache_entries() -> usize {
+        10_000
+    }
+    pub fn cache_ttl_ms() -> u64 {
+        30_000
+    }
 }
 
 impl Default for RolloutConfig {
@@ -370,6 +431,28 @@ impl Default for LimitsConfig {
             max_chat_body_bytes: defaults::max_chat_body_bytes(),
             max_tracked_orgs: defaults::max_tracked_orgs(),
         }
+    }
+}
+
+impl Default for BridgeConfig {
+    fn default() -> Self {
+        BridgeConfig {
+            enabled: defaults::bridge_enabled(),
+            session_path: defaults::session_path(),
+            agent_path: defaults::agent_path(),
+            messages_path: defaults::messages_path(),
+            sessions_path: defaults::sessions_path(),
+            history_limit: defaults::history_limit(),
+            timeout_ms: defaults::bridge_timeout_ms(),
+            cache_entries: defaults::cache_entries(),
+            cache_ttl_ms: defaults::cache_ttl_ms(),
+        }
+    }
+}
+
+impl BridgeConfig {
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
     }
 }
 
@@ -520,6 +603,14 @@ impl Config {
             "limits.max_tracked_orgs",
             self.limits.max_tracked_orgs as u64,
         )?;
+        let agent = &self.runtime.default_agent_id;
+        if !agent.is_empty() && !crate::core::bridge::is_safe_id(agent) {
+            return Err(ConfigError::new(
+                "runtime.default_agent_id",
+                format!("{agent:?} is not an agent id (1-128 of A-Z a-z 0-9 _ -)"),
+            ));
+        }
+        self.bridge.validate()?;
         Ok(())
     }
 
@@ -546,6 +637,63 @@ impl RuntimeConfig {
     pub fn execution_timeout(&self) -> Duration {
         Duration::from_millis(self.execution_timeout_ms)
     }
+}
+
+impl BridgeConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        check_template("bridge.session_path", &self.session_path, &["{sessionId}"])?;
+        check_template("bridge.agent_path", &self.agent_path, &["{agentId}"])?;
+        check_template(
+            "bridge.messages_path",
+            &self.messages_path,
+            &["{sessionId}"],
+        )?;
+        check_template("bridge.sessions_path", &self.sessions_path, &[])?;
+        check_range(
+            "bridge.history_limit",
+            self.history_limit as f64,
+            1.0,
+            1000.0,
+        )?;
+        check_range("bridge.timeout_ms", self.timeout_ms as f64, 1.0, 60_000.0)?;
+        check_positive("bridge.cache_entries", self.cache_entries as u64)?;
+        Ok(())
+    }
+}
+
+/// An absolute path holding exactly the given placeholders, once each, and no other braces:
+/// ids are only ever substituted where the operator put a placeholder.
+fn check_template(key: &str, value: &str, placeholders: &[&str]) -> Result<(), ConfigError> {
+    let mut rest = value.to_string();
+    for p in placeholders {
+        if rest.matches(p).count() != 1 {
+            return Err(ConfigError::new(
+                key,
+                format!("{value:?} must contain {p} exactly once"),
+            ));
+        }
+        rest = rest.replace(p, "x");
+    }
+    if rest.contains(['{', '}']) {
+        return Err(ConfigError::new(
+            key,
+            format!(
+                "{value:?} holds a placeholder other than {}",
+                if placeholders.is_empty() {
+                    "none".to_string()
+                } else {
+                    placeholders.join(", ")
+                }
+            ),
+        ));
+    }
+    if rest.contains(['?', '#']) {
+        return Err(ConfigError::new(
+            key,
+            format!("{value:?} must be a path without query or fragment"),
+        ));
+    }
+    check_path(key, &rest)
 }
 
 /// Where a byte offset falls in the document, and the key that line sets, if any.
@@ -844,5 +992,98 @@ address = "runtime:8000"
         b.server.listen = "127.0.0.1:9".into();
         b.rollout.runtime_orgs.push("x".into());
         assert_eq!(a.restart_only_changes(&b), vec!["server.listen"]);
+    }
+
+    #[test]
+    fn bridge_defaults_are_the_contract_s() {
+        let c = Config::parse(MINIMAL).unwrap();
+        let b = &c.bridge;
+        assert!(b.enabled);
+        assert_eq!(b.session_path, "/api/v1/sessions/{sessionId}");
+        assert_eq!(b.agent_path, "/api/v1/agents/{agentId}");
+        assert_eq!(b.messages_path, "/api/v1/sessions/{sessionId}/messages");
+        assert_eq!(b.sessions_path, "/api/v1/sessions");
+        assert_eq!(b.history_limit, 20);
+        assert_eq!(b.timeout_ms, 2000);
+        assert_eq!(b.timeout(), Duration::from_secs(2));
+        assert!(b.cache_entries > 0);
+        assert!(b.cache_ttl_ms > 0);
+        assert_eq!(c.runtime.default_agent_id, "");
+    }
+
+    #[test]
+    fn bridge_section_is_read() {
+        let text = format!(
+            "{MINIMAL}default_agent_id = \"agent-0\"\n[bridge]\nenabled = false\n\
+             session_path = \"/s/{{sessionId}}\"\nagent_path = \"/a/{{agentId}}/x\"\n\
+             messages_path = \"/s/{{sessionId}}/m\"\nsessions_path = \"/s\"\n\
+             history_limit = 5\ntimeout_ms = 300\ncache_entries = 7\ncache_ttl_ms = 0\n"
+        );
+        let c = Config::parse(&text).unwrap();
+        assert_eq!(c.runtime.default_agent_id, "agent-0");
+        assert_eq!(
+            c.bridge,
+            BridgeConfig {
+                enabled: false,
+                session_path: "/s/{sessionId}".into(),
+                agent_path: "/a/{agentId}/x".into(),
+                messages_path: "/s/{sessionId}/m".into(),
+                sessions_path: "/s".into(),
+                history_limit: 5,
+                timeout_ms: 300,
+                cache_entries: 7,
+                cache_ttl_ms: 0,
+            }
+        );
+    }
+
+    #[test]
+    fn bridge_unknown_key_is_named() {
+        let text = format!("{MINIMAL}\n[bridge]\nhistory = 3\n");
+        let e = Config::parse(&text).unwrap_err();
+        assert_eq!(e.key, "bridge.history");
+        assert!(e.to_string().contains("unknown key"), "{e}");
+    }
+
+    #[test]
+    fn bridge_paths_need_their_placeholder() {
+        for (key, value) in [
+            ("session_path", "/api/v1/sessions"),
+            ("session_path", "api/v1/sessions/{sessionId}"),
+            ("session_path", "/api/v1/sessions/{agentId}"),
+            ("session_path", "/s/{sessionId}/{sessionId}"),
+            ("session_path", "/s/{sessionId}?x=1"),
+            ("agent_path", "/api/v1/agents/{sessionId}"),
+            ("agent_path", "/api/v1/agents/{agentId}/{other}"),
+            ("messages_path", "/api/v1/sessions/messages"),
+            ("messages_path", "/api/v1/sessions/{sessionId}/messages {x"),
+            ("sessions_path", "/api/v1/sessions/{sessionId}"),
+            ("sessions_path", ""),
+            ("sessions_path", "sessions"),
+        ] {
+            let text = format!("{MINIMAL}\n[bridge]\n{key} = {value:?}\n");
+            assert_eq!(err_key(&text), format!("bridge.{key}"), "{key} = {value}");
+        }
+    }
+
+    #[test]
+    fn bridge_limits_must_be_positive() {
+        for (key, value) in [
+            ("history_limit", "0"),
+            ("timeout_ms", "0"),
+            ("cache_entries", "0"),
+            ("timeout_ms", "600000"),
+        ] {
+            let text = format!("{MINIMAL}\n[bridge]\n{key} = {value}\n");
+            assert_eq!(err_key(&text), format!("bridge.{key}"), "{key} = {value}");
+        }
+    }
+
+    #[test]
+    fn default_agent_id_must_be_a_safe_id() {
+        for bad in ["../admin", "a/b", " x", "a%2Fb"] {
+            let text = format!("{MINIMAL}default_agent_id = {bad:?}\n");
+            assert_eq!(err_key(&text), "runtime.default_agent_id", "{bad}");
+        }
     }
 }

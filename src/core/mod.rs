@@ -4,6 +4,7 @@
 
 pub mod agent2ui;
 pub mod breaker;
+pub mod bridge;
 pub mod chat;
 pub mod config;
 pub mod h1;

@@ -259,6 +259,89 @@ impl Metrics {
     }
 }
 
+/// The conversation bridge's series: its calls to legacy, its cache and the assistant messages
+/// it could not save. Labels are the bridge's routes and results, all exported at 0 from
+/// startup so the alerts see the first failure.
+pub struct BridgeMetrics {
+    pub requests_total: IntCounterVec,
+    pub request_duration_seconds: HistogramVec,
+    pub cache_hits_total: IntCounterVec,
+    pub cache_misses_total: IntCounterVec,
+    pub cache_entries: IntGaugeVec,
+    pub persist_failures_total: IntCounter,
+}
+
+/// Calls to legacy: a loopback hop is a millisecond, the bridge's timeout a few seconds.
+const BRIDGE_BUCKETS_SECONDS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+static BRIDGE_METRICS: OnceLock<BridgeMetrics> = OnceLock::new();
+
+impl BridgeMetrics {
+    pub const ROUTES: [&'static str; 6] = [
+        "session",
+        "agent",
+        "messages",
+        "save_message",
+        "create_session",
+        "delete_session",
+    ];
+    pub const RESULTS: [&'static str; 4] = ["ok", "refused", "unavailable", "invalid_id"];
+    pub const CACHES: [&'static str; 2] = ["session", "agent"];
+
+    pub fn global() -> &'static BridgeMetrics {
+        BRIDGE_METRICS.get_or_init(|| BridgeMetrics::register().expect("metric names are unique"))
+    }
+
+    fn register() -> prometheus::Result<BridgeMetrics> {
+        let m = BridgeMetrics {
+            requests_total: register_int_counter_vec!(
+                "cutover_bridge_requests_total",
+                "Conversation bridge calls to legacy, by route and result (ok, refused, unavailable, invalid_id: an unsafe id never sent).",
+                &["route", "result"]
+            )?,
+            request_duration_seconds: register_histogram_vec!(
+                "cutover_bridge_request_duration_seconds",
+                "Duration of conversation bridge calls to legacy in seconds, by route.",
+                &["route"],
+                BRIDGE_BUCKETS_SECONDS.to_vec()
+            )?,
+            cache_hits_total: register_int_counter_vec!(
+                "cutover_bridge_cache_hits_total",
+                "Session agent ids and agent configs served from the bridge cache, by cache.",
+                &["cache"]
+            )?,
+            cache_misses_total: register_int_counter_vec!(
+                "cutover_bridge_cache_misses_total",
+                "Bridge cache lookups that had to ask legacy, by cache.",
+                &["cache"]
+            )?,
+            cache_entries: register_int_gauge_vec!(
+                "cutover_bridge_cache_entries",
+                "Entries in the bridge cache now, by cache.",
+                &["cache"]
+            )?,
+            persist_failures_total: register_int_counter!(
+                "cutover_bridge_persist_failures_total",
+                "Assistant messages legacy did not save after every attempt; each is logged whole."
+            )?,
+        };
+        for route in Self::ROUTES {
+            for result in Self::RESULTS {
+                m.requests_total.with_label_values(&[route, result]);
+            }
+            m.request_duration_seconds.with_label_values(&[route]);
+        }
+        for cache in Self::CACHES {
+            m.cache_hits_total.with_label_values(&[cache]);
+            m.cache_misses_total.with_label_values(&[cache]);
+            m.cache_entries.with_label_values(&[cache]);
+        }
+        Ok(m)
+    }
+}
+
 /// The text exposition of every registered series.
 pub fn render() -> Vec<u8> {
     let mut out = Vec::with_capacity(16 * 1024);

@@ -1,6 +1,7 @@
 //! The runtime side of a chat: one connection per execution, the relay that turns its SSE into
 //! client events under the execution's deadlines, and fire-and-forget shadow copies.
 
+pub mod bridge;
 pub mod connection;
 pub mod relay;
 pub mod shadow;

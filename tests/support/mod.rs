@@ -7,6 +7,8 @@
 
 #![allow(dead_code)]
 
+pub mod legacy;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -1,0 +1,286 @@
+//! A fake legacy Chat API for the conversation bridge: sessions, agents and messages behind the
+//! source product's REST routes, answering `{"success":true,"data":...}`, scoped by the JWT's org
+//! (another org's session or agent is a 404) and 401 without a valid token.
+//!
+//! Agents' `config` is sent as a JSON string, as the source product's database stores it. Each
+//! route can be made to fail (a status, a hang, or a status for the next n calls), and every
+//! request is recorded with its headers.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use serde_json::{json, Value};
+
+use super::{Received, Reply, Step, Upstream, JWT_SECRET};
+
+/// A route of the fake, for faults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LegacyRoute {
+    GetSession,
+    GetAgent,
+    GetMessages,
+    PostMessage,
+    CreateSession,
+    DeleteSession,
+}
+
+/// How a route misbehaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Always answer this status with the source product's error body.
+    Status(u16),
+    /// Answer this status to the next `n` calls, then work again.
+    StatusTimes(u16, usize),
+    /// Never answer.
+    Hang,
+}
+
+#[derive(Debug, Clone)]
+struct Session {
+    org: String,
+    agent_id: String,
+    title: String,
+    messages: Vec<Value>,
+}
+
+#[derive(Debug, Clone)]
+struct Agent {
+    org: String,
+    name: String,
+    system_prompt: String,
+    config: Value,
+}
+
+#[derive(Default)]
+struct State {
+    sessions: HashMap<String, Session>,
+    agents: HashMap<String, Agent>,
+    faults: HashMap<LegacyRoute, Fault>,
+    next_id: u64,
+}
+
+pub struct FakeLegacy {
+    pub upstream: Upstream,
+    state: Arc<Mutex<State>>,
+}
+
+impl FakeLegacy {
+    pub async fn start() -> FakeLegacy {
+        let state = Arc::new(Mutex::new(State::default()));
+        let s = state.clone();
+        let upstream = Upstream::start(move |req| handle(&mut s.lock().unwrap(), req)).await;
+        FakeLegacy { upstream, state }
+    }
+
+    pub fn address(&self) -> String {
+        self.upstream.address()
+    }
+
+    pub fn add_agent(&self, org: &str, id: &str, name: &str, system_prompt: &str, config: Value) {
+        self.state.lock().unwrap().agents.insert(
+            id.into(),
+            Agent {
+                org: org.into(),
+                name: name.into(),
+                system_prompt: system_prompt.into(),
+                config,
+            },
+        );
+    }
+
+    pub fn add_session(&self, org: &str, id: &str, agent_id: &str) {
+        self.state.lock().unwrap().sessions.insert(
+            id.into(),
+            Session {
+                org: org.into(),
+                agent_id: agent_id.into(),
+                title: String::new(),
+                messages: Vec::new(),
+            },
+        );
+    }
+
+    pub fn add_message(&self, session: &str, role: &str, content: &str) {
+        let mut st = self.state.lock().unwrap();
+        st.next_id += 1;
+        let id = format!("m-{}", st.next_id);
+        st.sessions
+            .get_mut(session)
+            .expect("session exists")
+            .messages
+            .push(json!({"id": id, "role": role, "content": content}));
+    }
+
+    /// The session's stored messages, oldest first, as legacy holds them.
+    pub fn messages(&self, session: &str) -> Vec<Value> {
+        self.state
+            .lock()
+            .unwrap()
+            .sessions
+            .get(session)
+            .map(|s| s.messages.clone())
+            .unwrap_or_default()
+    }
+
+    /// `(org, agentId, title)` of a stored session.
+    pub fn session(&self, id: &str) -> Option<(String, String, String)> {
+        self.state
+            .lock()
+            .unwrap()
+            .sessions
+            .get(id)
+            .map(|s| (s.org.clone(), s.agent_id.clone(), s.title.clone()))
+    }
+
+    pub fn fail(&self, route: LegacyRoute, fault: Fault) {
+        self.state.lock().unwrap().faults.insert(route, fault);
+    }
+
+    pub fn heal(&self, route: LegacyRoute) {
+        self.state.lock().unwrap().faults.remove(&route);
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.upstream.received()
+    }
+
+    pub fn count(&self) -> usize {
+        self.upstream.count()
+    }
+}
+
+fn ok(status: u16, data: Value) -> Reply {
+    Reply::json(status, json!({"success": true, "data": data}))
+}
+
+fn error(status: u16, code: &str, message: &str) -> Reply {
+    Reply::json(
+        status,
+        json!({"success": false, "error": {"code": code, "message": message}}),
+    )
+}
+
+fn not_found() -> Reply {
+    error(404, "NOT_FOUND", "not found")
+}
+
+/// `(org, user)` of a valid bearer token.
+fn identity(req: &Received) -> Option<(String, Option<String>)> {
+    let token = req.header("authorization")?.strip_prefix("Bearer ")?;
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+    validation.required_spec_claims.clear();
+    let claims = jsonwebtoken::decode::<Value>(
+        token,
+        &jsonwebtoken::DecodingKey::from_secret(JWT_SECRET.as_bytes()),
+        &validation,
+    )
+    .ok()?
+    .claims;
+    let org = claims.get("orgId")?.as_str()?.to_string();
+    let user = claims
+        .get("userId")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    Some((org, user))
+}
+
+fn route_of(req: &Received) -> Option<(LegacyRoute, Option<String>)> {
+    let path = req.path.split('?').next().unwrap_or_default();
+    if let Some(id) = path.strip_prefix("/api/v1/agents/") {
+        return (req.method == "GET" && !id.contains('/'))
+            .then(|| (LegacyRoute::GetAgent, Some(id.to_string())));
+    }
+    if path == "/api/v1/sessions" {
+        return (req.method == "POST").then_some((LegacyRoute::CreateSession, None));
+    }
+    let rest = path.strip_prefix("/api/v1/sessions/")?;
+    let route = match (req.method.as_str(), rest.split_once('/')) {
+        ("GET", None) => LegacyRoute::GetSession,
+        ("DELETE", None) => LegacyRoute::DeleteSession,
+        ("GET", Some((_, "messages"))) => LegacyRoute::GetMessages,
+        ("POST", Some((_, "messages"))) => LegacyRoute::PostMessage,
+        _ => return None,
+    };
+    let id = rest.split('/').next().unwrap_or_default().to_string();
+    Some((route, Some(id)))
+}
+
+fn handle(st: &mut State, req: &Received) -> Reply {
+    let Some((route, id)) = route_of(req) else {
+        return not_found();
+    };
+    match st.faults.get(&route).copied() {
+        Some(Fault::Status(s)) => return error(s, "INJECTED", "injected fault"),
+        Some(Fault::StatusTimes(s, n)) if n > 0 => {
+            st.faults.insert(route, Fault::StatusTimes(s, n - 1));
+            return error(s, "INJECTED", "injected fault");
+        }
+        Some(Fault::Hang) => return Reply::silent(vec![Step::Hang]),
+        _ => {}
+    }
+    let Some((org, _user)) = identity(req) else {
+        return error(401, "UNAUTHORIZED", "missing or invalid token");
+    };
+    let id = id.unwrap_or_default();
+    let body: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
+    match route {
+        LegacyRoute::GetAgent => match st.agents.get(&id).filter(|a| a.org == org) {
+            Some(a) => ok(
+                200,
+                json!({"id": id, "name": a.name, "systemPrompt": a.system_prompt,
+                       "config": a.config.to_string()}),
+            ),
+            None => not_found(),
+        },
+        LegacyRoute::GetSession => match st.sessions.get(&id).filter(|s| s.org == org) {
+            Some(s) => ok(
+                200,
+                json!({"id": id, "agentId": s.agent_id, "title": s.title}),
+            ),
+            None => not_found(),
+        },
+        LegacyRoute::GetMessages => match st.sessions.get(&id).filter(|s| s.org == org) {
+            Some(s) => ok(200, Value::Array(s.messages.clone())),
+            None => not_found(),
+        },
+        LegacyRoute::PostMessage => {
+            st.next_id += 1;
+            let message_id = format!("m-{}", st.next_id);
+            match st.sessions.get_mut(&id).filter(|s| s.org == org) {
+                Some(s) => {
+                    let mut m = body;
+                    m["id"] = json!(message_id);
+                    s.messages.push(m);
+                    ok(201, json!({"id": message_id}))
+                }
+                None => not_found(),
+            }
+        }
+        LegacyRoute::CreateSession => {
+            let agent_id = body["agentId"].as_str().unwrap_or_default().to_string();
+            if st.agents.get(&agent_id).is_none_or(|a| a.org != org) {
+                return not_found();
+            }
+            st.next_id += 1;
+            let session_id = format!("s-{}", st.next_id);
+            st.sessions.insert(
+                session_id.clone(),
+                Session {
+                    org,
+                    agent_id,
+                    title: body["title"].as_str().unwrap_or_default().to_string(),
+                    messages: Vec::new(),
+                },
+            );
+            ok(201, json!({"id": session_id}))
+        }
+        LegacyRoute::DeleteSession => {
+            if st.sessions.get(&id).is_some_and(|s| s.org == org) {
+                st.sessions.remove(&id);
+                ok(200, json!({"id": id}))
+            } else {
+                not_found()
+            }
+        }
+    }
+}
