@@ -161,8 +161,8 @@ impl ServeHttp for AdminApp {
     }
 }
 
-/// `GET /metrics`: the Prometheus text exposition.
-pub struct MetricsApp;
+/// `GET /metrics`: the Prometheus text exposition of one proxy instance.
+pub struct MetricsApp(pub &'static crate::ops::metrics::Metrics);
 
 #[async_trait]
 impl ServeHttp for MetricsApp {
@@ -172,7 +172,7 @@ impl ServeHttp for MetricsApp {
         if path != "/metrics" {
             return json_response(StatusCode::NOT_FOUND, &json!({"error": "see /metrics"}));
         }
-        let body = crate::ops::metrics::render();
+        let body = self.0.render();
         Response::builder()
             .status(StatusCode::OK)
             .header("content-type", prometheus::TEXT_FORMAT)
