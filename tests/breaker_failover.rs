@@ -1,10 +1,6 @@
 //! The safety net: the breaker opens on a failing runtime (from traffic or from health checks),
 //! sends everyone to legacy, and closes again by itself once the runtime recovers; a runtime that
 //! fails before its first byte is failed over to legacy within the same request.
-//!
-//! The `chat_runtime_fallback_enabled` gauge and the execution counters are process-wide, and
-//! every proxy started mirrors its breaker into that gauge, so the tests of this file take
-//! `SERIAL` and run one at a time.
 
 mod support;
 
@@ -14,14 +10,9 @@ use std::time::{Duration, Instant};
 
 use cutover_proxy::app::LocalServer;
 use cutover_proxy::core::breaker::State;
-use cutover_proxy::ops::metrics::Metrics;
 use serde_json::{json, Value};
 use support::*;
 
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-const RT: &str = "runtime_orchestrator";
-const DIRECT: &str = "direct_llm";
 
 fn names(r: &Response) -> Vec<String> {
     r.events().into_iter().map(|(e, _)| e).collect()
@@ -64,8 +55,8 @@ async fn window(server: &LocalServer) -> Value {
     body["data"].clone()
 }
 
-fn fallback_gauge() -> i64 {
-    Metrics::global().fallback_enabled.get()
+fn fallback_gauge(server: &LocalServer) -> i64 {
+    server.shared.metrics.fallback_enabled.get()
 }
 
 fn counter(c: &prometheus::IntCounterVec, mode: &str) -> u64 {
@@ -132,7 +123,6 @@ async fn probe_until_closed(server: &LocalServer, runtime: &Upstream) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn execution_errors_open_the_breaker_and_it_recovers_by_itself() {
-    let _serial = SERIAL.lock().await;
     let healthy = Arc::new(AtomicBool::new(false));
     let h = healthy.clone();
     let runtime = Upstream::start(move |req: &Received| {
@@ -159,7 +149,7 @@ async fn execution_errors_open_the_breaker_and_it_recovers_by_itself() {
     cfg.breaker.half_open_probes = 3;
     cfg.runtime.health_interval_ms = 100;
     let server = proxy(cfg).await;
-    assert_eq!(fallback_gauge(), 0);
+    assert_eq!(fallback_gauge(&server), 0);
 
     for i in 1..=12 {
         let r = chat(
@@ -202,7 +192,7 @@ async fn execution_errors_open_the_breaker_and_it_recovers_by_itself() {
         reason.contains("error rate") && reason.contains("0.5"),
         "reason should name the threshold: {reason}"
     );
-    assert_eq!(fallback_gauge(), 1);
+    assert_eq!(fallback_gauge(&server), 1);
     let data = window(&server).await;
     assert_eq!(data["fallbackEnabled"], true);
     assert_eq!(data["fallbackReason"], reason);
@@ -240,7 +230,7 @@ async fn execution_errors_open_the_breaker_and_it_recovers_by_itself() {
     let status = fallback_status(&server).await;
     assert_eq!(status["fallbackEnabled"], false, "{status}");
     assert_eq!(status["state"], "closed", "{status}");
-    assert_eq!(fallback_gauge(), 0);
+    assert_eq!(fallback_gauge(&server), 0);
     let r = chat(
         server.proxy_addr,
         Some("org-a"),
@@ -254,7 +244,6 @@ async fn execution_errors_open_the_breaker_and_it_recovers_by_itself() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_probe_reopens_the_breaker() {
-    let _serial = SERIAL.lock().await;
     let runtime = Upstream::start(|req: &Received| {
         if req.path == "/health" {
             Reply::json(200, json!({"status": "ok"}))
@@ -326,7 +315,6 @@ async fn closed_port() -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runtime_failing_before_its_first_byte_is_failed_over_to_legacy() {
-    let _serial = SERIAL.lock().await;
     let legacy = Upstream::start(echo_legacy).await;
     let refused = closed_port().await;
     let answering = |status: u16| {
@@ -362,8 +350,8 @@ async fn runtime_failing_before_its_first_byte_is_failed_over_to_legacy() {
         // Health checks must not open the breaker for the closed port during the test.
         cfg.runtime.health_interval_ms = 60_000;
         let server = proxy(cfg).await;
-        let failovers = Metrics::global().failover_total.get();
-        let rt_errors = counter(&Metrics::global().execution_error_total, RT);
+        let failovers = server.shared.metrics.failover_total.get();
+        let rt_errors = counter(&server.shared.metrics.execution_error_total, RT);
 
         let session = format!("fo-{i}");
         let r = chat(server.proxy_addr, Some("org-a"), &session, body).await;
@@ -419,12 +407,12 @@ async fn runtime_failing_before_its_first_byte_is_failed_over_to_legacy() {
         );
         assert_eq!(server.shared.breaker.window_stats().error, 1, "{what}");
         assert_eq!(
-            Metrics::global().failover_total.get(),
+            server.shared.metrics.failover_total.get(),
             failovers + 1,
             "{what}"
         );
         assert_eq!(
-            counter(&Metrics::global().execution_error_total, RT),
+            counter(&server.shared.metrics.execution_error_total, RT),
             rt_errors + 1,
             "{what}"
         );
@@ -434,7 +422,6 @@ async fn runtime_failing_before_its_first_byte_is_failed_over_to_legacy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_health_checks_open_the_breaker_without_traffic_and_recovery_follows() {
-    let _serial = SERIAL.lock().await;
     let healthy = Arc::new(AtomicBool::new(false));
     let h = healthy.clone();
     let runtime = Upstream::start(move |req: &Received| {
@@ -479,7 +466,7 @@ async fn failing_health_checks_open_the_breaker_without_traffic_and_recovery_fol
             .contains("health check failed"),
         "{status}"
     );
-    assert_eq!(fallback_gauge(), 1);
+    assert_eq!(fallback_gauge(&server), 1);
 
     let r = chat(
         server.proxy_addr,
@@ -513,7 +500,7 @@ async fn failing_health_checks_open_the_breaker_without_traffic_and_recovery_fol
     wait_until_probes_admitted(&server).await;
     probe_until_closed(&server, &runtime).await;
     assert_eq!(fallback_status(&server).await["state"], "closed");
-    assert_eq!(fallback_gauge(), 0);
+    assert_eq!(fallback_gauge(&server), 0);
 }
 
 fn retry_at_passed(shared: &cutover_proxy::app::state::Shared) -> bool {
@@ -525,7 +512,6 @@ fn retry_at_passed(shared: &cutover_proxy::app::state::Shared) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_checks_never_run_on_the_request_path() {
-    let _serial = SERIAL.lock().await;
     // /health hangs: a health check on the request path would hold every chat request for the
     // health timeout, and would show up as one /health request per chat request.
     let runtime = Upstream::start(|req: &Received| {
@@ -576,7 +562,6 @@ async fn health_checks_never_run_on_the_request_path() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_or_timing_out_runtimes_open_the_breaker() {
-    let _serial = SERIAL.lock().await;
     let legacy = Upstream::start(echo_legacy).await;
     let slow = Upstream::start(|req: &Received| {
         if req.path == "/health" {
@@ -640,7 +625,6 @@ async fn slow_or_timing_out_runtimes_open_the_breaker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runtime_timing_out_on_connect_is_failed_over_and_counts_as_error() {
-    let _serial = SERIAL.lock().await;
     // A listener that never accepts, its accept queue filled: further SYNs are dropped, so
     // connecting hangs until the connect timeout.
     let socket = tokio::net::TcpSocket::new_v4().unwrap();

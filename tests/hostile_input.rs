@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cutover_proxy::app::LocalServer;
-use cutover_proxy::ops::metrics::Metrics;
 use serde_json::{json, Value};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -24,8 +23,6 @@ use tokio::net::{TcpListener, TcpStream};
 
 static MEMORY: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
-const RT: &str = "runtime_orchestrator";
-const DIRECT: &str = "direct_llm";
 
 // ---- a raw exchange with the proxy ------------------------------------------------------------
 
@@ -661,7 +658,7 @@ async fn forged_expired_and_broken_tokens_never_reach_the_runtime() {
     let unverified: u64 = ["invalid", "expired", "missing", "no_org_claim"]
         .iter()
         .map(|k| {
-            Metrics::global()
+            server.shared.metrics
                 .unverified_total
                 .with_label_values(&[k])
                 .get()
@@ -697,7 +694,7 @@ async fn forged_expired_and_broken_tokens_never_reach_the_runtime() {
     let unverified_after: u64 = ["invalid", "expired", "missing", "no_org_claim"]
         .iter()
         .map(|k| {
-            Metrics::global()
+            server.shared.metrics
                 .unverified_total
                 .with_label_values(&[k])
                 .get()

@@ -12,12 +12,10 @@ mod support;
 use std::time::{Duration, Instant};
 
 use cutover_proxy::app::LocalServer;
-use cutover_proxy::ops::metrics::Metrics;
 use serde_json::{json, Value};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const RT: &str = "runtime_orchestrator";
 
 /// Taken by the tests that move the timeout or cancellation counters, so the deltas they assert
 /// are their own.
@@ -93,8 +91,8 @@ fn ends_with_one_error(r: &Response) -> (Vec<(String, String)>, Value) {
     (events, err)
 }
 
-fn dropped(cause: &str) -> u64 {
-    Metrics::global()
+fn dropped(server: &LocalServer, cause: &str) -> u64 {
+    server.shared.metrics
         .sse_dropped_frames_total
         .with_label_values(&[cause])
         .get()
@@ -514,7 +512,7 @@ async fn runtime_frames_that_are_not_events_are_dropped_and_counted() {
     .await;
     let legacy = Upstream::start(echo_legacy).await;
     let server = proxy(config(&legacy.address(), &runtime.address())).await;
-    let (malformed, unknown) = (dropped("malformed"), dropped("unknown_event"));
+    let (malformed, unknown) = (dropped(&server, "malformed"), dropped(&server, "unknown_event"));
 
     let r = chat(
         server.proxy_addr,
@@ -546,8 +544,8 @@ async fn runtime_frames_that_are_not_events_are_dropped_and_counted() {
         "message ids must be unique"
     );
 
-    assert_eq!(dropped("malformed") - malformed, 1);
-    assert_eq!(dropped("unknown_event") - unknown, 1);
+    assert_eq!(dropped(&server, "malformed") - malformed, 1);
+    assert_eq!(dropped(&server, "unknown_event") - unknown, 1);
     let stats = runtime_stats(&server, 1).await;
     assert_eq!(
         (stats["total"].as_u64(), stats["success"].as_u64()),
@@ -626,7 +624,7 @@ async fn execution_timeout_ends_with_a_timeout_error_event() {
     cfg.runtime.execution_timeout_ms = 600;
     let server = proxy(cfg).await;
     let timeouts = || {
-        Metrics::global()
+        server.shared.metrics
             .execution_timeout_total
             .with_label_values(&[RT])
             .get()
@@ -718,7 +716,7 @@ async fn client_disconnect_closes_the_runtime_connection_and_is_not_counted() {
     let legacy = Upstream::start(echo_legacy).await;
     let server = proxy(config(&legacy.address(), &runtime_addr.to_string())).await;
     let cancelled = || {
-        Metrics::global()
+        server.shared.metrics
             .execution_cancelled_total
             .with_label_values(&[RT])
             .get()
@@ -903,7 +901,7 @@ async fn client_disconnect_before_the_runtime_answers_cancels_it() {
     cfg.runtime.execution_timeout_ms = 4_000;
     let server = proxy(cfg).await;
     let cancelled = || {
-        Metrics::global()
+        server.shared.metrics
             .execution_cancelled_total
             .with_label_values(&[RT])
             .get()

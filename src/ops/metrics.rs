@@ -311,6 +311,11 @@ impl Metrics {
 }
 
 impl Metrics {
+    /// The registry this instance's series are on.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// The text exposition of this instance's series, then of the default registry's (Pingora's
     /// own, and ours in production, where the two are one registry): a family already written is
     /// not written again, since Prometheus refuses a scrape that repeats one.
