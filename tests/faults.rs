@@ -38,7 +38,6 @@ fn logs() {
     }
 }
 
-
 // ---- measurements ----------------------------------------------------------------------------
 
 fn fd_count() -> usize {
@@ -56,7 +55,9 @@ fn rss_kb() -> u64 {
 }
 
 fn in_flight(server: &LocalServer, mode: &str) -> i64 {
-    server.shared.metrics
+    server
+        .shared
+        .metrics
         .streams_in_flight
         .with_label_values(&[mode])
         .get()
@@ -67,7 +68,9 @@ fn counter(c: &prometheus::IntCounterVec, label: &str) -> u64 {
 }
 
 fn transitions(server: &LocalServer, from: &str, to: &str) -> u64 {
-    server.shared.metrics
+    server
+        .shared
+        .metrics
         .breaker_transitions_total
         .with_label_values(&[from, to])
         .get()
@@ -77,7 +80,7 @@ fn transitions(server: &LocalServer, from: &str, to: &str) -> u64 {
 async fn settled(server: &LocalServer, within: Duration) -> bool {
     let shared = server.shared.clone();
     eventually(within, move || {
-        shared.requests.count() == 0 && in_flight(&server, RT) == 0 && in_flight(&server, DIRECT) == 0
+        shared.requests.count() == 0 && in_flight(server, RT) == 0 && in_flight(server, DIRECT) == 0
     })
     .await
 }
@@ -428,7 +431,9 @@ fn steady_load(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runtime_killed_with_streams_in_flight_fails_cleanly_and_recovers_without_leaks() {
-    if !alone_in_process("runtime_killed_with_streams_in_flight_fails_cleanly_and_recovers_without_leaks") {
+    if !alone_in_process(
+        "runtime_killed_with_streams_in_flight_fails_cleanly_and_recovers_without_leaks",
+    ) {
         return;
     }
     logs();
@@ -903,7 +908,10 @@ async fn a_hundred_reloads_under_load_fail_no_request_and_route_each_by_a_config
             ));
         }
     }
-    let (success, invalid) = (reloads(&server, "success") - success0, reloads(&server, "invalid") - invalid0);
+    let (success, invalid) = (
+        reloads(&server, "success") - success0,
+        reloads(&server, "invalid") - invalid0,
+    );
     eprintln!(
         "100 writes in {churn:?}: {} generations applied ({success} reloads counted, {invalid} refused); {} requests, {failed} failed, {} misrouted, {spanning} spanned a reload",
         applied.len() - 1,
@@ -1009,7 +1017,9 @@ async fn clients_holding_their_first_event(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disconnect_storm_mid_stream_releases_upstreams_and_counts_no_runtime_failure() {
-    if !alone_in_process("disconnect_storm_mid_stream_releases_upstreams_and_counts_no_runtime_failure") {
+    if !alone_in_process(
+        "disconnect_storm_mid_stream_releases_upstreams_and_counts_no_runtime_failure",
+    ) {
         return;
     }
     logs();

@@ -23,7 +23,6 @@ use tokio::net::{TcpListener, TcpStream};
 
 static MEMORY: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
-
 // ---- a raw exchange with the proxy ------------------------------------------------------------
 
 /// What came back for a hand-written request.
@@ -658,7 +657,9 @@ async fn forged_expired_and_broken_tokens_never_reach_the_runtime() {
     let unverified: u64 = ["invalid", "expired", "missing", "no_org_claim"]
         .iter()
         .map(|k| {
-            server.shared.metrics
+            server
+                .shared
+                .metrics
                 .unverified_total
                 .with_label_values(&[k])
                 .get()
@@ -694,7 +695,9 @@ async fn forged_expired_and_broken_tokens_never_reach_the_runtime() {
     let unverified_after: u64 = ["invalid", "expired", "missing", "no_org_claim"]
         .iter()
         .map(|k| {
-            server.shared.metrics
+            server
+                .shared
+                .metrics
                 .unverified_total
                 .with_label_values(&[k])
                 .get()

@@ -34,7 +34,6 @@ const ACCEPTED_LINT: &[(&str, &str)] = &[
     ),
 ];
 
-
 /// One scrape: samples keyed by name and sorted labels, plus `# TYPE` lines.
 #[derive(Debug, Clone)]
 struct Scrape {

@@ -97,7 +97,9 @@ async fn until_mode(
 }
 
 fn reloads(server: &LocalServer, result: &str) -> u64 {
-    server.shared.metrics
+    server
+        .shared
+        .metrics
         .config_reloads_total
         .with_label_values(&[result])
         .get()
@@ -246,11 +248,13 @@ async fn broken_file_keeps_the_last_good_config_is_counted_once_and_a_fix_reload
     );
     // Refused once, not once per poll or per file event: wait out several poll periods.
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    assert_eq!(reloads(&server, "invalid"), invalid0 + 1, "refusal counted again");
     assert_eq!(
-        server.shared.metrics
-            .config_file_valid
-            .get(),
+        reloads(&server, "invalid"),
+        invalid0 + 1,
+        "refusal counted again"
+    );
+    assert_eq!(
+        server.shared.metrics.config_file_valid.get(),
         0,
         "a refused file on disk must stay visible after the refusal was counted"
     );
@@ -266,7 +270,11 @@ async fn broken_file_keeps_the_last_good_config_is_counted_once_and_a_fix_reload
         "error_rate = 2 not refused within a second"
     );
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(reloads(&server, "invalid"), invalid0 + 2, "refusal counted again");
+    assert_eq!(
+        reloads(&server, "invalid"),
+        invalid0 + 2,
+        "refusal counted again"
+    );
     assert_eq!(mode_of(server.proxy_addr, "org-a").await, RT);
     assert_eq!(server.shared.snapshot().config.breaker.error_rate, 0.5);
 
@@ -276,12 +284,7 @@ async fn broken_file_keeps_the_last_good_config_is_counted_once_and_a_fix_reload
     until_mode(server.proxy_addr, "org-a", DIRECT, t, WITHIN).await;
     assert_eq!(reloads(&server, "success"), success0 + 1);
     assert_eq!(reloads(&server, "invalid"), invalid0 + 2);
-    assert_eq!(
-        server.shared.metrics
-            .config_file_valid
-            .get(),
-        1
-    );
+    assert_eq!(server.shared.metrics.config_file_valid.get(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,9 +16,10 @@ use cutover_proxy::core::routing::org_bucket;
 use serde_json::{json, Value};
 use support::*;
 
-
 fn shadow_count(server: &LocalServer, outcome: &str) -> u64 {
-    server.shared.metrics
+    server
+        .shared
+        .metrics
         .shadow_total
         .with_label_values(&[outcome])
         .get()
@@ -211,7 +212,9 @@ async fn shadow_copy_never_delays_the_legacy_answer_and_its_outcome_is_recorded(
     .await;
     let success0 = shadow_count(&server, "success");
     let events0 = server.shared.metrics.shadow_events_total.get();
-    let executions0 = server.shared.metrics
+    let executions0 = server
+        .shared
+        .metrics
         .execution_total
         .with_label_values(&[RT])
         .get();
@@ -254,15 +257,18 @@ async fn shadow_copy_never_delays_the_legacy_answer_and_its_outcome_is_recorded(
 
     // Released, the shadow completes and is recorded as such, apart from real executions.
     assert!(
-        release_until(&runtime, Duration::from_secs(5), || shadow_count(&server, "success")
-            == success0 + 1)
+        release_until(&runtime, Duration::from_secs(5), || shadow_count(
+            &server, "success"
+        ) == success0 + 1)
         .await,
         "shadow outcome not recorded"
     );
     assert!(eventually(Duration::from_secs(1), || shadow_in_flight(&server) == 0).await);
     assert_eq!(server.shared.metrics.shadow_events_total.get(), events0 + 2);
     assert_eq!(
-        server.shared.metrics
+        server
+            .shared
+            .metrics
             .execution_total
             .with_label_values(&[RT])
             .get(),
@@ -369,8 +375,9 @@ async fn shadow_copies_beyond_max_inflight_are_skipped() {
     assert_eq!(legacy.work().len(), 5);
 
     assert!(
-        release_until(&runtime, Duration::from_secs(5), || shadow_count(&server, "success")
-            == success0 + 2)
+        release_until(&runtime, Duration::from_secs(5), || shadow_count(
+            &server, "success"
+        ) == success0 + 2)
         .await
     );
     assert!(eventually(Duration::from_secs(1), || shadow_in_flight(&server) == 0).await);
@@ -476,7 +483,10 @@ async fn shadow_timeouts_are_judged_like_relayed_streams() {
         c.runtime.execution_timeout_ms = 400;
     }))
     .await;
-    let (success0, timeout0) = (shadow_count(&server, "success"), shadow_count(&server, "timeout"));
+    let (success0, timeout0) = (
+        shadow_count(&server, "success"),
+        shadow_count(&server, "timeout"),
+    );
 
     let r = chat(
         server.proxy_addr,

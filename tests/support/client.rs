@@ -100,7 +100,6 @@ pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-
 /// A response read by the raw client.
 #[derive(Debug, Clone)]
 pub struct Response {
@@ -329,7 +328,6 @@ pub async fn admin(
     (r.status, r.json())
 }
 
-
 impl Client {
     /// Write bytes exactly as given: a hand-framed request (chunked body) or part of one.
     pub async fn send_raw(&mut self, bytes: &[u8]) {
@@ -349,4 +347,3 @@ pub async fn request(
     c.send(method, path, headers, body).await;
     c.read_response().await
 }
-

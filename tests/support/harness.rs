@@ -165,13 +165,14 @@ pub fn alone_in_process(test: &str) -> bool {
 }
 
 type Handler = Box<dyn Fn(&Received) -> Reply + Send + Sync>;
+type Tweak = Box<dyn FnOnce(&mut Config)>;
 
 /// A proxy to start between two scripted upstreams. Defaults: `echo_legacy`, `healthy_runtime`,
 /// and `config` (org-a on the allowlist).
 pub struct Harness {
     legacy: Handler,
     runtime: Handler,
-    tweaks: Vec<Box<dyn FnOnce(&mut Config)>>,
+    tweaks: Vec<Tweak>,
     watch: Option<PathBuf>,
 }
 

@@ -311,4 +311,3 @@ pub fn echo_legacy(req: &Received) -> Reply {
         )
     }
 }
-
