@@ -129,7 +129,7 @@ async fn read_endpoints_have_the_contract_shapes() {
 
     // org-a: two h.runtime successes and one h.runtime error; org-b: one direct success.
     for session in ["ok-1", "ok-2", "fails"] {
-        let r = chat(h.proxy_addr, Some("org-a"), session, r#"{"message":"hi"}"#).await;
+        let r = chat(h.proxy_addr, Some("org-a"), session, HI).await;
         assert_eq!(r.header("x-execution-mode"), Some("runtime_orchestrator"));
     }
     let r = h.chat("org-b").session("b-1").send().await;
@@ -274,7 +274,7 @@ async fn trip_sends_everyone_to_legacy_until_reset() {
     assert_eq!(body["data"]["fallbackEnabled"], true);
 
     for org in [Some("org-a"), Some("org-b"), None] {
-        let r = chat(h.proxy_addr, org, "tripped", r#"{"message":"hi"}"#).await;
+        let r = chat(h.proxy_addr, org, "tripped", HI).await;
         assert_eq!(r.status, 200);
         assert_eq!(r.header("x-execution-mode"), Some("direct_llm"), "{org:?}");
         assert_eq!(
@@ -293,13 +293,7 @@ async fn trip_sends_everyone_to_legacy_until_reset() {
         "health checks kept running"
     );
     for i in 0..3 {
-        let r = chat(
-            h.proxy_addr,
-            Some("org-a"),
-            &format!("later-{i}"),
-            r#"{"message":"hi"}"#,
-        )
-        .await;
+        let r = chat(h.proxy_addr, Some("org-a"), &format!("later-{i}"), HI).await;
         assert_eq!(
             r.header("x-execution-reason"),
             Some("breaker_open"),
@@ -350,7 +344,7 @@ async fn mutations_are_refused_when_no_token_is_configured() {
         }
     }
     assert_eq!(fallback_status(&server).await["state"], "closed");
-    let r = chat(server.proxy_addr, Some("org-a"), "s", r#"{"message":"hi"}"#).await;
+    let r = chat(server.proxy_addr, Some("org-a"), "s", HI).await;
     assert_eq!(r.header("x-execution-mode"), Some("runtime_orchestrator"));
     // Reads stay open.
     let (status, _) = admin(&server, "GET", "/runtime/metrics", None).await;

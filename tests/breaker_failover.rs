@@ -152,13 +152,7 @@ async fn execution_errors_open_the_breaker_and_it_recovers_by_itself() {
     assert_eq!(fallback_gauge(&h), 0);
 
     for i in 1..=12 {
-        let r = chat(
-            h.proxy_addr,
-            Some("org-a"),
-            &format!("s-{i}"),
-            r#"{"message":"hi"}"#,
-        )
-        .await;
+        let r = chat(h.proxy_addr, Some("org-a"), &format!("s-{i}"), HI).await;
         if i <= 10 {
             // min_requests: no decision on fewer samples, so the first ten all reach the h.runtime.
             assert_runtime(&r, &format!("request {i}"));
@@ -172,7 +166,7 @@ async fn execution_errors_open_the_breaker_and_it_recovers_by_itself() {
     }
     assert_eq!(h.runtime.work().len(), 10);
     assert_eq!(h.legacy.work().len(), 2);
-    assert_eq!(h.legacy.work()[0].body, br#"{"message":"hi"}"#);
+    assert_eq!(h.legacy.work()[0].body, HI.as_bytes());
     // Open sends every org to h.legacy, not only the allowlisted ones.
     let r = h.chat("org-b").session("s-b").send().await;
     assert_legacy(&r, "breaker_open", "org-b while open");
@@ -245,13 +239,7 @@ async fn failed_probe_reopens_the_breaker() {
         .await;
 
     for i in 0..2 {
-        let r = chat(
-            h.proxy_addr,
-            Some("org-a"),
-            &format!("s-{i}"),
-            r#"{"message":"hi"}"#,
-        )
-        .await;
+        let r = chat(h.proxy_addr, Some("org-a"), &format!("s-{i}"), HI).await;
         assert_runtime(&r, "before opening");
         recorded(&h, i + 1, 0).await;
     }
@@ -497,13 +485,7 @@ async fn health_checks_never_run_on_the_request_path() {
     for i in 0..20 {
         let started = Instant::now();
         let org = if i % 2 == 0 { "org-a" } else { "org-b" };
-        let r = chat(
-            h.proxy_addr,
-            Some(org),
-            &format!("s-{i}"),
-            r#"{"message":"hi"}"#,
-        )
-        .await;
+        let r = chat(h.proxy_addr, Some(org), &format!("s-{i}"), HI).await;
         assert_eq!(r.status, 200);
         assert!(r.complete);
         assert!(
@@ -554,13 +536,7 @@ async fn slow_or_timing_out_runtimes_open_the_breaker() {
         cfg.breaker.min_requests = 3;
         let server = proxy(cfg).await;
         for i in 1..=3 {
-            let r = chat(
-                server.proxy_addr,
-                Some("org-a"),
-                &format!("s-{i}"),
-                r#"{"message":"hi"}"#,
-            )
-            .await;
+            let r = chat(server.proxy_addr, Some("org-a"), &format!("s-{i}"), HI).await;
             assert_runtime(&r, &format!("{reason}: request {i}"));
             assert_eq!(
                 names(&r).last().map(String::as_str),
@@ -573,13 +549,7 @@ async fn slow_or_timing_out_runtimes_open_the_breaker() {
         let status = fallback_status(&server).await;
         let why = status["fallbackReason"].as_str().unwrap();
         assert!(why.contains(reason), "expected {reason:?}, got {why:?}");
-        let r = chat(
-            server.proxy_addr,
-            Some("org-a"),
-            "s-4",
-            r#"{"message":"hi"}"#,
-        )
-        .await;
+        let r = chat(server.proxy_addr, Some("org-a"), "s-4", HI).await;
         assert_legacy(&r, "breaker_open", reason);
     }
 }

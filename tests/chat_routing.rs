@@ -8,10 +8,6 @@ use cutover_proxy::core::config::Mode;
 use serde_json::json;
 use support::*;
 
-fn mode(r: &Response) -> (Option<&str>, Option<&str>) {
-    (r.header("x-execution-mode"), r.header("x-execution-reason"))
-}
-
 fn bearer(org: &str) -> String {
     format!("Bearer {}", token(org))
 }
@@ -55,10 +51,6 @@ async fn post_chat_chunked(
     c.read_response().await
 }
 
-fn event_names(r: &Response) -> Vec<String> {
-    r.events().into_iter().map(|(e, _)| e).collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn allowlisted_org_is_served_by_the_runtime_with_the_mapped_body() {
     let h = Harness::new().start().await;
@@ -69,7 +61,10 @@ async fn allowlisted_org_is_served_by_the_runtime_with_the_mapped_body() {
         .send()
         .await;
     assert_eq!(r.status, 200);
-    assert_eq!(mode(&r), (Some("runtime_orchestrator"), Some("allowlist")));
+    assert_eq!(
+        mode_reason(&r),
+        (Some("runtime_orchestrator"), Some("allowlist"))
+    );
     assert_eq!(r.header("content-type"), Some("text/event-stream"));
     assert!(r.complete);
     assert_eq!(event_names(&r), ["message", "done"]);
@@ -119,7 +114,10 @@ async fn chat_start_maps_the_agent_and_generates_a_session() {
         )
         .await;
         assert_eq!(r.status, 200);
-        assert_eq!(mode(&r), (Some("runtime_orchestrator"), Some("allowlist")));
+        assert_eq!(
+            mode_reason(&r),
+            (Some("runtime_orchestrator"), Some("allowlist"))
+        );
         assert_eq!(event_names(&r), ["message", "done"]);
 
         let sent = &h.runtime.work()[i];
@@ -154,7 +152,7 @@ async fn chat_start_maps_the_agent_and_generates_a_session() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_routes_match_with_query_or_trailing_slash() {
     let h = Harness::new().start().await;
-    let body = br#"{"message":"hi"}"#;
+    let body = HI.as_bytes();
 
     let r = post_chat(
         h.proxy_addr,
@@ -163,7 +161,10 @@ async fn chat_routes_match_with_query_or_trailing_slash() {
         body,
     )
     .await;
-    assert_eq!(mode(&r), (Some("runtime_orchestrator"), Some("allowlist")));
+    assert_eq!(
+        mode_reason(&r),
+        (Some("runtime_orchestrator"), Some("allowlist"))
+    );
     let r = post_chat(
         h.proxy_addr,
         Some("org-a"),
@@ -171,15 +172,21 @@ async fn chat_routes_match_with_query_or_trailing_slash() {
         body,
     )
     .await;
-    assert_eq!(mode(&r), (Some("runtime_orchestrator"), Some("allowlist")));
+    assert_eq!(
+        mode_reason(&r),
+        (Some("runtime_orchestrator"), Some("allowlist"))
+    );
     let r = post_chat(
         h.proxy_addr,
         Some("org-a"),
         "/api/v1/chat/start?x=1",
-        br#"{"message":"hi"}"#,
+        HI.as_bytes(),
     )
     .await;
-    assert_eq!(mode(&r), (Some("runtime_orchestrator"), Some("allowlist")));
+    assert_eq!(
+        mode_reason(&r),
+        (Some("runtime_orchestrator"), Some("allowlist"))
+    );
     // An escaped id reaches the h.runtime decoded, as h.legacy's router would see it.
     let r = post_chat(
         h.proxy_addr,
@@ -188,7 +195,10 @@ async fn chat_routes_match_with_query_or_trailing_slash() {
         body,
     )
     .await;
-    assert_eq!(mode(&r), (Some("runtime_orchestrator"), Some("allowlist")));
+    assert_eq!(
+        mode_reason(&r),
+        (Some("runtime_orchestrator"), Some("allowlist"))
+    );
     let done: serde_json::Value = serde_json::from_str(&r.events()[1].1).unwrap();
     assert_eq!(done["sessionId"], "s 你");
     let ids: Vec<_> = h
@@ -208,7 +218,7 @@ async fn chat_routes_match_with_query_or_trailing_slash() {
         body,
     )
     .await;
-    assert_eq!(mode(&r), (Some("direct_llm"), Some("default")));
+    assert_eq!(mode_reason(&r), (Some("direct_llm"), Some("default")));
     assert_eq!(
         h.legacy.work()[0].path,
         "/api/v1/chat/sessions/s-q?trace=1&a=%2F"
@@ -226,7 +236,7 @@ async fn other_orgs_and_unverified_callers_go_to_legacy() {
         .body(r#"{"message":"hello"}"#)
         .send()
         .await;
-    assert_eq!(mode(&r), (Some("direct_llm"), Some("default")));
+    assert_eq!(mode_reason(&r), (Some("direct_llm"), Some("default")));
     assert!(r.text().contains("legacy"));
     let r = h
         .anonymous_chat()
@@ -234,7 +244,7 @@ async fn other_orgs_and_unverified_callers_go_to_legacy() {
         .body(r#"{"message":"hello"}"#)
         .send()
         .await;
-    assert_eq!(mode(&r), (Some("direct_llm"), Some("no_identity")));
+    assert_eq!(mode_reason(&r), (Some("direct_llm"), Some("no_identity")));
     let r = post_chat(
         h.proxy_addr,
         Some("org-b"),
@@ -242,7 +252,7 @@ async fn other_orgs_and_unverified_callers_go_to_legacy() {
         br#"{"agentId":"g","message":"x"}"#,
     )
     .await;
-    assert_eq!(mode(&r), (Some("direct_llm"), Some("default")));
+    assert_eq!(mode_reason(&r), (Some("direct_llm"), Some("default")));
     let work = h.legacy.work();
     assert_eq!(work.len(), 3);
     assert_eq!(work[0].path, "/api/v1/chat/sessions/s-2");
@@ -268,7 +278,10 @@ async fn default_mode_runtime_sends_every_verified_org_to_the_runtime() {
         .send()
         .await;
     assert_eq!(r.status, 200);
-    assert_eq!(mode(&r), (Some("runtime_orchestrator"), Some("default")));
+    assert_eq!(
+        mode_reason(&r),
+        (Some("runtime_orchestrator"), Some("default"))
+    );
     assert_eq!(event_names(&r), ["message", "done"]);
     let r = h
         .chat("org-a")
@@ -276,7 +289,10 @@ async fn default_mode_runtime_sends_every_verified_org_to_the_runtime() {
         .body(r#"{"message":"hello"}"#)
         .send()
         .await;
-    assert_eq!(mode(&r), (Some("runtime_orchestrator"), Some("allowlist")));
+    assert_eq!(
+        mode_reason(&r),
+        (Some("runtime_orchestrator"), Some("allowlist"))
+    );
     let orgs: Vec<_> = h
         .runtime
         .work()
@@ -292,7 +308,7 @@ async fn default_mode_runtime_sends_every_verified_org_to_the_runtime() {
         .body(r#"{"message":"hello"}"#)
         .send()
         .await;
-    assert_eq!(mode(&r), (Some("direct_llm"), Some("no_identity")));
+    assert_eq!(mode_reason(&r), (Some("direct_llm"), Some("no_identity")));
     assert_eq!(h.legacy.work().len(), 1);
     assert_eq!(h.runtime.work().len(), 2);
 }
@@ -320,7 +336,7 @@ async fn bad_bodies_on_the_runtime_path_get_400_and_reach_no_upstream() {
             let r = post_chat(h.proxy_addr, Some("org-a"), path, body).await;
             assert_eq!(r.status, 400, "{shown} on {path}");
             assert_eq!(
-                mode(&r),
+                mode_reason(&r),
                 (Some("runtime_orchestrator"), Some("allowlist")),
                 "{shown}"
             );
@@ -379,18 +395,21 @@ async fn bodies_over_the_chat_limit_get_413_and_reach_no_upstream() {
     for (org, expected) in cases {
         let r = post_chat(h.proxy_addr, org, path, over.as_bytes()).await;
         assert_eq!(r.status, 413, "{org:?}");
-        assert_eq!(mode(&r), expected, "{org:?}");
+        assert_eq!(mode_reason(&r), expected, "{org:?}");
         assert_eq!(r.json()["error"]["code"], "PAYLOAD_TOO_LARGE");
     }
     // Without a Content-Length the limit holds as well, on either path. (A h.legacy-bound body is
     // streamed, so h.legacy may see the start of it, but never a whole request.)
     let r = post_chat_chunked(h.proxy_addr, "org-a", path, over.as_bytes()).await;
     assert_eq!(r.status, 413);
-    assert_eq!(mode(&r), (Some("runtime_orchestrator"), Some("allowlist")));
+    assert_eq!(
+        mode_reason(&r),
+        (Some("runtime_orchestrator"), Some("allowlist"))
+    );
     assert_eq!(r.json()["error"]["code"], "PAYLOAD_TOO_LARGE");
     let r = post_chat_chunked(h.proxy_addr, "org-b", path, over.as_bytes()).await;
     assert_eq!(r.status, 413);
-    assert_eq!(mode(&r), (Some("direct_llm"), Some("default")));
+    assert_eq!(mode_reason(&r), (Some("direct_llm"), Some("default")));
     assert_eq!(r.json()["error"]["code"], "PAYLOAD_TOO_LARGE");
     let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
     assert!(msg.contains("1024"), "{msg}");
@@ -399,11 +418,17 @@ async fn bodies_over_the_chat_limit_get_413_and_reach_no_upstream() {
     let at = format!(r#"{{"message":"{}"}}"#, "y".repeat(1024 - 14));
     assert_eq!(at.len(), 1024);
     let r = post_chat(h.proxy_addr, Some("org-a"), path, at.as_bytes()).await;
-    assert_eq!((r.status, mode(&r).0), (200, Some("runtime_orchestrator")));
+    assert_eq!(
+        (r.status, mode_reason(&r).0),
+        (200, Some("runtime_orchestrator"))
+    );
     let r = post_chat_chunked(h.proxy_addr, "org-a", path, at.as_bytes()).await;
-    assert_eq!((r.status, mode(&r).0), (200, Some("runtime_orchestrator")));
+    assert_eq!(
+        (r.status, mode_reason(&r).0),
+        (200, Some("runtime_orchestrator"))
+    );
     let r = post_chat(h.proxy_addr, Some("org-b"), path, at.as_bytes()).await;
-    assert_eq!((r.status, mode(&r).0), (200, Some("direct_llm")));
+    assert_eq!((r.status, mode_reason(&r).0), (200, Some("direct_llm")));
 
     let runtime_got = h.runtime.work();
     assert_eq!(runtime_got.len(), 2);
@@ -426,7 +451,7 @@ async fn a_runtime_bound_body_too_large_to_replay_is_served_by_legacy() {
     assert!(big.len() > limit);
     let r = chat(h.proxy_addr, Some("org-a"), "s-large", &big).await;
     assert_eq!(r.status, 200);
-    assert_eq!(mode(&r), (Some("direct_llm"), Some("large_body")));
+    assert_eq!(mode_reason(&r), (Some("direct_llm"), Some("large_body")));
     assert!(r.text().contains("legacy"));
     let got = h.legacy.work();
     assert_eq!(got.len(), 1);
@@ -442,7 +467,10 @@ async fn a_runtime_bound_body_too_large_to_replay_is_served_by_legacy() {
     let fits = format!(r#"{{"message":"{}"}}"#, "z".repeat(limit - 20));
     assert!(fits.len() <= limit);
     let r = chat(h.proxy_addr, Some("org-a"), "s-fits", &fits).await;
-    assert_eq!(mode(&r), (Some("runtime_orchestrator"), Some("allowlist")));
+    assert_eq!(
+        mode_reason(&r),
+        (Some("runtime_orchestrator"), Some("allowlist"))
+    );
     assert_eq!(h.runtime.work().len(), 1);
     assert_eq!(
         h.runtime.work()[0].json()["user_message"]
@@ -475,7 +503,7 @@ async fn a_legacy_chat_stream_reaches_the_client_chunk_by_chunk() {
             ("authorization", &auth),
             ("content-type", "application/json"),
         ],
-        br#"{"message":"hi"}"#,
+        HI.as_bytes(),
     )
     .await;
     let mut released = false;
@@ -492,7 +520,7 @@ async fn a_legacy_chat_stream_reaches_the_client_chunk_by_chunk() {
     )
     .await
     .expect("legacy stream was held back by the proxy");
-    assert_eq!(mode(&r), (Some("direct_llm"), Some("default")));
+    assert_eq!(mode_reason(&r), (Some("direct_llm"), Some("default")));
     assert!(r.complete);
     assert_eq!(r.chunks[0].1, b"event: message\ndata: {\"n\":1}\n\n");
     assert_eq!(event_names(&r), ["message", "done"]);
@@ -509,14 +537,8 @@ async fn runtime_connections_are_reused_across_executions() {
             // the body, just after the client got its last event: give it that moment.
             tokio::time::sleep(Duration::from_millis(15)).await;
         }
-        let r = chat(
-            h.proxy_addr,
-            Some("org-a"),
-            &format!("s-{i}"),
-            r#"{"message":"hi"}"#,
-        )
-        .await;
-        assert_eq!(mode(&r).0, Some("runtime_orchestrator"));
+        let r = chat(h.proxy_addr, Some("org-a"), &format!("s-{i}"), HI).await;
+        assert_eq!(mode_reason(&r).0, Some("runtime_orchestrator"));
         assert_eq!(event_names(&r), ["message", "done"]);
     }
     assert_eq!(h.runtime.work().len(), executions);
@@ -554,10 +576,10 @@ async fn a_chat_that_legacy_cannot_serve_still_says_how_it_was_routed() {
     )
     .await;
     assert_eq!(r.status, 502);
-    assert_eq!(mode(&r), (Some("direct_llm"), Some("default")));
+    assert_eq!(mode_reason(&r), (Some("direct_llm"), Some("default")));
     let r = chat(server.proxy_addr, None, "s-x", r#"{"message":"hello"}"#).await;
     assert_eq!(r.status, 502);
-    assert_eq!(mode(&r), (Some("direct_llm"), Some("no_identity")));
+    assert_eq!(mode_reason(&r), (Some("direct_llm"), Some("no_identity")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

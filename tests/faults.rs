@@ -164,7 +164,7 @@ async fn chat_within(
     limit: Duration,
 ) -> Option<Response> {
     let mut c = Client::connect(addr).await;
-    post_chat(&mut c, org, session, r#"{"message":"hi"}"#).await;
+    post_chat(&mut c, org, session, HI).await;
     tokio::time::timeout(limit, c.read_response_with(|_| {}))
         .await
         .ok()
@@ -990,7 +990,7 @@ async fn clients_holding_their_first_event(
         let session = format!("{tag}-{i}");
         tasks.push(tokio::spawn(async move {
             let mut c = Client::connect(addr).await;
-            post_chat(&mut c, org, &session, r#"{"message":"hi"}"#).await;
+            post_chat(&mut c, org, &session, HI).await;
             let mut first = Some(tx);
             c.read_response_with(|_| {
                 if let Some(tx) = first.take() {
@@ -1135,13 +1135,7 @@ async fn disconnect_storm_before_the_first_byte_releases_runtime_connections() {
         .map(|i| {
             tokio::spawn(async move {
                 let mut c = Client::connect(addr).await;
-                post_chat(
-                    &mut c,
-                    "org-a",
-                    &format!("early-{i}"),
-                    r#"{"message":"hi"}"#,
-                )
-                .await;
+                post_chat(&mut c, "org-a", &format!("early-{i}"), HI).await;
                 c.read_response_with(|_| {}).await;
             })
         })
@@ -1271,7 +1265,7 @@ async fn client_that_stops_reading_does_not_hold_a_runtime_stream_past_the_timeo
     // Send the chat, read a little, then stop reading but keep the connection.
     let mut conn = TcpStream::connect(server.proxy_addr).await.unwrap();
     let auth = format!("Bearer {}", token("org-a"));
-    let body = r#"{"message":"hi"}"#;
+    let body = HI;
     let req = format!(
         "POST /api/v1/chat/sessions/frozen HTTP/1.1\r\nhost: a\r\nauthorization: {auth}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()

@@ -23,10 +23,6 @@ async fn chat_with(addr: std::net::SocketAddr, headers: &[(&str, &str)]) -> Resp
     .await
 }
 
-fn mode(r: &Response) -> (Option<&str>, Option<&str>) {
-    (r.header("x-execution-mode"), r.header("x-execution-reason"))
-}
-
 const LEGACY_NO_IDENTITY: (Option<&str>, Option<&str>) = (Some("direct_llm"), Some("no_identity"));
 const RUNTIME_ALLOWLIST: (Option<&str>, Option<&str>) =
     (Some("runtime_orchestrator"), Some("allowlist"));
@@ -121,7 +117,7 @@ async fn unverifiable_callers_are_served_by_legacy_and_never_reach_the_runtime()
             auth.iter().map(|a| ("authorization", a.as_str())).collect();
         let r = chat_with(h.proxy_addr, &headers).await;
         assert_eq!(r.status, 200, "{name}");
-        assert_eq!(mode(&r), LEGACY_NO_IDENTITY, "{name}");
+        assert_eq!(mode_reason(&r), LEGACY_NO_IDENTITY, "{name}");
         assert!(r.text().contains("legacy"), "{name}: {}", r.text());
         let got = h.legacy.work();
         assert_eq!(got.len(), i + 1, "{name}");
@@ -131,7 +127,7 @@ async fn unverifiable_callers_are_served_by_legacy_and_never_reach_the_runtime()
     }
     // A Basic credential is not a bearer token either.
     let r = chat_with(h.proxy_addr, &[("authorization", "Basic dXNlcjpwYXNz")]).await;
-    assert_eq!(mode(&r), LEGACY_NO_IDENTITY);
+    assert_eq!(mode_reason(&r), LEGACY_NO_IDENTITY);
     assert!(
         h.runtime.work().is_empty(),
         "an unverified caller reached the runtime"
@@ -140,7 +136,7 @@ async fn unverifiable_callers_are_served_by_legacy_and_never_reach_the_runtime()
     // Control: the same request with a valid token is served by the h.runtime.
     let auth = format!("Bearer {valid}");
     let r = chat_with(h.proxy_addr, &[("authorization", &auth)]).await;
-    assert_eq!(mode(&r), RUNTIME_ALLOWLIST);
+    assert_eq!(mode_reason(&r), RUNTIME_ALLOWLIST);
     assert_eq!(h.runtime.work().len(), 1);
     assert_eq!(h.runtime.work()[0].json()["org_id"], "org-a");
 }
@@ -151,7 +147,7 @@ async fn a_client_org_header_is_not_trusted_by_default() {
 
     // No JWT, a forged org header naming the allowlisted org.
     let r = chat_with(h.proxy_addr, &[("x-org-id", "org-a")]).await;
-    assert_eq!(mode(&r), LEGACY_NO_IDENTITY);
+    assert_eq!(mode_reason(&r), LEGACY_NO_IDENTITY);
 
     // A verified org-b caller claiming org-a in a header stays org-b.
     let auth = format!("Bearer {}", token("org-b"));
@@ -160,7 +156,7 @@ async fn a_client_org_header_is_not_trusted_by_default() {
         &[("authorization", &auth), ("x-org-id", "org-a")],
     )
     .await;
-    assert_eq!(mode(&r), (Some("direct_llm"), Some("default")));
+    assert_eq!(mode_reason(&r), (Some("direct_llm"), Some("default")));
 
     assert!(h.runtime.work().is_empty());
     // With no trusted header configured the header is just another header: h.legacy gets it as sent.
@@ -184,7 +180,7 @@ async fn the_configured_ingress_header_names_the_org() {
     // The ingress authenticated the caller: no JWT needed.
     let r = chat_with(server.proxy_addr, &[("x-org-id", "org-a")]).await;
     assert_eq!(r.status, 200);
-    assert_eq!(mode(&r), RUNTIME_ALLOWLIST);
+    assert_eq!(mode_reason(&r), RUNTIME_ALLOWLIST);
     let sent = runtime.work()[0].json();
     assert_eq!(sent["org_id"], "org-a");
     assert_eq!(sent["metadata"]["user_id"], serde_json::Value::Null);
@@ -197,7 +193,7 @@ async fn the_configured_ingress_header_names_the_org() {
         &[("authorization", &auth), ("x-org-id", "org-a")],
     )
     .await;
-    assert_eq!(mode(&r), RUNTIME_ALLOWLIST);
+    assert_eq!(mode_reason(&r), RUNTIME_ALLOWLIST);
     let sent = runtime.work()[1].json();
     assert_eq!(sent["org_id"], "org-a");
     assert_eq!(sent["metadata"]["user_id"], "user-1");
@@ -205,9 +201,9 @@ async fn the_configured_ingress_header_names_the_org() {
     // Header absent or empty: the JWT decides, as without the setting.
     let auth = format!("Bearer {}", token("org-a"));
     let r = chat_with(server.proxy_addr, &[("authorization", &auth)]).await;
-    assert_eq!(mode(&r), RUNTIME_ALLOWLIST);
+    assert_eq!(mode_reason(&r), RUNTIME_ALLOWLIST);
     let r = chat_with(server.proxy_addr, &[("x-org-id", "  ")]).await;
-    assert_eq!(mode(&r), LEGACY_NO_IDENTITY);
+    assert_eq!(mode_reason(&r), LEGACY_NO_IDENTITY);
     assert_eq!(runtime.work().len(), 3);
 }
 
@@ -219,10 +215,10 @@ async fn the_trusted_header_is_dropped_on_the_way_to_legacy() {
 
     // A legacy-bound chat (org-b is not allowlisted) ...
     let r = chat_with(server.proxy_addr, &[("x-org-id", "org-b"), ("x-keep", "1")]).await;
-    assert_eq!(mode(&r), (Some("direct_llm"), Some("default")));
+    assert_eq!(mode_reason(&r), (Some("direct_llm"), Some("default")));
     // ... an unverified one ...
     let r = chat_with(server.proxy_addr, &[("x-org-id", ""), ("x-keep", "2")]).await;
-    assert_eq!(mode(&r), LEGACY_NO_IDENTITY);
+    assert_eq!(mode_reason(&r), LEGACY_NO_IDENTITY);
     // ... and a request that is not a chat at all.
     let r = request(
         server.proxy_addr,
@@ -263,13 +259,13 @@ async fn a_repeated_trusted_header_is_ambiguous_and_not_trusted() {
         &[("x-org-id", "org-a"), ("x-org-id", "org-b")],
     )
     .await;
-    assert_eq!(mode(&r), LEGACY_NO_IDENTITY);
+    assert_eq!(mode_reason(&r), LEGACY_NO_IDENTITY);
     let r = chat_with(
         server.proxy_addr,
         &[("x-org-id", "org-b"), ("x-org-id", "org-a")],
     )
     .await;
-    assert_eq!(mode(&r), LEGACY_NO_IDENTITY);
+    assert_eq!(mode_reason(&r), LEGACY_NO_IDENTITY);
     assert!(runtime.work().is_empty());
     assert!(legacy.work().iter().all(|r| r.header("x-org-id").is_none()));
 
@@ -284,7 +280,7 @@ async fn a_repeated_trusted_header_is_ambiguous_and_not_trusted() {
         ],
     )
     .await;
-    assert_eq!(mode(&r), RUNTIME_ALLOWLIST);
+    assert_eq!(mode_reason(&r), RUNTIME_ALLOWLIST);
     assert_eq!(runtime.work()[0].json()["org_id"], "org-a");
 }
 
@@ -299,7 +295,7 @@ async fn without_a_secret_nobody_is_verified() {
 
     let r = chat(h.proxy_addr, Some("org-a"), "s-1", BODY).await;
     assert_eq!(r.status, 200);
-    assert_eq!(mode(&r), LEGACY_NO_IDENTITY);
+    assert_eq!(mode_reason(&r), LEGACY_NO_IDENTITY);
     assert_eq!(h.legacy.work().len(), 1);
     assert!(h.runtime.work().is_empty());
 }

@@ -44,14 +44,10 @@ async fn methods_paths_queries_and_bodies_reach_legacy_byte_exact() {
             br#"{"message":"rename"}"#,
         ),
         ("DELETE", "/api/v1/chat/sessions/s-1", b""),
-        (
-            "POST",
-            "/api/v1/chat/sessions/s-1/messages",
-            br#"{"message":"hi"}"#,
-        ),
-        ("POST", "/api/v1/chat/sessions", br#"{"message":"hi"}"#),
-        ("POST", "/api/v1/chat/started", br#"{"message":"hi"}"#),
-        ("POST", "/api/v2/chat/start", br#"{"message":"hi"}"#),
+        ("POST", "/api/v1/chat/sessions/s-1/messages", HI.as_bytes()),
+        ("POST", "/api/v1/chat/sessions", HI.as_bytes()),
+        ("POST", "/api/v1/chat/started", HI.as_bytes()),
+        ("POST", "/api/v2/chat/start", HI.as_bytes()),
         (
             "POST",
             "/api/v1/chat/sessions/s-1/../../agents",
@@ -361,7 +357,7 @@ async fn sequential_requests_share_one_legacy_connection() {
                 "POST",
                 &format!("/api/v1/chat/sessions/s-{i}"),
                 &[("authorization", &auth)],
-                br#"{"message":"hi"}"#,
+                HI.as_bytes(),
             )
             .await
         };

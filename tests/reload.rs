@@ -68,7 +68,7 @@ async fn start_watching(path: &Path) -> LocalServer {
 }
 
 async fn mode_of(addr: std::net::SocketAddr, org: &str) -> String {
-    let r = chat(addr, Some(org), "s-reload", r#"{"message":"hi"}"#).await;
+    let r = chat(addr, Some(org), "s-reload", HI).await;
     assert_eq!(r.status, 200);
     assert!(r.complete);
     r.header("x-execution-mode").unwrap_or("").to_string()

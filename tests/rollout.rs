@@ -46,7 +46,7 @@ fn mode_reason(r: &Response) -> (String, String) {
 }
 
 async fn ask(server: &LocalServer, org: Option<&str>) -> (String, String) {
-    let r = chat(server.proxy_addr, org, "s-rollout", r#"{"message":"hi"}"#).await;
+    let r = chat(server.proxy_addr, org, "s-rollout", HI).await;
     assert_eq!(r.status, 200);
     assert!(r.complete);
     let names: Vec<String> = r.events().into_iter().map(|(e, _)| e).collect();

@@ -173,7 +173,7 @@ async fn events_reach_the_client_whole_whatever_the_runtime_framing() {
         .await;
 
     for session in ["crlf", "lf", "cr"] {
-        let r = chat(h.proxy_addr, Some("org-a"), session, r#"{"message":"hi"}"#).await;
+        let r = chat(h.proxy_addr, Some("org-a"), session, HI).await;
         assert_eq!(r.status, 200, "{session}");
         assert_eq!(r.header("x-execution-mode"), Some(RT), "{session}");
         assert!(r.complete, "{session}: response not terminated");
@@ -250,7 +250,7 @@ async fn first_event_arrives_while_the_runtime_still_holds_the_second() {
             ("content-type", "application/json"),
             ("authorization", &auth),
         ],
-        br#"{"message":"hi"}"#,
+        HI.as_bytes(),
     )
     .await;
     // The h.runtime sends the second event only once the client holds the first: a proxy that
@@ -340,7 +340,7 @@ async fn runtime_dying_mid_stream_ends_with_one_error_event() {
         .await;
 
     for session in ["between-frames", "mid-frame"] {
-        let r = chat(h.proxy_addr, Some("org-a"), session, r#"{"message":"hi"}"#).await;
+        let r = chat(h.proxy_addr, Some("org-a"), session, HI).await;
         let (events, err) = ends_with_one_error(&r);
         assert_eq!(names(&events), ["message", "error"], "{session}");
         assert_eq!(data_of(&events[0])["data"]["content"], "before");
@@ -397,7 +397,7 @@ async fn frame_over_the_limit_ends_with_frame_too_large() {
 
     for session in ["terminated", "endless"] {
         let started = Instant::now();
-        let r = chat(h.proxy_addr, Some("org-a"), session, r#"{"message":"hi"}"#).await;
+        let r = chat(h.proxy_addr, Some("org-a"), session, HI).await;
         assert!(
             started.elapsed() < Duration::from_secs(5),
             "{session}: waited for the timeout"
@@ -591,7 +591,7 @@ async fn execution_timeout_ends_with_a_timeout_error_event() {
     ];
     for (n, (session, expected)) in cases.into_iter().enumerate() {
         let started = Instant::now();
-        let r = chat(h.proxy_addr, Some("org-a"), session, r#"{"message":"hi"}"#).await;
+        let r = chat(h.proxy_addr, Some("org-a"), session, HI).await;
         let took = started.elapsed();
         assert!(
             took >= Duration::from_millis(550) && took < Duration::from_millis(2000),
@@ -682,7 +682,7 @@ async fn client_disconnect_closes_the_runtime_connection_and_is_not_counted() {
                 ("content-type", "application/json"),
                 ("authorization", &auth),
             ],
-            br#"{"message":"hi"}"#,
+            HI.as_bytes(),
         )
         .await;
         c.read_response_with(|chunk| {
@@ -784,7 +784,7 @@ async fn client_connection_is_reusable_after_runtime_streams() {
                 ("content-type", "application/json"),
                 ("authorization", &auth),
             ],
-            br#"{"message":"hi"}"#,
+            HI.as_bytes(),
         )
         .await;
         let r = c.read_response().await;
@@ -861,7 +861,7 @@ async fn client_disconnect_before_the_runtime_answers_cancels_it() {
             ("content-type", "application/json"),
             ("authorization", &auth),
         ],
-        br#"{"message":"hi"}"#,
+        HI.as_bytes(),
     )
     .await;
     tokio::time::timeout(Duration::from_secs(5), got_rx)
@@ -925,7 +925,7 @@ async fn http10_clients_get_a_close_delimited_stream() {
         .await;
 
     let mut conn = tokio::net::TcpStream::connect(h.proxy_addr).await.unwrap();
-    let body = r#"{"message":"hi"}"#;
+    let body = HI;
     let req = format!(
         "POST /api/v1/chat/sessions/s-10 HTTP/1.0\r\nhost: proxy.test\r\nauthorization: Bearer {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
         token("org-a"),
@@ -1004,13 +1004,7 @@ async fn every_http_framing_of_the_runtime_body_is_relayed() {
         let runtime = Upstream::start(raw_runtime(head, bytes)).await;
         let legacy = Upstream::start(echo_legacy).await;
         let server = proxy(config(&legacy.address(), &runtime.address())).await;
-        let r = chat(
-            server.proxy_addr,
-            Some("org-a"),
-            "s-framing",
-            r#"{"message":"hi"}"#,
-        )
-        .await;
+        let r = chat(server.proxy_addr, Some("org-a"), "s-framing", HI).await;
         assert_eq!(r.header("x-execution-mode"), Some(RT), "{name}");
         let events = whole_events(&r);
         assert_eq!(names(&events), ["message", "done"], "{name}: {events:?}");
