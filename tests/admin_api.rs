@@ -86,24 +86,24 @@ async fn fallback_status(server: &LocalServer) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_endpoints_have_the_contract_shapes() {
-    let runtime = Upstream::start(|req: &Received| {
-        if req.path == "/health" {
-            Reply::json(200, json!({"status": "ok"}))
-        } else if req.json()["session_id"] == "fails" {
-            Reply::sse(vec![Step::Send(frame(
-                "execution_error",
-                json!({"error": "no"}),
-            ))])
-        } else {
-            Reply::sse(runtime_ok_steps())
-        }
-    })
-    .await;
-    let legacy = Upstream::start(echo_legacy).await;
-    let server = proxy(config(&legacy.address(), &runtime.address())).await;
+    let h = Harness::new()
+        .runtime(|req: &Received| {
+            if req.path == "/health" {
+                Reply::json(200, json!({"status": "ok"}))
+            } else if req.json()["session_id"] == "fails" {
+                Reply::sse(vec![Step::Send(frame(
+                    "execution_error",
+                    json!({"error": "no"}),
+                ))])
+            } else {
+                Reply::sse(runtime_ok_steps())
+            }
+        })
+        .start()
+        .await;
 
     // Before any traffic: zeros, closed.
-    let (status, body) = admin(&server, "GET", "/runtime/metrics", None).await;
+    let (status, body) = admin(&h, "GET", "/runtime/metrics", None).await;
     assert_eq!(status, 200);
     assert_eq!(keys(&body), set(&["success", "data"]), "{body}");
     assert_eq!(body["success"], true);
@@ -121,34 +121,22 @@ async fn read_endpoints_have_the_contract_shapes() {
     );
     assert_eq!(data["fallbackEnabled"], false);
     assert!(data["fallbackReason"].is_string());
-    let st = fallback_status(&server).await;
+    let st = fallback_status(&h).await;
     assert_eq!(
         (st["fallbackEnabled"].clone(), st["state"].clone()),
         (json!(false), json!("closed"))
     );
 
-    // org-a: two runtime successes and one runtime error; org-b: one direct success.
+    // org-a: two h.runtime successes and one h.runtime error; org-b: one direct success.
     for session in ["ok-1", "ok-2", "fails"] {
-        let r = chat(
-            server.proxy_addr,
-            Some("org-a"),
-            session,
-            r#"{"message":"hi"}"#,
-        )
-        .await;
+        let r = chat(h.proxy_addr, Some("org-a"), session, HI).await;
         assert_eq!(r.header("x-execution-mode"), Some("runtime_orchestrator"));
     }
-    let r = chat(
-        server.proxy_addr,
-        Some("org-b"),
-        "b-1",
-        r#"{"message":"hi"}"#,
-    )
-    .await;
+    let r = h.chat("org-b").session("b-1").send().await;
     assert_eq!(r.header("x-execution-mode"), Some("direct_llm"));
-    recorded(&server, 3, 1).await;
+    recorded(&h, 3, 1).await;
 
-    let (_, body) = admin(&server, "GET", "/runtime/metrics", None).await;
+    let (_, body) = admin(&h, "GET", "/runtime/metrics", None).await;
     let data = &body["data"];
     assert_m(&data["runtime"], "runtime");
     assert_m(&data["direct"], "direct");
@@ -162,7 +150,7 @@ async fn read_endpoints_have_the_contract_shapes() {
         "{data}"
     );
 
-    let (status, body) = admin(&server, "GET", "/runtime/metrics/org-a", None).await;
+    let (status, body) = admin(&h, "GET", "/runtime/metrics/org-a", None).await;
     assert_eq!(status, 200);
     assert_eq!(keys(&body), set(&["success", "data"]), "{body}");
     assert_eq!(body["success"], true);
@@ -174,12 +162,12 @@ async fn read_endpoints_have_the_contract_shapes() {
     assert_eq!(counts(&data["runtime"]), (3, 2, 1, 0), "{data}");
     assert_eq!(counts(&data["direct"]), (0, 0, 0, 0), "{data}");
 
-    let (_, body) = admin(&server, "GET", "/runtime/metrics/org-b", None).await;
+    let (_, body) = admin(&h, "GET", "/runtime/metrics/org-b", None).await;
     assert_eq!(counts(&body["data"]["direct"]), (1, 1, 0, 0), "{body}");
     assert_eq!(counts(&body["data"]["runtime"]), (0, 0, 0, 0), "{body}");
 
     // An org never seen: the same shape, all zero.
-    let (status, body) = admin(&server, "GET", "/runtime/metrics/org-unknown", None).await;
+    let (status, body) = admin(&h, "GET", "/runtime/metrics/org-unknown", None).await;
     assert_eq!(status, 200);
     assert_eq!(body["data"]["orgId"], "org-unknown");
     assert_m(&body["data"]["runtime"], "unknown runtime");
@@ -187,28 +175,26 @@ async fn read_endpoints_have_the_contract_shapes() {
     assert_eq!(counts(&body["data"]["direct"]), (0, 0, 0, 0));
 
     // Kubernetes probes.
-    let (status, body) = admin(&server, "GET", "/healthz", None).await;
+    let (status, body) = admin(&h, "GET", "/healthz", None).await;
     assert_eq!(status, 200, "{body}");
-    let (status, body) = admin(&server, "GET", "/readyz", None).await;
+    let (status, body) = admin(&h, "GET", "/readyz", None).await;
     assert_eq!(status, 200, "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutations_need_the_admin_token() {
-    let runtime = Upstream::start(healthy_runtime).await;
-    let legacy = Upstream::start(echo_legacy).await;
-    let server = proxy(config(&legacy.address(), &runtime.address())).await;
+    let h = Harness::new().start().await;
 
     for path in ["/runtime/fallback/trip", "/runtime/fallback/reset"] {
-        let (status, body) = admin(&server, "POST", path, None).await;
+        let (status, body) = admin(&h, "POST", path, None).await;
         assert_eq!(status, 401, "{path} without a token: {body}");
-        let (status, body) = admin(&server, "POST", path, Some("not-the-token")).await;
+        let (status, body) = admin(&h, "POST", path, Some("not-the-token")).await;
         assert_eq!(status, 401, "{path} with a wrong token: {body}");
         let wrong_prefix = format!("{ADMIN_TOKEN}x");
-        let (status, _) = admin(&server, "POST", path, Some(&wrong_prefix)).await;
+        let (status, _) = admin(&h, "POST", path, Some(&wrong_prefix)).await;
         assert_eq!(status, 401, "{path} with the token plus a byte");
         let (status, _) = admin(
-            &server,
+            &h,
             "POST",
             path,
             Some(&ADMIN_TOKEN[..ADMIN_TOKEN.len() - 1]),
@@ -216,10 +202,10 @@ async fn mutations_need_the_admin_token() {
         .await;
         assert_eq!(status, 401, "{path} with a prefix of the token");
         // A refused trip must not have tripped anything.
-        assert_eq!(fallback_status(&server).await["state"], "closed", "{path}");
+        assert_eq!(fallback_status(&h).await["state"], "closed", "{path}");
     }
     // The token in another scheme is not a bearer token.
-    let mut c = Client::connect(server.admin_addr).await;
+    let mut c = Client::connect(h.admin_addr).await;
     let basic = format!("Basic {ADMIN_TOKEN}");
     c.send(
         "POST",
@@ -229,20 +215,14 @@ async fn mutations_need_the_admin_token() {
     )
     .await;
     assert_eq!(c.read_response().await.status, 401);
-    assert_eq!(fallback_status(&server).await["state"], "closed");
+    assert_eq!(fallback_status(&h).await["state"], "closed");
 
-    let (status, body) = admin(
-        &server,
-        "POST",
-        "/runtime/fallback/reset",
-        Some(ADMIN_TOKEN),
-    )
-    .await;
+    let (status, body) = admin(&h, "POST", "/runtime/fallback/reset", Some(ADMIN_TOKEN)).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["success"], true);
 
     // The scheme is case-insensitive; the token is not.
-    let mut c = Client::connect(server.admin_addr).await;
+    let mut c = Client::connect(h.admin_addr).await;
     let upper = format!("BEARER {ADMIN_TOKEN}");
     c.send(
         "POST",
@@ -252,46 +232,35 @@ async fn mutations_need_the_admin_token() {
     )
     .await;
     assert_eq!(c.read_response().await.status, 200);
-    assert_eq!(fallback_status(&server).await["state"], "open");
+    assert_eq!(fallback_status(&h).await["state"], "open");
     let (status, _) = admin(
-        &server,
+        &h,
         "POST",
         "/runtime/fallback/reset",
         Some(&ADMIN_TOKEN.to_uppercase()),
     )
     .await;
     assert_eq!(status, 401);
-    let (status, _) = admin(
-        &server,
-        "POST",
-        "/runtime/fallback/reset",
-        Some(ADMIN_TOKEN),
-    )
-    .await;
+    let (status, _) = admin(&h, "POST", "/runtime/fallback/reset", Some(ADMIN_TOKEN)).await;
     assert_eq!(status, 200);
-    assert_eq!(fallback_status(&server).await["state"], "closed");
+    assert_eq!(fallback_status(&h).await["state"], "closed");
 }
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trip_sends_everyone_to_legacy_until_reset() {
-    let runtime = Upstream::start(healthy_runtime).await;
-    let legacy = Upstream::start(echo_legacy).await;
-    let mut cfg = config(&legacy.address(), &runtime.address());
-    cfg.breaker.open_secs = 1;
-    let server = proxy(cfg).await;
+    let h = Harness::new()
+        .config(move |cfg| {
+            cfg.breaker.open_secs = 1;
+        })
+        .start()
+        .await;
 
-    let r = chat(
-        server.proxy_addr,
-        Some("org-a"),
-        "before",
-        r#"{"message":"hi"}"#,
-    )
-    .await;
+    let r = h.chat("org-a").session("before").send().await;
     assert_eq!(r.header("x-execution-mode"), Some("runtime_orchestrator"));
 
-    let (status, body) = admin(&server, "POST", "/runtime/fallback/trip", Some(ADMIN_TOKEN)).await;
+    let (status, body) = admin(&h, "POST", "/runtime/fallback/trip", Some(ADMIN_TOKEN)).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["success"], true);
-    let st = fallback_status(&server).await;
+    let st = fallback_status(&h).await;
     assert_eq!(
         (st["fallbackEnabled"].clone(), st["state"].clone()),
         (json!(true), json!("open")),
@@ -301,11 +270,11 @@ async fn trip_sends_everyone_to_legacy_until_reset() {
         st["fallbackReason"].as_str().unwrap().contains("manual"),
         "{st}"
     );
-    let (_, body) = admin(&server, "GET", "/runtime/metrics", None).await;
+    let (_, body) = admin(&h, "GET", "/runtime/metrics", None).await;
     assert_eq!(body["data"]["fallbackEnabled"], true);
 
     for org in [Some("org-a"), Some("org-b"), None] {
-        let r = chat(server.proxy_addr, org, "tripped", r#"{"message":"hi"}"#).await;
+        let r = chat(h.proxy_addr, org, "tripped", HI).await;
         assert_eq!(r.status, 200);
         assert_eq!(r.header("x-execution-mode"), Some("direct_llm"), "{org:?}");
         assert_eq!(
@@ -317,63 +286,45 @@ async fn trip_sends_everyone_to_legacy_until_reset() {
 
     // A kill switch outlasts open_secs and healthy health checks: no probe gets through. There is
     // no event to wait for here, only time passing.
-    let health_before = runtime.count() - runtime.work().len();
+    let health_before = h.runtime.count() - h.runtime.work().len();
     tokio::time::sleep(Duration::from_millis(1300)).await;
     assert!(
-        runtime.count() - runtime.work().len() > health_before,
+        h.runtime.count() - h.runtime.work().len() > health_before,
         "health checks kept running"
     );
     for i in 0..3 {
-        let r = chat(
-            server.proxy_addr,
-            Some("org-a"),
-            &format!("later-{i}"),
-            r#"{"message":"hi"}"#,
-        )
-        .await;
+        let r = chat(h.proxy_addr, Some("org-a"), &format!("later-{i}"), HI).await;
         assert_eq!(
             r.header("x-execution-reason"),
             Some("breaker_open"),
             "request {i} after open_secs"
         );
     }
-    assert_eq!(fallback_status(&server).await["state"], "open");
+    assert_eq!(fallback_status(&h).await["state"], "open");
     assert_eq!(
-        runtime.work().len(),
+        h.runtime.work().len(),
         1,
         "nothing reached the runtime while tripped"
     );
 
     // A trip again is harmless; reset without the token changes nothing; with it, closes.
-    let (status, _) = admin(&server, "POST", "/runtime/fallback/trip", Some(ADMIN_TOKEN)).await;
+    let (status, _) = admin(&h, "POST", "/runtime/fallback/trip", Some(ADMIN_TOKEN)).await;
     assert_eq!(status, 200);
-    let (status, _) = admin(&server, "POST", "/runtime/fallback/reset", None).await;
+    let (status, _) = admin(&h, "POST", "/runtime/fallback/reset", None).await;
     assert_eq!(status, 401);
-    assert_eq!(fallback_status(&server).await["state"], "open");
-    let (status, body) = admin(
-        &server,
-        "POST",
-        "/runtime/fallback/reset",
-        Some(ADMIN_TOKEN),
-    )
-    .await;
+    assert_eq!(fallback_status(&h).await["state"], "open");
+    let (status, body) = admin(&h, "POST", "/runtime/fallback/reset", Some(ADMIN_TOKEN)).await;
     assert_eq!(status, 200, "{body}");
-    let st = fallback_status(&server).await;
+    let st = fallback_status(&h).await;
     assert_eq!(
         (st["fallbackEnabled"].clone(), st["state"].clone()),
         (json!(false), json!("closed")),
         "{st}"
     );
-    let r = chat(
-        server.proxy_addr,
-        Some("org-a"),
-        "after",
-        r#"{"message":"hi"}"#,
-    )
-    .await;
+    let r = h.chat("org-a").session("after").send().await;
     assert_eq!(r.header("x-execution-mode"), Some("runtime_orchestrator"));
     assert_eq!(r.header("x-execution-reason"), Some("allowlist"));
-    assert_eq!(runtime.work().len(), 2);
+    assert_eq!(h.runtime.work().len(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -393,7 +344,7 @@ async fn mutations_are_refused_when_no_token_is_configured() {
         }
     }
     assert_eq!(fallback_status(&server).await["state"], "closed");
-    let r = chat(server.proxy_addr, Some("org-a"), "s", r#"{"message":"hi"}"#).await;
+    let r = chat(server.proxy_addr, Some("org-a"), "s", HI).await;
     assert_eq!(r.header("x-execution-mode"), Some("runtime_orchestrator"));
     // Reads stay open.
     let (status, _) = admin(&server, "GET", "/runtime/metrics", None).await;
@@ -402,15 +353,13 @@ async fn mutations_are_refused_when_no_token_is_configured() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_endpoint_exports_the_source_document_names() {
-    let runtime = Upstream::start(healthy_runtime).await;
-    let legacy = Upstream::start(echo_legacy).await;
-    let server = proxy(config(&legacy.address(), &runtime.address())).await;
-    let r = chat(server.proxy_addr, Some("org-a"), "s", r#"{"message":"hi"}"#).await;
+    let h = Harness::new().start().await;
+    let r = h.chat("org-a").session("s").send().await;
     assert!(r.complete);
-    let r = chat(server.proxy_addr, Some("org-b"), "s", r#"{"message":"hi"}"#).await;
+    let r = h.chat("org-b").session("s").send().await;
     assert!(r.complete);
 
-    let mut c = Client::connect(server.metrics_addr).await;
+    let mut c = Client::connect(h.metrics_addr).await;
     c.send("GET", "/metrics", &[], b"").await;
     let r = c.read_response().await;
     assert_eq!(r.status, 200);

@@ -1,10 +1,6 @@
 //! The safety net: the breaker opens on a failing runtime (from traffic or from health checks),
 //! sends everyone to legacy, and closes again by itself once the runtime recovers; a runtime that
 //! fails before its first byte is failed over to legacy within the same request.
-//!
-//! The `chat_runtime_fallback_enabled` gauge and the execution counters are process-wide, and
-//! every proxy started mirrors its breaker into that gauge, so the tests of this file take
-//! `SERIAL` and run one at a time.
 
 mod support;
 
@@ -14,14 +10,8 @@ use std::time::{Duration, Instant};
 
 use cutover_proxy::app::LocalServer;
 use cutover_proxy::core::breaker::State;
-use cutover_proxy::ops::metrics::Metrics;
 use serde_json::{json, Value};
 use support::*;
-
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-const RT: &str = "runtime_orchestrator";
-const DIRECT: &str = "direct_llm";
 
 fn names(r: &Response) -> Vec<String> {
     r.events().into_iter().map(|(e, _)| e).collect()
@@ -64,8 +54,8 @@ async fn window(server: &LocalServer) -> Value {
     body["data"].clone()
 }
 
-fn fallback_gauge() -> i64 {
-    Metrics::global().fallback_enabled.get()
+fn fallback_gauge(server: &LocalServer) -> i64 {
+    server.shared.metrics.fallback_enabled.get()
 }
 
 fn counter(c: &prometheus::IntCounterVec, mode: &str) -> u64 {
@@ -132,69 +122,57 @@ async fn probe_until_closed(server: &LocalServer, runtime: &Upstream) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn execution_errors_open_the_breaker_and_it_recovers_by_itself() {
-    let _serial = SERIAL.lock().await;
     let healthy = Arc::new(AtomicBool::new(false));
     let h = healthy.clone();
-    let runtime = Upstream::start(move |req: &Received| {
-        if req.path == "/health" {
-            Reply::json(200, json!({"status": "ok"}))
-        } else if h.load(Ordering::SeqCst) {
-            Reply::sse(runtime_ok_steps())
-        } else {
-            Reply::sse(vec![
-                Step::Send(frame(
-                    "execution_error",
-                    json!({"error": "model overloaded", "code": "LLM_ERROR"}),
-                )),
-                Step::Send(done_frame()),
-            ])
-        }
-    })
-    .await;
-    let legacy = Upstream::start(echo_legacy).await;
-    let mut cfg = config(&legacy.address(), &runtime.address());
-    cfg.breaker.min_requests = 10;
-    cfg.breaker.error_rate = 0.5;
-    cfg.breaker.open_secs = 1;
-    cfg.breaker.half_open_probes = 3;
-    cfg.runtime.health_interval_ms = 100;
-    let server = proxy(cfg).await;
-    assert_eq!(fallback_gauge(), 0);
+    let h = Harness::new()
+        .runtime(move |req: &Received| {
+            if req.path == "/health" {
+                Reply::json(200, json!({"status": "ok"}))
+            } else if h.load(Ordering::SeqCst) {
+                Reply::sse(runtime_ok_steps())
+            } else {
+                Reply::sse(vec![
+                    Step::Send(frame(
+                        "execution_error",
+                        json!({"error": "model overloaded", "code": "LLM_ERROR"}),
+                    )),
+                    Step::Send(done_frame()),
+                ])
+            }
+        })
+        .config(move |cfg| {
+            cfg.breaker.min_requests = 10;
+            cfg.breaker.error_rate = 0.5;
+            cfg.breaker.open_secs = 1;
+            cfg.breaker.half_open_probes = 3;
+            cfg.runtime.health_interval_ms = 100;
+        })
+        .start()
+        .await;
+    assert_eq!(fallback_gauge(&h), 0);
 
     for i in 1..=12 {
-        let r = chat(
-            server.proxy_addr,
-            Some("org-a"),
-            &format!("s-{i}"),
-            r#"{"message":"hi"}"#,
-        )
-        .await;
+        let r = chat(h.proxy_addr, Some("org-a"), &format!("s-{i}"), HI).await;
         if i <= 10 {
-            // min_requests: no decision on fewer samples, so the first ten all reach the runtime.
+            // min_requests: no decision on fewer samples, so the first ten all reach the h.runtime.
             assert_runtime(&r, &format!("request {i}"));
             assert_eq!(names(&r), ["error"], "request {i}");
-            recorded(&server, i, 0).await;
+            recorded(&h, i, 0).await;
             let expected = if i < 10 { State::Closed } else { State::Open };
-            assert_eq!(server.shared.breaker.state(), expected, "after request {i}");
+            assert_eq!(h.shared.breaker.state(), expected, "after request {i}");
         } else {
             assert_legacy(&r, "breaker_open", &format!("request {i}"));
         }
     }
-    assert_eq!(runtime.work().len(), 10);
-    assert_eq!(legacy.work().len(), 2);
-    assert_eq!(legacy.work()[0].body, br#"{"message":"hi"}"#);
-    // Open sends every org to legacy, not only the allowlisted ones.
-    let r = chat(
-        server.proxy_addr,
-        Some("org-b"),
-        "s-b",
-        r#"{"message":"hi"}"#,
-    )
-    .await;
+    assert_eq!(h.runtime.work().len(), 10);
+    assert_eq!(h.legacy.work().len(), 2);
+    assert_eq!(h.legacy.work()[0].body, HI.as_bytes());
+    // Open sends every org to h.legacy, not only the allowlisted ones.
+    let r = h.chat("org-b").session("s-b").send().await;
     assert_legacy(&r, "breaker_open", "org-b while open");
-    recorded(&server, 10, 3).await;
+    recorded(&h, 10, 3).await;
 
-    let status = fallback_status(&server).await;
+    let status = fallback_status(&h).await;
     assert_eq!(status["fallbackEnabled"], true, "{status}");
     assert_eq!(status["state"], "open", "{status}");
     let reason = status["fallbackReason"].as_str().unwrap();
@@ -202,8 +180,8 @@ async fn execution_errors_open_the_breaker_and_it_recovers_by_itself() {
         reason.contains("error rate") && reason.contains("0.5"),
         "reason should name the threshold: {reason}"
     );
-    assert_eq!(fallback_gauge(), 1);
-    let data = window(&server).await;
+    assert_eq!(fallback_gauge(&h), 1);
+    let data = window(&h).await;
     assert_eq!(data["fallbackEnabled"], true);
     assert_eq!(data["fallbackReason"], reason);
     assert_eq!(
@@ -222,98 +200,68 @@ async fn execution_errors_open_the_breaker_and_it_recovers_by_itself() {
         (Some(3), Some(3))
     );
 
-    // The runtime recovers; nobody calls the admin API.
+    // The h.runtime recovers; nobody calls the admin API.
     healthy.store(true, Ordering::SeqCst);
-    if retry_at(&server).is_some_and(|t| Instant::now() + Duration::from_millis(200) < t) {
-        let r = chat(
-            server.proxy_addr,
-            Some("org-a"),
-            "s-early",
-            r#"{"message":"hi"}"#,
-        )
-        .await;
+    if retry_at(&h).is_some_and(|t| Instant::now() + Duration::from_millis(200) < t) {
+        let r = h.chat("org-a").session("s-early").send().await;
         assert_legacy(&r, "breaker_open", "before open_secs ran out");
     }
-    wait_until_probes_admitted(&server).await;
-    probe_until_closed(&server, &runtime).await;
+    wait_until_probes_admitted(&h).await;
+    probe_until_closed(&h, &h.runtime).await;
 
-    let status = fallback_status(&server).await;
+    let status = fallback_status(&h).await;
     assert_eq!(status["fallbackEnabled"], false, "{status}");
     assert_eq!(status["state"], "closed", "{status}");
-    assert_eq!(fallback_gauge(), 0);
-    let r = chat(
-        server.proxy_addr,
-        Some("org-a"),
-        "s-back",
-        r#"{"message":"hi"}"#,
-    )
-    .await;
+    assert_eq!(fallback_gauge(&h), 0);
+    let r = h.chat("org-a").session("s-back").send().await;
     assert_runtime(&r, "after closing");
     assert_eq!(names(&r), ["message", "done"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_probe_reopens_the_breaker() {
-    let _serial = SERIAL.lock().await;
-    let runtime = Upstream::start(|req: &Received| {
-        if req.path == "/health" {
-            Reply::json(200, json!({"status": "ok"}))
-        } else {
-            Reply::sse(vec![Step::Send(frame(
-                "execution_error",
-                json!({"error": "still broken"}),
-            ))])
-        }
-    })
-    .await;
-    let legacy = Upstream::start(echo_legacy).await;
-    let mut cfg = config(&legacy.address(), &runtime.address());
-    cfg.breaker.min_requests = 2;
-    cfg.breaker.open_secs = 1;
-    let server = proxy(cfg).await;
+    let h = Harness::new()
+        .runtime(|req: &Received| {
+            if req.path == "/health" {
+                Reply::json(200, json!({"status": "ok"}))
+            } else {
+                Reply::sse(vec![Step::Send(frame(
+                    "execution_error",
+                    json!({"error": "still broken"}),
+                ))])
+            }
+        })
+        .config(move |cfg| {
+            cfg.breaker.min_requests = 2;
+            cfg.breaker.open_secs = 1;
+        })
+        .start()
+        .await;
 
     for i in 0..2 {
-        let r = chat(
-            server.proxy_addr,
-            Some("org-a"),
-            &format!("s-{i}"),
-            r#"{"message":"hi"}"#,
-        )
-        .await;
+        let r = chat(h.proxy_addr, Some("org-a"), &format!("s-{i}"), HI).await;
         assert_runtime(&r, "before opening");
-        recorded(&server, i + 1, 0).await;
+        recorded(&h, i + 1, 0).await;
     }
-    assert_eq!(server.shared.breaker.state(), State::Open);
-    wait_until_probes_admitted(&server).await;
-    let r = chat(
-        server.proxy_addr,
-        Some("org-a"),
-        "probe",
-        r#"{"message":"hi"}"#,
-    )
-    .await;
+    assert_eq!(h.shared.breaker.state(), State::Open);
+    wait_until_probes_admitted(&h).await;
+    let r = h.chat("org-a").session("probe").send().await;
     assert_runtime(&r, "probe");
     assert_eq!(names(&r), ["error"]);
-    probes_settled(&server).await;
+    probes_settled(&h).await;
     assert_eq!(
-        server.shared.breaker.state(),
+        h.shared.breaker.state(),
         State::Open,
         "a failed probe reopens"
     );
-    let reason = fallback_status(&server).await["fallbackReason"]
+    let reason = fallback_status(&h).await["fallbackReason"]
         .as_str()
         .unwrap()
         .to_string();
     assert!(reason.contains("probe"), "{reason}");
-    let r = chat(
-        server.proxy_addr,
-        Some("org-a"),
-        "after",
-        r#"{"message":"hi"}"#,
-    )
-    .await;
+    let r = h.chat("org-a").session("after").send().await;
     assert_legacy(&r, "breaker_open", "after the failed probe");
-    assert_eq!(runtime.work().len(), 3);
+    assert_eq!(h.runtime.work().len(), 3);
 }
 
 /// Address of a port nobody listens on.
@@ -326,7 +274,6 @@ async fn closed_port() -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runtime_failing_before_its_first_byte_is_failed_over_to_legacy() {
-    let _serial = SERIAL.lock().await;
     let legacy = Upstream::start(echo_legacy).await;
     let refused = closed_port().await;
     let answering = |status: u16| {
@@ -362,8 +309,8 @@ async fn runtime_failing_before_its_first_byte_is_failed_over_to_legacy() {
         // Health checks must not open the breaker for the closed port during the test.
         cfg.runtime.health_interval_ms = 60_000;
         let server = proxy(cfg).await;
-        let failovers = Metrics::global().failover_total.get();
-        let rt_errors = counter(&Metrics::global().execution_error_total, RT);
+        let failovers = server.shared.metrics.failover_total.get();
+        let rt_errors = counter(&server.shared.metrics.execution_error_total, RT);
 
         let session = format!("fo-{i}");
         let r = chat(server.proxy_addr, Some("org-a"), &session, body).await;
@@ -419,12 +366,12 @@ async fn runtime_failing_before_its_first_byte_is_failed_over_to_legacy() {
         );
         assert_eq!(server.shared.breaker.window_stats().error, 1, "{what}");
         assert_eq!(
-            Metrics::global().failover_total.get(),
+            server.shared.metrics.failover_total.get(),
             failovers + 1,
             "{what}"
         );
         assert_eq!(
-            counter(&Metrics::global().execution_error_total, RT),
+            counter(&server.shared.metrics.execution_error_total, RT),
             rt_errors + 1,
             "{what}"
         );
@@ -434,42 +381,42 @@ async fn runtime_failing_before_its_first_byte_is_failed_over_to_legacy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_health_checks_open_the_breaker_without_traffic_and_recovery_follows() {
-    let _serial = SERIAL.lock().await;
     let healthy = Arc::new(AtomicBool::new(false));
     let h = healthy.clone();
-    let runtime = Upstream::start(move |req: &Received| {
-        if req.path == "/health" {
-            if h.load(Ordering::SeqCst) {
-                Reply::json(200, json!({"status": "ok"}))
+    let h = Harness::new()
+        .runtime(move |req: &Received| {
+            if req.path == "/health" {
+                if h.load(Ordering::SeqCst) {
+                    Reply::json(200, json!({"status": "ok"}))
+                } else {
+                    Reply::json(503, json!({"status": "degraded"}))
+                }
             } else {
-                Reply::json(503, json!({"status": "degraded"}))
+                Reply::sse(runtime_ok_steps())
             }
-        } else {
-            Reply::sse(runtime_ok_steps())
-        }
-    })
-    .await;
-    let legacy = Upstream::start(echo_legacy).await;
-    let mut cfg = config(&legacy.address(), &runtime.address());
-    cfg.runtime.health_interval_ms = 50;
-    cfg.runtime.health_failures = 3;
-    cfg.breaker.open_secs = 1;
-    let server = proxy(cfg).await;
+        })
+        .config(move |cfg| {
+            cfg.runtime.health_interval_ms = 50;
+            cfg.runtime.health_failures = 3;
+            cfg.breaker.open_secs = 1;
+        })
+        .start()
+        .await;
 
-    let shared = server.shared.clone();
+    let shared = h.shared.clone();
     assert!(
         eventually(Duration::from_secs(3), move || shared.breaker.state()
             == State::Open)
         .await,
         "failing health checks did not open the breaker"
     );
-    let health_checks = runtime.count() - runtime.work().len();
+    let health_checks = h.runtime.count() - h.runtime.work().len();
     assert!(
         health_checks >= 3,
         "opened after {health_checks} health checks"
     );
-    assert!(runtime.work().is_empty(), "no traffic was needed");
-    let status = fallback_status(&server).await;
+    assert!(h.runtime.work().is_empty(), "no traffic was needed");
+    let status = fallback_status(&h).await;
     assert_eq!(status["state"], "open");
     assert_eq!(status["fallbackEnabled"], true);
     assert!(
@@ -479,41 +426,29 @@ async fn failing_health_checks_open_the_breaker_without_traffic_and_recovery_fol
             .contains("health check failed"),
         "{status}"
     );
-    assert_eq!(fallback_gauge(), 1);
+    assert_eq!(fallback_gauge(&h), 1);
 
-    let r = chat(
-        server.proxy_addr,
-        Some("org-a"),
-        "s-1",
-        r#"{"message":"hi"}"#,
-    )
-    .await;
+    let r = h.chat("org-a").send().await;
     assert_legacy(&r, "breaker_open", "while health fails");
-    // Still failing after open_secs: no probes go to a runtime that says it is unhealthy.
-    let shared = server.shared.clone();
+    // Still failing after open_secs: no probes go to a h.runtime that says it is unhealthy.
+    let shared = h.shared.clone();
     assert!(
         eventually(Duration::from_secs(3), move || retry_at_passed(&shared)).await,
         "open_secs never ran out"
     );
-    let r = chat(
-        server.proxy_addr,
-        Some("org-a"),
-        "s-2",
-        r#"{"message":"hi"}"#,
-    )
-    .await;
+    let r = h.chat("org-a").session("s-2").send().await;
     assert_legacy(
         &r,
         "breaker_open",
         "open_secs over but health still failing",
     );
-    assert!(runtime.work().is_empty());
+    assert!(h.runtime.work().is_empty());
 
     healthy.store(true, Ordering::SeqCst);
-    wait_until_probes_admitted(&server).await;
-    probe_until_closed(&server, &runtime).await;
-    assert_eq!(fallback_status(&server).await["state"], "closed");
-    assert_eq!(fallback_gauge(), 0);
+    wait_until_probes_admitted(&h).await;
+    probe_until_closed(&h, &h.runtime).await;
+    assert_eq!(fallback_status(&h).await["state"], "closed");
+    assert_eq!(fallback_gauge(&h), 0);
 }
 
 fn retry_at_passed(shared: &cutover_proxy::app::state::Shared) -> bool {
@@ -525,23 +460,23 @@ fn retry_at_passed(shared: &cutover_proxy::app::state::Shared) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_checks_never_run_on_the_request_path() {
-    let _serial = SERIAL.lock().await;
     // /health hangs: a health check on the request path would hold every chat request for the
     // health timeout, and would show up as one /health request per chat request.
-    let runtime = Upstream::start(|req: &Received| {
-        if req.path == "/health" {
-            Reply::silent(vec![Step::Hang])
-        } else {
-            Reply::sse(runtime_ok_steps())
-        }
-    })
-    .await;
-    let legacy = Upstream::start(echo_legacy).await;
-    let mut cfg = config(&legacy.address(), &runtime.address());
-    cfg.runtime.health_interval_ms = 60_000;
-    cfg.runtime.health_timeout_ms = 3_000;
-    let server = proxy(cfg).await;
-    let health = || runtime.count() - runtime.work().len();
+    let h = Harness::new()
+        .runtime(|req: &Received| {
+            if req.path == "/health" {
+                Reply::silent(vec![Step::Hang])
+            } else {
+                Reply::sse(runtime_ok_steps())
+            }
+        })
+        .config(move |cfg| {
+            cfg.runtime.health_interval_ms = 60_000;
+            cfg.runtime.health_timeout_ms = 3_000;
+        })
+        .start()
+        .await;
+    let health = || h.runtime.count() - h.runtime.work().len();
     assert!(
         eventually(Duration::from_secs(2), || health() == 1).await,
         "the first health check did not run"
@@ -550,13 +485,7 @@ async fn health_checks_never_run_on_the_request_path() {
     for i in 0..20 {
         let started = Instant::now();
         let org = if i % 2 == 0 { "org-a" } else { "org-b" };
-        let r = chat(
-            server.proxy_addr,
-            Some(org),
-            &format!("s-{i}"),
-            r#"{"message":"hi"}"#,
-        )
-        .await;
+        let r = chat(h.proxy_addr, Some(org), &format!("s-{i}"), HI).await;
         assert_eq!(r.status, 200);
         assert!(r.complete);
         assert!(
@@ -565,8 +494,8 @@ async fn health_checks_never_run_on_the_request_path() {
             started.elapsed()
         );
     }
-    assert_eq!(runtime.work().len(), 10);
-    assert_eq!(legacy.work().len(), 10);
+    assert_eq!(h.runtime.work().len(), 10);
+    assert_eq!(h.legacy.work().len(), 10);
     assert_eq!(
         health(),
         1,
@@ -576,7 +505,6 @@ async fn health_checks_never_run_on_the_request_path() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_or_timing_out_runtimes_open_the_breaker() {
-    let _serial = SERIAL.lock().await;
     let legacy = Upstream::start(echo_legacy).await;
     let slow = Upstream::start(|req: &Received| {
         if req.path == "/health" {
@@ -608,13 +536,7 @@ async fn slow_or_timing_out_runtimes_open_the_breaker() {
         cfg.breaker.min_requests = 3;
         let server = proxy(cfg).await;
         for i in 1..=3 {
-            let r = chat(
-                server.proxy_addr,
-                Some("org-a"),
-                &format!("s-{i}"),
-                r#"{"message":"hi"}"#,
-            )
-            .await;
+            let r = chat(server.proxy_addr, Some("org-a"), &format!("s-{i}"), HI).await;
             assert_runtime(&r, &format!("{reason}: request {i}"));
             assert_eq!(
                 names(&r).last().map(String::as_str),
@@ -627,20 +549,13 @@ async fn slow_or_timing_out_runtimes_open_the_breaker() {
         let status = fallback_status(&server).await;
         let why = status["fallbackReason"].as_str().unwrap();
         assert!(why.contains(reason), "expected {reason:?}, got {why:?}");
-        let r = chat(
-            server.proxy_addr,
-            Some("org-a"),
-            "s-4",
-            r#"{"message":"hi"}"#,
-        )
-        .await;
+        let r = chat(server.proxy_addr, Some("org-a"), "s-4", HI).await;
         assert_legacy(&r, "breaker_open", reason);
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runtime_timing_out_on_connect_is_failed_over_and_counts_as_error() {
-    let _serial = SERIAL.lock().await;
     // A listener that never accepts, its accept queue filled: further SYNs are dropped, so
     // connecting hangs until the connect timeout.
     let socket = tokio::net::TcpSocket::new_v4().unwrap();

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use cutover_proxy::core::bridge::{AssistantMessage, BridgeError, Route, Verdict};
 use cutover_proxy::core::config::Config;
 use cutover_proxy::core::identity::Caller;
-use cutover_proxy::ops::metrics::BridgeMetrics;
+use cutover_proxy::ops::metrics::{BridgeMetrics, Metrics};
 use cutover_proxy::runtime::bridge::{Bridge, Credentials, Persisted, Target};
 use serde_json::json;
 use support::legacy::{FakeLegacy, Fault, LegacyRoute};
@@ -36,6 +36,15 @@ async fn legacy() -> FakeLegacy {
     l
 }
 
+/// The bridge series of one metrics instance shared by this file's tests, which read counters
+/// before and after what they drive.
+fn bridge_metrics() -> &'static BridgeMetrics {
+    static METRICS: OnceLock<&'static Metrics> = OnceLock::new();
+    &METRICS
+        .get_or_init(|| Metrics::leak_on(prometheus::Registry::new()))
+        .bridge
+}
+
 fn target_with(legacy: &FakeLegacy, extra: &str) -> Target {
     let text = format!(
         "[server]\nlisten = \"127.0.0.1:1\"\n[legacy]\naddress = \"{}\"\nconnect_timeout_ms = 300\n\
@@ -51,8 +60,7 @@ fn target(legacy: &FakeLegacy) -> Target {
 
 fn bridge(target: &Target) -> Arc<Bridge> {
     Arc::new(
-        Bridge::new(&target.config, BridgeMetrics::global())
-            .with_retry_backoff(Duration::from_millis(20)),
+        Bridge::new(&target.config, bridge_metrics()).with_retry_backoff(Duration::from_millis(20)),
     )
 }
 
@@ -65,7 +73,7 @@ fn who(org: &str) -> Credentials {
 }
 
 fn requests(route: &str, result: &str) -> u64 {
-    BridgeMetrics::global()
+    bridge_metrics()
         .requests_total
         .with_label_values(&[route, result])
         .get()
@@ -168,7 +176,7 @@ async fn second_lookup_takes_agent_id_and_settings_from_the_cache() {
     let b = bridge(&t);
     let first = b.lookup_session(&t, &who("org-a"), "s-1").await.unwrap();
     assert_eq!(legacy.count(), 3);
-    let hits = BridgeMetrics::global()
+    let hits = bridge_metrics()
         .cache_hits_total
         .with_label_values(&["session"])
         .get();
@@ -181,7 +189,7 @@ async fn second_lookup_takes_agent_id_and_settings_from_the_cache() {
     assert_eq!(second.agent, first.agent);
     assert_eq!(second.history.last().unwrap().content, "fourth");
     assert!(
-        BridgeMetrics::global()
+        bridge_metrics()
             .cache_hits_total
             .with_label_values(&["session"])
             .get()
@@ -413,7 +421,7 @@ async fn a_failed_save_is_retried_in_the_background() {
     let t = target(&legacy);
     let b = bridge(&t);
     legacy.fail(LegacyRoute::PostMessage, Fault::StatusTimes(503, 2));
-    let failures = BridgeMetrics::global().persist_failures_total.get();
+    let failures = bridge_metrics().persist_failures_total.get();
     let saved = b
         .persist_assistant(
             &t,
@@ -435,10 +443,7 @@ async fn a_failed_save_is_retried_in_the_background() {
         .filter(|r| r.method == "POST")
         .count();
     assert_eq!(posts, 3);
-    assert_eq!(
-        BridgeMetrics::global().persist_failures_total.get(),
-        failures
-    );
+    assert_eq!(bridge_metrics().persist_failures_total.get(), failures);
 }
 
 /// Log lines written by this test binary.
@@ -474,7 +479,7 @@ async fn a_save_that_fails_every_attempt_is_logged_whole_and_counted() {
     let t = target(&legacy);
     let b = bridge(&t);
     legacy.fail(LegacyRoute::PostMessage, Fault::Hang);
-    let failures = BridgeMetrics::global().persist_failures_total.get();
+    let failures = bridge_metrics().persist_failures_total.get();
     let content = "the whole answer, 多字节 and \"quotes\"";
     let started = Instant::now();
     let saved = b
@@ -497,10 +502,7 @@ async fn a_save_that_fails_every_attempt_is_logged_whole_and_counted() {
         .filter(|r| r.method == "POST")
         .count();
     assert_eq!(posts, 3, "three attempts in all");
-    assert_eq!(
-        BridgeMetrics::global().persist_failures_total.get(),
-        failures + 1
-    );
+    assert_eq!(bridge_metrics().persist_failures_total.get(), failures + 1);
 
     let text = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
     let line: serde_json::Value = text

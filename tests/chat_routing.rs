@@ -8,10 +8,6 @@ use cutover_proxy::core::config::Mode;
 use serde_json::json;
 use support::*;
 
-fn mode(r: &Response) -> (Option<&str>, Option<&str>) {
-    (r.header("x-execution-mode"), r.header("x-execution-reason"))
-}
-
 fn bearer(org: &str) -> String {
     format!("Bearer {}", token(org))
 }
@@ -55,32 +51,27 @@ async fn post_chat_chunked(
     c.read_response().await
 }
 
-fn event_names(r: &Response) -> Vec<String> {
-    r.events().into_iter().map(|(e, _)| e).collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn allowlisted_org_is_served_by_the_runtime_with_the_mapped_body() {
-    let legacy = Upstream::start(echo_legacy).await;
-    let runtime = Upstream::start(healthy_runtime).await;
-    let server = proxy(config(&legacy.address(), &runtime.address())).await;
+    let h = Harness::new().start().await;
 
-    let r = chat(
-        server.proxy_addr,
-        Some("org-a"),
-        "s-1",
-        r#"{"message":"hello","parentMessageId":"m-0","extra":[1]}"#,
-    )
-    .await;
+    let r = h
+        .chat("org-a")
+        .body(r#"{"message":"hello","parentMessageId":"m-0","extra":[1]}"#)
+        .send()
+        .await;
     assert_eq!(r.status, 200);
-    assert_eq!(mode(&r), (Some("runtime_orchestrator"), Some("allowlist")));
+    assert_eq!(
+        mode_reason(&r),
+        (Some("runtime_orchestrator"), Some("allowlist"))
+    );
     assert_eq!(r.header("content-type"), Some("text/event-stream"));
     assert!(r.complete);
     assert_eq!(event_names(&r), ["message", "done"]);
     let done: serde_json::Value = serde_json::from_str(&r.events()[1].1).unwrap();
     assert_eq!(done["sessionId"], "s-1");
 
-    let work = runtime.work();
+    let work = h.runtime.work();
     assert_eq!(work.len(), 1);
     let sent = &work[0];
     assert_eq!(sent.method, "POST");
@@ -104,31 +95,32 @@ async fn allowlisted_org_is_served_by_the_runtime_with_the_mapped_body() {
             "metadata": {"user_id": "user-1", "parent_message_id": "m-0"}
         })
     );
-    assert!(legacy.work().is_empty());
+    assert!(h.legacy.work().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_start_maps_the_agent_and_generates_a_session() {
-    let legacy = Upstream::start(echo_legacy).await;
-    let runtime = Upstream::start(healthy_runtime).await;
-    let server = proxy(config(&legacy.address(), &runtime.address())).await;
+    let h = Harness::new().start().await;
 
     // Multi-byte text: Content-Length must count bytes, not characters.
     let body = r#"{"agentId":"agent-7","message":"你好, 世界 🌍"}"#;
     let mut session_ids = Vec::new();
     for i in 0..2 {
         let r = post_chat(
-            server.proxy_addr,
+            h.proxy_addr,
             Some("org-a"),
             "/api/v1/chat/start",
             body.as_bytes(),
         )
         .await;
         assert_eq!(r.status, 200);
-        assert_eq!(mode(&r), (Some("runtime_orchestrator"), Some("allowlist")));
+        assert_eq!(
+            mode_reason(&r),
+            (Some("runtime_orchestrator"), Some("allowlist"))
+        );
         assert_eq!(event_names(&r), ["message", "done"]);
 
-        let sent = &runtime.work()[i];
+        let sent = &h.runtime.work()[i];
         assert_eq!(
             sent.header("content-length"),
             Some(sent.body.len().to_string().as_str())
@@ -154,52 +146,63 @@ async fn chat_start_maps_the_agent_and_generates_a_session() {
         session_ids[0], session_ids[1],
         "each chat/start gets its own session"
     );
-    assert!(legacy.work().is_empty());
+    assert!(h.legacy.work().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_routes_match_with_query_or_trailing_slash() {
-    let legacy = Upstream::start(echo_legacy).await;
-    let runtime = Upstream::start(healthy_runtime).await;
-    let server = proxy(config(&legacy.address(), &runtime.address())).await;
-    let body = br#"{"message":"hi"}"#;
+    let h = Harness::new().start().await;
+    let body = HI.as_bytes();
 
     let r = post_chat(
-        server.proxy_addr,
+        h.proxy_addr,
         Some("org-a"),
         "/api/v1/chat/sessions/s-q?trace=1",
         body,
     )
     .await;
-    assert_eq!(mode(&r), (Some("runtime_orchestrator"), Some("allowlist")));
+    assert_eq!(
+        mode_reason(&r),
+        (Some("runtime_orchestrator"), Some("allowlist"))
+    );
     let r = post_chat(
-        server.proxy_addr,
+        h.proxy_addr,
         Some("org-a"),
         "/api/v1/chat/sessions/s-slash/",
         body,
     )
     .await;
-    assert_eq!(mode(&r), (Some("runtime_orchestrator"), Some("allowlist")));
+    assert_eq!(
+        mode_reason(&r),
+        (Some("runtime_orchestrator"), Some("allowlist"))
+    );
     let r = post_chat(
-        server.proxy_addr,
+        h.proxy_addr,
         Some("org-a"),
         "/api/v1/chat/start?x=1",
-        br#"{"message":"hi"}"#,
+        HI.as_bytes(),
     )
     .await;
-    assert_eq!(mode(&r), (Some("runtime_orchestrator"), Some("allowlist")));
-    // An escaped id reaches the runtime decoded, as legacy's router would see it.
+    assert_eq!(
+        mode_reason(&r),
+        (Some("runtime_orchestrator"), Some("allowlist"))
+    );
+    // An escaped id reaches the h.runtime decoded, as h.legacy's router would see it.
     let r = post_chat(
-        server.proxy_addr,
+        h.proxy_addr,
         Some("org-a"),
         "/api/v1/chat/sessions/s%20%E4%BD%A0",
         body,
     )
     .await;
-    assert_eq!(mode(&r), (Some("runtime_orchestrator"), Some("allowlist")));
+    assert_eq!(
+        mode_reason(&r),
+        (Some("runtime_orchestrator"), Some("allowlist"))
+    );
     let done: serde_json::Value = serde_json::from_str(&r.events()[1].1).unwrap();
     assert_eq!(done["sessionId"], "s 你");
-    let ids: Vec<_> = runtime
+    let ids: Vec<_> = h
+        .runtime
         .work()
         .iter()
         .map(|w| w.json()["session_id"].clone())
@@ -209,81 +212,89 @@ async fn chat_routes_match_with_query_or_trailing_slash() {
 
     // Legacy-bound chats keep their path and query byte for byte.
     let r = post_chat(
-        server.proxy_addr,
+        h.proxy_addr,
         Some("org-b"),
         "/api/v1/chat/sessions/s-q?trace=1&a=%2F",
         body,
     )
     .await;
-    assert_eq!(mode(&r), (Some("direct_llm"), Some("default")));
+    assert_eq!(mode_reason(&r), (Some("direct_llm"), Some("default")));
     assert_eq!(
-        legacy.work()[0].path,
+        h.legacy.work()[0].path,
         "/api/v1/chat/sessions/s-q?trace=1&a=%2F"
     );
-    assert_eq!(legacy.work()[0].body, body);
+    assert_eq!(h.legacy.work()[0].body, body);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn other_orgs_and_unverified_callers_go_to_legacy() {
-    let legacy = Upstream::start(echo_legacy).await;
-    let runtime = Upstream::start(healthy_runtime).await;
-    let server = proxy(config(&legacy.address(), &runtime.address())).await;
+    let h = Harness::new().start().await;
 
-    let r = chat(
-        server.proxy_addr,
-        Some("org-b"),
-        "s-2",
-        r#"{"message":"hello"}"#,
-    )
-    .await;
-    assert_eq!(mode(&r), (Some("direct_llm"), Some("default")));
+    let r = h
+        .chat("org-b")
+        .session("s-2")
+        .body(r#"{"message":"hello"}"#)
+        .send()
+        .await;
+    assert_eq!(mode_reason(&r), (Some("direct_llm"), Some("default")));
     assert!(r.text().contains("legacy"));
-    let r = chat(server.proxy_addr, None, "s-3", r#"{"message":"hello"}"#).await;
-    assert_eq!(mode(&r), (Some("direct_llm"), Some("no_identity")));
+    let r = h
+        .anonymous_chat()
+        .session("s-3")
+        .body(r#"{"message":"hello"}"#)
+        .send()
+        .await;
+    assert_eq!(mode_reason(&r), (Some("direct_llm"), Some("no_identity")));
     let r = post_chat(
-        server.proxy_addr,
+        h.proxy_addr,
         Some("org-b"),
         "/api/v1/chat/start",
         br#"{"agentId":"g","message":"x"}"#,
     )
     .await;
-    assert_eq!(mode(&r), (Some("direct_llm"), Some("default")));
-    let work = legacy.work();
+    assert_eq!(mode_reason(&r), (Some("direct_llm"), Some("default")));
+    let work = h.legacy.work();
     assert_eq!(work.len(), 3);
     assert_eq!(work[0].path, "/api/v1/chat/sessions/s-2");
     assert_eq!(work[0].body, br#"{"message":"hello"}"#);
     assert_eq!(work[2].path, "/api/v1/chat/start");
     assert_eq!(work[2].body, br#"{"agentId":"g","message":"x"}"#);
-    assert!(runtime.work().is_empty());
+    assert!(h.runtime.work().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn default_mode_runtime_sends_every_verified_org_to_the_runtime() {
-    let legacy = Upstream::start(echo_legacy).await;
-    let runtime = Upstream::start(healthy_runtime).await;
-    let mut cfg = config(&legacy.address(), &runtime.address());
-    cfg.rollout.default_mode = Mode::RuntimeOrchestrator;
-    let server = proxy(cfg).await;
+    let h = Harness::new()
+        .config(move |cfg| {
+            cfg.rollout.default_mode = Mode::RuntimeOrchestrator;
+        })
+        .start()
+        .await;
 
-    let r = chat(
-        server.proxy_addr,
-        Some("org-b"),
-        "s-b",
-        r#"{"message":"hello"}"#,
-    )
-    .await;
+    let r = h
+        .chat("org-b")
+        .session("s-b")
+        .body(r#"{"message":"hello"}"#)
+        .send()
+        .await;
     assert_eq!(r.status, 200);
-    assert_eq!(mode(&r), (Some("runtime_orchestrator"), Some("default")));
+    assert_eq!(
+        mode_reason(&r),
+        (Some("runtime_orchestrator"), Some("default"))
+    );
     assert_eq!(event_names(&r), ["message", "done"]);
-    let r = chat(
-        server.proxy_addr,
-        Some("org-a"),
-        "s-a",
-        r#"{"message":"hello"}"#,
-    )
-    .await;
-    assert_eq!(mode(&r), (Some("runtime_orchestrator"), Some("allowlist")));
-    let orgs: Vec<_> = runtime
+    let r = h
+        .chat("org-a")
+        .session("s-a")
+        .body(r#"{"message":"hello"}"#)
+        .send()
+        .await;
+    assert_eq!(
+        mode_reason(&r),
+        (Some("runtime_orchestrator"), Some("allowlist"))
+    );
+    let orgs: Vec<_> = h
+        .runtime
         .work()
         .iter()
         .map(|w| w.json()["org_id"].clone())
@@ -291,17 +302,20 @@ async fn default_mode_runtime_sends_every_verified_org_to_the_runtime() {
     assert_eq!(orgs, [json!("org-b"), json!("org-a")]);
 
     // Still never an unverified caller.
-    let r = chat(server.proxy_addr, None, "s-n", r#"{"message":"hello"}"#).await;
-    assert_eq!(mode(&r), (Some("direct_llm"), Some("no_identity")));
-    assert_eq!(legacy.work().len(), 1);
-    assert_eq!(runtime.work().len(), 2);
+    let r = h
+        .anonymous_chat()
+        .session("s-n")
+        .body(r#"{"message":"hello"}"#)
+        .send()
+        .await;
+    assert_eq!(mode_reason(&r), (Some("direct_llm"), Some("no_identity")));
+    assert_eq!(h.legacy.work().len(), 1);
+    assert_eq!(h.runtime.work().len(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_bodies_on_the_runtime_path_get_400_and_reach_no_upstream() {
-    let legacy = Upstream::start(echo_legacy).await;
-    let runtime = Upstream::start(healthy_runtime).await;
-    let server = proxy(config(&legacy.address(), &runtime.address())).await;
+    let h = Harness::new().start().await;
 
     let bad: &[&[u8]] = &[
         b"not json",
@@ -319,10 +333,10 @@ async fn bad_bodies_on_the_runtime_path_get_400_and_reach_no_upstream() {
     for body in bad {
         let shown = String::from_utf8_lossy(body);
         for path in ["/api/v1/chat/sessions/s-1", "/api/v1/chat/start"] {
-            let r = post_chat(server.proxy_addr, Some("org-a"), path, body).await;
+            let r = post_chat(h.proxy_addr, Some("org-a"), path, body).await;
             assert_eq!(r.status, 400, "{shown} on {path}");
             assert_eq!(
-                mode(&r),
+                mode_reason(&r),
                 (Some("runtime_orchestrator"), Some("allowlist")),
                 "{shown}"
             );
@@ -339,35 +353,34 @@ async fn bad_bodies_on_the_runtime_path_get_400_and_reach_no_upstream() {
         }
     }
     // Barrier: a good request on each path arrives, and is the first either upstream saw.
-    let r = chat(
-        server.proxy_addr,
-        Some("org-a"),
-        "s-ok",
-        r#"{"message":"ok"}"#,
-    )
-    .await;
+    let r = h
+        .chat("org-a")
+        .session("s-ok")
+        .body(r#"{"message":"ok"}"#)
+        .send()
+        .await;
     assert_eq!(r.status, 200);
-    let r = chat(
-        server.proxy_addr,
-        Some("org-b"),
-        "s-ok",
-        r#"{"message":"ok"}"#,
-    )
-    .await;
+    let r = h
+        .chat("org-b")
+        .session("s-ok")
+        .body(r#"{"message":"ok"}"#)
+        .send()
+        .await;
     assert_eq!(r.status, 200);
-    assert_eq!(runtime.work().len(), 1);
-    assert_eq!(runtime.work()[0].json()["user_message"], "ok");
-    assert_eq!(legacy.work().len(), 1);
-    assert_eq!(legacy.work()[0].body, br#"{"message":"ok"}"#);
+    assert_eq!(h.runtime.work().len(), 1);
+    assert_eq!(h.runtime.work()[0].json()["user_message"], "ok");
+    assert_eq!(h.legacy.work().len(), 1);
+    assert_eq!(h.legacy.work()[0].body, br#"{"message":"ok"}"#);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_over_the_chat_limit_get_413_and_reach_no_upstream() {
-    let legacy = Upstream::start(echo_legacy).await;
-    let runtime = Upstream::start(healthy_runtime).await;
-    let mut cfg = config(&legacy.address(), &runtime.address());
-    cfg.limits.max_chat_body_bytes = 1024;
-    let server = proxy(cfg).await;
+    let h = Harness::new()
+        .config(move |cfg| {
+            cfg.limits.max_chat_body_bytes = 1024;
+        })
+        .start()
+        .await;
 
     let over = format!(r#"{{"message":"{}"}}"#, "x".repeat(1024));
     let path = "/api/v1/chat/sessions/s-big";
@@ -380,20 +393,23 @@ async fn bodies_over_the_chat_limit_get_413_and_reach_no_upstream() {
         (None, (Some("direct_llm"), Some("no_identity"))),
     ];
     for (org, expected) in cases {
-        let r = post_chat(server.proxy_addr, org, path, over.as_bytes()).await;
+        let r = post_chat(h.proxy_addr, org, path, over.as_bytes()).await;
         assert_eq!(r.status, 413, "{org:?}");
-        assert_eq!(mode(&r), expected, "{org:?}");
+        assert_eq!(mode_reason(&r), expected, "{org:?}");
         assert_eq!(r.json()["error"]["code"], "PAYLOAD_TOO_LARGE");
     }
-    // Without a Content-Length the limit holds as well, on either path. (A legacy-bound body is
-    // streamed, so legacy may see the start of it, but never a whole request.)
-    let r = post_chat_chunked(server.proxy_addr, "org-a", path, over.as_bytes()).await;
+    // Without a Content-Length the limit holds as well, on either path. (A h.legacy-bound body is
+    // streamed, so h.legacy may see the start of it, but never a whole request.)
+    let r = post_chat_chunked(h.proxy_addr, "org-a", path, over.as_bytes()).await;
     assert_eq!(r.status, 413);
-    assert_eq!(mode(&r), (Some("runtime_orchestrator"), Some("allowlist")));
+    assert_eq!(
+        mode_reason(&r),
+        (Some("runtime_orchestrator"), Some("allowlist"))
+    );
     assert_eq!(r.json()["error"]["code"], "PAYLOAD_TOO_LARGE");
-    let r = post_chat_chunked(server.proxy_addr, "org-b", path, over.as_bytes()).await;
+    let r = post_chat_chunked(h.proxy_addr, "org-b", path, over.as_bytes()).await;
     assert_eq!(r.status, 413);
-    assert_eq!(mode(&r), (Some("direct_llm"), Some("default")));
+    assert_eq!(mode_reason(&r), (Some("direct_llm"), Some("default")));
     assert_eq!(r.json()["error"]["code"], "PAYLOAD_TOO_LARGE");
     let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
     assert!(msg.contains("1024"), "{msg}");
@@ -401,27 +417,31 @@ async fn bodies_over_the_chat_limit_get_413_and_reach_no_upstream() {
     // Exactly at the limit is fine, with or without Content-Length.
     let at = format!(r#"{{"message":"{}"}}"#, "y".repeat(1024 - 14));
     assert_eq!(at.len(), 1024);
-    let r = post_chat(server.proxy_addr, Some("org-a"), path, at.as_bytes()).await;
-    assert_eq!((r.status, mode(&r).0), (200, Some("runtime_orchestrator")));
-    let r = post_chat_chunked(server.proxy_addr, "org-a", path, at.as_bytes()).await;
-    assert_eq!((r.status, mode(&r).0), (200, Some("runtime_orchestrator")));
-    let r = post_chat(server.proxy_addr, Some("org-b"), path, at.as_bytes()).await;
-    assert_eq!((r.status, mode(&r).0), (200, Some("direct_llm")));
+    let r = post_chat(h.proxy_addr, Some("org-a"), path, at.as_bytes()).await;
+    assert_eq!(
+        (r.status, mode_reason(&r).0),
+        (200, Some("runtime_orchestrator"))
+    );
+    let r = post_chat_chunked(h.proxy_addr, "org-a", path, at.as_bytes()).await;
+    assert_eq!(
+        (r.status, mode_reason(&r).0),
+        (200, Some("runtime_orchestrator"))
+    );
+    let r = post_chat(h.proxy_addr, Some("org-b"), path, at.as_bytes()).await;
+    assert_eq!((r.status, mode_reason(&r).0), (200, Some("direct_llm")));
 
-    let runtime_got = runtime.work();
+    let runtime_got = h.runtime.work();
     assert_eq!(runtime_got.len(), 2);
     assert!(runtime_got
         .iter()
         .all(|w| w.json()["user_message"].as_str().unwrap().starts_with('y')));
-    assert_eq!(legacy.work().len(), 1);
-    assert_eq!(legacy.work()[0].body, at.as_bytes());
+    assert_eq!(h.legacy.work().len(), 1);
+    assert_eq!(h.legacy.work()[0].body, at.as_bytes());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_runtime_bound_body_too_large_to_replay_is_served_by_legacy() {
-    let legacy = Upstream::start(echo_legacy).await;
-    let runtime = Upstream::start(healthy_runtime).await;
-    let server = proxy(config(&legacy.address(), &runtime.address())).await;
+    let h = Harness::new().start().await;
 
     let limit = cutover_proxy::proxy::REPLAY_LIMIT;
     let big = format!(
@@ -429,11 +449,11 @@ async fn a_runtime_bound_body_too_large_to_replay_is_served_by_legacy() {
         "z".repeat(limit)
     );
     assert!(big.len() > limit);
-    let r = chat(server.proxy_addr, Some("org-a"), "s-large", &big).await;
+    let r = chat(h.proxy_addr, Some("org-a"), "s-large", &big).await;
     assert_eq!(r.status, 200);
-    assert_eq!(mode(&r), (Some("direct_llm"), Some("large_body")));
+    assert_eq!(mode_reason(&r), (Some("direct_llm"), Some("large_body")));
     assert!(r.text().contains("legacy"));
-    let got = legacy.work();
+    let got = h.legacy.work();
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].path, "/api/v1/chat/sessions/s-large");
     assert_eq!(
@@ -441,16 +461,19 @@ async fn a_runtime_bound_body_too_large_to_replay_is_served_by_legacy() {
         big.as_bytes(),
         "legacy must get the original body"
     );
-    assert!(runtime.work().is_empty());
+    assert!(h.runtime.work().is_empty());
 
-    // Just under the replay limit the runtime still serves it.
+    // Just under the replay limit the h.runtime still serves it.
     let fits = format!(r#"{{"message":"{}"}}"#, "z".repeat(limit - 20));
     assert!(fits.len() <= limit);
-    let r = chat(server.proxy_addr, Some("org-a"), "s-fits", &fits).await;
-    assert_eq!(mode(&r), (Some("runtime_orchestrator"), Some("allowlist")));
-    assert_eq!(runtime.work().len(), 1);
+    let r = chat(h.proxy_addr, Some("org-a"), "s-fits", &fits).await;
     assert_eq!(
-        runtime.work()[0].json()["user_message"]
+        mode_reason(&r),
+        (Some("runtime_orchestrator"), Some("allowlist"))
+    );
+    assert_eq!(h.runtime.work().len(), 1);
+    assert_eq!(
+        h.runtime.work()[0].json()["user_message"]
             .as_str()
             .unwrap()
             .len(),
@@ -460,18 +483,18 @@ async fn a_runtime_bound_body_too_large_to_replay_is_served_by_legacy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_legacy_chat_stream_reaches_the_client_chunk_by_chunk() {
-    let legacy = Upstream::start(|_: &Received| {
-        Reply::sse(vec![
-            Step::Send(b"event: message\ndata: {\"n\":1}\n\n".to_vec()),
-            Step::WaitRelease,
-            Step::Send(b"event: done\ndata: {\"n\":2}\n\n".to_vec()),
-        ])
-    })
-    .await;
-    let runtime = Upstream::start(healthy_runtime).await;
-    let server = proxy(config(&legacy.address(), &runtime.address())).await;
+    let h = Harness::new()
+        .legacy(|_: &Received| {
+            Reply::sse(vec![
+                Step::Send(b"event: message\ndata: {\"n\":1}\n\n".to_vec()),
+                Step::WaitRelease,
+                Step::Send(b"event: done\ndata: {\"n\":2}\n\n".to_vec()),
+            ])
+        })
+        .start()
+        .await;
 
-    let mut c = Client::connect(server.proxy_addr).await;
+    let mut c = Client::connect(h.proxy_addr).await;
     let auth = bearer("org-b");
     c.send(
         "POST",
@@ -480,7 +503,7 @@ async fn a_legacy_chat_stream_reaches_the_client_chunk_by_chunk() {
             ("authorization", &auth),
             ("content-type", "application/json"),
         ],
-        br#"{"message":"hi"}"#,
+        HI.as_bytes(),
     )
     .await;
     let mut released = false;
@@ -491,13 +514,13 @@ async fn a_legacy_chat_stream_reaches_the_client_chunk_by_chunk() {
         c.read_response_with(|_| {
             if !released {
                 released = true;
-                legacy.release();
+                h.legacy.release();
             }
         }),
     )
     .await
     .expect("legacy stream was held back by the proxy");
-    assert_eq!(mode(&r), (Some("direct_llm"), Some("default")));
+    assert_eq!(mode_reason(&r), (Some("direct_llm"), Some("default")));
     assert!(r.complete);
     assert_eq!(r.chunks[0].1, b"event: message\ndata: {\"n\":1}\n\n");
     assert_eq!(event_names(&r), ["message", "done"]);
@@ -505,40 +528,33 @@ async fn a_legacy_chat_stream_reaches_the_client_chunk_by_chunk() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runtime_connections_are_reused_across_executions() {
-    let legacy = Upstream::start(echo_legacy).await;
-    let runtime = Upstream::start(healthy_runtime).await;
-    let server = proxy(config(&legacy.address(), &runtime.address())).await;
+    let h = Harness::new().start().await;
 
     let executions = 6;
     for i in 0..executions {
         if i > 0 {
-            // The relay hands the runtime connection back to the pool once it read the end of
+            // The relay hands the h.runtime connection back to the pool once it read the end of
             // the body, just after the client got its last event: give it that moment.
             tokio::time::sleep(Duration::from_millis(15)).await;
         }
-        let r = chat(
-            server.proxy_addr,
-            Some("org-a"),
-            &format!("s-{i}"),
-            r#"{"message":"hi"}"#,
-        )
-        .await;
-        assert_eq!(mode(&r).0, Some("runtime_orchestrator"));
+        let r = chat(h.proxy_addr, Some("org-a"), &format!("s-{i}"), HI).await;
+        assert_eq!(mode_reason(&r).0, Some("runtime_orchestrator"));
         assert_eq!(event_names(&r), ["message", "done"]);
     }
-    assert_eq!(runtime.work().len(), executions);
+    assert_eq!(h.runtime.work().len(), executions);
     // Without reuse there would be one connection per execution (one more per worker thread
     // is allowed: the pool is kept per thread).
-    let used: std::collections::HashSet<_> = runtime.work().iter().map(|w| w.connection).collect();
+    let used: std::collections::HashSet<_> =
+        h.runtime.work().iter().map(|w| w.connection).collect();
     assert!(
         used.len() <= 2,
         "executions used {} connections: {used:?}",
         used.len()
     );
     assert!(
-        runtime.connections() < executions,
+        h.runtime.connections() < executions,
         "{} runtime connections",
-        runtime.connections()
+        h.runtime.connections()
     );
 }
 
@@ -560,24 +576,20 @@ async fn a_chat_that_legacy_cannot_serve_still_says_how_it_was_routed() {
     )
     .await;
     assert_eq!(r.status, 502);
-    assert_eq!(mode(&r), (Some("direct_llm"), Some("default")));
+    assert_eq!(mode_reason(&r), (Some("direct_llm"), Some("default")));
     let r = chat(server.proxy_addr, None, "s-x", r#"{"message":"hello"}"#).await;
     assert_eq!(r.status, 502);
-    assert_eq!(mode(&r), (Some("direct_llm"), Some("no_identity")));
+    assert_eq!(mode_reason(&r), (Some("direct_llm"), Some("no_identity")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_expecting_100_continue_is_told_to_send_the_body() {
     // curl sends `Expect: 100-continue` for bodies over 1 KiB and waits before sending them.
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let legacy = Upstream::start(echo_legacy).await;
-    let runtime = Upstream::start(healthy_runtime).await;
-    let server = proxy(config(&legacy.address(), &runtime.address())).await;
+    let h = Harness::new().start().await;
 
     let body = format!(r#"{{"message":"{}"}}"#, "x".repeat(2000));
-    let mut conn = tokio::net::TcpStream::connect(server.proxy_addr)
-        .await
-        .unwrap();
+    let mut conn = tokio::net::TcpStream::connect(h.proxy_addr).await.unwrap();
     let head = format!(
         "POST /api/v1/chat/sessions/s-100 HTTP/1.1\r\nhost: a\r\nauthorization: Bearer {}\r\n\
          content-type: application/json\r\ncontent-length: {}\r\nexpect: 100-continue\r\n\r\n",
@@ -596,8 +608,8 @@ async fn a_client_expecting_100_continue_is_told_to_send_the_body() {
         String::from_utf8_lossy(&interim[..n])
     );
     conn.write_all(body.as_bytes()).await.unwrap();
-    runtime.wait_for_work(1).await;
-    let sent = &runtime.work()[0];
+    h.runtime.wait_for_work(1).await;
+    let sent = &h.runtime.work()[0];
     assert_eq!(sent.json()["user_message"].as_str().unwrap().len(), 2000);
     assert_eq!(sent.header("expect"), None);
 }

@@ -4,16 +4,17 @@
 //! upstream connections) is left behind.
 //!
 //! The proxy runs in-process, so `/proc/self/fd` and `VmRSS` measure it (plus the test's own
-//! upstreams and clients, which are closed before measuring). Prometheus series are process-wide
-//! and the fd/RSS figures are per process, so the tests of this file take `SERIAL` and run one at
-//! a time. `FAULTS_STREAMS` overrides the number of streams killed at once (default 200).
+//! upstreams and clients, which are closed before measuring). The fd/RSS figures are per process,
+//! so the tests that measure them run alone in a child process (`alone_in_process`); every proxy
+//! counts into its own registry. `FAULTS_STREAMS` overrides the number of streams killed at once
+//! (default 200).
 //!
 //! Run with `--nocapture` to see the figures each test prints.
 
 mod support;
 
 use std::net::SocketAddr;
-use std::path::{Path as FsPath, PathBuf};
+use std::path::Path as FsPath;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,13 +23,10 @@ use cutover_proxy::app::LocalServer;
 use cutover_proxy::core::breaker::State;
 use cutover_proxy::core::config::Config;
 use cutover_proxy::core::config::Mode;
-use cutover_proxy::ops::metrics::Metrics;
 use serde_json::{json, Value};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// `FAULTS_LOG=warn` (an env filter) shows the proxy's own logs, for a failure's story.
 fn logs() {
@@ -39,9 +37,6 @@ fn logs() {
             .try_init();
     }
 }
-
-const RT: &str = "runtime_orchestrator";
-const DIRECT: &str = "direct_llm";
 
 // ---- measurements ----------------------------------------------------------------------------
 
@@ -59,8 +54,10 @@ fn rss_kb() -> u64 {
         .expect("VmRSS in /proc/self/status")
 }
 
-fn in_flight(mode: &str) -> i64 {
-    Metrics::global()
+fn in_flight(server: &LocalServer, mode: &str) -> i64 {
+    server
+        .shared
+        .metrics
         .streams_in_flight
         .with_label_values(&[mode])
         .get()
@@ -70,8 +67,10 @@ fn counter(c: &prometheus::IntCounterVec, label: &str) -> u64 {
     c.with_label_values(&[label]).get()
 }
 
-fn transitions(from: &str, to: &str) -> u64 {
-    Metrics::global()
+fn transitions(server: &LocalServer, from: &str, to: &str) -> u64 {
+    server
+        .shared
+        .metrics
         .breaker_transitions_total
         .with_label_values(&[from, to])
         .get()
@@ -81,7 +80,7 @@ fn transitions(from: &str, to: &str) -> u64 {
 async fn settled(server: &LocalServer, within: Duration) -> bool {
     let shared = server.shared.clone();
     eventually(within, move || {
-        shared.requests.count() == 0 && in_flight(RT) == 0 && in_flight(DIRECT) == 0
+        shared.requests.count() == 0 && in_flight(server, RT) == 0 && in_flight(server, DIRECT) == 0
     })
     .await
 }
@@ -165,7 +164,7 @@ async fn chat_within(
     limit: Duration,
 ) -> Option<Response> {
     let mut c = Client::connect(addr).await;
-    post_chat(&mut c, org, session, r#"{"message":"hi"}"#).await;
+    post_chat(&mut c, org, session, HI).await;
     tokio::time::timeout(limit, c.read_response_with(|_| {}))
         .await
         .ok()
@@ -432,7 +431,11 @@ fn steady_load(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runtime_killed_with_streams_in_flight_fails_cleanly_and_recovers_without_leaks() {
-    let _serial = SERIAL.lock().await;
+    if !alone_in_process(
+        "runtime_killed_with_streams_in_flight_fails_cleanly_and_recovers_without_leaks",
+    ) {
+        return;
+    }
     logs();
     let n = streams_under_test();
     let pending_n = 20;
@@ -476,8 +479,8 @@ async fn runtime_killed_with_streams_in_flight_fails_cleanly_and_recovers_withou
     tokio::time::sleep(Duration::from_millis(1000)).await; // pooled connections idle out
     server.shared.breaker.reset(); // a window without the warm-up's successes
     let (fds_before, rss_before) = (fd_count(), rss_kb());
-    let opened_before = transitions("closed", "open");
-    let closed_before = transitions("half_open", "closed");
+    let opened_before = transitions(&server, "closed", "open");
+    let closed_before = transitions(&server, "half_open", "closed");
 
     // n streams in flight, and pending_n requests the runtime accepted but has not answered.
     let held = open_held_streams(addr, n, "kill", timeout + Duration::from_secs(5)).await;
@@ -629,16 +632,16 @@ async fn runtime_killed_with_streams_in_flight_fails_cleanly_and_recovers_withou
         after_recovery > 0,
         "no request reached the runtime after recovery"
     );
-    assert!(transitions("closed", "open") > opened_before);
-    assert!(transitions("half_open", "closed") > closed_before);
+    assert!(transitions(&server, "closed", "open") > opened_before);
+    assert!(transitions(&server, "half_open", "closed") > closed_before);
 
     // Nothing left behind.
     assert!(
         settled(&server, Duration::from_secs(5)).await,
         "requests or streams still in flight: requests {}, runtime {}, direct {}",
         server.shared.requests.count(),
-        in_flight(RT),
-        in_flight(DIRECT)
+        in_flight(&server, RT),
+        in_flight(&server, DIRECT)
     );
     drop(seen);
     drop(held_results);
@@ -673,31 +676,6 @@ async fn futures_all<T: Send + 'static>(tasks: Vec<tokio::task::JoinHandle<T>>) 
 // ---- 2. a hundred reloads under steady load ---------------------------------------------------
 
 /// A fresh directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "cutover-faults-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-    fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// Generation `g` of the config: org-a on the allowlist when `g` is even, org-b when odd. The
 /// generation is tagged in `rollout.shadow_max_inflight` (unused: shadowing is off), so the test
 /// can tell which config is in force.
@@ -749,8 +727,8 @@ fn write_atomically(dir: &TempDir, path: &FsPath, text: &str) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
-fn reloads(result: &str) -> u64 {
-    counter(&Metrics::global().config_reloads_total, result)
+fn reloads(server: &LocalServer, result: &str) -> u64 {
+    counter(&server.shared.metrics.config_reloads_total, result)
 }
 
 async fn start_watching(path: &FsPath) -> LocalServer {
@@ -810,7 +788,6 @@ fn reload_load(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_reloads_under_load_fail_no_request_and_route_each_by_a_config_in_force() {
-    let _serial = SERIAL.lock().await;
     logs();
     let legacy = Upstream::start(echo_legacy).await;
     let runtime = Upstream::start(healthy_runtime).await;
@@ -820,7 +797,7 @@ async fn a_hundred_reloads_under_load_fail_no_request_and_route_each_by_a_config
     std::fs::write(&path, generation_toml(&la, &ra, 0)).unwrap();
     let server = start_watching(&path).await;
     assert_eq!(generation_of(&server), 0);
-    let (success0, invalid0) = (reloads("success"), reloads("invalid"));
+    let (success0, invalid0) = (reloads(&server, "success"), reloads(&server, "invalid"));
 
     let stop = Arc::new(AtomicBool::new(false));
     let load = reload_load(&server, 4, stop.clone());
@@ -931,7 +908,10 @@ async fn a_hundred_reloads_under_load_fail_no_request_and_route_each_by_a_config
             ));
         }
     }
-    let (success, invalid) = (reloads("success") - success0, reloads("invalid") - invalid0);
+    let (success, invalid) = (
+        reloads(&server, "success") - success0,
+        reloads(&server, "invalid") - invalid0,
+    );
     eprintln!(
         "100 writes in {churn:?}: {} generations applied ({success} reloads counted, {invalid} refused); {} requests, {failed} failed, {} misrouted, {spanning} spanned a reload",
         applied.len() - 1,
@@ -955,7 +935,6 @@ async fn a_hundred_reloads_under_load_fail_no_request_and_route_each_by_a_config
 /// until the churn stops).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sustained_config_churn_still_applies_an_edit_within_a_second() {
-    let _serial = SERIAL.lock().await;
     logs();
     let legacy = Upstream::start(echo_legacy).await;
     let runtime = Upstream::start(healthy_runtime).await;
@@ -1011,7 +990,7 @@ async fn clients_holding_their_first_event(
         let session = format!("{tag}-{i}");
         tasks.push(tokio::spawn(async move {
             let mut c = Client::connect(addr).await;
-            post_chat(&mut c, org, &session, r#"{"message":"hi"}"#).await;
+            post_chat(&mut c, org, &session, HI).await;
             let mut first = Some(tx);
             c.read_response_with(|_| {
                 if let Some(tx) = first.take() {
@@ -1038,7 +1017,11 @@ async fn clients_holding_their_first_event(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disconnect_storm_mid_stream_releases_upstreams_and_counts_no_runtime_failure() {
-    let _serial = SERIAL.lock().await;
+    if !alone_in_process(
+        "disconnect_storm_mid_stream_releases_upstreams_and_counts_no_runtime_failure",
+    ) {
+        return;
+    }
     logs();
     const RUNTIME_CLIENTS: usize = 100;
     const LEGACY_CLIENTS: usize = 50;
@@ -1050,7 +1033,7 @@ async fn disconnect_storm_mid_stream_releases_upstreams_and_counts_no_runtime_fa
     cfg.runtime.connect_timeout_ms = 5000;
     cfg.legacy.connect_timeout_ms = 5000;
     let server = proxy(cfg).await;
-    let m = Metrics::global();
+    let m = server.shared.metrics;
     let cancelled0 = counter(&m.execution_cancelled_total, RT);
     let errors0 = counter(&m.execution_error_total, RT);
     let timeouts0 = counter(&m.execution_timeout_total, RT);
@@ -1064,8 +1047,8 @@ async fn disconnect_storm_mid_stream_releases_upstreams_and_counts_no_runtime_fa
     );
     assert_eq!(runtime.started.load(Ordering::SeqCst), RUNTIME_CLIENTS);
     assert_eq!(legacy.started.load(Ordering::SeqCst), LEGACY_CLIENTS);
-    assert_eq!(in_flight(RT), RUNTIME_CLIENTS as i64);
-    assert_eq!(in_flight(DIRECT), LEGACY_CLIENTS as i64);
+    assert_eq!(in_flight(&server, RT), RUNTIME_CLIENTS as i64);
+    assert_eq!(in_flight(&server, DIRECT), LEGACY_CLIENTS as i64);
 
     // The storm: every client drops its connection at once.
     let storm = Instant::now();
@@ -1091,8 +1074,8 @@ async fn disconnect_storm_mid_stream_releases_upstreams_and_counts_no_runtime_fa
         settled(&server, Duration::from_secs(5)).await,
         "in flight after the storm: requests {}, runtime streams {}, direct streams {}",
         server.shared.requests.count(),
-        in_flight(RT),
-        in_flight(DIRECT)
+        in_flight(&server, RT),
+        in_flight(&server, DIRECT)
     );
     assert!(
         eventually(Duration::from_secs(2), || counter(
@@ -1136,7 +1119,6 @@ async fn disconnect_storm_mid_stream_releases_upstreams_and_counts_no_runtime_fa
 /// and the abandoned executions are not the runtime's fault.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disconnect_storm_before_the_first_byte_releases_runtime_connections() {
-    let _serial = SERIAL.lock().await;
     logs();
     const CLIENTS: usize = 50;
     let runtime = HoldServer::start(runtime_first_event(), Some(Duration::from_secs(20))).await;
@@ -1153,13 +1135,7 @@ async fn disconnect_storm_before_the_first_byte_releases_runtime_connections() {
         .map(|i| {
             tokio::spawn(async move {
                 let mut c = Client::connect(addr).await;
-                post_chat(
-                    &mut c,
-                    "org-a",
-                    &format!("early-{i}"),
-                    r#"{"message":"hi"}"#,
-                )
-                .await;
+                post_chat(&mut c, "org-a", &format!("early-{i}"), HI).await;
                 c.read_response_with(|_| {}).await;
             })
         })
@@ -1279,7 +1255,6 @@ impl FloodRuntime {
 /// execution stay up for as long as the client keeps the socket, past `execution_timeout_ms`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_that_stops_reading_does_not_hold_a_runtime_stream_past_the_timeout() {
-    let _serial = SERIAL.lock().await;
     logs();
     let runtime = FloodRuntime::start().await;
     let legacy = Upstream::start(echo_legacy).await;
@@ -1290,7 +1265,7 @@ async fn client_that_stops_reading_does_not_hold_a_runtime_stream_past_the_timeo
     // Send the chat, read a little, then stop reading but keep the connection.
     let mut conn = TcpStream::connect(server.proxy_addr).await.unwrap();
     let auth = format!("Bearer {}", token("org-a"));
-    let body = r#"{"message":"hi"}"#;
+    let body = HI;
     let req = format!(
         "POST /api/v1/chat/sessions/frozen HTTP/1.1\r\nhost: a\r\nauthorization: {auth}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
@@ -1310,7 +1285,7 @@ async fn client_that_stops_reading_does_not_hold_a_runtime_stream_past_the_timeo
         "frozen client: runtime connection released {released} after {:?}; runtime sent {} KB; streams in flight {}",
         started.elapsed(),
         runtime.sent.load(Ordering::SeqCst) / 1024,
-        in_flight(RT)
+        in_flight(&server, RT)
     );
     assert!(
         released,

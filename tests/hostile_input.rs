@@ -16,16 +16,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cutover_proxy::app::LocalServer;
-use cutover_proxy::ops::metrics::Metrics;
 use serde_json::{json, Value};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 static MEMORY: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
-
-const RT: &str = "runtime_orchestrator";
-const DIRECT: &str = "direct_llm";
 
 // ---- a raw exchange with the proxy ------------------------------------------------------------
 
@@ -131,24 +127,12 @@ fn json_body(raw: &Raw) -> Value {
 
 /// The proxy still answers: a runtime chat, a legacy chat and a passthrough GET.
 async fn still_serves(server: &LocalServer) {
-    let r = chat(
-        server.proxy_addr,
-        Some("org-a"),
-        "after",
-        r#"{"message":"hi"}"#,
-    )
-    .await;
+    let r = chat(server.proxy_addr, Some("org-a"), "after", HI).await;
     assert_eq!(r.status, 200, "{r:?}");
     assert!(r.complete);
     let names: Vec<String> = r.events().into_iter().map(|(e, _)| e).collect();
     assert_eq!(names.last().map(String::as_str), Some("done"), "{r:?}");
-    let r = chat(
-        server.proxy_addr,
-        Some("org-z"),
-        "after",
-        r#"{"message":"hi"}"#,
-    )
-    .await;
+    let r = chat(server.proxy_addr, Some("org-z"), "after", HI).await;
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.header("x-execution-mode"), Some(DIRECT));
     let r = request(server.proxy_addr, "GET", "/api/v1/agents", &[], b"").await;
@@ -237,7 +221,7 @@ async fn oversized_headers_get_a_bounded_answer() {
         Some(big.len()),
         "passthrough must keep the header whole"
     );
-    let body = r#"{"message":"hi"}"#;
+    let body = HI;
     let req = format!(
         "POST /api/v1/chat/sessions/big HTTP/1.1\r\nhost: a\r\nauthorization: {auth}\r\ncontent-type: application/json\r\nx-big: {big}\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
@@ -285,7 +269,7 @@ async fn ambiguous_message_framing_is_refused_or_normalised() {
     let _m = MEMORY.read().await;
     let (legacy, runtime, server) = healthy_pair().await;
     let auth = format!("Bearer {}", token("org-a"));
-    let body = r#"{"message":"hi"}"#;
+    let body = HI;
 
     // Two different Content-Lengths (request smuggling): 400, on a chat route and elsewhere.
     for path in ["/api/v1/chat/sessions/s", "/api/v1/upload"] {
@@ -661,7 +645,9 @@ async fn forged_expired_and_broken_tokens_never_reach_the_runtime() {
     let unverified: u64 = ["invalid", "expired", "missing", "no_org_claim"]
         .iter()
         .map(|k| {
-            Metrics::global()
+            server
+                .shared
+                .metrics
                 .unverified_total
                 .with_label_values(&[k])
                 .get()
@@ -684,7 +670,7 @@ async fn forged_expired_and_broken_tokens_never_reach_the_runtime() {
         "POST",
         "/api/v1/chat/sessions/spoof",
         &[("x-org-id", "org-a"), ("content-type", "application/json")],
-        br#"{"message":"hi"}"#,
+        HI.as_bytes(),
     )
     .await;
     assert_eq!(r.header("x-execution-reason"), Some("no_identity"));
@@ -697,7 +683,9 @@ async fn forged_expired_and_broken_tokens_never_reach_the_runtime() {
     let unverified_after: u64 = ["invalid", "expired", "missing", "no_org_claim"]
         .iter()
         .map(|k| {
-            Metrics::global()
+            server
+                .shared
+                .metrics
                 .unverified_total
                 .with_label_values(&[k])
                 .get()
@@ -775,7 +763,7 @@ async fn chat_as(addr: SocketAddr, authorization: &str) -> Response {
             ("authorization", authorization),
             ("content-type", "application/json"),
         ],
-        br#"{"message":"hi"}"#,
+        HI.as_bytes(),
     )
     .await
 }
@@ -1033,13 +1021,7 @@ async fn against(how: Misbehaviour, timeout_ms: u64) -> (HostileRuntime, Upstrea
 /// After a hostile runtime, the proxy still serves: the same runtime org gets an answer (an
 /// error event from the same hostile runtime), and legacy traffic is untouched.
 async fn still_up(server: &LocalServer) {
-    let r = chat(
-        server.proxy_addr,
-        Some("org-z"),
-        "after",
-        r#"{"message":"hi"}"#,
-    )
-    .await;
+    let r = chat(server.proxy_addr, Some("org-z"), "after", HI).await;
     assert_eq!(r.status, 200);
     assert_eq!(r.events().len(), 2);
     let r = request(server.proxy_addr, "GET", "/api/v1/agents", &[], b"").await;
@@ -1054,13 +1036,7 @@ async fn runtime_sending_binary_garbage_gets_well_formed_output_and_one_terminal
             let how = Misbehaviour::Garbage { seed, then_close };
             let (_runtime, legacy, server) = against(how, 10_000).await;
             let t = Instant::now();
-            let r = chat(
-                server.proxy_addr,
-                Some("org-a"),
-                "garbage",
-                r#"{"message":"hi"}"#,
-            )
-            .await;
+            let r = chat(server.proxy_addr, Some("org-a"), "garbage", HI).await;
             // Garbage may happen to hold a valid frame (the tokens include execution_complete
             // and execution_error): then it ends like a runtime that sent it. Either way the
             // stream ends with one terminal event, last.
@@ -1093,13 +1069,7 @@ async fn runtime_line_without_end_is_cut_at_max_frame_bytes() {
     let _m = MEMORY.read().await;
     let (runtime, _legacy, server) = against(Misbehaviour::EndlessLine, 30_000).await;
     let t = Instant::now();
-    let r = chat(
-        server.proxy_addr,
-        Some("org-a"),
-        "endless",
-        r#"{"message":"hi"}"#,
-    )
-    .await;
+    let r = chat(server.proxy_addr, Some("org-a"), "endless", HI).await;
     let took = t.elapsed();
     assert_eq!(ends_in_one_error_event(&r), "FRAME_TOO_LARGE");
     let cut = {
@@ -1134,13 +1104,7 @@ async fn runtime_100_mb_frame_ends_quickly_with_bounded_memory() {
         })
     };
     let t = Instant::now();
-    let r = chat(
-        server.proxy_addr,
-        Some("org-a"),
-        "huge",
-        r#"{"message":"hi"}"#,
-    )
-    .await;
+    let r = chat(server.proxy_addr, Some("org-a"), "huge", HI).await;
     let took = t.elapsed();
     let code = ends_in_one_error_event(&r);
     let c = runtime.cut_off.clone();
@@ -1176,13 +1140,7 @@ async fn silent_runtime_times_out_with_an_error_event() {
     for how in [Misbehaviour::HeadThenSilence, Misbehaviour::Silence] {
         let (_runtime, legacy, server) = against(how, 800).await;
         let t = Instant::now();
-        let r = chat(
-            server.proxy_addr,
-            Some("org-a"),
-            "silent",
-            r#"{"message":"hi"}"#,
-        )
-        .await;
+        let r = chat(server.proxy_addr, Some("org-a"), "silent", HI).await;
         let took = t.elapsed();
         eprintln!("{how:?}: answered after {took:?}");
         assert_eq!(ends_in_one_error_event(&r), "TIMEOUT", "{how:?}");
@@ -1203,13 +1161,7 @@ async fn runtime_answering_something_else_than_sse() {
     let _m = MEMORY.read().await;
     // Not HTTP at all: nothing reached the client yet, so legacy serves it.
     let (_runtime, legacy, server) = against(Misbehaviour::GarbageHead, 5_000).await;
-    let r = chat(
-        server.proxy_addr,
-        Some("org-a"),
-        "nothttp",
-        r#"{"message":"hi"}"#,
-    )
-    .await;
+    let r = chat(server.proxy_addr, Some("org-a"), "nothttp", HI).await;
     assert_eq!(r.status, 200);
     assert_eq!(r.header("x-execution-mode"), Some(DIRECT), "{r:?}");
     assert_eq!(r.header("x-execution-reason"), Some("failover"));
@@ -1221,13 +1173,7 @@ async fn runtime_answering_something_else_than_sse() {
     // client, so legacy serves it; bounded in time.
     let (_runtime, legacy, server) = against(Misbehaviour::HugeHead, 5_000).await;
     let t = Instant::now();
-    let r = chat(
-        server.proxy_addr,
-        Some("org-a"),
-        "hugehead",
-        r#"{"message":"hi"}"#,
-    )
-    .await;
+    let r = chat(server.proxy_addr, Some("org-a"), "hugehead", HI).await;
     eprintln!(
         "2 MB response head: {:?} {:?} after {:?}",
         r.header("x-execution-mode"),
@@ -1243,13 +1189,7 @@ async fn runtime_answering_something_else_than_sse() {
 
     // A 200 JSON document: no event, no completion: one error event.
     let (_runtime, legacy, server) = against(Misbehaviour::NotSse, 5_000).await;
-    let r = chat(
-        server.proxy_addr,
-        Some("org-a"),
-        "json",
-        r#"{"message":"hi"}"#,
-    )
-    .await;
+    let r = chat(server.proxy_addr, Some("org-a"), "json", HI).await;
     assert_eq!(ends_in_one_error_event(&r), "STREAM_TRUNCATED");
     assert!(legacy.work().is_empty());
     still_up(&server).await;
@@ -1284,13 +1224,7 @@ async fn runtime_talking_after_completion_gets_one_terminal_event() {
     let server = proxy(config(&legacy.address(), &runtime.address())).await;
     let mut wrong = Vec::new();
     for session in ["then-error", "then-complete", "then-text"] {
-        let r = chat(
-            server.proxy_addr,
-            Some("org-a"),
-            session,
-            r#"{"message":"hi"}"#,
-        )
-        .await;
+        let r = chat(server.proxy_addr, Some("org-a"), session, HI).await;
         let names: Vec<String> = well_formed_stream(&r).into_iter().map(|(e, _)| e).collect();
         eprintln!("{session}: {names:?}");
         if names != ["message", "done"] {
@@ -1323,7 +1257,7 @@ async fn pipelined_request_during_a_runtime_stream_does_not_cut_it() {
     .await;
     let server = proxy(config(&legacy.address(), &runtime.address())).await;
     let auth = format!("Bearer {}", token("org-a"));
-    let body = r#"{"message":"hi"}"#;
+    let body = HI;
     let mut c = Client::connect(server.proxy_addr).await;
     c.send(
         "POST",

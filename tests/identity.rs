@@ -23,10 +23,6 @@ async fn chat_with(addr: std::net::SocketAddr, headers: &[(&str, &str)]) -> Resp
     .await
 }
 
-fn mode(r: &Response) -> (Option<&str>, Option<&str>) {
-    (r.header("x-execution-mode"), r.header("x-execution-reason"))
-}
-
 const LEGACY_NO_IDENTITY: (Option<&str>, Option<&str>) = (Some("direct_llm"), Some("no_identity"));
 const RUNTIME_ALLOWLIST: (Option<&str>, Option<&str>) =
     (Some("runtime_orchestrator"), Some("allowlist"));
@@ -66,9 +62,7 @@ fn b64url_matches_the_jwt_encoding() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unverifiable_callers_are_served_by_legacy_and_never_reach_the_runtime() {
-    let legacy = Upstream::start(echo_legacy).await;
-    let runtime = Upstream::start(healthy_runtime).await;
-    let server = proxy(config(&legacy.address(), &runtime.address())).await;
+    let h = Harness::new().start().await;
 
     let exp = now() + 3600;
     let org_a = json!({"orgId": "org-a", "userId": "user-1", "exp": exp});
@@ -121,58 +115,52 @@ async fn unverifiable_callers_are_served_by_legacy_and_never_reach_the_runtime()
         let auth = tok.as_ref().map(|t| format!("Bearer {t}"));
         let headers: Vec<(&str, &str)> =
             auth.iter().map(|a| ("authorization", a.as_str())).collect();
-        let r = chat_with(server.proxy_addr, &headers).await;
+        let r = chat_with(h.proxy_addr, &headers).await;
         assert_eq!(r.status, 200, "{name}");
-        assert_eq!(mode(&r), LEGACY_NO_IDENTITY, "{name}");
+        assert_eq!(mode_reason(&r), LEGACY_NO_IDENTITY, "{name}");
         assert!(r.text().contains("legacy"), "{name}: {}", r.text());
-        let got = legacy.work();
+        let got = h.legacy.work();
         assert_eq!(got.len(), i + 1, "{name}");
         // Legacy answers it as before: same body, same Authorization.
         assert_eq!(got[i].body, BODY.as_bytes(), "{name}");
         assert_eq!(got[i].header("authorization"), auth.as_deref(), "{name}");
     }
     // A Basic credential is not a bearer token either.
-    let r = chat_with(
-        server.proxy_addr,
-        &[("authorization", "Basic dXNlcjpwYXNz")],
-    )
-    .await;
-    assert_eq!(mode(&r), LEGACY_NO_IDENTITY);
+    let r = chat_with(h.proxy_addr, &[("authorization", "Basic dXNlcjpwYXNz")]).await;
+    assert_eq!(mode_reason(&r), LEGACY_NO_IDENTITY);
     assert!(
-        runtime.work().is_empty(),
+        h.runtime.work().is_empty(),
         "an unverified caller reached the runtime"
     );
 
-    // Control: the same request with a valid token is served by the runtime.
+    // Control: the same request with a valid token is served by the h.runtime.
     let auth = format!("Bearer {valid}");
-    let r = chat_with(server.proxy_addr, &[("authorization", &auth)]).await;
-    assert_eq!(mode(&r), RUNTIME_ALLOWLIST);
-    assert_eq!(runtime.work().len(), 1);
-    assert_eq!(runtime.work()[0].json()["org_id"], "org-a");
+    let r = chat_with(h.proxy_addr, &[("authorization", &auth)]).await;
+    assert_eq!(mode_reason(&r), RUNTIME_ALLOWLIST);
+    assert_eq!(h.runtime.work().len(), 1);
+    assert_eq!(h.runtime.work()[0].json()["org_id"], "org-a");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_org_header_is_not_trusted_by_default() {
-    let legacy = Upstream::start(echo_legacy).await;
-    let runtime = Upstream::start(healthy_runtime).await;
-    let server = proxy(config(&legacy.address(), &runtime.address())).await;
+    let h = Harness::new().start().await;
 
     // No JWT, a forged org header naming the allowlisted org.
-    let r = chat_with(server.proxy_addr, &[("x-org-id", "org-a")]).await;
-    assert_eq!(mode(&r), LEGACY_NO_IDENTITY);
+    let r = chat_with(h.proxy_addr, &[("x-org-id", "org-a")]).await;
+    assert_eq!(mode_reason(&r), LEGACY_NO_IDENTITY);
 
     // A verified org-b caller claiming org-a in a header stays org-b.
     let auth = format!("Bearer {}", token("org-b"));
     let r = chat_with(
-        server.proxy_addr,
+        h.proxy_addr,
         &[("authorization", &auth), ("x-org-id", "org-a")],
     )
     .await;
-    assert_eq!(mode(&r), (Some("direct_llm"), Some("default")));
+    assert_eq!(mode_reason(&r), (Some("direct_llm"), Some("default")));
 
-    assert!(runtime.work().is_empty());
-    // With no trusted header configured the header is just another header: legacy gets it as sent.
-    let got = legacy.work();
+    assert!(h.runtime.work().is_empty());
+    // With no trusted header configured the header is just another header: h.legacy gets it as sent.
+    let got = h.legacy.work();
     assert_eq!(got.len(), 2);
     assert!(got.iter().all(|r| r.header("x-org-id") == Some("org-a")));
 }
@@ -192,7 +180,7 @@ async fn the_configured_ingress_header_names_the_org() {
     // The ingress authenticated the caller: no JWT needed.
     let r = chat_with(server.proxy_addr, &[("x-org-id", "org-a")]).await;
     assert_eq!(r.status, 200);
-    assert_eq!(mode(&r), RUNTIME_ALLOWLIST);
+    assert_eq!(mode_reason(&r), RUNTIME_ALLOWLIST);
     let sent = runtime.work()[0].json();
     assert_eq!(sent["org_id"], "org-a");
     assert_eq!(sent["metadata"]["user_id"], serde_json::Value::Null);
@@ -205,7 +193,7 @@ async fn the_configured_ingress_header_names_the_org() {
         &[("authorization", &auth), ("x-org-id", "org-a")],
     )
     .await;
-    assert_eq!(mode(&r), RUNTIME_ALLOWLIST);
+    assert_eq!(mode_reason(&r), RUNTIME_ALLOWLIST);
     let sent = runtime.work()[1].json();
     assert_eq!(sent["org_id"], "org-a");
     assert_eq!(sent["metadata"]["user_id"], "user-1");
@@ -213,9 +201,9 @@ async fn the_configured_ingress_header_names_the_org() {
     // Header absent or empty: the JWT decides, as without the setting.
     let auth = format!("Bearer {}", token("org-a"));
     let r = chat_with(server.proxy_addr, &[("authorization", &auth)]).await;
-    assert_eq!(mode(&r), RUNTIME_ALLOWLIST);
+    assert_eq!(mode_reason(&r), RUNTIME_ALLOWLIST);
     let r = chat_with(server.proxy_addr, &[("x-org-id", "  ")]).await;
-    assert_eq!(mode(&r), LEGACY_NO_IDENTITY);
+    assert_eq!(mode_reason(&r), LEGACY_NO_IDENTITY);
     assert_eq!(runtime.work().len(), 3);
 }
 
@@ -227,10 +215,10 @@ async fn the_trusted_header_is_dropped_on_the_way_to_legacy() {
 
     // A legacy-bound chat (org-b is not allowlisted) ...
     let r = chat_with(server.proxy_addr, &[("x-org-id", "org-b"), ("x-keep", "1")]).await;
-    assert_eq!(mode(&r), (Some("direct_llm"), Some("default")));
+    assert_eq!(mode_reason(&r), (Some("direct_llm"), Some("default")));
     // ... an unverified one ...
     let r = chat_with(server.proxy_addr, &[("x-org-id", ""), ("x-keep", "2")]).await;
-    assert_eq!(mode(&r), LEGACY_NO_IDENTITY);
+    assert_eq!(mode_reason(&r), LEGACY_NO_IDENTITY);
     // ... and a request that is not a chat at all.
     let r = request(
         server.proxy_addr,
@@ -271,13 +259,13 @@ async fn a_repeated_trusted_header_is_ambiguous_and_not_trusted() {
         &[("x-org-id", "org-a"), ("x-org-id", "org-b")],
     )
     .await;
-    assert_eq!(mode(&r), LEGACY_NO_IDENTITY);
+    assert_eq!(mode_reason(&r), LEGACY_NO_IDENTITY);
     let r = chat_with(
         server.proxy_addr,
         &[("x-org-id", "org-b"), ("x-org-id", "org-a")],
     )
     .await;
-    assert_eq!(mode(&r), LEGACY_NO_IDENTITY);
+    assert_eq!(mode_reason(&r), LEGACY_NO_IDENTITY);
     assert!(runtime.work().is_empty());
     assert!(legacy.work().iter().all(|r| r.header("x-org-id").is_none()));
 
@@ -292,21 +280,22 @@ async fn a_repeated_trusted_header_is_ambiguous_and_not_trusted() {
         ],
     )
     .await;
-    assert_eq!(mode(&r), RUNTIME_ALLOWLIST);
+    assert_eq!(mode_reason(&r), RUNTIME_ALLOWLIST);
     assert_eq!(runtime.work()[0].json()["org_id"], "org-a");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_secret_nobody_is_verified() {
-    let legacy = Upstream::start(echo_legacy).await;
-    let runtime = Upstream::start(healthy_runtime).await;
-    let mut cfg = config(&legacy.address(), &runtime.address());
-    cfg.identity.jwt_secret_env = "CUTOVER_TEST_JWT_SECRET_NEVER_SET".into();
-    let server = proxy(cfg).await;
+    let h = Harness::new()
+        .config(move |cfg| {
+            cfg.identity.jwt_secret_env = "CUTOVER_TEST_JWT_SECRET_NEVER_SET".into();
+        })
+        .start()
+        .await;
 
-    let r = chat(server.proxy_addr, Some("org-a"), "s-1", BODY).await;
+    let r = chat(h.proxy_addr, Some("org-a"), "s-1", BODY).await;
     assert_eq!(r.status, 200);
-    assert_eq!(mode(&r), LEGACY_NO_IDENTITY);
-    assert_eq!(legacy.work().len(), 1);
-    assert!(runtime.work().is_empty());
+    assert_eq!(mode_reason(&r), LEGACY_NO_IDENTITY);
+    assert_eq!(h.legacy.work().len(), 1);
+    assert!(h.runtime.work().is_empty());
 }

@@ -34,9 +34,6 @@ const ACCEPTED_LINT: &[(&str, &str)] = &[
     ),
 ];
 
-const RT: &str = "runtime_orchestrator";
-const DIRECT: &str = "direct_llm";
-
 /// One scrape: samples keyed by name and sorted labels, plus `# TYPE` lines.
 #[derive(Debug, Clone)]
 struct Scrape {

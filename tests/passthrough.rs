@@ -18,13 +18,11 @@ fn no_execution_headers(r: &Response) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn methods_paths_queries_and_bodies_reach_legacy_byte_exact() {
-    let legacy = Upstream::start(|req: &Received| {
-        Reply::json(200, json!({"echo": req.path, "method": req.method}))
-    })
-    .await;
-    let runtime = Upstream::start(healthy_runtime).await;
-    let server = proxy(config(&legacy.address(), &runtime.address())).await;
-    // An allowlisted caller: were any of these taken for a chat, it would go to the runtime.
+    let h = Harness::new()
+        .legacy(|req: &Received| Reply::json(200, json!({"echo": req.path, "method": req.method})))
+        .start()
+        .await;
+    // An allowlisted caller: were any of these taken for a chat, it would go to the h.runtime.
     let auth = format!("Bearer {}", token("org-a"));
 
     let cases: &[(&str, &str, &[u8])] = &[
@@ -46,14 +44,10 @@ async fn methods_paths_queries_and_bodies_reach_legacy_byte_exact() {
             br#"{"message":"rename"}"#,
         ),
         ("DELETE", "/api/v1/chat/sessions/s-1", b""),
-        (
-            "POST",
-            "/api/v1/chat/sessions/s-1/messages",
-            br#"{"message":"hi"}"#,
-        ),
-        ("POST", "/api/v1/chat/sessions", br#"{"message":"hi"}"#),
-        ("POST", "/api/v1/chat/started", br#"{"message":"hi"}"#),
-        ("POST", "/api/v2/chat/start", br#"{"message":"hi"}"#),
+        ("POST", "/api/v1/chat/sessions/s-1/messages", HI.as_bytes()),
+        ("POST", "/api/v1/chat/sessions", HI.as_bytes()),
+        ("POST", "/api/v1/chat/started", HI.as_bytes()),
+        ("POST", "/api/v2/chat/start", HI.as_bytes()),
         (
             "POST",
             "/api/v1/chat/sessions/s-1/../../agents",
@@ -63,7 +57,7 @@ async fn methods_paths_queries_and_bodies_reach_legacy_byte_exact() {
     ];
     for (i, (method, path, body)) in cases.iter().enumerate() {
         let r = request(
-            server.proxy_addr,
+            h.proxy_addr,
             method,
             path,
             &[("authorization", &auth)],
@@ -77,21 +71,19 @@ async fn methods_paths_queries_and_bodies_reach_legacy_byte_exact() {
             json!({"echo": path, "method": method}),
             "{method} {path}"
         );
-        let got = &legacy.work()[i];
+        let got = &h.legacy.work()[i];
         assert_eq!(got.method, *method);
         assert_eq!(got.path, *path, "path and query must be byte-exact");
         assert_eq!(got.body, *body, "{method} {path}");
         assert_eq!(got.header("authorization"), Some(auth.as_str()));
     }
-    assert_eq!(legacy.work().len(), cases.len());
-    assert!(runtime.work().is_empty());
+    assert_eq!(h.legacy.work().len(), cases.len());
+    assert!(h.runtime.work().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_headers_reach_legacy_including_repeated_ones() {
-    let legacy = Upstream::start(echo_legacy).await;
-    let runtime = Upstream::start(healthy_runtime).await;
-    let server = proxy(config(&legacy.address(), &runtime.address())).await;
+    let h = Harness::new().start().await;
 
     let headers = [
         ("x-custom", "v1"),
@@ -104,9 +96,9 @@ async fn request_headers_reach_legacy_including_repeated_ones() {
         ("x-request-id", "req-42"),
         ("x-spaces", "a  b\tc"),
     ];
-    let r = request(server.proxy_addr, "GET", "/api/v1/me", &headers, b"").await;
+    let r = request(h.proxy_addr, "GET", "/api/v1/me", &headers, b"").await;
     assert_eq!(r.status, 200);
-    let got = &legacy.work()[0];
+    let got = &h.legacy.work()[0];
     assert_eq!(got.header("host"), Some("proxy.test"));
     for (name, value) in headers.iter().filter(|(n, _)| *n != "x-multi") {
         assert_eq!(got.header(name), Some(*value), "{name}");
@@ -126,9 +118,7 @@ async fn request_headers_reach_legacy_including_repeated_ones() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chunked_request_body_reaches_legacy_unchanged() {
-    let legacy = Upstream::start(echo_legacy).await;
-    let runtime = Upstream::start(healthy_runtime).await;
-    let server = proxy(config(&legacy.address(), &runtime.address())).await;
+    let h = Harness::new().start().await;
 
     let body: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 256) as u8).collect();
     let mut raw = b"POST /api/v1/uploads?id=9 HTTP/1.1\r\nhost: proxy.test\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
@@ -138,11 +128,11 @@ async fn a_chunked_request_body_reaches_legacy_unchanged() {
         raw.extend_from_slice(b"\r\n");
     }
     raw.extend_from_slice(b"0\r\n\r\n");
-    let mut c = Client::connect(server.proxy_addr).await;
+    let mut c = Client::connect(h.proxy_addr).await;
     c.send_raw(&raw).await;
     let r = c.read_response().await;
     assert_eq!(r.status, 200);
-    let got = &legacy.work()[0];
+    let got = &h.legacy.work()[0];
     assert_eq!(got.path, "/api/v1/uploads?id=9");
     assert!(
         got.body == body,
@@ -234,45 +224,45 @@ async fn a_large_request_body_is_streamed_to_legacy_byte_identical() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn legacy_status_headers_and_body_come_back_unchanged() {
-    let legacy = Upstream::start(|req: &Received| {
-        let (status, extra): (u16, Vec<(&str, &str)>) = match req.path.as_str() {
-            "/missing" => (
-                404,
-                vec![
-                    ("set-cookie", "a=1; Path=/"),
-                    ("set-cookie", "b=2; HttpOnly"),
-                ],
-            ),
-            "/busy" => (503, vec![("retry-after", "7")]),
-            "/created" => (201, vec![("location", "/api/v1/agents/8")]),
-            _ => (200, vec![]),
-        };
-        let mut headers = vec![
-            (
-                "content-type".to_string(),
-                "application/json; charset=utf-8".to_string(),
-            ),
-            ("x-legacy-trace".to_string(), format!("t{}", req.path)),
-        ];
-        headers.extend(
-            extra
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v.to_string())),
-        );
-        Reply {
-            status,
-            headers,
-            steps: vec![],
-            fixed_body: Some(format!(r#"{{"status":{status}}}"#).into_bytes()),
-            no_head: false,
-        }
-    })
-    .await;
-    let runtime = Upstream::start(healthy_runtime).await;
-    let server = proxy(config(&legacy.address(), &runtime.address())).await;
+    let h = Harness::new()
+        .legacy(|req: &Received| {
+            let (status, extra): (u16, Vec<(&str, &str)>) = match req.path.as_str() {
+                "/missing" => (
+                    404,
+                    vec![
+                        ("set-cookie", "a=1; Path=/"),
+                        ("set-cookie", "b=2; HttpOnly"),
+                    ],
+                ),
+                "/busy" => (503, vec![("retry-after", "7")]),
+                "/created" => (201, vec![("location", "/api/v1/agents/8")]),
+                _ => (200, vec![]),
+            };
+            let mut headers = vec![
+                (
+                    "content-type".to_string(),
+                    "application/json; charset=utf-8".to_string(),
+                ),
+                ("x-legacy-trace".to_string(), format!("t{}", req.path)),
+            ];
+            headers.extend(
+                extra
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string())),
+            );
+            Reply {
+                status,
+                headers,
+                steps: vec![],
+                fixed_body: Some(format!(r#"{{"status":{status}}}"#).into_bytes()),
+                no_head: false,
+            }
+        })
+        .start()
+        .await;
 
     for (path, status) in [("/missing", 404), ("/busy", 503), ("/created", 201)] {
-        let r = request(server.proxy_addr, "GET", path, &[], b"").await;
+        let r = request(h.proxy_addr, "GET", path, &[], b"").await;
         assert_eq!(r.status, status, "{path}");
         assert_eq!(
             r.header("content-type"),
@@ -302,20 +292,20 @@ async fn legacy_status_headers_and_body_come_back_unchanged() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_streamed_legacy_response_arrives_chunk_by_chunk() {
-    let legacy = Upstream::start(|_: &Received| {
-        let mut reply = Reply::sse(vec![
-            Step::Send(b"first piece\n".to_vec()),
-            Step::WaitRelease,
-            Step::Send(b"second piece\n".to_vec()),
-        ]);
-        reply.headers = vec![("content-type".into(), "text/plain".into())];
-        reply
-    })
-    .await;
-    let runtime = Upstream::start(healthy_runtime).await;
-    let server = proxy(config(&legacy.address(), &runtime.address())).await;
+    let h = Harness::new()
+        .legacy(|_: &Received| {
+            let mut reply = Reply::sse(vec![
+                Step::Send(b"first piece\n".to_vec()),
+                Step::WaitRelease,
+                Step::Send(b"second piece\n".to_vec()),
+            ]);
+            reply.headers = vec![("content-type".into(), "text/plain".into())];
+            reply
+        })
+        .start()
+        .await;
 
-    let mut c = Client::connect(server.proxy_addr).await;
+    let mut c = Client::connect(h.proxy_addr).await;
     c.send("GET", "/api/v1/notifications/stream", &[], b"")
         .await;
     let mut released = false;
@@ -325,7 +315,7 @@ async fn a_streamed_legacy_response_arrives_chunk_by_chunk() {
         c.read_response_with(|_| {
             if !released {
                 released = true;
-                legacy.release();
+                h.legacy.release();
             }
         }),
     )
@@ -340,9 +330,7 @@ async fn a_streamed_legacy_response_arrives_chunk_by_chunk() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sequential_requests_share_one_legacy_connection() {
-    let legacy = Upstream::start(echo_legacy).await;
-    let runtime = Upstream::start(healthy_runtime).await;
-    let server = proxy(config(&legacy.address(), &runtime.address())).await;
+    let h = Harness::new().start().await;
 
     // Each request on its own client connection: the reuse is the proxy's upstream pool.
     let auth = format!("Bearer {}", token("org-b"));
@@ -355,7 +343,7 @@ async fn sequential_requests_share_one_legacy_connection() {
         }
         let r = if i % 2 == 0 {
             request(
-                server.proxy_addr,
+                h.proxy_addr,
                 "GET",
                 &format!("/api/v1/agents/{i}"),
                 &[],
@@ -365,35 +353,35 @@ async fn sequential_requests_share_one_legacy_connection() {
         } else {
             // Legacy-bound chats use the same pool.
             request(
-                server.proxy_addr,
+                h.proxy_addr,
                 "POST",
                 &format!("/api/v1/chat/sessions/s-{i}"),
                 &[("authorization", &auth)],
-                br#"{"message":"hi"}"#,
+                HI.as_bytes(),
             )
             .await
         };
         assert_eq!(r.status, 200);
         assert!(r.complete);
     }
-    assert_eq!(legacy.work().len(), requests);
+    assert_eq!(h.legacy.work().len(), requests);
     // Without a pool there would be one connection per request; allow one spare for a scheduler
     // that was slower than the pause above.
-    let opened = legacy.connections();
+    let opened = h.legacy.connections();
     assert!(
         opened <= 2,
         "{requests} requests opened {opened} legacy connections"
     );
 
     // Several requests on one client connection as well.
-    let mut c = Client::connect(server.proxy_addr).await;
+    let mut c = Client::connect(h.proxy_addr).await;
     for i in 0..3 {
         tokio::time::sleep(Duration::from_millis(15)).await;
         c.send("GET", &format!("/api/v1/ping/{i}"), &[], b"").await;
         let r = c.read_response().await;
         assert_eq!(r.status, 200);
     }
-    assert!(legacy.connections() <= opened + 1);
+    assert!(h.legacy.connections() <= opened + 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

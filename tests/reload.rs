@@ -3,58 +3,24 @@
 //! the config they started with, and restart-only keys are reported while the rest applies.
 //!
 //! The proxy runs in-process with the file watched (`LocalServer::start(config, Some(path))`),
-//! except for SIGHUP, which is sent to the real binary. The reload counters are process-wide, so
-//! the tests of this file take `SERIAL` and run one at a time.
+//! except for SIGHUP, which is sent to the real binary.
 
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cutover_proxy::app::LocalServer;
 use cutover_proxy::core::config::Config;
-use cutover_proxy::ops::metrics::Metrics;
 use cutover_proxy::ops::reload::{reload_from, ReloadResult};
 use support::*;
 
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-const RT: &str = "runtime_orchestrator";
-const DIRECT: &str = "direct_llm";
 /// The contract: an edit is in force within a second.
 const WITHIN: Duration = Duration::from_secs(1);
 
 /// A fresh directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        let dir = std::env::temp_dir().join(format!(
-            "cutover-reload-{tag}-{}-{}-{nanos}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-    fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// A complete proxy.toml like `support::config`, with the given listener and `[rollout]` body.
 fn toml_text(legacy: &str, runtime: &str, listen: &str, rollout: &str) -> String {
     format!(
@@ -102,7 +68,7 @@ async fn start_watching(path: &Path) -> LocalServer {
 }
 
 async fn mode_of(addr: std::net::SocketAddr, org: &str) -> String {
-    let r = chat(addr, Some(org), "s-reload", r#"{"message":"hi"}"#).await;
+    let r = chat(addr, Some(org), "s-reload", HI).await;
     assert_eq!(r.status, 200);
     assert!(r.complete);
     r.header("x-execution-mode").unwrap_or("").to_string()
@@ -130,8 +96,10 @@ async fn until_mode(
     }
 }
 
-fn reloads(result: &str) -> u64 {
-    Metrics::global()
+fn reloads(server: &LocalServer, result: &str) -> u64 {
+    server
+        .shared
+        .metrics
         .config_reloads_total
         .with_label_values(&[result])
         .get()
@@ -146,7 +114,6 @@ async fn upstreams() -> (Upstream, Upstream) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_place_rewrite_takes_effect_within_a_second() {
-    let _serial = SERIAL.lock().await;
     let (legacy, runtime) = upstreams().await;
     let dir = TempDir::new("inplace");
     let path = dir.join("proxy.toml");
@@ -166,7 +133,6 @@ async fn in_place_rewrite_takes_effect_within_a_second() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rename_over_the_file_takes_effect_within_a_second() {
-    let _serial = SERIAL.lock().await;
     let (legacy, runtime) = upstreams().await;
     let dir = TempDir::new("rename");
     let path = dir.join("proxy.toml");
@@ -228,7 +194,6 @@ impl ConfigMap {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn configmap_data_symlink_swap_takes_effect_within_a_second() {
-    let _serial = SERIAL.lock().await;
     let (legacy, runtime) = upstreams().await;
     let mut cm = ConfigMap::new(&with_org_a(&legacy, &runtime, true));
     let server = start_watching(&cm.path()).await;
@@ -246,7 +211,6 @@ async fn configmap_data_symlink_swap_takes_effect_within_a_second() {
 /// is an edit of proxy.toml too, though it happens outside the watched directory.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edit_of_a_symlinked_file_in_another_directory_takes_effect_within_a_second() {
-    let _serial = SERIAL.lock().await;
     let (legacy, runtime) = upstreams().await;
     let etc = TempDir::new("link");
     let srv = TempDir::new("target");
@@ -265,7 +229,6 @@ async fn edit_of_a_symlinked_file_in_another_directory_takes_effect_within_a_sec
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broken_file_keeps_the_last_good_config_is_counted_once_and_a_fix_reloads() {
-    let _serial = SERIAL.lock().await;
     let (legacy, runtime) = upstreams().await;
     let dir = TempDir::new("broken");
     let path = dir.join("proxy.toml");
@@ -273,39 +236,45 @@ async fn broken_file_keeps_the_last_good_config_is_counted_once_and_a_fix_reload
     std::fs::write(&path, &good).unwrap();
     let server = start_watching(&path).await;
     assert_eq!(mode_of(server.proxy_addr, "org-a").await, RT);
-    let invalid0 = reloads("invalid");
-    let success0 = reloads("success");
+    let invalid0 = reloads(&server, "invalid");
+    let success0 = reloads(&server, "success");
 
     // A syntax error, with org-a removed: nothing of it may apply.
     let broken = with_org_a(&legacy, &runtime, false).replace("[breaker]", "[breaker");
     std::fs::write(&path, &broken).unwrap();
     assert!(
-        eventually(WITHIN, || reloads("invalid") == invalid0 + 1).await,
+        eventually(WITHIN, || reloads(&server, "invalid") == invalid0 + 1).await,
         "syntax error not refused within a second"
     );
     // Refused once, not once per poll or per file event: wait out several poll periods.
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    assert_eq!(reloads("invalid"), invalid0 + 1, "refusal counted again");
     assert_eq!(
-        cutover_proxy::ops::metrics::Metrics::global()
-            .config_file_valid
-            .get(),
+        reloads(&server, "invalid"),
+        invalid0 + 1,
+        "refusal counted again"
+    );
+    assert_eq!(
+        server.shared.metrics.config_file_valid.get(),
         0,
         "a refused file on disk must stay visible after the refusal was counted"
     );
     assert_eq!(mode_of(server.proxy_addr, "org-a").await, RT);
-    assert_eq!(reloads("success"), success0);
+    assert_eq!(reloads(&server, "success"), success0);
 
     // A value that parses but fails validation.
     let invalid =
         with_org_a(&legacy, &runtime, false).replace("[breaker]\n", "[breaker]\nerror_rate = 2\n");
     std::fs::write(&path, &invalid).unwrap();
     assert!(
-        eventually(WITHIN, || reloads("invalid") == invalid0 + 2).await,
+        eventually(WITHIN, || reloads(&server, "invalid") == invalid0 + 2).await,
         "error_rate = 2 not refused within a second"
     );
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(reloads("invalid"), invalid0 + 2, "refusal counted again");
+    assert_eq!(
+        reloads(&server, "invalid"),
+        invalid0 + 2,
+        "refusal counted again"
+    );
     assert_eq!(mode_of(server.proxy_addr, "org-a").await, RT);
     assert_eq!(server.shared.snapshot().config.breaker.error_rate, 0.5);
 
@@ -313,19 +282,13 @@ async fn broken_file_keeps_the_last_good_config_is_counted_once_and_a_fix_reload
     let t = Instant::now();
     std::fs::write(&path, with_org_a(&legacy, &runtime, false)).unwrap();
     until_mode(server.proxy_addr, "org-a", DIRECT, t, WITHIN).await;
-    assert_eq!(reloads("success"), success0 + 1);
-    assert_eq!(reloads("invalid"), invalid0 + 2);
-    assert_eq!(
-        cutover_proxy::ops::metrics::Metrics::global()
-            .config_file_valid
-            .get(),
-        1
-    );
+    assert_eq!(reloads(&server, "success"), success0 + 1);
+    assert_eq!(reloads(&server, "invalid"), invalid0 + 2);
+    assert_eq!(server.shared.metrics.config_file_valid.get(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_in_flight_during_a_reload_completes_under_the_config_it_started_with() {
-    let _serial = SERIAL.lock().await;
     let legacy = Upstream::start(echo_legacy).await;
     // The execution of session s-held is held until released; any other answers at once. (By
     // session, not by order: the harness records a request before its handler runs.)
@@ -395,7 +358,6 @@ async fn stream_in_flight_during_a_reload_completes_under_the_config_it_started_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_request_fails_while_the_config_is_swapped_repeatedly() {
-    let _serial = SERIAL.lock().await;
     let (legacy, runtime) = upstreams().await;
     let dir = TempDir::new("churn");
     let path = dir.join("proxy.toml");
@@ -447,7 +409,6 @@ async fn no_request_fails_while_the_config_is_swapped_repeatedly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_only_keys_are_reported_and_the_rest_of_the_change_applies() {
-    let _serial = SERIAL.lock().await;
     let (legacy, runtime) = upstreams().await;
     let dir = TempDir::new("restart");
     let path = dir.join("proxy.toml");
@@ -477,7 +438,6 @@ async fn restart_only_keys_are_reported_and_the_rest_of_the_change_applies() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_addresses_and_timeouts_are_reloadable() {
-    let _serial = SERIAL.lock().await;
     let legacy = Upstream::start(echo_legacy).await;
     let legacy2 = Upstream::start(echo_legacy).await;
     // Executions take 600 ms.
@@ -544,7 +504,6 @@ async fn upstream_addresses_and_timeouts_are_reloadable() {
 /// config at every line.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_neighbour_file_does_not_postpone_a_reload() {
-    let _serial = SERIAL.lock().await;
     let (legacy, runtime) = upstreams().await;
     let dir = TempDir::new("neighbour");
     let path = dir.join("proxy.toml");
@@ -587,7 +546,6 @@ async fn a_busy_neighbour_file_does_not_postpone_a_reload() {
 /// this process while nothing changes, with a config padded to 1 MB so the loop cannot hide.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unchanged_file_is_not_read_again_and_again() {
-    let _serial = SERIAL.lock().await;
     let (legacy, runtime) = upstreams().await;
     let dir = TempDir::new("quiet");
     let path = dir.join("proxy.toml");
@@ -665,14 +623,6 @@ impl Drop for Binary {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 async fn scrape(addr: std::net::SocketAddr, series: &str) -> u64 {
     let mut c = Client::connect(addr).await;
     c.send("GET", "/metrics", &[], b"").await;
@@ -685,7 +635,6 @@ async fn scrape(addr: std::net::SocketAddr, series: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_running_binary() {
-    let _serial = SERIAL.lock().await;
     // Boxed: this future is too large for the test thread's stack in debug builds.
     Box::pin(sighup_scenario()).await;
 }

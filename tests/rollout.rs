@@ -1,9 +1,6 @@
 //! The rollout tools beyond the allowlist, end to end: `runtime_percent` (sticky per org),
 //! `direct_orgs` (the denylist, which wins over everything), and `shadow_percent` (a background
 //! copy of direct_llm chats to the runtime that never touches the client's answer or the breaker).
-//!
-//! Shadow outcomes and execution counters are process-wide metrics, so the tests of this file
-//! take `SERIAL` and run one at a time.
 
 mod support;
 
@@ -16,17 +13,13 @@ use cutover_proxy::app::LocalServer;
 use cutover_proxy::core::breaker::State;
 use cutover_proxy::core::config::{Config, Mode};
 use cutover_proxy::core::routing::org_bucket;
-use cutover_proxy::ops::metrics::Metrics;
 use serde_json::{json, Value};
 use support::*;
 
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-const RT: &str = "runtime_orchestrator";
-const DIRECT: &str = "direct_llm";
-
-fn shadow_count(outcome: &str) -> u64 {
-    Metrics::global()
+fn shadow_count(server: &LocalServer, outcome: &str) -> u64 {
+    server
+        .shared
+        .metrics
         .shadow_total
         .with_label_values(&[outcome])
         .get()
@@ -53,7 +46,7 @@ fn mode_reason(r: &Response) -> (String, String) {
 }
 
 async fn ask(server: &LocalServer, org: Option<&str>) -> (String, String) {
-    let r = chat(server.proxy_addr, org, "s-rollout", r#"{"message":"hi"}"#).await;
+    let r = chat(server.proxy_addr, org, "s-rollout", HI).await;
     assert_eq!(r.status, 200);
     assert!(r.complete);
     let names: Vec<String> = r.events().into_iter().map(|(e, _)| e).collect();
@@ -87,7 +80,6 @@ async fn window(server: &LocalServer) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runtime_percent_moves_about_half_of_the_orgs_each_one_sticky() {
-    let _serial = SERIAL.lock().await;
     let legacy = Upstream::start(echo_legacy).await;
     let runtime = Upstream::start(healthy_runtime).await;
     let server = proxy(rollout_config(&legacy, &runtime, |c| {
@@ -138,7 +130,6 @@ async fn runtime_percent_moves_about_half_of_the_orgs_each_one_sticky() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn direct_orgs_win_over_the_allowlist_the_percentage_and_default_mode() {
-    let _serial = SERIAL.lock().await;
     let legacy = Upstream::start(echo_legacy).await;
     let runtime = Upstream::start(healthy_runtime).await;
 
@@ -213,16 +204,17 @@ async fn release_until(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shadow_copy_never_delays_the_legacy_answer_and_its_outcome_is_recorded() {
-    let _serial = SERIAL.lock().await;
     let legacy = Upstream::start(echo_legacy).await;
     let runtime = Upstream::start(held_runtime).await;
     let server = proxy(rollout_config(&legacy, &runtime, |c| {
         c.rollout.shadow_percent = 100.0
     }))
     .await;
-    let success0 = shadow_count("success");
-    let events0 = Metrics::global().shadow_events_total.get();
-    let executions0 = Metrics::global()
+    let success0 = shadow_count(&server, "success");
+    let events0 = server.shared.metrics.shadow_events_total.get();
+    let executions0 = server
+        .shared
+        .metrics
         .execution_total
         .with_label_values(&[RT])
         .get();
@@ -257,7 +249,7 @@ async fn shadow_copy_never_delays_the_legacy_answer_and_its_outcome_is_recorded(
         "the runtime cannot tell a copy from a real execution"
     );
     assert_eq!(
-        shadow_count("success"),
+        shadow_count(&server, "success"),
         success0,
         "shadow finished while held"
     );
@@ -265,15 +257,18 @@ async fn shadow_copy_never_delays_the_legacy_answer_and_its_outcome_is_recorded(
 
     // Released, the shadow completes and is recorded as such, apart from real executions.
     assert!(
-        release_until(&runtime, Duration::from_secs(5), || shadow_count("success")
-            == success0 + 1)
+        release_until(&runtime, Duration::from_secs(5), || shadow_count(
+            &server, "success"
+        ) == success0 + 1)
         .await,
         "shadow outcome not recorded"
     );
     assert!(eventually(Duration::from_secs(1), || shadow_in_flight(&server) == 0).await);
-    assert_eq!(Metrics::global().shadow_events_total.get(), events0 + 2);
+    assert_eq!(server.shared.metrics.shadow_events_total.get(), events0 + 2);
     assert_eq!(
-        Metrics::global()
+        server
+            .shared
+            .metrics
             .execution_total
             .with_label_values(&[RT])
             .get(),
@@ -287,7 +282,6 @@ async fn shadow_copy_never_delays_the_legacy_answer_and_its_outcome_is_recorded(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shadow_failures_never_open_the_breaker() {
-    let _serial = SERIAL.lock().await;
     let legacy = Upstream::start(echo_legacy).await;
     let n = Arc::new(AtomicUsize::new(0));
     let calls = n.clone();
@@ -315,7 +309,7 @@ async fn shadow_failures_never_open_the_breaker() {
     .await;
     let min_requests = server.shared.snapshot().config.breaker.min_requests as usize;
     let copies = min_requests + 6;
-    let errors0 = shadow_count("error");
+    let errors0 = shadow_count(&server, "error");
 
     for i in 0..copies {
         let r = chat(
@@ -328,11 +322,11 @@ async fn shadow_failures_never_open_the_breaker() {
         assert_legacy_answer(&r, "default");
     }
     assert!(
-        eventually(Duration::from_secs(5), || shadow_count("error")
+        eventually(Duration::from_secs(5), || shadow_count(&server, "error")
             == errors0 + copies as u64)
         .await,
         "shadow errors not recorded: {} of {copies}",
-        shadow_count("error") - errors0
+        shadow_count(&server, "error") - errors0
     );
     assert_eq!(n.load(Ordering::SeqCst), copies);
 
@@ -349,7 +343,6 @@ async fn shadow_failures_never_open_the_breaker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shadow_copies_beyond_max_inflight_are_skipped() {
-    let _serial = SERIAL.lock().await;
     let legacy = Upstream::start(echo_legacy).await;
     let runtime = Upstream::start(held_runtime).await;
     let server = proxy(rollout_config(&legacy, &runtime, |c| {
@@ -357,8 +350,8 @@ async fn shadow_copies_beyond_max_inflight_are_skipped() {
         c.rollout.shadow_max_inflight = 2;
     }))
     .await;
-    let skipped0 = shadow_count("skipped");
-    let success0 = shadow_count("success");
+    let skipped0 = shadow_count(&server, "skipped");
+    let success0 = shadow_count(&server, "success");
 
     for i in 0..5 {
         let r = chat(
@@ -377,13 +370,14 @@ async fn shadow_copies_beyond_max_inflight_are_skipped() {
         2,
         "more copies in flight than the bound"
     );
-    assert_eq!(shadow_count("skipped"), skipped0 + 3);
+    assert_eq!(shadow_count(&server, "skipped"), skipped0 + 3);
     assert_eq!(shadow_in_flight(&server), 2);
     assert_eq!(legacy.work().len(), 5);
 
     assert!(
-        release_until(&runtime, Duration::from_secs(5), || shadow_count("success")
-            == success0 + 2)
+        release_until(&runtime, Duration::from_secs(5), || shadow_count(
+            &server, "success"
+        ) == success0 + 2)
         .await
     );
     assert!(eventually(Duration::from_secs(1), || shadow_in_flight(&server) == 0).await);
@@ -398,16 +392,15 @@ async fn shadow_copies_beyond_max_inflight_are_skipped() {
     .await;
     assert_legacy_answer(&r, "default");
     runtime.wait_for_work(3).await;
-    assert_eq!(shadow_count("skipped"), skipped0 + 3);
+    assert_eq!(shadow_count(&server, "skipped"), skipped0 + 3);
     release_until(&runtime, Duration::from_secs(5), || {
-        shadow_count("success") == success0 + 3
+        shadow_count(&server, "success") == success0 + 3
     })
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_direct_llm_chats_of_verified_orgs_off_the_denylist_are_shadowed() {
-    let _serial = SERIAL.lock().await;
     let legacy = Upstream::start(echo_legacy).await;
     let runtime = Upstream::start(healthy_runtime).await;
     let server = proxy(rollout_config(&legacy, &runtime, |c| {
@@ -468,7 +461,6 @@ async fn only_direct_llm_chats_of_verified_orgs_off_the_denylist_are_shadowed() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shadow_timeouts_are_judged_like_relayed_streams() {
-    let _serial = SERIAL.lock().await;
     let legacy = Upstream::start(echo_legacy).await;
     // s-complete: execution_complete, then silence without [DONE]; s-silent: silence only.
     let runtime = Upstream::start(|req| {
@@ -491,7 +483,10 @@ async fn shadow_timeouts_are_judged_like_relayed_streams() {
         c.runtime.execution_timeout_ms = 400;
     }))
     .await;
-    let (success0, timeout0) = (shadow_count("success"), shadow_count("timeout"));
+    let (success0, timeout0) = (
+        shadow_count(&server, "success"),
+        shadow_count(&server, "timeout"),
+    );
 
     let r = chat(
         server.proxy_addr,
@@ -502,7 +497,7 @@ async fn shadow_timeouts_are_judged_like_relayed_streams() {
     .await;
     assert_legacy_answer(&r, "default");
     assert!(
-        eventually(Duration::from_secs(3), || shadow_count("success")
+        eventually(Duration::from_secs(3), || shadow_count(&server, "success")
             == success0 + 1)
         .await,
         "a completed execution whose [DONE] never came is a success"
@@ -516,7 +511,7 @@ async fn shadow_timeouts_are_judged_like_relayed_streams() {
     .await;
     assert_legacy_answer(&r, "default");
     assert!(
-        eventually(Duration::from_secs(3), || shadow_count("timeout")
+        eventually(Duration::from_secs(3), || shadow_count(&server, "timeout")
             == timeout0 + 1)
         .await,
         "an execution past execution_timeout_ms is a timeout"

@@ -12,12 +12,9 @@ mod support;
 use std::time::{Duration, Instant};
 
 use cutover_proxy::app::LocalServer;
-use cutover_proxy::ops::metrics::Metrics;
 use serde_json::{json, Value};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-const RT: &str = "runtime_orchestrator";
 
 /// Taken by the tests that move the timeout or cancellation counters, so the deltas they assert
 /// are their own.
@@ -93,8 +90,10 @@ fn ends_with_one_error(r: &Response) -> (Vec<(String, String)>, Value) {
     (events, err)
 }
 
-fn dropped(cause: &str) -> u64 {
-    Metrics::global()
+fn dropped(server: &LocalServer, cause: &str) -> u64 {
+    server
+        .shared
+        .metrics
         .sse_dropped_frames_total
         .with_label_values(&[cause])
         .get()
@@ -157,30 +156,24 @@ async fn events_reach_the_client_whole_whatever_the_runtime_framing() {
         steps.push(Step::Send(packed));
         steps
     }
-    let runtime = Upstream::start(|req: &Received| {
-        if req.path == "/health" {
-            return Reply::json(200, json!({"status": "ok"}));
-        }
-        let sep = match req.json()["session_id"].as_str() {
-            Some("crlf") => "\r\n",
-            Some("lf") => "\n",
-            Some("cr") => "\r",
-            other => panic!("unexpected session {other:?}"),
-        };
-        Reply::sse(script(sep))
-    })
-    .await;
-    let legacy = Upstream::start(echo_legacy).await;
-    let server = proxy(config(&legacy.address(), &runtime.address())).await;
+    let h = Harness::new()
+        .runtime(|req: &Received| {
+            if req.path == "/health" {
+                return Reply::json(200, json!({"status": "ok"}));
+            }
+            let sep = match req.json()["session_id"].as_str() {
+                Some("crlf") => "\r\n",
+                Some("lf") => "\n",
+                Some("cr") => "\r",
+                other => panic!("unexpected session {other:?}"),
+            };
+            Reply::sse(script(sep))
+        })
+        .start()
+        .await;
 
     for session in ["crlf", "lf", "cr"] {
-        let r = chat(
-            server.proxy_addr,
-            Some("org-a"),
-            session,
-            r#"{"message":"hi"}"#,
-        )
-        .await;
+        let r = chat(h.proxy_addr, Some("org-a"), session, HI).await;
         assert_eq!(r.status, 200, "{session}");
         assert_eq!(r.header("x-execution-mode"), Some(RT), "{session}");
         assert!(r.complete, "{session}: response not terminated");
@@ -229,26 +222,26 @@ async fn events_reach_the_client_whole_whatever_the_runtime_framing() {
         assert_eq!(done["sessionId"], session);
         assert_eq!(done["executionMode"], RT);
     }
-    assert!(legacy.work().is_empty());
+    assert!(h.legacy.work().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_event_arrives_while_the_runtime_still_holds_the_second() {
-    let runtime = Upstream::start(runtime_script(vec![
-        Step::Send(frame("text_chunk", json!({"content": "first"}))),
-        Step::WaitRelease,
-        Step::Send(frame("text_chunk", json!({"content": "second"}))),
-        Step::Send(frame(
-            "execution_complete",
-            json!({"final_response": "first second"}),
-        )),
-        Step::Send(done_frame()),
-    ]))
-    .await;
-    let legacy = Upstream::start(echo_legacy).await;
-    let server = proxy(config(&legacy.address(), &runtime.address())).await;
+    let h = Harness::new()
+        .runtime(runtime_script(vec![
+            Step::Send(frame("text_chunk", json!({"content": "first"}))),
+            Step::WaitRelease,
+            Step::Send(frame("text_chunk", json!({"content": "second"}))),
+            Step::Send(frame(
+                "execution_complete",
+                json!({"final_response": "first second"}),
+            )),
+            Step::Send(done_frame()),
+        ]))
+        .start()
+        .await;
 
-    let mut c = Client::connect(server.proxy_addr).await;
+    let mut c = Client::connect(h.proxy_addr).await;
     let auth = format!("Bearer {}", token("org-a"));
     c.send(
         "POST",
@@ -257,17 +250,17 @@ async fn first_event_arrives_while_the_runtime_still_holds_the_second() {
             ("content-type", "application/json"),
             ("authorization", &auth),
         ],
-        br#"{"message":"hi"}"#,
+        HI.as_bytes(),
     )
     .await;
-    // The runtime sends the second event only once the client holds the first: a proxy that
+    // The h.runtime sends the second event only once the client holds the first: a proxy that
     // buffered anything until the end would leave both waiting until the timeout below.
     let mut seen = Vec::new();
     let r = tokio::time::timeout(
         Duration::from_secs(5),
         c.read_response_with(|chunk| {
             if seen.is_empty() {
-                runtime.release();
+                h.runtime.release();
             }
             seen.push(String::from_utf8_lossy(chunk).to_string());
         }),
@@ -286,26 +279,20 @@ async fn first_event_arrives_while_the_runtime_still_holds_the_second() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_ending_without_execution_complete_is_truncated() {
     // Chunked body ends cleanly, but neither execution_complete nor [DONE] came.
-    let runtime = Upstream::start(runtime_script(vec![Step::Send(frame(
-        "text_chunk",
-        json!({"content": "half an answer"}),
-    ))]))
-    .await;
-    let legacy = Upstream::start(echo_legacy).await;
-    let server = proxy(config(&legacy.address(), &runtime.address())).await;
+    let h = Harness::new()
+        .runtime(runtime_script(vec![Step::Send(frame(
+            "text_chunk",
+            json!({"content": "half an answer"}),
+        ))]))
+        .start()
+        .await;
 
-    let r = chat(
-        server.proxy_addr,
-        Some("org-a"),
-        "s-trunc",
-        r#"{"message":"hi"}"#,
-    )
-    .await;
+    let r = h.chat("org-a").session("s-trunc").send().await;
     let (events, err) = ends_with_one_error(&r);
     assert_eq!(names(&events), ["message", "error"]);
     assert_eq!(err["code"], "STREAM_TRUNCATED");
 
-    let stats = runtime_stats(&server, 1).await;
+    let stats = runtime_stats(&h, 1).await;
     assert_eq!(
         (stats["total"].as_u64(), stats["error"].as_u64()),
         (Some(1), Some(1)),
@@ -315,21 +302,15 @@ async fn stream_ending_without_execution_complete_is_truncated() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn done_marker_without_execution_complete_is_truncated() {
-    let runtime = Upstream::start(runtime_script(vec![
-        Step::Send(frame("text_chunk", json!({"content": "x"}))),
-        Step::Send(done_frame()),
-    ]))
-    .await;
-    let legacy = Upstream::start(echo_legacy).await;
-    let server = proxy(config(&legacy.address(), &runtime.address())).await;
+    let h = Harness::new()
+        .runtime(runtime_script(vec![
+            Step::Send(frame("text_chunk", json!({"content": "x"}))),
+            Step::Send(done_frame()),
+        ]))
+        .start()
+        .await;
 
-    let r = chat(
-        server.proxy_addr,
-        Some("org-a"),
-        "s-done",
-        r#"{"message":"hi"}"#,
-    )
-    .await;
+    let r = h.chat("org-a").session("s-done").send().await;
     let (events, err) = ends_with_one_error(&r);
     assert_eq!(names(&events), ["message", "error"]);
     assert_eq!(err["code"], "STREAM_TRUNCATED");
@@ -340,32 +321,26 @@ async fn runtime_dying_mid_stream_ends_with_one_error_event() {
     // Two ways to die: after a whole frame, and in the middle of one (whose half must not
     // reach the client).
     let half = frame("text_chunk", json!({"content": "never finished"}));
-    let runtime = Upstream::start(move |req: &Received| {
-        if req.path == "/health" {
-            return Reply::json(200, json!({"status": "ok"}));
-        }
-        let mut steps = vec![Step::Send(frame(
-            "text_chunk",
-            json!({"content": "before"}),
-        ))];
-        if req.json()["session_id"] == "mid-frame" {
-            steps.push(Step::Send(half[..half.len() / 2].to_vec()));
-        }
-        steps.push(Step::Close);
-        Reply::sse(steps)
-    })
-    .await;
-    let legacy = Upstream::start(echo_legacy).await;
-    let server = proxy(config(&legacy.address(), &runtime.address())).await;
+    let h = Harness::new()
+        .runtime(move |req: &Received| {
+            if req.path == "/health" {
+                return Reply::json(200, json!({"status": "ok"}));
+            }
+            let mut steps = vec![Step::Send(frame(
+                "text_chunk",
+                json!({"content": "before"}),
+            ))];
+            if req.json()["session_id"] == "mid-frame" {
+                steps.push(Step::Send(half[..half.len() / 2].to_vec()));
+            }
+            steps.push(Step::Close);
+            Reply::sse(steps)
+        })
+        .start()
+        .await;
 
     for session in ["between-frames", "mid-frame"] {
-        let r = chat(
-            server.proxy_addr,
-            Some("org-a"),
-            session,
-            r#"{"message":"hi"}"#,
-        )
-        .await;
+        let r = chat(h.proxy_addr, Some("org-a"), session, HI).await;
         let (events, err) = ends_with_one_error(&r);
         assert_eq!(names(&events), ["message", "error"], "{session}");
         assert_eq!(data_of(&events[0])["data"]["content"], "before");
@@ -374,14 +349,14 @@ async fn runtime_dying_mid_stream_ends_with_one_error_event() {
             "{session}: a reset is not a clean end"
         );
     }
-    let stats = runtime_stats(&server, 2).await;
+    let stats = runtime_stats(&h, 2).await;
     assert_eq!(
         (stats["total"].as_u64(), stats["error"].as_u64()),
         (Some(2), Some(2)),
         "{stats}"
     );
     assert!(
-        legacy.work().is_empty(),
+        h.legacy.work().is_empty(),
         "bytes reached the client: no failover"
     );
 }
@@ -396,38 +371,33 @@ async fn frame_over_the_limit_ends_with_frame_too_large() {
         &[b'y'; 700],
     ]
     .concat();
-    let runtime = Upstream::start(move |req: &Received| {
-        if req.path == "/health" {
-            return Reply::json(200, json!({"status": "ok"}));
-        }
-        let mut steps = vec![Step::Send(frame("text_chunk", json!({"content": "small"})))];
-        if req.json()["session_id"] == "terminated" {
-            steps.push(Step::Send(big.clone()));
-            steps.push(Step::Send(frame("execution_complete", json!({}))));
-            steps.push(Step::Send(done_frame()));
-        } else {
-            steps.push(Step::Send(endless.clone()));
-            steps.push(Step::Send(vec![b'z'; 700]));
-            steps.push(Step::Hang);
-        }
-        Reply::sse(steps)
-    })
-    .await;
-    let legacy = Upstream::start(echo_legacy).await;
-    let mut cfg = config(&legacy.address(), &runtime.address());
-    cfg.runtime.max_frame_bytes = 1024;
-    cfg.runtime.execution_timeout_ms = 10_000;
-    let server = proxy(cfg).await;
+    let h = Harness::new()
+        .runtime(move |req: &Received| {
+            if req.path == "/health" {
+                return Reply::json(200, json!({"status": "ok"}));
+            }
+            let mut steps = vec![Step::Send(frame("text_chunk", json!({"content": "small"})))];
+            if req.json()["session_id"] == "terminated" {
+                steps.push(Step::Send(big.clone()));
+                steps.push(Step::Send(frame("execution_complete", json!({}))));
+                steps.push(Step::Send(done_frame()));
+            } else {
+                steps.push(Step::Send(endless.clone()));
+                steps.push(Step::Send(vec![b'z'; 700]));
+                steps.push(Step::Hang);
+            }
+            Reply::sse(steps)
+        })
+        .config(move |cfg| {
+            cfg.runtime.max_frame_bytes = 1024;
+            cfg.runtime.execution_timeout_ms = 10_000;
+        })
+        .start()
+        .await;
 
     for session in ["terminated", "endless"] {
         let started = Instant::now();
-        let r = chat(
-            server.proxy_addr,
-            Some("org-a"),
-            session,
-            r#"{"message":"hi"}"#,
-        )
-        .await;
+        let r = chat(h.proxy_addr, Some("org-a"), session, HI).await;
         assert!(
             started.elapsed() < Duration::from_secs(5),
             "{session}: waited for the timeout"
@@ -440,34 +410,28 @@ async fn frame_over_the_limit_ends_with_frame_too_large() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn execution_error_becomes_one_error_event_with_the_runtime_code() {
-    let runtime = Upstream::start(|req: &Received| {
-        if req.path == "/health" {
-            return Reply::json(200, json!({"status": "ok"}));
-        }
-        let err = if req.json()["session_id"] == "with-code" {
-            json!({"error": "tool crashed", "code": "TOOL_FAILED"})
-        } else {
-            json!({"error": "something broke"})
-        };
-        Reply::sse(vec![
-            Step::Send(frame("text_chunk", json!({"content": "working"}))),
-            Step::Send(frame("execution_error", err)),
-            // Whatever follows an execution_error is not relayed.
-            Step::Send(frame("text_chunk", json!({"content": "after"}))),
-            Step::Send(done_frame()),
-        ])
-    })
-    .await;
-    let legacy = Upstream::start(echo_legacy).await;
-    let server = proxy(config(&legacy.address(), &runtime.address())).await;
+    let h = Harness::new()
+        .runtime(|req: &Received| {
+            if req.path == "/health" {
+                return Reply::json(200, json!({"status": "ok"}));
+            }
+            let err = if req.json()["session_id"] == "with-code" {
+                json!({"error": "tool crashed", "code": "TOOL_FAILED"})
+            } else {
+                json!({"error": "something broke"})
+            };
+            Reply::sse(vec![
+                Step::Send(frame("text_chunk", json!({"content": "working"}))),
+                Step::Send(frame("execution_error", err)),
+                // Whatever follows an execution_error is not relayed.
+                Step::Send(frame("text_chunk", json!({"content": "after"}))),
+                Step::Send(done_frame()),
+            ])
+        })
+        .start()
+        .await;
 
-    let r = chat(
-        server.proxy_addr,
-        Some("org-a"),
-        "with-code",
-        r#"{"message":"hi"}"#,
-    )
-    .await;
+    let r = h.chat("org-a").session("with-code").send().await;
     let (events, err) = ends_with_one_error(&r);
     assert_eq!(names(&events), ["message", "error"]);
     assert_eq!(
@@ -475,13 +439,7 @@ async fn execution_error_becomes_one_error_event_with_the_runtime_code() {
         json!({"code": "TOOL_FAILED", "message": "tool crashed"})
     );
 
-    let r = chat(
-        server.proxy_addr,
-        Some("org-a"),
-        "without-code",
-        r#"{"message":"hi"}"#,
-    )
-    .await;
+    let r = h.chat("org-a").session("without-code").send().await;
     let (events, err) = ends_with_one_error(&r);
     assert_eq!(names(&events), ["message", "error"]);
     assert_eq!(
@@ -489,7 +447,7 @@ async fn execution_error_becomes_one_error_event_with_the_runtime_code() {
         json!({"code": "SSE_STREAM_ERROR", "message": "something broke"})
     );
 
-    let stats = runtime_stats(&server, 2).await;
+    let stats = runtime_stats(&h, 2).await;
     assert_eq!(
         (stats["total"].as_u64(), stats["error"].as_u64()),
         (Some(2), Some(2)),
@@ -499,30 +457,24 @@ async fn execution_error_becomes_one_error_event_with_the_runtime_code() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runtime_frames_that_are_not_events_are_dropped_and_counted() {
-    let runtime = Upstream::start(runtime_script(vec![
-        Step::Send(b": ping\r\n\r\n".to_vec()),
-        Step::Send(frame("text_chunk", json!({"content": "a"}))),
-        Step::Send(b"data: this is not json\r\n\r\n".to_vec()),
-        Step::Send(frame("mystery_event", json!({"x": 1}))),
-        Step::Send(frame("text_chunk", json!({"content": ""}))),
-        Step::Send(frame("ping", json!({}))),
-        Step::Send(b": ping - 2026-02-09 10:00:00\r\n\r\n".to_vec()),
-        Step::Send(frame("text_chunk", json!({"content": "b"}))),
-        Step::Send(frame("execution_complete", json!({"final_response": "ab"}))),
-        Step::Send(done_frame()),
-    ]))
-    .await;
-    let legacy = Upstream::start(echo_legacy).await;
-    let server = proxy(config(&legacy.address(), &runtime.address())).await;
-    let (malformed, unknown) = (dropped("malformed"), dropped("unknown_event"));
+    let h = Harness::new()
+        .runtime(runtime_script(vec![
+            Step::Send(b": ping\r\n\r\n".to_vec()),
+            Step::Send(frame("text_chunk", json!({"content": "a"}))),
+            Step::Send(b"data: this is not json\r\n\r\n".to_vec()),
+            Step::Send(frame("mystery_event", json!({"x": 1}))),
+            Step::Send(frame("text_chunk", json!({"content": ""}))),
+            Step::Send(frame("ping", json!({}))),
+            Step::Send(b": ping - 2026-02-09 10:00:00\r\n\r\n".to_vec()),
+            Step::Send(frame("text_chunk", json!({"content": "b"}))),
+            Step::Send(frame("execution_complete", json!({"final_response": "ab"}))),
+            Step::Send(done_frame()),
+        ]))
+        .start()
+        .await;
+    let (malformed, unknown) = (dropped(&h, "malformed"), dropped(&h, "unknown_event"));
 
-    let r = chat(
-        server.proxy_addr,
-        Some("org-a"),
-        "s-drop",
-        r#"{"message":"hi"}"#,
-    )
-    .await;
+    let r = h.chat("org-a").session("s-drop").send().await;
     assert!(r.complete);
     let events = whole_events(&r);
     assert_eq!(
@@ -546,9 +498,9 @@ async fn runtime_frames_that_are_not_events_are_dropped_and_counted() {
         "message ids must be unique"
     );
 
-    assert_eq!(dropped("malformed") - malformed, 1);
-    assert_eq!(dropped("unknown_event") - unknown, 1);
-    let stats = runtime_stats(&server, 1).await;
+    assert_eq!(dropped(&h, "malformed") - malformed, 1);
+    assert_eq!(dropped(&h, "unknown_event") - unknown, 1);
+    let stats = runtime_stats(&h, 1).await;
     assert_eq!(
         (stats["total"].as_u64(), stats["success"].as_u64()),
         (Some(1), Some(1)),
@@ -558,27 +510,22 @@ async fn runtime_frames_that_are_not_events_are_dropped_and_counted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_runtime_gets_heartbeats_between_events() {
-    let runtime = Upstream::start(runtime_script(vec![
-        Step::Send(frame("text_chunk", json!({"content": "before"}))),
-        Step::Sleep(Duration::from_millis(2500)),
-        Step::Send(frame("text_chunk", json!({"content": "after"}))),
-        Step::Send(frame("execution_complete", json!({}))),
-        Step::Send(done_frame()),
-    ]))
-    .await;
-    let legacy = Upstream::start(echo_legacy).await;
-    let mut cfg = config(&legacy.address(), &runtime.address());
-    cfg.runtime.heartbeat_secs = 1;
-    cfg.runtime.execution_timeout_ms = 10_000;
-    let server = proxy(cfg).await;
+    let h = Harness::new()
+        .runtime(runtime_script(vec![
+            Step::Send(frame("text_chunk", json!({"content": "before"}))),
+            Step::Sleep(Duration::from_millis(2500)),
+            Step::Send(frame("text_chunk", json!({"content": "after"}))),
+            Step::Send(frame("execution_complete", json!({}))),
+            Step::Send(done_frame()),
+        ]))
+        .config(move |cfg| {
+            cfg.runtime.heartbeat_secs = 1;
+            cfg.runtime.execution_timeout_ms = 10_000;
+        })
+        .start()
+        .await;
 
-    let r = chat(
-        server.proxy_addr,
-        Some("org-a"),
-        "s-hb",
-        r#"{"message":"hi"}"#,
-    )
-    .await;
+    let r = h.chat("org-a").session("s-hb").send().await;
     assert!(r.complete);
     let events = whole_events(&r);
     let n = names(&events);
@@ -606,27 +553,29 @@ async fn silent_runtime_gets_heartbeats_between_events() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn execution_timeout_ends_with_a_timeout_error_event() {
     let _counters = COUNTERS.lock().await;
-    let runtime = Upstream::start(|req: &Received| {
-        if req.path == "/health" {
-            return Reply::json(200, json!({"status": "ok"}));
-        }
-        match req.json()["session_id"].as_str() {
-            // Accepts the request, never answers.
-            Some("no-header") => Reply::silent(vec![Step::Hang]),
-            Some("headers-only") => Reply::sse(vec![Step::Hang]),
-            _ => Reply::sse(vec![
-                Step::Send(frame("text_chunk", json!({"content": "thinking..."}))),
-                Step::Hang,
-            ]),
-        }
-    })
-    .await;
-    let legacy = Upstream::start(echo_legacy).await;
-    let mut cfg = config(&legacy.address(), &runtime.address());
-    cfg.runtime.execution_timeout_ms = 600;
-    let server = proxy(cfg).await;
+    let h = Harness::new()
+        .runtime(|req: &Received| {
+            if req.path == "/health" {
+                return Reply::json(200, json!({"status": "ok"}));
+            }
+            match req.json()["session_id"].as_str() {
+                // Accepts the request, never answers.
+                Some("no-header") => Reply::silent(vec![Step::Hang]),
+                Some("headers-only") => Reply::sse(vec![Step::Hang]),
+                _ => Reply::sse(vec![
+                    Step::Send(frame("text_chunk", json!({"content": "thinking..."}))),
+                    Step::Hang,
+                ]),
+            }
+        })
+        .config(move |cfg| {
+            cfg.runtime.execution_timeout_ms = 600;
+        })
+        .start()
+        .await;
     let timeouts = || {
-        Metrics::global()
+        h.shared
+            .metrics
             .execution_timeout_total
             .with_label_values(&[RT])
             .get()
@@ -634,7 +583,7 @@ async fn execution_timeout_ends_with_a_timeout_error_event() {
     let before = timeouts();
 
     // A first event then nothing; a response header then nothing; not even a header (an error
-    // event too, not a hang, and not a failover: the runtime had the whole execution time).
+    // event too, not a hang, and not a failover: the h.runtime had the whole execution time).
     let cases: [(&str, &[&str]); 3] = [
         ("first-event", &["message", "error"]),
         ("headers-only", &["error"]),
@@ -642,13 +591,7 @@ async fn execution_timeout_ends_with_a_timeout_error_event() {
     ];
     for (n, (session, expected)) in cases.into_iter().enumerate() {
         let started = Instant::now();
-        let r = chat(
-            server.proxy_addr,
-            Some("org-a"),
-            session,
-            r#"{"message":"hi"}"#,
-        )
-        .await;
+        let r = chat(h.proxy_addr, Some("org-a"), session, HI).await;
         let took = started.elapsed();
         assert!(
             took >= Duration::from_millis(550) && took < Duration::from_millis(2000),
@@ -663,14 +606,14 @@ async fn execution_timeout_ends_with_a_timeout_error_event() {
             "{session}: chat_execution_timeout_total moved by {} instead of {n}",
             timeouts() - before
         );
-        let stats = runtime_stats(&server, n).await;
+        let stats = runtime_stats(&h, n).await;
         assert_eq!(
             (stats["total"].as_u64(), stats["timeout"].as_u64()),
             (Some(n), Some(n)),
             "{session}: {stats}"
         );
     }
-    assert!(legacy.work().is_empty());
+    assert!(h.legacy.work().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -718,7 +661,9 @@ async fn client_disconnect_closes_the_runtime_connection_and_is_not_counted() {
     let legacy = Upstream::start(echo_legacy).await;
     let server = proxy(config(&legacy.address(), &runtime_addr.to_string())).await;
     let cancelled = || {
-        Metrics::global()
+        server
+            .shared
+            .metrics
             .execution_cancelled_total
             .with_label_values(&[RT])
             .get()
@@ -737,7 +682,7 @@ async fn client_disconnect_closes_the_runtime_connection_and_is_not_counted() {
                 ("content-type", "application/json"),
                 ("authorization", &auth),
             ],
-            br#"{"message":"hi"}"#,
+            HI.as_bytes(),
         )
         .await;
         c.read_response_with(|chunk| {
@@ -780,31 +725,26 @@ async fn client_disconnect_closes_the_runtime_connection_and_is_not_counted() {
 async fn runtime_hanging_after_execution_complete_gets_no_error_after_done() {
     // execution_complete came, [DONE] never does: the client already has its `done`, so the
     // deadline ends the stream without an error event, and the execution counts as a success.
-    let runtime = Upstream::start(runtime_script(vec![
-        Step::Send(frame("text_chunk", json!({"content": "answer"}))),
-        Step::Send(frame(
-            "execution_complete",
-            json!({"final_response": "answer"}),
-        )),
-        Step::Hang,
-    ]))
-    .await;
-    let legacy = Upstream::start(echo_legacy).await;
-    let mut cfg = config(&legacy.address(), &runtime.address());
-    cfg.runtime.execution_timeout_ms = 500;
-    let server = proxy(cfg).await;
+    let h = Harness::new()
+        .runtime(runtime_script(vec![
+            Step::Send(frame("text_chunk", json!({"content": "answer"}))),
+            Step::Send(frame(
+                "execution_complete",
+                json!({"final_response": "answer"}),
+            )),
+            Step::Hang,
+        ]))
+        .config(move |cfg| {
+            cfg.runtime.execution_timeout_ms = 500;
+        })
+        .start()
+        .await;
 
-    let r = chat(
-        server.proxy_addr,
-        Some("org-a"),
-        "s-late",
-        r#"{"message":"hi"}"#,
-    )
-    .await;
+    let r = h.chat("org-a").session("s-late").send().await;
     assert!(r.complete);
     let events = whole_events(&r);
     assert_eq!(names(&events), ["message", "done"], "{events:?}");
-    let stats = runtime_stats(&server, 1).await;
+    let stats = runtime_stats(&h, 1).await;
     assert_eq!(
         (stats["success"].as_u64(), stats["timeout"].as_u64()),
         (Some(1), Some(0)),
@@ -844,7 +784,7 @@ async fn client_connection_is_reusable_after_runtime_streams() {
                 ("content-type", "application/json"),
                 ("authorization", &auth),
             ],
-            br#"{"message":"hi"}"#,
+            HI.as_bytes(),
         )
         .await;
         let r = c.read_response().await;
@@ -903,7 +843,9 @@ async fn client_disconnect_before_the_runtime_answers_cancels_it() {
     cfg.runtime.execution_timeout_ms = 4_000;
     let server = proxy(cfg).await;
     let cancelled = || {
-        Metrics::global()
+        server
+            .shared
+            .metrics
             .execution_cancelled_total
             .with_label_values(&[RT])
             .get()
@@ -919,7 +861,7 @@ async fn client_disconnect_before_the_runtime_answers_cancels_it() {
             ("content-type", "application/json"),
             ("authorization", &auth),
         ],
-        br#"{"message":"hi"}"#,
+        HI.as_bytes(),
     )
     .await;
     tokio::time::timeout(Duration::from_secs(5), got_rx)
@@ -954,20 +896,16 @@ async fn execution_timeout_holds_while_the_runtime_floods_the_stream() {
         batch.extend_from_slice(&frame("text_chunk", json!({"content": "token "})));
     }
     let steps = vec![Step::Send(batch); 20_000];
-    let runtime = Upstream::start(runtime_script(steps)).await;
-    let legacy = Upstream::start(echo_legacy).await;
-    let mut cfg = config(&legacy.address(), &runtime.address());
-    cfg.runtime.execution_timeout_ms = 300;
-    let server = proxy(cfg).await;
+    let h = Harness::new()
+        .runtime(runtime_script(steps))
+        .config(move |cfg| {
+            cfg.runtime.execution_timeout_ms = 300;
+        })
+        .start()
+        .await;
 
     let started = Instant::now();
-    let r = chat(
-        server.proxy_addr,
-        Some("org-a"),
-        "flood",
-        r#"{"message":"hi"}"#,
-    )
-    .await;
+    let r = h.chat("org-a").session("flood").send().await;
     let took = started.elapsed();
     let (events, err) = ends_with_one_error(&r);
     assert_eq!(err["code"], "TIMEOUT", "after {} events", events.len());
@@ -977,19 +915,17 @@ async fn execution_timeout_holds_while_the_runtime_floods_the_stream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http10_clients_get_a_close_delimited_stream() {
     // nginx's proxy_http_version defaults to 1.0: no chunked framing, the body ends at close.
-    let runtime = Upstream::start(runtime_script(vec![
-        Step::Send(frame("text_chunk", json!({"content": "one"}))),
-        Step::Send(frame("execution_complete", json!({}))),
-        Step::Send(done_frame()),
-    ]))
-    .await;
-    let legacy = Upstream::start(echo_legacy).await;
-    let server = proxy(config(&legacy.address(), &runtime.address())).await;
+    let h = Harness::new()
+        .runtime(runtime_script(vec![
+            Step::Send(frame("text_chunk", json!({"content": "one"}))),
+            Step::Send(frame("execution_complete", json!({}))),
+            Step::Send(done_frame()),
+        ]))
+        .start()
+        .await;
 
-    let mut conn = tokio::net::TcpStream::connect(server.proxy_addr)
-        .await
-        .unwrap();
-    let body = r#"{"message":"hi"}"#;
+    let mut conn = tokio::net::TcpStream::connect(h.proxy_addr).await.unwrap();
+    let body = HI;
     let req = format!(
         "POST /api/v1/chat/sessions/s-10 HTTP/1.0\r\nhost: proxy.test\r\nauthorization: Bearer {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
         token("org-a"),
@@ -1068,13 +1004,7 @@ async fn every_http_framing_of_the_runtime_body_is_relayed() {
         let runtime = Upstream::start(raw_runtime(head, bytes)).await;
         let legacy = Upstream::start(echo_legacy).await;
         let server = proxy(config(&legacy.address(), &runtime.address())).await;
-        let r = chat(
-            server.proxy_addr,
-            Some("org-a"),
-            "s-framing",
-            r#"{"message":"hi"}"#,
-        )
-        .await;
+        let r = chat(server.proxy_addr, Some("org-a"), "s-framing", HI).await;
         assert_eq!(r.header("x-execution-mode"), Some(RT), "{name}");
         let events = whole_events(&r);
         assert_eq!(names(&events), ["message", "done"], "{name}: {events:?}");
@@ -1091,20 +1021,14 @@ async fn a_broken_chunked_body_ends_with_one_error_event() {
     let mut body = format!("{:x}\r\n", first.len()).into_bytes();
     body.extend_from_slice(&first);
     body.extend_from_slice(b"\r\nnot-a-size\r\n");
-    let runtime = Upstream::start(raw_runtime(
-        "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
-        body,
-    ))
-    .await;
-    let legacy = Upstream::start(echo_legacy).await;
-    let server = proxy(config(&legacy.address(), &runtime.address())).await;
-    let r = chat(
-        server.proxy_addr,
-        Some("org-a"),
-        "s-badchunk",
-        r#"{"message":"hi"}"#,
-    )
-    .await;
+    let h = Harness::new()
+        .runtime(raw_runtime(
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+            body,
+        ))
+        .start()
+        .await;
+    let r = h.chat("org-a").session("s-badchunk").send().await;
     let (events, err) = ends_with_one_error(&r);
     assert_eq!(names(&events), ["message", "error"]);
     assert_eq!(err["code"], "RUNTIME_DISCONNECTED");

@@ -15,14 +15,6 @@ use support::*;
 use tokio::sync::mpsc;
 
 /// A free loopback port (the listener is closed again, so the proxy can bind it).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The proxy binary running as a child process; killed if the test fails before it exits.
 struct ProxyProcess {
     child: Child,

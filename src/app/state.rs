@@ -109,9 +109,17 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// A proxy instance with its series on a registry of its own, so that instances in one
+    /// process (tests, benchmarks) do not count into each other's.
     pub fn new(config: Config) -> Arc<Shared> {
+        Shared::on_registry(config, prometheus::Registry::new())
+    }
+
+    /// A proxy instance with its series on `registry` (production: the default registry, where
+    /// Pingora's series are too).
+    pub fn on_registry(config: Config, registry: prometheus::Registry) -> Arc<Shared> {
         let now = Instant::now();
-        let metrics = Metrics::global();
+        let metrics = Metrics::leak_on(registry);
         let breaker = SharedBreaker::new(Breaker::new(BreakerSettings::from_config(&config), now));
         breaker.on_transition(move |t| {
             metrics

@@ -183,7 +183,7 @@ impl ServeHttp for MetricsApp {
         // The breaker gauges move on transitions: let an open period that is over make its
         // transition before they are read.
         self.shared.breaker.tick();
-        let body = crate::ops::metrics::render();
+        let body = self.shared.metrics.render();
         Response::builder()
             .status(StatusCode::OK)
             .header("content-type", prometheus::TEXT_FORMAT)

@@ -1,16 +1,17 @@
-//! Prometheus series, registered once in the default registry that Pingora's crates share.
+//! Prometheus series, registered once per proxy instance on the registry it is given: production
+//! uses the default registry that Pingora's crates share, each in-process test server its own.
 //!
 //! The first six names are the source document's and must not change; the rest are ours. Handles
 //! are created once and passed around, never looked up by name on the hot path. Label values are
 //! bounded: modes, reasons and outcomes are enums, and orgs are labelled only when the config names
 //! them (everything else is `other`).
 
-use std::sync::OnceLock;
+use std::collections::HashSet;
 
+use prometheus::core::Collector;
 use prometheus::{
-    register_gauge, register_histogram_vec, register_int_counter, register_int_counter_vec,
-    register_int_gauge, register_int_gauge_vec, Encoder, Gauge, HistogramVec, IntCounter,
-    IntCounterVec, IntGauge, IntGaugeVec, TextEncoder,
+    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 /// Latency buckets for chat streams: tens of milliseconds to ten minutes.
@@ -54,145 +55,197 @@ pub struct Metrics {
     pub shadow_total: IntCounterVec,
     pub shadow_latency_ms: HistogramVec,
     pub shadow_events_total: IntCounter,
+    pub bridge: BridgeMetrics,
+    /// Where the series above are registered; `render` exposes it.
+    registry: Registry,
 }
 
-static METRICS: OnceLock<Metrics> = OnceLock::new();
+fn reg<C: Collector + Clone + 'static>(r: &Registry, c: C) -> prometheus::Result<C> {
+    r.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> prometheus::Result<IntCounter> {
+    reg(r, IntCounter::new(name, help)?)
+}
+
+fn counter_vec(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntCounterVec> {
+    reg(r, IntCounterVec::new(Opts::new(name, help), labels)?)
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> prometheus::Result<IntGauge> {
+    reg(r, IntGauge::new(name, help)?)
+}
+
+fn gauge_vec(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntGaugeVec> {
+    reg(r, IntGaugeVec::new(Opts::new(name, help), labels)?)
+}
+
+fn histogram_vec(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: &[f64],
+) -> prometheus::Result<HistogramVec> {
+    let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
+    reg(r, HistogramVec::new(opts, labels)?)
+}
 
 impl Metrics {
-    /// The process-wide handles, registered on first use.
-    pub fn global() -> &'static Metrics {
-        METRICS.get_or_init(|| Metrics::register().expect("metric names are unique"))
+    /// Handles registered on `registry`, for the life of the process: every `Shared` keeps a
+    /// `&'static Metrics`, so one instance is leaked per registry.
+    pub fn leak_on(registry: Registry) -> &'static Metrics {
+        Box::leak(Box::new(
+            Metrics::register(registry).expect("metric names are unique in a fresh registry"),
+        ))
     }
 
-    fn register() -> prometheus::Result<Metrics> {
+    /// Register every series on `registry`; fails if one of the names is already there.
+    pub fn register(registry: Registry) -> prometheus::Result<Metrics> {
+        let r = &registry;
         let m = Metrics {
-            execution_total: register_int_counter_vec!(
+            execution_total: counter_vec(
+                r,
                 "chat_execution_total",
                 "Chat executions, by mode.",
                 &["mode"]
             )?,
-            execution_success_total: register_int_counter_vec!(
+            execution_success_total: counter_vec(
+                r,
                 "chat_execution_success_total",
                 "Chat executions that completed, by mode.",
                 &["mode"]
             )?,
-            execution_error_total: register_int_counter_vec!(
+            execution_error_total: counter_vec(
+                r,
                 "chat_execution_error_total",
                 "Chat executions that failed (non-2xx, connect failure, execution_error, truncated stream), by mode.",
                 &["mode"]
             )?,
-            execution_timeout_total: register_int_counter_vec!(
+            execution_timeout_total: counter_vec(
+                r,
                 "chat_execution_timeout_total",
                 "Chat executions that exceeded their timeout, by mode.",
                 &["mode"]
             )?,
-            execution_latency_ms: register_histogram_vec!(
+            execution_latency_ms: histogram_vec(
+                r,
                 "chat_execution_latency_ms",
                 "Chat execution latency in milliseconds, by mode.",
                 &["mode"],
-                LATENCY_BUCKETS_MS.to_vec()
+                LATENCY_BUCKETS_MS
             )?,
-            fallback_enabled: register_int_gauge!(
-                "chat_runtime_fallback_enabled",
-                "1 while the breaker keeps the runtime out (open, half-open or tripped by hand)."
-            )?,
-            execution_cancelled_total: register_int_counter_vec!(
+            fallback_enabled: gauge(r, "chat_runtime_fallback_enabled", "1 while the breaker keeps the runtime out (open, half-open or tripped by hand).")?,
+            execution_cancelled_total: counter_vec(
+                r,
                 "chat_execution_cancelled_total",
                 "Chat executions the client abandoned; not counted against the upstream.",
                 &["mode"]
             )?,
-            requests_total: register_int_counter_vec!(
+            requests_total: counter_vec(
+                r,
                 "chat_requests_total",
                 "Chat requests by final mode, reason and org (orgs named in the config, else other).",
                 &["mode", "reason", "org"]
             )?,
-            unverified_total: register_int_counter_vec!(
+            unverified_total: counter_vec(
+                r,
                 "chat_identity_unverified_total",
                 "Chat requests whose org could not be verified, by cause.",
                 &["cause"]
             )?,
-            rejected_total: register_int_counter_vec!(
+            rejected_total: counter_vec(
+                r,
                 "chat_requests_rejected_total",
                 "Chat requests answered by the proxy itself with a 4xx, by cause.",
                 &["cause"]
             )?,
-            failover_total: register_int_counter!(
-                "chat_runtime_failover_total",
-                "Runtime requests served by legacy because the runtime failed before the first byte."
-            )?,
-            streams_in_flight: register_int_gauge_vec!(
+            failover_total: counter(r, "chat_runtime_failover_total", "Runtime requests served by legacy because the runtime failed before the first byte.")?,
+            streams_in_flight: gauge_vec(
+                r,
                 "chat_streams_in_flight",
                 "Chat responses being streamed now, by mode.",
                 &["mode"]
             )?,
-            first_event_ms: register_histogram_vec!(
+            first_event_ms: histogram_vec(
+                r,
                 "chat_time_to_first_event_ms",
                 "Time from request to the first response byte sent to the client, by mode.",
                 &["mode"],
-                FIRST_EVENT_BUCKETS_MS.to_vec()
+                FIRST_EVENT_BUCKETS_MS
             )?,
-            sse_events_total: register_int_counter_vec!(
+            sse_events_total: counter_vec(
+                r,
                 "chat_sse_events_total",
                 "Events written to clients on the runtime path, by client event or Agent2UI type.",
                 &["type"]
             )?,
-            sse_dropped_frames_total: register_int_counter_vec!(
+            sse_dropped_frames_total: counter_vec(
+                r,
                 "chat_sse_dropped_frames_total",
                 "Runtime frames dropped, by cause (malformed, unknown_event, after_done).",
                 &["cause"]
             )?,
-            stream_errors_total: register_int_counter_vec!(
+            stream_errors_total: counter_vec(
+                r,
                 "chat_runtime_stream_errors_total",
                 "Runtime streams that ended with an error event, by code.",
                 &["code"]
             )?,
-            breaker_state: register_int_gauge_vec!(
+            breaker_state: gauge_vec(
+                r,
                 "chat_runtime_breaker_state",
                 "1 for the breaker's current state, 0 for the others.",
                 &["state"]
             )?,
-            breaker_transitions_total: register_int_counter_vec!(
+            breaker_transitions_total: counter_vec(
+                r,
                 "chat_runtime_breaker_transitions_total",
                 "Breaker state changes.",
                 &["from", "to"]
             )?,
-            health_up: register_int_gauge!(
-                "chat_runtime_health_up",
-                "1 when the last runtime health check passed."
-            )?,
-            health_checks_total: register_int_counter_vec!(
+            health_up: gauge(r, "chat_runtime_health_up", "1 when the last runtime health check passed.")?,
+            health_checks_total: counter_vec(
+                r,
                 "chat_runtime_health_checks_total",
                 "Runtime health checks, by result.",
                 &["result"]
             )?,
-            config_reloads_total: register_int_counter_vec!(
+            config_reloads_total: counter_vec(
+                r,
                 "cutover_config_reloads_total",
                 "Config reload attempts, by result (success, invalid).",
                 &["result"]
             )?,
-            config_file_valid: register_int_gauge!(
-                "cutover_config_file_valid",
-                "0 while the config file on disk is refused (the last good config stays in force), 1 otherwise."
-            )?,
-            config_last_reload_success: register_gauge!(
-                "cutover_config_last_reload_success_timestamp_seconds",
-                "Unix time of the last config load that took effect."
-            )?,
-            shadow_total: register_int_counter_vec!(
+            config_file_valid: gauge(r, "cutover_config_file_valid", "0 while the config file on disk is refused (the last good config stays in force), 1 otherwise.")?,
+            config_last_reload_success: reg(r, Gauge::new("cutover_config_last_reload_success_timestamp_seconds", "Unix time of the last config load that took effect.")?)?,
+            shadow_total: counter_vec(
+                r,
                 "chat_shadow_total",
                 "Shadow requests mirrored to the runtime, by outcome (success, error, timeout, skipped).",
                 &["outcome"]
             )?,
-            shadow_latency_ms: register_histogram_vec!(
+            shadow_latency_ms: histogram_vec(
+                r,
                 "chat_shadow_latency_ms",
                 "Latency of shadow runtime executions, by outcome.",
                 &["outcome"],
-                LATENCY_BUCKETS_MS.to_vec()
+                LATENCY_BUCKETS_MS
             )?,
-            shadow_events_total: register_int_counter!(
-                "chat_shadow_events_total",
-                "Runtime events received on shadow streams."
-            )?,
+            shadow_events_total: counter(r, "chat_shadow_events_total", "Runtime events received on shadow streams.")?,
+            bridge: BridgeMetrics::register(r)?,
+            registry: registry.clone(),
         };
         for state in ["closed", "open", "half_open"] {
             m.breaker_state
@@ -259,6 +312,30 @@ impl Metrics {
     }
 }
 
+impl Metrics {
+    /// The registry this instance's series are on.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The text exposition of this instance's series, then of the default registry's (Pingora's
+    /// own, and ours in production, where the two are one registry): a family already written is
+    /// not written again, since Prometheus refuses a scrape that repeats one.
+    pub fn render(&self) -> Vec<u8> {
+        let mut families = self.registry.gather();
+        let seen: HashSet<String> = families.iter().map(|f| f.name().to_string()).collect();
+        families.extend(
+            prometheus::gather()
+                .into_iter()
+                .filter(|f| !seen.contains(f.name())),
+        );
+        let mut out = Vec::with_capacity(16 * 1024);
+        // Encoding only fails on a malformed metric family, which registration already ruled out.
+        let _ = TextEncoder::new().encode(&families, &mut out);
+        out
+    }
+}
+
 /// The conversation bridge's series: its calls to legacy, its cache and the assistant messages
 /// it could not save. Labels are the bridge's routes and results, all exported at 0 from
 /// startup so the alerts see the first failure.
@@ -276,8 +353,6 @@ const BRIDGE_BUCKETS_SECONDS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
-static BRIDGE_METRICS: OnceLock<BridgeMetrics> = OnceLock::new();
-
 impl BridgeMetrics {
     pub const ROUTES: [&'static str; 6] = [
         "session",
@@ -290,39 +365,41 @@ impl BridgeMetrics {
     pub const RESULTS: [&'static str; 4] = ["ok", "refused", "unavailable", "invalid_id"];
     pub const CACHES: [&'static str; 2] = ["session", "agent"];
 
-    pub fn global() -> &'static BridgeMetrics {
-        BRIDGE_METRICS.get_or_init(|| BridgeMetrics::register().expect("metric names are unique"))
-    }
-
-    fn register() -> prometheus::Result<BridgeMetrics> {
+    fn register(r: &Registry) -> prometheus::Result<BridgeMetrics> {
         let m = BridgeMetrics {
-            requests_total: register_int_counter_vec!(
+            requests_total: counter_vec(
+                r,
                 "cutover_bridge_requests_total",
                 "Conversation bridge calls to legacy, by route and result (ok, refused, unavailable, invalid_id: an unsafe id never sent).",
                 &["route", "result"]
             )?,
-            request_duration_seconds: register_histogram_vec!(
+            request_duration_seconds: histogram_vec(
+                r,
                 "cutover_bridge_request_duration_seconds",
                 "Duration of conversation bridge calls to legacy in seconds, by route.",
                 &["route"],
-                BRIDGE_BUCKETS_SECONDS.to_vec()
+                BRIDGE_BUCKETS_SECONDS
             )?,
-            cache_hits_total: register_int_counter_vec!(
+            cache_hits_total: counter_vec(
+                r,
                 "cutover_bridge_cache_hits_total",
                 "Session agent ids and agent configs served from the bridge cache, by cache.",
                 &["cache"]
             )?,
-            cache_misses_total: register_int_counter_vec!(
+            cache_misses_total: counter_vec(
+                r,
                 "cutover_bridge_cache_misses_total",
                 "Bridge cache lookups that had to ask legacy, by cache.",
                 &["cache"]
             )?,
-            cache_entries: register_int_gauge_vec!(
+            cache_entries: gauge_vec(
+                r,
                 "cutover_bridge_cache_entries",
                 "Entries in the bridge cache now, by cache.",
                 &["cache"]
             )?,
-            persist_failures_total: register_int_counter!(
+            persist_failures_total: counter(
+                r,
                 "cutover_bridge_persist_failures_total",
                 "Assistant messages legacy did not save after every attempt; each is logged whole."
             )?,
@@ -342,21 +419,13 @@ impl BridgeMetrics {
     }
 }
 
-/// The text exposition of every registered series.
-pub fn render() -> Vec<u8> {
-    let mut out = Vec::with_capacity(16 * 1024);
-    // Encoding only fails on a malformed metric family, which registration already ruled out.
-    let _ = TextEncoder::new().encode(&prometheus::gather(), &mut out);
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn source_document_names_are_exported() {
-        let m = Metrics::global();
+        let m = Metrics::register(Registry::new()).unwrap();
         for mode in ["direct_llm", "runtime_orchestrator"] {
             m.execution_total.with_label_values(&[mode]).inc_by(0);
             m.execution_success_total
@@ -370,7 +439,7 @@ mod tests {
                 .with_label_values(&[mode])
                 .observe(1.0);
         }
-        let text = String::from_utf8(render()).unwrap();
+        let text = String::from_utf8(m.render()).unwrap();
         for name in [
             "chat_execution_total{mode=\"direct_llm\"}",
             "chat_execution_success_total{mode=\"runtime_orchestrator\"}",
@@ -385,7 +454,7 @@ mod tests {
 
     #[test]
     fn breaker_state_gauges_are_one_hot() {
-        let m = Metrics::global();
+        let m = Metrics::register(Registry::new()).unwrap();
         m.set_breaker_state("open");
         assert_eq!(m.breaker_state.with_label_values(&["open"]).get(), 1);
         assert_eq!(m.breaker_state.with_label_values(&["closed"]).get(), 0);

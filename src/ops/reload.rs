@@ -343,8 +343,9 @@ mod tests {
         )
     }
 
-    fn invalid() -> u64 {
-        crate::ops::metrics::Metrics::global()
+    fn invalid(shared: &Shared) -> u64 {
+        shared
+            .metrics
             .config_reloads_total
             .with_label_values(&["invalid"])
             .get()
@@ -454,13 +455,13 @@ mod tests {
         std::fs::write(&path, text("[]", "127.0.0.1:1")).unwrap();
         let shared = Shared::new(Config::load(&path).unwrap());
         std::fs::write(&path, "[server").unwrap();
-        let before = invalid();
+        let before = invalid(&shared);
         assert!(matches!(
             reload_from(&shared, &path),
             ReloadResult::Refused(_)
         ));
         // Other unit tests may refuse files concurrently: at least ours was counted.
-        assert!(invalid() > before);
+        assert!(invalid(&shared) > before);
         let _ = std::fs::remove_dir_all(d);
     }
 

@@ -1,0 +1,50 @@
+//! Assertions on what a test got back: the routing headers, the client event list and the value
+//! of a series in the instance's own registry.
+
+use cutover_proxy::app::LocalServer;
+use prometheus::proto::MetricType;
+
+use super::client::Response;
+
+/// The `x-execution-mode` and `x-execution-reason` headers.
+pub fn mode_reason(r: &Response) -> (Option<&str>, Option<&str>) {
+    (r.header("x-execution-mode"), r.header("x-execution-reason"))
+}
+
+/// A 200 served in `mode` for `reason`, body complete.
+#[track_caller]
+pub fn assert_served(r: &Response, mode: &str, reason: &str) {
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(mode_reason(r), (Some(mode), Some(reason)));
+    assert!(r.complete, "body cut short");
+}
+
+/// Client event names in order.
+pub fn event_names(r: &Response) -> Vec<String> {
+    r.events().into_iter().map(|(e, _)| e).collect()
+}
+
+/// The value of `name{labels}` in `server`'s registry (0 when the series does not exist yet);
+/// counters, gauges, and histogram sample counts.
+pub fn metric(server: &LocalServer, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let families = server.shared.metrics.registry().gather();
+    let Some(family) = families.iter().find(|f| f.name() == name) else {
+        return 0.0;
+    };
+    family
+        .get_metric()
+        .iter()
+        .filter(|m| {
+            labels.iter().all(|(k, v)| {
+                m.get_label()
+                    .iter()
+                    .any(|l| l.name() == *k && l.value() == *v)
+            })
+        })
+        .map(|m| match family.get_field_type() {
+            MetricType::COUNTER => m.get_counter().value(),
+            MetricType::GAUGE => m.get_gauge().value(),
+            _ => m.get_histogram().get_sample_count() as f64,
+        })
+        .sum()
+}
