@@ -97,142 +97,36 @@ impl StreamMapper {
             }
             Field::Value(_) => return Mapped::Unknown,
         };
-        let p = &payload;
-        let ts = &envelope.timestamp;
-        match name {
-            "plan_created" => self.message(out, "plan", &PlanData(&p.steps), ts),
-            "plan_step_start" => self.message(
-                out,
-                "plan_step",
-                &Obj(&[
-                    ("stepId", &p.step_id),
-                    ("title", &p.title),
-                    ("status", &status("running")),
-                    ("tool", &p.tool),
-                    ("params", &p.params),
-                ]),
-                ts,
-            ),
-            "plan_step_complete" => self.message(
-                out,
-                "plan_step",
-                &Obj(&[
-                    ("stepId", &p.step_id),
-                    ("title", &p.title),
-                    ("status", &status("completed")),
-                    ("result", &p.result),
-                    ("durationMs", &p.duration_ms),
-                ]),
-                ts,
-            ),
-            "plan_step_failed" => self.message(
-                out,
-                "plan_step",
-                &Obj(&[
-                    ("stepId", &p.step_id),
-                    ("title", &p.title),
-                    ("status", &status("failed")),
-                    ("error", &p.error),
-                ]),
-                ts,
-            ),
-            "tool_call_start" => self.message(
-                out,
-                "tool_call",
-                &Obj(&[
-                    ("toolName", &p.tool_name),
-                    ("arguments", &p.arguments),
-                    ("status", &status("calling")),
-                ]),
-                ts,
-            ),
-            "tool_call_complete" => self.message(
-                out,
-                "tool_result",
-                &Obj(&[
-                    ("toolName", &p.tool_name),
-                    ("result", &p.result),
-                    ("success", &p.success),
-                    ("error", &p.error),
-                    ("duration", &p.duration),
-                ]),
-                ts,
-            ),
-            "skill_call_start" => self.message(
-                out,
-                "skill_call",
-                &Obj(&[
-                    ("skillId", &p.skill_id),
-                    ("skillName", &p.skill_name),
-                    ("arguments", &p.arguments),
-                    ("status", &status("calling")),
-                ]),
-                ts,
-            ),
-            "skill_call_complete" => self.message(
-                out,
-                "skill_result",
-                &Obj(&[
-                    ("skillId", &p.skill_id),
-                    ("skillName", &p.skill_name),
-                    ("result", &p.result),
-                    ("success", &p.success),
-                    ("error", &p.error),
-                    ("duration", &p.duration),
-                ]),
-                ts,
-            ),
-            "mcp_call_start" => self.message(
-                out,
-                "mcp_call",
-                &Obj(&[
-                    ("serverId", &p.server_id),
-                    ("toolName", &p.tool_name),
-                    ("arguments", &p.arguments),
-                    ("status", &status("calling")),
-                ]),
-                ts,
-            ),
-            "mcp_call_complete" => self.message(
-                out,
-                "mcp_result",
-                &Obj(&[
-                    ("serverId", &p.server_id),
-                    ("toolName", &p.tool_name),
-                    ("result", &p.result),
-                    ("success", &p.success),
-                    ("error", &p.error),
-                    ("duration", &p.duration),
-                ]),
-                ts,
-            ),
-            "thinking" => self.message(
-                out,
-                "thinking",
-                &Obj(&[("content", &p.content), ("stage", &p.stage)]),
-                ts,
-            ),
-            "text_chunk" => match &p.content {
+        let Some(row) = ROWS.iter().find(|row| row.event == name) else {
+            return Mapped::Unknown;
+        };
+        self.apply(row, &payload, &envelope.timestamp, out)
+    }
+
+    /// The one place a table row becomes client output.
+    fn apply(&mut self, row: &Row, p: &Payload, ts: &Field, out: &mut Vec<u8>) -> Mapped {
+        match row.shape {
+            Shape::Message(fields) => self.message(out, row.kind, &Obj { fields, p }, ts),
+            Shape::NonEmpty(key, fields) => match p.get(key) {
                 Field::Absent | Field::Value(Value::Null) => Mapped::Skipped,
                 Field::Str(s) if s.is_empty() => Mapped::Skipped,
-                content => self.message(out, "text", &Obj(&[("content", content)]), ts),
+                _ => self.message(out, row.kind, &Obj { fields, p }, ts),
             },
-            "ping" => {
+            Shape::Plan => self.message(out, row.kind, &PlanData(p.get(K::Steps)), ts),
+            Shape::Heartbeat => {
                 heartbeat_event(out);
                 Mapped::Heartbeat
             }
-            "execution_complete" => {
-                let usage =
-                    p.usage
-                        .non_null()
-                        .map(UsageRef::Field)
-                        .or_else(|| match &p.final_response {
-                            Field::Value(Value::Object(fr)) => fr
-                                .get("usage")
-                                .filter(|u| !u.is_null())
-                                .map(UsageRef::Value),
-                            _ => None,
-                        });
+            Shape::Done => {
+                let usage = p.get(K::Usage).non_null().map(UsageRef::Field).or_else(|| {
+                    match p.get(K::FinalResponse) {
+                        Field::Value(Value::Object(fr)) => fr
+                            .get("usage")
+                            .filter(|u| !u.is_null())
+                            .map(UsageRef::Value),
+                        _ => None,
+                    }
+                });
                 write_client_event(
                     out,
                     "done",
@@ -245,19 +139,18 @@ impl StreamMapper {
                 );
                 Mapped::Done
             }
-            "execution_error" => {
-                let code = match p.code.to_text() {
+            Shape::Error => {
+                let code = match p.get(K::Code).to_text() {
                     Some(code) if !code.is_empty() => code,
                     _ => DEFAULT_ERROR_CODE.to_owned(),
                 };
                 let message = p
-                    .error
+                    .get(K::Error)
                     .to_text()
                     .unwrap_or_else(|| DEFAULT_ERROR_MESSAGE.to_owned());
                 error_event(out, &code, &message);
                 Mapped::Failed { code, message }
             }
-            _ => Mapped::Unknown,
         }
     }
 
@@ -320,6 +213,226 @@ fn write_client_event<T: Serialize>(out: &mut Vec<u8>, name: &str, data: &T) {
     out.extend_from_slice(b"\n\n");
 }
 
+// ---- the table ---------------------------------------------------------------------------------
+
+/// One row of the contract's "Runtime stream → Agent2UI" table.
+struct Row {
+    /// The runtime's event name.
+    event: &'static str,
+    /// Agent2UI `type` of the `message` written ("" for rows that write no message).
+    kind: &'static str,
+    shape: Shape,
+}
+
+/// What a row writes.
+#[derive(Clone, Copy)]
+enum Shape {
+    /// A `message` whose data is these entries, in this order.
+    Message(&'static [Out]),
+    /// Like `Message`, but nothing at all when this field is absent, null or "".
+    NonEmpty(K, &'static [Out]),
+    /// `{steps:[{id,title,status:"pending"}], currentStep:""}`.
+    Plan,
+    /// `event: heartbeat`.
+    Heartbeat,
+    /// `event: done`.
+    Done,
+    /// `event: error`.
+    Error,
+}
+
+/// One entry of a message's data.
+#[derive(Clone, Copy)]
+enum Out {
+    /// The client's name, the runtime field it is copied from (left out when absent).
+    Copy(&'static str, K),
+    /// The client's name and a fixed string.
+    Fixed(&'static str, &'static str),
+}
+
+use Out::{Copy as C, Fixed as F};
+
+const fn message(event: &'static str, kind: &'static str, fields: &'static [Out]) -> Row {
+    Row {
+        event,
+        kind,
+        shape: Shape::Message(fields),
+    }
+}
+
+const fn special(event: &'static str, kind: &'static str, shape: Shape) -> Row {
+    Row { event, kind, shape }
+}
+
+const ROWS: &[Row] = &[
+    special("plan_created", "plan", Shape::Plan),
+    message(
+        "plan_step_start",
+        "plan_step",
+        &[
+            C("stepId", K::StepId),
+            C("title", K::Title),
+            F("status", "running"),
+            C("tool", K::Tool),
+            C("params", K::Params),
+        ],
+    ),
+    message(
+        "plan_step_complete",
+        "plan_step",
+        &[
+            C("stepId", K::StepId),
+            C("title", K::Title),
+            F("status", "completed"),
+            C("result", K::Result),
+            C("durationMs", K::DurationMs),
+        ],
+    ),
+    message(
+        "plan_step_failed",
+        "plan_step",
+        &[
+            C("stepId", K::StepId),
+            C("title", K::Title),
+            F("status", "failed"),
+            C("error", K::Error),
+        ],
+    ),
+    message(
+        "tool_call_start",
+        "tool_call",
+        &[
+            C("toolName", K::ToolName),
+            C("arguments", K::Arguments),
+            F("status", "calling"),
+        ],
+    ),
+    message(
+        "tool_call_complete",
+        "tool_result",
+        &[
+            C("toolName", K::ToolName),
+            C("result", K::Result),
+            C("success", K::Success),
+            C("error", K::Error),
+            C("duration", K::Duration),
+        ],
+    ),
+    message(
+        "skill_call_start",
+        "skill_call",
+        &[
+            C("skillId", K::SkillId),
+            C("skillName", K::SkillName),
+            C("arguments", K::Arguments),
+            F("status", "calling"),
+        ],
+    ),
+    message(
+        "skill_call_complete",
+        "skill_result",
+        &[
+            C("skillId", K::SkillId),
+            C("skillName", K::SkillName),
+            C("result", K::Result),
+            C("success", K::Success),
+            C("error", K::Error),
+            C("duration", K::Duration),
+        ],
+    ),
+    message(
+        "mcp_call_start",
+        "mcp_call",
+        &[
+            C("serverId", K::ServerId),
+            C("toolName", K::ToolName),
+            C("arguments", K::Arguments),
+            F("status", "calling"),
+        ],
+    ),
+    message(
+        "mcp_call_complete",
+        "mcp_result",
+        &[
+            C("serverId", K::ServerId),
+            C("toolName", K::ToolName),
+            C("result", K::Result),
+            C("success", K::Success),
+            C("error", K::Error),
+            C("duration", K::Duration),
+        ],
+    ),
+    message(
+        "thinking",
+        "thinking",
+        &[C("content", K::Content), C("stage", K::Stage)],
+    ),
+    special(
+        "text_chunk",
+        "text",
+        Shape::NonEmpty(K::Content, &[C("content", K::Content)]),
+    ),
+    special("ping", "", Shape::Heartbeat),
+    special("execution_complete", "", Shape::Done),
+    special("execution_error", "", Shape::Error),
+];
+
+/// The runtime payload fields any row reads; each is a slot of [`Payload`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum K {
+    Steps,
+    StepId,
+    Title,
+    Tool,
+    Params,
+    Result,
+    DurationMs,
+    Error,
+    ToolName,
+    Arguments,
+    Success,
+    Duration,
+    SkillId,
+    SkillName,
+    ServerId,
+    Content,
+    Stage,
+    FinalResponse,
+    Usage,
+    Code,
+}
+
+const KEYS: usize = K::Code as usize + 1;
+
+impl K {
+    /// The slot a runtime payload key fills (`None`: no row reads it).
+    fn of(key: &str) -> Option<K> {
+        Some(match key {
+            "steps" => K::Steps,
+            "step_id" => K::StepId,
+            "title" => K::Title,
+            "tool" => K::Tool,
+            "params" => K::Params,
+            "result" => K::Result,
+            "duration_ms" => K::DurationMs,
+            "error" => K::Error,
+            "tool_name" => K::ToolName,
+            "arguments" => K::Arguments,
+            "success" => K::Success,
+            "duration" => K::Duration,
+            "skill_id" => K::SkillId,
+            "skill_name" => K::SkillName,
+            "server_id" => K::ServerId,
+            "content" => K::Content,
+            "stage" => K::Stage,
+            "final_response" => K::FinalResponse,
+            "usage" => K::Usage,
+            "code" => K::Code,
+            _ => return None,
+        })
+    }
+}
+
 // ---- runtime side -------------------------------------------------------------------------------
 
 /// A runtime field of any JSON type; strings are borrowed from the frame when they need no unescaping.
@@ -347,10 +460,6 @@ impl Field<'_> {
             Field::Value(v) => Some(v.to_string()),
         }
     }
-}
-
-const fn status(s: &'static str) -> Field<'static> {
-    Field::Str(Cow::Borrowed(s))
 }
 
 impl<'de: 'a, 'a> Deserialize<'de> for Field<'a> {
@@ -490,29 +599,11 @@ impl<'de> Deserialize<'de> for EnvelopeKey {
     }
 }
 
-/// The union of every table row's runtime fields; each is optional and of any JSON type.
+/// The union of every table row's runtime fields, indexed by [`K`]; each is optional and of any
+/// JSON type.
 #[derive(Default)]
 struct Payload<'a> {
-    steps: Field<'a>,
-    step_id: Field<'a>,
-    title: Field<'a>,
-    tool: Field<'a>,
-    params: Field<'a>,
-    result: Field<'a>,
-    duration_ms: Field<'a>,
-    error: Field<'a>,
-    tool_name: Field<'a>,
-    arguments: Field<'a>,
-    success: Field<'a>,
-    duration: Field<'a>,
-    skill_id: Field<'a>,
-    skill_name: Field<'a>,
-    server_id: Field<'a>,
-    content: Field<'a>,
-    stage: Field<'a>,
-    final_response: Field<'a>,
-    usage: Field<'a>,
-    code: Field<'a>,
+    fields: [Field<'a>; KEYS],
 }
 
 impl<'a> Payload<'a> {
@@ -523,30 +614,12 @@ impl<'a> Payload<'a> {
         de.end()
     }
 
+    fn get(&self, key: K) -> &Field<'a> {
+        &self.fields[key as usize]
+    }
+
     fn slot(&mut self, key: &str) -> Option<&mut Field<'a>> {
-        Some(match key {
-            "steps" => &mut self.steps,
-            "step_id" => &mut self.step_id,
-            "title" => &mut self.title,
-            "tool" => &mut self.tool,
-            "params" => &mut self.params,
-            "result" => &mut self.result,
-            "duration_ms" => &mut self.duration_ms,
-            "error" => &mut self.error,
-            "tool_name" => &mut self.tool_name,
-            "arguments" => &mut self.arguments,
-            "success" => &mut self.success,
-            "duration" => &mut self.duration,
-            "skill_id" => &mut self.skill_id,
-            "skill_name" => &mut self.skill_name,
-            "server_id" => &mut self.server_id,
-            "content" => &mut self.content,
-            "stage" => &mut self.stage,
-            "final_response" => &mut self.final_response,
-            "usage" => &mut self.usage,
-            "code" => &mut self.code,
-            _ => return None,
-        })
+        K::of(key).map(|k| &mut self.fields[k as usize])
     }
 }
 
@@ -623,15 +696,25 @@ struct Message<'x, D> {
     timestamp: &'x str,
 }
 
-/// A JSON object of the given entries, leaving out absent fields (null ones stay null).
-struct Obj<'x, 'a>(&'x [(&'static str, &'x Field<'a>)]);
+/// A message's data: a row's entries filled from the payload, leaving out absent fields (null
+/// ones stay null).
+struct Obj<'x, 'a> {
+    fields: &'static [Out],
+    p: &'x Payload<'a>,
+}
 
 impl Serialize for Obj<'_, '_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut map = s.serialize_map(None)?;
-        for (key, value) in self.0 {
-            if !matches!(value, Field::Absent) {
-                map.serialize_entry(key, value)?;
+        for out in self.fields {
+            match *out {
+                Out::Copy(name, key) => {
+                    let value = self.p.get(key);
+                    if !matches!(value, Field::Absent) {
+                        map.serialize_entry(name, value)?;
+                    }
+                }
+                Out::Fixed(name, value) => map.serialize_entry(name, value)?,
             }
         }
         map.end()
