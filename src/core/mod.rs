@@ -6,6 +6,7 @@ pub mod agent2ui;
 pub mod breaker;
 pub mod chat;
 pub mod config;
+pub mod files;
 pub mod h1;
 pub mod identity;
 pub mod routing;
