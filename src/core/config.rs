@@ -136,6 +136,12 @@ pub struct RuntimeConfig {
     /// Largest runtime SSE frame accepted; a larger one ends the stream with an error event.
     #[serde(default = "defaults::max_frame_bytes")]
     pub max_frame_bytes: usize,
+    /// How long a signed `/api/v1/runtime/files/...` link stays valid.
+    #[serde(default = "defaults::file_url_ttl_secs")]
+    pub file_url_ttl_secs: u64,
+    /// Env var holding the file link key; empty or unset: derived from the JWT secret.
+    #[serde(default)]
+    pub file_url_secret_env: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -219,6 +225,10 @@ pub struct LimitsConfig {
     /// Most per-org entries kept for `GET /runtime/metrics/{orgId}`; the least recently seen go.
     #[serde(default = "defaults::max_tracked_orgs")]
     pub max_tracked_orgs: usize,
+    /// A client event whose data is larger has its tool result (or arguments / params)
+    /// shortened to fit; 0 = no limit.
+    #[serde(default = "defaults::max_client_event_bytes")]
+    pub max_client_event_bytes: usize,
 }
 
 mod defaults {
@@ -266,7 +276,10 @@ mod defaults {
         30
     }
     pub fn max_frame_bytes() -> usize {
-        1024 * 1024
+        8 * 1024 * 1024
+    }
+    pub fn file_url_ttl_secs() -> u64 {
+        3600
     }
     pub fn default_mode() -> Mode {
         Mode::DirectLlm
@@ -312,6 +325,9 @@ mod defaults {
     }
     pub fn max_tracked_orgs() -> usize {
         1000
+    }
+    pub fn max_client_event_bytes() -> usize {
+        16 * 1024
     }
 }
 
@@ -369,6 +385,7 @@ impl Default for LimitsConfig {
         LimitsConfig {
             max_chat_body_bytes: defaults::max_chat_body_bytes(),
             max_tracked_orgs: defaults::max_tracked_orgs(),
+            max_client_event_bytes: defaults::max_client_event_bytes(),
         }
     }
 }
@@ -456,6 +473,13 @@ impl Config {
             1024.0,
             (64 * 1024 * 1024) as f64,
         )?;
+        check_positive("runtime.file_url_ttl_secs", self.runtime.file_url_ttl_secs)?;
+        if !self.runtime.file_url_secret_env.is_empty() {
+            check_env_name(
+                "runtime.file_url_secret_env",
+                &self.runtime.file_url_secret_env,
+            )?;
+        }
         check_orgs("rollout.runtime_orgs", &self.rollout.runtime_orgs)?;
         check_orgs("rollout.direct_orgs", &self.rollout.direct_orgs)?;
         check_range(
@@ -520,6 +544,15 @@ impl Config {
             "limits.max_tracked_orgs",
             self.limits.max_tracked_orgs as u64,
         )?;
+        // Below this not even a small tool call's names and ids fit beside a shortened result.
+        if self.limits.max_client_event_bytes != 0 {
+            check_range(
+                "limits.max_client_event_bytes",
+                self.limits.max_client_event_bytes as f64,
+                1024.0,
+                (64 * 1024 * 1024) as f64,
+            )?;
+        }
         Ok(())
     }
 
