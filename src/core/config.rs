@@ -878,4 +878,31 @@ address = "runtime:8000"
         b.rollout.runtime_orgs.push("x".into());
         assert_eq!(a.restart_only_changes(&b), vec!["server.listen"]);
     }
+
+    #[test]
+    fn frame_file_link_and_client_event_limits() {
+        let c = Config::parse(MINIMAL).unwrap();
+        assert_eq!(c.runtime.max_frame_bytes, 8 * 1024 * 1024);
+        assert_eq!(c.runtime.file_url_ttl_secs, 3600);
+        assert_eq!(c.runtime.file_url_secret_env, "");
+        assert_eq!(c.limits.max_client_event_bytes, 16384);
+        let limits = |line: &str| format!("{MINIMAL}[limits]\n{line}\n");
+        let runtime = |line: &str| MINIMAL.replace("[runtime]\n", &format!("[runtime]\n{line}\n"));
+        let c = Config::parse(&limits("max_client_event_bytes = 0")).unwrap();
+        assert_eq!(c.limits.max_client_event_bytes, 0);
+        assert_eq!(
+            err_key(&limits("max_client_event_bytes = 100")),
+            "limits.max_client_event_bytes"
+        );
+        let c = Config::parse(&runtime("file_url_secret_env = \"FILE_KEY\"")).unwrap();
+        assert_eq!(c.runtime.file_url_secret_env, "FILE_KEY");
+        assert_eq!(
+            err_key(&runtime("file_url_secret_env = \"not a name\"")),
+            "runtime.file_url_secret_env"
+        );
+        assert_eq!(
+            err_key(&runtime("file_url_ttl_secs = 0")),
+            "runtime.file_url_ttl_secs"
+        );
+    }
 }
