@@ -1,6 +1,10 @@
 //! Maps the runtime orchestrator's SSE events (`{"event", "data", "timestamp"}` frames) onto the
 //! Agent2UI events the web app reads, per the contract's "Runtime stream → Agent2UI" table: each
 //! runtime event becomes zero or one whole, LF-framed client event with one-line JSON data.
+//!
+//! The table is data (`ROWS`), run through one function. Nested values are never parsed into a
+//! tree: each field is borrowed from the frame as raw JSON and written back as it came, so keys
+//! keep their order and numbers their spelling.
 
 use std::borrow::Cow;
 use std::fmt::{self, Write as _};

@@ -202,7 +202,7 @@ fn percent_encode(out: &mut String, s: &str) {
     }
 }
 
-/// The inverse of [`percent_encode`] (also `%xx`); `None` for a broken escape or non-UTF-8.
+/// Undoes the percent-encoding of links (`%XX` or `%xx`); `None` for a broken escape or non-UTF-8.
 pub fn percent_decode(s: &str) -> Option<String> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
