@@ -1,20 +1,21 @@
 //! Maps the runtime orchestrator's SSE events (`{"event", "data", "timestamp"}` frames) onto the
 //! Agent2UI events the web app reads, per the contract's "Runtime stream → Agent2UI" table: each
 //! runtime event becomes zero or one whole, LF-framed client event with one-line JSON data.
+//!
+//! The table is data (`ROWS`), run through one function. Nested values are never parsed into a
+//! tree: each field is borrowed from the frame as raw JSON and written back as it came, so keys
+//! keep their order and numbers their spelling.
 
 use std::borrow::Cow;
 use std::fmt::{self, Write as _};
-use std::marker::PhantomData;
 use std::time::SystemTime;
 
-use serde::de::value::{MapAccessDeserializer, SeqAccessDeserializer};
-use serde::de::{
-    Deserialize, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor,
-};
-use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
+use serde::de::{Deserialize, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde::ser::{Serialize, SerializeMap, Serializer};
 use serde::Serialize as DeriveSerialize;
-use serde_json::Value;
+use serde_json::value::RawValue;
 
+use crate::core::files::{self, FileSigner};
 use crate::core::sse::SseEvent;
 
 /// `executionMode` reported in the `done` event.
@@ -44,9 +45,31 @@ pub enum Mapped {
     Unknown,
 }
 
+/// How one stream's events are written, beyond the table itself.
+#[derive(Debug, Clone)]
+pub struct MapSettings {
+    /// `limits.max_client_event_bytes`: a larger message is shortened to fit; 0 = no limit.
+    pub max_client_event_bytes: usize,
+    /// Signs `file` links for the stream's org. Without one a `file` message still goes out, its
+    /// url the bare `/api/v1/runtime/files/{file_id}`, which the files route refuses (404): a
+    /// link nobody can forge rather than one that leaks the runtime's address.
+    pub files: Option<FileSigner>,
+}
+
+impl Default for MapSettings {
+    /// The contract's defaults, no file signing.
+    fn default() -> Self {
+        MapSettings {
+            max_client_event_bytes: 16 * 1024,
+            files: None,
+        }
+    }
+}
+
 /// Per-stream state: the session id, the stream's messageId and the message counter.
 #[derive(Debug)]
 pub struct StreamMapper {
+    settings: MapSettings,
     session_id: String,
     message_id: String,
     /// `"<message_id>-"` followed by the counter of the last message written.
@@ -57,11 +80,16 @@ pub struct StreamMapper {
 impl StreamMapper {
     /// session_id goes into the `done` event; a fresh messageId (uuid v4) is made per stream.
     pub fn new(session_id: &str) -> Self {
+        StreamMapper::with_settings(session_id, MapSettings::default())
+    }
+
+    pub fn with_settings(session_id: &str, settings: MapSettings) -> Self {
         let message_id = uuid::Uuid::new_v4().to_string();
         let mut id_buf = String::with_capacity(message_id.len() + 8);
         id_buf.push_str(&message_id);
         id_buf.push('-');
         StreamMapper {
+            settings,
             session_id: session_id.to_owned(),
             message_id,
             id_buf,
@@ -83,9 +111,9 @@ impl StreamMapper {
         let Ok(envelope) = Envelope::parse(text, &mut payload) else {
             return Mapped::Malformed;
         };
-        let name = match &envelope.event {
-            Field::Str(name) => &**name,
-            Field::Absent | Field::Value(Value::Null) => {
+        let name = match envelope.event.non_null() {
+            Some(Field::Str(name)) => &**name,
+            None => {
                 let Some(name) = ev.event.as_deref() else {
                     return Mapped::Unknown;
                 };
@@ -95,144 +123,78 @@ impl StreamMapper {
                 }
                 name
             }
-            Field::Value(_) => return Mapped::Unknown,
+            Some(_) => return Mapped::Unknown,
         };
-        let p = &payload;
-        let ts = &envelope.timestamp;
-        match name {
-            "plan_created" => self.message(out, "plan", &PlanData(&p.steps), ts),
-            "plan_step_start" => self.message(
-                out,
-                "plan_step",
-                &Obj(&[
-                    ("stepId", &p.step_id),
-                    ("title", &p.title),
-                    ("status", &status("running")),
-                    ("tool", &p.tool),
-                    ("params", &p.params),
-                ]),
-                ts,
-            ),
-            "plan_step_complete" => self.message(
-                out,
-                "plan_step",
-                &Obj(&[
-                    ("stepId", &p.step_id),
-                    ("title", &p.title),
-                    ("status", &status("completed")),
-                    ("result", &p.result),
-                    ("durationMs", &p.duration_ms),
-                ]),
-                ts,
-            ),
-            "plan_step_failed" => self.message(
-                out,
-                "plan_step",
-                &Obj(&[
-                    ("stepId", &p.step_id),
-                    ("title", &p.title),
-                    ("status", &status("failed")),
-                    ("error", &p.error),
-                ]),
-                ts,
-            ),
-            "tool_call_start" => self.message(
-                out,
-                "tool_call",
-                &Obj(&[
-                    ("toolName", &p.tool_name),
-                    ("arguments", &p.arguments),
-                    ("status", &status("calling")),
-                ]),
-                ts,
-            ),
-            "tool_call_complete" => self.message(
-                out,
-                "tool_result",
-                &Obj(&[
-                    ("toolName", &p.tool_name),
-                    ("result", &p.result),
-                    ("success", &p.success),
-                    ("error", &p.error),
-                    ("duration", &p.duration),
-                ]),
-                ts,
-            ),
-            "skill_call_start" => self.message(
-                out,
-                "skill_call",
-                &Obj(&[
-                    ("skillId", &p.skill_id),
-                    ("skillName", &p.skill_name),
-                    ("arguments", &p.arguments),
-                    ("status", &status("calling")),
-                ]),
-                ts,
-            ),
-            "skill_call_complete" => self.message(
-                out,
-                "skill_result",
-                &Obj(&[
-                    ("skillId", &p.skill_id),
-                    ("skillName", &p.skill_name),
-                    ("result", &p.result),
-                    ("success", &p.success),
-                    ("error", &p.error),
-                    ("duration", &p.duration),
-                ]),
-                ts,
-            ),
-            "mcp_call_start" => self.message(
-                out,
-                "mcp_call",
-                &Obj(&[
-                    ("serverId", &p.server_id),
-                    ("toolName", &p.tool_name),
-                    ("arguments", &p.arguments),
-                    ("status", &status("calling")),
-                ]),
-                ts,
-            ),
-            "mcp_call_complete" => self.message(
-                out,
-                "mcp_result",
-                &Obj(&[
-                    ("serverId", &p.server_id),
-                    ("toolName", &p.tool_name),
-                    ("result", &p.result),
-                    ("success", &p.success),
-                    ("error", &p.error),
-                    ("duration", &p.duration),
-                ]),
-                ts,
-            ),
-            "thinking" => self.message(
-                out,
-                "thinking",
-                &Obj(&[("content", &p.content), ("stage", &p.stage)]),
-                ts,
-            ),
-            "text_chunk" => match &p.content {
-                Field::Absent | Field::Value(Value::Null) => Mapped::Skipped,
-                Field::Str(s) if s.is_empty() => Mapped::Skipped,
-                content => self.message(out, "text", &Obj(&[("content", content)]), ts),
+        let Some(row) = ROWS.iter().find(|row| row.event == name) else {
+            return Mapped::Unknown;
+        };
+        self.apply(row, &payload, &envelope.timestamp, out)
+    }
+
+    /// The one place a table row becomes client output.
+    fn apply(&mut self, row: &Row, p: &Payload, ts: &Field, out: &mut Vec<u8>) -> Mapped {
+        let mut now = String::new();
+        match row.shape {
+            Shape::Message(fields) => self.capped_message(out, row, fields, p, stamp(ts, &mut now)),
+            // Text is never shortened: it is what the user reads.
+            Shape::NonEmpty(key, fields) => match p.get(key).non_null() {
+                None => Mapped::Skipped,
+                Some(Field::Str(s)) if s.is_empty() => Mapped::Skipped,
+                _ => self.message(out, row.kind, &Obj::new(fields, p), stamp(ts, &mut now)),
             },
-            "ping" => {
+            Shape::Plan => self.message(
+                out,
+                row.kind,
+                &PlanData(p.get(K::Steps)),
+                stamp(ts, &mut now),
+            ),
+            Shape::File => {
+                let url = p.get(K::FileId).json_text_non_null().map(|id| {
+                    let id = &*id;
+                    match &self.settings.files {
+                        Some(signer) => {
+                            let runtime_url = p.get(K::Url).json_text_non_null();
+                            let now_unix = SystemTime::now()
+                                .duration_since(SystemTime::UNIX_EPOCH)
+                                .map_or(0, |d| d.as_secs());
+                            signer.url(id, runtime_url.as_deref().unwrap_or(""), now_unix)
+                        }
+                        None => files::path(id),
+                    }
+                });
+                let data = FileData {
+                    url: url.as_deref(),
+                    filename: p.get(K::Filename).present(),
+                    mime_type: p.get(K::MimeType).present(),
+                    size: p.get(K::Size).present(),
+                };
+                self.message(out, row.kind, &data, stamp(ts, &mut now))
+            }
+            Shape::Heartbeat => {
                 heartbeat_event(out);
                 Mapped::Heartbeat
             }
-            "execution_complete" => {
-                let usage =
-                    p.usage
-                        .non_null()
-                        .map(UsageRef::Field)
-                        .or_else(|| match &p.final_response {
-                            Field::Value(Value::Object(fr)) => fr
-                                .get("usage")
-                                .filter(|u| !u.is_null())
-                                .map(UsageRef::Value),
-                            _ => None,
-                        });
+            Shape::Done => {
+                #[derive(serde::Deserialize)]
+                struct FinalResponse<'x> {
+                    #[serde(borrow, default)]
+                    usage: Field<'x>,
+                }
+                let inner;
+                let usage = match p.get(K::Usage).non_null() {
+                    Some(usage) => Some(usage),
+                    None => {
+                        inner = match p.get(K::FinalResponse) {
+                            Field::Raw(fr) if fr.get().starts_with('{') => {
+                                serde_json::from_str::<FinalResponse>(fr.get())
+                                    .map(|fr| fr.usage)
+                                    .unwrap_or_default()
+                            }
+                            _ => Field::Absent,
+                        };
+                        inner.non_null()
+                    }
+                };
                 write_client_event(
                     out,
                     "done",
@@ -245,41 +207,55 @@ impl StreamMapper {
                 );
                 Mapped::Done
             }
-            "execution_error" => {
-                let code = match p.code.to_text() {
+            Shape::Error => {
+                let code = match p.get(K::Code).to_text() {
                     Some(code) if !code.is_empty() => code,
                     _ => DEFAULT_ERROR_CODE.to_owned(),
                 };
                 let message = p
-                    .error
+                    .get(K::Error)
                     .to_text()
                     .unwrap_or_else(|| DEFAULT_ERROR_MESSAGE.to_owned());
-                error_event(out, &code, &message);
+                write_client_event(
+                    out,
+                    "error",
+                    &ErrorData {
+                        code: &code,
+                        message: &message,
+                        http_status: p.get(K::HttpStatus).non_null(),
+                        details: p.get(K::Details).non_null(),
+                        trace_id: p.get(K::TraceId).non_null(),
+                    },
+                );
                 Mapped::Failed { code, message }
             }
-            _ => Mapped::Unknown,
         }
     }
 
+    /// Write the next message (a new id).
     fn message<D: Serialize>(
         &mut self,
         out: &mut Vec<u8>,
         kind: &'static str,
         data: &D,
-        timestamp: &Field,
+        timestamp: &str,
     ) -> Mapped {
         self.counter += 1;
         self.id_buf.truncate(self.message_id.len() + 1);
         // Writing to a String cannot fail.
         let _ = write!(self.id_buf, "{}", self.counter);
-        let now;
-        let timestamp = match timestamp {
-            Field::Str(ts) if !ts.is_empty() => &**ts,
-            _ => {
-                now = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
-                &now
-            }
-        };
+        self.write_message(out, kind, data, timestamp);
+        Mapped::Message(kind)
+    }
+
+    /// Write a message with the current id.
+    fn write_message<D: Serialize>(
+        &self,
+        out: &mut Vec<u8>,
+        kind: &'static str,
+        data: &D,
+        timestamp: &str,
+    ) {
         write_client_event(
             out,
             "message",
@@ -290,18 +266,132 @@ impl StreamMapper {
                 timestamp,
             },
         );
-        Mapped::Message(kind)
+    }
+
+    /// A row's message, shortened to `max_client_event_bytes` when its data is larger: the first
+    /// present of `result`, `arguments`, `params` becomes a string of the first characters of its
+    /// JSON text ending in `…`, and the data gains `"truncated": true`.
+    fn capped_message(
+        &mut self,
+        out: &mut Vec<u8>,
+        row: &Row,
+        fields: &'static [Out],
+        p: &Payload,
+        ts: &str,
+    ) -> Mapped {
+        let start = out.len();
+        let mapped = self.message(out, row.kind, &Obj::new(fields, p), ts);
+        let cap = self.settings.max_client_event_bytes;
+        if cap == 0 || data_len(&out[start..]) <= cap {
+            return mapped;
+        }
+        let mut cuts: Vec<(K, String)> = Vec::new();
+        let mut scratch = Vec::new();
+        for key in [K::Result, K::Arguments, K::Params] {
+            let read = fields
+                .iter()
+                .any(|out| matches!(out, Out::Copy(_, k) if *k == key));
+            let Some(value) = p.get(key).non_null().filter(|_| read) else {
+                continue;
+            };
+            cuts.push((key, String::new()));
+            scratch.clear();
+            let data = Obj {
+                fields,
+                p,
+                cuts: &cuts,
+            };
+            self.write_message(&mut scratch, row.kind, &data, ts);
+            // What the value's string may take, escaped, beside everything else.
+            let room = cap.saturating_sub(data_len(&scratch));
+            let text = value.json_text();
+            let cut = &mut cuts.last_mut().expect("just pushed").1;
+            cut.push_str(prefix_within(&text, room.saturating_sub(ELLIPSIS.len())));
+            cut.push_str(ELLIPSIS);
+            if room >= ELLIPSIS.len() {
+                break;
+            }
+        }
+        if cuts.is_empty() {
+            return mapped;
+        }
+        out.truncate(start);
+        let data = Obj {
+            fields,
+            p,
+            cuts: &cuts,
+        };
+        self.write_message(out, row.kind, &data, ts);
+        mapped
+    }
+}
+
+const ELLIPSIS: &str = "…";
+
+/// Length of the `data:` JSON of one whole client event.
+fn data_len(event: &[u8]) -> usize {
+    let start = event
+        .windows(7)
+        .position(|w| w == b"\ndata: ")
+        .map_or(0, |i| i + 7);
+    event.len().saturating_sub(start + 2)
+}
+
+/// The longest prefix of `text` that serde_json writes, escaped, in at most `room` bytes;
+/// never cut inside a character.
+fn prefix_within(text: &str, room: usize) -> &str {
+    let mut used = 0;
+    for (i, c) in text.char_indices() {
+        used += match c {
+            '"' | '\\' | '\u{8}' | '\u{c}' | '\n' | '\r' | '\t' => 2,
+            c if (c as u32) < 0x20 => 6,
+            c => c.len_utf8(),
+        };
+        if used > room {
+            return &text[..i];
+        }
+    }
+    text
+}
+
+/// The runtime's timestamp when it sent one, else now.
+fn stamp<'t>(ts: &'t Field, now: &'t mut String) -> &'t str {
+    match ts {
+        Field::Str(ts) if !ts.is_empty() => ts,
+        _ => {
+            *now = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+            now
+        }
     }
 }
 
 /// `event: error`, data `{"code","message"}`.
 pub fn error_event(out: &mut Vec<u8>, code: &str, message: &str) {
-    #[derive(DeriveSerialize)]
-    struct ErrorData<'a> {
-        code: &'a str,
-        message: &'a str,
-    }
-    write_client_event(out, "error", &ErrorData { code, message });
+    write_client_event(
+        out,
+        "error",
+        &ErrorData {
+            code,
+            message,
+            http_status: None,
+            details: None,
+            trace_id: None,
+        },
+    );
+}
+
+/// An `error` event's data; the runtime's optional fields are left out when absent or null.
+#[derive(DeriveSerialize)]
+#[serde(rename_all = "camelCase")]
+struct ErrorData<'x> {
+    code: &'x str,
+    message: &'x str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http_status: Option<&'x Field<'x>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    details: Option<&'x Field<'x>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    trace_id: Option<&'x Field<'x>>,
 }
 
 /// `event: heartbeat`, `data: null`.
@@ -320,88 +410,353 @@ fn write_client_event<T: Serialize>(out: &mut Vec<u8>, name: &str, data: &T) {
     out.extend_from_slice(b"\n\n");
 }
 
+// ---- the table ---------------------------------------------------------------------------------
+
+/// One row of the contract's "Runtime stream → Agent2UI" table.
+struct Row {
+    /// The runtime's event name.
+    event: &'static str,
+    /// Agent2UI `type` of the `message` written ("" for rows that write no message).
+    kind: &'static str,
+    shape: Shape,
+}
+
+/// What a row writes.
+#[derive(Clone, Copy)]
+enum Shape {
+    /// A `message` whose data is these entries, in this order.
+    Message(&'static [Out]),
+    /// Like `Message`, but nothing at all when this field is absent, null or "".
+    NonEmpty(K, &'static [Out]),
+    /// `{steps:[{id,title,status:"pending"}], currentStep:""}`.
+    Plan,
+    /// `event: heartbeat`.
+    Heartbeat,
+    /// `event: done`.
+    Done,
+    /// `event: error`.
+    Error,
+    /// `{url, filename, mimeType, size}`, the url a signed link to the proxy's files route.
+    File,
+}
+
+/// One entry of a message's data.
+#[derive(Clone, Copy)]
+enum Out {
+    /// The client's name, the runtime field it is copied from (left out when absent).
+    Copy(&'static str, K),
+    /// The client's name and a fixed string.
+    Fixed(&'static str, &'static str),
+}
+
+use Out::{Copy as C, Fixed as F};
+
+const fn message(event: &'static str, kind: &'static str, fields: &'static [Out]) -> Row {
+    Row {
+        event,
+        kind,
+        shape: Shape::Message(fields),
+    }
+}
+
+const fn special(event: &'static str, kind: &'static str, shape: Shape) -> Row {
+    Row { event, kind, shape }
+}
+
+const ROWS: &[Row] = &[
+    special("plan_created", "plan", Shape::Plan),
+    message(
+        "plan_step_start",
+        "plan_step",
+        &[
+            C("stepId", K::StepId),
+            C("title", K::Title),
+            F("status", "running"),
+            C("tool", K::Tool),
+            C("params", K::Params),
+        ],
+    ),
+    message(
+        "plan_step_complete",
+        "plan_step",
+        &[
+            C("stepId", K::StepId),
+            C("title", K::Title),
+            F("status", "completed"),
+            C("result", K::Result),
+            C("durationMs", K::DurationMs),
+        ],
+    ),
+    message(
+        "plan_step_failed",
+        "plan_step",
+        &[
+            C("stepId", K::StepId),
+            C("title", K::Title),
+            F("status", "failed"),
+            C("error", K::Error),
+        ],
+    ),
+    message(
+        "tool_call_start",
+        "tool_call",
+        &[
+            C("toolName", K::ToolName),
+            C("arguments", K::Arguments),
+            F("status", "calling"),
+        ],
+    ),
+    message(
+        "tool_call_complete",
+        "tool_result",
+        &[
+            C("toolName", K::ToolName),
+            C("result", K::Result),
+            C("success", K::Success),
+            C("error", K::Error),
+            C("duration", K::Duration),
+        ],
+    ),
+    message(
+        "skill_call_start",
+        "skill_call",
+        &[
+            C("skillId", K::SkillId),
+            C("skillName", K::SkillName),
+            C("arguments", K::Arguments),
+            F("status", "calling"),
+        ],
+    ),
+    message(
+        "skill_call_complete",
+        "skill_result",
+        &[
+            C("skillId", K::SkillId),
+            C("skillName", K::SkillName),
+            C("result", K::Result),
+            C("success", K::Success),
+            C("error", K::Error),
+            C("duration", K::Duration),
+        ],
+    ),
+    message(
+        "mcp_call_start",
+        "mcp_call",
+        &[
+            C("serverId", K::ServerId),
+            C("toolName", K::ToolName),
+            C("arguments", K::Arguments),
+            F("status", "calling"),
+        ],
+    ),
+    message(
+        "mcp_call_complete",
+        "mcp_result",
+        &[
+            C("serverId", K::ServerId),
+            C("toolName", K::ToolName),
+            C("result", K::Result),
+            C("success", K::Success),
+            C("error", K::Error),
+            C("duration", K::Duration),
+        ],
+    ),
+    message(
+        "thinking",
+        "thinking",
+        &[C("content", K::Content), C("stage", K::Stage)],
+    ),
+    special(
+        "text_chunk",
+        "text",
+        Shape::NonEmpty(K::Content, &[C("content", K::Content)]),
+    ),
+    special("ping", "", Shape::Heartbeat),
+    special("file_created", "file", Shape::File),
+    special("execution_complete", "", Shape::Done),
+    special("execution_error", "", Shape::Error),
+];
+
+/// The runtime payload fields any row reads; each is a slot of [`Payload`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum K {
+    Steps,
+    StepId,
+    Title,
+    Tool,
+    Params,
+    Result,
+    DurationMs,
+    Error,
+    ToolName,
+    Arguments,
+    Success,
+    Duration,
+    SkillId,
+    SkillName,
+    ServerId,
+    Content,
+    Stage,
+    FinalResponse,
+    Usage,
+    Code,
+    HttpStatus,
+    Details,
+    TraceId,
+    FileId,
+    Filename,
+    MimeType,
+    Size,
+    Url,
+}
+
+const KEYS: usize = K::Url as usize + 1;
+
+impl K {
+    /// The slot a runtime payload key fills (`None`: no row reads it).
+    fn of(key: &str) -> Option<K> {
+        Some(match key {
+            "steps" => K::Steps,
+            "step_id" => K::StepId,
+            "title" => K::Title,
+            "tool" => K::Tool,
+            "params" => K::Params,
+            "result" => K::Result,
+            "duration_ms" => K::DurationMs,
+            "error" => K::Error,
+            "tool_name" => K::ToolName,
+            "arguments" => K::Arguments,
+            "success" => K::Success,
+            "duration" => K::Duration,
+            "skill_id" => K::SkillId,
+            "skill_name" => K::SkillName,
+            "server_id" => K::ServerId,
+            "content" => K::Content,
+            "stage" => K::Stage,
+            "final_response" => K::FinalResponse,
+            "usage" => K::Usage,
+            "code" => K::Code,
+            "httpStatus" | "http_status" => K::HttpStatus,
+            "details" => K::Details,
+            "traceId" | "trace_id" => K::TraceId,
+            "file_id" => K::FileId,
+            "filename" => K::Filename,
+            "mime_type" => K::MimeType,
+            "size" => K::Size,
+            "url" => K::Url,
+            _ => return None,
+        })
+    }
+}
+
 // ---- runtime side -------------------------------------------------------------------------------
 
-/// A runtime field of any JSON type; strings are borrowed from the frame when they need no unescaping.
+/// A runtime field of any JSON type. Strings are unescaped (borrowed from the frame when they need
+/// no unescaping); everything else is kept as the runtime wrote it, so nested objects reach the
+/// client with the same keys in the same order and numbers spelt the same.
 #[derive(Debug, Default)]
 enum Field<'a> {
     #[default]
     Absent,
     Str(Cow<'a, str>),
-    Value(Value),
+    Raw(Cow<'a, RawValue>),
 }
 
-impl Field<'_> {
+/// Deeper nesting is refused, as serde_json refuses it when it builds a value: the raw text is
+/// never parsed into a tree here, so nothing else would stop it.
+const MAX_DEPTH: usize = 128;
+
+impl<'a> Field<'a> {
     fn non_null(&self) -> Option<&Self> {
         match self {
-            Field::Absent | Field::Value(Value::Null) => None,
+            Field::Absent => None,
+            Field::Raw(raw) if raw.get() == "null" => None,
             field => Some(field),
         }
     }
 
     /// The field as text: strings as they are, other non-null values as JSON.
     fn to_text(&self) -> Option<String> {
-        match self {
-            Field::Absent | Field::Value(Value::Null) => None,
+        match self.non_null()? {
             Field::Str(s) => Some(s.clone().into_owned()),
-            Field::Value(v) => Some(v.to_string()),
+            Field::Raw(raw) => Some(raw.get().to_owned()),
+            Field::Absent => None,
         }
+    }
+
+    fn present(&self) -> Option<&Self> {
+        (!matches!(self, Field::Absent)).then_some(self)
+    }
+
+    /// The value's JSON text as the runtime wrote it; of a string, the string itself.
+    fn json_text(&self) -> Cow<'_, str> {
+        match self {
+            Field::Absent => Cow::Borrowed(""),
+            Field::Str(s) => Cow::Borrowed(s),
+            Field::Raw(raw) => Cow::Borrowed(raw.get()),
+        }
+    }
+
+    fn json_text_non_null(&self) -> Option<Cow<'_, str>> {
+        self.non_null().map(Field::json_text)
+    }
+
+    fn from_raw<E: serde::de::Error>(raw: &'a RawValue) -> Result<Self, E> {
+        let text = raw.get();
+        if let Some(inner) = text.strip_prefix('"') {
+            let inner = &inner[..inner.len() - 1];
+            return Ok(Field::Str(if inner.contains('\\') {
+                Cow::Owned(serde_json::from_str(text).map_err(E::custom)?)
+            } else {
+                Cow::Borrowed(inner)
+            }));
+        }
+        if text.starts_with(['[', '{']) && too_deep(text) {
+            return Err(E::custom("JSON nested too deeply"));
+        }
+        // A frame's data may span several `data:` lines; outside strings (where JSON forbids
+        // raw control characters) a line break is only whitespace, and the client needs one line.
+        if text.contains(['\n', '\r']) {
+            let one_line = text.replace(['\n', '\r'], " ");
+            return RawValue::from_string(one_line)
+                .map(|raw| Field::Raw(Cow::Owned(raw)))
+                .map_err(E::custom);
+        }
+        Ok(Field::Raw(Cow::Borrowed(raw)))
     }
 }
 
-const fn status(s: &'static str) -> Field<'static> {
-    Field::Str(Cow::Borrowed(s))
+/// Whether valid JSON text nests arrays and objects deeper than [`MAX_DEPTH`].
+fn too_deep(text: &str) -> bool {
+    let (mut depth, mut in_str, mut escaped) = (0usize, false, false);
+    for b in text.bytes() {
+        if in_str {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_str = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_str = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
 }
 
 impl<'de: 'a, 'a> Deserialize<'de> for Field<'a> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(FieldVisitor(PhantomData))
-    }
-}
-
-struct FieldVisitor<'a>(PhantomData<Field<'a>>);
-
-impl<'de: 'a, 'a> Visitor<'de> for FieldVisitor<'a> {
-    type Value = Field<'a>;
-
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("any JSON value")
-    }
-    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
-        Ok(Field::Str(Cow::Borrowed(v)))
-    }
-    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
-        Ok(Field::Str(Cow::Owned(v.to_owned())))
-    }
-    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
-        Ok(Field::Str(Cow::Owned(v)))
-    }
-    fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
-        Ok(Field::Value(Value::Bool(v)))
-    }
-    fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
-        Ok(Field::Value(v.into()))
-    }
-    fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
-        Ok(Field::Value(v.into()))
-    }
-    fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
-        Ok(Field::Value(v.into()))
-    }
-    fn visit_unit<E>(self) -> Result<Self::Value, E> {
-        Ok(Field::Value(Value::Null))
-    }
-    fn visit_none<E>(self) -> Result<Self::Value, E> {
-        Ok(Field::Value(Value::Null))
-    }
-    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-        Field::deserialize(d)
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
-        Value::deserialize(SeqAccessDeserializer::new(seq)).map(Field::Value)
-    }
-    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-        Value::deserialize(MapAccessDeserializer::new(map)).map(Field::Value)
+        Field::from_raw(<&'de RawValue>::deserialize(d)?)
     }
 }
 
@@ -410,7 +765,7 @@ impl Serialize for Field<'_> {
         match self {
             Field::Absent => s.serialize_none(),
             Field::Str(v) => s.serialize_str(v),
-            Field::Value(v) => v.serialize(s),
+            Field::Raw(raw) => raw.serialize(s),
         }
     }
 }
@@ -490,29 +845,11 @@ impl<'de> Deserialize<'de> for EnvelopeKey {
     }
 }
 
-/// The union of every table row's runtime fields; each is optional and of any JSON type.
+/// The union of every table row's runtime fields, indexed by [`K`]; each is optional and of any
+/// JSON type.
 #[derive(Default)]
 struct Payload<'a> {
-    steps: Field<'a>,
-    step_id: Field<'a>,
-    title: Field<'a>,
-    tool: Field<'a>,
-    params: Field<'a>,
-    result: Field<'a>,
-    duration_ms: Field<'a>,
-    error: Field<'a>,
-    tool_name: Field<'a>,
-    arguments: Field<'a>,
-    success: Field<'a>,
-    duration: Field<'a>,
-    skill_id: Field<'a>,
-    skill_name: Field<'a>,
-    server_id: Field<'a>,
-    content: Field<'a>,
-    stage: Field<'a>,
-    final_response: Field<'a>,
-    usage: Field<'a>,
-    code: Field<'a>,
+    fields: [Field<'a>; KEYS],
 }
 
 impl<'a> Payload<'a> {
@@ -523,30 +860,12 @@ impl<'a> Payload<'a> {
         de.end()
     }
 
+    fn get(&self, key: K) -> &Field<'a> {
+        &self.fields[key as usize]
+    }
+
     fn slot(&mut self, key: &str) -> Option<&mut Field<'a>> {
-        Some(match key {
-            "steps" => &mut self.steps,
-            "step_id" => &mut self.step_id,
-            "title" => &mut self.title,
-            "tool" => &mut self.tool,
-            "params" => &mut self.params,
-            "result" => &mut self.result,
-            "duration_ms" => &mut self.duration_ms,
-            "error" => &mut self.error,
-            "tool_name" => &mut self.tool_name,
-            "arguments" => &mut self.arguments,
-            "success" => &mut self.success,
-            "duration" => &mut self.duration,
-            "skill_id" => &mut self.skill_id,
-            "skill_name" => &mut self.skill_name,
-            "server_id" => &mut self.server_id,
-            "content" => &mut self.content,
-            "stage" => &mut self.stage,
-            "final_response" => &mut self.final_response,
-            "usage" => &mut self.usage,
-            "code" => &mut self.code,
-            _ => return None,
-        })
+        K::of(key).map(|k| &mut self.fields[k as usize])
     }
 }
 
@@ -623,19 +942,62 @@ struct Message<'x, D> {
     timestamp: &'x str,
 }
 
-/// A JSON object of the given entries, leaving out absent fields (null ones stay null).
-struct Obj<'x, 'a>(&'x [(&'static str, &'x Field<'a>)]);
+/// A message's data: a row's entries filled from the payload, leaving out absent fields (null
+/// ones stay null).
+struct Obj<'x, 'a> {
+    fields: &'static [Out],
+    p: &'x Payload<'a>,
+    /// Fields written as these strings instead; any makes the data `"truncated": true`.
+    cuts: &'x [(K, String)],
+}
+
+impl<'x, 'a> Obj<'x, 'a> {
+    fn new(fields: &'static [Out], p: &'x Payload<'a>) -> Self {
+        Obj {
+            fields,
+            p,
+            cuts: &[],
+        }
+    }
+}
 
 impl Serialize for Obj<'_, '_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut map = s.serialize_map(None)?;
-        for (key, value) in self.0 {
-            if !matches!(value, Field::Absent) {
-                map.serialize_entry(key, value)?;
+        for out in self.fields {
+            match *out {
+                Out::Copy(name, key) => {
+                    if let Some((_, cut)) = self.cuts.iter().find(|(k, _)| *k == key) {
+                        map.serialize_entry(name, cut)?;
+                        continue;
+                    }
+                    let value = self.p.get(key);
+                    if !matches!(value, Field::Absent) {
+                        map.serialize_entry(name, value)?;
+                    }
+                }
+                Out::Fixed(name, value) => map.serialize_entry(name, value)?,
             }
+        }
+        if !self.cuts.is_empty() {
+            map.serialize_entry("truncated", &true)?;
         }
         map.end()
     }
+}
+
+/// A `file` message's data.
+#[derive(DeriveSerialize)]
+#[serde(rename_all = "camelCase")]
+struct FileData<'x> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    url: Option<&'x str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    filename: Option<&'x Field<'x>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mime_type: Option<&'x Field<'x>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    size: Option<&'x Field<'x>>,
 }
 
 /// `{steps:[{id,title,status:"pending"}], currentStep:""}`; steps that are not objects are dropped.
@@ -643,45 +1005,47 @@ struct PlanData<'x, 'a>(&'x Field<'a>);
 
 impl Serialize for PlanData<'_, '_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        struct Steps<'x>(&'x [Value]);
-        impl Serialize for Steps<'_> {
-            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                let mut seq = s.serialize_seq(None)?;
-                for step in self.0.iter().filter_map(Value::as_object) {
-                    seq.serialize_element(&StepOut(step))?;
-                }
-                seq.end()
-            }
+        #[derive(serde::Deserialize)]
+        struct StepIn<'x> {
+            #[serde(borrow, default)]
+            id: Field<'x>,
+            #[serde(borrow, default)]
+            title: Field<'x>,
         }
-        struct StepOut<'x>(&'x serde_json::Map<String, Value>);
+        struct StepOut<'x>(StepIn<'x>);
         impl Serialize for StepOut<'_> {
             fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
                 let mut map = s.serialize_map(None)?;
-                for key in ["id", "title"] {
-                    if let Some(v) = self.0.get(key) {
-                        map.serialize_entry(key, v)?;
+                for (key, value) in [("id", &self.0.id), ("title", &self.0.title)] {
+                    if !matches!(value, Field::Absent) {
+                        map.serialize_entry(key, value)?;
                     }
                 }
                 map.serialize_entry("status", "pending")?;
                 map.end()
             }
         }
-        let steps: &[Value] = match self.0 {
-            Field::Value(Value::Array(steps)) => steps,
-            _ => &[],
+        let items: Vec<Field> = match self.0 {
+            Field::Raw(raw) if raw.get().starts_with('[') => {
+                serde_json::from_str(raw.get()).unwrap_or_default()
+            }
+            _ => Vec::new(),
         };
+        let mut steps = Vec::with_capacity(items.len());
+        for item in &items {
+            if let Field::Raw(raw) = item {
+                if raw.get().starts_with('{') {
+                    if let Ok(step) = serde_json::from_str::<StepIn>(raw.get()) {
+                        steps.push(StepOut(step));
+                    }
+                }
+            }
+        }
         let mut map = s.serialize_map(Some(2))?;
-        map.serialize_entry("steps", &Steps(steps))?;
+        map.serialize_entry("steps", &steps)?;
         map.serialize_entry("currentStep", "")?;
         map.end()
     }
-}
-
-#[derive(DeriveSerialize)]
-#[serde(untagged)]
-enum UsageRef<'x> {
-    Field(&'x Field<'x>),
-    Value(&'x Value),
 }
 
 #[derive(DeriveSerialize)]
@@ -691,14 +1055,14 @@ struct DoneData<'x> {
     message_id: &'x str,
     execution_mode: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    usage: Option<UsageRef<'x>>,
+    usage: Option<&'x Field<'x>>,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::core::sse::SseParser;
-    use serde_json::json;
+    use serde_json::{json, Value};
     use std::collections::HashSet;
 
     const TS: &str = "2026-02-09T10:11:12.345678";
@@ -1300,5 +1664,286 @@ mod tests {
                 ("heartbeat".to_owned(), Value::Null),
             ]
         );
+    }
+
+    fn raw_out(mapper: &mut StreamMapper, data: &str) -> (Mapped, String) {
+        let mut out = Vec::new();
+        let mapped = mapper.map(&raw(data), &mut out);
+        client_events(&out);
+        (mapped, String::from_utf8(out).unwrap())
+    }
+
+    #[test]
+    fn nested_values_reach_the_client_as_the_runtime_wrote_them() {
+        let mut mapper = StreamMapper::new("s");
+        let (mapped, text) = raw_out(
+            &mut mapper,
+            r#"{"event": "tool_call_start", "data": {"tool_name": "python", "arguments": {"language": "python", "code": "print(1)", "n": 1.50, "big": 12345678901234567890123, "e": 1E3}}}"#,
+        );
+        assert_eq!(mapped, Mapped::Message("tool_call"));
+        assert!(
+            text.contains(r#""arguments":{"language": "python", "code": "print(1)", "n": 1.50, "big": 12345678901234567890123, "e": 1E3}"#),
+            "{text}"
+        );
+        let (_, text) = raw_out(
+            &mut mapper,
+            r#"{"event": "tool_call_complete", "data": {"tool_name": "python", "result": {"stdout":"1\n","stderr":"","exit_code":0}, "success": true, "error": null, "duration": 0.250}}"#,
+        );
+        assert!(
+            text.contains(r#""result":{"stdout":"1\n","stderr":"","exit_code":0},"success":true,"error":null,"duration":0.250"#),
+            "{text}"
+        );
+        let (_, text) = raw_out(
+            &mut mapper,
+            r#"{"event": "plan_step_start", "data": {"step_id": "s1", "params": {"z": [3, 2, 1], "a": {"y": "\u4f60", "x": null}}}}"#,
+        );
+        assert!(
+            text.contains(r#""params":{"z": [3, 2, 1], "a": {"y": "\u4f60", "x": null}}"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn nested_values_of_a_multi_line_frame_come_out_on_one_line() {
+        let mut parser = SseParser::new(1 << 20);
+        let mut events = Vec::new();
+        let body = "data: {\"event\": \"mcp_call_start\",\r\ndata:  \"data\": {\"server_id\": \"fs\", \"arguments\": {\r\ndata:   \"path\": \"/tmp/x\",\r\ndata:   \"mode\": \"r\"\r\ndata: }}}\r\n\r\n";
+        parser.feed(body.as_bytes(), &mut events).unwrap();
+        assert_eq!(events.len(), 1);
+        let mut mapper = StreamMapper::new("s");
+        let mut out = Vec::new();
+        assert_eq!(
+            mapper.map(&events[0], &mut out),
+            Mapped::Message("mcp_call")
+        );
+        let parsed = client_events(&out);
+        assert_eq!(
+            parsed[0].1["data"]["arguments"],
+            json!({"path": "/tmp/x", "mode": "r"})
+        );
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains(r#""path": "/tmp/x",   "mode""#), "{text}");
+    }
+
+    #[test]
+    fn execution_error_passes_its_details_through() {
+        let mut mapper = StreamMapper::new("s");
+        let (mapped, text) = raw_out(
+            &mut mapper,
+            r#"{"event": "execution_error", "data": {"error": "upstream LLM refused", "code": "LLM_ERROR", "httpStatus": 429, "details": {"retry_after": 30, "provider": "x"}, "traceId": "t-123"}}"#,
+        );
+        assert_eq!(
+            mapped,
+            Mapped::Failed {
+                code: "LLM_ERROR".into(),
+                message: "upstream LLM refused".into()
+            }
+        );
+        assert_eq!(
+            text,
+            "event: error\ndata: {\"code\":\"LLM_ERROR\",\"message\":\"upstream LLM refused\",\"httpStatus\":429,\"details\":{\"retry_after\": 30, \"provider\": \"x\"},\"traceId\":\"t-123\"}\n\n"
+        );
+        // Absent or null ones are left out; the code defaults as before.
+        let (_, events) = map(
+            &mut mapper,
+            &frame(
+                "execution_error",
+                json!({"error": "boom", "httpStatus": null, "traceId": "t"}),
+            ),
+        );
+        assert_eq!(
+            events[0].1,
+            json!({"code": "SSE_STREAM_ERROR", "message": "boom", "traceId": "t"})
+        );
+    }
+
+    fn capped(cap: usize) -> StreamMapper {
+        StreamMapper::with_settings(
+            "s",
+            MapSettings {
+                max_client_event_bytes: cap,
+                files: None,
+            },
+        )
+    }
+
+    #[test]
+    fn a_huge_tool_result_is_shortened_to_one_event_under_the_cap() {
+        let cap = MapSettings::default().max_client_event_bytes;
+        assert_eq!(cap, 16384);
+        let stdout = "x".repeat(700_000);
+        // Written out: json! would sort the result's keys.
+        let big = format!(
+            r#"{{"event": "tool_call_complete", "data": {{"tool_name": "python", "result": {{"stdout": "{stdout}", "stderr": "", "exit_code": 0}}, "success": true, "error": null, "duration": 1.5}}, "timestamp": "{TS}"}}"#
+        );
+        let mut mapper = capped(cap);
+        let mut out = Vec::new();
+        for ev in [
+            raw(&big),
+            frame("text_chunk", json!({"content": "after"})),
+            frame("execution_complete", json!({})),
+        ] {
+            mapper.map(&ev, &mut out);
+        }
+        let events = client_events(&out);
+        assert_eq!(events.len(), 3);
+        let text = std::str::from_utf8(&out).unwrap();
+        let first = text.split("\n\n").next().unwrap();
+        let data_line = first.strip_prefix("event: message\ndata: ").unwrap();
+        assert!(data_line.len() <= cap, "{}", data_line.len());
+        assert!(
+            data_line.len() > cap - 64,
+            "shortened more than needed: {}",
+            data_line.len()
+        );
+        let msg = &events[0].1;
+        assert_eq!(msg["type"], "tool_result");
+        assert_eq!(msg["id"], format!("{}-1", mapper.message_id()));
+        let data = &msg["data"];
+        assert_eq!(data["truncated"], true);
+        assert_eq!(data["toolName"], "python");
+        assert_eq!(data["success"], true);
+        assert_eq!(data["duration"], 1.5);
+        let result = data["result"].as_str().expect("result is now a string");
+        assert!(
+            result.starts_with(r#"{"stdout": "xxxx"#),
+            "{}",
+            &result[..40]
+        );
+        assert!(result.ends_with("xxx…"));
+        // The events after it are intact.
+        assert_eq!(events[1].1["data"], json!({"content": "after"}));
+        assert_eq!(events[1].1["id"], format!("{}-2", mapper.message_id()));
+        assert_eq!(events[2].0, "done");
+    }
+
+    #[test]
+    fn shortening_never_cuts_a_character_and_escapes_count() {
+        for cap in [1024, 1500, 2000, 4099] {
+            let args: Vec<String> = (0..400).map(|i| format!("参数\"{i}\"\n🦀")).collect();
+            let mut mapper = capped(cap);
+            let mut out = Vec::new();
+            let ev = frame(
+                "skill_call_start",
+                json!({"skill_id": "k", "skill_name": "翻译", "arguments": args}),
+            );
+            assert_eq!(mapper.map(&ev, &mut out), Mapped::Message("skill_call"));
+            let events = client_events(&out);
+            let text = std::str::from_utf8(&out).unwrap();
+            let line = text.strip_prefix("event: message\ndata: ").unwrap();
+            assert!(line.len() - 2 <= cap, "{cap}: {}", line.len() - 2);
+            let data = &events[0].1["data"];
+            assert_eq!(data["truncated"], true);
+            assert_eq!(data["status"], "calling");
+            let cut = data["arguments"].as_str().unwrap();
+            assert!(cut.starts_with("[\"参数\\\"0\\\"\\n🦀\""), "{cut}");
+            assert!(cut.ends_with('…'));
+        }
+    }
+
+    #[test]
+    fn text_and_small_events_are_never_shortened() {
+        let mut mapper = capped(1024);
+        let content = "长".repeat(10_000);
+        let (_, events) = map(
+            &mut mapper,
+            &frame("text_chunk", json!({"content": content})),
+        );
+        assert_eq!(events[0].1["data"], json!({"content": content}));
+        let (_, events) = map(
+            &mut mapper,
+            &frame(
+                "plan_step_complete",
+                json!({"step_id": "1", "result": {"a": 1}}),
+            ),
+        );
+        assert!(events[0].1["data"].get("truncated").is_none());
+        assert_eq!(events[0].1["data"]["result"], json!({"a": 1}));
+        // 0 turns the limit off.
+        let mut mapper = capped(0);
+        let result = "y".repeat(100_000);
+        let (_, events) = map(
+            &mut mapper,
+            &frame(
+                "mcp_call_complete",
+                json!({"server_id": "fs", "result": result}),
+            ),
+        );
+        assert_eq!(events[0].1["data"]["result"], result);
+    }
+
+    #[test]
+    fn file_created_becomes_a_signed_file_message() {
+        use crate::core::files::{verify, FileKey, ROUTE_PREFIX};
+        let key = FileKey::new(b"k");
+        let mut mapper = StreamMapper::with_settings(
+            "s",
+            MapSettings {
+                files: Some(FileSigner {
+                    key: key.clone(),
+                    org: "org-a".into(),
+                    ttl_secs: 3600,
+                }),
+                ..MapSettings::default()
+            },
+        );
+        let data = json!({"file_id": "f-9", "filename": "报告.pdf", "mime_type": "application/pdf", "size": 1024, "url": "http://runtime:8000/files/f-9"});
+        let (mapped, events) = map(&mut mapper, &frame("file_created", data));
+        assert_eq!(mapped, Mapped::Message("file"));
+        let data = &events[0].1["data"];
+        assert_eq!(data["filename"], "报告.pdf");
+        assert_eq!(data["mimeType"], "application/pdf");
+        assert_eq!(data["size"], 1024);
+        assert_eq!(data.as_object().unwrap().len(), 4);
+        let url = data["url"].as_str().unwrap();
+        let (path, query) = url.split_once('?').unwrap();
+        assert_eq!(path, format!("{ROUTE_PREFIX}f-9"));
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        assert_eq!(
+            verify(&key, "org-a", "f-9", query, now).as_deref(),
+            Ok("http://runtime:8000/files/f-9")
+        );
+        assert!(verify(&key, "org-b", "f-9", query, now).is_err());
+        assert!(verify(&key, "org-a", "f-9", query, now + 3601).is_err());
+
+        // Without a signer: the bare route, never the runtime's address.
+        let mut mapper = StreamMapper::new("s");
+        let (_, events) = map(
+            &mut mapper,
+            &frame(
+                "file_created",
+                json!({"file_id": "f 1", "url": "http://runtime/x"}),
+            ),
+        );
+        assert_eq!(
+            events[0].1["data"],
+            json!({"url": "/api/v1/runtime/files/f%201"})
+        );
+    }
+
+    #[test]
+    fn runtime_pings_comment_ignored_frame_is_a_heartbeat() {
+        let body = b": ping - 2026-12-01 18:30:00.123456+00:00\r\n\r\ndata: {\"event\": \"ping\", \"data\": {}, \"timestamp\": \"2026-12-01T18:30:15.000001+00:00\"}\r\n\r\n: ping - 2026-12-01 18:30:30.123456+00:00\r\n\r\ndata: {\"event\": \"text_chunk\", \"data\": {\"content\": \"hi\"}}\r\n\r\n";
+        // However the network cuts it.
+        for read in [1, 7, body.len()] {
+            let mut parser = SseParser::new(1 << 20);
+            let mut events = Vec::new();
+            for piece in body.chunks(read) {
+                parser.feed(piece, &mut events).unwrap();
+            }
+            assert!(!parser.finish());
+            assert_eq!(parser.comments(), 2);
+            assert_eq!(events.len(), 2, "comments are not events");
+            let mut mapper = StreamMapper::new("s");
+            let mut out = Vec::new();
+            assert_eq!(mapper.map(&events[0], &mut out), Mapped::Heartbeat);
+            assert_eq!(mapper.map(&events[1], &mut out), Mapped::Message("text"));
+            let client = client_events(&out);
+            assert_eq!(client[0], ("heartbeat".to_owned(), Value::Null));
+            assert_eq!(client[1].1["data"], json!({"content": "hi"}));
+        }
     }
 }

@@ -141,6 +141,12 @@ pub struct RuntimeConfig {
     /// The runtime's `agent_id` when the bridge is off and the body names none; empty: none.
     #[serde(default)]
     pub default_agent_id: String,
+    /// How long a signed `/api/v1/runtime/files/...` link stays valid.
+    #[serde(default = "defaults::file_url_ttl_secs")]
+    pub file_url_ttl_secs: u64,
+    /// Env var holding the file link key; empty or unset: derived from the JWT secret.
+    #[serde(default)]
+    pub file_url_secret_env: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -224,6 +230,10 @@ pub struct LimitsConfig {
     /// Most per-org entries kept for `GET /runtime/metrics/{orgId}`; the least recently seen go.
     #[serde(default = "defaults::max_tracked_orgs")]
     pub max_tracked_orgs: usize,
+    /// A client event whose data is larger has its tool result (or arguments / params)
+    /// shortened to fit; 0 = no limit.
+    #[serde(default = "defaults::max_client_event_bytes")]
+    pub max_client_event_bytes: usize,
 }
 
 /// The conversation bridge: the legacy API's REST routes the proxy reads a session's agent and
@@ -300,7 +310,10 @@ mod defaults {
         30
     }
     pub fn max_frame_bytes() -> usize {
-        1024 * 1024
+        8 * 1024 * 1024
+    }
+    pub fn file_url_ttl_secs() -> u64 {
+        3600
     }
     pub fn default_mode() -> Mode {
         Mode::DirectLlm
@@ -374,6 +387,9 @@ mod defaults {
     pub fn cache_ttl_ms() -> u64 {
         30_000
     }
+    pub fn max_client_event_bytes() -> usize {
+        16 * 1024
+    }
 }
 
 impl Default for RolloutConfig {
@@ -430,6 +446,7 @@ impl Default for LimitsConfig {
         LimitsConfig {
             max_chat_body_bytes: defaults::max_chat_body_bytes(),
             max_tracked_orgs: defaults::max_tracked_orgs(),
+            max_client_event_bytes: defaults::max_client_event_bytes(),
         }
     }
 }
@@ -539,6 +556,13 @@ impl Config {
             1024.0,
             (64 * 1024 * 1024) as f64,
         )?;
+        check_positive("runtime.file_url_ttl_secs", self.runtime.file_url_ttl_secs)?;
+        if !self.runtime.file_url_secret_env.is_empty() {
+            check_env_name(
+                "runtime.file_url_secret_env",
+                &self.runtime.file_url_secret_env,
+            )?;
+        }
         check_orgs("rollout.runtime_orgs", &self.rollout.runtime_orgs)?;
         check_orgs("rollout.direct_orgs", &self.rollout.direct_orgs)?;
         check_range(
@@ -611,6 +635,15 @@ impl Config {
             ));
         }
         self.bridge.validate()?;
+        // Below this not even a small tool call's names and ids fit beside a shortened result.
+        if self.limits.max_client_event_bytes != 0 {
+            check_range(
+                "limits.max_client_event_bytes",
+                self.limits.max_client_event_bytes as f64,
+                1024.0,
+                (64 * 1024 * 1024) as f64,
+            )?;
+        }
         Ok(())
     }
 
@@ -1085,5 +1118,30 @@ address = "runtime:8000"
             let text = format!("{MINIMAL}default_agent_id = {bad:?}\n");
             assert_eq!(err_key(&text), "runtime.default_agent_id", "{bad}");
         }
+    }
+    fn frame_file_link_and_client_event_limits() {
+        let c = Config::parse(MINIMAL).unwrap();
+        assert_eq!(c.runtime.max_frame_bytes, 8 * 1024 * 1024);
+        assert_eq!(c.runtime.file_url_ttl_secs, 3600);
+        assert_eq!(c.runtime.file_url_secret_env, "");
+        assert_eq!(c.limits.max_client_event_bytes, 16384);
+        let limits = |line: &str| format!("{MINIMAL}[limits]\n{line}\n");
+        let runtime = |line: &str| MINIMAL.replace("[runtime]\n", &format!("[runtime]\n{line}\n"));
+        let c = Config::parse(&limits("max_client_event_bytes = 0")).unwrap();
+        assert_eq!(c.limits.max_client_event_bytes, 0);
+        assert_eq!(
+            err_key(&limits("max_client_event_bytes = 100")),
+            "limits.max_client_event_bytes"
+        );
+        let c = Config::parse(&runtime("file_url_secret_env = \"FILE_KEY\"")).unwrap();
+        assert_eq!(c.runtime.file_url_secret_env, "FILE_KEY");
+        assert_eq!(
+            err_key(&runtime("file_url_secret_env = \"not a name\"")),
+            "runtime.file_url_secret_env"
+        );
+        assert_eq!(
+            err_key(&runtime("file_url_ttl_secs = 0")),
+            "runtime.file_url_ttl_secs"
+        );
     }
 }
