@@ -1119,6 +1119,8 @@ address = "runtime:8000"
             assert_eq!(err_key(&text), "runtime.default_agent_id", "{bad}");
         }
     }
+
+    #[test]
     fn frame_file_link_and_client_event_limits() {
         let c = Config::parse(MINIMAL).unwrap();
         assert_eq!(c.runtime.max_frame_bytes, 8 * 1024 * 1024);
