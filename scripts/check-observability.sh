@@ -104,14 +104,21 @@ if os.environ["MODE"] == "write":
 
 # ---------------------------------------------------------------- exported series
 metrics_rs = read(METRICS_RS)
-registered = re.findall(
-    r'register_(int_)?(counter|gauge|histogram)(_vec)?!\(\s*"([a-zA-Z_:][a-zA-Z0-9_:]*)"',
-    metrics_rs,
+# Each series is registered through one of the helpers `counter`, `counter_vec`, `gauge`,
+# `gauge_vec`, `histogram_vec` (first argument the registry `r`, then the name), or directly as
+# `reg(r, Gauge::new("name", ...))`.
+registered = [
+    (kind, name)
+    for kind, name in re.findall(
+        r'\b(counter|gauge|histogram)(?:_vec)?\(\s*r,\s*"([a-zA-Z_:][a-zA-Z0-9_:]*)"', metrics_rs
+    )
+] + [("gauge", name) for name in re.findall(r'reg\(\s*r,\s*Gauge::new\(\s*"([a-zA-Z_:][a-zA-Z0-9_:]*)"', metrics_rs)]
+exported = {name: kind for kind, name in registered}
+invocations = len(re.findall(r"\b(?:counter|counter_vec|gauge|gauge_vec|histogram_vec)\(\s*r,", metrics_rs)) + len(
+    re.findall(r"reg\(\s*r,\s*Gauge::new\(", metrics_rs)
 )
-exported = {name: kind for _, kind, _, name in registered}
-invocations = len(re.findall(r"\bregister_[a-z_]+!\(", metrics_rs))
-if invocations != len(registered) or len(exported) != len(registered):
-    fail(f"{METRICS_RS}: {invocations} register_*! calls but {len(registered)} parsed "
+if invocations != len(registered) or len(exported) != len(registered) or not registered:
+    fail(f"{METRICS_RS}: {invocations} registrations but {len(registered)} parsed "
          f"({len(exported)} distinct names); update the parser in {sys.argv[0] or 'this script'}")
 series = set()  # names that exist in Prometheus
 for name, kind in exported.items():

@@ -8,6 +8,10 @@ use std::time::Duration;
 
 use crate::core::stats::Outcome;
 
+/// The `execution_error` code the runtime sends after a user's cancel
+/// (`/api/v1/execute/cancel`): the user stopped the execution, the runtime did not fail.
+pub const CANCELLED_CODE: &str = "EXECUTION_CANCELLED";
+
 /// How the runtime's body stopped being read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum End {
@@ -66,7 +70,7 @@ pub struct Verdict {
 /// Once `execution_complete` was mapped, only `[DONE]` or the end of the body was missing, so
 /// whatever ends the read after it is a success. An `execution_error` is a failure the client
 /// already saw as the runtime's own event. Shutting down and a departed client are nobody's
-/// fault; a frame too large is a failure even after completion, since the runtime broke the
+/// fault, and so is a user's cancel ([`CANCELLED_CODE`]); a frame too large is a failure even after completion, since the runtime broke the
 /// framing.
 pub fn verdict(facts: &Facts) -> Verdict {
     let (outcome, closing) = judge(facts);
@@ -87,6 +91,8 @@ fn judge(facts: &Facts) -> (Option<Outcome>, Option<Closing>) {
                 "the proxy is shutting down; please retry".into(),
             ),
         ),
+        // The client already has the runtime's own error event for the cancel.
+        _ if facts.runtime_error.as_deref() == Some(CANCELLED_CODE) => (None, None),
         _ if facts.runtime_error.is_some() => (Some(Outcome::Error), None),
         End::ExecutionError => (Some(Outcome::Error), None),
         End::FrameTooLarge { limit } => (
@@ -282,6 +288,29 @@ mod tests {
             };
             assert_eq!(verdict(&after_done), quiet(Some(Outcome::Error)), "{end:?}");
         }
+    }
+
+    #[test]
+    fn a_users_cancel_is_nobodys_failure() {
+        for end in [End::ExecutionError, End::Done, End::BodyEnd] {
+            let cancelled = Facts {
+                runtime_error: Some(CANCELLED_CODE.into()),
+                ..facts(end.clone())
+            };
+            // The client already has the runtime's error event; the breaker is not fed.
+            assert_eq!(verdict(&cancelled), quiet(None), "{end:?}");
+            let shadow = Facts {
+                client: false,
+                ..cancelled
+            };
+            assert_eq!(verdict(&shadow), quiet(None), "{end:?}");
+        }
+        // Only that exact code: a look-alike is still the runtime's error.
+        let other = Facts {
+            runtime_error: Some("EXECUTION_CANCELLED_BY_TIMEOUT".into()),
+            ..facts(End::ExecutionError)
+        };
+        assert_eq!(verdict(&other), quiet(Some(Outcome::Error)));
     }
 
     #[test]

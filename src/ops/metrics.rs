@@ -20,10 +20,14 @@ const LATENCY_BUCKETS_MS: &[f64] = &[
     120_000.0, 300_000.0, 600_000.0,
 ];
 
-/// Time to first event: a sidecar adds microseconds, the runtime seconds.
-const FIRST_EVENT_BUCKETS_MS: &[f64] = &[
-    1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1_000.0, 2_500.0, 5_000.0, 10_000.0,
-    30_000.0,
+/// Time to first event in seconds: a sidecar adds microseconds, the runtime seconds.
+const FIRST_EVENT_BUCKETS_SECONDS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Latency buckets in seconds for our own series: tens of milliseconds to ten minutes.
+const LATENCY_BUCKETS_SECONDS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
 ];
 
 pub struct Metrics {
@@ -41,7 +45,7 @@ pub struct Metrics {
     pub rejected_total: IntCounterVec,
     pub failover_total: IntCounter,
     pub streams_in_flight: IntGaugeVec,
-    pub first_event_ms: HistogramVec,
+    pub time_to_first_event_seconds: HistogramVec,
     pub sse_events_total: IntCounterVec,
     pub sse_dropped_frames_total: IntCounterVec,
     pub stream_errors_total: IntCounterVec,
@@ -53,7 +57,7 @@ pub struct Metrics {
     pub config_last_reload_success: Gauge,
     pub config_file_valid: IntGauge,
     pub shadow_total: IntCounterVec,
-    pub shadow_latency_ms: HistogramVec,
+    pub shadow_latency_seconds: HistogramVec,
     pub shadow_events_total: IntCounter,
     pub bridge: BridgeMetrics,
     /// Where the series above are registered; `render` exposes it.
@@ -178,12 +182,12 @@ impl Metrics {
                 "Chat responses being streamed now, by mode.",
                 &["mode"]
             )?,
-            first_event_ms: histogram_vec(
+            time_to_first_event_seconds: histogram_vec(
                 r,
-                "chat_time_to_first_event_ms",
-                "Time from request to the first response byte sent to the client, by mode.",
+                "chat_time_to_first_event_seconds",
+                "Seconds from request to the first response byte sent to the client, by mode.",
                 &["mode"],
-                FIRST_EVENT_BUCKETS_MS
+                FIRST_EVENT_BUCKETS_SECONDS
             )?,
             sse_events_total: counter_vec(
                 r,
@@ -236,12 +240,12 @@ impl Metrics {
                 "Shadow requests mirrored to the runtime, by outcome (success, error, timeout, skipped).",
                 &["outcome"]
             )?,
-            shadow_latency_ms: histogram_vec(
+            shadow_latency_seconds: histogram_vec(
                 r,
-                "chat_shadow_latency_ms",
-                "Latency of shadow runtime executions, by outcome.",
+                "chat_shadow_latency_seconds",
+                "Seconds shadow runtime executions took, by outcome.",
                 &["outcome"],
-                LATENCY_BUCKETS_MS
+                LATENCY_BUCKETS_SECONDS
             )?,
             shadow_events_total: counter(r, "chat_shadow_events_total", "Runtime events received on shadow streams.")?,
             bridge: BridgeMetrics::register(r)?,
@@ -273,7 +277,7 @@ impl Metrics {
                 c.with_label_values(&[mode]);
             }
             self.execution_latency_ms.with_label_values(&[mode]);
-            self.first_event_ms.with_label_values(&[mode]);
+            self.time_to_first_event_seconds.with_label_values(&[mode]);
             self.streams_in_flight.with_label_values(&[mode]);
         }
         // Every transition the breaker can make (a reset closes from open or half-open).

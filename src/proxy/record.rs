@@ -137,9 +137,9 @@ impl CutoverProxy {
         }
         if let Some(t) = first_byte {
             metrics
-                .first_event_ms
+                .time_to_first_event_seconds
                 .with_label_values(&[label])
-                .observe(t.as_secs_f64() * 1000.0);
+                .observe(t.as_secs_f64());
         }
     }
 }

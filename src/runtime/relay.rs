@@ -175,13 +175,16 @@ pub async fn relay(session: &mut Session, stream: RuntimeStream, args: RelayArgs
                         }
                         Mapped::Failed { code, message } => {
                             metrics.sse_events_total.with_label_values(&["error"]).inc();
-                            // The runtime's own code is unbounded: label it as one kind.
-                            metrics
-                                .stream_errors_total
-                                .with_label_values(&["EXECUTION_ERROR"])
-                                .inc();
+                            // The runtime's own code is unbounded: label it as one kind,
+                            // a user's cancel apart, since it is nobody's failure.
+                            let kind = if code == stream::CANCELLED_CODE {
+                                stream::CANCELLED_CODE
+                            } else {
+                                "EXECUTION_ERROR"
+                            };
+                            metrics.stream_errors_total.with_label_values(&[kind]).inc();
                             report.events += 1;
-                            report.error_code = Some("EXECUTION_ERROR");
+                            report.error_code = Some(kind);
                             report.detail = Some(format!("{code}: {message}"));
                             runtime_error = Some(code);
                             end = Some(End::ExecutionError);

@@ -83,9 +83,9 @@ pub fn spawn(
         let label = report.outcome.as_str();
         let m = shared.metrics;
         m.shadow_total.with_label_values(&[label]).inc();
-        m.shadow_latency_ms
+        m.shadow_latency_seconds
             .with_label_values(&[label])
-            .observe(started.elapsed().as_secs_f64() * 1000.0);
+            .observe(started.elapsed().as_secs_f64());
         m.shadow_events_total.inc_by(report.events);
         tracing::debug!(
             outcome = label,
