@@ -19,6 +19,7 @@ is the full contract table):
   complete_no_done     execution_complete, then the stream ends without [DONE]
   slow                 text chunks every RUNTIME_SLOW_GAP seconds with `: ping` comments between
   junk                 a frame that is not JSON and an unknown event between good ones
+  big_tool_result      a ~700 KB tool_call_complete (code executor output), then a plan step
   edge                 raw bytes written in awkward pieces (CR|LF split, UTF-8 split, BOM, ...)
   http500              500 before any byte of a stream
 
@@ -294,6 +295,21 @@ def edge_pieces(session_id: str) -> list[bytes]:
     return [p for p in pieces if p]
 
 
+async def big_tool_result_stream(s: Stream, session_id: str):
+    # The real code executor's output: ~700 KB of stdout with escaped control characters.
+    stdout = "line of output \x1b[0m\t" * 30_000
+    yield s.frame("tool_call_start", {"tool_name": "code_executor",
+                                      "arguments": {"language": "python", "code": "print('x')"}})
+    yield s.frame("tool_call_complete", {"tool_name": "code_executor",
+                                         "result": {"stdout": stdout, "stderr": "", "exit_code": 0},
+                                         "success": True, "error": None, "duration": 2.5})
+    yield s.frame("plan_step_start", {"step_id": "s2", "title": "Summarise the output",
+                                      "tool": None, "params": {}})
+    yield s.frame("text_chunk", {"content": "done"})
+    yield s.frame("execution_complete", {"final_response": "done"})
+    yield s.done()
+
+
 async def edge_stream(session_id: str):
     for piece in edge_pieces(session_id):
         yield piece
@@ -313,4 +329,5 @@ SCENARIOS = {
     "cut_mid_frame": cut_mid_frame_stream,
     "complete_no_done": complete_no_done_stream,
     "junk": junk_stream,
+    "big_tool_result": big_tool_result_stream,
 }
