@@ -43,12 +43,10 @@ impl Active {
             legacy: PeerSettings {
                 connect_timeout: Duration::from_millis(config.legacy.connect_timeout_ms),
                 pool_idle_timeout: Duration::from_millis(config.legacy.pool_idle_timeout_ms),
-                read_timeout: None,
             },
             runtime: PeerSettings {
                 connect_timeout: Duration::from_millis(config.runtime.connect_timeout_ms),
                 pool_idle_timeout: Duration::from_millis(config.runtime.pool_idle_timeout_ms),
-                read_timeout: None,
             },
             admin_token,
             config,

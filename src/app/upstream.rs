@@ -49,7 +49,6 @@ impl Resolver {
 pub struct PeerSettings {
     pub connect_timeout: Duration,
     pub pool_idle_timeout: Duration,
-    pub read_timeout: Option<Duration>,
 }
 
 /// The pool partition of the calling worker thread.
@@ -71,7 +70,6 @@ pub fn peer(addr: SocketAddr, settings: &PeerSettings) -> HttpPeer {
     peer.group_key = pool_partition();
     peer.options.connection_timeout = Some(settings.connect_timeout);
     peer.options.idle_timeout = Some(settings.pool_idle_timeout);
-    peer.options.read_timeout = settings.read_timeout;
     peer.options.tcp_keepalive = None;
     peer
 }

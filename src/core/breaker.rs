@@ -5,7 +5,7 @@
 //! `Instant`, so tests drive it without sleeping. [`SharedBreaker`] wraps it for the proxy: a mutex,
 //! a lock-free mirror of the state for the hot path, `tracing` logs and transition callbacks.
 //!
-//! Rules (see CONTRACT.md, "Breaker and failover"):
+//! Rules (the external contract's "Breaker and failover"):
 //! - Closed: every request is allowed. Outcomes go into the window; with at least `min_requests`
 //!   samples, error rate > `error_rate`, timeout rate > `timeout_rate` or mean latency >
 //!   `max_mean_latency` opens the breaker. So do `health_failures` consecutive failed health checks.
@@ -110,22 +110,6 @@ impl BreakerSettings {
 
     fn health_limit(&self) -> u32 {
         self.health_failures.max(1)
-    }
-}
-
-impl Default for BreakerSettings {
-    /// The contract's defaults (`execution_timeout_ms` = 300000, `health_failures` = 3).
-    fn default() -> Self {
-        BreakerSettings {
-            window: Duration::from_secs(300),
-            min_requests: 10,
-            error_rate: 0.5,
-            timeout_rate: 0.3,
-            max_mean_latency: Duration::from_secs(240),
-            open_for: Duration::from_secs(30),
-            half_open_probes: 3,
-            health_failures: 3,
-        }
     }
 }
 
@@ -1338,8 +1322,20 @@ address = "runtime:8000"
     fn settings_from_config() {
         let c = crate::core::config::Config::parse(CONFIG).unwrap();
         let s = BreakerSettings::from_config(&c);
-        assert_eq!(s, BreakerSettings::default());
-        assert_eq!(s.max_mean_latency, secs(240));
+        // The contract's thresholds (with `execution_timeout_ms` = 300000, `health_failures` = 3).
+        assert_eq!(
+            s,
+            BreakerSettings {
+                window: secs(300),
+                min_requests: 10,
+                error_rate: 0.5,
+                timeout_rate: 0.3,
+                max_mean_latency: secs(240),
+                open_for: secs(30),
+                half_open_probes: 3,
+                health_failures: 3,
+            }
+        );
 
         let text = format!(
             "{}execution_timeout_ms = 1000\nhealth_failures = 5\n[breaker]\nwindow_secs = 60\n\

@@ -1,8 +1,9 @@
 //! `proxy.toml`: its schema, defaults and validation.
 //!
 //! Parsing is strict (unknown keys are errors) and every error names the offending key, so
-//! `cutover-proxy check` can answer like `nginx -t`. Nothing here does I/O beyond reading the file
-//! and the environment variables the file names.
+//! `cutover-proxy check` can answer like `nginx -t`. Nothing here does I/O beyond reading the file;
+//! the environment variables the file names (secrets) are read where they are used
+//! (`identity::Verifier::from_env`, `app::state::Active::new`).
 
 use std::fmt;
 use std::path::Path;

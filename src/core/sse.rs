@@ -1,6 +1,6 @@
-//! Incremental parser for `text/event-stream` bytes (WHATWG HTML "server-sent events" rules) and a
-//! writer for LF-only SSE frames: the proxy feeds it the runtime's body chunks as they arrive, cut
-//! anywhere, and gets back whole events, with the size of a pending frame bounded.
+//! Incremental parser for `text/event-stream` bytes (WHATWG HTML "server-sent events" rules): the
+//! proxy feeds it the runtime's body chunks as they arrive, cut anywhere, and gets back whole
+//! events, with the size of a pending frame bounded. (Client events are written by `agent2ui`.)
 
 use std::fmt;
 
@@ -295,8 +295,10 @@ fn text(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
 }
 
 /// Serialise one event, LF line endings only; multi-line data (split on CRLF, LF or CR) becomes
-/// several `data:` lines. `event` None = no event line; CR and LF in it are dropped.
-pub fn write_event(out: &mut Vec<u8>, event: Option<&str>, data: &str) {
+/// several `data:` lines. `event` None = no event line; CR and LF in it are dropped. The
+/// property tests write the streams they parse back with it.
+#[cfg(test)]
+fn write_event(out: &mut Vec<u8>, event: Option<&str>, data: &str) {
     if let Some(name) = event {
         out.extend_from_slice(b"event: ");
         if find_line_end(name.as_bytes()).is_none() {

@@ -50,7 +50,6 @@ impl Target {
             peer: PeerSettings {
                 connect_timeout: Duration::from_millis(config.legacy.connect_timeout_ms),
                 pool_idle_timeout: Duration::from_millis(config.legacy.pool_idle_timeout_ms),
-                read_timeout: None,
             },
             config: config.bridge.clone(),
         }

@@ -263,7 +263,7 @@ pub async fn open(
     // is safe because such a connection never delivered a response.
     for attempt in 0..2 {
         // Refused or timed out, a connection that could not be made is a connect failure: an
-        // error (CONTRACT.md, "Breaker and failover"), not an execution timeout.
+        // error (the contract counts connect failures as errors), not an execution timeout.
         let (mut stream, reused) = shared
             .runtime_pool
             .get_stream(&peer)
