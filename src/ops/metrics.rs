@@ -55,6 +55,7 @@ pub struct Metrics {
     pub shadow_total: IntCounterVec,
     pub shadow_latency_ms: HistogramVec,
     pub shadow_events_total: IntCounter,
+    pub file_requests_total: IntCounterVec,
     pub bridge: BridgeMetrics,
     /// Where the series above are registered; `render` exposes it.
     registry: Registry,
@@ -244,6 +245,12 @@ impl Metrics {
                 LATENCY_BUCKETS_MS
             )?,
             shadow_events_total: counter(r, "chat_shadow_events_total", "Runtime events received on shadow streams.")?,
+            file_requests_total: counter_vec(
+                r,
+                "cutover_runtime_file_requests_total",
+                "Requests on the runtime files route, by result (served, refused, failed).",
+                &["result"]
+            )?,
             bridge: BridgeMetrics::register(r)?,
             registry: registry.clone(),
         };
@@ -298,6 +305,9 @@ impl Metrics {
         }
         for outcome in ["success", "error", "timeout", "skipped"] {
             self.shadow_total.with_label_values(&[outcome]);
+        }
+        for result in ["served", "refused", "failed"] {
+            self.file_requests_total.with_label_values(&[result]);
         }
     }
 

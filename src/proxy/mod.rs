@@ -5,6 +5,7 @@
 //! untouched by Pingora. `logging` is the one place where outcomes are counted (`record`).
 
 mod ctx;
+mod files;
 mod record;
 mod respond;
 mod serve;
@@ -62,6 +63,10 @@ impl ProxyHttp for CutoverProxy {
         // those bytes for the next request instead of taking them for a broken connection.
         session.downstream_session.set_pipelining_enabled(true);
         let req = session.req_header();
+        if req.uri.path().starts_with(crate::core::files::ROUTE_PREFIX) {
+            let active = ctx.active.clone();
+            return self.serve_file(session, &active).await;
+        }
         let Some(route) = chat_route(&req.method, req.uri.path()) else {
             return Ok(false);
         };

@@ -253,6 +253,7 @@ impl CutoverProxy {
             heartbeat: Duration::from_secs(runtime.heartbeat_secs),
             max_frame_bytes: runtime.max_frame_bytes,
             pool_idle: req.active.runtime.pool_idle_timeout,
+            map: req.active.map_settings(req.chat.org().unwrap_or_default()),
         };
         let report = relay::relay(session, stream, args).await;
         req.chat.served = Served::Runtime(report);
