@@ -186,8 +186,8 @@ async fn the_configured_ingress_header_names_the_org() {
     assert_eq!(sent["metadata"]["user_id"], serde_json::Value::Null);
     assert_eq!(runtime.work()[0].header("x-org-id"), None);
 
-    // The ingress header wins over the token's org; the user still comes from a valid token.
-    let auth = format!("Bearer {}", token("org-b"));
+    // A token of the same org adds the user; one of another org is a conflict (below).
+    let auth = format!("Bearer {}", token("org-a"));
     let r = chat_with(
         server.proxy_addr,
         &[("authorization", &auth), ("x-org-id", "org-a")],
@@ -205,6 +205,59 @@ async fn the_configured_ingress_header_names_the_org() {
     let r = chat_with(server.proxy_addr, &[("x-org-id", "  ")]).await;
     assert_eq!(mode_reason(&r), LEGACY_NO_IDENTITY);
     assert_eq!(runtime.work().len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_of_another_org_than_the_ingress_header_is_served_by_legacy() {
+    let h = Harness::new()
+        .config(|cfg| {
+            cfg.identity.trusted_org_header = Some("x-org-id".into());
+            cfg.rollout.runtime_orgs = vec!["org-a".into(), "org-b".into()];
+        })
+        .start()
+        .await;
+
+    // Both orgs are allowlisted: only the conflict keeps this off the runtime.
+    let auth = format!("Bearer {}", token("org-b"));
+    let r = chat_with(
+        h.proxy_addr,
+        &[("authorization", &auth), ("X-Org-Id", "org-a")],
+    )
+    .await;
+    assert_served(&r, DIRECT, "identity_conflict");
+    assert!(h.runtime.work().is_empty(), "{:?}", h.runtime.work());
+    // Legacy judges the caller by its token as always, and never sees the header.
+    let got = h.legacy.work();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].header("authorization"), Some(auth.as_str()));
+    assert_eq!(got[0].header("x-org-id"), None);
+    assert_eq!(
+        metric(
+            &h,
+            "chat_identity_unverified_total",
+            &[("cause", "conflict")]
+        ),
+        1.0
+    );
+    assert!(
+        eventually(std::time::Duration::from_secs(3), || metric(
+            &h,
+            "chat_requests_total",
+            &[("reason", "identity_conflict"), ("mode", DIRECT)]
+        ) == 1.0)
+        .await
+    );
+
+    // The same token and header agreeing reach the runtime as that org.
+    let r = chat_with(
+        h.proxy_addr,
+        &[("authorization", &auth), ("x-org-id", "org-b")],
+    )
+    .await;
+    assert_served(&r, RT, "allowlist");
+    let sent = h.runtime.work()[0].json();
+    assert_eq!(sent["org_id"], "org-b");
+    assert_eq!(sent["metadata"]["user_id"], "user-1");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

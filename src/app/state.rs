@@ -12,8 +12,10 @@ use pingora::connectors::http::Connector;
 use pingora::connectors::TransportConnector;
 
 use crate::app::upstream::{PeerSettings, Resolver};
+use crate::core::agent2ui::MapSettings;
 use crate::core::breaker::{Breaker, BreakerSettings, SharedBreaker};
 use crate::core::config::Config;
+use crate::core::files::{FileKey, FileSigner};
 use crate::core::identity::Verifier;
 use crate::core::routing::Rollout;
 use crate::core::stats::ExecutionStats;
@@ -28,6 +30,9 @@ pub struct Active {
     pub runtime: PeerSettings,
     /// The admin bearer token (from the env var the config names); `None` refuses mutations.
     pub admin_token: Option<String>,
+    /// The key runtime file links are signed and checked with; `None` when there is neither a
+    /// link secret nor a JWT secret to derive one from (links are then unsigned, and refused).
+    pub file_key: Option<FileKey>,
 }
 
 impl Active {
@@ -37,6 +42,7 @@ impl Active {
         let admin_token = std::env::var(&config.admin.token_env)
             .ok()
             .filter(|t| !t.is_empty());
+        let file_key = file_key(&config);
         Active {
             rollout: Rollout::new(&config.rollout),
             verifier,
@@ -49,7 +55,21 @@ impl Active {
                 pool_idle_timeout: Duration::from_millis(config.runtime.pool_idle_timeout_ms),
             },
             admin_token,
+            file_key,
             config,
+        }
+    }
+
+    /// How the stream of a runtime chat for `org` is written: the client event cap, and file
+    /// links signed for that org.
+    pub fn map_settings(&self, org: &str) -> MapSettings {
+        MapSettings {
+            max_client_event_bytes: self.config.limits.max_client_event_bytes,
+            files: self.file_key.clone().map(|key| FileSigner {
+                key,
+                org: org.to_owned(),
+                ttl_secs: self.config.runtime.file_url_ttl_secs,
+            }),
         }
     }
 
@@ -60,6 +80,26 @@ impl Active {
             _ => "other",
         }
     }
+}
+
+/// The link key from `runtime.file_url_secret_env`, else derived from the JWT secret. Derived
+/// from no secret at all it would be a key anyone can compute, so there is none then.
+fn file_key(config: &Config) -> Option<FileKey> {
+    let env = |name: &str| {
+        (!name.is_empty())
+            .then(|| std::env::var(name).ok())
+            .flatten()
+            .filter(|v| !v.is_empty())
+    };
+    let explicit = env(&config.runtime.file_url_secret_env);
+    let jwt = env(&config.identity.jwt_secret_env);
+    if explicit.is_none() && jwt.is_none() {
+        return None;
+    }
+    Some(FileKey::resolve(
+        explicit.as_deref(),
+        jwt.as_deref().unwrap_or_default().as_bytes(),
+    ))
 }
 
 /// Counts requests in flight; each request's context holds one `RequestGuard`.

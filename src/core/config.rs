@@ -235,6 +235,9 @@ pub struct LimitsConfig {
     /// shortened to fit; 0 = no limit.
     #[serde(default = "defaults::max_client_event_bytes")]
     pub max_client_event_bytes: usize,
+    /// How long a runtime-bound chat body may take to arrive once its head is in; longer is 408.
+    #[serde(default = "defaults::body_timeout_ms")]
+    pub body_timeout_ms: u64,
 }
 
 /// The conversation bridge: the legacy API's REST routes the proxy reads a session's agent and
@@ -391,6 +394,9 @@ mod defaults {
     pub fn max_client_event_bytes() -> usize {
         16 * 1024
     }
+    pub fn body_timeout_ms() -> u64 {
+        10_000
+    }
 }
 
 impl Default for RolloutConfig {
@@ -448,6 +454,7 @@ impl Default for LimitsConfig {
             max_chat_body_bytes: defaults::max_chat_body_bytes(),
             max_tracked_orgs: defaults::max_tracked_orgs(),
             max_client_event_bytes: defaults::max_client_event_bytes(),
+            body_timeout_ms: defaults::body_timeout_ms(),
         }
     }
 }
@@ -627,6 +634,12 @@ impl Config {
         check_positive(
             "limits.max_tracked_orgs",
             self.limits.max_tracked_orgs as u64,
+        )?;
+        check_range(
+            "limits.body_timeout_ms",
+            self.limits.body_timeout_ms as f64,
+            1.0,
+            600_000.0,
         )?;
         let agent = &self.runtime.default_agent_id;
         if !agent.is_empty() && !crate::core::bridge::is_safe_id(agent) {
@@ -1118,6 +1131,20 @@ address = "runtime:8000"
         for bad in ["../admin", "a/b", " x", "a%2Fb"] {
             let text = format!("{MINIMAL}default_agent_id = {bad:?}\n");
             assert_eq!(err_key(&text), "runtime.default_agent_id", "{bad}");
+        }
+    }
+
+    #[test]
+    fn body_timeout_has_a_default_and_a_range() {
+        assert_eq!(
+            Config::parse(MINIMAL).unwrap().limits.body_timeout_ms,
+            10_000
+        );
+        let limits = |line: &str| format!("{MINIMAL}[limits]\n{line}\n");
+        let c = Config::parse(&limits("body_timeout_ms = 250")).unwrap();
+        assert_eq!(c.limits.body_timeout_ms, 250);
+        for bad in ["body_timeout_ms = 0", "body_timeout_ms = 600001"] {
+            assert_eq!(err_key(&limits(bad)), "limits.body_timeout_ms", "{bad}");
         }
     }
 

@@ -174,6 +174,46 @@ pub fn path(file_id: &str) -> String {
     path
 }
 
+/// What to ask the runtime for a link's `src`: the path and query only, made a valid request
+/// target. The host in an absolute URL is never used: the download goes to the configured runtime
+/// address whatever a link says. `None` when there is no path to ask for.
+pub fn runtime_target(src: &str) -> Option<String> {
+    let lower = src.get(..8).unwrap_or(src).to_ascii_lowercase();
+    let rest = if lower.starts_with("http://") {
+        &src[7..]
+    } else if lower.starts_with("https://") {
+        &src[8..]
+    } else if src.starts_with('/') && !src.starts_with("//") {
+        src
+    } else {
+        return None;
+    };
+    let path = match rest.find(['/', '?']) {
+        _ if rest.starts_with('/') => rest,
+        Some(i) if rest.as_bytes()[i] == b'/' => &rest[i..],
+        Some(i) => return Some(format!("/{}", encode_target(&rest[i..]))),
+        None => "/",
+    };
+    let path = path.split('#').next().unwrap_or_default();
+    Some(encode_target(path))
+}
+
+/// Bytes that cannot stand in a request line (controls, spaces, non-ASCII) as `%XX`; the rest,
+/// escapes included, as they are.
+fn encode_target(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for &b in s.as_bytes() {
+        if (0x21..0x7f).contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push('%');
+            out.push(HEX[usize::from(b >> 4)].to_ascii_uppercase() as char);
+            out.push(HEX[usize::from(b & 0xf)].to_ascii_uppercase() as char);
+        }
+    }
+    out
+}
+
 /// Length-prefixed fields: no two different (org, id, src, exp) share a message.
 fn message(org: &str, file_id: &str, runtime_url: &str, expires_unix: u64) -> Vec<u8> {
     let mut msg =
@@ -383,6 +423,30 @@ mod tests {
                 Err(Refusal::Malformed),
                 "{bad}"
             );
+        }
+    }
+
+    #[test]
+    fn the_runtime_is_asked_for_the_path_only() {
+        for (src, target) in [
+            (
+                SRC,
+                Some("/api/v1/files/f-1/download?name=%E6%8A%A5%E5%91%8A%20v2.pdf&x=1"),
+            ),
+            ("HTTP://evil.example:1/x?y=1#frag", Some("/x?y=1")),
+            ("https://elsewhere/a%2Fb", Some("/a%2Fb")),
+            ("http://runtime:8000", Some("/")),
+            ("http://runtime:8000?id=1", Some("/?id=1")),
+            (
+                "/api/v1/files/f 1\r\nx: y",
+                Some("/api/v1/files/f%201%0D%0Ax:%20y"),
+            ),
+            ("", None),
+            ("//evil.example/x", None),
+            ("files/f-1", None),
+            ("ftp://runtime/f-1", None),
+        ] {
+            assert_eq!(runtime_target(src).as_deref(), target, "{src:?}");
         }
     }
 

@@ -133,6 +133,17 @@ pub fn parse_head(buf: &[u8], request_was_head: bool) -> Result<Option<Head>, He
     }))
 }
 
+/// The value of the first header called `name` in a complete response head, if any.
+pub fn header_value<'a>(head: &'a [u8], name: &str) -> Option<&'a [u8]> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut headers);
+    resp.parse(head).ok()?;
+    resp.headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case(name))
+        .map(|h| h.value)
+}
+
 fn last_token(value: &[u8]) -> &[u8] {
     value
         .rsplit(|b| *b == b',')
@@ -303,6 +314,22 @@ impl BodyDecoder {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn header_values_are_found_by_name_in_any_case() {
+        let head = b"HTTP/1.1 200 OK\r\nContent-Type: application/pdf\r\n\
+            content-disposition: attachment; filename=\"a.pdf\"\r\n\r\nbody";
+        assert_eq!(
+            super::header_value(head, "content-type"),
+            Some(&b"application/pdf"[..])
+        );
+        assert_eq!(
+            super::header_value(head, "Content-Disposition"),
+            Some(&b"attachment; filename=\"a.pdf\""[..])
+        );
+        assert_eq!(super::header_value(head, "content-length"), None);
+        assert_eq!(super::header_value(b"HTTP/1.1 200", "content-type"), None);
+    }
+
     use super::*;
     use proptest::prelude::*;
 

@@ -28,6 +28,9 @@ pub enum Unverified {
     Expired,
     /// A valid token without the org claim.
     NoOrgClaim,
+    /// The trusted ingress header and a verified token name different orgs: neither can be
+    /// believed over the other, so the request is not served as either.
+    Conflict,
 }
 
 impl Unverified {
@@ -38,6 +41,7 @@ impl Unverified {
             Unverified::Invalid => "invalid",
             Unverified::Expired => "expired",
             Unverified::NoOrgClaim => "no_org_claim",
+            Unverified::Conflict => "conflict",
         }
     }
 }
@@ -108,7 +112,9 @@ impl Verifier {
     /// With a trusted ingress header configured, its value names the org (the user still comes
     /// from a valid token, if any). The header is believed only when it occurs exactly once with
     /// a non-empty value: several copies mean a client copy survived next to the ingress's and
-    /// nothing tells them apart, so the JWT decides as if the header were absent.
+    /// nothing tells them apart, so the JWT decides as if the header were absent. A verified token
+    /// of another org is a conflict: one of the two speaks for an org the caller is not, and
+    /// taking the header's org with the token's user would mix two tenants in one request.
     pub fn identify(&self, headers: &http::HeaderMap) -> Result<Caller, Unverified> {
         if let Some(name) = &self.trusted_org_header {
             let mut values = headers.get_all(name).iter();
@@ -121,17 +127,21 @@ impl Verifier {
                 .map(str::trim)
                 .filter(|v| !v.is_empty())
             {
-                let user_id = self.verify_bearer(headers).ok().and_then(|c| c.user_id);
+                let token = self.verify_bearer(headers).ok();
+                if token.as_ref().is_some_and(|t| t.org_id != org) {
+                    return Err(Unverified::Conflict);
+                }
                 return Ok(Caller {
                     org_id: org.to_string(),
-                    user_id,
+                    user_id: token.and_then(|t| t.user_id),
                 });
             }
         }
         self.verify_bearer(headers)
     }
 
-    fn verify_bearer(&self, headers: &http::HeaderMap) -> Result<Caller, Unverified> {
+    /// The caller named by the request's bearer token alone, whatever the ingress header says.
+    pub fn verify_bearer(&self, headers: &http::HeaderMap) -> Result<Caller, Unverified> {
         let token = bearer_token(headers).ok_or(Unverified::Missing)?;
         self.verify(token)
     }
@@ -343,7 +353,7 @@ mod tests {
     #[test]
     fn trusted_header_takes_the_user_from_a_valid_token_only() {
         let good = token(
-            json!({"orgId": "org-x", "userId": "u1", "exp": now() + 60}),
+            json!({"orgId": "org-b", "userId": "u1", "exp": now() + 60}),
             SECRET,
         );
         let forged = token(
@@ -362,6 +372,37 @@ mod tests {
         let mut h = headers(&format!("Bearer {forged}"));
         h.insert("x-org-id", "org-b".parse().unwrap());
         assert_eq!(trusting().identify(&h).unwrap().user_id, None);
+    }
+
+    #[test]
+    fn a_verified_token_of_another_org_conflicts_with_the_trusted_header() {
+        let other = token(
+            json!({"orgId": "org-b", "userId": "u1", "exp": now() + 60}),
+            SECRET,
+        );
+        let mut h = headers(&format!("Bearer {other}"));
+        h.insert("x-org-id", "org-a".parse().unwrap());
+        assert_eq!(trusting().identify(&h), Err(Unverified::Conflict));
+        // The token alone still names its own org, for routes that need a token.
+        assert_eq!(trusting().verify_bearer(&h).unwrap().org_id, "org-b");
+        // Only a verified token can conflict: an expired or forged one is no claim at all.
+        for unverified in [
+            token(json!({"orgId": "org-b", "exp": now() - 120}), SECRET),
+            token(json!({"orgId": "org-b", "exp": now() + 60}), "other"),
+        ] {
+            let mut h = headers(&format!("Bearer {unverified}"));
+            h.insert("x-org-id", "org-a".parse().unwrap());
+            let caller = trusting().identify(&h).unwrap();
+            assert_eq!((caller.org_id.as_str(), caller.user_id), ("org-a", None));
+        }
+        // Without a trusted header configured, the token decides and nothing conflicts.
+        let mut h = headers(&format!("Bearer {other}"));
+        h.insert("x-org-id", "org-a".parse().unwrap());
+        assert_eq!(verifier().identify(&h).unwrap().org_id, "org-b");
+        // A repeated header is not believed, so the token is not contradicted by it.
+        h.append("x-org-id", "org-c".parse().unwrap());
+        assert_eq!(trusting().identify(&h).unwrap().org_id, "org-b");
+        assert_eq!(Unverified::Conflict.as_str(), "conflict");
     }
 
     #[test]

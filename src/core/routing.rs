@@ -7,6 +7,7 @@ use std::collections::HashSet;
 
 use crate::core::breaker::{Admission, State};
 use crate::core::config::{Mode, RolloutConfig};
+use crate::core::identity::Unverified;
 
 /// Why a request got its mode; sent as `x-execution-reason` and used as a metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -21,6 +22,8 @@ pub enum Reason {
     Failover,
     /// The runtime was chosen but the body is larger than can be replayed on failover.
     LargeBody,
+    /// The trusted ingress header and a verified token name different orgs.
+    IdentityConflict,
 }
 
 impl Reason {
@@ -34,6 +37,7 @@ impl Reason {
             Reason::NoIdentity => "no_identity",
             Reason::Failover => "failover",
             Reason::LargeBody => "large_body",
+            Reason::IdentityConflict => "identity_conflict",
         }
     }
 }
@@ -100,6 +104,15 @@ impl Rollout {
         match self.default_mode {
             Mode::DirectLlm => RolloutDecision::direct(Reason::Default),
             Mode::RuntimeOrchestrator => RolloutDecision::runtime(Reason::Default),
+        }
+    }
+
+    /// Decide the mode for what identification gave: a verified caller's org, or why there is none.
+    pub fn decide_identified(&self, org: Result<&str, Unverified>) -> RolloutDecision {
+        match org {
+            Ok(org) => self.decide(Some(org), false),
+            Err(Unverified::Conflict) => RolloutDecision::direct(Reason::IdentityConflict),
+            Err(_) => self.decide(None, false),
         }
     }
 
@@ -314,6 +327,27 @@ mod tests {
             r.decide(None, false),
             RolloutDecision::direct(Reason::NoIdentity)
         );
+    }
+
+    #[test]
+    fn conflicting_identities_go_to_legacy_saying_so() {
+        let r = rollout(|c| {
+            c.runtime_orgs = vec!["org-a".into(), "org-b".into()];
+            c.default_mode = Mode::RuntimeOrchestrator;
+        });
+        assert_eq!(
+            r.decide_identified(Err(Unverified::Conflict)),
+            RolloutDecision::direct(Reason::IdentityConflict)
+        );
+        assert_eq!(
+            r.decide_identified(Err(Unverified::Expired)),
+            RolloutDecision::direct(Reason::NoIdentity)
+        );
+        assert_eq!(
+            r.decide_identified(Ok("org-a")),
+            RolloutDecision::runtime(Reason::Allowlist)
+        );
+        assert_eq!(Reason::IdentityConflict.as_str(), "identity_conflict");
     }
 
     #[test]

@@ -59,6 +59,7 @@ pub struct Metrics {
     pub shadow_total: IntCounterVec,
     pub shadow_latency_seconds: HistogramVec,
     pub shadow_events_total: IntCounter,
+    pub file_requests_total: IntCounterVec,
     pub bridge: BridgeMetrics,
     /// Where the series above are registered; `render` exposes it.
     registry: Registry,
@@ -248,6 +249,12 @@ impl Metrics {
                 LATENCY_BUCKETS_SECONDS
             )?,
             shadow_events_total: counter(r, "chat_shadow_events_total", "Runtime events received on shadow streams.")?,
+            file_requests_total: counter_vec(
+                r,
+                "cutover_runtime_file_requests_total",
+                "Requests on the runtime files route, by result (served, refused, failed).",
+                &["result"]
+            )?,
             bridge: BridgeMetrics::register(r)?,
             registry: registry.clone(),
         };
@@ -302,6 +309,9 @@ impl Metrics {
         }
         for outcome in ["success", "error", "timeout", "skipped"] {
             self.shadow_total.with_label_values(&[outcome]);
+        }
+        for result in ["served", "refused", "failed"] {
+            self.file_requests_total.with_label_values(&[result]);
         }
     }
 

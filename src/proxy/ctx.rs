@@ -35,6 +35,8 @@ pub(super) struct ChatCtx {
     /// without a Content-Length (which cannot be refused up front).
     pub body_to_legacy: usize,
     pub in_flight: Option<InFlight>,
+    /// When the runtime was asked, once the chat body had been read: its latency starts here.
+    pub asked: Option<Instant>,
 }
 
 /// What serves a chat request.
@@ -71,7 +73,13 @@ impl ChatCtx {
             bytes: 0,
             body_to_legacy: 0,
             in_flight: None,
+            asked: None,
         }
+    }
+
+    /// How long the runtime has had the request: since it was asked, else since `started`.
+    pub fn runtime_time(&self, started: Instant) -> Duration {
+        self.asked.unwrap_or(started).elapsed()
     }
 
     pub fn org(&self) -> Option<&str> {

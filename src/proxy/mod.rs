@@ -5,6 +5,7 @@
 //! untouched by Pingora. `logging` is the one place where outcomes are counted (`record`).
 
 mod ctx;
+mod files;
 mod record;
 mod respond;
 mod serve;
@@ -62,35 +63,39 @@ impl ProxyHttp for CutoverProxy {
         // those bytes for the next request instead of taking them for a broken connection.
         session.downstream_session.set_pipelining_enabled(true);
         let req = session.req_header();
+        if req.uri.path().starts_with(crate::core::files::ROUTE_PREFIX) {
+            let active = ctx.active.clone();
+            return self.serve_file(session, &active).await;
+        }
         let Some(route) = chat_route(&req.method, req.uri.path()) else {
             return Ok(false);
         };
         let active = ctx.active.clone();
-        let caller = match active.verifier.identify(&req.headers) {
-            Ok(c) => Some(c),
-            Err(u) => {
-                self.shared
-                    .metrics
-                    .unverified_total
-                    .with_label_values(&[u.as_str()])
-                    .inc();
-                if u == Unverified::NoSecret {
-                    tracing::warn!(
-                        env = %active.config.identity.jwt_secret_env,
-                        "no JWT secret configured: every chat request goes to legacy"
-                    );
-                }
-                None
+        let identity = active.verifier.identify(&req.headers);
+        if let Err(u) = identity {
+            self.shared
+                .metrics
+                .unverified_total
+                .with_label_values(&[u.as_str()])
+                .inc();
+            if u == Unverified::NoSecret {
+                tracing::warn!(
+                    env = %active.config.identity.jwt_secret_env,
+                    "no JWT secret configured: every chat request goes to legacy"
+                );
             }
-        };
-        let org = caller.as_ref().map(|c| c.org_id.as_str());
+        }
+        let org = identity.as_ref().map(|c| c.org_id.as_str()).map_err(|u| *u);
         let breaker = &self.shared.breaker;
-        let Gated { decision, probe } =
-            gate(active.rollout.decide(org, false), breaker.state(), || {
-                breaker.admit()
-            });
+        let Gated { decision, probe } = gate(
+            active.rollout.decide_identified(org),
+            breaker.state(),
+            || breaker.admit(),
+        );
         let probe = ProbeGuard::new(&self.shared, probe);
-        let chat = ctx.chat.insert(ChatCtx::new(caller, decision, probe));
+        let chat = ctx
+            .chat
+            .insert(ChatCtx::new(identity.ok(), decision, probe));
 
         let limit = active.config.limits.max_chat_body_bytes;
         if content_length(session).is_some_and(|n| n > limit) {

@@ -62,7 +62,11 @@ impl CutoverProxy {
     /// The runtime's part, if it was tried: the breaker judges it, the stats count it.
     fn record_runtime(&self, chat: &mut ChatCtx, total: Duration, now: Instant) -> Option<Outcome> {
         let (outcome, latency, first) = match &chat.served {
-            Served::Runtime(report) => (report.outcome, total, report.first_write),
+            Served::Runtime(report) => (
+                report.outcome,
+                chat.asked.map_or(total, |t| now.duration_since(t)),
+                report.first_write,
+            ),
             Served::Legacy {
                 failover: Some(failover),
             } => (Some(failover.failure.outcome), failover.after, None),

@@ -15,6 +15,8 @@ use crate::runtime::relay;
 pub(super) enum Rejection {
     TooLarge,
     BadBody,
+    /// The body did not arrive within `limits.body_timeout_ms`.
+    BodyTimeout,
 }
 
 impl Rejection {
@@ -23,6 +25,7 @@ impl Rejection {
         match self {
             Rejection::TooLarge => (413, "too_large", "PAYLOAD_TOO_LARGE"),
             Rejection::BadBody => (400, "bad_body", "INVALID_REQUEST"),
+            Rejection::BodyTimeout => (408, "body_timeout", "REQUEST_TIMEOUT"),
         }
     }
 }

@@ -37,11 +37,13 @@ pub(super) fn content_length(session: &Session) -> Option<usize> {
 enum BodyRead {
     Complete(Bytes),
     TooLarge,
+    /// The body had not all arrived by `limits.body_timeout_ms`.
+    TimedOut,
 }
 
-/// Read the whole (bounded) chat body, keeping Pingora's retry buffer so that legacy can be
-/// sent the original body if the runtime fails before its first byte.
-async fn read_chat_body(session: &mut Session, limit: usize) -> Result<BodyRead> {
+/// Read the whole (bounded) chat body by `by`, keeping Pingora's retry buffer so that legacy can
+/// be sent the original body if the runtime fails before its first byte.
+async fn read_chat_body(session: &mut Session, limit: usize, by: Instant) -> Result<BodyRead> {
     let expects_continue = session
         .req_header()
         .headers
@@ -57,7 +59,14 @@ async fn read_chat_body(session: &mut Session, limit: usize) -> Result<BodyRead>
     }
     session.enable_retry_buffering();
     let mut body = Vec::new();
-    while let Some(chunk) = session.read_request_body().await? {
+    loop {
+        // A read cut off here loses nothing: Pingora's body reader keeps what reached it, and
+        // the retry buffer what was read, for legacy to be sent in order.
+        let chunk = match tokio::time::timeout_at(by.into(), session.read_request_body()).await {
+            Ok(chunk) => chunk?,
+            Err(_) => return Ok(BodyRead::TimedOut),
+        };
+        let Some(chunk) = chunk else { break };
         if body.len() + chunk.len() > limit {
             return Ok(BodyRead::TooLarge);
         }
@@ -163,11 +172,22 @@ impl CutoverProxy {
             .limits
             .max_chat_body_bytes
             .min(REPLAY_LIMIT);
-        let chat_body = match read_chat_body(session, limit).await? {
+        let limits = &req.active.config.limits;
+        let by = req.started + Duration::from_millis(limits.body_timeout_ms);
+        let chat_body = match read_chat_body(session, limit, by).await? {
             BodyRead::Complete(body) => chat::parse_chat_body(&body),
             BodyRead::TooLarge => {
                 let msg = format!("chat request body without Content-Length exceeds {limit} bytes");
                 self.refuse(session, req.chat, Rejection::TooLarge, &msg)
+                    .await?;
+                return Ok(None);
+            }
+            BodyRead::TimedOut => {
+                let msg = format!(
+                    "chat request body did not arrive within {} ms",
+                    limits.body_timeout_ms
+                );
+                self.refuse(session, req.chat, Rejection::BodyTimeout, &msg)
                     .await?;
                 return Ok(None);
             }
@@ -182,10 +202,13 @@ impl CutoverProxy {
         };
         let session_id = chat::session_id_for(req.route);
         let body = Bytes::from(chat::runtime_request_body(&session_id, &caller, &chat_body));
+        // The execution is timed from here: how long the client took to send its body is not
+        // the runtime's time.
+        let asked = *req.chat.asked.insert(Instant::now());
         Ok(Some(RuntimeRequest {
             session_id,
             body,
-            deadline: req.started + req.active.config.runtime.execution_timeout(),
+            deadline: asked + req.active.config.runtime.execution_timeout(),
         }))
     }
 
@@ -230,6 +253,7 @@ impl CutoverProxy {
             heartbeat: Duration::from_secs(runtime.heartbeat_secs),
             max_frame_bytes: runtime.max_frame_bytes,
             pool_idle: req.active.runtime.pool_idle_timeout,
+            map: req.active.map_settings(req.chat.org().unwrap_or_default()),
         };
         let report = relay::relay(session, stream, args).await;
         req.chat.served = Served::Runtime(report);
@@ -242,7 +266,7 @@ impl CutoverProxy {
         req.chat.served = Served::Legacy {
             failover: Some(Failover {
                 failure,
-                after: req.started.elapsed(),
+                after: req.chat.runtime_time(req.started),
             }),
         };
         req.chat.decision = RolloutDecision {
@@ -316,7 +340,9 @@ impl CutoverProxy {
         {
             return Ok(());
         }
-        let BodyRead::Complete(body) = read_chat_body(session, REPLAY_LIMIT).await? else {
+        let by = Instant::now() + Duration::from_millis(active.config.limits.body_timeout_ms);
+        // Too large or too slow: legacy still gets what was read, then the rest as it comes.
+        let BodyRead::Complete(body) = read_chat_body(session, REPLAY_LIMIT, by).await? else {
             return Ok(());
         };
         let Ok(chat_body) = chat::parse_chat_body(&body) else {

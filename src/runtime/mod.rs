@@ -3,5 +3,6 @@
 
 pub mod bridge;
 pub mod connection;
+pub mod files;
 pub mod relay;
 pub mod shadow;

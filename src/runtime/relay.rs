@@ -10,7 +10,7 @@ use pingora::proxy::Session;
 use pingora::ErrorType;
 
 use crate::app::state::Shared;
-use crate::core::agent2ui::{self, Mapped, StreamMapper};
+use crate::core::agent2ui::{self, MapSettings, Mapped, StreamMapper};
 use crate::core::config::Mode;
 use crate::core::h1::BodyError;
 use crate::core::routing::RolloutDecision;
@@ -83,10 +83,16 @@ pub struct RelayArgs {
     pub heartbeat: Duration,
     pub max_frame_bytes: usize,
     pub pool_idle: Duration,
+    /// The client event cap and the stream org's file link signer.
+    pub map: MapSettings,
 }
 
 /// Relay a runtime stream to the client until it completes, fails, times out or the client goes.
-pub async fn relay(session: &mut Session, stream: RuntimeStream, args: RelayArgs) -> StreamReport {
+pub async fn relay(
+    session: &mut Session,
+    stream: RuntimeStream,
+    mut args: RelayArgs,
+) -> StreamReport {
     let metrics = args.shared.metrics;
     let mut report = StreamReport::default();
     let version = session.req_header().version;
@@ -110,7 +116,7 @@ pub async fn relay(session: &mut Session, stream: RuntimeStream, args: RelayArgs
     let mut stream = stream;
     let mut cutoff = args.shared.cutoff.subscribe();
     let mut parser = SseParser::new(args.max_frame_bytes);
-    let mut mapper = StreamMapper::new(&args.session_id);
+    let mut mapper = StreamMapper::with_settings(&args.session_id, std::mem::take(&mut args.map));
     let mut events = Vec::new();
     let mut out = Vec::new();
     let mut completed = false;

@@ -1,0 +1,175 @@
+//! A runtime file fetched for the proxy's files route: a GET to the configured runtime address,
+//! its response head, then its body piece by piece as the runtime sends it, so a large file is
+//! never held whole.
+
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use pingora::http::RequestHeader;
+use pingora::protocols::Stream;
+use pingora::upstreams::peer::Peer;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::app::state::{Active, Shared};
+use crate::app::upstream;
+use crate::core::h1::{self, BodyDecoder, Framing};
+
+/// Request headers of the download passed on to the runtime: tracing only, never the caller's
+/// credentials.
+const FORWARDED_HEADERS: &[&str] = &["x-request-id", "traceparent", "tracestate"];
+
+const READ_SIZE: usize = 32 * 1024;
+
+/// The runtime's answer to a file request; its body is read with [`RuntimeFile::next`].
+pub struct RuntimeFile {
+    pub status: u16,
+    pub content_type: Option<Vec<u8>>,
+    pub content_disposition: Option<Vec<u8>>,
+    /// Known up front when the runtime sent a Content-Length.
+    pub content_length: Option<u64>,
+    stream: Stream,
+    buf: BytesMut,
+    body: BodyDecoder,
+    keep_alive: bool,
+    pool_key: u64,
+}
+
+/// GET `target` (a path and query) from the runtime, waiting for its response head until
+/// `deadline`. The error is for the log only.
+pub async fn fetch(
+    shared: &Shared,
+    active: &Active,
+    target: &str,
+    downstream: &RequestHeader,
+    deadline: Instant,
+) -> Result<RuntimeFile, String> {
+    let rt = &active.config.runtime;
+    let addr = shared
+        .resolver
+        .resolve(&rt.address)
+        .await
+        .map_err(|e| format!("resolving runtime address: {e}"))?;
+    let peer = upstream::peer(addr, &active.runtime);
+    let mut headers: Vec<(&str, &[u8])> = vec![("host", rt.address.as_bytes())];
+    for name in FORWARDED_HEADERS {
+        if let Some(v) = downstream.headers.get(*name) {
+            headers.push((name, v.as_bytes()));
+        }
+    }
+    let request = h1::encode_request("GET", target, &headers, b"");
+
+    // A pooled connection the runtime closed meanwhile fails on first use; a GET is safe to
+    // send once more on a fresh one.
+    for attempt in 0..2 {
+        let (mut stream, reused) = shared
+            .runtime_pool
+            .get_stream(&peer)
+            .await
+            .map_err(|e| format!("connecting to runtime: {e}"))?;
+        let mut buf = BytesMut::new();
+        let exchanged =
+            tokio::time::timeout_at(deadline.into(), exchange(&mut stream, &request, &mut buf))
+                .await
+                .map_err(|_| "runtime sent no response header in time".to_string())?;
+        let head = match exchanged {
+            Ok(head) => head,
+            Err(Exchange::ClosedEarly) if reused && attempt == 0 => continue,
+            Err(Exchange::ClosedEarly) => return Err("runtime closed the connection".into()),
+            Err(Exchange::Failed(e)) => return Err(e),
+        };
+        let head_bytes = buf.split_to(head.len);
+        let header = |name| h1::header_value(&head_bytes, name).map(<[u8]>::to_vec);
+        return Ok(RuntimeFile {
+            status: head.status,
+            content_type: header("content-type"),
+            content_disposition: header("content-disposition"),
+            content_length: match head.framing {
+                Framing::Length(n) => Some(n),
+                Framing::Chunked | Framing::Close => None,
+            },
+            stream,
+            buf,
+            body: BodyDecoder::new(head.framing),
+            keep_alive: head.keep_alive,
+            pool_key: peer.reuse_hash(),
+        });
+    }
+    Err("runtime closed two connections in a row".into())
+}
+
+enum Exchange {
+    /// Closed before a single byte of the response: a stale pooled connection when reused.
+    ClosedEarly,
+    Failed(String),
+}
+
+/// Write the request, then read up to a final response head, which stays at the start of `buf`.
+async fn exchange(
+    stream: &mut Stream,
+    request: &[u8],
+    buf: &mut BytesMut,
+) -> Result<h1::Head, Exchange> {
+    let io = |e: std::io::Error| Exchange::Failed(format!("runtime request failed: {e}"));
+    stream.write_all(request).await.map_err(io)?;
+    stream.flush().await.map_err(io)?;
+    loop {
+        match h1::parse_head(buf, false).map_err(|e| Exchange::Failed(e.to_string()))? {
+            Some(head) if head.status / 100 == 1 => {
+                buf.advance(head.len);
+                continue;
+            }
+            Some(head) => return Ok(head),
+            None => {}
+        }
+        buf.reserve(4096);
+        if stream.read_buf(buf).await.map_err(io)? == 0 {
+            return Err(if buf.is_empty() {
+                Exchange::ClosedEarly
+            } else {
+                Exchange::Failed("runtime closed the connection mid-head".into())
+            });
+        }
+    }
+}
+
+impl RuntimeFile {
+    /// The next piece of the body, `None` at its end; a read that waits longer than `idle` fails,
+    /// as does a body that ends before its framing says.
+    pub async fn next(&mut self, idle: Duration) -> Result<Option<Bytes>, String> {
+        loop {
+            if !self.buf.is_empty() {
+                let mut out = Vec::new();
+                let used = self
+                    .body
+                    .decode(&self.buf, |piece| out.extend_from_slice(piece))
+                    .map_err(|e| e.to_string())?;
+                self.buf.advance(used);
+                if !out.is_empty() {
+                    return Ok(Some(Bytes::from(out)));
+                }
+            }
+            if self.body.is_done() {
+                return Ok(None);
+            }
+            self.buf.reserve(READ_SIZE);
+            let read = tokio::time::timeout(idle, self.stream.read_buf(&mut self.buf))
+                .await
+                .map_err(|_| "runtime stopped sending the file".to_string())?
+                .map_err(|e| format!("reading the file from the runtime: {e}"))?;
+            if read == 0 {
+                self.body.eof().map_err(|e| e.to_string())?;
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Return the connection to the pool if the body was read to its end and it can carry
+    /// another request; close it otherwise.
+    pub fn release(self, shared: &Shared, idle: Duration) {
+        if self.body.is_done() && self.keep_alive && self.buf.is_empty() {
+            shared
+                .runtime_pool
+                .release_stream(self.stream, self.pool_key, Some(idle));
+        }
+    }
+}
