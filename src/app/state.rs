@@ -20,6 +20,7 @@ use crate::core::identity::Verifier;
 use crate::core::routing::Rollout;
 use crate::core::stats::ExecutionStats;
 use crate::ops::metrics::Metrics;
+use crate::runtime::bridge::{Bridge, Target};
 
 /// One validated config, compiled for the hot path.
 pub struct Active {
@@ -28,6 +29,8 @@ pub struct Active {
     pub verifier: Verifier,
     pub legacy: PeerSettings,
     pub runtime: PeerSettings,
+    /// Where the conversation bridge finds legacy, and its routes.
+    pub bridge: Target,
     /// The admin bearer token (from the env var the config names); `None` refuses mutations.
     pub admin_token: Option<String>,
     /// The key runtime file links are signed and checked with; `None` when there is neither a
@@ -56,6 +59,7 @@ impl Active {
             },
             admin_token,
             file_key,
+            bridge: Target::of(&config),
             config,
         }
     }
@@ -134,6 +138,8 @@ pub struct Shared {
     /// Pooled runtime connections for executions and shadow copies, read by `runtime`.
     pub runtime_pool: TransportConnector,
     pub resolver: Resolver,
+    /// The conversation bridge's legacy connections and cache.
+    pub bridge: Arc<Bridge>,
     /// Set on SIGTERM: readiness fails and streams are told to finish.
     pub draining: AtomicBool,
     /// Raised when the shutdown grace period is over: relays end their streams with an error
@@ -172,6 +178,7 @@ impl Shared {
             config.limits.max_tracked_orgs,
             now,
         );
+        let bridge = Arc::new(Bridge::new(&config.bridge, &metrics.bridge));
         Arc::new(Shared {
             active: ArcSwap::from_pointee(Active::new(config)),
             breaker,
@@ -180,6 +187,7 @@ impl Shared {
             connector: Connector::new(None),
             runtime_pool: TransportConnector::new(None),
             resolver: Resolver::default(),
+            bridge,
             draining: AtomicBool::new(false),
             cutoff: tokio::sync::watch::channel(false).0,
             shadow_in_flight: Default::default(),
@@ -202,6 +210,7 @@ impl Shared {
             config.limits.max_tracked_orgs,
             now,
         );
+        self.bridge.configure(&config.bridge);
         self.active.store(Arc::new(Active::new(config)));
     }
 

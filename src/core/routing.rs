@@ -24,6 +24,14 @@ pub enum Reason {
     LargeBody,
     /// The trusted ingress header and a verified token name different orgs.
     IdentityConflict,
+    /// The runtime was chosen but legacy refused the conversation bridge's lookup (401, 403,
+    /// 404, any 4xx): legacy answers the chat itself, as it would have.
+    BridgeRefused,
+    /// The runtime was chosen but the bridge's lookup failed (connect error, 5xx, timeout).
+    BridgeUnavailable,
+    /// The runtime was chosen, the bridge is off and neither the body nor the config names an
+    /// agent, which the runtime requires.
+    NoAgent,
 }
 
 impl Reason {
@@ -38,6 +46,9 @@ impl Reason {
             Reason::Failover => "failover",
             Reason::LargeBody => "large_body",
             Reason::IdentityConflict => "identity_conflict",
+            Reason::BridgeRefused => "bridge_refused",
+            Reason::BridgeUnavailable => "bridge_unavailable",
+            Reason::NoAgent => "no_agent",
         }
     }
 }

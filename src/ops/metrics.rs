@@ -415,7 +415,7 @@ impl BridgeMetrics {
             persist_failures_total: counter(
                 r,
                 "cutover_bridge_persist_failures_total",
-                "Assistant messages legacy did not save after every attempt; each is logged whole."
+                "Chat messages (user or assistant) legacy did not save after every attempt; each is logged whole."
             )?,
         };
         for route in Self::ROUTES {

@@ -17,6 +17,8 @@ pub(super) enum Rejection {
     BadBody,
     /// The body did not arrive within `limits.body_timeout_ms`.
     BodyTimeout,
+    /// An id that may not go into a URL (`core::bridge::is_safe_id`).
+    UnsafeId,
 }
 
 impl Rejection {
@@ -26,6 +28,7 @@ impl Rejection {
             Rejection::TooLarge => (413, "too_large", "PAYLOAD_TOO_LARGE"),
             Rejection::BadBody => (400, "bad_body", "INVALID_REQUEST"),
             Rejection::BodyTimeout => (408, "body_timeout", "REQUEST_TIMEOUT"),
+            Rejection::UnsafeId => (400, "unsafe_id", "INVALID_REQUEST"),
         }
     }
 }

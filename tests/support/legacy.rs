@@ -4,14 +4,15 @@
 //!
 //! Agents' `config` is sent as a JSON string, as the source product's database stores it. Each
 //! route can be made to fail (a status, a hang, or a status for the next n calls), and every
-//! request is recorded with its headers.
+//! request is recorded with its headers. Chats themselves get `echo_legacy`'s stream, as legacy
+//! answers the chats the proxy hands it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Value};
 
-use super::{Received, Reply, Step, Upstream, JWT_SECRET};
+use super::{echo_legacy, Received, Reply, Step, Upstream, JWT_SECRET};
 
 /// A route of the fake, for faults.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -206,6 +207,9 @@ fn route_of(req: &Received) -> Option<(LegacyRoute, Option<String>)> {
 }
 
 fn handle(st: &mut State, req: &Received) -> Reply {
+    if req.path.starts_with("/api/v1/chat/") {
+        return echo_legacy(req);
+    }
     let Some((route, id)) = route_of(req) else {
         return not_found();
     };

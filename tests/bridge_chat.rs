@@ -1,0 +1,580 @@
+//! Runtime chats through the conversation bridge, end to end: a fake legacy Chat API holding
+//! sessions, agents and messages, and a runtime that, like the real one, answers 422 without an
+//! `agent_id`. What the runtime receives, what legacy holds afterwards, what `done` says, and
+//! where a chat goes when the bridge cannot help.
+
+mod support;
+
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use cutover_proxy::app::LocalServer;
+use cutover_proxy::core::config::{Config, Mode};
+use serde_json::{json, Value};
+use support::legacy::{FakeLegacy, Fault, LegacyRoute};
+use support::*;
+
+/// The runtime stand-in: 422 without an agent, as the real runtime answers; otherwise "Hel" +
+/// "lo" streamed and `final_response` "Hello" (empty when the message is `stream only`), with a
+/// token count of 42.
+fn runtime(req: &Received) -> Reply {
+    if req.path == "/health" {
+        return Reply::json(200, json!({"status": "ok"}));
+    }
+    let body = req.json();
+    if body["agent_id"].as_str().is_none_or(str::is_empty) {
+        return Reply::json(
+            422,
+            json!({"detail": [{"loc": ["body", "agent_id"], "msg": "Field required"}]}),
+        );
+    }
+    let answer = if body["user_message"] == "stream only" {
+        ""
+    } else {
+        "Hello"
+    };
+    Reply::sse(vec![
+        Step::Send(frame("text_chunk", json!({"content": "Hel"}))),
+        Step::Send(frame("text_chunk", json!({"content": "lo"}))),
+        Step::Send(frame(
+            "execution_complete",
+            json!({"final_response": answer, "usage": {"total_tokens": 42}}),
+        )),
+        Step::Send(done_frame()),
+    ])
+}
+
+/// org-a's agent `ag-1` (settings as a JSON string, as legacy stores them) and its session `s-1`
+/// holding three messages; org-b's session `s-b`; org-a's session `s-odd` whose agent id could
+/// not go into a URL.
+async fn fake_legacy() -> FakeLegacy {
+    let l = FakeLegacy::start().await;
+    l.add_agent(
+        "org-a",
+        "ag-1",
+        "Helper",
+        "Be brief.",
+        json!({"model": "gpt-4o", "temperature": 0.2, "maxTokens": 1000}),
+    );
+    l.add_session("org-a", "s-1", "ag-1");
+    l.add_message("s-1", "user", "first");
+    l.add_message("s-1", "assistant", "second");
+    l.add_message("s-1", "user", "third");
+    l.add_agent("org-b", "ag-b", "Other", "", json!({}));
+    l.add_session("org-b", "s-b", "ag-b");
+    l.add_session("org-a", "s-odd", "../admin");
+    l
+}
+
+/// The caller's `Authorization`, the same for the whole test run so that what legacy received
+/// can be compared with what was sent.
+fn bearer(org: &str) -> String {
+    static EXP: OnceLock<u64> = OnceLock::new();
+    let exp = *EXP.get_or_init(|| now() + 3600);
+    format!(
+        "Bearer {}",
+        token_with(json!({"orgId": org, "userId": "user-1", "exp": exp}))
+    )
+}
+
+struct Setup {
+    legacy: FakeLegacy,
+    runtime: Upstream,
+    server: LocalServer,
+}
+
+/// The test config with the bridge on (300 ms per call, the last 2 messages of history) and no
+/// default agent, then `tweak`.
+async fn start(tweak: impl FnOnce(&mut Config)) -> Setup {
+    let legacy = fake_legacy().await;
+    let runtime = Upstream::start(runtime).await;
+    let mut cfg = config(&legacy.address(), &runtime.address());
+    cfg.bridge.enabled = true;
+    cfg.bridge.timeout_ms = 300;
+    cfg.bridge.history_limit = 2;
+    cfg.runtime.default_agent_id = String::new();
+    tweak(&mut cfg);
+    let server = proxy(cfg).await;
+    Setup {
+        legacy,
+        runtime,
+        server,
+    }
+}
+
+impl Setup {
+    async fn post(&self, path: &str, org: &str, body: &Value, extra: &[(&str, &str)]) -> Response {
+        let auth = bearer(org);
+        let mut headers = vec![
+            ("content-type", "application/json"),
+            ("authorization", auth.as_str()),
+        ];
+        headers.extend_from_slice(extra);
+        let body = body.to_string();
+        request(
+            self.server.proxy_addr,
+            "POST",
+            path,
+            &headers,
+            body.as_bytes(),
+        )
+        .await
+    }
+
+    async fn chat(&self, session: &str, org: &str, body: Value) -> Response {
+        let path = format!("/api/v1/chat/sessions/{session}");
+        self.post(&path, org, &body, &[]).await
+    }
+
+    /// The legacy requests that were bridge calls (not chats handed to legacy).
+    fn bridge_calls(&self) -> Vec<Received> {
+        self.legacy
+            .received()
+            .into_iter()
+            .filter(|r| !r.path.starts_with("/api/v1/chat/"))
+            .collect()
+    }
+
+    fn runtime_total(&self) -> u64 {
+        let s = self.server.shared.stats.lock().unwrap();
+        s.snapshot(Mode::RuntimeOrchestrator, Instant::now()).total
+    }
+
+    fn persist_failures(&self) -> u64 {
+        self.server
+            .shared
+            .metrics
+            .bridge
+            .persist_failures_total
+            .get()
+    }
+}
+
+fn done_of(r: &Response) -> Value {
+    let events = r.events();
+    let (name, data) = events.last().expect("an event");
+    assert_eq!(name, "done", "{}", r.text());
+    serde_json::from_str(data).unwrap()
+}
+
+/// The chat went to legacy with its original body, for `reason`, and the runtime never saw it
+/// nor was it counted against the runtime.
+async fn assert_legacy_served(s: &Setup, r: &Response, reason: &str, path: &str, body: &Value) {
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_served(r, DIRECT, reason);
+    assert!(r.text().contains("legacy"), "{}", r.text());
+    let chats: Vec<Received> = s
+        .legacy
+        .received()
+        .into_iter()
+        .filter(|q| q.path.starts_with("/api/v1/chat/"))
+        .collect();
+    let last = chats.last().expect("legacy served the chat");
+    assert_eq!(last.path, path);
+    assert_eq!(
+        last.body,
+        body.to_string().as_bytes(),
+        "not the original body"
+    );
+    assert!(s.runtime.work().is_empty(), "the runtime was asked");
+    recorded(&s.server, 0, chats.len() as u64).await;
+    assert_eq!(s.runtime_total(), 0, "counted against the runtime");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chat_in_a_session_gets_its_agent_settings_and_history_and_both_messages_are_saved() {
+    let s = start(|_| {}).await;
+    let r = s
+        .post(
+            "/api/v1/chat/sessions/s-1",
+            "org-a",
+            &json!({"message": "fourth", "parentMessageId": "m-3"}),
+            &[("x-request-id", "req-42")],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_served(&r, RT, "allowlist");
+    assert_eq!(event_names(&r), ["message", "message", "done"]);
+
+    let work = s.runtime.work();
+    assert_eq!(work.len(), 1);
+    let sent = &work[0];
+    assert_eq!(
+        sent.json(),
+        json!({
+            "session_id": "s-1",
+            "agent_id": "ag-1",
+            "org_id": "org-a",
+            "user_message": "fourth",
+            "history_messages": [
+                {"role": "assistant", "content": "second"},
+                {"role": "user", "content": "third"}
+            ],
+            "agent_config": {"system_prompt": "Be brief.", "model": "gpt-4o", "temperature": 0.2, "max_tokens": 1000},
+            "metadata": {"user_id": "user-1", "parent_message_id": "m-3"}
+        })
+    );
+    assert_eq!(
+        sent.header("authorization"),
+        None,
+        "the caller's token reached the runtime"
+    );
+    assert_eq!(sent.header("x-request-id"), Some("req-42"));
+    let trace = sent.header("traceparent").expect("a traceparent");
+    assert!(
+        cutover_proxy::runtime::connection::is_valid_traceparent(trace.as_bytes()),
+        "{trace}"
+    );
+
+    // Legacy holds the user's message and the answer after the history.
+    let messages = s.legacy.messages("s-1");
+    assert_eq!(messages.len(), 5, "{messages:?}");
+    let user = &messages[3];
+    assert_eq!(
+        (&user["role"], &user["content"], &user["parentId"]),
+        (&json!("user"), &json!("fourth"), &json!("m-3"))
+    );
+    let answer = &messages[4];
+    assert_eq!(answer["role"], "assistant");
+    assert_eq!(answer["content"], "Hello");
+    let meta = &answer["metadata"];
+    assert_eq!(meta["executionMode"], "runtime_orchestrator");
+    assert_eq!(meta["tokensUsed"], 42);
+    let latency = meta["latencyMs"].as_u64().expect("latencyMs");
+
+    let done = done_of(&r);
+    assert_eq!(done["sessionId"], "s-1");
+    assert_eq!(done["messageId"], answer["id"]);
+    assert_eq!(done["executionMode"], "runtime_orchestrator");
+    assert_eq!(done["usage"], json!({"tokens": 42, "latencyMs": latency}));
+
+    // Every bridge call carried the caller's own token, request id and the bridge mark.
+    let calls = s.bridge_calls();
+    assert_eq!(calls.len(), 5, "session, agent, history, two saves");
+    let auth = bearer("org-a");
+    for c in &calls {
+        assert_eq!(c.header("authorization"), Some(auth.as_str()), "{}", c.path);
+        assert_eq!(c.header("x-request-id"), Some("req-42"), "{}", c.path);
+        assert_eq!(c.header("x-cutover-bridge"), Some("1"), "{}", c.path);
+    }
+
+    // An empty final_response saves the streamed text; a caller's traceparent passes as is.
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let r = s
+        .post(
+            "/api/v1/chat/sessions/s-1",
+            "org-a",
+            &json!({"message": "stream only"}),
+            &[("traceparent", tp)],
+        )
+        .await;
+    assert_eq!(event_names(&r), ["message", "message", "done"]);
+    let messages = s.legacy.messages("s-1");
+    assert_eq!(messages.len(), 7);
+    assert!(messages[5].get("parentId").is_none(), "{}", messages[5]);
+    assert_eq!(messages[6]["content"], "Hello");
+    assert_eq!(done_of(&r)["messageId"], messages[6]["id"]);
+    let sent = &s.runtime.work()[1];
+    assert_eq!(sent.header("traceparent"), Some(tp));
+    // The history the runtime gets is the last two before this message.
+    assert_eq!(
+        sent.json()["history_messages"],
+        json!([{"role": "user", "content": "fourth"}, {"role": "assistant", "content": "Hello"}])
+    );
+    // A request id is made when the caller sent none, the same for legacy and the runtime.
+    let made = sent.header("x-request-id").expect("a request id");
+    assert!(s
+        .bridge_calls()
+        .iter()
+        .skip(5)
+        .all(|c| c.header("x-request-id") == Some(made)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_start_creates_the_session_that_done_names() {
+    let s = start(|_| {}).await;
+    let message = "一".repeat(60);
+    let r = s
+        .post(
+            "/api/v1/chat/start",
+            "org-a",
+            &json!({"agentId": "ag-1", "message": message}),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_served(&r, RT, "allowlist");
+    let done = done_of(&r);
+    let session = done["sessionId"].as_str().unwrap().to_string();
+    let (org, agent, title) = s.legacy.session(&session).expect("the session exists");
+    assert_eq!((org.as_str(), agent.as_str()), ("org-a", "ag-1"));
+    assert_eq!(title, "一".repeat(50), "title: the first 50 characters");
+
+    let sent = s.runtime.work()[0].json();
+    assert_eq!(sent["session_id"], session.as_str());
+    assert_eq!(sent["agent_id"], "ag-1");
+    assert_eq!(sent["history_messages"], json!([]));
+    assert_eq!(sent["agent_config"]["system_prompt"], "Be brief.");
+
+    let messages = s.legacy.messages(&session);
+    assert_eq!(messages.len(), 2);
+    assert_eq!(messages[0]["role"], "user");
+    assert_eq!(messages[0]["content"], message.as_str());
+    assert_eq!(messages[1]["content"], "Hello");
+    assert_eq!(done["messageId"], messages[1]["id"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chat_start_that_fails_over_deletes_its_session_before_legacy_serves_it() {
+    let legacy = fake_legacy().await;
+    let failing = Upstream::start(|req| {
+        if req.path == "/health" {
+            Reply::json(200, json!({"status": "ok"}))
+        } else {
+            Reply::json(500, json!({"detail": "boom"}))
+        }
+    })
+    .await;
+    let mut cfg = config(&legacy.address(), &failing.address());
+    cfg.bridge.enabled = true;
+    let server = proxy(cfg).await;
+    let body = json!({"agentId": "ag-1", "message": "hello"});
+    let auth = format!("Bearer {}", token("org-a"));
+    let r = request(
+        server.proxy_addr,
+        "POST",
+        "/api/v1/chat/start",
+        &[("authorization", auth.as_str())],
+        body.to_string().as_bytes(),
+    )
+    .await;
+    assert_served(&r, DIRECT, "failover");
+    assert!(r.text().contains("legacy"));
+
+    let received = legacy.received();
+    let paths: Vec<(&str, &str)> = received
+        .iter()
+        .map(|q| (q.method.as_str(), q.path.as_str()))
+        .collect();
+    let created = paths
+        .iter()
+        .position(|p| *p == ("POST", "/api/v1/sessions"))
+        .expect("a session was created");
+    let deleted = paths
+        .iter()
+        .position(|(m, _)| *m == "DELETE")
+        .expect("the session was deleted");
+    let chat = paths
+        .iter()
+        .position(|p| *p == ("POST", "/api/v1/chat/start"))
+        .expect("legacy served the chat");
+    assert!(created < deleted && deleted < chat, "{paths:?}");
+    let id = paths[deleted].1.rsplit('/').next().unwrap();
+    assert!(legacy.session(id).is_none(), "session {id} left behind");
+    assert_eq!(received[chat].body, body.to_string().as_bytes());
+    assert!(
+        !paths.iter().any(|p| p.1.ends_with("/messages")),
+        "{paths:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_lookups_send_the_chat_to_legacy_unchanged_and_uncharged() {
+    let s = start(|_| {}).await;
+    let body = json!({"message": "hi"});
+    // Another org's session is a 404.
+    let r = s.chat("s-b", "org-a", body.clone()).await;
+    assert_legacy_served(&s, &r, "bridge_refused", "/api/v1/chat/sessions/s-b", &body).await;
+    for status in [401, 403, 409] {
+        s.legacy
+            .fail(LegacyRoute::GetSession, Fault::Status(status));
+        let r = s.chat("s-1", "org-a", body.clone()).await;
+        assert_legacy_served(&s, &r, "bridge_refused", "/api/v1/chat/sessions/s-1", &body).await;
+    }
+    s.legacy.heal(LegacyRoute::GetSession);
+    // The agent of a /chat/start belongs to another org.
+    let start = json!({"agentId": "ag-b", "message": "hi"});
+    let r = s.post("/api/v1/chat/start", "org-a", &start, &[]).await;
+    assert_legacy_served(&s, &r, "bridge_refused", "/api/v1/chat/start", &start).await;
+    assert!(
+        !s.bridge_calls().iter().any(|c| c.method != "GET"),
+        "a refused chat wrote to legacy"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unavailable_lookups_send_the_chat_to_legacy_unchanged_and_uncharged() {
+    let s = start(|_| {}).await;
+    let body = json!({"message": "hi"});
+    s.legacy.fail(LegacyRoute::GetSession, Fault::Status(503));
+    let r = s.chat("s-1", "org-a", body.clone()).await;
+    assert_legacy_served(
+        &s,
+        &r,
+        "bridge_unavailable",
+        "/api/v1/chat/sessions/s-1",
+        &body,
+    )
+    .await;
+
+    // A legacy that does not answer holds the chat no longer than the bridge's timeout.
+    s.legacy.heal(LegacyRoute::GetSession);
+    s.legacy.fail(LegacyRoute::GetMessages, Fault::Hang);
+    let t = Instant::now();
+    let r = s.chat("s-1", "org-a", body.clone()).await;
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    assert_legacy_served(
+        &s,
+        &r,
+        "bridge_unavailable",
+        "/api/v1/chat/sessions/s-1",
+        &body,
+    )
+    .await;
+
+    // A session whose agent id could not go into a URL: legacy's data, not the caller's input.
+    s.legacy.heal(LegacyRoute::GetMessages);
+    let r = s.chat("s-odd", "org-a", body.clone()).await;
+    assert_legacy_served(
+        &s,
+        &r,
+        "bridge_unavailable",
+        "/api/v1/chat/sessions/s-odd",
+        &body,
+    )
+    .await;
+    assert!(!s.bridge_calls().iter().any(|c| c.path.contains("..")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_legacy_nobody_listens_on_is_bridge_unavailable() {
+    let runtime = Upstream::start(runtime).await;
+    let mut cfg = config(&format!("127.0.0.1:{}", free_port()), &runtime.address());
+    cfg.bridge.enabled = true;
+    let server = proxy(cfg).await;
+    let r = chat(server.proxy_addr, Some("org-a"), "s-1", HI).await;
+    // Legacy cannot serve it either: the client gets the proxy's 502, still saying why.
+    assert_eq!(r.status, 502);
+    assert_eq!(mode_reason(&r), (Some(DIRECT), Some("bridge_unavailable")));
+    assert!(runtime.work().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_saves_are_retried_counted_and_never_hold_done() {
+    let s = start(|_| {}).await;
+    // Both first attempts fail; the retries save them.
+    s.legacy
+        .fail(LegacyRoute::PostMessage, Fault::StatusTimes(503, 2));
+    let r = s.chat("s-1", "org-a", json!({"message": "retry me"})).await;
+    let done = done_of(&r);
+    let proxy_made = done["messageId"].as_str().unwrap().to_string();
+    uuid::Uuid::parse_str(&proxy_made).expect("a proxy-made messageId");
+    assert!(
+        eventually(Duration::from_secs(5), || s.legacy.messages("s-1").len()
+            == 5)
+        .await,
+        "{:?}",
+        s.legacy.messages("s-1")
+    );
+    let contents: Vec<Value> = s
+        .legacy
+        .messages("s-1")
+        .iter()
+        .map(|m| m["content"].clone())
+        .collect();
+    assert!(contents.contains(&json!("retry me")) && contents.contains(&json!("Hello")));
+    assert_eq!(s.persist_failures(), 0);
+
+    // A legacy that never answers a save: done waits one timeout for it, not more.
+    s.legacy.fail(LegacyRoute::PostMessage, Fault::Hang);
+    let t = Instant::now();
+    let r = s.chat("s-1", "org-a", json!({"message": "lost?"})).await;
+    let took = t.elapsed();
+    // Two saves (user, answer) of one 300 ms attempt each before done.
+    assert!(took < Duration::from_millis(1500), "{took:?}");
+    let done = done_of(&r);
+    assert_eq!(done["sessionId"], "s-1");
+    uuid::Uuid::parse_str(done["messageId"].as_str().unwrap()).expect("a proxy-made messageId");
+    assert!(
+        eventually(Duration::from_secs(8), || s.persist_failures() == 2).await,
+        "persist failures: {}",
+        s.persist_failures()
+    );
+    let saves = s
+        .bridge_calls()
+        .iter()
+        .filter(|c| c.method == "POST" && c.path.ends_with("/messages"))
+        .count();
+    assert_eq!(saves, 2 + 2 + 3 + 3, "3 attempts each for the lost pair");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsafe_ids_are_refused_before_any_upstream() {
+    let s = start(|_| {}).await;
+    let auth = format!("Bearer {}", token("org-a"));
+    // Raw path bytes, exactly as a client can put them on the wire.
+    for id in ["..", ".", "a%2Fb", "%2F..%2F..%2Fadmin"] {
+        let mut c = Client::connect(s.server.proxy_addr).await;
+        let raw = format!(
+            "POST /api/v1/chat/sessions/{id} HTTP/1.1\r\nhost: a\r\nauthorization: {auth}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{HI}",
+            HI.len()
+        );
+        c.send_raw(raw.as_bytes()).await;
+        let r = c.read_response().await;
+        assert_eq!(r.status, 400, "{id}: {}", r.text());
+        assert_eq!(r.json()["error"]["code"], "INVALID_REQUEST", "{id}");
+        assert_eq!(mode_reason(&r), (Some(RT), Some("allowlist")), "{id}");
+    }
+    for agent in ["../agents", "a/b", "x%2Fy", ""] {
+        let body = json!({"agentId": agent, "message": "hi"});
+        let r = s.post("/api/v1/chat/start", "org-a", &body, &[]).await;
+        if agent.is_empty() {
+            // No agent at all: legacy answers it as it always has.
+            assert_served(&r, DIRECT, "no_agent");
+        } else {
+            assert_eq!(r.status, 400, "{agent}: {}", r.text());
+        }
+    }
+    let received = s.legacy.received();
+    assert!(
+        received.iter().all(|q| q.path == "/api/v1/chat/start"),
+        "{:?}",
+        received.iter().map(|q| &q.path).collect::<Vec<_>>()
+    );
+    assert_eq!(received.len(), 1);
+    assert!(s.runtime.work().is_empty());
+    let m = s.server.shared.metrics;
+    assert_eq!(m.rejected_total.with_label_values(&["unsafe_id"]).get(), 7);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_bridge_off_the_agent_comes_from_the_body_or_the_config() {
+    // No default agent: a chat without one goes to legacy, uncharged.
+    let s = start(|c| c.bridge.enabled = false).await;
+    let body = json!({"message": "hi"});
+    let r = s.chat("s-1", "org-a", body.clone()).await;
+    assert_legacy_served(&s, &r, "no_agent", "/api/v1/chat/sessions/s-1", &body).await;
+    // The body's agent is the runtime's.
+    let r = s
+        .chat("s-1", "org-a", json!({"message": "hi", "agentId": "ag-9"}))
+        .await;
+    assert_served(&r, RT, "allowlist");
+    assert_eq!(done_of(&r)["usage"]["tokens"], 42);
+    assert_eq!(s.runtime.work()[0].json()["agent_id"], "ag-9");
+    assert_eq!(s.runtime.work()[0].header("authorization"), None);
+    // Nothing was read from or saved to legacy.
+    assert!(s.bridge_calls().is_empty());
+    assert_eq!(s.legacy.messages("s-1").len(), 3);
+
+    let s = start(|c| {
+        c.bridge.enabled = false;
+        c.runtime.default_agent_id = "agent-default".into();
+    })
+    .await;
+    let r = s.chat("s-1", "org-a", json!({"message": "hi"})).await;
+    assert_served(&r, RT, "allowlist");
+    let sent = s.runtime.work()[0].json();
+    assert_eq!(sent["agent_id"], "agent-default");
+    assert_eq!(sent["history_messages"], json!([]));
+    assert!(s.bridge_calls().is_empty());
+}
