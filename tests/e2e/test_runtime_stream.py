@@ -11,7 +11,7 @@ import re
 import pytest
 
 import runtime_app
-from e2e_support import SEPS, make_token
+from e2e_support import DEFAULT_AGENT_ID, SEPS, make_token
 
 ISO_8601 = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$")
 
@@ -99,7 +99,7 @@ def test_contract_table_is_mapped_field_by_field(make_proxy, runtimes, sep):
     assert body["user_message"] == "What was Q3 revenue?"
     assert body["metadata"]["user_id"] == "user-1"
     assert body["metadata"]["parent_message_id"] == "msg-parent-1"
-    assert body.get("agent_id") is None
+    assert body["agent_id"] == DEFAULT_AGENT_ID
     assert received[0]["headers"]["content-type"].startswith("application/json")
     assert received[0]["headers"].get("x-request-id") == f"req-{sep}"
 
