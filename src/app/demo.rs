@@ -188,7 +188,7 @@ fn conversation_route(state: &Shared, req: &Request) -> Option<(&'static str, Va
     let rest = sessions.unwrap_or_default();
     if rest.is_empty() && req.method == "POST" {
         let agent_id = body["agentId"].as_str().unwrap_or_default().to_string();
-        if !st.agents.get(&agent_id).is_some_and(|a| a.0 == org) {
+        if st.agents.get(&agent_id).is_none_or(|a| a.0 != org) {
             return not_found();
         }
         let id = st.new_id("session");
@@ -203,7 +203,7 @@ fn conversation_route(state: &Shared, req: &Request) -> Option<(&'static str, Va
         Some(_) => return None,
         None => (rest, false),
     };
-    if !st.sessions.get(id).is_some_and(|s| s.0 == org) {
+    if st.sessions.get(id).is_none_or(|s| s.0 != org) {
         return not_found();
     }
     match (req.method.as_str(), messages) {
