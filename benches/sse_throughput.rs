@@ -4,7 +4,7 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use cutover_proxy::core::agent2ui::{Mapped, StreamMapper};
+use cutover_proxy::core::agent2ui::{self, DoneEvent, Mapped, StreamMapper};
 use cutover_proxy::core::sse::SseParser;
 
 const TEXT_CHUNKS: usize = 200_000;
@@ -93,6 +93,13 @@ fn parse(stream: &[u8]) -> usize {
     n
 }
 
+const DONE: DoneEvent = DoneEvent {
+    session_id: "bench-session",
+    message_id: "bench-message",
+    tokens: 0,
+    latency_ms: 0,
+};
+
 /// Parse and map, as the proxy does per upstream read; returns (client events, client bytes).
 fn rewrite(stream: &[u8], out: &mut Vec<u8>) -> (usize, usize) {
     let mut parser = SseParser::new(MAX_FRAME);
@@ -104,7 +111,11 @@ fn rewrite(stream: &[u8], out: &mut Vec<u8>) -> (usize, usize) {
         for ev in events.drain(..) {
             match mapper.map(&ev, out) {
                 Mapped::Message(_) => messages += 1,
-                Mapped::Done => done += 1,
+                Mapped::Complete(_) => {
+                    // The relay writes `done` itself, once the answer is saved.
+                    agent2ui::done_event(out, &DONE);
+                    done += 1;
+                }
                 Mapped::End => end += 1,
                 other => panic!("unexpected {other:?}"),
             }
@@ -134,7 +145,9 @@ fn bench(c: &mut Criterion) {
     let mut events = Vec::new();
     parser.feed(&stream, &mut events).unwrap();
     for ev in &events {
-        mapper.map(ev, &mut all);
+        if let Mapped::Complete(_) = mapper.map(ev, &mut all) {
+            agent2ui::done_event(&mut all, &DONE);
+        }
     }
     let client_events = all.windows(2).filter(|w| w == b"\n\n").count();
     assert_eq!(

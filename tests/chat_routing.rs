@@ -87,11 +87,14 @@ async fn allowlisted_org_is_served_by_the_runtime_with_the_mapped_body() {
         None,
         "a real execution marked as a copy"
     );
-    // Exactly these keys: no agent_id when none was given, nothing copied from `extra`.
+    // Exactly the contract's keys (the bridge is off: the configured agent, no history, the
+    // default settings), nothing copied from `extra`.
     assert_eq!(
         sent.json(),
         json!({
-            "session_id": "s-1", "org_id": "org-a", "user_message": "hello",
+            "session_id": "s-1", "agent_id": TEST_AGENT, "org_id": "org-a", "user_message": "hello",
+            "history_messages": [],
+            "agent_config": {"system_prompt": "", "temperature": 0.7, "max_tokens": 4096},
             "metadata": {"user_id": "user-1", "parent_message_id": "m-0"}
         })
     );
@@ -132,7 +135,8 @@ async fn chat_start_maps_the_agent_and_generates_a_session() {
             json,
             json!({
                 "session_id": session_id, "org_id": "org-a", "user_message": "你好, 世界 🌍",
-                "agent_id": "agent-7",
+                "agent_id": "agent-7", "history_messages": [],
+                "agent_config": {"system_prompt": "", "temperature": 0.7, "max_tokens": 4096},
                 "metadata": {"user_id": "user-1", "parent_message_id": null}
             })
         );

@@ -693,6 +693,7 @@ address = "{runtime}"
 execution_timeout_ms = 5000
 health_interval_ms = 200
 connect_timeout_ms = 5000
+default_agent_id = "{TEST_AGENT}"
 [rollout]
 runtime_orgs = ["{org}"]
 shadow_max_inflight = {tag}
@@ -702,7 +703,7 @@ jwt_secret_env = "{JWT_ENV}"
 open_secs = 1
 [admin]
 token_env = "{ADMIN_ENV}"
-"#,
+{BRIDGE_OFF_TOML}"#,
         tag = 1000 + g
     )
 }

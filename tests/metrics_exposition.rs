@@ -194,6 +194,7 @@ address = "{runtime}"
 execution_timeout_ms = 5000
 health_interval_ms = {health_interval_ms}
 connect_timeout_ms = 500
+default_agent_id = "{TEST_AGENT}"
 [rollout]
 runtime_orgs = ["org-a"]
 [identity]
@@ -202,7 +203,7 @@ jwt_secret_env = "{JWT_ENV}"
 open_secs = 1
 [admin]
 token_env = "{ADMIN_ENV}"
-"#
+{BRIDGE_OFF_TOML}"#
     )
 }
 

@@ -34,6 +34,7 @@ address = "{runtime}"
 execution_timeout_ms = 5000
 health_interval_ms = 200
 connect_timeout_ms = 500
+default_agent_id = "{TEST_AGENT}"
 [rollout]
 {rollout}
 [identity]
@@ -42,7 +43,7 @@ jwt_secret_env = "{JWT_ENV}"
 open_secs = 1
 [admin]
 token_env = "{ADMIN_ENV}"
-"#
+{BRIDGE_OFF_TOML}"#
     )
 }
 

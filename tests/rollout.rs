@@ -239,7 +239,9 @@ async fn shadow_copy_never_delays_the_legacy_answer_and_its_outcome_is_recorded(
     assert_eq!(
         copy.json(),
         json!({
-            "session_id": "s-shadow", "org_id": "org-b", "user_message": "shadow me",
+            "session_id": "s-shadow", "agent_id": TEST_AGENT, "org_id": "org-b",
+            "user_message": "shadow me", "history_messages": [],
+            "agent_config": {"system_prompt": "", "temperature": 0.7, "max_tokens": 4096},
             "metadata": {"user_id": "user-1", "parent_message_id": "m-9"}
         })
     );

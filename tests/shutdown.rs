@@ -46,13 +46,14 @@ address = "{runtime}"
 execution_timeout_ms = 60000
 health_interval_ms = 200
 connect_timeout_ms = 500
+default_agent_id = "{TEST_AGENT}"
 [rollout]
 runtime_orgs = ["org-a"]
 [identity]
 jwt_secret_env = "{JWT_ENV}"
 [admin]
 token_env = "{ADMIN_ENV}"
-"#
+{BRIDGE_OFF_TOML}"#
         );
         let path = dir.join("proxy.toml");
         std::fs::write(&path, config).unwrap();

@@ -18,6 +18,7 @@ use crate::core::identity::Verifier;
 use crate::core::routing::Rollout;
 use crate::core::stats::ExecutionStats;
 use crate::ops::metrics::Metrics;
+use crate::runtime::bridge::{Bridge, Target};
 
 /// One validated config, compiled for the hot path.
 pub struct Active {
@@ -26,6 +27,8 @@ pub struct Active {
     pub verifier: Verifier,
     pub legacy: PeerSettings,
     pub runtime: PeerSettings,
+    /// Where the conversation bridge finds legacy, and its routes.
+    pub bridge: Target,
     /// The admin bearer token (from the env var the config names); `None` refuses mutations.
     pub admin_token: Option<String>,
 }
@@ -51,6 +54,7 @@ impl Active {
                 read_timeout: None,
             },
             admin_token,
+            bridge: Target::of(&config),
             config,
         }
     }
@@ -96,6 +100,8 @@ pub struct Shared {
     /// Pooled runtime connections for executions and shadow copies, read by `runtime`.
     pub runtime_pool: TransportConnector,
     pub resolver: Resolver,
+    /// The conversation bridge's legacy connections and cache.
+    pub bridge: Arc<Bridge>,
     /// Set on SIGTERM: readiness fails and streams are told to finish.
     pub draining: AtomicBool,
     /// Raised when the shutdown grace period is over: relays end their streams with an error
@@ -134,6 +140,7 @@ impl Shared {
             config.limits.max_tracked_orgs,
             now,
         );
+        let bridge = Arc::new(Bridge::new(&config.bridge, &metrics.bridge));
         Arc::new(Shared {
             active: ArcSwap::from_pointee(Active::new(config)),
             breaker,
@@ -142,6 +149,7 @@ impl Shared {
             connector: Connector::new(None),
             runtime_pool: TransportConnector::new(None),
             resolver: Resolver::default(),
+            bridge,
             draining: AtomicBool::new(false),
             cutoff: tokio::sync::watch::channel(false).0,
             shadow_in_flight: Default::default(),
@@ -164,6 +172,7 @@ impl Shared {
             config.limits.max_tracked_orgs,
             now,
         );
+        self.bridge.configure(&config.bridge);
         self.active.store(Arc::new(Active::new(config)));
     }
 

@@ -33,8 +33,9 @@ pub enum Mapped {
     Skipped,
     /// Runtime ping → `event: heartbeat\ndata: null\n\n` written.
     Heartbeat,
-    /// execution_complete → `event: done` written.
-    Done,
+    /// execution_complete: nothing written yet. The relay saves the answer first, then writes
+    /// `done` with [`done_event`] and the saved message's id.
+    Complete(Completion),
     /// execution_error → `event: error` written.
     Failed { code: String, message: String },
     /// `[DONE]`: nothing written.
@@ -43,6 +44,42 @@ pub enum Mapped {
     Malformed,
     /// Event name not in the table: nothing written.
     Unknown,
+}
+
+/// What `execution_complete` says about the finished execution.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Completion {
+    /// `final_response` as text (of an object, its `content`); empty when the runtime gave none.
+    pub final_response: String,
+    /// The runtime's token count, when it gives one.
+    pub tokens: Option<u64>,
+}
+
+/// The `done` event's data (CONTRACT.md: `{sessionId, messageId, executionMode, usage}`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DoneEvent<'x> {
+    pub session_id: &'x str,
+    pub message_id: &'x str,
+    /// 0 when the runtime gave no count.
+    pub tokens: u64,
+    pub latency_ms: u64,
+}
+
+/// `event: done` with `usage: {tokens, latencyMs}`.
+pub fn done_event(out: &mut Vec<u8>, done: &DoneEvent) {
+    write_client_event(
+        out,
+        "done",
+        &DoneData {
+            session_id: done.session_id,
+            message_id: done.message_id,
+            execution_mode: EXECUTION_MODE,
+            usage: Usage {
+                tokens: done.tokens,
+                latency_ms: done.latency_ms,
+            },
+        },
+    );
 }
 
 /// How one stream's events are written, beyond the table itself.
@@ -75,10 +112,12 @@ pub struct StreamMapper {
     /// `"<message_id>-"` followed by the counter of the last message written.
     id_buf: String,
     counter: u64,
+    /// The text streamed so far, when kept (see [`StreamMapper::keeping_text`]).
+    text: Option<String>,
 }
 
 impl StreamMapper {
-    /// session_id goes into the `done` event; a fresh messageId (uuid v4) is made per stream.
+    /// session_id is the `done` event's; a fresh messageId (uuid v4) is made per stream.
     pub fn new(session_id: &str) -> Self {
         StreamMapper::with_settings(session_id, MapSettings::default())
     }
@@ -94,7 +133,24 @@ impl StreamMapper {
             message_id,
             id_buf,
             counter: 0,
+            text: None,
         }
+    }
+
+    /// Keep the streamed text, for an answer saved with an empty `final_response`.
+    pub fn keeping_text(mut self) -> Self {
+        self.text = Some(String::new());
+        self
+    }
+
+    /// The text streamed so far (empty unless kept).
+    pub fn take_text(&mut self) -> String {
+        self.text.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// The session the stream belongs to, for its `done` event.
+    pub fn session_id(&self) -> &str {
+        &self.session_id
     }
 
     pub fn message_id(&self) -> &str {
@@ -140,7 +196,12 @@ impl StreamMapper {
             Shape::NonEmpty(key, fields) => match p.get(key).non_null() {
                 None => Mapped::Skipped,
                 Some(Field::Str(s)) if s.is_empty() => Mapped::Skipped,
-                _ => self.message(out, row.kind, &Obj::new(fields, p), stamp(ts, &mut now)),
+                field => {
+                    if let (Some(text), Some(Field::Str(s))) = (self.text.as_mut(), field) {
+                        text.push_str(s);
+                    }
+                    self.message(out, row.kind, &Obj::new(fields, p), stamp(ts, &mut now))
+                }
             },
             Shape::Plan => self.message(
                 out,
@@ -176,36 +237,37 @@ impl StreamMapper {
             }
             Shape::Done => {
                 #[derive(serde::Deserialize)]
-                struct FinalResponse<'x> {
+                struct Inner<'x> {
+                    #[serde(borrow, default)]
+                    content: Field<'x>,
                     #[serde(borrow, default)]
                     usage: Field<'x>,
                 }
-                let inner;
-                let usage = match p.get(K::Usage).non_null() {
-                    Some(usage) => Some(usage),
-                    None => {
-                        inner = match p.get(K::FinalResponse) {
-                            Field::Raw(fr) if fr.get().starts_with('{') => {
-                                serde_json::from_str::<FinalResponse>(fr.get())
-                                    .map(|fr| fr.usage)
-                                    .unwrap_or_default()
-                            }
-                            _ => Field::Absent,
-                        };
-                        inner.non_null()
+                let inner = match p.get(K::FinalResponse) {
+                    Field::Raw(fr) if fr.get().starts_with('{') => {
+                        serde_json::from_str::<Inner>(fr.get()).ok()
                     }
+                    _ => None,
                 };
-                write_client_event(
-                    out,
-                    "done",
-                    &DoneData {
-                        session_id: &self.session_id,
-                        message_id: &self.message_id,
-                        execution_mode: EXECUTION_MODE,
-                        usage,
-                    },
-                );
-                Mapped::Done
+                let final_response = match (p.get(K::FinalResponse), &inner) {
+                    (Field::Str(s), _) => s.clone().into_owned(),
+                    (
+                        _,
+                        Some(Inner {
+                            content: Field::Str(s),
+                            ..
+                        }),
+                    ) => s.clone().into_owned(),
+                    _ => String::new(),
+                };
+                let usage = p
+                    .get(K::Usage)
+                    .non_null()
+                    .or_else(|| inner.as_ref().and_then(|i| i.usage.non_null()));
+                Mapped::Complete(Completion {
+                    final_response,
+                    tokens: usage.and_then(token_count),
+                })
             }
             Shape::Error => {
                 let code = match p.get(K::Code).to_text() {
@@ -432,7 +494,7 @@ enum Shape {
     Plan,
     /// `event: heartbeat`.
     Heartbeat,
-    /// `event: done`.
+    /// [`Mapped::Complete`]; the relay writes `done`.
     Done,
     /// `event: error`.
     Error,
@@ -1054,8 +1116,37 @@ struct DoneData<'x> {
     session_id: &'x str,
     message_id: &'x str,
     execution_mode: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    usage: Option<&'x Field<'x>>,
+    usage: Usage,
+}
+
+#[derive(DeriveSerialize)]
+#[serde(rename_all = "camelCase")]
+struct Usage {
+    tokens: u64,
+    latency_ms: u64,
+}
+
+/// The total of a runtime `usage` object: `total_tokens`, else input plus output
+/// (`input_tokens`/`output_tokens` or `prompt_tokens`/`completion_tokens`); a bare number is
+/// the count itself.
+fn token_count(usage: &Field) -> Option<u64> {
+    #[derive(serde::Deserialize)]
+    struct Counts {
+        total_tokens: Option<u64>,
+        #[serde(alias = "prompt_tokens")]
+        input_tokens: Option<u64>,
+        #[serde(alias = "completion_tokens")]
+        output_tokens: Option<u64>,
+    }
+    let Field::Raw(raw) = usage else { return None };
+    if let Ok(n) = serde_json::from_str::<u64>(raw.get()) {
+        return Some(n);
+    }
+    let c = serde_json::from_str::<Counts>(raw.get()).ok()?;
+    c.total_tokens.or(match (c.input_tokens, c.output_tokens) {
+        (None, None) => None,
+        (i, o) => Some(i.unwrap_or(0).saturating_add(o.unwrap_or(0))),
+    })
 }
 
 #[cfg(test)]
@@ -1342,40 +1433,102 @@ mod tests {
             &mut mapper,
             &frame("execution_complete", json!({"final_response": "答案是 42"})),
         );
-        assert_eq!(mapped, Mapped::Done);
+        // The relay writes `done` once the answer is saved, with the saved message's id.
         assert_eq!(
-            events,
+            mapped,
+            Mapped::Complete(Completion {
+                final_response: "答案是 42".into(),
+                tokens: None
+            })
+        );
+        assert!(events.is_empty());
+        let mut out = Vec::new();
+        done_event(
+            &mut out,
+            &DoneEvent {
+                session_id: "sess-42",
+                message_id: "m-7",
+                tokens: 0,
+                latency_ms: 1234,
+            },
+        );
+        assert_eq!(
+            client_events(&out),
             vec![(
                 "done".to_owned(),
-                json!({"sessionId": "sess-42", "messageId": mapper.message_id(), "executionMode": "runtime_orchestrator"})
+                json!({"sessionId": "sess-42", "messageId": "m-7", "executionMode": "runtime_orchestrator",
+                       "usage": {"tokens": 0, "latencyMs": 1234}})
             )]
         );
         uuid::Uuid::parse_str(mapper.message_id()).expect("messageId is a uuid");
     }
 
     #[test]
-    fn execution_complete_carries_usage() {
+    fn execution_complete_carries_the_answer_and_token_count() {
         let usage = json!({"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30});
-        for data in [
-            json!({"final_response": "x", "usage": usage}),
-            json!({"final_response": {"content": "x", "usage": usage}}),
-            json!({"final_response": {"usage": {"total_tokens": 1}}, "usage": usage}),
+        for (data, answer) in [
+            (json!({"final_response": "x", "usage": usage}), "x"),
+            (
+                json!({"final_response": {"content": "x", "usage": usage}}),
+                "x",
+            ),
+            (
+                json!({"final_response": {"usage": {"total_tokens": 1}}, "usage": usage}),
+                "",
+            ),
+            (
+                json!({"final_response": "x", "usage": {"input_tokens": 25, "output_tokens": 5}}),
+                "x",
+            ),
+            (
+                json!({"final_response": "x", "usage": {"prompt_tokens": 30}}),
+                "x",
+            ),
+            (json!({"final_response": "x", "usage": 30}), "x"),
         ] {
             let mut mapper = StreamMapper::new("s");
-            let (mapped, events) = map(&mut mapper, &frame("execution_complete", data));
-            assert_eq!(mapped, Mapped::Done);
-            assert_eq!(events[0].0, "done");
-            assert_eq!(events[0].1["usage"], usage);
-            assert_eq!(events[0].1["sessionId"], "s");
-            assert_eq!(events[0].1["executionMode"], EXECUTION_MODE);
+            let (mapped, events) = map(&mut mapper, &frame("execution_complete", data.clone()));
+            assert_eq!(
+                mapped,
+                Mapped::Complete(Completion {
+                    final_response: answer.into(),
+                    tokens: Some(30)
+                }),
+                "{data}"
+            );
+            assert!(events.is_empty());
         }
-        // A null usage is left out.
-        let mut mapper = StreamMapper::new("s");
-        let (_, events) = map(
-            &mut mapper,
-            &frame("execution_complete", json!({"usage": null})),
-        );
-        assert!(events[0].1.get("usage").is_none());
+        // No count, or one of no use: none.
+        for data in [
+            json!({"usage": null}),
+            json!({}),
+            json!({"final_response": null, "usage": {"cached": true}}),
+            json!({"final_response": 42, "usage": "many"}),
+        ] {
+            let mut mapper = StreamMapper::new("s");
+            let (mapped, _) = map(&mut mapper, &frame("execution_complete", data.clone()));
+            assert_eq!(mapped, Mapped::Complete(Completion::default()), "{data}");
+        }
+    }
+
+    #[test]
+    fn streamed_text_is_kept_only_when_asked() {
+        let chunks = [
+            frame("text_chunk", json!({"content": "你好"})),
+            frame("thinking", json!({"content": "not text", "stage": "x"})),
+            frame("text_chunk", json!({"content": ""})),
+            frame("text_chunk", json!({"content": ", world\n"})),
+        ];
+        let mut kept = StreamMapper::new("s").keeping_text();
+        let mut plain = StreamMapper::new("s");
+        let mut out = Vec::new();
+        for ev in &chunks {
+            kept.map(ev, &mut out);
+            plain.map(ev, &mut out);
+        }
+        assert_eq!(kept.take_text(), "你好, world\n");
+        assert_eq!(kept.take_text(), "");
+        assert_eq!(plain.take_text(), "");
     }
 
     #[test]
@@ -1624,7 +1777,15 @@ mod tests {
             raw("[DONE]"),
         ];
         for f in &frames {
-            mapper.map(f, &mut out);
+            if let Mapped::Complete(_) = mapper.map(f, &mut out) {
+                let done = DoneEvent {
+                    session_id: "s",
+                    message_id: "m",
+                    tokens: 0,
+                    latency_ms: 0,
+                };
+                done_event(&mut out, &done);
+            }
         }
         let events = client_events(&out);
         let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
@@ -1783,7 +1944,15 @@ mod tests {
             frame("text_chunk", json!({"content": "after"})),
             frame("execution_complete", json!({})),
         ] {
-            mapper.map(&ev, &mut out);
+            if let Mapped::Complete(_) = mapper.map(&ev, &mut out) {
+                let done = DoneEvent {
+                    session_id: "s",
+                    message_id: "m",
+                    tokens: 0,
+                    latency_ms: 0,
+                };
+                done_event(&mut out, &done);
+            }
         }
         let events = client_events(&out);
         assert_eq!(events.len(), 3);

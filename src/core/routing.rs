@@ -21,6 +21,14 @@ pub enum Reason {
     Failover,
     /// The runtime was chosen but the body is larger than can be replayed on failover.
     LargeBody,
+    /// The runtime was chosen but legacy refused the conversation bridge's lookup (401, 403,
+    /// 404, any 4xx): legacy answers the chat itself, as it would have.
+    BridgeRefused,
+    /// The runtime was chosen but the bridge's lookup failed (connect error, 5xx, timeout).
+    BridgeUnavailable,
+    /// The runtime was chosen, the bridge is off and neither the body nor the config names an
+    /// agent, which the runtime requires.
+    NoAgent,
 }
 
 impl Reason {
@@ -34,6 +42,9 @@ impl Reason {
             Reason::NoIdentity => "no_identity",
             Reason::Failover => "failover",
             Reason::LargeBody => "large_body",
+            Reason::BridgeRefused => "bridge_refused",
+            Reason::BridgeUnavailable => "bridge_unavailable",
+            Reason::NoAgent => "no_agent",
         }
     }
 }

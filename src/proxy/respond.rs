@@ -15,6 +15,8 @@ use crate::runtime::relay;
 pub(super) enum Rejection {
     TooLarge,
     BadBody,
+    /// An id that may not go into a URL (`core::bridge::is_safe_id`).
+    UnsafeId,
 }
 
 impl Rejection {
@@ -23,6 +25,7 @@ impl Rejection {
         match self {
             Rejection::TooLarge => (413, "too_large", "PAYLOAD_TOO_LARGE"),
             Rejection::BadBody => (400, "bad_body", "INVALID_REQUEST"),
+            Rejection::UnsafeId => (400, "unsafe_id", "INVALID_REQUEST"),
         }
     }
 }

@@ -1,6 +1,7 @@
-//! The runtime path of a chat request, in the order it happens: read the body, build the
-//! runtime's request, open the runtime under the shutdown cutoff and the client's departure, then
-//! relay its stream or fail over to legacy. Also the shadow copy of a legacy chat.
+//! The runtime path of a chat request, in the order it happens: read the body, read the
+//! conversation from legacy through the bridge and build the runtime's request, open the runtime
+//! under the shutdown cutoff and the client's departure, save the user's message, then relay its
+//! stream or fail over to legacy. Also the shadow copy of a legacy chat.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,13 +15,16 @@ use super::respond::{respond_sse_error, Rejection};
 use super::{CutoverProxy, REPLAY_LIMIT};
 use crate::app::state::Active;
 use crate::core::breaker::State;
-use crate::core::chat;
+use crate::core::bridge::{self, BridgeError};
+use crate::core::chat::{self, ChatBody};
 use crate::core::config::Mode;
 use crate::core::identity::Caller;
 use crate::core::routing::{ChatRoute, Reason, RolloutDecision};
 use crate::core::stream::{self, End, Facts};
+use crate::runtime::bridge::Credentials;
 use crate::runtime::connection::{self, OpenFailure, RuntimeStream};
-use crate::runtime::relay::{self, RelayArgs, StreamReport};
+use crate::runtime::relay::{self, RelayArgs, Saving, StreamReport};
+use crate::runtime::shadow::{Reading, Source};
 
 pub(super) fn content_length(session: &Session) -> Option<usize> {
     session
@@ -66,12 +70,38 @@ async fn read_chat_body(session: &mut Session, limit: usize) -> Result<BodyRead>
     Ok(BodyRead::Complete(Bytes::from(body)))
 }
 
-/// The runtime's request for one chat.
-struct RuntimeRequest {
+/// A chat the runtime serves: its request, and what the bridge does around it.
+struct Execution {
     session_id: String,
     body: Bytes,
     deadline: Instant,
+    /// The caller's `x-request-id`, or one made for this chat: the bridge's calls and the
+    /// runtime's request carry the same.
+    request_id: String,
+    /// With the bridge on.
+    bridged: Option<Bridged>,
 }
+
+/// The bridge's part of a runtime chat.
+struct Bridged {
+    who: Credentials,
+    message: String,
+    parent_id: Option<String>,
+    /// The session was made for this `/chat/start`: deleted if the runtime never answers.
+    created: bool,
+}
+
+/// What reading and preparing a runtime chat came to.
+enum Prepared {
+    Run(Box<Execution>),
+    /// The proxy answered it itself (a refusal).
+    Answered,
+    /// Legacy serves it, with its original body.
+    Legacy,
+}
+
+/// The caller's request id: sent on, with the bridge's calls and to the runtime.
+const REQUEST_ID: &str = "x-request-id";
 
 /// How opening the runtime ended.
 enum Opened {
@@ -100,25 +130,28 @@ impl CutoverProxy {
     ) -> Result<bool> {
         if content_length(session).is_some_and(|n| n > REPLAY_LIMIT) {
             // Legacy could not be given this body again if the runtime failed, so it goes
-            // there directly, and the runtime's probe slot is freed for another request.
-            req.chat.probe = Default::default();
-            req.chat.decision = RolloutDecision {
-                mode: Mode::DirectLlm,
-                reason: Reason::LargeBody,
-            };
-            req.chat.served = Served::Legacy { failover: None };
+            // there directly.
+            to_legacy(req.chat, Reason::LargeBody);
             return Ok(false);
         }
         // This and the other one-off awaits below are boxed: a future holds room for its
         // largest await for as long as it lives, and this one lives as long as the stream.
-        let Some(mut request) = Box::pin(self.runtime_request(session, &mut req)).await? else {
-            return Ok(true);
+        let mut request = match Box::pin(self.runtime_request(session, &mut req)).await? {
+            Prepared::Run(request) => *request,
+            Prepared::Answered => return Ok(true),
+            Prepared::Legacy => return Ok(false),
         };
         // Boxed so that its state (the request header copy, the exchange) is freed before the
         // relay, which may hold the stream for minutes, starts.
         let opened = Box::pin(self.open_runtime(session, req.active, &mut request)).await;
+        if !matches!(opened, Opened::Stream(_)) {
+            // Before legacy gets the original `/chat/start`, so the user's list holds no empty
+            // session.
+            Box::pin(self.discard_session(req.active, &request)).await;
+        }
         match opened {
             Opened::Stream(stream) => {
+                Box::pin(self.save_user_message(req.active, &request)).await;
                 self.relay(session, req, request, stream).await;
                 Ok(true)
             }
@@ -145,13 +178,13 @@ impl CutoverProxy {
         }
     }
 
-    /// Read and check the chat body and build the runtime's request from it; `None` when the
-    /// request was refused (too large, not a chat body).
+    /// Read and check the chat body, read the conversation through the bridge and build the
+    /// runtime's request.
     async fn runtime_request(
         &self,
         session: &mut Session,
         req: &mut RuntimePath<'_>,
-    ) -> Result<Option<RuntimeRequest>> {
+    ) -> Result<Prepared> {
         let caller = req
             .chat
             .caller
@@ -169,7 +202,7 @@ impl CutoverProxy {
                 let msg = format!("chat request body without Content-Length exceeds {limit} bytes");
                 self.refuse(session, req.chat, Rejection::TooLarge, &msg)
                     .await?;
-                return Ok(None);
+                return Ok(Prepared::Answered);
             }
         };
         let chat_body = match chat_body {
@@ -177,16 +210,149 @@ impl CutoverProxy {
             Err(e) => {
                 self.refuse(session, req.chat, Rejection::BadBody, &e.message())
                     .await?;
-                return Ok(None);
+                return Ok(Prepared::Answered);
             }
         };
-        let session_id = chat::session_id_for(req.route);
-        let body = Bytes::from(chat::runtime_request_body(&session_id, &caller, &chat_body));
-        Ok(Some(RuntimeRequest {
+        let bridged = req.active.config.bridge.enabled;
+        if let Some(what) = unsafe_id(req.route, &chat_body).filter(|_| bridged) {
+            let msg = format!(
+                "{what} may hold only A-Z a-z 0-9 _ - (at most {} characters)",
+                bridge::MAX_ID_LEN
+            );
+            self.refuse(session, req.chat, Rejection::UnsafeId, &msg)
+                .await?;
+            return Ok(Prepared::Answered);
+        }
+        let headers = &session.req_header().headers;
+        let request_id = headers
+            .get(REQUEST_ID)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty())
+            .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_string);
+        let deadline = req.started + req.active.config.runtime.execution_timeout();
+        let agent = chat_body.agent_id.as_deref().filter(|a| !a.is_empty());
+
+        if !bridged {
+            let session_id = chat::session_id_for(req.route);
+            let default_agent = &req.active.config.runtime.default_agent_id;
+            let body =
+                chat::RuntimeRequest::standalone(&session_id, &caller, &chat_body, default_agent);
+            if body.agent_id.is_none() {
+                to_legacy(req.chat, Reason::NoAgent);
+                return Ok(Prepared::Legacy);
+            }
+            return Ok(Prepared::Run(Box::new(Execution {
+                session_id,
+                body: Bytes::from(body.to_bytes()),
+                deadline,
+                request_id,
+                bridged: None,
+            })));
+        }
+
+        let authorization = headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        let who = Credentials::new(authorization, Some(&request_id), &caller);
+        let looked = match (req.route, agent) {
+            (ChatRoute::Session(id), _) => self.read_session(req.active, &who, id).await,
+            (ChatRoute::Start, Some(agent)) => {
+                self.start_session(req.active, &who, agent, &chat_body)
+                    .await
+            }
+            (ChatRoute::Start, None) => {
+                to_legacy(req.chat, Reason::NoAgent);
+                return Ok(Prepared::Legacy);
+            }
+        };
+        let (session_id, conversation, created) = match looked {
+            Ok(looked) => looked,
+            Err(e) => {
+                tracing::info!(error = %e, "the conversation bridge cannot serve this chat; serving from legacy");
+                let reason = match e {
+                    BridgeError::Refused { .. } => Reason::BridgeRefused,
+                    BridgeError::Unavailable { .. } => Reason::BridgeUnavailable,
+                };
+                to_legacy(req.chat, reason);
+                return Ok(Prepared::Legacy);
+            }
+        };
+        let body = chat::RuntimeRequest::bridged(&session_id, &caller, &chat_body, &conversation);
+        Ok(Prepared::Run(Box::new(Execution {
             session_id,
-            body,
-            deadline: req.started + req.active.config.runtime.execution_timeout(),
-        }))
+            body: Bytes::from(body.to_bytes()),
+            deadline,
+            request_id,
+            bridged: Some(Bridged {
+                who,
+                message: chat_body.message,
+                parent_id: chat_body.parent_message_id,
+                created,
+            }),
+        })))
+    }
+
+    /// `POST /chat/sessions/{id}`: the session's agent, its settings and the history.
+    async fn read_session(
+        &self,
+        active: &Active,
+        who: &Credentials,
+        session_id: &str,
+    ) -> std::result::Result<(String, bridge::Conversation, bool), BridgeError> {
+        let bridge = &self.shared.bridge;
+        let conversation = bridge
+            .lookup_session(&active.bridge, who, session_id)
+            .await?;
+        Ok((session_id.to_string(), conversation, false))
+    }
+
+    /// `POST /chat/start`: the body's agent, then a new session titled by the message.
+    async fn start_session(
+        &self,
+        active: &Active,
+        who: &Credentials,
+        agent: &str,
+        chat_body: &ChatBody,
+    ) -> std::result::Result<(String, bridge::Conversation, bool), BridgeError> {
+        let bridge = &self.shared.bridge;
+        let conversation = bridge.lookup_start(&active.bridge, who, agent).await?;
+        let session_id = bridge
+            .create_session(&active.bridge, who, agent, &chat_body.message)
+            .await?;
+        Ok((session_id, conversation, true))
+    }
+
+    /// The runtime accepted the chat: the user's message is saved before the first client event
+    /// (one attempt within `bridge.timeout_ms`, the rest in the background).
+    async fn save_user_message(&self, active: &Active, request: &Execution) {
+        let Some(b) = &request.bridged else { return };
+        let bridge = &self.shared.bridge;
+        // A deferred save is retried, and logged if it never succeeds, on its own task.
+        let _ = bridge
+            .persist_user(
+                &active.bridge,
+                &b.who,
+                &request.session_id,
+                &b.message,
+                b.parent_id.as_deref(),
+            )
+            .await;
+    }
+
+    /// Delete the session made for a `/chat/start` the runtime did not serve.
+    async fn discard_session(&self, active: &Active, request: &Execution) {
+        let Some(b) = request.bridged.as_ref().filter(|b| b.created) else {
+            return;
+        };
+        let deleted = self
+            .shared
+            .bridge
+            .delete_session(&active.bridge, &b.who, &request.session_id)
+            .await;
+        if let Err(e) = deleted {
+            tracing::warn!(session_id = %request.session_id, error = %e, "could not delete the session made for a chat the runtime did not serve");
+        }
     }
 
     /// Open the runtime, unless the proxy starts shutting down or the client leaves first.
@@ -194,10 +360,13 @@ impl CutoverProxy {
         &self,
         session: &mut Session,
         active: &Arc<Active>,
-        request: &mut RuntimeRequest,
+        request: &mut Execution,
     ) -> Opened {
         let mut cutoff = self.shared.cutoff.subscribe();
-        let downstream = session.req_header().clone();
+        let mut downstream = session.req_header().clone();
+        if downstream.headers.get(REQUEST_ID).is_none() {
+            let _ = downstream.insert_header(REQUEST_ID, request.request_id.as_str());
+        }
         // The body is not kept for the length of the stream.
         let body = std::mem::take(&mut request.body);
         tokio::select! {
@@ -217,7 +386,7 @@ impl CutoverProxy {
         &self,
         session: &mut Session,
         req: RuntimePath<'_>,
-        request: RuntimeRequest,
+        request: Execution,
         stream: RuntimeStream,
     ) {
         let runtime = &req.active.config.runtime;
@@ -230,6 +399,11 @@ impl CutoverProxy {
             heartbeat: Duration::from_secs(runtime.heartbeat_secs),
             max_frame_bytes: runtime.max_frame_bytes,
             pool_idle: req.active.runtime.pool_idle_timeout,
+            saving: request.bridged.map(|b| Saving {
+                bridge: self.shared.bridge.clone(),
+                target: req.active.bridge.clone(),
+                who: b.who,
+            }),
         };
         let report = relay::relay(session, stream, args).await;
         req.chat.served = Served::Runtime(report);
@@ -323,15 +497,77 @@ impl CutoverProxy {
             return Ok(());
         };
         let session_id = chat::session_id_for(route);
-        let runtime_body =
-            Bytes::from(chat::runtime_request_body(&session_id, &caller, &chat_body));
+        let source = if active.config.bridge.enabled {
+            let headers = &session.req_header().headers;
+            let header = |name| {
+                headers
+                    .get(name)
+                    .and_then(|v: &http::HeaderValue| v.to_str().ok())
+            };
+            let who = Credentials::new(
+                header(http::header::AUTHORIZATION.as_str()).unwrap_or_default(),
+                header(REQUEST_ID),
+                &caller,
+            );
+            let start_agent = match route {
+                ChatRoute::Start => match chat_body.agent_id.clone() {
+                    Some(agent) => Some(agent),
+                    None => return Ok(()),
+                },
+                ChatRoute::Session(_) => None,
+            };
+            Source::Bridged(Box::new(Reading {
+                who,
+                caller: caller.clone(),
+                chat: chat_body,
+                start_agent,
+            }))
+        } else {
+            let default_agent = &active.config.runtime.default_agent_id;
+            let body =
+                chat::RuntimeRequest::standalone(&session_id, &caller, &chat_body, default_agent);
+            if body.agent_id.is_none() {
+                return Ok(());
+            }
+            Source::Ready(Bytes::from(body.to_bytes()))
+        };
         crate::runtime::shadow::spawn(
             &self.shared,
             active.clone(),
             session.req_header().clone(),
+            &caller.org_id,
             session_id,
-            runtime_body,
+            source,
         );
         Ok(())
+    }
+}
+
+/// Legacy serves the chat after all, with its original body: not the runtime's doing, so the
+/// breaker's probe slot is freed for another request.
+fn to_legacy(chat: &mut ChatCtx, reason: Reason) {
+    chat.probe = Default::default();
+    chat.decision = RolloutDecision {
+        mode: Mode::DirectLlm,
+        reason,
+    };
+    chat.served = Served::Legacy { failover: None };
+}
+
+/// An id the caller sent that the bridge would put into a legacy URL and that is not a
+/// [`bridge::is_safe_id`]: the path's session id, or `/chat/start`'s `agentId`. With the bridge
+/// on it is refused with 400 before any upstream is asked, so that a crafted id (`..`,
+/// `a%2Fb`) cannot make the proxy call another legacy route with the caller's token; legacy is
+/// not asked to serve it either, as that would be the same request through another door. With
+/// the bridge off ids only travel inside the runtime's JSON body, where any string is safe.
+fn unsafe_id(route: &ChatRoute, chat_body: &ChatBody) -> Option<&'static str> {
+    match route {
+        ChatRoute::Session(id) => (!bridge::is_safe_id(id)).then_some("the session id"),
+        ChatRoute::Start => {
+            let agent = chat_body.agent_id.as_deref().filter(|a| !a.is_empty());
+            agent
+                .is_some_and(|a| !bridge::is_safe_id(a))
+                .then_some("agentId")
+        }
     }
 }

@@ -99,6 +99,14 @@ pub enum Persisted {
     },
 }
 
+/// A message being saved, as the last error line gives it.
+struct Unsaved {
+    role: &'static str,
+    content: String,
+    tokens_used: Option<u64>,
+    latency_ms: Option<u64>,
+}
+
 /// The bridge's connections and cache; one per process.
 pub struct Bridge {
     connector: TransportConnector,
@@ -262,6 +270,43 @@ impl Bridge {
         message: AssistantMessage,
     ) -> Persisted {
         let body = message.body();
+        let unsaved = Unsaved {
+            role: "assistant",
+            content: message.content,
+            tokens_used: message.tokens_used,
+            latency_ms: Some(message.latency_ms),
+        };
+        self.persist(target, who, session_id, body, unsaved).await
+    }
+
+    /// Save the user's message (`parentId` when the chat names one) the same way: one attempt
+    /// now, the rest in the background.
+    pub async fn persist_user(
+        self: &Arc<Self>,
+        target: &Target,
+        who: &Credentials,
+        session_id: &str,
+        content: &str,
+        parent_id: Option<&str>,
+    ) -> Persisted {
+        let body = bridge::user_message_body(content, parent_id);
+        let unsaved = Unsaved {
+            role: "user",
+            content: content.to_string(),
+            tokens_used: None,
+            latency_ms: None,
+        };
+        self.persist(target, who, session_id, body, unsaved).await
+    }
+
+    async fn persist(
+        self: &Arc<Self>,
+        target: &Target,
+        who: &Credentials,
+        session_id: &str,
+        body: Vec<u8>,
+        message: Unsaved,
+    ) -> Persisted {
         let first = match self.save_message(target, who, session_id, &body).await {
             Ok(id) => return Persisted::Saved(id),
             Err(e) => e,
@@ -269,9 +314,10 @@ impl Bridge {
         let message_id = uuid::Uuid::new_v4().to_string();
         tracing::warn!(
             session_id,
+            role = message.role,
             proxy_message_id = %message_id,
             error = %first,
-            "saving the assistant message failed; retrying in the background"
+            "saving a message failed; retrying in the background"
         );
         let (this, target, who) = (self.clone(), target.clone(), who.clone());
         let session_id = session_id.to_string();
@@ -295,13 +341,13 @@ impl Bridge {
             this.metrics.persist_failures_total.inc();
             tracing::error!(
                 session_id = %session_id,
-                role = "assistant",
+                role = message.role,
                 content = %message.content,
                 tokens_used = message.tokens_used,
                 latency_ms = message.latency_ms,
                 request_id = who.request_id.as_deref().unwrap_or(""),
                 error = %last,
-                "assistant message not saved after every attempt"
+                "message not saved after every attempt"
             );
             Err(last)
         });

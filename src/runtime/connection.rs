@@ -20,15 +20,39 @@ use crate::core::h1::{self, BodyDecoder, BodyError};
 use crate::core::sse::{SseError, SseEvent, SseParser};
 use crate::core::stats::Outcome;
 
-/// Request headers passed on to the runtime besides the ones the proxy sets.
+/// Request headers passed on to the runtime besides the ones the proxy sets. Never the caller's
+/// `Authorization`: the runtime is told who asked in its JSON body, and a token it held could
+/// be replayed against legacy. `traceparent` is added when the caller sent none (a valid one).
 const FORWARDED_HEADERS: &[&str] = &[
-    "authorization",
     "x-request-id",
     "traceparent",
     "tracestate",
     "accept-language",
     "user-agent",
 ];
+
+/// Whether `v` is a W3C `traceparent` a tracer downstream will take: version `00`, a 32-hex trace
+/// id and a 16-hex parent id, neither all zeros, and 2-hex flags, in lower case.
+pub fn is_valid_traceparent(v: &[u8]) -> bool {
+    let hex = |b: &[u8]| b.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'));
+    let nonzero = |b: &[u8]| b.iter().any(|c| *c != b'0');
+    v.len() == 55
+        && v.starts_with(b"00-")
+        && v[35] == b'-'
+        && v[52] == b'-'
+        && hex(&v[3..35])
+        && nonzero(&v[3..35])
+        && hex(&v[36..52])
+        && nonzero(&v[36..52])
+        && hex(&v[53..55])
+}
+
+/// A fresh, sampled W3C `traceparent`, for a request that came without one.
+pub fn new_traceparent() -> String {
+    let trace = uuid::Uuid::new_v4().simple().to_string();
+    let parent = fastrand::u64(1..);
+    format!("00-{trace}-{parent:016x}-01")
+}
 
 /// Marks a shadow copy so the runtime can skip side effects (tool calls, stored history).
 pub const SHADOW_HEADER: &str = "x-cutover-shadow";
@@ -179,7 +203,19 @@ fn runtime_request(
         ("content-length", length.as_bytes()),
         ("accept", b"text/event-stream"),
     ];
+    let traced = downstream
+        .headers
+        .get("traceparent")
+        .is_some_and(|v| is_valid_traceparent(v.as_bytes()));
+    let fresh_trace = (!traced).then(new_traceparent);
+    if let Some(t) = &fresh_trace {
+        headers.push(("traceparent", t.as_bytes()));
+    }
     for name in FORWARDED_HEADERS {
+        // An invalid trace context is restarted, and its tracestate goes with it.
+        if !traced && matches!(*name, "traceparent" | "tracestate") {
+            continue;
+        }
         if let Some(v) = downstream.headers.get(*name) {
             headers.push((name, v.as_bytes()));
         }
@@ -313,4 +349,34 @@ pub async fn open(
     Err(OpenFailure::error(
         "runtime closed two connections in a row".into(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn made_trace_contexts_are_valid_and_distinct() {
+        let a = new_traceparent();
+        assert!(is_valid_traceparent(a.as_bytes()), "{a}");
+        assert_ne!(a, new_traceparent());
+    }
+
+    #[test]
+    fn only_well_formed_trace_contexts_pass() {
+        let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert!(is_valid_traceparent(good.as_bytes()));
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00_4bf92f3577b34da6a3ce929d0e0e4736_00f067aa0ba902b7_01",
+        ] {
+            assert!(!is_valid_traceparent(bad.as_bytes()), "{bad}");
+        }
+    }
 }

@@ -10,13 +10,15 @@ use pingora::proxy::Session;
 use pingora::ErrorType;
 
 use crate::app::state::Shared;
-use crate::core::agent2ui::{self, Mapped, StreamMapper};
+use crate::core::agent2ui::{self, Completion, DoneEvent, Mapped, StreamMapper};
+use crate::core::bridge::AssistantMessage;
 use crate::core::config::Mode;
 use crate::core::h1::BodyError;
 use crate::core::routing::RolloutDecision;
 use crate::core::sse::{SseError, SseParser};
 use crate::core::stats::Outcome;
 use crate::core::stream::{self, End, Facts, Verdict};
+use crate::runtime::bridge::{Bridge, Credentials, Persisted, Target};
 use crate::runtime::connection::RuntimeStream;
 
 /// Grace for the last write after the execution deadline.
@@ -83,6 +85,15 @@ pub struct RelayArgs {
     pub heartbeat: Duration,
     pub max_frame_bytes: usize,
     pub pool_idle: Duration,
+    /// Where the answer is saved before `done`, with the bridge on.
+    pub saving: Option<Saving>,
+}
+
+/// The conversation bridge's part of a relay: legacy saves the runtime's answer.
+pub struct Saving {
+    pub bridge: std::sync::Arc<Bridge>,
+    pub target: Target,
+    pub who: Credentials,
 }
 
 /// Relay a runtime stream to the client until it completes, fails, times out or the client goes.
@@ -111,6 +122,9 @@ pub async fn relay(session: &mut Session, stream: RuntimeStream, args: RelayArgs
     let mut cutoff = args.shared.cutoff.subscribe();
     let mut parser = SseParser::new(args.max_frame_bytes);
     let mut mapper = StreamMapper::new(&args.session_id);
+    if args.saving.is_some() {
+        mapper = mapper.keeping_text();
+    }
     let mut events = Vec::new();
     let mut out = Vec::new();
     let mut completed = false;
@@ -168,10 +182,41 @@ pub async fn relay(session: &mut Session, stream: RuntimeStream, args: RelayArgs
                                 .inc();
                             report.events += 1;
                         }
-                        Mapped::Done => {
+                        Mapped::Complete(completion) => {
                             metrics.sse_events_total.with_label_values(&["done"]).inc();
                             report.events += 1;
                             completed = true;
+                            let latency_ms = args.started.elapsed().as_millis() as u64;
+                            // What the user already has leaves now, not after the save.
+                            let mut gone = false;
+                            if !out.is_empty() {
+                                let bytes = Bytes::from(std::mem::take(&mut out));
+                                report.bytes += bytes.len() as u64;
+                                gone =
+                                    !write_client(session, Some(bytes), false, args.deadline).await;
+                                last_write = Instant::now();
+                                report
+                                    .first_write
+                                    .get_or_insert_with(|| args.started.elapsed());
+                            }
+                            // The execution is over: its answer is saved even for a client
+                            // that has just left.
+                            let message_id =
+                                save_answer(&args, &mut mapper, &completion, latency_ms).await;
+                            if gone {
+                                report.detail =
+                                    Some("client disconnected or stopped reading".into());
+                                return report;
+                            }
+                            agent2ui::done_event(
+                                &mut out,
+                                &DoneEvent {
+                                    session_id: mapper.session_id(),
+                                    message_id: &message_id,
+                                    tokens: completion.tokens.unwrap_or(0),
+                                    latency_ms,
+                                },
+                            );
                         }
                         Mapped::Failed { code, message } => {
                             metrics.sse_events_total.with_label_values(&["error"]).inc();
@@ -298,6 +343,33 @@ pub async fn relay(session: &mut Session, stream: RuntimeStream, args: RelayArgs
             finish_runtime(stream, &args, report.outcome);
             return report;
         }
+    }
+}
+
+/// `done.messageId`: the id legacy saved the answer under (the proxy's own while the save is
+/// retried in the background), or with the bridge off the stream's own id.
+async fn save_answer(
+    args: &RelayArgs,
+    mapper: &mut StreamMapper,
+    completion: &Completion,
+    latency_ms: u64,
+) -> String {
+    let Some(saving) = &args.saving else {
+        return mapper.message_id().to_string();
+    };
+    let answer = AssistantMessage::new(
+        &completion.final_response,
+        &mapper.take_text(),
+        completion.tokens,
+        latency_ms,
+    );
+    let persisted = saving
+        .bridge
+        .persist_assistant(&saving.target, &saving.who, &args.session_id, answer)
+        .await;
+    match persisted {
+        Persisted::Saved(id) => id,
+        Persisted::Deferred { message_id, .. } => message_id,
     }
 }
 

@@ -14,9 +14,12 @@ use pingora::http::RequestHeader;
 
 use crate::app::state::{Active, Shared};
 use crate::core::agent2ui::{Mapped, StreamMapper};
+use crate::core::chat::{ChatBody, RuntimeRequest};
+use crate::core::identity::Caller;
 use crate::core::sse::{SseError, SseParser};
 use crate::core::stats::Outcome;
 use crate::core::stream::{self, End, Facts};
+use crate::runtime::bridge::Credentials;
 
 /// What one shadow execution did.
 #[derive(Debug, Clone, PartialEq)]
@@ -35,17 +38,28 @@ impl Drop for Slot {
     }
 }
 
-/// The org a runtime request body is for.
-fn org_of(body: &[u8]) -> Option<String> {
-    #[derive(serde::Deserialize)]
-    struct Org {
-        org_id: String,
-    }
-    serde_json::from_slice::<Org>(body).ok().map(|o| o.org_id)
+/// What a shadow copy sends the runtime.
+pub enum Source {
+    /// The bridge is off: the runtime request as built.
+    Ready(Bytes),
+    /// The bridge is on: the conversation is read from legacy on the copy's own task, so the
+    /// client's legacy stream never waits for it. A copy only reads: it never saves a message
+    /// nor creates a session (a `/chat/start` copy runs under a session id of its own making).
+    Bridged(Box<Reading>),
 }
 
-/// Start a shadow copy of a direct_llm chat, `body` being the runtime request built from it,
-/// unless the concurrency bound is reached (counted as `skipped`). Returns whether it started.
+/// What a bridged copy reads its conversation with.
+pub struct Reading {
+    pub who: Credentials,
+    pub caller: Caller,
+    pub chat: ChatBody,
+    /// `Some(agentId)` for `/chat/start`; otherwise the session's agent is looked up.
+    pub start_agent: Option<String>,
+}
+
+/// Start a shadow copy of `org`'s direct_llm chat, unless the concurrency bound is reached
+/// (counted as `skipped`; so is a copy whose conversation the bridge could not read). Returns
+/// whether it started.
 ///
 /// Orgs on `rollout.direct_orgs` are never copied: the denylist wins over everything, and an org
 /// kept off the runtime (by contract, data residency, a known incompatibility) must not have its
@@ -54,12 +68,12 @@ pub fn spawn(
     shared: &Arc<Shared>,
     active: Arc<Active>,
     downstream: RequestHeader,
+    org: &str,
     session_id: String,
-    body: Bytes,
+    source: Source,
 ) -> bool {
     let metrics = shared.metrics;
-    let denylisted =
-        org_of(&body).is_none_or(|org| active.config.rollout.direct_orgs.contains(&org));
+    let denylisted = active.config.rollout.direct_orgs.iter().any(|o| o == org);
     if denylisted || shared.is_draining() {
         return false;
     }
@@ -78,6 +92,15 @@ pub fn spawn(
     let shared = shared.clone();
     tokio::spawn(async move {
         let started = Instant::now();
+        let Some(body) = runtime_body(&shared, &active, &session_id, source).await else {
+            drop(slot);
+            shared
+                .metrics
+                .shadow_total
+                .with_label_values(&["skipped"])
+                .inc();
+            return;
+        };
         let report = run(&shared, &active, &downstream, &session_id, body, started).await;
         drop(slot);
         let label = report.outcome.as_str();
@@ -94,6 +117,39 @@ pub fn spawn(
         );
     });
     true
+}
+
+/// The runtime request of a copy; `None` when the bridge could not read the conversation.
+async fn runtime_body(
+    shared: &Shared,
+    active: &Active,
+    session_id: &str,
+    source: Source,
+) -> Option<Bytes> {
+    let Reading {
+        who,
+        caller,
+        chat,
+        start_agent,
+    } = match source {
+        Source::Ready(body) => return Some(body),
+        Source::Bridged(reading) => *reading,
+    };
+    let target = &active.bridge;
+    let looked = match &start_agent {
+        Some(agent) => shared.bridge.lookup_start(target, &who, agent).await,
+        None => shared.bridge.lookup_session(target, &who, session_id).await,
+    };
+    match looked {
+        Ok(conversation) => {
+            let request = RuntimeRequest::bridged(session_id, &caller, &chat, &conversation);
+            Some(Bytes::from(request.to_bytes()))
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "shadow copy skipped: the bridge could not read the conversation");
+            None
+        }
+    }
 }
 
 async fn run(
@@ -148,7 +204,7 @@ async fn run(
             sink.clear();
             match mapper.map(ev, &mut sink) {
                 Mapped::Message(_) | Mapped::Heartbeat => count += 1,
-                Mapped::Done => {
+                Mapped::Complete(_) => {
                     count += 1;
                     completed = true;
                 }
@@ -184,22 +240,5 @@ async fn run(
         // end it sees is the runtime's doing.
         outcome: verdict.outcome.unwrap_or(Outcome::Error),
         events: count,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_org_is_read_from_the_runtime_request() {
-        let caller = crate::core::identity::Caller {
-            org_id: "org-d".into(),
-            user_id: None,
-        };
-        let chat = crate::core::chat::parse_chat_body(br#"{"message":"hi"}"#).unwrap();
-        let body = crate::core::chat::runtime_request_body("s", &caller, &chat);
-        assert_eq!(org_of(&body).as_deref(), Some("org-d"));
-        assert_eq!(org_of(b"not json"), None);
     }
 }

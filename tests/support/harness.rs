@@ -42,7 +42,13 @@ pub fn now() -> u64 {
         .as_secs()
 }
 
-/// A config for tests: short timeouts, org-a on the allowlist, secrets from test env vars.
+/// The test config's bridge and agent: tests that are not about the conversation bridge run
+/// against echo legacies without its routes, so it is off, and the runtime gets this agent.
+pub const TEST_AGENT: &str = "agent-test";
+pub const BRIDGE_OFF_TOML: &str = "[bridge]\nenabled = false\n";
+
+/// A config for tests: short timeouts, org-a on the allowlist, secrets from test env vars, the
+/// bridge off (`BRIDGE_OFF_TOML`) and `runtime.default_agent_id = TEST_AGENT`.
 pub fn config(legacy: &str, runtime: &str) -> Config {
     let text = format!(
         r#"
@@ -55,6 +61,7 @@ address = "{runtime}"
 execution_timeout_ms = 5000
 health_interval_ms = 200
 connect_timeout_ms = 500
+default_agent_id = "{TEST_AGENT}"
 [rollout]
 runtime_orgs = ["org-a"]
 [identity]
@@ -63,7 +70,7 @@ jwt_secret_env = "{JWT_ENV}"
 open_secs = 1
 [admin]
 token_env = "{ADMIN_ENV}"
-"#
+{BRIDGE_OFF_TOML}"#
     );
     Config::parse(&text).unwrap()
 }
