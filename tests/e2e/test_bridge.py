@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 import uuid
 
+import httpx
 import pytest
 
 import runtime_app
@@ -76,6 +77,14 @@ def test_session_chat_reads_agent_and_history_and_saves_both_messages(make_proxy
     assert body["metadata"]["parent_message_id"] == "msg-parent-1"
     assert "authorization" not in received[0]["headers"]
 
+    # Every bridge call (before the test's own reads below) carried the caller's own token and request id, and said what it is.
+    calls = legacy.bridge_calls(id_=session_id)
+    assert {c["route"] for c in calls} >= {"get_session", "get_messages", "post_message"}, calls
+    for c in calls:
+        assert c["headers"].get("authorization") == f"Bearer {token}", c
+        assert c["headers"].get("x-cutover-bridge") == "1", c
+        assert c["headers"].get("x-request-id") == "req-bridge-1", c
+
     # Legacy now lists both messages after the earlier ones; done names the saved answer.
     stored = legacy.messages(session_id, "org-a")
     assert roles_and_contents(stored) == roles_and_contents(earlier) + [
@@ -89,13 +98,6 @@ def test_session_chat_reads_agent_and_history_and_saves_both_messages(make_proxy
     assert done["sessionId"] == session_id
     assert set(done["usage"]) == {"tokens", "latencyMs"}, done
 
-    # Every bridge call carried the caller's own token and request id, and said what it is.
-    calls = legacy.bridge_calls(id_=session_id)
-    assert {c["route"] for c in calls} >= {"get_session", "get_messages", "post_message"}, calls
-    for c in calls:
-        assert c["headers"].get("authorization") == f"Bearer {token}", c
-        assert c["headers"].get("x-cutover-bridge") == "1", c
-        assert c["headers"].get("x-request-id") == "req-bridge-1", c
     assert legacy.received_for(f"/api/v1/chat/sessions/{session_id}") == [], "legacy's chat route was not used"
 
     # The next chat's history holds the first exchange (the last history_limit = 3 messages).
@@ -205,11 +207,14 @@ def test_failing_legacy_routes_go_to_legacy_as_unavailable(make_proxy, legacy, r
                what=f"the {metric_route} lookup counted as unavailable")
 
 
-def test_without_the_bridge_and_an_agent_id_the_runtime_refuses_and_legacy_answers(make_proxy, legacy, runtime):
+def test_without_the_bridge_or_an_agent_id_legacy_answers(make_proxy, legacy, runtime):
+    # The real runtime refuses a request without agent_id (422), so the proxy does not ask it.
+    r = httpx.post(runtime.base + "/api/v1/execute/stream", json={"session_id": "x", "user_message": "hi"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "agent_id"], r.text
+
     proxy = make_proxy(overrides={"runtime": {"default_agent_id": ""}})
     s = proxy.run_chat("org-a", "hello")
     assert s.headers.get("x-execution-mode") == "direct_llm", s.headers
-    assert s.headers.get("x-execution-reason") == "failover"
+    assert s.headers.get("x-execution-reason") == "no_agent"
     assert s.raw == legacy_stream(s.session_id, "hello")
-    received = runtime.received_for(s.session_id)
-    assert len(received) == 1 and "agent_id" not in received[0]["body"], received
+    assert runtime.received_for(s.session_id) == []
