@@ -8,6 +8,8 @@ Subcommands:
   sse ...                            time to first event / total time of runtime streams
   idle-runtime --port P              runtime stand-in: first event, then holds every stream open
   idle-client ...                    opens N streams, waits for the first event on each, holds them
+  bridge-legacy --port P             legacy stand-in with the conversation bridge's routes
+  rtt --port P --path PATH           one legacy round trip: GETs on one keep-alive connection
   rss PID...                         VmRSS (KiB) summed over the given pids
   cputime PID...                     user+system CPU seconds of processes
   wrk URL --out F --case C ...       run `wrk --latency`, keep its output, print one JSON line
@@ -27,7 +29,9 @@ import signal
 import socket
 import statistics
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 # --------------------------------------------------------------------------------------------
 # small utilities
@@ -240,6 +244,7 @@ def sse_cmd(args):
     cpu = cputime(args.cpu_pid) - cpu0 if args.cpu_pid else None
     res = {
         "kind": args.kind,
+        "case": args.case,
         "threads": args.threads,
         "stream": args.stream,
         "count": args.count,
@@ -256,6 +261,132 @@ def sse_cmd(args):
           f"first event p50 {ms(pct(firsts, 50))} p99 {ms(pct(firsts, 99))}; "
           f"total p50 {ms(pct(totals, 50))} p99 {ms(pct(totals, 99))}"
           + (f"; proxy CPU {cpu:.2f} s" if cpu is not None else ""))
+
+
+# --------------------------------------------------------------------------------------------
+# conversation bridge: legacy stand-in and round-trip probe
+
+BRIDGE_HISTORY = 20  # messages a session keeps (so every measured chat reads the same history)
+
+
+class BridgeLegacy(BaseHTTPRequestHandler):
+    """The Chat API's bridge routes, answered from memory like a legacy API with a warm database:
+    one session (any id), its agent (config as a JSON string, as the source product stores it)
+    and a history capped at BRIDGE_HISTORY messages. A request without a bearer token gets 401;
+    the token is not verified (the proxy already did). Chat routes answer a short legacy stream."""
+
+    protocol_version = "HTTP/1.1"
+    # Headers and body in one write, without Nagle: otherwise delayed ACKs add ~40 ms per call.
+    disable_nagle_algorithm = True
+    lock = threading.Lock()
+    history = [{"id": f"m{i}", "role": "user" if i % 2 == 0 else "assistant",
+                "content": SENTENCES[i % len(SENTENCES)] * 3} for i in range(BRIDGE_HISTORY)]
+    counts = {}
+    next_id = 0
+
+    def log_message(self, *args):
+        pass
+
+    def answer(self, status, doc, content_type="application/json"):
+        body = doc if isinstance(doc, bytes) else json.dumps(doc, ensure_ascii=False).encode()
+        head = (f"HTTP/1.1 {status} {'OK' if status < 300 else 'Error'}\r\nContent-Type: {content_type}\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        self.wfile.write(head + body)
+
+    def count(self, route):
+        with self.lock:
+            BridgeLegacy.counts[route] = BridgeLegacy.counts.get(route, 0) + 1
+
+    def route(self):
+        path = self.path.split("?", 1)[0]
+        if path == "/control/counts":
+            return "control", None
+        if path.startswith("/api/v1/chat/"):
+            return "chat", None
+        if path.startswith("/api/v1/agents/"):
+            return "agent", path.rsplit("/", 1)[1]
+        if path.startswith("/api/v1/sessions/"):
+            rest = path[len("/api/v1/sessions/"):]
+            return ("messages", rest.split("/")[0]) if rest.endswith("/messages") else ("session", rest)
+        return None, None
+
+    def do_GET(self):
+        route, ident = self.route()
+        if route == "control":
+            with self.lock:
+                return self.answer(200, dict(BridgeLegacy.counts))
+        if not self.headers.get("authorization", "").startswith("Bearer "):
+            return self.answer(401, {"success": False, "error": {"code": "UNAUTHORIZED", "message": "no token"}})
+        self.count(route)
+        if route == "session":
+            return self.answer(200, {"success": True, "data": {"id": ident, "agentId": "agent-bench",
+                                                               "title": "bench"}})
+        if route == "agent":
+            config = json.dumps({"model": "bench-model", "temperature": 0.3, "maxTokens": 2048})
+            return self.answer(200, {"success": True, "data": {"id": ident, "name": "Bench",
+                                                               "systemPrompt": "You are a benchmark.",
+                                                               "config": config}})
+        if route == "messages":
+            with self.lock:
+                data = list(BridgeLegacy.history)
+            return self.answer(200, {"success": True, "data": data})
+        self.answer(404, {"success": False, "error": {"code": "NOT_FOUND", "message": self.path}})
+
+    def do_POST(self):
+        raw = self.rfile.read(int(self.headers.get("content-length") or 0))
+        route, _ = self.route()
+        if route == "chat":
+            body = (b"event: message\ndata: " + json.dumps({"id": "l1", "type": "text", "data": {"content": "legacy"},
+                                                          "timestamp": "2026-01-01T00:00:00.000Z"}).encode()
+                    + b"\n\nevent: done\ndata: {}\n\n")
+            return self.answer(200, body, "text/event-stream")
+        if not self.headers.get("authorization", "").startswith("Bearer "):
+            return self.answer(401, {"success": False, "error": {"code": "UNAUTHORIZED", "message": "no token"}})
+        if route != "messages":
+            return self.answer(404, {"success": False, "error": {"code": "NOT_FOUND", "message": self.path}})
+        self.count("save")
+        msg = json.loads(raw or b"{}")
+        with self.lock:
+            BridgeLegacy.next_id += 1
+            msg["id"] = f"saved-{BridgeLegacy.next_id}"
+            BridgeLegacy.history = (BridgeLegacy.history + [msg])[-BRIDGE_HISTORY:]
+        self.answer(201, {"success": True, "data": {"id": msg["id"]}})
+
+
+def bridge_legacy_cmd(args):
+    server = ThreadingHTTPServer(("127.0.0.1", args.port), BridgeLegacy)
+    server.daemon_threads = True
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    server.serve_forever()
+
+
+def rtt_cmd(args):
+    """GETs on one keep-alive connection, as the proxy's pooled bridge calls make them."""
+    token = make_jwt(args.org, "bench-user", os.environ[args.secret_env])
+    req = (f"GET {args.path} HTTP/1.1\r\nHost: 127.0.0.1:{args.port}\r\n"
+           f"Authorization: Bearer {token}\r\n\r\n").encode()
+    s = socket.create_connection(("127.0.0.1", args.port), timeout=10)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    times = []
+    for i in range(args.warmup + args.count):
+        t0 = time.perf_counter()
+        s.sendall(req)
+        buf = bytearray()
+        while True:
+            buf.extend(s.recv(1 << 16))
+            head_end = buf.find(b"\r\n\r\n")
+            if head_end < 0:
+                continue
+            m = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", bytes(buf[:head_end]))
+            if len(buf) >= head_end + 4 + int(m.group(1)):
+                break
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    s.close()
+    with open(args.out, "w") as f:
+        json.dump({"kind": "rtt", "path": args.path, "rtt_s": times}, f)
+    print(f"  legacy round trip {args.path}: p50 {pct(times, 50) * 1e3:.2f} ms, "
+          f"p99 {pct(times, 99) * 1e3:.2f} ms", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------------------------
@@ -482,7 +613,76 @@ def report_cmd(args):
     w("- Raw outputs (every wrk run, every stream timing) are kept in `bench/out/`.")
     w("")
 
+    header = lines
+    sections = {}
+
+    def section(n):
+        nonlocal lines, w
+        lines = sections[n] = []
+        w = lines.append
+
+    def have(name):
+        return os.path.exists(os.path.join(out, name))
+
     # ---- 1. passthrough
+    if have("passthrough.json"):
+        section(1)
+        report_passthrough(out, w)
+    if have("sse.json"):
+        section(2)
+        report_sse(out, w)
+    if have("idle.json"):
+        section(3)
+        report_idle(out, w)
+    if have("bridge.json"):
+        section(4)
+        report_bridge(out, w)
+    write_results(args.results, header, sections)
+
+
+def write_results(path, header, sections):
+    """Sections without data in this run keep their text from the existing results.md."""
+    old_header, old = [], {}
+    if os.path.exists(path):
+        current = old_header
+        for line in open(path).read().split("\n"):
+            m = re.match(r"^## (\d+)\. ", line)
+            if m:
+                current = old[int(m.group(1))] = []
+            elif line == "## Reproduce":
+                current = []
+            current.append(line)
+        while old_header and not old_header[-1]:
+            old_header.pop()
+        old_header.append("")
+    missing = [n for n in (1, 2, 3, 4) if n not in sections and n in old]
+    merged = []
+    for n in (1, 2, 3, 4):
+        body = sections.get(n) or old.get(n) or []
+        while body and not body[-1]:
+            body = body[:-1]
+        if body:
+            merged += body + [""]
+    lines = (old_header if missing and old_header else header) + merged
+    w = lines.append
+    w("## Reproduce")
+    w("")
+    w("```sh")
+    w("make bench                 # ~5 minutes: release build, all four sections, this file")
+    w("BENCH_QUICK=1 make bench   # ~1 minute smoke run (short runs, one round, 1k idle streams)")
+    w("BENCH_SECTIONS=4 bench/run.sh   # only section 4 (release build first); the others stay as they are here")
+    w("```")
+    w("")
+    w("Knobs (environment): `BENCH_SECTIONS`, `BENCH_ROUNDS`, `BENCH_DURATION`, `BENCH_CONNS`, "
+      "`BENCH_WRK_THREADS`, `BENCH_PROXY_THREADS` (space-separated list, one proxy per value), "
+      "`BENCH_SSE_STREAMS`, `BENCH_BRIDGE_STREAMS`, `BENCH_IDLE_N`, `BENCH_NGINX_AUTO`, "
+      "`CUTOVER_PROXY_BIN`. See the top of `bench/run.sh`.")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"wrote {path}" + (f" (sections {missing} kept from the earlier run)" if missing else ""))
+
+
+def report_passthrough(out, w):
     pt = json.load(open(os.path.join(out, "passthrough.json")))
     w("## 1. Non-chat passthrough (small JSON GET)")
     w("")
@@ -531,7 +731,8 @@ def report_cmd(args):
               f"({s['rps'] / n1['rps']:.2f}× req/s, {s['p99'] / n1['p99']:.2f}× p99).")
     w("")
 
-    # ---- 2. SSE
+
+def report_sse(out, w):
     sse = json.load(open(os.path.join(out, "sse.json")))
     w("## 2. SSE on the runtime path (10k-event runtime stream)")
     w("")
@@ -596,7 +797,8 @@ def report_cmd(args):
               "streams included).")
     w("")
 
-    # ---- 3. idle streams
+
+def report_idle(out, w):
     idle = json.load(open(os.path.join(out, "idle.json")))
     w("## 3. Idle SSE streams held open")
     w("")
@@ -639,19 +841,70 @@ def report_cmd(args):
               f"{mb:.0f} MB; extrapolated to 10,000 (RSS before + 10,000 × per stream) → "
               f"{est:.0f} MB: **{'met' if est <= 300 else 'not met'} (extrapolated)**.")
     w("")
-    w("## Reproduce")
+
+
+def report_bridge(out, w):
+    br = json.load(open(os.path.join(out, "bridge.json")))
+    w("## 4. The conversation bridge: time to first event, bridge off and on")
     w("")
-    w("```sh")
-    w("make bench                 # ~4 minutes: release build, all three sections, this file")
-    w("BENCH_QUICK=1 make bench   # ~1 minute smoke run (short runs, one round, 1k idle streams)")
-    w("```")
+    w(f"Measured by `{br['command']}` on {br['date']} (commit {br['commit']}, load average "
+      f"{br['loadavg']}). The short runtime stream of section 2 (nginx, 12 frames) through three "
+      "cutover-proxy instances (1 thread each) whose legacy is a Python stand-in with the "
+      "bridge's routes (`benchtool.py bridge-legacy`: session, agent with its config as a JSON "
+      "string, a 20-message history, message saves), chat route, allowlisted org, one stream at "
+      "a time on a fresh connection. *off*: `bridge.enabled = false` (the runtime owns its "
+      "conversations). *on*: the defaults (`cache_ttl_ms = 30000`): after the first chat the "
+      "session's agent id and the agent's config come from the cache, the history is read every "
+      "time. *no cache*: `cache_ttl_ms = 0`, every lookup asks legacy. The first event waits for "
+      "the lookups and for the user message's save at the commit point; the assistant message's "
+      "save happens before `done`, so it shows in the total. *legacy round trip*: one GET of the "
+      "session route on a keep-alive connection, as the proxy's pooled calls make it. "
+      f"{br['rounds']} round(s) × {br['per_round']} streams per case, interleaved; percentiles "
+      "over all streams.")
     w("")
-    w("Knobs (environment): `BENCH_ROUNDS`, `BENCH_DURATION`, `BENCH_CONNS`, `BENCH_WRK_THREADS`, "
-      "`BENCH_PROXY_THREADS` (space-separated list, one proxy per value), `BENCH_SSE_STREAMS`, "
-      "`BENCH_IDLE_N`, `BENCH_NGINX_AUTO`, `CUTOVER_PROXY_BIN`. See the top of `bench/run.sh`.")
-    with open(args.results, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print(f"wrote {args.results}")
+    w("| case | streams | legacy calls per chat | first event p50 | first event p99 | total p50 "
+      "| total p99 | first event p50 over off |")
+    w("|---|---:|---|---:|---:|---:|---:|---:|")
+    rtt = [x for r in br["runs"] if r.get("kind") == "rtt" for x in r["rtt_s"]]
+    calls = [r for r in br["runs"] if "before" in r]
+    agg = {}
+    for c in br["cases"]:
+        runs = [r for r in br["runs"] if r.get("kind") == "proxy" and r.get("case") == c["name"]]
+        f = [x for r in runs for x in r["first_event_s"]]
+        t = [x for r in runs for x in r["total_s"]]
+        if not f:
+            continue
+        per = {}
+        chats = 0
+        for r in calls:
+            if r["case"] != c["name"]:
+                continue
+            chats += br["per_round"] + br.get("warmup", 0)
+            for k, v in r["after"].items():
+                per[k] = per.get(k, 0) + v - r["before"].get(k, 0)
+        per_chat = ", ".join(f"{k} {v / chats:.2f}" for k, v in sorted(per.items()) if v) if chats else ""
+        agg[c["name"]] = a = {"f50": pct(f, 50), "f99": pct(f, 99), "t50": pct(t, 50),
+                              "t99": pct(t, 99), "n": len(f)}
+        off = agg.get("off")
+        over = "–" if c["name"] == "off" or not off else f"+{(a['f50'] - off['f50']) * 1e3:.2f} ms"
+        w(f"| {c['label']} | {a['n']} | {per_chat or '–'} | {fmt(a['f50'] * 1e3)} ms "
+          f"| {fmt(a['f99'] * 1e3)} ms | {fmt(a['t50'] * 1e3)} ms | {fmt(a['t99'] * 1e3)} ms | {over} |")
+    if rtt:
+        w(f"| legacy round trip (GET session, keep-alive) | {len(rtt)} | – | {fmt(pct(rtt, 50) * 1e3)} ms "
+          f"| {fmt(pct(rtt, 99) * 1e3)} ms | – | – | – |")
+    w("")
+    off, r50 = agg.get("off"), pct(rtt, 50) if rtt else None
+    for name, label in (("on", "cached lookups"), ("nocache", "no cache")):
+        a = agg.get(name)
+        if not (a and off and r50):
+            continue
+        extra = a["f50"] - off["f50"]
+        w(f"- Bridge on, {label}: first event +{extra * 1e3:.2f} ms at p50 over off = "
+          f"**{extra / r50:.2f} legacy round trips** (target ≤ 1 at p50 with the cache: "
+          + (f"**{'met' if extra <= r50 else 'not met'}**" if name == "on" else "for reference")
+          + f"); total +{(a['t50'] - off['t50']) * 1e3:.2f} ms at p50.")
+    w("")
+
 
 
 # --------------------------------------------------------------------------------------------
@@ -691,6 +944,7 @@ def main():
     s.add_argument("--timeout", type=float, default=30)
     s.add_argument("--cpu-pid", type=int)
     s.add_argument("--threads", type=int, help="worker threads of the proxy measured")
+    s.add_argument("--case", help="name of the case measured (section 4: bridge off / on)")
     s.add_argument("--out", required=True)
     s.set_defaults(fn=sse_cmd)
 
@@ -709,6 +963,20 @@ def main():
     s.add_argument("--hold", type=float, default=300, help="give up holding after this long")
     s.add_argument("--ready-file", required=True)
     s.set_defaults(fn=idle_client_cmd)
+
+    s = sub.add_parser("bridge-legacy")
+    s.add_argument("--port", type=int, required=True)
+    s.set_defaults(fn=bridge_legacy_cmd)
+
+    s = sub.add_parser("rtt")
+    s.add_argument("--port", type=int, required=True)
+    s.add_argument("--path", required=True)
+    s.add_argument("--org", default="org-bench")
+    s.add_argument("--secret-env", default="BENCH_JWT_SECRET")
+    s.add_argument("--count", type=int, default=300)
+    s.add_argument("--warmup", type=int, default=20)
+    s.add_argument("--out", required=True)
+    s.set_defaults(fn=rtt_cmd)
 
     s = sub.add_parser("rss")
     s.add_argument("pids", nargs="+", type=int)

@@ -6,9 +6,13 @@
 #   2. SSE on the runtime path: first event and total time of a 10k-event runtime stream,
 #      direct vs through the proxy (rewrite on), rewritten events per CPU-second
 #   3. N idle SSE streams held through the proxy (and nginx): RSS per stream
+#   4. the conversation bridge: first event with the bridge off, on (cached lookups) and on
+#      without the cache, against a legacy stand-in with the bridge's routes; one legacy round trip
 #
-# Usage: make bench          (release build, then this script; ~4 minutes)
+# Usage: make bench          (release build, then this script; ~5 minutes)
 #        BENCH_QUICK=1 make bench   (~1 minute smoke run)
+#        BENCH_SECTIONS=4 bench/run.sh   (only those sections; the others stay as they are in
+#                                         results.md)
 # Needs: nginx, wrk, python3 (stdlib only), curl — scripts/install-deps.sh bench installs them.
 set -euo pipefail
 
@@ -38,6 +42,9 @@ PROXY_THREADS=${BENCH_PROXY_THREADS:-1 2}     # one cutover-proxy per value, all
 SSE_THREADS=${BENCH_SSE_THREADS:-2}           # the proxy used for section 3 (section 2 runs each)
 UPSTREAM_WORKERS=${BENCH_UPSTREAM_WORKERS:-1}
 SSE_CHUNKS=${BENCH_SSE_CHUNKS:-10000}
+SECTIONS=${BENCH_SECTIONS:-1 2 3 4}
+BRIDGE_STREAMS=${BENCH_BRIDGE_STREAMS:-$((SSE_STREAMS * 2))}   # per case and round
+section() { case " $SECTIONS " in *" $1 "*) return 0;; esac; return 1; }
 if [ -n "${CUTOVER_PROXY_BIN:-}" ]; then
   PROXY_BIN=$CUTOVER_PROXY_BIN
 else
@@ -53,6 +60,8 @@ NGINX1_PORT=18070
 NGINXA_PORT=18071
 NGINX_IDLE_PORT=18072
 IDLE_PROXY_PORT=18200
+BRIDGE_LEGACY_PORT=18084   # python: the bridge's legacy routes
+BRIDGE_PROXY_PORT=18300    # section 4's proxies: +0 off, +10 on, +20 on without cache
 STREAM_PATH=/api/v1/execute/stream
 PT_PATH=/api/v1/bench/status
 CHAT_PATH=/api/v1/chat/sessions/bench-session
@@ -121,7 +130,8 @@ for tool in wrk python3 curl; do command -v $tool >/dev/null || die "$tool missi
 [ -x "$NGINX" ] || die "nginx missing (scripts/install-deps.sh bench)"
 [ -x "$PROXY_BIN" ] || die "$PROXY_BIN missing: run 'cargo build --release' (make bench does)"
 for p in $LEGACY_PORT $RUNTIME_PORT $IDLE_RUNTIME_PORT $NGINX1_PORT $NGINXA_PORT $NGINX_IDLE_PORT \
-         $IDLE_PROXY_PORT $((IDLE_PROXY_PORT + 1)) $((IDLE_PROXY_PORT + 2)); do
+         $IDLE_PROXY_PORT $((IDLE_PROXY_PORT + 1)) $((IDLE_PROXY_PORT + 2)) $BRIDGE_LEGACY_PORT \
+         $(seq $BRIDGE_PROXY_PORT $((BRIDGE_PROXY_PORT + 22))); do
   port_free "$p" || die "port $p is in use"
 done
 for t in $PROXY_THREADS; do
@@ -131,8 +141,23 @@ for t in $PROXY_THREADS; do
 done
 case " $PROXY_THREADS " in *" $SSE_THREADS "*) ;; *) die "BENCH_SSE_THREADS=$SSE_THREADS must be one of BENCH_PROXY_THREADS=($PROXY_THREADS)";; esac
 
-rm -rf "$OUT"
-mkdir -p "$OUT"/{logs,wrk,sse,idle,nginx/tmp,nginx/www,conf}
+# A run of some sections keeps the other sections' raw outputs (the report takes results.md's
+# text for sections it has no data for).
+if [ "$SECTIONS" = "1 2 3 4" ]; then
+  rm -rf "$OUT"
+else
+  for n in $SECTIONS; do
+    case $n in
+      1) rm -rf "$OUT/passthrough.json" "$OUT/passthrough.jsonl" "$OUT/wrk" ;;
+      2) rm -rf "$OUT/sse.json" "$OUT/sse" ;;
+      3) rm -rf "$OUT/idle.json" "$OUT/idle.jsonl" "$OUT/idle" ;;
+      4) rm -rf "$OUT/bridge.json" "$OUT/bridge" ;;
+      *) die "BENCH_SECTIONS: no section $n (1 2 3 4)" ;;
+    esac
+  done
+  rm -rf "$OUT/nginx" "$OUT/conf" "$OUT/logs"
+fi
+mkdir -p "$OUT"/{logs,wrk,sse,idle,bridge,nginx/tmp,nginx/www,conf}
 PREFIX=$OUT/nginx
 
 if [ -n "${MAKELEVEL:-}" ]; then
@@ -141,7 +166,7 @@ else
   COMMAND="bench/run.sh"
 fi
 [ "$QUICK" = 1 ] && COMMAND="BENCH_QUICK=1 $COMMAND"
-for v in BENCH_ROUNDS BENCH_DURATION BENCH_CONNS BENCH_WRK_THREADS BENCH_PROXY_THREADS \
+for v in BENCH_SECTIONS BENCH_BRIDGE_STREAMS BENCH_ROUNDS BENCH_DURATION BENCH_CONNS BENCH_WRK_THREADS BENCH_PROXY_THREADS \
          BENCH_SSE_THREADS BENCH_SSE_STREAMS BENCH_IDLE_N BENCH_NGINX_AUTO BENCH_UPSTREAM_WORKERS \
          BENCH_SSE_CHUNKS CUTOVER_PROXY_BIN; do
   [ -n "${!v:-}" ] && COMMAND="$v='${!v}' $COMMAND"
@@ -165,7 +190,8 @@ $TOOL collect "$OUT/meta.json" \
   --set "nginx=$("$NGINX" -v 2>&1 | sed 's/^nginx version: //')" \
   --set "wrk=wrk $(wrk --version 2>&1 | head -1 | awk '{print $2}')" \
   --set "python=$(python3 -c 'import platform;print(platform.python_version())')" \
-  --set "nofile=$NOFILE"
+  --set "nofile=$NOFILE" \
+  --set "sections=$SECTIONS"
 log "machine: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg); proxy: $PROXY_BIN; out: $OUT"
 
 # ---- upstreams -----------------------------------------------------------------------------
@@ -197,149 +223,204 @@ nginx_proxy() { # name workers port runtime_port
   wait_port "$port" 10 "$name"
 }
 
-cutover_proxy() { # name threads port runtime_port
-  local name=$1 threads=$2 port=$3 rport=$4
+cutover_proxy() { # name threads port runtime_port [legacy_port bridge_enabled bridge_cache_ttl_ms]
+  local name=$1 threads=$2 port=$3 rport=$4 lport=${5:-$LEGACY_PORT} bridge=${6:-false} ttl=${7:-30000}
   $TOOL render bench/proxy.toml.in "$OUT/conf/$name.toml" \
     "PROXY_PORT=$port" "ADMIN_PORT=$((port + 1))" "METRICS_PORT=$((port + 2))" \
-    "THREADS=$threads" "LEGACY_PORT=$LEGACY_PORT" "RUNTIME_PORT=$rport" "STREAM_PATH=$STREAM_PATH"
+    "THREADS=$threads" "LEGACY_PORT=$lport" "RUNTIME_PORT=$rport" "STREAM_PATH=$STREAM_PATH" \
+    "BRIDGE_ENABLED=$bridge" "BRIDGE_CACHE_TTL_MS=$ttl"
   "$PROXY_BIN" check --config "$OUT/conf/$name.toml" >/dev/null || die "$name config invalid"
   # SIGINT: Pingora's fast shutdown (SIGTERM would drain for grace_period_secs).
   start "$name" INT "$PROXY_BIN" --config "$OUT/conf/$name.toml"
   wait_port "$port" 20 "$name"
 }
 
-# ---- 1. passthrough ------------------------------------------------------------------------
-log "section 1: passthrough (wrk -t$WRK_THREADS -c$CONNS -d$DURATION, $ROUNDS round(s))"
-CASES=("direct=direct (client → upstream)")
-declare -A CASE_PORT=([direct]=$LEGACY_PORT)
-nginx_proxy nginx-1w 1 $NGINX1_PORT $RUNTIME_PORT
-CASES+=("nginx-1w=nginx, 1 worker"); CASE_PORT[nginx-1w]=$NGINX1_PORT
-if [ "$NGINX_AUTO" = 1 ]; then
-  nginx_proxy nginx-auto auto $NGINXA_PORT $RUNTIME_PORT
-  CASES+=("nginx-auto=nginx, auto workers ($(nproc))"); CASE_PORT[nginx-auto]=$NGINXA_PORT
+# Sections 1 and 2 measure the same proxies (bridge off: the stream path alone).
+if section 1 || section 2; then
+  for t in $PROXY_THREADS; do
+    cutover_proxy "proxy-t$t" "$t" "$(proxy_port "$t")" $RUNTIME_PORT
+  done
 fi
-for t in $PROXY_THREADS; do
-  cutover_proxy "proxy-t$t" "$t" "$(proxy_port "$t")" $RUNTIME_PORT
-  CASES+=("proxy-t$t=cutover-proxy, threads = $t"); CASE_PORT[proxy-t$t]=$(proxy_port "$t")
-done
 
-# Sanity: every path answers the canned body with 200.
-for c in "${CASES[@]}"; do
-  name=${c%%=*}
-  got=$(curl -s -o /dev/null -w '%{http_code} %{size_download}' "http://127.0.0.1:${CASE_PORT[$name]}$PT_PATH")
-  [ "$got" = "200 $JSON_BYTES" ] || die "$name: GET $PT_PATH answered '$got', expected '200 $JSON_BYTES'"
-done
-# Whose CPU time is counted per case: the tier under test (for direct, the upstream itself).
-declare -A CASE_PIDS=()
-CASE_PIDS[direct]="${PIDS[upstream]} $(children_of "${PIDS[upstream]}")"
-for c in "${CASES[@]}"; do
-  name=${c%%=*}
-  case $name in
-    nginx-*) CASE_PIDS[$name]="${PIDS[$name]} $(children_of "${PIDS[$name]}")" ;;
-    proxy-*) CASE_PIDS[$name]=${PIDS[$name]} ;;
-  esac
-done
+# ---- 1. passthrough ------------------------------------------------------------------------
+if section 1; then
+  log "section 1: passthrough (wrk -t$WRK_THREADS -c$CONNS -d$DURATION, $ROUNDS round(s))"
+  CASES=("direct=direct (client → upstream)")
+  declare -A CASE_PORT=([direct]=$LEGACY_PORT)
+  nginx_proxy nginx-1w 1 $NGINX1_PORT $RUNTIME_PORT
+  CASES+=("nginx-1w=nginx, 1 worker"); CASE_PORT[nginx-1w]=$NGINX1_PORT
+  if [ "$NGINX_AUTO" = 1 ]; then
+    nginx_proxy nginx-auto auto $NGINXA_PORT $RUNTIME_PORT
+    CASES+=("nginx-auto=nginx, auto workers ($(nproc))"); CASE_PORT[nginx-auto]=$NGINXA_PORT
+  fi
+  for t in $PROXY_THREADS; do
+    CASES+=("proxy-t$t=cutover-proxy, threads = $t"); CASE_PORT[proxy-t$t]=$(proxy_port "$t")
+  done
 
-# Warm-up: fill keep-alive pools and caches, not recorded.
-for c in "${CASES[@]}"; do
-  name=${c%%=*}
-  wrk -t"$WRK_THREADS" -c"$CONNS" -d1s "http://127.0.0.1:${CASE_PORT[$name]}$PT_PATH" >/dev/null
-done
-: >"$OUT/passthrough.jsonl"
-for r in $(seq 1 "$ROUNDS"); do
+  # Sanity: every path answers the canned body with 200.
   for c in "${CASES[@]}"; do
     name=${c%%=*}
-    # shellcheck disable=SC2086 # pid lists
-    $TOOL wrk "http://127.0.0.1:${CASE_PORT[$name]}$PT_PATH" --out "$OUT/wrk/$name-r$r.txt" \
-      --case "$name" --round "$r" --threads "$WRK_THREADS" --connections "$CONNS" \
-      --duration "$DURATION" --pids ${CASE_PIDS[$name]} >>"$OUT/passthrough.jsonl"
+    got=$(curl -s -o /dev/null -w '%{http_code} %{size_download}' "http://127.0.0.1:${CASE_PORT[$name]}$PT_PATH")
+    [ "$got" = "200 $JSON_BYTES" ] || die "$name: GET $PT_PATH answered '$got', expected '200 $JSON_BYTES'"
   done
-done
-case_args=()
-for c in "${CASES[@]}"; do case_args+=(--case "$c"); done
-$TOOL collect "$OUT/passthrough.json" --jsonl "$OUT/passthrough.jsonl" "${case_args[@]}" \
-  --set "rounds=$ROUNDS" --set "duration=$DURATION" --set "connections=$CONNS" \
-  --set "wrk_threads=$WRK_THREADS" --set "body_bytes=$JSON_BYTES" \
-  --set "upstream_workers=$UPSTREAM_WORKERS"
+  # Whose CPU time is counted per case: the tier under test (for direct, the upstream itself).
+  declare -A CASE_PIDS=()
+  CASE_PIDS[direct]="${PIDS[upstream]} $(children_of "${PIDS[upstream]}")"
+  for c in "${CASES[@]}"; do
+    name=${c%%=*}
+    case $name in
+      nginx-*) CASE_PIDS[$name]="${PIDS[$name]} $(children_of "${PIDS[$name]}")" ;;
+      proxy-*) CASE_PIDS[$name]=${PIDS[$name]} ;;
+    esac
+  done
 
-# ---- 2. SSE on the runtime path ------------------------------------------------------------
-log "section 2: SSE, ${SSE_CHUNKS}-chunk runtime stream ($SSE_BYTES bytes), $ROUNDS × $SSE_STREAMS streams per case"
-for r in $(seq 1 "$ROUNDS"); do
-  # The long stream is the measurement; the short one (12 frames) shows the fixed per-request
-  # part of the first-event time, without the first read's worth of frames to rewrite.
-  for stream in long short; do
-    $TOOL sse --kind direct --stream $stream --port $RUNTIME_PORT --path $STREAM_PATH \
-      --count "$SSE_STREAMS" --out "$OUT/sse/direct-$stream-r$r.json" >&2
-    for t in $PROXY_THREADS; do
-      $TOOL sse --kind proxy --threads "$t" --stream $stream --port "$(proxy_port "$t")" \
-        --path $CHAT_PATH --org org-bench --cpu-pid "${PIDS[proxy-t$t]}" --count "$SSE_STREAMS" \
-        --out "$OUT/sse/proxy-t$t-$stream-r$r.json" >&2
+  # Warm-up: fill keep-alive pools and caches, not recorded.
+  for c in "${CASES[@]}"; do
+    name=${c%%=*}
+    wrk -t"$WRK_THREADS" -c"$CONNS" -d1s "http://127.0.0.1:${CASE_PORT[$name]}$PT_PATH" >/dev/null
+  done
+  : >"$OUT/passthrough.jsonl"
+  for r in $(seq 1 "$ROUNDS"); do
+    for c in "${CASES[@]}"; do
+      name=${c%%=*}
+      # shellcheck disable=SC2086 # pid lists
+      $TOOL wrk "http://127.0.0.1:${CASE_PORT[$name]}$PT_PATH" --out "$OUT/wrk/$name-r$r.txt" \
+        --case "$name" --round "$r" --threads "$WRK_THREADS" --connections "$CONNS" \
+        --duration "$DURATION" --pids ${CASE_PIDS[$name]} >>"$OUT/passthrough.jsonl"
     done
   done
-done
-sse_files=()
-for f in "$OUT"/sse/*.json; do sse_files+=(--json "$f"); done
-$TOOL collect "$OUT/sse.json" "${sse_files[@]}" \
-  --set "rounds=$ROUNDS" --set "per_round=$SSE_STREAMS" \
-  --set "chunks=$SSE_CHUNKS" --set "runtime_frames=$((SSE_CHUNKS + 2))" --set "stream_bytes=$SSE_BYTES"
+  case_args=()
+  for c in "${CASES[@]}"; do case_args+=(--case "$c"); done
+  $TOOL collect "$OUT/passthrough.json" --jsonl "$OUT/passthrough.jsonl" "${case_args[@]}" \
+    --set "rounds=$ROUNDS" --set "duration=$DURATION" --set "connections=$CONNS" \
+    --set "wrk_threads=$WRK_THREADS" --set "body_bytes=$JSON_BYTES" \
+    --set "upstream_workers=$UPSTREAM_WORKERS"
+fi
+
+# ---- 2. SSE on the runtime path ------------------------------------------------------------
+if section 2; then
+  log "section 2: SSE, ${SSE_CHUNKS}-chunk runtime stream ($SSE_BYTES bytes), $ROUNDS × $SSE_STREAMS streams per case"
+  for r in $(seq 1 "$ROUNDS"); do
+    # The long stream is the measurement; the short one (12 frames) shows the fixed per-request
+    # part of the first-event time, without the first read's worth of frames to rewrite.
+    for stream in long short; do
+      $TOOL sse --kind direct --stream $stream --port $RUNTIME_PORT --path $STREAM_PATH \
+        --count "$SSE_STREAMS" --out "$OUT/sse/direct-$stream-r$r.json" >&2
+      for t in $PROXY_THREADS; do
+        $TOOL sse --kind proxy --threads "$t" --stream $stream --port "$(proxy_port "$t")" \
+          --path $CHAT_PATH --org org-bench --cpu-pid "${PIDS[proxy-t$t]}" --count "$SSE_STREAMS" \
+          --out "$OUT/sse/proxy-t$t-$stream-r$r.json" >&2
+      done
+    done
+  done
+  sse_files=()
+  for f in "$OUT"/sse/*.json; do sse_files+=(--json "$f"); done
+  $TOOL collect "$OUT/sse.json" "${sse_files[@]}" \
+    --set "rounds=$ROUNDS" --set "per_round=$SSE_STREAMS" \
+    --set "chunks=$SSE_CHUNKS" --set "runtime_frames=$((SSE_CHUNKS + 2))" --set "stream_bytes=$SSE_BYTES"
+fi
 
 # Sections 1 and 2 are done: stop their proxies.
 for t in $PROXY_THREADS; do stop "proxy-t$t"; done
 stop nginx-1w; stop nginx-auto
 
 # ---- 3. idle streams -----------------------------------------------------------------------
-# Each stream holds two descriptors in the proxy (client + runtime connection).
-MAX_STREAMS=$(((NOFILE - 200) / 2))
-log "section 3: idle streams (N = $IDLE_N; open-files limit $NOFILE → at most $MAX_STREAMS per process)"
-NOTE=""
-: >"$OUT/idle.jsonl"
+if section 3; then
+  # Each stream holds two descriptors in the proxy (client + runtime connection).
+  MAX_STREAMS=$(((NOFILE - 200) / 2))
+  log "section 3: idle streams (N = $IDLE_N; open-files limit $NOFILE → at most $MAX_STREAMS per process)"
+  NOTE=""
+  : >"$OUT/idle.jsonl"
 
-idle_run() { # case n
-  local case=$1 want=$2 n=$2 pid pids before after ready="$OUT/idle/$1-$2.ready" waited
-  if [ "$n" -gt "$MAX_STREAMS" ]; then
-    n=$MAX_STREAMS
-    NOTE="$want streams requested, $n opened: the open-files limit here is $NOFILE (hard), and each proxied stream needs two descriptors. Raise \`ulimit -Hn\` to measure exactly $want."
-  fi
-  start idle-runtime TERM python3 bench/benchtool.py idle-runtime --port $IDLE_RUNTIME_PORT
-  wait_port $IDLE_RUNTIME_PORT 10 idle-runtime
-  if [ "$case" = proxy ]; then
-    cutover_proxy idle-proxy "$SSE_THREADS" $IDLE_PROXY_PORT $IDLE_RUNTIME_PORT
-    pid=${PIDS[idle-proxy]}; pids=$pid; port=$IDLE_PROXY_PORT; path=$CHAT_PATH
-  else
-    nginx_proxy nginx-idle 1 $NGINX_IDLE_PORT $IDLE_RUNTIME_PORT
-    pid=${PIDS[nginx-idle]}; port=$NGINX_IDLE_PORT; path=$CHAT_PATH
-  fi
-  # A few streams first, so that one-off allocations (runtime threads, pools, lazily built
-  # state) count in the baseline rather than per stream.
-  $TOOL idle-client --port "$port" --path "$path" --org org-bench --n 20 --hold 0 \
-    --ready-file "$OUT/idle/$case-$want.warm" >/dev/null
-  sleep 1
-  [ "$case" = proxy ] || pids="$pid $(children_of "$pid")"   # nginx: master + worker
-  before=$($TOOL rss $pids)
-  start idle-client TERM python3 bench/benchtool.py idle-client --port "$port" --path "$path" \
-    --org org-bench --n "$n" --hold 600 --timeout 60 --ready-file "$ready"
-  waited=0
-  while [ ! -s "$ready" ]; do
-    sleep 0.2; waited=$((waited + 1))
-    [ $waited -lt 900 ] || die "idle client: $n streams not established after 180 s"
-    kill -0 "${PIDS[idle-client]}" 2>/dev/null || { cat "$OUT/logs/idle-client.log" >&2; die "idle client died"; }
+  idle_run() { # case n
+    local case=$1 want=$2 n=$2 pid pids before after ready="$OUT/idle/$1-$2.ready" waited
+    if [ "$n" -gt "$MAX_STREAMS" ]; then
+      n=$MAX_STREAMS
+      NOTE="$want streams requested, $n opened: the open-files limit here is $NOFILE (hard), and each proxied stream needs two descriptors. Raise \`ulimit -Hn\` to measure exactly $want."
+    fi
+    start idle-runtime TERM python3 bench/benchtool.py idle-runtime --port $IDLE_RUNTIME_PORT
+    wait_port $IDLE_RUNTIME_PORT 10 idle-runtime
+    if [ "$case" = proxy ]; then
+      cutover_proxy idle-proxy "$SSE_THREADS" $IDLE_PROXY_PORT $IDLE_RUNTIME_PORT
+      pid=${PIDS[idle-proxy]}; pids=$pid; port=$IDLE_PROXY_PORT; path=$CHAT_PATH
+    else
+      nginx_proxy nginx-idle 1 $NGINX_IDLE_PORT $IDLE_RUNTIME_PORT
+      pid=${PIDS[nginx-idle]}; port=$NGINX_IDLE_PORT; path=$CHAT_PATH
+    fi
+    # A few streams first, so that one-off allocations (runtime threads, pools, lazily built
+    # state) count in the baseline rather than per stream.
+    $TOOL idle-client --port "$port" --path "$path" --org org-bench --n 20 --hold 0 \
+      --ready-file "$OUT/idle/$case-$want.warm" >/dev/null
+    sleep 1
+    [ "$case" = proxy ] || pids="$pid $(children_of "$pid")"   # nginx: master + worker
+    before=$($TOOL rss $pids)
+    start idle-client TERM python3 bench/benchtool.py idle-client --port "$port" --path "$path" \
+      --org org-bench --n "$n" --hold 600 --timeout 60 --ready-file "$ready"
+    waited=0
+    while [ ! -s "$ready" ]; do
+      sleep 0.2; waited=$((waited + 1))
+      [ $waited -lt 900 ] || die "idle client: $n streams not established after 180 s"
+      kill -0 "${PIDS[idle-client]}" 2>/dev/null || { cat "$OUT/logs/idle-client.log" >&2; die "idle client died"; }
+    done
+    sleep 1   # let the proxy settle (relay tasks parked, buffers at steady state)
+    after=$($TOOL rss $pids)
+    [ "$case" = proxy ] && curl -s "http://127.0.0.1:$((IDLE_PROXY_PORT + 2))/metrics" \
+      >"$OUT/idle/$case-$want.metrics" || true
+    $TOOL idle-record "$ready" "$case" "$want" "$before" "$after" >>"$OUT/idle.jsonl"
+    stop idle-client
+    if [ "$case" = proxy ]; then stop idle-proxy; else stop nginx-idle; fi
+    stop idle-runtime
+  }
+
+  for n in $IDLE_N; do
+    idle_run proxy "$n"
+    idle_run nginx-1w "$n"
   done
-  sleep 1   # let the proxy settle (relay tasks parked, buffers at steady state)
-  after=$($TOOL rss $pids)
-  [ "$case" = proxy ] && curl -s "http://127.0.0.1:$((IDLE_PROXY_PORT + 2))/metrics" \
-    >"$OUT/idle/$case-$want.metrics" || true
-  $TOOL idle-record "$ready" "$case" "$want" "$before" "$after" >>"$OUT/idle.jsonl"
-  stop idle-client
-  if [ "$case" = proxy ]; then stop idle-proxy; else stop nginx-idle; fi
-  stop idle-runtime
-}
+  $TOOL collect "$OUT/idle.json" --jsonl "$OUT/idle.jsonl" --set "threads=$SSE_THREADS" \
+    --set "nofile=$NOFILE" --set "note=$NOTE"
+fi
 
-for n in $IDLE_N; do
-  idle_run proxy "$n"
-  idle_run nginx-1w "$n"
-done
-$TOOL collect "$OUT/idle.json" --jsonl "$OUT/idle.jsonl" --set "threads=$SSE_THREADS" \
-  --set "nofile=$NOFILE" --set "note=$NOTE"
+# ---- 4. the conversation bridge ------------------------------------------------------------
+# The same short runtime stream, through three proxies whose legacy is a stand-in with the
+# bridge's routes: bridge off (the runtime owns its conversations), on (session and agent
+# cached after the first chat, as in steady traffic on one session), on with no cache (every
+# lookup asks legacy). One legacy round trip is measured on its own, on a keep-alive connection
+# like the proxy's pooled ones: the bridge's cost reads in round trips.
+if section 4; then
+  log "section 4: bridge off / on / on without cache, $ROUNDS × $BRIDGE_STREAMS short streams per case"
+  start bridge-legacy TERM python3 bench/benchtool.py bridge-legacy --port $BRIDGE_LEGACY_PORT
+  wait_port $BRIDGE_LEGACY_PORT 10 bridge-legacy
+  BRIDGE_CASES=("off=bridge off" "on=bridge on (session, agent cached)" "nocache=bridge on, no cache")
+  declare -A BRIDGE_PORT=([off]=$BRIDGE_PROXY_PORT [on]=$((BRIDGE_PROXY_PORT + 10)) [nocache]=$((BRIDGE_PROXY_PORT + 20)))
+  cutover_proxy bridge-off 1 "${BRIDGE_PORT[off]}" $RUNTIME_PORT $BRIDGE_LEGACY_PORT false 30000
+  cutover_proxy bridge-on 1 "${BRIDGE_PORT[on]}" $RUNTIME_PORT $BRIDGE_LEGACY_PORT true 30000
+  cutover_proxy bridge-nocache 1 "${BRIDGE_PORT[nocache]}" $RUNTIME_PORT $BRIDGE_LEGACY_PORT true 0
+  for r in $(seq 1 "$ROUNDS"); do
+    $TOOL rtt --port $BRIDGE_LEGACY_PORT --path /api/v1/sessions/bench-session \
+      --count "$BRIDGE_STREAMS" --out "$OUT/bridge/rtt-r$r.json"
+    for c in "${BRIDGE_CASES[@]}"; do
+      name=${c%%=*}
+      before=$(curl -s "http://127.0.0.1:$BRIDGE_LEGACY_PORT/control/counts")
+      $TOOL sse --kind proxy --case "$name" --threads 1 --stream short --port "${BRIDGE_PORT[$name]}" \
+        --path $CHAT_PATH --org org-bench --count "$BRIDGE_STREAMS" \
+        --out "$OUT/bridge/$name-r$r.json" >&2
+      after=$(curl -s "http://127.0.0.1:$BRIDGE_LEGACY_PORT/control/counts")
+      printf '{"case":"%s","round":%s,"before":%s,"after":%s}\n' "$name" "$r" "$before" "$after" \
+        >>"$OUT/bridge/calls.jsonl"
+    done
+  done
+  curl -s "http://127.0.0.1:$((BRIDGE_PORT[on] + 2))/metrics" >"$OUT/bridge/on.metrics" || true
+  bridge_files=()
+  for f in "$OUT"/bridge/*-r*.json; do bridge_files+=(--json "$f"); done
+  case_args=()
+  for c in "${BRIDGE_CASES[@]}"; do case_args+=(--case "$c"); done
+  $TOOL collect "$OUT/bridge.json" "${bridge_files[@]}" --jsonl "$OUT/bridge/calls.jsonl" \
+    "${case_args[@]}" --set "rounds=$ROUNDS" --set "per_round=$BRIDGE_STREAMS" \
+    --set "warmup=2" --set "date=$(date -u '+%Y-%m-%d %H:%M UTC')" \
+    --set "commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" \
+    --set "loadavg=$(cut -d' ' -f1-3 /proc/loadavg)" --set "command=$COMMAND"
+  stop bridge-off; stop bridge-on; stop bridge-nocache; stop bridge-legacy
+fi
 
 stop upstream
 $TOOL report "$OUT" bench/results.md

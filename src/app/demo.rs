@@ -1,16 +1,20 @@
 //! `cutover-proxy demo`: local stand-ins for both upstreams, and the proxy in front of them, so a
 //! newcomer can see both modes with curl.
 //!
-//! The legacy stand-in streams an Agent2UI answer the way the Chat API does; the runtime stand-in
-//! streams runtime events the way sse-starlette does (CRLF separators, `: ping` comments).
+//! The legacy stand-in streams an Agent2UI answer the way the Chat API does and keeps sessions,
+//! agents and messages in memory behind the routes the conversation bridge uses; the runtime
+//! stand-in requires `agent_id`, as the real one does, and streams runtime events the way
+//! sse-starlette does (CRLF separators, `: ping` comments).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use jsonwebtoken::{encode, EncodingKey, Header};
-use serde_json::json;
+use jsonwebtoken::{decode, encode, DecodingKey, EncodingKey, Header, Validation};
+use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -19,10 +23,11 @@ use crate::core::config::Config;
 const DEMO_JWT_SECRET: &str = "demo-jwt-secret";
 const DEMO_ADMIN_TOKEN: &str = "demo-admin-token";
 
-/// A parsed request: method, path and body.
+/// A parsed request: method, path, the `Authorization` header and body.
 struct Request {
     method: String,
     path: String,
+    authorization: Option<String>,
     body: Vec<u8>,
 }
 
@@ -45,11 +50,20 @@ async fn read_request(stream: &mut TcpStream) -> Option<Request> {
     let mut first = lines.next()?.split(' ');
     let method = first.next()?.to_string();
     let path = first.next()?.to_string();
-    let length = lines
+    let headers: Vec<(&str, &str)> = lines
         .filter_map(|l| l.split_once(':'))
-        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
-        .and_then(|(_, v)| v.trim().parse::<usize>().ok())
+        .map(|(k, v)| (k.trim(), v.trim()))
+        .collect();
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.to_string())
+    };
+    let length = header("content-length")
+        .and_then(|v| v.parse::<usize>().ok())
         .unwrap_or(0);
+    let authorization = header("authorization");
     let mut body = buf[head_end..].to_vec();
     while body.len() < length {
         let n = stream.read(&mut chunk).await.ok()?;
@@ -58,7 +72,12 @@ async fn read_request(stream: &mut TcpStream) -> Option<Request> {
         }
         body.extend_from_slice(&chunk[..n]);
     }
-    Some(Request { method, path, body })
+    Some(Request {
+        method,
+        path,
+        authorization,
+        body,
+    })
 }
 
 async fn write_chunk(stream: &mut TcpStream, data: &[u8]) -> std::io::Result<()> {
@@ -80,8 +99,145 @@ async fn respond_json(stream: &mut TcpStream, status: &str, body: serde_json::Va
 const SSE_HEAD: &str =
     "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n";
 
-async fn legacy_conn(mut stream: TcpStream) {
+/// The legacy API's conversations, in memory: what the bridge reads and writes.
+#[derive(Default)]
+struct Conversations {
+    /// id -> (org, agentId, title, messages oldest first)
+    sessions: HashMap<String, (String, String, String, Vec<Value>)>,
+    /// id -> (org, name, systemPrompt, config as the JSON string the database stores)
+    agents: HashMap<String, (String, String, String, String)>,
+    next_id: u64,
+}
+
+type Shared = Arc<Mutex<Conversations>>;
+
+impl Conversations {
+    /// The sessions the demo's curl commands name, each with an agent of its org, so moving an
+    /// org onto the allowlist by hot reload finds its conversation.
+    fn seeded() -> Conversations {
+        let mut c = Conversations::default();
+        for (org, session, agent, name) in [
+            ("org-a", "demo-1", "agent-a", "Demo Analyst"),
+            ("org-b", "demo-2", "agent-b", "Demo Helper"),
+        ] {
+            let config = json!({"model": "demo-model", "temperature": 0.3, "maxTokens": 1024});
+            c.agents.insert(
+                agent.into(),
+                (org.into(), name.into(), String::new(), config.to_string()),
+            );
+            c.sessions.insert(
+                session.into(),
+                (org.into(), agent.into(), "Demo".into(), Vec::new()),
+            );
+        }
+        c
+    }
+
+    fn new_id(&mut self, prefix: &str) -> String {
+        self.next_id += 1;
+        format!("{prefix}-{}", self.next_id)
+    }
+}
+
+fn caller_org(req: &Request) -> Option<String> {
+    let token = req.authorization.as_deref()?.strip_prefix("Bearer ")?;
+    let claims = decode::<Value>(
+        token,
+        &DecodingKey::from_secret(DEMO_JWT_SECRET.as_bytes()),
+        &Validation::default(),
+    )
+    .ok()?
+    .claims;
+    claims["orgId"].as_str().map(str::to_string)
+}
+
+/// The bridge's routes as the source product's API answers them; `None`: not one of them.
+fn conversation_route(state: &Shared, req: &Request) -> Option<(&'static str, Value)> {
+    let path = req.path.split('?').next().unwrap_or_default();
+    let sessions = path.strip_prefix("/api/v1/sessions");
+    let agent = path.strip_prefix("/api/v1/agents/");
+    if sessions.is_none() && agent.is_none() {
+        return None;
+    }
+    let fail = |status, code: &str, message: &str| {
+        Some((
+            status,
+            json!({"success": false, "error": {"code": code, "message": message}}),
+        ))
+    };
+    let ok = |status, data: Value| Some((status, json!({"success": true, "data": data})));
+    let Some(org) = caller_org(req) else {
+        return fail(
+            "401 Unauthorized",
+            "UNAUTHORIZED",
+            "missing or invalid token",
+        );
+    };
+    let body: Value = serde_json::from_slice(&req.body).unwrap_or_default();
+    let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+    let not_found = || fail("404 Not Found", "NOT_FOUND", "not found");
+    if let Some(id) = agent {
+        return match st.agents.get(id).filter(|a| a.0 == org) {
+            Some((_, name, prompt, config)) if req.method == "GET" => ok(
+                "200 OK",
+                json!({"id": id, "name": name, "systemPrompt": prompt, "config": config}),
+            ),
+            _ => not_found(),
+        };
+    }
+    let rest = sessions.unwrap_or_default();
+    if rest.is_empty() && req.method == "POST" {
+        let agent_id = body["agentId"].as_str().unwrap_or_default().to_string();
+        if st.agents.get(&agent_id).is_none_or(|a| a.0 != org) {
+            return not_found();
+        }
+        let id = st.new_id("session");
+        let title = body["title"].as_str().unwrap_or_default().to_string();
+        st.sessions
+            .insert(id.clone(), (org, agent_id, title, Vec::new()));
+        return ok("201 Created", json!({"id": id}));
+    }
+    let rest = rest.strip_prefix('/')?;
+    let (id, messages) = match rest.split_once('/') {
+        Some((id, "messages")) => (id, true),
+        Some(_) => return None,
+        None => (rest, false),
+    };
+    if st.sessions.get(id).is_none_or(|s| s.0 != org) {
+        return not_found();
+    }
+    match (req.method.as_str(), messages) {
+        ("GET", false) => {
+            let (_, agent_id, title, _) = &st.sessions[id];
+            ok(
+                "200 OK",
+                json!({"id": id, "agentId": agent_id, "title": title}),
+            )
+        }
+        ("DELETE", false) => {
+            st.sessions.remove(id);
+            ok("200 OK", json!({"id": id}))
+        }
+        ("GET", true) => ok("200 OK", Value::Array(st.sessions[id].3.clone())),
+        ("POST", true) => {
+            let message_id = st.new_id("msg");
+            let mut message = body;
+            message["id"] = json!(message_id);
+            if let Some(s) = st.sessions.get_mut(id) {
+                s.3.push(message);
+            }
+            ok("201 Created", json!({"id": message_id}))
+        }
+        _ => None,
+    }
+}
+
+async fn legacy_conn(mut stream: TcpStream, state: Shared) {
     while let Some(req) = read_request(&mut stream).await {
+        if let Some((status, body)) = conversation_route(&state, &req) {
+            respond_json(&mut stream, status, body).await;
+            continue;
+        }
         let is_chat = req.method == "POST" && req.path.starts_with("/api/v1/chat/");
         if !is_chat {
             respond_json(
@@ -133,8 +289,20 @@ async fn runtime_conn(mut stream: TcpStream) {
             respond_json(&mut stream, "404 Not Found", json!({"detail": "Not Found"})).await;
             continue;
         }
-        let input: serde_json::Value = serde_json::from_slice(&req.body).unwrap_or_default();
+        let input: Value = serde_json::from_slice(&req.body).unwrap_or_default();
+        if input["agent_id"].as_str().is_none_or(str::is_empty) {
+            // FastAPI's validation answer, as the real runtime gives it.
+            let detail = json!({"detail": [{"type": "missing", "loc": ["body", "agent_id"],
+                "msg": "Field required", "input": input}]});
+            respond_json(&mut stream, "422 Unprocessable Entity", detail).await;
+            continue;
+        }
         let message = input["user_message"].as_str().unwrap_or("").to_string();
+        // Says what the bridge sent, so the demo shows the history growing chat by chat.
+        let answer = format!(
+            "Hello from the runtime orchestrator ({} earlier messages).",
+            input["history_messages"].as_array().map_or(0, Vec::len)
+        );
         if stream.write_all(SSE_HEAD.as_bytes()).await.is_err() {
             return;
         }
@@ -167,12 +335,9 @@ async fn runtime_conn(mut stream: TcpStream) {
             runtime_frame("text_chunk", json!({"content": "Hello from "})),
             runtime_frame(
                 "text_chunk",
-                json!({"content": "the runtime orchestrator."}),
+                json!({"content": &answer["Hello from ".len()..]}),
             ),
-            runtime_frame(
-                "execution_complete",
-                json!({"final_response": "Hello from the runtime orchestrator."}),
-            ),
+            runtime_frame("execution_complete", json!({"final_response": answer})),
             "data: [DONE]\r\n\r\n".to_string(),
         ];
         for frame in frames {
@@ -187,8 +352,9 @@ async fn runtime_conn(mut stream: TcpStream) {
 
 /// Serve the legacy stand-in on `listener` until the runtime stops.
 pub async fn serve_legacy(listener: TcpListener) {
+    let state: Shared = Arc::new(Mutex::new(Conversations::seeded()));
     while let Ok((s, _)) = listener.accept().await {
-        tokio::spawn(legacy_conn(s));
+        tokio::spawn(legacy_conn(s, state.clone()));
     }
 }
 
@@ -289,6 +455,10 @@ runtime_orchestrator ({runtime_org} is on the allowlist):
   curl -N -X POST http://{listen}/api/v1/chat/sessions/demo-1 \
     -H 'authorization: Bearer {t_runtime}' \
     -H 'content-type: application/json' -d '{{"message":"hello"}}' -i
+
+the conversation, saved to legacy by the bridge (user message and runtime answer):
+  curl -s http://{listen}/api/v1/sessions/demo-1/messages \
+    -H 'authorization: Bearer {t_runtime}'
 
 direct_llm (org-b is not):
   curl -N -X POST http://{listen}/api/v1/chat/sessions/demo-2 \

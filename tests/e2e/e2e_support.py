@@ -35,6 +35,8 @@ JWT_SECRET = "e2e-jwt-secret-0123456789abcdef-0123456789"
 ADMIN_ENV = "E2E_ADMIN_TOKEN"
 ADMIN_TOKEN = "e2e-admin-token"
 
+DEFAULT_AGENT_ID = "agent-e2e"
+
 SEPS = {"crlf": "\r\n", "lf": "\n", "cr": "\r"}
 
 
@@ -199,10 +201,49 @@ class Runtime(App):
 
 class Legacy(App):
     def __init__(self, log_dir: Path):
-        super().__init__("legacy", "legacy_app", log_dir)
+        super().__init__("legacy", "legacy_app", log_dir, {"LEGACY_JWT_SECRET": JWT_SECRET})
 
     def received_for(self, path: str) -> list[dict]:
         return [r for r in self.get("/control/received") if r["path"] == path]
+
+    # -- the conversation bridge's side
+
+    def _post_json(self, path: str, body: dict) -> Any:
+        r = httpx.post(self.base + path, json=body, timeout=5)
+        r.raise_for_status()
+        return r.json()
+
+    def seed(self, org: str, agent: dict | None = None, session: dict | None = None,
+             messages: list[dict] | None = None):
+        """Store an agent and/or a session (with earlier messages) owned by `org`."""
+        spec: dict[str, Any] = {"org": org}
+        if agent is not None:
+            spec["agent"] = agent
+        if session is not None:
+            spec["session"] = session
+            spec["messages"] = messages or []
+        self._post_json("/control/seed", spec)
+
+    def fault(self, route: str, id_: str, status: int | None = None, hang: bool = False,
+              times: int | None = None):
+        """Make one bridge route misbehave for calls naming session or agent `id_`."""
+        self._post_json("/control/fault", {"route": route, "id": id_, "status": status, "hang": hang,
+                                           "times": times})
+
+    def bridge_calls(self, route: str | None = None, id_: str | None = None) -> list[dict]:
+        calls = self.get("/control/bridge")
+        return [c for c in calls if (route is None or c["route"] == route)
+                and (id_ is None or id_ in c["path"] or (c["body"] or {}).get("agentId") == id_)]
+
+    def messages(self, session_id: str, org: str) -> list[dict]:
+        """The session's messages as the web app lists them, through the Chat API's own route."""
+        r = httpx.get(f"{self.base}/api/v1/sessions/{session_id}/messages",
+                      headers={"authorization": f"Bearer {make_token(org)}"}, timeout=5)
+        r.raise_for_status()
+        return r.json()["data"]
+
+    def stored_session(self, session_id: str) -> dict | None:
+        return self.get(f"/control/sessions/{session_id}")["session"]
 
 
 # ---- proxy.toml ----------------------------------------------------------------------------
@@ -302,12 +343,17 @@ class Proxy:
                 "health_path": "/health",
                 "execution_timeout_ms": 20000,
                 "health_interval_ms": 200,
+                # The suite's default is a runtime that owns its conversations (bridge off, below):
+                # most tests are about the stream, not the legacy API's sessions. test_bridge.py
+                # turns the bridge on against the stand-in legacy's routes.
+                "default_agent_id": DEFAULT_AGENT_ID,
             },
             "rollout": {"default_mode": "direct_llm", "runtime_orgs": ["org-a"]},
             "identity": {"jwt_secret_env": JWT_ENV, "org_claim": "orgId"},
             "breaker": {"window_secs": 300, "min_requests": 10, "error_rate": 0.5, "timeout_rate": 0.3,
                         "latency_ratio": 0.8, "open_secs": 30, "half_open_probes": 3},
             "admin": {"token_env": ADMIN_ENV},
+            "bridge": {"enabled": False},
         }
 
     def write_config(self, config: dict, path: Path | None = None):

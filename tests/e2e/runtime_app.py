@@ -5,6 +5,9 @@
 The line separator comes from the environment (RUNTIME_SSE_SEP = crlf | lf | cr; sse-starlette's
 own default is CRLF), so one test run can drive the proxy with each framing.
 
+Like the real runtime (its request model has `agent_id: str`), a body without a non-empty
+`agent_id` is answered 422 in FastAPI's validation shape, before any stream.
+
 What the stream does is chosen by the request's `user_message` (`scenario:NAME`, anything else
 is the full contract table):
 
@@ -154,6 +157,9 @@ async def execute_stream(request: Request):
         "headers": {k: v for k, v in request.headers.items()
                     if k in ("authorization", "content-type", "accept", "x-request-id", "traceparent")},
     })
+    if not isinstance(body.get("agent_id"), str) or not body["agent_id"]:
+        return JSONResponse({"detail": [{"type": "missing", "loc": ["body", "agent_id"], "msg": "Field required",
+                                         "input": body}]}, status_code=422)
     session_id = body.get("session_id") or "no-session"
     message = body.get("user_message") or ""
     scenario = message.split(":", 1)[1].strip() if message.startswith("scenario:") else "table"

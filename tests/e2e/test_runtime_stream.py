@@ -11,7 +11,7 @@ import re
 import pytest
 
 import runtime_app
-from e2e_support import SEPS, make_token
+from e2e_support import DEFAULT_AGENT_ID, SEPS, make_token
 
 ISO_8601 = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$")
 
@@ -99,7 +99,7 @@ def test_contract_table_is_mapped_field_by_field(make_proxy, runtimes, sep):
     assert body["user_message"] == "What was Q3 revenue?"
     assert body["metadata"]["user_id"] == "user-1"
     assert body["metadata"]["parent_message_id"] == "msg-parent-1"
-    assert body.get("agent_id") is None
+    assert body["agent_id"] == DEFAULT_AGENT_ID
     assert received[0]["headers"]["content-type"].startswith("application/json")
     assert received[0]["headers"].get("x-request-id") == f"req-{sep}"
 
@@ -128,8 +128,10 @@ def test_contract_table_is_mapped_field_by_field(make_proxy, runtimes, sep):
             assert isinstance(done["messageId"], str) and done["messageId"]
             assert done["executionMode"] == "runtime_orchestrator"
             assert set(done) <= {"sessionId", "messageId", "executionMode", "usage"}, done
-            if "usage" in done:
-                assert done["usage"] == {"input_tokens": 321, "output_tokens": 45}
+            # The contract's usage: the runtime's token count (321 in + 45 out) and the latency.
+            assert set(done["usage"]) == {"tokens", "latencyMs"}, done
+            assert done["usage"]["tokens"] == 366, done
+            assert isinstance(done["usage"]["latencyMs"], int) and done["usage"]["latencyMs"] >= 0, done
     assert len(ids) == len(s.messages()), "Agent2UI message ids are unique"
 
 
@@ -233,12 +235,15 @@ def test_heartbeat_when_the_runtime_is_quiet(make_proxy, runtime):
         s.close()
 
 
-def test_authorization_is_forwarded_to_the_runtime(proxy, runtime):
+def test_authorization_is_never_sent_to_the_runtime(proxy, runtime):
+    # The contract: the runtime gets x-request-id and traceparent, never the caller's token.
     token = make_token("org-a", user="user-77")
-    s = proxy.run_chat(token=token, message="hi")
+    s = proxy.run_chat(token=token, message="hi", headers={"x-request-id": "req-77"})
     assert s.headers.get("x-execution-mode") == "runtime_orchestrator"
     received = runtime.received_for(s.session_id)
-    assert received[0]["headers"].get("authorization") == f"Bearer {token}"
+    assert "authorization" not in received[0]["headers"], received[0]["headers"]
+    assert received[0]["headers"].get("x-request-id") == "req-77"
+    assert received[0]["headers"].get("traceparent"), received[0]["headers"]
     assert received[0]["body"]["metadata"]["user_id"] == "user-77"
 
 
