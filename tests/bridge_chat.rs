@@ -16,7 +16,7 @@ use support::*;
 
 /// The runtime stand-in: 422 without an agent, as the real runtime answers; otherwise "Hel" +
 /// "lo" streamed and `final_response` "Hello" (empty when the message is `stream only`), with a
-/// token count of 42.
+/// token count of 42; the message `held` waits for a release before its first event.
 fn runtime(req: &Received) -> Reply {
     if req.path == "/health" {
         return Reply::json(200, json!({"status": "ok"}));
@@ -33,7 +33,14 @@ fn runtime(req: &Received) -> Reply {
     } else {
         "Hello"
     };
+    // `held`: the runtime accepts, then works on its first event until the test releases it.
+    let held = body["user_message"] == "held";
     Reply::sse(vec![
+        if held {
+            Step::WaitRelease
+        } else {
+            Step::Sleep(Duration::ZERO)
+        },
         Step::Send(frame("text_chunk", json!({"content": "Hel"}))),
         Step::Send(frame("text_chunk", json!({"content": "lo"}))),
         Step::Send(frame(
@@ -577,4 +584,46 @@ async fn with_the_bridge_off_the_agent_comes_from_the_body_or_the_config() {
     assert_eq!(sent["agent_id"], "agent-default");
     assert_eq!(sent["history_messages"], json!([]));
     assert!(s.bridge_calls().is_empty());
+}
+
+#[tokio::test]
+async fn the_user_message_is_saved_while_the_runtime_works_on_its_first_event() {
+    let s = start(|_| {}).await;
+    let addr = s.server.proxy_addr;
+    let auth = bearer("org-a");
+    let chat = tokio::spawn(async move {
+        let headers = [
+            ("content-type", "application/json"),
+            ("authorization", auth.as_str()),
+        ];
+        request(
+            addr,
+            "POST",
+            "/api/v1/chat/sessions/s-1",
+            &headers,
+            br#"{"message":"held"}"#,
+        )
+        .await
+    });
+    // The runtime accepted the chat and holds its first event: the user's message is already in
+    // legacy, saved in the time the runtime takes, not after it.
+    s.runtime.wait_for_work(1).await;
+    let saved = eventually(Duration::from_secs(3), || {
+        s.legacy
+            .messages("s-1")
+            .iter()
+            .any(|m| m["role"] == "user" && m["content"] == "held")
+    })
+    .await;
+    assert!(saved, "user message not saved while the runtime works");
+    assert!(!chat.is_finished(), "the chat waits for the runtime");
+    s.runtime.release();
+    let r = chat.await.unwrap();
+    assert_served(&r, RT, "allowlist");
+    assert_eq!(event_names(&r), ["message", "message", "done"]);
+    let roles: Vec<Value> = s.legacy.messages("s-1")[3..]
+        .iter()
+        .map(|m| m["role"].clone())
+        .collect();
+    assert_eq!(roles, [json!("user"), json!("assistant")]);
 }

@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::task::JoinHandle;
 
 use bytes::Bytes;
 use pingora::proxy::Session;
@@ -160,8 +161,8 @@ impl CutoverProxy {
         }
         match opened {
             Opened::Stream(stream) => {
-                Box::pin(self.save_user_message(req.active, &request)).await;
-                self.relay(session, req, request, stream).await;
+                let user_saved = self.save_user_message(req.active, &request);
+                self.relay(session, req, request, stream, user_saved).await;
                 Ok(true)
             }
             Opened::Failed(failure) if failure.failover => {
@@ -346,21 +347,23 @@ impl CutoverProxy {
         Ok((session_id, conversation, true))
     }
 
-    /// The runtime accepted the chat: the user's message is saved before the first client event
-    /// (one attempt within `bridge.timeout_ms`, the rest in the background).
-    async fn save_user_message(&self, active: &Active, request: &Execution) {
-        let Some(b) = &request.bridged else { return };
-        let bridge = &self.shared.bridge;
-        // A deferred save is retried, and logged if it never succeeds, on its own task.
-        let _ = bridge
-            .persist_user(
-                &active.bridge,
-                &b.who,
-                &request.session_id,
-                &b.message,
-                b.parent_id.as_deref(),
-            )
-            .await;
+    /// The runtime accepted the chat: the user's message is saved from now on, while the runtime
+    /// works on its first event; the relay waits for this save (one attempt within
+    /// `bridge.timeout_ms`, the rest in the background) before it writes the first client event.
+    fn save_user_message(&self, active: &Active, request: &Execution) -> Option<JoinHandle<()>> {
+        let b = request.bridged.as_ref()?;
+        let bridge = self.shared.bridge.clone();
+        let target = active.bridge.clone();
+        let who = b.who.clone();
+        let session_id = request.session_id.clone();
+        let message = b.message.clone();
+        let parent_id = b.parent_id.clone();
+        Some(tokio::spawn(async move {
+            // A deferred save is retried, and logged if it never succeeds, on its own task.
+            let _ = bridge
+                .persist_user(&target, &who, &session_id, &message, parent_id.as_deref())
+                .await;
+        }))
     }
 
     /// Delete the session made for a `/chat/start` the runtime did not serve.
@@ -411,6 +414,7 @@ impl CutoverProxy {
         req: RuntimePath<'_>,
         request: Execution,
         stream: RuntimeStream,
+        user_saved: Option<JoinHandle<()>>,
     ) {
         let runtime = &req.active.config.runtime;
         let args = RelayArgs {
@@ -428,6 +432,7 @@ impl CutoverProxy {
                 target: req.active.bridge.clone(),
                 who: b.who,
             }),
+            user_saved,
         };
         let report = relay::relay(session, stream, args).await;
         req.chat.served = Served::Runtime(report);

@@ -89,6 +89,9 @@ pub struct RelayArgs {
     pub map: MapSettings,
     /// Where the answer is saved before `done`, with the bridge on.
     pub saving: Option<Saving>,
+    /// The user message's save, started when the runtime accepted the chat: it completes before
+    /// the first client event is written.
+    pub user_saved: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// The conversation bridge's part of a relay: legacy saves the runtime's answer.
@@ -198,6 +201,7 @@ pub async fn relay(
                             if !out.is_empty() {
                                 let bytes = Bytes::from(std::mem::take(&mut out));
                                 report.bytes += bytes.len() as u64;
+                                user_message_saved(&mut args.user_saved).await;
                                 gone =
                                     !write_client(session, Some(bytes), false, args.deadline).await;
                                 last_write = Instant::now();
@@ -261,6 +265,7 @@ pub async fn relay(
                         let bytes =
                             Bytes::from(std::mem::replace(&mut out, Vec::with_capacity(room)));
                         report.bytes += bytes.len() as u64;
+                        user_message_saved(&mut args.user_saved).await;
                         if !write_client(session, Some(bytes), false, args.deadline).await {
                             report.detail = Some("client disconnected or stopped reading".into());
                             return report;
@@ -331,6 +336,7 @@ pub async fn relay(
         if !out.is_empty() {
             let bytes = Bytes::from(std::mem::take(&mut out));
             report.bytes += bytes.len() as u64;
+            user_message_saved(&mut args.user_saved).await;
             if !write_client(session, Some(bytes), verdict.is_some(), args.deadline).await {
                 report.outcome = None;
                 report.detail = Some("client disconnected or stopped reading".into());
@@ -398,6 +404,14 @@ fn write_by(deadline: Instant) -> Instant {
         deadline
     } else {
         now + WRITE_GRACE
+    }
+}
+
+/// Wait for the user message's save before the first client event (at once after it).
+async fn user_message_saved(pending: &mut Option<tokio::task::JoinHandle<()>>) {
+    if let Some(save) = pending.take() {
+        // The save is bounded by `bridge.timeout_ms`; a panic in it is no reason to drop the stream.
+        let _ = save.await;
     }
 }
 
