@@ -16,26 +16,6 @@ use serde_json::json;
 use support::legacy::{FakeLegacy, Fault, LegacyRoute};
 use support::token;
 
-/// A legacy with org-a's agent `ag-1` (config as a JSON string) and its session `s-1` holding
-/// three messages.
-async fn legacy() -> FakeLegacy {
-    let l = FakeLegacy::start().await;
-    l.add_agent(
-        "org-a",
-        "ag-1",
-        "Helper",
-        "Be brief.",
-        json!({"model": "gpt-4o", "temperature": 0.2, "maxTokens": 1000}),
-    );
-    l.add_session("org-a", "s-1", "ag-1");
-    l.add_message("s-1", "user", "first");
-    l.add_message("s-1", "assistant", "second");
-    l.add_message("s-1", "user", "third");
-    l.add_agent("org-b", "ag-b", "Other", "", json!({}));
-    l.add_session("org-b", "s-b", "ag-b");
-    l
-}
-
 /// The bridge series of one metrics instance shared by this file's tests, which read counters
 /// before and after what they drive.
 fn bridge_metrics() -> &'static BridgeMetrics {
@@ -102,7 +82,7 @@ fn assert_unavailable(r: Result<impl std::fmt::Debug, BridgeError>, route: Route
 
 #[tokio::test]
 async fn session_lookup_reads_agent_settings_and_history_with_the_caller_s_headers() {
-    let legacy = legacy().await;
+    let legacy = FakeLegacy::seeded().await;
     let t = target(&legacy);
     let b = bridge(&t);
     let ok_before = requests("messages", "ok");
@@ -156,7 +136,7 @@ async fn session_lookup_reads_agent_settings_and_history_with_the_caller_s_heade
 
 #[tokio::test]
 async fn history_is_cut_to_the_last_history_limit() {
-    let legacy = legacy().await;
+    let legacy = FakeLegacy::seeded().await;
     for i in 0..5 {
         legacy.add_message("s-1", "user", &format!("more {i}"));
     }
@@ -171,7 +151,7 @@ async fn history_is_cut_to_the_last_history_limit() {
 
 #[tokio::test]
 async fn second_lookup_takes_agent_id_and_settings_from_the_cache() {
-    let legacy = legacy().await;
+    let legacy = FakeLegacy::seeded().await;
     let t = target(&legacy);
     let b = bridge(&t);
     let first = b.lookup_session(&t, &who("org-a"), "s-1").await.unwrap();
@@ -205,7 +185,7 @@ async fn second_lookup_takes_agent_id_and_settings_from_the_cache() {
 
 #[tokio::test]
 async fn cache_does_not_answer_another_org_or_outlive_its_ttl() {
-    let legacy = legacy().await;
+    let legacy = FakeLegacy::seeded().await;
     let t = target_with(&legacy, "cache_ttl_ms = 0\n");
     let b = bridge(&t);
     b.lookup_start(&t, &who("org-a"), "ag-1").await.unwrap();
@@ -222,7 +202,7 @@ async fn cache_does_not_answer_another_org_or_outlive_its_ttl() {
 
 #[tokio::test]
 async fn another_org_s_session_is_refused() {
-    let legacy = legacy().await;
+    let legacy = FakeLegacy::seeded().await;
     let t = target(&legacy);
     let before = requests("session", "refused");
     let r = bridge(&t).lookup_session(&t, &who("org-b"), "s-1").await;
@@ -240,7 +220,7 @@ async fn another_org_s_session_is_refused() {
 
 #[tokio::test]
 async fn missing_token_and_forbidden_are_refused() {
-    let legacy = legacy().await;
+    let legacy = FakeLegacy::seeded().await;
     let t = target(&legacy);
     let b = bridge(&t);
     let mut anonymous = who("org-a");
@@ -268,7 +248,7 @@ async fn missing_token_and_forbidden_are_refused() {
 
 #[tokio::test]
 async fn server_errors_and_unusable_answers_are_unavailable() {
-    let legacy = legacy().await;
+    let legacy = FakeLegacy::seeded().await;
     let t = target(&legacy);
     let b = bridge(&t);
     let before = requests("session", "unavailable");
@@ -303,7 +283,7 @@ async fn server_errors_and_unusable_answers_are_unavailable() {
 
 #[tokio::test]
 async fn a_hanging_legacy_is_unavailable_within_the_timeout() {
-    let legacy = legacy().await;
+    let legacy = FakeLegacy::seeded().await;
     let t = target(&legacy);
     legacy.fail(LegacyRoute::GetSession, Fault::Hang);
     let started = Instant::now();
@@ -319,7 +299,7 @@ async fn a_closed_port_is_unavailable() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     drop(listener);
-    let legacy = legacy().await;
+    let legacy = FakeLegacy::seeded().await;
     let mut t = target(&legacy);
     t.address = addr.to_string();
     assert_unavailable(
@@ -330,7 +310,7 @@ async fn a_closed_port_is_unavailable() {
 
 #[tokio::test]
 async fn unsafe_ids_never_reach_legacy() {
-    let legacy = legacy().await;
+    let legacy = FakeLegacy::seeded().await;
     let t = target(&legacy);
     let b = bridge(&t);
     let before = requests("session", "invalid_id");
@@ -378,7 +358,7 @@ async fn unsafe_ids_never_reach_legacy() {
 
 #[tokio::test]
 async fn messages_are_saved_and_their_ids_returned() {
-    let legacy = legacy().await;
+    let legacy = FakeLegacy::seeded().await;
     let t = target(&legacy);
     let b = bridge(&t);
     let user = cutover_proxy::core::bridge::user_message_body("hello", Some("m-3"));
@@ -417,7 +397,7 @@ async fn messages_are_saved_and_their_ids_returned() {
 
 #[tokio::test]
 async fn a_failed_save_is_retried_in_the_background() {
-    let legacy = legacy().await;
+    let legacy = FakeLegacy::seeded().await;
     let t = target(&legacy);
     let b = bridge(&t);
     legacy.fail(LegacyRoute::PostMessage, Fault::StatusTimes(503, 2));
@@ -475,7 +455,7 @@ fn captured_logs() -> &'static Mutex<Vec<u8>> {
 #[tokio::test]
 async fn a_save_that_fails_every_attempt_is_logged_whole_and_counted() {
     let logs = captured_logs();
-    let legacy = legacy().await;
+    let legacy = FakeLegacy::seeded().await;
     let t = target(&legacy);
     let b = bridge(&t);
     legacy.fail(LegacyRoute::PostMessage, Fault::Hang);
@@ -516,7 +496,7 @@ async fn a_save_that_fails_every_attempt_is_logged_whole_and_counted() {
 
 #[tokio::test]
 async fn a_refused_save_is_not_retried() {
-    let legacy = legacy().await;
+    let legacy = FakeLegacy::seeded().await;
     let t = target(&legacy);
     let b = bridge(&t);
     let saved = b
@@ -536,7 +516,7 @@ async fn a_refused_save_is_not_retried() {
 
 #[tokio::test]
 async fn sessions_are_created_with_a_title_and_deleted() {
-    let legacy = legacy().await;
+    let legacy = FakeLegacy::seeded().await;
     let t = target(&legacy);
     let b = bridge(&t);
     let message = "x".repeat(60);
@@ -580,7 +560,7 @@ async fn sessions_are_created_with_a_title_and_deleted() {
 
 #[tokio::test]
 async fn calls_reuse_pooled_connections() {
-    let legacy = legacy().await;
+    let legacy = FakeLegacy::seeded().await;
     let t = target(&legacy);
     let b = bridge(&t);
     for _ in 0..3 {

@@ -55,20 +55,7 @@ fn runtime(req: &Received) -> Reply {
 /// holding three messages; org-b's session `s-b`; org-a's session `s-odd` whose agent id could
 /// not go into a URL.
 async fn fake_legacy() -> FakeLegacy {
-    let l = FakeLegacy::start().await;
-    l.add_agent(
-        "org-a",
-        "ag-1",
-        "Helper",
-        "Be brief.",
-        json!({"model": "gpt-4o", "temperature": 0.2, "maxTokens": 1000}),
-    );
-    l.add_session("org-a", "s-1", "ag-1");
-    l.add_message("s-1", "user", "first");
-    l.add_message("s-1", "assistant", "second");
-    l.add_message("s-1", "user", "third");
-    l.add_agent("org-b", "ag-b", "Other", "", json!({}));
-    l.add_session("org-b", "s-b", "ag-b");
+    let l = FakeLegacy::seeded().await;
     l.add_session("org-a", "s-odd", "../admin");
     l
 }

@@ -112,6 +112,26 @@ impl FakeLegacy {
             .push(json!({"id": id, "role": role, "content": content}));
     }
 
+    /// A legacy with org-a's agent `ag-1` (config as a JSON string) and its session `s-1` holding
+    /// three messages, and org-b's agent `ag-b` with its session `s-b`.
+    pub async fn seeded() -> FakeLegacy {
+        let l = FakeLegacy::start().await;
+        l.add_agent(
+            "org-a",
+            "ag-1",
+            "Helper",
+            "Be brief.",
+            json!({"model": "gpt-4o", "temperature": 0.2, "maxTokens": 1000}),
+        );
+        l.add_session("org-a", "s-1", "ag-1");
+        l.add_message("s-1", "user", "first");
+        l.add_message("s-1", "assistant", "second");
+        l.add_message("s-1", "user", "third");
+        l.add_agent("org-b", "ag-b", "Other", "", json!({}));
+        l.add_session("org-b", "s-b", "ag-b");
+        l
+    }
+
     /// The session's stored messages, oldest first, as legacy holds them.
     pub fn messages(&self, session: &str) -> Vec<Value> {
         self.state
