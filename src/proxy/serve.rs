@@ -5,11 +5,11 @@
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::task::JoinHandle;
 
 use bytes::Bytes;
 use pingora::proxy::Session;
 use pingora::Result;
+use tokio::task::JoinHandle;
 
 use super::ctx::{ChatCtx, Failover, Served};
 use super::respond::{respond_sse_error, Rejection};
@@ -112,6 +112,17 @@ enum Prepared {
 
 /// The caller's request id: sent on, with the bridge's calls and to the runtime.
 const REQUEST_ID: &str = "x-request-id";
+
+/// Who the bridge's calls are made for: the caller's own `Authorization`, and `request_id`.
+fn credentials(session: &Session, request_id: Option<&str>, caller: &Caller) -> Credentials {
+    let authorization = session
+        .req_header()
+        .headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    Credentials::new(authorization, request_id, caller)
+}
 
 /// How opening the runtime ended.
 enum Opened {
@@ -274,11 +285,7 @@ impl CutoverProxy {
             })));
         }
 
-        let authorization = headers
-            .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default();
-        let who = Credentials::new(authorization, Some(&request_id), &caller);
+        let who = credentials(session, Some(&request_id), &caller);
         let looked = match (req.route, agent) {
             (ChatRoute::Session(id), _) => self.read_session(req.active, &who, id).await,
             (ChatRoute::Start, Some(agent)) => {
@@ -390,9 +397,9 @@ impl CutoverProxy {
     ) -> Opened {
         let mut cutoff = self.shared.cutoff.subscribe();
         let mut downstream = session.req_header().clone();
-        if downstream.headers.get(REQUEST_ID).is_none() {
-            let _ = downstream.insert_header(REQUEST_ID, request.request_id.as_str());
-        }
+        // The id the bridge's calls carried (the caller's, or one made for an absent or empty
+        // header): the runtime's request carries the same.
+        let _ = downstream.insert_header(REQUEST_ID, request.request_id.as_str());
         // The body is not kept for the length of the stream.
         let body = std::mem::take(&mut request.body);
         tokio::select! {
@@ -529,17 +536,12 @@ impl CutoverProxy {
         };
         let session_id = chat::session_id_for(route);
         let source = if active.config.bridge.enabled {
-            let headers = &session.req_header().headers;
-            let header = |name| {
-                headers
-                    .get(name)
-                    .and_then(|v: &http::HeaderValue| v.to_str().ok())
-            };
-            let who = Credentials::new(
-                header(http::header::AUTHORIZATION.as_str()).unwrap_or_default(),
-                header(REQUEST_ID),
-                &caller,
-            );
+            let request_id = session
+                .req_header()
+                .headers
+                .get(REQUEST_ID)
+                .and_then(|v| v.to_str().ok());
+            let who = credentials(session, request_id, &caller);
             let start_agent = match route {
                 ChatRoute::Start => match chat_body.agent_id.clone() {
                     Some(agent) => Some(agent),
