@@ -149,11 +149,13 @@ pub async fn relay(
         let heartbeat_at = last_write
             .checked_add(args.heartbeat)
             .unwrap_or(args.deadline);
+        // The deadline and the shutdown cutoff are asked first: a runtime that floods the stream
+        // keeps `fill` ready on every turn and would otherwise outrun both.
         let wake = tokio::select! {
             biased;
-            r = stream.fill() => Wake::Upstream(r),
             _ = tokio::time::sleep_until(args.deadline.into()) => Wake::Deadline,
             _ = cutoff.wait_for(|c| *c) => Wake::Cutoff,
+            r = stream.fill() => Wake::Upstream(r),
             _ = tokio::time::sleep_until(heartbeat_at.into()) => Wake::Heartbeat,
             _ = client_gone(session) => Wake::ClientGone,
         };

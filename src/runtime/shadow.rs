@@ -181,22 +181,30 @@ async fn run(
     let mut completed = false;
     let mut runtime_error = None;
     let end = 'read: loop {
-        let read = tokio::time::timeout_at(deadline.into(), stream.fill()).await;
+        // `timeout_at` polls the read before its timer: a flooding runtime, whose read is always
+        // ready, would never time out without this check first.
+        let read = if Instant::now() >= deadline {
+            None
+        } else {
+            tokio::time::timeout_at(deadline.into(), stream.fill())
+                .await
+                .ok()
+        };
         match read {
-            Err(_) => {
+            None => {
                 break End::Deadline {
                     budget: deadline - started,
                 }
             }
-            Ok(Err(e)) => break End::Broken(e.to_string()),
+            Some(Err(e)) => break End::Broken(e.to_string()),
             // Closed by the runtime: the connection cannot be reused, whatever the framing.
-            Ok(Ok(0)) => {
+            Some(Ok(0)) => {
                 break match stream.eof() {
                     Ok(()) => End::BodyEnd,
                     Err(e) => End::Broken(e.to_string()),
                 }
             }
-            Ok(Ok(_)) => {}
+            Some(Ok(_)) => {}
         }
         events.clear();
         let (body, parsed) = stream.parse_into(&mut parser, &mut events);
