@@ -268,6 +268,13 @@ async fn only_the_shadow_orgs_series_carry_their_org() {
         .config(|c| c.rollout.shadow_percent = 100.0)
         .start()
         .await;
+    // A shadow org's series exist at 0 before its first comparison, so `rate()` sees the first.
+    let text = String::from_utf8(h.metrics().render()).unwrap();
+    for result in ["both_ok", "runtime_failed", "legacy_failed", "both_failed"] {
+        let line =
+            format!("cutover_shadow_comparisons_total{{org=\"org-s\",result=\"{result}\"}} 0");
+        assert!(text.lines().any(|l| l == line), "{line} not exported");
+    }
     chats(&h, "org-s", 2).await;
     chats(&h, "org-other", 1).await;
     scorecard(&h, "org-s", 2).await;

@@ -187,6 +187,7 @@ impl Shared {
             metrics.set_breaker_state(t.to.as_str());
         });
         metrics.set_breaker_state(breaker.state().as_str());
+        metrics.init_shadow_orgs(&config.rollout.shadow_orgs);
         let stats = ExecutionStats::new(
             Duration::from_secs(config.breaker.window_secs),
             config.limits.max_tracked_orgs,
@@ -234,6 +235,7 @@ impl Shared {
             Duration::from_secs(config.breaker.window_secs),
             config.limits.max_tracked_orgs,
         );
+        self.metrics.init_shadow_orgs(&config.rollout.shadow_orgs);
         self.bridge.configure(&config.bridge);
         self.active.store(Arc::new(Active::new(config)));
     }

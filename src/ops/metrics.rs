@@ -347,6 +347,22 @@ impl Metrics {
         }
     }
 
+    /// Export the shadow series of the orgs on `rollout.shadow_orgs` at 0, as the bounded
+    /// labels are from startup, so the fleet's recording rules see an org's first comparison
+    /// and a result it has not had yet reads 0, not absent. An org taken off the list keeps its
+    /// series until restart: still bounded by what the config ever named.
+    pub fn init_shadow_orgs(&self, orgs: &[String]) {
+        for org in orgs {
+            for result in crate::core::scorecard::ComparisonResult::ALL {
+                self.shadow_comparisons_total
+                    .with_label_values(&[result.as_str(), org]);
+            }
+            for path in ["legacy", "runtime"] {
+                self.shadow_ttfe_seconds.with_label_values(&[path, org]);
+            }
+        }
+    }
+
     /// Mirror a breaker state ("closed" | "open" | "half_open") into the gauges.
     pub fn set_breaker_state(&self, state: &str) {
         for s in ["closed", "open", "half_open"] {
