@@ -25,9 +25,9 @@ use crate::app::upstream;
 use crate::core::config::Mode;
 use crate::core::identity::Unverified;
 use crate::core::routing::{chat_route, gate, Gated};
+use crate::core::scorecard::StreamObserver;
 use crate::runtime::relay::InFlight;
 
-use crate::core::scorecard::StreamObserver;
 pub use ctx::RequestCtx;
 use ctx::{ChatCtx, LegacyHalf, ProbeGuard, Served};
 use respond::{respond_json, Rejection};
