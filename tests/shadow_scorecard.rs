@@ -363,3 +363,47 @@ async fn a_client_that_abandons_legacy_records_no_comparison() {
         assert_eq!(comparisons(&h, result, "org-s"), 0.0, "{result}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_whose_conversation_cannot_be_read_records_no_comparison() {
+    // With the bridge on, a copy reads its conversation from legacy first; org-b has session
+    // s-b, not s-missing.
+    let legacy = legacy::FakeLegacy::seeded().await;
+    let runtime = Upstream::start(healthy_runtime).await;
+    let mut cfg = config(&legacy.address(), &runtime.address());
+    cfg.bridge.enabled = true;
+    cfg.runtime.default_agent_id = String::new();
+    cfg.rollout.shadow_orgs = vec!["org-b".into()];
+    cfg.shadow.ready_min_samples = 1;
+    let server = proxy(cfg).await;
+    let skipped = || {
+        metric(
+            &server,
+            "cutover_shadow_unpaired_total",
+            &[("cause", "copy_skipped")],
+        )
+    };
+
+    let r = chat(server.proxy_addr, Some("org-b"), "s-b", HI).await;
+    assert_served(&r, DIRECT, "default");
+    let r = chat(server.proxy_addr, Some("org-b"), "s-missing", HI).await;
+    assert_served(&r, DIRECT, "default");
+    assert!(
+        eventually(Duration::from_secs(10), || skipped() == 1.0).await,
+        "the skipped copy was not counted"
+    );
+    let compared = eventually(Duration::from_secs(10), || {
+        server.shared.scorecard.lock().unwrap().held("org-b") == 1
+    })
+    .await;
+    assert!(compared, "the copy of s-b was not compared");
+    let (status, body) = admin(&server, "GET", "/runtime/shadow/org-b", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["data"]["samples"], 1, "{body}");
+    assert_eq!(
+        runtime.work().len(),
+        1,
+        "only the readable conversation reached the runtime"
+    );
+    assert_eq!(skipped(), 1.0);
+}
