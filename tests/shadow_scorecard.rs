@@ -54,7 +54,7 @@ async fn an_org_whose_copies_succeed_becomes_ready() {
         .config(shadowing(5))
         // Both first events are a loopback millisecond or two apart: the ratio is the slow
         // runtime test's subject, not this one's.
-        .config(|c| c.shadow.ready_max_ttfe_ratio = 50.0)
+        .config(|c| c.shadow.ready_max_ttfe_ratio = 1000.0)
         .start()
         .await;
     let (status, body) = h.admin("GET", "/runtime/shadow/org-s").await;
