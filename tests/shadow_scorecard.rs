@@ -407,3 +407,31 @@ async fn a_copy_whose_conversation_cannot_be_read_records_no_comparison() {
     );
     assert_eq!(skipped(), 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_org_added_to_shadow_orgs_by_a_reload_is_shadowed_from_its_next_chat() {
+    let h = Harness::new().start().await;
+    chats(&h, "org-s", 1).await;
+    assert_eq!(h.runtime.work().len(), 0, "nothing is shadowed by default");
+
+    let mut cfg = h.server.shared.snapshot().config.clone();
+    cfg.rollout.shadow_orgs = vec!["org-s".into()];
+    cfg.validate().unwrap();
+    h.server.shared.apply(cfg);
+    let text = String::from_utf8(h.metrics().render()).unwrap();
+    assert!(
+        text.contains(
+            "cutover_shadow_comparisons_total{org=\"org-s\",result=\"runtime_failed\"} 0"
+        ),
+        "the reloaded shadow org's series are not exported at 0"
+    );
+
+    chats(&h, "org-s", 1).await;
+    let s = scorecard(&h, "org-s", 1).await;
+    assert_eq!(
+        (&s["legacy"]["success"], &s["runtime"]["success"]),
+        (&json!(1), &json!(1)),
+        "{s}"
+    );
+    assert_eq!(comparisons(&h, "both_ok", "org-s"), 1.0);
+}
