@@ -10,4 +10,4 @@ if hits=$(grep -rnE "$pattern" src/core/ | grep -vE '^[^:]+:[0-9]+:\s*//'); then
   echo "$hits" >&2
   exit 1
 fi
-echo "layers: src/core/ is pure ($(ls src/core/*.rs | wc -l) files)"
+echo "layers: src/core/ is pure ($(find src/core -name '*.rs' | wc -l) files)"

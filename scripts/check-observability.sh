@@ -13,7 +13,9 @@
 #    then rules.yml's `groups:` indented under `spec:`), so the comparison is textual and needs no
 #    YAML library. promtool also checks the extracted spec.
 # 4. Every metric named by a rule, a dashboard query or a dashboard variable is one src/ops/metrics.rs
-#    registers (histograms: only their _bucket/_sum/_count series); dashboard queries parse as
+#    registers (histograms: only their _bucket/_sum/_count series) or one a recording rule
+#    records (named level:metric:operations, each with a promql_expr_test in alerts_test.yml and
+#    a line in docs/metrics.md); dashboard queries parse as
 #    PromQL; the dashboard's structure is importable; docs/metrics.md documents every series;
 #    every alert has severity, summary, description and a runbook_url into docs/operations.md
 #    whose anchor exists there.
@@ -187,14 +189,18 @@ def block_scalar_or_value(lines, i, key_re):
 
 rule_lines = rules_text.splitlines()
 alerts = {}  # name -> {"expr", "severity", "summary", "description", "runbook_url"}
+records = {}  # recording rule name -> {"expr"}, in file order
 current = None
 expr_re = re.compile(r"^\s*(?:- )?expr:\s*(.*)$")
 for i, line in enumerate(rule_lines):
     m = re.match(r"^\s*- (alert|record):\s*(\S+)", line)
     if m:
         if m.group(1) == "record":
-            fail(f"{RULES}: recording rule {m.group(2)}: extend this script to allow its name")
-        current = alerts.setdefault(m.group(2), {})
+            if not re.fullmatch(r"[a-z_]+:[a-z0-9_]+:[a-z0-9_]+", m.group(2)):
+                fail(f"{RULES}: recording rule {m.group(2)} is not named level:metric:operations")
+            current = records.setdefault(m.group(2), {})
+        else:
+            current = alerts.setdefault(m.group(2), {})
         continue
     if re.match(r"^\s*- name:", line):
         current = None
@@ -211,9 +217,18 @@ for i, line in enumerate(rule_lines):
 promtool_out = subprocess.run(["promtool", "check", "rules", RULES], capture_output=True,
                               text=True).stdout
 m = re.search(r"(\d+) rules found", promtool_out)
-if not m or int(m.group(1)) != len(alerts):
-    fail(f"{RULES}: parsed {len(alerts)} alerts but promtool found "
-         f"{m.group(1) if m else '?'} rules; keep one `- alert:` per rule")
+if not m or int(m.group(1)) != len(alerts) + len(records):
+    fail(f"{RULES}: parsed {len(alerts)} alerts and {len(records)} recording rules but promtool "
+         f"found {m.group(1) if m else '?'} rules; keep one `- alert:` or `- record:` per rule")
+
+# A recording rule reads exported series or the recording rules above it; what it records is a
+# series the dashboard, the docs and later rules may name.
+for name, r in records.items():
+    if "expr" not in r:
+        fail(f"{RULES}: {name} has no expr")
+    else:
+        check_names(f"{RULES} {name}", r["expr"])
+    series.add(name)
 
 anchors_wanted = {}
 for name, a in sorted(alerts.items()):
@@ -267,6 +282,10 @@ for name in sorted(alerts):
              f"(`exp_alerts: []`); has {firing} and {quiet}")
 for name in sorted(set(cases) - set(alerts)):
     fail(f"{TESTS}: tests alert {name}, which rules.yml does not define")
+tests_text = read(TESTS)
+for name in records:
+    if not re.search(rf"^\s*- expr:.*\b{re.escape(name)}\b", tests_text, re.M):
+        fail(f"{TESTS}: recording rule {name} needs a promql_expr_test")
 
 # ---------------------------------------------------------------- runbook anchors
 def slug(heading):
@@ -355,6 +374,9 @@ if os.path.exists(METRICS_DOC):
     for name in sorted(alerts):
         if name not in doc:
             fail(f"{METRICS_DOC}: alert {name} is not documented")
+    for name in sorted(records):
+        if f"`{name}`" not in doc:
+            fail(f"{METRICS_DOC}: recording rule {name} is not documented")
     # Example queries (```promql blocks, one query per line, # comments) name real series and
     # parse: they join the dashboard's queries in the promtool check below.
     for block in re.findall(r"```promql\n(.*?)```", doc, re.S):

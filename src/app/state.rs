@@ -18,6 +18,7 @@ use crate::core::config::Config;
 use crate::core::files::{FileKey, FileSigner};
 use crate::core::identity::Verifier;
 use crate::core::routing::Rollout;
+use crate::core::scorecard::Scorecard;
 use crate::core::stats::ExecutionStats;
 use crate::ops::metrics::Metrics;
 use crate::runtime::bridge::{Bridge, Target};
@@ -84,6 +85,17 @@ impl Active {
             _ => "other",
         }
     }
+
+    /// The `org` label of the shadow series: the org when `rollout.shadow_orgs` names it, else
+    /// empty (which Prometheus reads as no label), so there is one label set, bounded by the
+    /// config.
+    pub fn shadow_org_label<'a>(&self, org: &'a str) -> &'a str {
+        if self.config.rollout.shadow_orgs.iter().any(|o| o == org) {
+            org
+        } else {
+            ""
+        }
+    }
 }
 
 /// The link key from `runtime.file_url_secret_env`, else derived from the JWT secret. Derived
@@ -132,6 +144,8 @@ pub struct Shared {
     pub active: ArcSwap<Active>,
     pub breaker: SharedBreaker,
     pub stats: Mutex<ExecutionStats>,
+    /// Shadow copies compared with their legacy answers, per org: `GET /runtime/shadow`.
+    pub scorecard: Mutex<Scorecard>,
     pub metrics: &'static Metrics,
     /// Pingora's pooled connector, for health checks.
     pub connector: Connector,
@@ -173,7 +187,13 @@ impl Shared {
             metrics.set_breaker_state(t.to.as_str());
         });
         metrics.set_breaker_state(breaker.state().as_str());
+        metrics.init_shadow_orgs(&config.rollout.shadow_orgs);
         let stats = ExecutionStats::new(
+            Duration::from_secs(config.breaker.window_secs),
+            config.limits.max_tracked_orgs,
+            now,
+        );
+        let scorecard = Scorecard::new(
             Duration::from_secs(config.breaker.window_secs),
             config.limits.max_tracked_orgs,
             now,
@@ -183,6 +203,7 @@ impl Shared {
             active: ArcSwap::from_pointee(Active::new(config)),
             breaker,
             stats: Mutex::new(stats),
+            scorecard: Mutex::new(scorecard),
             metrics,
             connector: Connector::new(None),
             runtime_pool: TransportConnector::new(None),
@@ -210,6 +231,11 @@ impl Shared {
             config.limits.max_tracked_orgs,
             now,
         );
+        self.scorecard.lock().unwrap().reconfigure(
+            Duration::from_secs(config.breaker.window_secs),
+            config.limits.max_tracked_orgs,
+        );
+        self.metrics.init_shadow_orgs(&config.rollout.shadow_orgs);
         self.bridge.configure(&config.bridge);
         self.active.store(Arc::new(Active::new(config)));
     }

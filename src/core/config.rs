@@ -81,6 +81,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub bridge: BridgeConfig,
+    #[serde(default)]
+    pub shadow: ShadowConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -170,6 +172,28 @@ pub struct RolloutConfig {
     /// Most shadow requests in flight at once; further ones are skipped.
     #[serde(default = "defaults::shadow_max_inflight")]
     pub shadow_max_inflight: usize,
+    /// Orgs whose every direct_llm chat is shadowed (within `shadow_max_inflight`), whatever
+    /// `shadow_percent` says; their shadow series carry an `org` label.
+    #[serde(default)]
+    pub shadow_orgs: Vec<String>,
+}
+
+/// Most `rollout.shadow_orgs`: each adds labelled series.
+pub const MAX_SHADOW_ORGS: usize = 64;
+
+/// `[shadow]`: when the shadow scorecard calls an org `ready`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShadowConfig {
+    /// Fewer comparisons in the window: `insufficient`.
+    #[serde(default = "defaults::ready_min_samples")]
+    pub ready_min_samples: u64,
+    /// The runtime's (error + timeout) / samples may exceed legacy's by at most this.
+    #[serde(default = "defaults::ready_max_error_rate_delta")]
+    pub ready_max_error_rate_delta: f64,
+    /// The runtime's median time to first event may be at most this times legacy's (>= 1 ms).
+    #[serde(default = "defaults::ready_max_ttfe_ratio")]
+    pub ready_max_ttfe_ratio: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -397,6 +421,15 @@ mod defaults {
     pub fn body_timeout_ms() -> u64 {
         10_000
     }
+    pub fn ready_min_samples() -> u64 {
+        50
+    }
+    pub fn ready_max_error_rate_delta() -> f64 {
+        0.02
+    }
+    pub fn ready_max_ttfe_ratio() -> f64 {
+        2.0
+    }
 }
 
 impl Default for RolloutConfig {
@@ -408,6 +441,17 @@ impl Default for RolloutConfig {
             runtime_percent: 0.0,
             shadow_percent: 0.0,
             shadow_max_inflight: defaults::shadow_max_inflight(),
+            shadow_orgs: Vec::new(),
+        }
+    }
+}
+
+impl Default for ShadowConfig {
+    fn default() -> Self {
+        ShadowConfig {
+            ready_min_samples: defaults::ready_min_samples(),
+            ready_max_error_rate_delta: defaults::ready_max_error_rate_delta(),
+            ready_max_ttfe_ratio: defaults::ready_max_ttfe_ratio(),
         }
     }
 }
@@ -589,6 +633,17 @@ impl Config {
             "rollout.shadow_max_inflight",
             self.rollout.shadow_max_inflight as u64,
         )?;
+        check_orgs("rollout.shadow_orgs", &self.rollout.shadow_orgs)?;
+        if self.rollout.shadow_orgs.len() > MAX_SHADOW_ORGS {
+            return Err(ConfigError::new(
+                "rollout.shadow_orgs",
+                format!(
+                    "names {} orgs; at most {MAX_SHADOW_ORGS} (each adds labelled series)",
+                    self.rollout.shadow_orgs.len()
+                ),
+            ));
+        }
+        self.shadow.validate()?;
         check_env_name("identity.jwt_secret_env", &self.identity.jwt_secret_env)?;
         check_nonempty("identity.org_claim", &self.identity.org_claim)?;
         check_nonempty("identity.user_claim", &self.identity.user_claim)?;
@@ -683,6 +738,36 @@ impl Config {
 impl RuntimeConfig {
     pub fn execution_timeout(&self) -> Duration {
         Duration::from_millis(self.execution_timeout_ms)
+    }
+}
+
+impl ShadowConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        check_range(
+            "shadow.ready_min_samples",
+            self.ready_min_samples as f64,
+            1.0,
+            crate::core::scorecard::MAX_SAMPLES_PER_ORG as f64,
+        )?;
+        check_rate(
+            "shadow.ready_max_error_rate_delta",
+            self.ready_max_error_rate_delta,
+        )?;
+        check_range(
+            "shadow.ready_max_ttfe_ratio",
+            self.ready_max_ttfe_ratio,
+            1.0,
+            1000.0,
+        )?;
+        Ok(())
+    }
+
+    pub fn thresholds(&self) -> crate::core::scorecard::Thresholds {
+        crate::core::scorecard::Thresholds {
+            min_samples: self.ready_min_samples,
+            max_error_rate_delta: self.ready_max_error_rate_delta,
+            max_ttfe_ratio: self.ready_max_ttfe_ratio,
+        }
     }
 }
 
@@ -1173,5 +1258,50 @@ address = "runtime:8000"
             err_key(&runtime("file_url_ttl_secs = 0")),
             "runtime.file_url_ttl_secs"
         );
+    }
+
+    #[test]
+    fn shadow_scorecard_keys_have_defaults_and_bounds() {
+        let c = Config::parse(MINIMAL).unwrap();
+        assert_eq!(c.shadow, ShadowConfig::default());
+        assert_eq!(c.shadow.ready_min_samples, 50);
+        assert_eq!(c.shadow.ready_max_error_rate_delta, 0.02);
+        assert_eq!(c.shadow.ready_max_ttfe_ratio, 2.0);
+        assert!(c.rollout.shadow_orgs.is_empty());
+        let with = |extra: &str| format!("{MINIMAL}{extra}");
+        let c = Config::parse(&with(
+            "[rollout]\nshadow_orgs = [\"org-s\"]\n[shadow]\nready_min_samples = 5\n",
+        ))
+        .unwrap();
+        assert_eq!(c.rollout.shadow_orgs, ["org-s"]);
+        assert_eq!(c.shadow.thresholds().min_samples, 5);
+        for (extra, key) in [
+            (
+                "[shadow]\nready_min_samples = 0\n",
+                "shadow.ready_min_samples",
+            ),
+            (
+                "[shadow]\nready_min_samples = 257\n",
+                "shadow.ready_min_samples",
+            ),
+            (
+                "[shadow]\nready_max_error_rate_delta = 1.5\n",
+                "shadow.ready_max_error_rate_delta",
+            ),
+            (
+                "[shadow]\nready_max_ttfe_ratio = 0.5\n",
+                "shadow.ready_max_ttfe_ratio",
+            ),
+            ("[shadow]\nready = true\n", "shadow.ready"),
+            (
+                "[rollout]\nshadow_orgs = [\" \"]\n",
+                "rollout.shadow_orgs[0]",
+            ),
+        ] {
+            assert_eq!(err_key(&with(extra)), key, "{extra}");
+        }
+        let many: Vec<String> = (0..=MAX_SHADOW_ORGS).map(|i| format!("\"o{i}\"")).collect();
+        let text = with(&format!("[rollout]\nshadow_orgs = [{}]\n", many.join(",")));
+        assert_eq!(err_key(&text), "rollout.shadow_orgs");
     }
 }

@@ -11,6 +11,7 @@ pub mod files;
 pub mod h1;
 pub mod identity;
 pub mod routing;
+pub mod scorecard;
 pub mod sse;
 pub mod stats;
 pub mod stream;

@@ -121,7 +121,42 @@ impl AdminApp {
                     }}),
                 )
             }
+            ("GET", "/runtime/shadow") => {
+                let thresholds = self.shared.snapshot().config.shadow.thresholds();
+                let orgs = self
+                    .shared
+                    .scorecard
+                    .lock()
+                    .unwrap()
+                    .reports(&thresholds, now);
+                (
+                    StatusCode::OK,
+                    json!({"success": true, "data": {"orgs": orgs}}),
+                )
+            }
+            ("GET", p) if p.starts_with("/runtime/shadow/") => {
+                let org = &p["/runtime/shadow/".len()..];
+                if org.is_empty() || org.contains('/') {
+                    return not_found();
+                }
+                let thresholds = self.shared.snapshot().config.shadow.thresholds();
+                let report = self
+                    .shared
+                    .scorecard
+                    .lock()
+                    .unwrap()
+                    .report(org, &thresholds, now);
+                match report {
+                    Some(s) => (StatusCode::OK, json!({"success": true, "data": s})),
+                    // Never compared here (or evicted): nothing to judge, as for any unknown path.
+                    None => (
+                        StatusCode::NOT_FOUND,
+                        json!({"success": false, "error": "no shadow comparisons for this org"}),
+                    ),
+                }
+            }
             (_, "/healthz" | "/readyz" | "/runtime/metrics" | "/runtime/fallback/status")
+            | (_, "/runtime/shadow")
             | (_, "/runtime/fallback/reset" | "/runtime/fallback/trip") => (
                 StatusCode::METHOD_NOT_ALLOWED,
                 json!({"success": false, "error": "method not allowed"}),

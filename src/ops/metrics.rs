@@ -59,6 +59,9 @@ pub struct Metrics {
     pub shadow_total: IntCounterVec,
     pub shadow_latency_seconds: HistogramVec,
     pub shadow_events_total: IntCounter,
+    pub shadow_comparisons_total: IntCounterVec,
+    pub shadow_ttfe_seconds: HistogramVec,
+    pub shadow_unpaired_total: IntCounterVec,
     pub file_requests_total: IntCounterVec,
     pub bridge: BridgeMetrics,
     /// Where the series above are registered; `render` exposes it.
@@ -249,6 +252,25 @@ impl Metrics {
                 LATENCY_BUCKETS_SECONDS
             )?,
             shadow_events_total: counter(r, "chat_shadow_events_total", "Runtime events received on shadow streams.")?,
+            shadow_comparisons_total: counter_vec(
+                r,
+                "cutover_shadow_comparisons_total",
+                "Shadow copies compared with the legacy answer the client got, by result (both_ok, runtime_failed, legacy_failed, both_failed); org only for rollout.shadow_orgs, else empty.",
+                &["result", "org"]
+            )?,
+            shadow_ttfe_seconds: histogram_vec(
+                r,
+                "cutover_shadow_ttfe_seconds",
+                "Seconds to the first event of compared shadow requests, by path (legacy, runtime); org only for rollout.shadow_orgs, else empty.",
+                &["path", "org"],
+                FIRST_EVENT_BUCKETS_SECONDS
+            )?,
+            shadow_unpaired_total: counter_vec(
+                r,
+                "cutover_shadow_unpaired_total",
+                "Shadowed requests that gave no comparison, by cause (client_gone: the client abandoned the legacy stream; copy_skipped: the copy could not run).",
+                &["cause"]
+            )?,
             file_requests_total: counter_vec(
                 r,
                 "cutover_runtime_file_requests_total",
@@ -310,8 +332,34 @@ impl Metrics {
         for outcome in ["success", "error", "timeout", "skipped"] {
             self.shadow_total.with_label_values(&[outcome]);
         }
+        for result in crate::core::scorecard::ComparisonResult::ALL {
+            self.shadow_comparisons_total
+                .with_label_values(&[result.as_str(), ""]);
+        }
+        for path in ["legacy", "runtime"] {
+            self.shadow_ttfe_seconds.with_label_values(&[path, ""]);
+        }
+        for cause in ["client_gone", "copy_skipped"] {
+            self.shadow_unpaired_total.with_label_values(&[cause]);
+        }
         for result in ["served", "refused", "failed"] {
             self.file_requests_total.with_label_values(&[result]);
+        }
+    }
+
+    /// Export the shadow series of the orgs on `rollout.shadow_orgs` at 0, as the bounded
+    /// labels are from startup, so the fleet's recording rules see an org's first comparison
+    /// and a result it has not had yet reads 0, not absent. An org taken off the list keeps its
+    /// series until restart: still bounded by what the config ever named.
+    pub fn init_shadow_orgs(&self, orgs: &[String]) {
+        for org in orgs {
+            for result in crate::core::scorecard::ComparisonResult::ALL {
+                self.shadow_comparisons_total
+                    .with_label_values(&[result.as_str(), org]);
+            }
+            for path in ["legacy", "runtime"] {
+                self.shadow_ttfe_seconds.with_label_values(&[path, org]);
+            }
         }
     }
 

@@ -7,9 +7,11 @@ use std::time::{Duration, Instant};
 use crate::app::state::{Active, RequestGuard, Shared};
 use crate::core::identity::Caller;
 use crate::core::routing::RolloutDecision;
+use crate::core::scorecard::StreamObserver;
 use crate::core::stats::Outcome;
 use crate::runtime::connection::OpenFailure;
 use crate::runtime::relay::{InFlight, StreamReport};
+use crate::runtime::shadow::Pair;
 
 /// Everything one request carries between callbacks.
 pub struct RequestCtx {
@@ -37,6 +39,15 @@ pub(super) struct ChatCtx {
     pub in_flight: Option<InFlight>,
     /// When the runtime was asked, once the chat body had been read: its latency starts here.
     pub asked: Option<Instant>,
+    /// A shadow copy of this legacy chat is running: the legacy answer is measured as it
+    /// passes, to be compared with it.
+    pub shadow: Option<LegacyHalf>,
+}
+
+/// The legacy half of a shadowed request.
+pub(super) struct LegacyHalf {
+    pub pair: Pair,
+    pub observer: StreamObserver,
 }
 
 /// What serves a chat request.
@@ -74,6 +85,7 @@ impl ChatCtx {
             body_to_legacy: 0,
             in_flight: None,
             asked: None,
+            shadow: None,
         }
     }
 

@@ -25,10 +25,11 @@ use crate::app::upstream;
 use crate::core::config::Mode;
 use crate::core::identity::Unverified;
 use crate::core::routing::{chat_route, gate, Gated};
+use crate::core::scorecard::StreamObserver;
 use crate::runtime::relay::InFlight;
 
 pub use ctx::RequestCtx;
-use ctx::{ChatCtx, ProbeGuard, Served};
+use ctx::{ChatCtx, LegacyHalf, ProbeGuard, Served};
 use respond::{respond_json, Rejection};
 use serve::{content_length, RuntimePath};
 
@@ -113,7 +114,11 @@ impl ProxyHttp for CutoverProxy {
             return self.serve_runtime(session, req).await;
         }
         let caller = chat.caller.clone();
-        self.maybe_shadow(session, &active, &route, caller).await?;
+        let pair = self.maybe_shadow(session, &active, &route, caller).await?;
+        chat.shadow = pair.map(|pair| LegacyHalf {
+            pair,
+            observer: StreamObserver::new(),
+        });
         Ok(false)
     }
 
@@ -271,6 +276,10 @@ impl ProxyHttp for CutoverProxy {
             if !b.is_empty() {
                 chat.first_byte.get_or_insert_with(|| ctx.started.elapsed());
                 chat.bytes += b.len() as u64;
+                // Only looks: the bytes go on as they came, now.
+                if let Some(half) = chat.shadow.as_mut() {
+                    half.observer.feed(b, half.pair.origin().elapsed());
+                }
             }
         }
         Ok(None)

@@ -9,6 +9,7 @@ use pingora::{Error, ErrorSource, ErrorType};
 use super::ctx::{ChatCtx, RequestCtx, Served};
 use super::CutoverProxy;
 use crate::core::config::Mode;
+use crate::core::scorecard::PathSample;
 use crate::core::stats::{outcome_label, Outcome};
 
 impl CutoverProxy {
@@ -96,6 +97,21 @@ impl CutoverProxy {
             return None;
         }
         let outcome = legacy_outcome(status, e);
+        if let Some(half) = &chat.shadow {
+            let sample = outcome.map(|outcome| {
+                // Legacy succeeded only with a 2xx that ended with `done` and had no `error`.
+                let ok = outcome == Outcome::Success
+                    && (200..300).contains(&status)
+                    && half.observer.succeeded();
+                PathSample {
+                    outcome: if ok { Outcome::Success } else { Outcome::Error },
+                    ttfe: half.observer.first_event,
+                    duration: half.pair.origin().elapsed(),
+                    text_chars: half.observer.text_chars,
+                }
+            });
+            half.pair.legacy(&self.shared, sample);
+        }
         self.count(
             Mode::DirectLlm,
             chat.org(),

@@ -25,7 +25,7 @@ use crate::core::stream::{self, End, Facts};
 use crate::runtime::bridge::Credentials;
 use crate::runtime::connection::{self, OpenFailure, RuntimeStream};
 use crate::runtime::relay::{self, RelayArgs, Saving, StreamReport};
-use crate::runtime::shadow::{Reading, Source};
+use crate::runtime::shadow::{Pair, Reading, Source};
 
 pub(super) fn content_length(session: &Session) -> Option<usize> {
     session
@@ -506,33 +506,38 @@ impl CutoverProxy {
         });
     }
 
-    /// Mirror a share of direct_llm chats to the runtime (`rollout.shadow_percent`). The body is
-    /// read here (kept in Pingora's retry buffer, so legacy still gets it) only for selected
-    /// requests from verified orgs whose body fits the buffer, and only while the breaker is
-    /// closed: a known-bad runtime is not loaded further.
+    /// Mirror a share of direct_llm chats to the runtime (`rollout.shadow_percent`), and every
+    /// one of the orgs on `rollout.shadow_orgs`. The body is read here (kept in Pingora's retry
+    /// buffer, so legacy still gets it) only for selected requests from verified orgs whose body
+    /// fits the buffer, and only while the breaker is closed: a known-bad runtime is not loaded
+    /// further. Returns the pair the legacy answer is compared in, when a copy started.
     pub(super) async fn maybe_shadow(
         &self,
         session: &mut Session,
         active: &Arc<Active>,
         route: &ChatRoute,
         caller: Option<Caller>,
-    ) -> Result<()> {
+    ) -> Result<Option<Pair>> {
         let percent = active.config.rollout.shadow_percent;
-        let Some(caller) = caller else { return Ok(()) };
-        if percent <= 0.0
-            || !crate::core::routing::shadow_selected(percent, fastrand::u64(0..10_000))
+        let Some(caller) = caller else {
+            return Ok(None);
+        };
+        let named = active.config.rollout.shadow_orgs.contains(&caller.org_id);
+        let drawn = percent > 0.0
+            && crate::core::routing::shadow_selected(percent, fastrand::u64(0..10_000));
+        if !(named || drawn)
             || self.shared.breaker.state() != State::Closed
             || content_length(session).is_none_or(|n| n > REPLAY_LIMIT)
         {
-            return Ok(());
+            return Ok(None);
         }
         let by = Instant::now() + Duration::from_millis(active.config.limits.body_timeout_ms);
         // Too large or too slow: legacy still gets what was read, then the rest as it comes.
         let BodyRead::Complete(body) = read_chat_body(session, REPLAY_LIMIT, by).await? else {
-            return Ok(());
+            return Ok(None);
         };
         let Ok(chat_body) = chat::parse_chat_body(&body) else {
-            return Ok(());
+            return Ok(None);
         };
         let session_id = chat::session_id_for(route);
         let source = if active.config.bridge.enabled {
@@ -545,7 +550,7 @@ impl CutoverProxy {
             let start_agent = match route {
                 ChatRoute::Start => match chat_body.agent_id.clone() {
                     Some(agent) => Some(agent),
-                    None => return Ok(()),
+                    None => return Ok(None),
                 },
                 ChatRoute::Session(_) => None,
             };
@@ -560,19 +565,18 @@ impl CutoverProxy {
             let body =
                 chat::RuntimeRequest::standalone(&session_id, &caller, &chat_body, default_agent);
             if body.agent_id.is_none() {
-                return Ok(());
+                return Ok(None);
             }
             Source::Ready(Bytes::from(body.to_bytes()))
         };
-        crate::runtime::shadow::spawn(
+        Ok(crate::runtime::shadow::spawn(
             &self.shared,
             active.clone(),
             session.req_header().clone(),
             &caller.org_id,
             session_id,
             source,
-        );
-        Ok(())
+        ))
     }
 }
 

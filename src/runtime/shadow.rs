@@ -4,10 +4,14 @@
 //! The client's request never waits for it: the copy runs on its own task, concurrency is
 //! bounded (extra copies are skipped, not queued), and shadow outcomes feed only their own
 //! metrics, never the breaker, so the runtime can be judged on real traffic before anyone moves.
+//!
+//! Each copy is compared with the legacy answer the client got for the same request: the two
+//! halves meet in a [`Pair`], and whichever finishes second records the comparison in the
+//! scorecard (`GET /runtime/shadow`) and `cutover_shadow_*`.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use pingora::http::RequestHeader;
@@ -16,6 +20,7 @@ use crate::app::state::{Active, Shared};
 use crate::core::agent2ui::{Mapped, StreamMapper};
 use crate::core::chat::{ChatBody, RuntimeRequest};
 use crate::core::identity::Caller;
+use crate::core::scorecard::{Comparison, Pairing, PathSample, StreamObserver};
 use crate::core::sse::{SseError, SseParser};
 use crate::core::stats::Outcome;
 use crate::core::stream::{self, End, Facts};
@@ -26,6 +31,86 @@ use crate::runtime::bridge::Credentials;
 pub struct ShadowReport {
     pub outcome: Outcome,
     pub events: u64,
+    /// Since the copy started, when its first event (of any kind) arrived.
+    pub first_event: Option<Duration>,
+    /// Characters of Agent2UI text the copy would have sent.
+    pub text_chars: u64,
+}
+
+/// The two halves of one shadowed request: the legacy answer the client got and the runtime
+/// copy, which finish in either order. Both are timed from the same `origin`.
+#[derive(Clone)]
+pub struct Pair(Arc<PairInner>);
+
+struct PairInner {
+    org: String,
+    /// `org` for `rollout.shadow_orgs`, else empty.
+    label: String,
+    origin: Instant,
+    halves: Mutex<Pairing>,
+}
+
+impl Pair {
+    fn new(active: &Active, org: &str, origin: Instant) -> Pair {
+        Pair(Arc::new(PairInner {
+            org: org.to_owned(),
+            label: active.shadow_org_label(org).to_owned(),
+            origin,
+            halves: Mutex::new(Pairing::default()),
+        }))
+    }
+
+    /// When both halves started: their times to first event and durations count from here.
+    pub fn origin(&self) -> Instant {
+        self.0.origin
+    }
+
+    /// The legacy answer is over; `None`: the client abandoned it, so nothing is compared.
+    pub fn legacy(&self, shared: &Shared, sample: Option<PathSample>) {
+        if sample.is_none() {
+            shared
+                .metrics
+                .shadow_unpaired_total
+                .with_label_values(&["client_gone"])
+                .inc();
+        }
+        let joined = self.0.halves.lock().unwrap().legacy(sample);
+        self.settle(shared, joined);
+    }
+
+    /// The copy is over; `None`: it could not run, so nothing is compared.
+    fn runtime(&self, shared: &Shared, sample: Option<PathSample>) {
+        if sample.is_none() {
+            shared
+                .metrics
+                .shadow_unpaired_total
+                .with_label_values(&["copy_skipped"])
+                .inc();
+        }
+        let joined = self.0.halves.lock().unwrap().runtime(sample);
+        self.settle(shared, joined);
+    }
+
+    fn settle(&self, shared: &Shared, joined: Option<Comparison>) {
+        let Some(c) = joined else { return };
+        let m = shared.metrics;
+        let label = self.0.label.as_str();
+        m.shadow_comparisons_total
+            .with_label_values(&[c.result().as_str(), label])
+            .inc();
+        for (path, side) in [("legacy", &c.legacy), ("runtime", &c.runtime)] {
+            if let Some(t) = side.ttfe {
+                m.shadow_ttfe_seconds
+                    .with_label_values(&[path, label])
+                    .observe(t.as_secs_f64());
+            }
+        }
+        shared
+            .scorecard
+            .lock()
+            .unwrap()
+            .record(&self.0.org, &c, Instant::now());
+    }
 }
 
 /// Frees a slot of `shadow_max_inflight` when the copy ends, however it ends (a panic, or its
@@ -59,7 +144,7 @@ pub struct Reading {
 
 /// Start a shadow copy of `org`'s direct_llm chat, unless the concurrency bound is reached
 /// (counted as `skipped`; so is a copy whose conversation the bridge could not read). Returns
-/// whether it started.
+/// the pair the legacy half is reported to, when it started.
 ///
 /// Orgs on `rollout.direct_orgs` are never copied: the denylist wins over everything, and an org
 /// kept off the runtime (by contract, data residency, a known incompatibility) must not have its
@@ -71,11 +156,11 @@ pub fn spawn(
     org: &str,
     session_id: String,
     source: Source,
-) -> bool {
+) -> Option<Pair> {
     let metrics = shared.metrics;
     let denylisted = active.config.rollout.direct_orgs.iter().any(|o| o == org);
     if denylisted || shared.is_draining() {
-        return false;
+        return None;
     }
     let max = active.config.rollout.shadow_max_inflight;
     let admitted = shared
@@ -86,12 +171,14 @@ pub fn spawn(
         .is_ok();
     if !admitted {
         metrics.shadow_total.with_label_values(&["skipped"]).inc();
-        return false;
+        return None;
     }
     let slot = Slot(shared.clone());
     let shared = shared.clone();
+    let pair = Pair::new(&active, org, Instant::now());
+    let half = pair.clone();
     tokio::spawn(async move {
-        let started = Instant::now();
+        let started = half.origin();
         let Some(body) = runtime_body(&shared, &active, &session_id, source).await else {
             drop(slot);
             shared
@@ -99,10 +186,20 @@ pub fn spawn(
                 .shadow_total
                 .with_label_values(&["skipped"])
                 .inc();
+            half.runtime(&shared, None);
             return;
         };
         let report = run(&shared, &active, &downstream, &session_id, body, started).await;
         drop(slot);
+        half.runtime(
+            &shared,
+            Some(PathSample {
+                outcome: report.outcome,
+                ttfe: report.first_event,
+                duration: started.elapsed(),
+                text_chars: report.text_chars,
+            }),
+        );
         let label = report.outcome.as_str();
         let m = shared.metrics;
         m.shadow_total.with_label_values(&[label]).inc();
@@ -116,7 +213,7 @@ pub fn spawn(
             "shadow execution finished"
         );
     });
-    true
+    Some(pair)
 }
 
 /// The runtime request of a copy; `None` when the bridge could not read the conversation.
@@ -170,6 +267,8 @@ async fn run(
                 return ShadowReport {
                     outcome: f.outcome,
                     events: 0,
+                    first_event: None,
+                    text_chars: 0,
                 }
             }
         };
@@ -180,6 +279,9 @@ async fn run(
     let mut count = 0u64;
     let mut completed = false;
     let mut runtime_error = None;
+    let mut first_event = None;
+    // The Agent2UI the copy would have sent, measured the way the legacy answer is.
+    let mut observer = StreamObserver::new();
     let end = 'read: loop {
         // `timeout_at` polls the read before its timer: a flooding runtime, whose read is always
         // ready, would never time out without this check first.
@@ -208,9 +310,14 @@ async fn run(
         }
         events.clear();
         let (body, parsed) = stream.parse_into(&mut parser, &mut events);
+        if !events.is_empty() {
+            first_event.get_or_insert_with(|| started.elapsed());
+        }
         for ev in &events {
             sink.clear();
-            match mapper.map(ev, &mut sink) {
+            let mapped = mapper.map(ev, &mut sink);
+            observer.feed(&sink, Duration::ZERO);
+            match mapped {
                 Mapped::Message(_) | Mapped::Heartbeat => count += 1,
                 Mapped::Complete(_) => {
                     count += 1;
@@ -248,5 +355,7 @@ async fn run(
         // end it sees is the runtime's doing.
         outcome: verdict.outcome.unwrap_or(Outcome::Error),
         events: count,
+        first_event,
+        text_chars: observer.text_chars,
     }
 }
