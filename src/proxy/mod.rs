@@ -6,6 +6,7 @@
 
 mod ctx;
 mod files;
+pub mod front_door;
 mod record;
 mod respond;
 mod serve;
