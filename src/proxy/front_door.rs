@@ -48,7 +48,7 @@ use crate::proxy::CutoverProxy;
 const REFUSAL_WRITE: Duration = Duration::from_secs(1);
 const LINGER: Duration = Duration::from_secs(2);
 const LINGER_BYTES: usize = 2 * 1024 * 1024;
-/// The head buffer starts this small and doubles up to `limits.max_header_bytes`.
+/// The head buffer starts this small, then grows once to `limits.max_header_bytes`.
 const INITIAL_BUFFER: usize = 4096;
 
 /// Open client connections, shared by every worker's front door.
@@ -317,14 +317,20 @@ impl FrontStream {
         }
     }
 
-    /// Read more of a head: at most up to `cap` buffered, the buffer doubling as it fills.
+    /// Read more of a head: at most up to `cap` buffered.
     async fn fill(&mut self) -> io::Result<usize> {
         let room = self.cap.saturating_sub(self.buf.len());
         if room == 0 {
             return Ok(0);
         }
         if self.buf.capacity() == self.buf.len() {
-            let grown = (self.buf.capacity() * 2).clamp(INITIAL_BUFFER, self.cap);
+            // Most heads fit the first few KiB; one that does not goes straight to the limit:
+            // each doubling on the way would leave a freed block behind per connection.
+            let grown = if self.buf.capacity() < INITIAL_BUFFER {
+                INITIAL_BUFFER.min(self.cap)
+            } else {
+                self.cap
+            };
             self.buf.reserve(grown - self.buf.len());
         }
         let spare = (self.buf.capacity() - self.buf.len()).min(room);
@@ -374,6 +380,8 @@ impl FrontStream {
             return;
         }
         Shutdown::shutdown(&mut **inner).await;
+        // The head buffer may be at the limit; what is dropped needs none of it.
+        self.buf = BytesMut::with_capacity(INITIAL_BUFFER);
         let buf = &mut self.buf;
         let _ = timeout(LINGER, async {
             let mut dropped = 0;
