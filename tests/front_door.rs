@@ -235,6 +235,18 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_keepalive_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_keep_alive_connection_is_closed_on_shutdown() {
+    let (_legacy, _runtime, server) = start(|_| {}).await;
+    let mut c = Client::connect(server.proxy_addr).await;
+    c.send("GET", "/api/v1/agents", &[], b"").await;
+    assert_eq!(c.read_response().await.status, 200);
+    assert!(!c.closed_within(Duration::from_millis(100)).await);
+    // Dropping the server raises its shutdown signal; the default keep-alive timeout is 75 s.
+    drop(server);
+    assert!(c.closed_within(Duration::from_secs(2)).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_over_max_connections_are_refused_at_once() {
     let (_legacy, _runtime, server) = start(|c| c.server.max_connections = 2).await;
     let mut held = Vec::new();

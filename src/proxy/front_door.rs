@@ -170,7 +170,7 @@ impl ServerApp for FrontDoor {
         let mut persistent: Option<HttpPersistentSettings> = None;
         let mut first = true;
         loop {
-            let head = match read_head(&mut io, &limits, first, accepted).await {
+            let head = match read_head(&mut io, &limits, first, accepted, shutdown).await {
                 Ok(head) => head,
                 Err(NoHead::Closed) => return None,
                 Err(NoHead::Refused(r)) => {
@@ -222,11 +222,17 @@ async fn read_head(
     limits: &Limits,
     first: bool,
     accepted: Instant,
+    shutdown: &ShutdownWatch,
 ) -> Result<Head, NoHead> {
     if !first && io.buf.is_empty() {
-        match timeout(limits.keepalive_timeout, io.fill()).await {
-            Ok(Ok(n)) if n > 0 => {}
-            _ => return Err(NoHead::Closed),
+        // An idle connection has nothing in flight: on shutdown it goes at once.
+        let mut shutdown = shutdown.clone();
+        tokio::select! {
+            r = timeout(limits.keepalive_timeout, io.fill()) => match r {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return Err(NoHead::Closed),
+            },
+            Ok(_) = shutdown.wait_for(|down| *down) => return Err(NoHead::Closed),
         }
     }
     let deadline = if first {
@@ -362,6 +368,10 @@ impl FrontStream {
     fn between_requests(&mut self) -> bool {
         if matches!(self.phase, Phase::Between) {
             self.phase = Phase::Front;
+            // An idle keep-alive connection should not keep a large head's buffer.
+            if self.buf.is_empty() && self.buf.capacity() > INITIAL_BUFFER {
+                self.buf = BytesMut::new();
+            }
             true
         } else {
             false
