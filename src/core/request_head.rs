@@ -138,6 +138,12 @@ pub fn parse(buf: &[u8], max_header_bytes: usize) -> Result<Option<Head>, Refusa
     if hosts > 1 || (version == 1 && hosts == 0) {
         return Err(Refusal::bad("host"));
     }
+    // httparse leaves trailing whitespace on a value; it is not part of it (RFC 9110 §5.5).
+    let (length, coding, host) = (
+        length.map(<[u8]>::trim_ascii),
+        coding.map(<[u8]>::trim_ascii),
+        host.map(<[u8]>::trim_ascii),
+    );
     if let Some(h) = host {
         if !is_host(h) {
             return Err(Refusal::bad("host"));
@@ -357,6 +363,10 @@ mod tests {
         ok(b"OPTIONS * HTTP/1.1\r\nHost: e\r\n\r\n");
         ok(b"CONNECT e:443 HTTP/1.1\r\nHost: e:443\r\n\r\n");
         ok(b"GET /a?b=%20c&d=[1] HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n");
+        let h = ok(b"POST / HTTP/1.1\r\nHost: e \r\nContent-Length: 5 \r\n\r\n");
+        assert_eq!(h.framing, Framing::Length(5));
+        let h = ok(b"POST / HTTP/1.1\r\nHost: e\r\nTransfer-Encoding: chunked\t\r\n\r\n");
+        assert_eq!(h.framing, Framing::Chunked);
     }
 
     #[test]

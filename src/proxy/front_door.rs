@@ -212,6 +212,12 @@ impl ServerApp for FrontDoor {
             first = false;
         }
     }
+
+    /// Pingora calls this once the listener has stopped: the proxy then stops keeping
+    /// connections alive.
+    async fn cleanup(&self) {
+        self.proxy.http_cleanup().await
+    }
 }
 
 /// Read the next head into `io`'s buffer: the first under one deadline from `accepted`, later
