@@ -637,3 +637,123 @@ impl GetSocketDigest for FrontStream {
 /// No peeking: bytes the front door has buffered would be skipped.
 #[async_trait]
 impl Peek for FrontStream {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus::Opts;
+    use proptest::prelude::*;
+
+    fn limits() -> Limits {
+        Limits {
+            max_header_bytes: 32 * 1024,
+            header_timeout: Duration::from_secs(5),
+            keepalive_timeout: Duration::from_secs(5),
+            max_connections: 1,
+        }
+    }
+
+    /// What Pingora would read, request by request, from a client that sends `pieces` and
+    /// closes; `Err` with what was read before a refusal.
+    async fn requests_read(pieces: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>, Vec<Vec<u8>>> {
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let writer = tokio::spawn(async move {
+            for p in pieces {
+                if client.write_all(&p).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let rejections = IntCounterVec::new(Opts::new("r", "r"), &["reason"]).unwrap();
+        let mut io = FrontStream::new(Box::new(server), limits().max_header_bytes, rejections);
+        let (_tx, shutdown) = tokio::sync::watch::channel(false);
+        let mut requests = Vec::new();
+        let mut first = true;
+        loop {
+            let head = match read_head(&mut io, &limits(), first, Instant::now(), &shutdown).await {
+                Ok(head) => head,
+                Err(NoHead::Closed) => break,
+                Err(_) => return Err(requests),
+            };
+            io.begin(head);
+            let mut request = Vec::new();
+            while !matches!(io.phase, Phase::Between) {
+                let mut buf = [0u8; 700];
+                match io.read(&mut buf).await {
+                    Ok(n) if n > 0 => request.extend_from_slice(&buf[..n]),
+                    _ => return Err(requests),
+                }
+            }
+            requests.push(request);
+            assert!(io.between_requests());
+            first = false;
+        }
+        writer.await.unwrap();
+        Ok(requests)
+    }
+
+    fn run<T>(f: impl std::future::Future<Output = T>) -> T {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    fn request() -> impl Strategy<Value = Vec<u8>> {
+        let body = proptest::collection::vec(any::<u8>(), 0..300);
+        prop_oneof![
+            "/[a-z]{0,8}".prop_map(|p| format!("GET {p} HTTP/1.1\r\nHost: e\r\n\r\n").into_bytes()),
+            body.clone().prop_map(|b| {
+                let mut r = format!(
+                    "POST /l HTTP/1.1\r\nHost: e\r\nContent-Length: {}\r\n\r\n",
+                    b.len()
+                )
+                .into_bytes();
+                r.extend_from_slice(&b);
+                r
+            }),
+            (body, 1usize..100).prop_map(|(b, size)| {
+                let mut r =
+                    b"POST /c HTTP/1.1\r\nHost: e\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+                for chunk in b.chunks(size) {
+                    r.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+                    r.extend_from_slice(chunk);
+                    r.extend_from_slice(b"\r\n");
+                }
+                r.extend_from_slice(b"0\r\n\r\n");
+                r
+            }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn pipelined_requests_in_any_split_reach_pingora_one_at_a_time_and_whole(
+            requests in proptest::collection::vec(request(), 1..6),
+            cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..12),
+        ) {
+            let all: Vec<u8> = requests.concat();
+            let mut cuts: Vec<usize> = cuts.iter().map(|c| c.index(all.len() + 1)).collect();
+            cuts.sort();
+            cuts.dedup();
+            let mut pieces = Vec::new();
+            let mut at = 0;
+            for cut in cuts.into_iter().chain([all.len()]) {
+                pieces.push(all[at..cut].to_vec());
+                at = cut;
+            }
+            prop_assert_eq!(run(requests_read(pieces)), Ok(requests));
+        }
+    }
+
+    #[test]
+    fn a_broken_chunk_stops_the_connection_before_the_next_request() {
+        let smuggling = b"POST /empty2 HTTP/1.1\r\nHost: example\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n\r\n31\r\nX: y\r\n\r\nGET /SMUGGLED HTTP/1.1\r\nHost: example\r\n\r\n\r\n0\r\n\r\n";
+        for split in [smuggling.len(), 80, 83] {
+            let pieces = vec![smuggling[..split].to_vec(), smuggling[split..].to_vec()];
+            assert_eq!(run(requests_read(pieces)), Err(vec![]), "{split}");
+        }
+    }
+}
