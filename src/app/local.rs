@@ -14,6 +14,7 @@ use crate::app::state::Shared;
 use crate::core::config::Config;
 use crate::ops::admin::{AdminApp, MetricsApp};
 use crate::ops::{health, reload};
+use crate::proxy::front_door::{ConnectionCount, FrontDoor};
 use crate::proxy::CutoverProxy;
 
 /// The services on ephemeral loopback ports, inside the current tokio runtime.
@@ -32,9 +33,11 @@ impl LocalServer {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let server_conf = Arc::new(ServerConf::default());
 
-        let proxy = Arc::new(pingora::proxy::http_proxy(
-            &server_conf,
-            CutoverProxy::new(shared.clone()),
+        let proxy = pingora::proxy::http_proxy(&server_conf, CutoverProxy::new(shared.clone()));
+        let proxy = Arc::new(FrontDoor::new(
+            proxy,
+            shared.clone(),
+            Arc::new(ConnectionCount::default()),
         ));
         let proxy_addr = serve(proxy, shutdown_rx.clone()).await?;
         let admin_addr =

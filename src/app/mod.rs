@@ -24,6 +24,7 @@ use pingora::listeners::{L4BufferSettings, ListenerConfig, TcpSocketOptions};
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server};
 use pingora::services::background::{background_service, BackgroundService};
+use pingora::services::listening::Service;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -32,6 +33,7 @@ use crate::app::state::Shared;
 use crate::core::config::Config;
 use crate::ops::admin::{AdminApp, MetricsApp};
 use crate::ops::{health, reload};
+use crate::proxy::front_door::{ConnectionCount, FrontDoor};
 use crate::proxy::CutoverProxy;
 
 struct HealthService(Arc<Shared>);
@@ -146,27 +148,30 @@ pub fn run(config_path: PathBuf, config: Config) -> ! {
     // thread that accepted it, with that thread's upstream keepalive pool. One multi-threaded
     // Pingora service instead accepts on one thread and hands each connection, and each pooled
     // connection's idle watcher, to a random thread: cross-thread wake-ups on most requests.
+    // `server.max_connections` counts the connections of every worker.
+    let open = Arc::new(ConnectionCount::default());
     for (i, listen) in worker_listen_addresses(&config.server.listen, config.server.threads)
         .into_iter()
         .enumerate()
     {
-        let mut proxy = pingora::proxy::http_proxy_service_with_name(
-            &server.configuration,
-            CutoverProxy::new(shared.clone()),
-            &format!("cutover-proxy-{i}"),
+        let proxy =
+            pingora::proxy::http_proxy(&server.configuration, CutoverProxy::new(shared.clone()));
+        let mut front = Service::new(
+            format!("cutover-proxy-{i}"),
+            FrontDoor::new(proxy, shared.clone(), open.clone()),
         );
-        proxy.threads = Some(1);
+        front.threads = Some(1);
         let mut socket = TcpSocketOptions::default();
         socket.so_reuseport = Some(true);
-        // Pingora's session already reads into its own header and body buffers; its default
-        // 64 KiB read buffer per client connection only adds a copy and resident memory per
-        // held stream.
-        proxy.add_listener(
+        // The front door and Pingora's session read into their own head and body buffers;
+        // Pingora's default 64 KiB read buffer per client connection only adds a copy and
+        // resident memory per held stream.
+        front.add_listener(
             ListenerConfig::tcp(&listen)
                 .tcp_socket_options(socket)
                 .l4_buffer(L4BufferSettings::default().read(0)),
         );
-        server.add_service(proxy);
+        server.add_service(front);
     }
     server.add_service(background_service(
         "admin",

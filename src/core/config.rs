@@ -99,6 +99,16 @@ pub struct ServerConfig {
     /// On SIGTERM, how long in-flight streams may run before they are ended with an error event.
     #[serde(default = "defaults::grace_period_secs")]
     pub grace_period_secs: u64,
+    /// A client's whole request head must arrive within this long of its first byte (of the
+    /// connection, for the first request); else 408 and close. Not restarted by each byte.
+    #[serde(default = "defaults::header_timeout_ms")]
+    pub header_timeout_ms: u64,
+    /// An idle client connection between requests is closed after this long.
+    #[serde(default = "defaults::keepalive_timeout_ms")]
+    pub keepalive_timeout_ms: u64,
+    /// Client connections open at once (all workers); more are answered 503 and closed.
+    #[serde(default = "defaults::max_connections")]
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -262,6 +272,9 @@ pub struct LimitsConfig {
     /// How long a runtime-bound chat body may take to arrive once its head is in; longer is 408.
     #[serde(default = "defaults::body_timeout_ms")]
     pub body_timeout_ms: u64,
+    /// Largest client request head (request line and headers); larger ones get 431.
+    #[serde(default = "defaults::max_header_bytes")]
+    pub max_header_bytes: usize,
 }
 
 /// The conversation bridge: the legacy API's REST routes the proxy reads a session's agent and
@@ -306,6 +319,18 @@ mod defaults {
     }
     pub fn grace_period_secs() -> u64 {
         25
+    }
+    pub fn header_timeout_ms() -> u64 {
+        10_000
+    }
+    pub fn keepalive_timeout_ms() -> u64 {
+        75_000
+    }
+    pub fn max_connections() -> usize {
+        10_000
+    }
+    pub fn max_header_bytes() -> usize {
+        32 * 1024
     }
     pub fn connect_timeout_ms() -> u64 {
         1000
@@ -499,6 +524,7 @@ impl Default for LimitsConfig {
             max_tracked_orgs: defaults::max_tracked_orgs(),
             max_client_event_bytes: defaults::max_client_event_bytes(),
             body_timeout_ms: defaults::body_timeout_ms(),
+            max_header_bytes: defaults::max_header_bytes(),
         }
     }
 }
@@ -578,6 +604,24 @@ impl Config {
             self.server.grace_period_secs as f64,
             0.0,
             3600.0,
+        )?;
+        check_range(
+            "server.header_timeout_ms",
+            self.server.header_timeout_ms as f64,
+            1.0,
+            600_000.0,
+        )?;
+        check_range(
+            "server.keepalive_timeout_ms",
+            self.server.keepalive_timeout_ms as f64,
+            1.0,
+            3_600_000.0,
+        )?;
+        check_range(
+            "server.max_connections",
+            self.server.max_connections as f64,
+            1.0,
+            1_000_000.0,
         )?;
         check_addr("legacy.address", &self.legacy.address)?;
         check_addr("runtime.address", &self.runtime.address)?;
@@ -695,6 +739,13 @@ impl Config {
             self.limits.body_timeout_ms as f64,
             1.0,
             600_000.0,
+        )?;
+        // Pingora's own head limit is just under 1 MiB; the head is handed to it whole.
+        check_range(
+            "limits.max_header_bytes",
+            self.limits.max_header_bytes as f64,
+            1024.0,
+            (1024 * 1024 - 1) as f64,
         )?;
         let agent = &self.runtime.default_agent_id;
         if !agent.is_empty() && !crate::core::bridge::is_safe_id(agent) {
@@ -1230,6 +1281,39 @@ address = "runtime:8000"
         assert_eq!(c.limits.body_timeout_ms, 250);
         for bad in ["body_timeout_ms = 0", "body_timeout_ms = 600001"] {
             assert_eq!(err_key(&limits(bad)), "limits.body_timeout_ms", "{bad}");
+        }
+    }
+
+    #[test]
+    fn front_door_limits_have_defaults_and_ranges() {
+        let c = Config::parse(MINIMAL).unwrap();
+        assert_eq!(c.server.header_timeout_ms, 10_000);
+        assert_eq!(c.server.keepalive_timeout_ms, 75_000);
+        assert_eq!(c.server.max_connections, 10_000);
+        assert_eq!(c.limits.max_header_bytes, 32 * 1024);
+        let server = |line: &str| MINIMAL.replacen("[server]\n", &format!("[server]\n{line}\n"), 1);
+        let c = Config::parse(&server("header_timeout_ms = 250\nmax_connections = 3")).unwrap();
+        assert_eq!(
+            (c.server.header_timeout_ms, c.server.max_connections),
+            (250, 3)
+        );
+        for (line, key) in [
+            ("header_timeout_ms = 0", "server.header_timeout_ms"),
+            ("keepalive_timeout_ms = 0", "server.keepalive_timeout_ms"),
+            ("max_connections = 0", "server.max_connections"),
+        ] {
+            assert_eq!(err_key(&server(line)), key, "{line}");
+        }
+        let limits = |line: &str| format!("{MINIMAL}[limits]\n{line}\n");
+        assert_eq!(
+            Config::parse(&limits("max_header_bytes = 4096"))
+                .unwrap()
+                .limits
+                .max_header_bytes,
+            4096
+        );
+        for bad in ["max_header_bytes = 100", "max_header_bytes = 1048576"] {
+            assert_eq!(err_key(&limits(bad)), "limits.max_header_bytes", "{bad}");
         }
     }
 

@@ -64,6 +64,7 @@ pub struct Metrics {
     pub shadow_unpaired_total: IntCounterVec,
     pub file_requests_total: IntCounterVec,
     pub bridge: BridgeMetrics,
+    pub front_door: FrontDoorMetrics,
     /// Where the series above are registered; `render` exposes it.
     registry: Registry,
 }
@@ -278,6 +279,7 @@ impl Metrics {
                 &["result"]
             )?,
             bridge: BridgeMetrics::register(r)?,
+            front_door: FrontDoorMetrics::register(r)?,
             registry: registry.clone(),
         };
         for state in ["closed", "open", "half_open"] {
@@ -401,6 +403,34 @@ impl Metrics {
 /// The conversation bridge's series: its calls to legacy, its cache and the assistant messages
 /// it could not save. Labels are the bridge's routes and results, all exported at 0 from
 /// startup so the alerts see the first failure.
+/// The client-facing HTTP/1 front door (`proxy::front_door`).
+pub struct FrontDoorMetrics {
+    pub rejections_total: IntCounterVec,
+    pub connections: IntGauge,
+}
+
+impl FrontDoorMetrics {
+    fn register(r: &Registry) -> prometheus::Result<FrontDoorMetrics> {
+        let m = FrontDoorMetrics {
+            rejections_total: counter_vec(
+                r,
+                "cutover_front_door_rejections_total",
+                "Client requests and connections the front door refused before the proxy saw them, by reason.",
+                &["reason"]
+            )?,
+            connections: gauge(
+                r,
+                "cutover_front_door_connections",
+                "Client connections open now, all workers."
+            )?,
+        };
+        for reason in crate::core::request_head::REASONS {
+            m.rejections_total.with_label_values(&[reason]);
+        }
+        Ok(m)
+    }
+}
+
 pub struct BridgeMetrics {
     pub requests_total: IntCounterVec,
     pub request_duration_seconds: HistogramVec,

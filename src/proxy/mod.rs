@@ -3,9 +3,12 @@
 //! `request_filter` decides the mode of a chat request and, on the runtime path, answers it itself
 //! (`serve`); everything else (legacy chat, failover, every other route) is proxied to legacy
 //! untouched by Pingora. `logging` is the one place where outcomes are counted (`record`).
+//! In front of it all, `front_door` reads each request head itself, bounded and strict, and
+//! hands the connection to Pingora one request at a time.
 
 mod ctx;
 mod files;
+pub mod front_door;
 mod record;
 mod respond;
 mod serve;
