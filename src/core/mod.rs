@@ -6,6 +6,7 @@ pub mod agent2ui;
 pub mod breaker;
 pub mod bridge;
 pub mod chat;
+pub mod commit;
 pub mod config;
 pub mod files;
 pub mod h1;
