@@ -330,7 +330,8 @@ pub async fn relay(session: &mut Session, stream: RuntimeStream, mut args: Relay
                             .with_label_values(&["unknown_event"])
                             .inc(),
                     }
-                    if report.first_write.is_none() && !out.is_empty() {
+                    // Held events wait for the commit.
+                    if report.first_write.is_none() && !out.is_empty() && held.is_none() {
                         // The first event leaves at once instead of after the whole first read
                         // (up to 32 KiB of frames) is rewritten: time to first event is what
                         // the user sees.
@@ -446,7 +447,9 @@ pub async fn relay(session: &mut Session, stream: RuntimeStream, mut args: Relay
                 report.detail = Some(closing.message.clone());
             }
         }
-        if !out.is_empty() {
+        if held.is_some() {
+            // Nothing leaves before the commit.
+        } else if !out.is_empty() {
             let bytes = Bytes::from(std::mem::take(&mut out));
             report.bytes += bytes.len() as u64;
             user_message_saved(&mut user_saved).await;
