@@ -454,11 +454,15 @@ impl CommitMetrics {
     pub const STAGES: [&'static str; 2] = ["before_head", "before_commit"];
 
     fn register(r: &Registry) -> prometheus::Result<CommitMetrics> {
-        let opts = HistogramOpts::new(
+        // One unlabelled child, looked up once here rather than per stream.
+        let wait_seconds = histogram_vec(
+            r,
             "cutover_commit_wait_seconds",
             "Seconds from the runtime's response head to the commit (the client's head is held meanwhile).",
-        )
-        .buckets(COMMIT_WAIT_BUCKETS_SECONDS.to_vec());
+            &[],
+            COMMIT_WAIT_BUCKETS_SECONDS
+        )?
+        .with_label_values::<&str>(&[]);
         let m = CommitMetrics {
             commits_total: counter_vec(
                 r,
@@ -466,7 +470,7 @@ impl CommitMetrics {
                 "Runtime streams committed to, by trigger (head, content, first_event, timeout, heartbeat, cancel, overflow, deadline, shutdown).",
                 &["trigger"]
             )?,
-            wait_seconds: reg(r, prometheus::Histogram::with_opts(opts)?)?,
+            wait_seconds,
             failovers_total: counter_vec(
                 r,
                 "cutover_runtime_failovers_total",
