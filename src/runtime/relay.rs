@@ -234,11 +234,12 @@ pub async fn relay(session: &mut Session, stream: RuntimeStream, mut args: Relay
                             None => {}
                             // Counted as written at the commit.
                             Some(Step::Hold) => continue,
-                            Some(Step::FailOver | Step::Abandon) => {
+                            Some(Step::FailOver) => {
                                 return Relayed::FailOver {
                                     detail: before_commit(&mapped),
                                 }
                             }
+                            Some(Step::Abandon) => return Relayed::Served(report),
                             Some(Step::Commit(trigger)) => {
                                 let h = held.take().expect("held");
                                 match commit(session, &args, h, trigger, &mut report, &mut tally)
@@ -407,7 +408,9 @@ pub async fn relay(session: &mut Session, stream: RuntimeStream, mut args: Relay
                         Err(()) => return Relayed::Served(report),
                     }
                 }
-                Step::FailOver | Step::Abandon | Step::Hold => {
+                Step::Abandon => return Relayed::Served(report),
+                Step::Hold => unreachable!("the end of a stream is never held"),
+                Step::FailOver => {
                     let facts = Facts {
                         client: true,
                         completed,
