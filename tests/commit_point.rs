@@ -489,3 +489,63 @@ async fn with_the_bridge_the_user_message_is_saved_at_the_commit() {
     assert_eq!(messages[3]["content"], "new");
     assert_eq!(messages[4]["content"], "ok");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deadline_while_held_commits_and_answers_timeout() {
+    let h = Harness::new()
+        .runtime(runtime(vec![Step::Send(thinking("planning")), Step::Hang]))
+        .config(|c| {
+            c.runtime.execution_timeout_ms = 400;
+            c.runtime.commit_timeout_ms = 300;
+        })
+        .start()
+        .await;
+    let r = h.chat("org-a").send().await;
+    assert_served(&r, RT, "allowlist");
+    assert_eq!(names(&r), ["message", "error"]);
+    assert_eq!(data(&r.events()[1])["code"], "TIMEOUT");
+    // The commit timeout came first here; with the deadline first the answer is the same.
+    let h2 = Harness::new()
+        .runtime(runtime(vec![Step::Send(thinking("planning")), Step::Hang]))
+        .config(|c| c.runtime.execution_timeout_ms = 400)
+        .start()
+        .await;
+    let r = h2.chat("org-a").send().await;
+    assert_served(&r, RT, "allowlist");
+    assert_eq!(names(&r), ["message", "error"]);
+    assert_eq!(data(&r.events()[1])["code"], "TIMEOUT");
+    assert_eq!(
+        metric(&h2, "cutover_commit_total", &[("trigger", "deadline")]),
+        1.0
+    );
+    recorded(&h2, 1, 0).await;
+    assert_eq!(
+        metric(&h2, "chat_execution_timeout_total", &[("mode", RT)]),
+        1.0
+    );
+    assert!(h.legacy.work().is_empty() && h2.legacy.work().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runtime_that_only_thinks_is_committed_to_when_too_much_is_held() {
+    let n = cutover_proxy::core::commit::MAX_HELD_EVENTS;
+    let mut steps: Vec<Step> = (0..n + 2)
+        .map(|i| Step::Send(thinking(&format!("step {i}"))))
+        .collect();
+    steps.push(Step::Send(failed("LLM_ERROR")));
+    let h = Harness::new().runtime(runtime(steps)).start().await;
+    let r = h.chat("org-a").send().await;
+    assert_served(&r, RT, "allowlist");
+    let names = names(&r);
+    assert_eq!(names.len(), n + 3, "{names:?}");
+    assert_eq!(names.last().map(String::as_str), Some("error"));
+    let events = r.events();
+    for (i, ev) in events.iter().take(n + 2).enumerate() {
+        assert_eq!(data(ev)["data"]["content"], format!("step {i}"), "in order");
+    }
+    assert_eq!(
+        metric(&h, "cutover_commit_total", &[("trigger", "overflow")]),
+        1.0
+    );
+    assert!(h.legacy.work().is_empty());
+}
