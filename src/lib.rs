@@ -5,7 +5,7 @@
 //! - [`core`]: pure decisions and formats, no I/O (no Pingora, no tokio, no sockets): config,
 //!   identity, routing, the chat request, the conversation bridge's rules, SSE parsing, the
 //!   runtime's HTTP/1 response decoding, Agent2UI mapping, signed file links, the stream verdict,
-//!   execution stats and the breaker.
+//!   the commit point, execution stats and the breaker.
 //! - [`runtime`]: the runtime connection, the relay that streams one execution to the client,
 //!   shadow copies, and the conversation bridge's legacy client.
 //! - [`proxy`]: the Pingora `ProxyHttp` glue for the client-facing listener.
