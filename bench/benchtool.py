@@ -162,8 +162,12 @@ def dechunk(body):
         i = j + 2 + size + 2
 
 
-def one_stream(host, port, path, token, body, timeout, request_id=None):
-    """One request on a fresh connection. Returns (first_event_s, total_s, body bytes)."""
+FIRST_CONTENT = b'"type":"text"'
+
+
+def one_stream(host, port, path, token, body, timeout, request_id=None, timings=None):
+    """One request on a fresh connection. Returns (first_event_s, total_s, body bytes); with
+    `timings` (a dict), also sets its "first_content_s": when the first text event arrived."""
     req = chat_request(host, port, path, token, body, request_id=request_id)
     t0 = time.perf_counter()
     s = socket.create_connection((host, port), timeout=timeout)
@@ -195,6 +199,8 @@ def one_stream(host, port, path, token, body, timeout, request_id=None):
             head_end += 4
         if first is None and EVENT_END.search(buf, head_end):
             first = time.perf_counter() - t0
+        if timings is not None and "first_content_s" not in timings and buf.find(FIRST_CONTENT, head_end) >= 0:
+            timings["first_content_s"] = time.perf_counter() - t0
         if length is not None and len(buf) - head_end >= length:
             total = time.perf_counter() - t0
             break
@@ -220,13 +226,14 @@ def pct(values, p):
 def sse_cmd(args):
     token = make_jwt(args.org, "bench-user", os.environ[args.secret_env]) if args.org else None
     body = json.dumps({"message": "benchmark"}).encode()
-    firsts, totals = [], []
+    firsts, totals, contents = [], [], []
     events = None
     cpu0 = cputime(args.cpu_pid) if args.cpu_pid else None
     for i in range(args.warmup + args.count):
         # The runtime stand-in answers the short stream to request ids starting "short-".
+        timings = {}
         first, total, payload = one_stream(args.host, args.port, args.path, token, body,
-                                           args.timeout, f"{args.stream}-{os.getpid()}-{i}")
+                                           args.timeout, f"{args.stream}-{os.getpid()}-{i}", timings)
         if args.kind == "proxy":
             n = payload.count(b"event: message\n") + payload.count(b"event: done\n")
             if b"event: error" in payload:
@@ -241,6 +248,8 @@ def sse_cmd(args):
         if i >= args.warmup:
             firsts.append(first)
             totals.append(total)
+            if "first_content_s" in timings:
+                contents.append(timings["first_content_s"])
     cpu = cputime(args.cpu_pid) - cpu0 if args.cpu_pid else None
     res = {
         "kind": args.kind,
@@ -250,6 +259,7 @@ def sse_cmd(args):
         "count": args.count,
         "events_per_stream": events,
         "first_event_s": firsts,
+        "first_content_s": contents,
         "total_s": totals,
         "cpu_s": cpu,  # CPU used by --cpu-pid (the proxy) over warm-up + measured streams
         "streams_for_cpu": args.warmup + args.count,
@@ -261,6 +271,57 @@ def sse_cmd(args):
           f"first event p50 {ms(pct(firsts, 50))} p99 {ms(pct(firsts, 99))}; "
           f"total p50 {ms(pct(totals, 50))} p99 {ms(pct(totals, 99))}"
           + (f"; proxy CPU {cpu:.2f} s" if cpu is not None else ""))
+
+
+# --------------------------------------------------------------------------------------------
+# commit point: a runtime that plans before it answers
+
+
+class PlanningRuntime(BaseHTTPRequestHandler):
+    """A runtime that thinks before it answers, like the real one: two `thinking` events
+    `gap` seconds apart, then after another gap the text, `execution_complete` and [DONE], each
+    frame flushed on its own (chunked, keep-alive, as uvicorn serves sse-starlette)."""
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    gap = 0.02
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        body = b'{"status":"ok"}'
+        self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                         + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                         b"Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n")
+        ts = "2026-02-09T10:00:00.000000+00:00"
+
+        def frame(event, data):
+            f = ("data: " + json.dumps({"event": event, "data": data, "timestamp": ts}) + "\r\n\r\n").encode()
+            self.wfile.write(f"{len(f):x}\r\n".encode() + f + b"\r\n")
+            self.wfile.flush()
+
+        frame("thinking", {"content": "reading the question", "stage": "planning"})
+        time.sleep(self.gap)
+        frame("thinking", {"content": "choosing a tool", "stage": "planning"})
+        time.sleep(self.gap)
+        frame("text_chunk", {"content": "Here is the answer."})
+        frame("execution_complete", {"final_response": "Here is the answer."})
+        done = b"data: [DONE]\r\n\r\n"
+        self.wfile.write(f"{len(done):x}\r\n".encode() + done + b"\r\n0\r\n\r\n")
+        self.wfile.flush()
+
+
+def planning_runtime_cmd(args):
+    PlanningRuntime.gap = args.gap_ms / 1000.0
+    srv = ThreadingHTTPServer(("127.0.0.1", args.port), PlanningRuntime)
+    srv.daemon_threads = True
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    srv.serve_forever()
 
 
 # --------------------------------------------------------------------------------------------
@@ -637,6 +698,9 @@ def report_cmd(args):
     if have("bridge.json"):
         section(4)
         report_bridge(out, w)
+    if have("commit.json"):
+        section(5)
+        report_commit(out, w)
     write_results(args.results, header, sections)
 
 
@@ -655,9 +719,9 @@ def write_results(path, header, sections):
         while old_header and not old_header[-1]:
             old_header.pop()
         old_header.append("")
-    missing = [n for n in (1, 2, 3, 4) if n not in sections and n in old]
+    missing = [n for n in (1, 2, 3, 4, 5) if n not in sections and n in old]
     merged = []
-    for n in (1, 2, 3, 4):
+    for n in (1, 2, 3, 4, 5):
         body = sections.get(n) or old.get(n) or []
         while body and not body[-1]:
             body = body[:-1]
@@ -668,14 +732,14 @@ def write_results(path, header, sections):
     w("## Reproduce")
     w("")
     w("```sh")
-    w("make bench                 # ~5 minutes: release build, all four sections, this file")
+    w("make bench                 # ~5 minutes: release build, all five sections, this file")
     w("BENCH_QUICK=1 make bench   # ~1 minute smoke run (short runs, one round, 1k idle streams)")
     w("BENCH_SECTIONS=4 bench/run.sh   # only section 4 (release build first); the others stay as they are here")
     w("```")
     w("")
     w("Knobs (environment): `BENCH_SECTIONS`, `BENCH_ROUNDS`, `BENCH_DURATION`, `BENCH_CONNS`, "
       "`BENCH_WRK_THREADS`, `BENCH_PROXY_THREADS` (space-separated list, one proxy per value), "
-      "`BENCH_SSE_STREAMS`, `BENCH_BRIDGE_STREAMS`, `BENCH_IDLE_N`, `BENCH_NGINX_AUTO`, "
+      "`BENCH_SSE_STREAMS`, `BENCH_BRIDGE_STREAMS`, `BENCH_COMMIT_STREAMS`, `BENCH_PLAN_GAP_MS`, `BENCH_IDLE_N`, `BENCH_NGINX_AUTO`, "
       "`CUTOVER_PROXY_BIN`. See the top of `bench/run.sh`.")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -907,6 +971,43 @@ def report_bridge(out, w):
 
 
 
+def report_commit(out, w):
+    cm = json.load(open(os.path.join(out, "commit.json")))
+    w("## 5. The commit point: time to first content, commit on and off")
+    w("")
+    w(f"Measured by `{cm['command']}` on {cm['date']} (commit {cm['commit']}, load average "
+      f"{cm['loadavg']}). A runtime stand-in that plans (`benchtool.py planning-runtime`: two "
+      f"`thinking` events {cm['gap_ms']} ms apart, then after another {cm['gap_ms']} ms the text, "
+      "`execution_complete` and [DONE]) through four cutover-proxy instances (1 thread each): "
+      "*commit on* is the default (`commit_on = \"content\"`, `commit_timeout_ms = 5000`: the "
+      "`thinking` events are held until the text), *commit off* is `commit_timeout_ms = 0` "
+      "(committed at the runtime's head, every event written as it comes), each with the bridge "
+      "off and on (section 4's legacy stand-in; with the bridge on the user message's save "
+      "starts at the commit, so with commit on it is no longer overlapped with the runtime's "
+      "thinking). First event: the first event the client gets; first content: its first `text` "
+      f"event. {cm['rounds']} round(s) × {cm['per_round']} streams per case, interleaved; "
+      "percentiles over all streams.")
+    w("")
+    w("| case | streams | first event p50 | first content p50 | first content p99 | total p50 "
+      "| first content p50 over commit off |")
+    w("|---|---:|---:|---:|---:|---:|---:|")
+    agg = {}
+    for c in cm["cases"]:
+        runs = [r for r in cm["runs"] if r.get("kind") == "proxy" and r.get("case") == c["name"]]
+        f = [x for r in runs for x in r["first_event_s"]]
+        fc = [x for r in runs for x in r.get("first_content_s", [])]
+        t = [x for r in runs for x in r["total_s"]]
+        if not fc:
+            continue
+        agg[c["name"]] = a = {"f50": pct(f, 50), "c50": pct(fc, 50), "c99": pct(fc, 99),
+                              "t50": pct(t, 50), "n": len(fc)}
+        base = agg.get(c["name"].replace("on-", "off-"))
+        over = "–" if c["name"].startswith("off-") or not base else f"{(a['c50'] - base['c50']) * 1e3:+.2f} ms"
+        w(f"| {c['label']} | {a['n']} | {fmt(a['f50'] * 1e3)} ms | {fmt(a['c50'] * 1e3)} ms "
+          f"| {fmt(a['c99'] * 1e3)} ms | {fmt(a['t50'] * 1e3)} ms | {over} |")
+    w("")
+
+
 # --------------------------------------------------------------------------------------------
 
 
@@ -963,6 +1064,11 @@ def main():
     s.add_argument("--hold", type=float, default=300, help="give up holding after this long")
     s.add_argument("--ready-file", required=True)
     s.set_defaults(fn=idle_client_cmd)
+
+    s = sub.add_parser("planning-runtime")
+    s.add_argument("--port", type=int, required=True)
+    s.add_argument("--gap-ms", type=float, default=20)
+    s.set_defaults(fn=planning_runtime_cmd)
 
     s = sub.add_parser("bridge-legacy")
     s.add_argument("--port", type=int, required=True)

@@ -8,6 +8,8 @@
 #   3. N idle SSE streams held through the proxy (and nginx): RSS per stream
 #   4. the conversation bridge: first event with the bridge off, on (cached lookups) and on
 #      without the cache, against a legacy stand-in with the bridge's routes; one legacy round trip
+#   5. the commit point: time to first content from a runtime that plans (two thinking events,
+#      then text), commit on (the default) vs off (commit_timeout_ms = 0), bridge off and on
 #
 # Usage: make bench          (release build, then this script; ~5 minutes)
 #        BENCH_QUICK=1 make bench   (~1 minute smoke run)
@@ -42,8 +44,10 @@ PROXY_THREADS=${BENCH_PROXY_THREADS:-1 2}     # one cutover-proxy per value, all
 SSE_THREADS=${BENCH_SSE_THREADS:-2}           # the proxy used for section 3 (section 2 runs each)
 UPSTREAM_WORKERS=${BENCH_UPSTREAM_WORKERS:-1}
 SSE_CHUNKS=${BENCH_SSE_CHUNKS:-10000}
-SECTIONS=${BENCH_SECTIONS:-1 2 3 4}
+SECTIONS=${BENCH_SECTIONS:-1 2 3 4 5}
 BRIDGE_STREAMS=${BENCH_BRIDGE_STREAMS:-$((SSE_STREAMS * 2))}   # per case and round
+COMMIT_STREAMS=${BENCH_COMMIT_STREAMS:-$SSE_STREAMS}            # per case and round
+PLAN_GAP_MS=${BENCH_PLAN_GAP_MS:-20}                            # between the planning runtime's events
 section() { case " $SECTIONS " in *" $1 "*) return 0;; esac; return 1; }
 if [ -n "${CUTOVER_PROXY_BIN:-}" ]; then
   PROXY_BIN=$CUTOVER_PROXY_BIN
@@ -62,6 +66,8 @@ NGINX_IDLE_PORT=18072
 IDLE_PROXY_PORT=18200
 BRIDGE_LEGACY_PORT=18084   # python: the bridge's legacy routes
 BRIDGE_PROXY_PORT=18300    # section 4's proxies: +0 off, +10 on, +20 on without cache
+PLANNING_RUNTIME_PORT=18085  # python: thinks, then answers
+COMMIT_PROXY_PORT=18400    # section 5's proxies: +0 +10 commit off, +20 +30 on (bridge off, on)
 STREAM_PATH=/api/v1/execute/stream
 PT_PATH=/api/v1/bench/status
 CHAT_PATH=/api/v1/chat/sessions/bench-session
@@ -143,7 +149,7 @@ case " $PROXY_THREADS " in *" $SSE_THREADS "*) ;; *) die "BENCH_SSE_THREADS=$SSE
 
 # A run of some sections keeps the other sections' raw outputs (the report takes results.md's
 # text for sections it has no data for).
-if [ "$SECTIONS" = "1 2 3 4" ]; then
+if [ "$SECTIONS" = "1 2 3 4 5" ]; then
   rm -rf "$OUT"
 else
   for n in $SECTIONS; do
@@ -152,12 +158,13 @@ else
       2) rm -rf "$OUT/sse.json" "$OUT/sse" ;;
       3) rm -rf "$OUT/idle.json" "$OUT/idle.jsonl" "$OUT/idle" ;;
       4) rm -rf "$OUT/bridge.json" "$OUT/bridge" ;;
-      *) die "BENCH_SECTIONS: no section $n (1 2 3 4)" ;;
+      5) rm -rf "$OUT/commit.json" "$OUT/commit" ;;
+      *) die "BENCH_SECTIONS: no section $n (1 2 3 4 5)" ;;
     esac
   done
   rm -rf "$OUT/nginx" "$OUT/conf" "$OUT/logs"
 fi
-mkdir -p "$OUT"/{logs,wrk,sse,idle,bridge,nginx/tmp,nginx/www,conf}
+mkdir -p "$OUT"/{logs,wrk,sse,idle,bridge,commit,nginx/tmp,nginx/www,conf}
 PREFIX=$OUT/nginx
 
 if [ -n "${MAKELEVEL:-}" ]; then
@@ -166,7 +173,7 @@ else
   COMMAND="bench/run.sh"
 fi
 [ "$QUICK" = 1 ] && COMMAND="BENCH_QUICK=1 $COMMAND"
-for v in BENCH_SECTIONS BENCH_BRIDGE_STREAMS BENCH_ROUNDS BENCH_DURATION BENCH_CONNS BENCH_WRK_THREADS BENCH_PROXY_THREADS \
+for v in BENCH_SECTIONS BENCH_BRIDGE_STREAMS BENCH_COMMIT_STREAMS BENCH_PLAN_GAP_MS BENCH_ROUNDS BENCH_DURATION BENCH_CONNS BENCH_WRK_THREADS BENCH_PROXY_THREADS \
          BENCH_SSE_THREADS BENCH_SSE_STREAMS BENCH_IDLE_N BENCH_NGINX_AUTO BENCH_UPSTREAM_WORKERS \
          BENCH_SSE_CHUNKS CUTOVER_PROXY_BIN; do
   [ -n "${!v:-}" ] && COMMAND="$v='${!v}' $COMMAND"
@@ -223,12 +230,13 @@ nginx_proxy() { # name workers port runtime_port
   wait_port "$port" 10 "$name"
 }
 
-cutover_proxy() { # name threads port runtime_port [legacy_port bridge_enabled bridge_cache_ttl_ms]
+cutover_proxy() { # name threads port runtime_port [legacy_port bridge_enabled bridge_cache_ttl_ms commit_timeout_ms]
   local name=$1 threads=$2 port=$3 rport=$4 lport=${5:-$LEGACY_PORT} bridge=${6:-false} ttl=${7:-30000}
+  local commit=${8:-5000}
   $TOOL render bench/proxy.toml.in "$OUT/conf/$name.toml" \
     "PROXY_PORT=$port" "ADMIN_PORT=$((port + 1))" "METRICS_PORT=$((port + 2))" \
     "THREADS=$threads" "LEGACY_PORT=$lport" "RUNTIME_PORT=$rport" "STREAM_PATH=$STREAM_PATH" \
-    "BRIDGE_ENABLED=$bridge" "BRIDGE_CACHE_TTL_MS=$ttl"
+    "BRIDGE_ENABLED=$bridge" "BRIDGE_CACHE_TTL_MS=$ttl" "COMMIT_TIMEOUT_MS=$commit"
   "$PROXY_BIN" check --config "$OUT/conf/$name.toml" >/dev/null || die "$name config invalid"
   # SIGINT: Pingora's fast shutdown (SIGTERM would drain for grace_period_secs).
   start "$name" INT "$PROXY_BIN" --config "$OUT/conf/$name.toml"
@@ -420,6 +428,52 @@ if section 4; then
     --set "commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" \
     --set "loadavg=$(cut -d' ' -f1-3 /proc/loadavg)" --set "command=$COMMAND"
   stop bridge-off; stop bridge-on; stop bridge-nocache; stop bridge-legacy
+fi
+
+# ---- 5. the commit point -------------------------------------------------------------------
+# A runtime that plans before it answers, through four proxies: commit at the runtime's head
+# (commit_timeout_ms = 0, every event written as it comes) or at its first content (the
+# default), each with the bridge off and on (section 4's legacy stand-in, cached lookups). What
+# the user waits for is the first content: holding the thinking events should not delay it, and
+# with the bridge on the user message's save, which now starts at the commit, adds to it.
+if section 5; then
+  log "section 5: commit off / on, bridge off / on, $ROUNDS × $COMMIT_STREAMS planning streams per case"
+  start planning-runtime TERM python3 bench/benchtool.py planning-runtime --port $PLANNING_RUNTIME_PORT \
+    --gap-ms "$PLAN_GAP_MS"
+  wait_port $PLANNING_RUNTIME_PORT 10 planning-runtime
+  start commit-legacy TERM python3 bench/benchtool.py bridge-legacy --port $BRIDGE_LEGACY_PORT
+  wait_port $BRIDGE_LEGACY_PORT 10 commit-legacy
+  COMMIT_CASES=("off-bridge-off=commit off, bridge off" "off-bridge-on=commit off, bridge on"
+                "on-bridge-off=commit on, bridge off" "on-bridge-on=commit on, bridge on")
+  declare -A COMMIT_PORT=()
+  i=0
+  for c in "${COMMIT_CASES[@]}"; do
+    name=${c%%=*}
+    COMMIT_PORT[$name]=$((COMMIT_PROXY_PORT + 10 * i)); i=$((i + 1))
+    case $name in off-*) timeout_ms=0 ;; *) timeout_ms=5000 ;; esac
+    case $name in *-bridge-on) bridge=true ;; *) bridge=false ;; esac
+    cutover_proxy "commit-$name" 1 "${COMMIT_PORT[$name]}" $PLANNING_RUNTIME_PORT $BRIDGE_LEGACY_PORT \
+      "$bridge" 30000 "$timeout_ms"
+  done
+  for r in $(seq 1 "$ROUNDS"); do
+    for c in "${COMMIT_CASES[@]}"; do
+      name=${c%%=*}
+      $TOOL sse --kind proxy --case "$name" --threads 1 --stream short --port "${COMMIT_PORT[$name]}" \
+        --path $CHAT_PATH --org org-bench --count "$COMMIT_STREAMS" \
+        --out "$OUT/commit/$name-r$r.json" >&2
+    done
+  done
+  commit_files=()
+  for f in "$OUT"/commit/*-r*.json; do commit_files+=(--json "$f"); done
+  case_args=()
+  for c in "${COMMIT_CASES[@]}"; do case_args+=(--case "$c"); done
+  $TOOL collect "$OUT/commit.json" "${commit_files[@]}" "${case_args[@]}" \
+    --set "rounds=$ROUNDS" --set "per_round=$COMMIT_STREAMS" --set "gap_ms=$PLAN_GAP_MS" \
+    --set "date=$(date -u '+%Y-%m-%d %H:%M UTC')" \
+    --set "commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" \
+    --set "loadavg=$(cut -d' ' -f1-3 /proc/loadavg)" --set "command=$COMMAND"
+  for c in "${COMMIT_CASES[@]}"; do stop "commit-${c%%=*}"; done
+  stop commit-legacy; stop planning-runtime
 fi
 
 stop upstream

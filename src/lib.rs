@@ -5,7 +5,8 @@
 //! - [`core`]: pure decisions and formats, no I/O (no Pingora, no tokio, no sockets): config,
 //!   identity, routing, the chat request, the conversation bridge's rules, SSE parsing, the
 //!   runtime's HTTP/1 response decoding, the client's request head and chunked body checks,
-//!   Agent2UI mapping, signed file links, the stream verdict, execution stats and the breaker.
+//!   Agent2UI mapping, signed file links, the stream verdict, the commit point, execution stats
+//!   and the breaker.
 //! - [`runtime`]: the runtime connection, the relay that streams one execution to the client,
 //!   shadow copies, and the conversation bridge's legacy client.
 //! - [`proxy`]: the client-facing listener: our HTTP/1 front door, then the Pingora `ProxyHttp`

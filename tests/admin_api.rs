@@ -99,6 +99,8 @@ async fn read_endpoints_have_the_contract_shapes() {
                 Reply::sse(runtime_ok_steps())
             }
         })
+        // The failing session's error is counted as one the user saw, after the commit.
+        .config(|c| c.runtime.commit_timeout_ms = 0)
         .start()
         .await;
 

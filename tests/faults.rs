@@ -691,6 +691,7 @@ connect_timeout_ms = 5000
 [runtime]
 address = "{runtime}"
 execution_timeout_ms = 5000
+commit_timeout_ms = 1000
 health_interval_ms = 200
 connect_timeout_ms = 5000
 default_agent_id = "{TEST_AGENT}"

@@ -1004,6 +1004,9 @@ async fn against(how: Misbehaviour, timeout_ms: u64) -> (HostileRuntime, Upstrea
     let legacy = Upstream::start(echo_legacy).await;
     let mut cfg = config(&legacy.address(), &runtime.addr.to_string());
     cfg.runtime.execution_timeout_ms = timeout_ms;
+    // The relay's defences once the stream is the client's (before the commit these streams
+    // fail over: tests/commit_point.rs).
+    cfg.runtime.commit_timeout_ms = 0;
     // Health checks must not open the breaker in the middle of a test.
     cfg.runtime.health_interval_ms = 60_000;
     let server = proxy(cfg).await;

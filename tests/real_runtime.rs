@@ -175,7 +175,12 @@ fn failing_steps() -> Vec<Step> {
 
 #[tokio::test]
 async fn an_execution_error_keeps_its_status_details_and_trace_id() {
-    let h = Harness::new().runtime(script(failing_steps)).start().await;
+    // The error event itself is under test: committed at the head, it reaches the user.
+    let h = Harness::new()
+        .runtime(script(failing_steps))
+        .config(|c| c.runtime.commit_timeout_ms = 0)
+        .start()
+        .await;
     let r = h.chat("org-a").send().await;
     assert_served(&r, RT, "allowlist");
     let events = r.events();

@@ -32,6 +32,7 @@ address = "{legacy}"
 [runtime]
 address = "{runtime}"
 execution_timeout_ms = 5000
+commit_timeout_ms = 200
 health_interval_ms = 200
 connect_timeout_ms = 500
 default_agent_id = "{TEST_AGENT}"

@@ -1338,7 +1338,7 @@ address = "runtime:8000"
         );
 
         let text = format!(
-            "{}execution_timeout_ms = 1000\nhealth_failures = 5\n[breaker]\nwindow_secs = 60\n\
+            "{}execution_timeout_ms = 1000\ncommit_timeout_ms = 500\nhealth_failures = 5\n[breaker]\nwindow_secs = 60\n\
              min_requests = 4\nerror_rate = 0.25\ntimeout_rate = 0.1\nlatency_ratio = 0.3\n\
              open_secs = 7\nhalf_open_probes = 2\n",
             CONFIG.trim_start()

@@ -28,6 +28,18 @@ impl Mode {
     }
 }
 
+/// When the proxy commits to a runtime stream (`runtime.commit_on`): before it, a failing runtime
+/// is failed over to legacy; after it, failures end the client's stream with an `error` event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CommitOn {
+    /// At the first event other than `thinking` and `ping`.
+    #[default]
+    Content,
+    /// At the first event of any kind.
+    FirstEvent,
+}
+
 impl fmt::Display for Mode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -151,6 +163,13 @@ pub struct RuntimeConfig {
     /// Largest runtime SSE frame accepted; a larger one ends the stream with an error event.
     #[serde(default = "defaults::max_frame_bytes")]
     pub max_frame_bytes: usize,
+    /// Which runtime event commits the proxy to the runtime's stream.
+    #[serde(default)]
+    pub commit_on: CommitOn,
+    /// The runtime's response head arrived this long ago: commit whatever it sent. 0: commit at
+    /// the head (no failover once the runtime answered 2xx).
+    #[serde(default = "defaults::commit_timeout_ms")]
+    pub commit_timeout_ms: u64,
     /// The runtime's `agent_id` when the bridge is off and the body names none; empty: none.
     #[serde(default)]
     pub default_agent_id: String,
@@ -364,6 +383,9 @@ mod defaults {
     }
     pub fn max_frame_bytes() -> usize {
         8 * 1024 * 1024
+    }
+    pub fn commit_timeout_ms() -> u64 {
+        5_000
     }
     pub fn file_url_ttl_secs() -> u64 {
         3600
@@ -652,6 +674,17 @@ impl Config {
             1024.0,
             (64 * 1024 * 1024) as f64,
         )?;
+        // A commit timer that outlasts the execution would hold a stream's first byte until
+        // the deadline answers it.
+        if self.runtime.commit_timeout_ms >= self.runtime.execution_timeout_ms {
+            return Err(ConfigError::new(
+                "runtime.commit_timeout_ms",
+                format!(
+                    "must be below runtime.execution_timeout_ms ({}), got {}",
+                    self.runtime.execution_timeout_ms, self.runtime.commit_timeout_ms
+                ),
+            ));
+        }
         check_positive("runtime.file_url_ttl_secs", self.runtime.file_url_ttl_secs)?;
         if !self.runtime.file_url_secret_env.is_empty() {
             check_env_name(
@@ -789,6 +822,10 @@ impl Config {
 impl RuntimeConfig {
     pub fn execution_timeout(&self) -> Duration {
         Duration::from_millis(self.execution_timeout_ms)
+    }
+
+    pub fn commit_timeout(&self) -> Duration {
+        Duration::from_millis(self.commit_timeout_ms)
     }
 }
 
@@ -1151,6 +1188,37 @@ address = "runtime:8000"
             "address = \"runtime:8000\"\nexecution_timeout_ms = 0",
         );
         assert_eq!(err_key(&text), "runtime.execution_timeout_ms");
+    }
+
+    #[test]
+    fn the_commit_point_defaults_to_content_within_five_seconds() {
+        let c = Config::parse(MINIMAL).unwrap();
+        assert_eq!(c.runtime.commit_on, CommitOn::Content);
+        assert_eq!(c.runtime.commit_timeout_ms, 5_000);
+        let runtime = "address = \"runtime:8000\"";
+        let text = MINIMAL.replace(
+            runtime,
+            &format!("{runtime}\ncommit_on = \"first_event\"\ncommit_timeout_ms = 0"),
+        );
+        let c = Config::parse(&text).unwrap();
+        assert_eq!(c.runtime.commit_on, CommitOn::FirstEvent);
+        assert_eq!(c.runtime.commit_timeout(), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_commit_point_past_the_execution_timeout_is_refused() {
+        let runtime = "address = \"runtime:8000\"";
+        let with = |extra: &str| MINIMAL.replace(runtime, &format!("{runtime}\n{extra}"));
+        // The default commit timeout (5 s) against a shorter execution.
+        let e = Config::parse(&with("execution_timeout_ms = 5000")).unwrap_err();
+        assert_eq!(e.key, "runtime.commit_timeout_ms", "{e}");
+        assert!(e.message.contains("execution_timeout_ms (5000)"), "{e}");
+        Config::parse(&with(
+            "execution_timeout_ms = 5000\ncommit_timeout_ms = 4999",
+        ))
+        .unwrap();
+        let e = Config::parse(&with("commit_on = \"thinking\"")).unwrap_err();
+        assert_eq!(e.key, "runtime.commit_on", "{e}");
     }
 
     #[test]

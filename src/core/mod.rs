@@ -7,6 +7,7 @@ pub mod breaker;
 pub mod bridge;
 pub mod chat;
 pub mod chunked;
+pub mod commit;
 pub mod config;
 pub mod files;
 pub mod h1;

@@ -65,6 +65,7 @@ pub struct Metrics {
     pub file_requests_total: IntCounterVec,
     pub bridge: BridgeMetrics,
     pub front_door: FrontDoorMetrics,
+    pub commit: CommitMetrics,
     /// Where the series above are registered; `render` exposes it.
     registry: Registry,
 }
@@ -280,6 +281,7 @@ impl Metrics {
             )?,
             bridge: BridgeMetrics::register(r)?,
             front_door: FrontDoorMetrics::register(r)?,
+            commit: CommitMetrics::register(r)?,
             registry: registry.clone(),
         };
         for state in ["closed", "open", "half_open"] {
@@ -506,6 +508,59 @@ impl BridgeMetrics {
             m.cache_hits_total.with_label_values(&[cache]);
             m.cache_misses_total.with_label_values(&[cache]);
             m.cache_entries.with_label_values(&[cache]);
+        }
+        Ok(m)
+    }
+}
+
+/// The commit point's series: why streams were committed, how long the client's head was held,
+/// and failovers by the stage the runtime failed at. Every label is exported at 0 from startup.
+pub struct CommitMetrics {
+    pub commits_total: IntCounterVec,
+    pub wait_seconds: prometheus::Histogram,
+    pub failovers_total: IntCounterVec,
+}
+
+/// Head to commit: nothing for `commit_timeout_ms = 0`, up to the commit timeout (5 s default).
+const COMMIT_WAIT_BUCKETS_SECONDS: &[f64] = &[
+    0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+impl CommitMetrics {
+    /// Where the runtime failed when legacy served the request: before its response head
+    /// (refused, non-2xx, connect failure), or after it but before the commit.
+    pub const STAGES: [&'static str; 2] = ["before_head", "before_commit"];
+
+    fn register(r: &Registry) -> prometheus::Result<CommitMetrics> {
+        // One unlabelled child, looked up once here rather than per stream.
+        let wait_seconds = histogram_vec(
+            r,
+            "cutover_commit_wait_seconds",
+            "Seconds from the runtime's response head to the commit (the client's head is held meanwhile).",
+            &[],
+            COMMIT_WAIT_BUCKETS_SECONDS
+        )?
+        .with_label_values::<&str>(&[]);
+        let m = CommitMetrics {
+            commits_total: counter_vec(
+                r,
+                "cutover_commit_total",
+                "Runtime streams committed to, by trigger (head, content, first_event, timeout, heartbeat, cancel, overflow, deadline, shutdown).",
+                &["trigger"]
+            )?,
+            wait_seconds,
+            failovers_total: counter_vec(
+                r,
+                "cutover_runtime_failovers_total",
+                "Runtime requests served by legacy because the runtime failed before anything reached the client, by stage (before_head, before_commit).",
+                &["stage"]
+            )?,
+        };
+        for trigger in crate::core::commit::Trigger::ALL {
+            m.commits_total.with_label_values(&[trigger.as_str()]);
+        }
+        for stage in Self::STAGES {
+            m.failovers_total.with_label_values(&[stage]);
         }
         Ok(m)
     }

@@ -1,7 +1,8 @@
 //! The runtime path of a chat request, in the order it happens: read the body, read the
 //! conversation from legacy through the bridge and build the runtime's request, open the runtime
-//! under the shutdown cutoff and the client's departure, save the user's message, then relay its
-//! stream or fail over to legacy. Also the shadow copy of a legacy chat.
+//! under the shutdown cutoff and the client's departure, then relay its stream (the user's message
+//! is saved at the commit point) or, when the runtime fails before anything reached the client,
+//! fail over to legacy. Also the shadow copy of a legacy chat.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,7 +10,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use pingora::proxy::Session;
 use pingora::Result;
-use tokio::task::JoinHandle;
 
 use super::ctx::{ChatCtx, Failover, Served};
 use super::respond::{respond_sse_error, Rejection};
@@ -24,7 +24,7 @@ use crate::core::routing::{ChatRoute, Reason, RolloutDecision};
 use crate::core::stream::{self, End, Facts};
 use crate::runtime::bridge::Credentials;
 use crate::runtime::connection::{self, OpenFailure, RuntimeStream};
-use crate::runtime::relay::{self, RelayArgs, Saving, StreamReport};
+use crate::runtime::relay::{self, RelayArgs, Relayed, Saving, StreamReport};
 use crate::runtime::shadow::{Pair, Reading, Source};
 
 pub(super) fn content_length(session: &Session) -> Option<usize> {
@@ -97,7 +97,8 @@ struct Bridged {
     who: Credentials,
     message: String,
     parent_id: Option<String>,
-    /// The session was made for this `/chat/start`: deleted if the runtime never answers.
+    /// The session was made for this `/chat/start`: deleted if the runtime fails before the
+    /// commit.
     created: bool,
 }
 
@@ -172,12 +173,22 @@ impl CutoverProxy {
         }
         match opened {
             Opened::Stream(stream) => {
-                let user_saved = self.save_user_message(req.active, &request);
-                self.relay(session, req, request, stream, user_saved).await;
-                Ok(true)
+                let discard = request
+                    .bridged
+                    .as_ref()
+                    .filter(|b| b.created)
+                    .map(|b| (b.who.clone(), request.session_id.clone()));
+                let Some(failure) = self.relay(session, &mut req, request, stream).await else {
+                    return Ok(true);
+                };
+                if let Some((who, session_id)) = discard {
+                    Box::pin(self.delete_session(req.active, &who, &session_id)).await;
+                }
+                self.fail_over(req, failure, "before_commit");
+                Ok(false)
             }
             Opened::Failed(failure) if failure.failover => {
-                self.fail_over(req, failure);
+                self.fail_over(req, failure, "before_head");
                 Ok(false)
             }
             Opened::Failed(failure) => {
@@ -354,37 +365,22 @@ impl CutoverProxy {
         Ok((session_id, conversation, true))
     }
 
-    /// The runtime accepted the chat: the user's message is saved from now on, while the runtime
-    /// works on its first event; the relay waits for this save (one attempt within
-    /// `bridge.timeout_ms`, the rest in the background) before it writes the first client event.
-    fn save_user_message(&self, active: &Active, request: &Execution) -> Option<JoinHandle<()>> {
-        let b = request.bridged.as_ref()?;
-        let bridge = self.shared.bridge.clone();
-        let target = active.bridge.clone();
-        let who = b.who.clone();
-        let session_id = request.session_id.clone();
-        let message = b.message.clone();
-        let parent_id = b.parent_id.clone();
-        Some(tokio::spawn(async move {
-            // A deferred save is retried, and logged if it never succeeds, on its own task.
-            let _ = bridge
-                .persist_user(&target, &who, &session_id, &message, parent_id.as_deref())
-                .await;
-        }))
-    }
-
     /// Delete the session made for a `/chat/start` the runtime did not serve.
     async fn discard_session(&self, active: &Active, request: &Execution) {
-        let Some(b) = request.bridged.as_ref().filter(|b| b.created) else {
-            return;
-        };
+        if let Some(b) = request.bridged.as_ref().filter(|b| b.created) {
+            self.delete_session(active, &b.who, &request.session_id)
+                .await;
+        }
+    }
+
+    async fn delete_session(&self, active: &Active, who: &Credentials, session_id: &str) {
         let deleted = self
             .shared
             .bridge
-            .delete_session(&active.bridge, &b.who, &request.session_id)
+            .delete_session(&active.bridge, who, session_id)
             .await;
         if let Err(e) = deleted {
-            tracing::warn!(session_id = %request.session_id, error = %e, "could not delete the session made for a chat the runtime did not serve");
+            tracing::warn!(session_id = %session_id, error = %e, "could not delete the session made for a chat the runtime did not serve");
         }
     }
 
@@ -414,15 +410,15 @@ impl CutoverProxy {
         }
     }
 
-    /// Relay the runtime's stream to the client.
+    /// Relay the runtime's stream to the client; the failure to fail over with when the runtime
+    /// failed before the commit.
     async fn relay(
         &self,
         session: &mut Session,
-        req: RuntimePath<'_>,
+        req: &mut RuntimePath<'_>,
         request: Execution,
         stream: RuntimeStream,
-        user_saved: Option<JoinHandle<()>>,
-    ) {
+    ) -> Option<OpenFailure> {
         let runtime = &req.active.config.runtime;
         let args = RelayArgs {
             shared: self.shared.clone(),
@@ -433,22 +429,42 @@ impl CutoverProxy {
             heartbeat: Duration::from_secs(runtime.heartbeat_secs),
             max_frame_bytes: runtime.max_frame_bytes,
             pool_idle: req.active.runtime.pool_idle_timeout,
+            commit_on: runtime.commit_on,
+            commit_timeout: runtime.commit_timeout(),
             map: req.active.map_settings(req.chat.org().unwrap_or_default()),
             saving: request.bridged.map(|b| Saving {
                 bridge: self.shared.bridge.clone(),
                 target: req.active.bridge.clone(),
                 who: b.who,
+                message: b.message,
+                parent_id: b.parent_id,
             }),
-            user_saved,
         };
-        let report = relay::relay(session, stream, args).await;
-        req.chat.served = Served::Runtime(report);
+        match relay::relay(session, stream, args).await {
+            Relayed::Served(report) => {
+                req.chat.served = Served::Runtime(report);
+                None
+            }
+            // An error for the breaker, like a runtime that failed before its head.
+            Relayed::FailOver { detail } => Some(OpenFailure {
+                outcome: crate::core::stats::Outcome::Error,
+                detail,
+                failover: true,
+            }),
+        }
     }
 
-    /// The runtime failed before its first byte: legacy serves the request.
-    fn fail_over(&self, req: RuntimePath<'_>, failure: OpenFailure) {
-        tracing::warn!(detail = %failure.detail, "runtime failed before the first byte; serving from legacy");
-        self.shared.metrics.failover_total.inc();
+    /// The runtime failed before anything reached the client (`stage`: before its response
+    /// head, or before the commit): legacy serves the request.
+    fn fail_over(&self, req: RuntimePath<'_>, failure: OpenFailure, stage: &'static str) {
+        tracing::warn!(detail = %failure.detail, stage, "runtime failed before anything reached the client; serving from legacy");
+        let metrics = self.shared.metrics;
+        metrics.failover_total.inc();
+        metrics
+            .commit
+            .failovers_total
+            .with_label_values(&[stage])
+            .inc();
         req.chat.served = Served::Legacy {
             failover: Some(Failover {
                 failure,

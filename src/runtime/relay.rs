@@ -1,6 +1,8 @@
 //! One runtime execution relayed to the client: the runtime's frames become Agent2UI events,
-//! inline, each event whole and flushed as soon as its frame is complete. Once a byte reached the
-//! client every failure ends the stream with exactly one `error` event.
+//! inline, each event whole and flushed as soon as its frame is complete. Until the commit point
+//! (`core::commit`) the client's response head is held, and a runtime that fails is handed back
+//! to be failed over; once a byte reached the client every failure ends the stream with exactly
+//! one `error` event.
 
 use std::time::{Duration, Instant};
 
@@ -12,7 +14,8 @@ use pingora::ErrorType;
 use crate::app::state::Shared;
 use crate::core::agent2ui::{self, Completion, DoneEvent, MapSettings, Mapped, StreamMapper};
 use crate::core::bridge::AssistantMessage;
-use crate::core::config::Mode;
+use crate::core::commit::{Precommit, Seen, Step, Trigger};
+use crate::core::config::{CommitOn, Mode};
 use crate::core::h1::BodyError;
 use crate::core::routing::RolloutDecision;
 use crate::core::sse::{SseError, SseParser};
@@ -71,8 +74,27 @@ enum Wake {
     Upstream(std::io::Result<usize>),
     Deadline,
     Heartbeat,
+    /// `runtime.commit_timeout_ms` passed while the head was held.
+    CommitDue,
     ClientGone,
     Cutoff,
+}
+
+/// How a relay ended.
+pub enum Relayed {
+    /// The client got the runtime's stream (or nothing, having left).
+    Served(StreamReport),
+    /// The runtime failed before the commit: nothing reached the client, so legacy can serve
+    /// the request instead.
+    FailOver { detail: String },
+}
+
+/// A stream before its commit: the client's response head, not written yet.
+struct Held {
+    header: Box<ResponseHeader>,
+    precommit: Precommit,
+    head_at: Instant,
+    commit_at: Instant,
 }
 
 /// Everything the relay loop needs besides the client session.
@@ -85,46 +107,57 @@ pub struct RelayArgs {
     pub heartbeat: Duration,
     pub max_frame_bytes: usize,
     pub pool_idle: Duration,
+    pub commit_on: CommitOn,
+    /// From the runtime's response head; zero: committed at the head.
+    pub commit_timeout: Duration,
     /// The client event cap and the stream org's file link signer.
     pub map: MapSettings,
-    /// Where the answer is saved before `done`, with the bridge on.
+    /// Where the user's message and the answer are saved, with the bridge on.
     pub saving: Option<Saving>,
-    /// The user message's save, started when the runtime accepted the chat: it completes before
-    /// the first client event is written.
-    pub user_saved: Option<tokio::task::JoinHandle<()>>,
 }
 
-/// The conversation bridge's part of a relay: legacy saves the runtime's answer.
+/// The conversation bridge's part of a relay: legacy saves the user's message from the commit
+/// on (it completes before the first client event is written) and the runtime's answer before
+/// `done`.
 pub struct Saving {
     pub bridge: std::sync::Arc<Bridge>,
     pub target: Target,
     pub who: Credentials,
+    pub message: String,
+    pub parent_id: Option<String>,
 }
 
-/// Relay a runtime stream to the client until it completes, fails, times out or the client goes.
-pub async fn relay(
-    session: &mut Session,
-    stream: RuntimeStream,
-    mut args: RelayArgs,
-) -> StreamReport {
+/// Relay a runtime stream to the client until it completes, fails, times out or the client goes;
+/// or, when the runtime fails before the commit, hand the request back for legacy.
+pub async fn relay(session: &mut Session, stream: RuntimeStream, mut args: RelayArgs) -> Relayed {
     let metrics = args.shared.metrics;
     let mut report = StreamReport::default();
     let version = session.req_header().version;
     let header = match sse_response_header(args.decision, version) {
-        Ok(h) => h,
+        Ok(h) => Box::new(h),
         Err(e) => {
             report.outcome = Some(Outcome::Error);
             report.detail = Some(e.to_string());
-            return report;
+            return Relayed::Served(report);
         }
     };
-    let header_written = tokio::time::timeout_at(
-        write_by(args.deadline).into(),
-        session.write_response_header(Box::new(header), false),
-    )
-    .await;
-    if !matches!(header_written, Ok(Ok(()))) {
-        return report;
+    let head_at = Instant::now();
+    let mut tally = EventTally::new(metrics);
+    let mut user_saved = None;
+    let mut held = Some(Held {
+        header,
+        precommit: Precommit::new(args.commit_on),
+        head_at,
+        commit_at: head_at
+            .checked_add(args.commit_timeout)
+            .unwrap_or(args.deadline),
+    });
+    if args.commit_timeout.is_zero() {
+        let h = held.take().expect("held until here");
+        match commit(session, &args, h, Trigger::Head, &mut report, &mut tally).await {
+            Ok(saving) => user_saved = saving,
+            Err(()) => return Relayed::Served(report),
+        }
     }
 
     let mut stream = stream;
@@ -139,7 +172,6 @@ pub async fn relay(
     let mut completed = false;
     let mut runtime_error: Option<String> = None;
     let mut last_write = Instant::now();
-    let mut tally = EventTally::new(metrics);
 
     let mode = Mode::RuntimeOrchestrator.as_str();
     let _in_flight = InFlight::new(metrics.streams_in_flight.with_label_values(&[mode]));
@@ -149,6 +181,7 @@ pub async fn relay(
         let heartbeat_at = last_write
             .checked_add(args.heartbeat)
             .unwrap_or(args.deadline);
+        let commit_at = held.as_ref().map_or(args.deadline, |h| h.commit_at);
         // The deadline and the shutdown cutoff are asked first: a runtime that floods the stream
         // keeps `fill` ready on every turn and would otherwise outrun both.
         let wake = tokio::select! {
@@ -157,6 +190,7 @@ pub async fn relay(
             _ = cutoff.wait_for(|c| *c) => Wake::Cutoff,
             r = stream.fill() => Wake::Upstream(r),
             _ = tokio::time::sleep_until(heartbeat_at.into()) => Wake::Heartbeat,
+            _ = tokio::time::sleep_until(commit_at.into()), if held.is_some() => Wake::CommitDue,
             _ = client_gone(session) => Wake::ClientGone,
         };
         // `Some(end)` once the stream is over.
@@ -180,7 +214,44 @@ pub async fn relay(
                             .inc();
                         continue;
                     }
-                    match mapper.map(ev, &mut out) {
+                    let before = out.len();
+                    let mapped = mapper.map(ev, &mut out);
+                    if let Some(h) = held.as_mut() {
+                        let seen = match &mapped {
+                            Mapped::Message("thinking") => Some(Seen::Thinking {
+                                bytes: out.len() - before,
+                            }),
+                            Mapped::Message(_) | Mapped::Complete(_) => Some(Seen::Content),
+                            Mapped::Heartbeat => Some(Seen::Ping {
+                                bytes: out.len() - before,
+                            }),
+                            Mapped::Failed { code, .. } => Some(Seen::Error { code }),
+                            Mapped::End => Some(Seen::End(&End::Done)),
+                            // Nothing for the client: counted below, commits nothing.
+                            Mapped::Skipped | Mapped::Malformed | Mapped::Unknown => None,
+                        };
+                        match seen.map(|seen| h.precommit.see(seen)) {
+                            None => {}
+                            // Counted as written at the commit.
+                            Some(Step::Hold) => continue,
+                            Some(Step::FailOver) => {
+                                return Relayed::FailOver {
+                                    detail: before_commit(&mapped),
+                                }
+                            }
+                            Some(Step::Abandon) => return Relayed::Served(report),
+                            Some(Step::Commit(trigger)) => {
+                                let h = held.take().expect("held");
+                                match commit(session, &args, h, trigger, &mut report, &mut tally)
+                                    .await
+                                {
+                                    Ok(saving) => user_saved = saving,
+                                    Err(()) => return Relayed::Served(report),
+                                }
+                            }
+                        }
+                    }
+                    match mapped {
                         Mapped::Message(kind) => {
                             tally.add(kind);
                             report.events += 1;
@@ -203,7 +274,7 @@ pub async fn relay(
                             if !out.is_empty() {
                                 let bytes = Bytes::from(std::mem::take(&mut out));
                                 report.bytes += bytes.len() as u64;
-                                user_message_saved(&mut args.user_saved).await;
+                                user_message_saved(&mut user_saved).await;
                                 gone =
                                     !write_client(session, Some(bytes), false, args.deadline).await;
                                 last_write = Instant::now();
@@ -218,7 +289,7 @@ pub async fn relay(
                             if gone {
                                 report.detail =
                                     Some("client disconnected or stopped reading".into());
-                                return report;
+                                return Relayed::Served(report);
                             }
                             agent2ui::done_event(
                                 &mut out,
@@ -260,17 +331,18 @@ pub async fn relay(
                             .with_label_values(&["unknown_event"])
                             .inc(),
                     }
-                    if report.first_write.is_none() && !out.is_empty() {
+                    // Held events wait for the commit.
+                    if report.first_write.is_none() && !out.is_empty() && held.is_none() {
                         // The first event leaves at once instead of after the whole first read
                         // (up to 32 KiB of frames) is rewritten: time to first event is what
                         // the user sees.
                         let bytes =
                             Bytes::from(std::mem::replace(&mut out, Vec::with_capacity(room)));
                         report.bytes += bytes.len() as u64;
-                        user_message_saved(&mut args.user_saved).await;
+                        user_message_saved(&mut user_saved).await;
                         if !write_client(session, Some(bytes), false, args.deadline).await {
                             report.detail = Some("client disconnected or stopped reading".into());
-                            return report;
+                            return Relayed::Served(report);
                         }
                         last_write = Instant::now();
                         report.first_write = Some(args.started.elapsed());
@@ -297,16 +369,59 @@ pub async fn relay(
                 });
             }
             Wake::Cutoff => end = Some(End::Shutdown),
-            Wake::Heartbeat => {
-                agent2ui::heartbeat_event(&mut out);
-                metrics
-                    .sse_events_total
-                    .with_label_values(&["heartbeat"])
-                    .inc();
+            Wake::Heartbeat | Wake::CommitDue => {
+                let heartbeat = matches!(wake, Wake::Heartbeat);
+                if let Some(mut h) = held.take() {
+                    let seen = if heartbeat {
+                        Seen::Heartbeat
+                    } else {
+                        Seen::Timeout
+                    };
+                    let Step::Commit(trigger) = h.precommit.see(seen) else {
+                        unreachable!("a timer always commits")
+                    };
+                    match commit(session, &args, h, trigger, &mut report, &mut tally).await {
+                        Ok(saving) => user_saved = saving,
+                        Err(()) => return Relayed::Served(report),
+                    }
+                }
+                if heartbeat {
+                    agent2ui::heartbeat_event(&mut out);
+                    metrics
+                        .sse_events_total
+                        .with_label_values(&["heartbeat"])
+                        .inc();
+                }
             }
             Wake::ClientGone => {
                 report.detail = Some("client disconnected".into());
-                return report;
+                return Relayed::Served(report);
+            }
+        }
+
+        if let (Some(end), Some(h)) = (&end, held.as_mut()) {
+            match h.precommit.see(Seen::End(end)) {
+                Step::Commit(trigger) => {
+                    let h = held.take().expect("held");
+                    match commit(session, &args, h, trigger, &mut report, &mut tally).await {
+                        Ok(saving) => user_saved = saving,
+                        Err(()) => return Relayed::Served(report),
+                    }
+                }
+                Step::Abandon => return Relayed::Served(report),
+                Step::Hold => unreachable!("the end of a stream is never held"),
+                Step::FailOver => {
+                    let facts = Facts {
+                        client: true,
+                        completed,
+                        runtime_error: None,
+                        end: end.clone(),
+                    };
+                    let detail = stream::verdict(&facts)
+                        .closing
+                        .map_or_else(|| format!("{end:?}"), |c| c.message);
+                    return Relayed::FailOver { detail };
+                }
             }
         }
 
@@ -335,14 +450,16 @@ pub async fn relay(
                 report.detail = Some(closing.message.clone());
             }
         }
-        if !out.is_empty() {
+        if held.is_some() {
+            // Nothing leaves before the commit.
+        } else if !out.is_empty() {
             let bytes = Bytes::from(std::mem::take(&mut out));
             report.bytes += bytes.len() as u64;
-            user_message_saved(&mut args.user_saved).await;
+            user_message_saved(&mut user_saved).await;
             if !write_client(session, Some(bytes), verdict.is_some(), args.deadline).await {
                 report.outcome = None;
                 report.detail = Some("client disconnected or stopped reading".into());
-                return report;
+                return Relayed::Served(report);
             }
             last_write = Instant::now();
             report
@@ -352,14 +469,71 @@ pub async fn relay(
             if let Some(verdict) = verdict {
                 report.outcome = verdict.outcome;
                 finish_runtime(stream, &args, report.outcome);
-                return report;
+                return Relayed::Served(report);
             }
         } else if let Some(verdict) = verdict {
             write_client(session, None, true, args.deadline).await;
             report.outcome = verdict.outcome;
             finish_runtime(stream, &args, report.outcome);
-            return report;
+            return Relayed::Served(report);
         }
+    }
+}
+
+/// Commit to the runtime's stream: count why and how long the head was held, send the response
+/// head, and start saving the user's message, which the first event waits for. The held
+/// events are in `out` already and go out with the next write. `Err` when the client is gone.
+async fn commit(
+    session: &mut Session,
+    args: &RelayArgs,
+    held: Held,
+    trigger: Trigger,
+    report: &mut StreamReport,
+    tally: &mut EventTally,
+) -> Result<Option<tokio::task::JoinHandle<()>>, ()> {
+    let metrics = &args.shared.metrics.commit;
+    metrics
+        .commits_total
+        .with_label_values(&[trigger.as_str()])
+        .inc();
+    metrics
+        .wait_seconds
+        .observe(held.head_at.elapsed().as_secs_f64());
+    let kept = held.precommit.held();
+    tally.add_n("thinking", kept.thinking as u64);
+    args.shared
+        .metrics
+        .sse_events_total
+        .with_label_values(&["heartbeat"])
+        .inc_by(kept.pings as u64);
+    report.events += kept.events() as u64;
+    let written = tokio::time::timeout_at(
+        write_by(args.deadline).into(),
+        session.write_response_header(held.header, false),
+    )
+    .await;
+    if !matches!(written, Ok(Ok(()))) {
+        report.detail = Some("client disconnected before the commit".into());
+        return Err(());
+    }
+    Ok(args.saving.as_ref().map(|s| {
+        let (bridge, target, who) = (s.bridge.clone(), s.target.clone(), s.who.clone());
+        let (session_id, message) = (args.session_id.clone(), s.message.clone());
+        let parent_id = s.parent_id.clone();
+        tokio::spawn(async move {
+            // A deferred save is retried, and logged if it never succeeds, on its own task.
+            let _ = bridge
+                .persist_user(&target, &who, &session_id, &message, parent_id.as_deref())
+                .await;
+        })
+    }))
+}
+
+/// Why a stream failed over at this event (an `execution_error`, or `[DONE]` with no answer).
+fn before_commit(mapped: &Mapped) -> String {
+    match mapped {
+        Mapped::Failed { code, message } => format!("{code}: {message}"),
+        _ => "runtime stream ended without execution_complete".into(),
     }
 }
 
@@ -485,9 +659,16 @@ impl EventTally {
     }
 
     fn add(&mut self, kind: &'static str) {
+        self.add_n(kind, 1);
+    }
+
+    fn add_n(&mut self, kind: &'static str, n: u64) {
+        if n == 0 {
+            return;
+        }
         match self.counts.iter_mut().find(|(k, _)| *k == kind) {
-            Some((_, n)) => *n += 1,
-            None => self.counts.push((kind, 1)),
+            Some((_, count)) => *count += n,
+            None => self.counts.push((kind, n)),
         }
     }
 

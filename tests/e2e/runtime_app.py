@@ -14,6 +14,7 @@ is the full contract table):
   table                every runtime event of the contract table, then [DONE]
   hold                 first event, then waits until POST /control/release/{session_id}
   error                a few events, then execution_error (with a code)
+  think_then_error     two thinking events, then execution_error: the real runtime's usual failure
   error_nocode         execution_error without a code
   truncate             a few events, then the stream ends (no execution_complete, no [DONE])
   done_early           a few events, then [DONE] without execution_complete
@@ -208,6 +209,15 @@ async def error_stream(s: Stream, session_id: str):
     yield s.done()
 
 
+async def think_then_error_stream(s: Stream, session_id: str):
+    yield s.frame("thinking", {"content": "reading the question", "stage": "planning"})
+    await asyncio.sleep(0.02)
+    yield s.frame("thinking", {"content": "calling the model", "stage": "executing"})
+    await asyncio.sleep(0.02)
+    yield s.frame("execution_error", {"error": "LLM provider returned 429", "code": "LLM_RATE_LIMITED"})
+    yield s.done()
+
+
 async def error_nocode_stream(s: Stream, session_id: str):
     yield s.frame("text_chunk", {"content": "partial "})
     yield s.frame("execution_error", {"error": "tool registry unavailable"})
@@ -327,6 +337,7 @@ SCENARIOS = {
     "table": table_stream,
     "hold": hold_stream,
     "error": error_stream,
+    "think_then_error": think_then_error_stream,
     "error_nocode": error_nocode_stream,
     "truncate": truncate_stream,
     "done_early": done_early_stream,

@@ -172,7 +172,7 @@ def test_manual_trip_outlasts_open_secs(make_proxy):
 
 def test_breaker_opens_on_mean_latency(make_proxy):
     """latency_ratio x execution_timeout_ms = 0.2 x 1000 ms: slow executions (~0.6 s) open it."""
-    proxy = make_proxy(overrides={"runtime": {"execution_timeout_ms": 1000},
+    proxy = make_proxy(overrides={"runtime": {"execution_timeout_ms": 1000, "commit_timeout_ms": 0},
                                   "breaker": {"min_requests": 2, "latency_ratio": 0.2}})
     for _ in range(2):
         s = proxy.run_chat("org-a", "scenario:slow")

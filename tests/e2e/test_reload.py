@@ -102,7 +102,9 @@ def test_configmap_symlink_swap_reloads(make_proxy, tmp_path):
     assert wait_for_mode(proxy, "org-b", "runtime_orchestrator", t0) == ("runtime_orchestrator", "allowlist")
 
 
-def test_request_in_flight_during_a_reload_completes(proxy, runtime):
+def test_request_in_flight_during_a_reload_completes(make_proxy, runtime):
+    # Committed at the first event: the stream is the client's before the reload.
+    proxy = make_proxy(runtime, {"runtime": {"commit_on": "first_event"}})
     s = proxy.chat("org-a", "scenario:hold")
     try:
         first = s.next_event(timeout=5)

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from e2e_support import make_token, new_session_id
+from e2e_support import make_token, metric_value, new_session_id
 from legacy_app import legacy_stream
 
 
@@ -96,6 +96,18 @@ def test_runtime_answering_500_fails_over_to_legacy(proxy, legacy, runtime):
     s = proxy.run_chat("org-a", "scenario:http500")
     assert_legacy_untouched(s, legacy, "scenario:http500", "failover")
     assert len(runtime.received_for(s.session_id)) == 1, "the runtime was tried first"
+
+
+def test_runtime_failing_before_its_first_content_fails_over_to_legacy(proxy, legacy, runtime):
+    """Two thinking events, then execution_error: before the commit point nothing reached the
+    user, so legacy serves the chat with its original body, with no error event."""
+    s = proxy.run_chat("org-a", "scenario:think_then_error")
+    assert_legacy_untouched(s, legacy, "scenario:think_then_error", "failover")
+    assert [f["event"] for f in runtime.sent(s.session_id)] == ["thinking", "thinking", "execution_error"]
+    m = proxy.admin_get("/runtime/metrics").json()["data"]
+    assert (m["runtime"]["total"], m["runtime"]["error"]) == (1, 1), m
+    text = proxy.metrics_text()
+    assert metric_value(text, "cutover_runtime_failovers_total", stage="before_commit") == 1.0
 
 
 def test_shadow_copy_never_delays_the_legacy_answer(make_proxy, legacy, runtime):

@@ -156,7 +156,8 @@ def test_chat_start_route_carries_agent_id_and_a_fresh_session(proxy, runtime):
 @pytest.mark.parametrize("sep", list(SEPS))
 def test_first_event_arrives_while_runtime_holds_the_second(make_proxy, runtimes, sep):
     rt = runtimes[sep]
-    proxy = make_proxy(rt)
+    # Committed at the first event: the thinking is not held for content.
+    proxy = make_proxy(rt, {"runtime": {"commit_on": "first_event"}})
     s = proxy.chat("org-a", "scenario:hold")
     try:
         assert_sse_headers(s, "runtime_orchestrator")
@@ -247,8 +248,10 @@ def test_authorization_is_never_sent_to_the_runtime(proxy, runtime):
     assert received[0]["body"]["metadata"]["user_id"] == "user-77"
 
 
-def test_client_disconnect_cancels_the_runtime_stream_and_is_not_an_error(proxy, runtime):
+def test_client_disconnect_cancels_the_runtime_stream_and_is_not_an_error(make_proxy, runtime):
     from e2e_support import wait_until
+    # Committed at the first event, so the client has part of the answer when it leaves.
+    proxy = make_proxy(runtime, {"runtime": {"commit_on": "first_event"}})
     s = proxy.chat("org-a", "scenario:hold")
     try:
         first = s.next_event(timeout=5)

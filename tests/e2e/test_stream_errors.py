@@ -55,7 +55,8 @@ def test_execution_complete_without_done_marker_is_a_success(proxy):
 
 
 def test_execution_timeout_ends_the_stream_with_an_error(make_proxy, runtime):
-    proxy = make_proxy(runtime, {"runtime": {"execution_timeout_ms": 700}})
+    # Committed at the head: the timeout of a stream the user already has.
+    proxy = make_proxy(runtime, {"runtime": {"execution_timeout_ms": 700, "commit_timeout_ms": 0}})
     s = proxy.chat("org-a", "scenario:hold")
     try:
         s.read_to_end(timeout=5)
