@@ -64,7 +64,7 @@ NGINX1_PORT=18070
 NGINXA_PORT=18071
 NGINX_IDLE_PORT=18072
 IDLE_PROXY_PORT=18200
-BRIDGE_LEGACY_PORT=18084   # python: the bridge's legacy routes
+BRIDGE_LEGACY_PORT=18084   # upstream nginx: the bridge's legacy routes
 BRIDGE_PROXY_PORT=18300    # section 4's proxies: +0 off, +10 on, +20 on without cache
 PLANNING_RUNTIME_PORT=18085  # python: thinks, then answers
 COMMIT_PROXY_PORT=18400    # section 5's proxies: +0 +10 commit off, +20 +30 on (bridge off, on)
@@ -209,9 +209,12 @@ $TOOL gen-sse "$PREFIX/www/runtime-stream.sse" --chunks "$SSE_CHUNKS" >&2
 $TOOL gen-sse "$PREFIX/www/runtime-short.sse" --chunks 10 >&2
 SSE_BYTES=$(stat -c %s "$PREFIX/www/runtime-stream.sse")
 
+$TOOL gen-bridge "$PREFIX/bridge"
+
 $TOOL render bench/nginx-upstream.conf "$OUT/conf/upstream.conf" \
   "PREFIX=$PREFIX" "UPSTREAM_WORKERS=$UPSTREAM_WORKERS" "LEGACY_PORT=$LEGACY_PORT" \
-  "RUNTIME_PORT=$RUNTIME_PORT" "STREAM_PATH=$STREAM_PATH" "JSON_BODY=$JSON_BODY"
+  "RUNTIME_PORT=$RUNTIME_PORT" "STREAM_PATH=$STREAM_PATH" "JSON_BODY=$JSON_BODY" \
+  "BRIDGE_LEGACY_PORT=$BRIDGE_LEGACY_PORT"
 "$NGINX" -t -q -p "$PREFIX" -e "$PREFIX/startup.log" -c "$OUT/conf/upstream.conf" \
   2>"$OUT/logs/upstream-check.log" || { cat "$OUT/logs/upstream-check.log" >&2; die "upstream nginx config invalid"; }
 start upstream TERM "$NGINX" -p "$PREFIX" -e "$PREFIX/startup.log" -c "$OUT/conf/upstream.conf" -g 'daemon off;'
@@ -392,27 +395,33 @@ fi
 # The same short runtime stream, through three proxies whose legacy is a stand-in with the
 # bridge's routes: bridge off (the runtime owns its conversations), on (session and agent
 # cached after the first chat, as in steady traffic on one session), on with no cache (every
-# lookup asks legacy). One legacy round trip is measured on its own, on a keep-alive connection
-# like the proxy's pooled ones: the bridge's cost reads in round trips.
+# lookup asks legacy). Each of the bridge's calls is also timed on its own, on a keep-alive
+# connection like the proxy's pooled ones: the bridge's cost reads in round trips.
 if section 4; then
   log "section 4: bridge off / on / on without cache, $ROUNDS × $BRIDGE_STREAMS short streams per case"
-  start bridge-legacy TERM python3 bench/benchtool.py bridge-legacy --port $BRIDGE_LEGACY_PORT
-  wait_port $BRIDGE_LEGACY_PORT 10 bridge-legacy
   BRIDGE_CASES=("off=bridge off" "on=bridge on (session, agent cached)" "nocache=bridge on, no cache")
   declare -A BRIDGE_PORT=([off]=$BRIDGE_PROXY_PORT [on]=$((BRIDGE_PROXY_PORT + 10)) [nocache]=$((BRIDGE_PROXY_PORT + 20)))
   cutover_proxy bridge-off 1 "${BRIDGE_PORT[off]}" $RUNTIME_PORT $BRIDGE_LEGACY_PORT false 30000
   cutover_proxy bridge-on 1 "${BRIDGE_PORT[on]}" $RUNTIME_PORT $BRIDGE_LEGACY_PORT true 30000
   cutover_proxy bridge-nocache 1 "${BRIDGE_PORT[nocache]}" $RUNTIME_PORT $BRIDGE_LEGACY_PORT true 0
   for r in $(seq 1 "$ROUNDS"); do
-    $TOOL rtt --port $BRIDGE_LEGACY_PORT --path /api/v1/sessions/bench-session \
-      --count "$BRIDGE_STREAMS" --out "$OUT/bridge/rtt-r$r.json"
+    # The session route (cached in steady traffic), the history (read on every chat) and the
+    # user message's save (at the commit, before the first event): the bridge's calls, one each.
+    $TOOL rtt --port $BRIDGE_LEGACY_PORT --route session --path /api/v1/sessions/bench-session \
+      --count "$BRIDGE_STREAMS" --out "$OUT/bridge/rtt-session-r$r.json"
+    $TOOL rtt --port $BRIDGE_LEGACY_PORT --route messages --path /api/v1/sessions/bench-session/messages \
+      --count "$BRIDGE_STREAMS" --out "$OUT/bridge/rtt-messages-r$r.json"
+    $TOOL rtt --port $BRIDGE_LEGACY_PORT --route save --method POST \
+      --body '{"role":"user","content":"How does the bridge keep this conversation?"}' \
+      --path /api/v1/sessions/bench-session/messages \
+      --count "$BRIDGE_STREAMS" --out "$OUT/bridge/rtt-save-r$r.json"
     for c in "${BRIDGE_CASES[@]}"; do
       name=${c%%=*}
-      before=$(curl -s "http://127.0.0.1:$BRIDGE_LEGACY_PORT/control/counts")
+      before=$($TOOL bridge-counts --port $((BRIDGE_PORT[$name] + 2)))
       $TOOL sse --kind proxy --case "$name" --threads 1 --stream short --port "${BRIDGE_PORT[$name]}" \
         --path $CHAT_PATH --org org-bench --count "$BRIDGE_STREAMS" \
         --out "$OUT/bridge/$name-r$r.json" >&2
-      after=$(curl -s "http://127.0.0.1:$BRIDGE_LEGACY_PORT/control/counts")
+      after=$($TOOL bridge-counts --port $((BRIDGE_PORT[$name] + 2)))
       printf '{"case":"%s","round":%s,"before":%s,"after":%s}\n' "$name" "$r" "$before" "$after" \
         >>"$OUT/bridge/calls.jsonl"
     done
@@ -427,7 +436,7 @@ if section 4; then
     --set "warmup=2" --set "date=$(date -u '+%Y-%m-%d %H:%M UTC')" \
     --set "commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" \
     --set "loadavg=$(cut -d' ' -f1-3 /proc/loadavg)" --set "command=$COMMAND"
-  stop bridge-off; stop bridge-on; stop bridge-nocache; stop bridge-legacy
+  stop bridge-off; stop bridge-on; stop bridge-nocache
 fi
 
 # ---- 5. the commit point -------------------------------------------------------------------
@@ -441,8 +450,6 @@ if section 5; then
   start planning-runtime TERM python3 bench/benchtool.py planning-runtime --port $PLANNING_RUNTIME_PORT \
     --gap-ms "$PLAN_GAP_MS"
   wait_port $PLANNING_RUNTIME_PORT 10 planning-runtime
-  start commit-legacy TERM python3 bench/benchtool.py bridge-legacy --port $BRIDGE_LEGACY_PORT
-  wait_port $BRIDGE_LEGACY_PORT 10 commit-legacy
   COMMIT_CASES=("off-bridge-off=commit off, bridge off" "off-bridge-on=commit off, bridge on"
                 "on-bridge-off=commit on, bridge off" "on-bridge-on=commit on, bridge on")
   declare -A COMMIT_PORT=()
@@ -473,7 +480,7 @@ if section 5; then
     --set "commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" \
     --set "loadavg=$(cut -d' ' -f1-3 /proc/loadavg)" --set "command=$COMMAND"
   for c in "${COMMIT_CASES[@]}"; do stop "commit-${c%%=*}"; done
-  stop commit-legacy; stop planning-runtime
+  stop planning-runtime
 fi
 
 stop upstream
