@@ -206,7 +206,8 @@ impl Forwarder {
     }
 
     /// One request on `up`: the head written, the response read into `resp` and copied to the
-    /// client. `Ok(None)` when the upstream closed before answering (a stale pooled connection).
+    /// client. `Ok(None)` when the upstream failed before the first byte of an answer (a stale
+    /// pooled connection): nothing was sent to the client, the request can go again.
     async fn exchange(
         &self,
         client: &mut Stream,
@@ -215,18 +216,18 @@ impl Forwarder {
         head_only: bool,
         resp: &mut Vec<u8>,
     ) -> Result<Option<bool>, Fail> {
-        up.write_all(head).await?;
+        if up.write_all(head).await.is_err() {
+            return Ok(None);
+        }
         resp.clear();
         let (len, body, reusable) = loop {
             if resp.capacity() - resp.len() < 4096 {
                 resp.reserve(8192);
             }
-            if up.read_buf(resp).await? == 0 {
-                return if resp.is_empty() {
-                    Ok(None)
-                } else {
-                    Err(Fail::Reject(BAD_GATEWAY))
-                };
+            match up.read_buf(resp).await {
+                Ok(0) | Err(_) if resp.is_empty() => return Ok(None),
+                Ok(0) | Err(_) => return Err(Fail::Reject(BAD_GATEWAY)),
+                Ok(_) => {}
             }
             if let Some(parsed) = parse_response(resp, head_only)? {
                 break parsed;
@@ -332,14 +333,10 @@ impl Forwarder {
             }
         };
         let reusable = loop {
-            let answer = match self
+            match self
                 .exchange(client, &mut up, bytes, head.head_only, resp)
-                .await
+                .await?
             {
-                Err(Fail::Io) if reused => None,
-                other => other?,
-            };
-            match answer {
                 Some(reusable) => break reusable,
                 // Safe to repeat: only GET/HEAD without a body come this far.
                 None if reused => {
