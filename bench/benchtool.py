@@ -677,7 +677,7 @@ def write_results(path, header, sections):
     w("Knobs (environment): `BENCH_SECTIONS`, `BENCH_ROUNDS`, `BENCH_DURATION`, `BENCH_CONNS`, "
       "`BENCH_WRK_THREADS`, `BENCH_PROXY_THREADS` (space-separated list, one proxy per value), "
       "`BENCH_SSE_STREAMS`, `BENCH_BRIDGE_STREAMS`, `BENCH_IDLE_N`, `BENCH_NGINX_AUTO`, "
-      "`CUTOVER_PROXY_BIN`. See the top of `bench/run.sh`.")
+      "`CUTOVER_PROXY_BIN`, `BENCH_LEAN_BIN`. See the top of `bench/run.sh`.")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     print(f"wrote {path}" + (f" (sections {missing} kept from the earlier run)" if missing else ""))
