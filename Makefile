@@ -60,6 +60,7 @@ lint:
 	$(CARGO) clippy --all-targets -- -D warnings
 
 bench: release
+	$(CARGO) build --release --example lean_forwarder
 	@scripts/install-deps.sh bench
 	bench/run.sh
 

@@ -612,7 +612,8 @@ def report_cmd(args):
     w(f"- Machine: {meta['nproc']} cores (`nproc`), {meta['cpu']}, {meta['mem']}, "
       f"kernel {meta['kernel']}")
     w(f"- cutover-proxy {meta['proxy_version']} (release build, commit {meta['commit']}); "
-      f"{meta['nginx']}; {meta['wrk']}; Python {meta['python']}")
+      f"{meta['nginx']}; " + (f"{meta['haproxy']}; " if meta.get("haproxy") else "")
+      + f"{meta['wrk']}; Python {meta['python']}")
     w(f"- Load average at start: {meta['loadavg']}. Everything (load generator, proxy under test, "
       "stand-in upstream) shares these cores over loopback, as a sidecar does; numbers are only "
       "comparable within one run.")
@@ -684,8 +685,9 @@ def write_results(path, header, sections):
     w("")
     w("Knobs (environment): `BENCH_SECTIONS`, `BENCH_ROUNDS`, `BENCH_DURATION`, `BENCH_CONNS`, "
       "`BENCH_WRK_THREADS`, `BENCH_PROXY_THREADS` (space-separated list, one proxy per value), "
-      "`BENCH_SSE_STREAMS`, `BENCH_BRIDGE_STREAMS`, `BENCH_COMMIT_STREAMS`, `BENCH_PLAN_GAP_MS`, `BENCH_IDLE_N`, `BENCH_NGINX_AUTO`, "
-      "`CUTOVER_PROXY_BIN`. See the top of `bench/run.sh`.")
+      "`BENCH_SSE_STREAMS`, `BENCH_BRIDGE_STREAMS`, `BENCH_COMMIT_STREAMS`, `BENCH_PLAN_GAP_MS`, "
+      "`BENCH_IDLE_N`, `BENCH_NGINX_AUTO`, `CUTOVER_PROXY_BIN`, `BENCH_LEAN_BIN`. See the top of "
+      "`bench/run.sh`.")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     print(f"wrote {path}" + (f" (sections {missing} kept from the earlier run)" if missing else ""))
@@ -731,6 +733,21 @@ def report_passthrough(out, w):
       "to what else the machine runs (though not immune: preemption and cache contention "
       "still show), so compare it first when the machine was busy.")
     w("")
+    w("*lean forwarder*: `examples/lean_forwarder.rs`, Pingora's `Server` and listeners with a "
+      "`ServerApp` of its own (httparse head, per-worker upstream pool, head bytes forwarded "
+      "as read): the floor of a passthrough on Pingora's lower layer. Workers of HAProxy, the "
+      "lean forwarder and cutover-proxy are threads of one process.")
+    w("")
+    for c in [c for c in cases if c["name"].startswith("lean-")]:
+        s = summary[c["name"]]
+        t = c["name"][len("lean-t"):]
+        h = summary.get(f"haproxy-t{t}", {})
+        if s["cpu"] and n1.get("cpu"):
+            r = s["cpu"] / n1["cpu"]
+            w(f"- Floor (CPU/req ≤ 1.1× nginx-1w), {c['label']}: "
+              f"**{'reachable' if r <= 1.1 else 'not reached'}** ({r:.2f}× nginx-1w's CPU/req, "
+              f"{ratio(s['p99'], n1.get('p99'))} its p99; {ratio(s['cpu'], h.get('cpu'))} "
+              f"HAProxy nbthread {t}'s CPU/req, {ratio(s['p99'], h.get('p99'))} its p99).")
     for c in [c for c in cases if c["name"].startswith("proxy")]:
         s = summary[c["name"]]
         if s["rps"] and n1.get("rps"):

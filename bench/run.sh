@@ -2,7 +2,9 @@
 # Side-by-side benchmarks of cutover-proxy against direct access and nginx (issue 8), in one
 # session, loopback only, every run bounded. Writes bench/results.md; raw outputs in bench/out/.
 #
-#   1. non-chat passthrough: wrk on a small JSON GET, direct / nginx (1 worker, auto) / cutover-proxy
+#   1. non-chat passthrough: wrk on a small JSON GET, direct / nginx (1 worker, auto) / HAProxy /
+#      the lean forwarder (examples/lean_forwarder.rs: the floor of Pingora's lower layer) /
+#      cutover-proxy; the last three at each of BENCH_PROXY_THREADS
 #   2. SSE on the runtime path: first event and total time of a 10k-event runtime stream,
 #      direct vs through the proxy (rewrite on), rewritten events per CPU-second
 #   3. N idle SSE streams held through the proxy (and nginx): RSS per stream
@@ -15,7 +17,8 @@
 #        BENCH_QUICK=1 make bench   (~1 minute smoke run)
 #        BENCH_SECTIONS=4 bench/run.sh   (only those sections; the others stay as they are in
 #                                         results.md)
-# Needs: nginx, wrk, python3 (stdlib only), curl — scripts/install-deps.sh bench installs them.
+# Needs: nginx, haproxy, wrk, python3 (stdlib only), curl — scripts/install-deps.sh bench installs
+# them; section 1 also the lean forwarder: cargo build --release --example lean_forwarder.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -55,6 +58,8 @@ else
   PROXY_BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/cutover-proxy
 fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
+LEAN_BIN=${BENCH_LEAN_BIN:-$(dirname "$PROXY_BIN")/examples/lean_forwarder}
 
 # ---- loopback ports ------------------------------------------------------------------------
 LEGACY_PORT=18081          # upstream nginx: canned JSON
@@ -75,6 +80,8 @@ export BENCH_JWT_SECRET=bench-jwt-secret-$$
 export BENCH_ADMIN_TOKEN=bench-admin-token-$$
 
 proxy_port() { echo $((18100 + 10 * $1)); }
+haproxy_port() { echo $((18400 + $1)); }
+lean_port() { echo $((18500 + $1)); }
 
 # ---- process bookkeeping: only what this script started, by pid ------------------------------
 declare -A PIDS=()      # name -> pid
@@ -135,13 +142,18 @@ children_of() { # pid -> its child pids (nginx workers)
 for tool in wrk python3 curl; do command -v $tool >/dev/null || die "$tool missing (scripts/install-deps.sh bench)"; done
 [ -x "$NGINX" ] || die "nginx missing (scripts/install-deps.sh bench)"
 [ -x "$PROXY_BIN" ] || die "$PROXY_BIN missing: run 'cargo build --release' (make bench does)"
+if section 1; then
+  [ -x "$HAPROXY" ] || die "haproxy missing (scripts/install-deps.sh bench)"
+  [ -x "$LEAN_BIN" ] || die "$LEAN_BIN missing: run 'cargo build --release --example lean_forwarder' (make bench does)"
+fi
 for p in $LEGACY_PORT $RUNTIME_PORT $IDLE_RUNTIME_PORT $NGINX1_PORT $NGINXA_PORT $NGINX_IDLE_PORT \
          $IDLE_PROXY_PORT $((IDLE_PROXY_PORT + 1)) $((IDLE_PROXY_PORT + 2)) $BRIDGE_LEGACY_PORT \
          $(seq $BRIDGE_PROXY_PORT $((BRIDGE_PROXY_PORT + 22))); do
   port_free "$p" || die "port $p is in use"
 done
 for t in $PROXY_THREADS; do
-  for p in $(proxy_port "$t") $(($(proxy_port "$t") + 1)) $(($(proxy_port "$t") + 2)); do
+  for p in $(proxy_port "$t") $(($(proxy_port "$t") + 1)) $(($(proxy_port "$t") + 2)) \
+           $(haproxy_port "$t") $(lean_port "$t"); do
     port_free "$p" || die "port $p is in use"
   done
 done
@@ -175,7 +187,7 @@ fi
 [ "$QUICK" = 1 ] && COMMAND="BENCH_QUICK=1 $COMMAND"
 for v in BENCH_SECTIONS BENCH_BRIDGE_STREAMS BENCH_COMMIT_STREAMS BENCH_PLAN_GAP_MS BENCH_ROUNDS BENCH_DURATION BENCH_CONNS BENCH_WRK_THREADS BENCH_PROXY_THREADS \
          BENCH_SSE_THREADS BENCH_SSE_STREAMS BENCH_IDLE_N BENCH_NGINX_AUTO BENCH_UPSTREAM_WORKERS \
-         BENCH_SSE_CHUNKS CUTOVER_PROXY_BIN; do
+         BENCH_SSE_CHUNKS CUTOVER_PROXY_BIN BENCH_LEAN_BIN; do
   [ -n "${!v:-}" ] && COMMAND="$v='${!v}' $COMMAND"
 done
 
@@ -195,6 +207,7 @@ $TOOL collect "$OUT/meta.json" \
   --set "commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || echo '+dirty')" \
   --set "proxy_version=$("$PROXY_BIN" --version | awk '{print $2}')" \
   --set "nginx=$("$NGINX" -v 2>&1 | sed 's/^nginx version: //')" \
+  --set "haproxy=$("$HAPROXY" -v 2>/dev/null | awk 'NR==1{print "HAProxy " $3}')" \
   --set "wrk=wrk $(wrk --version 2>&1 | head -1 | awk '{print $2}')" \
   --set "python=$(python3 -c 'import platform;print(platform.python_version())')" \
   --set "nofile=$NOFILE" \
@@ -246,6 +259,24 @@ cutover_proxy() { # name threads port runtime_port [legacy_port bridge_enabled b
   wait_port "$port" 20 "$name"
 }
 
+haproxy_proxy() { # name threads port
+  local name=$1 threads=$2 port=$3
+  $TOOL render bench/haproxy.cfg "$OUT/conf/$name.cfg" \
+    "THREADS=$threads" "PORT=$port" "LEGACY_PORT=$LEGACY_PORT" "MAXCONN=$((NOFILE / 2 - 100))"
+  "$HAPROXY" -c -q -f "$OUT/conf/$name.cfg" >"$OUT/logs/$name-check.log" 2>&1 \
+    || { cat "$OUT/logs/$name-check.log" >&2; die "$name config invalid"; }
+  # -db: foreground, one process (its threads are the workers); SIGTERM stops it at once.
+  start "$name" TERM "$HAPROXY" -db -f "$OUT/conf/$name.cfg"
+  wait_port "$port" 10 "$name"
+}
+
+lean_forwarder() { # name threads port
+  local name=$1 threads=$2 port=$3
+  # SIGINT: Pingora's fast shutdown.
+  start "$name" INT "$LEAN_BIN" "127.0.0.1:$port" "127.0.0.1:$LEGACY_PORT" "$threads"
+  wait_port "$port" 20 "$name"
+}
+
 # Sections 1 and 2 measure the same proxies (bridge off: the stream path alone).
 if section 1 || section 2; then
   for t in $PROXY_THREADS; do
@@ -265,6 +296,14 @@ if section 1; then
     CASES+=("nginx-auto=nginx, auto workers ($(nproc))"); CASE_PORT[nginx-auto]=$NGINXA_PORT
   fi
   for t in $PROXY_THREADS; do
+    haproxy_proxy "haproxy-t$t" "$t" "$(haproxy_port "$t")"
+    CASES+=("haproxy-t$t=HAProxy, nbthread $t"); CASE_PORT[haproxy-t$t]=$(haproxy_port "$t")
+  done
+  for t in $PROXY_THREADS; do
+    lean_forwarder "lean-t$t" "$t" "$(lean_port "$t")"
+    CASES+=("lean-t$t=lean forwarder (Pingora ServerApp), threads = $t"); CASE_PORT[lean-t$t]=$(lean_port "$t")
+  done
+  for t in $PROXY_THREADS; do
     CASES+=("proxy-t$t=cutover-proxy, threads = $t"); CASE_PORT[proxy-t$t]=$(proxy_port "$t")
   done
 
@@ -281,7 +320,7 @@ if section 1; then
     name=${c%%=*}
     case $name in
       nginx-*) CASE_PIDS[$name]="${PIDS[$name]} $(children_of "${PIDS[$name]}")" ;;
-      proxy-*) CASE_PIDS[$name]=${PIDS[$name]} ;;
+      proxy-* | haproxy-* | lean-*) CASE_PIDS[$name]=${PIDS[$name]} ;;
     esac
   done
 
@@ -306,6 +345,7 @@ if section 1; then
     --set "rounds=$ROUNDS" --set "duration=$DURATION" --set "connections=$CONNS" \
     --set "wrk_threads=$WRK_THREADS" --set "body_bytes=$JSON_BYTES" \
     --set "upstream_workers=$UPSTREAM_WORKERS"
+  for t in $PROXY_THREADS; do stop "haproxy-t$t"; stop "lean-t$t"; done
 fi
 
 # ---- 2. SSE on the runtime path ------------------------------------------------------------
