@@ -1,7 +1,7 @@
 //! The conversation bridge's calls to legacy: the lookups before a runtime execution and the
 //! writes around it, each with the caller's own `Authorization` so legacy applies its permissions.
 //!
-//! Every call is one HTTP/1.1 request on a pooled connection, encoded and decoded by `core::h1`
+//! Every call is one HTTP/1.1 request on a pooled connection (`runtime::pool`), encoded and decoded by `core::h1`
 //! and bounded by `bridge.timeout_ms`; what an answer means is decided in `core::bridge`. A
 //! session's agent id and an agent's settings are cached per caller; history never is.
 
@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, BytesMut};
 use pingora::connectors::TransportConnector;
 use pingora::protocols::Stream;
-use pingora::upstreams::peer::Peer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
 
@@ -24,6 +23,7 @@ use crate::core::config::{BridgeConfig, Config};
 use crate::core::h1::{self, BodyDecoder};
 use crate::core::identity::Caller;
 use crate::ops::metrics::BridgeMetrics;
+use crate::runtime::pool::Pool;
 
 /// Marks the proxy's own calls, so legacy (and its logs) can tell them from the browser's.
 pub const BRIDGE_HEADER: &str = "x-cutover-bridge";
@@ -108,7 +108,9 @@ struct Unsaved {
 
 /// The bridge's connections and cache; one per process.
 pub struct Bridge {
+    /// Makes new connections; idle ones wait in `pool`.
     connector: TransportConnector,
+    pool: Pool,
     resolver: Resolver,
     sessions: Mutex<TtlCache<ScopedId, String>>,
     agents: Mutex<TtlCache<ScopedId, AgentProfile>>,
@@ -121,6 +123,7 @@ impl Bridge {
         let ttl = Duration::from_millis(config.cache_ttl_ms);
         Bridge {
             connector: TransportConnector::new(None),
+            pool: Pool::default(),
             resolver: Resolver::default(),
             sessions: Mutex::new(TtlCache::new(config.cache_entries, ttl)),
             agents: Mutex::new(TtlCache::new(config.cache_entries, ttl)),
@@ -511,21 +514,24 @@ impl Bridge {
         // A pooled connection legacy closed meanwhile fails before any answer; one fresh
         // attempt is safe because such a connection never delivered a response.
         for attempt in 0..2 {
-            let (mut stream, reused) = self
-                .connector
-                .get_stream(&peer)
-                .await
-                .map_err(|e| format!("connecting to legacy: {e}"))?;
+            let pooled = (attempt == 0)
+                .then(|| self.pool.take(addr, target.peer.pool_idle_timeout))
+                .flatten();
+            let reused = pooled.is_some();
+            let mut stream = match pooled {
+                Some(stream) => stream,
+                None => self
+                    .connector
+                    .new_stream(&peer)
+                    .await
+                    .map_err(|e| format!("connecting to legacy: {e}"))?,
+            };
             match roundtrip(&mut stream, request).await {
                 Err(Failure::ClosedEarly(_)) if reused && attempt == 0 => continue,
                 Err(Failure::ClosedEarly(e) | Failure::Other(e)) => return Err(e),
                 Ok(answer) => {
                     if answer.reusable {
-                        self.connector.release_stream(
-                            stream,
-                            peer.reuse_hash(),
-                            Some(target.peer.pool_idle_timeout),
-                        );
+                        self.pool.put(addr, stream);
                     }
                     return Ok((answer.status, answer.body));
                 }

@@ -1,0 +1,162 @@
+//! Idle keep-alive connections to one upstream, kept for the bridge's short calls.
+//!
+//! Pingora's `TransportConnector` pool watches every idle connection with a task of its own and
+//! hands a connection over through that task, and its default peer asks the kernel for the
+//! socket's address on every reuse: on a history read of a few dozen microseconds that doubled
+//! the call. Here an idle connection just waits in a list. One that the upstream closed meanwhile
+//! is noticed when taken (a read that is ready at once: end of file or stray bytes), and a
+//! request on one that closes before any answer byte is repeated once on a fresh connection by
+//! the caller, as before.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use pingora::protocols::Stream;
+use tokio::io::AsyncReadExt;
+
+/// Idle connections kept per upstream address; more are closed when released.
+const MAX_IDLE: usize = 64;
+
+#[derive(Default)]
+pub struct Pool {
+    idle: Mutex<HashMap<SocketAddr, Vec<(Stream, Instant)>>>,
+}
+
+impl Pool {
+    /// The most recently released connection to `addr` that is younger than `max_idle` and still
+    /// open, if any; older ones are closed on the way.
+    pub fn take(&self, addr: SocketAddr, max_idle: Duration) -> Option<Stream> {
+        loop {
+            let mut stream = {
+                let mut idle = self.idle.lock().unwrap();
+                let list = idle.get_mut(&addr)?;
+                let found = list.pop()?;
+                if found.1.elapsed() >= max_idle {
+                    // The rest are older still.
+                    list.clear();
+                    return None;
+                }
+                found.0
+            };
+            if still_open(&mut stream) {
+                return Some(stream);
+            }
+        }
+    }
+
+    /// Keep `stream` for the next call to `addr`.
+    pub fn put(&self, addr: SocketAddr, stream: Stream) {
+        let mut idle = self.idle.lock().unwrap();
+        let list = idle.entry(addr).or_default();
+        if list.len() < MAX_IDLE {
+            list.push((stream, Instant::now()));
+        }
+    }
+
+    /// Idle connections to `addr` (for tests).
+    pub fn idle(&self, addr: SocketAddr) -> usize {
+        self.idle.lock().unwrap().get(&addr).map_or(0, Vec::len)
+    }
+}
+
+/// An idle keep-alive connection has nothing to read: a read that completes at once means the
+/// upstream closed it (0 bytes) or sent something unasked, and either way it cannot carry a
+/// request.
+fn still_open(stream: &mut Stream) -> bool {
+    let mut byte = [0u8; 1];
+    stream.read(&mut byte).now_or_never().is_none()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// A connected pair: the pooled client side and the upstream's side.
+    async fn pair() -> (SocketAddr, Stream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = TcpStream::connect(addr).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let client: Stream = Box::new(pingora::protocols::l4::stream::Stream::from(client));
+        (addr, client, server)
+    }
+
+    const LONG: Duration = Duration::from_secs(60);
+
+    #[tokio::test]
+    async fn an_open_connection_is_handed_back_newest_first() {
+        let (addr, a, _sa) = pair().await;
+        let (_, b, _sb) = pair().await;
+        let pool = Pool::default();
+        let b_id = b.id();
+        pool.put(addr, a);
+        pool.put(addr, b);
+        let taken = pool.take(addr, LONG).expect("an idle connection");
+        assert_eq!(taken.id(), b_id);
+        assert_eq!(pool.idle(addr), 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_upstream_closed_is_not_handed_out() {
+        let (addr, client, mut server) = pair().await;
+        let pool = Pool::default();
+        pool.put(addr, client);
+        server.shutdown().await.unwrap();
+        drop(server);
+        // The FIN is on its way over loopback: wait until the client side can read it.
+        let mut probe = pool.take(addr, LONG);
+        for _ in 0..1000 {
+            let Some(stream) = probe else { break };
+            pool.put(addr, stream);
+            tokio::task::yield_now().await;
+            probe = pool.take(addr, LONG);
+        }
+        assert!(probe.is_none(), "a closed connection was handed out");
+        assert_eq!(pool.idle(addr), 0);
+    }
+
+    #[tokio::test]
+    async fn a_connection_with_unasked_bytes_is_not_handed_out() {
+        let (addr, client, mut server) = pair().await;
+        server.write_all(b"HTTP/1.1 200 OK\r\n").await.unwrap();
+        let pool = Pool::default();
+        pool.put(addr, client);
+        let mut probe = pool.take(addr, LONG);
+        for _ in 0..1000 {
+            let Some(stream) = probe else { break };
+            pool.put(addr, stream);
+            tokio::task::yield_now().await;
+            probe = pool.take(addr, LONG);
+        }
+        assert!(probe.is_none());
+    }
+
+    #[tokio::test]
+    async fn connections_idle_too_long_are_closed() {
+        let (addr, client, _server) = pair().await;
+        let pool = Pool::default();
+        pool.put(addr, client);
+        assert!(pool.take(addr, Duration::ZERO).is_none());
+        assert_eq!(pool.idle(addr), 0);
+    }
+
+    #[tokio::test]
+    async fn at_most_max_idle_are_kept() {
+        let pool = Pool::default();
+        let mut keep = Vec::new();
+        let mut addr = None;
+        for _ in 0..MAX_IDLE + 3 {
+            let (a, client, server) = pair().await;
+            // All to one key, whatever port each pair got.
+            let key = *addr.get_or_insert(a);
+            pool.put(key, client);
+            keep.push(server);
+        }
+        assert_eq!(pool.idle(addr.unwrap()), MAX_IDLE);
+    }
+}
