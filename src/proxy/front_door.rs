@@ -471,6 +471,11 @@ impl AsyncRead for FrontStream {
                     if !matches!(body, Body::Length(0)) {
                         this.phase = Phase::Body(body);
                     }
+                    // A chat stream holds its connection for minutes: the head's buffer is
+                    // not kept for it when nothing past the head was read.
+                    if this.buf.is_empty() {
+                        this.buf = BytesMut::new();
+                    }
                 }
                 Poll::Ready(Ok(()))
             }
