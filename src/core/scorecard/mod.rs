@@ -275,14 +275,15 @@ impl Serialize for OrgReport {
     }
 }
 
+/// Samples for the scorecard's tests: a path that took `ttfe_ms` to its first event, and a
+/// comparison whose legacy half took 100 ms.
 #[cfg(test)]
-mod tests {
+pub(crate) mod samples {
     use super::*;
-    use proptest::prelude::*;
 
-    const MS: Duration = Duration::from_millis(1);
+    pub const MS: Duration = Duration::from_millis(1);
 
-    fn sample(outcome: Outcome, ttfe_ms: u64) -> PathSample {
+    pub fn sample(outcome: Outcome, ttfe_ms: u64) -> PathSample {
         PathSample {
             outcome,
             ttfe: Some(MS * ttfe_ms as u32),
@@ -291,12 +292,20 @@ mod tests {
         }
     }
 
-    fn cmp(legacy: Outcome, runtime: Outcome, runtime_ttfe_ms: u64) -> Comparison {
+    pub fn cmp(legacy: Outcome, runtime: Outcome, runtime_ttfe_ms: u64) -> Comparison {
         Comparison {
             legacy: sample(legacy, 100),
             runtime: sample(runtime, runtime_ttfe_ms),
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    use super::samples::*;
 
     const T: Thresholds = Thresholds {
         min_samples: 10,

@@ -104,23 +104,7 @@ impl Pairing {
 mod tests {
     use super::*;
 
-    const MS: Duration = Duration::from_millis(1);
-
-    fn sample(outcome: Outcome, ttfe_ms: u64) -> PathSample {
-        PathSample {
-            outcome,
-            ttfe: Some(MS * ttfe_ms as u32),
-            duration: MS * 100,
-            text_chars: 10,
-        }
-    }
-
-    fn cmp(legacy: Outcome, runtime: Outcome, runtime_ttfe_ms: u64) -> Comparison {
-        Comparison {
-            legacy: sample(legacy, 100),
-            runtime: sample(runtime, runtime_ttfe_ms),
-        }
-    }
+    use crate::core::scorecard::samples::*;
 
     #[test]
     fn pairs_join_in_either_order_once() {
