@@ -3,13 +3,13 @@
 //! The breaker judges the runtime over one such [`Window`], and the admin API reports per-mode and
 //! per-org windows from [`ExecutionStats`]; time is passed in as an `Instant`, never read here.
 
-use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::time::{Duration, Instant};
 
 use serde::ser::SerializeStruct;
 
 use crate::core::config::Mode;
+use crate::core::recent::RecentOrgs;
 
 /// Number of buckets a [`Window`] splits its span into: the window slides in steps of
 /// `span / DEFAULT_BUCKETS` (5 s for the default 300 s window).
@@ -259,8 +259,6 @@ impl Window {
 
 #[derive(Debug, Clone)]
 struct OrgEntry {
-    /// Value of `ExecutionStats::seq` at this org's latest record: its key in `lru`.
-    seq: u64,
     direct: Window,
     runtime: Window,
 }
@@ -276,30 +274,22 @@ impl OrgEntry {
 
 /// Per-mode and per-org windows for the admin API.
 ///
-/// At most `max_orgs` orgs are tracked; recording a new org when full evicts the org whose latest
-/// record is oldest (reads do not count as use). Every operation is O(log orgs) at worst.
+/// At most `max_orgs` orgs are tracked ([`RecentOrgs`]).
 #[derive(Debug, Clone)]
 pub struct ExecutionStats {
     span: Duration,
-    max_orgs: usize,
     direct: Window,
     runtime: Window,
-    orgs: HashMap<String, OrgEntry>,
-    /// Recency order: `seq` → org, oldest first.
-    lru: BTreeMap<u64, String>,
-    seq: u64,
+    orgs: RecentOrgs<OrgEntry>,
 }
 
 impl ExecutionStats {
     pub fn new(span: Duration, max_orgs: usize, now: Instant) -> Self {
         ExecutionStats {
             span,
-            max_orgs,
             direct: Window::new(span, now),
             runtime: Window::new(span, now),
-            orgs: HashMap::new(),
-            lru: BTreeMap::new(),
-            seq: 0,
+            orgs: RecentOrgs::new(max_orgs),
         }
     }
 
@@ -321,41 +311,13 @@ impl ExecutionStats {
     ) {
         self.window_mut(mode).record(outcome, latency, now);
         let Some(org) = org else { return };
-        if self.max_orgs == 0 {
-            return;
-        }
-        self.seq += 1;
-        let seq = self.seq;
-        if let Some(entry) = self.orgs.get_mut(org) {
-            let name = self
-                .lru
-                .remove(&entry.seq)
-                .unwrap_or_else(|| org.to_owned());
-            self.lru.insert(seq, name);
-            entry.seq = seq;
+        let span = self.span;
+        let entry = self.orgs.record(org, || OrgEntry {
+            direct: Window::new(span, now),
+            runtime: Window::new(span, now),
+        });
+        if let Some(entry) = entry {
             entry.window_mut(mode).record(outcome, latency, now);
-            return;
-        }
-        self.evict_to(self.max_orgs - 1);
-        let mut entry = OrgEntry {
-            seq,
-            direct: Window::new(self.span, now),
-            runtime: Window::new(self.span, now),
-        };
-        entry.window_mut(mode).record(outcome, latency, now);
-        self.orgs.insert(org.to_owned(), entry);
-        self.lru.insert(seq, org.to_owned());
-    }
-
-    /// Drop least recently recorded orgs until at most `keep` remain.
-    fn evict_to(&mut self, keep: usize) {
-        while self.orgs.len() > keep {
-            match self.lru.pop_first() {
-                Some((_, org)) => {
-                    self.orgs.remove(&org);
-                }
-                None => break,
-            }
         }
     }
 
@@ -387,8 +349,7 @@ impl ExecutionStats {
                 entry.runtime.set_span(span, now);
             }
         }
-        self.max_orgs = max_orgs;
-        self.evict_to(max_orgs);
+        self.orgs.set_max(max_orgs);
     }
 
     /// Number of orgs currently tracked.
@@ -401,7 +362,7 @@ impl ExecutionStats {
     }
 
     pub fn max_orgs(&self) -> usize {
-        self.max_orgs
+        self.orgs.max()
     }
 }
 
@@ -724,7 +685,7 @@ mod tests {
         }
         st.record(Mode::DirectLlm, Some("e"), Outcome::Success, MS, t0);
         assert!(st.org_snapshot("c", t0).is_none());
-        assert_eq!(st.lru.len(), st.orgs.len());
+        assert!(st.orgs.is_consistent());
         // Global totals are not affected by eviction.
         assert_eq!(st.snapshot(Mode::DirectLlm, t0).total, 5);
     }
@@ -832,7 +793,7 @@ mod tests {
                 recent.retain(|o| *o != org);
                 recent.push(org);
                 prop_assert!(st.org_count() <= cap);
-                prop_assert_eq!(st.lru.len(), st.orgs.len());
+                prop_assert!(st.orgs.is_consistent());
                 // The `cap` most recently recorded orgs are exactly the tracked ones.
                 for (i, o) in recent.iter().rev().enumerate() {
                     prop_assert_eq!(st.org_snapshot(o, t0).is_some(), i < cap, "{}", o);

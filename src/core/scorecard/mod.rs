@@ -12,12 +12,13 @@ mod observer;
 mod pairing;
 mod verdict;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use serde::ser::SerializeStruct;
 use serde::Serialize;
 
+use crate::core::recent::RecentOrgs;
 use crate::core::stats::Outcome;
 
 pub use observer::{StreamObserver, OBSERVED_FRAME_BYTES};
@@ -63,34 +64,22 @@ impl KeptPath {
     }
 }
 
-#[derive(Debug)]
-struct OrgEntry {
-    seq: u64,
-    samples: VecDeque<Kept>,
-}
-
-/// Per-org comparisons over a sliding window of `span`, for at most `max_orgs` orgs: recording a
-/// new org when full evicts the org whose latest comparison is oldest.
+/// Per-org comparisons over a sliding window of `span`, for at most `max_orgs` orgs
+/// ([`RecentOrgs`]: a new org when full takes the place of the org whose latest comparison is
+/// oldest).
 #[derive(Debug)]
 pub struct Scorecard {
     span: Duration,
-    max_orgs: usize,
     origin: Instant,
-    orgs: HashMap<String, OrgEntry>,
-    /// Recency order: `seq` → org, oldest first.
-    lru: BTreeMap<u64, String>,
-    seq: u64,
+    orgs: RecentOrgs<VecDeque<Kept>>,
 }
 
 impl Scorecard {
     pub fn new(span: Duration, max_orgs: usize, now: Instant) -> Self {
         Scorecard {
             span,
-            max_orgs,
             origin: now,
-            orgs: HashMap::new(),
-            lru: BTreeMap::new(),
-            seq: 0,
+            orgs: RecentOrgs::new(max_orgs),
         }
     }
 
@@ -106,60 +95,28 @@ impl Scorecard {
 
     /// Count one comparison for `org`.
     pub fn record(&mut self, org: &str, c: &Comparison, now: Instant) {
-        if self.max_orgs == 0 {
-            return;
-        }
         let kept = Kept {
             at_ms: self.at_ms(now),
             legacy: KeptPath::of(&c.legacy),
             runtime: KeptPath::of(&c.runtime),
         };
-        self.seq += 1;
-        let seq = self.seq;
         let cutoff = self.expired_before(now);
-        if let Some(entry) = self.orgs.get_mut(org) {
-            let name = self
-                .lru
-                .remove(&entry.seq)
-                .unwrap_or_else(|| org.to_owned());
-            self.lru.insert(seq, name);
-            entry.seq = seq;
-            prune(&mut entry.samples, cutoff);
-            if entry.samples.len() == MAX_SAMPLES_PER_ORG {
-                entry.samples.pop_front();
-            }
-            entry.samples.push_back(kept);
+        let Some(samples) = self.orgs.record(org, VecDeque::new) else {
             return;
+        };
+        prune(samples, cutoff);
+        if samples.len() == MAX_SAMPLES_PER_ORG {
+            samples.pop_front();
         }
-        self.evict_to(self.max_orgs - 1);
-        self.orgs.insert(
-            org.to_owned(),
-            OrgEntry {
-                seq,
-                samples: VecDeque::from([kept]),
-            },
-        );
-        self.lru.insert(seq, org.to_owned());
-    }
-
-    fn evict_to(&mut self, keep: usize) {
-        while self.orgs.len() > keep {
-            match self.lru.pop_first() {
-                Some((_, org)) => {
-                    self.orgs.remove(&org);
-                }
-                None => break,
-            }
-        }
+        samples.push_back(kept);
     }
 
     /// The scorecard of one org, or `None` when it is not tracked (no comparison yet, or
     /// evicted). An org whose comparisons all left the window reads as 0 samples, `insufficient`.
     pub fn report(&self, org: &str, t: &Thresholds, now: Instant) -> Option<OrgReport> {
-        let entry = self.orgs.get(org)?;
+        let samples = self.orgs.get(org)?;
         let cutoff = self.expired_before(now);
-        let live = entry
-            .samples
+        let live = samples
             .iter()
             .filter(|k| cutoff.is_none_or(|c| k.at_ms > c));
         Some(OrgReport::judge(org, live, t))
@@ -167,7 +124,7 @@ impl Scorecard {
 
     /// Every tracked org's scorecard, by org id.
     pub fn reports(&self, t: &Thresholds, now: Instant) -> Vec<OrgReport> {
-        let mut orgs: Vec<&String> = self.orgs.keys().collect();
+        let mut orgs: Vec<&String> = self.orgs.iter().map(|(org, _)| org).collect();
         orgs.sort();
         orgs.into_iter()
             .filter_map(|o| self.report(o, t, now))
@@ -178,8 +135,7 @@ impl Scorecard {
     /// time); a lower `max_orgs` evicts the least recently recorded orgs.
     pub fn reconfigure(&mut self, span: Duration, max_orgs: usize) {
         self.span = span;
-        self.max_orgs = max_orgs;
-        self.evict_to(max_orgs);
+        self.orgs.set_max(max_orgs);
     }
 
     pub fn org_count(&self) -> usize {
@@ -188,7 +144,7 @@ impl Scorecard {
 
     /// Comparisons held for `org`, in or out of the window.
     pub fn held(&self, org: &str) -> usize {
-        self.orgs.get(org).map_or(0, |e| e.samples.len())
+        self.orgs.get(org).map_or(0, VecDeque::len)
     }
 }
 
