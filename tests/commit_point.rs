@@ -549,3 +549,41 @@ async fn a_runtime_that_only_thinks_is_committed_to_when_too_much_is_held() {
     );
     assert!(h.legacy.work().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutting_down_while_held_commits_and_answers_shutting_down() {
+    let h = Harness::new()
+        .runtime(runtime(vec![Step::Send(thinking("planning")), Step::Hang]))
+        .config(|c| c.runtime.commit_timeout_ms = 4000)
+        .start()
+        .await;
+    let chat = tokio::spawn(h.chat("org-a").send());
+    // The relay counts its stream from the runtime's head on, held or not.
+    let in_flight = || metric(&h, "chat_streams_in_flight", &[("mode", RT)]);
+    assert!(
+        eventually(Duration::from_secs(3), || in_flight() == 1.0).await,
+        "the runtime's stream never started"
+    );
+    h.shared.cutoff.send_replace(true);
+
+    let r = tokio::time::timeout(Duration::from_secs(3), chat)
+        .await
+        .expect("the held stream was not ended by the cutoff")
+        .unwrap();
+    assert_served(&r, RT, "allowlist");
+    let events = r.events();
+    let last = events.last().expect("events");
+    assert_eq!(last.0, "error", "{events:?}");
+    assert_eq!(data(last)["code"], "SHUTTING_DOWN");
+    assert_eq!(
+        metric(&h, "cutover_commit_total", &[("trigger", "shutdown")]),
+        1.0
+    );
+    // Not the runtime's fault, and nothing is failed over while the proxy stops.
+    assert_eq!(metric(&h, "cutover_runtime_failovers_total", &[]), 0.0);
+    assert!(h.legacy.work().is_empty());
+    assert_eq!(
+        metric(&h, "chat_execution_error_total", &[("mode", RT)]),
+        0.0
+    );
+}
