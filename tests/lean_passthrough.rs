@@ -10,7 +10,7 @@
 //!   forwards them, the lean path drops them (RFC 9110 §7.6.1); only the case about them has
 //!   them, and drops them from Pingora's answer.
 //!
-//! One difference is asserted instead: a client that half-closes after its request gets no
+//! One difference is asserted instead: a client that half-closes after its request often gets no
 //! answer from Pingora (it takes the end of input for a client gone), the lean path answers.
 //!
 //! And what the cases avoid rather than normalise:
@@ -260,13 +260,40 @@ async fn get_head_and_bodies_match_pingora() {
     let (seen, _) = same(
         "chunked POST",
         ok,
-        &[
-            Do::Send(b"POST /api/v1/uploads HTTP/1.1\r\nHost: proxy.test\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhel"),
-            Do::Send(b"lo\r\n3;x=y\r\nabc\r\n0\r\n\r\n"),
-        ],
+        &[Do::Send(
+            b"POST /api/v1/uploads HTTP/1.1\r\nHost: proxy.test\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n8;x=y\r\nhelloabc\r\n0\r\n\r\n",
+        )],
     )
     .await;
     assert_eq!(seen.len(), 1, "{seen:?}");
+    // Split anywhere, a chunked body reaches legacy whole (re-framed by reads, so not compared).
+    let (seen, got) = through(
+        true,
+        ok,
+        &[
+            Do::Send(b"POST /u HTTP/1.1\r\nHost: proxy.test\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhel"),
+            Do::Send(b"lo\r\n3;x=y\r\nabc\r\n0\r\nX-T: 1\r\n\r\n"),
+        ],
+    )
+    .await;
+    assert!(got.ends_with("hello"), "{got}");
+    let body = seen[0].split_once("\r\n\r\n").unwrap().1;
+    let mut at = 0;
+    let mut payload = Vec::new();
+    loop {
+        let httparse::Status::Complete((n, size)) =
+            httparse::parse_chunk_size(&body.as_bytes()[at..]).unwrap()
+        else {
+            panic!("{body:?}");
+        };
+        payload.extend_from_slice(&body.as_bytes()[at + n..at + n + size as usize]);
+        at += n + size as usize + 2;
+        if size == 0 {
+            break;
+        }
+    }
+    assert_eq!(payload, b"helloabc");
+    assert_eq!(at, body.len(), "{body:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -381,7 +408,12 @@ async fn connections_match_pingora() {
     let pingora = through(false, ok, &half_close).await;
     let lean = through(true, ok, &half_close).await;
     assert_eq!(lean.0, pingora.0, "client half-close: what legacy received");
-    assert_eq!(pingora.1, "", "Pingora answers a half-closed client now");
+    // Pingora answers only when its response wins the race with its read of the end of input.
+    assert!(
+        pingora.1.is_empty() || pingora.1 == lean.1,
+        "Pingora: {}",
+        pingora.1
+    );
     let (_, whole) = through(true, ok, &[Do::Send(GET)]).await;
     assert_eq!(
         lean.1,

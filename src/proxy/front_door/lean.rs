@@ -199,11 +199,7 @@ async fn exchange(
             Ok(0) | Err(_) => return Err(Fail::BadGateway),
             Ok(_) => {}
         }
-        loop {
-            let Some(head) = parse_response(&resp, req.head_only).map_err(|_| Fail::BadGateway)?
-            else {
-                break;
-            };
+        while let Some(head) = parse_response(&resp, req.head_only).map_err(|_| Fail::BadGateway)? {
             if !(100..200).contains(&head.code) {
                 out.clear();
                 let rechunk = head.body == RespBody::Close && req.http11;
