@@ -468,3 +468,45 @@ async fn upstream_failures_match_pingora() {
     );
     assert_eq!(lean.0, ["GET /h HTTP/1.1\r\nHost: proxy.test\r\n\r\n"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lean_request_in_flight_at_shutdown_finishes_and_counts_for_the_drain() {
+    let h = Harness::new()
+        .legacy(|_: &Received| {
+            Reply::sse(vec![
+                Step::Send(b"first\n".to_vec()),
+                Step::WaitRelease,
+                Step::Send(b"second\n".to_vec()),
+            ])
+        })
+        .start()
+        .await;
+    assert!(h.shared.snapshot().config.server.lean_passthrough);
+    let Running {
+        legacy,
+        runtime: _runtime,
+        server,
+    } = h;
+    let shared = server.shared.clone();
+    let mut c = Client::connect(server.proxy_addr).await;
+    c.send("GET", "/api/v1/notifications/stream", &[], b"")
+        .await;
+    let mut server = Some(server);
+    let r = tokio::time::timeout(
+        Duration::from_secs(5),
+        c.read_response_with(|_| {
+            if let Some(server) = server.take() {
+                // The drain waits for what is in flight: the lean request is.
+                assert_eq!(shared.requests.count(), 1);
+                drop(server);
+                legacy.release();
+            }
+        }),
+    )
+    .await
+    .expect("the response in flight did not finish after shutdown");
+    assert!(r.complete);
+    assert_eq!(r.body(), b"first\nsecond\n");
+    assert!(c.closed_within(Duration::from_secs(3)).await);
+    assert_eq!(shared.requests.count(), 0);
+}
