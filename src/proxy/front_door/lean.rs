@@ -29,10 +29,14 @@ use crate::core::request_head::{Framing, Head};
 const READ_CHUNK: usize = 16 * 1024;
 /// Idle upstream connections kept per worker.
 const MAX_IDLE: usize = 256;
-/// What Pingora's `generate_error(502)` puts on the wire once it has closed keep-alive (its
-/// `Date` is the current one, as here).
+/// Pingora's downstream read timeout, for each read of a request body.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// What Pingora's `generate_error` puts on the wire once it has closed keep-alive (its `Date` is
+/// the current one, as here), for the 502 of a legacy that failed and the 400 of a body that
+/// stalled.
 const BAD_GATEWAY_HEAD: &str = "HTTP/1.1 502 Bad Gateway\r\nServer: Pingora\r\n";
-const BAD_GATEWAY_TAIL: &str =
+const BAD_REQUEST_HEAD: &str = "HTTP/1.1 400 Bad Request\r\nServer: Pingora\r\n";
+const ERROR_TAIL: &str =
     "Content-Length: 0\r\nCache-Control: private, no-store\r\nConnection: close\r\n\r\n";
 
 struct Idle {
@@ -96,6 +100,8 @@ enum Fail {
     Unanswered,
     /// Nothing reached the client yet: it gets a 502.
     BadGateway,
+    /// The client's body stalled: it gets a 400, as from Pingora.
+    BodyTimeout,
     /// The client connection ends now (the client is gone, its body broke, or the answer was
     /// cut after it began).
     Close,
@@ -145,19 +151,27 @@ pub(super) async fn serve(
                 bad_gateway(io).await;
                 return false;
             }
+            Err(Fail::BodyTimeout) => {
+                error(io, BAD_REQUEST_HEAD).await;
+                return false;
+            }
             Err(Fail::Close) => return false,
         }
     }
 }
 
 async fn bad_gateway(io: &mut FrontStream) {
+    error(io, BAD_GATEWAY_HEAD).await
+}
+
+async fn error(io: &mut FrontStream, head: &str) {
     let date = pingora::protocols::http::date::get_cached_date();
     let mut answer = Vec::with_capacity(160);
-    answer.extend_from_slice(BAD_GATEWAY_HEAD.as_bytes());
+    answer.extend_from_slice(head.as_bytes());
     answer.extend_from_slice(b"Date: ");
     answer.extend_from_slice(date.as_bytes());
     answer.extend_from_slice(b"\r\n");
-    answer.extend_from_slice(BAD_GATEWAY_TAIL.as_bytes());
+    answer.extend_from_slice(ERROR_TAIL.as_bytes());
     let _ = timeout(Duration::from_secs(1), io.inner.write_all(&answer)).await;
 }
 
@@ -173,9 +187,10 @@ async fn read_client(io: &mut FrontStream) -> Result<(), Fail> {
     if io.buf.capacity() - io.buf.len() < 1024 {
         io.buf.reserve(READ_CHUNK);
     }
-    match io.inner.read_buf(&mut io.buf).await {
-        Ok(n) if n > 0 => Ok(()),
-        _ => Err(Fail::Close),
+    match timeout(BODY_READ_TIMEOUT, io.inner.read_buf(&mut io.buf)).await {
+        Ok(Ok(n)) if n > 0 => Ok(()),
+        Err(_) => Err(Fail::BodyTimeout),
+        Ok(_) => Err(Fail::Close),
     }
 }
 
