@@ -365,11 +365,12 @@ async fn sequential_requests_share_one_legacy_connection() {
         assert!(r.complete);
     }
     assert_eq!(h.legacy.work().len(), requests);
-    // Without a pool there would be one connection per request; allow one spare for a scheduler
-    // that was slower than the pause above.
+    // Without a pool there would be one connection per request. The plain requests take the
+    // front door's lean path and its pool, the chats Pingora's: one connection each, and one
+    // spare for a scheduler that was slower than the pause above.
     let opened = h.legacy.connections();
     assert!(
-        opened <= 2,
+        opened <= 3,
         "{requests} requests opened {opened} legacy connections"
     );
 

@@ -121,6 +121,14 @@ pub struct ServerConfig {
     /// Client connections open at once (all workers); more are answered 503 and closed.
     #[serde(default = "defaults::max_connections")]
     pub max_connections: usize,
+    /// Non-chat requests the front door can forward itself go to legacy on its own lean path
+    /// instead of through Pingora's `HttpProxy` (which costs over three times the CPU).
+    #[serde(default = "defaults::lean_passthrough")]
+    pub lean_passthrough: bool,
+    /// On the lean path, a piece of a response the client does not take within this long ends
+    /// the connection.
+    #[serde(default = "defaults::write_timeout_ms")]
+    pub write_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -347,6 +355,12 @@ mod defaults {
     }
     pub fn max_connections() -> usize {
         10_000
+    }
+    pub fn lean_passthrough() -> bool {
+        true
+    }
+    pub fn write_timeout_ms() -> u64 {
+        60_000
     }
     pub fn max_header_bytes() -> usize {
         32 * 1024
@@ -644,6 +658,12 @@ impl Config {
             self.server.max_connections as f64,
             1.0,
             1_000_000.0,
+        )?;
+        check_range(
+            "server.write_timeout_ms",
+            self.server.write_timeout_ms as f64,
+            1.0,
+            3_600_000.0,
         )?;
         check_addr("legacy.address", &self.legacy.address)?;
         check_addr("runtime.address", &self.runtime.address)?;
@@ -1358,6 +1378,8 @@ address = "runtime:8000"
         assert_eq!(c.server.header_timeout_ms, 10_000);
         assert_eq!(c.server.keepalive_timeout_ms, 75_000);
         assert_eq!(c.server.max_connections, 10_000);
+        assert!(c.server.lean_passthrough);
+        assert_eq!(c.server.write_timeout_ms, 60_000);
         assert_eq!(c.limits.max_header_bytes, 32 * 1024);
         let server = |line: &str| MINIMAL.replacen("[server]\n", &format!("[server]\n{line}\n"), 1);
         let c = Config::parse(&server("header_timeout_ms = 250\nmax_connections = 3")).unwrap();
@@ -1369,6 +1391,8 @@ address = "runtime:8000"
             ("header_timeout_ms = 0", "server.header_timeout_ms"),
             ("keepalive_timeout_ms = 0", "server.keepalive_timeout_ms"),
             ("max_connections = 0", "server.max_connections"),
+            ("write_timeout_ms = 0", "server.write_timeout_ms"),
+            ("lean_passthrough = 1", "server.lean_passthrough"),
         ] {
             assert_eq!(err_key(&server(line)), key, "{line}");
         }

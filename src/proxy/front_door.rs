@@ -12,6 +12,10 @@
 //! Pingora reads the connection through `FrontStream`, which hands it the validated head and then
 //! exactly the body the head frames (a chunked body only as far as `core::chunked` has found it
 //! well formed), never a byte of the next request: every head on the connection is read here.
+//!
+//! A plain non-chat request skips Pingora altogether (`lean`, `server.lean_passthrough`).
+
+mod lean;
 
 use std::io;
 use std::pin::Pin;
@@ -113,6 +117,7 @@ pub struct FrontDoor {
     proxy: Arc<HttpProxy<CutoverProxy>>,
     shared: Arc<Shared>,
     open: Arc<ConnectionCount>,
+    legacy_pool: lean::Pool,
 }
 
 impl FrontDoor {
@@ -125,6 +130,7 @@ impl FrontDoor {
             proxy: Arc::new(proxy),
             shared,
             open,
+            legacy_pool: lean::Pool::default(),
         }
     }
 
@@ -187,6 +193,33 @@ impl ServerApp for FrontDoor {
                     return None;
                 }
             };
+            let active = self.shared.snapshot();
+            let lean = active.config.server.lean_passthrough.then(|| {
+                crate::core::passthrough::prepare(
+                    &io.buf,
+                    &head,
+                    active.verifier.trusted_org_header(),
+                )
+            });
+            if let Some(Some(req)) = lean {
+                if !lean::serve(
+                    &self.shared,
+                    &self.legacy_pool,
+                    &active,
+                    &mut io,
+                    &head,
+                    req,
+                    shutdown,
+                )
+                .await
+                {
+                    return None;
+                }
+                io.idle();
+                first = false;
+                continue;
+            }
+            drop(active);
             io.begin(head);
             let mut session = ServerSession::new_http1(Box::new(io));
             if let Some(p) = persistent.take() {
@@ -374,13 +407,17 @@ impl FrontStream {
     fn between_requests(&mut self) -> bool {
         if matches!(self.phase, Phase::Between) {
             self.phase = Phase::Front;
-            // An idle keep-alive connection should not keep a large head's buffer.
-            if self.buf.is_empty() && self.buf.capacity() > INITIAL_BUFFER {
-                self.buf = BytesMut::new();
-            }
+            self.idle();
             true
         } else {
             false
+        }
+    }
+
+    /// An idle keep-alive connection should not keep a large head's or body's buffer.
+    fn idle(&mut self) {
+        if self.buf.is_empty() && self.buf.capacity() > INITIAL_BUFFER {
+            self.buf = BytesMut::new();
         }
     }
 

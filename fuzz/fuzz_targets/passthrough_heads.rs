@@ -1,0 +1,85 @@
+//! Client and legacy heads through the lean passthrough's head rules (`core::passthrough`).
+//!
+//! Input: `[split, bytes...]`: the bytes before `split` (scaled to the input) are a client
+//! request, the rest a legacy response.
+//!
+//! Checked, besides "no panic":
+//! - the head legacy gets is one complete head, the client's request line first (in HTTP/1.1),
+//!   with no hop-by-hop header and no trusted org header;
+//! - the head the client gets is one complete head with legacy's status, no hop-by-hop header
+//!   but the one `connection` header.
+
+#![no_main]
+
+use cutover_proxy::core::passthrough::{client_head, header_lines, parse_response, prepare};
+use cutover_proxy::core::request_head;
+use libfuzzer_sys::fuzz_target;
+
+const FIXED_HOP: &[&str] = &["keep-alive", "proxy-connection", "te", "trailer", "upgrade"];
+
+fn check_request(raw: &[u8]) {
+    let Ok(Some(head)) = request_head::parse(raw, 32 * 1024) else {
+        return;
+    };
+    let trusted = http::HeaderName::from_static("x-org-id");
+    let Some(req) = prepare(raw, &head, Some(&trusted)) else {
+        return;
+    };
+    let out = &req.upstream_head;
+    let mut headers = [httparse::EMPTY_HEADER; 300];
+    let mut parsed = httparse::Request::new(&mut headers);
+    assert_eq!(
+        parsed.parse(out),
+        Ok(httparse::Status::Complete(out.len())),
+        "not one head"
+    );
+    // The request line as received, in HTTP/1.1 (as Pingora asks legacy).
+    let line = raw[head.skip..].split(|b| *b == b'\n').next().unwrap();
+    let (kept, _version) = line.split_at(line.len() - b"1.1\r".len());
+    assert!(out.starts_with(kept), "request line changed");
+    assert!(out[kept.len()..].starts_with(b"1.1\r\n"), "not asked in HTTP/1.1");
+    for h in parsed.headers.iter() {
+        let name = h.name.to_ascii_lowercase();
+        assert!(name != "x-org-id", "trusted header forwarded");
+        assert!(!FIXED_HOP.contains(&name.as_str()), "{name} forwarded");
+        if name == "connection" {
+            assert_eq!(h.value, b"keep-alive", "a client's Connection forwarded");
+        }
+    }
+}
+
+fn check_response(raw: &[u8]) {
+    let Ok(Some(head)) = parse_response(raw, false) else {
+        return;
+    };
+    for (keep, rechunk) in [(true, false), (false, false), (true, true)] {
+        let mut out = Vec::new();
+        client_head(&raw[..head.len], keep, rechunk, &mut out);
+        let mut headers = [httparse::EMPTY_HEADER; 300];
+        let mut parsed = httparse::Response::new(&mut headers);
+        assert_eq!(
+            parsed.parse(&out),
+            Ok(httparse::Status::Complete(out.len())),
+            "not one head"
+        );
+        assert_eq!(parsed.code, Some(head.code));
+        let connections = header_lines(&out)
+            .1
+            .filter(|(n, _)| n.eq_ignore_ascii_case(b"connection"))
+            .count();
+        assert_eq!(connections, 1);
+        for h in parsed.headers.iter() {
+            let name = h.name.to_ascii_lowercase();
+            assert!(!FIXED_HOP.contains(&name.as_str()), "{name} forwarded");
+        }
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&split, rest)) = data.split_first() else {
+        return;
+    };
+    let at = split as usize * rest.len() / 256;
+    check_request(&rest[..at]);
+    check_response(&rest[at..]);
+});

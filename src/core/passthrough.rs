@@ -1,0 +1,398 @@
+//! The lean passthrough's head rules (`server.lean_passthrough`): which requests the front door
+//! forwards to legacy itself, the request head legacy gets, and the response head the client
+//! gets. Both heads go on as received, line by line, minus hop-by-hop headers (and, to legacy,
+//! the trusted org header), so legacy and the client see what they would through Pingora's proxy.
+
+use crate::core::files::ROUTE_PREFIX;
+use crate::core::request_head::{Framing, Head, MAX_HEADERS};
+use crate::core::routing::chat_route;
+
+/// A response head larger than this is legacy's fault: 502.
+pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+
+fn named(name: &[u8], token: &str) -> bool {
+    name.eq_ignore_ascii_case(token.as_bytes())
+}
+
+fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|b| *b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+}
+
+/// Hop-by-hop: the fixed ones and those a `Connection` header names (RFC 9110 §7.6.1).
+pub fn hop_by_hop(name: &[u8], connection_named: &[&[u8]]) -> bool {
+    [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "upgrade",
+    ]
+    .iter()
+    .any(|h| named(name, h))
+        || connection_named
+            .iter()
+            .any(|n| n.eq_ignore_ascii_case(name))
+}
+
+/// The header lines of a head (after its start line, before the empty line), as received.
+pub fn header_lines(head: &[u8]) -> (usize, impl Iterator<Item = (&[u8], &[u8])>) {
+    // httparse takes a bare LF for a line end in a response; the empty lines are the head's end.
+    let start = head
+        .iter()
+        .position(|b| *b == b'\n')
+        .map_or(head.len(), |i| i + 1);
+    let lines = head[start..]
+        .split(|b| *b == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let name = l.split(|b| *b == b':').next().unwrap_or(l);
+            (name, l)
+        });
+    (start, lines)
+}
+
+/// `Connection` tokens of a head: whether it said `close`, `keep-alive`, and what else it named.
+struct Connection<'a> {
+    close: bool,
+    keep_alive: bool,
+    named: Vec<&'a [u8]>,
+}
+
+fn connection<'a>(lines: impl Iterator<Item = (&'a [u8], &'a [u8])>) -> Connection<'a> {
+    let mut c = Connection {
+        close: false,
+        keep_alive: false,
+        named: Vec::new(),
+    };
+    for (name, line) in lines {
+        if !named(name, "connection") {
+            continue;
+        }
+        for t in tokens(line.get(name.len() + 1..).unwrap_or_default()) {
+            if t.eq_ignore_ascii_case(b"close") {
+                c.close = true;
+            } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                c.keep_alive = true;
+            } else {
+                c.named.push(t);
+            }
+        }
+    }
+    c
+}
+
+/// A request the lean path takes, its head as legacy gets it.
+pub struct Request {
+    pub upstream_head: Vec<u8>,
+    pub head_only: bool,
+    /// The client lets the connection stay open after this request.
+    pub keep_alive: bool,
+    /// The client speaks HTTP/1.1 (so can be sent a chunked body).
+    pub http11: bool,
+    pub framing: Framing,
+}
+
+/// The lean form of the head at the front of `buf`, if the lean path may take it.
+pub fn prepare(buf: &[u8], head: &Head, trusted: Option<&http::HeaderName>) -> Option<Request> {
+    if head.rewritten.is_some() {
+        return None;
+    }
+    let bytes = &buf[head.skip..head.skip + head.len];
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let Ok(httparse::Status::Complete(_)) = req.parse(bytes) else {
+        return None;
+    };
+    let (method, path, version) = (req.method?, req.path?, req.version?);
+    if method == "CONNECT" || path.starts_with(ROUTE_PREFIX) {
+        return None;
+    }
+    let method_name = http::Method::from_bytes(method.as_bytes()).ok()?;
+    if chat_route(&method_name, path).is_some() {
+        return None;
+    }
+    if req
+        .headers
+        .iter()
+        .any(|h| named(h.name.as_bytes(), "upgrade") || named(h.name.as_bytes(), "expect"))
+    {
+        return None;
+    }
+    let (start, lines) = header_lines(bytes);
+    let conn = connection(header_lines(bytes).1);
+    let mut out = Vec::with_capacity(bytes.len() + 32);
+    if version == 0 {
+        // As Pingora does: legacy is asked in HTTP/1.1, so the pooled connection stays open.
+        let line = &bytes[..start];
+        let at = line.len() - b"1.0\r\n".len();
+        out.extend_from_slice(&line[..at]);
+        out.extend_from_slice(b"1.1\r\n");
+    } else {
+        out.extend_from_slice(&bytes[..start]);
+    }
+    for (name, line) in lines {
+        // Pingora drops the proxy credentials too: they are this hop's.
+        let proxy_auth = named(name, "proxy-authorization") || named(name, "proxy-authenticate");
+        if hop_by_hop(name, &conn.named)
+            || proxy_auth
+            || trusted.is_some_and(|t| named(name, t.as_str()))
+        {
+            continue;
+        }
+        out.extend_from_slice(line);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    Some(Request {
+        upstream_head: out,
+        head_only: method == "HEAD",
+        keep_alive: !conn.close && (version == 1 || conn.keep_alive),
+        http11: version == 1,
+        framing: head.framing,
+    })
+}
+
+/// How legacy's response body ends.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RespBody {
+    None,
+    Length(u64),
+    Chunked,
+    Close,
+}
+
+/// A response head parsed: its length, status, body framing and whether legacy keeps the
+/// connection.
+pub struct RespHead {
+    pub len: usize,
+    pub code: u16,
+    pub body: RespBody,
+    pub reusable: bool,
+}
+
+/// A response head legacy should not have sent: malformed, or with conflicting lengths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BadResponse;
+
+pub fn parse_response(buf: &[u8], head_only: bool) -> Result<Option<RespHead>, BadResponse> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut headers);
+    let len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(_) => return Err(BadResponse),
+    };
+    let code = resp.code.ok_or(BadResponse)?;
+    let (mut chunked, mut coded, mut length) = (false, false, None);
+    for h in resp.headers.iter() {
+        let name = h.name.as_bytes();
+        if named(name, "transfer-encoding") {
+            coded = true;
+            chunked = tokens(h.value)
+                .last()
+                .is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"));
+        } else if named(name, "content-length") {
+            let n: u64 = std::str::from_utf8(h.value.trim_ascii())
+                .ok()
+                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|v| v.parse().ok())
+                .ok_or(BadResponse)?;
+            if length.is_some_and(|l| l != n) {
+                return Err(BadResponse);
+            }
+            length = Some(n);
+        }
+    }
+    let body = if head_only || code == 204 || code == 304 || (100..200).contains(&code) {
+        RespBody::None
+    } else if coded {
+        if chunked {
+            RespBody::Chunked
+        } else {
+            RespBody::Close
+        }
+    } else {
+        length.map_or(RespBody::Close, RespBody::Length)
+    };
+    let conn = connection(header_lines(&buf[..len]).1);
+    let reusable =
+        !conn.close && (resp.version == Some(1) || conn.keep_alive) && body != RespBody::Close;
+    Ok(Some(RespHead {
+        len,
+        code,
+        body,
+        reusable,
+    }))
+}
+
+/// The response head the client gets: legacy's, minus hop-by-hop headers, with Pingora's
+/// `Connection` header; `rechunk`: a close-delimited body goes on chunked, as Pingora sends it
+/// to keep the client connection.
+pub fn client_head(head: &[u8], keep: bool, rechunk: bool, out: &mut Vec<u8>) {
+    let (start, lines) = header_lines(head);
+    let conn = connection(header_lines(head).1);
+    out.extend_from_slice(&head[..start]);
+    let ours: &[u8] = if keep {
+        b"Connection: keep-alive\r\n"
+    } else {
+        b"Connection: close\r\n"
+    };
+    // Where legacy's was, as Pingora writes it, else last.
+    let mut written = false;
+    for (name, line) in lines {
+        if named(name, "connection") && !written {
+            out.extend_from_slice(ours);
+            written = true;
+        } else if !hop_by_hop(name, &conn.named) {
+            out.extend_from_slice(line);
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+    if rechunk {
+        out.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
+    }
+    if !written {
+        out.extend_from_slice(ours);
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::request_head;
+
+    fn lean(raw: &[u8], trusted: Option<&str>) -> Option<Request> {
+        let head = request_head::parse(raw, 32 * 1024).unwrap().unwrap();
+        let trusted = trusted.map(|t| http::HeaderName::from_bytes(t.as_bytes()).unwrap());
+        prepare(raw, &head, trusted.as_ref())
+    }
+
+    #[test]
+    fn chat_file_upgrade_expect_connect_and_absolute_targets_stay_with_pingora() {
+        for raw in [
+            &b"POST /api/v1/chat/start HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n"[..],
+            b"POST /api/v1/chat/sessions/s-1?x=1 HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET /api/v1/runtime/files/f-1?sig=x HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+            b"PUT /x HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
+            b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n",
+            b"GET http://a/x HTTP/1.1\r\nHost: a\r\n\r\n",
+        ] {
+            assert!(lean(raw, None).is_none(), "{}", raw.escape_ascii());
+        }
+        for raw in [
+            &b"GET /api/v1/chat/sessions/s-1 HTTP/1.1\r\nHost: a\r\n\r\n"[..],
+            b"POST /api/v1/chat/started HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n",
+            b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n",
+        ] {
+            assert!(lean(raw, None).is_some(), "{}", raw.escape_ascii());
+        }
+    }
+
+    #[test]
+    fn the_head_goes_on_as_received_without_hop_by_hop_and_trusted_headers() {
+        let raw = b"GET /x?a=%20 HTTP/1.1\r\nHost: a\r\nX-Org-Id: org-a\r\nx-org-id: org-b\r\nConnection: close, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: 5\r\nTE: trailers\r\nTrailer: x\r\nProxy-Connection: keep-alive\r\nProxy-Authorization: Basic eA==\r\nX-Keep:  a  b\r\n\r\n";
+        let req = lean(raw, Some("x-org-id")).unwrap();
+        assert_eq!(
+            String::from_utf8(req.upstream_head).unwrap(),
+            "GET /x?a=%20 HTTP/1.1\r\nHost: a\r\nX-Keep:  a  b\r\n\r\n"
+        );
+        assert!(!req.keep_alive);
+        let req = lean(b"GET / HTTP/1.1\r\nHost: a\r\nX-Org-Id: o\r\n\r\n", None).unwrap();
+        assert!(req.keep_alive);
+        assert!(String::from_utf8(req.upstream_head)
+            .unwrap()
+            .contains("X-Org-Id: o\r\n"));
+    }
+
+    #[test]
+    fn http_1_0_keeps_alive_only_when_asked_and_legacy_is_asked_in_http_1_1() {
+        let req = lean(b"GET / HTTP/1.0\r\n\r\n", None).unwrap();
+        assert!(!req.keep_alive);
+        assert_eq!(req.upstream_head, b"GET / HTTP/1.1\r\n\r\n");
+        let req = lean(b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n", None).unwrap();
+        assert!(req.keep_alive);
+    }
+
+    #[test]
+    fn response_framing_and_reuse() {
+        let parse = |raw: &[u8], head_only| parse_response(raw, head_only).unwrap().unwrap();
+        let r = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", false);
+        assert_eq!(
+            (r.len, r.code, r.body, r.reusable),
+            (38, 200, RespBody::Length(5), true)
+        );
+        assert_eq!(
+            parse(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", true).body,
+            RespBody::None
+        );
+        let r = parse(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            false,
+        );
+        assert_eq!(r.body, RespBody::Chunked);
+        let r = parse(b"HTTP/1.1 200 OK\r\n\r\n", false);
+        assert_eq!((r.body, r.reusable), (RespBody::Close, false));
+        for code in ["204 No Content", "304 Not Modified", "103 Early Hints"] {
+            let raw = format!("HTTP/1.1 {code}\r\nContent-Length: 9\r\n\r\n");
+            assert_eq!(parse(raw.as_bytes(), false).body, RespBody::None, "{code}");
+        }
+        let r = parse(
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+            false,
+        );
+        assert!(!r.reusable);
+        let r = parse(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n", false);
+        assert!(!r.reusable);
+        let r = parse(
+            b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n",
+            false,
+        );
+        assert!(r.reusable);
+        assert_eq!(
+            parse_response(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+                false
+            )
+            .err(),
+            Some(BadResponse)
+        );
+        assert_eq!(
+            parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", false).err(),
+            Some(BadResponse)
+        );
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\n", false)
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn the_client_gets_legacys_head_without_hop_by_hop_and_with_pingoras_connection() {
+        let mut out = Vec::new();
+        client_head(
+            b"HTTP/1.1 200 Fine\r\nX-B: 1\r\nConnection: x-a\r\nX-A: 1\r\nKeep-Alive: timeout=5\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n\r\n",
+            true,
+            false,
+            &mut out,
+        );
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "HTTP/1.1 200 Fine\r\nX-B: 1\r\nConnection: keep-alive\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n\r\n"
+        );
+        let mut out = Vec::new();
+        client_head(b"HTTP/1.1 204 No Content\r\n\r\n", false, false, &mut out);
+        assert_eq!(out, b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n");
+        let mut out = Vec::new();
+        client_head(b"HTTP/1.1 200 OK\r\nX-A: 1\r\n\r\n", true, true, &mut out);
+        assert_eq!(
+            out,
+            b"HTTP/1.1 200 OK\r\nX-A: 1\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n"
+        );
+    }
+}
