@@ -510,3 +510,55 @@ async fn a_lean_request_in_flight_at_shutdown_finishes_and_counts_for_the_drain(
     assert!(c.closed_within(Duration::from_secs(3)).await);
     assert_eq!(shared.requests.count(), 0);
 }
+
+/// A legacy that writes its answer's head and body apart, as uvicorn does, and keeps the
+/// connection: each part must reach the client as it comes, not wait for the connection's end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_written_in_parts_reaches_a_keep_alive_client_as_it_comes() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let legacy = listener.local_addr().unwrap();
+    let (body_tx, body_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = Vec::new();
+        read_request_bytes(&mut s, &mut buf).await.unwrap();
+        s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+            .await
+            .unwrap();
+        // The body only once the client has the head.
+        body_rx.await.unwrap();
+        s.write_all(b"hello").await.unwrap();
+        // Held open: nothing but the proxy's own flushing can deliver the answer.
+        let _ = s.read(&mut [0u8; 1]).await;
+    });
+    let runtime = Upstream::start(healthy_runtime).await;
+    let cfg = config(&legacy.to_string(), &runtime.address());
+    assert!(cfg.server.lean_passthrough, "the lean path is the default");
+    let server = proxy(cfg).await;
+
+    let mut c = TcpStream::connect(server.proxy_addr).await.unwrap();
+    c.write_all(b"GET /api/v1/agents HTTP/1.1\r\nHost: proxy.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut chunk))
+            .await
+            .expect("the head did not reach the client")
+            .unwrap();
+        assert!(n > 0, "closed before the head");
+        got.extend_from_slice(&chunk[..n]);
+    }
+    body_tx.send(()).unwrap();
+    while !got.ends_with(b"hello") {
+        let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut chunk))
+            .await
+            .expect("the body did not reach the client")
+            .unwrap();
+        assert!(n > 0, "closed before the body");
+        got.extend_from_slice(&chunk[..n]);
+    }
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.starts_with("HTTP/1.1 200 OK\r\n"), "{got}");
+}

@@ -172,11 +172,22 @@ async fn error(io: &mut FrontStream, head: &str) {
     answer.extend_from_slice(date.as_bytes());
     answer.extend_from_slice(b"\r\n");
     answer.extend_from_slice(ERROR_TAIL.as_bytes());
-    let _ = timeout(Duration::from_secs(1), io.inner.write_all(&answer)).await;
+    let inner = &mut io.inner;
+    let _ = timeout(Duration::from_secs(1), async {
+        inner.write_all(&answer).await?;
+        inner.flush().await
+    })
+    .await;
 }
 
 async fn write_client(io: &mut FrontStream, bytes: &[u8], within: Duration) -> Result<(), Fail> {
-    match timeout(within, io.inner.write_all(bytes)).await {
+    // Pingora's stream buffers writes until flushed: every piece leaves as it comes.
+    let inner = &mut io.inner;
+    let written = async {
+        inner.write_all(bytes).await?;
+        inner.flush().await
+    };
+    match timeout(within, written).await {
         Ok(Ok(())) => Ok(()),
         _ => Err(Fail::Close),
     }
