@@ -85,17 +85,7 @@ fn request_end(buf: &[u8]) -> Option<usize> {
     let httparse::Status::Complete(head) = req.parse(buf).ok()? else {
         return None;
     };
-    let header = |name: &str| {
-        req.headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case(name))
-            .map(|h| String::from_utf8_lossy(h.value).to_string())
-    };
-    if header("transfer-encoding").is_some() {
-        return chunked_end(buf, head);
-    }
-    let len: usize = header("content-length").map_or(0, |v| v.trim().parse().unwrap());
-    (buf.len() >= head + len).then_some(head + len)
+    message_end(buf, head, req.headers)
 }
 
 /// One step of the client.
@@ -142,8 +132,14 @@ fn response_end(buf: &[u8]) -> Option<usize> {
     let httparse::Status::Complete(head) = resp.parse(buf).ok()? else {
         return None;
     };
+    message_end(buf, head, resp.headers)
+}
+
+/// Where a message whose head is `head` bytes long ends, by its framing headers, if it is all
+/// in `buf`.
+fn message_end(buf: &[u8], head: usize, headers: &[httparse::Header]) -> Option<usize> {
     let header = |name: &str| {
-        resp.headers
+        headers
             .iter()
             .find(|h| h.name.eq_ignore_ascii_case(name))
             .map(|h| String::from_utf8_lossy(h.value).to_string())
@@ -541,24 +537,30 @@ async fn an_answer_written_in_parts_reaches_a_keep_alive_client_as_it_comes() {
         .await
         .unwrap();
     let mut got = Vec::new();
-    let mut chunk = [0u8; 1024];
-    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut chunk))
-            .await
-            .expect("the head did not reach the client")
-            .unwrap();
-        assert!(n > 0, "closed before the head");
-        got.extend_from_slice(&chunk[..n]);
-    }
+    read_until(&mut c, &mut got, "the head", |g| {
+        g.windows(4).any(|w| w == b"\r\n\r\n")
+    })
+    .await;
     body_tx.send(()).unwrap();
-    while !got.ends_with(b"hello") {
-        let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut chunk))
-            .await
-            .expect("the body did not reach the client")
-            .unwrap();
-        assert!(n > 0, "closed before the body");
-        got.extend_from_slice(&chunk[..n]);
-    }
+    read_until(&mut c, &mut got, "the body", |g| g.ends_with(b"hello")).await;
     let got = String::from_utf8_lossy(&got);
     assert!(got.starts_with("HTTP/1.1 200 OK\r\n"), "{got}");
+}
+
+/// Read from `c` into `got` until `done` holds, each read within a bounded wait.
+async fn read_until(
+    c: &mut TcpStream,
+    got: &mut Vec<u8>,
+    what: &str,
+    done: impl Fn(&[u8]) -> bool,
+) {
+    let mut chunk = [0u8; 1024];
+    while !done(got) {
+        let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut chunk))
+            .await
+            .unwrap_or_else(|_| panic!("{what} did not reach the client"))
+            .unwrap();
+        assert!(n > 0, "closed before {what}");
+        got.extend_from_slice(&chunk[..n]);
+    }
 }

@@ -239,6 +239,13 @@ pub(crate) mod samples {
 
     pub const MS: Duration = Duration::from_millis(1);
 
+    /// The thresholds the tests judge by: ready from 10 samples.
+    pub const T: Thresholds = Thresholds {
+        min_samples: 10,
+        max_error_rate_delta: 0.02,
+        max_ttfe_ratio: 2.0,
+    };
+
     pub fn sample(outcome: Outcome, ttfe_ms: u64) -> PathSample {
         PathSample {
             outcome,
@@ -262,12 +269,6 @@ mod tests {
     use proptest::prelude::*;
 
     use super::samples::*;
-
-    const T: Thresholds = Thresholds {
-        min_samples: 10,
-        max_error_rate_delta: 0.02,
-        max_ttfe_ratio: 2.0,
-    };
 
     fn card_with(n: usize, mut f: impl FnMut(usize) -> Comparison) -> (Scorecard, Instant) {
         let t0 = Instant::now();

@@ -131,11 +131,7 @@ impl Serialize for PathSummary {
 mod tests {
     use super::*;
 
-    const T: Thresholds = Thresholds {
-        min_samples: 10,
-        max_error_rate_delta: 0.02,
-        max_ttfe_ratio: 2.0,
-    };
+    use crate::core::scorecard::samples::T;
 
     fn path(success: u64, error: u64, ttfe_ms: f64) -> PathSummary {
         PathSummary {
