@@ -7,9 +7,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::runtime::pool::Connections;
 use arc_swap::ArcSwap;
 use pingora::connectors::http::Connector;
-use pingora::connectors::TransportConnector;
 
 use crate::app::upstream::{PeerSettings, Resolver};
 use crate::core::agent2ui::MapSettings;
@@ -150,7 +150,7 @@ pub struct Shared {
     /// Pingora's pooled connector, for health checks.
     pub connector: Connector,
     /// Pooled runtime connections for executions and shadow copies, read by `runtime`.
-    pub runtime_pool: TransportConnector,
+    pub runtime_pool: Connections,
     pub resolver: Resolver,
     /// The conversation bridge's legacy connections and cache.
     pub bridge: Arc<Bridge>,
@@ -206,7 +206,7 @@ impl Shared {
             scorecard: Mutex::new(scorecard),
             metrics,
             connector: Connector::new(None),
-            runtime_pool: TransportConnector::new(None),
+            runtime_pool: Connections::default(),
             resolver: Resolver::default(),
             bridge,
             draining: AtomicBool::new(false),

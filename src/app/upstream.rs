@@ -57,7 +57,7 @@ pub struct PeerSettings {
 /// own), and an idle connection is watched by a task on the thread that released it: reusing it
 /// from another thread costs two cross-thread wake-ups. Keyed per thread, a connection is only
 /// reused where it idles.
-fn pool_partition() -> u64 {
+pub(crate) fn pool_partition() -> u64 {
     static NEXT: AtomicU64 = AtomicU64::new(1);
     thread_local! {
         static PARTITION: u64 = NEXT.fetch_add(1, Ordering::Relaxed);

@@ -442,9 +442,11 @@ pub struct BridgeMetrics {
     pub persist_failures_total: IntCounter,
 }
 
-/// Calls to legacy: a loopback hop is a millisecond, the bridge's timeout a few seconds.
+/// Calls to legacy: a pooled loopback call is a tenth of a millisecond, the bridge's timeout a few
+/// seconds.
 const BRIDGE_BUCKETS_SECONDS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
 ];
 
 impl BridgeMetrics {

@@ -146,7 +146,7 @@ impl CutoverProxy {
             }
         }
         session.write_response_body(None, true).await?;
-        file.release(&self.shared, active.runtime.pool_idle_timeout);
+        file.release(&self.shared);
         Ok(())
     }
 }

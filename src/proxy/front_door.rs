@@ -414,6 +414,14 @@ impl FrontStream {
         }
     }
 
+    /// Once Pingora has every byte read ahead of it, the buffer goes: a chat stream holds its
+    /// connection for minutes, and its head and body arrive in the same read.
+    fn release_if_drained(&mut self) {
+        if self.buf.is_empty() && self.buf.capacity() > 0 {
+            self.buf = BytesMut::new();
+        }
+    }
+
     /// An idle keep-alive connection should not keep a large head's or body's buffer.
     fn idle(&mut self) {
         if self.buf.is_empty() && self.buf.capacity() > INITIAL_BUFFER {
@@ -508,11 +516,7 @@ impl AsyncRead for FrontStream {
                     if !matches!(body, Body::Length(0)) {
                         this.phase = Phase::Body(body);
                     }
-                    // A chat stream holds its connection for minutes: the head's buffer is
-                    // not kept for it when nothing past the head was read.
-                    if this.buf.is_empty() {
-                        this.buf = BytesMut::new();
-                    }
+                    this.release_if_drained();
                 }
                 Poll::Ready(Ok(()))
             }
@@ -524,6 +528,7 @@ impl AsyncRead for FrontStream {
                     out.put_slice(&this.buf[..n]);
                     this.buf.advance(n);
                     *left -= n as u64;
+                    this.release_if_drained();
                 } else {
                     let limit = *left;
                     let n = ready!(this.poll_inner(cx, out, limit))?;
@@ -547,6 +552,7 @@ impl AsyncRead for FrontStream {
                     };
                     out.put_slice(&this.buf[..used]);
                     this.buf.advance(used);
+                    this.release_if_drained();
                 } else {
                     let start = out.filled().len();
                     let n = ready!(this.poll_inner(cx, out, u64::MAX))?;
@@ -575,16 +581,15 @@ impl AsyncRead for FrontStream {
                 if !this.buf.is_empty() {
                     return Poll::Pending;
                 }
-                this.buf.reserve(INITIAL_BUFFER.min(this.cap));
-                let spare = this.buf.spare_capacity_mut();
-                let mut probe = ReadBuf::uninit(spare);
+                // The probe reads onto the stack: a buffer reserved for a read that stays
+                // pending would be held by every stream for as long as it lasts.
+                let mut space = [std::mem::MaybeUninit::<u8>::uninit(); INITIAL_BUFFER];
+                let mut probe = ReadBuf::uninit(&mut space[..INITIAL_BUFFER.min(this.cap)]);
                 ready!(Pin::new(&mut this.inner).poll_read(cx, &mut probe))?;
-                let n = probe.filled().len();
-                if n == 0 {
+                if probe.filled().is_empty() {
                     return Poll::Ready(Ok(()));
                 }
-                // SAFETY: the inner stream initialised the first `n` bytes of the spare capacity.
-                unsafe { this.buf.set_len(n) };
+                this.buf.extend_from_slice(probe.filled());
                 Poll::Pending
             }
         }

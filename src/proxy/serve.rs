@@ -428,7 +428,6 @@ impl CutoverProxy {
             deadline: request.deadline,
             heartbeat: Duration::from_secs(runtime.heartbeat_secs),
             max_frame_bytes: runtime.max_frame_bytes,
-            pool_idle: req.active.runtime.pool_idle_timeout,
             commit_on: runtime.commit_on,
             commit_timeout: runtime.commit_timeout(),
             map: req.active.map_settings(req.chat.org().unwrap_or_default()),

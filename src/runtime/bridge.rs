@@ -9,7 +9,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
-use pingora::connectors::TransportConnector;
 use pingora::protocols::Stream;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
@@ -23,7 +22,7 @@ use crate::core::config::{BridgeConfig, Config};
 use crate::core::h1::{self, BodyDecoder};
 use crate::core::identity::Caller;
 use crate::ops::metrics::BridgeMetrics;
-use crate::runtime::pool::Pool;
+use crate::runtime::pool::Connections;
 
 /// Marks the proxy's own calls, so legacy (and its logs) can tell them from the browser's.
 pub const BRIDGE_HEADER: &str = "x-cutover-bridge";
@@ -108,9 +107,7 @@ struct Unsaved {
 
 /// The bridge's connections and cache; one per process.
 pub struct Bridge {
-    /// Makes new connections; idle ones wait in `pool`.
-    connector: TransportConnector,
-    pool: Pool,
+    connections: Connections,
     resolver: Resolver,
     sessions: Mutex<TtlCache<ScopedId, String>>,
     agents: Mutex<TtlCache<ScopedId, AgentProfile>>,
@@ -122,8 +119,7 @@ impl Bridge {
     pub fn new(config: &BridgeConfig, metrics: &'static BridgeMetrics) -> Bridge {
         let ttl = Duration::from_millis(config.cache_ttl_ms);
         Bridge {
-            connector: TransportConnector::new(None),
-            pool: Pool::default(),
+            connections: Connections::default(),
             resolver: Resolver::default(),
             sessions: Mutex::new(TtlCache::new(config.cache_entries, ttl)),
             agents: Mutex::new(TtlCache::new(config.cache_entries, ttl)),
@@ -514,24 +510,21 @@ impl Bridge {
         // A pooled connection legacy closed meanwhile fails before any answer; one fresh
         // attempt is safe because such a connection never delivered a response.
         for attempt in 0..2 {
-            let pooled = (attempt == 0)
-                .then(|| self.pool.take(addr, target.peer.pool_idle_timeout))
-                .flatten();
-            let reused = pooled.is_some();
-            let mut stream = match pooled {
-                Some(stream) => stream,
-                None => self
-                    .connector
-                    .new_stream(&peer)
+            let connection = if attempt == 0 {
+                self.connections
+                    .get(addr, &peer, target.peer.pool_idle_timeout)
                     .await
-                    .map_err(|e| format!("connecting to legacy: {e}"))?,
+            } else {
+                self.connections.connect(&peer).await.map(|s| (s, false))
             };
+            let (mut stream, reused) =
+                connection.map_err(|e| format!("connecting to legacy: {e}"))?;
             match roundtrip(&mut stream, request).await {
-                Err(Failure::ClosedEarly(_)) if reused && attempt == 0 => continue,
+                Err(Failure::ClosedEarly(_)) if reused => continue,
                 Err(Failure::ClosedEarly(e) | Failure::Other(e)) => return Err(e),
                 Ok(answer) => {
                     if answer.reusable {
-                        self.pool.put(addr, stream);
+                        self.connections.put(addr, stream);
                     }
                     return Ok((answer.status, answer.body));
                 }
@@ -593,7 +586,8 @@ async fn roundtrip(stream: &mut Stream, request: &[u8]) -> Result<Answer, Failur
                 break head;
             }
             None => {
-                buf.reserve(4096);
+                // A 20-message history is a few KiB: one read, not two.
+                buf.reserve(16 * 1024);
                 let n = match stream.read_buf(&mut buf).await {
                     Ok(n) => n,
                     Err(e) if received == 0 => return Err(Failure::ClosedEarly(e.to_string())),

@@ -6,12 +6,13 @@
 //! a reader task: an idle stream then holds no task, no channel and no read buffer, and the first
 //! bytes reach the SSE parser without a hop between tasks.
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use pingora::http::RequestHeader;
 use pingora::protocols::Stream;
-use pingora::upstreams::peer::Peer;
+
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::app::state::{Active, Shared};
@@ -92,7 +93,7 @@ pub struct RuntimeStream {
     buf: BytesMut,
     body: BodyDecoder,
     keep_alive: bool,
-    pool_key: u64,
+    addr: SocketAddr,
     /// The last read filled all the room it had: more is likely waiting.
     streaming: bool,
     /// Body bytes came with the response head and no caller has seen them yet.
@@ -157,19 +158,17 @@ impl RuntimeStream {
 
     /// Return the connection to the pool if its response was read to its end and it can carry
     /// another; drop (close) it otherwise.
-    pub fn release(self, shared: &Shared, idle: Duration) {
+    pub fn release(self, shared: &Shared) {
         if self.body.is_done() && self.keep_alive && self.buf.is_empty() {
-            shared
-                .runtime_pool
-                .release_stream(self.stream, self.pool_key, Some(idle));
+            shared.runtime_pool.put(self.addr, self.stream);
         }
     }
 
     /// After a clean end the body's last bytes (the chunked terminator) may still be on their
     /// way; read them for a moment on a task of their own so the connection can be reused.
-    pub fn release_when_done(mut self, shared: std::sync::Arc<Shared>, idle: Duration) {
+    pub fn release_when_done(mut self, shared: std::sync::Arc<Shared>) {
         if self.body.is_done() || !self.keep_alive {
-            self.release(&shared, idle);
+            self.release(&shared);
             return;
         }
         tokio::spawn(async move {
@@ -183,7 +182,7 @@ impl RuntimeStream {
                 Some(())
             };
             if let Ok(Some(())) = tokio::time::timeout(Duration::from_secs(2), drain).await {
-                self.release(&shared, idle);
+                self.release(&shared);
             }
         });
     }
@@ -300,11 +299,16 @@ pub async fn open(
     for attempt in 0..2 {
         // Refused or timed out, a connection that could not be made is a connect failure: an
         // error (the contract counts connect failures as errors), not an execution timeout.
-        let (mut stream, reused) = shared
-            .runtime_pool
-            .get_stream(&peer)
-            .await
-            .map_err(|e| OpenFailure::error(format!("connecting to runtime: {e}")))?;
+        let connection = if attempt == 0 {
+            shared
+                .runtime_pool
+                .get(addr, &peer, active.runtime.pool_idle_timeout)
+                .await
+        } else {
+            shared.runtime_pool.connect(&peer).await.map(|s| (s, false))
+        };
+        let (mut stream, reused) =
+            connection.map_err(|e| OpenFailure::error(format!("connecting to runtime: {e}")))?;
         let mut buf = BytesMut::new();
         let head = match tokio::time::timeout_at(
             deadline.into(),
@@ -340,7 +344,7 @@ pub async fn open(
             stream,
             body: BodyDecoder::new(head.framing),
             keep_alive: head.keep_alive,
-            pool_key: peer.reuse_hash(),
+            addr,
             streaming: false,
             unseen_prefix: !buf.is_empty(),
             buf,

@@ -2,12 +2,13 @@
 //! its response head, then its body piece by piece as the runtime sends it, so a large file is
 //! never held whole.
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use pingora::http::RequestHeader;
 use pingora::protocols::Stream;
-use pingora::upstreams::peer::Peer;
+
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::app::state::{Active, Shared};
@@ -31,7 +32,7 @@ pub struct RuntimeFile {
     buf: BytesMut,
     body: BodyDecoder,
     keep_alive: bool,
-    pool_key: u64,
+    addr: SocketAddr,
 }
 
 /// GET `target` (a path and query) from the runtime, waiting for its response head until
@@ -61,11 +62,15 @@ pub async fn fetch(
     // A pooled connection the runtime closed meanwhile fails on first use; a GET is safe to
     // send once more on a fresh one.
     for attempt in 0..2 {
-        let (mut stream, reused) = shared
-            .runtime_pool
-            .get_stream(&peer)
-            .await
-            .map_err(|e| format!("connecting to runtime: {e}"))?;
+        let connection = if attempt == 0 {
+            shared
+                .runtime_pool
+                .get(addr, &peer, active.runtime.pool_idle_timeout)
+                .await
+        } else {
+            shared.runtime_pool.connect(&peer).await.map(|s| (s, false))
+        };
+        let (mut stream, reused) = connection.map_err(|e| format!("connecting to runtime: {e}"))?;
         let mut buf = BytesMut::new();
         let exchanged =
             tokio::time::timeout_at(deadline.into(), exchange(&mut stream, &request, &mut buf))
@@ -91,7 +96,7 @@ pub async fn fetch(
             buf,
             body: BodyDecoder::new(head.framing),
             keep_alive: head.keep_alive,
-            pool_key: peer.reuse_hash(),
+            addr,
         });
     }
     Err("runtime closed two connections in a row".into())
@@ -165,11 +170,9 @@ impl RuntimeFile {
 
     /// Return the connection to the pool if the body was read to its end and it can carry
     /// another request; close it otherwise.
-    pub fn release(self, shared: &Shared, idle: Duration) {
+    pub fn release(self, shared: &Shared) {
         if self.body.is_done() && self.keep_alive && self.buf.is_empty() {
-            shared
-                .runtime_pool
-                .release_stream(self.stream, self.pool_key, Some(idle));
+            shared.runtime_pool.put(self.addr, self.stream);
         }
     }
 }

@@ -1,20 +1,26 @@
-//! Idle keep-alive connections to one upstream, kept for the bridge's short calls.
+//! Idle keep-alive connections to the runtime and, for the bridge's calls, to legacy.
 //!
 //! Pingora's `TransportConnector` pool watches every idle connection with a task of its own and
 //! hands a connection over through that task, and its default peer asks the kernel for the
 //! socket's address on every reuse: on a history read of a few dozen microseconds that doubled
-//! the call. Here an idle connection just waits in a list. One that the upstream closed meanwhile
+//! the call, and every runtime stream paid it before its first event. Here an idle connection just waits in a list. One that the upstream closed meanwhile
 //! is noticed when taken (a read that is ready at once: end of file or stray bytes), and a
 //! request on one that closes before any answer byte is repeated once on a fresh connection by
 //! the caller, as before.
+//!
+//! Each worker thread runs its own event loop: a connection is kept for the thread that released
+//! it, since another thread's use would cost two cross-thread wake-ups per read.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::app::upstream::pool_partition;
 use futures::FutureExt;
+use pingora::connectors::TransportConnector;
 use pingora::protocols::Stream;
+use pingora::upstreams::peer::HttpPeer;
 use tokio::io::AsyncReadExt;
 
 /// Idle connections kept per upstream address; more are closed when released.
@@ -22,8 +28,11 @@ const MAX_IDLE: usize = 64;
 
 #[derive(Default)]
 pub struct Pool {
-    idle: Mutex<HashMap<SocketAddr, Vec<(Stream, Instant)>>>,
+    idle: Mutex<HashMap<Key, Vec<(Stream, Instant)>>>,
 }
+
+/// An upstream address and the worker thread (`upstream::pool_partition`).
+type Key = (SocketAddr, u64);
 
 impl Pool {
     /// The most recently released connection to `addr` that is younger than `max_idle` and still
@@ -32,7 +41,7 @@ impl Pool {
         loop {
             let mut stream = {
                 let mut idle = self.idle.lock().unwrap();
-                let list = idle.get_mut(&addr)?;
+                let list = idle.get_mut(&(addr, pool_partition()))?;
                 let found = list.pop()?;
                 if found.1.elapsed() >= max_idle {
                     // The rest are older still.
@@ -50,7 +59,7 @@ impl Pool {
     /// Keep `stream` for the next call to `addr`.
     pub fn put(&self, addr: SocketAddr, stream: Stream) {
         let mut idle = self.idle.lock().unwrap();
-        let list = idle.entry(addr).or_default();
+        let list = idle.entry((addr, pool_partition())).or_default();
         if list.len() < MAX_IDLE {
             list.push((stream, Instant::now()));
         }
@@ -58,7 +67,57 @@ impl Pool {
 
     /// Idle connections to `addr` (for tests).
     pub fn idle(&self, addr: SocketAddr) -> usize {
-        self.idle.lock().unwrap().get(&addr).map_or(0, Vec::len)
+        self.idle
+            .lock()
+            .unwrap()
+            .get(&(addr, pool_partition()))
+            .map_or(0, Vec::len)
+    }
+}
+
+/// Connections to upstreams: a pooled one when there is one, else a new one.
+pub struct Connections {
+    connector: TransportConnector,
+    idle: Pool,
+}
+
+impl Default for Connections {
+    fn default() -> Self {
+        Connections {
+            connector: TransportConnector::new(None),
+            idle: Pool::default(),
+        }
+    }
+}
+
+impl Connections {
+    /// A connection to `addr` (reached as `peer`), and whether it was pooled: a request on a
+    /// pooled one that fails before any answer byte may be sent once more on a new one.
+    pub async fn get(
+        &self,
+        addr: SocketAddr,
+        peer: &HttpPeer,
+        max_idle: Duration,
+    ) -> pingora::Result<(Stream, bool)> {
+        if let Some(stream) = self.idle.take(addr, max_idle) {
+            return Ok((stream, true));
+        }
+        Ok((self.connector.new_stream(peer).await?, false))
+    }
+
+    /// A new connection, never a pooled one.
+    pub async fn connect(&self, peer: &HttpPeer) -> pingora::Result<Stream> {
+        self.connector.new_stream(peer).await
+    }
+
+    /// Keep `stream`, whose last answer was read to its end, for the next request to `addr`.
+    pub fn put(&self, addr: SocketAddr, stream: Stream) {
+        self.idle.put(addr, stream)
+    }
+
+    /// Idle connections to `addr` kept for the calling thread (for tests).
+    pub fn idle(&self, addr: SocketAddr) -> usize {
+        self.idle.idle(addr)
     }
 }
 
@@ -135,6 +194,28 @@ mod tests {
         let pool = Pool::default();
         pool.put(addr, client);
         assert!(!still_handed_out(&pool, addr).await);
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_kept_for_the_thread_that_released_it() {
+        let (addr, client, _server) = pair().await;
+        let pool = std::sync::Arc::new(Pool::default());
+        pool.put(addr, client);
+        let elsewhere = pool.clone();
+        let taken_elsewhere = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move { elsewhere.take(addr, LONG).is_some() })
+        })
+        .join()
+        .unwrap();
+        assert!(
+            !taken_elsewhere,
+            "another worker took this worker's connection"
+        );
+        assert!(pool.take(addr, LONG).is_some());
     }
 
     #[tokio::test]

@@ -106,7 +106,6 @@ pub struct RelayArgs {
     pub deadline: Instant,
     pub heartbeat: Duration,
     pub max_frame_bytes: usize,
-    pub pool_idle: Duration,
     pub commit_on: CommitOn,
     /// From the runtime's response head; zero: committed at the head.
     pub commit_timeout: Duration,
@@ -568,7 +567,7 @@ async fn save_answer(
 /// otherwise it is closed, which tells the runtime to stop.
 fn finish_runtime(stream: RuntimeStream, args: &RelayArgs, outcome: Option<Outcome>) {
     if outcome == Some(Outcome::Success) {
-        stream.release_when_done(args.shared.clone(), args.pool_idle);
+        stream.release_when_done(args.shared.clone());
     }
 }
 

@@ -337,7 +337,7 @@ async fn run(
         }
         match body {
             Ok(true) => {
-                stream.release(shared, active.runtime.pool_idle_timeout);
+                stream.release(shared);
                 break End::BodyEnd;
             }
             Ok(false) => {}
