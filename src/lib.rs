@@ -8,7 +8,8 @@
 //!   Agent2UI mapping, signed file links, the stream verdict, the commit point, execution stats
 //!   and the breaker.
 //! - [`runtime`]: the runtime connection, the relay that streams one execution to the client,
-//!   shadow copies, and the conversation bridge's legacy client.
+//!   shadow copies, the conversation bridge's legacy client, and the upstream connections they
+//!   share.
 //! - [`proxy`]: the client-facing listener: our HTTP/1 front door, then the Pingora `ProxyHttp`
 //!   glue.
 //! - [`ops`]: what operators talk to: admin API, Prometheus metrics, health checks, config reload.

@@ -564,3 +564,113 @@ async fn read_until(
         got.extend_from_slice(&chunk[..n]);
     }
 }
+
+/// A legacy that answers `413` as soon as it has a request's head, reads the rest of the
+/// connection away (as nginx's lingering close does) and closes.
+async fn early_legacy() -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let mut chunk = [0u8; 4096];
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let answer = b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\nConnection: close\r\n\r\ntoo big!";
+                if s.write_all(answer).await.is_err() {
+                    return;
+                }
+                let mut sink = [0u8; 4096];
+                let linger = async { while matches!(s.read(&mut sink).await, Ok(n) if n > 0) {} };
+                let _ = tokio::time::timeout(Duration::from_secs(5), linger).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_before_the_whole_body_reaches_the_client_as_through_pingora() {
+    let mut answers = Vec::new();
+    for lean in [false, true] {
+        let legacy = early_legacy().await;
+        let runtime = Upstream::start(healthy_runtime).await;
+        let mut cfg = config(&legacy.to_string(), &runtime.address());
+        cfg.server.lean_passthrough = lean;
+        let server = proxy(cfg).await;
+        // A body far larger than the sockets' buffers, of which only the start is ever sent:
+        // the client waits for the answer instead.
+        let mut s = TcpStream::connect(server.proxy_addr).await.unwrap();
+        s.write_all(
+            b"POST /api/v1/files HTTP/1.1\r\nHost: proxy.test\r\nContent-Length: 50000000\r\n\r\nfirst bytes",
+        )
+        .await
+        .unwrap();
+        let mut got = Vec::new();
+        while response_end(&got).is_none() {
+            let mut chunk = [0u8; 8192];
+            let n = s.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "lean {lean}: closed before a whole answer: {got:?}");
+            got.extend_from_slice(&chunk[..n]);
+        }
+        if lean {
+            // The rest of the body will never be read: the connection cannot carry another
+            // request.
+            let mut rest = Vec::new();
+            tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+                .await
+                .expect("the lean path keeps a connection whose body it did not read")
+                .ok();
+        }
+        answers.push(normalise(&got));
+    }
+    assert!(
+        answers[1].starts_with("HTTP/1.1 413 Payload Too Large\r\n"),
+        "lean: {}",
+        answers[1]
+    );
+    assert!(answers[1].ends_with("too big!"), "lean: {}", answers[1]);
+    assert_eq!(answers[1], answers[0], "lean vs Pingora");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_header_cannot_strip_the_framing_or_the_host() {
+    for (name, request) in [
+        (
+            "Connection: content-length",
+            &b"POST /x HTTP/1.1\r\nHost: proxy.test\r\nConnection: content-length\r\nContent-Length: 41\r\n\r\nGET /SMUGGLED HTTP/1.1\r\nHost: proxy.test\r\n\r\n"[..],
+        ),
+        (
+            "Connection: transfer-encoding",
+            b"POST /x HTTP/1.1\r\nHost: proxy.test\r\nConnection: transfer-encoding\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        ),
+        (
+            "Connection: host",
+            b"GET /x HTTP/1.1\r\nHost: proxy.test\r\nConnection: host\r\n\r\n",
+        ),
+    ] {
+        let (lean, pingora) = (
+            through(true, ok, &[Do::Send(request), Do::Await, Do::HalfClose]).await,
+            through(false, ok, &[Do::Send(request), Do::Await, Do::HalfClose]).await,
+        );
+        assert_eq!(lean, pingora, "{name}: lean vs Pingora");
+        // Pingora answers a request stripped of its Host itself: legacy gets none of it.
+        for got in &lean.0 {
+            let head = got.split("\r\n\r\n").next().unwrap().to_ascii_lowercase();
+            assert!(head.contains("\r\nhost: proxy.test"), "{name}: {head}");
+        }
+        if request.starts_with(b"POST") {
+            assert_eq!(lean.0.len(), 1, "{name}: legacy got {:?}", lean.0);
+            assert!(
+                lean.0[0].contains("\r\nTransfer-Encoding: chunked\r\n"),
+                "{name}: the body went on without its framing: {:?}",
+                lean.0
+            );
+        }
+    }
+}

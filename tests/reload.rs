@@ -229,6 +229,13 @@ async fn edit_of_a_symlinked_file_in_another_directory_takes_effect_within_a_sec
     eprintln!("edit of the symlink target in force after {took:?}");
 }
 
+/// Put `text` at `path` in one step, as a rename over it.
+fn replace(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broken_file_keeps_the_last_good_config_is_counted_once_and_a_fix_reloads() {
     let (legacy, runtime) = upstreams().await;
@@ -238,12 +245,14 @@ async fn broken_file_keeps_the_last_good_config_is_counted_once_and_a_fix_reload
     std::fs::write(&path, &good).unwrap();
     let server = start_watching(&path).await;
     assert_eq!(mode_of(server.proxy_addr, "org-a").await, RT);
+    // Each version replaces the file whole: counted exactly, a refusal must not depend on the
+    // reloader catching an in-place write half done (which it refuses too).
     let invalid0 = reloads(&server, "invalid");
     let success0 = reloads(&server, "success");
 
     // A syntax error, with org-a removed: nothing of it may apply.
     let broken = with_org_a(&legacy, &runtime, false).replace("[breaker]", "[breaker");
-    std::fs::write(&path, &broken).unwrap();
+    replace(&path, &broken);
     assert!(
         eventually(WITHIN, || reloads(&server, "invalid") == invalid0 + 1).await,
         "syntax error not refused within a second"
@@ -266,7 +275,7 @@ async fn broken_file_keeps_the_last_good_config_is_counted_once_and_a_fix_reload
     // A value that parses but fails validation.
     let invalid =
         with_org_a(&legacy, &runtime, false).replace("[breaker]\n", "[breaker]\nerror_rate = 2\n");
-    std::fs::write(&path, &invalid).unwrap();
+    replace(&path, &invalid);
     assert!(
         eventually(WITHIN, || reloads(&server, "invalid") == invalid0 + 2).await,
         "error_rate = 2 not refused within a second"
@@ -282,7 +291,7 @@ async fn broken_file_keeps_the_last_good_config_is_counted_once_and_a_fix_reload
 
     // The fix applies.
     let t = Instant::now();
-    std::fs::write(&path, with_org_a(&legacy, &runtime, false)).unwrap();
+    replace(&path, &with_org_a(&legacy, &runtime, false));
     until_mode(server.proxy_addr, "org-a", DIRECT, t, WITHIN).await;
     assert_eq!(reloads(&server, "success"), success0 + 1);
     assert_eq!(reloads(&server, "invalid"), invalid0 + 2);

@@ -125,6 +125,15 @@ pub fn prepare(buf: &[u8], head: &Head, trusted: Option<&http::HeaderName>) -> O
     }
     let (start, lines) = header_lines(bytes);
     let conn = connection(header_lines(bytes).1);
+    // Dropping a header the client names in `Connection` must not drop the request's framing
+    // (legacy would read the body as the next request) or its `Host`: Pingora re-frames those.
+    if conn.named.iter().any(|n| {
+        ["content-length", "transfer-encoding", "host"]
+            .iter()
+            .any(|h| named(n, h))
+    }) {
+        return None;
+    }
     let mut out = Vec::with_capacity(bytes.len() + 32);
     if version == 0 {
         // As Pingora does: legacy is asked in HTTP/1.1, so the pooled connection stays open.
@@ -293,6 +302,22 @@ mod tests {
         ] {
             assert!(lean(raw, None).is_some(), "{}", raw.escape_ascii());
         }
+    }
+
+    #[test]
+    fn a_connection_naming_the_framing_or_the_host_stays_with_pingora() {
+        for raw in [
+            &b"POST /x HTTP/1.1\r\nHost: a\r\nConnection: Content-Length\r\nContent-Length: 1\r\n\r\n"[..],
+            b"POST /x HTTP/1.1\r\nHost: a\r\nConnection: close, transfer-encoding\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: keep-alive\r\nConnection: HOST\r\n\r\n",
+        ] {
+            assert!(lean(raw, None).is_none(), "{}", String::from_utf8_lossy(raw));
+        }
+        assert!(lean(
+            b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: x-hostname\r\n\r\n",
+            None
+        )
+        .is_some());
     }
 
     #[test]

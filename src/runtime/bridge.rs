@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use pingora::protocols::Stream;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::task::JoinHandle;
 
 use crate::app::upstream::{self, PeerSettings, Resolver};
@@ -22,7 +22,8 @@ use crate::core::config::{BridgeConfig, Config};
 use crate::core::h1::{self, BodyDecoder};
 use crate::core::identity::Caller;
 use crate::ops::metrics::BridgeMetrics;
-use crate::runtime::pool::Connections;
+use crate::runtime::exchange::{self, ExchangeError};
+use crate::runtime::pool::{self, Connections};
 
 /// Marks the proxy's own calls, so legacy (and its logs) can tell them from the browser's.
 pub const BRIDGE_HEADER: &str = "x-cutover-bridge";
@@ -507,12 +508,13 @@ impl Bridge {
             .await
             .map_err(|e| format!("resolving {}: {e}", target.address))?;
         let peer = upstream::peer(addr, &target.peer);
+        let key = pool::key(addr);
         // A pooled connection legacy closed meanwhile fails before any answer; one fresh
         // attempt is safe because such a connection never delivered a response.
         for attempt in 0..2 {
             let connection = if attempt == 0 {
                 self.connections
-                    .get(addr, &peer, target.peer.pool_idle_timeout)
+                    .get(key, &peer, target.peer.pool_idle_timeout)
                     .await
             } else {
                 self.connections.connect(&peer).await.map(|s| (s, false))
@@ -524,7 +526,7 @@ impl Bridge {
                 Err(Failure::ClosedEarly(e) | Failure::Other(e)) => return Err(e),
                 Ok(answer) => {
                     if answer.reusable {
-                        self.connections.put(addr, stream);
+                        self.connections.put(key, stream);
                     }
                     return Ok((answer.status, answer.body));
                 }
@@ -571,40 +573,14 @@ enum Failure {
 }
 
 async fn roundtrip(stream: &mut Stream, request: &[u8]) -> Result<Answer, Failure> {
-    let io = |e: std::io::Error| Failure::Other(format!("legacy connection: {e}"));
-    if let Err(e) = stream.write_all(request).await {
-        return Err(Failure::ClosedEarly(format!("writing to legacy: {e}")));
-    }
-    stream.flush().await.map_err(io)?;
     let mut buf = BytesMut::new();
-    let mut received = 0usize;
-    let head = loop {
-        match h1::parse_head(&buf, false).map_err(|e| Failure::Other(e.to_string()))? {
-            Some(head) if head.status / 100 == 1 => buf.advance(head.len),
-            Some(head) => {
-                buf.advance(head.len);
-                break head;
-            }
-            None => {
-                // A 20-message history is a few KiB: one read, not two.
-                buf.reserve(16 * 1024);
-                let n = match stream.read_buf(&mut buf).await {
-                    Ok(n) => n,
-                    Err(e) if received == 0 => return Err(Failure::ClosedEarly(e.to_string())),
-                    Err(e) => return Err(io(e)),
-                };
-                if n == 0 {
-                    let why = "legacy closed the connection before its answer".to_string();
-                    return Err(if received == 0 {
-                        Failure::ClosedEarly(why)
-                    } else {
-                        Failure::Other(why)
-                    });
-                }
-                received += n;
-            }
-        }
+    let head = match exchange::request_head(stream, request, &mut buf).await {
+        Ok(head) => head,
+        Err(ExchangeError::ClosedEarly(why)) => return Err(Failure::ClosedEarly(why)),
+        Err(e) => return Err(Failure::Other(format!("legacy connection: {e}"))),
     };
+    buf.advance(head.len);
+    let io = |e: std::io::Error| Failure::Other(format!("legacy connection: {e}"));
     let mut decoder = BodyDecoder::new(head.framing);
     let mut body = Vec::new();
     let mut too_large = false;

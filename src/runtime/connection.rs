@@ -6,20 +6,21 @@
 //! a reader task: an idle stream then holds no task, no channel and no read buffer, and the first
 //! bytes reach the SSE parser without a hop between tasks.
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use pingora::http::RequestHeader;
 use pingora::protocols::Stream;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 
 use crate::app::state::{Active, Shared};
 use crate::app::upstream;
 use crate::core::h1::{self, BodyDecoder, BodyError};
 use crate::core::sse::{SseError, SseEvent, SseParser};
 use crate::core::stats::Outcome;
+use crate::runtime::exchange::{self, ExchangeError};
+use crate::runtime::pool;
 
 /// Request headers passed on to the runtime besides the ones the proxy sets. Never the caller's
 /// `Authorization`: the runtime is told who asked in its JSON body, and a token it held could
@@ -93,7 +94,7 @@ pub struct RuntimeStream {
     buf: BytesMut,
     body: BodyDecoder,
     keep_alive: bool,
-    addr: SocketAddr,
+    key: pool::Key,
     /// The last read filled all the room it had: more is likely waiting.
     streaming: bool,
     /// Body bytes came with the response head and no caller has seen them yet.
@@ -160,7 +161,7 @@ impl RuntimeStream {
     /// another; drop (close) it otherwise.
     pub fn release(self, shared: &Shared) {
         if self.body.is_done() && self.keep_alive && self.buf.is_empty() {
-            shared.runtime_pool.put(self.addr, self.stream);
+            shared.runtime_pool.put(self.key, self.stream);
         }
     }
 
@@ -225,58 +226,6 @@ fn runtime_request(
     h1::encode_request("POST", &rt.stream_path, &headers, body)
 }
 
-/// What went wrong between writing the request and a complete response head.
-enum ExchangeError {
-    Io(std::io::Error),
-    /// Closed before a single byte of the response: a stale pooled connection when reused.
-    ClosedEarly,
-    Head(h1::HeadError),
-}
-
-impl std::fmt::Display for ExchangeError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ExchangeError::Io(e) => write!(f, "{e}"),
-            ExchangeError::ClosedEarly => write!(f, "connection closed before a response"),
-            ExchangeError::Head(e) => write!(f, "{e}"),
-        }
-    }
-}
-
-/// Write the request, then read up to a final (non-1xx) response head.
-async fn exchange(
-    stream: &mut Stream,
-    request: &[u8],
-    buf: &mut BytesMut,
-) -> Result<h1::Head, ExchangeError> {
-    stream.write_all(request).await.map_err(ExchangeError::Io)?;
-    stream.flush().await.map_err(ExchangeError::Io)?;
-    let mut received = 0usize;
-    loop {
-        match h1::parse_head(buf, false).map_err(ExchangeError::Head)? {
-            Some(head) if head.status / 100 == 1 && head.status != 101 => {
-                buf.advance(head.len);
-                continue;
-            }
-            Some(head) => {
-                buf.advance(head.len);
-                return Ok(head);
-            }
-            None => {}
-        }
-        buf.reserve(4096);
-        let n = stream.read_buf(buf).await.map_err(ExchangeError::Io)?;
-        if n == 0 {
-            return Err(if received == 0 {
-                ExchangeError::ClosedEarly
-            } else {
-                ExchangeError::Io(std::io::ErrorKind::UnexpectedEof.into())
-            });
-        }
-        received += n;
-    }
-}
-
 /// Send the runtime request and wait for a 2xx response head, until `deadline`.
 pub async fn open(
     shared: &Shared,
@@ -292,6 +241,7 @@ pub async fn open(
         .await
         .map_err(|e| OpenFailure::error(format!("resolving runtime address: {e}")))?;
     let peer = upstream::peer(addr, &active.runtime);
+    let key = pool::key(addr);
     let request = runtime_request(active, downstream, &body, shadow);
 
     // A pooled connection the runtime closed meanwhile fails on first use; one fresh attempt
@@ -302,7 +252,7 @@ pub async fn open(
         let connection = if attempt == 0 {
             shared
                 .runtime_pool
-                .get(addr, &peer, active.runtime.pool_idle_timeout)
+                .get(key, &peer, active.runtime.pool_idle_timeout)
                 .await
         } else {
             shared.runtime_pool.connect(&peer).await.map(|s| (s, false))
@@ -312,7 +262,7 @@ pub async fn open(
         let mut buf = BytesMut::new();
         let head = match tokio::time::timeout_at(
             deadline.into(),
-            exchange(&mut stream, &request, &mut buf),
+            exchange::request_head(&mut stream, &request, &mut buf),
         )
         .await
         {
@@ -323,16 +273,17 @@ pub async fn open(
                     failover: false,
                 })
             }
-            Ok(Err(e @ (ExchangeError::ClosedEarly | ExchangeError::Io(_))))
-                if reused && attempt == 0 =>
-            {
+            Ok(Err(e @ ExchangeError::ClosedEarly(_))) if reused => {
                 tracing::debug!(error = %e, "stale pooled runtime connection, retrying once");
                 continue;
             }
             Ok(Err(e)) => {
                 return Err(OpenFailure::error(format!("runtime request failed: {e}")));
             }
-            Ok(Ok(head)) => head,
+            Ok(Ok(head)) => {
+                buf.advance(head.len);
+                head
+            }
         };
         if !(200..300).contains(&head.status) {
             return Err(OpenFailure::error(format!(
@@ -344,7 +295,7 @@ pub async fn open(
             stream,
             body: BodyDecoder::new(head.framing),
             keep_alive: head.keep_alive,
-            addr,
+            key,
             streaming: false,
             unseen_prefix: !buf.is_empty(),
             buf,

@@ -2,18 +2,19 @@
 //! its response head, then its body piece by piece as the runtime sends it, so a large file is
 //! never held whole.
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use pingora::http::RequestHeader;
 use pingora::protocols::Stream;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 
 use crate::app::state::{Active, Shared};
 use crate::app::upstream;
 use crate::core::h1::{self, BodyDecoder, Framing};
+use crate::runtime::exchange::{self, ExchangeError};
+use crate::runtime::pool;
 
 /// Request headers of the download passed on to the runtime: tracing only, never the caller's
 /// credentials.
@@ -32,7 +33,7 @@ pub struct RuntimeFile {
     buf: BytesMut,
     body: BodyDecoder,
     keep_alive: bool,
-    addr: SocketAddr,
+    key: pool::Key,
 }
 
 /// GET `target` (a path and query) from the runtime, waiting for its response head until
@@ -51,6 +52,7 @@ pub async fn fetch(
         .await
         .map_err(|e| format!("resolving runtime address: {e}"))?;
     let peer = upstream::peer(addr, &active.runtime);
+    let key = pool::key(addr);
     let mut headers: Vec<(&str, &[u8])> = vec![("host", rt.address.as_bytes())];
     for name in FORWARDED_HEADERS {
         if let Some(v) = downstream.headers.get(*name) {
@@ -65,22 +67,23 @@ pub async fn fetch(
         let connection = if attempt == 0 {
             shared
                 .runtime_pool
-                .get(addr, &peer, active.runtime.pool_idle_timeout)
+                .get(key, &peer, active.runtime.pool_idle_timeout)
                 .await
         } else {
             shared.runtime_pool.connect(&peer).await.map(|s| (s, false))
         };
         let (mut stream, reused) = connection.map_err(|e| format!("connecting to runtime: {e}"))?;
         let mut buf = BytesMut::new();
-        let exchanged =
-            tokio::time::timeout_at(deadline.into(), exchange(&mut stream, &request, &mut buf))
-                .await
-                .map_err(|_| "runtime sent no response header in time".to_string())?;
+        let exchanged = tokio::time::timeout_at(
+            deadline.into(),
+            exchange::request_head(&mut stream, &request, &mut buf),
+        )
+        .await
+        .map_err(|_| "runtime sent no response header in time".to_string())?;
         let head = match exchanged {
             Ok(head) => head,
-            Err(Exchange::ClosedEarly) if reused && attempt == 0 => continue,
-            Err(Exchange::ClosedEarly) => return Err("runtime closed the connection".into()),
-            Err(Exchange::Failed(e)) => return Err(e),
+            Err(ExchangeError::ClosedEarly(_)) if reused => continue,
+            Err(e) => return Err(format!("runtime request failed: {e}")),
         };
         let head_bytes = buf.split_to(head.len);
         let header = |name| h1::header_value(&head_bytes, name).map(<[u8]>::to_vec);
@@ -96,45 +99,10 @@ pub async fn fetch(
             buf,
             body: BodyDecoder::new(head.framing),
             keep_alive: head.keep_alive,
-            addr,
+            key,
         });
     }
     Err("runtime closed two connections in a row".into())
-}
-
-enum Exchange {
-    /// Closed before a single byte of the response: a stale pooled connection when reused.
-    ClosedEarly,
-    Failed(String),
-}
-
-/// Write the request, then read up to a final response head, which stays at the start of `buf`.
-async fn exchange(
-    stream: &mut Stream,
-    request: &[u8],
-    buf: &mut BytesMut,
-) -> Result<h1::Head, Exchange> {
-    let io = |e: std::io::Error| Exchange::Failed(format!("runtime request failed: {e}"));
-    stream.write_all(request).await.map_err(io)?;
-    stream.flush().await.map_err(io)?;
-    loop {
-        match h1::parse_head(buf, false).map_err(|e| Exchange::Failed(e.to_string()))? {
-            Some(head) if head.status / 100 == 1 => {
-                buf.advance(head.len);
-                continue;
-            }
-            Some(head) => return Ok(head),
-            None => {}
-        }
-        buf.reserve(4096);
-        if stream.read_buf(buf).await.map_err(io)? == 0 {
-            return Err(if buf.is_empty() {
-                Exchange::ClosedEarly
-            } else {
-                Exchange::Failed("runtime closed the connection mid-head".into())
-            });
-        }
-    }
 }
 
 impl RuntimeFile {
@@ -172,7 +140,7 @@ impl RuntimeFile {
     /// another request; close it otherwise.
     pub fn release(self, shared: &Shared) {
         if self.body.is_done() && self.keep_alive && self.buf.is_empty() {
-            shared.runtime_pool.put(self.addr, self.stream);
+            shared.runtime_pool.put(self.key, self.stream);
         }
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod bridge;
 pub mod connection;
+pub mod exchange;
 pub mod files;
 pub mod pool;
 pub mod relay;

@@ -31,17 +31,24 @@ pub struct Pool {
     idle: Mutex<HashMap<Key, Vec<(Stream, Instant)>>>,
 }
 
-/// An upstream address and the worker thread (`upstream::pool_partition`).
-type Key = (SocketAddr, u64);
+/// Where a connection idles: its upstream's address and the worker thread it was made or taken
+/// on (`upstream::pool_partition`), fixed when it was: the thread that releases it may differ
+/// (a multi-threaded runtime moves tasks), the event loop that serves it does not.
+pub type Key = (SocketAddr, u64);
+
+/// The key for a connection to `addr` made or taken on this thread.
+pub fn key(addr: SocketAddr) -> Key {
+    (addr, pool_partition())
+}
 
 impl Pool {
     /// The most recently released connection to `addr` that is younger than `max_idle` and still
     /// open, if any; older ones are closed on the way.
-    pub fn take(&self, addr: SocketAddr, max_idle: Duration) -> Option<Stream> {
+    pub fn take(&self, key: Key, max_idle: Duration) -> Option<Stream> {
         loop {
             let mut stream = {
                 let mut idle = self.idle.lock().unwrap();
-                let list = idle.get_mut(&(addr, pool_partition()))?;
+                let list = idle.get_mut(&key)?;
                 let found = list.pop()?;
                 if found.1.elapsed() >= max_idle {
                     // The rest are older still.
@@ -57,21 +64,17 @@ impl Pool {
     }
 
     /// Keep `stream` for the next call to `addr`.
-    pub fn put(&self, addr: SocketAddr, stream: Stream) {
+    pub fn put(&self, key: Key, stream: Stream) {
         let mut idle = self.idle.lock().unwrap();
-        let list = idle.entry((addr, pool_partition())).or_default();
+        let list = idle.entry(key).or_default();
         if list.len() < MAX_IDLE {
             list.push((stream, Instant::now()));
         }
     }
 
     /// Idle connections to `addr` (for tests).
-    pub fn idle(&self, addr: SocketAddr) -> usize {
-        self.idle
-            .lock()
-            .unwrap()
-            .get(&(addr, pool_partition()))
-            .map_or(0, Vec::len)
+    pub fn idle(&self, key: Key) -> usize {
+        self.idle.lock().unwrap().get(&key).map_or(0, Vec::len)
     }
 }
 
@@ -91,15 +94,15 @@ impl Default for Connections {
 }
 
 impl Connections {
-    /// A connection to `addr` (reached as `peer`), and whether it was pooled: a request on a
+    /// A connection for `key` (reached as `peer`), and whether it was pooled: a request on a
     /// pooled one that fails before any answer byte may be sent once more on a new one.
     pub async fn get(
         &self,
-        addr: SocketAddr,
+        key: Key,
         peer: &HttpPeer,
         max_idle: Duration,
     ) -> pingora::Result<(Stream, bool)> {
-        if let Some(stream) = self.idle.take(addr, max_idle) {
+        if let Some(stream) = self.idle.take(key, max_idle) {
             return Ok((stream, true));
         }
         Ok((self.connector.new_stream(peer).await?, false))
@@ -110,14 +113,14 @@ impl Connections {
         self.connector.new_stream(peer).await
     }
 
-    /// Keep `stream`, whose last answer was read to its end, for the next request to `addr`.
-    pub fn put(&self, addr: SocketAddr, stream: Stream) {
-        self.idle.put(addr, stream)
+    /// Keep `stream`, got for `key`, whose last answer was read to its end, for the next request.
+    pub fn put(&self, key: Key, stream: Stream) {
+        self.idle.put(key, stream)
     }
 
-    /// Idle connections to `addr` kept for the calling thread (for tests).
-    pub fn idle(&self, addr: SocketAddr) -> usize {
-        self.idle.idle(addr)
+    /// Idle connections kept for `key` (for tests).
+    pub fn idle(&self, key: Key) -> usize {
+        self.idle.idle(key)
     }
 }
 
@@ -151,10 +154,10 @@ mod tests {
     /// (on its way over loopback) has reached the client side: taken and put back until then.
     async fn still_handed_out(pool: &Pool, addr: SocketAddr) -> bool {
         for _ in 0..1000 {
-            let Some(stream) = pool.take(addr, LONG) else {
+            let Some(stream) = pool.take(key(addr), LONG) else {
                 return false;
             };
-            pool.put(addr, stream);
+            pool.put(key(addr), stream);
             tokio::task::yield_now().await;
         }
         true
@@ -166,25 +169,25 @@ mod tests {
         let (_, b, _sb) = pair().await;
         let pool = Pool::default();
         let b_id = b.id();
-        pool.put(addr, a);
-        pool.put(addr, b);
-        let taken = pool.take(addr, LONG).expect("an idle connection");
+        pool.put(key(addr), a);
+        pool.put(key(addr), b);
+        let taken = pool.take(key(addr), LONG).expect("an idle connection");
         assert_eq!(taken.id(), b_id);
-        assert_eq!(pool.idle(addr), 1);
+        assert_eq!(pool.idle(key(addr)), 1);
     }
 
     #[tokio::test]
     async fn a_connection_the_upstream_closed_is_not_handed_out() {
         let (addr, client, mut server) = pair().await;
         let pool = Pool::default();
-        pool.put(addr, client);
+        pool.put(key(addr), client);
         server.shutdown().await.unwrap();
         drop(server);
         assert!(
             !still_handed_out(&pool, addr).await,
             "a closed connection was handed out"
         );
-        assert_eq!(pool.idle(addr), 0);
+        assert_eq!(pool.idle(key(addr)), 0);
     }
 
     #[tokio::test]
@@ -192,22 +195,22 @@ mod tests {
         let (addr, client, mut server) = pair().await;
         server.write_all(b"HTTP/1.1 200 OK\r\n").await.unwrap();
         let pool = Pool::default();
-        pool.put(addr, client);
+        pool.put(key(addr), client);
         assert!(!still_handed_out(&pool, addr).await);
     }
 
     #[tokio::test]
-    async fn a_connection_is_kept_for_the_thread_that_released_it() {
+    async fn a_connection_is_kept_for_the_thread_it_was_got_on() {
         let (addr, client, _server) = pair().await;
         let pool = std::sync::Arc::new(Pool::default());
-        pool.put(addr, client);
+        pool.put(key(addr), client);
         let elsewhere = pool.clone();
         let taken_elsewhere = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap();
-            rt.block_on(async move { elsewhere.take(addr, LONG).is_some() })
+            rt.block_on(async move { elsewhere.take(key(addr), LONG).is_some() })
         })
         .join()
         .unwrap();
@@ -215,16 +218,16 @@ mod tests {
             !taken_elsewhere,
             "another worker took this worker's connection"
         );
-        assert!(pool.take(addr, LONG).is_some());
+        assert!(pool.take(key(addr), LONG).is_some());
     }
 
     #[tokio::test]
     async fn connections_idle_too_long_are_closed() {
         let (addr, client, _server) = pair().await;
         let pool = Pool::default();
-        pool.put(addr, client);
-        assert!(pool.take(addr, Duration::ZERO).is_none());
-        assert_eq!(pool.idle(addr), 0);
+        pool.put(key(addr), client);
+        assert!(pool.take(key(addr), Duration::ZERO).is_none());
+        assert_eq!(pool.idle(key(addr)), 0);
     }
 
     #[tokio::test]
@@ -235,10 +238,10 @@ mod tests {
         for _ in 0..MAX_IDLE + 3 {
             let (a, client, server) = pair().await;
             // All to one key, whatever port each pair got.
-            let key = *addr.get_or_insert(a);
-            pool.put(key, client);
+            let to = *addr.get_or_insert(a);
+            pool.put(key(to), client);
             keep.push(server);
         }
-        assert_eq!(pool.idle(addr.unwrap()), MAX_IDLE);
+        assert_eq!(pool.idle(key(addr.unwrap())), MAX_IDLE);
     }
 }

@@ -213,7 +213,9 @@ async fn exchange(
     write_timeout: Duration,
     shutdown: &ShutdownWatch,
 ) -> Result<(bool, bool), Fail> {
-    send_request(io, up, req).await?;
+    // Legacy may answer before the whole body (a 401 or 413 up front): the answer goes to the
+    // client, and neither connection can carry another request after it.
+    let whole = send_request(io, up, req).await?;
     let mut resp = BytesMut::with_capacity(READ_CHUNK);
     let mut out = Vec::new();
     loop {
@@ -230,12 +232,14 @@ async fn exchange(
                 out.clear();
                 let rechunk = head.body == RespBody::Close && req.http11;
                 let keep = req.keep_alive
+                    && whole
                     && (head.body != RespBody::Close || rechunk)
                     && !*shutdown.borrow();
                 client_head(&resp[..head.len], keep, rechunk, &mut out);
                 resp.advance(head.len);
-                return send_response(io, up, head, (keep, rechunk), resp, out, write_timeout)
-                    .await;
+                let (keep, reusable) =
+                    send_response(io, up, head, (keep, rechunk), resp, out, write_timeout).await?;
+                return Ok((keep, reusable && whole));
             }
             if head.code == 101 {
                 // Nothing asked for an upgrade.
@@ -251,11 +255,18 @@ async fn exchange(
     }
 }
 
-async fn send_request(io: &mut FrontStream, up: &mut TcpStream, req: &Request) -> Result<(), Fail> {
+/// The request to legacy: `Ok(false)` when legacy began to answer (or closed) before all of the
+/// body was sent, which then stops.
+async fn send_request(
+    io: &mut FrontStream,
+    up: &mut TcpStream,
+    req: &Request,
+) -> Result<bool, Fail> {
     match req.framing {
         Framing::None | Framing::Length(0) => up
             .write_all(&req.upstream_head)
             .await
+            .map(|()| true)
             .map_err(|_| Fail::Unanswered),
         Framing::Length(len) => {
             // The head and what has arrived of the body, in one write.
@@ -264,25 +275,27 @@ async fn send_request(io: &mut FrontStream, up: &mut TcpStream, req: &Request) -
             bytes.extend_from_slice(&req.upstream_head);
             bytes.extend_from_slice(&io.buf[..first]);
             io.buf.advance(first);
-            up.write_all(&bytes).await.map_err(|_| Fail::BadGateway)?;
+            if !write_upstream(up, &bytes).await {
+                return Ok(false);
+            }
             let mut left = len - first as u64;
             while left > 0 {
-                if io.buf.is_empty() {
-                    read_client(io).await?;
+                if io.buf.is_empty() && !read_client_unless_answered(io, up).await? {
+                    return Ok(false);
                 }
                 let n = (io.buf.len() as u64).min(left) as usize;
-                up.write_all(&io.buf[..n])
-                    .await
-                    .map_err(|_| Fail::BadGateway)?;
+                if !write_upstream(up, &io.buf[..n]).await {
+                    return Ok(false);
+                }
                 io.buf.advance(n);
                 left -= n as u64;
             }
-            Ok(())
+            Ok(true)
         }
         Framing::Chunked => {
-            up.write_all(&req.upstream_head)
-                .await
-                .map_err(|_| Fail::BadGateway)?;
+            if !write_upstream(up, &req.upstream_head).await {
+                return Ok(false);
+            }
             // Checked strictly as it arrives, then re-framed chunk by chunk, as Pingora does
             // (extensions and trailers dropped).
             let mut validator = ChunkedValidator::new();
@@ -292,8 +305,8 @@ async fn send_request(io: &mut FrontStream, up: &mut TcpStream, req: &Request) -
                 if validator.is_done() {
                     return Err(Fail::Close);
                 }
-                if io.buf.is_empty() {
-                    read_client(io).await?;
+                if io.buf.is_empty() && !read_client_unless_answered(io, up).await? {
+                    return Ok(false);
                 }
                 let used = match validator.feed(&io.buf) {
                     Ok(used) => used,
@@ -313,12 +326,36 @@ async fn send_request(io: &mut FrontStream, up: &mut TcpStream, req: &Request) -
                     out.extend_from_slice(b"0\r\n\r\n");
                 }
                 if !out.is_empty() {
-                    up.write_all(&out).await.map_err(|_| Fail::BadGateway)?;
+                    if !write_upstream(up, &out).await {
+                        return Ok(false);
+                    }
                     out.clear();
                 }
             }
-            Ok(())
+            Ok(true)
         }
+    }
+}
+
+/// Write `bytes` to legacy: `false` if it began to answer or closed first, or the write failed
+/// (what it answered, if anything, is read next).
+async fn write_upstream(up: &mut TcpStream, bytes: &[u8]) -> bool {
+    let (mut from, mut to) = up.split();
+    let mut byte = [0u8; 1];
+    tokio::select! {
+        biased;
+        written = to.write_all(bytes) => written.is_ok(),
+        _ = from.peek(&mut byte) => false,
+    }
+}
+
+/// More of the client's body, unless legacy begins to answer (or closes) first: `Ok(false)`.
+async fn read_client_unless_answered(io: &mut FrontStream, up: &TcpStream) -> Result<bool, Fail> {
+    let mut byte = [0u8; 1];
+    tokio::select! {
+        biased;
+        read = read_client(io) => read.map(|()| true),
+        _ = up.peek(&mut byte) => Ok(false),
     }
 }
 
