@@ -760,6 +760,20 @@ def report_passthrough(out, w):
             w(f"- Target (req/s ≥ nginx-1w and p99 ≤ nginx-1w), {c['label']}: "
               f"**{'met' if ok else 'not met'}** "
               f"({s['rps'] / n1['rps']:.2f}× req/s, {s['p99'] / n1['p99']:.2f}× p99).")
+    # The same worker count: nginx with one worker, or with auto workers when that is the count
+    # (its label names it).
+    for c in [c for c in cases if c["name"].startswith("proxy-t")]:
+        s = summary[c["name"]]
+        t = c["name"][len("proxy-t"):]
+        peer = next((n for n in cases
+                     if (n["name"] == "nginx-1w" and t == "1")
+                     or (n["name"] == "nginx-auto" and f"({t})" in n["label"])), None)
+        p = summary.get(peer["name"], {}) if peer else {}
+        if s["cpu"] and p.get("cpu") and s["p99"] and p.get("p99"):
+            ok = s["cpu"] <= p["cpu"] and s["p99"] <= p["p99"]
+            w(f"- Target (CPU/req ≤ nginx's and p99 ≤ nginx's at the same worker count), "
+              f"{c['label']} vs {peer['label']}: **{'met' if ok else 'not met'}** "
+              f"({s['cpu'] / p['cpu']:.2f}× CPU/req, {s['p99'] / p['p99']:.2f}× p99).")
     w("")
 
 
