@@ -512,13 +512,10 @@ impl Bridge {
         // A pooled connection legacy closed meanwhile fails before any answer; one fresh
         // attempt is safe because such a connection never delivered a response.
         for attempt in 0..2 {
-            let connection = if attempt == 0 {
-                self.connections
-                    .get(key, &peer, target.peer.pool_idle_timeout)
-                    .await
-            } else {
-                self.connections.connect(&peer).await.map(|s| (s, false))
-            };
+            let connection = self
+                .connections
+                .for_attempt(attempt, key, &peer, target.peer.pool_idle_timeout)
+                .await;
             let (mut stream, reused) =
                 connection.map_err(|e| format!("connecting to legacy: {e}"))?;
             match roundtrip(&mut stream, request).await {

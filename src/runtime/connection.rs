@@ -249,14 +249,10 @@ pub async fn open(
     for attempt in 0..2 {
         // Refused or timed out, a connection that could not be made is a connect failure: an
         // error (the contract counts connect failures as errors), not an execution timeout.
-        let connection = if attempt == 0 {
-            shared
-                .runtime_pool
-                .get(key, &peer, active.runtime.pool_idle_timeout)
-                .await
-        } else {
-            shared.runtime_pool.connect(&peer).await.map(|s| (s, false))
-        };
+        let connection = shared
+            .runtime_pool
+            .for_attempt(attempt, key, &peer, active.runtime.pool_idle_timeout)
+            .await;
         let (mut stream, reused) =
             connection.map_err(|e| OpenFailure::error(format!("connecting to runtime: {e}")))?;
         let mut buf = BytesMut::new();

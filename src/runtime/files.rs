@@ -64,14 +64,10 @@ pub async fn fetch(
     // A pooled connection the runtime closed meanwhile fails on first use; a GET is safe to
     // send once more on a fresh one.
     for attempt in 0..2 {
-        let connection = if attempt == 0 {
-            shared
-                .runtime_pool
-                .get(key, &peer, active.runtime.pool_idle_timeout)
-                .await
-        } else {
-            shared.runtime_pool.connect(&peer).await.map(|s| (s, false))
-        };
+        let connection = shared
+            .runtime_pool
+            .for_attempt(attempt, key, &peer, active.runtime.pool_idle_timeout)
+            .await;
         let (mut stream, reused) = connection.map_err(|e| format!("connecting to runtime: {e}"))?;
         let mut buf = BytesMut::new();
         let exchanged = tokio::time::timeout_at(

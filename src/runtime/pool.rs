@@ -108,9 +108,20 @@ impl Connections {
         Ok((self.connector.new_stream(peer).await?, false))
     }
 
-    /// A new connection, never a pooled one.
-    pub async fn connect(&self, peer: &HttpPeer) -> pingora::Result<Stream> {
-        self.connector.new_stream(peer).await
+    /// The connection for a request's `attempt`: the first may be a pooled one, a repeat (after
+    /// a pooled one turned out stale) is always new.
+    pub async fn for_attempt(
+        &self,
+        attempt: u32,
+        key: Key,
+        peer: &HttpPeer,
+        max_idle: Duration,
+    ) -> pingora::Result<(Stream, bool)> {
+        if attempt == 0 {
+            self.get(key, peer, max_idle).await
+        } else {
+            Ok((self.connector.new_stream(peer).await?, false))
+        }
     }
 
     /// Keep `stream`, got for `key`, whose last answer was read to its end, for the next request.
