@@ -5,14 +5,15 @@
 //!
 //! Checked, besides "no panic":
 //! - the head legacy gets is one complete head, the client's request line first (in HTTP/1.1),
-//!   with no hop-by-hop header and no trusted org header;
+//!   with no hop-by-hop header and no trusted org header, and with the header that frames its
+//!   body and its `Host` whatever the client's `Connection` names;
 //! - the head the client gets is one complete head with legacy's status, no hop-by-hop header
 //!   but the one `connection` header.
 
 #![no_main]
 
 use cutover_proxy::core::passthrough::{client_head, header_lines, parse_response, prepare};
-use cutover_proxy::core::request_head;
+use cutover_proxy::core::request_head::{self, Framing};
 use libfuzzer_sys::fuzz_target;
 
 const FIXED_HOP: &[&str] = &["keep-alive", "proxy-connection", "te", "trailer", "upgrade"];
@@ -38,6 +39,18 @@ fn check_request(raw: &[u8]) {
     let (kept, _version) = line.split_at(line.len() - b"1.1\r".len());
     assert!(out.starts_with(kept), "request line changed");
     assert!(out[kept.len()..].starts_with(b"1.1\r\n"), "not asked in HTTP/1.1");
+    let has = |name: &str| parsed.headers.iter().any(|h| h.name.eq_ignore_ascii_case(name));
+    match head.framing {
+        Framing::Length(_) => assert!(has("content-length"), "body sent without its length"),
+        Framing::Chunked => assert!(has("transfer-encoding"), "body sent without its chunking"),
+        Framing::None => {}
+    }
+    if header_lines(&raw[head.skip..head.skip + head.len])
+        .1
+        .any(|(n, _)| n.eq_ignore_ascii_case(b"host"))
+    {
+        assert!(has("host"), "Host dropped");
+    }
     for h in parsed.headers.iter() {
         let name = h.name.to_ascii_lowercase();
         assert!(name != "x-org-id", "trusted header forwarded");

@@ -13,7 +13,9 @@
 
 #![no_main]
 
-use cutover_proxy::core::agent2ui::{error_event, heartbeat_event, Mapped, StreamMapper};
+use cutover_proxy::core::agent2ui::{
+    done_event, error_event, heartbeat_event, DoneEvent, Mapped, StreamMapper,
+};
 use cutover_proxy::core::sse::{SseEvent, SseParser};
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
@@ -147,10 +149,25 @@ fuzz_target!(|data: &[u8]| {
                 assert_eq!(written.len(), 1);
                 assert_eq!(written[0].0, "heartbeat");
             }
-            Mapped::Done => {
+            Mapped::Complete(completion) => {
+                // Nothing yet: the relay saves the answer, then writes `done` with its id.
+                assert!(written.is_empty(), "{mapped:?} wrote {written:?}");
+                let before = out.len();
+                done_event(
+                    &mut out,
+                    &DoneEvent {
+                        session_id: mapper.session_id(),
+                        message_id: "saved-1",
+                        tokens: completion.tokens.unwrap_or(0),
+                        latency_ms: 7,
+                    },
+                );
+                let written = blocks(&out[before..]);
                 assert_eq!(written.len(), 1);
                 assert_eq!(written[0].0, "done");
-                assert_eq!(written[0].1["messageId"], mapper.message_id());
+                assert_eq!(written[0].1["messageId"], "saved-1");
+                assert_eq!(written[0].1["sessionId"], mapper.session_id());
+                assert_eq!(written[0].1["usage"]["latencyMs"], 7);
             }
             Mapped::Failed { code, message } => {
                 assert_eq!(written.len(), 1);
