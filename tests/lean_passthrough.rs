@@ -98,6 +98,23 @@ enum Do {
     HalfClose,
 }
 
+/// Read onto `got` until one whole response follows `from`: its length.
+async fn read_response(s: &mut TcpStream, got: &mut Vec<u8>, from: usize) -> usize {
+    loop {
+        if let Some(end) = response_end(&got[from..]) {
+            return end;
+        }
+        let mut chunk = [0u8; 8192];
+        let n = s.read(&mut chunk).await.unwrap();
+        assert!(
+            n > 0,
+            "closed before a whole response: {:?}",
+            String::from_utf8_lossy(got)
+        );
+        got.extend_from_slice(&chunk[..n]);
+    }
+}
+
 /// Run the client's steps against `addr`, then read until the proxy closes: every byte read.
 async fn client(addr: std::net::SocketAddr, steps: &[Do]) -> Vec<u8> {
     let mut s = TcpStream::connect(addr).await.unwrap();
@@ -107,16 +124,7 @@ async fn client(addr: std::net::SocketAddr, steps: &[Do]) -> Vec<u8> {
         match step {
             Do::Send(bytes) => s.write_all(bytes).await.unwrap(),
             Do::HalfClose => s.shutdown().await.unwrap(),
-            Do::Await => loop {
-                if let Some(end) = response_end(&got[seen..]) {
-                    seen += end;
-                    break;
-                }
-                let mut chunk = [0u8; 8192];
-                let n = s.read(&mut chunk).await.unwrap();
-                assert!(n > 0, "closed before a whole response");
-                got.extend_from_slice(&chunk[..n]);
-            },
+            Do::Await => seen += read_response(&mut s, &mut got, seen).await,
         }
     }
     tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got))
@@ -612,12 +620,7 @@ async fn an_answer_before_the_whole_body_reaches_the_client_as_through_pingora()
         .await
         .unwrap();
         let mut got = Vec::new();
-        while response_end(&got).is_none() {
-            let mut chunk = [0u8; 8192];
-            let n = s.read(&mut chunk).await.unwrap();
-            assert!(n > 0, "lean {lean}: closed before a whole answer: {got:?}");
-            got.extend_from_slice(&chunk[..n]);
-        }
+        read_response(&mut s, &mut got, 0).await;
         if lean {
             // The rest of the body will never be read: the connection cannot carry another
             // request.

@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::runtime::pool::Connections;
 use arc_swap::ArcSwap;
 use pingora::connectors::http::Connector;
 
@@ -22,6 +21,7 @@ use crate::core::scorecard::Scorecard;
 use crate::core::stats::ExecutionStats;
 use crate::ops::metrics::Metrics;
 use crate::runtime::bridge::{Bridge, Target};
+use crate::runtime::pool::Connections;
 
 /// One validated config, compiled for the hot path.
 pub struct Active {

@@ -53,10 +53,10 @@ pub struct PeerSettings {
 
 /// The pool partition of the calling worker thread.
 ///
-/// The runtime connection pool is shared by all worker threads (each worker's legacy pool is its
-/// own), and an idle connection is watched by a task on the thread that released it: reusing it
-/// from another thread costs two cross-thread wake-ups. Keyed per thread, a connection is only
-/// reused where it idles.
+/// A connection is registered with the event loop of the thread it was made on, and using it
+/// from another thread costs two cross-thread wake-ups per read. Keyed per thread, a connection
+/// is only reused there: this keys our own idle lists (`runtime::pool::Key`) and, as the peers'
+/// `group_key`, the pools of Pingora's connectors.
 pub(crate) fn pool_partition() -> u64 {
     static NEXT: AtomicU64 = AtomicU64::new(1);
     thread_local! {

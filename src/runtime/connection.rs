@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes, BytesMut};
 use pingora::http::RequestHeader;
 use pingora::protocols::Stream;
-
 use tokio::io::AsyncReadExt;
 
 use crate::app::state::{Active, Shared};

@@ -3,27 +3,28 @@
 //! Pingora's `TransportConnector` pool watches every idle connection with a task of its own and
 //! hands a connection over through that task, and its default peer asks the kernel for the
 //! socket's address on every reuse: on a history read of a few dozen microseconds that doubled
-//! the call, and every runtime stream paid it before its first event. Here an idle connection just waits in a list. One that the upstream closed meanwhile
-//! is noticed when taken (a read that is ready at once: end of file or stray bytes), and a
-//! request on one that closes before any answer byte is repeated once on a fresh connection by
-//! the caller, as before.
+//! the call, and every runtime stream paid it before its first event. Here an idle connection
+//! just waits in a list. One that the upstream closed meanwhile is noticed when taken (a read
+//! that is ready at once: end of file or stray bytes), and a request on one that closes before
+//! any answer byte is repeated once on a fresh connection by the caller.
 //!
-//! Each worker thread runs its own event loop: a connection is kept for the thread that released
-//! it, since another thread's use would cost two cross-thread wake-ups per read.
+//! Each worker thread runs its own event loop: a connection is kept for the thread it was made or
+//! taken on ([`Key`]), since another thread's use would cost two cross-thread wake-ups per read.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::app::upstream::pool_partition;
 use futures::FutureExt;
 use pingora::connectors::TransportConnector;
 use pingora::protocols::Stream;
 use pingora::upstreams::peer::HttpPeer;
 use tokio::io::AsyncReadExt;
 
-/// Idle connections kept per upstream address; more are closed when released.
+use crate::app::upstream::pool_partition;
+
+/// Idle connections kept per key; more are closed when released.
 const MAX_IDLE: usize = 64;
 
 #[derive(Default)]
@@ -42,7 +43,7 @@ pub fn key(addr: SocketAddr) -> Key {
 }
 
 impl Pool {
-    /// The most recently released connection to `addr` that is younger than `max_idle` and still
+    /// The most recently released connection for `key` that is younger than `max_idle` and still
     /// open, if any; older ones are closed on the way.
     pub fn take(&self, key: Key, max_idle: Duration) -> Option<Stream> {
         loop {
@@ -63,7 +64,7 @@ impl Pool {
         }
     }
 
-    /// Keep `stream` for the next call to `addr`.
+    /// Keep `stream` for the next call for `key`.
     pub fn put(&self, key: Key, stream: Stream) {
         let mut idle = self.idle.lock().unwrap();
         let list = idle.entry(key).or_default();
@@ -72,7 +73,7 @@ impl Pool {
         }
     }
 
-    /// Idle connections to `addr` (for tests).
+    /// Idle connections for `key` (for tests).
     pub fn idle(&self, key: Key) -> usize {
         self.idle.lock().unwrap().get(&key).map_or(0, Vec::len)
     }
@@ -94,22 +95,9 @@ impl Default for Connections {
 }
 
 impl Connections {
-    /// A connection for `key` (reached as `peer`), and whether it was pooled: a request on a
-    /// pooled one that fails before any answer byte may be sent once more on a new one.
-    pub async fn get(
-        &self,
-        key: Key,
-        peer: &HttpPeer,
-        max_idle: Duration,
-    ) -> pingora::Result<(Stream, bool)> {
-        if let Some(stream) = self.idle.take(key, max_idle) {
-            return Ok((stream, true));
-        }
-        Ok((self.connector.new_stream(peer).await?, false))
-    }
-
-    /// The connection for a request's `attempt`: the first may be a pooled one, a repeat (after
-    /// a pooled one turned out stale) is always new.
+    /// The connection for a request's `attempt` for `key` (reached as `peer`), and whether it was
+    /// pooled. Only the first attempt may take a pooled one: a request on a pooled one that fails
+    /// before any answer byte is sent once more, on a new one.
     pub async fn for_attempt(
         &self,
         attempt: u32,
@@ -118,20 +106,16 @@ impl Connections {
         max_idle: Duration,
     ) -> pingora::Result<(Stream, bool)> {
         if attempt == 0 {
-            self.get(key, peer, max_idle).await
-        } else {
-            Ok((self.connector.new_stream(peer).await?, false))
+            if let Some(stream) = self.idle.take(key, max_idle) {
+                return Ok((stream, true));
+            }
         }
+        Ok((self.connector.new_stream(peer).await?, false))
     }
 
     /// Keep `stream`, got for `key`, whose last answer was read to its end, for the next request.
     pub fn put(&self, key: Key, stream: Stream) {
         self.idle.put(key, stream)
-    }
-
-    /// Idle connections kept for `key` (for tests).
-    pub fn idle(&self, key: Key) -> usize {
-        self.idle.idle(key)
     }
 }
 
