@@ -10,8 +10,8 @@
 //! - [`runtime`]: the runtime connection, the relay that streams one execution to the client,
 //!   shadow copies, the conversation bridge's legacy client, and the upstream connections they
 //!   share.
-//! - [`proxy`]: the client-facing listener: our HTTP/1 front door, then the Pingora `ProxyHttp`
-//!   glue.
+//! - [`proxy`]: the client-facing listener: our HTTP/1 front door (which serves plain requests
+//!   and runtime chats on its own connection), then the Pingora `ProxyHttp` glue.
 //! - [`ops`]: what operators talk to: admin API, Prometheus metrics, health checks, config reload.
 //! - [`app`]: composition: shared state, upstream peers, the server and its drain, logging, the demo.
 

@@ -125,6 +125,10 @@ pub struct ServerConfig {
     /// instead of through Pingora's `HttpProxy` (which costs over three times the CPU).
     #[serde(default = "defaults::lean_passthrough")]
     pub lean_passthrough: bool,
+    /// Runtime chats are served on the front door's own connection instead of through
+    /// Pingora's `HttpProxy`, whose per-request state a stream would hold for its whole length.
+    #[serde(default = "defaults::lean_runtime")]
+    pub lean_runtime: bool,
     /// On the lean path, a piece of a response the client does not take within this long ends
     /// the connection.
     #[serde(default = "defaults::write_timeout_ms")]
@@ -357,6 +361,9 @@ mod defaults {
         10_000
     }
     pub fn lean_passthrough() -> bool {
+        true
+    }
+    pub fn lean_runtime() -> bool {
         true
     }
     pub fn write_timeout_ms() -> u64 {

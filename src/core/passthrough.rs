@@ -5,7 +5,7 @@
 
 use crate::core::files::ROUTE_PREFIX;
 use crate::core::request_head::{Framing, Head, MAX_HEADERS};
-use crate::core::routing::chat_route;
+use crate::core::routing::{chat_route, ChatRoute};
 
 /// A response head larger than this is legacy's fault: 502.
 pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
@@ -166,6 +166,68 @@ pub fn prepare(buf: &[u8], head: &Head, trusted: Option<&http::HeaderName>) -> O
     })
 }
 
+/// A chat request the front door serves itself (`server.lean_runtime`): its head, parsed once.
+#[derive(Debug)]
+pub struct ChatHead {
+    pub route: ChatRoute,
+    pub path: String,
+    pub version: http::Version,
+    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    pub keep_alive: bool,
+    /// The body's length: the whole body is read before the runtime is asked.
+    pub body_len: usize,
+}
+
+/// The chat head at the front of `buf`, if the front door may serve it without Pingora: a chat
+/// route with a `Content-Length` body of at most `max_body` bytes (the most legacy can be sent
+/// again), no `Expect` or `Upgrade`, in origin form. Anything else (chunked bodies, `100-continue`,
+/// heads the front door rewrote) goes through Pingora, which serves it the same way.
+pub fn chat_head(buf: &[u8], head: &Head, max_body: usize) -> Option<ChatHead> {
+    let Framing::Length(len) = head.framing else {
+        return None;
+    };
+    let body_len = usize::try_from(len).ok().filter(|n| *n <= max_body)?;
+    if head.rewritten.is_some() {
+        return None;
+    }
+    let bytes = &buf[head.skip..head.skip + head.len];
+    let mut parsed = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut parsed);
+    let Ok(httparse::Status::Complete(_)) = req.parse(bytes) else {
+        return None;
+    };
+    let (method, path, version) = (req.method?, req.path?, req.version?);
+    let route = chat_route(&http::Method::from_bytes(method.as_bytes()).ok()?, path)?;
+    let mut headers = Vec::with_capacity(req.headers.len());
+    let (mut close, mut keep_alive) = (false, false);
+    for h in req.headers.iter() {
+        let name = h.name.as_bytes();
+        if named(name, "upgrade") || named(name, "expect") {
+            return None;
+        }
+        if named(name, "connection") {
+            for t in tokens(h.value) {
+                close |= t.eq_ignore_ascii_case(b"close");
+                keep_alive |= t.eq_ignore_ascii_case(b"keep-alive");
+            }
+        }
+        let name = http::HeaderName::from_bytes(name).ok()?;
+        headers.push((name, http::HeaderValue::from_bytes(h.value).ok()?));
+    }
+    Some(ChatHead {
+        route,
+        path: path.to_string(),
+        version: if version == 1 {
+            http::Version::HTTP_11
+        } else {
+            http::Version::HTTP_10
+        },
+        headers,
+        keep_alive: !close && (version == 1 || keep_alive),
+        body_len,
+    })
+}
+
 /// How legacy's response body ends.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum RespBody {
@@ -280,6 +342,42 @@ mod tests {
         let head = request_head::parse(raw, 32 * 1024).unwrap().unwrap();
         let trusted = trusted.map(|t| http::HeaderName::from_bytes(t.as_bytes()).unwrap());
         prepare(raw, &head, trusted.as_ref())
+    }
+
+    fn chat(raw: &[u8]) -> Option<ChatHead> {
+        let head = request_head::parse(raw, 32 * 1024).unwrap().unwrap();
+        chat_head(raw, &head, 64)
+    }
+
+    #[test]
+    fn the_front_door_takes_chats_with_a_bounded_length_and_nothing_to_negotiate() {
+        let c = chat(b"POST /api/v1/chat/sessions/s-1 HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer t\r\nContent-Length: 64\r\n\r\n").unwrap();
+        assert_eq!(c.route, ChatRoute::Session("s-1".into()));
+        assert_eq!(
+            (c.body_len, c.keep_alive, c.version),
+            (64, true, http::Version::HTTP_11)
+        );
+        assert_eq!(c.headers.len(), 3);
+        assert_eq!(c.headers[1].1, "Bearer t");
+        let c = chat(b"POST /api/v1/chat/start HTTP/1.0\r\nContent-Length: 2\r\n\r\n").unwrap();
+        assert_eq!((c.route, c.keep_alive), (ChatRoute::Start, false));
+        let c = chat(b"POST /api/v1/chat/start HTTP/1.0\r\nConnection: Keep-Alive\r\nContent-Length: 2\r\n\r\n").unwrap();
+        assert!(c.keep_alive);
+        let c = chat(b"POST /api/v1/chat/start HTTP/1.1\r\nHost: a\r\nConnection: x, close\r\nContent-Length: 2\r\n\r\n").unwrap();
+        assert!(!c.keep_alive);
+        for raw in [
+            // Over the limit, chunked, no body, something to negotiate, not a chat.
+            &b"POST /api/v1/chat/start HTTP/1.1\r\nHost: a\r\nContent-Length: 65\r\n\r\n"[..],
+            b"POST /api/v1/chat/start HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST /api/v1/chat/start HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"POST /api/v1/chat/start HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n",
+            b"POST /api/v1/chat/start HTTP/1.1\r\nHost: a\r\nUpgrade: h2c\r\nContent-Length: 2\r\n\r\n",
+            b"POST http://a/api/v1/chat/start HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n",
+            b"GET /api/v1/chat/start HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n",
+            b"POST /api/v1/agents HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n",
+        ] {
+            assert!(chat(raw).is_none(), "{}", raw.escape_ascii());
+        }
     }
 
     #[test]

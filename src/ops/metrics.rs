@@ -409,11 +409,24 @@ impl Metrics {
 pub struct FrontDoorMetrics {
     pub rejections_total: IntCounterVec,
     pub connections: IntGauge,
+    /// `cutover_front_door_requests_total` by path, resolved once: counted on every request.
+    pub served_lean_passthrough: IntCounter,
+    pub served_lean_runtime: IntCounter,
+    pub served_pingora: IntCounter,
 }
 
 impl FrontDoorMetrics {
     fn register(r: &Registry) -> prometheus::Result<FrontDoorMetrics> {
+        let served = counter_vec(
+            r,
+            "cutover_front_door_requests_total",
+            "Client requests by what served them: the front door's own lean paths (lean_passthrough, lean_runtime) or Pingora's proxy (pingora).",
+            &["path"],
+        )?;
         let m = FrontDoorMetrics {
+            served_lean_passthrough: served.with_label_values(&["lean_passthrough"]),
+            served_lean_runtime: served.with_label_values(&["lean_runtime"]),
+            served_pingora: served.with_label_values(&["pingora"]),
             rejections_total: counter_vec(
                 r,
                 "cutover_front_door_rejections_total",

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::app::state::{Active, RequestGuard, Shared};
 use crate::core::identity::Caller;
-use crate::core::routing::RolloutDecision;
+use crate::core::routing::{ChatRoute, RolloutDecision};
 use crate::core::scorecard::StreamObserver;
 use crate::core::stats::Outcome;
 use crate::runtime::connection::OpenFailure;
@@ -21,6 +21,14 @@ pub struct RequestCtx {
     /// The config the request started with; a reload mid-request does not change it.
     pub(super) active: Arc<Active>,
     pub(super) chat: Option<ChatCtx>,
+}
+
+/// A chat the front door read and routed itself, handed to Pingora for legacy to serve.
+pub(super) struct Handover {
+    pub ctx: RequestCtx,
+    pub route: ChatRoute,
+    /// Routed to legacy (not sent there by the runtime path): a shadow copy may run.
+    pub shadow: bool,
 }
 
 /// A chat request's state.

@@ -15,12 +15,13 @@
 //!
 //! A plain non-chat request skips Pingora altogether (`lean`, `server.lean_passthrough`).
 
+mod chat;
 mod lean;
 
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -44,6 +45,7 @@ use crate::app::state::Shared;
 use crate::core::chunked::ChunkedValidator;
 use crate::core::config::Config;
 use crate::core::request_head::{self, refusal_response, Framing, Head, Refusal};
+use crate::proxy::ctx::Handover;
 use crate::proxy::CutoverProxy;
 
 /// How long a refusal may take to write, and how long the client's remaining bytes are read and
@@ -115,6 +117,8 @@ impl Limits {
 /// The front door of one worker.
 pub struct FrontDoor {
     proxy: Arc<HttpProxy<CutoverProxy>>,
+    /// The same proxy logic, for the chats the front door serves itself.
+    chats: CutoverProxy,
     shared: Arc<Shared>,
     open: Arc<ConnectionCount>,
     legacy_pool: lean::Pool,
@@ -128,6 +132,7 @@ impl FrontDoor {
     ) -> FrontDoor {
         FrontDoor {
             proxy: Arc::new(proxy),
+            chats: CutoverProxy::new(shared.clone()),
             shared,
             open,
             legacy_pool: lean::Pool::default(),
@@ -201,7 +206,9 @@ impl ServerApp for FrontDoor {
                     active.verifier.trusted_org_header(),
                 )
             });
+            let served = &self.shared.metrics.front_door;
             if let Some(Some(req)) = lean {
+                served.served_lean_passthrough.inc();
                 if !lean::serve(
                     &self.shared,
                     &self.legacy_pool,
@@ -219,8 +226,28 @@ impl ServerApp for FrontDoor {
                 first = false;
                 continue;
             }
-            drop(active);
-            io.begin(head);
+            let chat = active.config.server.lean_runtime.then(|| {
+                crate::core::passthrough::chat_head(&io.buf, &head, crate::proxy::REPLAY_LIMIT)
+            });
+            if let Some(Some(chat)) = chat {
+                match chat::serve(&self.chats, active, &mut io, head, chat, shutdown).await {
+                    chat::Served::Done { keep_alive } => {
+                        served.served_lean_runtime.inc();
+                        if !(keep_alive && io.between_requests()) {
+                            return None;
+                        }
+                        first = false;
+                        continue;
+                    }
+                    chat::Served::Legacy(handover) => {
+                        *io.handover.get_mut().unwrap() = Some(handover);
+                    }
+                }
+            } else {
+                drop(active);
+                io.begin(head);
+            }
+            served.served_pingora.inc();
             let mut session = ServerSession::new_http1(Box::new(io));
             if let Some(p) = persistent.take() {
                 p.apply_to_session(&mut session);
@@ -236,6 +263,10 @@ impl ServerApp for FrontDoor {
                 .await?
                 .consume();
             io = *stream.into_any().downcast::<FrontStream>().ok()?;
+            // A handover Pingora did not take must not be taken by the next request.
+            if io.handover.get_mut().unwrap().take().is_some() {
+                return None;
+            }
             // Pingora hands a connection back only after the whole body; if our framing says
             // otherwise, the two disagree on where the next request starts: close.
             if !io.between_requests() {
@@ -251,6 +282,13 @@ impl ServerApp for FrontDoor {
     async fn cleanup(&self) {
         self.proxy.http_cleanup().await
     }
+}
+
+/// The chat the front door routed before handing this request to Pingora, if it did.
+pub(super) fn handed_over(session: &pingora::proxy::Session) -> Option<Box<Handover>> {
+    let stream = session.downstream_session.stream()?;
+    let front = (**stream).as_any().downcast_ref::<FrontStream>()?;
+    front.handover.lock().unwrap().take()
 }
 
 /// Read the next head into `io`'s buffer: the first under one deadline from `accepted`, later
@@ -339,6 +377,8 @@ pub struct FrontStream {
     cap: usize,
     phase: Phase,
     rejections: IntCounterVec,
+    /// A chat the front door routed, for Pingora's `request_filter` to take (`handed_over`).
+    handover: Mutex<Option<Box<Handover>>>,
 }
 
 impl std::fmt::Debug for FrontStream {
@@ -359,6 +399,7 @@ impl FrontStream {
             cap,
             phase: Phase::Front,
             rejections,
+            handover: Mutex::new(None),
         }
     }
 

@@ -7,6 +7,7 @@
 //! hands the connection to Pingora one request at a time.
 
 mod ctx;
+mod downstream;
 mod files;
 pub mod front_door;
 mod record;
@@ -27,12 +28,13 @@ use crate::app::state::Shared;
 use crate::app::upstream;
 use crate::core::config::Mode;
 use crate::core::identity::Unverified;
-use crate::core::routing::{chat_route, gate, Gated};
+use crate::core::routing::{chat_route, gate, ChatRoute, Gated};
 use crate::core::scorecard::StreamObserver;
 use crate::runtime::relay::InFlight;
 
 pub use ctx::RequestCtx;
-use ctx::{ChatCtx, LegacyHalf, ProbeGuard, Served};
+use ctx::{ChatCtx, Handover, LegacyHalf, ProbeGuard, Served};
+pub use downstream::Downstream;
 use respond::{respond_json, Rejection};
 use serve::{content_length, RuntimePath};
 
@@ -47,35 +49,26 @@ impl CutoverProxy {
     pub fn new(shared: Arc<Shared>) -> Self {
         CutoverProxy { shared }
     }
-}
 
-#[async_trait]
-impl ProxyHttp for CutoverProxy {
-    type CTX = RequestCtx;
-
-    fn new_ctx(&self) -> RequestCtx {
+    fn request_ctx(&self, active: Arc<crate::app::state::Active>) -> RequestCtx {
         RequestCtx {
             started: Instant::now(),
             _guard: self.shared.requests.enter(),
-            active: self.shared.snapshot(),
+            active,
             chat: None,
         }
     }
 
-    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        // A client may send its next request while a stream is still running; Pingora then keeps
-        // those bytes for the next request instead of taking them for a broken connection.
-        session.downstream_session.set_pipelining_enabled(true);
-        let req = session.req_header();
-        if req.uri.path().starts_with(crate::core::files::ROUTE_PREFIX) {
-            let active = ctx.active.clone();
-            return self.serve_file(session, &active).await;
-        }
-        let Some(route) = chat_route(&req.method, req.uri.path()) else {
-            return Ok(false);
-        };
+    /// A chat request, on either connection: who asks, how it is routed, and on the runtime path
+    /// its whole service.
+    async fn serve_chat<D: Downstream>(
+        &self,
+        session: &mut D,
+        ctx: &mut RequestCtx,
+        route: &ChatRoute,
+    ) -> Result<Chat> {
         let active = ctx.active.clone();
-        let identity = active.verifier.identify(&req.headers);
+        let identity = active.verifier.identify(&session.req_header().headers);
         if let Err(u) = identity {
             self.shared
                 .metrics
@@ -97,6 +90,7 @@ impl ProxyHttp for CutoverProxy {
             || breaker.admit(),
         );
         let probe = ProbeGuard::new(&self.shared, probe);
+        let started = ctx.started;
         let chat = ctx
             .chat
             .insert(ChatCtx::new(identity.ok(), decision, probe));
@@ -104,25 +98,96 @@ impl ProxyHttp for CutoverProxy {
         let limit = active.config.limits.max_chat_body_bytes;
         if content_length(session).is_some_and(|n| n > limit) {
             let msg = format!("chat request body exceeds {limit} bytes");
-            return self.refuse(session, chat, Rejection::TooLarge, &msg).await;
+            self.refuse(session, chat, Rejection::TooLarge, &msg)
+                .await?;
+            return Ok(Chat::Answered);
         }
+        if decision.mode != Mode::RuntimeOrchestrator {
+            return Ok(Chat::Legacy { shadow: true });
+        }
+        let req = RuntimePath {
+            started,
+            active: &active,
+            chat,
+            route,
+        };
+        Ok(match self.serve_runtime(session, req).await? {
+            true => Chat::Answered,
+            false => Chat::Legacy { shadow: false },
+        })
+    }
 
-        if decision.mode == Mode::RuntimeOrchestrator {
-            let req = RuntimePath {
-                started: ctx.started,
-                active: &active,
-                chat,
-                route: &route,
-            };
-            return self.serve_runtime(session, req).await;
-        }
+    /// A legacy chat, perhaps mirrored to the runtime (`maybe_shadow`).
+    async fn shadow_legacy(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        route: &ChatRoute,
+    ) -> Result<()> {
+        let Some(chat) = ctx.chat.as_mut() else {
+            return Ok(());
+        };
         let caller = chat.caller.clone();
-        let pair = self.maybe_shadow(session, &active, &route, caller).await?;
+        let pair = self
+            .maybe_shadow(session, &ctx.active, route, caller)
+            .await?;
         chat.shadow = pair.map(|pair| LegacyHalf {
             pair,
             observer: StreamObserver::new(),
         });
-        Ok(false)
+        Ok(())
+    }
+}
+
+/// Where a chat request went.
+enum Chat {
+    /// The proxy answered it: a runtime stream or a refusal.
+    Answered,
+    /// Legacy serves it; `shadow`: it was routed there, so a shadow copy may run.
+    Legacy { shadow: bool },
+}
+
+#[async_trait]
+impl ProxyHttp for CutoverProxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        self.request_ctx(self.shared.snapshot())
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        // A client may send its next request while a stream is still running; Pingora then keeps
+        // those bytes for the next request instead of taking them for a broken connection.
+        session.downstream_session.set_pipelining_enabled(true);
+        if let Some(handover) = front_door::handed_over(session) {
+            let Handover {
+                ctx: routed,
+                route,
+                shadow,
+            } = *handover;
+            *ctx = routed;
+            if shadow {
+                self.shadow_legacy(session, ctx, &route).await?;
+            }
+            return Ok(false);
+        }
+        let req = session.req_header();
+        if req.uri.path().starts_with(crate::core::files::ROUTE_PREFIX) {
+            let active = ctx.active.clone();
+            return self.serve_file(session, &active).await;
+        }
+        let Some(route) = chat_route(&req.method, req.uri.path()) else {
+            return Ok(false);
+        };
+        match self.serve_chat(session, ctx, &route).await? {
+            Chat::Answered => Ok(true),
+            Chat::Legacy { shadow } => {
+                if shadow {
+                    self.shadow_legacy(session, ctx, &route).await?;
+                }
+                Ok(false)
+            }
+        }
     }
 
     async fn upstream_peer(
@@ -289,7 +354,8 @@ impl ProxyHttp for CutoverProxy {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
-        self.record(session, e, ctx);
+        let status = Downstream::status_written(session);
+        self.record(status, session.req_header().uri.path(), e, ctx);
         if let Some(chat) = ctx.chat.as_mut() {
             chat.in_flight = None;
         }

@@ -3,7 +3,6 @@
 
 use std::time::{Duration, Instant};
 
-use pingora::proxy::Session;
 use pingora::{Error, ErrorSource, ErrorType};
 
 use super::ctx::{ChatCtx, RequestCtx, Served};
@@ -13,18 +12,15 @@ use crate::core::scorecard::PathSample;
 use crate::core::stats::{outcome_label, Outcome};
 
 impl CutoverProxy {
-    /// Count a finished chat request: breaker, window stats, Prometheus, access log.
-    pub(super) fn record(&self, session: &Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+    /// Count a finished chat request: breaker, window stats, Prometheus, access log. `status`:
+    /// of the response head written, 0 for none.
+    pub(super) fn record(&self, status: u16, path: &str, e: Option<&Error>, ctx: &mut RequestCtx) {
         let Some(chat) = ctx.chat.as_mut() else {
             return;
         };
         let now = Instant::now();
         let total = ctx.started.elapsed();
         let runtime_outcome = self.record_runtime(chat, total, now);
-        let status = session
-            .response_written()
-            .map(|r| r.status.as_u16())
-            .unwrap_or(0);
         let direct_outcome = self.record_legacy(chat, status, e, total, now);
         let org = chat.org();
         let decision = chat.decision;
@@ -42,7 +38,7 @@ impl CutoverProxy {
         let outcome = direct_outcome.or(runtime_outcome);
         tracing::info!(
             target: "access",
-            path = session.req_header().uri.path(),
+            path,
             org = org.unwrap_or(""),
             user = chat.caller.as_ref().and_then(|c| c.user_id.as_deref()).unwrap_or(""),
             mode = decision.mode.as_str(),

@@ -3,11 +3,11 @@
 
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
-use pingora::proxy::Session;
 use pingora::Result;
 
 use super::ctx::{ChatCtx, Served};
 use super::CutoverProxy;
+use super::Downstream;
 use crate::core::routing::RolloutDecision;
 use crate::runtime::relay;
 
@@ -36,9 +36,9 @@ impl Rejection {
 impl CutoverProxy {
     /// Answer a chat request the proxy refuses itself (no upstream contacted): the probe slot is
     /// freed, the refusal counted, and the JSON error carries the routing headers.
-    pub(super) async fn refuse(
+    pub(super) async fn refuse<D: Downstream>(
         &self,
-        session: &mut Session,
+        session: &mut D,
         chat: &mut ChatCtx,
         rejection: Rejection,
         message: &str,
@@ -57,8 +57,8 @@ impl CutoverProxy {
     }
 }
 
-pub(super) async fn respond_json(
-    session: &mut Session,
+pub(super) async fn respond_json<D: Downstream>(
+    session: &mut D,
     status: u16,
     decision: RolloutDecision,
     code: &str,
@@ -76,21 +76,21 @@ pub(super) async fn respond_json(
     resp.insert_header("x-execution-reason", decision.reason.as_str())?;
     // The rest of an unread body would be taken for the next request.
     resp.insert_header("connection", "close")?;
-    session.set_keepalive(None);
-    session.write_response_header(Box::new(resp), false).await?;
+    session.close_after();
+    session.write_response_header(Box::new(resp)).await?;
     session.write_response_body(Some(body), true).await
 }
 
 /// Answer with an SSE stream holding one error event (the runtime never produced a response).
 /// Returns the bytes written.
-pub(super) async fn respond_sse_error(
-    session: &mut Session,
+pub(super) async fn respond_sse_error<D: Downstream>(
+    session: &mut D,
     decision: RolloutDecision,
     code: &str,
     message: &str,
 ) -> Result<u64> {
-    let resp = relay::sse_response_header(decision, session.req_header().version)?;
-    session.write_response_header(Box::new(resp), false).await?;
+    let resp = relay::sse_response_header(decision, session.version())?;
+    session.write_response_header(Box::new(resp)).await?;
     let mut out = Vec::new();
     crate::core::agent2ui::error_event(&mut out, code, message);
     let len = out.len() as u64;

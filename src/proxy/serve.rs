@@ -12,8 +12,9 @@ use pingora::proxy::Session;
 use pingora::Result;
 
 use super::ctx::{ChatCtx, Failover, Served};
+use super::downstream::BodyRead;
 use super::respond::{respond_sse_error, Rejection};
-use super::{CutoverProxy, REPLAY_LIMIT};
+use super::{CutoverProxy, Downstream, REPLAY_LIMIT};
 use crate::app::state::Active;
 use crate::core::breaker::State;
 use crate::core::bridge::{self, BridgeError};
@@ -27,7 +28,7 @@ use crate::runtime::connection::{self, OpenFailure, RuntimeStream};
 use crate::runtime::relay::{self, RelayArgs, Relayed, Saving, StreamReport};
 use crate::runtime::shadow::{Pair, Reading, Source};
 
-pub(super) fn content_length(session: &Session) -> Option<usize> {
+pub(super) fn content_length<D: Downstream>(session: &D) -> Option<usize> {
     session
         .req_header()
         .headers
@@ -37,47 +38,6 @@ pub(super) fn content_length(session: &Session) -> Option<usize> {
         .trim()
         .parse()
         .ok()
-}
-
-enum BodyRead {
-    Complete(Bytes),
-    TooLarge,
-    /// The body had not all arrived by `limits.body_timeout_ms`.
-    TimedOut,
-}
-
-/// Read the whole (bounded) chat body by `by`, keeping Pingora's retry buffer so that legacy can
-/// be sent the original body if the runtime fails before its first byte.
-async fn read_chat_body(session: &mut Session, limit: usize, by: Instant) -> Result<BodyRead> {
-    let expects_continue = session
-        .req_header()
-        .headers
-        .get(http::header::EXPECT)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-    if expects_continue {
-        // curl sends this for bodies over 1 KiB and would otherwise wait a second before sending.
-        // The header is consumed here, so a failover to legacy does not answer it a second time.
-        session.downstream_session.write_continue_response().await?;
-        session
-            .req_header_mut()
-            .remove_header(&http::header::EXPECT);
-    }
-    session.enable_retry_buffering();
-    let mut body = Vec::new();
-    loop {
-        // A read cut off here loses nothing: Pingora's body reader keeps what reached it, and
-        // the retry buffer what was read, for legacy to be sent in order.
-        let chunk = match tokio::time::timeout_at(by.into(), session.read_request_body()).await {
-            Ok(chunk) => chunk?,
-            Err(_) => return Ok(BodyRead::TimedOut),
-        };
-        let Some(chunk) = chunk else { break };
-        if body.len() + chunk.len() > limit {
-            return Ok(BodyRead::TooLarge);
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(BodyRead::Complete(Bytes::from(body)))
 }
 
 /// A chat the runtime serves: its request, and what the bridge does around it.
@@ -115,7 +75,11 @@ enum Prepared {
 const REQUEST_ID: &str = "x-request-id";
 
 /// Who the bridge's calls are made for: the caller's own `Authorization`, and `request_id`.
-fn credentials(session: &Session, request_id: Option<&str>, caller: &Caller) -> Credentials {
+fn credentials<D: Downstream>(
+    session: &D,
+    request_id: Option<&str>,
+    caller: &Caller,
+) -> Credentials {
     let authorization = session
         .req_header()
         .headers
@@ -145,9 +109,9 @@ pub(super) struct RuntimePath<'a> {
 
 impl CutoverProxy {
     /// The runtime path: returns true when the proxy answered, false to hand over to legacy.
-    pub(super) async fn serve_runtime(
+    pub(super) async fn serve_runtime<D: Downstream>(
         &self,
-        session: &mut Session,
+        session: &mut D,
         mut req: RuntimePath<'_>,
     ) -> Result<bool> {
         if content_length(session).is_some_and(|n| n > REPLAY_LIMIT) {
@@ -173,6 +137,7 @@ impl CutoverProxy {
         }
         match opened {
             Opened::Stream(stream) => {
+                session.release_request();
                 let discard = request
                     .bridged
                     .as_ref()
@@ -212,9 +177,9 @@ impl CutoverProxy {
 
     /// Read and check the chat body, read the conversation through the bridge and build the
     /// runtime's request.
-    async fn runtime_request(
+    async fn runtime_request<D: Downstream>(
         &self,
-        session: &mut Session,
+        session: &mut D,
         req: &mut RuntimePath<'_>,
     ) -> Result<Prepared> {
         let caller = req
@@ -230,7 +195,7 @@ impl CutoverProxy {
             .min(REPLAY_LIMIT);
         let limits = &req.active.config.limits;
         let by = req.started + Duration::from_millis(limits.body_timeout_ms);
-        let chat_body = match read_chat_body(session, limit, by).await? {
+        let chat_body = match session.read_chat_body(limit, by).await? {
             BodyRead::Complete(body) => chat::parse_chat_body(&body),
             BodyRead::TooLarge => {
                 let msg = format!("chat request body without Content-Length exceeds {limit} bytes");
@@ -385,9 +350,9 @@ impl CutoverProxy {
     }
 
     /// Open the runtime, unless the proxy starts shutting down or the client leaves first.
-    async fn open_runtime(
+    async fn open_runtime<D: Downstream>(
         &self,
-        session: &mut Session,
+        session: &mut D,
         active: &Arc<Active>,
         request: &mut Execution,
     ) -> Opened {
@@ -406,15 +371,15 @@ impl CutoverProxy {
             _ = cutoff.wait_for(|c| *c) => Opened::Shutdown,
             // Dropping the pending open closes the runtime connection: the runtime stops
             // working for a client that is gone, and it is not counted against the runtime.
-            _ = relay::client_gone(session) => Opened::ClientGone,
+            _ = session.client_gone() => Opened::ClientGone,
         }
     }
 
     /// Relay the runtime's stream to the client; the failure to fail over with when the runtime
     /// failed before the commit.
-    async fn relay(
+    async fn relay<D: Downstream>(
         &self,
-        session: &mut Session,
+        session: &mut D,
         req: &mut RuntimePath<'_>,
         request: Execution,
         stream: RuntimeStream,
@@ -478,9 +443,9 @@ impl CutoverProxy {
 
     /// The runtime stayed silent until the deadline: the client gets an error event rather than
     /// a second wait on legacy.
-    async fn answer_failed_open(
+    async fn answer_failed_open<D: Downstream>(
         &self,
-        session: &mut Session,
+        session: &mut D,
         req: RuntimePath<'_>,
         failure: OpenFailure,
     ) {
@@ -498,7 +463,7 @@ impl CutoverProxy {
     }
 
     /// Shutting down while the runtime had not answered yet: not the runtime's fault.
-    async fn answer_shutdown(&self, session: &mut Session, req: RuntimePath<'_>) {
+    async fn answer_shutdown<D: Downstream>(&self, session: &mut D, req: RuntimePath<'_>) {
         let verdict = stream::verdict(&Facts {
             client: true,
             completed: false,
@@ -548,7 +513,9 @@ impl CutoverProxy {
         }
         let by = Instant::now() + Duration::from_millis(active.config.limits.body_timeout_ms);
         // Too large or too slow: legacy still gets what was read, then the rest as it comes.
-        let BodyRead::Complete(body) = read_chat_body(session, REPLAY_LIMIT, by).await? else {
+        let BodyRead::Complete(body) =
+            Downstream::read_chat_body(session, REPLAY_LIMIT, by).await?
+        else {
             return Ok(None);
         };
         let Ok(chat_body) = chat::parse_chat_body(&body) else {

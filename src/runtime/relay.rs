@@ -6,10 +6,9 @@
 
 use std::time::{Duration, Instant};
 
+use crate::proxy::Downstream;
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
-use pingora::proxy::Session;
-use pingora::ErrorType;
 
 use crate::app::state::Shared;
 use crate::core::agent2ui::{self, Completion, DoneEvent, MapSettings, Mapped, StreamMapper};
@@ -128,10 +127,14 @@ pub struct Saving {
 
 /// Relay a runtime stream to the client until it completes, fails, times out or the client goes;
 /// or, when the runtime fails before the commit, hand the request back for legacy.
-pub async fn relay(session: &mut Session, stream: RuntimeStream, mut args: RelayArgs) -> Relayed {
+pub async fn relay<D: Downstream>(
+    session: &mut D,
+    stream: RuntimeStream,
+    mut args: RelayArgs,
+) -> Relayed {
     let metrics = args.shared.metrics;
     let mut report = StreamReport::default();
-    let version = session.req_header().version;
+    let version = session.version();
     let header = match sse_response_header(args.decision, version) {
         Ok(h) => Box::new(h),
         Err(e) => {
@@ -190,7 +193,7 @@ pub async fn relay(session: &mut Session, stream: RuntimeStream, mut args: Relay
             r = stream.fill() => Wake::Upstream(r),
             _ = tokio::time::sleep_until(heartbeat_at.into()) => Wake::Heartbeat,
             _ = tokio::time::sleep_until(commit_at.into()), if held.is_some() => Wake::CommitDue,
-            _ = client_gone(session) => Wake::ClientGone,
+            _ = session.client_gone() => Wake::ClientGone,
         };
         // `Some(end)` once the stream is over.
         let mut end: Option<End> = None;
@@ -482,8 +485,8 @@ pub async fn relay(session: &mut Session, stream: RuntimeStream, mut args: Relay
 /// Commit to the runtime's stream: count why and how long the head was held, send the response
 /// head, and start saving the user's message, which the first event waits for. The held
 /// events are in `out` already and go out with the next write. `Err` when the client is gone.
-async fn commit(
-    session: &mut Session,
+async fn commit<D: Downstream>(
+    session: &mut D,
     args: &RelayArgs,
     held: Held,
     trigger: Trigger,
@@ -508,7 +511,7 @@ async fn commit(
     report.events += kept.events() as u64;
     let written = tokio::time::timeout_at(
         write_by(args.deadline).into(),
-        session.write_response_header(held.header, false),
+        session.write_response_header(held.header),
     )
     .await;
     if !matches!(written, Ok(Ok(()))) {
@@ -592,8 +595,8 @@ async fn user_message_saved(pending: &mut Option<tokio::task::JoinHandle<()>>) {
 
 /// Write to the client; false when it went away or stopped reading (its socket stayed full
 /// until `write_by`), which must not hold the runtime stream open.
-async fn write_client(
-    session: &mut Session,
+async fn write_client<D: Downstream>(
+    session: &mut D,
     body: Option<Bytes>,
     end: bool,
     deadline: Instant,
@@ -603,41 +606,9 @@ async fn write_client(
         Ok(Ok(())) => true,
         Ok(Err(_)) => false,
         Err(_) => {
-            // Pingora still finishes the response after us, with no timeout on that last
-            // write: a client that is not reading would hold the connection forever.
-            session.set_keepalive(None);
-            if let Some(fd) = session.downstream_session.stream().map(|s| s.id()) {
-                shutdown_socket(fd);
-            }
+            // A client that is not reading would otherwise hold the connection forever.
+            session.abort();
             false
-        }
-    }
-}
-
-/// Shut a socket down in both directions so pending and later writes fail at once.
-fn shutdown_socket(fd: std::os::fd::RawFd) {
-    use std::os::fd::FromRawFd;
-    // SAFETY: `fd` is the client socket the session still owns and keeps open; ManuallyDrop
-    // keeps this temporary handle from closing it, and only shutdown(2) is called through it.
-    let socket = std::mem::ManuallyDrop::new(unsafe { std::net::TcpStream::from_raw_fd(fd) });
-    let _ = socket.shutdown(std::net::Shutdown::Both);
-}
-
-/// Resolves when the client has gone away (closed or reset). Bytes of a pipelined next request
-/// are not a disconnect: with pipelining enabled (see `proxy::request_filter`) Pingora keeps them
-/// for the next request; otherwise the probe consumed one, and the connection is simply not kept
-/// alive after this response.
-pub async fn client_gone(session: &mut Session) {
-    let downstream = &mut session.downstream_session;
-    match downstream.read_body_or_idle(true).await {
-        Err(e)
-            if matches!(
-                e.etype(),
-                ErrorType::ConnectionClosed | ErrorType::ReadError
-            ) => {}
-        _ => {
-            downstream.set_keepalive(None);
-            std::future::pending::<()>().await
         }
     }
 }

@@ -1,0 +1,277 @@
+//! The runtime path on the front door's own connection (`server.lean_runtime`), against Pingora's
+//! `HttpProxy` serving the same chat: for each case the same request bytes go through a proxy
+//! with `lean_runtime = true` and one with `false`, in front of the same scripted upstreams, and
+//! the client's bytes (but `Date` and the ids a stream makes up), what the runtime was asked and
+//! what legacy received must be the same. The counters say which path served each.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// One case: the runtime's answer, and the requests the client writes on one connection.
+struct Case {
+    name: &'static str,
+    runtime: fn(&Received) -> Reply,
+    requests: Vec<Vec<u8>>,
+    /// `limits.max_chat_body_bytes`.
+    body_limit: usize,
+}
+
+fn chat_request(org: &str, version: &str, body: &[u8], extra: &str) -> Vec<u8> {
+    let mut r = format!(
+        "POST /api/v1/chat/sessions/s-1 {version}\r\nHost: proxy.test\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nX-Request-Id: req-1\r\n{extra}Content-Length: {}\r\n\r\n",
+        token(org),
+        body.len()
+    )
+    .into_bytes();
+    r.extend_from_slice(body);
+    r
+}
+
+fn ok(org: &str) -> Vec<u8> {
+    chat_request(
+        org,
+        "HTTP/1.1",
+        br#"{"message":"h\u00e9llo","agentId":"a-1"}"#,
+        "",
+    )
+}
+
+fn streams(req: &Received) -> Reply {
+    healthy_runtime(req)
+}
+
+fn fails_first(req: &Received) -> Reply {
+    if req.path == "/health" {
+        return healthy_runtime(req);
+    }
+    Reply::json(503, json!({"detail": "overloaded"}))
+}
+
+fn errors_before_commit(req: &Received) -> Reply {
+    if req.path == "/health" {
+        return healthy_runtime(req);
+    }
+    Reply::sse(vec![Step::Send(frame(
+        "execution_error",
+        json!({"error": "model overloaded", "code": "E"}),
+    ))])
+}
+
+fn cases() -> Vec<Case> {
+    let case = |name, runtime: fn(&Received) -> Reply, requests| Case {
+        name,
+        runtime,
+        requests,
+        body_limit: 64 * 1024,
+    };
+    vec![
+        case("a runtime stream", streams, vec![ok("org-a")]),
+        case(
+            "two streams and a passthrough request on one connection",
+            streams,
+            vec![
+                ok("org-a"),
+                ok("org-a"),
+                b"GET /api/v1/agents HTTP/1.1\r\nHost: proxy.test\r\n\r\n".to_vec(),
+            ],
+        ),
+        case(
+            "an HTTP/1.0 stream, ended by closing",
+            streams,
+            vec![chat_request(
+                "org-a",
+                "HTTP/1.0",
+                br#"{"message":"hi"}"#,
+                "",
+            )],
+        ),
+        case(
+            "a client that closes after the stream",
+            streams,
+            vec![chat_request(
+                "org-a",
+                "HTTP/1.1",
+                br#"{"message":"hi"}"#,
+                "Connection: close\r\n",
+            )],
+        ),
+        case(
+            "failed over before the runtime's head",
+            fails_first,
+            vec![ok("org-a"), ok("org-a")],
+        ),
+        case(
+            "failed over before the commit",
+            errors_before_commit,
+            vec![ok("org-a")],
+        ),
+        case(
+            "a body that is not JSON",
+            streams,
+            vec![chat_request("org-a", "HTTP/1.1", b"{not json", "")],
+        ),
+        case(
+            "an org routed to legacy",
+            streams,
+            vec![ok("org-b"), ok("org-b")],
+        ),
+        Case {
+            body_limit: 10,
+            ..case("a body over the limit", streams, vec![ok("org-a")])
+        },
+    ]
+}
+
+/// Headers the two paths may differ in, and ids each stream makes up.
+fn normalise(raw: &[u8]) -> String {
+    let text = String::from_utf8_lossy(raw);
+    let text: String = text
+        .split_inclusive("\r\n")
+        .filter(|l| !l.to_ascii_lowercase().starts_with("date:"))
+        .collect();
+    // `messageId`s, `done`'s ids and the like: uuids.
+    let mut out = String::with_capacity(text.len());
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if i + 36 <= bytes.len() && is_uuid(&bytes[i..i + 36]) {
+            out.push_str("<uuid>");
+            i += 36;
+        } else {
+            out.push(bytes[i] as char);
+            i += 1;
+        }
+    }
+    // And the stream's measured latency.
+    let mut parts = out.split("\"latencyMs\":");
+    let mut normalised = parts.next().unwrap_or_default().to_string();
+    for part in parts {
+        normalised.push_str("\"latencyMs\":<ms>");
+        normalised.push_str(part.trim_start_matches(|c: char| c.is_ascii_digit()));
+    }
+    normalised
+}
+
+fn is_uuid(b: &[u8]) -> bool {
+    b.iter().enumerate().all(|(i, c)| match i {
+        8 | 13 | 18 | 23 => *c == b'-',
+        _ => c.is_ascii_hexdigit(),
+    })
+}
+
+/// What one proxy made of a case.
+#[derive(Debug, PartialEq)]
+struct Seen {
+    client: String,
+    runtime: Vec<Value>,
+    legacy: Vec<(String, Vec<u8>)>,
+}
+
+async fn through(lean: bool, case: &Case) -> (Seen, f64, f64) {
+    let limit = case.body_limit;
+    let h = Harness::new()
+        .runtime(case.runtime)
+        .config(move |c| {
+            c.server.lean_runtime = lean;
+            c.limits.max_chat_body_bytes = limit;
+            // The connection's end is the end of each case.
+            c.server.keepalive_timeout_ms = 200;
+        })
+        .start()
+        .await;
+    let mut s = TcpStream::connect(h.proxy_addr).await.unwrap();
+    for r in &case.requests {
+        s.write_all(r).await.unwrap();
+    }
+    let mut raw = Vec::new();
+    // Every case ends with the proxy closing the connection: after its last answer, or when
+    // the idle wait for a next request runs out.
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw))
+        .await
+        .expect("the proxy closes the connection")
+        .unwrap();
+    let runtime = h
+        .runtime
+        .work()
+        .iter()
+        .map(|r| {
+            let mut v = r.json();
+            v["headers"] = json!({
+                "x-request-id": r.header("x-request-id"),
+                "content-type": r.header("content-type"),
+            });
+            v
+        })
+        .collect();
+    let legacy = h
+        .legacy
+        .received()
+        .into_iter()
+        .map(|r| (format!("{} {}", r.method, r.path), r.body))
+        .collect();
+    let fd = &h.metrics().front_door;
+    let counts = (
+        fd.served_lean_runtime.get() as f64,
+        fd.served_pingora.get() as f64,
+    );
+    (
+        Seen {
+            client: normalise(&raw),
+            runtime,
+            legacy,
+        },
+        counts.0,
+        counts.1,
+    )
+}
+
+#[tokio::test]
+async fn the_front_door_serves_a_runtime_chat_as_pingora_does() {
+    for case in cases() {
+        let (lean, lean_served, lean_pingora) = through(true, &case).await;
+        let (pingora, pingora_lean_served, _) = through(false, &case).await;
+        assert_eq!(lean, pingora, "{}", case.name);
+        assert!(!lean.client.is_empty(), "{}: no answer", case.name);
+        assert_eq!(pingora_lean_served, 0.0, "{}", case.name);
+        // The runtime's answers and the proxy's own refusals stay on the front door; what
+        // legacy serves goes through Pingora.
+        let chats = case.requests.len() - usize::from(case.requests.len() == 3);
+        let to_legacy = lean
+            .legacy
+            .iter()
+            .filter(|(route, _)| route.starts_with("POST /api/v1/chat/"))
+            .count();
+        assert_eq!(
+            lean_served as usize,
+            chats - to_legacy,
+            "{}: {lean:?}",
+            case.name
+        );
+        assert!(lean_pingora as usize >= to_legacy, "{}", case.name);
+    }
+}
+
+#[tokio::test]
+async fn a_failover_from_the_front_door_gives_legacy_the_original_bytes() {
+    let case = &cases()[4];
+    let (seen, _, pingora) = through(true, case).await;
+    let body = br#"{"message":"h\u00e9llo","agentId":"a-1"}"#.to_vec();
+    assert_eq!(
+        seen.legacy,
+        vec![
+            ("POST /api/v1/chat/sessions/s-1".to_string(), body.clone()),
+            ("POST /api/v1/chat/sessions/s-1".to_string(), body)
+        ]
+    );
+    assert_eq!(pingora, 2.0);
+    assert_eq!(
+        seen.client.matches("x-execution-reason: failover").count(),
+        2
+    );
+}
