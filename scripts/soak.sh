@@ -86,8 +86,12 @@ PROXY_PORT=$(free_port)
 ADMIN_PORT=$(free_port)
 METRICS_PORT=$(free_port)
 
+export SOAK_JWT_SECRET="soak-jwt-secret-0123456789abcdef-$$-$RANDOM$RANDOM"
+export SOAK_ADMIN_TOKEN="soak-admin-$$"
+
 UVICORN=("$PYTHON" -m uvicorn --app-dir "$REPO/tests/e2e" --host 127.0.0.1 --log-level warning --no-access-log)
-start legacy "${UVICORN[@]}" legacy_app:app --port "$LEGACY_PORT"
+# Legacy checks the callers' tokens too: the bridge calls it with each caller's own.
+LEGACY_JWT_SECRET="$SOAK_JWT_SECRET" start legacy "${UVICORN[@]}" legacy_app:app --port "$LEGACY_PORT"
 LEGACY_PID=${PIDS[-1]}
 RUNTIME_SSE_SEP=crlf RUNTIME_SLOW_GAP=0.05 start runtime "${UVICORN[@]}" runtime_app:app --port "$RUNTIME_PORT"
 RUNTIME_PID=${PIDS[-1]}
@@ -126,8 +130,6 @@ window_secs = 60
 token_env = "SOAK_ADMIN_TOKEN"
 EOF
 
-export SOAK_JWT_SECRET="soak-jwt-secret-0123456789abcdef-$$-$RANDOM$RANDOM"
-export SOAK_ADMIN_TOKEN="soak-admin-$$"
 "$BIN" check --config "$CONFIG" >/dev/null
 RUST_LOG="${RUST_LOG:-warn}" start proxy "$BIN" --config "$CONFIG"
 PROXY_PID=${PIDS[-1]}
@@ -138,6 +140,7 @@ echo "soak: proxy pid $PROXY_PID on 127.0.0.1:$PROXY_PORT (legacy :$LEGACY_PORT,
 set +e
 "$PYTHON" "$REPO/bench/soak/soak.py" \
     --proxy "127.0.0.1:$PROXY_PORT" --metrics "127.0.0.1:$METRICS_PORT" \
+    --legacy "127.0.0.1:$LEGACY_PORT" \
     --config "$CONFIG" --pid "$PROXY_PID" \
     --secs "$SOAK_SECS" --concurrency "$SOAK_CONCURRENCY" \
     --reload-every "$SOAK_RELOAD_SECS" --sample-every "$SOAK_SAMPLE_SECS"

@@ -106,6 +106,7 @@ class Soak:
         self.rng = random.Random(args.seed)
         self.stats = Stats()
         self.base = f"http://{args.proxy}"
+        self.legacy = f"http://{args.legacy}"
         secret = os.environ[args.jwt_env]
         exp = int(time.time()) + 86400
         self.tokens = {
@@ -150,6 +151,15 @@ class Soak:
                 org = self.rng.choice(LEGACY_ORGS)
                 message, expect = "hello from the soak", "legacy"
             session = f"soak-{self.seq}"
+            if kind == "runtime":
+                # The runtime serves a conversation legacy keeps: its session must exist there
+                # (the conversation bridge reads its agent and history), as in the product.
+                seeded = await client.post(f"{self.legacy}/control/seed", json={
+                    "org": org,
+                    "agent": {"id": f"agent-{org}", "name": "soak", "systemPrompt": "be brief"},
+                    "session": {"id": session, "agentId": f"agent-{org}"},
+                })
+                seeded.raise_for_status()
             req = client.build_request(
                 "POST", f"{self.base}/api/v1/chat/sessions/{session}",
                 headers={"authorization": f"Bearer {self.tokens[org]}", "content-type": "application/json"},
@@ -180,6 +190,10 @@ class Soak:
             mode = resp.headers.get("x-execution-mode")
             reason = resp.headers.get("x-execution-reason")
             if mode == "direct_llm":
+                if reason in ("bridge_refused", "bridge_unavailable"):
+                    # Every runtime chat's session is seeded: legacy must not refuse the bridge.
+                    self.stats.fail(f"legacy_{reason}", f"{session}: {names}")
+                    return
                 if names[-1] != "done":
                     self.stats.fail("legacy_stream_error", f"{names}")
                     return
@@ -297,6 +311,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--proxy", required=True)
     ap.add_argument("--metrics", required=True)
+    ap.add_argument("--legacy", required=True, help="the legacy stand-in, for seeding sessions")
     ap.add_argument("--config", required=True)
     ap.add_argument("--pid", type=int, required=True)
     ap.add_argument("--secs", type=float, default=600)
