@@ -8,11 +8,15 @@
 //!   with no hop-by-hop header and no trusted org header, and with the header that frames its
 //!   body and its `Host` whatever the client's `Connection` names;
 //! - the head the client gets is one complete head with legacy's status, no hop-by-hop header
-//!   but the one `connection` header.
+//!   but the one `connection` header;
+//! - a chat the front door serves itself (`chat_head`) is a chat route with a body of exactly
+//!   its `Content-Length`, within the limit, and never one the lean passthrough also takes.
 
 #![no_main]
 
-use cutover_proxy::core::passthrough::{client_head, header_lines, parse_response, prepare};
+use cutover_proxy::core::passthrough::{
+    chat_head, client_head, header_lines, parse_response, prepare,
+};
 use cutover_proxy::core::request_head::{self, Framing};
 use libfuzzer_sys::fuzz_target;
 
@@ -23,6 +27,15 @@ fn check_request(raw: &[u8]) {
         return;
     };
     let trusted = http::HeaderName::from_static("x-org-id");
+    if let Some(chat) = chat_head(raw, &head, 64) {
+        assert_eq!(head.framing, Framing::Length(chat.body_len as u64));
+        assert!(chat.body_len <= 64, "body over the limit");
+        assert!(prepare(raw, &head, Some(&trusted)).is_none(), "a chat on the passthrough");
+        let path = chat.path.as_str();
+        let route = cutover_proxy::core::routing::chat_route(&http::Method::POST, path);
+        assert_eq!(route, Some(chat.route), "not the chat route of its path");
+        return;
+    }
     let Some(req) = prepare(raw, &head, Some(&trusted)) else {
         return;
     };
