@@ -149,9 +149,11 @@ impl ChatSession<'_> {
             inner.write_all(bytes).await?;
             inner.flush().await
         };
-        written
-            .await
-            .or_else(|e| Error::e_because(ErrorType::WriteError, "writing to the client", e))
+        written.await.map_err(|e| {
+            let mut e = Error::because(ErrorType::WriteError, "writing to the client", e);
+            e.as_down();
+            e
+        })
     }
 }
 
