@@ -275,3 +275,37 @@ async fn a_failover_from_the_front_door_gives_legacy_the_original_bytes() {
         2
     );
 }
+
+#[tokio::test]
+async fn an_http10_client_asking_for_keep_alive_is_told_the_stream_ends_with_the_connection() {
+    let h = Harness::new().start().await;
+    let mut s = TcpStream::connect(h.proxy_addr).await.unwrap();
+    let req = chat_request(
+        "org-a",
+        "HTTP/1.0",
+        br#"{"message":"hi"}"#,
+        "Connection: keep-alive\r\n",
+    );
+    s.write_all(&req).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw))
+        .await
+        .expect("the proxy closes the connection after the stream")
+        .unwrap();
+    let text = String::from_utf8_lossy(&raw);
+    let head = &text[..text.find("\r\n\r\n").expect("a response head")];
+    assert!(
+        head.contains("x-execution-mode: runtime_orchestrator"),
+        "{head}"
+    );
+    assert!(head.contains("Connection: close"), "{head}");
+    assert!(
+        !head.to_ascii_lowercase().contains("transfer-encoding"),
+        "{head}"
+    );
+    assert!(
+        text.ends_with("\n\n") && text.contains("event: done"),
+        "{text}"
+    );
+    assert_eq!(h.metrics().front_door.served_lean_runtime.get(), 1);
+}
