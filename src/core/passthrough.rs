@@ -86,6 +86,31 @@ fn connection<'a>(lines: impl Iterator<Item = (&'a [u8], &'a [u8])>) -> Connecti
     c
 }
 
+impl Connection<'_> {
+    /// Whether the client lets the connection stay open after this request.
+    fn keeps_alive(&self, http11: bool) -> bool {
+        !self.close && (http11 || self.keep_alive)
+    }
+}
+
+/// The client's own head at the front of `buf`, parsed into `headers`; `None` when the front
+/// door rewrote it (its target) or it does not parse whole.
+fn origin_request<'h, 'b>(
+    buf: &'b [u8],
+    head: &Head,
+    headers: &'h mut [httparse::Header<'b>],
+) -> Option<(&'b [u8], httparse::Request<'h, 'b>)> {
+    if head.rewritten.is_some() {
+        return None;
+    }
+    let bytes = &buf[head.skip..head.skip + head.len];
+    let mut req = httparse::Request::new(headers);
+    let Ok(httparse::Status::Complete(_)) = req.parse(bytes) else {
+        return None;
+    };
+    Some((bytes, req))
+}
+
 /// A request the lean path takes, its head as legacy gets it.
 pub struct Request {
     pub upstream_head: Vec<u8>,
@@ -99,15 +124,8 @@ pub struct Request {
 
 /// The lean form of the head at the front of `buf`, if the lean path may take it.
 pub fn prepare(buf: &[u8], head: &Head, trusted: Option<&http::HeaderName>) -> Option<Request> {
-    if head.rewritten.is_some() {
-        return None;
-    }
-    let bytes = &buf[head.skip..head.skip + head.len];
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    let Ok(httparse::Status::Complete(_)) = req.parse(bytes) else {
-        return None;
-    };
+    let (bytes, req) = origin_request(buf, head, &mut headers)?;
     let (method, path, version) = (req.method?, req.path?, req.version?);
     if method == "CONNECT" || path.starts_with(ROUTE_PREFIX) {
         return None;
@@ -160,7 +178,7 @@ pub fn prepare(buf: &[u8], head: &Head, trusted: Option<&http::HeaderName>) -> O
     Some(Request {
         upstream_head: out,
         head_only: method == "HEAD",
-        keep_alive: !conn.close && (version == 1 || conn.keep_alive),
+        keep_alive: conn.keeps_alive(version == 1),
         http11: version == 1,
         framing: head.framing,
     })
@@ -187,29 +205,15 @@ pub fn chat_head(buf: &[u8], head: &Head, max_body: usize) -> Option<ChatHead> {
         return None;
     };
     let body_len = usize::try_from(len).ok().filter(|n| *n <= max_body)?;
-    if head.rewritten.is_some() {
-        return None;
-    }
-    let bytes = &buf[head.skip..head.skip + head.len];
     let mut parsed = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut parsed);
-    let Ok(httparse::Status::Complete(_)) = req.parse(bytes) else {
-        return None;
-    };
+    let (bytes, req) = origin_request(buf, head, &mut parsed)?;
     let (method, path, version) = (req.method?, req.path?, req.version?);
     let route = chat_route(&http::Method::from_bytes(method.as_bytes()).ok()?, path)?;
     let mut headers = Vec::with_capacity(req.headers.len());
-    let (mut close, mut keep_alive) = (false, false);
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
         if named(name, "upgrade") || named(name, "expect") {
             return None;
-        }
-        if named(name, "connection") {
-            for t in tokens(h.value) {
-                close |= t.eq_ignore_ascii_case(b"close");
-                keep_alive |= t.eq_ignore_ascii_case(b"keep-alive");
-            }
         }
         let name = http::HeaderName::from_bytes(name).ok()?;
         headers.push((name, http::HeaderValue::from_bytes(h.value).ok()?));
@@ -223,7 +227,7 @@ pub fn chat_head(buf: &[u8], head: &Head, max_body: usize) -> Option<ChatHead> {
             http::Version::HTTP_10
         },
         headers,
-        keep_alive: !close && (version == 1 || keep_alive),
+        keep_alive: connection(header_lines(bytes).1).keeps_alive(version == 1),
         body_len,
     })
 }

@@ -284,6 +284,16 @@ impl ServerApp for FrontDoor {
     }
 }
 
+/// `data` as one chunk of a chunked body (nothing for no data: an empty chunk ends the body).
+fn chunk(out: &mut Vec<u8>, data: &[u8]) {
+    if data.is_empty() {
+        return;
+    }
+    out.extend_from_slice(format!("{:X}\r\n", data.len()).as_bytes());
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+}
+
 /// The chat the front door routed before handing this request to Pingora, if it did.
 pub(super) fn handed_over(session: &pingora::proxy::Session) -> Option<Box<Handover>> {
     let stream = session.downstream_session.stream()?;

@@ -17,7 +17,7 @@ use pingora::server::ShutdownWatch;
 use pingora::{Error, ErrorType, Result};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{FrontStream, Phase};
+use super::{chunk, FrontStream, Phase};
 use crate::app::state::Active;
 use crate::core::passthrough::ChatHead;
 use crate::core::request_head::{Framing, Head};
@@ -72,20 +72,22 @@ pub(super) async fn serve(
         ended: false,
     };
     let served = proxy.serve_chat(&mut session, &mut ctx, &route).await;
+    // The access log names the path without its query, as Pingora's `uri.path()` does.
+    let logged = path.split('?').next().unwrap_or_default();
     match served {
         Ok(Chat::Legacy { shadow }) => {
             session.replay_for_legacy();
             Served::Legacy(Box::new(Handover { ctx, route, shadow }))
         }
         Ok(Chat::Answered) => {
-            proxy.record(session.status, &path, None, &mut ctx);
+            proxy.record(session.status, logged, None, &mut ctx);
             Served::Done {
                 keep_alive: session.keep_alive && session.ended && !*shutdown.borrow(),
             }
         }
         Err(e) => {
             tracing::debug!(error = %e, "chat request failed on the front door");
-            proxy.record(session.status, &path, Some(&e), &mut ctx);
+            proxy.record(session.status, logged, Some(&e), &mut ctx);
             Served::Done { keep_alive: false }
         }
     }
@@ -150,17 +152,9 @@ impl ChatSession<'_> {
             inner.flush().await
         };
         written.await.map_err(|e| {
-            let mut e = Error::because(ErrorType::WriteError, "writing to the client", e);
-            e.as_down();
-            e
+            Error::because(ErrorType::WriteError, "writing to the client", e).into_down()
         })
     }
-}
-
-fn downstream_error(etype: ErrorType, context: &'static str) -> Box<Error> {
-    let mut e = Error::explain(etype, context);
-    e.as_down();
-    e
 }
 
 impl Downstream for ChatSession<'_> {
@@ -194,15 +188,12 @@ impl Downstream for ChatSession<'_> {
             match tokio::time::timeout_at(by.into(), self.io.read_buf(&mut replay)).await {
                 Err(_) => return Ok(BodyRead::TimedOut),
                 Ok(Ok(0)) => {
-                    return Err(downstream_error(
-                        ErrorType::ConnectionClosed,
-                        "the client closed before its whole body",
-                    ))
+                    let closed = "the client closed before its whole body";
+                    return Err(Error::explain(ErrorType::ConnectionClosed, closed).into_down());
                 }
                 Ok(Err(e)) => {
-                    let mut e = Error::because(ErrorType::ReadError, "reading the body", e);
-                    e.as_down();
-                    return Err(e);
+                    let e = Error::because(ErrorType::ReadError, "reading the body", e);
+                    return Err(e.into_down());
                 }
                 Ok(Ok(_)) => {}
             }
@@ -254,11 +245,8 @@ impl Downstream for ChatSession<'_> {
     async fn write_response_body(&mut self, body: Option<Bytes>, end: bool) -> Result<()> {
         if let Some(body) = body.filter(|b| !b.is_empty()) {
             if self.chunked {
-                let size = format!("{:X}\r\n", body.len());
-                let mut piece = Vec::with_capacity(size.len() + body.len() + 2);
-                piece.extend_from_slice(size.as_bytes());
-                piece.extend_from_slice(&body);
-                piece.extend_from_slice(b"\r\n");
+                let mut piece = Vec::with_capacity(body.len() + 12);
+                chunk(&mut piece, &body);
                 self.write(&piece).await?;
             } else {
                 self.write(&body).await?;

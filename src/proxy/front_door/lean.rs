@@ -17,7 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
-use super::FrontStream;
+use super::{chunk, FrontStream};
 use crate::app::state::{Active, Shared};
 use crate::core::chunked::ChunkedValidator;
 use crate::core::h1::{self, BodyDecoder};
@@ -360,15 +360,6 @@ async fn read_client_unless_answered(io: &mut FrontStream, up: &TcpStream) -> Re
 }
 
 /// `data` as one chunk.
-fn chunk(out: &mut Vec<u8>, data: &[u8]) {
-    if data.is_empty() {
-        return;
-    }
-    out.extend_from_slice(format!("{:X}\r\n", data.len()).as_bytes());
-    out.extend_from_slice(data);
-    out.extend_from_slice(b"\r\n");
-}
-
 /// The final head (in `out`) and the body after it; `resp` holds what has been read of it.
 /// `keep`: the client connection stays; `rechunk`: a close-delimited body goes on chunked.
 async fn send_response(
