@@ -178,10 +178,7 @@ fn chunked_end(buf: &[u8], mut at: usize) -> Option<usize> {
 
 /// Drop `Date` lines (see the file comment).
 fn normalise(bytes: &[u8]) -> String {
-    let text = String::from_utf8_lossy(bytes);
-    text.split_inclusive("\r\n")
-        .filter(|l| !l.to_ascii_lowercase().starts_with("date:"))
-        .collect()
+    without_date(bytes)
 }
 
 /// What one proxy made of the case: the requests legacy received, the bytes the client got.

@@ -96,6 +96,15 @@ pub async fn read_request(
     })
 }
 
+/// Raw response bytes as text without their `Date` lines: the one header two servers answering
+/// the same request at different times must differ in.
+pub fn without_date(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes)
+        .split_inclusive("\r\n")
+        .filter(|l| !l.to_ascii_lowercase().starts_with("date:"))
+        .collect()
+}
+
 pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
