@@ -847,6 +847,16 @@ def report_sse(out, w):
             w(f"- threads = {threads}, short stream: first event "
               f"{(ps['f50'] - ds['f50']) * 1e3:+.2f} ms at p50, "
               f"{(ps['f99'] - ds['f99']) * 1e3:+.2f} ms at p99 over direct: the fixed part.")
+        own = proxy_first_byte_buckets(os.path.join(out, "sse", f"proxy-t{threads}.metrics"))
+        if own:
+            total = own[-1][1]
+            some = [f"{n:,} within {le * 1e3:g} ms" for le, n in own if le <= 0.01 and n < total]
+            w(f"- threads = {threads}, the proxy's own count (`chat_time_to_first_event_seconds`, "
+              f"request to first byte written, long and short streams and warm-ups together): "
+              f"{total:,} streams, {''.join(x + ', ' for x in some)}all within "
+              f"{next(le for le, n in own if n == total) * 1e3:g} ms. Where the client's p99 "
+              "lies beyond that, the difference is outside this span: accepting the connection "
+              "and reading the request head, or waking the client.")
         if px["cpu"]:
             per_core = px["events"] * px["nstreams"] / px["cpu"]
             w(f"- threads = {threads}: rewritten events per CPU-second of the proxy process "
@@ -854,6 +864,17 @@ def report_sse(out, w):
               f"events, {px['cpu']:.2f} s user+system CPU, from /proc/<pid>/stat, warm-up "
               "streams included).")
     w("")
+
+
+def proxy_first_byte_buckets(path):
+    """[(le seconds, cumulative streams)] of the runtime mode's first-byte histogram in a saved
+    /metrics exposition; empty without one."""
+    if not os.path.exists(path):
+        return []
+    pat = re.compile(r'^chat_time_to_first_event_seconds_bucket\{mode="runtime_orchestrator",'
+                     r'le="([^"]+)"\} (\d+)', re.M)
+    got = [(float(le), int(n)) for le, n in pat.findall(open(path).read()) if le != "+Inf"]
+    return sorted(got)
 
 
 def report_idle(out, w):
