@@ -353,19 +353,23 @@ BRIDGE_ROUTES = {"session": "session", "agent": "agent", "messages": "messages",
                  "save_message": "save", "create_session": "create", "delete_session": "delete"}
 
 
+def series(text, name):
+    """(labels, value) of each sample of `name` in a Prometheus text exposition."""
+    for m in re.finditer(r'^' + re.escape(name) + r'\{([^}]*)\} (\S+)$', text, re.M):
+        yield dict(re.findall(r'(\w+)="([^"]*)"', m.group(1))), float(m.group(2))
+
+
 def bridge_counts(args):
     """The bridge's calls so far, by route, from one proxy's metrics, and the seconds they took as
     the proxy timed them (keys "s:<route>"): a JSON object."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{args.port}/metrics", timeout=5).read().decode()
     counts = {}
-    for m in re.finditer(r'^cutover_bridge_requests_total\{([^}]*)\} (\S+)$', text, re.M):
-        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+    for labels, n in series(text, "cutover_bridge_requests_total"):
         route = BRIDGE_ROUTES.get(labels.get("route"), labels.get("route"))
-        counts[route] = counts.get(route, 0) + int(float(m.group(2)))
-    for m in re.finditer(r'^cutover_bridge_request_duration_seconds_sum\{([^}]*)\} (\S+)$', text, re.M):
-        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+        counts[route] = counts.get(route, 0) + int(n)
+    for labels, secs in series(text, "cutover_bridge_request_duration_seconds_sum"):
         route = BRIDGE_ROUTES.get(labels.get("route"), labels.get("route"))
-        counts["s:" + route] = counts.get("s:" + route, 0) + float(m.group(2))
+        counts["s:" + route] = counts.get("s:" + route, 0) + secs
     print(json.dumps(counts))
 
 
@@ -871,10 +875,10 @@ def proxy_first_byte_buckets(path):
     /metrics exposition; empty without one."""
     if not os.path.exists(path):
         return []
-    pat = re.compile(r'^chat_time_to_first_event_seconds_bucket\{mode="runtime_orchestrator",'
-                     r'le="([^"]+)"\} (\d+)', re.M)
-    got = [(float(le), int(n)) for le, n in pat.findall(open(path).read()) if le != "+Inf"]
-    return sorted(got)
+    text = open(path).read()
+    return sorted((float(labels["le"]), int(n))
+                  for labels, n in series(text, "chat_time_to_first_event_seconds_bucket")
+                  if labels.get("mode") == "runtime_orchestrator" and labels.get("le") != "+Inf")
 
 
 def report_idle(out, w):

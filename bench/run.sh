@@ -364,6 +364,11 @@ if section 2; then
       done
     done
   done
+  # The proxies' own count of time to first event (request to first byte written, by histogram
+  # bucket), to set beside what the client saw: a tail in one and not the other is outside the proxy.
+  for t in $PROXY_THREADS; do
+    curl -s "http://127.0.0.1:$(($(proxy_port "$t") + 2))/metrics" >"$OUT/sse/proxy-t$t.metrics" || true
+  done
   sse_files=()
   for f in "$OUT"/sse/*.json; do sse_files+=(--json "$f"); done
   $TOOL collect "$OUT/sse.json" "${sse_files[@]}" \
@@ -371,13 +376,6 @@ if section 2; then
     --set "chunks=$SSE_CHUNKS" --set "runtime_frames=$((SSE_CHUNKS + 2))" --set "stream_bytes=$SSE_BYTES"
 fi
 
-# The proxies' own count of time to first event (request to first byte written, by histogram
-# bucket), to set beside what the client saw: a tail in one and not the other is outside the proxy.
-if section 2; then
-  for t in $PROXY_THREADS; do
-    curl -s "http://127.0.0.1:$(($(proxy_port "$t") + 2))/metrics" >"$OUT/sse/proxy-t$t.metrics" || true
-  done
-fi
 # Sections 1 and 2 are done: stop their proxies.
 for t in $PROXY_THREADS; do stop "proxy-t$t"; done
 stop nginx-1w; stop nginx-auto
