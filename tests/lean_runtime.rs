@@ -299,3 +299,49 @@ async fn an_http10_client_asking_for_keep_alive_is_told_the_stream_ends_with_the
     );
     assert_eq!(h.metrics().front_door.served_lean_runtime.get(), 1);
 }
+
+/// A request's clock starts at its first byte, as nginx's `$request_time` does: a client slow to
+/// send its head shows in the time to first event, on either path.
+#[tokio::test]
+async fn time_to_first_event_counts_from_the_requests_first_byte() {
+    const GAP: Duration = Duration::from_millis(300);
+    for lean in [true, false] {
+        let h = Harness::new()
+            .config(move |c| c.server.lean_runtime = lean)
+            .start()
+            .await;
+        let req = chat_request(
+            "org-a",
+            "HTTP/1.1",
+            br#"{"message":"hi"}"#,
+            "Connection: close\r\n",
+        );
+        let mut s = TcpStream::connect(h.proxy_addr).await.unwrap();
+        s.write_all(&req[..20]).await.unwrap();
+        // The client's own pace, not a wait for the proxy.
+        tokio::time::sleep(GAP).await;
+        s.write_all(&req[20..]).await.unwrap();
+        let mut raw = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw))
+            .await
+            .expect("the stream ends")
+            .unwrap();
+        assert!(
+            String::from_utf8_lossy(&raw).contains("event: done"),
+            "lean = {lean}"
+        );
+        let ttfe = h
+            .metrics()
+            .time_to_first_event_seconds
+            .with_label_values(&["runtime_orchestrator"]);
+        assert_eq!(ttfe.get_sample_count(), 1, "lean = {lean}");
+        assert!(
+            ttfe.get_sample_sum() >= GAP.as_secs_f64(),
+            "lean = {lean}: {} s",
+            ttfe.get_sample_sum()
+        );
+        let served = &h.metrics().front_door;
+        let on_lean = served.served_lean_runtime.get();
+        assert_eq!(on_lean, u64::from(lean), "lean = {lean}");
+    }
+}

@@ -301,6 +301,13 @@ pub(super) fn handed_over(session: &pingora::proxy::Session) -> Option<Box<Hando
     front.handover.lock().unwrap().take()
 }
 
+/// When the request Pingora is serving reached the front door (its first byte).
+pub(super) fn arrived(session: &pingora::proxy::Session) -> Option<std::time::Instant> {
+    let stream = session.downstream_session.stream()?;
+    let front = (**stream).as_any().downcast_ref::<FrontStream>()?;
+    Some(front.arrived)
+}
+
 /// Read the next head into `io`'s buffer: the first under one deadline from `accepted`, later
 /// ones after an idle wait of at most the keep-alive timeout, under a deadline from their first
 /// byte.
@@ -322,6 +329,9 @@ async fn read_head(
             Ok(_) = shutdown.wait_for(|down| *down) => return Err(NoHead::Closed),
         }
     }
+    if !io.buf.is_empty() {
+        io.arrived = std::time::Instant::now();
+    }
     let deadline = if first {
         accepted + limits.header_timeout
     } else {
@@ -341,6 +351,7 @@ async fn read_head(
         match timeout_at(deadline, io.fill()).await {
             Err(_) => return Err(NoHead::TimedOut { partial: len > 0 }),
             Ok(Ok(0)) | Ok(Err(_)) => return Err(NoHead::Closed),
+            Ok(Ok(_)) if len == 0 => io.arrived = std::time::Instant::now(),
             Ok(Ok(_)) => {}
         }
     }
@@ -389,6 +400,9 @@ pub struct FrontStream {
     rejections: IntCounterVec,
     /// A chat the front door routed, for Pingora's `request_filter` to take (`handed_over`).
     handover: Mutex<Option<Box<Handover>>>,
+    /// When the current request's first byte was read: its clock starts there, as nginx's
+    /// `$request_time` does, and not once its whole head is in.
+    arrived: std::time::Instant,
 }
 
 impl std::fmt::Debug for FrontStream {
@@ -410,6 +424,7 @@ impl FrontStream {
             phase: Phase::Front,
             rejections,
             handover: Mutex::new(None),
+            arrived: std::time::Instant::now(),
         }
     }
 

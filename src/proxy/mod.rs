@@ -50,9 +50,9 @@ impl CutoverProxy {
         CutoverProxy { shared }
     }
 
-    fn request_ctx(&self, active: Arc<crate::app::state::Active>) -> RequestCtx {
+    fn request_ctx(&self, active: Arc<crate::app::state::Active>, started: Instant) -> RequestCtx {
         RequestCtx {
-            started: Instant::now(),
+            started,
             _guard: self.shared.requests.enter(),
             active,
             chat: None,
@@ -152,7 +152,7 @@ impl ProxyHttp for CutoverProxy {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
-        self.request_ctx(self.shared.snapshot())
+        self.request_ctx(self.shared.snapshot(), Instant::now())
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
@@ -170,6 +170,10 @@ impl ProxyHttp for CutoverProxy {
                 self.shadow_legacy(session, ctx, &route).await?;
             }
             return Ok(false);
+        }
+        // Its clock starts at its first byte, not once Pingora has parsed its head.
+        if let Some(arrived) = front_door::arrived(session) {
+            ctx.started = arrived;
         }
         let req = session.req_header();
         if req.uri.path().starts_with(crate::core::files::ROUTE_PREFIX) {

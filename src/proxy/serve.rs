@@ -194,7 +194,8 @@ impl CutoverProxy {
             .max_chat_body_bytes
             .min(REPLAY_LIMIT);
         let limits = &req.active.config.limits;
-        let by = req.started + Duration::from_millis(limits.body_timeout_ms);
+        // From the head, not from the request's first byte: the head had its own deadline.
+        let by = Instant::now() + Duration::from_millis(limits.body_timeout_ms);
         let chat_body = match session.read_chat_body(limit, by).await? {
             BodyRead::Complete(body) => chat::parse_chat_body(&body),
             BodyRead::TooLarge => {

@@ -42,7 +42,7 @@ pub(super) async fn serve(
     chat: ChatHead,
     shutdown: &ShutdownWatch,
 ) -> Served {
-    let mut ctx = proxy.request_ctx(active);
+    let mut ctx = proxy.request_ctx(active, io.arrived);
     let ChatHead {
         route,
         path,
@@ -68,6 +68,7 @@ pub(super) async fn serve(
         keep_alive: keep_alive && !*shutdown.borrow(),
         replay: None,
         status: 0,
+        unsent_head: None,
         chunked: false,
         ended: false,
     };
@@ -120,6 +121,8 @@ struct ChatSession<'a> {
     /// first byte.
     replay: Option<Bytes>,
     status: u16,
+    /// The response head, until the first piece of the body goes out with it.
+    unsent_head: Option<BytesMut>,
     chunked: bool,
     ended: bool,
 }
@@ -145,7 +148,17 @@ impl ChatSession<'_> {
         });
     }
 
+    /// One write, the response head in front of the first: a head sent on its own is a second
+    /// packet and a second wake-up for the client before it has its first event.
     async fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        let mut joined = self.unsent_head.take();
+        let bytes = match joined.as_mut() {
+            Some(head) => {
+                head.extend_from_slice(bytes);
+                &head[..]
+            }
+            None => bytes,
+        };
         let inner = &mut self.io.inner;
         let written = async {
             inner.write_all(bytes).await?;
@@ -234,9 +247,10 @@ impl Downstream for ChatSession<'_> {
         buf.extend_from_slice(b"\r\n");
         resp.header_to_h1_wire(&mut buf);
         buf.extend_from_slice(b"\r\n");
-        // Once a response head is out, legacy can no longer serve the request.
+        // Once a response head is written, legacy can no longer serve the request. It leaves
+        // with the first piece of the body, as Pingora's buffered writer sends it.
         self.replay = None;
-        self.write(&buf).await?;
+        self.unsent_head = Some(buf);
         self.status = resp.status.as_u16();
         Ok(())
     }
@@ -255,6 +269,8 @@ impl Downstream for ChatSession<'_> {
         if end && !self.ended {
             if self.chunked {
                 self.write(b"0\r\n\r\n").await?;
+            } else if self.unsent_head.is_some() {
+                self.write(b"").await?;
             }
             self.ended = true;
         }
@@ -280,5 +296,112 @@ impl Downstream for ChatSession<'_> {
 
     fn status_written(&self) -> u16 {
         self.status
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus::{IntCounterVec, Opts};
+    use std::pin::Pin;
+    use std::task::Poll;
+    use tokio::io::{AsyncRead, DuplexStream, ReadBuf};
+
+    fn front(server: DuplexStream) -> FrontStream {
+        let rejections = IntCounterVec::new(Opts::new("r", "r"), &["reason"]).unwrap();
+        FrontStream::new(Box::new(server), 32 * 1024, rejections)
+    }
+
+    fn session(io: &mut FrontStream) -> ChatSession<'_> {
+        let raw = b"POST /api/v1/chat/completions HTTP/1.1\r\nHost: e\r\nContent-Length: 0\r\n\r\n";
+        let head = crate::core::request_head::parse(raw, 32 * 1024)
+            .unwrap()
+            .unwrap();
+        ChatSession {
+            io,
+            head,
+            req: None,
+            version: http::Version::HTTP_11,
+            keep_alive: true,
+            replay: None,
+            status: 0,
+            unsent_head: None,
+            chunked: false,
+            ended: false,
+        }
+    }
+
+    /// What the client can read right now, without waiting.
+    async fn readable(client: &mut DuplexStream) -> Vec<u8> {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Some(n) = std::future::poll_fn(|cx| {
+            let mut rb = ReadBuf::new(&mut buf);
+            Poll::Ready(match Pin::new(&mut *client).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) if !rb.filled().is_empty() => Some(rb.filled().len()),
+                _ => None,
+            })
+        })
+        .await
+        {
+            got.extend_from_slice(&buf[..n]);
+        }
+        got
+    }
+
+    fn response(framing: (&'static str, &'static str)) -> Box<ResponseHeader> {
+        let mut resp = ResponseHeader::build(200, None).unwrap();
+        resp.insert_header(http::header::CONTENT_TYPE, "text/event-stream")
+            .unwrap();
+        resp.insert_header(framing.0, framing.1).unwrap();
+        Box::new(resp)
+    }
+
+    #[tokio::test]
+    async fn the_response_head_leaves_with_the_first_event_in_one_write() {
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let mut io = front(server);
+        let mut s = session(&mut io);
+        s.write_response_header(response(("transfer-encoding", "chunked")))
+            .await
+            .unwrap();
+        assert_eq!(s.status_written(), 200);
+        assert!(
+            readable(&mut client).await.is_empty(),
+            "the head left alone"
+        );
+
+        let event = Bytes::from_static(b"event: message\ndata: {}\n\n");
+        s.write_response_body(Some(event.clone()), false)
+            .await
+            .unwrap();
+        let got = String::from_utf8(readable(&mut client).await).unwrap();
+        let (head, body) = got.split_once("\r\n\r\n").expect("a whole head");
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+        assert!(head.contains("\r\nConnection: keep-alive"), "{head}");
+        let framed = "19\r\nevent: message\ndata: {}\n\n\r\n";
+        assert_eq!(body, framed);
+
+        s.write_response_body(Some(event), true).await.unwrap();
+        let rest = readable(&mut client).await;
+        assert_eq!(
+            String::from_utf8(rest).unwrap(),
+            format!("{framed}0\r\n\r\n")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_response_that_ends_with_no_body_still_sends_its_head() {
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let mut io = front(server);
+        let mut s = session(&mut io);
+        s.write_response_header(response(("content-length", "0")))
+            .await
+            .unwrap();
+        assert!(readable(&mut client).await.is_empty());
+        s.write_response_body(None, true).await.unwrap();
+        let got = String::from_utf8(readable(&mut client).await).unwrap();
+        assert!(got.starts_with("HTTP/1.1 200 OK\r\n"), "{got}");
+        assert!(got.ends_with("\r\n\r\n"), "{got}");
     }
 }
