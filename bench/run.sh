@@ -37,7 +37,7 @@ if [ "$QUICK" = 1 ]; then
 else
   ROUNDS=${BENCH_ROUNDS:-3}
   DURATION=${BENCH_DURATION:-10s}
-  SSE_STREAMS=${BENCH_SSE_STREAMS:-100}
+  SSE_STREAMS=${BENCH_SSE_STREAMS:-200}
   IDLE_N=${BENCH_IDLE_N:-1000 10000}
   NGINX_AUTO=${BENCH_NGINX_AUTO:-1}
 fi
@@ -49,7 +49,7 @@ UPSTREAM_WORKERS=${BENCH_UPSTREAM_WORKERS:-1}
 SSE_CHUNKS=${BENCH_SSE_CHUNKS:-10000}
 SECTIONS=${BENCH_SECTIONS:-1 2 3 4 5}
 BRIDGE_STREAMS=${BENCH_BRIDGE_STREAMS:-$((SSE_STREAMS * 2))}   # per case and round
-COMMIT_STREAMS=${BENCH_COMMIT_STREAMS:-$SSE_STREAMS}            # per case and round
+COMMIT_STREAMS=${BENCH_COMMIT_STREAMS:-$((SSE_STREAMS > 100 ? 100 : SSE_STREAMS))}   # per case and round (40 ms each)
 PLAN_GAP_MS=${BENCH_PLAN_GAP_MS:-20}                            # between the planning runtime's events
 section() { case " $SECTIONS " in *" $1 "*) return 0;; esac; return 1; }
 if [ -n "${CUTOVER_PROXY_BIN:-}" ]; then
