@@ -830,7 +830,9 @@ def report_sse(out, w):
       f"The runtime stand-in is nginx serving a canned {sse['stream_bytes']:,}-byte stream of "
       f"{sse['runtime_frames']:,} runtime frames ({sse['chunks']:,} `text_chunk`, "
       "`execution_complete`, `[DONE]`; sse-starlette framing) as a static file. "
-      "*direct*: the client reads the runtime stream itself. *cutover-proxy*: chat route, "
+      "*direct*: the client reads the runtime stream itself. *nginx*: section 1's nginx "
+      "(one worker, `proxy_buffering off`) relays the same stream unchanged, what a proxy that "
+      "adds nothing costs here. *cutover-proxy*: chat route, "
       "allowlisted org (HS256 JWT), so every frame is parsed and rewritten into Agent2UI events, "
       "once per proxy thread count of section 1. "
       f"{sse['rounds']} round(s) × {sse['per_round']} streams per case, interleaved; percentiles "
@@ -842,13 +844,15 @@ def report_sse(out, w):
       "| total p99 | events/s (one stream, p50) |")
     w("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     proxy_threads = sorted({r.get("threads") or 0 for r in sse["runs"] if r["kind"] == "proxy"})
-    cases = [("direct", None)] + [("proxy", t) for t in proxy_threads]
+    nginx_workers = sorted({r.get("threads") or 1 for r in sse["runs"] if r["kind"] == "nginx"})
+    cases = ([("direct", None)] + [("nginx", n) for n in nginx_workers]
+             + [("proxy", t) for t in proxy_threads])
     agg = {}
     for stream in ("long", "short"):
         for kind, threads in cases:
             runs = [r for r in sse["runs"]
                     if r["kind"] == kind and r.get("stream", "long") == stream
-                    and (kind == "direct" or (r.get("threads") or 0) == threads)]
+                    and (kind == "direct" or (r.get("threads") or 1) == threads)]
             if not runs:
                 continue
             f = [x for r in runs for x in r["first_event_s"]]
@@ -870,34 +874,43 @@ def report_sse(out, w):
                                    for r in runs]
                 a["w50"] = pct([x - y for x, y in pairs], 50)
                 a["w99"] = pct([x - y for x, y in pairs], 99)
-            label = ("direct (client ← runtime)" if kind == "direct"
-                     else f"cutover-proxy, threads = {threads} (rewrite on)")
+            label = {"direct": "direct (client ← runtime)",
+                     "nginx": f"nginx, {threads} worker(s) (`proxy_pass`, no rewrite)"}.get(
+                         kind, f"cutover-proxy, threads = {threads} (rewrite on)")
             name = (f"{sse['chunks']:,} chunks" if stream == "long" else "short (12 frames)")
             w(f"| {label} | {name} | {a['n']} | {fmt(ev, 0)} | {fmt(a['f50'] * 1e3)} ms "
               f"| {fmt(a['f99'] * 1e3)} ms | {fmt(a['t50'] * 1e3)} ms | {fmt(a['t99'] * 1e3)} ms "
               f"| {fmt(ev / a['t50'], 0) if stream == 'long' else '–'} |")
     w("")
     dr = agg[("direct", None, "long")]
-    for threads in proxy_threads:
-        px = agg[("proxy", threads, "long")]
-        w(f"- threads = {threads}, {sse['chunks']:,}-chunk stream: first event "
+
+    def first_event(who, px):
+        """The first event of the long stream against direct's: as read, and at the socket."""
+        w(f"- {who}, {sse['chunks']:,}-chunk stream: first event "
           f"{(px['f50'] - dr['f50']) * 1e3:+.2f} ms at p50, "
           f"{(px['f99'] - dr['f99']) * 1e3:+.2f} ms at p99 over direct (target ≤ "
           f"+{TTFE_TARGET_S * 1e3:g} ms at p99: "
           f"**{'met' if px['f99'] - dr['f99'] <= TTFE_TARGET_S else 'not met'}**; p99 round by "
-          f"round: direct {spread(dr['f99_rounds'])}, proxy {spread(px['f99_rounds'])}); total time "
-          f"{ratio(px['t50'], dr['t50'])} direct's at p50 (the direct row is the stand-in's own "
-          "speed: it is not the bottleneck).")
+          f"round: direct {spread(dr['f99_rounds'])}, this {spread(px['f99_rounds'])}); total "
+          f"time {ratio(px['t50'], dr['t50'])} direct's at p50 (the direct row is the stand-in's "
+          "own speed: it is not the bottleneck).")
         if "a99" in px and "a99" in dr:
             over = px["a99"] - dr["a99"]
             w(f"  At the client's socket (the kernel's receive time of the segment that completed "
               f"the first event, so the client's own wake-up is left out): "
               f"{(px['a50'] - dr['a50']) * 1e3:+.2f} ms at p50, {over * 1e3:+.2f} ms at p99 "
               f"(**{'met' if over <= TTFE_TARGET_S else 'not met'}** there; p99 round by round: "
-              f"direct {spread(dr['a99_rounds'])}, proxy {spread(px['a99_rounds'])}). The "
+              f"direct {spread(dr['a99_rounds'])}, this {spread(px['a99_rounds'])}). The "
               f"client's wake-up and read after that segment, p50 / p99: direct "
-              f"{dr['w50'] * 1e3:.2f} / {dr['w99'] * 1e3:.2f} ms, proxy "
+              f"{dr['w50'] * 1e3:.2f} / {dr['w99'] * 1e3:.2f} ms, this "
               f"{px['w50'] * 1e3:.2f} / {px['w99'] * 1e3:.2f} ms.")
+
+    for n in nginx_workers:
+        first_event(f"nginx, {n} worker(s) (a plain proxy, no rewrite: the floor of a proxy on "
+                    "these cores)", agg[("nginx", n, "long")])
+    for threads in proxy_threads:
+        px = agg[("proxy", threads, "long")]
+        first_event(f"threads = {threads}", px)
         if ("proxy", threads, "short") in agg:
             ds, ps = agg[("direct", None, "short")], agg[("proxy", threads, "short")]
             w(f"- threads = {threads}, short stream: first event "
@@ -1150,7 +1163,7 @@ def main():
     s.set_defaults(fn=jwt_cmd)
 
     s = sub.add_parser("sse")
-    s.add_argument("--kind", choices=["direct", "proxy"], required=True)
+    s.add_argument("--kind", choices=["direct", "nginx", "proxy"], required=True)
     s.add_argument("--stream", choices=["long", "short"], default="long")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, required=True)

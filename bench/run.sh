@@ -278,10 +278,18 @@ lean_forwarder() { # name threads port
 }
 
 # Sections 1 and 2 measure the same proxies (bridge off: the stream path alone).
+# nginx with one worker is the plain proxy both compare against (section 2: the same stream,
+# relayed without a rewrite).
 if section 1 || section 2; then
   for t in $PROXY_THREADS; do
     cutover_proxy "proxy-t$t" "$t" "$(proxy_port "$t")" $RUNTIME_PORT
   done
+  nginx_proxy nginx-1w 1 $NGINX1_PORT $RUNTIME_PORT
+  NGINX_SSE=("1:$NGINX1_PORT")
+  if [ "$NGINX_AUTO" = 1 ]; then
+    nginx_proxy nginx-auto auto $NGINXA_PORT $RUNTIME_PORT
+    NGINX_SSE+=("$(nproc):$NGINXA_PORT")
+  fi
 fi
 
 # ---- 1. passthrough ------------------------------------------------------------------------
@@ -289,10 +297,8 @@ if section 1; then
   log "section 1: passthrough (wrk -t$WRK_THREADS -c$CONNS -d$DURATION, $ROUNDS round(s))"
   CASES=("direct=direct (client → upstream)")
   declare -A CASE_PORT=([direct]=$LEGACY_PORT)
-  nginx_proxy nginx-1w 1 $NGINX1_PORT $RUNTIME_PORT
   CASES+=("nginx-1w=nginx, 1 worker"); CASE_PORT[nginx-1w]=$NGINX1_PORT
   if [ "$NGINX_AUTO" = 1 ]; then
-    nginx_proxy nginx-auto auto $NGINXA_PORT $RUNTIME_PORT
     CASES+=("nginx-auto=nginx, auto workers ($(nproc))"); CASE_PORT[nginx-auto]=$NGINXA_PORT
   fi
   for t in $PROXY_THREADS; do
@@ -357,6 +363,10 @@ if section 2; then
     for stream in long short; do
       $TOOL sse --kind direct --stream $stream --port $RUNTIME_PORT --path $STREAM_PATH \
         --count "$SSE_STREAMS" --out "$OUT/sse/direct-$stream-r$r.json" >&2
+      for n in "${NGINX_SSE[@]}"; do
+        $TOOL sse --kind nginx --threads "${n%%:*}" --stream $stream --port "${n#*:}" \
+          --path $CHAT_PATH --count "$SSE_STREAMS" --out "$OUT/sse/nginx-w${n%%:*}-$stream-r$r.json" >&2
+      done
       for t in $PROXY_THREADS; do
         $TOOL sse --kind proxy --threads "$t" --stream $stream --port "$(proxy_port "$t")" \
           --path $CHAT_PATH --org org-bench --cpu-pid "${PIDS[proxy-t$t]}" --count "$SSE_STREAMS" \
