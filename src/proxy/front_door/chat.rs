@@ -357,19 +357,23 @@ mod tests {
         Box::new(resp)
     }
 
+    /// Write a 200 head framed by `framing`: it is written, and nothing has left yet.
+    async fn head_held(
+        s: &mut ChatSession<'_>,
+        client: &mut DuplexStream,
+        framing: (&'static str, &'static str),
+    ) {
+        s.write_response_header(response(framing)).await.unwrap();
+        assert_eq!(s.status_written(), 200);
+        assert!(readable(client).await.is_empty(), "the head left alone");
+    }
+
     #[tokio::test]
     async fn the_response_head_leaves_with_the_first_event_in_one_write() {
         let (mut client, server) = tokio::io::duplex(64 * 1024);
         let mut io = front(server);
         let mut s = session(&mut io);
-        s.write_response_header(response(("transfer-encoding", "chunked")))
-            .await
-            .unwrap();
-        assert_eq!(s.status_written(), 200);
-        assert!(
-            readable(&mut client).await.is_empty(),
-            "the head left alone"
-        );
+        head_held(&mut s, &mut client, ("transfer-encoding", "chunked")).await;
 
         let event = Bytes::from_static(b"event: message\ndata: {}\n\n");
         s.write_response_body(Some(event.clone()), false)
@@ -395,10 +399,7 @@ mod tests {
         let (mut client, server) = tokio::io::duplex(64 * 1024);
         let mut io = front(server);
         let mut s = session(&mut io);
-        s.write_response_header(response(("content-length", "0")))
-            .await
-            .unwrap();
-        assert!(readable(&mut client).await.is_empty());
+        head_held(&mut s, &mut client, ("content-length", "0")).await;
         s.write_response_body(None, true).await.unwrap();
         let got = String::from_utf8(readable(&mut client).await).unwrap();
         assert!(got.starts_with("HTTP/1.1 200 OK\r\n"), "{got}");
