@@ -50,6 +50,9 @@ pub(super) struct ChatCtx {
     /// A shadow copy of this legacy chat is running: the legacy answer is measured as it
     /// passes, to be compared with it.
     pub shadow: Option<LegacyHalf>,
+    /// The client's `x-request-id`, for the access log: what joins its line to the client's
+    /// and upstreams' own logs.
+    pub request_id: Option<String>,
 }
 
 /// The legacy half of a shadowed request.
@@ -94,6 +97,7 @@ impl ChatCtx {
             in_flight: None,
             asked: None,
             shadow: None,
+            request_id: None,
         }
     }
 

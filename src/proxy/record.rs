@@ -39,6 +39,7 @@ impl CutoverProxy {
         tracing::info!(
             target: "access",
             path,
+            request_id = chat.request_id.as_deref().unwrap_or(""),
             org = org.unwrap_or(""),
             user = chat.caller.as_ref().and_then(|c| c.user_id.as_deref()).unwrap_or(""),
             mode = decision.mode.as_str(),

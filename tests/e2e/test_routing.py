@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 
 import pytest
 
-from e2e_support import make_token, metric_value, new_session_id
+from e2e_support import make_token, metric_value, new_session_id, wait_until
 from legacy_app import legacy_stream
 
 
@@ -115,7 +116,6 @@ def test_shadow_copy_never_delays_the_legacy_answer(make_proxy, legacy, runtime)
     copy of its request runs on the runtime in the background (held there until released)."""
     import time
 
-    from e2e_support import wait_until
     proxy = make_proxy(runtime, {"rollout": {"shadow_percent": 100}})
     t0 = time.monotonic()
     s = proxy.run_chat("org-b", "scenario:hold", timeout=5)
@@ -167,3 +167,22 @@ def test_trusted_org_header_is_used_and_never_forwarded(make_proxy, legacy, runt
 
     echo = proxy.client.get(proxy.base + "/api/v1/agents", headers={"x-org-id": "org-a"}).json()
     assert "x-org-id" not in echo["headers"], echo["headers"]
+
+
+def test_the_access_log_line_carries_the_request_id_and_first_event(proxy):
+    """One JSON line per chat on stdout, joined to the client's own logs by its x-request-id."""
+    s = proxy.run_chat("org-a", headers={"x-request-id": "e2e-req-42"})
+    assert s.names()[-1] == "done", s.summary()
+
+    def access_line():
+        for line in proxy.proc.log.read_text(errors="replace").splitlines():
+            if line.startswith("{") and '"target":"access"' in line:
+                rec = json.loads(line)
+                if rec.get("request_id") == "e2e-req-42":
+                    return rec
+        return None
+
+    rec = wait_until(access_line, 5, what="the chat's access log line")
+    assert rec["mode"] == "runtime_orchestrator" and rec["status"] == 200, rec
+    assert rec["path"] == f"/api/v1/chat/sessions/{s.session_id}", rec
+    assert isinstance(rec["first_event_ms"], int) and rec["events"] >= 2, rec
