@@ -278,8 +278,8 @@ lean_forwarder() { # name threads port
 }
 
 # Sections 1 and 2 measure the same proxies (bridge off: the stream path alone).
-# nginx with one worker is the plain proxy both compare against (section 2: the same stream,
-# relayed without a rewrite).
+# nginx (one worker, and auto workers with BENCH_NGINX_AUTO) is the plain proxy both compare
+# against (section 2: the same stream, relayed without a rewrite).
 if section 1 || section 2; then
   for t in $PROXY_THREADS; do
     cutover_proxy "proxy-t$t" "$t" "$(proxy_port "$t")" $RUNTIME_PORT

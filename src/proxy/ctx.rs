@@ -50,8 +50,8 @@ pub(super) struct ChatCtx {
     /// A shadow copy of this legacy chat is running: the legacy answer is measured as it
     /// passes, to be compared with it.
     pub shadow: Option<LegacyHalf>,
-    /// The client's `x-request-id`, for the access log: what joins its line to the client's
-    /// and upstreams' own logs.
+    /// The client's `x-request-id`, or the one made for its runtime execution, for the access
+    /// log: what joins its line to the client's and upstreams' own logs.
     pub request_id: Option<String>,
 }
 

@@ -296,16 +296,18 @@ fn chunk(out: &mut Vec<u8>, data: &[u8]) {
 
 /// The chat the front door routed before handing this request to Pingora, if it did.
 pub(super) fn handed_over(session: &pingora::proxy::Session) -> Option<Box<Handover>> {
-    let stream = session.downstream_session.stream()?;
-    let front = (**stream).as_any().downcast_ref::<FrontStream>()?;
-    front.handover.lock().unwrap().take()
+    front_stream(session)?.handover.lock().unwrap().take()
 }
 
 /// When the request Pingora is serving reached the front door (its first byte).
 pub(super) fn arrived(session: &pingora::proxy::Session) -> Option<std::time::Instant> {
+    Some(front_stream(session)?.arrived)
+}
+
+/// The front door's connection under a request Pingora is serving.
+fn front_stream(session: &pingora::proxy::Session) -> Option<&FrontStream> {
     let stream = session.downstream_session.stream()?;
-    let front = (**stream).as_any().downcast_ref::<FrontStream>()?;
-    Some(front.arrived)
+    (**stream).as_any().downcast_ref::<FrontStream>()
 }
 
 /// Read the next head into `io`'s buffer: the first under one deadline from `accepted`, later

@@ -94,12 +94,7 @@ impl CutoverProxy {
         let chat = ctx
             .chat
             .insert(ChatCtx::new(identity.ok(), decision, probe));
-        chat.request_id = session
-            .req_header()
-            .headers
-            .get("x-request-id")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
+        chat.request_id = serve::caller_request_id(session).map(str::to_string);
 
         let limit = active.config.limits.max_chat_body_bytes;
         if content_length(session).is_some_and(|n| n > limit) {

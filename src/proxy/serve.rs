@@ -74,6 +74,15 @@ enum Prepared {
 /// The caller's request id: sent on, with the bridge's calls and to the runtime.
 const REQUEST_ID: &str = "x-request-id";
 
+/// The caller's `x-request-id`, as sent.
+pub(super) fn caller_request_id<D: Downstream>(session: &D) -> Option<&str> {
+    session
+        .req_header()
+        .headers
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+}
+
 /// Who the bridge's calls are made for: the caller's own `Authorization`, and `request_id`.
 fn credentials<D: Downstream>(
     session: &D,
@@ -232,12 +241,11 @@ impl CutoverProxy {
                 .await?;
             return Ok(Prepared::Answered);
         }
-        let headers = &session.req_header().headers;
-        let request_id = headers
-            .get(REQUEST_ID)
-            .and_then(|v| v.to_str().ok())
+        let request_id = caller_request_id(session)
             .filter(|v| !v.is_empty())
             .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_string);
+        // The access log names the id the runtime and the bridge's calls carry.
+        req.chat.request_id = Some(request_id.clone());
         // The execution is timed from here: how long the client took to send its body is not
         // the runtime's time.
         let asked = *req.chat.asked.insert(Instant::now());
@@ -524,12 +532,7 @@ impl CutoverProxy {
         };
         let session_id = chat::session_id_for(route);
         let source = if active.config.bridge.enabled {
-            let request_id = session
-                .req_header()
-                .headers
-                .get(REQUEST_ID)
-                .and_then(|v| v.to_str().ok());
-            let who = credentials(session, request_id, &caller);
+            let who = credentials(session, caller_request_id(session), &caller);
             let start_agent = match route {
                 ChatRoute::Start => match chat_body.agent_id.clone() {
                     Some(agent) => Some(agent),

@@ -169,20 +169,27 @@ def test_trusted_org_header_is_used_and_never_forwarded(make_proxy, legacy, runt
     assert "x-org-id" not in echo["headers"], echo["headers"]
 
 
-def test_the_access_log_line_carries_the_request_id_and_first_event(proxy):
-    """One JSON line per chat on stdout, joined to the client's own logs by its x-request-id."""
-    s = proxy.run_chat("org-a", headers={"x-request-id": "e2e-req-42"})
-    assert s.names()[-1] == "done", s.summary()
-
-    def access_line():
+def test_the_access_log_line_carries_the_request_id_and_first_event(proxy, runtime):
+    """One JSON line per chat on stdout, joined to the client's own logs by its x-request-id;
+    without one, by the id the proxy made for the runtime's request."""
+    def access_line(session_id):
+        path = f"/api/v1/chat/sessions/{session_id}"
         for line in proxy.proc.log.read_text(errors="replace").splitlines():
             if line.startswith("{") and '"target":"access"' in line:
                 rec = json.loads(line)
-                if rec.get("request_id") == "e2e-req-42":
+                if rec.get("path") == path:
                     return rec
         return None
 
-    rec = wait_until(access_line, 5, what="the chat's access log line")
+    s = proxy.run_chat("org-a", headers={"x-request-id": "e2e-req-42"})
+    assert s.names()[-1] == "done", s.summary()
+    rec = wait_until(lambda: access_line(s.session_id), 5, what="the chat's access log line")
+    assert rec["request_id"] == "e2e-req-42", rec
     assert rec["mode"] == "runtime_orchestrator" and rec["status"] == 200, rec
-    assert rec["path"] == f"/api/v1/chat/sessions/{s.session_id}", rec
     assert isinstance(rec["first_event_ms"], int) and rec["events"] >= 2, rec
+
+    s = proxy.run_chat("org-a")
+    assert s.names()[-1] == "done", s.summary()
+    rec = wait_until(lambda: access_line(s.session_id), 5, what="the chat's access log line")
+    sent = [r["headers"].get("x-request-id") for r in runtime.received_for(s.session_id)]
+    assert rec["request_id"] and sent == [rec["request_id"]], (rec, sent)
