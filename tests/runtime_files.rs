@@ -313,3 +313,103 @@ async fn a_download_streams_as_the_runtime_sends_it() {
     assert!(body[..100_000].iter().all(|b| *b == b'a'));
     assert!(body[100_000..].iter().all(|b| *b == b'b'));
 }
+
+/// GET `url` as a browser opens a plain `<a href>`: no `Authorization`, the app's cookies.
+async fn open_link(addr: std::net::SocketAddr, url: &str, cookie: &str) -> Response {
+    request(
+        addr,
+        "GET",
+        url,
+        &[("cookie", cookie), ("origin", "http://127.0.0.1:5173")],
+        b"",
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_link_downloads_with_the_auth_token_cookie() {
+    let h = Harness::new()
+        .runtime(files_runtime)
+        .config(|c| c.cors.origin_env = String::new())
+        .start()
+        .await;
+    let link = file_links(&h, "org-a").await.remove(0);
+
+    let cookies = format!("theme=dark; auth_token={}; lang=zh", token("org-a"));
+    let r = open_link(h.proxy_addr, &link, &cookies).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.body(), PDF);
+    assert_eq!(r.header("access-control-allow-origin"), Some("*"));
+    assert_eq!(r.header("access-control-allow-credentials"), Some("true"));
+
+    // A cookie that does not verify is refused exactly like such a header.
+    let forged = token_with(json!({"orgId": "org-a", "exp": now() + 60}))
+        .rsplit_once('.')
+        .map(|(head, _)| format!("{head}.AAAA"))
+        .unwrap();
+    let expired = token_with(json!({"orgId": "org-a", "exp": now() - 60}));
+    for bad in [
+        format!("auth_token={forged}"),
+        format!("auth_token={expired}"),
+        format!("auth_token={}", token("org-b")),
+        format!("other={}", token("org-a")),
+    ] {
+        let r = open_link(h.proxy_addr, &link, &bad).await;
+        assert_not_found(&r);
+        assert_eq!(
+            r.header("access-control-allow-origin"),
+            Some("*"),
+            "CORS on the 404 too"
+        );
+    }
+
+    // The header wins: one that speaks for another org is not rescued by a good cookie.
+    let other = format!("Bearer {}", token("org-b"));
+    let r = request(
+        h.proxy_addr,
+        "GET",
+        &link,
+        &[
+            ("authorization", other.as_str()),
+            ("cookie", cookies.as_str()),
+        ],
+        b"",
+    )
+    .await;
+    assert_not_found(&r);
+
+    // Chats read the header alone, as legacy's auth does: a cookie-only chat is not identified.
+    let chat = request(
+        h.proxy_addr,
+        "POST",
+        "/api/v1/chat/sessions/s-cookie",
+        &[
+            ("content-type", "application/json"),
+            ("cookie", cookies.as_str()),
+        ],
+        HI.as_bytes(),
+    )
+    .await;
+    assert_served(&chat, DIRECT, "no_identity");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_cookie_can_be_turned_off() {
+    let h = Harness::new()
+        .runtime(files_runtime)
+        .config(|c| c.identity.token_cookie = String::new())
+        .start()
+        .await;
+    let link = file_links(&h, "org-a").await.remove(0);
+    let r = open_link(
+        h.proxy_addr,
+        &link,
+        &format!("auth_token={}", token("org-a")),
+    )
+    .await;
+    assert_not_found(&r);
+    assert_eq!(
+        download(h.proxy_addr, &link, Some("org-a")).await.status,
+        200
+    );
+}

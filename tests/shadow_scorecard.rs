@@ -435,3 +435,174 @@ async fn an_org_added_to_shadow_orgs_by_a_reload_is_shadowed_from_its_next_chat(
     );
     assert_eq!(comparisons(&h, "both_ok", "org-s"), 1.0);
 }
+
+/// Agent2UI events compressed in `coding`, flushed after each so each is its own piece, as a
+/// compressor flushed per event sends them.
+fn compressed(coding: &str, events: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    use std::io::Write;
+    let mut pieces = Vec::new();
+    match coding {
+        "gzip" => {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            for ev in events {
+                e.write_all(ev).unwrap();
+                e.flush().unwrap();
+                pieces.push(std::mem::take(e.get_mut()));
+            }
+            pieces.last_mut().unwrap().extend(e.finish().unwrap());
+        }
+        "br" => {
+            let mut e = brotli::CompressorWriter::new(Vec::new(), 4096, 5, 22);
+            for ev in events {
+                e.write_all(ev).unwrap();
+                e.flush().unwrap();
+                pieces.push(std::mem::take(e.get_mut()));
+            }
+            pieces.last_mut().unwrap().extend(e.into_inner());
+        }
+        other => panic!("no encoder for {other}"),
+    }
+    pieces
+}
+
+fn message(kind: &str, content: &str) -> Vec<u8> {
+    format!(
+        "event: message\ndata: {}\n\n",
+        json!({"id": format!("l-{kind}"), "type": kind, "data": {"content": content}})
+    )
+    .into_bytes()
+}
+
+/// A legacy whose chats answer in `coding` (as Express `compression()` does for a browser): a
+/// `thinking` event, a pause, then the text and `done`.
+fn compressing_legacy(coding: &'static str) -> impl Fn(&Received) -> Reply + Send + Sync + 'static {
+    move |req: &Received| {
+        if !req.path.starts_with("/api/v1/chat/") {
+            return echo_legacy(req);
+        }
+        let events = [
+            message("thinking", "正在分析您的问题..."),
+            [
+                message("text", "Legacy answer"),
+                b"event: done\ndata: {\"executionMode\":\"direct_llm\"}\n\n".to_vec(),
+            ]
+            .concat(),
+        ];
+        let pieces = if coding == "zstd" {
+            vec![b"(zstd bytes)".to_vec(), b"(more)".to_vec()]
+        } else {
+            compressed(coding, &events)
+        };
+        let mut reply = Reply::sse(vec![
+            Step::Send(pieces[0].clone()),
+            Step::Sleep(Duration::from_millis(150)),
+            Step::Send(pieces[1].clone()),
+        ]);
+        reply
+            .headers
+            .push(("content-encoding".into(), coding.into()));
+        reply
+    }
+}
+
+/// A runtime that thinks for 150 ms before its first content.
+fn planning_runtime(req: &Received) -> Reply {
+    if req.path == "/health" {
+        return Reply::json(200, json!({"status": "ok"}));
+    }
+    Reply::sse(vec![
+        Step::Send(frame(
+            "thinking",
+            json!({"content": "planning", "stage": "planning"}),
+        )),
+        Step::Sleep(Duration::from_millis(150)),
+        Step::Send(frame("text_chunk", json!({"content": "Runtime answer"}))),
+        Step::Send(frame(
+            "execution_complete",
+            json!({"final_response": "Runtime answer"}),
+        )),
+        Step::Send(done_frame()),
+    ])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compressed_legacy_answer_is_read_decoded_and_timed_to_its_first_content() {
+    for coding in ["gzip", "br"] {
+        let h = Harness::new()
+            .legacy(compressing_legacy(coding))
+            .runtime(planning_runtime)
+            .config(shadowing(2))
+            .config(|c| c.legacy.chat_identity_encoding = false)
+            .start()
+            .await;
+        for i in 0..2 {
+            let auth = format!("Bearer {}", token("org-s"));
+            let r = request(
+                h.proxy_addr,
+                "POST",
+                &format!("/api/v1/chat/sessions/s-{coding}-{i}"),
+                &[
+                    ("content-type", "application/json"),
+                    ("accept-encoding", "gzip, deflate, br"),
+                    ("authorization", auth.as_str()),
+                ],
+                HI.as_bytes(),
+            )
+            .await;
+            assert_served(&r, DIRECT, "default");
+            assert_eq!(r.header("content-encoding"), Some(coding));
+            // The client's stream is legacy's, byte for byte: compressed, as it came.
+            let sent: Vec<u8> = compressing_legacy(coding)(&h.legacy.work()[0])
+                .steps
+                .into_iter()
+                .filter_map(|s| match s {
+                    Step::Send(b) => Some(b),
+                    _ => None,
+                })
+                .flatten()
+                .collect();
+            assert_eq!(r.body(), sent, "{coding}");
+        }
+        let s = scorecard(&h, "org-s", 2).await;
+        assert_eq!(s["legacy"]["success"], 2, "{coding}: {s}");
+        assert_eq!(s["legacy"]["error"], 0, "{coding}: {s}");
+        assert_eq!(
+            s["legacy"]["textCharsP50"], 13.0,
+            "{coding}: decoded text {s}"
+        );
+        assert_eq!(s["runtime"]["success"], 2, "{coding}: {s}");
+        assert_eq!(s["agreement"], 1.0, "{coding}: {s}");
+        // Time to first content, on both sides: the thinking events do not count.
+        for side in ["legacy", "runtime"] {
+            let ttfc = s[side]["ttfeMsP50"].as_f64().unwrap();
+            assert!(ttfc >= 150.0, "{coding} {side}: {ttfc} ms: {s}");
+        }
+        assert_eq!(comparisons(&h, "both_ok", "org-s"), 2.0, "{coding}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_legacy_answer_in_a_coding_it_cannot_read_is_not_compared() {
+    let h = Harness::new()
+        .legacy(compressing_legacy("zstd"))
+        .config(shadowing(1))
+        .config(|c| c.legacy.chat_identity_encoding = false)
+        .start()
+        .await;
+    let r = h.chat("org-s").session("s-zstd").send().await;
+    assert_served(&r, DIRECT, "default");
+    let unreadable = || {
+        metric(
+            &h,
+            "cutover_shadow_unpaired_total",
+            &[("cause", "legacy_undecodable")],
+        )
+    };
+    assert!(eventually(Duration::from_secs(10), || unreadable() == 1.0).await);
+    let (status, _) = h.admin("GET", "/runtime/shadow/org-s").await;
+    assert_eq!(
+        status, 404,
+        "no sample for a legacy answer it could not read"
+    );
+    assert_eq!(comparisons(&h, "legacy_failed", "org-s"), 0.0);
+}

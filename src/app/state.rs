@@ -14,6 +14,7 @@ use crate::app::upstream::{PeerSettings, Resolver};
 use crate::core::agent2ui::MapSettings;
 use crate::core::breaker::{Breaker, BreakerSettings, SharedBreaker};
 use crate::core::config::Config;
+use crate::core::cors::{CorsHeaders, CorsPolicy};
 use crate::core::files::{FileKey, FileSigner};
 use crate::core::identity::Verifier;
 use crate::core::routing::Rollout;
@@ -37,6 +38,10 @@ pub struct Active {
     /// The key runtime file links are signed and checked with; `None` when there is neither a
     /// link secret nor a JWT secret to derive one from (links are then unsigned, and refused).
     pub file_key: Option<FileKey>,
+    /// CORS on the proxy's own responses (`[cors]`, its origin perhaps from legacy's env var).
+    pub cors: CorsPolicy,
+    /// A drift between `cors` and legacy's own answers was logged (once per config).
+    pub cors_drift_logged: AtomicBool,
 }
 
 impl Active {
@@ -47,7 +52,13 @@ impl Active {
             .ok()
             .filter(|t| !t.is_empty());
         let file_key = file_key(&config);
+        let env_origin = Some(config.cors.origin_env.as_str())
+            .filter(|name| !name.is_empty())
+            .and_then(|name| std::env::var(name).ok());
+        let cors = CorsPolicy::new(&config.cors, env_origin.as_deref());
         Active {
+            cors,
+            cors_drift_logged: AtomicBool::new(false),
             rollout: Rollout::new(&config.rollout),
             verifier,
             legacy: PeerSettings {
@@ -63,6 +74,12 @@ impl Active {
             bridge: Target::of(&config),
             config,
         }
+    }
+
+    /// The CORS headers of the proxy's own answer to a request with these headers.
+    pub fn cors_for(&self, request: &http::HeaderMap) -> CorsHeaders {
+        let origin = request.get(http::header::ORIGIN).map(|v| v.as_bytes());
+        self.cors.headers(origin)
     }
 
     /// How the stream of a runtime chat for `org` is written: the client event cap, and file

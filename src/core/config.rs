@@ -55,7 +55,7 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+    pub(crate) fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
         ConfigError {
             key: key.into(),
             message: message.into(),
@@ -95,6 +95,8 @@ pub struct Config {
     pub bridge: BridgeConfig,
     #[serde(default)]
     pub shadow: ShadowConfig,
+    #[serde(default)]
+    pub cors: crate::core::cors::CorsConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -144,6 +146,10 @@ pub struct LegacyConfig {
     /// Pooled keep-alive connections to legacy are dropped after this long idle.
     #[serde(default = "defaults::pool_idle_timeout_ms")]
     pub pool_idle_timeout_ms: u64,
+    /// Chat requests reach legacy with `Accept-Encoding: identity`: a compressing legacy
+    /// (Express `compression()`) would otherwise hold a whole SSE answer in its compressor.
+    #[serde(default = "defaults::chat_identity_encoding")]
+    pub chat_identity_encoding: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -259,6 +265,11 @@ pub struct IdentityConfig {
     /// default): no header is trusted, only the JWT.
     #[serde(default)]
     pub trusted_org_header: Option<String>,
+    /// The cookie a browser's plain link carries the same JWT in (the web app's `auth_token`);
+    /// read on the runtime files route only, and only without an `Authorization` header. `""`:
+    /// off.
+    #[serde(default = "defaults::token_cookie")]
+    pub token_cookie: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -423,6 +434,12 @@ mod defaults {
     pub fn org_claim() -> String {
         "orgId".into()
     }
+    pub fn token_cookie() -> String {
+        "auth_token".to_string()
+    }
+    pub fn chat_identity_encoding() -> bool {
+        true
+    }
     pub fn user_claim() -> String {
         "userId".into()
     }
@@ -534,6 +551,7 @@ impl Default for IdentityConfig {
             issuer: None,
             audience: None,
             trusted_org_header: None,
+            token_cookie: defaults::token_cookie(),
         }
     }
 }
@@ -815,6 +833,17 @@ impl Config {
             ));
         }
         self.bridge.validate()?;
+        self.cors.validate()?;
+        let cookie = &self.identity.token_cookie;
+        if !cookie
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+        {
+            return Err(ConfigError::new(
+                "identity.token_cookie",
+                format!("{cookie:?} is not a cookie name"),
+            ));
+        }
         // Below this not even a small tool call's names and ids fit beside a shortened result.
         if self.limits.max_client_event_bytes != 0 {
             check_range(
@@ -1486,5 +1515,44 @@ address = "runtime:8000"
         let many: Vec<String> = (0..=MAX_SHADOW_ORGS).map(|i| format!("\"o{i}\"")).collect();
         let text = with(&format!("[rollout]\nshadow_orgs = [{}]\n", many.join(",")));
         assert_eq!(err_key(&text), "rollout.shadow_orgs");
+    }
+
+    #[test]
+    fn browser_keys_have_defaults_and_are_checked() {
+        let c = Config::parse(MINIMAL).unwrap();
+        assert!(c.legacy.chat_identity_encoding);
+        assert_eq!(c.identity.token_cookie, "auth_token");
+        assert_eq!(c.cors, crate::core::cors::CorsConfig::default());
+        assert_eq!(c.cors.origin_env, "CORS_ORIGIN");
+        let with = |extra: &str| format!("{MINIMAL}{extra}");
+        let c = Config::parse(&with(
+            "[identity]\ntoken_cookie = \"\"\n[cors]\norigin = true\ncredentials = false\n",
+        ))
+        .unwrap();
+        assert_eq!(c.identity.token_cookie, "");
+        assert!(!c.cors.credentials);
+        for (extra, key) in [
+            (
+                "[identity]\ntoken_cookie = \"a b\"\n",
+                "identity.token_cookie",
+            ),
+            ("[cors]\norigin = \"https://app.example/\"\n", "cors.origin"),
+            ("[cors]\norigin = 3\n", "cors.origin"),
+            ("[cors]\nallowed_headers = []\n", "cors.allowed_headers"),
+            (
+                "[legacy]\nchat_identity_encoding = \"yes\"\n",
+                "legacy.chat_identity_encoding",
+            ),
+        ] {
+            let text = if extra.starts_with("[legacy]") {
+                MINIMAL.replace(
+                    "address = \"127.0.0.1:3001\"",
+                    "address = \"127.0.0.1:3001\"\nchat_identity_encoding = \"yes\"",
+                )
+            } else {
+                with(extra)
+            };
+            assert_eq!(err_key(&text), key, "{extra}");
+        }
     }
 }

@@ -53,6 +53,8 @@ pub struct Verifier {
     org_claim: String,
     user_claim: String,
     trusted_org_header: Option<http::HeaderName>,
+    /// `identity.token_cookie`; `None` when off.
+    token_cookie: Option<String>,
 }
 
 impl Verifier {
@@ -90,6 +92,7 @@ impl Verifier {
                 .trusted_org_header
                 .as_deref()
                 .and_then(|h| http::HeaderName::from_bytes(h.as_bytes()).ok()),
+            token_cookie: Some(config.token_cookie.clone()).filter(|c| !c.is_empty()),
         }
     }
 
@@ -146,6 +149,19 @@ impl Verifier {
         self.verify(token)
     }
 
+    /// The caller of a plain browser link (the runtime files route): the bearer token when the
+    /// request has an `Authorization` header, else the token in the `identity.token_cookie`
+    /// cookie, verified the same way. The header wins: a request that brings one is judged by it
+    /// alone, so a bad header is not rescued by a cookie, and the two can never name two callers.
+    pub fn verify_link(&self, headers: &http::HeaderMap) -> Result<Caller, Unverified> {
+        if headers.contains_key(http::header::AUTHORIZATION) {
+            return self.verify_bearer(headers);
+        }
+        let name = self.token_cookie.as_deref().ok_or(Unverified::Missing)?;
+        let token = cookie(headers, name).ok_or(Unverified::Missing)?;
+        self.verify(token)
+    }
+
     /// Verify one compact JWT.
     pub fn verify(&self, token: &str) -> Result<Caller, Unverified> {
         let key = self.key.as_ref().ok_or(Unverified::NoSecret)?;
@@ -170,6 +186,25 @@ fn claim_string(claims: &Map<String, Value>, name: &str) -> Option<String> {
         Value::Number(n) => Some(n.to_string()),
         _ => None,
     }
+}
+
+/// The first non-empty value of cookie `name` across the request's `Cookie` headers (RFC 6265:
+/// `a=1; b=2`, a value possibly in double quotes).
+fn cookie<'a>(headers: &'a http::HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .filter(|(n, _)| n.trim() == name)
+        .map(|(_, v)| {
+            let v = v.trim();
+            v.strip_prefix('"')
+                .and_then(|v| v.strip_suffix('"'))
+                .unwrap_or(v)
+        })
+        .find(|v| !v.is_empty())
 }
 
 fn bearer_token(headers: &http::HeaderMap) -> Option<&str> {
@@ -529,5 +564,76 @@ mod tests {
     fn numeric_org_claim_is_accepted() {
         let t = token(json!({"orgId": 42, "exp": now() + 60}), SECRET);
         assert_eq!(verifier().verify(&t).unwrap().org_id, "42");
+    }
+
+    fn with_cookie(value: &str) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        h.insert(http::header::COOKIE, value.parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn a_link_is_verified_from_the_token_cookie_like_a_header() {
+        let good = token(json!({"orgId": "org-a", "exp": now() + 60}), SECRET);
+        let v = verifier();
+        let h = with_cookie(&format!("theme=dark; auth_token={good}; lang=zh"));
+        assert_eq!(v.verify_link(&h).unwrap().org_id, "org-a");
+        let quoted = with_cookie(&format!("auth_token=\"{good}\""));
+        assert_eq!(v.verify_link(&quoted).unwrap().org_id, "org-a");
+        let forged = token(json!({"orgId": "org-a", "exp": now() + 60}), "other");
+        assert_eq!(
+            v.verify_link(&with_cookie(&format!("auth_token={forged}"))),
+            Err(Unverified::Invalid)
+        );
+        let expired = token(json!({"orgId": "org-a", "exp": now() - 5}), SECRET);
+        assert_eq!(
+            v.verify_link(&with_cookie(&format!("auth_token={expired}"))),
+            Err(Unverified::Expired)
+        );
+        assert_eq!(
+            v.verify_link(&with_cookie(&format!("other_token={good}"))),
+            Err(Unverified::Missing),
+            "only the configured cookie"
+        );
+        assert_eq!(
+            v.verify_bearer(&h),
+            Err(Unverified::Missing),
+            "chat routes read the header alone"
+        );
+    }
+
+    #[test]
+    fn the_header_wins_over_the_cookie() {
+        let a = token(json!({"orgId": "org-a", "exp": now() + 60}), SECRET);
+        let b = token(json!({"orgId": "org-b", "exp": now() + 60}), SECRET);
+        let mut h = with_cookie(&format!("auth_token={a}"));
+        h.insert(
+            http::header::AUTHORIZATION,
+            format!("Bearer {b}").parse().unwrap(),
+        );
+        assert_eq!(verifier().verify_link(&h).unwrap().org_id, "org-b");
+        h.insert(
+            http::header::AUTHORIZATION,
+            "Bearer forged".parse().unwrap(),
+        );
+        assert_eq!(
+            verifier().verify_link(&h),
+            Err(Unverified::Invalid),
+            "a bad header is not rescued by a good cookie"
+        );
+    }
+
+    #[test]
+    fn the_cookie_can_be_turned_off() {
+        let good = token(json!({"orgId": "org-a", "exp": now() + 60}), SECRET);
+        let cfg = IdentityConfig {
+            token_cookie: String::new(),
+            ..IdentityConfig::default()
+        };
+        let v = Verifier::new(&cfg, Some(SECRET));
+        assert_eq!(
+            v.verify_link(&with_cookie(&format!("auth_token={good}"))),
+            Err(Unverified::Missing)
+        );
     }
 }

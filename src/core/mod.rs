@@ -9,6 +9,7 @@ pub mod chat;
 pub mod chunked;
 pub mod commit;
 pub mod config;
+pub mod cors;
 pub mod files;
 pub mod h1;
 pub mod identity;

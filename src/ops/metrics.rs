@@ -63,6 +63,7 @@ pub struct Metrics {
     pub shadow_ttfe_seconds: HistogramVec,
     pub shadow_unpaired_total: IntCounterVec,
     pub file_requests_total: IntCounterVec,
+    pub cors_mismatch_total: IntCounter,
     pub bridge: BridgeMetrics,
     pub front_door: FrontDoorMetrics,
     pub commit: CommitMetrics,
@@ -270,7 +271,7 @@ impl Metrics {
             shadow_unpaired_total: counter_vec(
                 r,
                 "cutover_shadow_unpaired_total",
-                "Shadowed requests that gave no comparison, by cause (client_gone: the client abandoned the legacy stream; copy_skipped: the copy could not run).",
+                "Shadowed requests that gave no comparison, by cause (client_gone: the client abandoned the legacy stream; copy_skipped: the copy could not run; legacy_undecodable: legacy's answer had a content coding that could not be decoded).",
                 &["cause"]
             )?,
             file_requests_total: counter_vec(
@@ -279,6 +280,7 @@ impl Metrics {
                 "Requests on the runtime files route, by result (served, refused, failed).",
                 &["result"]
             )?,
+            cors_mismatch_total: counter(r, "cutover_cors_mismatch_total", "Legacy chat answers whose CORS headers differ from those [cors] gives the proxy's own responses to the same request.")?,
             bridge: BridgeMetrics::register(r)?,
             front_door: FrontDoorMetrics::register(r)?,
             commit: CommitMetrics::register(r)?,
@@ -343,7 +345,7 @@ impl Metrics {
         for path in ["legacy", "runtime"] {
             self.shadow_ttfe_seconds.with_label_values(&[path, ""]);
         }
-        for cause in ["client_gone", "copy_skipped"] {
+        for cause in ["client_gone", "copy_skipped", "legacy_undecodable"] {
             self.shadow_unpaired_total.with_label_values(&[cause]);
         }
         for result in ["served", "refused", "failed"] {

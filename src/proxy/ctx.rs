@@ -5,9 +5,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::app::state::{Active, RequestGuard, Shared};
+use crate::core::cors::CorsHeaders;
 use crate::core::identity::Caller;
 use crate::core::routing::{ChatRoute, RolloutDecision};
-use crate::core::scorecard::StreamObserver;
+use crate::core::scorecard::DecodingObserver;
 use crate::core::stats::Outcome;
 use crate::runtime::connection::OpenFailure;
 use crate::runtime::relay::{InFlight, StreamReport};
@@ -53,12 +54,17 @@ pub(super) struct ChatCtx {
     /// The client's `x-request-id`, or the one made for its runtime execution, for the access
     /// log: what joins its line to the client's and upstreams' own logs.
     pub request_id: Option<String>,
+    /// The CORS headers of any response the proxy makes itself for this chat.
+    pub cors: CorsHeaders,
 }
 
 /// The legacy half of a shadowed request.
 pub(super) struct LegacyHalf {
     pub pair: Pair,
-    pub observer: StreamObserver,
+    /// Legacy's answer, decoded per its `Content-Encoding` once its head is known.
+    pub observer: DecodingObserver,
+    /// Its content coding is one the observer cannot read: nothing to compare.
+    pub unreadable: bool,
 }
 
 /// What serves a chat request.
@@ -98,6 +104,7 @@ impl ChatCtx {
             asked: None,
             shadow: None,
             request_id: None,
+            cors: CorsHeaders::default(),
         }
     }
 

@@ -1,5 +1,6 @@
 //! The proxy's own route for runtime files, `GET /api/v1/runtime/files/{file_id}?exp&src&sig`:
-//! a signed link checked against the caller's verified org, then the runtime's file streamed
+//! a signed link checked against the caller's verified org (its bearer token, or without one the
+//! `identity.token_cookie` a browser's plain link carries), then the runtime's file streamed
 //! through. Every refusal is the same bare 404, so a link says nothing about why it failed.
 
 use std::time::SystemTime;
@@ -33,7 +34,7 @@ impl CutoverProxy {
                     why,
                     "runtime file refused"
                 );
-                not_found(session).await?;
+                not_found(session, active).await?;
                 return Ok(true);
             }
         };
@@ -75,9 +76,10 @@ impl CutoverProxy {
             .ok_or("no single file id segment")?;
         let file_id = files::percent_decode(segment).ok_or("undecodable file id")?;
         let key = active.file_key.as_ref().ok_or("no link key configured")?;
+        // A plain `<a href>` brings no `Authorization`: the token cookie then speaks for it.
         let caller = active
             .verifier
-            .verify_bearer(&req.headers)
+            .verify_link(&req.headers)
             .map_err(|u| u.as_str())?;
         let now = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -133,6 +135,7 @@ impl CutoverProxy {
         // Signed for one org: no shared cache may keep it for another.
         resp.insert_header("cache-control", "private, no-store")?;
         resp.insert_header("x-content-type-options", "nosniff")?;
+        super::apply_cors(&mut resp, &active.cors_for(&session.req_header().headers))?;
         session.write_response_header(Box::new(resp), false).await?;
 
         let idle = active.config.runtime.execution_timeout();
@@ -152,7 +155,7 @@ impl CutoverProxy {
 }
 
 /// The one answer every refused file request gets.
-async fn not_found(session: &mut Session) -> Result<()> {
+async fn not_found(session: &mut Session, active: &Active) -> Result<()> {
     let headers = &session.req_header().headers;
     if headers.contains_key(http::header::CONTENT_LENGTH)
         || headers.contains_key(http::header::TRANSFER_ENCODING)
@@ -164,6 +167,7 @@ async fn not_found(session: &mut Session) -> Result<()> {
     let mut resp = ResponseHeader::build(404, Some(3))?;
     resp.insert_header("content-type", "text/plain")?;
     resp.insert_header("content-length", body.len().to_string())?;
+    super::apply_cors(&mut resp, &active.cors_for(&session.req_header().headers))?;
     session.write_response_header(Box::new(resp), false).await?;
     session.write_response_body(Some(body), true).await
 }

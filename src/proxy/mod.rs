@@ -29,12 +29,13 @@ use crate::app::upstream;
 use crate::core::config::Mode;
 use crate::core::identity::Unverified;
 use crate::core::routing::{chat_route, gate, ChatRoute, Gated};
-use crate::core::scorecard::StreamObserver;
+use crate::core::scorecard::{Coding, DecodingObserver};
 use crate::runtime::relay::InFlight;
 
 pub use ctx::RequestCtx;
 use ctx::{ChatCtx, Handover, LegacyHalf, ProbeGuard, Served};
 pub use downstream::Downstream;
+pub(crate) use respond::apply_cors;
 use respond::{respond_json, Rejection};
 use serve::{content_length, RuntimePath};
 
@@ -95,6 +96,7 @@ impl CutoverProxy {
             .chat
             .insert(ChatCtx::new(identity.ok(), decision, probe));
         chat.request_id = serve::caller_request_id(session).map(str::to_string);
+        chat.cors = active.cors_for(&session.req_header().headers);
 
         let limit = active.config.limits.max_chat_body_bytes;
         if content_length(session).is_some_and(|n| n > limit) {
@@ -134,9 +136,44 @@ impl CutoverProxy {
             .await?;
         chat.shadow = pair.map(|pair| LegacyHalf {
             pair,
-            observer: StreamObserver::new(),
+            observer: DecodingObserver::new(Coding::Identity),
+            unreadable: false,
         });
         Ok(())
+    }
+}
+
+impl CutoverProxy {
+    /// Legacy's own CORS answer to a chat against what `[cors]` gives the proxy's answers to the
+    /// same request: a difference means a browser sees another policy on the runtime path.
+    fn check_cors_drift(
+        &self,
+        req: &pingora::http::RequestHeader,
+        resp: &ResponseHeader,
+        active: &crate::app::state::Active,
+    ) {
+        let origin = req.headers.get(http::header::ORIGIN).map(|v| v.as_bytes());
+        if active
+            .cors
+            .agrees_with(origin, |name| resp.headers.get(name).map(|v| v.as_bytes()))
+        {
+            return;
+        }
+        self.shared.metrics.cors_mismatch_total.inc();
+        if !active
+            .cors_drift_logged
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            let allow = resp
+                .headers
+                .get(crate::core::cors::ALLOW_ORIGIN)
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+            tracing::warn!(
+                ours = %active.cors.describe(),
+                legacy_allow_origin = ?allow,
+                "legacy's CORS headers differ from [cors]: browsers see another policy on the proxy's own responses (set cors.origin, or give the proxy legacy's CORS_ORIGIN)"
+            );
+        }
     }
 }
 
@@ -243,6 +280,11 @@ impl ProxyHttp for CutoverProxy {
         if let Some(name) = ctx.active.verifier.trusted_org_header() {
             upstream_request.remove_header(name);
         }
+        if ctx.chat.is_some() && ctx.active.config.legacy.chat_identity_encoding {
+            // Express `compression()` keeps a compressed SSE answer in its compressor until the
+            // end (the legacy API never flushes it): uncompressed, each event leaves as written.
+            upstream_request.insert_header(http::header::ACCEPT_ENCODING, "identity")?;
+        }
         Ok(())
     }
 
@@ -299,18 +341,21 @@ impl ProxyHttp for CutoverProxy {
             },
         };
         let decision = ctx.chat.as_ref().map(|c| c.decision);
+        // A browser reads the status of an error only when it carries the CORS headers.
+        let cors = ctx.active.cors_for(&session.req_header().headers);
         let written = if code == 0 {
             Ok(())
         } else if let (Some(decision), 413, None) = (decision, code, session.response_written()) {
             let limit = ctx.active.config.limits.max_chat_body_bytes;
             let msg = format!("chat request body exceeds {limit} bytes");
-            respond_json(session, 413, decision, "PAYLOAD_TOO_LARGE", &msg).await
+            respond_json(session, 413, decision, &cors, "PAYLOAD_TOO_LARGE", &msg).await
         } else {
             let mut resp = pingora::protocols::http::ServerSession::generate_error(code);
             if let Some(d) = decision {
                 let _ = resp.insert_header("x-execution-mode", d.mode.as_str());
                 let _ = resp.insert_header("x-execution-reason", d.reason.as_str());
             }
+            let _ = apply_cors(&mut resp, &cors);
             session
                 .downstream_session
                 .write_error_response(resp, Bytes::new())
@@ -327,13 +372,22 @@ impl ProxyHttp for CutoverProxy {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if let Some(chat) = &ctx.chat {
+        if let Some(chat) = ctx.chat.as_mut() {
             resp.insert_header("x-execution-mode", chat.decision.mode.as_str())?;
             resp.insert_header("x-execution-reason", chat.decision.reason.as_str())?;
+            if let Some(half) = chat.shadow.as_mut() {
+                // The comparison reads legacy's answer as the browser does: decoded.
+                let coding = resp.headers.get(http::header::CONTENT_ENCODING);
+                match Coding::of(coding.map(|v| v.as_bytes())) {
+                    Some(coding) => half.observer = DecodingObserver::new(coding),
+                    None => half.unreadable = true,
+                }
+            }
+            self.check_cors_drift(session.req_header(), resp, &ctx.active);
         }
         Ok(())
     }

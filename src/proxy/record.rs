@@ -94,17 +94,21 @@ impl CutoverProxy {
             return None;
         }
         let outcome = legacy_outcome(status, e);
-        if let Some(half) = &chat.shadow {
+        if let Some(half) = chat.shadow.as_ref().filter(|h| h.unreadable) {
+            half.pair.legacy_unreadable(&self.shared);
+        } else if let Some(half) = &chat.shadow {
+            let seen = half.observer.observer();
             let sample = outcome.map(|outcome| {
-                // Legacy succeeded only with a 2xx that ended with `done` and had no `error`.
+                // Legacy succeeded only with a 2xx that ended with `done` and had no `error`,
+                // read as the browser reads it (decoded).
                 let ok = outcome == Outcome::Success
                     && (200..300).contains(&status)
                     && half.observer.succeeded();
                 PathSample {
                     outcome: if ok { Outcome::Success } else { Outcome::Error },
-                    ttfe: half.observer.first_event,
+                    ttfe: seen.first_content,
                     duration: half.pair.origin().elapsed(),
-                    text_chars: half.observer.text_chars,
+                    text_chars: seen.text_chars,
                 }
             });
             half.pair.legacy(&self.shared, sample);

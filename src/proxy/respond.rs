@@ -8,6 +8,7 @@ use pingora::Result;
 use super::ctx::{ChatCtx, Served};
 use super::CutoverProxy;
 use super::Downstream;
+use crate::core::cors::{CorsHeaders, VARY};
 use crate::core::routing::RolloutDecision;
 use crate::runtime::relay;
 
@@ -52,15 +53,28 @@ impl CutoverProxy {
             .with_label_values(&[cause])
             .inc();
         chat.served = Served::Refused;
-        respond_json(session, status, chat.decision, code, message).await?;
+        respond_json(session, status, chat.decision, &chat.cors, code, message).await?;
         Ok(true)
     }
+}
+
+/// Put the CORS headers of a response the proxy makes itself on its head.
+pub(crate) fn apply_cors(resp: &mut ResponseHeader, cors: &CorsHeaders) -> Result<()> {
+    for (name, value) in cors.iter() {
+        if name == VARY {
+            resp.append_header(name, value)?;
+        } else {
+            resp.insert_header(name, value)?;
+        }
+    }
+    Ok(())
 }
 
 pub(super) async fn respond_json<D: Downstream>(
     session: &mut D,
     status: u16,
     decision: RolloutDecision,
+    cors: &CorsHeaders,
     code: &str,
     message: &str,
 ) -> Result<()> {
@@ -74,6 +88,7 @@ pub(super) async fn respond_json<D: Downstream>(
     resp.insert_header("content-length", body.len().to_string())?;
     resp.insert_header("x-execution-mode", decision.mode.as_str())?;
     resp.insert_header("x-execution-reason", decision.reason.as_str())?;
+    apply_cors(&mut resp, cors)?;
     // The rest of an unread body would be taken for the next request.
     resp.insert_header("connection", "close")?;
     session.close_after();
@@ -86,10 +101,11 @@ pub(super) async fn respond_json<D: Downstream>(
 pub(super) async fn respond_sse_error<D: Downstream>(
     session: &mut D,
     decision: RolloutDecision,
+    cors: &CorsHeaders,
     code: &str,
     message: &str,
 ) -> Result<u64> {
-    let resp = relay::sse_response_header(decision, session.version())?;
+    let resp = relay::sse_response_header(decision, session.version(), cors)?;
     session.write_response_header(Box::new(resp)).await?;
     let mut out = Vec::new();
     crate::core::agent2ui::error_event(&mut out, code, message);

@@ -397,6 +397,7 @@ impl CutoverProxy {
         let args = RelayArgs {
             shared: self.shared.clone(),
             decision: req.chat.decision,
+            cors: req.chat.cors.clone(),
             session_id: request.session_id,
             started: req.started,
             deadline: request.deadline,
@@ -458,9 +459,15 @@ impl CutoverProxy {
         req: RuntimePath<'_>,
         failure: OpenFailure,
     ) {
-        let bytes = respond_sse_error(session, req.chat.decision, "TIMEOUT", &failure.detail)
-            .await
-            .unwrap_or(0);
+        let bytes = respond_sse_error(
+            session,
+            req.chat.decision,
+            &req.chat.cors,
+            "TIMEOUT",
+            &failure.detail,
+        )
+        .await
+        .unwrap_or(0);
         req.chat.served = Served::Runtime(StreamReport {
             outcome: Some(failure.outcome),
             error_code: Some("TIMEOUT"),
@@ -482,9 +489,15 @@ impl CutoverProxy {
         let Some(closing) = verdict.closing else {
             return;
         };
-        let bytes = respond_sse_error(session, req.chat.decision, closing.code, &closing.message)
-            .await
-            .unwrap_or(0);
+        let bytes = respond_sse_error(
+            session,
+            req.chat.decision,
+            &req.chat.cors,
+            closing.code,
+            &closing.message,
+        )
+        .await
+        .unwrap_or(0);
         req.chat.served = Served::Runtime(StreamReport {
             outcome: verdict.outcome,
             error_code: Some(closing.code),

@@ -15,6 +15,7 @@ use crate::core::agent2ui::{self, Completion, DoneEvent, MapSettings, Mapped, St
 use crate::core::bridge::AssistantMessage;
 use crate::core::commit::{Precommit, Seen, Step, Trigger};
 use crate::core::config::{CommitOn, Mode};
+use crate::core::cors::CorsHeaders;
 use crate::core::h1::BodyError;
 use crate::core::routing::RolloutDecision;
 use crate::core::sse::{SseError, SseParser};
@@ -44,6 +45,7 @@ pub struct StreamReport {
 pub fn sse_response_header(
     decision: RolloutDecision,
     version: http::Version,
+    cors: &CorsHeaders,
 ) -> pingora::Result<ResponseHeader> {
     let mut resp = ResponseHeader::build(200, Some(7))?;
     if version == http::Version::HTTP_11 {
@@ -54,6 +56,7 @@ pub fn sse_response_header(
     resp.insert_header("x-accel-buffering", "no")?;
     resp.insert_header("x-execution-mode", decision.mode.as_str())?;
     resp.insert_header("x-execution-reason", decision.reason.as_str())?;
+    crate::proxy::apply_cors(&mut resp, cors)?;
     Ok(resp)
 }
 
@@ -100,6 +103,8 @@ struct Held {
 pub struct RelayArgs {
     pub shared: std::sync::Arc<Shared>,
     pub decision: RolloutDecision,
+    /// The CORS headers of the client's response head.
+    pub cors: CorsHeaders,
     pub session_id: String,
     pub started: Instant,
     pub deadline: Instant,
@@ -135,7 +140,7 @@ pub async fn relay<D: Downstream>(
     let metrics = args.shared.metrics;
     let mut report = StreamReport::default();
     let version = session.version();
-    let header = match sse_response_header(args.decision, version) {
+    let header = match sse_response_header(args.decision, version, &args.cors) {
         Ok(h) => Box::new(h),
         Err(e) => {
             report.outcome = Some(Outcome::Error);

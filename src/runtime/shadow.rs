@@ -31,8 +31,9 @@ use crate::runtime::bridge::Credentials;
 pub struct ShadowReport {
     pub outcome: Outcome,
     pub events: u64,
-    /// Since the copy started, when its first event (of any kind) arrived.
-    pub first_event: Option<Duration>,
+    /// Since the copy started, when its first content (an event other than `thinking` and
+    /// heartbeats, as the live path commits on) was mapped.
+    pub first_content: Option<Duration>,
     /// Characters of Agent2UI text the copy would have sent.
     pub text_chars: u64,
 }
@@ -63,6 +64,17 @@ impl Pair {
     /// When both halves started: their times to first event and durations count from here.
     pub fn origin(&self) -> Instant {
         self.0.origin
+    }
+
+    /// Legacy answered in a content coding the comparison cannot read: nothing is compared.
+    pub fn legacy_unreadable(&self, shared: &Shared) {
+        shared
+            .metrics
+            .shadow_unpaired_total
+            .with_label_values(&["legacy_undecodable"])
+            .inc();
+        let joined = self.0.halves.lock().unwrap().legacy(None);
+        self.settle(shared, joined);
     }
 
     /// The legacy answer is over; `None`: the client abandoned it, so nothing is compared.
@@ -195,7 +207,7 @@ pub fn spawn(
             &shared,
             Some(PathSample {
                 outcome: report.outcome,
-                ttfe: report.first_event,
+                ttfe: report.first_content,
                 duration: started.elapsed(),
                 text_chars: report.text_chars,
             }),
@@ -267,7 +279,7 @@ async fn run(
                 return ShadowReport {
                     outcome: f.outcome,
                     events: 0,
-                    first_event: None,
+                    first_content: None,
                     text_chars: 0,
                 }
             }
@@ -279,7 +291,6 @@ async fn run(
     let mut count = 0u64;
     let mut completed = false;
     let mut runtime_error = None;
-    let mut first_event = None;
     // The Agent2UI the copy would have sent, measured the way the legacy answer is.
     let mut observer = StreamObserver::new();
     let end = 'read: loop {
@@ -310,13 +321,11 @@ async fn run(
         }
         events.clear();
         let (body, parsed) = stream.parse_into(&mut parser, &mut events);
-        if !events.is_empty() {
-            first_event.get_or_insert_with(|| started.elapsed());
-        }
+        let at = started.elapsed();
         for ev in &events {
             sink.clear();
             let mapped = mapper.map(ev, &mut sink);
-            observer.feed(&sink, Duration::ZERO);
+            observer.feed(&sink, at);
             match mapped {
                 Mapped::Message(_) | Mapped::Heartbeat => count += 1,
                 Mapped::Complete(_) => {
@@ -355,7 +364,7 @@ async fn run(
         // end it sees is the runtime's doing.
         outcome: verdict.outcome.unwrap_or(Outcome::Error),
         events: count,
-        first_event,
+        first_content: observer.first_content,
         text_chars: observer.text_chars,
     }
 }

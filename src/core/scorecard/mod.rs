@@ -8,6 +8,7 @@
 //! comparisons of at most `max_orgs` orgs over the window and reports each as the admin API's `S`
 //! object.
 
+mod decode;
 mod observer;
 mod pairing;
 mod verdict;
@@ -21,6 +22,7 @@ use serde::Serialize;
 use crate::core::recent::RecentOrgs;
 use crate::core::stats::Outcome;
 
+pub use decode::{Coding, DecodingObserver};
 pub use observer::{StreamObserver, OBSERVED_FRAME_BYTES};
 pub use pairing::{Comparison, ComparisonResult, Pairing, PathSample};
 pub use verdict::{p50, verdict, PathSummary, Thresholds, Verdict};

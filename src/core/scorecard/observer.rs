@@ -29,6 +29,9 @@ pub struct StreamObserver {
     in_frame: bool,
     frame_bytes: usize,
     pub first_event: Option<Duration>,
+    /// When the first event other than `thinking` and heartbeats ended: what a user sees as the
+    /// answer starting (and where the runtime path commits).
+    pub first_content: Option<Duration>,
     pub events: u64,
     pub saw_error: bool,
     /// The last event seen was `done`.
@@ -147,11 +150,13 @@ impl StreamObserver {
             &self.event
         };
         self.ended_done = name == b"done";
+        let mut content = !matches!(name, b"heartbeat" | b"ping");
         match name {
             b"error" => self.saw_error = true,
             b"message" if self.frame_over => self.oversized += 1,
             b"message" => {
                 if let Ok(m) = serde_json::from_slice::<Message>(&self.data) {
+                    content = m.kind != "thinking";
                     if m.kind == "text" {
                         let chars = m
                             .data
@@ -163,6 +168,9 @@ impl StreamObserver {
             }
             _ if self.frame_over => self.oversized += 1,
             _ => {}
+        }
+        if content {
+            self.first_content.get_or_insert(at);
         }
         self.event.clear();
         self.data.clear();
@@ -205,6 +213,30 @@ mod tests {
         assert_eq!(o.first_event, Some(MS));
         assert_eq!(o.text_chars, 9, "characters, not bytes");
         assert!(o.succeeded());
+    }
+
+    #[test]
+    fn first_content_skips_thinking_and_heartbeats() {
+        let thinking = serde_json::json!({"id": "t", "type": "thinking", "data": {"content": "…"}});
+        let o = observe(&[
+            format!("event: message\ndata: {thinking}\n\n").as_bytes(),
+            b"event: heartbeat\ndata: null\n\n: ping\n\n",
+            text("a").as_bytes(),
+            DONE.as_bytes(),
+        ]);
+        assert_eq!(o.first_event, Some(MS));
+        assert_eq!(o.first_content, Some(MS * 3));
+        let plan = "event: message\ndata: {\"type\":\"plan\",\"data\":{\"steps\":[]}}\n\n";
+        assert_eq!(
+            observe(&[plan.as_bytes()]).first_content,
+            Some(MS),
+            "a plan is content"
+        );
+        assert_eq!(
+            observe(&[ERROR.as_bytes()]).first_content,
+            Some(MS),
+            "so is an error"
+        );
     }
 
     #[test]

@@ -119,8 +119,10 @@ pub(super) async fn serve(
 ) -> bool {
     let _in_flight = shared.requests.enter();
     io.buf.advance(head.skip + head.len);
+    // The proxy's own error answers carry CORS, so a browser can read their status.
+    let cors = cors_lines(active, &req.upstream_head);
     let Ok(addr) = shared.resolver.resolve(&active.config.legacy.address).await else {
-        bad_gateway(io).await;
+        bad_gateway(io, &cors).await;
         return false;
     };
     let legacy = &active.legacy;
@@ -134,7 +136,7 @@ pub(super) async fn serve(
                 Ok(up) => (up, false),
                 Err(e) => {
                     tracing::debug!(error = %e, "lean passthrough: connecting to legacy");
-                    bad_gateway(io).await;
+                    bad_gateway(io, &cors).await;
                     return false;
                 }
             },
@@ -148,11 +150,11 @@ pub(super) async fn serve(
             }
             Err(Fail::Unanswered) if reused && !has_body => fresh = true,
             Err(Fail::Unanswered | Fail::BadGateway) => {
-                bad_gateway(io).await;
+                bad_gateway(io, &cors).await;
                 return false;
             }
             Err(Fail::BodyTimeout) => {
-                error(io, BAD_REQUEST_HEAD).await;
+                error(io, BAD_REQUEST_HEAD, &cors).await;
                 return false;
             }
             Err(Fail::Close) => return false,
@@ -160,17 +162,28 @@ pub(super) async fn serve(
     }
 }
 
-async fn bad_gateway(io: &mut FrontStream) {
-    error(io, BAD_GATEWAY_HEAD).await
+/// The CORS header lines of an error answer to the request whose head is `upstream_head`.
+fn cors_lines(active: &Active, upstream_head: &[u8]) -> Vec<u8> {
+    let (_, mut lines) = crate::core::passthrough::header_lines(upstream_head);
+    let origin = lines
+        .find(|(name, _)| name.trim_ascii().eq_ignore_ascii_case(b"origin"))
+        .and_then(|(name, line)| line.get(name.len() + 1..))
+        .map(<[u8]>::trim_ascii);
+    active.cors.headers(origin).lines()
 }
 
-async fn error(io: &mut FrontStream, head: &str) {
+async fn bad_gateway(io: &mut FrontStream, cors: &[u8]) {
+    error(io, BAD_GATEWAY_HEAD, cors).await
+}
+
+async fn error(io: &mut FrontStream, head: &str, cors: &[u8]) {
     let date = pingora::protocols::http::date::get_cached_date();
-    let mut answer = Vec::with_capacity(160);
+    let mut answer = Vec::with_capacity(160 + cors.len());
     answer.extend_from_slice(head.as_bytes());
     answer.extend_from_slice(b"Date: ");
     answer.extend_from_slice(date.as_bytes());
     answer.extend_from_slice(b"\r\n");
+    answer.extend_from_slice(cors);
     answer.extend_from_slice(ERROR_TAIL.as_bytes());
     let inner = &mut io.inner;
     let _ = timeout(Duration::from_secs(1), async {
