@@ -25,6 +25,13 @@ release: deps
 demo: release
 	./target/release/cutover-proxy demo --config demo/proxy.toml
 
+# The legacy stand-in's Express stack, exactly as locked.
+LEGACY_NODE := tests/e2e/legacy/node_modules/.package-lock.json
+
+$(LEGACY_NODE): tests/e2e/legacy/package-lock.json
+	cd tests/e2e/legacy && npm ci --no-audit --no-fund --loglevel=error
+	touch $(LEGACY_NODE)
+
 $(PY): tests/e2e/requirements.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -51,7 +58,7 @@ check-config: build
 	./target/debug/cutover-proxy check --config proxy.toml
 	./target/debug/cutover-proxy check --config demo/proxy.toml
 
-test-e2e: build venv
+test-e2e: build venv $(LEGACY_NODE)
 	CUTOVER_PROXY_BIN=$(CURDIR)/target/debug/cutover-proxy $(PY) -m pytest -q tests/e2e
 
 # The fuzz targets run only under `make fuzz` (nightly); lint keeps them compiling against the
@@ -86,7 +93,7 @@ fuzz:
 
 # Soak, not in `make test`: 10 min of mixed traffic with reloads against the release binary
 # (SOAK_SECS, SOAK_CONCURRENCY, SOAK_RELOAD_SECS, SOAK_SAMPLE_SECS to change it).
-soak: release venv
+soak: release venv $(LEGACY_NODE)
 	scripts/soak.sh
 
 clean:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing need on a fresh Debian/Ubuntu machine that has only the
 # Rust toolchain: a C toolchain and cmake (Pingora's zlib-ng), Python with venv (end-to-end tests
-# against a real sse-starlette runtime), promtool (alert rule tests), nginx, HAProxy and wrk (benchmarks).
+# against a real sse-starlette runtime), Node.js and npm (the Express legacy stand-in), Chromium (the
+# browser test), promtool (alert rule tests), nginx, HAProxy and wrk (benchmarks).
 # Usage: scripts/install-deps.sh [build|test|bench]
 set -euo pipefail
 need=${1:-build}
@@ -14,6 +15,12 @@ if [ "$need" = test ] || [ "$need" = bench ]; then
   python3 -m venv --help >/dev/null 2>&1 || pkgs+=(python3-venv)
   command -v promtool >/dev/null || pkgs+=(prometheus)
   command -v curl >/dev/null || pkgs+=(curl)
+  # The legacy stand-in runs the product's Express stack; the browser test drives Chromium.
+  command -v node >/dev/null || pkgs+=(nodejs)
+  command -v npm >/dev/null || pkgs+=(npm)
+fi
+if [ "$need" = test ]; then
+  command -v chromium >/dev/null || pkgs+=(chromium)
 fi
 if [ "$need" = bench ]; then
   command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || pkgs+=(nginx-light)

@@ -90,8 +90,10 @@ export SOAK_JWT_SECRET="soak-jwt-secret-0123456789abcdef-$$-$RANDOM$RANDOM"
 export SOAK_ADMIN_TOKEN="soak-admin-$$"
 
 UVICORN=("$PYTHON" -m uvicorn --app-dir "$REPO/tests/e2e" --host 127.0.0.1 --log-level warning --no-access-log)
-# Legacy checks the callers' tokens too: the bridge calls it with each caller's own.
-LEGACY_JWT_SECRET="$SOAK_JWT_SECRET" start legacy "${UVICORN[@]}" legacy_app:app --port "$LEGACY_PORT"
+# Legacy (the Express stand-in) checks the callers' tokens too: the bridge calls it with each
+# caller's own. All traffic comes from one address here: its per-IP limit is set out of reach.
+LEGACY_JWT_SECRET="$SOAK_JWT_SECRET" PORT="$LEGACY_PORT" RATE_LIMIT_PER_MINUTE=1000000000 \
+    start legacy node "$REPO/tests/e2e/legacy/app.js"
 LEGACY_PID=${PIDS[-1]}
 RUNTIME_SSE_SEP=crlf RUNTIME_SLOW_GAP=0.05 start runtime "${UVICORN[@]}" runtime_app:app --port "$RUNTIME_PORT"
 RUNTIME_PID=${PIDS[-1]}

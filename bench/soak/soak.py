@@ -1,7 +1,7 @@
 """Soak client for cutover-proxy: mixed traffic for a while, periodic config reloads, a summary.
 
 Started by scripts/soak.sh, which runs the release binary in front of the end-to-end stand-ins
-(tests/e2e/runtime_app.py, legacy_app.py). The traffic mix, per request:
+(tests/e2e/runtime_app.py, tests/e2e/legacy/app.js). The traffic mix, per request:
 
   runtime chat     an allowlisted org; mostly the full contract table, some failing scenarios
                    (execution_error, crash mid-stream, truncated stream, HTTP 500 before the

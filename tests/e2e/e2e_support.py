@@ -150,17 +150,28 @@ def wait_ports(proc: Proc, ports: list[int], timeout: float):
 
 # ---- upstream stand-ins --------------------------------------------------------------------
 
+LEGACY_APP = HERE / "legacy" / "app.js"
+
+
+def node_bin() -> str:
+    return os.environ.get("E2E_NODE", "node")
+
+
 class App:
-    """One of the FastAPI stand-ins, run by uvicorn in a subprocess."""
+    """One of the stand-ins in a subprocess: a FastAPI app run by uvicorn, or (`argv`) a command
+    that listens on $PORT."""
 
     def __init__(self, name: str, module: str, log_dir: Path, extra_env: dict[str, str] | None = None,
-                 extra_args: list[str] | None = None):
+                 extra_args: list[str] | None = None, argv: list[str] | None = None,
+                 unset: tuple[str, ...] = ()):
         self.name = name
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.base = f"http://{self.address}"
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
-        self.proc = Proc(name, [
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PORT": str(self.port), **(extra_env or {})}
+        for name_ in unset:
+            env.pop(name_, None)
+        self.proc = Proc(name, argv or [
             sys.executable, "-m", "uvicorn", f"{module}:app", "--app-dir", str(HERE),
             "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning",
             "--no-access-log", *(extra_args or []),
@@ -200,8 +211,14 @@ class Runtime(App):
 
 
 class Legacy(App):
-    def __init__(self, log_dir: Path):
-        super().__init__("legacy", "legacy_app", log_dir, {"LEGACY_JWT_SECRET": JWT_SECRET})
+    """The Express legacy stand-in (legacy/app.js). The suite's shares one client address (the
+    proxy on loopback) across every test, so its per-IP limit is set out of reach unless a test
+    asks for one; CORS_ORIGIN is the test's to set (unset: '*', as the product)."""
+
+    def __init__(self, log_dir: Path, name: str = "legacy", env: dict[str, str] | None = None):
+        settings = {"LEGACY_JWT_SECRET": JWT_SECRET, "RATE_LIMIT_PER_MINUTE": "1000000000", **(env or {})}
+        unset = () if "CORS_ORIGIN" in settings else ("CORS_ORIGIN",)
+        super().__init__(name, "", log_dir, settings, argv=[node_bin(), str(LEGACY_APP)], unset=unset)
 
     def received_for(self, path: str) -> list[dict]:
         return [r for r in self.get("/control/received") if r["path"] == path]

@@ -15,7 +15,7 @@ import pytest
 
 import runtime_app
 from e2e_support import make_token, new_session_id, wait_until
-from legacy_app import legacy_stream
+from legacy_stream import legacy_stream
 
 BRIDGE_ON = {"bridge": {"enabled": True, "history_limit": 3, "timeout_ms": 400}}
 AGENT_CONFIG = {"model": "gpt-4o-mini", "temperature": 0.2, "maxTokens": 1024}

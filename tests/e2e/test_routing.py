@@ -9,7 +9,7 @@ import os
 import pytest
 
 from e2e_support import make_token, metric_value, new_session_id, wait_until
-from legacy_app import legacy_stream
+from legacy_stream import legacy_stream
 
 
 def assert_legacy_untouched(s, legacy, message: str, reason: str):

@@ -4,7 +4,7 @@ chats compared with the legacy answer the client got, read on GET /runtime/shado
 from __future__ import annotations
 
 from e2e_support import wait_until
-from legacy_app import legacy_stream
+from legacy_stream import legacy_stream
 
 S_KEYS = {"orgId", "samples", "agreement", "verdict", "reasons", "legacy", "runtime"}
 LEGACY_KEYS = {"success", "error", "ttfeMsP50", "durationMsP50", "textCharsP50"}
