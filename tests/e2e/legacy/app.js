@@ -30,7 +30,8 @@
  * A request carrying `x-echo-status` is echoed whatever its path, so pass-through tests can aim
  * at any route, bridge routes included.
  *
- * Environment: PORT, LEGACY_JWT_SECRET, CORS_ORIGIN (unset: '*'), RATE_LIMIT_PER_MINUTE
+ * Environment: PORT, LEGACY_JWT_SECRET, LEGACY_EVENT_GAP_MS (between a chat answer's events,
+ * default 2), CORS_ORIGIN (unset: '*'), RATE_LIMIT_PER_MINUTE
  * (default 60, the product's), TRUST_PROXY (Express `trust proxy`; default 1: the one hop in
  * front, the sidecar).
  */
@@ -43,6 +44,8 @@ const { rateLimit } = require('express-rate-limit')
 const jwt = require('jsonwebtoken')
 
 const JWT_SECRET = process.env.LEGACY_JWT_SECRET || ''
+// Between a chat answer's events (the LLM's pace); the benchmark slows it down.
+const EVENT_GAP_MS = parseInt(process.env.LEGACY_EVENT_GAP_MS || '2', 10)
 const RECEIVED = []
 const RELEASES = new Map() // session id -> {promise, release}
 const SESSIONS = new Map()
@@ -126,7 +129,7 @@ async function chat (req, res, sessionId) {
       // Hold the rest until the test says so (proves the proxy streams legacy too).
       await Promise.race([releaseOf(sessionId).promise, sleep(30000)])
     }
-    await sleep(2)
+    await sleep(EVENT_GAP_MS)
   }
   res.end()
 }
