@@ -114,7 +114,11 @@ async fn the_origin_legacy_reads_from_its_env_var_is_the_proxy_s_too() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reflecting_origins_and_the_proxy_s_own_refusals_and_errors() {
-    let dead = format!("127.0.0.1:{}", free_port());
+    // A port held bound but never listening: connecting to it is refused, and no other test's
+    // server can take it meanwhile.
+    let held = tokio::net::TcpSocket::new_v4().unwrap();
+    held.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let dead = held.local_addr().unwrap().to_string();
     let h = Harness::new()
         .config(|c| {
             c.cors.origin = Some(cutover_proxy::core::cors::OriginSetting::Flag(true));
