@@ -36,8 +36,8 @@ const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
 /// stalled.
 const BAD_GATEWAY_HEAD: &str = "HTTP/1.1 502 Bad Gateway\r\nServer: Pingora\r\n";
 const BAD_REQUEST_HEAD: &str = "HTTP/1.1 400 Bad Request\r\nServer: Pingora\r\n";
-const ERROR_TAIL: &str =
-    "Content-Length: 0\r\nCache-Control: private, no-store\r\nConnection: close\r\n\r\n";
+const ERROR_FIELDS: &str = "Content-Length: 0\r\nCache-Control: private, no-store\r\n";
+const ERROR_END: &str = "Connection: close\r\n\r\n";
 
 struct Idle {
     addr: SocketAddr,
@@ -183,8 +183,10 @@ async fn error(io: &mut FrontStream, head: &str, cors: &[u8]) {
     answer.extend_from_slice(b"Date: ");
     answer.extend_from_slice(date.as_bytes());
     answer.extend_from_slice(b"\r\n");
+    answer.extend_from_slice(ERROR_FIELDS.as_bytes());
+    // Where Pingora's own error answer has the headers added to it: before its Connection.
     answer.extend_from_slice(cors);
-    answer.extend_from_slice(ERROR_TAIL.as_bytes());
+    answer.extend_from_slice(ERROR_END.as_bytes());
     let inner = &mut io.inner;
     let _ = timeout(Duration::from_secs(1), async {
         inner.write_all(&answer).await?;
