@@ -219,6 +219,10 @@ pub struct RolloutConfig {
     pub shadow_orgs: Vec<String>,
 }
 
+/// Largest `shadow.ready_min_samples`: a floor under the statistics, which count every
+/// comparison in the window.
+pub const MAX_READY_MIN_SAMPLES: u64 = 1_000_000;
+
 /// Most `rollout.shadow_orgs`: each adds labelled series.
 pub const MAX_SHADOW_ORGS: usize = 64;
 
@@ -862,7 +866,7 @@ impl ShadowConfig {
             "shadow.ready_min_samples",
             self.ready_min_samples as f64,
             1.0,
-            crate::core::scorecard::MAX_SAMPLES_PER_ORG as f64,
+            MAX_READY_MIN_SAMPLES as f64,
         )?;
         check_rate(
             "shadow.ready_max_error_rate_delta",
@@ -1464,7 +1468,7 @@ address = "runtime:8000"
                 "shadow.ready_min_samples",
             ),
             (
-                "[shadow]\nready_min_samples = 257\n",
+                "[shadow]\nready_min_samples = 1000001\n",
                 "shadow.ready_min_samples",
             ),
             (

@@ -10,6 +10,7 @@ pub mod chunked;
 pub mod commit;
 pub mod config;
 pub mod files;
+
 pub mod h1;
 pub mod identity;
 pub mod passthrough;
@@ -17,6 +18,7 @@ pub mod recent;
 pub mod request_head;
 pub mod routing;
 pub mod scorecard;
+pub mod significance;
 pub mod sse;
 pub mod stats;
 pub mod stream;

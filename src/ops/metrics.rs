@@ -61,6 +61,7 @@ pub struct Metrics {
     pub shadow_events_total: IntCounter,
     pub shadow_comparisons_total: IntCounterVec,
     pub shadow_ttfe_seconds: HistogramVec,
+    pub shadow_runtime_timeouts_total: IntCounterVec,
     pub shadow_unpaired_total: IntCounterVec,
     pub file_requests_total: IntCounterVec,
     pub bridge: BridgeMetrics,
@@ -263,9 +264,15 @@ impl Metrics {
             shadow_ttfe_seconds: histogram_vec(
                 r,
                 "cutover_shadow_ttfe_seconds",
-                "Seconds to the first event of compared shadow requests, by path (legacy, runtime); org only for rollout.shadow_orgs, else empty.",
+                "Seconds to the first event of compared shadow requests, by path (legacy, runtime); org only for rollout.shadow_orgs, else empty. Its bins are the scorecard's, so the fleet's sums are judged like one replica's.",
                 &["path", "org"],
-                FIRST_EVENT_BUCKETS_SECONDS
+                &crate::core::scorecard::TTFE_BOUNDS_SECONDS
+            )?,
+            shadow_runtime_timeouts_total: counter_vec(
+                r,
+                "cutover_shadow_runtime_timeouts_total",
+                "Compared shadow copies whose runtime execution timed out (counted as runtime_failed or both_failed too); org only for rollout.shadow_orgs, else empty.",
+                &["org"]
             )?,
             shadow_unpaired_total: counter_vec(
                 r,
@@ -343,6 +350,7 @@ impl Metrics {
         for path in ["legacy", "runtime"] {
             self.shadow_ttfe_seconds.with_label_values(&[path, ""]);
         }
+        self.shadow_runtime_timeouts_total.with_label_values(&[""]);
         for cause in ["client_gone", "copy_skipped"] {
             self.shadow_unpaired_total.with_label_values(&[cause]);
         }
@@ -364,6 +372,27 @@ impl Metrics {
             for path in ["legacy", "runtime"] {
                 self.shadow_ttfe_seconds.with_label_values(&[path, org]);
             }
+            self.shadow_runtime_timeouts_total.with_label_values(&[org]);
+        }
+    }
+
+    /// One shadow comparison, under `org` (the label: an org of `rollout.shadow_orgs`, else
+    /// empty): its result, each side's time to first event and a runtime timeout.
+    pub fn observe_comparison(&self, org: &str, c: &crate::core::scorecard::Comparison) {
+        self.shadow_comparisons_total
+            .with_label_values(&[c.result().as_str(), org])
+            .inc();
+        for (path, side) in [("legacy", &c.legacy), ("runtime", &c.runtime)] {
+            if let Some(t) = side.ttfe {
+                self.shadow_ttfe_seconds
+                    .with_label_values(&[path, org])
+                    .observe(t.as_secs_f64());
+            }
+        }
+        if c.runtime.outcome == crate::core::stats::Outcome::Timeout {
+            self.shadow_runtime_timeouts_total
+                .with_label_values(&[org])
+                .inc();
         }
     }
 
