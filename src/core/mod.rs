@@ -10,10 +10,11 @@ pub mod chunked;
 pub mod commit;
 pub mod config;
 pub mod files;
-
+pub mod fleet;
 pub mod h1;
 pub mod identity;
 pub mod passthrough;
+pub mod prometheus;
 pub mod recent;
 pub mod request_head;
 pub mod routing;

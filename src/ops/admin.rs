@@ -46,14 +46,18 @@ impl AdminApp {
         }
     }
 
-    /// `{"success":true,"data":{"fallbackEnabled","fallbackReason","state"}}`: exactly the
-    /// contract's fields (a manual trip shows in the reason, "tripped manually").
+    /// `{"success":true,"data":{"fallbackEnabled","fallbackReason","state","openedBy","fleet"}}`:
+    /// the contract's fields (a manual trip shows in the reason, "tripped manually"; one the
+    /// fleet's readings opened starts with "fleet:"), what opened it (`local`, `fleet`,
+    /// `health`, `probe`, `manual`, or null while closed) and where the fleet signal stands.
     fn fallback_status(&self) -> Value {
         let status = self.shared.breaker.report();
         json!({"success": true, "data": {
             "fallbackEnabled": status.fallback_enabled(),
             "fallbackReason": status.reason,
             "state": status.state.as_str(),
+            "openedBy": status.signal,
+            "fleet": self.shared.fleet.to_json(Instant::now()),
         }})
     }
 
@@ -216,8 +220,12 @@ impl ServeHttp for MetricsApp {
             return json_response(StatusCode::NOT_FOUND, &json!({"error": "see /metrics"}));
         }
         // The breaker gauges move on transitions: let an open period that is over make its
-        // transition before they are read.
+        // transition before they are read. What holds it open can change without one (a
+        // manual trip or a failing health check while open): read it now.
         self.shared.breaker.tick();
+        self.shared
+            .metrics
+            .set_open_signal(self.shared.breaker.status().signal);
         let body = self.shared.metrics.render();
         Response::builder()
             .status(StatusCode::OK)

@@ -51,6 +51,10 @@ pub struct Metrics {
     pub stream_errors_total: IntCounterVec,
     pub breaker_state: IntGaugeVec,
     pub breaker_transitions_total: IntCounterVec,
+    pub breaker_opens_total: IntCounterVec,
+    pub breaker_open_signal: IntGaugeVec,
+    pub fleet_polls_total: IntCounterVec,
+    pub fleet_signal_up: IntGauge,
     pub health_up: IntGauge,
     pub health_checks_total: IntCounterVec,
     pub config_reloads_total: IntCounterVec,
@@ -226,6 +230,25 @@ impl Metrics {
                 "Breaker state changes.",
                 &["from", "to"]
             )?,
+            breaker_opens_total: counter_vec(
+                r,
+                "chat_runtime_breaker_opens_total",
+                "Breaker openings, by the signal that opened it (local, fleet, health, probe, manual).",
+                &["signal"]
+            )?,
+            breaker_open_signal: gauge_vec(
+                r,
+                "chat_runtime_breaker_open_signal",
+                "1 for the signal that keeps the breaker from closed (local, fleet, health, probe, manual), 0 for the others; all 0 while closed.",
+                &["signal"]
+            )?,
+            fleet_polls_total: counter_vec(
+                r,
+                "cutover_fleet_polls_total",
+                "Polls of the fleet's runtime outcomes from [fleet] prometheus_url, by result (ok; unavailable: unreachable, slow or 5xx; invalid: an answer that is not the fleet's counts).",
+                &["result"]
+            )?,
+            fleet_signal_up: gauge(r, "cutover_fleet_signal_up", "1 while the last poll of [fleet] prometheus_url gave the breaker a reading; 0 when it failed or [fleet] is off.")?,
             health_up: gauge(r, "chat_runtime_health_up", "1 when the last runtime health check passed.")?,
             health_checks_total: counter_vec(
                 r,
@@ -334,6 +357,15 @@ impl Metrics {
         for result in ["ok", "failed"] {
             self.health_checks_total.with_label_values(&[result]);
         }
+        for signal in crate::core::breaker::Signal::ALL {
+            self.breaker_opens_total
+                .with_label_values(&[signal.as_str()]);
+            self.breaker_open_signal
+                .with_label_values(&[signal.as_str()]);
+        }
+        for result in ["ok", "unavailable", "invalid"] {
+            self.fleet_polls_total.with_label_values(&[result]);
+        }
         for result in ["success", "invalid"] {
             self.config_reloads_total.with_label_values(&[result]);
         }
@@ -393,6 +425,15 @@ impl Metrics {
             self.shadow_runtime_timeouts_total
                 .with_label_values(&[org])
                 .inc();
+        }
+    }
+
+    /// Mirror what holds the breaker from closed (none while closed) into its gauge.
+    pub fn set_open_signal(&self, signal: Option<crate::core::breaker::Signal>) {
+        for s in crate::core::breaker::Signal::ALL {
+            self.breaker_open_signal
+                .with_label_values(&[s.as_str()])
+                .set(i64::from(Some(s) == signal));
         }
     }
 
