@@ -8,6 +8,7 @@ pub mod demo;
 pub mod drain;
 pub mod local;
 pub mod logging;
+pub mod rollout;
 pub mod state;
 pub mod upstream;
 

@@ -79,10 +79,11 @@ impl Active {
         }
     }
 
-    /// Label value for an org: only orgs the config names, so the series stay bounded.
+    /// Label value for an org: only orgs the config names (allowlist, denylist, shadow list), so
+    /// the series stay bounded and `rollout status` sees the mode of every org it judges.
     pub fn org_label<'a>(&self, org: Option<&'a str>) -> &'a str {
         match org {
-            Some(o) if self.rollout.names(o) => o,
+            Some(o) if self.rollout.names(o) || !self.shadow_org_label(o).is_empty() => o,
             _ => "other",
         }
     }

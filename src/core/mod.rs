@@ -17,6 +17,7 @@ pub mod passthrough;
 pub mod prometheus;
 pub mod recent;
 pub mod request_head;
+pub mod rollout;
 pub mod routing;
 pub mod scorecard;
 pub mod significance;
