@@ -467,8 +467,10 @@ mod tests {
         assert_eq!(s.report.samples, 41);
         assert_eq!(s.report.verdict, Verdict::Ready, "{:?}", s.report);
         assert_eq!(s.mode(), "direct_llm 100%");
-        let mut local = Tally::default();
-        local.both_ok = 41;
+        let mut local = Tally {
+            both_ok: 41,
+            ..Tally::default()
+        };
         local.legacy_ttfe[ttfe_bin(0.1)] = 41;
         local.runtime_ttfe[ttfe_bin(0.12)] = 41;
         assert_eq!(s.report, OrgReport::judge("org-s", &local, &T));

@@ -628,11 +628,13 @@ mod tests {
         fn a_mostly_failing_legacy_is_never_ready(
             legacy_fail in 6u64..40, legacy_ok in 0u64..5, runtime_fail_of_legacy_ok in 0u64..5,
         ) {
-            let mut t = Tally::default();
-            t.legacy_failed = legacy_fail;
-            t.both_ok = legacy_ok;
-            t.runtime_failed = runtime_fail_of_legacy_ok.min(legacy_ok);
-            t.both_ok -= t.runtime_failed;
+            let runtime_failed = runtime_fail_of_legacy_ok.min(legacy_ok);
+            let mut t = Tally {
+                legacy_failed: legacy_fail,
+                both_ok: legacy_ok - runtime_failed,
+                runtime_failed,
+                ..Tally::default()
+            };
             t.legacy_ttfe[10] = t.samples();
             t.runtime_ttfe[0] = t.samples();
             prop_assume!(2 * t.legacy_failures() > t.samples());
@@ -645,9 +647,7 @@ mod tests {
             let rank = |v: Verdict| match v { Verdict::Ready => 2, Verdict::Insufficient => 1, Verdict::NotReady => 0 };
             let th = Thresholds { min_samples: 1, ..T };
             let make = |f: u64| {
-                let mut t = Tally::default();
-                t.both_ok = ok;
-                t.runtime_failed = f;
+                let mut t = Tally { both_ok: ok, runtime_failed: f, ..Tally::default() };
                 t.legacy_ttfe[14] = ok + f;
                 t.runtime_ttfe[14] = ok + f;
                 t
@@ -663,11 +663,7 @@ mod tests {
             both_ok in 0u64..400, runtime_failed in 0u64..20, legacy_failed in 0u64..20,
             both_failed in 0u64..5, rt_bin in 0usize..20, lt_bin in 0usize..20, min in 1u64..100,
         ) {
-            let mut t = Tally::default();
-            t.both_ok = both_ok;
-            t.runtime_failed = runtime_failed;
-            t.legacy_failed = legacy_failed;
-            t.both_failed = both_failed;
+            let mut t = Tally { both_ok, runtime_failed, legacy_failed, both_failed, ..Tally::default() };
             t.runtime_ttfe[rt_bin] = t.samples();
             t.legacy_ttfe[lt_bin] = t.samples();
             let j = judge(&t, &Thresholds { min_samples: min, ..T });
