@@ -76,10 +76,20 @@ fn fleet(url: String) -> impl FnOnce(&mut cutover_proxy::core::config::Config) {
     }
 }
 
+/// `GET /runtime/fallback/status`'s data, with `GET /runtime/fleet`'s as `fleet` (its
+/// `openedBy` lifted beside `state`).
 async fn status(h: &Running) -> Value {
     let (code, body) = h.admin("GET", "/runtime/fallback/status").await;
     assert_eq!(code, 200);
-    body["data"].clone()
+    let mut data = body["data"].clone();
+    let (code, fleet) = h.admin("GET", "/runtime/fleet").await;
+    assert_eq!(code, 200);
+    assert_eq!(fleet["success"], true);
+    let mut fleet = fleet["data"].clone();
+    data["openedBy"] = fleet["openedBy"].take();
+    fleet.as_object_mut().unwrap().remove("openedBy");
+    data["fleet"] = fleet;
+    data
 }
 
 /// Poll the status until `pred` holds (or fail after 5 s).

@@ -46,19 +46,26 @@ impl AdminApp {
         }
     }
 
-    /// `{"success":true,"data":{"fallbackEnabled","fallbackReason","state","openedBy","fleet"}}`:
-    /// the contract's fields (a manual trip shows in the reason, "tripped manually"; one the
-    /// fleet's readings opened starts with "fleet:"), what opened it (`local`, `fleet`,
-    /// `health`, `probe`, `manual`, or null while closed) and where the fleet signal stands.
+    /// `{"success":true,"data":{"fallbackEnabled","fallbackReason","state"}}`: exactly the
+    /// contract's fields (a manual trip shows in the reason, "tripped manually"; an opening by
+    /// the fleet's readings starts with "fleet:").
     fn fallback_status(&self) -> Value {
         let status = self.shared.breaker.report();
         json!({"success": true, "data": {
             "fallbackEnabled": status.fallback_enabled(),
             "fallbackReason": status.reason,
             "state": status.state.as_str(),
-            "openedBy": status.signal,
-            "fleet": self.shared.fleet.to_json(Instant::now()),
         }})
+    }
+
+    /// `GET /runtime/fleet`: `{"success":true,"data":{"openedBy","state","detail","lastReading"}}`:
+    /// what holds the breaker from closed (`local`, `fleet`, `health`, `probe`, `manual`; null
+    /// while closed) and where the fleet signal stands (`off`, `ok`, `unavailable`, `invalid`).
+    fn fleet_status(&self) -> Value {
+        let status = self.shared.breaker.report();
+        let mut data = self.shared.fleet.to_json(Instant::now());
+        data["openedBy"] = json!(status.signal);
+        json!({"success": true, "data": data})
     }
 
     fn route(&self, method: &Method, path: &str, session: &ServerSession) -> (StatusCode, Value) {
@@ -93,6 +100,7 @@ impl AdminApp {
                 )
             }
             ("GET", "/runtime/fallback/status") => (StatusCode::OK, self.fallback_status()),
+            ("GET", "/runtime/fleet") => (StatusCode::OK, self.fleet_status()),
             ("POST", "/runtime/fallback/reset") | ("POST", "/runtime/fallback/trip") => {
                 if let Err(why) = self.authorized(session) {
                     return (
@@ -160,6 +168,7 @@ impl AdminApp {
                 }
             }
             (_, "/healthz" | "/readyz" | "/runtime/metrics" | "/runtime/fallback/status")
+            | (_, "/runtime/fleet")
             | (_, "/runtime/shadow")
             | (_, "/runtime/fallback/reset" | "/runtime/fallback/trip") => (
                 StatusCode::METHOD_NOT_ALLOWED,

@@ -44,7 +44,10 @@ def breaker_config(prometheus_url: str | None) -> dict:
 
 
 def status(proxy) -> dict:
-    return proxy.admin_get("/runtime/fallback/status").json()["data"]
+    """GET /runtime/fallback/status, with GET /runtime/fleet as `fleet` and its `openedBy`."""
+    data = proxy.admin_get("/runtime/fallback/status").json()["data"]
+    fleet = proxy.admin_get("/runtime/fleet").json()["data"]
+    return {**data, "openedBy": fleet.pop("openedBy"), "fleet": fleet}
 
 
 def saw_an_error(stream) -> bool:
