@@ -17,9 +17,9 @@ use cutover_proxy::core::config::Config;
     about = "Moves chat traffic from a legacy Chat API to a runtime orchestrator, one organisation at a time"
 )]
 struct Cli {
-    /// Path of proxy.toml.
-    #[arg(long, short, default_value = "proxy.toml", global = true)]
-    config: PathBuf,
+    /// Path of proxy.toml (default: proxy.toml).
+    #[arg(long, short, global = true)]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -30,35 +30,85 @@ enum Command {
     Check,
     /// Start demo upstreams (a legacy Chat API and a runtime) and the proxy in front of them.
     Demo,
+    /// Where each org stands across the fleet, read from Prometheus, and the config that
+    /// moves the ready ones.
+    Rollout {
+        #[command(subcommand)]
+        command: RolloutCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum RolloutCommand {
+    /// Per org the fleet has seen: its mode, shadow samples, verdict and reasons ([shadow] and
+    /// breaker.window_secs of --config, or of ./proxy.toml, or the defaults).
+    Status {
+        /// The Prometheus that scrapes every replica, e.g. http://prometheus.monitoring:9090.
+        #[arg(long)]
+        prometheus: String,
+        /// Print {"orgs":[S...]}, S as in GET /runtime/shadow, over every replica.
+        #[arg(long)]
+        json: bool,
+        /// PromQL label matchers naming this deployment's series, e.g. 'namespace="prod"'.
+        #[arg(long, default_value = "")]
+        selector: String,
+    },
+    /// The --config file with every ready shadow org moved to runtime_orgs, as a unified diff;
+    /// empty when none is ready. FILE itself is changed only when --write names it.
+    Plan {
+        #[arg(long)]
+        prometheus: String,
+        /// Write the promoted config here (the diff is printed as well).
+        #[arg(long, value_name = "OUT")]
+        write: Option<PathBuf>,
+        #[arg(long, default_value = "")]
+        selector: String,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let given = cli.config.clone();
+    let path = cli.config.unwrap_or_else(|| PathBuf::from("proxy.toml"));
     match cli.command {
-        Some(Command::Check) => match Config::load(&cli.config) {
+        Some(Command::Check) => match Config::load(&path) {
             Ok(_) => {
-                println!("{}: ok", cli.config.display());
+                println!("{}: ok", path.display());
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("{}: {e}", cli.config.display());
+                eprintln!("{}: {e}", path.display());
                 ExitCode::FAILURE
             }
         },
         Some(Command::Demo) => {
             cutover_proxy::app::logging::init();
-            cutover_proxy::app::demo::run(&cli.config)
+            cutover_proxy::app::demo::run(&path)
         }
+        Some(Command::Rollout { command }) => match command {
+            RolloutCommand::Status {
+                prometheus,
+                json,
+                selector,
+            } => {
+                cutover_proxy::app::rollout::status(given.as_deref(), &prometheus, &selector, json)
+            }
+            RolloutCommand::Plan {
+                prometheus,
+                write,
+                selector,
+            } => cutover_proxy::app::rollout::plan(&path, &prometheus, &selector, write.as_deref()),
+        },
         None => {
             cutover_proxy::app::logging::init();
-            let config = match Config::load(&cli.config) {
+            let config = match Config::load(&path) {
                 Ok(c) => c,
                 Err(e) => {
-                    eprintln!("{}: {e}", cli.config.display());
+                    eprintln!("{}: {e}", path.display());
                     return ExitCode::FAILURE;
                 }
             };
-            cutover_proxy::app::run(cli.config, config)
+            cutover_proxy::app::run(path, config)
         }
     }
 }

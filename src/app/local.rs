@@ -13,7 +13,8 @@ use crate::app::accept_loop;
 use crate::app::state::Shared;
 use crate::core::config::Config;
 use crate::ops::admin::{AdminApp, MetricsApp};
-use crate::ops::{health, reload};
+use crate::ops::prometheus::PlainGet;
+use crate::ops::{fleet, health, reload};
 use crate::proxy::front_door::{ConnectionCount, FrontDoor};
 use crate::proxy::CutoverProxy;
 
@@ -48,6 +49,11 @@ impl LocalServer {
         )
         .await?;
         tokio::spawn(health::run(shared.clone(), shutdown_rx.clone()));
+        tokio::spawn(fleet::run(
+            shared.clone(),
+            Arc::new(PlainGet),
+            shutdown_rx.clone(),
+        ));
         if let Some(path) = config_path {
             tokio::spawn(reload::run(shared.clone(), path, shutdown_rx.clone()));
         }

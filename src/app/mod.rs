@@ -8,6 +8,7 @@ pub mod demo;
 pub mod drain;
 pub mod local;
 pub mod logging;
+pub mod rollout;
 pub mod state;
 pub mod upstream;
 
@@ -32,7 +33,7 @@ use crate::app::drain::{DrainOnSigterm, PINGORA_GRACE_SECS};
 use crate::app::state::Shared;
 use crate::core::config::Config;
 use crate::ops::admin::{AdminApp, MetricsApp};
-use crate::ops::{health, reload};
+use crate::ops::{fleet, health, reload};
 use crate::proxy::front_door::{ConnectionCount, FrontDoor};
 use crate::proxy::CutoverProxy;
 
@@ -42,6 +43,20 @@ struct HealthService(Arc<Shared>);
 impl BackgroundService for HealthService {
     async fn start(&self, shutdown: watch::Receiver<bool>) {
         health::run(self.0.clone(), shutdown).await
+    }
+}
+
+struct FleetService(Arc<Shared>);
+
+#[async_trait]
+impl BackgroundService for FleetService {
+    async fn start(&self, shutdown: watch::Receiver<bool>) {
+        fleet::run(
+            self.0.clone(),
+            Arc::new(crate::ops::prometheus::PlainGet),
+            shutdown,
+        )
+        .await
     }
 }
 
@@ -184,6 +199,10 @@ pub fn run(config_path: PathBuf, config: Config) -> ! {
     server.add_service(background_service(
         "runtime-health",
         HealthService(shared.clone()),
+    ));
+    server.add_service(background_service(
+        "fleet-signal",
+        FleetService(shared.clone()),
     ));
     server.add_service(background_service(
         "config-reload",

@@ -20,6 +20,7 @@ use crate::core::identity::Verifier;
 use crate::core::routing::Rollout;
 use crate::core::scorecard::Scorecard;
 use crate::core::stats::ExecutionStats;
+use crate::ops::fleet::FleetStatus;
 use crate::ops::metrics::Metrics;
 use crate::runtime::bridge::{Bridge, Target};
 use crate::runtime::pool::Connections;
@@ -95,10 +96,11 @@ impl Active {
         }
     }
 
-    /// Label value for an org: only orgs the config names, so the series stay bounded.
+    /// Label value for an org: only orgs the config names (allowlist, denylist, shadow list), so
+    /// the series stay bounded and `rollout status` sees the mode of every org it judges.
     pub fn org_label<'a>(&self, org: Option<&'a str>) -> &'a str {
         match org {
-            Some(o) if self.rollout.names(o) => o,
+            Some(o) if self.rollout.names(o) || !self.shadow_org_label(o).is_empty() => o,
             _ => "other",
         }
     }
@@ -163,6 +165,8 @@ pub struct Shared {
     pub stats: Mutex<ExecutionStats>,
     /// Shadow copies compared with their legacy answers, per org: `GET /runtime/shadow`.
     pub scorecard: Mutex<Scorecard>,
+    /// Where the fleet signal's poller stands.
+    pub fleet: FleetStatus,
     pub metrics: &'static Metrics,
     /// Pingora's pooled connector, for health checks.
     pub connector: Connector,
@@ -202,6 +206,15 @@ impl Shared {
                 .with_label_values(&[t.from.as_str(), t.to.as_str()])
                 .inc();
             metrics.set_breaker_state(t.to.as_str());
+            if let Some(signal) = t.signal {
+                metrics
+                    .breaker_opens_total
+                    .with_label_values(&[signal.as_str()])
+                    .inc();
+                metrics.set_open_signal(Some(signal));
+            } else if t.to == crate::core::breaker::State::Closed {
+                metrics.set_open_signal(None);
+            }
         });
         metrics.set_breaker_state(breaker.state().as_str());
         metrics.init_shadow_orgs(&config.rollout.shadow_orgs);
@@ -221,6 +234,7 @@ impl Shared {
             breaker,
             stats: Mutex::new(stats),
             scorecard: Mutex::new(scorecard),
+            fleet: FleetStatus::default(),
             metrics,
             connector: Connector::new(None),
             runtime_pool: Connections::default(),

@@ -17,6 +17,14 @@
 //!   successes close it (with a fresh window), one probe failure opens it again.
 //! - A manual trip keeps it Open, whatever happens, until a manual reset.
 //!
+//! - With `[fleet]` on, a reading of every replica's runtime outcomes ([`Breaker::record_fleet`])
+//!   opens a Closed breaker too when it crosses the same thresholds with at least
+//!   `min_requests` samples fleet-wide; readings older than the last close never count
+//!   (`core::fleet`). Half-open probes and closing stay local.
+//!
+//! Every opening names its [`Signal`]: the replica's own window, the fleet's, the health check,
+//! a failed probe or a manual trip.
+//!
 //! Every `Probe` admission must end in exactly one `record(.., probe = true, ..)` or
 //! `release_probe()`, or its slot stays taken.
 
@@ -25,6 +33,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
+use crate::core::fleet::{FleetEvidence, FleetReading, FleetSignal};
 use crate::core::stats::{Outcome, Window, WindowStats};
 
 /// Breaker thresholds and timings, derived from `[breaker]` and `[runtime]` of proxy.toml.
@@ -100,6 +109,31 @@ impl BreakerSettings {
                 0,
             );
             return Some(format!("mean latency {v} ms > {t} ms over {n} {plural}"));
+        }
+        None
+    }
+
+    /// Why a fleet reading should open the breaker, or `None`: the same thresholds as
+    /// [`exceeded`](Self::exceeded) on the fleet's error and timeout rates, with at least
+    /// `min_requests` samples fleet-wide (mean latency stays a replica's own judgement).
+    pub fn fleet_exceeded(&self, e: &FleetEvidence) -> Option<String> {
+        let n = e.samples.round();
+        if n < 1.0 || n < self.min_requests as f64 {
+            return None;
+        }
+        let scope = if e.since_close {
+            "all replicas, since this one closed"
+        } else {
+            "all replicas"
+        };
+        let plural = if n == 1.0 { "request" } else { "requests" };
+        if e.error_rate > self.error_rate {
+            let (v, t) = fmt_pair(e.error_rate, self.error_rate, 2);
+            return Some(format!("error rate {v} > {t} over {n} {plural}, {scope}"));
+        }
+        if e.timeout_rate > self.timeout_rate {
+            let (v, t) = fmt_pair(e.timeout_rate, self.timeout_rate, 2);
+            return Some(format!("timeout rate {v} > {t} over {n} {plural}, {scope}"));
         }
         None
     }
@@ -188,6 +222,48 @@ impl serde::Serialize for State {
     }
 }
 
+/// What opened the breaker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// This replica's own window of runtime outcomes.
+    Local,
+    /// The fleet's outcomes, read from Prometheus (`[fleet]`).
+    Fleet,
+    /// Consecutive failed health checks.
+    Health,
+    /// A half-open probe that failed.
+    Probe,
+    /// The kill switch.
+    Manual,
+}
+
+impl Signal {
+    pub const ALL: [Signal; 5] = [
+        Signal::Local,
+        Signal::Fleet,
+        Signal::Health,
+        Signal::Probe,
+        Signal::Manual,
+    ];
+
+    /// `local` | `fleet` | `health` | `probe` | `manual`, as the metrics and the status name it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Signal::Local => "local",
+            Signal::Fleet => "fleet",
+            Signal::Health => "health",
+            Signal::Probe => "probe",
+            Signal::Manual => "manual",
+        }
+    }
+}
+
+impl serde::Serialize for Signal {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
 /// Answer to "may this request go to the runtime?".
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admission {
@@ -205,6 +281,8 @@ pub struct Transition {
     pub from: State,
     pub to: State,
     pub reason: String,
+    /// What opened it, for a transition to Open.
+    pub signal: Option<Signal>,
 }
 
 impl fmt::Display for Transition {
@@ -229,6 +307,10 @@ pub struct Breaker {
     probe_successes: u32,
     /// Consecutive failed health checks.
     health_failures: u32,
+    /// What opened it, while not Closed.
+    signal: Option<Signal>,
+    /// The fleet's readings, judged against the last close.
+    fleet: FleetSignal,
 }
 
 impl Breaker {
@@ -244,23 +326,44 @@ impl Breaker {
             probes_in_flight: 0,
             probe_successes: 0,
             health_failures: 0,
+            signal: None,
+            fleet: FleetSignal::default(),
         }
     }
 
-    fn transition(&mut self, to: State, reason: String, now: Instant) -> Option<Transition> {
+    /// Move to `to` for `reason`; `signal` names what opened it (kept while it is not Closed).
+    fn transition(
+        &mut self,
+        to: State,
+        reason: String,
+        signal: Option<Signal>,
+        now: Instant,
+    ) -> Option<Transition> {
         let from = self.state;
         self.state = to;
         self.reason.clone_from(&reason);
         self.probe_successes = 0;
         match to {
-            State::Open => self.opened_at = now,
-            State::Closed => self.window.clear(now),
+            State::Open => {
+                self.opened_at = now;
+                self.signal = signal;
+            }
+            State::Closed => {
+                self.window.clear(now);
+                self.signal = None;
+                self.fleet.closed(now);
+            }
             State::HalfOpen => {}
         }
         if from == to {
             None
         } else {
-            Some(Transition { from, to, reason })
+            Some(Transition {
+                from,
+                to,
+                reason,
+                signal: (to == State::Open).then_some(self.signal).flatten(),
+            })
         }
     }
 
@@ -307,7 +410,7 @@ impl Breaker {
             fmt_duration(self.settings.open_for),
             self.settings.probes()
         );
-        self.transition(State::HalfOpen, reason, now)
+        self.transition(State::HalfOpen, reason, None, now)
     }
 
     /// Outcome of a runtime execution; `probe` = it was admitted as `Probe`.
@@ -331,7 +434,7 @@ impl Breaker {
             State::Closed => {
                 self.window.record(outcome, latency, now);
                 let reason = self.settings.exceeded(&self.window.snapshot(now))?;
-                self.transition(State::Open, reason, now)
+                self.transition(State::Open, reason, Some(Signal::Local), now)
             }
             State::HalfOpen if probe => {
                 let needed = self.settings.probes();
@@ -340,13 +443,13 @@ impl Breaker {
                         "half-open probe failed: {outcome} after {} of {needed} successes",
                         self.probe_successes
                     );
-                    self.transition(State::Open, reason, now)
+                    self.transition(State::Open, reason, Some(Signal::Probe), now)
                 } else {
                     self.probe_successes += 1;
                     if self.probe_successes >= needed {
                         let plural = if needed == 1 { "probe" } else { "probes" };
                         let reason = format!("closed: {needed} {plural} succeeded");
-                        self.transition(State::Closed, reason, now)
+                        self.transition(State::Closed, reason, None, now)
                     } else {
                         None
                     }
@@ -385,9 +488,10 @@ impl Breaker {
         if self.state == State::Open {
             // Already open: name the cause that now keeps it open, without a transition.
             self.reason = reason;
+            self.signal = Some(Signal::Health);
             None
         } else {
-            self.transition(State::Open, reason, now)
+            self.transition(State::Open, reason, Some(Signal::Health), now)
         }
     }
 
@@ -400,9 +504,15 @@ impl Breaker {
         self.manual = true;
         if self.state == State::Open {
             self.reason = "tripped manually".to_owned();
+            self.signal = Some(Signal::Manual);
             None
         } else {
-            self.transition(State::Open, "tripped manually".to_owned(), now)
+            self.transition(
+                State::Open,
+                "tripped manually".to_owned(),
+                Some(Signal::Manual),
+                now,
+            )
         }
     }
 
@@ -415,8 +525,42 @@ impl Breaker {
         if self.state == State::Closed {
             None
         } else {
-            self.transition(State::Closed, "closed: reset manually".to_owned(), now)
+            self.transition(
+                State::Closed,
+                "closed: reset manually".to_owned(),
+                None,
+                now,
+            )
         }
+    }
+
+    /// A reading of the fleet's runtime outcomes. A Closed breaker that is not tripped by hand
+    /// opens when the reading counts (see `core::fleet`: not older than the last close) and
+    /// crosses the thresholds with at least `min_requests` samples fleet-wide
+    /// ([`BreakerSettings::fleet_exceeded`]); its reason starts with `fleet: `. Whatever the
+    /// state, the reading is kept as the baseline of the next close.
+    pub fn record_fleet(&mut self, reading: FleetReading, now: Instant) -> Option<Transition> {
+        let evidence = self.fleet.observe(reading, self.settings.window)?;
+        if self.state != State::Closed || self.manual {
+            return None;
+        }
+        let why = self.settings.fleet_exceeded(&evidence)?;
+        self.transition(
+            State::Open,
+            format!("fleet: {why}"),
+            Some(Signal::Fleet),
+            now,
+        )
+    }
+
+    /// What opened the breaker, while it is not Closed.
+    pub fn signal(&self) -> Option<Signal> {
+        self.signal
+    }
+
+    /// The fleet's readings as this breaker holds them.
+    pub fn fleet(&self) -> &FleetSignal {
+        &self.fleet
     }
 
     pub fn state(&self) -> State {
@@ -475,6 +619,8 @@ pub struct BreakerStatus {
     pub state: State,
     pub reason: String,
     pub manual: bool,
+    /// What opened it, while not Closed.
+    pub signal: Option<Signal>,
 }
 
 impl BreakerStatus {
@@ -485,15 +631,16 @@ impl BreakerStatus {
 }
 
 impl serde::Serialize for BreakerStatus {
-    /// `{"fallbackEnabled","fallbackReason","state","manuallyTripped"}`: the `data` object of
-    /// `GET /runtime/fallback/status`, plus the manual flag.
+    /// `{"fallbackEnabled","fallbackReason","state","manuallyTripped","openedBy"}`: the `data`
+    /// object of `GET /runtime/fallback/status`, plus the manual flag and what opened it.
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct;
-        let mut s = serializer.serialize_struct("BreakerStatus", 4)?;
+        let mut s = serializer.serialize_struct("BreakerStatus", 5)?;
         s.serialize_field("fallbackEnabled", &self.fallback_enabled())?;
         s.serialize_field("fallbackReason", &self.reason)?;
         s.serialize_field("state", &self.state)?;
         s.serialize_field("manuallyTripped", &self.manual)?;
+        s.serialize_field("openedBy", &self.signal)?;
         s.end()
     }
 }
@@ -585,6 +732,11 @@ impl SharedBreaker {
         self.apply(|b, now| ((), b.reset(now)))
     }
 
+    /// A reading of the fleet; see [`Breaker::record_fleet`].
+    pub fn record_fleet(&self, reading: FleetReading) {
+        self.apply(|b, now| ((), b.record_fleet(reading, now)))
+    }
+
     /// Current state, without taking the lock.
     pub fn state(&self) -> State {
         State::from_u8(self.state.load(Ordering::Acquire))
@@ -608,6 +760,7 @@ impl SharedBreaker {
             state: b.state(),
             reason: b.reason().to_owned(),
             manual: b.manually_tripped(),
+            signal: b.signal(),
         }
     }
 
@@ -620,6 +773,7 @@ impl SharedBreaker {
                 state: b.state(),
                 reason: b.reason().to_owned(),
                 manual: b.manually_tripped(),
+                signal: b.signal(),
             };
             (status, t)
         })
@@ -670,6 +824,7 @@ impl fmt::Debug for SharedBreaker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::fleet::FleetCounts;
     use proptest::prelude::*;
     use std::sync::atomic::AtomicU32;
     use std::sync::Arc;
@@ -1366,6 +1521,128 @@ address = "runtime:8000"
         );
     }
 
+    fn reading(taken_at: Instant, total: f64, error: f64, timeout: f64) -> FleetReading {
+        FleetReading {
+            taken_at,
+            counts: FleetCounts {
+                total,
+                error,
+                timeout,
+            },
+        }
+    }
+
+    #[test]
+    fn the_fleet_opens_a_closed_breaker_and_says_so() {
+        let t0 = Instant::now();
+        let mut b = Breaker::new(settings(), t0);
+        // This replica saw two errors: far from min_requests on its own.
+        record_n(&mut b, 2, Outcome::Error, t0);
+        let t = b.record_fleet(reading(t0, 12.0, 9.0, 0.0), t0).unwrap();
+        assert_eq!((t.from, t.to), (State::Closed, State::Open));
+        assert_eq!(
+            t.reason,
+            "fleet: error rate 0.75 > 0.50 over 12 requests, all replicas"
+        );
+        assert_eq!(t.signal, Some(Signal::Fleet));
+        assert_eq!(b.signal(), Some(Signal::Fleet));
+        assert_eq!(b.admit(t0).0, Admission::Rejected);
+        // Probes and closing stay local: a failing fleet reading while half-open changes nothing.
+        let t1 = t0 + secs(30);
+        assert_eq!(b.admit(t1).0, Admission::Probe);
+        assert_eq!(b.record_fleet(reading(t1, 40.0, 40.0, 0.0), t1), None);
+        assert_eq!(b.state(), State::HalfOpen);
+        for _ in 0..2 {
+            assert_eq!(b.admit(t1).0, Admission::Probe);
+        }
+        for _ in 0..3 {
+            b.record(Outcome::Success, MS, true, t1);
+        }
+        assert_eq!(b.state(), State::Closed);
+        assert_eq!(b.signal(), None);
+    }
+
+    #[test]
+    fn the_fleet_needs_min_requests_and_a_crossed_threshold() {
+        let t0 = Instant::now();
+        let mut b = Breaker::new(settings(), t0);
+        assert_eq!(b.record_fleet(reading(t0, 9.0, 9.0, 0.0), t0), None);
+        assert_eq!(b.record_fleet(reading(t0, 20.0, 10.0, 6.0), t0), None);
+        let t = b.record_fleet(reading(t0, 20.0, 10.0, 7.0), t0).unwrap();
+        assert_eq!(
+            t.reason,
+            "fleet: timeout rate 0.35 > 0.30 over 20 requests, all replicas"
+        );
+    }
+
+    #[test]
+    fn a_fleet_reading_older_than_the_last_close_does_not_reopen_it() {
+        let t0 = Instant::now();
+        let mut b = Breaker::new(settings(), t0);
+        // Opened by the fleet, then closed by its own probes at t1.
+        b.record_fleet(reading(t0, 12.0, 12.0, 0.0), t0).unwrap();
+        let t1 = t0 + secs(31);
+        for _ in 0..3 {
+            b.admit(t1);
+        }
+        for _ in 0..3 {
+            b.record(Outcome::Success, MS, true, t1);
+        }
+        assert_eq!(b.state(), State::Closed);
+        // A poll sent before the close and answered after it.
+        assert_eq!(
+            b.record_fleet(reading(t1 - secs(1), 14.0, 12.0, 0.0), t1 + secs(1)),
+            None
+        );
+        // Taken after it, the same failures are nothing new.
+        assert_eq!(
+            b.record_fleet(reading(t1 + secs(5), 20.0, 12.0, 0.0), t1 + secs(5)),
+            None
+        );
+        assert_eq!(b.state(), State::Closed);
+        // New failures since the close do reopen it.
+        let t = b
+            .record_fleet(reading(t1 + secs(10), 32.0, 24.0, 0.0), t1 + secs(10))
+            .unwrap();
+        assert_eq!(
+            t.reason,
+            "fleet: error rate 0.60 > 0.50 over 18 requests, all replicas, since this one closed"
+        );
+    }
+
+    #[test]
+    fn a_manual_trip_or_reset_keeps_its_own_signal() {
+        let t0 = Instant::now();
+        let mut b = Breaker::new(settings(), t0);
+        b.trip(t0);
+        assert_eq!(b.record_fleet(reading(t0, 12.0, 12.0, 0.0), t0), None);
+        assert_eq!(b.signal(), Some(Signal::Manual));
+        b.reset(t0 + secs(1));
+        // The reset is a close: the reading before it does not count again.
+        assert_eq!(
+            b.record_fleet(reading(t0 + secs(2), 12.0, 12.0, 0.0), t0 + secs(2)),
+            None
+        );
+        assert_eq!(b.state(), State::Closed);
+    }
+
+    #[test]
+    fn every_opening_names_its_signal() {
+        let t0 = Instant::now();
+        let mut b = opened(t0);
+        assert_eq!(b.signal(), Some(Signal::Local));
+        b.admit(t0 + secs(30));
+        let t = b.record(Outcome::Error, MS, true, t0 + secs(30)).unwrap();
+        assert_eq!(t.signal, Some(Signal::Probe));
+        let mut b = Breaker::new(settings(), t0);
+        for _ in 0..3 {
+            b.record_health(false, "503", t0);
+        }
+        assert_eq!(b.signal(), Some(Signal::Health));
+        b.trip(t0);
+        assert_eq!(b.signal(), Some(Signal::Manual));
+    }
+
     #[test]
     fn names_and_display() {
         assert_eq!(State::Closed.as_str(), "closed");
@@ -1380,7 +1657,10 @@ address = "runtime:8000"
             from: State::Closed,
             to: State::Open,
             reason: "x".into(),
+            signal: Some(Signal::Local),
         };
+        let names: Vec<&str> = Signal::ALL.iter().map(|s| s.as_str()).collect();
+        assert_eq!(names, ["local", "fleet", "health", "probe", "manual"]);
         assert_eq!(t.to_string(), "closed -> open: x");
         assert_eq!(serde_json::to_value(State::HalfOpen).unwrap(), "half_open");
     }
@@ -1391,10 +1671,11 @@ address = "runtime:8000"
             state: State::Open,
             reason: "tripped manually".into(),
             manual: true,
+            signal: Some(Signal::Manual),
         };
         assert_eq!(
             serde_json::to_string(&st).unwrap(),
-            r#"{"fallbackEnabled":true,"fallbackReason":"tripped manually","state":"open","manuallyTripped":true}"#
+            r#"{"fallbackEnabled":true,"fallbackReason":"tripped manually","state":"open","manuallyTripped":true,"openedBy":"manual"}"#
         );
     }
 
@@ -1559,6 +1840,8 @@ address = "runtime:8000"
         Tick,
         Trip,
         Reset,
+        /// A fleet reading of (total, errors), taken this many ms before now.
+        Fleet(u8, u8, u64),
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -1571,6 +1854,7 @@ address = "runtime:8000"
             2 => Just(Op::Tick),
             1 => Just(Op::Trip),
             1 => Just(Op::Reset),
+            2 => (0u8..30, 0u8..30, 0u64..2000).prop_map(|(n, e, lag)| Op::Fleet(n, e, lag)),
         ]
     }
 
@@ -1709,7 +1993,22 @@ address = "runtime:8000"
                         prop_assert_eq!(b.window_stats(now).total, 0);
                         t
                     }
+                    Op::Fleet(n, e, lag) => {
+                        let taken_at = now.checked_sub(Duration::from_millis(lag)).unwrap_or(now);
+                        let counts = FleetCounts { total: f64::from(n), error: f64::from(e.min(n)), timeout: 0.0 };
+                        let stale = b.fleet().last_close().is_some_and(|c| taken_at <= c);
+                        let t = b.record_fleet(FleetReading { taken_at, counts }, now);
+                        if let Some(t) = &t {
+                            prop_assert_eq!((t.from, t.to), (State::Closed, State::Open));
+                            prop_assert!(!was_manual && !stale);
+                            prop_assert!(t.reason.starts_with("fleet: "));
+                            prop_assert_eq!(t.signal, Some(Signal::Fleet));
+                            prop_assert!(counts.total >= set.min_requests as f64);
+                        }
+                        t
+                    }
                 };
+                prop_assert_eq!(b.signal().is_some(), b.state() != State::Closed);
                 if let Some(t) = &t {
                     prop_assert_eq!(t.from, before);
                     prop_assert_eq!(t.to, b.state());

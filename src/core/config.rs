@@ -97,6 +97,67 @@ pub struct Config {
     pub shadow: ShadowConfig,
     #[serde(default)]
     pub cors: crate::core::cors::CorsConfig,
+    #[serde(default)]
+    pub fleet: FleetConfig,
+}
+
+/// `[fleet]`: the Prometheus that scrapes every replica, read for the breaker's fleet signal.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetConfig {
+    /// `http://host[:port][/prefix]` of the Prometheus API; "" (the default): off, each replica
+    /// decides alone.
+    #[serde(default)]
+    pub prometheus_url: String,
+    /// How often the fleet's runtime outcomes are read, in the background.
+    #[serde(default = "defaults::fleet_poll_ms")]
+    pub poll_ms: u64,
+    /// A poll unanswered after this is a failure (connect, answer and body together).
+    #[serde(default = "defaults::fleet_timeout_ms")]
+    pub timeout_ms: u64,
+    /// PromQL giving the fleet's runtime executions over `breaker.window_secs`, one series per
+    /// `outcome` (`all`, `error`, `timeout`); "" (the default): the shipped recording rule
+    /// (its expression over `window_secs` when that is not 300).
+    #[serde(default)]
+    pub query: String,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        FleetConfig {
+            prometheus_url: String::new(),
+            poll_ms: defaults::fleet_poll_ms(),
+            timeout_ms: defaults::fleet_timeout_ms(),
+            query: String::new(),
+        }
+    }
+}
+
+impl FleetConfig {
+    pub fn enabled(&self) -> bool {
+        !self.prometheus_url.is_empty()
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.enabled() {
+            crate::core::prometheus::HttpUrl::parse(&self.prometheus_url)
+                .map_err(|e| ConfigError::new("fleet.prometheus_url", e))?;
+        }
+        check_range("fleet.poll_ms", self.poll_ms as f64, 100.0, 3_600_000.0)?;
+        check_range(
+            "fleet.timeout_ms",
+            self.timeout_ms as f64,
+            10.0,
+            self.poll_ms as f64,
+        )?;
+        if !self.query.is_empty() && self.query.trim().is_empty() {
+            return Err(ConfigError::new(
+                "fleet.query",
+                "blank: leave it out (or \"\") for the shipped recording rule",
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -224,6 +285,10 @@ pub struct RolloutConfig {
     #[serde(default)]
     pub shadow_orgs: Vec<String>,
 }
+
+/// Largest `shadow.ready_min_samples`: a floor under the statistics, which count every
+/// comparison in the window.
+pub const MAX_READY_MIN_SAMPLES: u64 = 1_000_000;
 
 /// Most `rollout.shadow_orgs`: each adds labelled series.
 pub const MAX_SHADOW_ORGS: usize = 64;
@@ -506,6 +571,12 @@ mod defaults {
     pub fn body_timeout_ms() -> u64 {
         10_000
     }
+    pub fn fleet_poll_ms() -> u64 {
+        5_000
+    }
+    pub fn fleet_timeout_ms() -> u64 {
+        2_000
+    }
     pub fn ready_min_samples() -> u64 {
         50
     }
@@ -766,6 +837,7 @@ impl Config {
             ));
         }
         self.shadow.validate()?;
+        self.fleet.validate()?;
         check_env_name("identity.jwt_secret_env", &self.identity.jwt_secret_env)?;
         check_nonempty("identity.org_claim", &self.identity.org_claim)?;
         check_nonempty("identity.user_claim", &self.identity.user_claim)?;
@@ -891,7 +963,7 @@ impl ShadowConfig {
             "shadow.ready_min_samples",
             self.ready_min_samples as f64,
             1.0,
-            crate::core::scorecard::MAX_SAMPLES_PER_ORG as f64,
+            MAX_READY_MIN_SAMPLES as f64,
         )?;
         check_rate(
             "shadow.ready_max_error_rate_delta",
@@ -1473,6 +1545,39 @@ address = "runtime:8000"
     }
 
     #[test]
+    fn fleet_keys_have_defaults_and_bounds() {
+        let c = Config::parse(MINIMAL).unwrap();
+        assert_eq!(c.fleet, FleetConfig::default());
+        assert!(!c.fleet.enabled());
+        assert_eq!((c.fleet.poll_ms, c.fleet.timeout_ms), (5000, 2000));
+        let with = |extra: &str| format!("{MINIMAL}{extra}");
+        let c = Config::parse(&with(
+            "[fleet]\nprometheus_url = \"http://prometheus.monitoring:9090\"\npoll_ms = 1000\ntimeout_ms = 500\n",
+        ))
+        .unwrap();
+        assert!(c.fleet.enabled());
+        for (extra, key) in [
+            (
+                "[fleet]\nprometheus_url = \"https://p:9090\"\n",
+                "fleet.prometheus_url",
+            ),
+            (
+                "[fleet]\nprometheus_url = \"p:9090\"\n",
+                "fleet.prometheus_url",
+            ),
+            ("[fleet]\npoll_ms = 10\n", "fleet.poll_ms"),
+            (
+                "[fleet]\npoll_ms = 1000\ntimeout_ms = 2000\n",
+                "fleet.timeout_ms",
+            ),
+            ("[fleet]\nquery = \" \"\n", "fleet.query"),
+            ("[fleet]\nurl = \"http://p\"\n", "fleet.url"),
+        ] {
+            assert_eq!(err_key(&with(extra)), key, "{extra}");
+        }
+    }
+
+    #[test]
     fn shadow_scorecard_keys_have_defaults_and_bounds() {
         let c = Config::parse(MINIMAL).unwrap();
         assert_eq!(c.shadow, ShadowConfig::default());
@@ -1493,7 +1598,7 @@ address = "runtime:8000"
                 "shadow.ready_min_samples",
             ),
             (
-                "[shadow]\nready_min_samples = 257\n",
+                "[shadow]\nready_min_samples = 1000001\n",
                 "shadow.ready_min_samples",
             ),
             (

@@ -47,7 +47,8 @@ impl AdminApp {
     }
 
     /// `{"success":true,"data":{"fallbackEnabled","fallbackReason","state"}}`: exactly the
-    /// contract's fields (a manual trip shows in the reason, "tripped manually").
+    /// contract's fields (a manual trip shows in the reason, "tripped manually"; an opening by
+    /// the fleet's readings starts with "fleet:").
     fn fallback_status(&self) -> Value {
         let status = self.shared.breaker.report();
         json!({"success": true, "data": {
@@ -55,6 +56,16 @@ impl AdminApp {
             "fallbackReason": status.reason,
             "state": status.state.as_str(),
         }})
+    }
+
+    /// `GET /runtime/fleet`: `{"success":true,"data":{"openedBy","state","detail","lastReading"}}`:
+    /// what holds the breaker from closed (`local`, `fleet`, `health`, `probe`, `manual`; null
+    /// while closed) and where the fleet signal stands (`off`, `ok`, `unavailable`, `invalid`).
+    fn fleet_status(&self) -> Value {
+        let status = self.shared.breaker.report();
+        let mut data = self.shared.fleet.to_json(Instant::now());
+        data["openedBy"] = json!(status.signal);
+        json!({"success": true, "data": data})
     }
 
     fn route(&self, method: &Method, path: &str, session: &ServerSession) -> (StatusCode, Value) {
@@ -89,6 +100,7 @@ impl AdminApp {
                 )
             }
             ("GET", "/runtime/fallback/status") => (StatusCode::OK, self.fallback_status()),
+            ("GET", "/runtime/fleet") => (StatusCode::OK, self.fleet_status()),
             ("POST", "/runtime/fallback/reset") | ("POST", "/runtime/fallback/trip") => {
                 if let Err(why) = self.authorized(session) {
                     return (
@@ -156,6 +168,7 @@ impl AdminApp {
                 }
             }
             (_, "/healthz" | "/readyz" | "/runtime/metrics" | "/runtime/fallback/status")
+            | (_, "/runtime/fleet")
             | (_, "/runtime/shadow")
             | (_, "/runtime/fallback/reset" | "/runtime/fallback/trip") => (
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -216,8 +229,12 @@ impl ServeHttp for MetricsApp {
             return json_response(StatusCode::NOT_FOUND, &json!({"error": "see /metrics"}));
         }
         // The breaker gauges move on transitions: let an open period that is over make its
-        // transition before they are read.
+        // transition before they are read. What holds it open can change without one (a
+        // manual trip or a failing health check while open): read it now.
         self.shared.breaker.tick();
+        self.shared
+            .metrics
+            .set_open_signal(self.shared.breaker.status().signal);
         let body = self.shared.metrics.render();
         Response::builder()
             .status(StatusCode::OK)

@@ -51,6 +51,10 @@ pub struct Metrics {
     pub stream_errors_total: IntCounterVec,
     pub breaker_state: IntGaugeVec,
     pub breaker_transitions_total: IntCounterVec,
+    pub breaker_opens_total: IntCounterVec,
+    pub breaker_open_signal: IntGaugeVec,
+    pub fleet_polls_total: IntCounterVec,
+    pub fleet_signal_up: IntGauge,
     pub health_up: IntGauge,
     pub health_checks_total: IntCounterVec,
     pub config_reloads_total: IntCounterVec,
@@ -61,6 +65,7 @@ pub struct Metrics {
     pub shadow_events_total: IntCounter,
     pub shadow_comparisons_total: IntCounterVec,
     pub shadow_ttfe_seconds: HistogramVec,
+    pub shadow_runtime_timeouts_total: IntCounterVec,
     pub shadow_unpaired_total: IntCounterVec,
     pub file_requests_total: IntCounterVec,
     pub cors_mismatch_total: IntCounter,
@@ -226,6 +231,25 @@ impl Metrics {
                 "Breaker state changes.",
                 &["from", "to"]
             )?,
+            breaker_opens_total: counter_vec(
+                r,
+                "chat_runtime_breaker_opens_total",
+                "Breaker openings, by the signal that opened it (local, fleet, health, probe, manual).",
+                &["signal"]
+            )?,
+            breaker_open_signal: gauge_vec(
+                r,
+                "chat_runtime_breaker_open_signal",
+                "1 for the signal that keeps the breaker from closed (local, fleet, health, probe, manual), 0 for the others; all 0 while closed.",
+                &["signal"]
+            )?,
+            fleet_polls_total: counter_vec(
+                r,
+                "cutover_fleet_polls_total",
+                "Polls of the fleet's runtime outcomes from [fleet] prometheus_url, by result (ok; unavailable: unreachable, slow or 5xx; invalid: an answer that is not the fleet's counts).",
+                &["result"]
+            )?,
+            fleet_signal_up: gauge(r, "cutover_fleet_signal_up", "1 while the last poll of [fleet] prometheus_url gave the breaker a reading; 0 when it failed or [fleet] is off.")?,
             health_up: gauge(r, "chat_runtime_health_up", "1 when the last runtime health check passed.")?,
             health_checks_total: counter_vec(
                 r,
@@ -264,9 +288,15 @@ impl Metrics {
             shadow_ttfe_seconds: histogram_vec(
                 r,
                 "cutover_shadow_ttfe_seconds",
-                "Seconds to the first event of compared shadow requests, by path (legacy, runtime); org only for rollout.shadow_orgs, else empty.",
+                "Seconds to the first event of compared shadow requests, by path (legacy, runtime); org only for rollout.shadow_orgs, else empty. Its bins are the scorecard's, so the fleet's sums are judged like one replica's.",
                 &["path", "org"],
-                FIRST_EVENT_BUCKETS_SECONDS
+                &crate::core::scorecard::TTFE_BOUNDS_SECONDS
+            )?,
+            shadow_runtime_timeouts_total: counter_vec(
+                r,
+                "cutover_shadow_runtime_timeouts_total",
+                "Compared shadow copies whose runtime execution timed out (counted as runtime_failed or both_failed too); org only for rollout.shadow_orgs, else empty.",
+                &["org"]
             )?,
             shadow_unpaired_total: counter_vec(
                 r,
@@ -329,6 +359,15 @@ impl Metrics {
         for result in ["ok", "failed"] {
             self.health_checks_total.with_label_values(&[result]);
         }
+        for signal in crate::core::breaker::Signal::ALL {
+            self.breaker_opens_total
+                .with_label_values(&[signal.as_str()]);
+            self.breaker_open_signal
+                .with_label_values(&[signal.as_str()]);
+        }
+        for result in ["ok", "unavailable", "invalid"] {
+            self.fleet_polls_total.with_label_values(&[result]);
+        }
         for result in ["success", "invalid"] {
             self.config_reloads_total.with_label_values(&[result]);
         }
@@ -345,6 +384,7 @@ impl Metrics {
         for path in ["legacy", "runtime"] {
             self.shadow_ttfe_seconds.with_label_values(&[path, ""]);
         }
+        self.shadow_runtime_timeouts_total.with_label_values(&[""]);
         for cause in ["client_gone", "copy_skipped", "legacy_undecodable"] {
             self.shadow_unpaired_total.with_label_values(&[cause]);
         }
@@ -366,6 +406,36 @@ impl Metrics {
             for path in ["legacy", "runtime"] {
                 self.shadow_ttfe_seconds.with_label_values(&[path, org]);
             }
+            self.shadow_runtime_timeouts_total.with_label_values(&[org]);
+        }
+    }
+
+    /// One shadow comparison, under `org` (the label: an org of `rollout.shadow_orgs`, else
+    /// empty): its result, each side's time to first event and a runtime timeout.
+    pub fn observe_comparison(&self, org: &str, c: &crate::core::scorecard::Comparison) {
+        self.shadow_comparisons_total
+            .with_label_values(&[c.result().as_str(), org])
+            .inc();
+        for (path, side) in [("legacy", &c.legacy), ("runtime", &c.runtime)] {
+            if let Some(t) = side.ttfe {
+                self.shadow_ttfe_seconds
+                    .with_label_values(&[path, org])
+                    .observe(t.as_secs_f64());
+            }
+        }
+        if c.runtime.outcome == crate::core::stats::Outcome::Timeout {
+            self.shadow_runtime_timeouts_total
+                .with_label_values(&[org])
+                .inc();
+        }
+    }
+
+    /// Mirror what holds the breaker from closed (none while closed) into its gauge.
+    pub fn set_open_signal(&self, signal: Option<crate::core::breaker::Signal>) {
+        for s in crate::core::breaker::Signal::ALL {
+            self.breaker_open_signal
+                .with_label_values(&[s.as_str()])
+                .set(i64::from(Some(s) == signal));
         }
     }
 

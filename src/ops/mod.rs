@@ -1,7 +1,9 @@
-//! What operators talk to: the admin API, Prometheus metrics, the runtime health check and the
-//! config reload watcher.
+//! What operators talk to: the admin API, Prometheus metrics, the runtime health check, the
+//! config reload watcher, and the fleet signal read from Prometheus.
 
 pub mod admin;
+pub mod fleet;
 pub mod health;
 pub mod metrics;
+pub mod prometheus;
 pub mod reload;

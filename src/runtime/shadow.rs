@@ -105,18 +105,7 @@ impl Pair {
 
     fn settle(&self, shared: &Shared, joined: Option<Comparison>) {
         let Some(c) = joined else { return };
-        let m = shared.metrics;
-        let label = self.0.label.as_str();
-        m.shadow_comparisons_total
-            .with_label_values(&[c.result().as_str(), label])
-            .inc();
-        for (path, side) in [("legacy", &c.legacy), ("runtime", &c.runtime)] {
-            if let Some(t) = side.ttfe {
-                m.shadow_ttfe_seconds
-                    .with_label_values(&[path, label])
-                    .observe(t.as_secs_f64());
-            }
-        }
+        shared.metrics.observe_comparison(&self.0.label, &c);
         shared
             .scorecard
             .lock()

@@ -627,3 +627,58 @@ class ChatStream:
 
     def assert_strict(self):
         assert self.violations == [], "the web app's reader would lose events:\n" + "\n".join(self.violations)
+
+
+# ---- Prometheus ----------------------------------------------------------------------------
+
+class Prometheus:
+    """A real Prometheus (Debian's `prometheus` package) scraping `targets` every second, with the
+    shipped rule files loaded and evaluated every second."""
+
+    RULES = REPO / "deploy" / "prometheus" / "rules.yml"
+
+    def __init__(self, workdir: Path, port: int | None = None):
+        self.workdir = workdir
+        self.port = port or free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.proc: Proc | None = None
+
+    def start(self, targets: list[str], job: str = "cutover-proxy") -> "Prometheus":
+        import shutil
+        binary = shutil.which("prometheus")
+        if binary is None:
+            raise AssertionError("prometheus not found: install Debian's prometheus package "
+                                 "(scripts/install-deps.sh test)")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config = self.workdir / "prometheus.yml"
+        config.write_text(
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\n  evaluation_interval: 1s\n"
+            f"rule_files:\n  - {self.RULES}\n"
+            f"scrape_configs:\n  - job_name: {job}\n    static_configs:\n      - targets: {json.dumps(targets)}\n")
+        self.proc = Proc("prometheus", [
+            binary, f"--config.file={config}", f"--storage.tsdb.path={self.workdir / 'data'}",
+            f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn",
+        ], dict(os.environ), self.workdir / "prometheus.log", cwd=self.workdir)
+        wait_ports(self.proc, [self.port], timeout=30)
+
+        def ready():
+            return httpx.get(self.base + "/-/ready", timeout=2).status_code == 200
+        wait_until(ready, 30, interval=0.1, what="prometheus to be ready")
+        # Every target scraped once: counters are seen at their starting 0, so increase() counts
+        # from the first event on.
+        wait_until(lambda: len(self.query("up == 1")) == len(targets), 30, interval=0.1,
+                   what="every target scraped")
+        return self
+
+    def query(self, promql: str) -> list[dict]:
+        r = httpx.get(self.base + "/api/v1/query", params={"query": promql}, timeout=5)
+        r.raise_for_status()
+        return r.json()["data"]["result"]
+
+    def kill(self):
+        if self.proc is not None:
+            self.proc.stop(signal.SIGKILL, grace=0)
+
+    def stop(self):
+        if self.proc is not None:
+            self.proc.stop()

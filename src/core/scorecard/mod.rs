@@ -4,13 +4,15 @@
 //!
 //! All pure (time is passed in), one piece a file: `observer` measures an Agent2UI stream from
 //! bytes it is shown and never changes; `pairing` joins the two halves of one request, which
-//! finish in either order; `verdict` judges an org's comparisons; this file keeps the
-//! comparisons of at most `max_orgs` orgs over the window and reports each as the admin API's `S`
-//! object.
+//! finish in either order; `tally` sums an org's comparisons into the counts the verdict reads
+//! (the same counts every replica exports, so the fleet's sums are judged alike); `verdict`
+//! judges them with confidence; this file keeps the comparisons of at most `max_orgs` orgs over
+//! the window and reports each as the admin API's `S` object.
 
 mod decode;
 mod observer;
 mod pairing;
+mod tally;
 mod verdict;
 
 use std::collections::VecDeque;
@@ -20,18 +22,21 @@ use serde::ser::SerializeStruct;
 use serde::Serialize;
 
 use crate::core::recent::RecentOrgs;
-use crate::core::stats::Outcome;
 
 pub use decode::{Coding, DecodingObserver};
 pub use observer::{StreamObserver, OBSERVED_FRAME_BYTES};
 pub use pairing::{Comparison, ComparisonResult, Pairing, PathSample};
-pub use verdict::{p50, verdict, PathSummary, Thresholds, Verdict};
+pub use tally::{
+    ttfe_bin, ttfe_quantile_ms, Tally, TallyRing, RING_SLOTS, TTFE_BINS, TTFE_BOUNDS_SECONDS,
+};
+pub use verdict::{judge, p50, Judgement, PathSummary, Thresholds, Verdict};
 
-/// Most comparisons kept per org: the verdict is judged on an org's latest ones in the window,
-/// so a busy org costs a fixed amount of memory (about 40 bytes each).
+/// Most comparisons kept per org for the medians of duration and text length (the verdict reads
+/// the org's [`TallyRing`], which counts every comparison in the window in fixed memory): about
+/// 24 bytes each.
 pub const MAX_SAMPLES_PER_ORG: usize = 256;
 
-/// One comparison as kept: compact, so that [`MAX_SAMPLES_PER_ORG`] of them stay small.
+/// One comparison as kept for the medians.
 #[derive(Debug, Clone, Copy)]
 struct Kept {
     /// Milliseconds since the scorecard's origin.
@@ -40,40 +45,42 @@ struct Kept {
     runtime: KeptPath,
 }
 
-/// Times in microseconds (saturating at about 71 minutes); `u32::MAX` ttfe: no event.
+/// Duration in microseconds (saturating at about 71 minutes).
 #[derive(Debug, Clone, Copy)]
 struct KeptPath {
-    outcome: Outcome,
-    ttfe_us: u32,
     duration_us: u32,
     text_chars: u32,
 }
 
-const NO_EVENT: u32 = u32::MAX;
-
 fn micros(d: Duration) -> u32 {
-    u32::try_from(d.as_micros()).unwrap_or(NO_EVENT - 1)
+    u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
 }
 
 impl KeptPath {
     fn of(s: &PathSample) -> Self {
         KeptPath {
-            outcome: s.outcome,
-            ttfe_us: s.ttfe.map_or(NO_EVENT, micros),
             duration_us: micros(s.duration),
             text_chars: u32::try_from(s.text_chars).unwrap_or(u32::MAX),
         }
     }
 }
 
+/// One org's comparisons: every one of the window counted, the latest kept for the medians.
+#[derive(Debug, Default)]
+struct OrgBook {
+    ring: TallyRing,
+    recent: VecDeque<Kept>,
+}
+
 /// Per-org comparisons over a sliding window of `span`, for at most `max_orgs` orgs
 /// ([`RecentOrgs`]: a new org when full takes the place of the org whose latest comparison is
-/// oldest).
+/// oldest). Memory per org is fixed: a [`TallyRing`] and at most [`MAX_SAMPLES_PER_ORG`] kept
+/// comparisons, about 9 KB.
 #[derive(Debug)]
 pub struct Scorecard {
     span: Duration,
     origin: Instant,
-    orgs: RecentOrgs<VecDeque<Kept>>,
+    orgs: RecentOrgs<OrgBook>,
 }
 
 impl Scorecard {
@@ -89,39 +96,57 @@ impl Scorecard {
         u64::try_from(now.saturating_duration_since(self.origin).as_millis()).unwrap_or(u64::MAX)
     }
 
+    fn span_ms(&self) -> u64 {
+        u64::try_from(self.span.as_millis()).unwrap_or(u64::MAX)
+    }
+
     /// Comparisons at or before this are out of the window at `now`.
     fn expired_before(&self, now: Instant) -> Option<u64> {
-        let span = u64::try_from(self.span.as_millis()).unwrap_or(u64::MAX);
-        self.at_ms(now).checked_sub(span)
+        self.at_ms(now).checked_sub(self.span_ms())
     }
 
     /// Count one comparison for `org`.
     pub fn record(&mut self, org: &str, c: &Comparison, now: Instant) {
+        let at_ms = self.at_ms(now);
+        let span_ms = self.span_ms();
         let kept = Kept {
-            at_ms: self.at_ms(now),
+            at_ms,
             legacy: KeptPath::of(&c.legacy),
             runtime: KeptPath::of(&c.runtime),
         };
         let cutoff = self.expired_before(now);
-        let Some(samples) = self.orgs.record(org, VecDeque::new) else {
+        let Some(book) = self.orgs.record(org, OrgBook::default) else {
             return;
         };
-        prune(samples, cutoff);
-        if samples.len() == MAX_SAMPLES_PER_ORG {
-            samples.pop_front();
+        book.ring.record(c, at_ms, span_ms);
+        prune(&mut book.recent, cutoff);
+        if book.recent.len() == MAX_SAMPLES_PER_ORG {
+            book.recent.pop_front();
         }
-        samples.push_back(kept);
+        book.recent.push_back(kept);
+    }
+
+    /// The counts of one org's comparisons in the window, or `None` when it is not tracked.
+    pub fn tally(&self, org: &str, now: Instant) -> Option<Tally> {
+        let book = self.orgs.get(org)?;
+        Some(book.ring.sum(self.at_ms(now), self.span_ms()))
     }
 
     /// The scorecard of one org, or `None` when it is not tracked (no comparison yet, or
     /// evicted). An org whose comparisons all left the window reads as 0 samples, `insufficient`.
     pub fn report(&self, org: &str, t: &Thresholds, now: Instant) -> Option<OrgReport> {
-        let samples = self.orgs.get(org)?;
+        let book = self.orgs.get(org)?;
+        let tally = book.ring.sum(self.at_ms(now), self.span_ms());
         let cutoff = self.expired_before(now);
-        let live = samples
+        let live: Vec<&Kept> = book
+            .recent
             .iter()
-            .filter(|k| cutoff.is_none_or(|c| k.at_ms > c));
-        Some(OrgReport::judge(org, live, t))
+            .filter(|k| cutoff.is_none_or(|c| k.at_ms > c))
+            .collect();
+        let mut report = OrgReport::judge(org, &tally, t);
+        medians(&mut report.legacy, live.iter().map(|k| &k.legacy));
+        medians(&mut report.runtime, live.iter().map(|k| &k.runtime));
+        Some(report)
     }
 
     /// Every tracked org's scorecard, by org id.
@@ -133,9 +158,15 @@ impl Scorecard {
             .collect()
     }
 
-    /// Apply a reloaded config: a changed span keeps the comparisons (each is judged by its own
-    /// time); a lower `max_orgs` evicts the least recently recorded orgs.
+    /// Apply a reloaded config: a changed span starts every org's counts afresh (its slots were
+    /// cut for the old span) and judges the kept comparisons by their own time; a lower
+    /// `max_orgs` evicts the least recently recorded orgs.
     pub fn reconfigure(&mut self, span: Duration, max_orgs: usize) {
+        if span != self.span {
+            for book in self.orgs.values_mut() {
+                book.ring.clear();
+            }
+        }
         self.span = span;
         self.orgs.set_max(max_orgs);
     }
@@ -144,9 +175,9 @@ impl Scorecard {
         self.orgs.len()
     }
 
-    /// Comparisons held for `org`, in or out of the window.
+    /// Comparisons kept for `org`'s medians, in or out of the window.
     pub fn held(&self, org: &str) -> usize {
-        self.orgs.get(org).map_or(0, VecDeque::len)
+        self.orgs.get(org).map_or(0, |b| b.recent.len())
     }
 }
 
@@ -157,30 +188,18 @@ fn prune(samples: &mut VecDeque<Kept>, cutoff: Option<u64>) {
     }
 }
 
-/// One path's totals and medians over the kept comparisons.
-fn summarize<'a>(paths: impl Iterator<Item = &'a KeptPath>) -> PathSummary {
-    let mut s = PathSummary::default();
-    let (mut ttfe, mut duration, mut chars) = (Vec::new(), Vec::new(), Vec::new());
+/// The medians of duration and text length over the kept comparisons.
+fn medians<'a>(s: &mut PathSummary, paths: impl Iterator<Item = &'a KeptPath>) {
+    let (mut duration, mut chars) = (Vec::new(), Vec::new());
     for p in paths {
-        match p.outcome {
-            Outcome::Success => s.success += 1,
-            Outcome::Error => s.error += 1,
-            Outcome::Timeout => s.timeout += 1,
-        }
-        if p.ttfe_us != NO_EVENT {
-            ttfe.push(p.ttfe_us);
-        }
         duration.push(p.duration_us);
         chars.push(p.text_chars);
     }
-    let ms = |us: u32| f64::from(us) / 1000.0;
-    s.ttfe_ms_p50 = p50(&mut ttfe).map(ms);
-    s.duration_ms_p50 = p50(&mut duration).map(ms);
+    s.duration_ms_p50 = p50(&mut duration).map(|us| f64::from(us) / 1000.0);
     s.text_chars_p50 = p50(&mut chars).map(u64::from);
-    s
 }
 
-/// The admin API's `S` object for one org.
+/// The admin API's `S` object for one org, plus `samplesNeeded`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OrgReport {
     pub org_id: String,
@@ -189,30 +208,26 @@ pub struct OrgReport {
     pub agreement: f64,
     pub verdict: Verdict,
     pub reasons: Vec<String>,
+    /// For `insufficient`: about how many more comparisons would decide it; `None` otherwise,
+    /// or when more of the same would not.
+    pub samples_needed: Option<u64>,
     pub legacy: PathSummary,
     pub runtime: PathSummary,
 }
 
 impl OrgReport {
-    fn judge<'a>(org: &str, kept: impl Iterator<Item = &'a Kept> + Clone, t: &Thresholds) -> Self {
-        let legacy = summarize(kept.clone().map(|k| &k.legacy));
-        let runtime = summarize(kept.clone().map(|k| &k.runtime));
-        let samples = kept.clone().count() as u64;
-        let agreed = kept
-            .filter(|k| k.legacy.outcome.is_failure() == k.runtime.outcome.is_failure())
-            .count();
-        let agreement = if samples == 0 {
-            0.0
-        } else {
-            agreed as f64 / samples as f64
-        };
-        let (verdict, reasons) = verdict(samples, &legacy, &runtime, t);
+    /// An org's report from its counts alone (the medians of duration and text are `None`):
+    /// what the fleet's sums give.
+    pub fn judge(org: &str, tally: &Tally, t: &Thresholds) -> Self {
+        let (legacy, runtime) = PathSummary::sides(tally);
+        let j = judge(tally, t);
         OrgReport {
             org_id: org.to_owned(),
-            samples,
-            agreement,
-            verdict,
-            reasons,
+            samples: tally.samples(),
+            agreement: tally.agreement(),
+            verdict: j.verdict,
+            reasons: j.reasons,
+            samples_needed: j.samples_needed,
             legacy,
             runtime,
         }
@@ -221,12 +236,13 @@ impl OrgReport {
 
 impl Serialize for OrgReport {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut s = serializer.serialize_struct("OrgReport", 7)?;
+        let mut s = serializer.serialize_struct("OrgReport", 8)?;
         s.serialize_field("orgId", &self.org_id)?;
         s.serialize_field("samples", &self.samples)?;
         s.serialize_field("agreement", &self.agreement)?;
         s.serialize_field("verdict", &self.verdict)?;
         s.serialize_field("reasons", &self.reasons)?;
+        s.serialize_field("samplesNeeded", &self.samples_needed)?;
         s.serialize_field("legacy", &verdict::Legacy(&self.legacy))?;
         s.serialize_field("runtime", &self.runtime)?;
         s.end()
@@ -238,6 +254,7 @@ impl Serialize for OrgReport {
 #[cfg(test)]
 pub(crate) mod samples {
     use super::*;
+    pub use crate::core::stats::Outcome;
 
     pub const MS: Duration = Duration::from_millis(1);
 
@@ -272,6 +289,12 @@ mod tests {
 
     use super::samples::*;
 
+    /// Thresholds ten loopback comparisons can meet.
+    const LOOSE: Thresholds = Thresholds {
+        max_error_rate_delta: 0.3,
+        ..T
+    };
+
     fn card_with(n: usize, mut f: impl FnMut(usize) -> Comparison) -> (Scorecard, Instant) {
         let t0 = Instant::now();
         let mut s = Scorecard::new(Duration::from_secs(300), 10, t0);
@@ -292,21 +315,25 @@ mod tests {
 
     #[test]
     fn a_runtime_as_good_as_legacy_is_ready() {
-        let (s, t0) = card_with(10, |_| cmp(Outcome::Success, Outcome::Success, 200));
-        let r = s.report("org-a", &T, t0).unwrap();
+        let (s, t0) = card_with(10, |_| cmp(Outcome::Success, Outcome::Success, 150));
+        let r = s.report("org-a", &LOOSE, t0).unwrap();
         assert_eq!(
             (r.verdict, r.samples, r.agreement),
             (Verdict::Ready, 10, 1.0)
         );
         assert!(r.reasons.is_empty());
-        assert_eq!(r.runtime.ttfe_ms_p50, Some(200.0));
-        assert_eq!(r.legacy.ttfe_ms_p50, Some(100.0));
+        assert_eq!(r.samples_needed, None);
+        // Medians of the first event come from the bins: (128, 192] and (96, 128] ms.
+        assert_eq!(r.runtime.ttfe_ms_p50, Some(160.0));
+        assert_eq!(r.legacy.ttfe_ms_p50, Some(112.0));
+        assert_eq!(r.runtime.duration_ms_p50, Some(100.0));
+        assert_eq!(r.legacy.text_chars_p50, Some(10));
     }
 
     #[test]
     fn a_failing_runtime_is_not_ready_with_the_error_rate_reason() {
         let (s, t0) = card_with(10, |i| {
-            let rt = if i < 4 {
+            let rt = if i < 6 {
                 Outcome::Error
             } else {
                 Outcome::Success
@@ -315,15 +342,18 @@ mod tests {
         });
         let r = s.report("org-a", &T, t0).unwrap();
         assert_eq!(r.verdict, Verdict::NotReady);
-        assert_eq!(r.reasons, ["runtime error rate 0.40 > legacy 0.00 + 0.02"]);
-        assert_eq!(r.agreement, 0.6);
-        assert_eq!((r.runtime.success, r.runtime.error), (6, 4));
+        assert_eq!(
+            r.reasons,
+            ["runtime error rate 0.60 > legacy 0.00 + 0.02 (95 % bound: at least +0.273)"]
+        );
+        assert_eq!(r.agreement, 0.4);
+        assert_eq!((r.runtime.success, r.runtime.error), (4, 6));
     }
 
     #[test]
     fn timeouts_count_as_runtime_failures() {
         let (s, t0) = card_with(10, |i| {
-            let rt = if i == 0 {
+            let rt = if i < 7 {
                 Outcome::Timeout
             } else {
                 Outcome::Success
@@ -331,39 +361,22 @@ mod tests {
             cmp(Outcome::Success, rt, 100)
         });
         let r = s.report("org-a", &T, t0).unwrap();
-        assert_eq!(r.runtime.timeout, 1);
-        assert_eq!(r.reasons, ["runtime error rate 0.10 > legacy 0.00 + 0.02"]);
-    }
-
-    #[test]
-    fn exactly_the_delta_is_still_ready() {
-        // Legacy fails 1 in 50, the runtime 2 in 50: 0.04 = 0.02 + 0.02.
-        let t = Thresholds {
-            min_samples: 50,
-            ..T
-        };
-        let (s, t0) = card_with(50, |i| {
-            let l = if i == 0 {
-                Outcome::Error
-            } else {
-                Outcome::Success
-            };
-            let rt = if i < 2 {
-                Outcome::Error
-            } else {
-                Outcome::Success
-            };
-            cmp(l, rt, 100)
-        });
-        assert_eq!(s.report("org-a", &t, t0).unwrap().verdict, Verdict::Ready);
+        assert_eq!((r.runtime.timeout, r.runtime.error), (7, 0));
+        assert_eq!(r.verdict, Verdict::NotReady);
+        assert!(r.reasons[0].starts_with("runtime error rate 0.70 > legacy 0.00 + 0.02"));
     }
 
     #[test]
     fn a_slow_first_event_trips_the_ttfe_ratio() {
-        let (s, t0) = card_with(10, |_| cmp(Outcome::Success, Outcome::Success, 201));
-        let r = s.report("org-a", &T, t0).unwrap();
+        let (s, t0) = card_with(10, |_| cmp(Outcome::Success, Outcome::Success, 500));
+        let r = s.report("org-a", &LOOSE, t0).unwrap();
         assert_eq!(r.verdict, Verdict::NotReady);
-        assert_eq!(r.reasons, ["runtime ttfe p50 201 ms > 2 x legacy 100 ms"]);
+        assert_eq!(r.reasons.len(), 1);
+        assert!(
+            r.reasons[0].starts_with("runtime ttfe p50 448 ms > 2 x legacy 112 ms"),
+            "{:?}",
+            r.reasons
+        );
     }
 
     #[test]
@@ -378,7 +391,10 @@ mod tests {
                 ..sample(Outcome::Success, 0)
             },
         });
-        assert_eq!(s.report("org-a", &T, t0).unwrap().verdict, Verdict::Ready);
+        assert_eq!(
+            s.report("org-a", &LOOSE, t0).unwrap().verdict,
+            Verdict::Ready
+        );
     }
 
     #[test]
@@ -389,7 +405,7 @@ mod tests {
         s.record("org-a", &c, t0);
         s.record("org-a", &c, t0 + Duration::from_secs(30));
         assert_eq!(
-            s.report("org-a", &T, t0 + Duration::from_secs(59))
+            s.report("org-a", &T, t0 + Duration::from_secs(53))
                 .unwrap()
                 .samples,
             2
@@ -405,8 +421,28 @@ mod tests {
             .unwrap();
         assert_eq!((gone.samples, gone.verdict), (0, Verdict::Insufficient));
         assert_eq!(gone.runtime.ttfe_ms_p50, None);
+        assert_eq!(gone.runtime.duration_ms_p50, None);
         s.record("org-a", &c, t0 + Duration::from_secs(200));
         assert_eq!(s.held("org-a"), 1, "expired samples are dropped on record");
+        // A new span starts the counts afresh.
+        s.reconfigure(Duration::from_secs(120), 10);
+        assert_eq!(
+            s.tally("org-a", t0 + Duration::from_secs(200))
+                .unwrap()
+                .samples(),
+            0
+        );
+    }
+
+    #[test]
+    fn the_verdict_counts_every_comparison_not_only_the_kept_ones() {
+        let (s, t0) = card_with(MAX_SAMPLES_PER_ORG + 100, |_| {
+            cmp(Outcome::Success, Outcome::Success, 100)
+        });
+        let r = s.report("org-a", &T, t0).unwrap();
+        assert_eq!(r.samples, MAX_SAMPLES_PER_ORG as u64 + 100);
+        assert_eq!(s.held("org-a"), MAX_SAMPLES_PER_ORG);
+        assert_eq!(r.verdict, Verdict::Ready, "{r:?}");
     }
 
     #[test]
@@ -417,9 +453,9 @@ mod tests {
             v,
             serde_json::json!({
                 "orgId": "org-a", "samples": 1, "agreement": 1.0, "verdict": "insufficient",
-                "reasons": ["1 samples < ready_min_samples 10"],
-                "legacy": {"success": 0, "error": 1, "ttfeMsP50": 100.0, "durationMsP50": 100.0, "textCharsP50": 10},
-                "runtime": {"success": 0, "error": 0, "timeout": 1, "ttfeMsP50": 3.0, "durationMsP50": 100.0, "textCharsP50": 10},
+                "reasons": ["1 samples < ready_min_samples 10"], "samplesNeeded": null,
+                "legacy": {"success": 0, "error": 1, "ttfeMsP50": 112.0, "durationMsP50": 100.0, "textCharsP50": 10},
+                "runtime": {"success": 0, "error": 0, "timeout": 1, "ttfeMsP50": 2.5, "durationMsP50": 100.0, "textCharsP50": 10},
             })
         );
     }
@@ -454,15 +490,54 @@ mod tests {
         }
 
         #[test]
+        fn one_replica_and_the_sum_of_several_read_alike(
+            cs in proptest::collection::vec((0u8..3, 0u8..2, 0u64..3000), 1..300),
+            replicas in 1usize..5,
+        ) {
+            // A fleet's tally is the sum of its replicas' (what Prometheus adds up): judged the
+            // same as one replica that saw every comparison.
+            let t0 = Instant::now();
+            let mut one = Scorecard::new(Duration::from_secs(300), 10, t0);
+            let mut many: Vec<Scorecard> =
+                (0..replicas).map(|_| Scorecard::new(Duration::from_secs(300), 10, t0)).collect();
+            for (i, (rt, l, ttfe)) in cs.into_iter().enumerate() {
+                let legacy = if l == 1 { Outcome::Error } else { Outcome::Success };
+                let runtime = [Outcome::Success, Outcome::Error, Outcome::Timeout][rt as usize];
+                let c = cmp(legacy, runtime, ttfe);
+                one.record("org-a", &c, t0);
+                many[i % replicas].record("org-a", &c, t0);
+            }
+            let mut sum = Tally::default();
+            for s in &many {
+                if let Some(t) = s.tally("org-a", t0) {
+                    sum.merge(&t);
+                }
+            }
+            let th = Thresholds { min_samples: 20, max_error_rate_delta: 0.1, max_ttfe_ratio: 2.0 };
+            let fleet = OrgReport::judge("org-a", &sum, &th);
+            let local = one.report("org-a", &th, t0).unwrap();
+            prop_assert_eq!(fleet.samples, local.samples);
+            prop_assert_eq!(fleet.verdict, local.verdict);
+            prop_assert_eq!(&fleet.reasons, &local.reasons);
+            prop_assert_eq!(fleet.samples_needed, local.samples_needed);
+        }
+
+        #[test]
         fn verdict_is_monotonic_in_runtime_failures(fails in 0u64..60) {
             // More runtime failures can only move a verdict from ready towards not_ready.
-            let (s, t0) = card_with(60, |i| {
+            let (s, t0) = card_with(300, |i| {
                 let rt = if (i as u64) < fails { Outcome::Error } else { Outcome::Success };
                 cmp(Outcome::Success, rt, 100)
             });
-            let t = Thresholds { min_samples: 60, ..T };
+            let t = Thresholds { min_samples: 60, max_error_rate_delta: 0.05, ..T };
             let r = s.report("org-a", &t, t0).unwrap();
-            prop_assert_eq!(r.verdict == Verdict::Ready, fails <= 1);
+            let rank = |v: Verdict| match v { Verdict::Ready => 2, Verdict::Insufficient => 1, Verdict::NotReady => 0 };
+            let (s2, _) = card_with(300, |i| {
+                let rt = if (i as u64) <= fails { Outcome::Error } else { Outcome::Success };
+                cmp(Outcome::Success, rt, 100)
+            });
+            let r2 = s2.report("org-a", &t, t0).unwrap();
+            prop_assert!(rank(r2.verdict) <= rank(r.verdict));
         }
     }
 }
