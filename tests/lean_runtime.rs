@@ -149,10 +149,29 @@ fn normalise(raw: &[u8]) -> String {
     let mut parts = out.split("\"latencyMs\":");
     let mut normalised = parts.next().unwrap_or_default().to_string();
     for part in parts {
+        // The size line of the chunk that carries it changes with its digits (9 ms: `a4`, 10 ms:
+        // `a5`).
+        if let Some(size) = last_chunk_size(&normalised) {
+            normalised.replace_range(size, "<size>");
+        }
         normalised.push_str("\"latencyMs\":<ms>");
         normalised.push_str(part.trim_start_matches(|c: char| c.is_ascii_digit()));
     }
     normalised
+}
+
+/// Where the last chunk-size line in `text` is: a line of hex digits alone, between CRLFs.
+fn last_chunk_size(text: &str) -> Option<std::ops::Range<usize>> {
+    let mut end = text.len();
+    while let Some(line_end) = text[..end].rfind("\r\n") {
+        let start = text[..line_end].rfind("\r\n").map_or(0, |i| i + 2);
+        let line = &text[start..line_end];
+        if !line.is_empty() && line.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Some(start..line_end);
+        }
+        end = line_end;
+    }
+    None
 }
 
 fn is_uuid(b: &[u8]) -> bool {
