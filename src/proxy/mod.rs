@@ -9,6 +9,7 @@
 mod ctx;
 mod downstream;
 mod files;
+mod forwarded;
 pub mod front_door;
 mod record;
 mod respond;
@@ -224,7 +225,9 @@ impl ProxyHttp for CutoverProxy {
         Ok(Box::new(upstream::peer(addr, &ctx.active.legacy)))
     }
 
-    /// What legacy is sent: the client's request as it came, with one exception. When
+    /// What legacy is sent: the client's request as it came, with two exceptions. The
+    /// `X-Forwarded-For`, `-Proto` and `-Host` headers are the proxy's (`core::forwarded`: the
+    /// caller's address appended to a trusted hop's chain, or alone). And when
     /// `identity.trusted_org_header` is configured, every copy of that header is removed, on
     /// every request to legacy (chat, failover and all other routes).
     ///
@@ -236,14 +239,15 @@ impl ProxyHttp for CutoverProxy {
     /// only a fixed list of headers, with the org in its JSON body.)
     async fn upstream_request_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_request: &mut pingora::http::RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         if let Some(name) = ctx.active.verifier.trusted_org_header() {
             upstream_request.remove_header(name);
         }
-        Ok(())
+        let hop = ctx.active.hop(Downstream::client_ip(session));
+        forwarded::set(upstream_request, hop)
     }
 
     /// A chat body on its way to legacy without a Content-Length is streamed, so its size is
