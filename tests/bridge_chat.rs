@@ -632,6 +632,10 @@ async fn a_client_that_leaves_mid_answer_still_gets_both_messages_saved() {
         .await,
         "the execution was not detached"
     );
+    // The client's request is over; the execution still counts for the shutdown drain.
+    let requests = s.server.shared.requests.clone();
+    assert!(eventually(Duration::from_secs(3), || requests.count() == 1).await);
+    assert_eq!(s.server.shared.detached.len(), 1);
     s.runtime.release();
     assert!(
         eventually(Duration::from_secs(5), || detached(&s, "saved") == 1).await,

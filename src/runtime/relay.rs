@@ -310,7 +310,8 @@ pub async fn relay<D: Downstream>(
                                     .get_or_insert_with(|| args.started.elapsed());
                             }
                             // The execution is over: its answer is saved even for a client
-                            // that has just left.
+                            // that has just left, after its question.
+                            user_message_saved(&mut user_saved).await;
                             let message_id =
                                 Box::pin(save_answer(&args, &mut mapper, &completion, latency_ms))
                                     .await;
