@@ -362,7 +362,6 @@ pub async fn relay<D: Downstream>(
                     }
                     // Held events wait for the commit.
                     if report.first_write.is_none() && !out.is_empty() && held.is_none() {
-                        let rest = events[i + 1..].to_vec();
                         // The first event leaves at once instead of after the whole first read
                         // (up to 32 KiB of frames) is rewritten: time to first event is what
                         // the user sees.
@@ -372,6 +371,9 @@ pub async fn relay<D: Downstream>(
                         user_message_saved(&mut user_saved).await;
                         if !write_client(session, Some(bytes), false, args.deadline).await {
                             report.detail = Some("client disconnected or stopped reading".into());
+                            // The events of this read not mapped yet are the detached
+                            // reader's first.
+                            let rest = events[i + 1..].to_vec();
                             return client_left(
                                 report, args, stream, parser, mapper, rest, user_saved,
                             );
