@@ -261,7 +261,9 @@ def sse_cmd(args):
     for i in range(args.warmup + args.count):
         # The runtime stand-in answers the short stream to request ids starting "short-".
         timings = {}
-        first, total, payload = one_stream(args.host, args.port, args.path, token, body,
+        # `{i}` in the path: a fresh session id per stream (section 4's new-session case).
+        path = args.path.replace("{i}", f"{os.getpid()}-{i}")
+        first, total, payload = one_stream(args.host, args.port, path, token, body,
                                            args.timeout, f"{args.stream}-{os.getpid()}-{i}", timings)
         if args.kind == "proxy":
             n = payload.count(b"event: message\n") + payload.count(b"event: done\n")
@@ -1004,7 +1006,9 @@ def report_bridge(out, w):
       "a time on a fresh connection. *off*: `bridge.enabled = false` (the runtime owns its "
       "conversations). *on*: the defaults (`cache_ttl_ms = 30000`): after the first chat the "
       "session's agent id and the agent's config come from the cache, the history is read every "
-      "time. *no cache*: `cache_ttl_ms = 0`, every lookup asks legacy. The first event waits for "
+      "time. *new session*: the same proxy, each chat in a session it has not seen (the agent "
+      "cached): the session lookup and the history read go out together. "
+      "*no cache*: `cache_ttl_ms = 0`, every lookup asks legacy. The first event waits for "
       "the lookups and for the user message's save at the commit point; the assistant message's "
       "save happens before `done`, so it shows in the total. *legacy round trip*: each of the "
       "bridge's calls on its own, on a keep-alive connection, as the proxy's pooled calls make "
@@ -1056,7 +1060,8 @@ def report_bridge(out, w):
     off = agg.get("off")
     hist = pct(rtts["messages"], 50) if rtts.get("messages") else None
     save = pct(rtts["save"], 50) if rtts.get("save") else None
-    for name, label in (("on", "cached lookups"), ("nocache", "no cache")):
+    for name, label in (("on", "cached lookups"), ("newsession", "a new session each chat"),
+                        ("nocache", "no cache")):
         a = agg.get(name)
         if not (a and off and hist and save):
             continue
@@ -1168,7 +1173,7 @@ def main():
     s.add_argument("--stream", choices=["long", "short"], default="long")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, required=True)
-    s.add_argument("--path", required=True)
+    s.add_argument("--path", required=True, help="`{i}` is replaced with a per-stream id")
     s.add_argument("--org", help="sign a JWT for this org (proxy)")
     s.add_argument("--secret-env", default="BENCH_JWT_SECRET")
     s.add_argument("--count", type=int, default=50)

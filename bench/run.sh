@@ -8,8 +8,8 @@
 #   2. SSE on the runtime path: first event and total time of a 10k-event runtime stream,
 #      direct vs through the proxy (rewrite on), rewritten events per CPU-second
 #   3. N idle SSE streams held through the proxy (and nginx): RSS per stream
-#   4. the conversation bridge: first event with the bridge off, on (cached lookups) and on
-#      without the cache, against a legacy stand-in with the bridge's routes; one legacy round trip
+#   4. the conversation bridge: first event with the bridge off, on (cached lookups), on with a
+#      new session each chat and on without the cache, against a legacy stand-in with the bridge's routes; one legacy round trip
 #   5. the commit point: time to first content from a runtime that plans (two thinking events,
 #      then text), commit on (the default) vs off (commit_timeout_ms = 0), bridge off and on
 #
@@ -454,8 +454,14 @@ fi
 # connection like the proxy's pooled ones: the bridge's cost reads in round trips.
 if section 4; then
   log "section 4: bridge off / on / on without cache, $ROUNDS × $BRIDGE_STREAMS short streams per case"
-  BRIDGE_CASES=("off=bridge off" "on=bridge on (session, agent cached)" "nocache=bridge on, no cache")
-  declare -A BRIDGE_PORT=([off]=$BRIDGE_PROXY_PORT [on]=$((BRIDGE_PROXY_PORT + 10)) [nocache]=$((BRIDGE_PROXY_PORT + 20)))
+  BRIDGE_CASES=("off=bridge off" "on=bridge on (session, agent cached)"
+                "newsession=bridge on, a new session each chat (agent cached)" "nocache=bridge on, no cache")
+  # The new-session case runs on the cached proxy: every chat names a session it has not seen
+  # (`{i}`), whose agent it has cached, so the session lookup and the history read both go out.
+  declare -A BRIDGE_PORT=([off]=$BRIDGE_PROXY_PORT [on]=$((BRIDGE_PROXY_PORT + 10))
+                          [newsession]=$((BRIDGE_PROXY_PORT + 10)) [nocache]=$((BRIDGE_PROXY_PORT + 20)))
+  declare -A BRIDGE_PATH=([off]=$CHAT_PATH [on]=$CHAT_PATH [newsession]="/api/v1/chat/sessions/bench-{i}"
+                          [nocache]=$CHAT_PATH)
   cutover_proxy bridge-off 1 "${BRIDGE_PORT[off]}" $RUNTIME_PORT $BRIDGE_LEGACY_PORT false 30000
   cutover_proxy bridge-on 1 "${BRIDGE_PORT[on]}" $RUNTIME_PORT $BRIDGE_LEGACY_PORT true 30000
   cutover_proxy bridge-nocache 1 "${BRIDGE_PORT[nocache]}" $RUNTIME_PORT $BRIDGE_LEGACY_PORT true 0
@@ -474,7 +480,7 @@ if section 4; then
       name=${c%%=*}
       before=$($TOOL bridge-counts --port $((BRIDGE_PORT[$name] + 2)))
       $TOOL sse --kind proxy --case "$name" --threads 1 --stream short --port "${BRIDGE_PORT[$name]}" \
-        --path $CHAT_PATH --org org-bench --count "$BRIDGE_STREAMS" \
+        --path "${BRIDGE_PATH[$name]}" --org org-bench --count "$BRIDGE_STREAMS" \
         --out "$OUT/bridge/$name-r$r.json" >&2
       after=$($TOOL bridge-counts --port $((BRIDGE_PORT[$name] + 2)))
       printf '{"case":"%s","round":%s,"before":%s,"after":%s}\n' "$name" "$r" "$before" "$after" \

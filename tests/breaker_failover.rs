@@ -18,9 +18,18 @@ fn names(r: &Response) -> Vec<String> {
 }
 
 fn assert_runtime(r: &Response, what: &str) {
+    assert_runtime_for(r, "allowlist", what);
+}
+
+/// A half-open breaker's probe says so: it is the breaker's test, not the rollout's choice.
+fn assert_probe(r: &Response, what: &str) {
+    assert_runtime_for(r, "probe", what);
+}
+
+fn assert_runtime_for(r: &Response, reason: &str, what: &str) {
     assert_eq!(r.status, 200, "{what}");
     assert_eq!(r.header("x-execution-mode"), Some(RT), "{what}");
-    assert_eq!(r.header("x-execution-reason"), Some("allowlist"), "{what}");
+    assert_eq!(r.header("x-execution-reason"), Some(reason), "{what}");
     assert!(r.complete, "{what}");
 }
 
@@ -104,7 +113,7 @@ async fn probe_until_closed(server: &LocalServer, runtime: &Upstream) {
             r#"{"message":"p"}"#,
         )
         .await;
-        assert_runtime(&r, &format!("probe {i}"));
+        assert_probe(&r, &format!("probe {i}"));
         assert_eq!(names(&r), ["message", "done"], "probe {i}");
         probes_settled(server).await;
         let expected = if i < 3 {
@@ -250,7 +259,7 @@ async fn failed_probe_reopens_the_breaker() {
     assert_eq!(h.shared.breaker.state(), State::Open);
     wait_until_probes_admitted(&h).await;
     let r = h.chat("org-a").session("probe").send().await;
-    assert_runtime(&r, "probe");
+    assert_probe(&r, "probe");
     assert_eq!(names(&r), ["error"]);
     probes_settled(&h).await;
     assert_eq!(

@@ -1,5 +1,6 @@
 //! The conversation bridge's client against a fake legacy API on loopback: lookups, the cache,
-//! refusals and outages, unsafe ids, saves with background retries, session create and delete.
+//! refusals and outages, unsafe ids, saves made exactly once (late answers, lost answers, an API
+//! that goes down and comes back, the saves of one chat in order), session create and delete.
 
 mod support;
 
@@ -42,6 +43,13 @@ fn bridge(target: &Target) -> Arc<Bridge> {
     Arc::new(
         Bridge::new(&target.config, bridge_metrics()).with_retry_backoff(Duration::from_millis(20)),
     )
+}
+
+/// A bridge with series of its own, for a test that counts exactly.
+fn counted(target: &Target) -> (Arc<Bridge>, &'static BridgeMetrics) {
+    let metrics = &Metrics::leak_on(prometheus::Registry::new()).bridge;
+    let b = Bridge::new(&target.config, metrics).with_retry_backoff(Duration::from_millis(20));
+    (Arc::new(b), metrics)
 }
 
 fn who(org: &str) -> Credentials {
@@ -135,18 +143,53 @@ async fn session_lookup_reads_agent_settings_and_history_with_the_caller_s_heade
 }
 
 #[tokio::test]
-async fn history_is_cut_to_the_last_history_limit() {
+async fn history_keeps_room_for_the_current_message() {
     let legacy = FakeLegacy::seeded().await;
     for i in 0..5 {
         legacy.add_message("s-1", "user", &format!("more {i}"));
     }
-    let t = target_with(&legacy, "history_limit = 2\n");
+    // A conversation of 3: the last 2 saved, and the current message the request adds.
+    let t = target_with(&legacy, "history_limit = 3\n");
     let c = bridge(&t)
         .lookup_session(&t, &who("org-a"), "s-1")
         .await
         .unwrap();
     let contents: Vec<&str> = c.history.iter().map(|m| m.content.as_str()).collect();
     assert_eq!(contents, ["more 3", "more 4"]);
+    assert_eq!(
+        c.last_message_id.as_deref(),
+        legacy.messages("s-1").last().unwrap()["id"].as_str()
+    );
+    let t = target_with(&legacy, "history_limit = 1\n");
+    let c = bridge(&t)
+        .lookup_session(&t, &who("org-a"), "s-1")
+        .await
+        .unwrap();
+    assert!(c.history.is_empty(), "{:?}", c.history);
+}
+
+#[tokio::test]
+async fn the_history_is_read_while_the_session_is_looked_up() {
+    let legacy = FakeLegacy::seeded().await;
+    let t = target(&legacy);
+    let b = bridge(&t);
+    // Both take 200 ms: one after the other they would take 400.
+    legacy.fail(
+        LegacyRoute::GetSession,
+        Fault::Slow(Duration::from_millis(200)),
+    );
+    legacy.fail(
+        LegacyRoute::GetMessages,
+        Fault::Slow(Duration::from_millis(200)),
+    );
+    let started = Instant::now();
+    let c = b.lookup_session(&t, &who("org-a"), "s-1").await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(c.history.len(), 3);
+    assert!(
+        took < Duration::from_millis(390),
+        "one after the other: {took:?}"
+    );
 }
 
 #[tokio::test]
@@ -211,11 +254,9 @@ async fn another_org_s_session_is_refused() {
     assert_eq!(e.verdict(), Verdict::Refused);
     assert_refused(r, Route::Session, Some(404));
     assert!(requests("session", "refused") > before);
-    assert_eq!(
-        legacy.count(),
-        1,
-        "nothing read after the session was refused"
-    );
+    // The history went out with the session's lookup; the agent is never asked.
+    let paths: Vec<String> = legacy.received().into_iter().map(|r| r.path).collect();
+    assert!(!paths.iter().any(|p| p.contains("/agents/")), "{paths:?}");
 }
 
 #[tokio::test]
@@ -353,7 +394,11 @@ async fn unsafe_ids_never_reach_legacy() {
     legacy.add_session("org-a", "s-evil", "../../admin");
     let r = b.lookup_session(&t, &who("org-a"), "s-evil").await;
     assert_unavailable(r, Route::Session);
-    assert_eq!(legacy.count(), 1);
+    assert!(
+        legacy.received().iter().all(|r| !r.path.contains("..")),
+        "{:?}",
+        legacy.received()
+    );
 }
 
 #[tokio::test]
@@ -372,6 +417,7 @@ async fn messages_are_saved_and_their_ids_returned() {
             &who("org-a"),
             "s-1",
             AssistantMessage::new("", "streamed text", Some(9), 120),
+            Some("m-3".into()),
         )
         .await;
     let Persisted::Saved(assistant_id) = saved else {
@@ -395,19 +441,36 @@ async fn messages_are_saved_and_their_ids_returned() {
     assert_eq!(post.header("x-cutover-bridge"), Some("1"));
 }
 
+/// The session's messages with this content.
+fn rows(legacy: &FakeLegacy, content: &str) -> Vec<serde_json::Value> {
+    legacy
+        .messages("s-1")
+        .into_iter()
+        .filter(|m| m["content"] == content)
+        .collect()
+}
+
+/// A bridge with one retry window (`persist_retry_secs`).
+fn windowed(legacy: &FakeLegacy, secs: u64) -> (Target, Arc<Bridge>, &'static BridgeMetrics) {
+    let t = target_with(legacy, &format!("persist_retry_secs = {secs}\n"));
+    let (b, metrics) = counted(&t);
+    (t, b, metrics)
+}
+
 #[tokio::test]
-async fn a_failed_save_is_retried_in_the_background() {
+async fn a_failed_save_is_read_back_then_sent_again() {
     let legacy = FakeLegacy::seeded().await;
     let t = target(&legacy);
-    let b = bridge(&t);
+    let (b, metrics) = counted(&t);
+    // A 5xx may come after the row was written: each is followed by a read-back.
     legacy.fail(LegacyRoute::PostMessage, Fault::StatusTimes(503, 2));
-    let failures = bridge_metrics().persist_failures_total.get();
     let saved = b
         .persist_assistant(
             &t,
             &who("org-a"),
             "s-1",
             AssistantMessage::new("answer", "", None, 5),
+            Some("m-3".into()),
         )
         .await;
     let Persisted::Deferred { message_id, retry } = saved else {
@@ -415,15 +478,229 @@ async fn a_failed_save_is_retried_in_the_background() {
     };
     assert_eq!(message_id.len(), 36, "{message_id} is not a UUID");
     let id = retry.await.unwrap().expect("third attempt saves it");
-    assert_eq!(legacy.messages("s-1").last().unwrap()["id"], id.as_str());
-    assert_eq!(legacy.messages("s-1").last().unwrap()["content"], "answer");
-    let posts = legacy
-        .received()
+    assert_eq!(rows(&legacy, "answer").len(), 1);
+    assert_eq!(rows(&legacy, "answer")[0]["id"], id.as_str());
+    assert_eq!(legacy.calls(LegacyRoute::PostMessage), 3);
+    assert_eq!(
+        legacy.calls(LegacyRoute::GetMessages),
+        2,
+        "a read-back after each 503"
+    );
+    assert_eq!(metrics.persist_failures_total.get(), 0);
+    assert_eq!(metrics.persist_pending.get(), 0);
+    assert_eq!(
+        metrics
+            .requests_total
+            .with_label_values(&["read_back", "ok"])
+            .get(),
+        2
+    );
+    assert_eq!(b.pending_saves(), 0);
+}
+
+#[tokio::test]
+async fn a_save_answered_late_is_saved_once_under_legacy_s_id() {
+    let legacy = FakeLegacy::seeded().await;
+    let t = target(&legacy);
+    let b = bridge(&t);
+    // Slower than timeout_ms (300), within the wait for the answer (twice that).
+    legacy.fail_next(
+        LegacyRoute::PostMessage,
+        Fault::Slow(Duration::from_millis(450)),
+    );
+    let saved = b
+        .persist_assistant(
+            &t,
+            &who("org-a"),
+            "s-1",
+            AssistantMessage::new("late", "", None, 5),
+            Some("m-3".into()),
+        )
+        .await;
+    let Persisted::Saved(id) = saved else {
+        panic!("expected legacy's id, got {saved:?}");
+    };
+    assert_eq!(rows(&legacy, "late").len(), 1);
+    assert_eq!(rows(&legacy, "late")[0]["id"], id.as_str());
+
+    // Slower than the wait: done would name a proxy-made id, and the answer that comes later
+    // settles it: still one row, and no second attempt.
+    legacy.fail_next(
+        LegacyRoute::PostMessage,
+        Fault::Slow(Duration::from_millis(900)),
+    );
+    let saved = b
+        .persist_assistant(
+            &t,
+            &who("org-a"),
+            "s-1",
+            AssistantMessage::new("later", "", None, 5),
+            Some("m-3".into()),
+        )
+        .await;
+    let Persisted::Deferred { message_id, retry } = saved else {
+        panic!("expected a deferred save, got {saved:?}");
+    };
+    let id = retry.await.unwrap().expect("the late answer settles it");
+    assert_ne!(id, message_id);
+    assert_eq!(rows(&legacy, "later").len(), 1);
+    assert_eq!(rows(&legacy, "later")[0]["id"], id.as_str());
+    assert_eq!(
+        legacy.calls(LegacyRoute::PostMessage),
+        2,
+        "one attempt each"
+    );
+}
+
+#[tokio::test]
+async fn a_save_whose_answer_was_lost_is_found_by_the_read_back() {
+    let legacy = FakeLegacy::seeded().await;
+    let t = target(&legacy);
+    let b = bridge(&t);
+    // The same words as an earlier message: only what came after the chat began counts.
+    legacy.add_message("s-1", "user", "again");
+    let before = legacy.messages("s-1").last().unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    legacy.fail_next(LegacyRoute::PostMessage, Fault::SaveThenDrop);
+    let saved = b
+        .persist_user(
+            &t,
+            &who("org-a"),
+            "s-1",
+            "again",
+            None,
+            Some(before.clone()),
+        )
+        .await;
+    let Persisted::Saved(id) = saved else {
+        panic!("expected the id the read-back found, got {saved:?}");
+    };
+    let again = rows(&legacy, "again");
+    assert_eq!(again.len(), 2, "the earlier one and this one: {again:?}");
+    assert_eq!(again[1]["id"], id.as_str());
+    assert_ne!(id, before);
+    assert_eq!(legacy.calls(LegacyRoute::PostMessage), 1, "not sent twice");
+}
+
+#[tokio::test]
+async fn a_save_lives_through_legacy_going_down_and_coming_back() {
+    let legacy = FakeLegacy::seeded().await;
+    let t = target(&legacy);
+    let b = bridge(&t);
+    // The user's message: legacy goes down as it is saved (connection refused), for a while
+    // (the ten seconds of a restart, made short), then comes back with the same data.
+    legacy.stop();
+    let saved = b
+        .persist_user(
+            &t,
+            &who("org-a"),
+            "s-1",
+            "through the restart",
+            None,
+            Some("m-3".into()),
+        )
+        .await;
+    let Persisted::Deferred { retry, .. } = saved else {
+        panic!("expected a deferred save, got {saved:?}");
+    };
+    assert_eq!(b.pending_saves(), 1);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(!retry.is_finished(), "still retrying while legacy is down");
+    legacy.restart().await;
+    let id = tokio::time::timeout(Duration::from_secs(10), retry)
+        .await
+        .expect("saved once legacy is back")
+        .unwrap()
+        .unwrap();
+    let saved = rows(&legacy, "through the restart");
+    assert_eq!(saved.len(), 1);
+    assert_eq!(saved[0]["id"], id.as_str());
+    assert_eq!(b.pending_saves(), 0);
+}
+
+#[tokio::test]
+async fn a_rate_limited_save_is_sent_again_without_a_read_back() {
+    let legacy = FakeLegacy::seeded().await;
+    let t = target(&legacy);
+    let b = bridge(&t);
+    legacy.fail(LegacyRoute::PostMessage, Fault::StatusTimes(429, 1));
+    let saved = b
+        .persist_user(
+            &t,
+            &who("org-a"),
+            "s-1",
+            "slow down",
+            None,
+            Some("m-3".into()),
+        )
+        .await;
+    let Persisted::Deferred { retry, .. } = saved else {
+        panic!("expected a deferred save, got {saved:?}");
+    };
+    retry.await.unwrap().unwrap();
+    assert_eq!(rows(&legacy, "slow down").len(), 1);
+    assert_eq!(legacy.calls(LegacyRoute::PostMessage), 2);
+    assert_eq!(
+        legacy.calls(LegacyRoute::GetMessages),
+        0,
+        "a 429 is a known outcome"
+    );
+}
+
+#[tokio::test]
+async fn the_saves_of_one_chat_reach_legacy_in_order() {
+    let legacy = FakeLegacy::seeded().await;
+    let t = target(&legacy);
+    let b = bridge(&t);
+    // The user's message is answered after 1 s: the first event stops waiting for it after
+    // 300 ms, the answer's save after another 600.
+    legacy.fail_next(
+        LegacyRoute::PostMessage,
+        Fault::Slow(Duration::from_millis(1000)),
+    );
+    let user = b
+        .persist_user(
+            &t,
+            &who("org-a"),
+            "s-1",
+            "question",
+            None,
+            Some("m-3".into()),
+        )
+        .await;
+    assert!(matches!(user, Persisted::Deferred { .. }), "{user:?}");
+    let answer = b
+        .persist_assistant(
+            &t,
+            &who("org-a"),
+            "s-1",
+            AssistantMessage::new("its answer", "", None, 7),
+            Some("m-3".into()),
+        )
+        .await;
+    let Persisted::Deferred { retry, .. } = answer else {
+        panic!("expected the answer to wait for its question, got {answer:?}");
+    };
+    retry.await.unwrap().unwrap();
+    let contents: Vec<serde_json::Value> = legacy.messages("s-1")[3..]
         .iter()
-        .filter(|r| r.method == "POST")
-        .count();
-    assert_eq!(posts, 3);
-    assert_eq!(bridge_metrics().persist_failures_total.get(), failures);
+        .map(|m| m["content"].clone())
+        .collect();
+    assert_eq!(contents, [json!("question"), json!("its answer")]);
+    // Another chat's save does not wait for this one.
+    let mut other = who("org-a");
+    other.request_id = Some("req-8".into());
+    legacy.fail_next(
+        LegacyRoute::PostMessage,
+        Fault::Slow(Duration::from_millis(1000)),
+    );
+    let _slow = b
+        .persist_user(&t, &who("org-a"), "s-1", "slow", None, None)
+        .await;
+    let quick = b.persist_user(&t, &other, "s-1", "quick", None, None).await;
+    assert!(matches!(quick, Persisted::Saved(_)), "{quick:?}");
 }
 
 /// Log lines written by this test binary.
@@ -452,14 +729,21 @@ fn captured_logs() -> &'static Mutex<Vec<u8>> {
     logs
 }
 
+/// The error line holding `content`.
+fn error_line(content: &str) -> serde_json::Value {
+    let text = String::from_utf8(captured_logs().lock().unwrap().clone()).unwrap();
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|l| l["level"] == "ERROR" && l["content"] == content)
+        .unwrap_or_else(|| panic!("no error line with the message in {text}"))
+}
+
 #[tokio::test]
-async fn a_save_that_fails_every_attempt_is_logged_whole_and_counted() {
-    let logs = captured_logs();
+async fn a_save_that_never_succeeds_is_logged_whole_and_counted() {
+    let _logs = captured_logs();
     let legacy = FakeLegacy::seeded().await;
-    let t = target(&legacy);
-    let b = bridge(&t);
+    let (t, b, metrics) = windowed(&legacy, 1);
     legacy.fail(LegacyRoute::PostMessage, Fault::Hang);
-    let failures = bridge_metrics().persist_failures_total.get();
     let content = "the whole answer, 多字节 and \"quotes\"";
     let started = Instant::now();
     let saved = b
@@ -468,30 +752,60 @@ async fn a_save_that_fails_every_attempt_is_logged_whole_and_counted() {
             &who("org-a"),
             "s-1",
             AssistantMessage::new(content, "", Some(3), 42),
+            Some("m-3".into()),
         )
         .await;
     let first_took = started.elapsed();
+    // The answer's wait: twice timeout_ms.
+    assert!(first_took >= Duration::from_millis(590), "{first_took:?}");
     assert!(first_took < Duration::from_millis(1000), "{first_took:?}");
     let Persisted::Deferred { retry, .. } = saved else {
         panic!("expected a deferred save, got {saved:?}");
     };
     assert_unavailable(retry.await.unwrap(), Route::SaveMessage);
-    let posts = legacy
-        .received()
-        .iter()
-        .filter(|r| r.method == "POST")
-        .count();
-    assert_eq!(posts, 3, "three attempts in all");
-    assert_eq!(bridge_metrics().persist_failures_total.get(), failures + 1);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the window is 1 s"
+    );
+    // An attempt that never answered is never simply sent again.
+    assert_eq!(legacy.calls(LegacyRoute::PostMessage), 1);
+    assert_eq!(metrics.persist_failures_total.get(), 1);
 
-    let text = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
-    let line: serde_json::Value = text
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|l| l["level"] == "ERROR" && l["content"] == content)
-        .unwrap_or_else(|| panic!("no error line with the message in {text}"));
+    let line = error_line(content);
     assert_eq!(line["session_id"], "s-1");
     assert_eq!(line["role"], "assistant");
+    assert_eq!(line["tokens_used"], 3);
+    assert_eq!(line["latency_ms"], 42);
+    assert_eq!(line["request_id"], "req-7");
+}
+
+#[tokio::test]
+async fn saves_pending_at_shutdown_are_logged_whole() {
+    let _logs = captured_logs();
+    let legacy = FakeLegacy::seeded().await;
+    let t = target(&legacy);
+    let (b, metrics) = counted(&t);
+    legacy.stop();
+    let saved = b
+        .persist_user(
+            &t,
+            &who("org-a"),
+            "s-1",
+            "pending at exit",
+            Some("m-3"),
+            None,
+        )
+        .await;
+    assert!(matches!(saved, Persisted::Deferred { .. }), "{saved:?}");
+    assert_eq!(metrics.persist_pending.get(), 1);
+    assert_eq!(b.log_pending_saves(), 1);
+    assert_eq!(b.pending_saves(), 0);
+    assert_eq!(metrics.persist_failures_total.get(), 1);
+    assert_eq!(metrics.persist_pending.get(), 0);
+    let line = error_line("pending at exit");
+    assert_eq!(line["role"], "user");
+    assert_eq!(line["parent_id"], "m-3");
+    assert_eq!(line["session_id"], "s-1");
 }
 
 #[tokio::test]
@@ -505,13 +819,18 @@ async fn a_refused_save_is_not_retried() {
             &who("org-b"),
             "s-1",
             AssistantMessage::new("x", "", None, 1),
+            None,
         )
         .await;
     let Persisted::Deferred { retry, .. } = saved else {
         panic!("expected a deferred save, got {saved:?}");
     };
     assert_refused(retry.await.unwrap(), Route::SaveMessage, Some(404));
-    assert_eq!(legacy.count(), 2, "first attempt and one retry");
+    assert_eq!(
+        legacy.count(),
+        1,
+        "one attempt: another would be refused too"
+    );
 }
 
 #[tokio::test]

@@ -15,8 +15,9 @@ use support::legacy::{FakeLegacy, Fault, LegacyRoute};
 use support::*;
 
 /// The runtime stand-in: 422 without an agent, as the real runtime answers; otherwise "Hel" +
-/// "lo" streamed and `final_response` "Hello" (empty when the message is `stream only`), with a
-/// token count of 42; the message `held` waits for a release before its first event.
+/// "lo" streamed and `final_response` "Hello" (empty when the question is `stream only`), with a
+/// token count of 42; the question `held` waits for a release before its first event. The
+/// question is read as the real runtime reads it (`question_of`).
 fn runtime(req: &Received) -> Reply {
     if req.path == "/health" {
         return Reply::json(200, json!({"status": "ok"}));
@@ -28,13 +29,14 @@ fn runtime(req: &Received) -> Reply {
             json!({"detail": [{"loc": ["body", "agent_id"], "msg": "Field required"}]}),
         );
     }
-    let answer = if body["user_message"] == "stream only" {
+    let question = question_of(&body);
+    let answer = if question == "stream only" {
         ""
     } else {
         "Hello"
     };
     // `held`: the runtime accepts, then works on its first event until the test releases it.
-    let held = body["user_message"] == "held";
+    let held = question == "held";
     Reply::sse(vec![
         if held {
             Step::WaitRelease
@@ -77,15 +79,23 @@ struct Setup {
     server: LocalServer,
 }
 
-/// The test config with the bridge on (300 ms per call, the last 2 messages of history) and no
-/// default agent, then `tweak`.
+/// The test config with the bridge on (300 ms per call, a conversation of 3 messages: the last 2
+/// saved and the current one) and no default agent, then `tweak`.
 async fn start(tweak: impl FnOnce(&mut Config)) -> Setup {
+    start_with(runtime, tweak).await
+}
+
+/// `start`, with another runtime stand-in.
+async fn start_with(
+    runtime: impl Fn(&Received) -> Reply + Send + Sync + 'static,
+    tweak: impl FnOnce(&mut Config),
+) -> Setup {
     let legacy = fake_legacy().await;
     let runtime = Upstream::start(runtime).await;
     let mut cfg = config(&legacy.address(), &runtime.address());
     cfg.bridge.enabled = true;
     cfg.bridge.timeout_ms = 300;
-    cfg.bridge.history_limit = 2;
+    cfg.bridge.history_limit = 3;
     cfg.runtime.default_agent_id = String::new();
     tweak(&mut cfg);
     let server = proxy(cfg).await;
@@ -202,7 +212,8 @@ async fn a_chat_in_a_session_gets_its_agent_settings_and_history_and_both_messag
             "user_message": "fourth",
             "history_messages": [
                 {"role": "assistant", "content": "second"},
-                {"role": "user", "content": "third"}
+                {"role": "user", "content": "third"},
+                {"role": "user", "content": "fourth"}
             ],
             "agent_config": {"system_prompt": "Be brief.", "model": "gpt-4o", "temperature": 0.2, "max_tokens": 1000},
             "metadata": {"user_id": "user-1", "parent_message_id": "m-3"}
@@ -270,10 +281,11 @@ async fn a_chat_in_a_session_gets_its_agent_settings_and_history_and_both_messag
     assert_eq!(done_of(&r)["messageId"], messages[6]["id"]);
     let sent = &s.runtime.work()[1];
     assert_eq!(sent.header("traceparent"), Some(tp));
-    // The history the runtime gets is the last two before this message.
+    // The conversation the runtime gets is the last two saved, then this message.
     assert_eq!(
         sent.json()["history_messages"],
-        json!([{"role": "user", "content": "fourth"}, {"role": "assistant", "content": "Hello"}])
+        json!([{"role": "user", "content": "fourth"}, {"role": "assistant", "content": "Hello"},
+               {"role": "user", "content": "stream only"}])
     );
     // A request id is made when the caller sent none, the same for legacy and the runtime.
     let made = sent.header("x-request-id").expect("a request id");
@@ -282,6 +294,48 @@ async fn a_chat_in_a_session_gets_its_agent_settings_and_history_and_both_messag
         .iter()
         .skip(5)
         .all(|c| c.header("x-request-id") == Some(made)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_turn_s_own_question_reaches_the_runtime() {
+    // This runtime answers with the question it understood, reading the conversation as the real
+    // one does: a turn whose history ended with the previous answer would be answered with the
+    // previous question.
+    let s = start_with(healthy_runtime_with_agent, |_| {}).await;
+    for turn in [
+        "turn one: what is Q3 revenue?",
+        "turn two: and Q4?",
+        "turn three: and 2025?",
+    ] {
+        let r = s.chat("s-1", "org-a", json!({"message": turn})).await;
+        assert_served(&r, RT, "allowlist");
+        let text: String = r
+            .events()
+            .iter()
+            .filter(|(name, _)| name == "message")
+            .map(|(_, d)| serde_json::from_str::<Value>(d).unwrap()["data"]["content"].clone())
+            .filter_map(|c| c.as_str().map(str::to_string))
+            .collect();
+        assert_eq!(text, turn, "{}", r.text());
+        let saved = s.legacy.messages("s-1");
+        assert_eq!(saved[saved.len() - 2]["content"], turn);
+        assert_eq!(saved[saved.len() - 1]["content"], turn, "the answer saved");
+    }
+    let last = s.runtime.work().last().unwrap().json();
+    assert_eq!(
+        last["history_messages"],
+        json!([{"role": "user", "content": "turn two: and Q4?"},
+               {"role": "assistant", "content": "turn two: and Q4?"},
+               {"role": "user", "content": "turn three: and 2025?"}])
+    );
+}
+
+/// `healthy_runtime`, with the real runtime's 422 for a request without an agent.
+fn healthy_runtime_with_agent(req: &Received) -> Reply {
+    if req.path != "/health" && req.json()["agent_id"].as_str().is_none_or(str::is_empty) {
+        return Reply::json(422, json!({"detail": "agent_id"}));
+    }
+    healthy_runtime(req)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -307,7 +361,11 @@ async fn chat_start_creates_the_session_that_done_names() {
     let sent = s.runtime.work()[0].json();
     assert_eq!(sent["session_id"], session.as_str());
     assert_eq!(sent["agent_id"], "ag-1");
-    assert_eq!(sent["history_messages"], json!([]));
+    assert_eq!(
+        sent["history_messages"],
+        json!([{"role": "user", "content": message}]),
+        "a new session's conversation is the message alone"
+    );
     assert_eq!(sent["agent_config"]["system_prompt"], "Be brief.");
 
     let messages = s.legacy.messages(&session);
@@ -454,37 +512,35 @@ async fn a_legacy_nobody_listens_on_is_bridge_unavailable() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failed_saves_are_retried_counted_and_never_hold_done() {
-    let s = start(|_| {}).await;
-    // Both first attempts fail; the retries save them.
+async fn failed_saves_are_retried_in_order_counted_and_never_hold_done() {
+    // A retry window of one second, and waits between attempts scaled down to match.
+    let s = start(|c| c.bridge.persist_retry_secs = 1).await;
+    s.server
+        .shared
+        .bridge
+        .set_retry_backoff(Duration::from_millis(20));
+    // The user message's first two attempts fail; its retries save it, and the answer follows it.
     s.legacy
         .fail(LegacyRoute::PostMessage, Fault::StatusTimes(503, 2));
     let r = s.chat("s-1", "org-a", json!({"message": "retry me"})).await;
     let done = done_of(&r);
-    let proxy_made = done["messageId"].as_str().unwrap().to_string();
-    uuid::Uuid::parse_str(&proxy_made).expect("a proxy-made messageId");
-    assert!(
-        eventually(Duration::from_secs(5), || s.legacy.messages("s-1").len()
-            == 5)
-        .await,
-        "{:?}",
-        s.legacy.messages("s-1")
+    let messages = s.legacy.messages("s-1");
+    let contents: Vec<&Value> = messages[3..].iter().map(|m| &m["content"]).collect();
+    assert_eq!(
+        contents,
+        [&json!("retry me"), &json!("Hello")],
+        "{messages:?}"
     );
-    let contents: Vec<Value> = s
-        .legacy
-        .messages("s-1")
-        .iter()
-        .map(|m| m["content"].clone())
-        .collect();
-    assert!(contents.contains(&json!("retry me")) && contents.contains(&json!("Hello")));
+    // The answer's save waited for its question, within done's bound, and done names it.
+    assert_eq!(done["messageId"], messages[4]["id"]);
     assert_eq!(s.persist_failures(), 0);
 
-    // A legacy that never answers a save: done waits one timeout for it, not more.
+    // A legacy that never answers a save: the first event waits one timeout for the user's
+    // message, done twice that for the answer, not more.
     s.legacy.fail(LegacyRoute::PostMessage, Fault::Hang);
     let t = Instant::now();
     let r = s.chat("s-1", "org-a", json!({"message": "lost?"})).await;
     let took = t.elapsed();
-    // Two saves (user, answer) of one 300 ms attempt each before done.
     assert!(took < Duration::from_millis(1500), "{took:?}");
     let done = done_of(&r);
     assert_eq!(done["sessionId"], "s-1");
@@ -499,7 +555,168 @@ async fn failed_saves_are_retried_counted_and_never_hold_done() {
         .iter()
         .filter(|c| c.method == "POST" && c.path.ends_with("/messages"))
         .count();
-    assert_eq!(saves, 2 + 2 + 3 + 3, "3 attempts each for the lost pair");
+    // 3 + 1 for the first chat; one each for the lost pair: an attempt that never answered is
+    // never simply sent again (a read-back would come first).
+    assert_eq!(saves, 4 + 2);
+}
+
+/// A runtime that answers "Hello" in two pieces, pausing between them until the test releases
+/// it: a client can leave mid-answer.
+fn pausing_runtime(req: &Received) -> Reply {
+    if req.path == "/health" {
+        return Reply::json(200, json!({"status": "ok"}));
+    }
+    Reply::sse(vec![
+        Step::Send(frame("text_chunk", json!({"content": "Hel"}))),
+        Step::WaitRelease,
+        Step::Send(frame("text_chunk", json!({"content": "lo"}))),
+        Step::Send(frame(
+            "execution_complete",
+            json!({"final_response": "Hello", "usage": {"total_tokens": 5}}),
+        )),
+        Step::Send(done_frame()),
+    ])
+}
+
+/// Send a chat, read its first event, then leave (the socket dropped, as a closed tab does).
+async fn leave_after_the_first_event(s: &Setup, message: &str) {
+    let addr = s.server.proxy_addr;
+    let auth = bearer("org-a");
+    let body = json!({"message": message}).to_string();
+    let (first_tx, mut first_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    let client = tokio::spawn(async move {
+        let mut c = Client::connect(addr).await;
+        let headers = [
+            ("content-type", "application/json"),
+            ("authorization", auth.as_str()),
+        ];
+        c.send(
+            "POST",
+            "/api/v1/chat/sessions/s-1",
+            &headers,
+            body.as_bytes(),
+        )
+        .await;
+        c.read_response_with(|chunk| {
+            let _ = first_tx.send(chunk.to_vec());
+        })
+        .await
+    });
+    let first = tokio::time::timeout(Duration::from_secs(5), first_rx.recv())
+        .await
+        .expect("first event")
+        .unwrap();
+    assert!(String::from_utf8_lossy(&first).contains("Hel"));
+    client.abort();
+    let _ = client.await;
+}
+
+fn detached(s: &Setup, result: &str) -> u64 {
+    s.server
+        .shared
+        .metrics
+        .bridge
+        .detached_total
+        .with_label_values(&[result])
+        .get()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_mid_answer_still_gets_both_messages_saved() {
+    let s = start_with(pausing_runtime, |c| c.runtime.commit_timeout_ms = 0).await;
+    leave_after_the_first_event(&s, "are you still there?").await;
+    // The relay notices the client gone and hands the stream on; then the runtime finishes.
+    assert!(
+        eventually(Duration::from_secs(3), || s.server.shared.detached.len()
+            == 1)
+        .await,
+        "the execution was not detached"
+    );
+    // The client's request is over; the execution still counts for the shutdown drain.
+    let requests = s.server.shared.requests.clone();
+    assert!(eventually(Duration::from_secs(3), || requests.count() == 1).await);
+    assert_eq!(s.server.shared.detached.len(), 1);
+    s.runtime.release();
+    assert!(
+        eventually(Duration::from_secs(5), || detached(&s, "saved") == 1).await,
+        "saved: {}",
+        detached(&s, "saved")
+    );
+    let messages = s.legacy.messages("s-1");
+    let tail: Vec<(&Value, &Value)> = messages[3..]
+        .iter()
+        .map(|m| (&m["role"], &m["content"]))
+        .collect();
+    assert_eq!(
+        tail,
+        [
+            (&json!("user"), &json!("are you still there?")),
+            (&json!("assistant"), &json!("Hello"))
+        ]
+    );
+    assert_eq!(messages[4]["metadata"]["tokensUsed"], 5);
+    assert!(s.server.shared.detached.is_empty());
+    // Not the runtime's fault, and not its success either: nothing reached the breaker.
+    recorded(&s.server, 0, 0).await;
+    assert_eq!(s.runtime_total(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_finish_detached_a_client_that_leaves_stops_the_execution() {
+    let s = start_with(pausing_runtime, |c| {
+        c.runtime.commit_timeout_ms = 0;
+        c.bridge.finish_detached = false;
+    })
+    .await;
+    leave_after_the_first_event(&s, "gone").await;
+    // The relay ends the request when it notices, dropping the runtime connection.
+    let requests = s.server.shared.requests.clone();
+    assert!(eventually(Duration::from_secs(3), || requests.count() == 0).await);
+    s.runtime.release();
+    // Nothing can be awaited for what must not happen: give a save the time it would take.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let roles: Vec<Value> = s.legacy.messages("s-1")[3..]
+        .iter()
+        .map(|m| m["role"].clone())
+        .collect();
+    assert_eq!(roles, [json!("user")], "only the user's message");
+    assert_eq!(detached(&s, "saved"), 0);
+    assert!(s.server.shared.detached.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beyond_max_detached_the_oldest_is_dropped() {
+    let s = start_with(pausing_runtime, |c| {
+        c.runtime.commit_timeout_ms = 0;
+        c.bridge.max_detached = 1;
+    })
+    .await;
+    leave_after_the_first_event(&s, "first to leave").await;
+    assert!(
+        eventually(Duration::from_secs(3), || s.server.shared.detached.len()
+            == 1)
+        .await
+    );
+    leave_after_the_first_event(&s, "second to leave").await;
+    assert!(
+        eventually(Duration::from_secs(3), || detached(&s, "dropped") == 1).await,
+        "the oldest was not dropped"
+    );
+    s.runtime.release();
+    assert!(eventually(Duration::from_secs(5), || detached(&s, "saved") == 1).await);
+    let contents: Vec<Value> = s.legacy.messages("s-1")[3..]
+        .iter()
+        .map(|m| m["content"].clone())
+        .collect();
+    assert_eq!(
+        contents,
+        [
+            json!("first to leave"),
+            json!("second to leave"),
+            json!("Hello")
+        ],
+        "the answer of the one kept"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -467,7 +467,13 @@ async fn upstream_failures_match_pingora() {
             .replace("X-Hop: 1\r\nKeep-Alive: timeout=5\r\n", ""),
         "hop-by-hop headers: what the client received"
     );
-    assert_eq!(lean.0, ["GET /h HTTP/1.1\r\nHost: proxy.test\r\n\r\n"]);
+    assert_eq!(
+        lean.0,
+        [
+            "GET /h HTTP/1.1\r\nHost: proxy.test\r\nx-forwarded-for: 127.0.0.1\r\n\
+          x-forwarded-proto: http\r\nx-forwarded-host: proxy.test\r\n\r\n"
+        ]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -611,3 +611,35 @@ async fn a_legacy_answer_in_a_coding_it_cannot_read_is_not_compared() {
     );
     assert_eq!(comparisons(&h, "legacy_failed", "org-s"), 0.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_asks_the_question_once_when_legacy_saved_it_first() {
+    // Legacy saves the user's message before it answers: the copy may find it in the history it
+    // reads, and must not send the runtime the question twice.
+    let legacy = legacy::FakeLegacy::seeded().await;
+    legacy.add_message("s-b", "user", "earlier");
+    legacy.add_message("s-b", "assistant", "reply");
+    legacy.add_message("s-b", "user", "hi");
+    let runtime = Upstream::start(healthy_runtime).await;
+    let mut cfg = config(&legacy.address(), &runtime.address());
+    cfg.bridge.enabled = true;
+    cfg.rollout.shadow_orgs = vec!["org-b".into()];
+    let server = proxy(cfg).await;
+    let r = chat(server.proxy_addr, Some("org-b"), "s-b", HI).await;
+    assert_served(&r, DIRECT, "default");
+    runtime.wait_for_work(1).await;
+    assert_eq!(
+        runtime.work()[0].json()["history_messages"],
+        json!([{"role": "user", "content": "earlier"},
+               {"role": "assistant", "content": "reply"},
+               {"role": "user", "content": "hi"}])
+    );
+    assert!(
+        legacy
+            .received()
+            .iter()
+            .filter(|r| !r.path.starts_with("/api/v1/chat/"))
+            .all(|r| r.method == "GET"),
+        "a copy never writes"
+    );
+}

@@ -26,6 +26,17 @@ struct ProxyProcess {
 
 impl ProxyProcess {
     async fn start(name: &str, legacy: &str, runtime: &str, grace_secs: u64) -> ProxyProcess {
+        ProxyProcess::start_with(name, legacy, runtime, grace_secs, BRIDGE_OFF_TOML).await
+    }
+
+    /// `start`, with this `[bridge]` table.
+    async fn start_with(
+        name: &str,
+        legacy: &str,
+        runtime: &str,
+        grace_secs: u64,
+        bridge: &str,
+    ) -> ProxyProcess {
         let dir =
             std::env::temp_dir().join(format!("cutover-shutdown-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -53,7 +64,7 @@ runtime_orgs = ["org-a"]
 jwt_secret_env = "{JWT_ENV}"
 [admin]
 token_env = "{ADMIN_ENV}"
-{BRIDGE_OFF_TOML}"#
+{bridge}"#
         );
         let path = dir.join("proxy.toml");
         std::fs::write(&path, config).unwrap();
@@ -493,4 +504,84 @@ async fn sigint_during_the_drain_exits_at_once() {
     );
     let (r, _) = stream.await.unwrap();
     assert!(!r.complete, "the stream is cut, not finished");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_still_being_saved_at_exit_are_logged_whole() {
+    // Legacy answers every save 503: the chat's two messages are still being retried when the
+    // proxy is told to stop. The drain waits for them up to its cutoff, then logs each whole.
+    let legacy = support::legacy::FakeLegacy::seeded().await;
+    legacy.fail(
+        support::legacy::LegacyRoute::PostMessage,
+        support::legacy::Fault::Status(503),
+    );
+    let runtime = Upstream::start(healthy_runtime).await;
+    let mut proxy = ProxyProcess::start_with(
+        "pending-saves",
+        &legacy.address(),
+        &runtime.address(),
+        2,
+        "[bridge]\nenabled = true\n",
+    )
+    .await;
+    let content = "kept whole: 多字节 \"quoted\"";
+    let auth = format!("Bearer {}", token("org-a"));
+    let body = serde_json::json!({"message": content}).to_string();
+    let r = request(
+        proxy.proxy,
+        "POST",
+        "/api/v1/chat/sessions/s-1",
+        &[
+            ("content-type", "application/json"),
+            ("authorization", auth.as_str()),
+        ],
+        body.as_bytes(),
+    )
+    .await;
+    assert_served(&r, RT, "allowlist");
+    assert!(r.text().contains("event: done"), "{}", r.text());
+
+    let sent = Instant::now();
+    proxy.sigterm();
+    let (status, at) = proxy
+        .exited_within(Duration::from_secs(10))
+        .await
+        .expect("the proxy did not exit");
+    assert!(status.success(), "{status:?}");
+    // The pending saves held the drain until its cutoff (1 s before the 2 s grace ends).
+    assert!(at - sent >= Duration::from_millis(900), "{:?}", at - sent);
+    let log = proxy.log();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| {
+            l["fields"]["message"]
+                .as_str()
+                .or(l["message"].as_str())
+                .is_some_and(|m| m.contains("shutting down"))
+        })
+        .collect();
+    let roles: Vec<(String, String)> = lines
+        .iter()
+        .map(|l| {
+            let f = if l["fields"].is_object() {
+                &l["fields"]
+            } else {
+                l
+            };
+            (
+                f["role"].as_str().unwrap_or_default().to_string(),
+                f["content"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        roles,
+        [
+            ("user".to_string(), content.to_string()),
+            ("assistant".to_string(), content.to_string())
+        ],
+        "log:\n{log}"
+    );
+    assert!(legacy.messages("s-1").len() == 3, "nothing was saved");
 }

@@ -27,16 +27,22 @@ fn check_request(raw: &[u8]) {
         return;
     };
     let trusted = http::HeaderName::from_static("x-org-id");
+    // The lean head must stay one well-formed head whether or not a trusted hop's own
+    // X-Forwarded-* headers are passed on.
+    let hop = cutover_proxy::core::forwarded::Hop {
+        peer: Some(std::net::IpAddr::from([10, 0, 0, 9])),
+        trusted: raw.len() % 2 == 0,
+    };
     if let Some(chat) = chat_head(raw, &head, 64) {
         assert_eq!(head.framing, Framing::Length(chat.body_len as u64));
         assert!(chat.body_len <= 64, "body over the limit");
-        assert!(prepare(raw, &head, Some(&trusted)).is_none(), "a chat on the passthrough");
+        assert!(prepare(raw, &head, Some(&trusted), hop).is_none(), "a chat on the passthrough");
         let path = chat.path.as_str();
         let route = cutover_proxy::core::routing::chat_route(&http::Method::POST, path);
         assert_eq!(route, Some(chat.route), "not the chat route of its path");
         return;
     }
-    let Some(req) = prepare(raw, &head, Some(&trusted)) else {
+    let Some(req) = prepare(raw, &head, Some(&trusted), hop) else {
         return;
     };
     let out = &req.upstream_head;
@@ -63,6 +69,17 @@ fn check_request(raw: &[u8]) {
         .any(|(n, _)| n.eq_ignore_ascii_case(b"host"))
     {
         assert!(has("host"), "Host dropped");
+    }
+    let xff: Vec<&[u8]> = parsed
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("x-forwarded-for"))
+        .map(|h| h.value)
+        .collect();
+    assert_eq!(xff.len(), 1, "one X-Forwarded-For");
+    assert!(xff[0].ends_with(b"10.0.0.9"), "the peer is not the last hop");
+    if !hop.trusted {
+        assert_eq!(xff[0], b"10.0.0.9", "an untrusted client's own X-Forwarded-For passed");
     }
     for h in parsed.headers.iter() {
         let name = h.name.to_ascii_lowercase();

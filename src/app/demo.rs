@@ -297,11 +297,25 @@ async fn runtime_conn(mut stream: TcpStream) {
             respond_json(&mut stream, "422 Unprocessable Entity", detail).await;
             continue;
         }
-        let message = input["user_message"].as_str().unwrap_or("").to_string();
-        // Says what the bridge sent, so the demo shows the history growing chat by chat.
+        // As the real runtime reads it: a non-empty history is the whole conversation, its last
+        // user entry the question, and `user_message` is then ignored.
+        let history = input["history_messages"]
+            .as_array()
+            .filter(|h| !h.is_empty());
+        let message = match history {
+            Some(h) => h
+                .iter()
+                .rev()
+                .find(|m| m["role"] == "user")
+                .and_then(|m| m["content"].as_str()),
+            None => input["user_message"].as_str(),
+        }
+        .unwrap_or("")
+        .to_string();
+        // Says what it understood, so the demo shows the history growing chat by chat.
         let answer = format!(
-            "Hello from the runtime orchestrator ({} earlier messages).",
-            input["history_messages"].as_array().map_or(0, Vec::len)
+            "Hello from the runtime orchestrator: you asked {message:?} ({} earlier messages).",
+            history.map_or(0, |h| h.len() - 1)
         );
         if stream.write_all(SSE_HEAD.as_bytes()).await.is_err() {
             return;

@@ -64,10 +64,12 @@ pub enum DrainEnd {
 /// that their `error` event reaches the client before the process exits.
 pub const CUTOFF_MARGIN: Duration = Duration::from_secs(1);
 
-/// Wait until no request is in flight, at most `grace`. `CUTOFF_MARGIN` before the end, raise
-/// `cutoff`: every runtime stream still open then ends with a `SHUTTING_DOWN` error event and a
-/// properly terminated response, which lets those requests finish before the grace period does.
-/// Legacy responses, which Pingora proxies byte for byte, are not told; they are cut at the end.
+/// Wait until no request is in flight and no message save is pending, at most `grace`.
+/// `CUTOFF_MARGIN` before the end, raise `cutoff`: every runtime stream still open then ends with
+/// a `SHUTTING_DOWN` error event and a properly terminated response, which lets those requests
+/// finish before the grace period does (an execution finished for a client that left counts as
+/// a request, and is cut there too). Legacy responses, which Pingora proxies byte for byte, are not
+/// told; they are cut at the end. Saves still retrying then are logged whole at exit.
 pub async fn drain(shared: &Shared, grace: Duration) -> DrainEnd {
     let grace = grace.min(MAX_GRACE);
     let start = tokio::time::Instant::now();
@@ -77,7 +79,7 @@ pub async fn drain(shared: &Shared, grace: Duration) -> DrainEnd {
     loop {
         // Two idle polls in a row: a request whose header Pingora was reading at SIGTERM time has
         // had the chance to be counted.
-        if shared.requests.count() == 0 {
+        if shared.requests.count() == 0 && shared.bridge.pending_saves() == 0 {
             idle_polls += 1;
             if idle_polls >= 2 {
                 return DrainEnd::Idle;
@@ -129,6 +131,14 @@ fn drain_then_exit(shared: Arc<Shared>, grace: Duration) {
     };
     let elapsed_ms = started.elapsed().as_millis() as u64;
     let in_flight = shared.requests.count();
+    // Nothing of a user's is lost silently: what legacy still does not hold goes to the log.
+    let unsaved = shared.bridge.log_pending_saves();
+    if unsaved > 0 {
+        tracing::error!(
+            unsaved,
+            "messages still being saved at exit are in the log lines above"
+        );
+    }
     match end {
         Some(DrainEnd::Idle) => tracing::info!(elapsed_ms, "drained; exiting"),
         Some(DrainEnd::GraceOver) if in_flight == 0 => {

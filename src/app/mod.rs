@@ -231,8 +231,8 @@ pub(crate) async fn accept_loop<A: ServerApp + Send + Sync + 'static>(
             a = listener.accept() => a,
             _ = shutdown.changed() => return,
         };
-        let tcp = match accepted {
-            Ok((tcp, _)) => tcp,
+        let (tcp, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.
                 tracing::warn!(error = %e, "accept failed");
@@ -243,9 +243,16 @@ pub(crate) async fn accept_loop<A: ServerApp + Send + Sync + 'static>(
         let _ = tcp.set_nodelay(true);
         let (app, rx) = (app.clone(), shutdown.clone());
         tokio::spawn(async move {
-            let stream: pingora::protocols::Stream =
-                Box::new(pingora::protocols::l4::stream::Stream::from(tcp));
-            app.process_new(stream, &rx).await;
+            use pingora::protocols::{GetSocketDigest, SocketDigest};
+            use std::os::fd::AsRawFd;
+            let mut stream = pingora::protocols::l4::stream::Stream::from(tcp);
+            // The client's address, recorded as Pingora's own listener records it at accept.
+            let digest = SocketDigest::from_raw_fd(stream.as_raw_fd());
+            let _ = digest
+                .peer_addr
+                .set(Some(pingora::protocols::l4::socket::SocketAddr::Inet(peer)));
+            stream.set_socket_digest(digest);
+            app.process_new(Box::new(stream), &rx).await;
         });
     }
 }

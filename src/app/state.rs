@@ -16,6 +16,7 @@ use crate::core::breaker::{Breaker, BreakerSettings, SharedBreaker};
 use crate::core::config::Config;
 use crate::core::cors::{CorsHeaders, CorsPolicy};
 use crate::core::files::{FileKey, FileSigner};
+use crate::core::forwarded::{Hop, TrustedProxies};
 use crate::core::identity::Verifier;
 use crate::core::routing::Rollout;
 use crate::core::scorecard::Scorecard;
@@ -23,6 +24,7 @@ use crate::core::stats::ExecutionStats;
 use crate::ops::fleet::FleetStatus;
 use crate::ops::metrics::Metrics;
 use crate::runtime::bridge::{Bridge, Target};
+use crate::runtime::detached::Detached;
 use crate::runtime::pool::Connections;
 
 /// One validated config, compiled for the hot path.
@@ -34,6 +36,8 @@ pub struct Active {
     pub runtime: PeerSettings,
     /// Where the conversation bridge finds legacy, and its routes.
     pub bridge: Target,
+    /// `identity.trusted_proxies`: whose `X-Forwarded-*` headers are kept.
+    pub trusted_proxies: TrustedProxies,
     /// The admin bearer token (from the env var the config names); `None` refuses mutations.
     pub admin_token: Option<String>,
     /// The key runtime file links are signed and checked with; `None` when there is neither a
@@ -73,6 +77,9 @@ impl Active {
             admin_token,
             file_key,
             bridge: Target::of(&config),
+            // Validated with the config.
+            trusted_proxies: TrustedProxies::parse(&config.identity.trusted_proxies)
+                .unwrap_or_default(),
             config,
         }
     }
@@ -94,6 +101,11 @@ impl Active {
                 ttl_secs: self.config.runtime.file_url_ttl_secs,
             }),
         }
+    }
+
+    /// Where a request comes from, for its `X-Forwarded-*` headers.
+    pub fn hop(&self, peer: Option<std::net::IpAddr>) -> Hop {
+        Hop::of(peer, &self.trusted_proxies)
     }
 
     /// Label value for an org: only orgs the config names (allowlist, denylist, shadow list), so
@@ -175,6 +187,8 @@ pub struct Shared {
     pub resolver: Resolver,
     /// The conversation bridge's legacy connections and cache.
     pub bridge: Arc<Bridge>,
+    /// Executions read to their end for clients that left (`bridge.finish_detached`).
+    pub detached: Detached,
     /// Set on SIGTERM: readiness fails and streams are told to finish.
     pub draining: AtomicBool,
     /// Raised when the shutdown grace period is over: relays end their streams with an error
@@ -240,6 +254,7 @@ impl Shared {
             runtime_pool: Connections::default(),
             resolver: Resolver::default(),
             bridge,
+            detached: Detached::default(),
             draining: AtomicBool::new(false),
             cutoff: tokio::sync::watch::channel(false).0,
             shadow_in_flight: Default::default(),

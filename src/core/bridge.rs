@@ -81,16 +81,19 @@ pub enum Route {
     Agent,
     Messages,
     SaveMessage,
+    /// The session's messages read after a save whose outcome is unknown.
+    ReadBack,
     CreateSession,
     DeleteSession,
 }
 
 impl Route {
-    pub const ALL: [Route; 6] = [
+    pub const ALL: [Route; 7] = [
         Route::Session,
         Route::Agent,
         Route::Messages,
         Route::SaveMessage,
+        Route::ReadBack,
         Route::CreateSession,
         Route::DeleteSession,
     ];
@@ -101,6 +104,7 @@ impl Route {
             Route::Agent => "agent",
             Route::Messages => "messages",
             Route::SaveMessage => "save_message",
+            Route::ReadBack => "read_back",
             Route::CreateSession => "create_session",
             Route::DeleteSession => "delete_session",
         }
@@ -227,8 +231,20 @@ pub struct HistoryMessage {
 pub struct Conversation {
     pub agent_id: String,
     pub agent: AgentProfile,
-    /// Oldest first, at most `history_limit`.
+    /// The session's saved messages, oldest first: at most `history_limit − 1`, since the
+    /// runtime request adds the current message as the last entry.
     pub history: Vec<HistoryMessage>,
+    /// Id of the last message the session held when the chat began (any kind, history or not):
+    /// what this chat saves comes after it, which is how a read-back tells this chat's message
+    /// from an identical earlier one. `None` for an empty or new session.
+    pub last_message_id: Option<String>,
+}
+
+/// The session's messages as read before a chat: the history and where the session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct History {
+    pub messages: Vec<HistoryMessage>,
+    pub last_message_id: Option<String>,
 }
 
 /// A 2xx answer that is not the shape the contract gives.
@@ -309,15 +325,14 @@ pub fn parse_agent(body: &[u8]) -> Result<AgentProfile, BadAnswer> {
     })
 }
 
-/// The session's messages, oldest first as legacy lists them, keeping the last `limit`. Entries
+/// The session's messages, oldest first as legacy lists them, keeping the last `keep` (the
+/// runtime request's `history_limit − 1`: the current message is its last entry). Entries
 /// without a string role and content (attachments, tool records) are not history the runtime
-/// can take, and are skipped.
-pub fn parse_messages(body: &[u8], limit: usize) -> Result<Vec<HistoryMessage>, BadAnswer> {
-    let d = data(body)?;
-    let Value::Array(items) = d else {
-        return Err(BadAnswer("data is not an array".into()));
-    };
-    let mut history: Vec<HistoryMessage> = items
+/// can take, and are skipped; the last entry's id is kept whatever it is.
+pub fn parse_messages(body: &[u8], keep: usize) -> Result<History, BadAnswer> {
+    let items = message_list(body)?;
+    let last_message_id = items.last().and_then(|m| id_of(m.get("id")));
+    let mut messages: Vec<HistoryMessage> = items
         .iter()
         .filter_map(|m| {
             Some(HistoryMessage {
@@ -326,9 +341,106 @@ pub fn parse_messages(body: &[u8], limit: usize) -> Result<Vec<HistoryMessage>, 
             })
         })
         .collect();
-    let skip = history.len().saturating_sub(limit);
-    history.drain(..skip);
-    Ok(history)
+    let skip = messages.len().saturating_sub(keep);
+    messages.drain(..skip);
+    Ok(History {
+        messages,
+        last_message_id,
+    })
+}
+
+fn message_list(body: &[u8]) -> Result<Vec<Value>, BadAnswer> {
+    match data(body)? {
+        Value::Array(items) => Ok(items),
+        _ => Err(BadAnswer("data is not an array".into())),
+    }
+}
+
+/// A message being saved, as a read-back recognises it in the session's list.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SavedShape {
+    pub role: &'static str,
+    pub content: String,
+    pub parent_id: Option<String>,
+    /// The metadata sent with it; a listed message must carry each of these keys with the same
+    /// value (legacy may add its own). An answer's `latencyMs` tells two identical answers apart.
+    pub metadata: serde_json::Map<String, Value>,
+}
+
+impl SavedShape {
+    /// The user's message: `{role:"user", content, parentId?}`.
+    pub fn user(content: &str, parent_id: Option<&str>) -> SavedShape {
+        SavedShape {
+            role: "user",
+            content: content.to_string(),
+            parent_id: parent_id.map(str::to_string),
+            metadata: serde_json::Map::new(),
+        }
+    }
+
+    /// `POST messages_path`: role, content, then `parentId` and `metadata` when there are any.
+    pub fn body(&self) -> Vec<u8> {
+        let mut v = serde_json::json!({"role": self.role, "content": self.content});
+        if let Some(p) = &self.parent_id {
+            v["parentId"] = Value::String(p.clone());
+        }
+        if !self.metadata.is_empty() {
+            v["metadata"] = Value::Object(self.metadata.clone());
+        }
+        serde_json::to_vec(&v).expect("strings and numbers serialise")
+    }
+
+    fn matches(&self, m: &Value) -> bool {
+        let text = |k: &str| m.get(k).and_then(Value::as_str);
+        let parent = m.get("parentId").and_then(|p| match p {
+            Value::Null => None,
+            p => Some(id_of(Some(p))),
+        });
+        text("role") == Some(self.role)
+            && text("content") == Some(self.content.as_str())
+            && parent.flatten() == self.parent_id
+            && self
+                .metadata
+                .iter()
+                .all(|(k, v)| m.get("metadata").and_then(|md| md.get(k)) == Some(v))
+    }
+}
+
+/// Whether a save whose outcome is unknown (its answer never came) reached legacy: the id of a
+/// message of `shape` listed after `after` (the session's last message when the chat began; all
+/// of them when `None`, or when that message is no longer listed), or `None`.
+///
+/// The rule, for legacy's routes have no idempotency key: a message counts as this chat's when
+/// it has the same role, content and parent (and metadata, for an answer) and came after the
+/// chat began. An identical message sent twice in a row is therefore two messages: the earlier
+/// one is before the anchor. Two chats running at once in the same session that save identical
+/// messages could each take the other's for its own; a chat saves one message of each role.
+pub fn find_saved(
+    body: &[u8],
+    shape: &SavedShape,
+    after: Option<&str>,
+) -> Result<ReadBack, BadAnswer> {
+    let items = message_list(body)?;
+    let start = after
+        .and_then(|anchor| {
+            items
+                .iter()
+                .rposition(|m| id_of(m.get("id")).as_deref() == Some(anchor))
+        })
+        .map_or(0, |i| i + 1);
+    Ok(match items[start..].iter().find(|m| shape.matches(m)) {
+        Some(m) => ReadBack::Saved(id_of(m.get("id"))),
+        None => ReadBack::Absent,
+    })
+}
+
+/// What a read-back found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadBack {
+    /// Not there: the save must be made (again).
+    Absent,
+    /// There, under this id (`None`: legacy listed it without one).
+    Saved(Option<String>),
 }
 
 /// `data.id` of a created session or message.
@@ -348,11 +460,7 @@ pub fn new_session_body(agent_id: &str, message: &str) -> Vec<u8> {
 
 /// `POST messages_path` for the user's message, at the commit point.
 pub fn user_message_body(content: &str, parent_id: Option<&str>) -> Vec<u8> {
-    let mut v = serde_json::json!({"role": "user", "content": content});
-    if let Some(p) = parent_id {
-        v["parentId"] = Value::String(p.to_string());
-    }
-    serde_json::to_vec(&v).expect("strings serialise")
+    SavedShape::user(content, parent_id).body()
 }
 
 /// The runtime's answer, saved when `execution_complete` arrives.
@@ -383,21 +491,25 @@ impl AssistantMessage {
         }
     }
 
+    /// What is saved, and recognised by a read-back.
+    pub fn shape(&self) -> SavedShape {
+        let mut metadata = serde_json::Map::new();
+        metadata.insert("executionMode".into(), "runtime_orchestrator".into());
+        metadata.insert("latencyMs".into(), self.latency_ms.into());
+        if let Some(t) = self.tokens_used {
+            metadata.insert("tokensUsed".into(), t.into());
+        }
+        SavedShape {
+            role: "assistant",
+            content: self.content.clone(),
+            parent_id: None,
+            metadata,
+        }
+    }
+
     /// `POST messages_path`.
     pub fn body(&self) -> Vec<u8> {
-        let mut metadata = serde_json::json!({
-            "executionMode": "runtime_orchestrator",
-            "latencyMs": self.latency_ms,
-        });
-        if let Some(t) = self.tokens_used {
-            metadata["tokensUsed"] = t.into();
-        }
-        serde_json::to_vec(&serde_json::json!({
-            "role": "assistant",
-            "content": self.content,
-            "metadata": metadata,
-        }))
-        .expect("strings serialise")
+        self.shape().body()
     }
 }
 
@@ -680,6 +792,8 @@ mod tests {
             })
             .collect();
         let h = parse_messages(&ok(Value::Array(items)), 20).unwrap();
+        assert_eq!(h.last_message_id.as_deref(), Some("29"));
+        let h = h.messages;
         assert_eq!(h.len(), 20);
         assert_eq!(h[0].content, "m10");
         assert_eq!(h[0].role, "user");
@@ -693,8 +807,9 @@ mod tests {
             20,
         )
         .unwrap();
+        assert_eq!(h.last_message_id, None, "the last entry has no id");
         assert_eq!(
-            h,
+            h.messages,
             [
                 HistoryMessage {
                     role: "user".into(),
@@ -707,7 +822,18 @@ mod tests {
             ]
         );
         assert!(parse_messages(&ok(json!({"messages": []})), 20).is_err());
-        assert!(parse_messages(&ok(json!([])), 20).unwrap().is_empty());
+        let empty = parse_messages(&ok(json!([])), 20).unwrap();
+        assert!(empty.messages.is_empty() && empty.last_message_id.is_none());
+        // An attachment the history skips still marks where the session ended.
+        let h = parse_messages(
+            &ok(
+                json!([{"id": "m1", "role": "user", "content": "a"}, {"id": "m2", "role": "tool"}]),
+            ),
+            0,
+        )
+        .unwrap();
+        assert!(h.messages.is_empty());
+        assert_eq!(h.last_message_id.as_deref(), Some("m2"));
     }
 
     #[test]
@@ -818,6 +944,73 @@ mod tests {
         assert!(c.is_empty());
     }
 
+    fn listed(items: Value) -> Vec<u8> {
+        ok(items)
+    }
+
+    #[test]
+    fn a_read_back_finds_the_message_after_the_chat_began() {
+        let user = SavedShape::user("again", Some("p1"));
+        // The same text sent twice in a row: the earlier one is before the anchor.
+        let before = json!([
+            {"id": "m1", "role": "user", "content": "again", "parentId": "p1"},
+            {"id": "m2", "role": "assistant", "content": "ok"},
+        ]);
+        assert_eq!(
+            find_saved(&listed(before.clone()), &user, Some("m2")).unwrap(),
+            ReadBack::Absent
+        );
+        let mut after = before.as_array().unwrap().clone();
+        after.push(
+            json!({"id": "m3", "role": "user", "content": "again", "parentId": "p1",
+                          "createdAt": "t"}),
+        );
+        let after = Value::Array(after);
+        assert_eq!(
+            find_saved(&listed(after.clone()), &user, Some("m2")).unwrap(),
+            ReadBack::Saved(Some("m3".into()))
+        );
+        // No anchor (a new or empty session): every message counts.
+        assert_eq!(
+            find_saved(&listed(before.clone()), &user, None).unwrap(),
+            ReadBack::Saved(Some("m1".into()))
+        );
+        // Another parent, or none, is another message.
+        for other in [
+            SavedShape::user("again", None),
+            SavedShape::user("again", Some("p2")),
+        ] {
+            assert_eq!(
+                find_saved(&listed(after.clone()), &other, Some("m2")).unwrap(),
+                ReadBack::Absent
+            );
+        }
+        assert!(find_saved(&listed(json!({})), &user, None).is_err());
+    }
+
+    #[test]
+    fn a_read_back_tells_identical_answers_apart_by_their_metadata() {
+        let answer = AssistantMessage::new("same", "", Some(3), 120).shape();
+        let other = json!({"id": "a1", "role": "assistant", "content": "same", "metadata":
+                           {"executionMode": "runtime_orchestrator", "latencyMs": 95, "tokensUsed": 3}});
+        let ours = json!({"id": "a2", "role": "assistant", "content": "same", "parentId": null,
+                          "metadata": {"executionMode": "runtime_orchestrator", "latencyMs": 120,
+                                       "tokensUsed": 3, "addedByLegacy": true}});
+        assert_eq!(
+            find_saved(&listed(json!([other.clone()])), &answer, None).unwrap(),
+            ReadBack::Absent
+        );
+        assert_eq!(
+            find_saved(&listed(json!([other, ours])), &answer, None).unwrap(),
+            ReadBack::Saved(Some("a2".into()))
+        );
+        let no_id = json!([{"role": "user", "content": "x"}]);
+        assert_eq!(
+            find_saved(&listed(no_id), &SavedShape::user("x", None), None).unwrap(),
+            ReadBack::Saved(None)
+        );
+    }
+
     proptest! {
         #[test]
         fn any_string_that_passes_is_one_path_segment(id in "\\PC{0,140}") {
@@ -839,7 +1032,7 @@ mod tests {
         fn history_is_the_last_limit_in_order(n in 0usize..60, limit in 1usize..40) {
             let items: Vec<Value> =
                 (0..n).map(|i| json!({"role": "user", "content": i.to_string()})).collect();
-            let h = parse_messages(&ok(Value::Array(items)), limit).unwrap();
+            let h = parse_messages(&ok(Value::Array(items)), limit).unwrap().messages;
             prop_assert_eq!(h.len(), n.min(limit));
             for (j, m) in h.iter().enumerate() {
                 prop_assert_eq!(&m.content, &(n - h.len() + j).to_string());

@@ -162,7 +162,9 @@ pub struct RequestMetadata {
 }
 
 impl RuntimeRequest {
-    /// With the bridge on: the agent, its settings and the history legacy gave.
+    /// With the bridge on: the agent, its settings, and the conversation as the runtime takes it
+    /// (a non-empty `history_messages` is the whole conversation to it, `user_message` ignored):
+    /// the saved messages legacy gave, then the current message as the last entry.
     pub fn bridged(
         session_id: &str,
         caller: &Caller,
@@ -174,7 +176,15 @@ impl RuntimeRequest {
             agent_id: Some(conversation.agent_id.clone()),
             org_id: caller.org_id.clone(),
             user_message: chat.message.clone(),
-            history_messages: conversation.history.clone(),
+            history_messages: conversation
+                .history
+                .iter()
+                .cloned()
+                .chain(std::iter::once(HistoryMessage {
+                    role: "user".into(),
+                    content: chat.message.clone(),
+                }))
+                .collect(),
             agent_config: AgentConfig::of_agent(&conversation.agent),
             metadata: metadata(caller, chat),
         }
@@ -361,6 +371,7 @@ mod tests {
                     content: "reply".into(),
                 },
             ],
+            last_message_id: Some("m-2".into()),
         }
     }
 
@@ -374,12 +385,29 @@ mod tests {
             concat!(
                 r#"{"session_id":"s1","agent_id":"ag-1","org_id":"org-a","user_message":"hi","#,
                 r#""history_messages":[{"role":"user","content":"earlier"},"#,
-                r#"{"role":"assistant","content":"reply"}],"#,
+                r#"{"role":"assistant","content":"reply"},{"role":"user","content":"hi"}],"#,
                 r#""agent_config":{"system_prompt":"Be brief.","model":"gpt-4o","#,
                 r#""temperature":0.2,"max_tokens":1000},"#,
                 r#""metadata":{"user_id":"u1","parent_message_id":"m0"}}"#
             )
         );
+    }
+
+    #[test]
+    fn the_current_message_ends_the_history_even_in_a_new_session() {
+        let mut c = conversation();
+        c.history.clear();
+        c.last_message_id = None;
+        let chat = parse_chat_body(br#"{"message":"first question"}"#).unwrap();
+        let r = RuntimeRequest::bridged("s1", &caller(), &chat, &c);
+        assert_eq!(
+            r.history_messages,
+            [HistoryMessage {
+                role: "user".into(),
+                content: "first question".into()
+            }]
+        );
+        assert_eq!(r.user_message, "first question");
     }
 
     #[test]

@@ -335,6 +335,11 @@ pub struct IdentityConfig {
     /// off.
     #[serde(default = "defaults::token_cookie")]
     pub token_cookie: String,
+    /// Addresses (`10.0.0.7`) and networks (`10.0.0.0/8`) of the ingresses and load balancers in
+    /// front of the proxy: a request from one of them keeps the `X-Forwarded-For`, `-Proto` and
+    /// `-Host` it came with. Empty (the default): every client's own are replaced.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -411,6 +416,17 @@ pub struct BridgeConfig {
     /// How long a cached agent id or agent config is served without asking legacy; 0: no cache.
     #[serde(default = "defaults::cache_ttl_ms")]
     pub cache_ttl_ms: u64,
+    /// How long a save that failed is retried in the background (with backoff) before it is
+    /// logged whole and counted as lost; 0: the first attempt (and its read-back) only.
+    #[serde(default = "defaults::persist_retry_secs")]
+    pub persist_retry_secs: u64,
+    /// A client that leaves after the commit: read the runtime's stream to its end anyway and
+    /// save the answer. `false`: stop reading, as for a cancel.
+    #[serde(default = "defaults::finish_detached")]
+    pub finish_detached: bool,
+    /// Most executions finished for clients that left, at once; beyond it the oldest is dropped.
+    #[serde(default = "defaults::max_detached")]
+    pub max_detached: usize,
 }
 
 mod defaults {
@@ -565,6 +581,15 @@ mod defaults {
     pub fn cache_ttl_ms() -> u64 {
         30_000
     }
+    pub fn persist_retry_secs() -> u64 {
+        300
+    }
+    pub fn finish_detached() -> bool {
+        true
+    }
+    pub fn max_detached() -> usize {
+        256
+    }
     pub fn max_client_event_bytes() -> usize {
         16 * 1024
     }
@@ -623,6 +648,7 @@ impl Default for IdentityConfig {
             audience: None,
             trusted_org_header: None,
             token_cookie: defaults::token_cookie(),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -673,13 +699,23 @@ impl Default for BridgeConfig {
             timeout_ms: defaults::bridge_timeout_ms(),
             cache_entries: defaults::cache_entries(),
             cache_ttl_ms: defaults::cache_ttl_ms(),
+            persist_retry_secs: defaults::persist_retry_secs(),
+            finish_detached: defaults::finish_detached(),
+            max_detached: defaults::max_detached(),
         }
     }
 }
 
+/// The longest `bridge.persist_retry_secs`: a day. A message still unsaved then needs a person.
+pub const MAX_PERSIST_RETRY_SECS: u64 = 24 * 3600;
+
 impl BridgeConfig {
     pub fn timeout(&self) -> Duration {
         Duration::from_millis(self.timeout_ms)
+    }
+
+    pub fn persist_retry(&self) -> Duration {
+        Duration::from_secs(self.persist_retry_secs)
     }
 }
 
@@ -855,6 +891,14 @@ impl Config {
                 ));
             }
         }
+        if let Err(bad) =
+            crate::core::forwarded::TrustedProxies::parse(&self.identity.trusted_proxies)
+        {
+            return Err(ConfigError::new(
+                "identity.trusted_proxies",
+                format!("{bad:?} is not an IP address or network (10.0.0.0/8, fd00::/8)"),
+            ));
+        }
         check_positive("breaker.window_secs", self.breaker.window_secs)?;
         check_positive("breaker.min_requests", self.breaker.min_requests)?;
         check_rate("breaker.error_rate", self.breaker.error_rate)?;
@@ -1005,6 +1049,18 @@ impl BridgeConfig {
         )?;
         check_range("bridge.timeout_ms", self.timeout_ms as f64, 1.0, 60_000.0)?;
         check_positive("bridge.cache_entries", self.cache_entries as u64)?;
+        check_range(
+            "bridge.persist_retry_secs",
+            self.persist_retry_secs as f64,
+            0.0,
+            MAX_PERSIST_RETRY_SECS as f64,
+        )?;
+        check_range(
+            "bridge.max_detached",
+            self.max_detached as f64,
+            1.0,
+            100_000.0,
+        )?;
         Ok(())
     }
 }
@@ -1387,7 +1443,12 @@ address = "runtime:8000"
         assert_eq!(b.timeout(), Duration::from_secs(2));
         assert!(b.cache_entries > 0);
         assert!(b.cache_ttl_ms > 0);
+        assert_eq!(b.persist_retry_secs, 300);
+        assert_eq!(b.persist_retry(), Duration::from_secs(300));
+        assert!(b.finish_detached);
+        assert_eq!(b.max_detached, 256);
         assert_eq!(c.runtime.default_agent_id, "");
+        assert!(c.identity.trusted_proxies.is_empty());
     }
 
     #[test]
@@ -1396,7 +1457,8 @@ address = "runtime:8000"
             "{MINIMAL}default_agent_id = \"agent-0\"\n[bridge]\nenabled = false\n\
              session_path = \"/s/{{sessionId}}\"\nagent_path = \"/a/{{agentId}}/x\"\n\
              messages_path = \"/s/{{sessionId}}/m\"\nsessions_path = \"/s\"\n\
-             history_limit = 5\ntimeout_ms = 300\ncache_entries = 7\ncache_ttl_ms = 0\n"
+             history_limit = 5\ntimeout_ms = 300\ncache_entries = 7\ncache_ttl_ms = 0\n\
+             persist_retry_secs = 0\nfinish_detached = false\nmax_detached = 3\n"
         );
         let c = Config::parse(&text).unwrap();
         assert_eq!(c.runtime.default_agent_id, "agent-0");
@@ -1412,6 +1474,9 @@ address = "runtime:8000"
                 timeout_ms: 300,
                 cache_entries: 7,
                 cache_ttl_ms: 0,
+                persist_retry_secs: 0,
+                finish_detached: false,
+                max_detached: 3,
             }
         );
     }
@@ -1452,9 +1517,26 @@ address = "runtime:8000"
             ("timeout_ms", "0"),
             ("cache_entries", "0"),
             ("timeout_ms", "600000"),
+            ("persist_retry_secs", "86401"),
+            ("persist_retry_secs", "-1"),
+            ("max_detached", "0"),
+            ("max_detached", "100001"),
         ] {
             let text = format!("{MINIMAL}\n[bridge]\n{key} = {value}\n");
             assert_eq!(err_key(&text), format!("bridge.{key}"), "{key} = {value}");
+        }
+    }
+
+    #[test]
+    fn trusted_proxies_are_addresses_or_networks() {
+        let text = format!(
+            "{MINIMAL}[identity]\ntrusted_proxies = [\"10.0.0.0/8\", \"192.168.1.7\", \"fd00::/8\", \"::1\"]\n"
+        );
+        let c = Config::parse(&text).unwrap();
+        assert_eq!(c.identity.trusted_proxies.len(), 4);
+        for bad in ["10.0.0.0/33", "ingress", "10.0.0.1:80", "", "10.0.0.0/8 "] {
+            let text = format!("{MINIMAL}[identity]\ntrusted_proxies = [{bad:?}]\n");
+            assert_eq!(err_key(&text), "identity.trusted_proxies", "{bad}");
         }
     }
 

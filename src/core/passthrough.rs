@@ -4,6 +4,7 @@
 //! the trusted org header), so legacy and the client see what they would through Pingora's proxy.
 
 use crate::core::files::ROUTE_PREFIX;
+use crate::core::forwarded::{is_forwarded, Forwarded, Hop, Received};
 use crate::core::request_head::{Framing, Head, MAX_HEADERS};
 use crate::core::routing::{chat_route, ChatRoute};
 
@@ -122,8 +123,15 @@ pub struct Request {
     pub framing: Framing,
 }
 
-/// The lean form of the head at the front of `buf`, if the lean path may take it.
-pub fn prepare(buf: &[u8], head: &Head, trusted: Option<&http::HeaderName>) -> Option<Request> {
+/// The lean form of the head at the front of `buf`, if the lean path may take it. `hop`: where
+/// it came from, for the `X-Forwarded-*` headers legacy gets (`core::forwarded`), written last
+/// as Pingora's path writes them.
+pub fn prepare(
+    buf: &[u8],
+    head: &Head,
+    trusted: Option<&http::HeaderName>,
+    hop: Hop,
+) -> Option<Request> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let (bytes, req) = origin_request(buf, head, &mut headers)?;
     let (method, path, version) = (req.method?, req.path?, req.version?);
@@ -162,15 +170,30 @@ pub fn prepare(buf: &[u8], head: &Head, trusted: Option<&http::HeaderName>) -> O
     } else {
         out.extend_from_slice(&bytes[..start]);
     }
+    let mut received = Received::default();
+    // Pingora frames a chunked body after the request filters: its `Transfer-Encoding` comes
+    // last, after the forwarded headers.
+    let mut chunked = None;
     for (name, line) in lines {
+        received.see(name, line.get(name.len() + 1..).unwrap_or_default());
         // Pingora drops the proxy credentials too: they are this hop's.
         let proxy_auth = named(name, "proxy-authorization") || named(name, "proxy-authenticate");
         if hop_by_hop(name, &conn.named)
             || proxy_auth
             || trusted.is_some_and(|t| named(name, t.as_str()))
+            || is_forwarded(name)
         {
             continue;
         }
+        if named(name, "transfer-encoding") {
+            chunked = Some(line);
+            continue;
+        }
+        out.extend_from_slice(line);
+        out.extend_from_slice(b"\r\n");
+    }
+    Forwarded::of(hop, &received).write_lines(&mut out);
+    if let Some(line) = chunked {
         out.extend_from_slice(line);
         out.extend_from_slice(b"\r\n");
     }
@@ -343,9 +366,13 @@ mod tests {
     use crate::core::request_head;
 
     fn lean(raw: &[u8], trusted: Option<&str>) -> Option<Request> {
+        lean_from(raw, trusted, Hop::default())
+    }
+
+    fn lean_from(raw: &[u8], trusted: Option<&str>, hop: Hop) -> Option<Request> {
         let head = request_head::parse(raw, 32 * 1024).unwrap().unwrap();
         let trusted = trusted.map(|t| http::HeaderName::from_bytes(t.as_bytes()).unwrap());
-        prepare(raw, &head, trusted.as_ref())
+        prepare(raw, &head, trusted.as_ref(), hop)
     }
 
     fn chat(raw: &[u8]) -> Option<ChatHead> {
@@ -428,7 +455,8 @@ mod tests {
         let req = lean(raw, Some("x-org-id")).unwrap();
         assert_eq!(
             String::from_utf8(req.upstream_head).unwrap(),
-            "GET /x?a=%20 HTTP/1.1\r\nHost: a\r\nX-Keep:  a  b\r\n\r\n"
+            "GET /x?a=%20 HTTP/1.1\r\nHost: a\r\nX-Keep:  a  b\r\n\
+             x-forwarded-proto: http\r\nx-forwarded-host: a\r\n\r\n"
         );
         assert!(!req.keep_alive);
         let req = lean(b"GET / HTTP/1.1\r\nHost: a\r\nX-Org-Id: o\r\n\r\n", None).unwrap();
@@ -439,10 +467,40 @@ mod tests {
     }
 
     #[test]
+    fn the_forwarded_headers_are_the_proxy_s_own_unless_a_trusted_hop_sent_them() {
+        let raw = b"GET /x HTTP/1.1\r\nX-Forwarded-For: 1.2.3.4\r\nHost: api\r\nx-forwarded-proto: https\r\nX-A: 1\r\nX-Forwarded-For: 5.6.7.8\r\nX-Forwarded-Host: front\r\n\r\n";
+        let peer = Some("10.0.0.9".parse().unwrap());
+        let direct = Hop {
+            peer,
+            trusted: false,
+        };
+        let req = lean_from(raw, None, direct).unwrap();
+        assert_eq!(
+            String::from_utf8(req.upstream_head).unwrap(),
+            "GET /x HTTP/1.1\r\nHost: api\r\nX-A: 1\r\nx-forwarded-for: 10.0.0.9\r\n\
+             x-forwarded-proto: http\r\nx-forwarded-host: api\r\n\r\n"
+        );
+        let hop = Hop {
+            peer,
+            trusted: true,
+        };
+        let req = lean_from(raw, None, hop).unwrap();
+        assert_eq!(
+            String::from_utf8(req.upstream_head).unwrap(),
+            "GET /x HTTP/1.1\r\nHost: api\r\nX-A: 1\r\n\
+             x-forwarded-for: 1.2.3.4, 5.6.7.8, 10.0.0.9\r\n\
+             x-forwarded-proto: https\r\nx-forwarded-host: front\r\n\r\n"
+        );
+    }
+
+    #[test]
     fn http_1_0_keeps_alive_only_when_asked_and_legacy_is_asked_in_http_1_1() {
         let req = lean(b"GET / HTTP/1.0\r\n\r\n", None).unwrap();
         assert!(!req.keep_alive);
-        assert_eq!(req.upstream_head, b"GET / HTTP/1.1\r\n\r\n");
+        assert_eq!(
+            req.upstream_head,
+            b"GET / HTTP/1.1\r\nx-forwarded-proto: http\r\n\r\n"
+        );
         let req = lean(b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n", None).unwrap();
         assert!(req.keep_alive);
     }

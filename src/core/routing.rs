@@ -32,6 +32,9 @@ pub enum Reason {
     /// The runtime was chosen, the bridge is off and neither the body nor the config names an
     /// agent, which the runtime requires.
     NoAgent,
+    /// A half-open breaker let this request through to the runtime as one of its probes: the
+    /// breaker's test, whatever the rollout's reason was.
+    Probe,
 }
 
 impl Reason {
@@ -49,6 +52,7 @@ impl Reason {
             Reason::BridgeRefused => "bridge_refused",
             Reason::BridgeUnavailable => "bridge_unavailable",
             Reason::NoAgent => "no_agent",
+            Reason::Probe => "probe",
         }
     }
 }
@@ -143,14 +147,15 @@ pub struct Gated {
 
 /// The mode gate: the rollout's choice, then the breaker's. Only a request the rollout sends to
 /// the runtime asks the breaker for admission (`admit` is called then and only then, since asking
-/// a half-open breaker takes a probe slot); one sent to legacy while the breaker is not closed is
-/// labelled `breaker_open`, whatever sent it there, so the reason says the runtime is out.
+/// a half-open breaker takes a probe slot); one it admits as a probe is labelled `probe`, one sent
+/// to legacy while the breaker is not closed `breaker_open`, whatever sent it there, so the reason
+/// says what the breaker did.
 pub fn gate(decision: RolloutDecision, breaker: State, admit: impl FnOnce() -> Admission) -> Gated {
     let go = |decision, probe| Gated { decision, probe };
     match decision.mode {
         Mode::RuntimeOrchestrator => match admit() {
             Admission::Allowed => go(decision, false),
-            Admission::Probe => go(decision, true),
+            Admission::Probe => go(RolloutDecision::runtime(Reason::Probe), true),
             Admission::Rejected => go(RolloutDecision::direct(Reason::BreakerOpen), false),
         },
         Mode::DirectLlm if breaker != State::Closed => {
@@ -270,8 +275,9 @@ mod tests {
         );
         assert_eq!(
             gated(to_runtime, State::HalfOpen, Admission::Probe),
-            (ok(to_runtime, true), true)
+            (ok(RolloutDecision::runtime(Reason::Probe), true), true)
         );
+        assert_eq!(Reason::Probe.as_str(), "probe");
         assert_eq!(
             gated(to_runtime, State::Open, Admission::Rejected),
             (

@@ -525,6 +525,13 @@ pub struct BridgeMetrics {
     pub cache_misses_total: IntCounterVec,
     pub cache_entries: IntGaugeVec,
     pub persist_failures_total: IntCounter,
+    /// Saves not settled yet: retried in the background, or waiting for an earlier save of the
+    /// same chat.
+    pub persist_pending: IntGauge,
+    /// Executions finished for a client that left after the commit, by how they ended.
+    pub detached_total: IntCounterVec,
+    /// Such executions running now.
+    pub detached: IntGauge,
 }
 
 /// Calls to legacy: a pooled loopback call is a tenth of a millisecond, the bridge's timeout a few
@@ -535,14 +542,20 @@ const BRIDGE_BUCKETS_SECONDS: &[f64] = &[
 ];
 
 impl BridgeMetrics {
-    pub const ROUTES: [&'static str; 6] = [
+    pub const ROUTES: [&'static str; 7] = [
         "session",
         "agent",
         "messages",
         "save_message",
+        "read_back",
         "create_session",
         "delete_session",
     ];
+    /// How a detached execution ended: its answer saved (or handed to the background retries),
+    /// the runtime failing or ending without one, the execution deadline, dropped for a newer
+    /// one beyond `bridge.max_detached`, or cut by the shutdown.
+    pub const DETACHED_RESULTS: [&'static str; 5] =
+        ["saved", "failed", "timeout", "dropped", "shutdown"];
     pub const RESULTS: [&'static str; 4] = ["ok", "refused", "unavailable", "invalid_id"];
     pub const CACHES: [&'static str; 2] = ["session", "agent"];
 
@@ -582,9 +595,28 @@ impl BridgeMetrics {
             persist_failures_total: counter(
                 r,
                 "cutover_bridge_persist_failures_total",
-                "Chat messages (user or assistant) legacy did not save after every attempt; each is logged whole."
+                "Chat messages (user or assistant) legacy did not save after every attempt, or still unsaved at shutdown; each is logged whole."
+            )?,
+            persist_pending: gauge(
+                r,
+                "cutover_bridge_persist_pending",
+                "Chat messages whose save is not settled yet: retried in the background with backoff, or waiting for an earlier save of the same chat."
+            )?,
+            detached_total: counter_vec(
+                r,
+                "cutover_bridge_detached_total",
+                "Runtime executions read to their end after the client left (bridge.finish_detached), by result: saved, failed, timeout, dropped (beyond bridge.max_detached), shutdown.",
+                &["result"]
+            )?,
+            detached: gauge(
+                r,
+                "cutover_bridge_detached",
+                "Runtime executions being read to their end now for clients that left."
             )?,
         };
+        for result in Self::DETACHED_RESULTS {
+            m.detached_total.with_label_values(&[result]);
+        }
         for route in Self::ROUTES {
             for result in Self::RESULTS {
                 m.requests_total.with_label_values(&[route, result]);

@@ -61,6 +61,9 @@ pub trait Downstream: Send {
 
     /// The status of the response head written, 0 before one.
     fn status_written(&self) -> u16;
+
+    /// The client's address (the peer of its connection), for `X-Forwarded-For`.
+    fn client_ip(&self) -> Option<std::net::IpAddr>;
 }
 
 impl Downstream for Session {
@@ -147,6 +150,10 @@ impl Downstream for Session {
         self.response_written()
             .map(|r| r.status.as_u16())
             .unwrap_or(0)
+    }
+
+    fn client_ip(&self) -> Option<std::net::IpAddr> {
+        Some(self.downstream_session.client_addr()?.as_inet()?.ip())
     }
 }
 

@@ -204,6 +204,7 @@ impl ServerApp for FrontDoor {
                     &io.buf,
                     &head,
                     active.verifier.trusted_org_header(),
+                    active.hop(io.peer_ip()),
                 )
             });
             let served = &self.shared.metrics.front_door;
@@ -428,6 +429,12 @@ impl FrontStream {
             handover: Mutex::new(None),
             arrived: std::time::Instant::now(),
         }
+    }
+
+    /// The client's address, as the listener recorded it at accept (no system call).
+    pub(super) fn peer_ip(&self) -> Option<std::net::IpAddr> {
+        let digest = self.inner.get_socket_digest()?;
+        Some(digest.peer_addr()?.as_inet()?.ip())
     }
 
     /// Read more of a head: at most up to `cap` buffered.

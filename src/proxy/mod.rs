@@ -9,6 +9,7 @@
 mod ctx;
 mod downstream;
 mod files;
+mod forwarded;
 pub mod front_door;
 mod record;
 mod respond;
@@ -261,7 +262,9 @@ impl ProxyHttp for CutoverProxy {
         Ok(Box::new(upstream::peer(addr, &ctx.active.legacy)))
     }
 
-    /// What legacy is sent: the client's request as it came, with one exception. When
+    /// What legacy is sent: the client's request as it came, with two exceptions. The
+    /// `X-Forwarded-For`, `-Proto` and `-Host` headers are the proxy's (`core::forwarded`: the
+    /// caller's address appended to a trusted hop's chain, or alone). And when
     /// `identity.trusted_org_header` is configured, every copy of that header is removed, on
     /// every request to legacy (chat, failover and all other routes).
     ///
@@ -273,7 +276,7 @@ impl ProxyHttp for CutoverProxy {
     /// only a fixed list of headers, with the org in its JSON body.)
     async fn upstream_request_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_request: &mut pingora::http::RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
@@ -285,7 +288,8 @@ impl ProxyHttp for CutoverProxy {
             // end (the legacy API never flushes it): uncompressed, each event leaves as written.
             upstream_request.insert_header(http::header::ACCEPT_ENCODING, "identity")?;
         }
-        Ok(())
+        let hop = ctx.active.hop(Downstream::client_ip(session));
+        forwarded::set(upstream_request, hop)
     }
 
     /// A chat body on its way to legacy without a Content-Length is streamed, so its size is

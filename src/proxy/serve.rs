@@ -20,6 +20,7 @@ use crate::core::breaker::State;
 use crate::core::bridge::{self, BridgeError};
 use crate::core::chat::{self, ChatBody};
 use crate::core::config::Mode;
+use crate::core::forwarded::{Forwarded, Received};
 use crate::core::identity::Caller;
 use crate::core::routing::{ChatRoute, Reason, RolloutDecision};
 use crate::core::stream::{self, End, Facts};
@@ -60,6 +61,8 @@ struct Bridged {
     /// The session was made for this `/chat/start`: deleted if the runtime fails before the
     /// commit.
     created: bool,
+    /// The session's last message when the chat began.
+    after: Option<String>,
 }
 
 /// What reading and preparing a runtime chat came to.
@@ -83,19 +86,25 @@ pub(super) fn caller_request_id<D: Downstream>(session: &D) -> Option<&str> {
         .and_then(|v| v.to_str().ok())
 }
 
-/// Who the bridge's calls are made for: the caller's own `Authorization`, and `request_id`.
+/// Who the bridge's calls are made for: the caller's own `Authorization`, `request_id`, and the
+/// `X-Forwarded-*` headers legacy would get on the caller's own request.
 fn credentials<D: Downstream>(
     session: &D,
+    active: &Active,
     request_id: Option<&str>,
     caller: &Caller,
 ) -> Credentials {
-    let authorization = session
-        .req_header()
-        .headers
+    let headers = &session.req_header().headers;
+    let authorization = headers
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
-    Credentials::new(authorization, request_id, caller)
+    let mut got = Received::default();
+    for (name, value) in headers {
+        got.see(name.as_str().as_bytes(), value.as_bytes());
+    }
+    let forwarded = Forwarded::of(active.hop(session.client_ip()), &got);
+    Credentials::new(authorization, request_id, caller).forwarded(forwarded)
 }
 
 /// How opening the runtime ended.
@@ -270,7 +279,7 @@ impl CutoverProxy {
             })));
         }
 
-        let who = credentials(session, Some(&request_id), &caller);
+        let who = credentials(session, req.active, Some(&request_id), &caller);
         let looked = match (req.route, agent) {
             (ChatRoute::Session(id), _) => self.read_session(req.active, &who, id).await,
             (ChatRoute::Start, Some(agent)) => {
@@ -305,6 +314,7 @@ impl CutoverProxy {
                 message: chat_body.message,
                 parent_id: chat_body.parent_message_id,
                 created,
+                after: conversation.last_message_id,
             }),
         })))
     }
@@ -394,6 +404,7 @@ impl CutoverProxy {
         stream: RuntimeStream,
     ) -> Option<OpenFailure> {
         let runtime = &req.active.config.runtime;
+        let bridge_config = &req.active.config.bridge;
         let args = RelayArgs {
             shared: self.shared.clone(),
             decision: req.chat.decision,
@@ -412,6 +423,10 @@ impl CutoverProxy {
                 who: b.who,
                 message: b.message,
                 parent_id: b.parent_id,
+                after: b.after,
+                detach: bridge_config
+                    .finish_detached
+                    .then_some(bridge_config.max_detached),
             }),
         };
         match relay::relay(session, stream, args).await {
@@ -545,7 +560,7 @@ impl CutoverProxy {
         };
         let session_id = chat::session_id_for(route);
         let source = if active.config.bridge.enabled {
-            let who = credentials(session, caller_request_id(session), &caller);
+            let who = credentials(session, active, caller_request_id(session), &caller);
             let start_agent = match route {
                 ChatRoute::Start => match chat_body.agent_id.clone() {
                     Some(agent) => Some(agent),

@@ -5,22 +5,27 @@
 //! and bounded by `bridge.timeout_ms`; what an answer means is decided in `core::bridge`. A
 //! session's agent id and an agent's settings are cached per caller; history never is.
 
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use pingora::protocols::Stream;
 use tokio::io::AsyncReadExt;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::app::upstream::{self, PeerSettings, Resolver};
 use crate::core::bridge::{
-    self, AgentProfile, AssistantMessage, BadAnswer, BridgeError, Conversation, Route, ScopedId,
-    TtlCache, Verdict,
+    self, AgentProfile, AssistantMessage, BadAnswer, BridgeError, Conversation, ReadBack, Route,
+    SavedShape, ScopedId, TtlCache, Verdict,
 };
 use crate::core::config::{BridgeConfig, Config};
+use crate::core::forwarded::Forwarded;
 use crate::core::h1::{self, BodyDecoder};
 use crate::core::identity::Caller;
+use crate::core::persist::{Attempt, Backoff};
 use crate::ops::metrics::BridgeMetrics;
 use crate::runtime::exchange::{self, ExchangeError};
 use crate::runtime::pool::{self, Connections};
@@ -30,10 +35,13 @@ pub const BRIDGE_HEADER: &str = "x-cutover-bridge";
 /// Larger legacy answers are refused rather than buffered (a history of `history_limit`
 /// messages is far below this).
 const MAX_ANSWER_BYTES: usize = 8 * 1024 * 1024;
-/// Attempts to save an assistant message, the first included.
-pub const PERSIST_ATTEMPTS: u32 = 3;
-/// Wait before the second attempt; doubled before each later one.
+/// The first wait between save attempts; doubled for each later one (with jitter), up to
+/// `RETRY_CAP_FACTOR` times this.
 const RETRY_BACKOFF: Duration = Duration::from_millis(500);
+const RETRY_CAP_FACTOR: u32 = 60;
+/// How long a save attempt waits for legacy's answer once it is in the background, at most
+/// (never past its retry window): past it, the attempt's outcome is unknown.
+const SAVE_ANSWER_WAIT: Duration = Duration::from_secs(10);
 
 /// Where legacy is and how the bridge talks to it: one request's config snapshot.
 #[derive(Debug, Clone)]
@@ -64,6 +72,9 @@ pub struct Credentials {
     pub request_id: Option<String>,
     pub org: String,
     pub user: Option<String>,
+    /// The `X-Forwarded-*` headers of a call made for this caller, as on its own requests to
+    /// legacy: legacy's per-client limits count the user, not the proxy.
+    pub forwarded: Option<Forwarded>,
 }
 
 impl Credentials {
@@ -73,7 +84,14 @@ impl Credentials {
             request_id: request_id.map(str::to_string),
             org: caller.org_id.clone(),
             user: caller.user_id.clone(),
+            forwarded: None,
         }
+    }
+
+    /// With the caller's `X-Forwarded-*` headers.
+    pub fn forwarded(mut self, forwarded: Forwarded) -> Credentials {
+        self.forwarded = Some(forwarded);
+        self
     }
 
     fn scoped(&self, id: &str) -> ScopedId {
@@ -85,25 +103,48 @@ impl Credentials {
     }
 }
 
-/// The outcome of saving an assistant message.
+/// The outcome of saving a message, as far as the chat waits for it.
 #[derive(Debug)]
 pub enum Persisted {
     /// Legacy saved it under this id.
     Saved(String),
-    /// The first attempt failed: `message_id` is the proxy's own, for `done.messageId`, and
-    /// `retry` makes the remaining attempts (awaiting it is optional; it runs detached).
+    /// Not settled within the chat's wait: `message_id` is the proxy's own, for
+    /// `done.messageId`, and `retry` settles it in the background (awaiting it is optional; it
+    /// runs detached): `Ok(id)` once legacy holds it (an empty id: legacy listed it without
+    /// one), `Err` once given up, logged whole and counted.
     Deferred {
         message_id: String,
         retry: JoinHandle<Result<String, BridgeError>>,
     },
 }
 
-/// A message being saved, as the last error line gives it.
-struct Unsaved {
-    role: &'static str,
-    content: String,
-    tokens_used: Option<u64>,
-    latency_ms: Option<u64>,
+/// A message to save once: what is sent, how a read-back recognises it, where the session
+/// ended when the chat began (`core::bridge::find_saved`).
+#[derive(Debug, Clone)]
+pub struct Save {
+    pub shape: SavedShape,
+    pub after: Option<String>,
+}
+
+/// A save not settled yet, whole, for the error line if it never is.
+struct Pending {
+    session_id: String,
+    request_id: String,
+    shape: SavedShape,
+    /// Dropped when the save settles: later saves of the same chat wait for that.
+    _settled: watch::Sender<()>,
+    settled: watch::Receiver<()>,
+}
+
+/// What the background does next with a save.
+enum Next {
+    /// Wait for saves of the same chat that started earlier, then send it.
+    After(Vec<watch::Receiver<()>>),
+    /// Wait for the answer of an attempt already sent.
+    Answer(JoinHandle<Result<String, BridgeError>>),
+    /// Read the session's messages: the last attempt's outcome is unknown.
+    ReadBack,
+    Send,
 }
 
 /// The bridge's connections and cache; one per process.
@@ -113,7 +154,11 @@ pub struct Bridge {
     sessions: Mutex<TtlCache<ScopedId, String>>,
     agents: Mutex<TtlCache<ScopedId, AgentProfile>>,
     metrics: &'static BridgeMetrics,
-    retry_backoff: Duration,
+    /// The first wait between save attempts, in microseconds.
+    retry_backoff_us: AtomicU64,
+    /// Saves not settled yet, oldest first (the order to replay them in, should it come to that).
+    pending: Mutex<BTreeMap<u64, Pending>>,
+    next_pending: AtomicU64,
 }
 
 impl Bridge {
@@ -125,14 +170,23 @@ impl Bridge {
             sessions: Mutex::new(TtlCache::new(config.cache_entries, ttl)),
             agents: Mutex::new(TtlCache::new(config.cache_entries, ttl)),
             metrics,
-            retry_backoff: RETRY_BACKOFF,
+            retry_backoff_us: AtomicU64::new(RETRY_BACKOFF.as_micros() as u64),
+            pending: Mutex::default(),
+            next_pending: AtomicU64::new(0),
         }
     }
 
-    /// The wait before the second save attempt (doubled before each later one).
-    pub fn with_retry_backoff(mut self, backoff: Duration) -> Bridge {
-        self.retry_backoff = backoff;
+    /// The first wait between save attempts (doubled for each later one, with jitter, up to 60
+    /// times this).
+    pub fn with_retry_backoff(self, backoff: Duration) -> Bridge {
+        self.set_retry_backoff(backoff);
         self
+    }
+
+    /// `with_retry_backoff` on a running bridge (tests scale the waits down).
+    pub fn set_retry_backoff(&self, backoff: Duration) {
+        self.retry_backoff_us
+            .store(backoff.as_micros() as u64, Ordering::Relaxed);
     }
 
     /// Take a reloaded config's cache limits.
@@ -149,23 +203,39 @@ impl Bridge {
         self.update_cache_gauges();
     }
 
-    /// Before a runtime execution on `POST /chat/sessions/{id}`: the session's agent, then the
-    /// agent's settings and the history at once.
+    /// Before a runtime execution on `POST /chat/sessions/{id}`: the history, and at the same
+    /// time the session's agent then the agent's settings (the only call that waits for another).
+    /// A failing session or agent ends the lookup at once and is the error reported (it says the
+    /// most: a 404 session fails its history too); a failing history is reported once the agent
+    /// is known to be fine.
     pub async fn lookup_session(
         &self,
         target: &Target,
         who: &Credentials,
         session_id: &str,
     ) -> Result<Conversation, BridgeError> {
-        let agent_id = self.session_agent(target, who, session_id).await?;
-        let (agent, history) = tokio::join!(
-            self.agent(target, who, &agent_id),
-            self.history(target, who, session_id)
-        );
+        let mut agent = std::pin::pin!(async {
+            let agent_id = self.session_agent(target, who, session_id).await?;
+            let agent = self.agent(target, who, &agent_id).await?;
+            Ok::<_, BridgeError>((agent_id, agent))
+        });
+        let mut history = std::pin::pin!(self.history(target, who, session_id));
+        let ((agent_id, agent), history) = tokio::select! {
+            biased;
+            a = &mut agent => {
+                let a = a?;
+                (a, history.await?)
+            }
+            h = &mut history => {
+                let a = agent.await?;
+                (a, h?)
+            }
+        };
         Ok(Conversation {
             agent_id,
-            agent: agent?,
-            history: history?,
+            agent,
+            history: history.messages,
+            last_message_id: history.last_message_id,
         })
     }
 
@@ -182,6 +252,7 @@ impl Bridge {
             agent_id: agent_id.to_string(),
             agent,
             history: Vec::new(),
+            last_message_id: None,
         })
     }
 
@@ -258,28 +329,28 @@ impl Bridge {
         .await
     }
 
-    /// Save the runtime's answer: one attempt now, within `timeout_ms`; if it fails, the rest in
-    /// the background with backoff, and after the last an error line holding the whole message
-    /// and `cutover_bridge_persist_failures_total`. Nothing is lost silently.
+    /// Save the runtime's answer exactly once. `done` waits for it at most twice `timeout_ms`:
+    /// for the first attempt's answer, however late within that bound, and when the attempt
+    /// ended without one, for a read-back of the session's messages. If that does not settle it,
+    /// `done` names a proxy-made id and the save goes on in the background (`settle`).
     pub async fn persist_assistant(
         self: &Arc<Self>,
         target: &Target,
         who: &Credentials,
         session_id: &str,
         message: AssistantMessage,
+        after: Option<String>,
     ) -> Persisted {
-        let body = message.body();
-        let unsaved = Unsaved {
-            role: "assistant",
-            content: message.content,
-            tokens_used: message.tokens_used,
-            latency_ms: Some(message.latency_ms),
+        let save = Save {
+            shape: message.shape(),
+            after,
         };
-        self.persist(target, who, session_id, body, unsaved).await
+        let inline = target.config.timeout() * 2;
+        self.persist(target, who, session_id, save, inline).await
     }
 
-    /// Save the user's message (`parentId` when the chat names one) the same way: one attempt
-    /// now, the rest in the background.
+    /// Save the user's message (`parentId` when the chat names one) the same way; the first
+    /// event waits for it at most `timeout_ms` (nothing the client gets names its id).
     pub async fn persist_user(
         self: &Arc<Self>,
         target: &Target,
@@ -287,70 +358,313 @@ impl Bridge {
         session_id: &str,
         content: &str,
         parent_id: Option<&str>,
+        after: Option<String>,
     ) -> Persisted {
-        let body = bridge::user_message_body(content, parent_id);
-        let unsaved = Unsaved {
-            role: "user",
-            content: content.to_string(),
-            tokens_used: None,
-            latency_ms: None,
+        let save = Save {
+            shape: SavedShape::user(content, parent_id),
+            after,
         };
-        self.persist(target, who, session_id, body, unsaved).await
+        let inline = target.config.timeout();
+        self.persist(target, who, session_id, save, inline).await
     }
 
+    /// One message saved exactly once: settled within `inline` if it can be, else in the
+    /// background. The saves of one chat (same session and request id) are made in order: a save
+    /// waits for the earlier ones still pending, so legacy never lists an answer before its
+    /// question.
     async fn persist(
         self: &Arc<Self>,
         target: &Target,
         who: &Credentials,
         session_id: &str,
-        body: Vec<u8>,
-        message: Unsaved,
+        save: Save,
+        inline: Duration,
     ) -> Persisted {
-        let first = match self.save_message(target, who, session_id, &body).await {
-            Ok(id) => return Persisted::Saved(id),
-            Err(e) => e,
+        let started = Instant::now();
+        let deadline = started + inline;
+        let window_end = started + target.config.persist_retry();
+        let mut earlier = self.earlier_saves(session_id, who);
+        let settled = tokio::time::timeout_at(
+            deadline.into(),
+            futures::future::join_all(earlier.iter_mut().map(|rx| rx.changed())),
+        )
+        .await
+        .is_ok();
+        let (next, last) = if !settled {
+            (Next::After(earlier), None)
+        } else {
+            let attempt = self.send_save(target, who, session_id, &save, window_end);
+            match self
+                .settle_inline(target, who, session_id, &save, attempt, deadline)
+                .await
+            {
+                Ok(next) => next,
+                Err(done) => return *done,
+            }
         };
         let message_id = uuid::Uuid::new_v4().to_string();
         tracing::warn!(
             session_id,
-            role = message.role,
+            role = save.shape.role,
             proxy_message_id = %message_id,
-            error = %first,
-            "saving a message failed; retrying in the background"
+            error = last.as_ref().map(ToString::to_string).unwrap_or_else(|| "no answer yet".into()),
+            "saving a message is not settled in time; going on in the background"
         );
+        let key = self.register(session_id, who, &save.shape);
         let (this, target, who) = (self.clone(), target.clone(), who.clone());
         let session_id = session_id.to_string();
         let retry = tokio::spawn(async move {
-            let mut last = first;
-            let mut backoff = this.retry_backoff;
-            for _ in 1..PERSIST_ATTEMPTS {
-                tokio::time::sleep(backoff).await;
-                backoff *= 2;
-                match this.save_message(&target, &who, &session_id, &body).await {
-                    Ok(id) => return Ok(id),
-                    // A session another request deleted, or a caller whose rights changed, will not
-                    // accept it on a later attempt either.
-                    Err(e @ BridgeError::Refused { .. }) => {
-                        last = e;
-                        break;
-                    }
-                    Err(e) => last = e,
-                }
-            }
-            this.metrics.persist_failures_total.inc();
-            tracing::error!(
-                session_id = %session_id,
-                role = message.role,
-                content = %message.content,
-                tokens_used = message.tokens_used,
-                latency_ms = message.latency_ms,
-                request_id = who.request_id.as_deref().unwrap_or(""),
-                error = %last,
-                "message not saved after every attempt"
-            );
-            Err(last)
+            let result = this
+                .settle(&target, &who, &session_id, &save, next, last, window_end)
+                .await;
+            this.unregister(key);
+            result
         });
         Persisted::Deferred { message_id, retry }
+    }
+
+    /// The first attempt's answer within `deadline`, and a read-back when it ended without one:
+    /// `Err` carries what settled the save (boxed: it is the rare way out), `Ok` what the
+    /// background does next.
+    async fn settle_inline(
+        self: &Arc<Self>,
+        target: &Target,
+        who: &Credentials,
+        session_id: &str,
+        save: &Save,
+        mut attempt: JoinHandle<Result<String, BridgeError>>,
+        deadline: Instant,
+    ) -> Result<(Next, Option<BridgeError>), Box<Persisted>> {
+        let Ok(joined) = tokio::time::timeout_at(deadline.into(), &mut attempt).await else {
+            return Ok((Next::Answer(attempt), None));
+        };
+        let result = joined.unwrap_or_else(|e| Err(task_failed(e)));
+        match Attempt::of(&result) {
+            Attempt::Saved(id) => Err(Box::new(Persisted::Saved(id))),
+            Attempt::Refused => {
+                let e = result.expect_err("refused");
+                self.give_up(session_id, who, &save.shape, &e, "refused");
+                Err(Box::new(settled(Err(e))))
+            }
+            Attempt::NotSaved => Ok((Next::Send, result.err())),
+            Attempt::Unknown => {
+                let read = tokio::time::timeout_at(
+                    deadline.into(),
+                    self.read_back(target, who, session_id, save),
+                )
+                .await;
+                match read {
+                    Ok(Ok(ReadBack::Saved(Some(id)))) => Err(Box::new(Persisted::Saved(id))),
+                    Ok(Ok(ReadBack::Saved(None))) => Err(Box::new(settled(Ok(String::new())))),
+                    Ok(Ok(ReadBack::Absent)) => Ok((Next::Send, result.err())),
+                    Ok(Err(_)) | Err(_) => Ok((Next::ReadBack, result.err())),
+                }
+            }
+        }
+    }
+
+    /// The background part of a save: attempts with backoff (a read-back before any attempt
+    /// after one whose outcome is unknown) until legacy holds the message, refuses it for good,
+    /// or `window_end` passes; then the whole message is logged and counted.
+    #[allow(clippy::too_many_arguments)]
+    async fn settle(
+        self: &Arc<Self>,
+        target: &Target,
+        who: &Credentials,
+        session_id: &str,
+        save: &Save,
+        mut next: Next,
+        mut last: Option<BridgeError>,
+        window_end: Instant,
+    ) -> Result<String, BridgeError> {
+        let base = Duration::from_micros(self.retry_backoff_us.load(Ordering::Relaxed));
+        let mut backoff = Backoff::new(base, base * RETRY_CAP_FACTOR);
+        // A send or a read-back the first attempt left to do waits first, like any retry.
+        let mut wait = matches!(next, Next::Send | Next::ReadBack);
+        loop {
+            if wait {
+                let pause = backoff.wait(fastrand::f64());
+                if Instant::now() + pause >= window_end {
+                    let e = last.unwrap_or_else(|| {
+                        BridgeError::unavailable(Route::SaveMessage, "no answer")
+                    });
+                    self.give_up(session_id, who, &save.shape, &e, "retry window over");
+                    return Err(e);
+                }
+                tokio::time::sleep(pause).await;
+            }
+            // What to do after this step, and whether to wait before it.
+            let (then, pause_before) = match next {
+                Next::After(earlier) => {
+                    for mut rx in earlier {
+                        let _ = rx.changed().await;
+                    }
+                    (Next::Send, false)
+                }
+                Next::Send => {
+                    let attempt = self.send_save(target, who, session_id, save, window_end);
+                    (Next::Answer(attempt), false)
+                }
+                Next::Answer(attempt) => {
+                    let result = attempt.await.unwrap_or_else(|e| Err(task_failed(e)));
+                    match Attempt::of(&result) {
+                        Attempt::Saved(id) => return Ok(id),
+                        Attempt::Refused => {
+                            let e = result.expect_err("refused");
+                            self.give_up(session_id, who, &save.shape, &e, "refused");
+                            return Err(e);
+                        }
+                        Attempt::NotSaved => {
+                            last = result.err();
+                            (Next::Send, true)
+                        }
+                        Attempt::Unknown => {
+                            last = result.err();
+                            (Next::ReadBack, true)
+                        }
+                    }
+                }
+                Next::ReadBack => match self.read_back(target, who, session_id, save).await {
+                    Ok(ReadBack::Saved(id)) => return Ok(id.unwrap_or_default()),
+                    // Not there: send it now, the wait was before the read.
+                    Ok(ReadBack::Absent) => (Next::Send, false),
+                    Err(e) => {
+                        last = Some(e);
+                        (Next::ReadBack, true)
+                    }
+                },
+            };
+            (next, wait) = (then, pause_before);
+        }
+    }
+
+    /// Send one save attempt on a task of its own, so that a chat that stops waiting for it does
+    /// not cut it: legacy's answer is still read, however late, up to `SAVE_ANSWER_WAIT` (at
+    /// least twice `timeout_ms`, never past the retry window).
+    fn send_save(
+        self: &Arc<Self>,
+        target: &Target,
+        who: &Credentials,
+        session_id: &str,
+        save: &Save,
+        window_end: Instant,
+    ) -> JoinHandle<Result<String, BridgeError>> {
+        let wait = SAVE_ANSWER_WAIT
+            .min(window_end.saturating_duration_since(Instant::now()))
+            .max(target.config.timeout() * 2);
+        let (this, target, who) = (self.clone(), target.clone(), who.clone());
+        let (session_id, body) = (session_id.to_string(), save.shape.body());
+        tokio::spawn(async move {
+            let route = Route::SaveMessage;
+            let path = bridge::messages_url(&target.config, &session_id)
+                .map_err(|_| this.invalid_id(route))?;
+            this.call_within(
+                wait,
+                &target,
+                &who,
+                route,
+                "POST",
+                &path,
+                Some(&body),
+                bridge::parse_created_id,
+            )
+            .await
+        })
+    }
+
+    /// Whether legacy holds the message: the session's messages, read once.
+    async fn read_back(
+        &self,
+        target: &Target,
+        who: &Credentials,
+        session_id: &str,
+        save: &Save,
+    ) -> Result<ReadBack, BridgeError> {
+        let route = Route::ReadBack;
+        let path =
+            bridge::messages_url(&target.config, session_id).map_err(|_| self.invalid_id(route))?;
+        self.call(target, who, route, "GET", &path, None, |b| {
+            bridge::find_saved(b, &save.shape, save.after.as_deref())
+        })
+        .await
+    }
+
+    /// Receivers of the saves of the same chat still pending, which a new one waits for.
+    fn earlier_saves(&self, session_id: &str, who: &Credentials) -> Vec<watch::Receiver<()>> {
+        let request_id = who.request_id.as_deref().unwrap_or_default();
+        self.pending
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|p| p.session_id == session_id && p.request_id == request_id)
+            .map(|p| p.settled.clone())
+            .collect()
+    }
+
+    fn register(&self, session_id: &str, who: &Credentials, shape: &SavedShape) -> u64 {
+        let key = self.next_pending.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = watch::channel(());
+        self.pending.lock().unwrap().insert(
+            key,
+            Pending {
+                session_id: session_id.to_string(),
+                request_id: who.request_id.clone().unwrap_or_default(),
+                shape: shape.clone(),
+                _settled: tx,
+                settled: rx,
+            },
+        );
+        self.metrics.persist_pending.inc();
+        key
+    }
+
+    fn unregister(&self, key: u64) {
+        if self.pending.lock().unwrap().remove(&key).is_some() {
+            self.metrics.persist_pending.dec();
+        }
+    }
+
+    /// Saves still pending now (at shutdown): each logged whole and counted as lost.
+    pub fn log_pending_saves(&self) -> usize {
+        let pending = std::mem::take(&mut *self.pending.lock().unwrap());
+        let pending: Vec<Pending> = pending.into_values().collect();
+        for p in &pending {
+            self.metrics.persist_failures_total.inc();
+            self.metrics.persist_pending.dec();
+            log_unsaved(
+                &p.session_id,
+                &p.request_id,
+                &p.shape,
+                "still being saved at shutdown",
+                "message not saved: the proxy is shutting down",
+            );
+        }
+        pending.len()
+    }
+
+    /// Saves not settled yet.
+    pub fn pending_saves(&self) -> usize {
+        self.pending.lock().unwrap().len()
+    }
+
+    fn give_up(
+        &self,
+        session_id: &str,
+        who: &Credentials,
+        shape: &SavedShape,
+        error: &BridgeError,
+        why: &str,
+    ) {
+        self.metrics.persist_failures_total.inc();
+        let detail = format!("{why}: {error}");
+        let request_id = who.request_id.as_deref().unwrap_or_default();
+        log_unsaved(
+            session_id,
+            request_id,
+            shape,
+            &detail,
+            "message not saved after every attempt",
+        );
     }
 
     async fn session_agent(
@@ -406,13 +720,14 @@ impl Bridge {
         target: &Target,
         who: &Credentials,
         session_id: &str,
-    ) -> Result<Vec<bridge::HistoryMessage>, BridgeError> {
+    ) -> Result<bridge::History, BridgeError> {
         let route = Route::Messages;
         let path =
             bridge::messages_url(&target.config, session_id).map_err(|_| self.invalid_id(route))?;
-        let limit = target.config.history_limit;
+        // The current message is the conversation's last entry: `history_limit` in all.
+        let keep = target.config.history_limit.saturating_sub(1);
         self.call(target, who, route, "GET", &path, None, |b| {
-            bridge::parse_messages(b, limit)
+            bridge::parse_messages(b, keep)
         })
         .await
     }
@@ -467,9 +782,26 @@ impl Bridge {
         body: Option<&[u8]>,
         parse: impl FnOnce(&[u8]) -> Result<T, BadAnswer>,
     ) -> Result<T, BridgeError> {
+        let timeout = target.config.timeout();
+        self.call_within(timeout, target, who, route, method, path, body, parse)
+            .await
+    }
+
+    /// `call`, bounded by `timeout`.
+    #[allow(clippy::too_many_arguments)]
+    async fn call_within<T>(
+        &self,
+        timeout: Duration,
+        target: &Target,
+        who: &Credentials,
+        route: Route,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+        parse: impl FnOnce(&[u8]) -> Result<T, BadAnswer>,
+    ) -> Result<T, BridgeError> {
         let started = Instant::now();
         let request = encode(target, who, method, path, body);
-        let timeout = target.config.timeout();
         let result = match tokio::time::timeout(timeout, self.exchange(target, &request)).await {
             Err(_) => Err(BridgeError::unavailable(
                 route,
@@ -533,6 +865,36 @@ impl Bridge {
     }
 }
 
+/// A save task that panicked or was cancelled: its outcome is unknown.
+fn task_failed(e: tokio::task::JoinError) -> BridgeError {
+    BridgeError::unavailable(Route::SaveMessage, format!("save task: {e}"))
+}
+
+/// A save settled before the chat stopped waiting, without an id for `done`.
+fn settled(result: Result<String, BridgeError>) -> Persisted {
+    Persisted::Deferred {
+        message_id: uuid::Uuid::new_v4().to_string(),
+        retry: tokio::spawn(async move { result }),
+    }
+}
+
+/// The error line of a message legacy does not hold: everything needed to save it by hand.
+fn log_unsaved(session_id: &str, request_id: &str, shape: &SavedShape, error: &str, what: &str) {
+    let metadata = serde_json::Value::Object(shape.metadata.clone());
+    tracing::error!(
+        session_id,
+        role = shape.role,
+        content = %shape.content,
+        parent_id = shape.parent_id.as_deref().unwrap_or(""),
+        metadata = %metadata,
+        tokens_used = shape.metadata.get("tokensUsed").and_then(serde_json::Value::as_u64),
+        latency_ms = shape.metadata.get("latencyMs").and_then(serde_json::Value::as_u64),
+        request_id,
+        error,
+        "{what}"
+    );
+}
+
 fn encode(
     target: &Target,
     who: &Credentials,
@@ -549,6 +911,9 @@ fn encode(
     ];
     if let Some(id) = &who.request_id {
         headers.push(("x-request-id", id.as_bytes()));
+    }
+    if let Some(f) = &who.forwarded {
+        headers.extend(f.headers().map(|(n, v)| (n, v.as_bytes())));
     }
     if let Some(l) = &length {
         headers.push(("content-type", b"application/json"));
@@ -636,6 +1001,11 @@ mod tests {
             request_id: Some("r-1".into()),
             org: "o".into(),
             user: None,
+            forwarded: Some(Forwarded {
+                for_: Some("198.51.100.4".into()),
+                proto: "https".into(),
+                host: Some("api.example.com".into()),
+            }),
         };
         let req = encode(&target, &who, "POST", "/api/v1/sessions", Some(b"{}"));
         let text = String::from_utf8(req).unwrap();
@@ -648,6 +1018,9 @@ mod tests {
             "authorization: Bearer t\r\n",
             "x-cutover-bridge: 1\r\n",
             "x-request-id: r-1\r\n",
+            "x-forwarded-for: 198.51.100.4\r\n",
+            "x-forwarded-proto: https\r\n",
+            "x-forwarded-host: api.example.com\r\n",
             "content-type: application/json\r\n",
             "content-length: 2\r\n",
         ] {

@@ -3,6 +3,7 @@
 
 pub mod bridge;
 pub mod connection;
+pub mod detached;
 pub mod exchange;
 pub mod files;
 pub mod pool;

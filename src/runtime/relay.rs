@@ -23,6 +23,7 @@ use crate::core::stats::Outcome;
 use crate::core::stream::{self, End, Facts, Verdict};
 use crate::runtime::bridge::{Bridge, Credentials, Persisted, Target};
 use crate::runtime::connection::RuntimeStream;
+use crate::runtime::detached;
 
 /// Grace for the last write after the execution deadline.
 const WRITE_GRACE: Duration = Duration::from_secs(1);
@@ -128,6 +129,11 @@ pub struct Saving {
     pub who: Credentials,
     pub message: String,
     pub parent_id: Option<String>,
+    /// The session's last message when the chat began: what this chat saves comes after it.
+    pub after: Option<String>,
+    /// `bridge.max_detached` with `bridge.finish_detached` on: a client that leaves after the
+    /// commit still gets its answer saved (`detached`).
+    pub detach: Option<usize>,
 }
 
 /// Relay a runtime stream to the client until it completes, fails, times out or the client goes;
@@ -222,7 +228,7 @@ pub async fn relay<D: Downstream>(
                 let room = stream.buffered() + stream.buffered() / 2;
                 out.reserve(room);
                 let (body, parsed) = stream.parse_into(&mut parser, &mut events);
-                for ev in &events {
+                for (i, ev) in events.iter().enumerate() {
                     // After `execution_complete` the client has its `done`: anything but the
                     // `[DONE]` marker would follow it as a second terminal event or as stray
                     // messages.
@@ -309,7 +315,8 @@ pub async fn relay<D: Downstream>(
                                     .get_or_insert_with(|| args.started.elapsed());
                             }
                             // The execution is over: its answer is saved even for a client
-                            // that has just left.
+                            // that has just left, after its question.
+                            user_message_saved(&mut user_saved).await;
                             let message_id =
                                 Box::pin(save_answer(&args, &mut mapper, &completion, latency_ms))
                                     .await;
@@ -369,7 +376,12 @@ pub async fn relay<D: Downstream>(
                         user_message_saved(&mut user_saved).await;
                         if !write_client(session, Some(bytes), false, args.deadline).await {
                             report.detail = Some("client disconnected or stopped reading".into());
-                            return Relayed::Served(report);
+                            // The events of this read not mapped yet are the detached
+                            // reader's first.
+                            let rest = events[i + 1..].to_vec();
+                            return client_left(
+                                report, args, stream, parser, mapper, rest, user_saved,
+                            );
                         }
                         last_write = Instant::now();
                         report.first_write = Some(args.started.elapsed());
@@ -424,6 +436,17 @@ pub async fn relay<D: Downstream>(
             }
             Wake::ClientGone => {
                 report.detail = Some("client disconnected".into());
+                if held.is_none() && !completed {
+                    return client_left(
+                        report,
+                        args,
+                        stream,
+                        parser,
+                        mapper,
+                        Vec::new(),
+                        user_saved,
+                    );
+                }
                 return Relayed::Served(report);
             }
         }
@@ -490,6 +513,17 @@ pub async fn relay<D: Downstream>(
             if !write_client(session, Some(bytes), verdict.is_some(), args.deadline).await {
                 report.outcome = None;
                 report.detail = Some("client disconnected or stopped reading".into());
+                if verdict.is_none() && !completed {
+                    return client_left(
+                        report,
+                        args,
+                        stream,
+                        parser,
+                        mapper,
+                        Vec::new(),
+                        user_saved,
+                    );
+                }
                 return Relayed::Served(report);
             }
             last_write = Instant::now();
@@ -550,11 +584,18 @@ async fn commit<D: Downstream>(
     Ok(args.saving.as_ref().map(|s| {
         let (bridge, target, who) = (s.bridge.clone(), s.target.clone(), s.who.clone());
         let (session_id, message) = (args.session_id.clone(), s.message.clone());
-        let parent_id = s.parent_id.clone();
+        let (parent_id, after) = (s.parent_id.clone(), s.after.clone());
         tokio::spawn(async move {
             // A deferred save is retried, and logged if it never succeeds, on its own task.
             let _ = bridge
-                .persist_user(&target, &who, &session_id, &message, parent_id.as_deref())
+                .persist_user(
+                    &target,
+                    &who,
+                    &session_id,
+                    &message,
+                    parent_id.as_deref(),
+                    after,
+                )
                 .await;
         })
     }))
@@ -568,9 +609,34 @@ fn before_commit(mapped: &Mapped) -> String {
     }
 }
 
+/// The client left after the commit: with `bridge.finish_detached` the rest of the runtime's
+/// stream is read on a task of its own and the answer saved (`detached`); otherwise the stream
+/// is dropped here, which closes the runtime connection and tells the runtime to stop.
+fn client_left(
+    report: StreamReport,
+    args: RelayArgs,
+    stream: RuntimeStream,
+    parser: SseParser,
+    mapper: StreamMapper,
+    events: Vec<crate::core::sse::SseEvent>,
+    user_saved: Option<tokio::task::JoinHandle<()>>,
+) -> Relayed {
+    if let Some(max) = args.saving.as_ref().and_then(|s| s.detach) {
+        let left = detached::Leftover {
+            stream,
+            parser,
+            mapper,
+            events,
+            user_saved,
+        };
+        detached::finish(args, left, max);
+    }
+    Relayed::Served(report)
+}
+
 /// `done.messageId`: the id legacy saved the answer under (the proxy's own while the save is
 /// retried in the background), or with the bridge off the stream's own id.
-async fn save_answer(
+pub(crate) async fn save_answer(
     args: &RelayArgs,
     mapper: &mut StreamMapper,
     completion: &Completion,
@@ -587,7 +653,13 @@ async fn save_answer(
     );
     let persisted = saving
         .bridge
-        .persist_assistant(&saving.target, &saving.who, &args.session_id, answer)
+        .persist_assistant(
+            &saving.target,
+            &saving.who,
+            &args.session_id,
+            answer,
+            saving.after.clone(),
+        )
         .await;
     match persisted {
         Persisted::Saved(id) => id,

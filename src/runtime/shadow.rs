@@ -239,7 +239,16 @@ async fn runtime_body(
         None => shared.bridge.lookup_session(target, &who, session_id).await,
     };
     match looked {
-        Ok(conversation) => {
+        Ok(mut conversation) => {
+            // Legacy saves the user's message before it answers, so the copy may read it back:
+            // the request adds it as the last entry itself.
+            let saved_already = conversation
+                .history
+                .last()
+                .is_some_and(|m| m.role == "user" && m.content == chat.message);
+            if saved_already {
+                conversation.history.pop();
+            }
             let request = RuntimeRequest::bridged(session_id, &caller, &chat, &conversation);
             Some(Bytes::from(request.to_bytes()))
         }

@@ -8,8 +8,11 @@ own default is CRLF), so one test run can drive the proxy with each framing.
 Like the real runtime (its request model has `agent_id: str`), a body without a non-empty
 `agent_id` is answered 422 in FastAPI's validation shape, before any stream.
 
-What the stream does is chosen by the request's `user_message` (`scenario:NAME`, anything else
-is the full contract table):
+The conversation is read the way the real runtime reads it (`runtime/src/orchestrator/state.py`):
+a non-empty `history_messages` is the whole conversation, its last user entry the question, and
+`user_message` is then ignored; an empty one leaves `user_message` as the question. What the
+stream does is chosen by that question (`scenario:NAME`, anything else is the full contract
+table):
 
   table                every runtime event of the contract table, then [DONE]
   hold                 first event, then waits until POST /control/release/{session_id}
@@ -26,6 +29,7 @@ is the full contract table):
   big_tool_result      a ~700 KB tool_call_complete (code executor output), then a plan step
   edge                 raw bytes written in awkward pieces (CR|LF split, UTF-8 split, BOM, ...)
   http500              500 before any byte of a stream
+  echo                 answers "You asked: <the question>": a test sees which question arrived
 
 Test helpers (not part of the real runtime's API):
   GET  /control/received          JSON bodies and selected headers received, in order
@@ -162,8 +166,12 @@ async def execute_stream(request: Request):
         return JSONResponse({"detail": [{"type": "missing", "loc": ["body", "agent_id"], "msg": "Field required",
                                          "input": body}]}, status_code=422)
     session_id = body.get("session_id") or "no-session"
-    message = body.get("user_message") or ""
-    scenario = message.split(":", 1)[1].strip() if message.startswith("scenario:") else "table"
+    message = question_of(body)
+    rest = message.split(":", 1)[1].split() if message.startswith("scenario:") else []
+    scenario = rest[0] if rest else "table"
+    if scenario == "echo":
+        return EventSourceResponse(tracked(echo_stream(Stream(session_id), message), session_id),
+                                   sep=SEP, ping=0)
     if scenario == "http500":
         return JSONResponse({"detail": "agent config not found"}, status_code=500)
     if scenario == "edge":
@@ -171,6 +179,23 @@ async def execute_stream(request: Request):
     gen = SCENARIOS.get(scenario, table_stream)
     ping = SLOW_GAP / 3 if scenario == "slow" else 0
     return EventSourceResponse(tracked(gen(Stream(session_id), session_id), session_id), sep=SEP, ping=ping)
+
+
+def question_of(body: dict) -> str:
+    """The question, as the real runtime finds it: the last user entry of a non-empty history,
+    else `user_message`."""
+    history = body.get("history_messages") or []
+    if history:
+        users = [m.get("content") or "" for m in history if m.get("role") == "user"]
+        return users[-1] if users else ""
+    return body.get("user_message") or ""
+
+
+async def echo_stream(s: Stream, question: str):
+    answer = f"You asked: {question}"
+    yield s.frame("text_chunk", {"content": answer})
+    yield s.frame("execution_complete", {"final_response": answer})
+    yield s.done()
 
 
 async def tracked(gen, session_id: str):

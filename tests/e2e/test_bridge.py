@@ -72,7 +72,9 @@ def test_session_chat_reads_agent_and_history_and_saves_both_messages(make_proxy
     assert body["agent_id"] == agent_id
     assert body["agent_config"] == {"system_prompt": "You answer finance questions.", "model": "gpt-4o-mini",
                                     "temperature": 0.2, "max_tokens": 1024}, body
-    assert [(m["role"], m["content"]) for m in body["history_messages"]] == roles_and_contents(earlier)
+    # The conversation as the runtime takes it: the saved messages, then the question itself.
+    assert [(m["role"], m["content"]) for m in body["history_messages"]] == roles_and_contents(earlier) + [
+        ("user", "What was Q3 revenue?")]
     assert body["user_message"] == "What was Q3 revenue?"
     assert body["metadata"]["parent_message_id"] == "msg-parent-1"
     assert "authorization" not in received[0]["headers"]
@@ -100,15 +102,32 @@ def test_session_chat_reads_agent_and_history_and_saves_both_messages(make_proxy
 
     assert legacy.received_for(f"/api/v1/chat/sessions/{session_id}") == [], "legacy's chat route was not used"
 
-    # The next chat's history holds the first exchange (the last history_limit = 3 messages).
+    # The next chat's conversation: the last history_limit − 1 = 2 saved messages, then its question.
     s2 = proxy.run_chat(token=token, session_id=session_id,
                         body={"message": "And Q4?", "parentMessageId": assistant["id"]})
     assert s2.names()[-1] == "done", s2.summary()
     body2 = runtime.received_for(session_id)[1]["body"]
     assert [(m["role"], m["content"]) for m in body2["history_messages"]] == [
-        ("assistant", "Sure, which region?"), ("user", "What was Q3 revenue?"), ("assistant", FINAL)]
+        ("user", "What was Q3 revenue?"), ("assistant", FINAL), ("user", "And Q4?")]
     assert roles_and_contents(legacy.messages(session_id, "org-a"))[-2:] == [("user", "And Q4?"),
                                                                            ("assistant", FINAL)]
+
+
+def test_each_turn_s_own_question_reaches_the_runtime(make_proxy, legacy, runtime):
+    # The runtime stand-in reads the conversation as the real one does and answers with the
+    # question it understood: a conversation that ended with the previous answer would be
+    # answered with the previous question.
+    _, session_id = seed_conversation(legacy)
+    proxy = make_proxy(overrides=BRIDGE_ON)
+    token = make_token("org-a")
+    for turn in ("scenario:echo turn one", "scenario:echo turn two", "scenario:echo turn three"):
+        s = proxy.run_chat(token=token, session_id=session_id, body={"message": turn})
+        assert s.headers.get("x-execution-mode") == "runtime_orchestrator", s.headers
+        texts = [e.data["data"]["content"] for e in s.events
+                 if e.event == "message" and e.data.get("type") == "text"]
+        assert "".join(texts) == f"You asked: {turn}", s.summary()
+        assert roles_and_contents(legacy.messages(session_id, "org-a"))[-2:] == [
+            ("user", turn), ("assistant", f"You asked: {turn}")]
 
 
 def test_chat_start_creates_the_session_first(make_proxy, legacy, runtime):
@@ -126,7 +145,8 @@ def test_chat_start_creates_the_session_first(make_proxy, legacy, runtime):
     assert stored is not None and stored["orgId"] == "org-a" and stored["agentId"] == agent_id, stored
     assert stored["title"] == message[:50], "the title is the message's first 50 characters"
     body = runtime.received_for(session_id)[0]["body"]
-    assert body["agent_id"] == agent_id and body["history_messages"] == []
+    assert body["agent_id"] == agent_id
+    assert body["history_messages"] == [{"role": "user", "content": message}], "a new session: the question alone"
     assert body["agent_config"]["system_prompt"] == "你是 数据助手，一个有帮助的 AI 助手。"
     assert body["agent_config"]["temperature"] == 0.7 and body["agent_config"]["max_tokens"] == 4096
     assert roles_and_contents(legacy.messages(session_id, "org-a")) == [("user", message), ("assistant", FINAL)]

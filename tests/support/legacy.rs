@@ -3,14 +3,18 @@
 //! (another org's session or agent is a 404) and 401 without a valid token.
 //!
 //! Agents' `config` is sent as a JSON string, as the source product's database stores it. Each
-//! route can be made to fail (a status, a hang, or a status for the next n calls), and every
-//! request is recorded with its headers. Chats themselves get `echo_legacy`'s stream, as legacy
-//! answers the chats the proxy hands it.
+//! route can be made to fail (a status, a hang, or a status for the next n calls), a save can be
+//! made slow (its row committed late, as a slow database does) or lost after it was written (the
+//! row saved, the connection dropped before the answer), the whole API can go down (connections
+//! refused) and come back on the same port, and every request is recorded with its headers.
+//! Chats themselves get `echo_legacy`'s stream, as legacy answers the chats the proxy hands it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use tokio::net::TcpListener;
 
 use super::{echo_legacy, Received, Reply, Step, Upstream, JWT_SECRET};
 
@@ -34,6 +38,11 @@ pub enum Fault {
     StatusTimes(u16, usize),
     /// Never answer.
     Hang,
+    /// A save whose row is committed, and answered, only after this long (a slow database).
+    Slow(Duration),
+    /// A save whose row is committed, then the connection is dropped without an answer (legacy
+    /// crashed after the write).
+    SaveThenDrop,
 }
 
 #[derive(Debug, Clone)]
@@ -57,12 +66,18 @@ struct State {
     sessions: HashMap<String, Session>,
     agents: HashMap<String, Agent>,
     faults: HashMap<LegacyRoute, Fault>,
+    /// Faults for the next calls of a route only, in order, before `faults`.
+    next_faults: HashMap<LegacyRoute, VecDeque<Fault>>,
+    /// Messages committed late: hidden from reads until then.
+    hidden_until: HashMap<String, Instant>,
     next_id: u64,
 }
 
 pub struct FakeLegacy {
     pub upstream: Upstream,
     state: Arc<Mutex<State>>,
+    /// The API after `restart`, on the same port.
+    revived: Mutex<Vec<Upstream>>,
 }
 
 impl FakeLegacy {
@@ -70,7 +85,38 @@ impl FakeLegacy {
         let state = Arc::new(Mutex::new(State::default()));
         let s = state.clone();
         let upstream = Upstream::start(move |req| handle(&mut s.lock().unwrap(), req)).await;
-        FakeLegacy { upstream, state }
+        FakeLegacy {
+            upstream,
+            state,
+            revived: Mutex::default(),
+        }
+    }
+
+    /// Go down: the port refuses connections and open ones are dropped. The data stays.
+    pub fn stop(&self) {
+        self.upstream.stop();
+        for u in self.revived.lock().unwrap().iter() {
+            u.stop();
+        }
+    }
+
+    /// Come back on the same port with the same data.
+    pub async fn restart(&self) {
+        let listener = TcpListener::bind(self.upstream.addr).await.unwrap();
+        let s = self.state.clone();
+        let up = Upstream::on(listener, move |req| handle(&mut s.lock().unwrap(), req));
+        self.revived.lock().unwrap().push(up);
+    }
+
+    /// The next call of `route` misbehaves this way (then the route's standing fault, if any).
+    pub fn fail_next(&self, route: LegacyRoute, fault: Fault) {
+        self.state
+            .lock()
+            .unwrap()
+            .next_faults
+            .entry(route)
+            .or_default()
+            .push_back(fault);
     }
 
     pub fn address(&self) -> String {
@@ -132,14 +178,12 @@ impl FakeLegacy {
         l
     }
 
-    /// The session's stored messages, oldest first, as legacy holds them.
+    /// The session's stored messages, oldest first, as legacy holds them (committed ones).
     pub fn messages(&self, session: &str) -> Vec<Value> {
-        self.state
-            .lock()
-            .unwrap()
-            .sessions
+        let st = self.state.lock().unwrap();
+        st.sessions
             .get(session)
-            .map(|s| s.messages.clone())
+            .map(|s| visible(&st, &s.messages))
             .unwrap_or_default()
     }
 
@@ -161,13 +205,49 @@ impl FakeLegacy {
         self.state.lock().unwrap().faults.remove(&route);
     }
 
+    /// Every request received, before and after a restart.
     pub fn received(&self) -> Vec<Received> {
-        self.upstream.received()
+        let mut all = self.upstream.received();
+        for u in self.revived.lock().unwrap().iter() {
+            all.extend(u.received());
+        }
+        all
     }
 
     pub fn count(&self) -> usize {
-        self.upstream.count()
+        self.received().len()
     }
+
+    /// Requests of one route.
+    pub fn calls(&self, route: LegacyRoute) -> usize {
+        self.received()
+            .iter()
+            .filter(|r| route_of(r).is_some_and(|(r, _)| r == route))
+            .count()
+    }
+}
+
+/// Messages whose commit is done.
+fn visible(st: &State, messages: &[Value]) -> Vec<Value> {
+    let now = Instant::now();
+    messages
+        .iter()
+        .filter(|m| {
+            let id = m["id"].as_str().unwrap_or_default();
+            st.hidden_until.get(id).is_none_or(|t| now >= *t)
+        })
+        .cloned()
+        .collect()
+}
+
+/// A whole HTTP response written by hand, for a reply sent after a pause.
+fn raw_json(status: u16, body: &Value) -> Vec<u8> {
+    let body = body.to_string();
+    format!(
+        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
 }
 
 fn ok(status: u16, data: Value) -> Reply {
@@ -233,7 +313,11 @@ fn handle(st: &mut State, req: &Received) -> Reply {
     let Some((route, id)) = route_of(req) else {
         return not_found();
     };
-    match st.faults.get(&route).copied() {
+    let next = st.next_faults.get_mut(&route).and_then(VecDeque::pop_front);
+    // How a save that is written anyway is answered.
+    let mut answer = None;
+    match next.or_else(|| st.faults.get(&route).copied()) {
+        Some(f @ (Fault::Slow(_) | Fault::SaveThenDrop)) => answer = Some(f),
         Some(Fault::Status(s)) => return error(s, "INJECTED", "injected fault"),
         Some(Fault::StatusTimes(s, n)) if n > 0 => {
             st.faults.insert(route, Fault::StatusTimes(s, n - 1));
@@ -242,6 +326,31 @@ fn handle(st: &mut State, req: &Received) -> Reply {
         Some(Fault::Hang) => return Reply::silent(vec![Step::Hang]),
         _ => {}
     }
+    let reply = route_reply(st, req, route, id);
+    match answer {
+        Some(Fault::Slow(d)) => {
+            if let Some(m) = reply_id(&reply).filter(|_| route == LegacyRoute::PostMessage) {
+                st.hidden_until.insert(m, Instant::now() + d);
+            }
+            let body: Value =
+                serde_json::from_slice(reply.fixed_body.as_deref().unwrap_or_default()).unwrap();
+            Reply::silent(vec![
+                Step::Sleep(d),
+                Step::Send(raw_json(reply.status, &body)),
+            ])
+        }
+        Some(_) => Reply::silent(vec![Step::Close]),
+        None => reply,
+    }
+}
+
+/// The id a save's answer names.
+fn reply_id(reply: &Reply) -> Option<String> {
+    let body: Value = serde_json::from_slice(reply.fixed_body.as_deref()?).ok()?;
+    body["data"]["id"].as_str().map(str::to_string)
+}
+
+fn route_reply(st: &mut State, req: &Received, route: LegacyRoute, id: Option<String>) -> Reply {
     let Some((org, _user)) = identity(req) else {
         return error(401, "UNAUTHORIZED", "missing or invalid token");
     };
@@ -264,7 +373,7 @@ fn handle(st: &mut State, req: &Received) -> Reply {
             None => not_found(),
         },
         LegacyRoute::GetMessages => match st.sessions.get(&id).filter(|s| s.org == org) {
-            Some(s) => ok(200, Value::Array(s.messages.clone())),
+            Some(s) => ok(200, Value::Array(visible(st, &s.messages))),
             None => not_found(),
         },
         LegacyRoute::PostMessage => {

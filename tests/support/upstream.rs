@@ -279,23 +279,47 @@ pub fn done_frame() -> Vec<u8> {
 
 /// A short, complete runtime answer.
 pub fn runtime_ok_steps() -> Vec<Step> {
+    answer_steps("hi")
+}
+
+/// A short, complete runtime answer whose text is `text`.
+pub fn answer_steps(text: &str) -> Vec<Step> {
     vec![
-        Step::Send(frame("text_chunk", serde_json::json!({"content": "hi"}))),
+        Step::Send(frame("text_chunk", serde_json::json!({"content": text}))),
         Step::Send(frame(
             "execution_complete",
-            serde_json::json!({"final_response": "hi"}),
+            serde_json::json!({"final_response": text}),
         )),
         Step::Send(done_frame()),
     ]
 }
 
-/// A runtime that answers health checks and streams `runtime_ok_steps` for executions.
+/// The question a runtime request asks, read the way the real runtime reads it: a non-empty
+/// `history_messages` is the whole conversation (its last user entry is the question) and
+/// `user_message` is then ignored; otherwise `user_message`.
+pub fn question_of(body: &serde_json::Value) -> String {
+    let history = body["history_messages"]
+        .as_array()
+        .filter(|h| !h.is_empty());
+    let asked = match history {
+        Some(h) => h
+            .iter()
+            .rev()
+            .find(|m| m["role"] == "user")
+            .and_then(|m| m["content"].as_str()),
+        None => body["user_message"].as_str(),
+    };
+    asked.unwrap_or_default().to_string()
+}
+
+/// A runtime that answers health checks and, for an execution, streams back the question it
+/// understood (`question_of`) as its whole answer: a test that sends "hi" reads "hi".
 pub fn healthy_runtime(req: &Received) -> Reply {
     if req.path == "/health" {
-        Reply::json(200, serde_json::json!({"status": "ok"}))
-    } else {
-        Reply::sse(runtime_ok_steps())
+        return Reply::json(200, serde_json::json!({"status": "ok"}));
     }
+    let body: serde_json::Value = serde_json::from_slice(&req.body).unwrap_or_default();
+    Reply::sse(answer_steps(&question_of(&body)))
 }
 
 /// A legacy that streams a short Agent2UI answer on chat routes and echoes everything else.

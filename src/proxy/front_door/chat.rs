@@ -297,6 +297,10 @@ impl Downstream for ChatSession<'_> {
     fn status_written(&self) -> u16 {
         self.status
     }
+
+    fn client_ip(&self) -> Option<std::net::IpAddr> {
+        self.io.peer_ip()
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,228 @@
+//! Executions finished for clients that left (`bridge.finish_detached`): a client that goes away
+//! after the commit (a closed tab, a lost mobile network) does not lose its answer. The in-app
+//! version ran every execution to its end whatever the browser did; here the relay hands what it
+//! holds (the runtime connection, the parser and the mapper mid-stream) to a task of its own,
+//! which reads the stream to its end within the execution deadline and saves the answer.
+//!
+//! They are bounded: beyond `bridge.max_detached` running at once the oldest is dropped (its
+//! runtime connection closed, which tells the runtime to stop), counted and logged. Each one
+//! counts as a request in flight for the shutdown drain, and the drain's cutoff ends it. Its
+//! outcome is never the breaker's business: the client leaving is not the runtime's fault, and
+//! the relay already recorded the request as a client that went away.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+use crate::core::agent2ui::{Mapped, StreamMapper};
+use crate::core::sse::{SseEvent, SseParser};
+use crate::runtime::connection::RuntimeStream;
+use crate::runtime::relay::{save_answer, RelayArgs};
+
+/// What the relay holds when its client leaves.
+pub struct Leftover {
+    pub stream: RuntimeStream,
+    pub parser: SseParser,
+    pub mapper: StreamMapper,
+    /// Parsed from the last read and not mapped yet.
+    pub events: Vec<SseEvent>,
+    /// The user message's save, which the answer's waits for.
+    pub user_saved: Option<JoinHandle<()>>,
+}
+
+/// The detached executions running now, oldest first, each with its cancel.
+#[derive(Default)]
+pub struct Detached {
+    running: Mutex<VecDeque<(u64, Arc<Notify>)>>,
+    next: AtomicU64,
+}
+
+/// How a detached execution ended: the `result` label of `cutover_bridge_detached_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    Saved,
+    Failed,
+    Timeout,
+    Dropped,
+    Shutdown,
+}
+
+impl Ended {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Ended::Saved => "saved",
+            Ended::Failed => "failed",
+            Ended::Timeout => "timeout",
+            Ended::Dropped => "dropped",
+            Ended::Shutdown => "shutdown",
+        }
+    }
+}
+
+impl Detached {
+    /// Running now.
+    pub fn len(&self) -> usize {
+        self.running.lock().unwrap().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Take one more, at most `max` at once: the oldest beyond it is told to stop.
+    fn admit(&self, max: usize) -> (u64, Arc<Notify>) {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let cancel = Arc::new(Notify::new());
+        let mut running = self.running.lock().unwrap();
+        running.push_back((id, cancel.clone()));
+        while running.len() > max.max(1) {
+            if let Some((_, oldest)) = running.pop_front() {
+                // A permit: it stops at its next wait even if it is not waiting now.
+                oldest.notify_one();
+            }
+        }
+        (id, cancel)
+    }
+
+    fn leave(&self, id: u64) {
+        self.running.lock().unwrap().retain(|(i, _)| *i != id);
+    }
+}
+
+/// Read the rest of the stream on a task of its own and save the answer; `max`:
+/// `bridge.max_detached`. Counted as a request in flight from here, so the drain never sees a
+/// gap between the relay's end and the task's start.
+pub fn finish(args: RelayArgs, left: Leftover, max: usize) {
+    let shared = args.shared.clone();
+    let guard = shared.requests.enter();
+    let (id, cancel) = shared.detached.admit(max);
+    let metrics = &shared.metrics.bridge;
+    metrics.detached.inc();
+    tracing::info!(
+        session_id = %args.session_id,
+        "client left after the commit; reading the runtime's answer to its end"
+    );
+    tokio::spawn(async move {
+        let ended = run(&args, left, &cancel).await;
+        args.shared.detached.leave(id);
+        let metrics = &args.shared.metrics.bridge;
+        metrics.detached.dec();
+        metrics
+            .detached_total
+            .with_label_values(&[ended.as_str()])
+            .inc();
+        drop(guard);
+    });
+}
+
+async fn run(args: &RelayArgs, left: Leftover, cancel: &Notify) -> Ended {
+    let Leftover {
+        mut stream,
+        mut parser,
+        mut mapper,
+        mut events,
+        mut user_saved,
+    } = left;
+    let mut cutoff = args.shared.cutoff.subscribe();
+    // The client's bytes are not written anywhere; the mapper keeps the answer's text.
+    let mut sink = Vec::new();
+    let mut body_done = false;
+    loop {
+        for ev in events.drain(..) {
+            sink.clear();
+            match mapper.map(&ev, &mut sink) {
+                Mapped::Complete(completion) => {
+                    let latency_ms = args.started.elapsed().as_millis() as u64;
+                    if let Some(user) = user_saved.take() {
+                        let _ = user.await;
+                    }
+                    save_answer(args, &mut mapper, &completion, latency_ms).await;
+                    stream.release_when_done(args.shared.clone());
+                    return Ended::Saved;
+                }
+                Mapped::Failed { code, message } => {
+                    return unsaved(
+                        args,
+                        &mut mapper,
+                        Ended::Failed,
+                        &format!("{code}: {message}"),
+                    )
+                }
+                Mapped::End => {
+                    return unsaved(args, &mut mapper, Ended::Failed, "ended without an answer")
+                }
+                _ => {}
+            }
+        }
+        if body_done {
+            return unsaved(args, &mut mapper, Ended::Failed, "ended without an answer");
+        }
+        let read = tokio::select! {
+            biased;
+            _ = tokio::time::sleep_until(args.deadline.into()) => {
+                return unsaved(args, &mut mapper, Ended::Timeout, "execution deadline")
+            }
+            _ = cutoff.wait_for(|c| *c) => {
+                return unsaved(args, &mut mapper, Ended::Shutdown, "the proxy is shutting down")
+            }
+            _ = cancel.notified() => {
+                return unsaved(args, &mut mapper, Ended::Dropped, "more than bridge.max_detached at once")
+            }
+            r = stream.fill() => r,
+        };
+        let why = match read {
+            Ok(0) => "the runtime closed the stream".to_string(),
+            Ok(_) => match stream.parse_into(&mut parser, &mut events) {
+                (Err(e), _) => e.to_string(),
+                (_, Err(e)) => format!("{e:?}"),
+                (Ok(done), Ok(())) => {
+                    body_done = done;
+                    continue;
+                }
+            },
+            Err(e) => e.to_string(),
+        };
+        return unsaved(args, &mut mapper, Ended::Failed, &why);
+    }
+}
+
+/// A detached execution that ends without an answer to save: said so, with what the runtime had
+/// written (the user saw it up to where they left).
+fn unsaved(args: &RelayArgs, mapper: &mut StreamMapper, ended: Ended, why: &str) -> Ended {
+    let partial = mapper.take_text();
+    tracing::warn!(
+        session_id = %args.session_id,
+        result = ended.as_str(),
+        why,
+        partial = %partial,
+        "execution finished for a client that left: no answer to save"
+    );
+    ended
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn beyond_the_bound_the_oldest_is_told_to_stop() {
+        let d = Detached::default();
+        let (a, cancel_a) = d.admit(2);
+        let (_, cancel_b) = d.admit(2);
+        assert_eq!(d.len(), 2);
+        let (_, _cancel_c) = d.admit(2);
+        assert_eq!(d.len(), 2);
+        // `a` holds a permit: its next wait ends at once; `b` holds none.
+        assert!(futures::FutureExt::now_or_never(cancel_a.notified()).is_some());
+        assert!(futures::FutureExt::now_or_never(cancel_b.notified()).is_none());
+        d.leave(a);
+        assert_eq!(d.len(), 2, "a dropped execution is already out");
+        assert_eq!(
+            Ended::Dropped.as_str(),
+            crate::ops::metrics::BridgeMetrics::DETACHED_RESULTS[3]
+        );
+    }
+}
