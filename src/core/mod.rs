@@ -20,3 +20,4 @@ pub mod scorecard;
 pub mod sse;
 pub mod stats;
 pub mod stream;
+pub mod timeouts;

@@ -37,7 +37,7 @@ impl CutoverProxy {
                 return Ok(true);
             }
         };
-        match self.stream_file(session, active, file).await {
+        match self.stream_file(session, file).await {
             Ok(()) => {
                 self.shared
                     .metrics
@@ -106,12 +106,7 @@ impl CutoverProxy {
 
     /// Pass the runtime's answer on: its type, length and disposition, then its body piece by
     /// piece as it arrives.
-    async fn stream_file(
-        &self,
-        session: &mut Session,
-        active: &Active,
-        mut file: RuntimeFile,
-    ) -> Result<()> {
+    async fn stream_file(&self, session: &mut Session, mut file: RuntimeFile) -> Result<()> {
         let mut resp = ResponseHeader::build(200, Some(6))?;
         let content_type = file.content_type.take();
         resp.insert_header(
@@ -135,9 +130,8 @@ impl CutoverProxy {
         resp.insert_header("x-content-type-options", "nosniff")?;
         session.write_response_header(Box::new(resp), false).await?;
 
-        let idle = active.config.runtime.execution_timeout();
         loop {
-            let piece = file.next(idle).await.map_err(|e| {
+            let piece = file.next().await.map_err(|e| {
                 Error::explain(ErrorType::ReadError, format!("runtime file body: {e}"))
             })?;
             match piece {
@@ -146,7 +140,7 @@ impl CutoverProxy {
             }
         }
         session.write_response_body(None, true).await?;
-        file.release(&self.shared);
+        file.release();
         Ok(())
     }
 }

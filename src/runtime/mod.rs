@@ -3,8 +3,6 @@
 
 pub mod bridge;
 pub mod connection;
-pub mod exchange;
 pub mod files;
-pub mod pool;
 pub mod relay;
 pub mod shadow;
