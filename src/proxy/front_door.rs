@@ -483,6 +483,9 @@ impl FrontStream {
 
     /// Hand `head` to Pingora next, then its body.
     fn begin(&mut self, head: Head) {
+        // A wait for legacy's head is the request's it was armed for.
+        *self.legacy_head.get_mut().unwrap() = None;
+        self.head_timer = None;
         self.buf.advance(head.skip);
         let remaining = match head.rewritten {
             Some(bytes) => {
