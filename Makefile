@@ -75,10 +75,10 @@ bench: release
 	bench/run.sh
 
 # Fuzzing, not in `make test`: cargo-fuzz (nightly) on the SSE parser + mapper, the config parser,
-# the chat request path, the runtime response decoder and the lean passthrough's heads; FUZZ_SECS per
-# target (5 x 150 s = 12.5 min).
+# the chat request path, the runtime response decoder, the lean passthrough's heads and the response-head
+# parser against the two it replaced (differential); FUZZ_SECS per target (6 x 150 s = 15 min).
 FUZZ_SECS ?= 150
-FUZZ_TARGETS := sse_mapper config_parse chat_request h1_response passthrough_heads
+FUZZ_TARGETS := sse_mapper config_parse chat_request h1_response passthrough_heads response_heads
 
 fuzz:
 	@rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal

@@ -100,7 +100,7 @@ async fn read_endpoints_have_the_contract_shapes() {
             }
         })
         // The failing session's error is counted as one the user saw, after the commit.
-        .config(|c| c.runtime.commit_timeout_ms = 0)
+        .config(|c| c.runtime.commit_timeout_ms = Some(0))
         .start()
         .await;
 

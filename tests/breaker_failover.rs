@@ -156,7 +156,7 @@ async fn execution_errors_open_the_breaker_and_it_recovers_by_itself() {
             cfg.breaker.half_open_probes = 3;
             cfg.runtime.health_interval_ms = 100;
             // Errors the user saw as error events: committed at the head.
-            cfg.runtime.commit_timeout_ms = 0;
+            cfg.runtime.commit_timeout_ms = Some(0);
         })
         .start()
         .await;
@@ -246,7 +246,7 @@ async fn failed_probe_reopens_the_breaker() {
             cfg.breaker.min_requests = 2;
             cfg.breaker.open_secs = 1;
             // A probe that fails after the commit, in front of the user.
-            cfg.runtime.commit_timeout_ms = 0;
+            cfg.runtime.commit_timeout_ms = Some(0);
         })
         .start()
         .await;

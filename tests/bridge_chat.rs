@@ -623,7 +623,7 @@ fn detached(s: &Setup, result: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_leaves_mid_answer_still_gets_both_messages_saved() {
-    let s = start_with(pausing_runtime, |c| c.runtime.commit_timeout_ms = 0).await;
+    let s = start_with(pausing_runtime, |c| c.runtime.commit_timeout_ms = Some(0)).await;
     leave_after_the_first_event(&s, "are you still there?").await;
     // The relay notices the client gone and hands the stream on; then the runtime finishes.
     assert!(
@@ -664,7 +664,7 @@ async fn a_client_that_leaves_mid_answer_still_gets_both_messages_saved() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_finish_detached_a_client_that_leaves_stops_the_execution() {
     let s = start_with(pausing_runtime, |c| {
-        c.runtime.commit_timeout_ms = 0;
+        c.runtime.commit_timeout_ms = Some(0);
         c.bridge.finish_detached = false;
     })
     .await;
@@ -687,7 +687,7 @@ async fn without_finish_detached_a_client_that_leaves_stops_the_execution() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn beyond_max_detached_the_oldest_is_dropped() {
     let s = start_with(pausing_runtime, |c| {
-        c.runtime.commit_timeout_ms = 0;
+        c.runtime.commit_timeout_ms = Some(0);
         c.bridge.max_detached = 1;
     })
     .await;

@@ -225,7 +225,7 @@ async fn an_error_after_the_commit_timeout_stays_an_error_event() {
             Step::Sleep(Duration::from_millis(400)),
             Step::Send(failed("LLM_ERROR")),
         ]))
-        .config(|c| c.runtime.commit_timeout_ms = 100)
+        .config(|c| c.runtime.commit_timeout_ms = Some(100))
         .start()
         .await;
     let r = h.chat("org-a").send().await;
@@ -252,7 +252,7 @@ async fn a_heartbeat_falling_due_while_held_commits() {
         ]))
         .config(|c| {
             c.runtime.heartbeat_secs = 1;
-            c.runtime.commit_timeout_ms = 4000;
+            c.runtime.commit_timeout_ms = Some(4000);
         })
         .start()
         .await;
@@ -316,7 +316,7 @@ async fn a_cancel_before_content_is_an_error_event_not_a_failover() {
 async fn a_client_that_leaves_while_held_is_not_counted_against_the_runtime() {
     let h = Harness::new()
         .runtime(runtime(vec![Step::Send(thinking("planning")), Step::Hang]))
-        .config(|c| c.runtime.commit_timeout_ms = 4000)
+        .config(|c| c.runtime.commit_timeout_ms = Some(4000))
         .start()
         .await;
     let mut client = Client::connect(h.proxy_addr).await;
@@ -496,7 +496,7 @@ async fn the_deadline_while_held_commits_and_answers_timeout() {
         .runtime(runtime(vec![Step::Send(thinking("planning")), Step::Hang]))
         .config(|c| {
             c.runtime.execution_timeout_ms = 400;
-            c.runtime.commit_timeout_ms = 300;
+            c.runtime.commit_timeout_ms = Some(300);
         })
         .start()
         .await;
@@ -554,7 +554,7 @@ async fn a_runtime_that_only_thinks_is_committed_to_when_too_much_is_held() {
 async fn shutting_down_while_held_commits_and_answers_shutting_down() {
     let h = Harness::new()
         .runtime(runtime(vec![Step::Send(thinking("planning")), Step::Hang]))
-        .config(|c| c.runtime.commit_timeout_ms = 4000)
+        .config(|c| c.runtime.commit_timeout_ms = Some(4000))
         .start()
         .await;
     let chat = tokio::spawn(h.chat("org-a").send());

@@ -1006,7 +1006,7 @@ async fn against(how: Misbehaviour, timeout_ms: u64) -> (HostileRuntime, Upstrea
     cfg.runtime.execution_timeout_ms = timeout_ms;
     // The relay's defences once the stream is the client's (before the commit these streams
     // fail over: tests/commit_point.rs).
-    cfg.runtime.commit_timeout_ms = 0;
+    cfg.runtime.commit_timeout_ms = Some(0);
     // Health checks must not open the breaker in the middle of a test.
     cfg.runtime.health_interval_ms = 60_000;
     let server = proxy(cfg).await;

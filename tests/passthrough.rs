@@ -366,11 +366,11 @@ async fn sequential_requests_share_one_legacy_connection() {
     }
     assert_eq!(h.legacy.work().len(), requests);
     // Without a pool there would be one connection per request. The plain requests take the
-    // front door's lean path and its pool, the chats Pingora's: one connection each, and one
-    // spare for a scheduler that was slower than the pause above.
+    // front door's lean path and legacy's client, the chats Pingora's pool: each keeps its
+    // connections per worker thread, and this test's runtime has two, so at most two each.
     let opened = h.legacy.connections();
     assert!(
-        opened <= 3,
+        opened <= 4,
         "{requests} requests opened {opened} legacy connections"
     );
 

@@ -178,7 +178,7 @@ async fn an_execution_error_keeps_its_status_details_and_trace_id() {
     // The error event itself is under test: committed at the head, it reaches the user.
     let h = Harness::new()
         .runtime(script(failing_steps))
-        .config(|c| c.runtime.commit_timeout_ms = 0)
+        .config(|c| c.runtime.commit_timeout_ms = Some(0))
         .start()
         .await;
     let r = h.chat("org-a").send().await;

@@ -483,7 +483,7 @@ async fn shadow_timeouts_are_judged_like_relayed_streams() {
     let server = proxy(rollout_config(&legacy, &runtime, |c| {
         c.rollout.shadow_percent = 100.0;
         c.runtime.execution_timeout_ms = 400;
-        c.runtime.commit_timeout_ms = 0;
+        c.runtime.commit_timeout_ms = Some(0);
     }))
     .await;
     let (success0, timeout0) = (

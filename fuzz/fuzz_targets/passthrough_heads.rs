@@ -14,9 +14,8 @@
 
 #![no_main]
 
-use cutover_proxy::core::passthrough::{
-    chat_head, client_head, header_lines, parse_response, prepare,
-};
+use cutover_proxy::core::h1::parse_head;
+use cutover_proxy::core::passthrough::{chat_head, client_head, header_lines, prepare};
 use cutover_proxy::core::request_head::{self, Framing};
 use libfuzzer_sys::fuzz_target;
 
@@ -92,7 +91,7 @@ fn check_request(raw: &[u8]) {
 }
 
 fn check_response(raw: &[u8]) {
-    let Ok(Some(head)) = parse_response(raw, false) else {
+    let Ok(Some(head)) = parse_head(raw, false) else {
         return;
     };
     for (keep, rechunk) in [(true, false), (false, false), (true, true)] {
@@ -105,7 +104,7 @@ fn check_response(raw: &[u8]) {
             Ok(httparse::Status::Complete(out.len())),
             "not one head"
         );
-        assert_eq!(parsed.code, Some(head.code));
+        assert_eq!(parsed.code, Some(head.status));
         let connections = header_lines(&out)
             .1
             .filter(|(n, _)| n.eq_ignore_ascii_case(b"connection"))

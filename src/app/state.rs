@@ -8,9 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use pingora::connectors::http::Connector;
 
-use crate::app::upstream::{PeerSettings, Resolver};
+use crate::app::upstream::Resolver;
 use crate::core::agent2ui::MapSettings;
 use crate::core::breaker::{Breaker, BreakerSettings, SharedBreaker};
 use crate::core::config::Config;
@@ -25,15 +24,17 @@ use crate::ops::fleet::FleetStatus;
 use crate::ops::metrics::Metrics;
 use crate::runtime::bridge::{Bridge, Target};
 use crate::runtime::detached::Detached;
-use crate::runtime::pool::Connections;
+use crate::upstream::{Tcp, Timeouts, Upstream, UpstreamName};
 
 /// One validated config, compiled for the hot path.
 pub struct Active {
     pub config: Config,
     pub rollout: Rollout,
     pub verifier: Verifier,
-    pub legacy: PeerSettings,
-    pub runtime: PeerSettings,
+    /// Legacy's policy, for every call to it: the lean passthrough, the bridge, Pingora's proxy.
+    pub legacy: Timeouts,
+    /// The runtime's policy: its streams, shadow copies, files and health checks.
+    pub runtime: Timeouts,
     /// Where the conversation bridge finds legacy, and its routes.
     pub bridge: Target,
     /// `identity.trusted_proxies`: whose `X-Forwarded-*` headers are kept.
@@ -66,14 +67,8 @@ impl Active {
             cors_drift_logged: AtomicBool::new(false),
             rollout: Rollout::new(&config.rollout),
             verifier,
-            legacy: PeerSettings {
-                connect_timeout: Duration::from_millis(config.legacy.connect_timeout_ms),
-                pool_idle_timeout: Duration::from_millis(config.legacy.pool_idle_timeout_ms),
-            },
-            runtime: PeerSettings {
-                connect_timeout: Duration::from_millis(config.runtime.connect_timeout_ms),
-                pool_idle_timeout: Duration::from_millis(config.runtime.pool_idle_timeout_ms),
-            },
+            legacy: Timeouts::legacy(&config),
+            runtime: Timeouts::runtime(&config),
             admin_token,
             file_key,
             bridge: Target::of(&config),
@@ -180,10 +175,11 @@ pub struct Shared {
     /// Where the fleet signal's poller stands.
     pub fleet: FleetStatus,
     pub metrics: &'static Metrics,
-    /// Pingora's pooled connector, for health checks.
-    pub connector: Connector,
-    /// Pooled runtime connections for executions and shadow copies, read by `runtime`.
-    pub runtime_pool: Connections,
+    /// The runtime's client: executions, shadow copies, files, health checks.
+    pub runtime: Upstream,
+    /// Legacy's client for what the proxy asks it itself: the lean passthrough, the bridge.
+    pub legacy: Arc<Upstream>,
+    /// Legacy's address for Pingora's proxy.
     pub resolver: Resolver,
     /// The conversation bridge's legacy connections and cache.
     pub bridge: Arc<Bridge>,
@@ -242,7 +238,11 @@ impl Shared {
             config.limits.max_tracked_orgs,
             now,
         );
-        let bridge = Arc::new(Bridge::new(&config.bridge, &metrics.bridge));
+        let legacy = Arc::new(Upstream::new(
+            Tcp,
+            metrics.upstream_timeouts(UpstreamName::Legacy),
+        ));
+        let bridge = Arc::new(Bridge::new(&config.bridge, &metrics.bridge).calling(legacy.clone()));
         Arc::new(Shared {
             active: ArcSwap::from_pointee(Active::new(config)),
             breaker,
@@ -250,8 +250,8 @@ impl Shared {
             scorecard: Mutex::new(scorecard),
             fleet: FleetStatus::default(),
             metrics,
-            connector: Connector::new(None),
-            runtime_pool: Connections::default(),
+            runtime: Upstream::new(Tcp, metrics.upstream_timeouts(UpstreamName::Runtime)),
+            legacy,
             resolver: Resolver::default(),
             bridge,
             detached: Detached::default(),

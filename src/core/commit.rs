@@ -6,7 +6,8 @@
 //! to commit (and why), or to fail over. After the commit the stream is the runtime's, and
 //! [`crate::core::stream::verdict`] judges how it ended.
 
-use crate::core::config::CommitOn;
+use crate::core::config::{CommitOn, CommitTimeoutAction};
+use crate::core::stats::Outcome;
 use crate::core::stream::{End, CANCELLED_CODE};
 
 /// Most events (`thinking`, `ping`) held before the commit: a runtime that only thinks is
@@ -87,8 +88,10 @@ pub enum Step {
     Hold,
     /// Write the response head, the held events, then this one.
     Commit(Trigger),
-    /// Nothing reached the user: legacy serves the request instead.
-    FailOver,
+    /// Nothing reached the user: legacy serves the request instead. The runtime's outcome:
+    /// a timeout when it was too slow (no content by the commit timeout with
+    /// `commit_timeout_action = "failover"`, or stalled), an error otherwise.
+    FailOver(Outcome),
     /// The client went away: nobody to serve, and not the runtime's failure.
     Abandon,
 }
@@ -97,6 +100,7 @@ pub enum Step {
 #[derive(Debug, Clone)]
 pub struct Precommit {
     on: CommitOn,
+    on_timeout: CommitTimeoutAction,
     held: Held,
     held_bytes: usize,
 }
@@ -115,9 +119,10 @@ impl Held {
 }
 
 impl Precommit {
-    pub fn new(on: CommitOn) -> Self {
+    pub fn new(on: CommitOn, on_timeout: CommitTimeoutAction) -> Self {
         Precommit {
             on,
+            on_timeout,
             held: Held::default(),
             held_bytes: 0,
         }
@@ -145,20 +150,25 @@ impl Precommit {
             Seen::Content => Step::Commit(Trigger::Content),
             // The user stopped it: legacy must not answer what the user cancelled.
             Seen::Error { code } if code == CANCELLED_CODE => Step::Commit(Trigger::Cancel),
-            Seen::Error { .. } => Step::FailOver,
+            Seen::Error { .. } => Step::FailOver(Outcome::Error),
+            // A time-to-first-content limit: legacy answers what the runtime could not start.
+            Seen::Timeout if self.on_timeout == CommitTimeoutAction::Failover => {
+                Step::FailOver(Outcome::Timeout)
+            }
             Seen::Timeout => Step::Commit(Trigger::Timeout),
             Seen::Heartbeat => Step::Commit(Trigger::Heartbeat),
             // Legacy would start the wait over, past the time the user was promised.
             Seen::End(End::Deadline { .. }) => Step::Commit(Trigger::Deadline),
             Seen::End(End::Shutdown) => Step::Commit(Trigger::Shutdown),
             Seen::End(End::ClientGone) => Step::Abandon,
+            Seen::End(End::Stalled { .. }) => Step::FailOver(Outcome::Timeout),
             Seen::End(
                 End::Done
                 | End::BodyEnd
                 | End::Broken(_)
                 | End::FrameTooLarge { .. }
                 | End::ExecutionError,
-            ) => Step::FailOver,
+            ) => Step::FailOver(Outcome::Error),
         }
     }
 
@@ -181,7 +191,11 @@ mod tests {
     use super::*;
 
     fn content() -> Precommit {
-        Precommit::new(CommitOn::Content)
+        Precommit::new(CommitOn::Content, CommitTimeoutAction::Commit)
+    }
+
+    fn on(on: CommitOn) -> Precommit {
+        Precommit::new(on, CommitTimeoutAction::Commit)
     }
 
     const THINKING: Seen<'static> = Seen::Thinking { bytes: 100 };
@@ -206,7 +220,7 @@ mod tests {
     #[test]
     fn first_event_commits_on_anything_the_client_would_get() {
         for seen in [THINKING, PING, Seen::Content] {
-            let mut p = Precommit::new(CommitOn::FirstEvent);
+            let mut p = on(CommitOn::FirstEvent);
             assert_eq!(p.see(seen), Step::Commit(Trigger::FirstEvent), "{seen:?}");
         }
     }
@@ -220,13 +234,34 @@ mod tests {
             End::FrameTooLarge { limit: 1024 },
             End::ExecutionError,
         ];
-        for on in [CommitOn::Content, CommitOn::FirstEvent] {
-            let mut p = Precommit::new(on);
-            assert_eq!(p.see(Seen::Error { code: "LLM_ERROR" }), Step::FailOver);
+        for commit_on in [CommitOn::Content, CommitOn::FirstEvent] {
+            let mut p = on(commit_on);
+            let error = Step::FailOver(Outcome::Error);
+            assert_eq!(p.see(Seen::Error { code: "LLM_ERROR" }), error);
             for end in &ends {
-                assert_eq!(Precommit::new(on).see(Seen::End(end)), Step::FailOver);
+                assert_eq!(on(commit_on).see(Seen::End(end)), error);
             }
+            // Silence before the commit is the runtime being too slow.
+            let stalled = End::Stalled {
+                idle: Duration::from_secs(60),
+            };
+            assert_eq!(
+                on(commit_on).see(Seen::End(&stalled)),
+                Step::FailOver(Outcome::Timeout)
+            );
         }
+    }
+
+    #[test]
+    fn the_commit_timeout_fails_over_when_told_to() {
+        let mut p = Precommit::new(CommitOn::Content, CommitTimeoutAction::Failover);
+        assert_eq!(p.see(THINKING), Step::Hold);
+        assert_eq!(p.see(Seen::Timeout), Step::FailOver(Outcome::Timeout));
+        // Content before it still commits, and a heartbeat is not the commit timeout.
+        let mut p = Precommit::new(CommitOn::Content, CommitTimeoutAction::Failover);
+        assert_eq!(p.see(Seen::Heartbeat), Step::Commit(Trigger::Heartbeat));
+        let mut p = Precommit::new(CommitOn::Content, CommitTimeoutAction::Failover);
+        assert_eq!(p.see(Seen::Content), Step::Commit(Trigger::Content));
     }
 
     #[test]
@@ -240,7 +275,7 @@ mod tests {
         let near = Seen::Error {
             code: "EXECUTION_CANCELLED_BY_TIMEOUT",
         };
-        assert_eq!(content().see(near), Step::FailOver);
+        assert_eq!(content().see(near), Step::FailOver(Outcome::Error));
         assert_eq!(content().see(Seen::Timeout), Step::Commit(Trigger::Timeout));
         assert_eq!(
             content().see(Seen::Heartbeat),
@@ -308,7 +343,7 @@ mod tests {
             1 => any::<bool>().prop_map(Ev::Error),
             1 => Just(Ev::Timeout),
             1 => Just(Ev::Heartbeat),
-            1 => (0u8..8).prop_map(Ev::End),
+            1 => (0u8..9).prop_map(Ev::End),
         ]
     }
 
@@ -323,7 +358,10 @@ mod tests {
                 budget: Duration::from_secs(1),
             },
             6 => End::Shutdown,
-            _ => End::ClientGone,
+            7 => End::ClientGone,
+            _ => End::Stalled {
+                idle: Duration::from_secs(1),
+            },
         }
     }
 
@@ -334,9 +372,15 @@ mod tests {
         fn holding_is_bounded_and_only_failures_fail_over(
             evs in proptest::collection::vec(ev(), 1..80),
             first_event in any::<bool>(),
+            fail_on_timeout in any::<bool>(),
         ) {
             let on = if first_event { CommitOn::FirstEvent } else { CommitOn::Content };
-            let mut p = Precommit::new(on);
+            let action = if fail_on_timeout {
+                CommitTimeoutAction::Failover
+            } else {
+                CommitTimeoutAction::Commit
+            };
+            let mut p = Precommit::new(on, action);
             let mut held_bytes = 0usize;
             for e in &evs {
                 let end;
@@ -362,9 +406,14 @@ mod tests {
                         prop_assert!(p.held().events() < MAX_HELD_EVENTS);
                         continue;
                     }
-                    Step::FailOver => prop_assert!(
+                    Step::FailOver(Outcome::Error) => prop_assert!(
                         matches!(e, Ev::Error(false) | Ev::End(0..=4)),
                         "{e:?} failed over"
+                    ),
+                    Step::FailOver(outcome) => prop_assert!(
+                        outcome == Outcome::Timeout
+                            && (matches!(e, Ev::End(8)) || (fail_on_timeout && matches!(e, Ev::Timeout))),
+                        "{e:?} failed over as {outcome:?}"
                     ),
                     Step::Commit(Trigger::Cancel) => prop_assert!(matches!(e, Ev::Error(true))),
                     Step::Commit(Trigger::Content) => prop_assert!(matches!(e, Ev::Content)),

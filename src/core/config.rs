@@ -40,6 +40,17 @@ pub enum CommitOn {
     FirstEvent,
 }
 
+/// What `runtime.commit_timeout_ms` passing with no content yet does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CommitTimeoutAction {
+    /// Commit to the runtime and keep waiting for its content.
+    #[default]
+    Commit,
+    /// Send the request to legacy (a time-to-first-content limit), counted as a runtime timeout.
+    Failover,
+}
+
 impl fmt::Display for Mode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -211,6 +222,14 @@ pub struct LegacyConfig {
     /// (Express `compression()`) would otherwise hold a whole SSE answer in its compressor.
     #[serde(default = "defaults::chat_identity_encoding")]
     pub chat_identity_encoding: bool,
+    /// Legacy's response head must arrive within this of the request (nginx's
+    /// `proxy_read_timeout`); else 504.
+    #[serde(default = "defaults::legacy_response_timeout_ms")]
+    pub response_timeout_ms: u64,
+    /// No byte from legacy for this long inside a response closes the connection (Envoy's
+    /// stream idle timeout).
+    #[serde(default = "defaults::legacy_idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -236,6 +255,14 @@ pub struct RuntimeConfig {
     /// below the runtime's own keep-alive (uvicorn: 5 s) so a reused connection is never stale.
     #[serde(default = "defaults::runtime_pool_idle_timeout_ms")]
     pub pool_idle_timeout_ms: u64,
+    /// The runtime's response head must arrive within this of the request; else the chat fails
+    /// over to legacy, counted as a runtime timeout.
+    #[serde(default = "defaults::runtime_response_timeout_ms")]
+    pub response_timeout_ms: u64,
+    /// No byte at all from the runtime (its pings count) for this long: stalled. Before the
+    /// commit the chat fails over; after it the stream ends with `RUNTIME_STALLED`.
+    #[serde(default = "defaults::runtime_idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
     /// A heartbeat event is sent when nothing was written to the client for this long.
     #[serde(default = "defaults::heartbeat_secs")]
     pub heartbeat_secs: u64,
@@ -245,10 +272,15 @@ pub struct RuntimeConfig {
     /// Which runtime event commits the proxy to the runtime's stream.
     #[serde(default)]
     pub commit_on: CommitOn,
-    /// The runtime's response head arrived this long ago: commit whatever it sent. 0: commit at
-    /// the head (no failover once the runtime answered 2xx).
-    #[serde(default = "defaults::commit_timeout_ms")]
-    pub commit_timeout_ms: u64,
+    /// The runtime's response head arrived this long ago and no content yet: do
+    /// `commit_timeout_action`. 0: commit at the head (no failover once the runtime answered
+    /// 2xx). Unset: 5 s, or half of `execution_timeout_ms` when that is shorter
+    /// ([`RuntimeConfig::commit_timeout`]).
+    #[serde(default)]
+    pub commit_timeout_ms: Option<u64>,
+    /// What the commit timeout does: commit and keep waiting on the runtime, or fail over.
+    #[serde(default)]
+    pub commit_timeout_action: CommitTimeoutAction,
     /// The runtime's `agent_id` when the bridge is off and the body names none; empty: none.
     #[serde(default)]
     pub default_agent_id: String,
@@ -497,8 +529,19 @@ mod defaults {
     pub fn max_frame_bytes() -> usize {
         8 * 1024 * 1024
     }
-    pub fn commit_timeout_ms() -> u64 {
-        5_000
+    /// The commit timeout when neither it nor a short execution timeout says otherwise.
+    pub const COMMIT_TIMEOUT_MS: u64 = 5_000;
+    pub fn legacy_response_timeout_ms() -> u64 {
+        60_000
+    }
+    pub fn legacy_idle_timeout_ms() -> u64 {
+        300_000
+    }
+    pub fn runtime_response_timeout_ms() -> u64 {
+        10_000
+    }
+    pub fn runtime_idle_timeout_ms() -> u64 {
+        60_000
     }
     pub fn file_url_ttl_secs() -> u64 {
         3600
@@ -827,15 +870,31 @@ impl Config {
             (64 * 1024 * 1024) as f64,
         )?;
         // A commit timer that outlasts the execution would hold a stream's first byte until
-        // the deadline answers it.
-        if self.runtime.commit_timeout_ms >= self.runtime.execution_timeout_ms {
-            return Err(ConfigError::new(
-                "runtime.commit_timeout_ms",
-                format!(
-                    "must be below runtime.execution_timeout_ms ({}), got {}",
-                    self.runtime.execution_timeout_ms, self.runtime.commit_timeout_ms
-                ),
-            ));
+        // the deadline answers it. Only an explicit one: the default follows the execution's.
+        if let Some(commit) = self.runtime.commit_timeout_ms {
+            if commit >= self.runtime.execution_timeout_ms {
+                return Err(ConfigError::new(
+                    "runtime.commit_timeout_ms",
+                    format!(
+                        "must be below runtime.execution_timeout_ms ({}), got {commit}",
+                        self.runtime.execution_timeout_ms
+                    ),
+                ));
+            }
+        }
+        for (key, value) in [
+            (
+                "legacy.response_timeout_ms",
+                self.legacy.response_timeout_ms,
+            ),
+            ("legacy.idle_timeout_ms", self.legacy.idle_timeout_ms),
+            (
+                "runtime.response_timeout_ms",
+                self.runtime.response_timeout_ms,
+            ),
+            ("runtime.idle_timeout_ms", self.runtime.idle_timeout_ms),
+        ] {
+            check_range(key, value as f64, 1.0, 3_600_000.0)?;
         }
         check_positive("runtime.file_url_ttl_secs", self.runtime.file_url_ttl_secs)?;
         if !self.runtime.file_url_secret_env.is_empty() {
@@ -996,8 +1055,21 @@ impl RuntimeConfig {
         Duration::from_millis(self.execution_timeout_ms)
     }
 
+    /// `commit_timeout_ms`, or when unset 5 s, at most half of `execution_timeout_ms`: a
+    /// default never makes an explicit execution timeout invalid.
     pub fn commit_timeout(&self) -> Duration {
-        Duration::from_millis(self.commit_timeout_ms)
+        let ms = self
+            .commit_timeout_ms
+            .unwrap_or(defaults::COMMIT_TIMEOUT_MS.min(self.execution_timeout_ms / 2));
+        Duration::from_millis(ms)
+    }
+
+    pub fn response_timeout(&self) -> Duration {
+        Duration::from_millis(self.response_timeout_ms)
+    }
+
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms)
     }
 }
 
@@ -1378,7 +1450,9 @@ address = "runtime:8000"
     fn the_commit_point_defaults_to_content_within_five_seconds() {
         let c = Config::parse(MINIMAL).unwrap();
         assert_eq!(c.runtime.commit_on, CommitOn::Content);
-        assert_eq!(c.runtime.commit_timeout_ms, 5_000);
+        assert_eq!(c.runtime.commit_timeout_ms, None);
+        assert_eq!(c.runtime.commit_timeout(), Duration::from_secs(5));
+        assert_eq!(c.runtime.commit_timeout_action, CommitTimeoutAction::Commit);
         let runtime = "address = \"runtime:8000\"";
         let text = MINIMAL.replace(
             runtime,
@@ -1393,16 +1467,62 @@ address = "runtime:8000"
     fn a_commit_point_past_the_execution_timeout_is_refused() {
         let runtime = "address = \"runtime:8000\"";
         let with = |extra: &str| MINIMAL.replace(runtime, &format!("{runtime}\n{extra}"));
-        // The default commit timeout (5 s) against a shorter execution.
-        let e = Config::parse(&with("execution_timeout_ms = 5000")).unwrap_err();
+        // An explicit commit timeout must be below the execution's.
+        let e = Config::parse(&with(
+            "execution_timeout_ms = 5000\ncommit_timeout_ms = 5000",
+        ))
+        .unwrap_err();
         assert_eq!(e.key, "runtime.commit_timeout_ms", "{e}");
         assert!(e.message.contains("execution_timeout_ms (5000)"), "{e}");
         Config::parse(&with(
             "execution_timeout_ms = 5000\ncommit_timeout_ms = 4999",
         ))
         .unwrap();
+        // A default never makes an explicit setting invalid: unset, it is at most half of a
+        // shorter execution timeout.
+        let c = Config::parse(&with("execution_timeout_ms = 5000")).unwrap();
+        assert_eq!(c.runtime.commit_timeout(), Duration::from_millis(2500));
+        let c = Config::parse(&with("execution_timeout_ms = 1")).unwrap();
+        assert_eq!(c.runtime.commit_timeout(), Duration::ZERO);
         let e = Config::parse(&with("commit_on = \"thinking\"")).unwrap_err();
         assert_eq!(e.key, "runtime.commit_on", "{e}");
+    }
+
+    #[test]
+    fn silence_deadlines_have_defaults_ranges_and_an_action() {
+        let c = Config::parse(MINIMAL).unwrap();
+        assert_eq!(
+            (
+                c.legacy.response_timeout_ms,
+                c.legacy.idle_timeout_ms,
+                c.runtime.response_timeout_ms,
+                c.runtime.idle_timeout_ms
+            ),
+            (60_000, 300_000, 10_000, 60_000)
+        );
+        for (table, key) in [
+            ("legacy", "response_timeout_ms"),
+            ("legacy", "idle_timeout_ms"),
+            ("runtime", "response_timeout_ms"),
+            ("runtime", "idle_timeout_ms"),
+        ] {
+            for bad in ["0", "3600001"] {
+                let anchor = format!("[{table}]\n");
+                let text = MINIMAL.replace(&anchor, &format!("{anchor}{key} = {bad}\n"));
+                assert_eq!(err_key(&text), format!("{table}.{key}"), "{key} = {bad}");
+            }
+        }
+        let runtime = "address = \"runtime:8000\"";
+        let with = |extra: &str| MINIMAL.replace(runtime, &format!("{runtime}\n{extra}"));
+        let c = Config::parse(&with("commit_timeout_action = \"failover\"")).unwrap();
+        assert_eq!(
+            c.runtime.commit_timeout_action,
+            CommitTimeoutAction::Failover
+        );
+        assert_eq!(
+            err_key(&with("commit_timeout_action = \"wait\"")),
+            "runtime.commit_timeout_action"
+        );
     }
 
     #[test]

@@ -1,10 +1,12 @@
-//! The HTTP/1.1 client side of a runtime execution, without I/O: the request bytes, the response
-//! head, and the response body's framing (chunked, length or close-delimited).
+//! The HTTP/1.1 client side of every upstream call, without I/O: the request bytes, the one
+//! reading of a response head, and the response body's framing (chunked, length or
+//! close-delimited), for the runtime's streams, its files, the bridge's calls and the lean
+//! passthrough alike (`upstream` is their one client).
 //!
-//! The runtime connection is read by the relay itself rather than through Pingora's client
-//! session, whose 64 KiB body buffer per connection and reader task per stream dominated the
-//! memory of held streams. The decoder hands payload out as slices of the caller's buffer, so
-//! nothing is copied between the socket and the SSE parser.
+//! Upstream connections are read by their callers rather than through Pingora's client session,
+//! whose 64 KiB body buffer per connection and reader task per stream dominated the memory of
+//! held streams. The decoder hands payload out as slices of the caller's buffer, so nothing is
+//! copied between the socket and the SSE parser.
 
 use std::fmt;
 
@@ -73,6 +75,14 @@ impl fmt::Display for HeadError {
 }
 
 /// Parse a response head from the start of `buf`; `Ok(None)` while it is incomplete.
+/// `request_was_head`: the request was a `HEAD`, so no body follows whatever the head says.
+///
+/// The one reading of a response head for every upstream client, framed by RFC 9112 §6.3:
+/// - a `Transfer-Encoding` overrides any `Content-Length` (which is then ignored, though still
+///   checked): the body is chunked when `chunked` is its last coding, else it runs to the close;
+/// - a `Content-Length` is `1*DIGIT` (no sign, no inner space); repeated, the values must agree;
+/// - a head that says neither is close-delimited (allowed for a response);
+/// - `HEAD`, 1xx, 204 and 304 have no body.
 pub fn parse_head(buf: &[u8], request_was_head: bool) -> Result<Option<Head>, HeadError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut headers);
@@ -89,26 +99,27 @@ pub fn parse_head(buf: &[u8], request_was_head: bool) -> Result<Option<Head>, He
     }
     let status = resp.code.unwrap_or(0);
     let http11 = resp.version == Some(1);
+    let mut coded = false;
     let mut chunked = false;
     let mut length: Option<u64> = None;
     let mut close = false;
     let mut keep_alive_token = false;
     for h in resp.headers.iter() {
         if h.name.eq_ignore_ascii_case("transfer-encoding") {
-            // Only the last coding frames the body (RFC 9112 6.1).
-            chunked = last_token(h.value).eq_ignore_ascii_case(b"chunked");
+            // Only the last coding frames the body (RFC 9112 §6.1); empty list elements are
+            // ignored (RFC 9110 §5.6.1).
+            coded = true;
+            chunked = tokens(h.value)
+                .last()
+                .is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"));
         } else if h.name.eq_ignore_ascii_case("content-length") {
-            let v = std::str::from_utf8(h.value)
-                .ok()
-                .and_then(|s| s.trim().parse::<u64>().ok())
-                .ok_or(HeadError::BadContentLength)?;
+            let v = content_length(h.value).ok_or(HeadError::BadContentLength)?;
             if length.is_some_and(|l| l != v) {
                 return Err(HeadError::BadContentLength);
             }
             length = Some(v);
         } else if h.name.eq_ignore_ascii_case("connection") {
-            for token in h.value.split(|b| *b == b',') {
-                let token = token.trim_ascii();
+            for token in tokens(h.value) {
                 close |= token.eq_ignore_ascii_case(b"close");
                 keep_alive_token |= token.eq_ignore_ascii_case(b"keep-alive");
             }
@@ -116,12 +127,14 @@ pub fn parse_head(buf: &[u8], request_was_head: bool) -> Result<Option<Head>, He
     }
     let framing = if request_was_head || status == 204 || status == 304 || status / 100 == 1 {
         Framing::Length(0)
-    } else if chunked {
-        Framing::Chunked
-    } else if let Some(l) = length {
-        Framing::Length(l)
+    } else if coded {
+        if chunked {
+            Framing::Chunked
+        } else {
+            Framing::Close
+        }
     } else {
-        Framing::Close
+        length.map_or(Framing::Close, Framing::Length)
     };
     let keep_alive =
         framing != Framing::Close && !close && (http11 || keep_alive_token) && status != 101;
@@ -131,6 +144,15 @@ pub fn parse_head(buf: &[u8], request_was_head: bool) -> Result<Option<Head>, He
         keep_alive,
         len,
     }))
+}
+
+/// A `Content-Length` value: `1*DIGIT` between optional whitespace.
+fn content_length(value: &[u8]) -> Option<u64> {
+    let v = value.trim_ascii();
+    if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(v).ok()?.parse().ok()
 }
 
 /// The value of the first header called `name` in a complete response head, if any.
@@ -144,12 +166,12 @@ pub fn header_value<'a>(head: &'a [u8], name: &str) -> Option<&'a [u8]> {
         .map(|h| h.value)
 }
 
-fn last_token(value: &[u8]) -> &[u8] {
+/// The elements of a comma-separated header value, trimmed, empty ones left out.
+fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     value
-        .rsplit(|b| *b == b',')
-        .next()
-        .unwrap_or_default()
-        .trim_ascii()
+        .split(|b| *b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -369,14 +391,63 @@ mod tests {
         assert!(!h.keep_alive);
         let h = head("HTTP/1.0 200 OK\r\ncontent-length: 3\r\n\r\n");
         assert!(!h.keep_alive, "HTTP/1.0 closes unless told otherwise");
-        let h = head("HTTP/1.1 204 No Content\r\n\r\n");
-        assert_eq!(h.framing, Framing::Length(0));
+        let h = head("HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\ncontent-length: 0\r\n\r\n");
+        assert!(h.keep_alive, "HTTP/1.0 asked to keep alive");
+        for code in ["204 No Content", "304 Not Modified", "103 Early Hints"] {
+            let raw = format!("HTTP/1.1 {code}\r\nContent-Length: 9\r\n\r\n");
+            assert_eq!(head(&raw).framing, Framing::Length(0), "{code}");
+        }
         let h = head(
             "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\ncontent-length: 9\r\n\r\n",
         );
         assert_eq!(h.framing, Framing::Chunked, "chunked wins over a length");
+        let h = head("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, \r\n\r\n");
+        assert_eq!(
+            h.framing,
+            Framing::Chunked,
+            "an empty list element is ignored"
+        );
         let h = head("HTTP/1.1 100 Continue\r\n\r\n");
         assert_eq!((h.status, h.framing), (100, Framing::Length(0)));
+    }
+
+    /// Where the runtime's and the lean passthrough's parsers disagreed, RFC 9112 decides.
+    #[test]
+    fn framing_disagreements_are_settled_by_rfc_9112() {
+        // §6.3: a Transfer-Encoding overrides a Content-Length; one that does not end in
+        // `chunked` delimits a response by the close.
+        let h = head("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\ncontent-length: 5\r\n\r\n");
+        assert_eq!((h.framing, h.keep_alive), (Framing::Close, false));
+        let h = head("HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n");
+        assert_eq!(h.framing, Framing::Chunked);
+        // RFC 9110 §8.6: Content-Length = 1*DIGIT.
+        for bad in [
+            "+5",
+            "5 5",
+            "0x5",
+            "",
+            "5,5",
+            "5\u{a0}",
+            "18446744073709551616",
+        ] {
+            let raw = format!("HTTP/1.1 200 OK\r\ncontent-length: {bad}\r\n\r\n");
+            assert_eq!(
+                parse_head(raw.as_bytes(), false),
+                Err(HeadError::BadContentLength),
+                "{bad:?}"
+            );
+        }
+        let h = head("HTTP/1.1 200 OK\r\ncontent-length:  007 \r\ncontent-length: 7\r\n\r\n");
+        assert_eq!(h.framing, Framing::Length(7));
+        // A switch of protocols never goes back to the pool.
+        let h = head("HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\n\r\n");
+        assert_eq!((h.framing, h.keep_alive), (Framing::Length(0), false));
+        // A HEAD's answer has no body whatever it says.
+        let raw = b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n";
+        assert_eq!(
+            parse_head(raw, true).unwrap().unwrap().framing,
+            Framing::Length(0)
+        );
     }
 
     #[test]

@@ -27,3 +27,4 @@ pub mod significance;
 pub mod sse;
 pub mod stats;
 pub mod stream;
+pub mod timeouts;

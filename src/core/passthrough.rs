@@ -2,14 +2,12 @@
 //! forwards to legacy itself, the request head legacy gets, and the response head the client
 //! gets. Both heads go on as received, line by line, minus hop-by-hop headers (and, to legacy,
 //! the trusted org header), so legacy and the client see what they would through Pingora's proxy.
+//! Legacy's head is read by `core::h1::parse_head`, as every upstream's is.
 
 use crate::core::files::ROUTE_PREFIX;
 use crate::core::forwarded::{is_forwarded, Forwarded, Hop, Received};
 use crate::core::request_head::{Framing, Head, MAX_HEADERS};
 use crate::core::routing::{chat_route, ChatRoute};
-
-/// A response head larger than this is legacy's fault: 502.
-pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 
 fn named(name: &[u8], token: &str) -> bool {
     name.eq_ignore_ascii_case(token.as_bytes())
@@ -255,79 +253,6 @@ pub fn chat_head(buf: &[u8], head: &Head, max_body: usize) -> Option<ChatHead> {
     })
 }
 
-/// How legacy's response body ends.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum RespBody {
-    None,
-    Length(u64),
-    Chunked,
-    Close,
-}
-
-/// A response head parsed: its length, status, body framing and whether legacy keeps the
-/// connection.
-pub struct RespHead {
-    pub len: usize,
-    pub code: u16,
-    pub body: RespBody,
-    pub reusable: bool,
-}
-
-/// A response head legacy should not have sent: malformed, or with conflicting lengths.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BadResponse;
-
-pub fn parse_response(buf: &[u8], head_only: bool) -> Result<Option<RespHead>, BadResponse> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut headers);
-    let len = match resp.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(_) => return Err(BadResponse),
-    };
-    let code = resp.code.ok_or(BadResponse)?;
-    let (mut chunked, mut coded, mut length) = (false, false, None);
-    for h in resp.headers.iter() {
-        let name = h.name.as_bytes();
-        if named(name, "transfer-encoding") {
-            coded = true;
-            chunked = tokens(h.value)
-                .last()
-                .is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"));
-        } else if named(name, "content-length") {
-            let n: u64 = std::str::from_utf8(h.value.trim_ascii())
-                .ok()
-                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|v| v.parse().ok())
-                .ok_or(BadResponse)?;
-            if length.is_some_and(|l| l != n) {
-                return Err(BadResponse);
-            }
-            length = Some(n);
-        }
-    }
-    let body = if head_only || code == 204 || code == 304 || (100..200).contains(&code) {
-        RespBody::None
-    } else if coded {
-        if chunked {
-            RespBody::Chunked
-        } else {
-            RespBody::Close
-        }
-    } else {
-        length.map_or(RespBody::Close, RespBody::Length)
-    };
-    let conn = connection(header_lines(&buf[..len]).1);
-    let reusable =
-        !conn.close && (resp.version == Some(1) || conn.keep_alive) && body != RespBody::Close;
-    Ok(Some(RespHead {
-        len,
-        code,
-        body,
-        reusable,
-    }))
-}
-
 /// The response head the client gets: legacy's, minus hop-by-hop headers, with Pingora's
 /// `Connection` header; `rechunk`: a close-delimited body goes on chunked, as Pingora sends it
 /// to keep the client connection.
@@ -503,58 +428,6 @@ mod tests {
         );
         let req = lean(b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n", None).unwrap();
         assert!(req.keep_alive);
-    }
-
-    #[test]
-    fn response_framing_and_reuse() {
-        let parse = |raw: &[u8], head_only| parse_response(raw, head_only).unwrap().unwrap();
-        let r = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", false);
-        assert_eq!(
-            (r.len, r.code, r.body, r.reusable),
-            (38, 200, RespBody::Length(5), true)
-        );
-        assert_eq!(
-            parse(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", true).body,
-            RespBody::None
-        );
-        let r = parse(
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
-            false,
-        );
-        assert_eq!(r.body, RespBody::Chunked);
-        let r = parse(b"HTTP/1.1 200 OK\r\n\r\n", false);
-        assert_eq!((r.body, r.reusable), (RespBody::Close, false));
-        for code in ["204 No Content", "304 Not Modified", "103 Early Hints"] {
-            let raw = format!("HTTP/1.1 {code}\r\nContent-Length: 9\r\n\r\n");
-            assert_eq!(parse(raw.as_bytes(), false).body, RespBody::None, "{code}");
-        }
-        let r = parse(
-            b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
-            false,
-        );
-        assert!(!r.reusable);
-        let r = parse(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n", false);
-        assert!(!r.reusable);
-        let r = parse(
-            b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n",
-            false,
-        );
-        assert!(r.reusable);
-        assert_eq!(
-            parse_response(
-                b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
-                false
-            )
-            .err(),
-            Some(BadResponse)
-        );
-        assert_eq!(
-            parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", false).err(),
-            Some(BadResponse)
-        );
-        assert!(parse_response(b"HTTP/1.1 200 OK\r\n", false)
-            .unwrap()
-            .is_none());
     }
 
     #[test]

@@ -12,6 +12,9 @@ use crate::core::stats::Outcome;
 /// (`/api/v1/execute/cancel`): the user stopped the execution, the runtime did not fail.
 pub const CANCELLED_CODE: &str = "EXECUTION_CANCELLED";
 
+/// The code of the error event that ends a stream whose runtime fell silent after the commit.
+pub const STALLED_CODE: &str = "RUNTIME_STALLED";
+
 /// How the runtime's body stopped being read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum End {
@@ -25,6 +28,8 @@ pub enum End {
     FrameTooLarge { limit: usize },
     /// The execution deadline passed; `budget` is how long the execution was given.
     Deadline { budget: Duration },
+    /// The runtime sent nothing at all (not even a ping) for `idle` (`runtime.idle_timeout_ms`).
+    Stalled { idle: Duration },
     /// The proxy is shutting down.
     Shutdown,
     /// The client went away or stopped reading.
@@ -124,6 +129,13 @@ fn judge(facts: &Facts) -> (Option<Outcome>, Option<Closing>) {
                 format!("runtime execution exceeded {} ms", budget.as_millis()),
             ),
         ),
+        End::Stalled { idle } => (
+            Some(Outcome::Timeout),
+            close(
+                STALLED_CODE,
+                format!("runtime sent nothing for {} ms", idle.as_millis()),
+            ),
+        ),
     }
 }
 
@@ -162,6 +174,9 @@ mod tests {
             End::FrameTooLarge { limit: 8 },
             End::Deadline {
                 budget: Duration::from_millis(250),
+            },
+            End::Stalled {
+                idle: Duration::from_millis(250),
             },
             End::Shutdown,
             End::ClientGone,
@@ -227,6 +242,16 @@ mod tests {
             verdict(&facts(End::ExecutionError)),
             quiet(Some(Outcome::Error))
         );
+        assert_eq!(
+            verdict(&facts(End::Stalled {
+                idle: Duration::from_millis(60_000)
+            })),
+            closed(
+                Outcome::Timeout,
+                "RUNTIME_STALLED",
+                "runtime sent nothing for 60000 ms"
+            )
+        );
     }
 
     #[test]
@@ -235,6 +260,9 @@ mod tests {
             End::Done,
             End::BodyEnd,
             End::Broken("reset".into()),
+            End::Stalled {
+                idle: Duration::from_secs(1),
+            },
             End::Deadline {
                 budget: Duration::from_secs(1),
             },

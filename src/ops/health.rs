@@ -8,58 +8,41 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pingora::http::RequestHeader;
 use tokio::sync::{watch, Notify};
 
 use crate::app::state::Shared;
-use crate::app::upstream;
 use crate::core::breaker::State;
+use crate::core::h1;
+use crate::upstream::Call;
 
-/// One health check: `Ok` on a 2xx answer within the timeout.
+/// A health answer larger than this is not read (nor is the connection kept).
+const MAX_HEALTH_ANSWER: usize = 64 * 1024;
+
+/// One health check through the runtime's client: `Ok` on a 2xx answer within the timeout.
 pub async fn check_once(shared: &Shared) -> Result<(), String> {
     let active = shared.snapshot();
     let rt = &active.config.runtime;
     let timeout = Duration::from_millis(rt.health_timeout_ms);
+    let request = h1::encode_request(
+        "GET",
+        &rt.health_path,
+        &[("host", rt.address.as_bytes())],
+        b"",
+    );
     let probe = async {
-        let addr = shared
-            .resolver
-            .resolve(&rt.address)
+        let call = Call::new(&rt.address, active.runtime);
+        let response = shared
+            .runtime
+            .send(&call, &request)
             .await
-            .map_err(|e| format!("resolving {}: {e}", rt.address))?;
-        let peer = upstream::peer(addr, &active.runtime);
-        let (mut session, _) = shared
-            .connector
-            .get_http_session(&peer)
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
-        let mut req = RequestHeader::build("GET", rt.health_path.as_bytes(), Some(2))
             .map_err(|e| e.to_string())?;
-        req.insert_header("host", rt.address.as_str())
-            .map_err(|e| e.to_string())?;
-        session
-            .write_request_header(Box::new(req))
-            .await
-            .map_err(|e| format!("request: {e}"))?;
-        session
-            .finish_request_body()
-            .await
-            .map_err(|e| format!("request: {e}"))?;
-        session
-            .read_response_header()
+        let status = response.status();
+        // Read the (small) body so the connection can be reused for the next check.
+        response
+            .into_body()
+            .read_to_end(MAX_HEALTH_ANSWER)
             .await
             .map_err(|e| format!("response: {e}"))?;
-        let status = session
-            .response_header()
-            .map(|h| h.status.as_u16())
-            .unwrap_or(0);
-        // Drain the (small) body so the connection can be reused for the next check.
-        while let Ok(Some(_)) = session.read_response_body().await {}
-        if session.response_done() {
-            shared
-                .connector
-                .release_http_session(session, &peer, Some(active.runtime.pool_idle_timeout))
-                .await;
-        }
         if (200..300).contains(&status) {
             Ok(())
         } else {

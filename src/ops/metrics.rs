@@ -14,6 +14,9 @@ use prometheus::{
     Opts, Registry, TextEncoder,
 };
 
+use crate::core::timeouts::{Stage, UpstreamName};
+use crate::upstream::TimeoutCounters;
+
 /// Latency buckets for chat streams: tens of milliseconds to ten minutes.
 const LATENCY_BUCKETS_MS: &[f64] = &[
     10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1_000.0, 2_500.0, 5_000.0, 10_000.0, 30_000.0, 60_000.0,
@@ -69,6 +72,7 @@ pub struct Metrics {
     pub shadow_unpaired_total: IntCounterVec,
     pub file_requests_total: IntCounterVec,
     pub cors_mismatch_total: IntCounter,
+    pub upstream_timeouts_total: IntCounterVec,
     pub bridge: BridgeMetrics,
     pub front_door: FrontDoorMetrics,
     pub commit: CommitMetrics,
@@ -311,6 +315,12 @@ impl Metrics {
                 &["result"]
             )?,
             cors_mismatch_total: counter(r, "cutover_cors_mismatch_total", "Legacy chat answers whose CORS headers differ from those [cors] gives the proxy's own responses to the same request.")?,
+            upstream_timeouts_total: counter_vec(
+                r,
+                "cutover_upstream_timeouts_total",
+                "Upstream deadlines that passed, by upstream (legacy, runtime) and stage (connect: no connection; response: no response head; idle: silent inside a response).",
+                &["upstream", "stage"]
+            )?,
             bridge: BridgeMetrics::register(r)?,
             front_door: FrontDoorMetrics::register(r)?,
             commit: CommitMetrics::register(r)?,
@@ -390,6 +400,26 @@ impl Metrics {
         }
         for result in ["served", "refused", "failed"] {
             self.file_requests_total.with_label_values(&[result]);
+        }
+        for upstream in UpstreamName::ALL {
+            for stage in Stage::ALL {
+                self.upstream_timeouts_total
+                    .with_label_values(&[upstream.as_str(), stage.as_str()]);
+            }
+        }
+    }
+
+    /// `cutover_upstream_timeouts_total` of one upstream, resolved once for its connections.
+    pub fn upstream_timeouts(&self, upstream: UpstreamName) -> TimeoutCounters {
+        let c = |stage: Stage| {
+            self.upstream_timeouts_total
+                .with_label_values(&[upstream.as_str(), stage.as_str()])
+        };
+        TimeoutCounters {
+            upstream,
+            connect: c(Stage::Connect),
+            response: c(Stage::Response),
+            idle: c(Stage::Idle),
         }
     }
 

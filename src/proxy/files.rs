@@ -138,9 +138,8 @@ impl CutoverProxy {
         super::apply_cors(&mut resp, &active.cors_for(&session.req_header().headers))?;
         session.write_response_header(Box::new(resp), false).await?;
 
-        let idle = active.config.runtime.execution_timeout();
         loop {
-            let piece = file.next(idle).await.map_err(|e| {
+            let piece = file.next().await.map_err(|e| {
                 Error::explain(ErrorType::ReadError, format!("runtime file body: {e}"))
             })?;
             match piece {
@@ -149,7 +148,7 @@ impl CutoverProxy {
             }
         }
         session.write_response_body(None, true).await?;
-        file.release(&self.shared);
+        file.release();
         Ok(())
     }
 }

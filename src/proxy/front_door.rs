@@ -14,10 +14,17 @@
 //! well formed), never a byte of the next request: every head on the connection is read here.
 //!
 //! A plain non-chat request skips Pingora altogether (`lean`, `server.lean_passthrough`).
+//!
+//! While Pingora waits for legacy's response head, it keeps reading the client connection to
+//! notice a client that leaves: that read is where legacy's `response_timeout_ms` is kept on
+//! Pingora's path (armed by `upstream_request_filter`, [`await_legacy_head`]), since Pingora's
+//! peer has one read timeout for head and body and it is legacy's idle one. A legacy silent past
+//! the deadline fails the read with a typed `Silence`, which `fail_to_proxy` answers 504.
 
 mod chat;
 mod lean;
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -47,6 +54,7 @@ use crate::core::config::Config;
 use crate::core::request_head::{self, refusal_response, Framing, Head, Refusal};
 use crate::proxy::ctx::Handover;
 use crate::proxy::CutoverProxy;
+use crate::upstream::{Silence, Stage, UpstreamName};
 
 /// How long a refusal may take to write, and how long the client's remaining bytes are read and
 /// dropped after it: closing with unread input resets the connection, and the reset can destroy
@@ -121,7 +129,6 @@ pub struct FrontDoor {
     chats: CutoverProxy,
     shared: Arc<Shared>,
     open: Arc<ConnectionCount>,
-    legacy_pool: lean::Pool,
 }
 
 impl FrontDoor {
@@ -135,7 +142,6 @@ impl FrontDoor {
             chats: CutoverProxy::new(shared.clone()),
             shared,
             open,
-            legacy_pool: lean::Pool::default(),
         }
     }
 
@@ -210,17 +216,7 @@ impl ServerApp for FrontDoor {
             let served = &self.shared.metrics.front_door;
             if let Some(Some(req)) = lean {
                 served.served_lean_passthrough.inc();
-                if !lean::serve(
-                    &self.shared,
-                    &self.legacy_pool,
-                    &active,
-                    &mut io,
-                    &head,
-                    req,
-                    shutdown,
-                )
-                .await
-                {
+                if !lean::serve(&self.shared, &active, &mut io, &head, req, shutdown).await {
                     return None;
                 }
                 io.idle();
@@ -298,6 +294,24 @@ fn chunk(out: &mut Vec<u8>, data: &[u8]) {
 /// The chat the front door routed before handing this request to Pingora, if it did.
 pub(super) fn handed_over(session: &pingora::proxy::Session) -> Option<Box<Handover>> {
     front_stream(session)?.handover.lock().unwrap().take()
+}
+
+/// Pingora sent the request to legacy: its response head is awaited within `within` of now, or
+/// of the end of the client's body if that comes later.
+pub(super) fn await_legacy_head(session: &pingora::proxy::Session, within: Duration) {
+    if let Some(stream) = front_stream(session) {
+        *stream.legacy_head.lock().unwrap() = Some(HeadWait {
+            since: Instant::now(),
+            within,
+        });
+    }
+}
+
+/// Legacy's response head arrived.
+pub(super) fn legacy_head_arrived(session: &pingora::proxy::Session) {
+    if let Some(stream) = front_stream(session) {
+        *stream.legacy_head.lock().unwrap() = None;
+    }
 }
 
 /// When the request Pingora is serving reached the front door (its first byte).
@@ -393,6 +407,13 @@ impl Body {
     }
 }
 
+/// Legacy's response head awaited on Pingora's path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct HeadWait {
+    since: Instant,
+    within: Duration,
+}
+
 /// The client connection as Pingora reads it: the current request and nothing past it.
 pub struct FrontStream {
     inner: Stream,
@@ -406,6 +427,11 @@ pub struct FrontStream {
     /// When the current request's first byte was read: its clock starts there, as nginx's
     /// `$request_time` does, and not once its whole head is in.
     arrived: std::time::Instant,
+    /// Set while Pingora waits for legacy's response head ([`await_legacy_head`]); behind a
+    /// lock because Pingora's callbacks see the stream only by reference.
+    legacy_head: Mutex<Option<HeadWait>>,
+    /// Its deadline, armed at the first read after the wait began and the body was whole.
+    head_timer: Option<(HeadWait, Pin<Box<tokio::time::Sleep>>)>,
 }
 
 impl std::fmt::Debug for FrontStream {
@@ -428,6 +454,8 @@ impl FrontStream {
             rejections,
             handover: Mutex::new(None),
             arrived: std::time::Instant::now(),
+            legacy_head: Mutex::new(None),
+            head_timer: None,
         }
     }
 
@@ -462,6 +490,9 @@ impl FrontStream {
 
     /// Hand `head` to Pingora next, then its body.
     fn begin(&mut self, head: Head) {
+        // A wait for legacy's head is the request's it was armed for.
+        *self.legacy_head.get_mut().unwrap() = None;
+        self.head_timer = None;
         self.buf.advance(head.skip);
         let remaining = match head.rewritten {
             Some(bytes) => {
@@ -552,6 +583,30 @@ impl FrontStream {
         unsafe { out.assume_init(n) };
         out.advance(n);
         Poll::Ready(Ok(n))
+    }
+
+    /// While legacy's head is awaited, its deadline: the silence once it has passed.
+    fn poll_legacy_head(&mut self, cx: &mut Context<'_>) -> Option<Silence> {
+        let Some(wait) = *self.legacy_head.get_mut().unwrap() else {
+            self.head_timer = None;
+            return None;
+        };
+        if !matches!(&self.head_timer, Some((armed, _)) if *armed == wait) {
+            // The client's body is whole by the time Pingora reads here.
+            let at = wait.since.max(Instant::now()) + wait.within;
+            self.head_timer = Some((wait, Box::pin(tokio::time::sleep_until(at))));
+        }
+        let (_, timer) = self.head_timer.as_mut().expect("armed above");
+        if timer.as_mut().poll(cx).is_pending() {
+            return None;
+        }
+        *self.legacy_head.get_mut().unwrap() = None;
+        self.head_timer = None;
+        Some(Silence {
+            upstream: UpstreamName::Legacy,
+            stage: Stage::Response,
+            after: wait.within,
+        })
     }
 
     fn refuse_body(&mut self, e: crate::core::chunked::ChunkedError) -> io::Error {
@@ -651,6 +706,9 @@ impl AsyncRead for FrontStream {
                 Poll::Ready(Ok(()))
             }
             Phase::Between => {
+                if let Some(silence) = this.poll_legacy_head(cx) {
+                    return Poll::Ready(Err(silence.into_io()));
+                }
                 // Pingora reads here only to notice a client that goes away mid-response. Bytes of
                 // a pipelined next request are no such thing: keep them and read no further.
                 if !this.buf.is_empty() {

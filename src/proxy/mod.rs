@@ -32,6 +32,7 @@ use crate::core::identity::Unverified;
 use crate::core::routing::{chat_route, gate, ChatRoute, Gated};
 use crate::core::scorecard::{Coding, DecodingObserver};
 use crate::runtime::relay::InFlight;
+use crate::upstream::{Silence, Stage, UpstreamName};
 
 pub use ctx::RequestCtx;
 use ctx::{ChatCtx, Handover, LegacyHalf, ProbeGuard, Served};
@@ -176,6 +177,32 @@ impl CutoverProxy {
             );
         }
     }
+
+    /// Whether Pingora's proxying failed because legacy fell silent, and at which deadline: its
+    /// head's (kept by the front door's connection, or Pingora's read timeout before a response
+    /// was written) or inside its body (Pingora's read timeout, legacy's idle one). Counted.
+    fn legacy_silence(&self, session: &Session, e: &Error) -> Option<Stage> {
+        let stage = match Silence::in_pingora(e) {
+            Some(s) => s.stage,
+            None if e.etype() == &ErrorType::ReadTimedout
+                && e.esource() == &ErrorSource::Upstream =>
+            {
+                if session.response_written().is_none() {
+                    Stage::Response
+                } else {
+                    Stage::Idle
+                }
+            }
+            None => return None,
+        };
+        tracing::warn!(stage = stage.as_str(), error = %e, "legacy fell silent");
+        self.shared
+            .metrics
+            .upstream_timeouts_total
+            .with_label_values(&[UpstreamName::Legacy.as_str(), stage.as_str()])
+            .inc();
+        Some(stage)
+    }
 }
 
 /// Where a chat request went.
@@ -259,7 +286,7 @@ impl ProxyHttp for CutoverProxy {
                 chat.in_flight = Some(InFlight::new(gauge));
             }
         }
-        Ok(Box::new(upstream::peer(addr, &ctx.active.legacy)))
+        Ok(Box::new(upstream::legacy_peer(addr, &ctx.active.legacy)))
     }
 
     /// What legacy is sent: the client's request as it came, with two exceptions. The
@@ -288,8 +315,21 @@ impl ProxyHttp for CutoverProxy {
             // end (the legacy API never flushes it): uncompressed, each event leaves as written.
             upstream_request.insert_header(http::header::ACCEPT_ENCODING, "identity")?;
         }
+        // The peer's read timeout (legacy's idle one) also bounds the wait for the head.
+        let t = &ctx.active.legacy;
+        front_door::await_legacy_head(session, t.response.min(t.idle));
         let hop = ctx.active.hop(Downstream::client_ip(session));
         forwarded::set(upstream_request, hop)
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        session: &mut Session,
+        _upstream_response: &mut ResponseHeader,
+        _ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        front_door::legacy_head_arrived(session);
+        Ok(())
     }
 
     /// A chat body on its way to legacy without a Content-Length is streamed, so its size is
@@ -324,16 +364,21 @@ impl ProxyHttp for CutoverProxy {
     }
 
     /// Pingora's own error answers (legacy unreachable, a failure mid-request), except that a
-    /// chat request's still says how it was routed, as every chat response does, and a chat body
-    /// cut off for its size gets the same JSON 413 as one refused up front.
+    /// legacy that sent no head within `legacy.response_timeout_ms` is a 504, a chat request's
+    /// answer still says how it was routed, as every chat response does, and a chat body cut
+    /// off for its size gets the same JSON 413 as one refused up front. After legacy's head the
+    /// client already has its status: the connection is closed (so a stream ends, and a body
+    /// short of its length is seen as cut).
     async fn fail_to_proxy(
         &self,
         session: &mut Session,
         e: &Error,
         ctx: &mut RequestCtx,
     ) -> pingora::proxy::FailToProxy {
+        let silent = self.legacy_silence(session, e);
         let code = match e.etype() {
             ErrorType::HTTPStatus(code) => *code,
+            _ if silent == Some(Stage::Response) => 504,
             _ => match e.esource() {
                 ErrorSource::Upstream => 502,
                 ErrorSource::Downstream => match e.etype() {

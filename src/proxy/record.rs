@@ -10,6 +10,7 @@ use super::CutoverProxy;
 use crate::core::config::Mode;
 use crate::core::scorecard::PathSample;
 use crate::core::stats::{outcome_label, Outcome};
+use crate::upstream::Silence;
 
 impl CutoverProxy {
     /// Count a finished chat request: breaker, window stats, Prometheus, access log. `status`:
@@ -168,6 +169,8 @@ impl CutoverProxy {
 /// Classify what legacy did with a chat request; `None` when the client went away.
 fn legacy_outcome(status: u16, e: Option<&Error>) -> Option<Outcome> {
     match e {
+        // Legacy past its head's deadline, which the client's connection reports.
+        Some(e) if Silence::in_pingora(e).is_some() => Some(Outcome::Timeout),
         Some(e) if e.esource() == &ErrorSource::Downstream => None,
         Some(e)
             if matches!(

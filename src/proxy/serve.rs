@@ -109,7 +109,8 @@ fn credentials<D: Downstream>(
 
 /// How opening the runtime ended.
 enum Opened {
-    Stream(RuntimeStream),
+    /// Boxed: the stream's connection and buffers are most of its size.
+    Stream(Box<RuntimeStream>),
     Failed(OpenFailure),
     /// The proxy started shutting down before the runtime answered.
     Shutdown,
@@ -161,7 +162,7 @@ impl CutoverProxy {
                     .as_ref()
                     .filter(|b| b.created)
                     .map(|b| (b.who.clone(), request.session_id.clone()));
-                let Some(failure) = self.relay(session, &mut req, request, stream).await else {
+                let Some(failure) = self.relay(session, &mut req, request, *stream).await else {
                     return Ok(true);
                 };
                 if let Some((who, session_id)) = discard {
@@ -384,7 +385,7 @@ impl CutoverProxy {
         let body = std::mem::take(&mut request.body);
         tokio::select! {
             r = connection::open(&self.shared, active, &downstream, body, request.deadline, false) => match r {
-                Ok(stream) => Opened::Stream(stream),
+                Ok(stream) => Opened::Stream(Box::new(stream)),
                 Err(failure) => Opened::Failed(failure),
             },
             _ = cutoff.wait_for(|c| *c) => Opened::Shutdown,
@@ -416,6 +417,7 @@ impl CutoverProxy {
             max_frame_bytes: runtime.max_frame_bytes,
             commit_on: runtime.commit_on,
             commit_timeout: runtime.commit_timeout(),
+            commit_timeout_action: runtime.commit_timeout_action,
             map: req.active.map_settings(req.chat.org().unwrap_or_default()),
             saving: request.bridged.map(|b| Saving {
                 bridge: self.shared.bridge.clone(),
@@ -434,9 +436,10 @@ impl CutoverProxy {
                 req.chat.served = Served::Runtime(report);
                 None
             }
-            // An error for the breaker, like a runtime that failed before its head.
-            Relayed::FailOver { detail } => Some(OpenFailure {
-                outcome: crate::core::stats::Outcome::Error,
+            // An error (or, too slow, a timeout) for the breaker, like a runtime that failed
+            // before its head.
+            Relayed::FailOver { detail, outcome } => Some(OpenFailure {
+                outcome,
                 detail,
                 failover: true,
             }),

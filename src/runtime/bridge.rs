@@ -1,8 +1,9 @@
 //! The conversation bridge's calls to legacy: the lookups before a runtime execution and the
 //! writes around it, each with the caller's own `Authorization` so legacy applies its permissions.
 //!
-//! Every call is one HTTP/1.1 request on a pooled connection (`runtime::pool`), encoded and decoded by `core::h1`
-//! and bounded by `bridge.timeout_ms`; what an answer means is decided in `core::bridge`. A
+//! Every call is one HTTP/1.1 request through legacy's client (`upstream::Upstream`, under
+//! legacy's own deadlines), bounded as a whole by `bridge.timeout_ms`; what an answer means is
+//! decided in `core::bridge`. A
 //! session's agent id and an agent's settings are cached per caller; history never is.
 
 use std::collections::BTreeMap;
@@ -10,25 +11,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BytesMut};
-use pingora::protocols::Stream;
-use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::app::upstream::{self, PeerSettings, Resolver};
 use crate::core::bridge::{
     self, AgentProfile, AssistantMessage, BadAnswer, BridgeError, Conversation, ReadBack, Route,
     SavedShape, ScopedId, TtlCache, Verdict,
 };
 use crate::core::config::{BridgeConfig, Config};
 use crate::core::forwarded::Forwarded;
-use crate::core::h1::{self, BodyDecoder};
+use crate::core::h1;
 use crate::core::identity::Caller;
 use crate::core::persist::{Attempt, Backoff};
 use crate::ops::metrics::BridgeMetrics;
-use crate::runtime::exchange::{self, ExchangeError};
-use crate::runtime::pool::{self, Connections};
+use crate::upstream::{Call, Tcp, TimeoutCounters, Timeouts, Upstream, UpstreamName};
 
 /// Marks the proxy's own calls, so legacy (and its logs) can tell them from the browser's.
 pub const BRIDGE_HEADER: &str = "x-cutover-bridge";
@@ -47,7 +43,7 @@ const SAVE_ANSWER_WAIT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone)]
 pub struct Target {
     pub address: String,
-    pub peer: PeerSettings,
+    pub timeouts: Timeouts,
     pub config: BridgeConfig,
 }
 
@@ -55,10 +51,7 @@ impl Target {
     pub fn of(config: &Config) -> Target {
         Target {
             address: config.legacy.address.clone(),
-            peer: PeerSettings {
-                connect_timeout: Duration::from_millis(config.legacy.connect_timeout_ms),
-                pool_idle_timeout: Duration::from_millis(config.legacy.pool_idle_timeout_ms),
-            },
+            timeouts: Timeouts::legacy(config),
             config: config.bridge.clone(),
         }
     }
@@ -147,10 +140,9 @@ enum Next {
     Send,
 }
 
-/// The bridge's connections and cache; one per process.
+/// The bridge's cache, and legacy's client it calls through; one per process.
 pub struct Bridge {
-    connections: Connections,
-    resolver: Resolver,
+    legacy: Arc<Upstream>,
     sessions: Mutex<TtlCache<ScopedId, String>>,
     agents: Mutex<TtlCache<ScopedId, AgentProfile>>,
     metrics: &'static BridgeMetrics,
@@ -162,11 +154,13 @@ pub struct Bridge {
 }
 
 impl Bridge {
+    /// A bridge with a legacy client of its own (its timeouts counted nowhere); the proxy's
+    /// shares legacy's client ([`Bridge::calling`]).
     pub fn new(config: &BridgeConfig, metrics: &'static BridgeMetrics) -> Bridge {
         let ttl = Duration::from_millis(config.cache_ttl_ms);
+        let counters = TimeoutCounters::unregistered(UpstreamName::Legacy);
         Bridge {
-            connections: Connections::default(),
-            resolver: Resolver::default(),
+            legacy: Arc::new(Upstream::new(Tcp, counters)),
             sessions: Mutex::new(TtlCache::new(config.cache_entries, ttl)),
             agents: Mutex::new(TtlCache::new(config.cache_entries, ttl)),
             metrics,
@@ -174,6 +168,12 @@ impl Bridge {
             pending: Mutex::default(),
             next_pending: AtomicU64::new(0),
         }
+    }
+
+    /// Call legacy through `legacy`: its pool, and its timeouts counted with the proxy's.
+    pub fn calling(mut self, legacy: Arc<Upstream>) -> Bridge {
+        self.legacy = legacy;
+        self
     }
 
     /// The first wait between save attempts (doubled for each later one, with jitter, up to 60
@@ -834,34 +834,19 @@ impl Bridge {
 
     /// Send `request` and read the whole answer: status and body.
     async fn exchange(&self, target: &Target, request: &[u8]) -> Result<(u16, Vec<u8>), String> {
-        let addr = self
-            .resolver
-            .resolve(&target.address)
+        let call = Call::new(&target.address, target.timeouts);
+        let response = self
+            .legacy
+            .send(&call, request)
             .await
-            .map_err(|e| format!("resolving {}: {e}", target.address))?;
-        let peer = upstream::peer(addr, &target.peer);
-        let key = pool::key(addr);
-        // A pooled connection legacy closed meanwhile fails before any answer; one fresh
-        // attempt is safe because such a connection never delivered a response.
-        for attempt in 0..2 {
-            let connection = self
-                .connections
-                .for_attempt(attempt, key, &peer, target.peer.pool_idle_timeout)
-                .await;
-            let (mut stream, reused) =
-                connection.map_err(|e| format!("connecting to legacy: {e}"))?;
-            match roundtrip(&mut stream, request).await {
-                Err(Failure::ClosedEarly(_)) if reused => continue,
-                Err(Failure::ClosedEarly(e) | Failure::Other(e)) => return Err(e),
-                Ok(answer) => {
-                    if answer.reusable {
-                        self.connections.put(key, stream);
-                    }
-                    return Ok((answer.status, answer.body));
-                }
-            }
-        }
-        Err("legacy closed two connections in a row".into())
+            .map_err(|e| format!("legacy: {e}"))?;
+        let status = response.status();
+        let body = response
+            .into_body()
+            .read_to_end(MAX_ANSWER_BYTES)
+            .await
+            .map_err(|e| format!("legacy connection: {e}"))?;
+        Ok((status, body))
     }
 }
 
@@ -920,61 +905,6 @@ fn encode(
         headers.push(("content-length", l.as_bytes()));
     }
     h1::encode_request(method, path, &headers, body.unwrap_or_default())
-}
-
-struct Answer {
-    status: u16,
-    body: Vec<u8>,
-    reusable: bool,
-}
-
-enum Failure {
-    /// Closed before a single byte of the answer: a stale pooled connection when reused.
-    ClosedEarly(String),
-    Other(String),
-}
-
-async fn roundtrip(stream: &mut Stream, request: &[u8]) -> Result<Answer, Failure> {
-    let mut buf = BytesMut::new();
-    let head = match exchange::request_head(stream, request, &mut buf).await {
-        Ok(head) => head,
-        Err(ExchangeError::ClosedEarly(why)) => return Err(Failure::ClosedEarly(why)),
-        Err(e) => return Err(Failure::Other(format!("legacy connection: {e}"))),
-    };
-    buf.advance(head.len);
-    let io = |e: std::io::Error| Failure::Other(format!("legacy connection: {e}"));
-    let mut decoder = BodyDecoder::new(head.framing);
-    let mut body = Vec::new();
-    let mut too_large = false;
-    loop {
-        let used = decoder
-            .decode(&buf, |piece| {
-                too_large |= body.len() + piece.len() > MAX_ANSWER_BYTES;
-                if !too_large {
-                    body.extend_from_slice(piece);
-                }
-            })
-            .map_err(|e| Failure::Other(e.to_string()))?;
-        buf.advance(used);
-        if too_large {
-            return Err(Failure::Other(format!(
-                "legacy answer larger than {MAX_ANSWER_BYTES} bytes"
-            )));
-        }
-        if decoder.is_done() {
-            break;
-        }
-        buf.reserve(16 * 1024);
-        if stream.read_buf(&mut buf).await.map_err(io)? == 0 {
-            decoder.eof().map_err(|e| Failure::Other(e.to_string()))?;
-            break;
-        }
-    }
-    Ok(Answer {
-        status: head.status,
-        body,
-        reusable: head.keep_alive && decoder.is_done() && buf.is_empty(),
-    })
 }
 
 #[cfg(test)]

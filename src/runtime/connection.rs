@@ -1,25 +1,22 @@
-//! One runtime execution's connection: the request over a pooled connection, the response head,
-//! and the body read by whoever relays it.
+//! One runtime execution's connection: the request through the runtime's client
+//! (`upstream::Upstream`), the response head, and the body read by whoever relays it.
 //!
-//! Opening is separate from relaying so that a runtime that fails before its first byte can be
-//! failed over to legacy. The body is read by the caller's own loop (`fill` then `parse_into`), not by
-//! a reader task: an idle stream then holds no task, no channel and no read buffer, and the first
-//! bytes reach the SSE parser without a hop between tasks.
+//! Opening is separate from relaying so that a runtime that fails before its first byte (refuses,
+//! answers non-2xx, or sends no head within `runtime.response_timeout_ms`) can be failed over to
+//! legacy. The body is read by the caller's own loop (`fill` then `parse_into`), under the
+//! runtime's idle deadline.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::Bytes;
 use pingora::http::RequestHeader;
-use pingora::protocols::Stream;
-use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
 
 use crate::app::state::{Active, Shared};
-use crate::app::upstream;
-use crate::core::h1::{self, BodyDecoder, BodyError};
+use crate::core::h1::{self, BodyError};
 use crate::core::sse::{SseError, SseEvent, SseParser};
 use crate::core::stats::Outcome;
-use crate::runtime::exchange::{self, ExchangeError};
-use crate::runtime::pool;
+use crate::upstream::{Body, Call, Failure, Stage};
 
 /// Request headers passed on to the runtime besides the ones the proxy sets. Never the caller's
 /// `Authorization`: the runtime is told who asked in its JSON body, and a token it held could
@@ -58,12 +55,6 @@ pub fn new_traceparent() -> String {
 /// Marks a shadow copy so the runtime can skip side effects (tool calls, stored history).
 pub const SHADOW_HEADER: &str = "x-cutover-shadow";
 
-/// Room asked of the read buffer before a read while the runtime streams fast (the last read
-/// filled its buffer).
-const READ_SIZE: usize = 32 * 1024;
-/// Room asked otherwise: a frame or two, so a held stream waits with ~1 KiB, not 16.
-const SMALL_READ: usize = 1024;
-
 /// Why the runtime could not be opened.
 #[derive(Debug)]
 pub struct OpenFailure {
@@ -85,42 +76,23 @@ impl OpenFailure {
     }
 }
 
-/// The runtime answered 2xx; its body is read with [`RuntimeStream::fill`] and
-/// [`RuntimeStream::parse_into`].
-pub struct RuntimeStream {
-    stream: Stream,
-    /// Received bytes not decoded yet; empty (no allocation) between reads.
-    buf: BytesMut,
-    body: BodyDecoder,
-    keep_alive: bool,
-    key: pool::Key,
-    /// The last read filled all the room it had: more is likely waiting.
-    streaming: bool,
-    /// Body bytes came with the response head and no caller has seen them yet.
-    unseen_prefix: bool,
-}
+/// The runtime answered 2xx: its body, read with `fill` and [`SseBody::parse_into`] under the
+/// runtime's idle deadline.
+pub type RuntimeStream = Body<TcpStream>;
 
-impl RuntimeStream {
-    /// Read more of the body from the runtime; `Ok(0)` at end of file. Cancel-safe: a read
-    /// dropped before it completes loses nothing, so it can race timers in a `select!`.
-    pub async fn fill(&mut self) -> std::io::Result<usize> {
-        if std::mem::take(&mut self.unseen_prefix) {
-            return Ok(self.buf.len());
-        }
-        self.buf.reserve(if self.streaming {
-            READ_SIZE
-        } else {
-            SMALL_READ
-        });
-        let room = self.buf.capacity() - self.buf.len();
-        let n = self.stream.read_buf(&mut self.buf).await?;
-        self.streaming = n == room;
-        Ok(n)
-    }
-
+/// A runtime body read as SSE.
+pub trait SseBody {
     /// Decode what `fill` read and parse it as SSE, pushing complete events onto `events`.
     /// Returns whether the body is complete, then the parser's verdict (a frame over its limit).
-    pub fn parse_into(
+    fn parse_into(
+        &mut self,
+        parser: &mut SseParser,
+        events: &mut Vec<SseEvent>,
+    ) -> (Result<bool, BodyError>, Result<(), SseError>);
+}
+
+impl SseBody for RuntimeStream {
+    fn parse_into(
         &mut self,
         parser: &mut SseParser,
         events: &mut Vec<SseEvent>,
@@ -132,59 +104,6 @@ impl RuntimeStream {
             }
         });
         (body, parsed)
-    }
-
-    /// Decode what `fill` read, handing the payload to `sink` in order; `Ok(true)` once the body
-    /// is complete.
-    fn decode(&mut self, sink: impl FnMut(&[u8])) -> Result<bool, BodyError> {
-        let used = self.body.decode(&self.buf, sink)?;
-        self.buf.advance(used);
-        if self.buf.is_empty() {
-            // A held stream keeps no read buffer while it waits.
-            self.buf = BytesMut::new();
-        }
-        Ok(self.body.is_done())
-    }
-
-    /// The runtime closed the connection: the end of a close-delimited body, an error otherwise.
-    pub fn eof(&mut self) -> Result<(), BodyError> {
-        self.body.eof()
-    }
-
-    /// Bytes read and not decoded yet.
-    pub fn buffered(&self) -> usize {
-        self.buf.len()
-    }
-
-    /// Return the connection to the pool if its response was read to its end and it can carry
-    /// another; drop (close) it otherwise.
-    pub fn release(self, shared: &Shared) {
-        if self.body.is_done() && self.keep_alive && self.buf.is_empty() {
-            shared.runtime_pool.put(self.key, self.stream);
-        }
-    }
-
-    /// After a clean end the body's last bytes (the chunked terminator) may still be on their
-    /// way; read them for a moment on a task of their own so the connection can be reused.
-    pub fn release_when_done(mut self, shared: std::sync::Arc<Shared>) {
-        if self.body.is_done() || !self.keep_alive {
-            self.release(&shared);
-            return;
-        }
-        tokio::spawn(async move {
-            let drain = async {
-                while !self.body.is_done() {
-                    if self.fill().await.ok()? == 0 {
-                        return None;
-                    }
-                    self.decode(|_| {}).ok()?;
-                }
-                Some(())
-            };
-            if let Ok(Some(())) = tokio::time::timeout(Duration::from_secs(2), drain).await {
-                self.release(&shared);
-            }
-        });
     }
 }
 
@@ -225,7 +144,8 @@ fn runtime_request(
     h1::encode_request("POST", &rt.stream_path, &headers, body)
 }
 
-/// Send the runtime request and wait for a 2xx response head, until `deadline`.
+/// Send the runtime request and wait for a 2xx response head, within the runtime's response
+/// timeout and until `deadline`.
 pub async fn open(
     shared: &Shared,
     active: &Active,
@@ -234,71 +154,37 @@ pub async fn open(
     deadline: Instant,
     shadow: bool,
 ) -> Result<RuntimeStream, OpenFailure> {
-    let addr = shared
-        .resolver
-        .resolve(&active.config.runtime.address)
-        .await
-        .map_err(|e| OpenFailure::error(format!("resolving runtime address: {e}")))?;
-    let peer = upstream::peer(addr, &active.runtime);
-    let key = pool::key(addr);
     let request = runtime_request(active, downstream, &body, shadow);
-
-    // A pooled connection the runtime closed meanwhile fails on first use; one fresh attempt
-    // is safe because such a connection never delivered a response.
-    for attempt in 0..2 {
-        // Refused or timed out, a connection that could not be made is a connect failure: an
-        // error (the contract counts connect failures as errors), not an execution timeout.
-        let connection = shared
-            .runtime_pool
-            .for_attempt(attempt, key, &peer, active.runtime.pool_idle_timeout)
-            .await;
-        let (mut stream, reused) =
-            connection.map_err(|e| OpenFailure::error(format!("connecting to runtime: {e}")))?;
-        let mut buf = BytesMut::new();
-        let head = match tokio::time::timeout_at(
-            deadline.into(),
-            exchange::request_head(&mut stream, &request, &mut buf),
-        )
-        .await
-        {
-            Err(_) => {
-                return Err(OpenFailure {
-                    outcome: Outcome::Timeout,
-                    detail: "runtime sent no response header before the execution timeout".into(),
-                    failover: false,
-                })
-            }
-            Ok(Err(e @ ExchangeError::ClosedEarly(_))) if reused => {
-                tracing::debug!(error = %e, "stale pooled runtime connection, retrying once");
-                continue;
-            }
-            Ok(Err(e)) => {
-                return Err(OpenFailure::error(format!("runtime request failed: {e}")));
-            }
-            Ok(Ok(head)) => {
-                buf.advance(head.len);
-                head
-            }
-        };
-        if !(200..300).contains(&head.status) {
-            return Err(OpenFailure::error(format!(
-                "runtime answered {}",
-                head.status
-            )));
+    let call = Call::new(&active.config.runtime.address, active.runtime);
+    let sent = tokio::time::timeout_at(deadline.into(), shared.runtime.send(&call, &request)).await;
+    let response = match sent {
+        Err(_) => {
+            return Err(OpenFailure {
+                outcome: Outcome::Timeout,
+                detail: "runtime sent no response header before the execution timeout".into(),
+                failover: false,
+            })
         }
-        return Ok(RuntimeStream {
-            stream,
-            body: BodyDecoder::new(head.framing),
-            keep_alive: head.keep_alive,
-            key,
-            streaming: false,
-            unseen_prefix: !buf.is_empty(),
-            buf,
-        });
+        // Nothing reached the client: legacy can answer in the time the user still has.
+        Ok(Err(Failure::Silent(silence))) if silence.stage == Stage::Response => {
+            return Err(OpenFailure {
+                outcome: Outcome::Timeout,
+                detail: silence.to_string(),
+                failover: true,
+            })
+        }
+        // Refused, unreachable or not connected in time: the contract counts a connect failure
+        // as an error, not an execution timeout.
+        Ok(Err(e)) => return Err(OpenFailure::error(format!("runtime request failed: {e}"))),
+        Ok(Ok(response)) => response,
+    };
+    if !(200..300).contains(&response.status()) {
+        return Err(OpenFailure::error(format!(
+            "runtime answered {}",
+            response.status()
+        )));
     }
-    Err(OpenFailure::error(
-        "runtime closed two connections in a row".into(),
-    ))
+    Ok(response.into_body())
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 
 use crate::core::agent2ui::{Mapped, StreamMapper};
 use crate::core::sse::{SseEvent, SseParser};
-use crate::runtime::connection::RuntimeStream;
+use crate::runtime::connection::{RuntimeStream, SseBody};
 use crate::runtime::relay::{save_answer, RelayArgs};
 
 /// What the relay holds when its client leaves.
@@ -140,7 +140,7 @@ async fn run(args: &RelayArgs, left: Leftover, cancel: &Notify) -> Ended {
                         let _ = user.await;
                     }
                     save_answer(args, &mut mapper, &completion, latency_ms).await;
-                    stream.release_when_done(args.shared.clone());
+                    stream.release_when_done();
                     return Ended::Saved;
                 }
                 Mapped::Failed { code, message } => {

@@ -4,8 +4,6 @@
 pub mod bridge;
 pub mod connection;
 pub mod detached;
-pub mod exchange;
 pub mod files;
-pub mod pool;
 pub mod relay;
 pub mod shadow;

@@ -14,7 +14,7 @@ use crate::app::state::Shared;
 use crate::core::agent2ui::{self, Completion, DoneEvent, MapSettings, Mapped, StreamMapper};
 use crate::core::bridge::AssistantMessage;
 use crate::core::commit::{Precommit, Seen, Step, Trigger};
-use crate::core::config::{CommitOn, Mode};
+use crate::core::config::{CommitOn, CommitTimeoutAction, Mode};
 use crate::core::cors::CorsHeaders;
 use crate::core::h1::BodyError;
 use crate::core::routing::RolloutDecision;
@@ -22,8 +22,9 @@ use crate::core::sse::{SseError, SseParser};
 use crate::core::stats::Outcome;
 use crate::core::stream::{self, End, Facts, Verdict};
 use crate::runtime::bridge::{Bridge, Credentials, Persisted, Target};
-use crate::runtime::connection::RuntimeStream;
+use crate::runtime::connection::{RuntimeStream, SseBody};
 use crate::runtime::detached;
+use crate::upstream::{Silence, Stage};
 
 /// Grace for the last write after the execution deadline.
 const WRITE_GRACE: Duration = Duration::from_secs(1);
@@ -61,6 +62,15 @@ pub fn sse_response_header(
     Ok(resp)
 }
 
+/// A read of the runtime failed: it fell silent past its idle timeout (pings count), or the
+/// connection broke.
+fn read_failed(e: &std::io::Error) -> End {
+    match Silence::of(e) {
+        Some(s) if s.stage == Stage::Idle => End::Stalled { idle: s.after },
+        _ => End::Broken(e.to_string()),
+    }
+}
+
 /// The runtime's body is over: read to its end, or its framing or connection broke.
 fn body_end(parser: &mut SseParser, body: Result<(), BodyError>) -> End {
     match body {
@@ -88,8 +98,9 @@ pub enum Relayed {
     /// The client got the runtime's stream (or nothing, having left).
     Served(StreamReport),
     /// The runtime failed before the commit: nothing reached the client, so legacy can serve
-    /// the request instead.
-    FailOver { detail: String },
+    /// the request instead. `outcome`: the runtime's, for the breaker (a timeout when it was
+    /// too slow, an error otherwise).
+    FailOver { detail: String, outcome: Outcome },
 }
 
 /// A stream before its commit: the client's response head, not written yet.
@@ -114,6 +125,8 @@ pub struct RelayArgs {
     pub commit_on: CommitOn,
     /// From the runtime's response head; zero: committed at the head.
     pub commit_timeout: Duration,
+    /// What the commit timeout does when no content came by then.
+    pub commit_timeout_action: CommitTimeoutAction,
     /// The client event cap and the stream org's file link signer.
     pub map: MapSettings,
     /// Where the user's message and the answer are saved, with the bridge on.
@@ -159,7 +172,7 @@ pub async fn relay<D: Downstream>(
     let mut user_saved = None;
     let mut held = Some(Held {
         header,
-        precommit: Precommit::new(args.commit_on),
+        precommit: Precommit::new(args.commit_on, args.commit_timeout_action),
         head_at,
         commit_at: head_at
             .checked_add(args.commit_timeout)
@@ -259,9 +272,10 @@ pub async fn relay<D: Downstream>(
                             None => {}
                             // Counted as written at the commit.
                             Some(Step::Hold) => continue,
-                            Some(Step::FailOver) => {
+                            Some(Step::FailOver(outcome)) => {
                                 return Relayed::FailOver {
                                     detail: before_commit(&mapped),
+                                    outcome,
                                 }
                             }
                             Some(Step::Abandon) => return Relayed::Served(report),
@@ -401,7 +415,7 @@ pub async fn relay<D: Downstream>(
                     };
                 }
             }
-            Wake::Upstream(Err(e)) => end = Some(End::Broken(e.to_string())),
+            Wake::Upstream(Err(e)) => end = Some(read_failed(&e)),
             Wake::Deadline => {
                 end = Some(End::Deadline {
                     budget: args.deadline - args.started,
@@ -416,8 +430,19 @@ pub async fn relay<D: Downstream>(
                     } else {
                         Seen::Timeout
                     };
-                    let Step::Commit(trigger) = h.precommit.see(seen) else {
-                        unreachable!("a timer always commits")
+                    let trigger = match h.precommit.see(seen) {
+                        Step::Commit(trigger) => trigger,
+                        // `commit_timeout_action = "failover"`: no content in time.
+                        Step::FailOver(outcome) => {
+                            return Relayed::FailOver {
+                                detail: format!(
+                                    "no content within runtime.commit_timeout_ms ({} ms)",
+                                    args.commit_timeout.as_millis()
+                                ),
+                                outcome,
+                            }
+                        }
+                        Step::Hold | Step::Abandon => unreachable!("a timer commits or fails over"),
                     };
                     match Box::pin(commit(session, &args, h, trigger, &mut report, &mut tally))
                         .await
@@ -464,7 +489,7 @@ pub async fn relay<D: Downstream>(
                 }
                 Step::Abandon => return Relayed::Served(report),
                 Step::Hold => unreachable!("the end of a stream is never held"),
-                Step::FailOver => {
+                Step::FailOver(outcome) => {
                     let facts = Facts {
                         client: true,
                         completed,
@@ -474,7 +499,7 @@ pub async fn relay<D: Downstream>(
                     let detail = stream::verdict(&facts)
                         .closing
                         .map_or_else(|| format!("{end:?}"), |c| c.message);
-                    return Relayed::FailOver { detail };
+                    return Relayed::FailOver { detail, outcome };
                 }
             }
         }
@@ -533,13 +558,13 @@ pub async fn relay<D: Downstream>(
             out = Vec::new();
             if let Some(verdict) = verdict {
                 report.outcome = verdict.outcome;
-                finish_runtime(stream, &args, report.outcome);
+                finish_runtime(stream, report.outcome);
                 return Relayed::Served(report);
             }
         } else if let Some(verdict) = verdict {
             write_client(session, None, true, args.deadline).await;
             report.outcome = verdict.outcome;
-            finish_runtime(stream, &args, report.outcome);
+            finish_runtime(stream, report.outcome);
             return Relayed::Served(report);
         }
     }
@@ -669,9 +694,9 @@ pub(crate) async fn save_answer(
 
 /// After a clean end the connection goes back to the pool, once its body is read to the end;
 /// otherwise it is closed, which tells the runtime to stop.
-fn finish_runtime(stream: RuntimeStream, args: &RelayArgs, outcome: Option<Outcome>) {
+fn finish_runtime(stream: RuntimeStream, outcome: Option<Outcome>) {
     if outcome == Some(Outcome::Success) {
-        stream.release_when_done(args.shared.clone());
+        stream.release_when_done();
     }
 }
 

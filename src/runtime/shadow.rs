@@ -25,6 +25,7 @@ use crate::core::sse::{SseError, SseParser};
 use crate::core::stats::Outcome;
 use crate::core::stream::{self, End, Facts};
 use crate::runtime::bridge::Credentials;
+use crate::runtime::connection::SseBody;
 
 /// What one shadow execution did.
 #[derive(Debug, Clone, PartialEq)]
@@ -307,7 +308,12 @@ async fn run(
                     budget: deadline - started,
                 }
             }
-            Some(Err(e)) => break End::Broken(e.to_string()),
+            Some(Err(e)) => {
+                break match crate::upstream::Silence::of(&e) {
+                    Some(s) => End::Stalled { idle: s.after },
+                    None => End::Broken(e.to_string()),
+                }
+            }
             // Closed by the runtime: the connection cannot be reused, whatever the framing.
             Some(Ok(0)) => {
                 break match stream.eof() {
@@ -344,7 +350,7 @@ async fn run(
         }
         match body {
             Ok(true) => {
-                stream.release(shared);
+                stream.release();
                 break End::BodyEnd;
             }
             Ok(false) => {}

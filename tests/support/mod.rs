@@ -1,5 +1,5 @@
 //! Test support: scripted upstreams (`upstream`), a raw HTTP/1.1 client (`client`), fixtures and
-//! the `Harness` (`harness`), and assertions (`assert`).
+//! the `Harness` (`harness`), assertions (`assert`), and failoverbench's verdicts (`verdict`).
 
 #![allow(dead_code, unused_imports)]
 
@@ -8,8 +8,10 @@ pub mod client;
 pub mod harness;
 pub mod legacy;
 pub mod upstream;
+pub mod verdict;
 
 pub use assert::*;
 pub use client::*;
 pub use harness::*;
 pub use upstream::*;
+pub use verdict::*;

@@ -45,6 +45,8 @@ pub enum Step {
     WaitRelease,
     /// Close the connection abruptly (no terminating chunk).
     Close,
+    /// Reset the connection (RST, not FIN): what a crashed upstream or a load balancer does.
+    Reset,
     /// Never send anything more, keep the connection open.
     Hang,
 }
@@ -252,6 +254,11 @@ async fn serve_conn(
                 Step::Sleep(d) => tokio::time::sleep(*d).await,
                 Step::WaitRelease => release.notified().await,
                 Step::Close => return,
+                Step::Reset => {
+                    // A zero linger turns the close into a reset.
+                    let _ = stream.set_zero_linger();
+                    return;
+                }
                 Step::Hang => std::future::pending::<()>().await,
             }
         }

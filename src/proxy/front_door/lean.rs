@@ -1,17 +1,16 @@
 //! The lean passthrough (`server.lean_passthrough`): a non-chat request forwarded to legacy by the
-//! front door itself, on the raw connection, over a per-worker keep-alive pool.
+//! front door itself, on the raw connection, through legacy's client (`upstream::Upstream`: its
+//! per-worker keep-alive pool, its retry rule and legacy's deadlines).
 //!
 //! Pingora's `HttpProxy` costs about 2.2 times nginx's CPU per passthrough request; the floor of
 //! its lower layer (`examples/lean_forwarder.rs`) about 0.65 times. The heads follow
 //! `core::passthrough`; whatever it does not take (chat and file routes, upgrades, `Expect`,
 //! CONNECT, absolute-form targets) still goes through Pingora.
 
-use std::io;
-use std::net::SocketAddr;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::future::Future;
+use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
+use bytes::Buf;
 use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -21,85 +20,24 @@ use super::{chunk, FrontStream};
 use crate::app::state::{Active, Shared};
 use crate::core::chunked::ChunkedValidator;
 use crate::core::h1::{self, BodyDecoder};
-use crate::core::passthrough::{
-    client_head, parse_response, Request, RespBody, RespHead, MAX_RESPONSE_HEAD,
-};
+use crate::core::passthrough::{client_head, Request};
 use crate::core::request_head::{Framing, Head};
+use crate::upstream::{self, Body, Call, Failure, Stage, Watched};
 
 const READ_CHUNK: usize = 16 * 1024;
-/// Idle upstream connections kept per worker.
-const MAX_IDLE: usize = 256;
 /// Pingora's downstream read timeout, for each read of a request body.
 const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
 /// What Pingora's `generate_error` puts on the wire once it has closed keep-alive (its `Date` is
-/// the current one, as here), for the 502 of a legacy that failed and the 400 of a body that
-/// stalled.
+/// the current one, as here): the 502 of a legacy that failed, the 504 of one that sent no head
+/// in time, the 400 of a body that stalled.
 const BAD_GATEWAY_HEAD: &str = "HTTP/1.1 502 Bad Gateway\r\nServer: Pingora\r\n";
+const GATEWAY_TIMEOUT_HEAD: &str = "HTTP/1.1 504 Gateway Timeout\r\nServer: Pingora\r\n";
 const BAD_REQUEST_HEAD: &str = "HTTP/1.1 400 Bad Request\r\nServer: Pingora\r\n";
 const ERROR_FIELDS: &str = "Content-Length: 0\r\nCache-Control: private, no-store\r\n";
 const ERROR_END: &str = "Connection: close\r\n\r\n";
 
-struct Idle {
-    addr: SocketAddr,
-    stream: TcpStream,
-    since: Instant,
-}
-
-/// Idle connections to legacy of one front door, i.e. one worker: a worker is a single-threaded
-/// runtime, so the lock is never contended there (tests run one front door on many threads).
-/// Plain TCP streams: Pingora's pooled streams pay `getpeername` per reuse.
-#[derive(Default)]
-pub(super) struct Pool(Mutex<Vec<Idle>>);
-
-impl Pool {
-    /// An idle connection to `addr`, newest first. A request with a body cannot be repeated
-    /// once it is sent, so for one the connection is first checked for a close legacy already
-    /// sent.
-    fn take(&self, addr: SocketAddr, idle_timeout: Duration, check: bool) -> Option<TcpStream> {
-        let mut pool = self.0.lock().unwrap();
-        let now = Instant::now();
-        pool.retain(|i| now.duration_since(i.since) < idle_timeout);
-        while let Some(at) = pool.iter().rposition(|i| i.addr == addr) {
-            let idle = pool.remove(at);
-            if !check {
-                return Some(idle.stream);
-            }
-            let mut probe = [0u8; 1];
-            if matches!(idle.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
-            {
-                return Some(idle.stream);
-            }
-        }
-        None
-    }
-
-    fn put(&self, addr: SocketAddr, stream: TcpStream) {
-        let mut pool = self.0.lock().unwrap();
-        if pool.len() >= MAX_IDLE {
-            pool.remove(0);
-        }
-        pool.push(Idle {
-            addr,
-            stream,
-            since: Instant::now(),
-        });
-    }
-}
-
-async fn connect(addr: SocketAddr, within: Duration) -> io::Result<TcpStream> {
-    let s = timeout(within, TcpStream::connect(addr))
-        .await
-        .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
-    s.set_nodelay(true)?;
-    Ok(s)
-}
-
-/// How an exchange with legacy failed.
+/// How the client's side of an exchange failed.
 enum Fail {
-    /// Before any byte of an answer: the request may go again on a fresh connection.
-    Unanswered,
-    /// Nothing reached the client yet: it gets a 502.
-    BadGateway,
     /// The client's body stalled: it gets a 400, as from Pingora.
     BodyTimeout,
     /// The client connection ends now (the client is gone, its body broke, or the answer was
@@ -107,10 +45,36 @@ enum Fail {
     Close,
 }
 
+impl std::fmt::Display for Fail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Fail::BodyTimeout => "the client's body stalled",
+            Fail::Close => "the client connection failed",
+        })
+    }
+}
+
+/// The client's request as legacy gets it: the head, then the body as it arrives.
+struct Upload<'a> {
+    io: &'a mut FrontStream,
+    req: &'a Request,
+}
+
+impl upstream::Request<TcpStream> for Upload<'_> {
+    /// The whole request went: legacy did not answer before all of its body was sent.
+    type Sent = bool;
+    type Error = Fail;
+    fn write<'a>(
+        &'a mut self,
+        conn: &'a mut Watched<TcpStream>,
+    ) -> impl Future<Output = Result<bool, Fail>> + Send + 'a {
+        send_request(self.io, conn.get_mut(), self.req)
+    }
+}
+
 /// Serve one request on the lean path; `true` keeps the client connection for the next one.
 pub(super) async fn serve(
     shared: &Shared,
-    pool: &Pool,
     active: &Active,
     io: &mut FrontStream,
     head: &Head,
@@ -121,43 +85,77 @@ pub(super) async fn serve(
     io.buf.advance(head.skip + head.len);
     // The proxy's own error answers carry CORS, so a browser can read their status.
     let cors = cors_lines(active, &req.upstream_head);
-    let Ok(addr) = shared.resolver.resolve(&active.config.legacy.address).await else {
-        bad_gateway(io, &cors).await;
-        return false;
-    };
-    let legacy = &active.legacy;
     let has_body = !matches!(req.framing, Framing::None | Framing::Length(0));
     let write_timeout = Duration::from_millis(active.config.server.write_timeout_ms);
-    let mut fresh = false;
-    loop {
-        let (mut up, reused) = match pool.take(addr, legacy.pool_idle_timeout, has_body) {
-            Some(up) if !fresh => (up, true),
-            _ => match connect(addr, legacy.connect_timeout).await {
-                Ok(up) => (up, false),
-                Err(e) => {
-                    tracing::debug!(error = %e, "lean passthrough: connecting to legacy");
-                    bad_gateway(io, &cors).await;
-                    return false;
-                }
-            },
-        };
-        match exchange(io, &mut up, &req, write_timeout, shutdown).await {
-            Ok((keep, reusable)) => {
-                if reusable {
-                    pool.put(addr, up);
-                }
-                return keep && !*shutdown.borrow();
+    let call = Call {
+        // A request with a body cannot be sent again once its body was read from the client:
+        // its connection is checked first instead.
+        repeatable: !has_body,
+        check_pooled: has_body,
+        head_only: req.head_only,
+        ..Call::new(&active.config.legacy.address, active.legacy)
+    };
+    // Legacy may answer before the whole body (a 401 or 413 up front): the answer goes to the
+    // client, and neither connection can carry another request after it.
+    let upload = Upload { io, req: &req };
+    let (whole, mut response) = match shared.legacy.send_with(&call, upload).await {
+        Ok(sent) => sent,
+        Err(failure) => {
+            failed(io, failure, &cors).await;
+            return false;
+        }
+    };
+    // Informational answers go on as they come; the final one follows.
+    while (100..200).contains(&response.status()) {
+        if response.status() == 101 {
+            // Nothing asked for an upgrade.
+            bad_gateway(io, &cors).await;
+            return false;
+        }
+        if write_client(io, response.raw_head(), write_timeout)
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        if let Err(failure) = response.next_head(req.head_only).await {
+            failed(io, failure.widen(), &cors).await;
+            return false;
+        }
+    }
+    let framing = response.head.framing;
+    let rechunk = framing == h1::Framing::Close && req.http11;
+    let keep = req.keep_alive
+        && whole
+        && (framing != h1::Framing::Close || rechunk)
+        && !*shutdown.borrow();
+    let mut out = Vec::new();
+    client_head(response.raw_head(), keep, rechunk, &mut out);
+    let body = response.into_body();
+    match send_response(io, body, framing, (keep, rechunk), out, write_timeout).await {
+        Ok((keep, body)) => {
+            if whole {
+                body.release();
             }
-            Err(Fail::Unanswered) if reused && !has_body => fresh = true,
-            Err(Fail::Unanswered | Fail::BadGateway) => {
-                bad_gateway(io, &cors).await;
-                return false;
-            }
-            Err(Fail::BodyTimeout) => {
-                error(io, BAD_REQUEST_HEAD, &cors).await;
-                return false;
-            }
-            Err(Fail::Close) => return false,
+            keep && !*shutdown.borrow()
+        }
+        Err(_) => false,
+    }
+}
+
+/// The client's answer when legacy gave no usable head: 504 when it was silent, 502 when it
+/// failed, 400 when the client's own body stalled, nothing when the client is gone.
+async fn failed(io: &mut FrontStream, failure: Failure<Fail>, cors: &[u8]) {
+    match failure {
+        Failure::Caller(Fail::BodyTimeout) => error(io, BAD_REQUEST_HEAD, cors).await,
+        Failure::Caller(Fail::Close) => {}
+        Failure::Silent(s) if s.stage == Stage::Response => {
+            tracing::warn!(detail = %s, "lean passthrough: legacy fell silent");
+            error(io, GATEWAY_TIMEOUT_HEAD, cors).await
+        }
+        e => {
+            tracing::debug!(error = %e, "lean passthrough: legacy failed");
+            bad_gateway(io, cors).await
         }
     }
 }
@@ -220,56 +218,6 @@ async fn read_client(io: &mut FrontStream) -> Result<(), Fail> {
     }
 }
 
-/// The request on `up`, then its answer to the client: whether the client and `up` may be kept.
-async fn exchange(
-    io: &mut FrontStream,
-    up: &mut TcpStream,
-    req: &Request,
-    write_timeout: Duration,
-    shutdown: &ShutdownWatch,
-) -> Result<(bool, bool), Fail> {
-    // Legacy may answer before the whole body (a 401 or 413 up front): the answer goes to the
-    // client, and neither connection can carry another request after it.
-    let whole = send_request(io, up, req).await?;
-    let mut resp = BytesMut::with_capacity(READ_CHUNK);
-    let mut out = Vec::new();
-    loop {
-        if resp.capacity() - resp.len() < 1024 {
-            resp.reserve(READ_CHUNK);
-        }
-        match up.read_buf(&mut resp).await {
-            Ok(0) | Err(_) if resp.is_empty() => return Err(Fail::Unanswered),
-            Ok(0) | Err(_) => return Err(Fail::BadGateway),
-            Ok(_) => {}
-        }
-        while let Some(head) = parse_response(&resp, req.head_only).map_err(|_| Fail::BadGateway)? {
-            if !(100..200).contains(&head.code) {
-                out.clear();
-                let rechunk = head.body == RespBody::Close && req.http11;
-                let keep = req.keep_alive
-                    && whole
-                    && (head.body != RespBody::Close || rechunk)
-                    && !*shutdown.borrow();
-                client_head(&resp[..head.len], keep, rechunk, &mut out);
-                resp.advance(head.len);
-                let (keep, reusable) =
-                    send_response(io, up, head, (keep, rechunk), resp, out, write_timeout).await?;
-                return Ok((keep, reusable && whole));
-            }
-            if head.code == 101 {
-                // Nothing asked for an upgrade.
-                return Err(Fail::BadGateway);
-            }
-            // Informational answers go on as they come; the final one follows.
-            write_client(io, &resp[..head.len], write_timeout).await?;
-            resp.advance(head.len);
-        }
-        if resp.len() > MAX_RESPONSE_HEAD {
-            return Err(Fail::BadGateway);
-        }
-    }
-}
-
 /// The request to legacy: `Ok(false)` when legacy began to answer (or closed) before all of the
 /// body was sent, which then stops.
 async fn send_request(
@@ -278,11 +226,8 @@ async fn send_request(
     req: &Request,
 ) -> Result<bool, Fail> {
     match req.framing {
-        Framing::None | Framing::Length(0) => up
-            .write_all(&req.upstream_head)
-            .await
-            .map(|()| true)
-            .map_err(|_| Fail::Unanswered),
+        // A failed write shows as a connection that gave no answer.
+        Framing::None | Framing::Length(0) => Ok(up.write_all(&req.upstream_head).await.is_ok()),
         Framing::Length(len) => {
             // The head and what has arrived of the body, in one write.
             let first = (io.buf.len() as u64).min(len) as usize;
@@ -374,113 +319,61 @@ async fn read_client_unless_answered(io: &mut FrontStream, up: &TcpStream) -> Re
     }
 }
 
-/// `data` as one chunk.
-/// The final head (in `out`) and the body after it; `resp` holds what has been read of it.
-/// `keep`: the client connection stays; `rechunk`: a close-delimited body goes on chunked.
+/// The final head (in `out`) and the body after it, as legacy sends it: as received for a
+/// length or close-delimited body, re-framed as Pingora does for a chunked one (what one read
+/// brought, as one chunk) or for a close-delimited one sent on chunked (`rechunk`). `keep`: the
+/// client connection stays. Each wait for legacy is bounded by its idle timeout; one that
+/// passes, or a body cut short, ends the client connection.
 async fn send_response(
     io: &mut FrontStream,
-    up: &mut TcpStream,
-    head: RespHead,
+    mut body: Body<TcpStream>,
+    framing: h1::Framing,
     (keep, rechunk): (bool, bool),
-    mut resp: BytesMut,
     mut out: Vec<u8>,
     write_timeout: Duration,
-) -> Result<(bool, bool), Fail> {
-    let mut reusable = head.reusable;
-    match head.body {
-        RespBody::None => {
-            reusable &= resp.is_empty();
+) -> Result<(bool, Body<TcpStream>), Fail> {
+    let chunked = framing == h1::Framing::Chunked || rechunk;
+    let mut data = Vec::new();
+    loop {
+        let done = if chunked {
+            data.clear();
+            let done = body
+                .decode(|d| data.extend_from_slice(d))
+                .map_err(|_| Fail::Close)?;
+            chunk(&mut out, &data);
+            if done {
+                out.extend_from_slice(b"0\r\n\r\n");
+            }
+            done
+        } else {
+            body.decode(|d| out.extend_from_slice(d))
+                .map_err(|_| Fail::Close)?
+        };
+        if !out.is_empty() {
             write_client(io, &out, write_timeout).await?;
+            out.clear();
         }
-        RespBody::Length(len) => {
-            let mut left = len;
-            loop {
-                let n = (resp.len() as u64).min(left) as usize;
-                forward(io, &mut out, &resp[..n], write_timeout).await?;
-                resp.advance(n);
-                left -= n as u64;
-                if left == 0 {
-                    break;
-                }
-                if read_up(up, &mut resp).await? == 0 {
-                    return Err(Fail::Close);
-                }
-            }
-            // Bytes past the body: legacy and the proxy disagree on the framing.
-            reusable &= resp.is_empty();
+        if done {
+            return Ok((keep, body));
         }
-        RespBody::Chunked => {
-            // Re-framed as Pingora does: what one read brought, as one chunk.
-            let mut decoder = BodyDecoder::new(h1::Framing::Chunked);
-            let mut data = Vec::new();
-            loop {
-                data.clear();
-                let used = decoder
-                    .decode(&resp, |d| data.extend_from_slice(d))
-                    .map_err(|_| Fail::Close)?;
-                resp.advance(used);
-                chunk(&mut out, &data);
-                if decoder.is_done() {
-                    out.extend_from_slice(b"0\r\n\r\n");
+        match body.fill().await {
+            Ok(0) if framing == h1::Framing::Close => {
+                // The end of a close-delimited body: the connection goes with it.
+                let _ = body.eof();
+                if rechunk {
+                    write_client(io, b"0\r\n\r\n", write_timeout).await?;
+                    return Ok((keep, body));
                 }
-                if !out.is_empty() {
-                    write_client(io, &out, write_timeout).await?;
-                    out.clear();
-                }
-                if decoder.is_done() {
-                    break;
-                }
-                if read_up(up, &mut resp).await? == 0 {
-                    return Err(Fail::Close);
-                }
+                return Ok((false, body));
             }
-            reusable &= resp.is_empty();
-        }
-        RespBody::Close if rechunk => loop {
-            chunk(&mut out, &resp);
-            resp.clear();
-            if !out.is_empty() {
-                write_client(io, &out, write_timeout).await?;
-                out.clear();
-            }
-            if read_up(up, &mut resp).await? == 0 {
-                write_client(io, b"0\r\n\r\n", write_timeout).await?;
-                return Ok((keep, false));
-            }
-        },
-        RespBody::Close => {
-            loop {
-                forward(io, &mut out, &resp, write_timeout).await?;
-                resp.clear();
-                if read_up(up, &mut resp).await? == 0 {
-                    break;
+            Ok(0) => return Err(Fail::Close),
+            Ok(_) => {}
+            Err(e) => {
+                if let Some(s) = upstream::Silence::of(&e) {
+                    tracing::warn!(detail = %s, "lean passthrough: legacy fell silent mid-answer");
                 }
+                return Err(Fail::Close);
             }
-            return Ok((false, false));
         }
     }
-    Ok((keep, reusable))
-}
-
-/// Body bytes to the client, after the head still in `out` if it is: one write either way.
-async fn forward(
-    io: &mut FrontStream,
-    out: &mut Vec<u8>,
-    body: &[u8],
-    within: Duration,
-) -> Result<(), Fail> {
-    if out.is_empty() {
-        return write_client(io, body, within).await;
-    }
-    out.extend_from_slice(body);
-    write_client(io, out, within).await?;
-    out.clear();
-    Ok(())
-}
-
-async fn read_up(up: &mut TcpStream, resp: &mut BytesMut) -> Result<usize, Fail> {
-    if resp.capacity() - resp.len() < 1024 {
-        resp.reserve(READ_CHUNK);
-    }
-    up.read_buf(resp).await.map_err(|_| Fail::Close)
 }

@@ -1,0 +1,199 @@
+//! Idle keep-alive connections of one upstream, generic over the connection.
+//!
+//! Pingora's `TransportConnector` pool watches every idle connection with a task of its own and
+//! hands a connection over through that task, and its default peer asks the kernel for the
+//! socket's address on every reuse: on a history read of a few dozen microseconds that doubled
+//! the call, and every runtime stream paid it before its first event. Here an idle connection
+//! just waits in a list. One that the upstream closed meanwhile is noticed when taken, if the
+//! caller asks (a read that is ready at once: end of file or stray bytes); a request on one that
+//! closes before any answer byte is repeated once on a fresh connection (`Upstream`).
+//!
+//! Each worker thread runs its own event loop: a connection is kept for the thread it was made or
+//! taken on ([`Key`]), since another thread's use would cost two cross-thread wake-ups per read;
+//! and each thread's connections sit behind a lock of their own, so workers never contend.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Idle connections kept per key; the oldest goes when one more is released.
+pub const MAX_IDLE: usize = 128;
+/// Locks the idle lists are spread over, by worker thread.
+const SHARDS: usize = 16;
+
+/// What the pool needs of a connection: whether an idle one can still carry a request.
+pub trait Idle {
+    fn still_open(&mut self) -> bool;
+}
+
+/// Where a connection idles: its upstream's address and the worker thread it was made or taken
+/// on ([`partition`]), fixed when it was: the thread that releases it may differ (a
+/// multi-threaded runtime moves tasks), the event loop that serves it does not.
+pub type Key = (SocketAddr, u64);
+
+/// The key for a connection to `addr` made or taken on this thread.
+pub fn key(addr: SocketAddr) -> Key {
+    (addr, partition())
+}
+
+/// The pool partition of the calling worker thread.
+///
+/// A connection is registered with the event loop of the thread it was made on, and using it
+/// from another thread costs two cross-thread wake-ups per read. Keyed per thread, a connection
+/// is only reused there: this keys the idle lists here and, as the peers' `group_key`, the pools
+/// of Pingora's connectors.
+pub fn partition() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    thread_local! {
+        static PARTITION: u64 = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    PARTITION.with(|p| *p)
+}
+
+type Lists<C> = HashMap<Key, Vec<(C, Instant)>>;
+
+pub struct Pool<C> {
+    shards: Vec<Mutex<Lists<C>>>,
+}
+
+impl<C> Default for Pool<C> {
+    fn default() -> Self {
+        Pool {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+        }
+    }
+}
+
+impl<C> Pool<C> {
+    fn shard(&self, key: Key) -> &Mutex<Lists<C>> {
+        &self.shards[key.1 as usize % SHARDS]
+    }
+
+    /// Keep `conn` for the next request for `key`.
+    pub fn put(&self, key: Key, conn: C) {
+        let mut idle = self.shard(key).lock().unwrap();
+        let list = idle.entry(key).or_default();
+        if list.len() >= MAX_IDLE {
+            list.remove(0);
+        }
+        list.push((conn, Instant::now()));
+    }
+
+    /// Idle connections for `key` (for tests).
+    pub fn idle(&self, key: Key) -> usize {
+        self.shard(key)
+            .lock()
+            .unwrap()
+            .get(&key)
+            .map_or(0, Vec::len)
+    }
+}
+
+impl<C: Idle> Pool<C> {
+    /// The most recently released connection for `key` that is younger than `max_idle` (and,
+    /// with `check`, still open), if any; older ones are closed on the way.
+    pub fn take(&self, key: Key, max_idle: Duration, check: bool) -> Option<C> {
+        loop {
+            let mut conn = {
+                let mut idle = self.shard(key).lock().unwrap();
+                let list = idle.get_mut(&key)?;
+                let (conn, since) = list.pop()?;
+                if since.elapsed() >= max_idle {
+                    // The rest are older still.
+                    list.clear();
+                    return None;
+                }
+                conn
+            };
+            if !check || conn.still_open() {
+                return Some(conn);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connection that is open until told otherwise.
+    struct Fake {
+        id: u32,
+        open: bool,
+    }
+
+    impl Idle for Fake {
+        fn still_open(&mut self) -> bool {
+            self.open
+        }
+    }
+
+    fn fake(id: u32) -> Fake {
+        Fake { id, open: true }
+    }
+
+    const LONG: Duration = Duration::from_secs(60);
+
+    fn addr() -> SocketAddr {
+        "127.0.0.1:9".parse().unwrap()
+    }
+
+    #[test]
+    fn an_open_connection_is_handed_back_newest_first() {
+        let pool = Pool::default();
+        pool.put(key(addr()), fake(1));
+        pool.put(key(addr()), fake(2));
+        assert_eq!(pool.take(key(addr()), LONG, true).unwrap().id, 2);
+        assert_eq!(pool.idle(key(addr())), 1);
+    }
+
+    #[test]
+    fn a_closed_connection_is_skipped_only_when_checked() {
+        let pool = Pool::default();
+        pool.put(key(addr()), fake(1));
+        pool.put(key(addr()), Fake { id: 2, open: false });
+        assert_eq!(pool.take(key(addr()), LONG, true).unwrap().id, 1);
+        pool.put(key(addr()), Fake { id: 3, open: false });
+        assert_eq!(pool.take(key(addr()), LONG, false).unwrap().id, 3);
+    }
+
+    #[test]
+    fn a_connection_is_kept_for_the_thread_it_was_got_on() {
+        let pool = std::sync::Arc::new(Pool::default());
+        pool.put(key(addr()), fake(1));
+        let elsewhere = pool.clone();
+        let taken_elsewhere =
+            std::thread::spawn(move || elsewhere.take(key(addr()), LONG, true).is_some())
+                .join()
+                .unwrap();
+        assert!(
+            !taken_elsewhere,
+            "another worker took this worker's connection"
+        );
+        assert!(pool.take(key(addr()), LONG, true).is_some());
+    }
+
+    #[test]
+    fn connections_idle_too_long_are_closed() {
+        let pool = Pool::default();
+        pool.put(key(addr()), fake(1));
+        assert!(pool.take(key(addr()), Duration::ZERO, true).is_none());
+        assert_eq!(pool.idle(key(addr())), 0);
+    }
+
+    #[test]
+    fn at_most_max_idle_are_kept_and_the_oldest_goes() {
+        let pool = Pool::default();
+        for id in 0..MAX_IDLE as u32 + 3 {
+            pool.put(key(addr()), fake(id));
+        }
+        assert_eq!(pool.idle(key(addr())), MAX_IDLE);
+        let mut oldest = u32::MAX;
+        while let Some(c) = pool.take(key(addr()), LONG, false) {
+            oldest = oldest.min(c.id);
+        }
+        assert_eq!(oldest, 3);
+    }
+}
