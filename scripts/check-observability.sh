@@ -19,7 +19,7 @@
 #    PromQL; the dashboard's structure is importable; docs/metrics.md documents every series;
 #    every alert has severity, summary, description and a runbook_url into docs/operations.md
 #    whose anchor exists there.
-# 5. When tests/metrics_exposition.rs has written <target>/metrics-exposition.txt, the names
+# 5. When tests/it/metrics_exposition.rs has written <target>/metrics-exposition.txt, the names
 #    parsed from src/ops/metrics.rs match the families the running proxy exports.
 #
 # Needs promtool (Debian's `prometheus` package; scripts/install-deps.sh test) and python3
@@ -423,7 +423,7 @@ if os.path.exists(exposition):
             fail(f"{exposition}: {name} missing from the exposition")
     print(f"checked names against {exposition}")
 else:
-    print(f"note: {exposition} not found (written by `cargo test --test metrics_exposition`); "
+    print(f"note: {exposition} not found (written by `cargo test --test it metrics_exposition`); "
           "names checked against src/ops/metrics.rs only")
 
 if failures:

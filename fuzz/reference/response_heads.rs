@@ -1,6 +1,6 @@
 //! The two response-head parsers the proxy had before `core::h1::parse_head` became the only one,
 //! kept verbatim as the reference of the `response_heads` differential fuzz target and of
-//! `tests/response_heads.rs`: the runtime's (`h1::parse_head`) and the lean passthrough's
+//! `tests/it/response_heads.rs`: the runtime's (`h1::parse_head`) and the lean passthrough's
 //! (`passthrough::parse_response`). They disagreed on a `Content-Length` beside a
 //! `Transfer-Encoding` that does not end in `chunked`, on `Content-Length: +5`, and on an empty
 //! element at the end of a `Transfer-Encoding` list; wherever they agreed, the parser that

@@ -1,0 +1,238 @@
+//! The breaker follows the clock: once `open_secs` have passed, `/runtime/fallback/status` and the
+//! scrape say `half_open` with no chat traffic at all, whether the breaker was opened by failed
+//! executions or by failed health checks.
+//!
+//! The breaker gauges are process-wide and every proxy started mirrors its breaker into them, so
+//! the tests of this file take `SERIAL` and run one at a time.
+
+use crate::support;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cutover_proxy::app::LocalServer;
+use cutover_proxy::core::breaker::State;
+use serde_json::{json, Value};
+use support::*;
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The shortest open period the config takes (whole seconds, above 0).
+const OPEN_SECS: u64 = 1;
+const DEADLINE: Duration = Duration::from_secs(5);
+
+/// The value of one series of a scrape (`name` with its labels, as exposed), if present.
+fn series(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .map(|v| v.trim().parse().unwrap())
+}
+
+async fn scrape(server: &LocalServer) -> String {
+    let r = request(server.metrics_addr, "GET", "/metrics", &[], b"").await;
+    assert_eq!(r.status, 200, "GET /metrics");
+    r.text()
+}
+
+async fn fallback_status(server: &LocalServer) -> Value {
+    let (status, body) = admin(server, "GET", "/runtime/fallback/status", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["success"], true, "{body}");
+    body["data"].clone()
+}
+
+/// One-hot breaker gauges and the fallback gauge for `state`, per docs/metrics.md:
+/// `chat_runtime_fallback_enabled` is 1 unless closed (half-open still keeps all but the probes
+/// on legacy).
+fn assert_gauges(text: &str, state: &str) {
+    for s in ["closed", "open", "half_open"] {
+        let want = if s == state { 1.0 } else { 0.0 };
+        let got = series(
+            text,
+            &format!("chat_runtime_breaker_state{{state=\"{s}\"}}"),
+        );
+        assert_eq!(got, Some(want), "breaker_state {s} while {state}:\n{text}");
+    }
+    let fallback = if state == "closed" { 0.0 } else { 1.0 };
+    assert_eq!(
+        series(text, "chat_runtime_fallback_enabled"),
+        Some(fallback),
+        "fallback gauge while {state}:\n{text}"
+    );
+}
+
+fn transitions(text: &str, from: &str, to: &str) -> f64 {
+    series(
+        text,
+        &format!("chat_runtime_breaker_transitions_total{{from=\"{from}\",to=\"{to}\"}}"),
+    )
+    .unwrap_or(0.0)
+}
+
+/// Opened by a failed execution; the health check runs once at start and then not for a minute,
+/// so only the breaker's own timer can move it, and nothing reads it while it waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_breaker_half_opens_on_time_with_no_traffic() {
+    let _serial = SERIAL.lock().await;
+    let recovered = Arc::new(AtomicBool::new(false));
+    let r = recovered.clone();
+    let runtime = Upstream::start(move |req| {
+        if req.path == "/health" {
+            Reply::json(200, json!({"status": "ok"}))
+        } else if r.load(Ordering::SeqCst) {
+            Reply::sse(runtime_ok_steps())
+        } else {
+            Reply::json(500, json!({"error": "overloaded"}))
+        }
+    })
+    .await;
+    let legacy = Upstream::start(echo_legacy).await;
+    let mut cfg = config(&legacy.address(), &runtime.address());
+    cfg.breaker.min_requests = 1;
+    cfg.breaker.open_secs = OPEN_SECS;
+    cfg.breaker.half_open_probes = 1;
+    cfg.runtime.health_interval_ms = 60_000;
+    let server = proxy(cfg).await;
+    let before = scrape(&server).await;
+
+    let before_opening = Instant::now();
+    let r = chat(
+        server.proxy_addr,
+        Some("org-a"),
+        "s-1",
+        r#"{"message":"hi"}"#,
+    )
+    .await;
+    assert_eq!(r.header("x-execution-reason"), Some("failover"), "{r:?}");
+    let shared = server.shared.clone();
+    assert!(
+        eventually(DEADLINE, || shared.breaker.state() == State::Open).await,
+        "one failed execution with min_requests = 1 did not open the breaker"
+    );
+    let retry_at = server.shared.breaker.retry_at().expect("open, not by hand");
+    assert!(retry_at >= before_opening + Duration::from_secs(OPEN_SECS));
+    let status = fallback_status(&server).await;
+    assert_eq!(status["state"], "open", "{status}");
+    assert_eq!(status["fallbackEnabled"], true, "{status}");
+    recovered.store(true, Ordering::SeqCst);
+    let (runtime_work, legacy_work) = (runtime.work().len(), legacy.work().len());
+
+    // Only the lock-free mirror is polled here: it ticks nothing, so the move is the timer's.
+    let shared = server.shared.clone();
+    assert!(
+        eventually(DEADLINE, || shared.breaker.state() == State::HalfOpen).await,
+        "still {} {:?} after open_secs with no traffic",
+        server.shared.breaker.state(),
+        before_opening.elapsed()
+    );
+    let moved_after = before_opening.elapsed();
+    assert!(
+        moved_after >= Duration::from_secs(OPEN_SECS),
+        "half-open after {moved_after:?}, before open_secs"
+    );
+
+    let status = fallback_status(&server).await;
+    assert_eq!(status["state"], "half_open", "{status}");
+    assert_eq!(status["fallbackEnabled"], true, "{status}");
+    assert_eq!(
+        status["fallbackReason"], "half-open after 1s open: letting up to 1 probes through",
+        "{status}"
+    );
+    let text = scrape(&server).await;
+    assert_gauges(&text, "half_open");
+    assert_eq!(
+        transitions(&text, "open", "half_open") - transitions(&before, "open", "half_open"),
+        1.0,
+        "the timer's transition is counted like any other:\n{text}"
+    );
+    assert_eq!(
+        runtime.work().len(),
+        runtime_work,
+        "no chat reached the runtime"
+    );
+    assert_eq!(legacy.work().len(), legacy_work, "no chat reached legacy");
+
+    // The next chat is the probe that closes it.
+    let r = chat(
+        server.proxy_addr,
+        Some("org-a"),
+        "s-2",
+        r#"{"message":"hi"}"#,
+    )
+    .await;
+    assert_eq!(
+        r.header("x-execution-mode"),
+        Some("runtime_orchestrator"),
+        "{r:?}"
+    );
+    let shared = server.shared.clone();
+    assert!(
+        eventually(DEADLINE, || shared.breaker.state() == State::Closed).await,
+        "the probe's success did not close the breaker"
+    );
+    assert_gauges(&scrape(&server).await, "closed");
+    assert_eq!(fallback_status(&server).await["fallbackEnabled"], false);
+}
+
+/// The issue's case: health checks opened it, the runtime is healthy again, and nobody chats.
+/// The status and the scrape must say `half_open` once `open_secs` have passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_opened_breaker_reads_half_open_once_the_runtime_is_back() {
+    let _serial = SERIAL.lock().await;
+    let down = Arc::new(AtomicBool::new(true));
+    let d = down.clone();
+    let runtime = Upstream::start(move |req| {
+        if req.path == "/health" && d.load(Ordering::SeqCst) {
+            Reply::json(503, json!({"status": "down"}))
+        } else {
+            healthy_runtime(req)
+        }
+    })
+    .await;
+    let legacy = Upstream::start(echo_legacy).await;
+    let mut cfg = config(&legacy.address(), &runtime.address());
+    cfg.breaker.open_secs = OPEN_SECS;
+    cfg.runtime.health_failures = 1;
+    cfg.runtime.health_interval_ms = 100;
+    let before_opening = Instant::now();
+    let server = proxy(cfg).await;
+
+    let shared = server.shared.clone();
+    assert!(
+        eventually(DEADLINE, || shared.breaker.state() == State::Open).await,
+        "a failed health check did not open the breaker"
+    );
+    let status = fallback_status(&server).await;
+    assert_eq!(status["state"], "open", "{status}");
+    assert!(
+        status["fallbackReason"]
+            .as_str()
+            .unwrap()
+            .starts_with("health check failed 1 times"),
+        "{status}"
+    );
+    assert_gauges(&scrape(&server).await, "open");
+    down.store(false, Ordering::SeqCst);
+
+    // Polled through the admin API, as an operator would; each read may tick, none is a chat.
+    let deadline = Instant::now() + DEADLINE;
+    let status = loop {
+        let status = fallback_status(&server).await;
+        if status["state"] == "half_open" {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still {status} {:?} after opening with the runtime healthy",
+            before_opening.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(before_opening.elapsed() >= Duration::from_secs(OPEN_SECS));
+    assert_eq!(status["fallbackEnabled"], true, "{status}");
+    assert_gauges(&scrape(&server).await, "half_open");
+    assert!(runtime.work().is_empty(), "no chat reached the runtime");
+    assert!(legacy.work().is_empty(), "no chat reached legacy");
+}

@@ -1,0 +1,310 @@
+//! Silence is a failure: each upstream deadline, with its timing, on every path it guards. The
+//! runtime's on the front door's own connection (`server.lean_runtime`) and through Pingora's
+//! request filter; legacy's on the lean passthrough and through Pingora's proxy. Deadlines are a
+//! few hundred milliseconds: each answer must come after its deadline and well before a bound.
+//! (The rules themselves are paused-clock unit tests in `upstream`; these are the wiring.)
+
+use crate::support;
+
+use std::time::{Duration, Instant};
+
+use cutover_proxy::core::config::CommitTimeoutAction;
+use serde_json::json;
+use support::*;
+
+const DEADLINE: Duration = Duration::from_millis(300);
+/// What a loaded machine may add before an answer counts as late.
+const SLACK: Duration = Duration::from_millis(1200);
+
+fn text(content: &str) -> Vec<u8> {
+    frame("text_chunk", json!({"content": content}))
+}
+
+fn thinking(content: &str) -> Vec<u8> {
+    frame("thinking", json!({"content": content}))
+}
+
+/// A runtime that answers health checks and executions with `steps` (`None`: no head at all).
+fn runtime(steps: Option<Vec<Step>>) -> impl Fn(&Received) -> Reply + Send + Sync + 'static {
+    move |req: &Received| {
+        if req.path == "/health" {
+            return healthy_runtime(req);
+        }
+        match &steps {
+            Some(steps) => Reply::sse(steps.clone()),
+            None => Reply::silent(vec![Step::Hang]),
+        }
+    }
+}
+
+fn timeouts(h: &Running, upstream: &str, stage: &str) -> f64 {
+    metric(
+        h,
+        "cutover_upstream_timeouts_total",
+        &[("upstream", upstream), ("stage", stage)],
+    )
+}
+
+#[track_caller]
+fn assert_within(took: Duration, what: &str) {
+    assert!(
+        took >= DEADLINE,
+        "{what}: answered after {took:?}, before the deadline"
+    );
+    assert!(
+        took < DEADLINE + SLACK,
+        "{what}: answered after {took:?}, long past the deadline"
+    );
+}
+
+/// The runtime's paths: the front door's own connection, and Pingora's.
+const RUNTIME_PATHS: [(bool, &str); 2] = [(true, "front door"), (false, "pingora")];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runtime_with_no_head_fails_over_at_its_response_timeout_on_both_paths() {
+    for (lean, path) in RUNTIME_PATHS {
+        let h = Harness::new()
+            .runtime(runtime(None))
+            .config(move |c| {
+                c.server.lean_runtime = lean;
+                c.runtime.response_timeout_ms = DEADLINE.as_millis() as u64;
+            })
+            .start()
+            .await;
+        let started = Instant::now();
+        let r = h.chat("org-a").send().await;
+        assert_within(started.elapsed(), path);
+        assert_served(&r, DIRECT, "failover");
+        assert_eq!(
+            h.legacy.work()[0].body,
+            HI.as_bytes(),
+            "{path}: original body"
+        );
+        recorded(&h, 1, 1).await;
+        assert_eq!(
+            metric(&h, "chat_execution_timeout_total", &[("mode", RT)]),
+            1.0,
+            "{path}"
+        );
+        assert_eq!(timeouts(&h, "runtime", "response"), 1.0, "{path}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runtime_silent_before_its_first_content_fails_over_at_its_idle_timeout() {
+    for (lean, path) in RUNTIME_PATHS {
+        let h = Harness::new()
+            .runtime(runtime(Some(vec![
+                Step::Send(thinking("planning")),
+                Step::Hang,
+            ])))
+            .config(move |c| {
+                c.server.lean_runtime = lean;
+                c.runtime.idle_timeout_ms = DEADLINE.as_millis() as u64;
+                c.runtime.commit_timeout_ms = Some(4000);
+            })
+            .start()
+            .await;
+        let started = Instant::now();
+        let r = h.chat("org-a").send().await;
+        assert_within(started.elapsed(), path);
+        assert_served(&r, DIRECT, "failover");
+        recorded(&h, 1, 1).await;
+        assert_eq!(
+            metric(&h, "chat_execution_timeout_total", &[("mode", RT)]),
+            1.0,
+            "{path}"
+        );
+        assert_eq!(timeouts(&h, "runtime", "idle"), 1.0, "{path}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runtime_silent_after_the_commit_ends_its_stream_with_runtime_stalled() {
+    for (lean, path) in RUNTIME_PATHS {
+        let h = Harness::new()
+            .runtime(runtime(Some(vec![Step::Send(text("partial")), Step::Hang])))
+            .config(move |c| {
+                c.server.lean_runtime = lean;
+                c.runtime.idle_timeout_ms = DEADLINE.as_millis() as u64;
+            })
+            .start()
+            .await;
+        let r = h.chat("org-a").send().await;
+        assert_served(&r, RT, "allowlist");
+        assert_eq!(event_names(&r), ["message", "error"], "{path}");
+        let error: serde_json::Value = serde_json::from_str(&r.events()[1].1).unwrap();
+        assert_eq!(error["code"], "RUNTIME_STALLED", "{path}");
+        // From the content to the error: the idle timeout.
+        let gap = r.chunks[1].0 - r.chunks[0].0;
+        assert_within(gap, path);
+        recorded(&h, 1, 0).await;
+        assert_eq!(
+            metric(&h, "chat_execution_timeout_total", &[("mode", RT)]),
+            1.0,
+            "{path}"
+        );
+        assert_eq!(
+            metric(
+                &h,
+                "chat_runtime_stream_errors_total",
+                &[("code", "RUNTIME_STALLED")]
+            ),
+            1.0
+        );
+        assert!(
+            h.legacy.work().is_empty(),
+            "{path}: no failover after the commit"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pings_keep_a_quiet_runtime_alive() {
+    let ping = frame("ping", json!({}));
+    let mut steps = Vec::new();
+    for _ in 0..4 {
+        steps.push(Step::Send(ping.clone()));
+        steps.push(Step::Sleep(DEADLINE / 2));
+    }
+    steps.extend(runtime_ok_steps());
+    let h = Harness::new()
+        .runtime(runtime(Some(steps)))
+        .config(|c| c.runtime.idle_timeout_ms = DEADLINE.as_millis() as u64)
+        .start()
+        .await;
+    let r = h.chat("org-a").send().await;
+    assert_served(&r, RT, "allowlist");
+    assert_eq!(event_names(&r).last().map(String::as_str), Some("done"));
+    assert_eq!(timeouts(&h, "runtime", "idle"), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_content_by_the_commit_timeout_fails_over_when_told_to_on_both_paths() {
+    for (lean, path) in RUNTIME_PATHS {
+        let h = Harness::new()
+            .runtime(runtime(Some(vec![
+                Step::Send(thinking("planning")),
+                Step::Sleep(Duration::from_secs(3)),
+                Step::Send(text("late")),
+            ])))
+            .config(move |c| {
+                c.server.lean_runtime = lean;
+                c.runtime.commit_timeout_ms = Some(DEADLINE.as_millis() as u64);
+                c.runtime.commit_timeout_action = CommitTimeoutAction::Failover;
+            })
+            .start()
+            .await;
+        let started = Instant::now();
+        let r = h.chat("org-a").send().await;
+        assert_within(started.elapsed(), path);
+        assert_served(&r, DIRECT, "failover");
+        recorded(&h, 1, 1).await;
+        assert_eq!(
+            metric(&h, "chat_execution_timeout_total", &[("mode", RT)]),
+            1.0,
+            "{path}"
+        );
+        assert_eq!(
+            metric(&h, "cutover_commit_total", &[]),
+            0.0,
+            "{path}: nothing was committed"
+        );
+    }
+}
+
+/// Legacy's paths for a plain request: the lean passthrough, and Pingora's proxy.
+const LEGACY_PATHS: [(bool, &str); 2] = [(true, "lean"), (false, "pingora")];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_legacy_with_no_head_is_a_504_at_its_response_timeout_on_both_paths() {
+    for (lean, path) in LEGACY_PATHS {
+        let h = Harness::new()
+            .legacy(|_: &Received| Reply::silent(vec![Step::Hang]))
+            .config(move |c| {
+                c.server.lean_passthrough = lean;
+                c.legacy.response_timeout_ms = DEADLINE.as_millis() as u64;
+            })
+            .start()
+            .await;
+        let started = Instant::now();
+        let r = request(h.proxy_addr, "GET", "/api/v1/agents", &[], b"").await;
+        assert_within(started.elapsed(), path);
+        assert_eq!(r.status, 504, "{path}");
+        assert_eq!(timeouts(&h, "legacy", "response"), 1.0, "{path}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chat_legacy_never_answers_is_a_504_with_its_routing() {
+    let h = Harness::new()
+        .legacy(|_: &Received| Reply::silent(vec![Step::Hang]))
+        .config(|c| c.legacy.response_timeout_ms = DEADLINE.as_millis() as u64)
+        .start()
+        .await;
+    let started = Instant::now();
+    let r = h.chat("org-b").send().await;
+    assert_within(started.elapsed(), "chat");
+    assert_eq!(r.status, 504);
+    assert_eq!(mode_reason(&r), (Some(DIRECT), Some("default")));
+    recorded(&h, 0, 1).await;
+    assert_eq!(
+        metric(&h, "chat_execution_timeout_total", &[("mode", DIRECT)]),
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_legacy_silent_inside_its_answer_has_the_connection_closed_at_its_idle_timeout() {
+    for (lean, path) in LEGACY_PATHS {
+        let h = Harness::new()
+            .legacy(|_: &Received| {
+                Reply::sse(vec![Step::Send(b"data: first\n\n".to_vec()), Step::Hang])
+            })
+            .config(move |c| {
+                c.server.lean_passthrough = lean;
+                c.legacy.idle_timeout_ms = DEADLINE.as_millis() as u64;
+            })
+            .start()
+            .await;
+        let started = Instant::now();
+        let r = request(h.proxy_addr, "GET", "/api/v1/events", &[], b"").await;
+        assert_within(started.elapsed(), path);
+        assert_eq!(r.status, 200, "{path}");
+        assert!(!r.complete, "{path}: a cut answer must not look whole");
+        assert_eq!(r.body(), b"data: first\n\n", "{path}");
+        assert_eq!(timeouts(&h, "legacy", "idle"), 1.0, "{path}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_runtime_does_not_pin_a_shadow_slot() {
+    let h = Harness::new()
+        .runtime(runtime(None))
+        .config(|c| {
+            c.rollout.shadow_percent = 100.0;
+            c.rollout.shadow_max_inflight = 1;
+            c.runtime.response_timeout_ms = DEADLINE.as_millis() as u64;
+        })
+        .start()
+        .await;
+    let started = Instant::now();
+    let r = h.chat("org-b").send().await;
+    assert_served(&r, DIRECT, "default");
+    h.runtime.wait_for_work(1).await;
+    let shared = h.server.shared.clone();
+    let freed = eventually(DEADLINE + SLACK, move || {
+        shared
+            .shadow_in_flight
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == 0
+    })
+    .await;
+    assert!(freed, "the shadow slot stayed taken");
+    assert!(started.elapsed() >= DEADLINE);
+    let timed_out = || metric(&h, "chat_shadow_total", &[("outcome", "timeout")]);
+    assert!(eventually(SLACK, || timed_out() == 1.0).await);
+    // The slot is free for the next copy.
+    h.chat("org-b").send().await;
+    h.runtime.wait_for_work(2).await;
+}
