@@ -13,6 +13,7 @@ use crate::core::rollout::{
     breakers, fleet_orgs, promote, ready_orgs, render_table, unified_diff, FleetAnswers, FleetOrg,
     FleetQueries,
 };
+use crate::core::scorecard::Thresholds;
 use crate::ops::prometheus::{query, PlainGet};
 
 /// Deadline of each query.
@@ -50,7 +51,11 @@ fn read_fleet(prometheus: &str, selector: &str, config: &Config) -> Result<Fleet
         })
     })?;
     let mut unknown_bins = BTreeSet::new();
-    let orgs = fleet_orgs(&answers, &config.shadow.thresholds(), &mut unknown_bins);
+    let orgs = fleet_orgs(
+        &answers,
+        &Thresholds::from_config(config),
+        &mut unknown_bins,
+    );
     Ok(Fleet {
         orgs,
         breakers: breakers(&answers.breakers),

@@ -1001,14 +1001,16 @@ impl Config {
             (1024 * 1024 - 1) as f64,
         )?;
         let agent = &self.runtime.default_agent_id;
-        if !agent.is_empty() && !crate::core::bridge::is_safe_id(agent) {
+        if !agent.is_empty() && !crate::core::ids::is_safe_id(agent) {
             return Err(ConfigError::new(
                 "runtime.default_agent_id",
                 format!("{agent:?} is not an agent id (1-128 of A-Z a-z 0-9 _ -)"),
             ));
         }
         self.bridge.validate()?;
-        self.cors.validate()?;
+        self.cors
+            .validate()
+            .map_err(|(key, message)| ConfigError::new(key, message))?;
         let cookie = &self.identity.token_cookie;
         if !cookie
             .bytes()
@@ -1092,14 +1094,6 @@ impl ShadowConfig {
             1000.0,
         )?;
         Ok(())
-    }
-
-    pub fn thresholds(&self) -> crate::core::scorecard::Thresholds {
-        crate::core::scorecard::Thresholds {
-            min_samples: self.ready_min_samples,
-            max_error_rate_delta: self.ready_max_error_rate_delta,
-            max_ttfe_ratio: self.ready_max_ttfe_ratio,
-        }
     }
 }
 
@@ -1793,7 +1787,7 @@ address = "runtime:8000"
         ))
         .unwrap();
         assert_eq!(c.rollout.shadow_orgs, ["org-s"]);
-        assert_eq!(c.shadow.thresholds().min_samples, 5);
+        assert_eq!(c.shadow.ready_min_samples, 5);
         for (extra, key) in [
             (
                 "[shadow]\nready_min_samples = 0\n",

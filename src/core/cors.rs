@@ -8,8 +8,6 @@
 
 use serde::Deserialize;
 
-use crate::core::config::ConfigError;
-
 /// `[cors]`: the legacy API's `cors(...)` options, as far as an actual response uses them.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -70,8 +68,11 @@ impl Default for CorsConfig {
     }
 }
 
+/// A `[cors]` key whose value is refused, and why.
+pub type Refused = (&'static str, String);
+
 impl CorsConfig {
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub fn validate(&self) -> Result<(), Refused> {
         match &self.origin {
             Some(OriginSetting::One(o)) if o != "*" => check_origin("cors.origin", o)?,
             Some(OriginSetting::List(list)) => {
@@ -82,14 +83,14 @@ impl CorsConfig {
             _ => {}
         }
         if !self.origin_env.is_empty() && !is_env_name(&self.origin_env) {
-            return Err(ConfigError::new(
+            return Err((
                 "cors.origin_env",
                 format!("{:?} is not an environment variable name", self.origin_env),
             ));
         }
         for h in &self.exposed_headers {
             if h.is_empty() || !h.bytes().all(is_token_byte) {
-                return Err(ConfigError::new(
+                return Err((
                     "cors.exposed_headers",
                     format!("{h:?} is not a header name"),
                 ));
@@ -101,7 +102,7 @@ impl CorsConfig {
 
 /// An origin as browsers send it: `scheme://host[:port]`, nothing after. A trailing slash or a
 /// path never matches a browser's `Origin`, the classic CORS misconfiguration, so it is refused.
-fn check_origin(key: &str, origin: &str) -> Result<(), ConfigError> {
+fn check_origin(key: &'static str, origin: &str) -> Result<(), Refused> {
     let ok = origin.split_once("://").is_some_and(|(scheme, rest)| {
         !scheme.is_empty()
             && scheme
@@ -113,7 +114,7 @@ fn check_origin(key: &str, origin: &str) -> Result<(), ConfigError> {
     if ok {
         Ok(())
     } else {
-        Err(ConfigError::new(
+        Err((
             key,
             format!("{origin:?} is not an origin (scheme://host[:port], no path or trailing slash), nor \"*\""),
         ))

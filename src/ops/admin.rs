@@ -15,6 +15,7 @@ use subtle::ConstantTimeEq;
 
 use crate::app::state::Shared;
 use crate::core::config::Mode;
+use crate::core::scorecard::Thresholds;
 
 pub struct AdminApp {
     shared: Arc<Shared>,
@@ -134,7 +135,7 @@ impl AdminApp {
                 )
             }
             ("GET", "/runtime/shadow") => {
-                let thresholds = self.shared.snapshot().config.shadow.thresholds();
+                let thresholds = Thresholds::from_config(&self.shared.snapshot().config);
                 let orgs = self
                     .shared
                     .scorecard
@@ -151,7 +152,7 @@ impl AdminApp {
                 if org.is_empty() || org.contains('/') {
                     return not_found();
                 }
-                let thresholds = self.shared.snapshot().config.shadow.thresholds();
+                let thresholds = Thresholds::from_config(&self.shared.snapshot().config);
                 let report = self
                     .shared
                     .scorecard

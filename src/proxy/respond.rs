@@ -18,7 +18,7 @@ pub(super) enum Rejection {
     BadBody,
     /// The body did not arrive within `limits.body_timeout_ms`.
     BodyTimeout,
-    /// An id that may not go into a URL (`core::bridge::is_safe_id`).
+    /// An id that may not go into a URL (`core::ids::is_safe_id`).
     UnsafeId,
 }
 

@@ -22,6 +22,7 @@ use crate::core::chat::{self, ChatBody};
 use crate::core::config::Mode;
 use crate::core::forwarded::{Forwarded, Received};
 use crate::core::identity::Caller;
+use crate::core::ids;
 use crate::core::routing::{ChatRoute, Reason, RolloutDecision};
 use crate::core::stream::{self, End, Facts};
 use crate::runtime::bridge::Credentials;
@@ -245,7 +246,7 @@ impl CutoverProxy {
         if let Some(what) = unsafe_id(req.route, &chat_body).filter(|_| bridged) {
             let msg = format!(
                 "{what} may hold only A-Z a-z 0-9 _ - (at most {} characters)",
-                bridge::MAX_ID_LEN
+                ids::MAX_ID_LEN
             );
             self.refuse(session, req.chat, Rejection::UnsafeId, &msg)
                 .await?;
@@ -609,18 +610,18 @@ fn to_legacy(chat: &mut ChatCtx, reason: Reason) {
 }
 
 /// An id the caller sent that the bridge would put into a legacy URL and that is not a
-/// [`bridge::is_safe_id`]: the path's session id, or `/chat/start`'s `agentId`. With the bridge
+/// [`ids::is_safe_id`]: the path's session id, or `/chat/start`'s `agentId`. With the bridge
 /// on it is refused with 400 before any upstream is asked, so that a crafted id (`..`,
 /// `a%2Fb`) cannot make the proxy call another legacy route with the caller's token; legacy is
 /// not asked to serve it either, as that would be the same request through another door. With
 /// the bridge off ids only travel inside the runtime's JSON body, where any string is safe.
 fn unsafe_id(route: &ChatRoute, chat_body: &ChatBody) -> Option<&'static str> {
     match route {
-        ChatRoute::Session(id) => (!bridge::is_safe_id(id)).then_some("the session id"),
+        ChatRoute::Session(id) => (!ids::is_safe_id(id)).then_some("the session id"),
         ChatRoute::Start => {
             let agent = chat_body.agent_id.as_deref().filter(|a| !a.is_empty());
             agent
-                .is_some_and(|a| !bridge::is_safe_id(a))
+                .is_some_and(|a| !ids::is_safe_id(a))
                 .then_some("agentId")
         }
     }

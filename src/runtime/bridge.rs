@@ -22,6 +22,7 @@ use crate::core::config::{BridgeConfig, Config};
 use crate::core::forwarded::Forwarded;
 use crate::core::h1;
 use crate::core::identity::Caller;
+use crate::core::ids;
 use crate::core::persist::{Attempt, Backoff};
 use crate::ops::metrics::BridgeMetrics;
 use crate::upstream::{Call, Tcp, TimeoutCounters, Timeouts, Upstream, UpstreamName};
@@ -265,7 +266,7 @@ impl Bridge {
         message: &str,
     ) -> Result<String, BridgeError> {
         let route = Route::CreateSession;
-        if !bridge::is_safe_id(agent_id) {
+        if !ids::is_safe_id(agent_id) {
             return Err(self.invalid_id(route));
         }
         let body = bridge::new_session_body(agent_id, message);
@@ -281,7 +282,7 @@ impl Bridge {
                 bridge::parse_created_id,
             )
             .await?;
-        if !bridge::is_safe_id(&id) {
+        if !ids::is_safe_id(&id) {
             // It would be put into later URLs (messages, delete) and into the client's sessionId.
             return Err(BridgeError::unavailable(
                 route,

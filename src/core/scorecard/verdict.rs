@@ -31,6 +31,18 @@ pub struct Thresholds {
     pub max_ttfe_ratio: f64,
 }
 
+impl Thresholds {
+    /// `[shadow]`'s `ready_*` keys, as the breaker takes its settings from `[breaker]`.
+    pub fn from_config(c: &crate::core::config::Config) -> Self {
+        let s = &c.shadow;
+        Thresholds {
+            min_samples: s.ready_min_samples,
+            max_error_rate_delta: s.ready_max_error_rate_delta,
+            max_ttfe_ratio: s.ready_max_ttfe_ratio,
+        }
+    }
+}
+
 /// `ready`, `not_ready` or `insufficient`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
