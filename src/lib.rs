@@ -22,4 +22,5 @@ pub mod core;
 pub mod ops;
 pub mod proxy;
 pub mod runtime;
+pub mod state;
 pub mod upstream;

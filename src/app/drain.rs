@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use pingora::server::{ShutdownSignal, ShutdownSignalWatch};
 
-use crate::app::state::Shared;
+use crate::state::Shared;
 
 /// SIGTERM starts the drain: readiness fails at once and Pingora's proxy listener stops
 /// accepting (the admin and metrics listeners stay up, see `Endpoint`), while a separate thread

@@ -9,14 +9,14 @@ use pingora::server::configuration::ServerConf;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::app::accept_loop;
-use crate::app::state::Shared;
+use super::accept::accept_loop;
 use crate::core::config::Config;
 use crate::ops::admin::{AdminApp, MetricsApp};
 use crate::ops::prometheus::PlainGet;
 use crate::ops::{fleet, health, reload};
 use crate::proxy::front_door::{ConnectionCount, FrontDoor};
 use crate::proxy::CutoverProxy;
+use crate::state::Shared;
 
 /// The services on ephemeral loopback ports, inside the current tokio runtime.
 pub struct LocalServer {

@@ -4,20 +4,18 @@
 //! (`local`) starts the same services on ephemeral loopback ports inside the caller's tokio
 //! runtime, for tests and benchmarks.
 
+mod accept;
 pub mod demo;
 pub mod drain;
 pub mod local;
 pub mod logging;
 pub mod rollout;
-pub mod state;
-pub mod upstream;
 
 pub use drain::{drain, DrainEnd, CUTOFF_MARGIN, MAX_GRACE};
 pub use local::LocalServer;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
@@ -29,13 +27,14 @@ use pingora::services::listening::Service;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::app::drain::{DrainOnSigterm, PINGORA_GRACE_SECS};
-use crate::app::state::Shared;
 use crate::core::config::Config;
 use crate::ops::admin::{AdminApp, MetricsApp};
 use crate::ops::{fleet, health, reload};
 use crate::proxy::front_door::{ConnectionCount, FrontDoor};
 use crate::proxy::CutoverProxy;
+use crate::state::Shared;
+use accept::accept_loop;
+use drain::{DrainOnSigterm, PINGORA_GRACE_SECS};
 
 struct HealthService(Arc<Shared>);
 
@@ -218,43 +217,6 @@ pub fn run(config_path: PathBuf, config: Config) -> ! {
         shutdown_signal: Box::new(DrainOnSigterm { shared }),
     });
     std::process::exit(0)
-}
-
-/// Accept connections and hand each to `app` until `shutdown` turns true.
-pub(crate) async fn accept_loop<A: ServerApp + Send + Sync + 'static>(
-    listener: TcpListener,
-    app: Arc<A>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = shutdown.changed() => return,
-        };
-        let (tcp, peer) = match accepted {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
-        let (app, rx) = (app.clone(), shutdown.clone());
-        tokio::spawn(async move {
-            use pingora::protocols::{GetSocketDigest, SocketDigest};
-            use std::os::fd::AsRawFd;
-            let mut stream = pingora::protocols::l4::stream::Stream::from(tcp);
-            // The client's address, recorded as Pingora's own listener records it at accept.
-            let digest = SocketDigest::from_raw_fd(stream.as_raw_fd());
-            let _ = digest
-                .peer_addr
-                .set(Some(pingora::protocols::l4::socket::SocketAddr::Inet(peer)));
-            stream.set_socket_digest(digest);
-            app.process_new(Box::new(stream), &rx).await;
-        });
-    }
 }
 
 #[cfg(test)]

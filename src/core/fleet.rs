@@ -17,7 +17,10 @@
 //! All pure: time is passed in.
 
 use std::fmt;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
 
 /// The fleet's runtime outcomes over the window, summed over every replica. Prometheus'
 /// `increase()` extrapolates, so counts may be fractional.
@@ -162,6 +165,88 @@ impl FleetSignal {
 
     pub fn latest(&self) -> Option<&FleetReading> {
         self.latest.as_ref()
+    }
+}
+
+/// Where the fleet signal stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FleetState {
+    /// `[fleet] prometheus_url` is empty.
+    Off,
+    /// The last poll gave a reading.
+    Ok,
+    /// Prometheus could not be reached, was too slow or answered 5xx.
+    Unavailable,
+    /// It answered something else than the fleet's counts.
+    Invalid,
+}
+
+impl FleetState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FleetState::Off => "off",
+            FleetState::Ok => "ok",
+            FleetState::Unavailable => "unavailable",
+            FleetState::Invalid => "invalid",
+        }
+    }
+}
+
+/// The poller's last word, for `GET /runtime/fallback/status`.
+#[derive(Debug)]
+pub struct FleetStatus {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    state: FleetState,
+    detail: String,
+    last: Option<(Instant, FleetCounts)>,
+}
+
+impl Default for FleetStatus {
+    fn default() -> Self {
+        FleetStatus {
+            inner: Mutex::new(Inner {
+                state: FleetState::Off,
+                detail: String::new(),
+                last: None,
+            }),
+        }
+    }
+}
+
+impl FleetStatus {
+    pub fn state(&self) -> FleetState {
+        self.inner.lock().unwrap().state
+    }
+
+    /// Record where it stands; the previous state, so the caller logs changes only.
+    pub fn set(&self, state: FleetState, detail: String) -> FleetState {
+        let mut i = self.inner.lock().unwrap();
+        let before = i.state;
+        i.state = state;
+        i.detail = detail;
+        before
+    }
+
+    pub fn reading(&self, taken_at: Instant, counts: FleetCounts) {
+        self.inner.lock().unwrap().last = Some((taken_at, counts));
+    }
+
+    /// `{"state","detail","lastReading":{"total","error","timeout","ageMs"}|null}`.
+    pub fn to_json(&self, now: Instant) -> Value {
+        let i = self.inner.lock().unwrap();
+        let last = i.last.map(|(at, c)| {
+            json!({
+                "total": c.total,
+                "error": c.error,
+                "timeout": c.timeout,
+                "ageMs": now.saturating_duration_since(at).as_millis() as u64,
+            })
+        });
+        json!({"state": i.state.as_str(), "detail": i.detail, "lastReading": last})
     }
 }
 

@@ -13,9 +13,9 @@ use pingora::protocols::http::ServerSession;
 use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 
-use crate::app::state::Shared;
 use crate::core::config::Mode;
 use crate::core::scorecard::Thresholds;
+use crate::state::Shared;
 
 pub struct AdminApp {
     shared: Arc<Shared>,

@@ -8,101 +8,18 @@
 //! is, and the log has one line per change of state, not one per poll. The config is read each
 //! round, so `[fleet]` is reloadable.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
 use tokio::sync::watch;
 
-use crate::app::state::Shared;
-use crate::core::fleet::{FleetCounts, FleetReading};
+use crate::core::fleet::{FleetReading, FleetState};
 use crate::core::prometheus::{fleet_counts, fleet_query, HttpUrl};
 use crate::ops::prometheus::{query, HttpGet, QueryError};
+use crate::state::Shared;
 
 /// How often a disabled poller looks at the config again.
 const OFF_RECHECK: Duration = Duration::from_secs(1);
-
-/// Where the fleet signal stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FleetState {
-    /// `[fleet] prometheus_url` is empty.
-    Off,
-    /// The last poll gave a reading.
-    Ok,
-    /// Prometheus could not be reached, was too slow or answered 5xx.
-    Unavailable,
-    /// It answered something else than the fleet's counts.
-    Invalid,
-}
-
-impl FleetState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FleetState::Off => "off",
-            FleetState::Ok => "ok",
-            FleetState::Unavailable => "unavailable",
-            FleetState::Invalid => "invalid",
-        }
-    }
-}
-
-/// The poller's last word, for `GET /runtime/fallback/status`.
-#[derive(Debug)]
-pub struct FleetStatus {
-    inner: Mutex<Inner>,
-}
-
-#[derive(Debug)]
-struct Inner {
-    state: FleetState,
-    detail: String,
-    last: Option<(Instant, FleetCounts)>,
-}
-
-impl Default for FleetStatus {
-    fn default() -> Self {
-        FleetStatus {
-            inner: Mutex::new(Inner {
-                state: FleetState::Off,
-                detail: String::new(),
-                last: None,
-            }),
-        }
-    }
-}
-
-impl FleetStatus {
-    pub fn state(&self) -> FleetState {
-        self.inner.lock().unwrap().state
-    }
-
-    /// Record where it stands; the previous state, so the caller logs changes only.
-    fn set(&self, state: FleetState, detail: String) -> FleetState {
-        let mut i = self.inner.lock().unwrap();
-        let before = i.state;
-        i.state = state;
-        i.detail = detail;
-        before
-    }
-
-    fn reading(&self, taken_at: Instant, counts: FleetCounts) {
-        self.inner.lock().unwrap().last = Some((taken_at, counts));
-    }
-
-    /// `{"state","detail","lastReading":{"total","error","timeout","ageMs"}|null}`.
-    pub fn to_json(&self, now: Instant) -> Value {
-        let i = self.inner.lock().unwrap();
-        let last = i.last.map(|(at, c)| {
-            json!({
-                "total": c.total,
-                "error": c.error,
-                "timeout": c.timeout,
-                "ageMs": now.saturating_duration_since(at).as_millis() as u64,
-            })
-        });
-        json!({"state": i.state.as_str(), "detail": i.detail, "lastReading": last})
-    }
-}
 
 /// Poll until `shutdown` turns true.
 pub async fn run(shared: Arc<Shared>, http: Arc<dyn HttpGet>, mut shutdown: watch::Receiver<bool>) {

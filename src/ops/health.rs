@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{watch, Notify};
 
-use crate::app::state::Shared;
 use crate::core::breaker::State;
 use crate::core::h1;
+use crate::state::Shared;
 use crate::upstream::Call;
 
 /// A health answer larger than this is not read (nor is the connection kept).

@@ -4,6 +4,5 @@
 pub mod admin;
 pub mod fleet;
 pub mod health;
-pub mod metrics;
 pub mod prometheus;
 pub mod reload;

@@ -28,8 +28,8 @@ use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use crate::app::state::Shared;
 use crate::core::config::Config;
+use crate::state::Shared;
 
 /// A change is looked at once its events have been quiet this long ...
 const DEBOUNCE: Duration = Duration::from_millis(100);

@@ -4,15 +4,16 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::app::state::{Active, RequestGuard, Shared};
 use crate::core::cors::CorsHeaders;
 use crate::core::identity::Caller;
 use crate::core::routing::{ChatRoute, RolloutDecision};
 use crate::core::scorecard::DecodingObserver;
 use crate::core::stats::Outcome;
 use crate::runtime::connection::OpenFailure;
-use crate::runtime::relay::{InFlight, StreamReport};
+use crate::runtime::relay::StreamReport;
 use crate::runtime::shadow::Pair;
+use crate::state::in_flight::{InFlight, RequestGuard};
+use crate::state::{Active, Shared};
 
 /// Everything one request carries between callbacks.
 pub struct RequestCtx {

@@ -11,9 +11,10 @@ use pingora::proxy::Session;
 use pingora::{Error, ErrorType, Result};
 
 use super::CutoverProxy;
-use crate::app::state::Active;
 use crate::core::files;
 use crate::runtime::files::{fetch, RuntimeFile};
+use crate::runtime::respond::apply_cors;
+use crate::state::Active;
 
 /// Why a file request was not served; for the log, never for the client.
 type Refused = &'static str;
@@ -135,7 +136,7 @@ impl CutoverProxy {
         // Signed for one org: no shared cache may keep it for another.
         resp.insert_header("cache-control", "private, no-store")?;
         resp.insert_header("x-content-type-options", "nosniff")?;
-        super::apply_cors(&mut resp, &active.cors_for(&session.req_header().headers))?;
+        apply_cors(&mut resp, &active.cors_for(&session.req_header().headers))?;
         session.write_response_header(Box::new(resp), false).await?;
 
         loop {
@@ -166,7 +167,7 @@ async fn not_found(session: &mut Session, active: &Active) -> Result<()> {
     let mut resp = ResponseHeader::build(404, Some(3))?;
     resp.insert_header("content-type", "text/plain")?;
     resp.insert_header("content-length", body.len().to_string())?;
-    super::apply_cors(&mut resp, &active.cors_for(&session.req_header().headers))?;
+    apply_cors(&mut resp, &active.cors_for(&session.req_header().headers))?;
     session.write_response_header(Box::new(resp), false).await?;
     session.write_response_body(Some(body), true).await
 }

@@ -48,12 +48,12 @@ use prometheus::IntCounterVec;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::{timeout, timeout_at, Instant};
 
-use crate::app::state::Shared;
 use crate::core::chunked::ChunkedValidator;
 use crate::core::config::Config;
 use crate::core::request_head::{self, refusal_response, Framing, Head, Refusal};
 use crate::proxy::ctx::Handover;
 use crate::proxy::CutoverProxy;
+use crate::state::Shared;
 use crate::upstream::{Silence, Stage, UpstreamName};
 
 /// How long a refusal may take to write, and how long the client's remaining bytes are read and

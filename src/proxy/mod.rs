@@ -7,13 +7,14 @@
 //! hands the connection to Pingora one request at a time.
 
 mod ctx;
-mod downstream;
 mod files;
 mod forwarded;
 pub mod front_door;
+mod peer;
 mod record;
 mod respond;
 mod serve;
+mod session;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,20 +26,19 @@ use pingora::proxy::{ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
-use crate::app::state::Shared;
-use crate::app::upstream;
 use crate::core::config::Mode;
 use crate::core::identity::Unverified;
 use crate::core::routing::{chat_route, gate, ChatRoute, Gated};
 use crate::core::scorecard::{Coding, DecodingObserver};
-use crate::runtime::relay::InFlight;
+use crate::state::in_flight::InFlight;
+use crate::state::Shared;
 use crate::upstream::{Silence, Stage, UpstreamName};
 
+use crate::runtime::downstream::Downstream;
+use crate::runtime::respond::{apply_cors, respond_json};
 pub use ctx::RequestCtx;
 use ctx::{ChatCtx, Handover, LegacyHalf, ProbeGuard, Served};
-pub use downstream::Downstream;
-pub(crate) use respond::apply_cors;
-use respond::{respond_json, Rejection};
+use respond::Rejection;
 use serve::{content_length, RuntimePath};
 
 /// Largest body Pingora can replay to legacy when the runtime fails before its first byte.
@@ -53,7 +53,7 @@ impl CutoverProxy {
         CutoverProxy { shared }
     }
 
-    fn request_ctx(&self, active: Arc<crate::app::state::Active>, started: Instant) -> RequestCtx {
+    fn request_ctx(&self, active: Arc<crate::state::Active>, started: Instant) -> RequestCtx {
         RequestCtx {
             started,
             _guard: self.shared.requests.enter(),
@@ -152,7 +152,7 @@ impl CutoverProxy {
         &self,
         req: &pingora::http::RequestHeader,
         resp: &ResponseHeader,
-        active: &crate::app::state::Active,
+        active: &crate::state::Active,
     ) {
         let origin = req.headers.get(http::header::ORIGIN).map(|v| v.as_bytes());
         if active
@@ -286,7 +286,7 @@ impl ProxyHttp for CutoverProxy {
                 chat.in_flight = Some(InFlight::new(gauge));
             }
         }
-        Ok(Box::new(upstream::legacy_peer(addr, &ctx.active.legacy)))
+        Ok(Box::new(peer::legacy_peer(addr, &ctx.active.legacy)))
     }
 
     /// What legacy is sent: the client's request as it came, with two exceptions. The

@@ -12,10 +12,8 @@ use pingora::proxy::Session;
 use pingora::Result;
 
 use super::ctx::{ChatCtx, Failover, Served};
-use super::downstream::BodyRead;
-use super::respond::{respond_sse_error, Rejection};
-use super::{CutoverProxy, Downstream, REPLAY_LIMIT};
-use crate::app::state::Active;
+use super::respond::Rejection;
+use super::{CutoverProxy, REPLAY_LIMIT};
 use crate::core::breaker::State;
 use crate::core::bridge::{self, BridgeError};
 use crate::core::chat::{self, ChatBody};
@@ -25,10 +23,13 @@ use crate::core::identity::Caller;
 use crate::core::ids;
 use crate::core::routing::{ChatRoute, Reason, RolloutDecision};
 use crate::core::stream::{self, End, Facts};
-use crate::runtime::bridge::Credentials;
 use crate::runtime::connection::{self, OpenFailure, RuntimeStream};
+use crate::runtime::downstream::{BodyRead, Downstream};
 use crate::runtime::relay::{self, RelayArgs, Relayed, Saving, StreamReport};
+use crate::runtime::respond::respond_sse_error;
 use crate::runtime::shadow::{Pair, Reading, Source};
+use crate::state::Active;
+use crate::upstream::bridge::Credentials;
 
 pub(super) fn content_length<D: Downstream>(session: &D) -> Option<usize> {
     session

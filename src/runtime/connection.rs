@@ -12,10 +12,10 @@ use bytes::Bytes;
 use pingora::http::RequestHeader;
 use tokio::net::TcpStream;
 
-use crate::app::state::{Active, Shared};
 use crate::core::h1::{self, BodyError};
 use crate::core::sse::{SseError, SseEvent, SseParser};
 use crate::core::stats::Outcome;
+use crate::state::{Active, Shared};
 use crate::upstream::{Body, Call, Failure, Stage};
 
 /// Request headers passed on to the runtime besides the ones the proxy sets. Never the caller's

@@ -10,10 +10,6 @@
 //! outcome is never the breaker's business: the client leaving is not the runtime's fault, and
 //! the relay already recorded the request as a client that went away.
 
-use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
@@ -31,13 +27,6 @@ pub struct Leftover {
     pub events: Vec<SseEvent>,
     /// The user message's save, which the answer's waits for.
     pub user_saved: Option<JoinHandle<()>>,
-}
-
-/// The detached executions running now, oldest first, each with its cancel.
-#[derive(Default)]
-pub struct Detached {
-    running: Mutex<VecDeque<(u64, Arc<Notify>)>>,
-    next: AtomicU64,
 }
 
 /// How a detached execution ended: the `result` label of `cutover_bridge_detached_total`.
@@ -59,36 +48,6 @@ impl Ended {
             Ended::Dropped => "dropped",
             Ended::Shutdown => "shutdown",
         }
-    }
-}
-
-impl Detached {
-    /// Running now.
-    pub fn len(&self) -> usize {
-        self.running.lock().unwrap().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Take one more, at most `max` at once: the oldest beyond it is told to stop.
-    fn admit(&self, max: usize) -> (u64, Arc<Notify>) {
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let cancel = Arc::new(Notify::new());
-        let mut running = self.running.lock().unwrap();
-        running.push_back((id, cancel.clone()));
-        while running.len() > max.max(1) {
-            if let Some((_, oldest)) = running.pop_front() {
-                // A permit: it stops at its next wait even if it is not waiting now.
-                oldest.notify_one();
-            }
-        }
-        (id, cancel)
-    }
-
-    fn leave(&self, id: u64) {
-        self.running.lock().unwrap().retain(|(i, _)| *i != id);
     }
 }
 
@@ -208,21 +167,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn beyond_the_bound_the_oldest_is_told_to_stop() {
-        let d = Detached::default();
-        let (a, cancel_a) = d.admit(2);
-        let (_, cancel_b) = d.admit(2);
-        assert_eq!(d.len(), 2);
-        let (_, _cancel_c) = d.admit(2);
-        assert_eq!(d.len(), 2);
-        // `a` holds a permit: its next wait ends at once; `b` holds none.
-        assert!(futures::FutureExt::now_or_never(cancel_a.notified()).is_some());
-        assert!(futures::FutureExt::now_or_never(cancel_b.notified()).is_none());
-        d.leave(a);
-        assert_eq!(d.len(), 2, "a dropped execution is already out");
+    fn the_result_labels_are_the_series_labels() {
         assert_eq!(
             Ended::Dropped.as_str(),
-            crate::ops::metrics::BridgeMetrics::DETACHED_RESULTS[3]
+            crate::upstream::bridge::BridgeMetrics::DETACHED_RESULTS[3]
         );
     }
 }

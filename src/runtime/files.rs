@@ -9,8 +9,8 @@ use bytes::Bytes;
 use pingora::http::RequestHeader;
 use tokio::net::TcpStream;
 
-use crate::app::state::{Active, Shared};
 use crate::core::h1::{self, Framing};
+use crate::state::{Active, Shared};
 use crate::upstream::{Body, Call};
 
 /// Request headers of the download passed on to the runtime: tracing only, never the caller's

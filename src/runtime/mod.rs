@@ -1,9 +1,10 @@
 //! The runtime side of a chat: one connection per execution, the relay that turns its SSE into
 //! client events under the execution's deadlines, and fire-and-forget shadow copies.
 
-pub mod bridge;
 pub mod connection;
 pub mod detached;
+pub mod downstream;
 pub mod files;
 pub mod relay;
+pub mod respond;
 pub mod shadow;

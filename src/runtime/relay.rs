@@ -6,11 +6,9 @@
 
 use std::time::{Duration, Instant};
 
-use crate::proxy::Downstream;
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
 
-use crate::app::state::Shared;
 use crate::core::agent2ui::{self, Completion, DoneEvent, MapSettings, Mapped, StreamMapper};
 use crate::core::bridge::AssistantMessage;
 use crate::core::commit::{Precommit, Seen, Step, Trigger};
@@ -21,9 +19,13 @@ use crate::core::routing::RolloutDecision;
 use crate::core::sse::{SseError, SseParser};
 use crate::core::stats::Outcome;
 use crate::core::stream::{self, End, Facts, Verdict};
-use crate::runtime::bridge::{Bridge, Credentials, Persisted, Target};
 use crate::runtime::connection::{RuntimeStream, SseBody};
 use crate::runtime::detached;
+use crate::runtime::downstream::Downstream;
+use crate::runtime::respond::sse_response_header;
+use crate::state::in_flight::InFlight;
+use crate::state::Shared;
+use crate::upstream::bridge::{Bridge, Credentials, Persisted, Target};
 use crate::upstream::{Silence, Stage};
 
 /// Grace for the last write after the execution deadline.
@@ -40,26 +42,6 @@ pub struct StreamReport {
     pub first_write: Option<Duration>,
     pub events: u64,
     pub bytes: u64,
-}
-
-/// The response header of a rewritten runtime stream. HTTP/1.1 clients get chunked framing
-/// (flushed per chunk, keep-alive intact); HTTP/1.0 clients a close-delimited body.
-pub fn sse_response_header(
-    decision: RolloutDecision,
-    version: http::Version,
-    cors: &CorsHeaders,
-) -> pingora::Result<ResponseHeader> {
-    let mut resp = ResponseHeader::build(200, Some(7))?;
-    if version == http::Version::HTTP_11 {
-        resp.insert_header("transfer-encoding", "chunked")?;
-    }
-    resp.insert_header("content-type", "text/event-stream")?;
-    resp.insert_header("cache-control", "no-cache")?;
-    resp.insert_header("x-accel-buffering", "no")?;
-    resp.insert_header("x-execution-mode", decision.mode.as_str())?;
-    resp.insert_header("x-execution-reason", decision.reason.as_str())?;
-    crate::proxy::apply_cors(&mut resp, cors)?;
-    Ok(resp)
 }
 
 /// A read of the runtime failed: it fell silent past its idle timeout (pings count), or the
@@ -742,12 +724,12 @@ async fn write_client<D: Downstream>(
 /// Message events counted per kind and added to `sse_events_total` once per read rather than
 /// once per event: a label lookup per event was a measurable part of the relay's CPU.
 struct EventTally {
-    metrics: &'static crate::ops::metrics::Metrics,
+    metrics: &'static crate::state::metrics::Metrics,
     counts: Vec<(&'static str, u64)>,
 }
 
 impl EventTally {
-    fn new(metrics: &'static crate::ops::metrics::Metrics) -> Self {
+    fn new(metrics: &'static crate::state::metrics::Metrics) -> Self {
         EventTally {
             metrics,
             counts: Vec::new(),
@@ -782,21 +764,5 @@ impl EventTally {
 impl Drop for EventTally {
     fn drop(&mut self) {
         self.flush();
-    }
-}
-
-/// Keeps a gauge raised for as long as it lives.
-pub struct InFlight(prometheus::IntGauge);
-
-impl InFlight {
-    pub fn new(gauge: prometheus::IntGauge) -> Self {
-        gauge.inc();
-        InFlight(gauge)
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.dec();
     }
 }

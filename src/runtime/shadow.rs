@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use pingora::http::RequestHeader;
 
-use crate::app::state::{Active, Shared};
 use crate::core::agent2ui::{Mapped, StreamMapper};
 use crate::core::chat::{ChatBody, RuntimeRequest};
 use crate::core::identity::Caller;
@@ -24,8 +23,9 @@ use crate::core::scorecard::{Comparison, Pairing, PathSample, StreamObserver};
 use crate::core::sse::{SseError, SseParser};
 use crate::core::stats::Outcome;
 use crate::core::stream::{self, End, Facts};
-use crate::runtime::bridge::Credentials;
 use crate::runtime::connection::SseBody;
+use crate::state::{Active, Shared};
+use crate::upstream::bridge::Credentials;
 
 /// What one shadow execution did.
 #[derive(Debug, Clone, PartialEq)]

@@ -14,6 +14,7 @@
 //! own deadlines.
 
 pub mod body;
+pub mod bridge;
 pub mod pool;
 pub mod resolve;
 pub mod watched;

@@ -464,7 +464,7 @@ async fn failing_health_checks_open_the_breaker_without_traffic_and_recovery_fol
     assert_eq!(fallback_gauge(&h), 0);
 }
 
-fn retry_at_passed(shared: &cutover_proxy::app::state::Shared) -> bool {
+fn retry_at_passed(shared: &cutover_proxy::state::Shared) -> bool {
     shared
         .breaker
         .with_breaker(|b| b.retry_at())

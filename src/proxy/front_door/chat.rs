@@ -18,12 +18,13 @@ use pingora::{Error, ErrorType, Result};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{chunk, FrontStream, Phase};
-use crate::app::state::Active;
 use crate::core::passthrough::ChatHead;
 use crate::core::request_head::{Framing, Head};
 use crate::proxy::ctx::Handover;
-use crate::proxy::downstream::{shutdown_socket, BodyRead, Downstream};
+use crate::proxy::session::shutdown_socket;
 use crate::proxy::{Chat, CutoverProxy};
+use crate::runtime::downstream::{BodyRead, Downstream};
+use crate::state::Active;
 
 /// How a chat on the front door's connection ended.
 pub(super) enum Served {

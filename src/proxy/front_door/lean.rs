@@ -17,11 +17,11 @@ use tokio::net::TcpStream;
 use tokio::time::timeout;
 
 use super::{chunk, FrontStream};
-use crate::app::state::{Active, Shared};
 use crate::core::chunked::ChunkedValidator;
 use crate::core::h1::{self, BodyDecoder};
 use crate::core::passthrough::{client_head, Request};
 use crate::core::request_head::{Framing, Head};
+use crate::state::{Active, Shared};
 use crate::upstream::{self, Body, Call, Failure, Stage, Watched};
 
 const READ_CHUNK: usize = 16 * 1024;

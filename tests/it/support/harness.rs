@@ -277,7 +277,7 @@ impl Running {
         super::client::admin(&self.server, method, path, Some(ADMIN_TOKEN)).await
     }
     /// The instance's metric handles.
-    pub fn metrics(&self) -> &'static cutover_proxy::ops::metrics::Metrics {
+    pub fn metrics(&self) -> &'static cutover_proxy::state::metrics::Metrics {
         self.server.shared.metrics
     }
 }

@@ -15,6 +15,7 @@ use prometheus::{
 };
 
 use crate::core::timeouts::{Stage, UpstreamName};
+use crate::upstream::bridge::BridgeMetrics;
 use crate::upstream::TimeoutCounters;
 
 /// Latency buckets for chat streams: tens of milliseconds to ten minutes.
@@ -321,7 +322,7 @@ impl Metrics {
                 "Upstream deadlines that passed, by upstream (legacy, runtime) and stage (connect: no connection; response: no response head; idle: silent inside a response).",
                 &["upstream", "stage"]
             )?,
-            bridge: BridgeMetrics::register(r)?,
+            bridge: register_bridge(r)?,
             front_door: FrontDoorMetrics::register(r)?,
             commit: CommitMetrics::register(r)?,
             registry: registry.clone(),
@@ -548,22 +549,6 @@ impl FrontDoorMetrics {
     }
 }
 
-pub struct BridgeMetrics {
-    pub requests_total: IntCounterVec,
-    pub request_duration_seconds: HistogramVec,
-    pub cache_hits_total: IntCounterVec,
-    pub cache_misses_total: IntCounterVec,
-    pub cache_entries: IntGaugeVec,
-    pub persist_failures_total: IntCounter,
-    /// Saves not settled yet: retried in the background, or waiting for an earlier save of the
-    /// same chat.
-    pub persist_pending: IntGauge,
-    /// Executions finished for a client that left after the commit, by how they ended.
-    pub detached_total: IntCounterVec,
-    /// Such executions running now.
-    pub detached: IntGauge,
-}
-
 /// Calls to legacy: a pooled loopback call is a tenth of a millisecond, the bridge's timeout a few
 /// seconds.
 const BRIDGE_BUCKETS_SECONDS: &[f64] = &[
@@ -571,95 +556,76 @@ const BRIDGE_BUCKETS_SECONDS: &[f64] = &[
     5.0, 10.0,
 ];
 
-impl BridgeMetrics {
-    pub const ROUTES: [&'static str; 7] = [
-        "session",
-        "agent",
-        "messages",
-        "save_message",
-        "read_back",
-        "create_session",
-        "delete_session",
-    ];
-    /// How a detached execution ended: its answer saved (or handed to the background retries),
-    /// the runtime failing or ending without one, the execution deadline, dropped for a newer
-    /// one beyond `bridge.max_detached`, or cut by the shutdown.
-    pub const DETACHED_RESULTS: [&'static str; 5] =
-        ["saved", "failed", "timeout", "dropped", "shutdown"];
-    pub const RESULTS: [&'static str; 4] = ["ok", "refused", "unavailable", "invalid_id"];
-    pub const CACHES: [&'static str; 2] = ["session", "agent"];
-
-    fn register(r: &Registry) -> prometheus::Result<BridgeMetrics> {
-        let m = BridgeMetrics {
-            requests_total: counter_vec(
-                r,
-                "cutover_bridge_requests_total",
-                "Conversation bridge calls to legacy, by route and result (ok, refused, unavailable, invalid_id: an unsafe id never sent).",
-                &["route", "result"]
-            )?,
-            request_duration_seconds: histogram_vec(
-                r,
-                "cutover_bridge_request_duration_seconds",
-                "Duration of conversation bridge calls to legacy in seconds, by route.",
-                &["route"],
-                BRIDGE_BUCKETS_SECONDS
-            )?,
-            cache_hits_total: counter_vec(
-                r,
-                "cutover_bridge_cache_hits_total",
-                "Session agent ids and agent configs served from the bridge cache, by cache.",
-                &["cache"]
-            )?,
-            cache_misses_total: counter_vec(
-                r,
-                "cutover_bridge_cache_misses_total",
-                "Bridge cache lookups that had to ask legacy, by cache.",
-                &["cache"]
-            )?,
-            cache_entries: gauge_vec(
-                r,
-                "cutover_bridge_cache_entries",
-                "Entries in the bridge cache now, by cache.",
-                &["cache"]
-            )?,
-            persist_failures_total: counter(
-                r,
-                "cutover_bridge_persist_failures_total",
-                "Chat messages (user or assistant) legacy did not save after every attempt, or still unsaved at shutdown; each is logged whole."
-            )?,
-            persist_pending: gauge(
-                r,
-                "cutover_bridge_persist_pending",
-                "Chat messages whose save is not settled yet: retried in the background with backoff, or waiting for an earlier save of the same chat."
-            )?,
-            detached_total: counter_vec(
-                r,
-                "cutover_bridge_detached_total",
-                "Runtime executions read to their end after the client left (bridge.finish_detached), by result: saved, failed, timeout, dropped (beyond bridge.max_detached), shutdown.",
-                &["result"]
-            )?,
-            detached: gauge(
-                r,
-                "cutover_bridge_detached",
-                "Runtime executions being read to their end now for clients that left."
-            )?,
-        };
-        for result in Self::DETACHED_RESULTS {
-            m.detached_total.with_label_values(&[result]);
-        }
-        for route in Self::ROUTES {
-            for result in Self::RESULTS {
-                m.requests_total.with_label_values(&[route, result]);
-            }
-            m.request_duration_seconds.with_label_values(&[route]);
-        }
-        for cache in Self::CACHES {
-            m.cache_hits_total.with_label_values(&[cache]);
-            m.cache_misses_total.with_label_values(&[cache]);
-            m.cache_entries.with_label_values(&[cache]);
-        }
-        Ok(m)
+fn register_bridge(r: &Registry) -> prometheus::Result<BridgeMetrics> {
+    let m = BridgeMetrics {
+        requests_total: counter_vec(
+            r,
+            "cutover_bridge_requests_total",
+            "Conversation bridge calls to legacy, by route and result (ok, refused, unavailable, invalid_id: an unsafe id never sent).",
+            &["route", "result"]
+        )?,
+        request_duration_seconds: histogram_vec(
+            r,
+            "cutover_bridge_request_duration_seconds",
+            "Duration of conversation bridge calls to legacy in seconds, by route.",
+            &["route"],
+            BRIDGE_BUCKETS_SECONDS
+        )?,
+        cache_hits_total: counter_vec(
+            r,
+            "cutover_bridge_cache_hits_total",
+            "Session agent ids and agent configs served from the bridge cache, by cache.",
+            &["cache"]
+        )?,
+        cache_misses_total: counter_vec(
+            r,
+            "cutover_bridge_cache_misses_total",
+            "Bridge cache lookups that had to ask legacy, by cache.",
+            &["cache"]
+        )?,
+        cache_entries: gauge_vec(
+            r,
+            "cutover_bridge_cache_entries",
+            "Entries in the bridge cache now, by cache.",
+            &["cache"]
+        )?,
+        persist_failures_total: counter(
+            r,
+            "cutover_bridge_persist_failures_total",
+            "Chat messages (user or assistant) legacy did not save after every attempt, or still unsaved at shutdown; each is logged whole."
+        )?,
+        persist_pending: gauge(
+            r,
+            "cutover_bridge_persist_pending",
+            "Chat messages whose save is not settled yet: retried in the background with backoff, or waiting for an earlier save of the same chat."
+        )?,
+        detached_total: counter_vec(
+            r,
+            "cutover_bridge_detached_total",
+            "Runtime executions read to their end after the client left (bridge.finish_detached), by result: saved, failed, timeout, dropped (beyond bridge.max_detached), shutdown.",
+            &["result"]
+        )?,
+        detached: gauge(
+            r,
+            "cutover_bridge_detached",
+            "Runtime executions being read to their end now for clients that left."
+        )?,
+    };
+    for result in BridgeMetrics::DETACHED_RESULTS {
+        m.detached_total.with_label_values(&[result]);
     }
+    for route in BridgeMetrics::ROUTES {
+        for result in BridgeMetrics::RESULTS {
+            m.requests_total.with_label_values(&[route, result]);
+        }
+        m.request_duration_seconds.with_label_values(&[route]);
+    }
+    for cache in BridgeMetrics::CACHES {
+        m.cache_hits_total.with_label_values(&[cache]);
+        m.cache_misses_total.with_label_values(&[cache]);
+        m.cache_entries.with_label_values(&[cache]);
+    }
+    Ok(m)
 }
 
 /// The commit point's series: why streams were committed, how long the client's head was held,

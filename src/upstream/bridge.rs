@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use prometheus::{HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -24,8 +25,43 @@ use crate::core::h1;
 use crate::core::identity::Caller;
 use crate::core::ids;
 use crate::core::persist::{Attempt, Backoff};
-use crate::ops::metrics::BridgeMetrics;
 use crate::upstream::{Call, Tcp, TimeoutCounters, Timeouts, Upstream, UpstreamName};
+
+/// The bridge's series (registered with the others, `state::metrics`).
+pub struct BridgeMetrics {
+    pub requests_total: IntCounterVec,
+    pub request_duration_seconds: HistogramVec,
+    pub cache_hits_total: IntCounterVec,
+    pub cache_misses_total: IntCounterVec,
+    pub cache_entries: IntGaugeVec,
+    pub persist_failures_total: IntCounter,
+    /// Saves not settled yet: retried in the background, or waiting for an earlier save of the
+    /// same chat.
+    pub persist_pending: IntGauge,
+    /// Executions finished for a client that left after the commit, by how they ended.
+    pub detached_total: IntCounterVec,
+    /// Such executions running now.
+    pub detached: IntGauge,
+}
+
+impl BridgeMetrics {
+    pub const ROUTES: [&'static str; 7] = [
+        "session",
+        "agent",
+        "messages",
+        "save_message",
+        "read_back",
+        "create_session",
+        "delete_session",
+    ];
+    /// How a detached execution ended: its answer saved (or handed to the background retries),
+    /// the runtime failing or ending without one, the execution deadline, dropped for a newer
+    /// one beyond `bridge.max_detached`, or cut by the shutdown.
+    pub const DETACHED_RESULTS: [&'static str; 5] =
+        ["saved", "failed", "timeout", "dropped", "shutdown"];
+    pub const RESULTS: [&'static str; 4] = ["ok", "refused", "unavailable", "invalid_id"];
+    pub const CACHES: [&'static str; 2] = ["session", "agent"];
+}
 
 /// Marks the proxy's own calls, so legacy (and its logs) can tell them from the browser's.
 pub const BRIDGE_HEADER: &str = "x-cutover-bridge";

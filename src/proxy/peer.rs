@@ -11,14 +11,13 @@ use std::net::SocketAddr;
 
 use pingora::upstreams::peer::HttpPeer;
 
-pub use crate::upstream::pool::partition as pool_partition;
-pub use crate::upstream::Resolver;
+use crate::upstream::pool::partition;
 use crate::upstream::Timeouts;
 
-/// Legacy's peer for Pingora's proxy, pooled per worker thread (`pool_partition`).
-pub fn legacy_peer(addr: SocketAddr, t: &Timeouts) -> HttpPeer {
+/// Legacy's peer for Pingora's proxy, pooled per worker thread (`upstream::pool::partition`).
+pub(super) fn legacy_peer(addr: SocketAddr, t: &Timeouts) -> HttpPeer {
     let mut peer = HttpPeer::new(addr, false, String::new());
-    peer.group_key = pool_partition();
+    peer.group_key = partition();
     peer.options.connection_timeout = Some(t.connect);
     peer.options.read_timeout = Some(t.idle);
     peer.options.idle_timeout = Some(t.pool_idle);

@@ -3,28 +3,31 @@
 //! The config lives in an `ArcSwap<Active>`: a request takes one snapshot at its start and keeps
 //! it to the end, so a reload never changes the rules under a request in flight.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 
-use crate::app::upstream::Resolver;
 use crate::core::agent2ui::MapSettings;
 use crate::core::breaker::{Breaker, BreakerSettings, SharedBreaker};
 use crate::core::config::Config;
 use crate::core::cors::{CorsHeaders, CorsPolicy};
 use crate::core::files::{FileKey, FileSigner};
+use crate::core::fleet::FleetStatus;
 use crate::core::forwarded::{Hop, TrustedProxies};
 use crate::core::identity::Verifier;
 use crate::core::routing::Rollout;
 use crate::core::scorecard::Scorecard;
 use crate::core::stats::ExecutionStats;
-use crate::ops::fleet::FleetStatus;
-use crate::ops::metrics::Metrics;
-use crate::runtime::bridge::{Bridge, Target};
-use crate::runtime::detached::Detached;
-use crate::upstream::{Tcp, Timeouts, Upstream, UpstreamName};
+use crate::upstream::bridge::{Bridge, Target};
+use crate::upstream::{Resolver, Tcp, Timeouts, Upstream, UpstreamName};
+
+pub mod in_flight;
+pub mod metrics;
+
+use in_flight::{Detached, InFlightRequests};
+use metrics::Metrics;
 
 /// One validated config, compiled for the hot path.
 pub struct Active {
@@ -142,28 +145,6 @@ fn file_key(config: &Config) -> Option<FileKey> {
         explicit.as_deref(),
         jwt.as_deref().unwrap_or_default().as_bytes(),
     ))
-}
-
-/// Counts requests in flight; each request's context holds one `RequestGuard`.
-#[derive(Default)]
-pub struct InFlightRequests(AtomicUsize);
-
-impl InFlightRequests {
-    pub fn enter(self: &Arc<Self>) -> RequestGuard {
-        self.0.fetch_add(1, Ordering::SeqCst);
-        RequestGuard(self.clone())
-    }
-    pub fn count(&self) -> usize {
-        self.0.load(Ordering::SeqCst)
-    }
-}
-
-pub struct RequestGuard(Arc<InFlightRequests>);
-
-impl Drop for RequestGuard {
-    fn drop(&mut self) {
-        self.0 .0.fetch_sub(1, Ordering::SeqCst);
-    }
 }
 
 pub struct Shared {
