@@ -12,6 +12,7 @@ pub mod config;
 pub mod files;
 pub mod h1;
 pub mod identity;
+pub mod json;
 pub mod passthrough;
 pub mod recent;
 pub mod request_head;
