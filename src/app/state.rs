@@ -30,8 +30,9 @@ pub struct Active {
     pub verifier: Verifier,
     pub legacy: PeerSettings,
     pub runtime: PeerSettings,
-    /// Where the conversation bridge finds legacy, and its routes.
-    pub bridge: Target,
+    /// Where the conversation bridge finds legacy, and its routes; shared with each bridged
+    /// stream, which keeps it until its answer is saved.
+    pub bridge: Arc<Target>,
     /// The admin bearer token (from the env var the config names); `None` refuses mutations.
     pub admin_token: Option<String>,
     /// The key runtime file links are signed and checked with; `None` when there is neither a
@@ -60,7 +61,7 @@ impl Active {
             },
             admin_token,
             file_key,
-            bridge: Target::of(&config),
+            bridge: Arc::new(Target::of(&config)),
             config,
         }
     }
