@@ -206,7 +206,7 @@ impl StreamMapper {
             }
             Some(_) => return Mapped::Unknown,
         };
-        let Some(row) = ROWS.iter().find(|row| row.event == name) else {
+        let Some(row) = row(&name) else {
             return Mapped::Unknown;
         };
         let start = out.len();
@@ -747,6 +747,12 @@ const fn special(event: &'static str, kind: &'static str, shape: Shape) -> Row {
     Row { event, kind, shape }
 }
 
+const TEXT_CHUNK_ROW: Row = special(
+    "text_chunk",
+    "text",
+    Shape::NonEmpty(K::Content, &[C("content", K::Content)]),
+);
+
 const ROWS: &[Row] = &[
     special("plan_created", "plan", Shape::Plan),
     message(
@@ -850,16 +856,21 @@ const ROWS: &[Row] = &[
         "thinking",
         &[C("content", K::Content), C("stage", K::Stage)],
     ),
-    special(
-        "text_chunk",
-        "text",
-        Shape::NonEmpty(K::Content, &[C("content", K::Content)]),
-    ),
+    TEXT_CHUNK_ROW,
     special("ping", "", Shape::Heartbeat),
     special("file_created", "file", Shape::File),
     special("execution_complete", "", Shape::Done),
     special("execution_error", "", Shape::Error),
 ];
+
+/// The table's row for a runtime event name: a `text_chunk` is most of a stream, so it is
+/// looked at first.
+fn row(name: &str) -> Option<&'static Row> {
+    if name == "text_chunk" {
+        return Some(&TEXT_CHUNK_ROW);
+    }
+    ROWS.iter().find(|row| row.event == name)
+}
 
 /// The runtime payload fields any row reads; each is a slot of [`Payload`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

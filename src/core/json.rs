@@ -268,12 +268,42 @@ impl<'a> Scanner<'a> {
         let mut want_trail = None;
         let begin = sink.as_ref().map_or(0, |sink| sink.len());
         if let Some(sink) = sink.as_deref_mut() {
-            // Mostly shorter: escapes of CJK take six bytes for three.
-            sink.reserve(at - start + 2);
+            // The string, written, is no longer than it is in the frame (an escape never
+            // becomes longer) and ends before the frame does: no growing on the way.
+            sink.reserve(bytes.len() - start + 2);
             sink.push(b'"');
             sink.extend_from_slice(&bytes[start..at]);
         }
         loop {
+            // The usual escaped text, a run of `\uXXXX` of CJK (BMP beyond Latin, no
+            // surrogate), goes in three bytes of UTF-8 each without the general case's checks.
+            if want_trail.is_none() {
+                while let Some([b'\\', b'u', digits @ ..]) = bytes.get(at..at + 6) {
+                    let Ok(unit @ 0x800..0xD800) = hex4(digits) else {
+                        break;
+                    };
+                    at += 6;
+                    if let Some(sink) = sink.as_deref_mut() {
+                        sink.extend_from_slice(&[
+                            0xE0 | (unit >> 12) as u8,
+                            0x80 | (unit >> 6 & 0x3F) as u8,
+                            0x80 | (unit & 0x3F) as u8,
+                        ]);
+                    }
+                }
+            }
+            // Plain text up to the next escape, quote or control character.
+            if bytes.get(at) != Some(&b'\\') {
+                let run = special(&bytes[at..]).ok_or(Invalid)?;
+                if run > 0 {
+                    paired &= want_trail.is_none();
+                    want_trail = None;
+                    if let Some(sink) = sink.as_deref_mut() {
+                        sink.extend_from_slice(&bytes[at..at + run]);
+                    }
+                }
+                at += run;
+            }
             match bytes[at] {
                 b'\\' => {}
                 b'"' => {
@@ -299,16 +329,7 @@ impl<'a> Scanner<'a> {
             if kind == b'u' {
                 let unit = hex4(bytes.get(at + 2..at + 6).ok_or(Invalid)?)?;
                 at += 6;
-                if want_trail.is_none() && (0x800..0xD800).contains(&unit) {
-                    // The usual one: CJK, three bytes of UTF-8.
-                    if let Some(sink) = sink.as_deref_mut() {
-                        sink.extend_from_slice(&[
-                            0xE0 | (unit >> 12) as u8,
-                            0x80 | (unit >> 6 & 0x3F) as u8,
-                            0x80 | (unit & 0x3F) as u8,
-                        ]);
-                    }
-                } else if unit & 0xF800 != 0xD800 {
+                if unit & 0xF800 != 0xD800 {
                     paired &= want_trail.is_none();
                     want_trail = None;
                     if let Some(sink) = sink.as_deref_mut() {
@@ -339,18 +360,6 @@ impl<'a> Scanner<'a> {
                 }
             } else {
                 return Err(Invalid);
-            }
-            // Escapes come in runs (text escaped as `\uXXXX`, character by character).
-            if bytes.get(at) != Some(&b'\\') {
-                let run = special(&bytes[at..]).ok_or(Invalid)?;
-                if run > 0 {
-                    paired &= want_trail.is_none();
-                    want_trail = None;
-                    if let Some(sink) = sink.as_deref_mut() {
-                        sink.extend_from_slice(&bytes[at..at + run]);
-                    }
-                }
-                at += run;
             }
         }
     }
