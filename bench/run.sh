@@ -640,6 +640,12 @@ if section 6; then
     done
   done
 
+  # And its speed on this machine: events per CPU-second of the thread (its own CPU clock, so
+  # the time other processes had the core is left out), the best of ten passes and the median.
+  for r in $(seq 1 "$CG_RUNS"); do
+    "$REWRITE_BIN" text 200000 10 --cpu >"$OUT/cg/rewrite-cpu-r$r.json"
+  done
+
   for r in $(seq 1 "$CG_RUNS"); do
     # Passthrough: the same keep-alive GETs through each, one worker each.
     under_callgrind nginx-cg "$r"
@@ -714,7 +720,9 @@ if section 6; then
     done
     stop idle-runtime
   done
-  $TOOL collect "$OUT/counts.json" --jsonl "$OUT/cg/counts.jsonl" --set "count_runs=$CG_RUNS" \
+  cpu_files=()
+  for f in "$OUT"/cg/rewrite-cpu-r*.json; do cpu_files+=(--set "cpu_$(basename "$f" .json)=$(cat "$f")"); done
+  $TOOL collect "$OUT/counts.json" --jsonl "$OUT/cg/counts.jsonl" --set "count_runs=$CG_RUNS" "${cpu_files[@]}" \
     --set "conns=$CG_CONNS" --set "requests=$CG_REQUESTS" --set "streams=$CG_STREAMS" \
     --set "sse_streams=$CG_SSE" --set "valgrind=$(valgrind --version)"
   STOP_TRIES=100
