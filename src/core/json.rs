@@ -880,6 +880,40 @@ mod tests {
     }
 
     #[test]
+    fn runs_of_escapes_end_anywhere() {
+        // Each escape run followed by plain text, another kind of escape, a surrogate pair or
+        // the end of the string.
+        for text in [
+            "\"\\u4f60好\"",
+            "\"\\u4f60\\u597d,\\n\\u4f60\"",
+            "\"a\\u4f60\\ud83e\\udd80\\u0800\\ud7ff\\u07ff\"",
+            "\"\\u4f60\\ud83e\"",
+        ] {
+            let mut sink = Vec::new();
+            let scanned = Scanner::new(text).value_writing(usize::MAX, &mut sink);
+            match serde_json::from_str::<String>(text) {
+                Ok(string) => {
+                    let Kind::Str(s) = scanned.unwrap().kind else {
+                        panic!("{text}")
+                    };
+                    assert!(s.paired, "{text}");
+                    assert_eq!(sink, serde_json::to_vec(&string).unwrap(), "{text}");
+                }
+                Err(_) => assert!(
+                    matches!(
+                        scanned,
+                        Ok(Value {
+                            kind: Kind::Str(Str { paired: false, .. }),
+                            ..
+                        })
+                    ),
+                    "{text}"
+                ),
+            }
+        }
+    }
+
+    #[test]
     fn depth_is_limited_only_when_asked_and_never_recursive() {
         let deep = format!("{}{}", "[".repeat(200_000), "]".repeat(200_000));
         assert!(scan(&deep, usize::MAX).is_ok());
