@@ -1129,6 +1129,25 @@ def report_idle(out, w):
           f"| {r['rss_before_kib'] / 1024:.1f} MiB | {r['rss_after_kib'] / 1024:.1f} MiB "
           f"| {per:.1f} KiB | {ratio(per, ngper) if r['case'] != 'nginx-1w' else '1.00×'} |")
     w("")
+    # Between two N in the same run, what one more stream costs: a fixed cost (pools, caches,
+    # what the allocator keeps of a burst of set-ups) drops out.
+    marginal = {}
+    for case in ("proxy", "proxy-bridge", "nginx-1w"):
+        runs = sorted((r for r in idle["runs"] if r["case"] == case), key=lambda r: r["established"])
+        if len(runs) >= 2 and runs[-1]["established"] > runs[0]["established"]:
+            lo, hi = runs[0], runs[-1]
+            marginal[case] = ((hi["rss_after_kib"] - lo["rss_after_kib"])
+                              / (hi["established"] - lo["established"]))
+    if marginal:
+        parts = {"proxy": "cutover-proxy, bridge off", "proxy-bridge": "bridge on",
+                 "nginx-1w": "nginx"}
+        w("- One more stream, from the smallest N to the largest (what is fixed drops out): "
+          + ", ".join(f"{parts[c]} {v:.1f} KiB" for c, v in marginal.items())
+          + (f"; with the bridge on {marginal['proxy-bridge'] / marginal['nginx-1w']:.2f}× nginx"
+             if "proxy-bridge" in marginal and "nginx-1w" in marginal else "")
+          + ". At the smallest N the bridged figure also carries the fixed costs of its burst "
+          "of set-ups (legacy lookups and saves, 200 at a time): memory the allocator keeps, "
+          "idle connections in the bridge's legacy pool.")
     for r in [r for r in idle["runs"] if r["case"] == "proxy-bridge"]:
         per = (r["rss_after_kib"] - r["rss_before_kib"]) / max(1, r["established"])
         ng = by.get(("nginx-1w", r["requested"]))
