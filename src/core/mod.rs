@@ -15,6 +15,7 @@ pub mod fleet;
 pub mod forwarded;
 pub mod h1;
 pub mod identity;
+pub mod json;
 pub mod passthrough;
 pub mod persist;
 pub mod prometheus;
