@@ -70,7 +70,7 @@ lint:
 	$(CARGO) check --quiet --manifest-path fuzz/Cargo.toml --target-dir target/fuzz-check
 
 bench: release
-	$(CARGO) build --release --example lean_forwarder
+	$(CARGO) build --release --example lean_forwarder --example rewrite_ir
 	@scripts/install-deps.sh bench
 	bench/run.sh
 

@@ -2,7 +2,7 @@
 # Installs what building and testing need on a fresh Debian/Ubuntu machine that has only the
 # Rust toolchain: a C toolchain and cmake (Pingora's zlib-ng), Python with venv (end-to-end tests
 # against a real sse-starlette runtime), Node.js and npm (the Express legacy stand-in), Chromium (the
-# browser test), promtool (alert rule tests), nginx, HAProxy and wrk (benchmarks).
+# browser test), promtool (alert rule tests), nginx, HAProxy, wrk and valgrind (benchmarks).
 # Usage: scripts/install-deps.sh [build|test|bench]
 set -euo pipefail
 need=${1:-build}
@@ -26,6 +26,8 @@ if [ "$need" = bench ]; then
   command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || pkgs+=(nginx-light)
   command -v wrk >/dev/null || pkgs+=(wrk)
   command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || pkgs+=(haproxy)
+  # Instruction counts (bench section 6): callgrind, callgrind_control.
+  command -v valgrind >/dev/null || pkgs+=(valgrind)
 fi
 [ ${#pkgs[@]} -eq 0 ] && exit 0
 

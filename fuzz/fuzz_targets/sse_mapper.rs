@@ -9,9 +9,16 @@
 //! - every byte the mapper writes is well-formed client SSE, whole events only: blocks
 //!   `event: NAME\ndata: <one line of JSON>\n\n`, NAME one of message, heartbeat, done, error,
 //!   no CR anywhere, and each block agrees with what `map` returned;
-//! - the relay's own `error` / `heartbeat` events are well-formed for any code and message.
+//! - the relay's own `error` / `heartbeat` events are well-formed for any code and message;
+//! - the mapper writes what the mapper it replaced (`tests/oracle/agent2ui.rs`) wrote for the same
+//!   events, byte for byte but for the stream's message id and the times it makes itself.
 
 #![no_main]
+
+#[path = "../../tests/oracle/agent2ui.rs"]
+mod oracle;
+#[path = "../../tests/oracle/normalise.rs"]
+mod normalise;
 
 use cutover_proxy::core::agent2ui::{
     done_event, error_event, heartbeat_event, DoneEvent, Mapped, StreamMapper,
@@ -134,10 +141,20 @@ fuzz_target!(|data: &[u8]| {
 
     // Map the events as the relay does, one call at a time.
     let mut mapper = StreamMapper::new(SESSION);
-    let mut out = Vec::new();
+    let mut old = oracle::StreamMapper::new(SESSION);
+    let (mut out, mut old_out) = (Vec::new(), Vec::new());
     for ev in &cut {
         let before = out.len();
         let mapped = mapper.map(ev, &mut out);
+        let old_before = old_out.len();
+        let old_mapped = old.map(ev, &mut old_out);
+        assert_eq!(format!("{mapped:?}"), format!("{old_mapped:?}"), "{:?}", ev.data);
+        assert_eq!(
+            normalise::normalised(&out[before..], mapper.message_id()),
+            normalise::normalised(&old_out[old_before..], old.message_id()),
+            "{:?}",
+            ev.data
+        );
         let written = blocks(&out[before..]);
         match &mapped {
             Mapped::Message(kind) => {

@@ -2,20 +2,21 @@
 //! Agent2UI events the web app reads, per the contract's "Runtime stream → Agent2UI" table: each
 //! runtime event becomes zero or one whole, LF-framed client event with one-line JSON data.
 //!
-//! The table is data (`ROWS`), run through one function. Nested values are never parsed into a
-//! tree: each field is borrowed from the frame as raw JSON and written back as it came, so keys
-//! keep their order and numbers their spelling.
+//! The table is data (`ROWS`), run through one function. A frame is read once, by
+//! [`core::json`](crate::core::json)'s scanner, which checks it as serde_json would and borrows
+//! each field as the runtime wrote it; nothing is parsed into a tree. The client event is then
+//! written in one pass into the caller's buffer: a string goes from the runtime's JSON text
+//! straight to the client's (never unescaped and escaped again), a nested value is copied as it
+//! came, so keys keep their order and numbers their spelling.
 
 use std::borrow::Cow;
-use std::fmt::{self, Write as _};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
-use serde::de::{Deserialize, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
-use serde::ser::{Serialize, SerializeMap, Serializer};
-use serde::Serialize as DeriveSerialize;
+use serde::de::{Deserialize, Deserializer, Error as _};
 use serde_json::value::RawValue;
 
 use crate::core::files::{self, FileSigner};
+use crate::core::json::{self, Invalid, Key, Kind, Scanner, Str};
 use crate::core::sse::SseEvent;
 
 /// `executionMode` reported in the `done` event.
@@ -67,19 +68,17 @@ pub struct DoneEvent<'x> {
 
 /// `event: done` with `usage: {tokens, latencyMs}`.
 pub fn done_event(out: &mut Vec<u8>, done: &DoneEvent) {
-    write_client_event(
-        out,
-        "done",
-        &DoneData {
-            session_id: done.session_id,
-            message_id: done.message_id,
-            execution_mode: EXECUTION_MODE,
-            usage: Usage {
-                tokens: done.tokens,
-                latency_ms: done.latency_ms,
-            },
-        },
-    );
+    out.extend_from_slice(b"event: done\ndata: {\"sessionId\":");
+    write_text(out, done.session_id);
+    out.extend_from_slice(b",\"messageId\":");
+    write_text(out, done.message_id);
+    out.extend_from_slice(b",\"executionMode\":\"");
+    out.extend_from_slice(EXECUTION_MODE.as_bytes());
+    out.extend_from_slice(b"\",\"usage\":{\"tokens\":");
+    out.extend_from_slice(itoa::Buffer::new().format(done.tokens).as_bytes());
+    out.extend_from_slice(b",\"latencyMs\":");
+    out.extend_from_slice(itoa::Buffer::new().format(done.latency_ms).as_bytes());
+    out.extend_from_slice(b"}}\n\n");
 }
 
 /// How one stream's events are written, beyond the table itself.
@@ -103,17 +102,22 @@ impl Default for MapSettings {
     }
 }
 
+/// What every `message` event starts with, up to its id's counter.
+const MESSAGE_HEAD: &str = "event: message\ndata: {\"id\":\"";
+
 /// Per-stream state: the session id, the stream's messageId and the message counter.
 #[derive(Debug)]
 pub struct StreamMapper {
     settings: MapSettings,
     session_id: String,
-    message_id: String,
-    /// `"<message_id>-"` followed by the counter of the last message written.
-    id_buf: String,
+    /// [`MESSAGE_HEAD`], the stream's messageId and `-`: each message's id is this counter on.
+    head: String,
     counter: u64,
     /// The text streamed so far, when kept (see [`StreamMapper::keeping_text`]).
     text: Option<String>,
+    clock: Clock,
+    /// Kept between events for [`Payload::written`].
+    scratch: Vec<u8>,
 }
 
 impl StreamMapper {
@@ -123,17 +127,20 @@ impl StreamMapper {
     }
 
     pub fn with_settings(session_id: &str, settings: MapSettings) -> Self {
-        let message_id = uuid::Uuid::new_v4().to_string();
-        let mut id_buf = String::with_capacity(message_id.len() + 8);
-        id_buf.push_str(&message_id);
-        id_buf.push('-');
+        let mut uuid = uuid::Uuid::encode_buffer();
+        let message_id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut uuid);
+        let mut head = String::with_capacity(MESSAGE_HEAD.len() + message_id.len() + 1);
+        head.push_str(MESSAGE_HEAD);
+        head.push_str(message_id);
+        head.push('-');
         StreamMapper {
             settings,
             session_id: session_id.to_owned(),
-            message_id,
-            id_buf,
+            head,
             counter: 0,
             text: None,
+            clock: Clock::default(),
+            scratch: Vec::new(),
         }
     }
 
@@ -154,7 +161,7 @@ impl StreamMapper {
     }
 
     pub fn message_id(&self) -> &str {
-        &self.message_id
+        &self.head[MESSAGE_HEAD.len()..self.head.len() - 1]
     }
 
     /// Map one parsed runtime event, appending zero or more whole client events to `out`.
@@ -163,12 +170,30 @@ impl StreamMapper {
         if text == "[DONE]" {
             return Mapped::End;
         }
-        let mut payload = Payload::default();
-        let Ok(envelope) = Envelope::parse(text, &mut payload) else {
+        let mut payload = Payload {
+            written: std::mem::take(&mut self.scratch),
+            ..Payload::default()
+        };
+        payload.written.clear();
+        let mapped = self.map_frame(ev, text, &mut payload, out);
+        // A frame with a huge escaped string leaves no huge buffer behind on a held stream.
+        payload.written.shrink_to(SCRATCH_KEEP);
+        self.scratch = payload.written;
+        mapped
+    }
+
+    fn map_frame<'a>(
+        &mut self,
+        ev: &SseEvent,
+        text: &'a str,
+        payload: &mut Payload<'a>,
+        out: &mut Vec<u8>,
+    ) -> Mapped {
+        let Ok(envelope) = Envelope::parse(text, payload) else {
             return Mapped::Malformed;
         };
         let name = match envelope.event.non_null() {
-            Some(Field::Str(name)) => &**name,
+            Some(Field::Str(name)) => unescaped(*name),
             None => {
                 let Some(name) = ev.event.as_deref() else {
                     return Mapped::Unknown;
@@ -177,38 +202,58 @@ impl StreamMapper {
                 if !envelope.has_data && payload.parse(text).is_err() {
                     return Mapped::Malformed;
                 }
-                name
+                Cow::Borrowed(name)
             }
             Some(_) => return Mapped::Unknown,
         };
-        let Some(row) = ROWS.iter().find(|row| row.event == name) else {
+        let Some(row) = row(&name) else {
             return Mapped::Unknown;
         };
-        self.apply(row, &payload, &envelope.timestamp, out)
+        let start = out.len();
+        match self.apply(row, payload, &envelope.timestamp, out) {
+            Ok(mapped) => mapped,
+            Err(Invalid) => {
+                // Fields are checked as they are read, so this is not reached; if it were, the
+                // frame would be dropped whole rather than half written.
+                out.truncate(start);
+                Mapped::Malformed
+            }
+        }
     }
 
     /// The one place a table row becomes client output.
-    fn apply(&mut self, row: &Row, p: &Payload, ts: &Field, out: &mut Vec<u8>) -> Mapped {
-        let mut now = String::new();
+    fn apply(
+        &mut self,
+        row: &Row,
+        p: &Payload,
+        ts: &Field,
+        out: &mut Vec<u8>,
+    ) -> json::Result<Mapped> {
         match row.shape {
-            Shape::Message(fields) => self.capped_message(out, row, fields, p, stamp(ts, &mut now)),
+            Shape::Message(fields) => {
+                let stamp = self.stamp(ts);
+                self.capped_message(out, row, fields, p, &stamp)
+            }
             // Text is never shortened: it is what the user reads.
             Shape::NonEmpty(key, fields) => match p.get(key).non_null() {
-                None => Mapped::Skipped,
-                Some(Field::Str(s)) if s.is_empty() => Mapped::Skipped,
-                field => {
-                    if let (Some(text), Some(Field::Str(s))) = (self.text.as_mut(), field) {
-                        text.push_str(s);
+                None => Ok(Mapped::Skipped),
+                Some(Field::Str(s)) if s.inner.is_empty() => Ok(Mapped::Skipped),
+                Some(field) => {
+                    if let (Some(text), Field::Str(s)) = (self.text.as_mut(), field) {
+                        json::unescape_into(text, *s)?;
                     }
-                    self.message(out, row.kind, &Obj::new(fields, p), stamp(ts, &mut now))
+                    let stamp = self.stamp(ts);
+                    self.message(out, row.kind, &stamp, p, |out| {
+                        write_obj(out, fields, p, &[])
+                    })
                 }
             },
-            Shape::Plan => self.message(
-                out,
-                row.kind,
-                &PlanData(p.get(K::Steps)),
-                stamp(ts, &mut now),
-            ),
+            Shape::Plan => {
+                let stamp = self.stamp(ts);
+                self.message(out, row.kind, &stamp, p, |out| {
+                    write_plan(out, p.get(K::Steps))
+                })
+            }
             Shape::File => {
                 let url = p.get(K::FileId).json_text_non_null().map(|id| {
                     let id = &*id;
@@ -223,17 +268,30 @@ impl StreamMapper {
                         None => files::path(id),
                     }
                 });
-                let data = FileData {
-                    url: url.as_deref(),
-                    filename: p.get(K::Filename).present(),
-                    mime_type: p.get(K::MimeType).present(),
-                    size: p.get(K::Size).present(),
-                };
-                self.message(out, row.kind, &data, stamp(ts, &mut now))
+                let stamp = self.stamp(ts);
+                self.message(out, row.kind, &stamp, p, |out| {
+                    let mut obj = Obj::open(out);
+                    if let Some(url) = &url {
+                        obj.key("url");
+                        write_text(obj.out, url);
+                    }
+                    for (name, key) in [
+                        ("filename", K::Filename),
+                        ("mimeType", K::MimeType),
+                        ("size", K::Size),
+                    ] {
+                        if let Some(field) = p.get(key).present() {
+                            obj.key(name);
+                            field.write(obj.out, &p.written)?;
+                        }
+                    }
+                    obj.close();
+                    Ok(())
+                })
             }
             Shape::Heartbeat => {
                 heartbeat_event(out);
-                Mapped::Heartbeat
+                Ok(Mapped::Heartbeat)
             }
             Shape::Done => {
                 #[derive(serde::Deserialize)]
@@ -244,30 +302,30 @@ impl StreamMapper {
                     usage: Field<'x>,
                 }
                 let inner = match p.get(K::FinalResponse) {
-                    Field::Raw(fr) if fr.get().starts_with('{') => {
-                        serde_json::from_str::<Inner>(fr.get()).ok()
+                    Field::Raw { text, .. } if text.starts_with('{') => {
+                        serde_json::from_str::<Inner>(text).ok()
                     }
                     _ => None,
                 };
                 let final_response = match (p.get(K::FinalResponse), &inner) {
-                    (Field::Str(s), _) => s.clone().into_owned(),
+                    (Field::Str(s), _) => unescaped(*s).into_owned(),
                     (
                         _,
                         Some(Inner {
                             content: Field::Str(s),
                             ..
                         }),
-                    ) => s.clone().into_owned(),
+                    ) => unescaped(*s).into_owned(),
                     _ => String::new(),
                 };
                 let usage = p
                     .get(K::Usage)
                     .non_null()
                     .or_else(|| inner.as_ref().and_then(|i| i.usage.non_null()));
-                Mapped::Complete(Completion {
+                Ok(Mapped::Complete(Completion {
                     final_response,
                     tokens: usage.and_then(token_count),
-                })
+                }))
             }
             Shape::Error => {
                 let code = match p.get(K::Code).to_text() {
@@ -278,56 +336,73 @@ impl StreamMapper {
                     .get(K::Error)
                     .to_text()
                     .unwrap_or_else(|| DEFAULT_ERROR_MESSAGE.to_owned());
-                write_client_event(
-                    out,
-                    "error",
-                    &ErrorData {
-                        code: &code,
-                        message: &message,
-                        http_status: p.get(K::HttpStatus).non_null(),
-                        details: p.get(K::Details).non_null(),
-                        trace_id: p.get(K::TraceId).non_null(),
-                    },
-                );
-                Mapped::Failed { code, message }
+                error_head(out, &code, &message);
+                for (name, key) in [
+                    ("httpStatus", K::HttpStatus),
+                    ("details", K::Details),
+                    ("traceId", K::TraceId),
+                ] {
+                    if let Some(field) = p.get(key).non_null() {
+                        out.extend_from_slice(b",\"");
+                        out.extend_from_slice(name.as_bytes());
+                        out.extend_from_slice(b"\":");
+                        field.write(out, &p.written)?;
+                    }
+                }
+                out.extend_from_slice(b"}\n\n");
+                Ok(Mapped::Failed { code, message })
             }
         }
     }
 
+    /// The runtime's timestamp when it sent one, else now.
+    fn stamp<'a>(&mut self, ts: &Field<'a>) -> Stamp<'a> {
+        match ts {
+            Field::Str(ts) if !ts.inner.is_empty() => Stamp::Runtime(*ts),
+            _ => Stamp::Now(self.clock.format(SystemTime::now())),
+        }
+    }
+
     /// Write the next message (a new id).
-    fn message<D: Serialize>(
+    fn message(
         &mut self,
         out: &mut Vec<u8>,
         kind: &'static str,
-        data: &D,
-        timestamp: &str,
-    ) -> Mapped {
+        stamp: &Stamp,
+        p: &Payload,
+        data: impl FnOnce(&mut Vec<u8>) -> json::Result<()>,
+    ) -> json::Result<Mapped> {
         self.counter += 1;
-        self.id_buf.truncate(self.message_id.len() + 1);
-        // Writing to a String cannot fail.
-        let _ = write!(self.id_buf, "{}", self.counter);
-        self.write_message(out, kind, data, timestamp);
-        Mapped::Message(kind)
+        self.write_message(out, kind, stamp, p, data)?;
+        Ok(Mapped::Message(kind))
     }
 
-    /// Write a message with the current id.
-    fn write_message<D: Serialize>(
+    /// Write a message with the current id: `{"id","type","data","timestamp"}`.
+    fn write_message(
         &self,
         out: &mut Vec<u8>,
         kind: &'static str,
-        data: &D,
-        timestamp: &str,
-    ) {
-        write_client_event(
-            out,
-            "message",
-            &Message {
-                id: &self.id_buf,
-                kind,
-                data,
-                timestamp,
-            },
-        );
+        stamp: &Stamp,
+        p: &Payload,
+        data: impl FnOnce(&mut Vec<u8>) -> json::Result<()>,
+    ) -> json::Result<()> {
+        out.extend_from_slice(self.head.as_bytes());
+        out.extend_from_slice(itoa::Buffer::new().format(self.counter).as_bytes());
+        out.extend_from_slice(b"\",\"type\":\"");
+        out.extend_from_slice(kind.as_bytes());
+        out.extend_from_slice(b"\",\"data\":");
+        data(out)?;
+        out.extend_from_slice(b",\"timestamp\":");
+        match stamp {
+            Stamp::Runtime(ts) => Field::Str(*ts).write(out, &p.written)?,
+            Stamp::Now(now) => {
+                out.push(b'"');
+                out.extend_from_slice(now);
+                out.push(b'"');
+            }
+        }
+        out.extend_from_slice(b"}\n\n");
+        Ok(())
     }
 
     /// A row's message, shortened to `max_client_event_bytes` when its data is larger: the first
@@ -339,13 +414,15 @@ impl StreamMapper {
         row: &Row,
         fields: &'static [Out],
         p: &Payload,
-        ts: &str,
-    ) -> Mapped {
+        stamp: &Stamp,
+    ) -> json::Result<Mapped> {
         let start = out.len();
-        let mapped = self.message(out, row.kind, &Obj::new(fields, p), ts);
+        let mapped = self.message(out, row.kind, stamp, p, |out| {
+            write_obj(out, fields, p, &[])
+        })?;
         let cap = self.settings.max_client_event_bytes;
         if cap == 0 || data_len(&out[start..]) <= cap {
-            return mapped;
+            return Ok(mapped);
         }
         let mut cuts: Vec<(K, String)> = Vec::new();
         let mut scratch = Vec::new();
@@ -358,15 +435,12 @@ impl StreamMapper {
             };
             cuts.push((key, String::new()));
             scratch.clear();
-            let data = Obj {
-                fields,
-                p,
-                cuts: &cuts,
-            };
-            self.write_message(&mut scratch, row.kind, &data, ts);
+            self.write_message(&mut scratch, row.kind, stamp, p, |out| {
+                write_obj(out, fields, p, &cuts)
+            })?;
             // What the value's string may take, escaped, beside everything else.
             let room = cap.saturating_sub(data_len(&scratch));
-            let text = value.json_text();
+            let text = value.text();
             let cut = &mut cuts.last_mut().expect("just pushed").1;
             cut.push_str(prefix_within(&text, room.saturating_sub(ELLIPSIS.len())));
             cut.push_str(ELLIPSIS);
@@ -375,16 +449,13 @@ impl StreamMapper {
             }
         }
         if cuts.is_empty() {
-            return mapped;
+            return Ok(mapped);
         }
         out.truncate(start);
-        let data = Obj {
-            fields,
-            p,
-            cuts: &cuts,
-        };
-        self.write_message(out, row.kind, &data, ts);
-        mapped
+        self.write_message(out, row.kind, stamp, p, |out| {
+            write_obj(out, fields, p, &cuts)
+        })?;
+        Ok(mapped)
     }
 }
 
@@ -416,44 +487,60 @@ fn prefix_within(text: &str, room: usize) -> &str {
     text
 }
 
-/// The runtime's timestamp when it sent one, else now.
-fn stamp<'t>(ts: &'t Field, now: &'t mut String) -> &'t str {
-    match ts {
-        Field::Str(ts) if !ts.is_empty() => ts,
-        _ => {
-            *now = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
-            now
+/// A message's `timestamp`: the runtime's, or the time it was written.
+enum Stamp<'a> {
+    Runtime(Str<'a>),
+    /// RFC 3339, milliseconds, UTC: `2026-02-09T10:11:12.345Z`.
+    Now([u8; 24]),
+}
+
+/// Formats `now` as humantime's RFC 3339 with milliseconds, the date and time of day once per
+/// second rather than per event.
+#[derive(Debug, Default)]
+struct Clock {
+    /// The second `prefix` is, since the epoch (`None` before the first use).
+    second: Option<u64>,
+    /// `YYYY-MM-DDTHH:MM:SS`
+    prefix: [u8; 19],
+}
+
+impl Clock {
+    fn format(&mut self, now: SystemTime) -> [u8; 24] {
+        let since = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        let second = since.as_secs();
+        if self.second != Some(second) {
+            let whole = SystemTime::UNIX_EPOCH + Duration::from_secs(second);
+            let text = humantime::format_rfc3339_seconds(whole).to_string();
+            // `YYYY-MM-DDTHH:MM:SSZ`: humantime writes four-digit years only.
+            self.prefix.copy_from_slice(&text.as_bytes()[..19]);
+            self.second = Some(second);
         }
+        let millis = since.subsec_millis();
+        let mut stamp = [0u8; 24];
+        stamp[..19].copy_from_slice(&self.prefix);
+        stamp[19] = b'.';
+        stamp[20] = b'0' + (millis / 100) as u8;
+        stamp[21] = b'0' + (millis / 10 % 10) as u8;
+        stamp[22] = b'0' + (millis % 10) as u8;
+        stamp[23] = b'Z';
+        stamp
     }
 }
 
 /// `event: error`, data `{"code","message"}`.
 pub fn error_event(out: &mut Vec<u8>, code: &str, message: &str) {
-    write_client_event(
-        out,
-        "error",
-        &ErrorData {
-            code,
-            message,
-            http_status: None,
-            details: None,
-            trace_id: None,
-        },
-    );
+    error_head(out, code, message);
+    out.extend_from_slice(b"}\n\n");
 }
 
-/// An `error` event's data; the runtime's optional fields are left out when absent or null.
-#[derive(DeriveSerialize)]
-#[serde(rename_all = "camelCase")]
-struct ErrorData<'x> {
-    code: &'x str,
-    message: &'x str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    http_status: Option<&'x Field<'x>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    details: Option<&'x Field<'x>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    trace_id: Option<&'x Field<'x>>,
+/// An `error` event up to its message; the runtime's optional fields and `}` follow.
+fn error_head(out: &mut Vec<u8>, code: &str, message: &str) {
+    out.extend_from_slice(b"event: error\ndata: {\"code\":");
+    write_text(out, code);
+    out.extend_from_slice(b",\"message\":");
+    write_text(out, message);
 }
 
 /// `event: heartbeat`, `data: null`.
@@ -461,15 +548,150 @@ pub fn heartbeat_event(out: &mut Vec<u8>) {
     out.extend_from_slice(b"event: heartbeat\ndata: null\n\n");
 }
 
-/// `event: NAME\ndata: <one-line JSON>\n\n` (serde_json escapes every control character, CR and
-/// LF included, so the data is always a single line).
-fn write_client_event<T: Serialize>(out: &mut Vec<u8>, name: &str, data: &T) {
-    out.extend_from_slice(b"event: ");
-    out.extend_from_slice(name.as_bytes());
-    out.extend_from_slice(b"\ndata: ");
-    // Serialising these types into a Vec cannot fail: map keys are strings, no I/O.
-    serde_json::to_writer(&mut *out, data).expect("JSON serialisation into memory failed");
-    out.extend_from_slice(b"\n\n");
+/// A string of the proxy's own, as serde_json writes it (every control character escaped, CR and
+/// LF included, so the data stays one line).
+fn write_text(out: &mut Vec<u8>, text: &str) {
+    // Serialising a str into a Vec cannot fail: no I/O.
+    serde_json::to_writer(&mut *out, text).expect("JSON serialisation into memory failed");
+}
+
+/// A JSON object being written, entry by entry.
+struct Obj<'o> {
+    out: &'o mut Vec<u8>,
+    first: bool,
+}
+
+impl<'o> Obj<'o> {
+    fn open(out: &'o mut Vec<u8>) -> Self {
+        out.push(b'{');
+        Obj { out, first: true }
+    }
+
+    /// `"name":` (names are the table's own: plain ASCII, nothing to escape).
+    fn key(&mut self, name: &str) {
+        if !std::mem::take(&mut self.first) {
+            self.out.push(b',');
+        }
+        self.out.push(b'"');
+        self.out.extend_from_slice(name.as_bytes());
+        self.out.extend_from_slice(b"\":");
+    }
+
+    fn close(self) {
+        self.out.push(b'}');
+    }
+}
+
+/// A message's data: a row's entries filled from the payload, leaving out absent fields (null
+/// ones stay null); fields in `cuts` are written as those strings, and then the data says
+/// `"truncated": true`.
+fn write_obj(
+    out: &mut Vec<u8>,
+    fields: &'static [Out],
+    p: &Payload,
+    cuts: &[(K, String)],
+) -> json::Result<()> {
+    let mut obj = Obj::open(out);
+    for field in fields {
+        match *field {
+            Out::Copy(name, key) => {
+                if let Some((_, cut)) = cuts.iter().find(|(k, _)| *k == key) {
+                    obj.key(name);
+                    write_text(obj.out, cut);
+                    continue;
+                }
+                let value = p.get(key);
+                if !matches!(value, Field::Absent) {
+                    obj.key(name);
+                    value.write(obj.out, &p.written)?;
+                }
+            }
+            Out::Fixed(name, value) => {
+                obj.key(name);
+                obj.out.push(b'"');
+                obj.out.extend_from_slice(value.as_bytes());
+                obj.out.push(b'"');
+            }
+        }
+    }
+    if !cuts.is_empty() {
+        obj.key("truncated");
+        obj.out.extend_from_slice(b"true");
+    }
+    obj.close();
+    Ok(())
+}
+
+/// `{steps:[{id,title,status:"pending"}], currentStep:""}`; steps that are not objects are
+/// dropped, and so is every step when one of them cannot be read.
+fn write_plan(out: &mut Vec<u8>, steps: &Field) -> json::Result<()> {
+    #[derive(serde::Deserialize)]
+    struct Step<'x> {
+        #[serde(borrow, default)]
+        id: Field<'x>,
+        #[serde(borrow, default)]
+        title: Field<'x>,
+    }
+    let items: Vec<Field> = match steps {
+        Field::Raw { text, .. } if text.starts_with('[') => {
+            serde_json::from_str(text).unwrap_or_default()
+        }
+        _ => Vec::new(),
+    };
+    out.extend_from_slice(b"{\"steps\":[");
+    let mut first = true;
+    for item in &items {
+        let Field::Raw { text, .. } = item else {
+            continue;
+        };
+        if !text.starts_with('{') {
+            continue;
+        }
+        let Ok(step) = serde_json::from_str::<Step>(text) else {
+            continue;
+        };
+        if !std::mem::take(&mut first) {
+            out.push(b',');
+        }
+        let mut obj = Obj::open(out);
+        for (key, value) in [("id", &step.id), ("title", &step.title)] {
+            if !matches!(value, Field::Absent) {
+                obj.key(key);
+                // Read with serde: nothing written ahead.
+                value.write(obj.out, &[])?;
+            }
+        }
+        obj.key("status");
+        obj.out.extend_from_slice(b"\"pending\"");
+        obj.close();
+    }
+    out.extend_from_slice(b"],\"currentStep\":\"\"}");
+    Ok(())
+}
+
+/// The total of a runtime `usage` object: `total_tokens`, else input plus output
+/// (`input_tokens`/`output_tokens` or `prompt_tokens`/`completion_tokens`); a bare number is
+/// the count itself.
+fn token_count(usage: &Field) -> Option<u64> {
+    #[derive(serde::Deserialize)]
+    struct Counts {
+        total_tokens: Option<u64>,
+        #[serde(alias = "prompt_tokens")]
+        input_tokens: Option<u64>,
+        #[serde(alias = "completion_tokens")]
+        output_tokens: Option<u64>,
+    }
+    let Field::Raw { text, .. } = usage else {
+        return None;
+    };
+    if let Ok(n) = serde_json::from_str::<u64>(text) {
+        return Some(n);
+    }
+    let c = serde_json::from_str::<Counts>(text).ok()?;
+    c.total_tokens.or(match (c.input_tokens, c.output_tokens) {
+        (None, None) => None,
+        (i, o) => Some(i.unwrap_or(0).saturating_add(o.unwrap_or(0))),
+    })
 }
 
 // ---- the table ---------------------------------------------------------------------------------
@@ -524,6 +746,12 @@ const fn message(event: &'static str, kind: &'static str, fields: &'static [Out]
 const fn special(event: &'static str, kind: &'static str, shape: Shape) -> Row {
     Row { event, kind, shape }
 }
+
+const TEXT_CHUNK_ROW: Row = special(
+    "text_chunk",
+    "text",
+    Shape::NonEmpty(K::Content, &[C("content", K::Content)]),
+);
 
 const ROWS: &[Row] = &[
     special("plan_created", "plan", Shape::Plan),
@@ -628,16 +856,21 @@ const ROWS: &[Row] = &[
         "thinking",
         &[C("content", K::Content), C("stage", K::Stage)],
     ),
-    special(
-        "text_chunk",
-        "text",
-        Shape::NonEmpty(K::Content, &[C("content", K::Content)]),
-    ),
+    TEXT_CHUNK_ROW,
     special("ping", "", Shape::Heartbeat),
     special("file_created", "file", Shape::File),
     special("execution_complete", "", Shape::Done),
     special("execution_error", "", Shape::Error),
 ];
+
+/// The table's row for a runtime event name: a `text_chunk` is most of a stream, so it is
+/// looked at first.
+fn row(name: &str) -> Option<&'static Row> {
+    if name == "text_chunk" {
+        return Some(&TEXT_CHUNK_ROW);
+    }
+    ROWS.iter().find(|row| row.event == name)
+}
 
 /// The runtime payload fields any row reads; each is a slot of [`Payload`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -713,36 +946,55 @@ impl K {
 
 // ---- runtime side -------------------------------------------------------------------------------
 
-/// A runtime field of any JSON type. Strings are unescaped (borrowed from the frame when they need
-/// no unescaping); everything else is kept as the runtime wrote it, so nested objects reach the
-/// client with the same keys in the same order and numbers spelt the same.
-#[derive(Debug, Default)]
+/// A runtime field of any JSON type, borrowed from the frame as the runtime wrote it. Strings
+/// are checked to be strings serde_json can read (escapes pair up); everything else keeps its
+/// keys in their order and numbers their spelling.
+#[derive(Debug, Clone, Copy, Default)]
 enum Field<'a> {
     #[default]
     Absent,
-    Str(Cow<'a, str>),
-    Raw(Cow<'a, RawValue>),
+    Str(Str<'a>),
+    /// A number, literal, object or array; `multiline`: it spans lines (between its tokens).
+    Raw {
+        text: &'a str,
+        multiline: bool,
+    },
 }
 
 /// Deeper nesting is refused, as serde_json refuses it when it builds a value: the raw text is
 /// never parsed into a tree here, so nothing else would stop it.
 const MAX_DEPTH: usize = 128;
 
+/// The string `s` stands for. Fields are checked when read, so the escapes are sound.
+#[inline]
+fn unescaped(s: Str<'_>) -> Cow<'_, str> {
+    json::unescape(s).unwrap_or(Cow::Borrowed(s.inner))
+}
+
 impl<'a> Field<'a> {
+    /// The next value of `s`, as a field; a string with escapes is written to `sink` as the
+    /// client gets it, on the way.
+    fn read(s: &mut Scanner<'a>, sink: &mut Vec<u8>) -> json::Result<Self> {
+        let value = s.value_writing(MAX_DEPTH, sink)?;
+        Ok(match value.kind {
+            Kind::Str(str) if str.paired => Field::Str(str),
+            Kind::Str(_) => return Err(Invalid),
+            Kind::Container { multiline } => Field::Raw {
+                text: value.text,
+                multiline,
+            },
+            Kind::Scalar => Field::Raw {
+                text: value.text,
+                multiline: false,
+            },
+        })
+    }
+
     fn non_null(&self) -> Option<&Self> {
         match self {
             Field::Absent => None,
-            Field::Raw(raw) if raw.get() == "null" => None,
+            Field::Raw { text: "null", .. } => None,
             field => Some(field),
-        }
-    }
-
-    /// The field as text: strings as they are, other non-null values as JSON.
-    fn to_text(&self) -> Option<String> {
-        match self.non_null()? {
-            Field::Str(s) => Some(s.clone().into_owned()),
-            Field::Raw(raw) => Some(raw.get().to_owned()),
-            Field::Absent => None,
         }
     }
 
@@ -750,90 +1002,76 @@ impl<'a> Field<'a> {
         (!matches!(self, Field::Absent)).then_some(self)
     }
 
-    /// The value's JSON text as the runtime wrote it; of a string, the string itself.
-    fn json_text(&self) -> Cow<'_, str> {
-        match self {
+    /// The value's text: a string itself, anything else its JSON on one line.
+    fn text(&self) -> Cow<'a, str> {
+        match *self {
             Field::Absent => Cow::Borrowed(""),
-            Field::Str(s) => Cow::Borrowed(s),
-            Field::Raw(raw) => Cow::Borrowed(raw.get()),
+            Field::Str(s) => unescaped(s),
+            Field::Raw { text, multiline } => one_line(text, multiline),
         }
     }
 
-    fn json_text_non_null(&self) -> Option<Cow<'_, str>> {
-        self.non_null().map(Field::json_text)
+    /// The field as text: strings as they are, other non-null values as JSON.
+    fn to_text(self) -> Option<String> {
+        self.non_null().map(|field| field.text().into_owned())
     }
 
-    fn from_raw<E: serde::de::Error>(raw: &'a RawValue) -> Result<Self, E> {
-        let text = raw.get();
-        if let Some(inner) = text.strip_prefix('"') {
-            let inner = &inner[..inner.len() - 1];
-            return Ok(Field::Str(if inner.contains('\\') {
-                Cow::Owned(serde_json::from_str(text).map_err(E::custom)?)
-            } else {
-                Cow::Borrowed(inner)
-            }));
+    fn json_text_non_null(&self) -> Option<Cow<'a, str>> {
+        self.non_null().map(Field::text)
+    }
+
+    /// The field as the client gets it; `written`: where it was read to (see [`Field::read`]).
+    fn write(&self, out: &mut Vec<u8>, written: &[u8]) -> json::Result<()> {
+        match *self {
+            Field::Absent => out.extend_from_slice(b"null"),
+            Field::Str(s) if !s.escaped => {
+                out.reserve(s.inner.len() + 2);
+                out.push(b'"');
+                out.extend_from_slice(s.inner.as_bytes());
+                out.push(b'"');
+            }
+            Field::Str(s) => match written.get(s.written.0 as usize..s.written.1 as usize) {
+                Some(text) if !text.is_empty() => out.extend_from_slice(text),
+                _ => json::write_str(out, s)?,
+            },
+            Field::Raw {
+                text,
+                multiline: false,
+            } => out.extend_from_slice(text.as_bytes()),
+            Field::Raw {
+                text,
+                multiline: true,
+            } => out.extend(
+                text.bytes()
+                    .map(|b| if b == b'\n' || b == b'\r' { b' ' } else { b }),
+            ),
         }
-        if text.starts_with(['[', '{']) && too_deep(text) {
-            return Err(E::custom("JSON nested too deeply"));
-        }
-        // A frame's data may span several `data:` lines; outside strings (where JSON forbids
-        // raw control characters) a line break is only whitespace, and the client needs one line.
-        if text.contains(['\n', '\r']) {
-            let one_line = text.replace(['\n', '\r'], " ");
-            return RawValue::from_string(one_line)
-                .map(|raw| Field::Raw(Cow::Owned(raw)))
-                .map_err(E::custom);
-        }
-        Ok(Field::Raw(Cow::Borrowed(raw)))
+        Ok(())
     }
 }
 
-/// Whether valid JSON text nests arrays and objects deeper than [`MAX_DEPTH`].
-fn too_deep(text: &str) -> bool {
-    let (mut depth, mut in_str, mut escaped) = (0usize, false, false);
-    for b in text.bytes() {
-        if in_str {
-            match b {
-                _ if escaped => escaped = false,
-                b'\\' => escaped = true,
-                b'"' => in_str = false,
-                _ => {}
-            }
-            continue;
-        }
-        match b {
-            b'"' => in_str = true,
-            b'[' | b'{' => {
-                depth += 1;
-                if depth > MAX_DEPTH {
-                    return true;
-                }
-            }
-            b']' | b'}' => depth = depth.saturating_sub(1),
-            _ => {}
-        }
+/// A frame's data may span several `data:` lines; outside strings (where JSON forbids raw
+/// control characters) a line break is only whitespace, and the client needs one line.
+fn one_line(text: &str, multiline: bool) -> Cow<'_, str> {
+    if multiline {
+        Cow::Owned(text.replace(['\n', '\r'], " "))
+    } else {
+        Cow::Borrowed(text)
     }
-    false
 }
 
+/// For the rarer shapes read with serde (a plan's steps, `execution_complete`'s answer): the
+/// same field, checked the same way.
 impl<'de: 'a, 'a> Deserialize<'de> for Field<'a> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        Field::from_raw(<&'de RawValue>::deserialize(d)?)
-    }
-}
-
-impl Serialize for Field<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match self {
-            Field::Absent => s.serialize_none(),
-            Field::Str(v) => s.serialize_str(v),
-            Field::Raw(raw) => raw.serialize(s),
-        }
+        let raw = <&'de RawValue>::deserialize(d)?;
+        Field::read(&mut Scanner::new(raw.get()), &mut Vec::new())
+            .map_err(|Invalid| D::Error::custom("not a readable runtime field"))
     }
 }
 
 /// The runtime's envelope `{"event": NAME, "data": {...}, "timestamp": ISO}` without its payload,
-/// which is parsed in place into a [`Payload`] (no copies of that large struct).
+/// which is read in place into a [`Payload`].
 #[derive(Default)]
 struct Envelope<'a> {
     event: Field<'a>,
@@ -843,67 +1081,29 @@ struct Envelope<'a> {
 }
 
 impl<'a> Envelope<'a> {
-    /// Parse a frame's JSON text; anything but an object, or a `data` that is neither an object
+    /// Read a frame's JSON text; anything but an object, or a `data` that is neither an object
     /// nor null, is an error.
-    fn parse(text: &'a str, payload: &mut Payload<'a>) -> serde_json::Result<Self> {
-        let mut de = serde_json::Deserializer::from_str(text);
-        let envelope = de.deserialize_map(EnvelopeVisitor(payload))?;
-        de.end()?;
-        Ok(envelope)
-    }
-}
-
-struct EnvelopeVisitor<'p, 'a>(&'p mut Payload<'a>);
-
-impl<'de: 'a, 'a> Visitor<'de> for EnvelopeVisitor<'_, 'a> {
-    type Value = Envelope<'a>;
-
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a runtime event object")
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+    fn parse(text: &'a str, payload: &mut Payload<'a>) -> json::Result<Self> {
+        let mut s = Scanner::new(text);
         let mut envelope = Envelope::default();
-        while let Some(key) = map.next_key::<EnvelopeKey>()? {
+        let mut obj = s.object()?;
+        while let Some(key) = obj.next_key_among(&mut s, &["event", "data", "timestamp"])? {
             match key {
-                EnvelopeKey::Event => envelope.event = map.next_value()?,
-                EnvelopeKey::Timestamp => envelope.timestamp = map.next_value()?,
-                EnvelopeKey::Data => {
-                    envelope.has_data = map.next_value_seed(PayloadSeed(&mut *self.0))?;
+                Key::Listed(0) => envelope.event = Field::read(&mut s, &mut payload.written)?,
+                Key::Listed(1) => {
+                    envelope.has_data = !s.null()?;
+                    if envelope.has_data {
+                        payload.fill(&mut s)?;
+                    }
                 }
-                EnvelopeKey::Other => {
-                    map.next_value::<IgnoredAny>()?;
+                Key::Listed(_) => envelope.timestamp = Field::read(&mut s, &mut payload.written)?,
+                Key::Other(_) => {
+                    s.value(usize::MAX)?;
                 }
             }
         }
+        s.end()?;
         Ok(envelope)
-    }
-}
-
-enum EnvelopeKey {
-    Event,
-    Data,
-    Timestamp,
-    Other,
-}
-
-impl<'de> Deserialize<'de> for EnvelopeKey {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct KeyVisitor;
-        impl Visitor<'_> for KeyVisitor {
-            type Value = EnvelopeKey;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a field name")
-            }
-            fn visit_str<E>(self, key: &str) -> Result<EnvelopeKey, E> {
-                Ok(match key {
-                    "event" => EnvelopeKey::Event,
-                    "data" => EnvelopeKey::Data,
-                    "timestamp" => EnvelopeKey::Timestamp,
-                    _ => EnvelopeKey::Other,
-                })
-            }
-        }
-        d.deserialize_str(KeyVisitor)
     }
 }
 
@@ -912,241 +1112,43 @@ impl<'de> Deserialize<'de> for EnvelopeKey {
 #[derive(Default)]
 struct Payload<'a> {
     fields: [Field<'a>; KEYS],
+    /// The frame's strings with escapes, as the client gets them (see [`Field::read`]).
+    written: Vec<u8>,
 }
 
+/// What [`StreamMapper`] keeps of its [`Payload::written`] buffer between events.
+const SCRATCH_KEEP: usize = 16 * 1024;
+
 impl<'a> Payload<'a> {
-    /// Parse a bare payload object (a frame without envelope).
-    fn parse(&mut self, text: &'a str) -> serde_json::Result<()> {
-        let mut de = serde_json::Deserializer::from_str(text);
-        de.deserialize_map(PayloadSeed(self))?;
-        de.end()
+    /// Read a bare payload object (a frame without envelope).
+    fn parse(&mut self, text: &'a str) -> json::Result<()> {
+        let mut s = Scanner::new(text);
+        self.fill(&mut s)?;
+        s.end()
+    }
+
+    /// Fill the fields from the object that comes next in `s`; other keys are skipped.
+    fn fill(&mut self, s: &mut Scanner<'a>) -> json::Result<()> {
+        let mut obj = s.object()?;
+        // Text is most of a stream.
+        while let Some(key) = obj.next_key_among(s, &["content"])? {
+            let slot = match key {
+                Key::Listed(_) => Some(K::Content),
+                Key::Other(key) => K::of(&unescaped(key)),
+            };
+            match slot {
+                Some(k) => self.fields[k as usize] = Field::read(s, &mut self.written)?,
+                None => {
+                    s.value(usize::MAX)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     fn get(&self, key: K) -> &Field<'a> {
         &self.fields[key as usize]
     }
-
-    fn slot(&mut self, key: &str) -> Option<&mut Field<'a>> {
-        K::of(key).map(|k| &mut self.fields[k as usize])
-    }
-}
-
-/// Fills a [`Payload`] from an object; `true` for an object, `false` for null, else an error.
-struct PayloadSeed<'p, 'a>(&'p mut Payload<'a>);
-
-impl<'de: 'a, 'a> DeserializeSeed<'de> for PayloadSeed<'_, 'a> {
-    type Value = bool;
-
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
-        d.deserialize_option(self)
-    }
-}
-
-impl<'de: 'a, 'a> Visitor<'de> for PayloadSeed<'_, 'a> {
-    type Value = bool;
-
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("an object or null")
-    }
-    fn visit_none<E>(self) -> Result<bool, E> {
-        Ok(false)
-    }
-    fn visit_unit<E>(self) -> Result<bool, E> {
-        Ok(false)
-    }
-    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
-        d.deserialize_map(self)
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
-        while let Some(slot) = map.next_key_seed(SlotSeed(&mut *self.0))? {
-            match slot {
-                Some(field) => *field = map.next_value()?,
-                None => {
-                    map.next_value::<IgnoredAny>()?;
-                }
-            }
-        }
-        Ok(true)
-    }
-}
-
-/// Resolves a payload key to the field it fills (`None`: not a field of any table row).
-struct SlotSeed<'p, 'a>(&'p mut Payload<'a>);
-
-impl<'de, 'p, 'a> DeserializeSeed<'de> for SlotSeed<'p, 'a> {
-    type Value = Option<&'p mut Field<'a>>;
-
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-        d.deserialize_str(self)
-    }
-}
-
-impl<'de, 'p, 'a> Visitor<'de> for SlotSeed<'p, 'a> {
-    type Value = Option<&'p mut Field<'a>>;
-
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a field name")
-    }
-    fn visit_str<E>(self, key: &str) -> Result<Self::Value, E> {
-        Ok(self.0.slot(key))
-    }
-}
-
-// ---- client side --------------------------------------------------------------------------------
-
-/// An Agent2UIMessage.
-#[derive(DeriveSerialize)]
-struct Message<'x, D> {
-    id: &'x str,
-    #[serde(rename = "type")]
-    kind: &'x str,
-    data: &'x D,
-    timestamp: &'x str,
-}
-
-/// A message's data: a row's entries filled from the payload, leaving out absent fields (null
-/// ones stay null).
-struct Obj<'x, 'a> {
-    fields: &'static [Out],
-    p: &'x Payload<'a>,
-    /// Fields written as these strings instead; any makes the data `"truncated": true`.
-    cuts: &'x [(K, String)],
-}
-
-impl<'x, 'a> Obj<'x, 'a> {
-    fn new(fields: &'static [Out], p: &'x Payload<'a>) -> Self {
-        Obj {
-            fields,
-            p,
-            cuts: &[],
-        }
-    }
-}
-
-impl Serialize for Obj<'_, '_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut map = s.serialize_map(None)?;
-        for out in self.fields {
-            match *out {
-                Out::Copy(name, key) => {
-                    if let Some((_, cut)) = self.cuts.iter().find(|(k, _)| *k == key) {
-                        map.serialize_entry(name, cut)?;
-                        continue;
-                    }
-                    let value = self.p.get(key);
-                    if !matches!(value, Field::Absent) {
-                        map.serialize_entry(name, value)?;
-                    }
-                }
-                Out::Fixed(name, value) => map.serialize_entry(name, value)?,
-            }
-        }
-        if !self.cuts.is_empty() {
-            map.serialize_entry("truncated", &true)?;
-        }
-        map.end()
-    }
-}
-
-/// A `file` message's data.
-#[derive(DeriveSerialize)]
-#[serde(rename_all = "camelCase")]
-struct FileData<'x> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    url: Option<&'x str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    filename: Option<&'x Field<'x>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    mime_type: Option<&'x Field<'x>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    size: Option<&'x Field<'x>>,
-}
-
-/// `{steps:[{id,title,status:"pending"}], currentStep:""}`; steps that are not objects are dropped.
-struct PlanData<'x, 'a>(&'x Field<'a>);
-
-impl Serialize for PlanData<'_, '_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        #[derive(serde::Deserialize)]
-        struct StepIn<'x> {
-            #[serde(borrow, default)]
-            id: Field<'x>,
-            #[serde(borrow, default)]
-            title: Field<'x>,
-        }
-        struct StepOut<'x>(StepIn<'x>);
-        impl Serialize for StepOut<'_> {
-            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                let mut map = s.serialize_map(None)?;
-                for (key, value) in [("id", &self.0.id), ("title", &self.0.title)] {
-                    if !matches!(value, Field::Absent) {
-                        map.serialize_entry(key, value)?;
-                    }
-                }
-                map.serialize_entry("status", "pending")?;
-                map.end()
-            }
-        }
-        let items: Vec<Field> = match self.0 {
-            Field::Raw(raw) if raw.get().starts_with('[') => {
-                serde_json::from_str(raw.get()).unwrap_or_default()
-            }
-            _ => Vec::new(),
-        };
-        let mut steps = Vec::with_capacity(items.len());
-        for item in &items {
-            if let Field::Raw(raw) = item {
-                if raw.get().starts_with('{') {
-                    if let Ok(step) = serde_json::from_str::<StepIn>(raw.get()) {
-                        steps.push(StepOut(step));
-                    }
-                }
-            }
-        }
-        let mut map = s.serialize_map(Some(2))?;
-        map.serialize_entry("steps", &steps)?;
-        map.serialize_entry("currentStep", "")?;
-        map.end()
-    }
-}
-
-#[derive(DeriveSerialize)]
-#[serde(rename_all = "camelCase")]
-struct DoneData<'x> {
-    session_id: &'x str,
-    message_id: &'x str,
-    execution_mode: &'static str,
-    usage: Usage,
-}
-
-#[derive(DeriveSerialize)]
-#[serde(rename_all = "camelCase")]
-struct Usage {
-    tokens: u64,
-    latency_ms: u64,
-}
-
-/// The total of a runtime `usage` object: `total_tokens`, else input plus output
-/// (`input_tokens`/`output_tokens` or `prompt_tokens`/`completion_tokens`); a bare number is
-/// the count itself.
-fn token_count(usage: &Field) -> Option<u64> {
-    #[derive(serde::Deserialize)]
-    struct Counts {
-        total_tokens: Option<u64>,
-        #[serde(alias = "prompt_tokens")]
-        input_tokens: Option<u64>,
-        #[serde(alias = "completion_tokens")]
-        output_tokens: Option<u64>,
-    }
-    let Field::Raw(raw) = usage else { return None };
-    if let Ok(n) = serde_json::from_str::<u64>(raw.get()) {
-        return Some(n);
-    }
-    let c = serde_json::from_str::<Counts>(raw.get()).ok()?;
-    c.total_tokens.or(match (c.input_tokens, c.output_tokens) {
-        (None, None) => None,
-        (i, o) => Some(i.unwrap_or(0).saturating_add(o.unwrap_or(0))),
-    })
 }
 
 #[cfg(test)]

@@ -18,14 +18,18 @@ const DERIVATION_LABEL: &[u8] = b"cutover-file-url";
 /// Bumped if the signed message ever changes, so old links fail instead of verifying wrongly.
 const VERSION: &[u8] = b"cutover-file-url/v1";
 
-/// The HMAC key links are signed with.
+/// The HMAC key links are signed with. Shared, not copied: every runtime stream's mapper holds
+/// one (a few hundred bytes of HMAC state each, for as long as a stream is held).
 #[derive(Clone)]
-pub struct FileKey(hmac::Key);
+pub struct FileKey(std::sync::Arc<hmac::Key>);
 
 impl FileKey {
     /// A key from an explicit secret (the env var `runtime.file_url_secret_env` names).
     pub fn new(secret: &[u8]) -> Self {
-        FileKey(hmac::Key::new(hmac::HMAC_SHA256, secret))
+        FileKey(std::sync::Arc::new(hmac::Key::new(
+            hmac::HMAC_SHA256,
+            secret,
+        )))
     }
 
     /// The key used when no explicit secret is set: HMAC(jwt_secret, "cutover-file-url").

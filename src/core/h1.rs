@@ -18,6 +18,12 @@ const MAX_CHUNK_LINE: usize = 4 * 1024;
 const MAX_TRAILER_BYTES: usize = 16 * 1024;
 const MAX_HEADERS: usize = 100;
 
+/// Room for a response's header lines, left uninitialised for httparse (see
+/// `request_head::header_slots`).
+fn header_slots<'b>() -> [std::mem::MaybeUninit<httparse::Header<'b>>; MAX_HEADERS] {
+    [std::mem::MaybeUninit::uninit(); MAX_HEADERS]
+}
+
 /// Encode a request: head and body in one buffer, so it leaves in one write.
 pub fn encode_request(method: &str, path: &str, headers: &[(&str, &[u8])], body: &[u8]) -> Vec<u8> {
     let head_len: usize = headers.iter().map(|(n, v)| n.len() + v.len() + 4).sum();
@@ -84,9 +90,14 @@ impl fmt::Display for HeadError {
 /// - a head that says neither is close-delimited (allowed for a response);
 /// - `HEAD`, 1xx, 204 and 304 have no body.
 pub fn parse_head(buf: &[u8], request_was_head: bool) -> Result<Option<Head>, HeadError> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut headers);
-    let len = match resp.parse(buf) {
+    let mut headers = header_slots();
+    let mut resp = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut resp,
+        buf,
+        &mut headers,
+    );
+    let len = match parsed {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD_BYTES => {
             return Err(HeadError::TooLarge)
@@ -157,9 +168,11 @@ fn content_length(value: &[u8]) -> Option<u64> {
 
 /// The value of the first header called `name` in a complete response head, if any.
 pub fn header_value<'a>(head: &'a [u8], name: &str) -> Option<&'a [u8]> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut headers);
-    resp.parse(head).ok()?;
+    let mut headers = header_slots();
+    let mut resp = httparse::Response::new(&mut []);
+    httparse::ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut resp, head, &mut headers)
+        .ok()?;
     resp.headers
         .iter()
         .find(|h| h.name.eq_ignore_ascii_case(name))

@@ -16,6 +16,7 @@ pub mod forwarded;
 pub mod h1;
 pub mod identity;
 pub mod ids;
+pub mod json;
 pub mod passthrough;
 pub mod persist;
 pub mod prometheus;

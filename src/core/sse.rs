@@ -53,7 +53,11 @@ pub struct SseParser {
     bom_matched: Option<usize>,
     /// Bytes (lines plus one per terminator) of the undispatched frame, comments excluded.
     frame_bytes: usize,
+    /// The frame's `data:` lines joined by LF (WHATWG appends each with an LF and drops the
+    /// last one at dispatch; joining is the same text without the push and pop).
     data: String,
+    /// A `data:` line came in this frame: it is an event even when its data is empty.
+    has_data: bool,
     event: String,
     last_id: String,
     retry: Option<u64>,
@@ -71,6 +75,7 @@ impl SseParser {
             bom_matched: Some(0),
             frame_bytes: 0,
             data: String::new(),
+            has_data: false,
             event: String::new(),
             last_id: String::new(),
             retry: None,
@@ -136,6 +141,7 @@ impl SseParser {
     fn reset_frame(&mut self) {
         self.frame_bytes = 0;
         self.data.clear();
+        self.has_data = false;
         self.event.clear();
         self.retry = None;
     }
@@ -211,8 +217,10 @@ impl SseParser {
         };
         match field {
             b"data" => {
+                if std::mem::replace(&mut self.has_data, true) {
+                    self.data.push('\n');
+                }
                 self.data.push_str(&text(value));
-                self.data.push('\n');
             }
             b"event" => {
                 self.event.clear();
@@ -228,12 +236,11 @@ impl SseParser {
     }
 
     fn dispatch(&mut self, out: &mut Vec<SseEvent>) {
-        if self.data.is_empty() {
+        if !self.has_data {
             self.reset_frame();
             return;
         }
-        let mut data = std::mem::take(&mut self.data);
-        data.pop(); // the LF appended after the last data line
+        let data = std::mem::take(&mut self.data);
         let event = (!self.event.is_empty()).then(|| self.event.clone());
         let id = (!self.last_id.is_empty()).then(|| self.last_id.clone());
         out.push(SseEvent {
@@ -246,29 +253,14 @@ impl SseParser {
     }
 }
 
-/// Index of the first CR or LF in `bytes`, eight bytes at a time (SWAR).
+/// Index of the first CR or LF in `bytes` (vectorised: a frame is one long line, and the blank
+/// line that ends it is found without a search).
 #[inline]
 fn find_line_end(bytes: &[u8]) -> Option<usize> {
-    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
-    const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
-    const LFS: u64 = u64::from_ne_bytes([b'\n'; 8]);
-    const CRS: u64 = u64::from_ne_bytes([b'\r'; 8]);
-    // High bit set in each byte that is zero; exact up to the first zero byte, which is all we use.
-    let zero_bytes = |x: u64| x.wrapping_sub(ONES) & !x & HIGHS;
-    let mut words = bytes.chunks_exact(8);
-    let mut offset = 0;
-    for word in &mut words {
-        let w = u64::from_le_bytes(word.try_into().expect("chunks_exact(8)"));
-        let hits = zero_bytes(w ^ LFS) | zero_bytes(w ^ CRS);
-        if hits != 0 {
-            return Some(offset + (hits.trailing_zeros() / 8) as usize);
-        }
-        offset += 8;
+    match bytes.first() {
+        Some(b'\n' | b'\r') => Some(0),
+        _ => memchr::memchr2(b'\n', b'\r', bytes),
     }
-    let tail = words.remainder();
-    tail.iter()
-        .position(|&b| b == b'\n' || b == b'\r')
-        .map(|i| offset + i)
 }
 
 /// A `retry` value: ASCII digits only (no sign, no spaces); `None` if invalid or beyond u64.
@@ -285,10 +277,11 @@ fn parse_retry(value: &[u8]) -> Option<u64> {
     })
 }
 
-/// `bytes` as text: borrowed when valid UTF-8 (the fast, usual case), else decoded lossily.
+/// `bytes` as text: borrowed when valid UTF-8 (the fast, usual case, checked with SIMD), else
+/// decoded lossily.
 #[inline]
 fn text(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
-    match std::str::from_utf8(bytes) {
+    match simdutf8::basic::from_utf8(bytes) {
         Ok(s) => std::borrow::Cow::Borrowed(s),
         Err(_) => String::from_utf8_lossy(bytes),
     }

@@ -120,7 +120,7 @@ pub struct RelayArgs {
 /// `done`.
 pub struct Saving {
     pub bridge: std::sync::Arc<Bridge>,
-    pub target: Target,
+    pub target: std::sync::Arc<Target>,
     pub who: Credentials,
     pub message: String,
     pub parent_id: Option<String>,

@@ -38,8 +38,9 @@ pub struct Active {
     pub legacy: Timeouts,
     /// The runtime's policy: its streams, shadow copies, files and health checks.
     pub runtime: Timeouts,
-    /// Where the conversation bridge finds legacy, and its routes.
-    pub bridge: Target,
+    /// Where the conversation bridge finds legacy, and its routes; shared with each bridged
+    /// stream, which keeps it until its answer is saved.
+    pub bridge: Arc<Target>,
     /// `identity.trusted_proxies`: whose `X-Forwarded-*` headers are kept.
     pub trusted_proxies: TrustedProxies,
     /// The admin bearer token (from the env var the config names); `None` refuses mutations.
@@ -74,7 +75,7 @@ impl Active {
             runtime: Timeouts::runtime(&config),
             admin_token,
             file_key,
-            bridge: Target::of(&config),
+            bridge: Arc::new(Target::of(&config)),
             // Validated with the config.
             trusted_proxies: TrustedProxies::parse(&config.identity.trusted_proxies)
                 .unwrap_or_default(),

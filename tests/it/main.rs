@@ -29,6 +29,7 @@ mod passthrough;
 mod real_runtime;
 mod reload;
 mod response_heads;
+mod rewrite_differential;
 mod rollout;
 mod runtime_files;
 mod runtime_stream;

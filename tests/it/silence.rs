@@ -15,6 +15,8 @@ use support::*;
 const DEADLINE: Duration = Duration::from_millis(300);
 /// What a loaded machine may add before an answer counts as late.
 const SLACK: Duration = Duration::from_millis(1200);
+/// At most what one relayed event takes from the proxy's read to the client's.
+const RELAY_HOP: Duration = Duration::from_millis(50);
 
 fn text(content: &str) -> Vec<u8> {
     frame("text_chunk", json!({"content": content}))
@@ -135,9 +137,11 @@ async fn a_runtime_silent_after_the_commit_ends_its_stream_with_runtime_stalled(
         assert_eq!(event_names(&r), ["message", "error"], "{path}");
         let error: serde_json::Value = serde_json::from_str(&r.events()[1].1).unwrap();
         assert_eq!(error["code"], "RUNTIME_STALLED", "{path}");
-        // From the content to the error: the idle timeout.
+        // From the content to the error: the idle timeout. Its clock started when the proxy read
+        // the content, a relay hop before the client did, so the gap the client sees may be that
+        // hop shorter than the deadline.
         let gap = r.chunks[1].0 - r.chunks[0].0;
-        assert_within(gap, path);
+        assert_within(gap + RELAY_HOP, path);
         recorded(&h, 1, 0).await;
         assert_eq!(
             metric(&h, "chat_execution_timeout_total", &[("mode", RT)]),
