@@ -3,7 +3,7 @@
 //!
 //! Opening is separate from relaying so that a runtime that fails before its first byte (refuses,
 //! answers non-2xx, or sends no head within `runtime.response_timeout_ms`) can be failed over to
-//! legacy. The body is read by the caller's own loop (`fill` then `parse_into`), under the
+//! legacy. The body is read by the caller through `runtime::events`, under the
 //! runtime's idle deadline.
 
 use std::time::Instant;
@@ -12,8 +12,7 @@ use bytes::Bytes;
 use pingora::http::RequestHeader;
 use tokio::net::TcpStream;
 
-use crate::core::h1::{self, BodyError};
-use crate::core::sse::{SseError, SseEvent, SseParser};
+use crate::core::h1;
 use crate::core::stats::Outcome;
 use crate::state::{Active, Shared};
 use crate::upstream::{Body, Call, Failure, Stage};
@@ -76,36 +75,9 @@ impl OpenFailure {
     }
 }
 
-/// The runtime answered 2xx: its body, read with `fill` and [`SseBody::parse_into`] under the
-/// runtime's idle deadline.
+/// The runtime answered 2xx: its body, read through
+/// [`RuntimeEvents`](crate::runtime::events::RuntimeEvents) under the runtime's idle deadline.
 pub type RuntimeStream = Body<TcpStream>;
-
-/// A runtime body read as SSE.
-pub trait SseBody {
-    /// Decode what `fill` read and parse it as SSE, pushing complete events onto `events`.
-    /// Returns whether the body is complete, then the parser's verdict (a frame over its limit).
-    fn parse_into(
-        &mut self,
-        parser: &mut SseParser,
-        events: &mut Vec<SseEvent>,
-    ) -> (Result<bool, BodyError>, Result<(), SseError>);
-}
-
-impl SseBody for RuntimeStream {
-    fn parse_into(
-        &mut self,
-        parser: &mut SseParser,
-        events: &mut Vec<SseEvent>,
-    ) -> (Result<bool, BodyError>, Result<(), SseError>) {
-        let mut parsed = Ok(());
-        let body = self.decode(|piece| {
-            if parsed.is_ok() {
-                parsed = parser.feed(piece, events);
-            }
-        });
-        (body, parsed)
-    }
-}
 
 fn runtime_request(
     active: &Active,

@@ -1,7 +1,7 @@
 //! Executions finished for clients that left (`bridge.finish_detached`): a client that goes away
 //! after the commit (a closed tab, a lost mobile network) does not lose its answer. The in-app
 //! version ran every execution to its end whatever the browser did; here the relay hands what it
-//! holds (the runtime connection, the parser and the mapper mid-stream) to a task of its own,
+//! holds (the runtime's event reader mid-stream: connection, parser and mapper) to a task of its own,
 //! which reads the stream to its end within the execution deadline and saves the answer.
 //!
 //! They are bounded: beyond `bridge.max_detached` running at once the oldest is dropped (its
@@ -10,21 +10,20 @@
 //! outcome is never the breaker's business: the client leaving is not the runtime's fault, and
 //! the relay already recorded the request as a client that went away.
 
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-use crate::core::agent2ui::{Mapped, StreamMapper};
-use crate::core::sse::{SseEvent, SseParser};
-use crate::runtime::connection::{RuntimeStream, SseBody};
+use crate::core::agent2ui::Mapped;
+use crate::core::stream::End;
+use crate::runtime::events::{Read, RuntimeEvents};
 use crate::runtime::relay::{save_answer, RelayArgs};
 
 /// What the relay holds when its client leaves.
-pub struct Leftover {
-    pub stream: RuntimeStream,
-    pub parser: SseParser,
-    pub mapper: StreamMapper,
-    /// Parsed from the last read and not mapped yet.
-    pub events: Vec<SseEvent>,
+pub struct Leftover<C = TcpStream> {
+    /// The stream mid-read: the events parsed and not handed out yet come first.
+    pub events: RuntimeEvents<C>,
     /// The user message's save, which the answer's waits for.
     pub user_saved: Option<JoinHandle<()>>,
 }
@@ -54,7 +53,10 @@ impl Ended {
 /// Read the rest of the stream on a task of its own and save the answer; `max`:
 /// `bridge.max_detached`. Counted as a request in flight from here, so the drain never sees a
 /// gap between the relay's end and the task's start.
-pub fn finish(args: RelayArgs, left: Leftover, max: usize) {
+pub fn finish<C>(args: RelayArgs, left: Leftover<C>, max: usize)
+where
+    C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let shared = args.shared.clone();
     let guard = shared.requests.enter();
     let (id, cancel) = shared.detached.admit(max);
@@ -77,81 +79,66 @@ pub fn finish(args: RelayArgs, left: Leftover, max: usize) {
     });
 }
 
-async fn run(args: &RelayArgs, left: Leftover, cancel: &Notify) -> Ended {
+async fn run<C>(args: &RelayArgs, left: Leftover<C>, cancel: &Notify) -> Ended
+where
+    C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let Leftover {
-        mut stream,
-        mut parser,
-        mut mapper,
         mut events,
         mut user_saved,
     } = left;
     let mut cutoff = args.shared.cutoff.subscribe();
     // The client's bytes are not written anywhere; the mapper keeps the answer's text.
     let mut sink = Vec::new();
-    let mut body_done = false;
     loop {
-        for ev in events.drain(..) {
+        sink.clear();
+        while let Some(read) = events.next(&mut sink) {
             sink.clear();
-            match mapper.map(&ev, &mut sink) {
-                Mapped::Complete(completion) => {
+            match read {
+                Read::Event(Mapped::Complete(completion)) => {
                     let latency_ms = args.started.elapsed().as_millis() as u64;
                     if let Some(user) = user_saved.take() {
                         let _ = user.await;
                     }
-                    save_answer(args, &mut mapper, &completion, latency_ms).await;
-                    stream.release_when_done();
+                    save_answer(args, events.mapper(), &completion, latency_ms).await;
+                    events.release_when_done();
                     return Ended::Saved;
                 }
-                Mapped::Failed { code, message } => {
-                    return unsaved(
-                        args,
-                        &mut mapper,
-                        Ended::Failed,
-                        &format!("{code}: {message}"),
-                    )
+                Read::Event(Mapped::Failed { code, message }) => {
+                    let why = format!("{code}: {message}");
+                    return unsaved(args, &mut events, Ended::Failed, &why);
                 }
-                Mapped::End => {
-                    return unsaved(args, &mut mapper, Ended::Failed, "ended without an answer")
+                Read::Event(_) | Read::AfterDone => {}
+                Read::End(end) => {
+                    let why = match end {
+                        End::Done | End::BodyEnd => "ended without an answer".to_string(),
+                        End::Broken(e) => e,
+                        other => format!("{other:?}"),
+                    };
+                    return unsaved(args, &mut events, Ended::Failed, &why);
                 }
-                _ => {}
             }
         }
-        if body_done {
-            return unsaved(args, &mut mapper, Ended::Failed, "ended without an answer");
-        }
-        let read = tokio::select! {
+        tokio::select! {
             biased;
             _ = tokio::time::sleep_until(args.deadline.into()) => {
-                return unsaved(args, &mut mapper, Ended::Timeout, "execution deadline")
+                return unsaved(args, &mut events, Ended::Timeout, "execution deadline")
             }
             _ = cutoff.wait_for(|c| *c) => {
-                return unsaved(args, &mut mapper, Ended::Shutdown, "the proxy is shutting down")
+                return unsaved(args, &mut events, Ended::Shutdown, "the proxy is shutting down")
             }
             _ = cancel.notified() => {
-                return unsaved(args, &mut mapper, Ended::Dropped, "more than bridge.max_detached at once")
+                return unsaved(args, &mut events, Ended::Dropped, "more than bridge.max_detached at once")
             }
-            r = stream.fill() => r,
-        };
-        let why = match read {
-            Ok(0) => "the runtime closed the stream".to_string(),
-            Ok(_) => match stream.parse_into(&mut parser, &mut events) {
-                (Err(e), _) => e.to_string(),
-                (_, Err(e)) => format!("{e:?}"),
-                (Ok(done), Ok(())) => {
-                    body_done = done;
-                    continue;
-                }
-            },
-            Err(e) => e.to_string(),
-        };
-        return unsaved(args, &mut mapper, Ended::Failed, &why);
+            _ = events.read() => {}
+        }
     }
 }
 
 /// A detached execution that ends without an answer to save: said so, with what the runtime had
 /// written (the user saw it up to where they left).
-fn unsaved(args: &RelayArgs, mapper: &mut StreamMapper, ended: Ended, why: &str) -> Ended {
-    let partial = mapper.take_text();
+fn unsaved<C>(args: &RelayArgs, events: &mut RuntimeEvents<C>, ended: Ended, why: &str) -> Ended {
+    let partial = events.mapper().take_text();
     tracing::warn!(
         session_id = %args.session_id,
         result = ended.as_str(),

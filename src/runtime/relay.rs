@@ -8,25 +8,26 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
+use tokio::io::{AsyncRead, AsyncWrite};
+// The relay's own clock is tokio's, so that its timers can be tested on a paused clock.
+use tokio::time::Instant as Tick;
 
 use crate::core::agent2ui::{self, Completion, DoneEvent, MapSettings, Mapped, StreamMapper};
 use crate::core::bridge::AssistantMessage;
 use crate::core::commit::{Precommit, Seen, Step, Trigger};
 use crate::core::config::{CommitOn, CommitTimeoutAction, Mode};
 use crate::core::cors::CorsHeaders;
-use crate::core::h1::BodyError;
 use crate::core::routing::RolloutDecision;
-use crate::core::sse::{SseError, SseParser};
 use crate::core::stats::Outcome;
-use crate::core::stream::{self, End, Facts, Verdict};
-use crate::runtime::connection::{RuntimeStream, SseBody};
+use crate::core::stream::{self, End, Facts};
 use crate::runtime::detached;
 use crate::runtime::downstream::Downstream;
+use crate::runtime::events::{Read, RuntimeEvents};
 use crate::runtime::respond::sse_response_header;
 use crate::state::in_flight::InFlight;
 use crate::state::Shared;
 use crate::upstream::bridge::{Bridge, Credentials, Persisted, Target};
-use crate::upstream::{Silence, Stage};
+use crate::upstream::Body;
 
 /// Grace for the last write after the execution deadline.
 const WRITE_GRACE: Duration = Duration::from_secs(1);
@@ -44,37 +45,6 @@ pub struct StreamReport {
     pub bytes: u64,
 }
 
-/// A read of the runtime failed: it fell silent past its idle timeout (pings count), or the
-/// connection broke.
-fn read_failed(e: &std::io::Error) -> End {
-    match Silence::of(e) {
-        Some(s) if s.stage == Stage::Idle => End::Stalled { idle: s.after },
-        _ => End::Broken(e.to_string()),
-    }
-}
-
-/// The runtime's body is over: read to its end, or its framing or connection broke.
-fn body_end(parser: &mut SseParser, body: Result<(), BodyError>) -> End {
-    match body {
-        Ok(()) => {
-            parser.finish();
-            End::BodyEnd
-        }
-        Err(e) => End::Broken(e.to_string()),
-    }
-}
-
-enum Wake {
-    /// Bytes read from the runtime (0: end of file), or the read failed.
-    Upstream(std::io::Result<usize>),
-    Deadline,
-    Heartbeat,
-    /// `runtime.commit_timeout_ms` passed while the head was held.
-    CommitDue,
-    ClientGone,
-    Cutoff,
-}
-
 /// How a relay ended.
 pub enum Relayed {
     /// The client got the runtime's stream (or nothing, having left).
@@ -85,12 +55,50 @@ pub enum Relayed {
     FailOver { detail: String, outcome: Outcome },
 }
 
+/// Where a relayed stream stands. Each state says what a failure does: while `Held`, nothing
+/// reached the client and legacy can answer instead; once `Committed`, the stream ends with one
+/// `error` event. A rescue inside the open stream would be states of its own here (the head and
+/// the status events out but no content yet, then legacy's events relayed in its place), beside
+/// these two, with the reader, the timers and the writes unchanged.
+enum Phase {
+    /// Before the commit: the response head and the events so far (in `out`) wait.
+    Held(Held),
+    /// The head went out. `user_saved`: the user message's save, which the next client write
+    /// waits for.
+    Committed {
+        user_saved: Option<tokio::task::JoinHandle<()>>,
+    },
+}
+
 /// A stream before its commit: the client's response head, not written yet.
 struct Held {
     header: Box<ResponseHeader>,
     precommit: Precommit,
-    head_at: Instant,
-    commit_at: Instant,
+    head_at: Tick,
+    commit_at: Tick,
+}
+
+/// What the relay does after a step.
+enum Flow {
+    Go,
+    /// Over: the report says how.
+    Stop,
+    /// The client left after the commit, before the answer: the rest may be read without it.
+    Left,
+    /// The runtime failed before the commit.
+    FailOver {
+        detail: String,
+        outcome: Outcome,
+    },
+}
+
+/// A timer of the relay's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Timer {
+    /// Nothing was written for `runtime.heartbeat_secs`.
+    Heartbeat,
+    /// `runtime.commit_timeout_ms` passed while the head was held.
+    CommitDue,
 }
 
 /// Everything the relay loop needs besides the client session.
@@ -133,479 +141,540 @@ pub struct Saving {
 
 /// Relay a runtime stream to the client until it completes, fails, times out or the client goes;
 /// or, when the runtime fails before the commit, hand the request back for legacy.
-pub async fn relay<D: Downstream>(
-    session: &mut D,
-    stream: RuntimeStream,
-    mut args: RelayArgs,
-) -> Relayed {
-    let metrics = args.shared.metrics;
-    let mut report = StreamReport::default();
-    let version = session.version();
-    let header = match sse_response_header(args.decision, version, &args.cors) {
+///
+/// The loop only waits: for the runtime's next read, a timer, the deadline, the shutdown cutoff
+/// or the client leaving. What each means is the [`Relay`]'s: `on_event` and `on_end` for what
+/// the reader hands out, `on_timer` for the heartbeat and the commit timeout, `flush` after each
+/// read.
+pub async fn relay<D, C>(session: &mut D, stream: Body<C>, mut args: RelayArgs) -> Relayed
+where
+    D: Downstream,
+    C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let header = match sse_response_header(args.decision, session.version(), &args.cors) {
         Ok(h) => Box::new(h),
         Err(e) => {
-            report.outcome = Some(Outcome::Error);
-            report.detail = Some(e.to_string());
+            let report = StreamReport {
+                outcome: Some(Outcome::Error),
+                detail: Some(e.to_string()),
+                ..StreamReport::default()
+            };
             return Relayed::Served(report);
         }
     };
-    let head_at = Instant::now();
-    let mut tally = EventTally::new(metrics);
-    let mut user_saved = None;
-    let mut held = Some(Held {
-        header,
-        precommit: Precommit::new(args.commit_on, args.commit_timeout_action),
-        head_at,
-        commit_at: head_at
-            .checked_add(args.commit_timeout)
-            .unwrap_or(args.deadline),
-    });
-    // The commit and the answer's save happen once a stream and are boxed: a future keeps
-    // room for its largest await for as long as it lives, and this one lives as long as the
-    // stream (boxing them halved it, to 3.3 KB).
-    if args.commit_timeout.is_zero() {
-        let h = held.take().expect("held until here");
-        match Box::pin(commit(
-            session,
-            &args,
-            h,
-            Trigger::Head,
-            &mut report,
-            &mut tally,
-        ))
-        .await
-        {
-            Ok(saving) => user_saved = saving,
-            Err(()) => return Relayed::Served(report),
-        }
-    }
-
-    let mut stream = stream;
-    let mut cutoff = args.shared.cutoff.subscribe();
-    let mut parser = SseParser::new(args.max_frame_bytes);
     let mut mapper = StreamMapper::with_settings(&args.session_id, std::mem::take(&mut args.map));
     if args.saving.is_some() {
         mapper = mapper.keeping_text();
     }
-    let mut events = Vec::new();
-    let mut out = Vec::new();
-    let mut completed = false;
-    let mut runtime_error: Option<String> = None;
-    let mut last_write = Instant::now();
-
+    let mut events = RuntimeEvents::new(stream, args.max_frame_bytes, mapper);
+    let mut cutoff = args.shared.cutoff.subscribe();
     let mode = Mode::RuntimeOrchestrator.as_str();
-    let _in_flight = InFlight::new(metrics.streams_in_flight.with_label_values(&[mode]));
+    let _in_flight = InFlight::new(
+        args.shared
+            .metrics
+            .streams_in_flight
+            .with_label_values(&[mode]),
+    );
+    let mut relay = Relay::new(session, args, header);
+    let mut flow = Flow::Go;
+    if relay.args.commit_timeout.is_zero() && !Box::pin(relay.commit(Trigger::Head)).await {
+        flow = Flow::Stop;
+    }
+    while let Flow::Go = flow {
+        let before = relay.out.len();
+        flow = match events.next(&mut relay.out) {
+            Some(Read::Event(mapped)) => relay.on_event(mapped, before, &mut events).await,
+            Some(Read::AfterDone) => {
+                relay
+                    .metrics()
+                    .sse_dropped_frames_total
+                    .with_label_values(&["after_done"])
+                    .inc();
+                Flow::Go
+            }
+            Some(Read::End(end)) => relay.on_end(end, &mut events).await,
+            None => match relay.flush(&events).await {
+                Flow::Go => relay.wait(&mut events, &mut cutoff).await,
+                other => other,
+            },
+        };
+    }
+    relay.finish(flow, events)
+}
 
-    loop {
+/// One relayed stream: where it stands, what it reported, and the client bytes not written yet.
+struct Relay<'s, D> {
+    session: &'s mut D,
+    args: RelayArgs,
+    phase: Phase,
+    report: StreamReport,
+    tally: EventTally,
+    /// Client bytes mapped and not written yet.
+    out: Vec<u8>,
+    last_write: Tick,
+}
+
+impl<'s, D: Downstream> Relay<'s, D> {
+    fn new(session: &'s mut D, args: RelayArgs, header: Box<ResponseHeader>) -> Self {
+        let head_at = Tick::now();
+        let held = Held {
+            header,
+            precommit: Precommit::new(args.commit_on, args.commit_timeout_action),
+            head_at,
+            commit_at: head_at
+                .checked_add(args.commit_timeout)
+                .unwrap_or(Tick::from_std(args.deadline)),
+        };
+        Relay {
+            session,
+            tally: EventTally::new(args.shared.metrics),
+            args,
+            phase: Phase::Held(held),
+            report: StreamReport::default(),
+            out: Vec::new(),
+            last_write: head_at,
+        }
+    }
+
+    fn metrics(&self) -> &'static crate::state::metrics::Metrics {
+        self.args.shared.metrics
+    }
+
+    fn held(&mut self) -> Option<&mut Held> {
+        match &mut self.phase {
+            Phase::Held(h) => Some(h),
+            Phase::Committed { .. } => None,
+        }
+    }
+
+    /// Wait for what comes next: the runtime's next read (`Go`), or a timer, the deadline, the
+    /// cutoff or the client leaving, handled here. The deadline and the cutoff are asked first:
+    /// a runtime that floods the stream keeps its read ready on every turn and would otherwise
+    /// outrun both.
+    async fn wait<C>(
+        &mut self,
+        events: &mut RuntimeEvents<C>,
+        cutoff: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> Flow
+    where
+        C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let deadline = Tick::from_std(self.args.deadline);
         // A heartbeat interval too long to add to an Instant just never fires before the deadline.
-        let heartbeat_at = last_write
-            .checked_add(args.heartbeat)
-            .unwrap_or(args.deadline);
-        let commit_at = held.as_ref().map_or(args.deadline, |h| h.commit_at);
-        // The deadline and the shutdown cutoff are asked first: a runtime that floods the stream
-        // keeps `fill` ready on every turn and would otherwise outrun both.
+        let heartbeat_at = self
+            .last_write
+            .checked_add(self.args.heartbeat)
+            .unwrap_or(deadline);
+        let commit_at = self.held().map(|h| h.commit_at);
         let wake = tokio::select! {
             biased;
-            _ = tokio::time::sleep_until(args.deadline.into()) => Wake::Deadline,
-            _ = cutoff.wait_for(|c| *c) => Wake::Cutoff,
-            r = stream.fill() => Wake::Upstream(r),
-            _ = tokio::time::sleep_until(heartbeat_at.into()) => Wake::Heartbeat,
-            _ = tokio::time::sleep_until(commit_at.into()), if held.is_some() => Wake::CommitDue,
-            _ = session.client_gone() => Wake::ClientGone,
-        };
-        // `Some(end)` once the stream is over.
-        let mut end: Option<End> = None;
-        match wake {
-            Wake::Upstream(Ok(0)) => end = Some(body_end(&mut parser, stream.eof())),
-            Wake::Upstream(Ok(_)) => {
-                events.clear();
+            _ = tokio::time::sleep_until(deadline) => Err(End::Deadline {
+                budget: self.args.deadline - self.args.started,
+            }),
+            _ = cutoff.wait_for(|c| *c) => Err(End::Shutdown),
+            _ = events.read() => {
                 // Rewritten events are a little larger than the frames they come from.
-                let room = stream.buffered() + stream.buffered() / 2;
-                out.reserve(room);
-                let (body, parsed) = stream.parse_into(&mut parser, &mut events);
-                for (i, ev) in events.iter().enumerate() {
-                    // After `execution_complete` the client has its `done`: anything but the
-                    // `[DONE]` marker would follow it as a second terminal event or as stray
-                    // messages.
-                    if completed && ev.data.trim() != "[DONE]" {
-                        metrics
-                            .sse_dropped_frames_total
-                            .with_label_values(&["after_done"])
-                            .inc();
-                        continue;
-                    }
-                    let before = out.len();
-                    let mapped = mapper.map(ev, &mut out);
-                    if let Some(h) = held.as_mut() {
-                        let seen = match &mapped {
-                            Mapped::Message("thinking") => Some(Seen::Thinking {
-                                bytes: out.len() - before,
-                            }),
-                            Mapped::Message(_) | Mapped::Complete(_) => Some(Seen::Content),
-                            Mapped::Heartbeat => Some(Seen::Ping {
-                                bytes: out.len() - before,
-                            }),
-                            Mapped::Failed { code, .. } => Some(Seen::Error { code }),
-                            Mapped::End => Some(Seen::End(&End::Done)),
-                            // Nothing for the client: counted below, commits nothing.
-                            Mapped::Skipped | Mapped::Malformed | Mapped::Unknown => None,
-                        };
-                        match seen.map(|seen| h.precommit.see(seen)) {
-                            None => {}
-                            // Counted as written at the commit.
-                            Some(Step::Hold) => continue,
-                            Some(Step::FailOver(outcome)) => {
-                                return Relayed::FailOver {
-                                    detail: before_commit(&mapped),
-                                    outcome,
-                                }
-                            }
-                            Some(Step::Abandon) => return Relayed::Served(report),
-                            Some(Step::Commit(trigger)) => {
-                                let h = held.take().expect("held");
-                                match Box::pin(commit(
-                                    session,
-                                    &args,
-                                    h,
-                                    trigger,
-                                    &mut report,
-                                    &mut tally,
-                                ))
-                                .await
-                                {
-                                    Ok(saving) => user_saved = saving,
-                                    Err(()) => return Relayed::Served(report),
-                                }
-                            }
-                        }
-                    }
-                    match mapped {
-                        Mapped::Message(kind) => {
-                            tally.add(kind);
-                            report.events += 1;
-                        }
-                        Mapped::Skipped => {}
-                        Mapped::Heartbeat => {
-                            metrics
-                                .sse_events_total
-                                .with_label_values(&["heartbeat"])
-                                .inc();
-                            report.events += 1;
-                        }
-                        Mapped::Complete(completion) => {
-                            metrics.sse_events_total.with_label_values(&["done"]).inc();
-                            report.events += 1;
-                            completed = true;
-                            let latency_ms = args.started.elapsed().as_millis() as u64;
-                            // What the user already has leaves now, not after the save.
-                            let mut gone = false;
-                            if !out.is_empty() {
-                                let bytes = Bytes::from(std::mem::take(&mut out));
-                                report.bytes += bytes.len() as u64;
-                                user_message_saved(&mut user_saved).await;
-                                gone =
-                                    !write_client(session, Some(bytes), false, args.deadline).await;
-                                last_write = Instant::now();
-                                report
-                                    .first_write
-                                    .get_or_insert_with(|| args.started.elapsed());
-                            }
-                            // The execution is over: its answer is saved even for a client
-                            // that has just left, after its question.
-                            user_message_saved(&mut user_saved).await;
-                            let message_id =
-                                Box::pin(save_answer(&args, &mut mapper, &completion, latency_ms))
-                                    .await;
-                            if gone {
-                                report.detail =
-                                    Some("client disconnected or stopped reading".into());
-                                return Relayed::Served(report);
-                            }
-                            agent2ui::done_event(
-                                &mut out,
-                                &DoneEvent {
-                                    session_id: mapper.session_id(),
-                                    message_id: &message_id,
-                                    tokens: completion.tokens.unwrap_or(0),
-                                    latency_ms,
-                                },
-                            );
-                        }
-                        Mapped::Failed { code, message } => {
-                            metrics.sse_events_total.with_label_values(&["error"]).inc();
-                            // The runtime's own code is unbounded: label it as one kind,
-                            // a user's cancel apart, since it is nobody's failure.
-                            let kind = if code == stream::CANCELLED_CODE {
-                                stream::CANCELLED_CODE
-                            } else {
-                                "EXECUTION_ERROR"
-                            };
-                            metrics.stream_errors_total.with_label_values(&[kind]).inc();
-                            report.events += 1;
-                            report.error_code = Some(kind);
-                            report.detail = Some(format!("{code}: {message}"));
-                            runtime_error = Some(code);
-                            end = Some(End::ExecutionError);
-                            break;
-                        }
-                        Mapped::End => {
-                            end = Some(End::Done);
-                            break;
-                        }
-                        Mapped::Malformed => metrics
-                            .sse_dropped_frames_total
-                            .with_label_values(&["malformed"])
-                            .inc(),
-                        Mapped::Unknown => metrics
-                            .sse_dropped_frames_total
-                            .with_label_values(&["unknown_event"])
-                            .inc(),
-                    }
-                    // Held events wait for the commit.
-                    if report.first_write.is_none() && !out.is_empty() && held.is_none() {
-                        // The first event leaves at once instead of after the whole first read
-                        // (up to 32 KiB of frames) is rewritten: time to first event is what
-                        // the user sees.
-                        let bytes =
-                            Bytes::from(std::mem::replace(&mut out, Vec::with_capacity(room)));
-                        report.bytes += bytes.len() as u64;
-                        user_message_saved(&mut user_saved).await;
-                        if !write_client(session, Some(bytes), false, args.deadline).await {
-                            report.detail = Some("client disconnected or stopped reading".into());
-                            // The events of this read not mapped yet are the detached
-                            // reader's first.
-                            let rest = events[i + 1..].to_vec();
-                            return client_left(
-                                report, args, stream, parser, mapper, rest, user_saved,
-                            );
-                        }
-                        last_write = Instant::now();
-                        report.first_write = Some(args.started.elapsed());
-                    }
-                }
-                tally.flush();
-                if end.is_none() {
-                    if let Err(SseError::FrameTooLarge { limit }) = parsed {
-                        end = Some(End::FrameTooLarge { limit });
-                    }
-                }
-                if end.is_none() {
-                    end = match body {
-                        Ok(false) => None,
-                        Ok(true) => Some(body_end(&mut parser, Ok(()))),
-                        Err(e) => Some(body_end(&mut parser, Err(e))),
-                    };
-                }
+                let room = events.last_read() + events.last_read() / 2;
+                self.out.reserve(room);
+                return Flow::Go;
             }
-            Wake::Upstream(Err(e)) => end = Some(read_failed(&e)),
-            Wake::Deadline => {
-                end = Some(End::Deadline {
-                    budget: args.deadline - args.started,
-                });
+            _ = tokio::time::sleep_until(heartbeat_at) => Ok(Timer::Heartbeat),
+            _ = tokio::time::sleep_until(commit_at.unwrap_or(deadline)), if commit_at.is_some() => {
+                Ok(Timer::CommitDue)
             }
-            Wake::Cutoff => end = Some(End::Shutdown),
-            Wake::Heartbeat | Wake::CommitDue => {
-                let heartbeat = matches!(wake, Wake::Heartbeat);
-                if let Some(mut h) = held.take() {
-                    let seen = if heartbeat {
-                        Seen::Heartbeat
-                    } else {
-                        Seen::Timeout
-                    };
-                    let trigger = match h.precommit.see(seen) {
-                        Step::Commit(trigger) => trigger,
-                        // `commit_timeout_action = "failover"`: no content in time.
-                        Step::FailOver(outcome) => {
-                            return Relayed::FailOver {
-                                detail: format!(
-                                    "no content within runtime.commit_timeout_ms ({} ms)",
-                                    args.commit_timeout.as_millis()
-                                ),
-                                outcome,
-                            }
-                        }
-                        Step::Hold | Step::Abandon => unreachable!("a timer commits or fails over"),
-                    };
-                    match Box::pin(commit(session, &args, h, trigger, &mut report, &mut tally))
-                        .await
-                    {
-                        Ok(saving) => user_saved = saving,
-                        Err(()) => return Relayed::Served(report),
+            _ = self.session.client_gone() => Err(End::ClientGone),
+        };
+        match wake {
+            Ok(timer) => match self.on_timer(timer).await {
+                Flow::Go => self.flush(events).await,
+                other => other,
+            },
+            Err(End::ClientGone) => {
+                self.report.detail = Some("client disconnected".into());
+                self.leave(events)
+            }
+            Err(end) => self.on_end(end, events).await,
+        }
+    }
+
+    /// One runtime event, mapped onto the end of `out` (from `before` on): held until the
+    /// commit, counted, and the first one written at once.
+    async fn on_event<C>(
+        &mut self,
+        mapped: Mapped,
+        before: usize,
+        events: &mut RuntimeEvents<C>,
+    ) -> Flow {
+        let bytes = self.out.len() - before;
+        if let Some(h) = self.held() {
+            let seen = match &mapped {
+                Mapped::Message("thinking") => Some(Seen::Thinking { bytes }),
+                Mapped::Message(_) | Mapped::Complete(_) => Some(Seen::Content),
+                Mapped::Heartbeat => Some(Seen::Ping { bytes }),
+                Mapped::Failed { code, .. } => Some(Seen::Error { code }),
+                Mapped::End => Some(Seen::End(&End::Done)),
+                // Nothing for the client: counted below, commits nothing.
+                Mapped::Skipped | Mapped::Malformed | Mapped::Unknown => None,
+            };
+            let committed = match seen.map(|seen| h.precommit.see(seen)) {
+                None => true,
+                // Counted as written at the commit.
+                Some(Step::Hold) => return Flow::Go,
+                Some(Step::FailOver(outcome)) => {
+                    return Flow::FailOver {
+                        detail: before_commit(&mapped),
+                        outcome,
                     }
                 }
-                if heartbeat {
-                    agent2ui::heartbeat_event(&mut out);
-                    metrics
-                        .sse_events_total
-                        .with_label_values(&["heartbeat"])
-                        .inc();
-                }
-            }
-            Wake::ClientGone => {
-                report.detail = Some("client disconnected".into());
-                if held.is_none() && !completed {
-                    return client_left(
-                        report,
-                        args,
-                        stream,
-                        parser,
-                        mapper,
-                        Vec::new(),
-                        user_saved,
-                    );
-                }
-                return Relayed::Served(report);
+                Some(Step::Abandon) => return Flow::Stop,
+                Some(Step::Commit(trigger)) => Box::pin(self.commit(trigger)).await,
+            };
+            if !committed {
+                return Flow::Stop;
             }
         }
+        let metrics = self.metrics();
+        match mapped {
+            Mapped::Message(kind) => {
+                self.tally.add(kind);
+                self.report.events += 1;
+            }
+            Mapped::Skipped | Mapped::End => {}
+            Mapped::Heartbeat => {
+                metrics
+                    .sse_events_total
+                    .with_label_values(&["heartbeat"])
+                    .inc();
+                self.report.events += 1;
+            }
+            Mapped::Complete(completion) => return self.on_complete(completion, events).await,
+            Mapped::Failed { code, message } => {
+                metrics.sse_events_total.with_label_values(&["error"]).inc();
+                // The runtime's own code is unbounded: label it as one kind, a user's cancel
+                // apart, since it is nobody's failure.
+                let kind = if code == stream::CANCELLED_CODE {
+                    stream::CANCELLED_CODE
+                } else {
+                    "EXECUTION_ERROR"
+                };
+                metrics.stream_errors_total.with_label_values(&[kind]).inc();
+                self.report.events += 1;
+                self.report.error_code = Some(kind);
+                self.report.detail = Some(format!("{code}: {message}"));
+            }
+            Mapped::Malformed => metrics
+                .sse_dropped_frames_total
+                .with_label_values(&["malformed"])
+                .inc(),
+            Mapped::Unknown => metrics
+                .sse_dropped_frames_total
+                .with_label_values(&["unknown_event"])
+                .inc(),
+        }
+        // The first event leaves at once instead of after the whole read (up to 32 KiB of
+        // frames) is rewritten: time to first event is what the user sees.
+        // Held events wait for the commit.
+        if self.report.first_write.is_none() && !self.out.is_empty() && self.held().is_none() {
+            let room = self.out.capacity();
+            let bytes = Bytes::from(std::mem::replace(&mut self.out, Vec::with_capacity(room)));
+            if !self.write(Some(bytes), false).await {
+                self.report.detail = Some("client disconnected or stopped reading".into());
+                // The events of this read not handed out yet are the detached reader's first.
+                return self.leave(events);
+            }
+        }
+        Flow::Go
+    }
 
-        if let (Some(end), Some(h)) = (&end, held.as_mut()) {
-            match h.precommit.see(Seen::End(end)) {
+    /// `execution_complete`: what the user already has leaves at once, the answer is saved (even
+    /// for a client that has just left, after its question) and `done` carries its id.
+    async fn on_complete<C>(
+        &mut self,
+        completion: Completion,
+        events: &mut RuntimeEvents<C>,
+    ) -> Flow {
+        self.metrics()
+            .sse_events_total
+            .with_label_values(&["done"])
+            .inc();
+        self.report.events += 1;
+        let latency_ms = self.args.started.elapsed().as_millis() as u64;
+        let mut gone = false;
+        if !self.out.is_empty() {
+            let bytes = Bytes::from(std::mem::take(&mut self.out));
+            gone = !self.write(Some(bytes), false).await;
+            self.report
+                .first_write
+                .get_or_insert_with(|| self.args.started.elapsed());
+        }
+        self.user_message_saved().await;
+        let message_id = Box::pin(save_answer(
+            &self.args,
+            events.mapper(),
+            &completion,
+            latency_ms,
+        ))
+        .await;
+        if gone {
+            self.report.detail = Some("client disconnected or stopped reading".into());
+            return Flow::Stop;
+        }
+        agent2ui::done_event(
+            &mut self.out,
+            &DoneEvent {
+                session_id: events.mapper().session_id(),
+                message_id: &message_id,
+                tokens: completion.tokens.unwrap_or(0),
+                latency_ms,
+            },
+        );
+        Flow::Go
+    }
+
+    /// A timer fired: before the commit it commits (or fails over, with
+    /// `commit_timeout_action = "failover"`); a heartbeat adds its event.
+    async fn on_timer(&mut self, timer: Timer) -> Flow {
+        if let Some(h) = self.held() {
+            let seen = match timer {
+                Timer::Heartbeat => Seen::Heartbeat,
+                Timer::CommitDue => Seen::Timeout,
+            };
+            match h.precommit.see(seen) {
                 Step::Commit(trigger) => {
-                    let h = held.take().expect("held");
-                    match Box::pin(commit(session, &args, h, trigger, &mut report, &mut tally))
-                        .await
-                    {
-                        Ok(saving) => user_saved = saving,
-                        Err(()) => return Relayed::Served(report),
+                    if !Box::pin(self.commit(trigger)).await {
+                        return Flow::Stop;
                     }
                 }
-                Step::Abandon => return Relayed::Served(report),
+                // No content in time.
+                Step::FailOver(outcome) => {
+                    return Flow::FailOver {
+                        detail: format!(
+                            "no content within runtime.commit_timeout_ms ({} ms)",
+                            self.args.commit_timeout.as_millis()
+                        ),
+                        outcome,
+                    }
+                }
+                Step::Hold | Step::Abandon => unreachable!("a timer commits or fails over"),
+            }
+        }
+        if timer == Timer::Heartbeat {
+            agent2ui::heartbeat_event(&mut self.out);
+            self.metrics()
+                .sse_events_total
+                .with_label_values(&["heartbeat"])
+                .inc();
+        }
+        Flow::Go
+    }
+
+    /// The stream is over. Before the commit the commit point says whether the client gets it
+    /// or legacy answers; after, [`stream::verdict`] says how it counts and which `error` event,
+    /// if any, closes it, written with the events before it.
+    async fn on_end<C>(&mut self, end: End, events: &mut RuntimeEvents<C>) -> Flow
+    where
+        C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        if let Some(h) = self.held() {
+            match h.precommit.see(Seen::End(&end)) {
+                Step::Commit(trigger) => {
+                    if !Box::pin(self.commit(trigger)).await {
+                        return Flow::Stop;
+                    }
+                }
+                Step::Abandon => return Flow::Stop,
                 Step::Hold => unreachable!("the end of a stream is never held"),
                 Step::FailOver(outcome) => {
                     let facts = Facts {
                         client: true,
-                        completed,
+                        completed: events.completed(),
                         runtime_error: None,
                         end: end.clone(),
                     };
                     let detail = stream::verdict(&facts)
                         .closing
                         .map_or_else(|| format!("{end:?}"), |c| c.message);
-                    return Relayed::FailOver { detail, outcome };
+                    return Flow::FailOver { detail, outcome };
                 }
             }
         }
-
-        let verdict = end.map(|end| {
-            stream::verdict(&Facts {
-                client: true,
-                completed,
-                runtime_error: runtime_error.take(),
-                end,
-            })
-        });
-        if let Some(Verdict {
-            closing: Some(closing),
-            ..
-        }) = &verdict
-        {
-            agent2ui::error_event(&mut out, closing.code, &closing.message);
+        self.tally.flush();
+        let verdict = stream::verdict(&events.facts(true, end));
+        if let Some(closing) = &verdict.closing {
+            agent2ui::error_event(&mut self.out, closing.code, &closing.message);
+            let metrics = self.metrics();
             metrics.sse_events_total.with_label_values(&["error"]).inc();
             metrics
                 .stream_errors_total
                 .with_label_values(&[closing.code])
                 .inc();
-            report.events += 1;
-            report.error_code = Some(closing.code);
-            if report.detail.is_none() {
-                report.detail = Some(closing.message.clone());
+            self.report.events += 1;
+            self.report.error_code = Some(closing.code);
+            if self.report.detail.is_none() {
+                self.report.detail = Some(closing.message.clone());
             }
         }
-        if held.is_some() {
-            // Nothing leaves before the commit.
-        } else if !out.is_empty() {
-            let bytes = Bytes::from(std::mem::take(&mut out));
-            report.bytes += bytes.len() as u64;
-            user_message_saved(&mut user_saved).await;
-            if !write_client(session, Some(bytes), verdict.is_some(), args.deadline).await {
-                report.outcome = None;
-                report.detail = Some("client disconnected or stopped reading".into());
-                if verdict.is_none() && !completed {
-                    return client_left(
-                        report,
-                        args,
-                        stream,
-                        parser,
-                        mapper,
-                        Vec::new(),
-                        user_saved,
-                    );
-                }
-                return Relayed::Served(report);
-            }
-            last_write = Instant::now();
-            report
-                .first_write
-                .get_or_insert_with(|| args.started.elapsed());
-            out = Vec::new();
-            if let Some(verdict) = verdict {
-                report.outcome = verdict.outcome;
-                finish_runtime(stream, report.outcome);
-                return Relayed::Served(report);
-            }
-        } else if let Some(verdict) = verdict {
-            write_client(session, None, true, args.deadline).await;
-            report.outcome = verdict.outcome;
-            finish_runtime(stream, report.outcome);
-            return Relayed::Served(report);
+        let last = (!self.out.is_empty()).then(|| Bytes::from(std::mem::take(&mut self.out)));
+        let wrote = last.is_some();
+        if self.write_end(last).await || !wrote {
+            self.report.outcome = verdict.outcome;
+        } else {
+            self.report.outcome = None;
+            self.report.detail = Some("client disconnected or stopped reading".into());
         }
+        Flow::Stop
     }
-}
 
-/// Commit to the runtime's stream: count why and how long the head was held, send the response
-/// head, and start saving the user's message, which the first event waits for. The held
-/// events are in `out` already and go out with the next write. `Err` when the client is gone.
-async fn commit<D: Downstream>(
-    session: &mut D,
-    args: &RelayArgs,
-    held: Held,
-    trigger: Trigger,
-    report: &mut StreamReport,
-    tally: &mut EventTally,
-) -> Result<Option<tokio::task::JoinHandle<()>>, ()> {
-    let metrics = &args.shared.metrics.commit;
-    metrics
-        .commits_total
-        .with_label_values(&[trigger.as_str()])
-        .inc();
-    metrics
-        .wait_seconds
-        .observe(held.head_at.elapsed().as_secs_f64());
-    let kept = held.precommit.held();
-    tally.add_n("thinking", kept.thinking as u64);
-    args.shared
-        .metrics
-        .sse_events_total
-        .with_label_values(&["heartbeat"])
-        .inc_by(kept.pings as u64);
-    report.events += kept.events() as u64;
-    let written = tokio::time::timeout_at(
-        write_by(args.deadline).into(),
-        session.write_response_header(held.header),
-    )
-    .await;
-    if !matches!(written, Ok(Ok(()))) {
-        report.detail = Some("client disconnected before the commit".into());
-        return Err(());
+    /// After a read, or a timer: what was mapped leaves in one write, unless the head is held.
+    async fn flush<C>(&mut self, events: &RuntimeEvents<C>) -> Flow {
+        self.tally.flush();
+        if self.held().is_some() || self.out.is_empty() {
+            return Flow::Go;
+        }
+        let bytes = Bytes::from(std::mem::take(&mut self.out));
+        if !self.write(Some(bytes), false).await {
+            self.report.detail = Some("client disconnected or stopped reading".into());
+            return self.leave(events);
+        }
+        Flow::Go
     }
-    Ok(args.saving.as_ref().map(|s| {
-        let (bridge, target, who) = (s.bridge.clone(), s.target.clone(), s.who.clone());
-        let (session_id, message) = (args.session_id.clone(), s.message.clone());
-        let (parent_id, after) = (s.parent_id.clone(), s.after.clone());
-        tokio::spawn(async move {
-            // A deferred save is retried, and logged if it never succeeds, on its own task.
-            let _ = bridge
-                .persist_user(
-                    &target,
-                    &who,
-                    &session_id,
-                    &message,
-                    parent_id.as_deref(),
-                    after,
-                )
-                .await;
-        })
-    }))
+
+    /// The client left: after the commit and before the answer, its execution may go on
+    /// without it.
+    fn leave<C>(&self, events: &RuntimeEvents<C>) -> Flow {
+        match self.phase {
+            Phase::Committed { .. } if !events.completed() => Flow::Left,
+            _ => Flow::Stop,
+        }
+    }
+
+    /// Commit to the runtime's stream: count why and how long the head was held, send the
+    /// response head, and start saving the user's message, which the first event waits for.
+    /// The held events are in `out` already and go out with the next write.
+    /// False when the client is gone.
+    async fn commit(&mut self, trigger: Trigger) -> bool {
+        let Phase::Held(held) =
+            std::mem::replace(&mut self.phase, Phase::Committed { user_saved: None })
+        else {
+            return true;
+        };
+        let shared = &self.args.shared;
+        let metrics = &shared.metrics.commit;
+        metrics
+            .commits_total
+            .with_label_values(&[trigger.as_str()])
+            .inc();
+        metrics
+            .wait_seconds
+            .observe(held.head_at.elapsed().as_secs_f64());
+        let kept = held.precommit.held();
+        self.tally.add_n("thinking", kept.thinking as u64);
+        shared
+            .metrics
+            .sse_events_total
+            .with_label_values(&["heartbeat"])
+            .inc_by(kept.pings as u64);
+        self.report.events += kept.events() as u64;
+        let written = tokio::time::timeout_at(
+            write_by(self.args.deadline).into(),
+            self.session.write_response_header(held.header),
+        )
+        .await;
+        if !matches!(written, Ok(Ok(()))) {
+            self.report.detail = Some("client disconnected before the commit".into());
+            return false;
+        }
+        let user_saved = self.args.saving.as_ref().map(|s| {
+            let (bridge, target, who) = (s.bridge.clone(), s.target.clone(), s.who.clone());
+            let (session_id, message) = (self.args.session_id.clone(), s.message.clone());
+            let (parent_id, after) = (s.parent_id.clone(), s.after.clone());
+            tokio::spawn(async move {
+                // A deferred save is retried, and logged if it never succeeds, on its own task.
+                let _ = bridge
+                    .persist_user(
+                        &target,
+                        &who,
+                        &session_id,
+                        &message,
+                        parent_id.as_deref(),
+                        after,
+                    )
+                    .await;
+            })
+        });
+        self.phase = Phase::Committed { user_saved };
+        true
+    }
+
+    /// Wait for the user message's save before the first client event (at once after it).
+    async fn user_message_saved(&mut self) {
+        if let Phase::Committed { user_saved } = &mut self.phase {
+            if let Some(save) = user_saved.take() {
+                // The save is bounded by `bridge.timeout_ms`; a panic in it is no reason to
+                // drop the stream.
+                let _ = save.await;
+            }
+        }
+    }
+
+    /// Write events to the client, after the user's message is saved; false when it went away
+    /// or stopped reading.
+    async fn write(&mut self, bytes: Option<Bytes>, end: bool) -> bool {
+        if let Some(b) = &bytes {
+            self.report.bytes += b.len() as u64;
+        }
+        self.user_message_saved().await;
+        if !write_client(&mut *self.session, bytes, end, self.args.deadline).await {
+            return false;
+        }
+        self.last_write = Tick::now();
+        self.report
+            .first_write
+            .get_or_insert_with(|| self.args.started.elapsed());
+        true
+    }
+
+    /// The stream's last write: its last events, if any, and its end.
+    async fn write_end(&mut self, bytes: Option<Bytes>) -> bool {
+        match bytes {
+            Some(b) => self.write(Some(b), true).await,
+            None => write_client(&mut *self.session, None, true, self.args.deadline).await,
+        }
+    }
+
+    /// How the relay ended, the runtime connection released or handed on.
+    fn finish<C>(self, flow: Flow, events: RuntimeEvents<C>) -> Relayed
+    where
+        C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Relay {
+            args,
+            phase,
+            report,
+            ..
+        } = self;
+        match flow {
+            Flow::FailOver { detail, outcome } => Relayed::FailOver { detail, outcome },
+            Flow::Left => {
+                let user_saved = match phase {
+                    Phase::Committed { user_saved } => user_saved,
+                    Phase::Held(_) => None,
+                };
+                if let Some(max) = args.saving.as_ref().and_then(|s| s.detach) {
+                    detached::finish(args, detached::Leftover { events, user_saved }, max);
+                }
+                Relayed::Served(report)
+            }
+            Flow::Stop | Flow::Go => {
+                // After a clean end the connection goes back to the pool, once its body is read
+                // to the end; otherwise it is closed, which tells the runtime to stop.
+                if report.outcome == Some(Outcome::Success) {
+                    events.release_when_done();
+                }
+                Relayed::Served(report)
+            }
+        }
+    }
 }
 
 /// Why a stream failed over at this event (an `execution_error`, or `[DONE]` with no answer).
@@ -614,31 +683,6 @@ fn before_commit(mapped: &Mapped) -> String {
         Mapped::Failed { code, message } => format!("{code}: {message}"),
         _ => "runtime stream ended without execution_complete".into(),
     }
-}
-
-/// The client left after the commit: with `bridge.finish_detached` the rest of the runtime's
-/// stream is read on a task of its own and the answer saved (`detached`); otherwise the stream
-/// is dropped here, which closes the runtime connection and tells the runtime to stop.
-fn client_left(
-    report: StreamReport,
-    args: RelayArgs,
-    stream: RuntimeStream,
-    parser: SseParser,
-    mapper: StreamMapper,
-    events: Vec<crate::core::sse::SseEvent>,
-    user_saved: Option<tokio::task::JoinHandle<()>>,
-) -> Relayed {
-    if let Some(max) = args.saving.as_ref().and_then(|s| s.detach) {
-        let left = detached::Leftover {
-            stream,
-            parser,
-            mapper,
-            events,
-            user_saved,
-        };
-        detached::finish(args, left, max);
-    }
-    Relayed::Served(report)
 }
 
 /// `done.messageId`: the id legacy saved the answer under (the proxy's own while the save is
@@ -674,14 +718,6 @@ pub(crate) async fn save_answer(
     }
 }
 
-/// After a clean end the connection goes back to the pool, once its body is read to the end;
-/// otherwise it is closed, which tells the runtime to stop.
-fn finish_runtime(stream: RuntimeStream, outcome: Option<Outcome>) {
-    if outcome == Some(Outcome::Success) {
-        stream.release_when_done();
-    }
-}
-
 /// How long a client write may wait: until the execution deadline, or a short grace past it so
 /// the final event still reaches a client that is reading.
 fn write_by(deadline: Instant) -> Instant {
@@ -690,14 +726,6 @@ fn write_by(deadline: Instant) -> Instant {
         deadline
     } else {
         now + WRITE_GRACE
-    }
-}
-
-/// Wait for the user message's save before the first client event (at once after it).
-async fn user_message_saved(pending: &mut Option<tokio::task::JoinHandle<()>>) {
-    if let Some(save) = pending.take() {
-        // The save is bounded by `bridge.timeout_ms`; a panic in it is no reason to drop the stream.
-        let _ = save.await;
     }
 }
 
@@ -764,5 +792,400 @@ impl EventTally {
 impl Drop for EventTally {
     fn drop(&mut self) {
         self.flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The relay's timers and the commit point on a paused clock: the runtime is an in-memory
+    //! connection through the runtime's client, the client a fake [`Downstream`] on
+    //! `tokio::io::duplex` that notes when each write reached it.
+
+    use std::net::SocketAddr;
+
+    use async_trait::async_trait;
+    use pingora::http::RequestHeader;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::core::config::Config;
+    use crate::core::routing::Reason;
+    use crate::runtime::downstream::BodyRead;
+    use crate::upstream::{Call, Connect, TimeoutCounters, Timeouts, Upstream, UpstreamName};
+
+    /// Runtime connections in memory; the test is the runtime on the other end.
+    struct Runtime(mpsc::UnboundedSender<DuplexStream>);
+
+    #[async_trait]
+    impl Connect for Runtime {
+        type Conn = DuplexStream;
+        async fn connect(&self, _addr: SocketAddr) -> std::io::Result<DuplexStream> {
+            let (ours, theirs) = tokio::io::duplex(64 * 1024);
+            self.0.send(theirs).unwrap();
+            Ok(ours)
+        }
+    }
+
+    /// The client's side of a chat: the head is written as a `HEAD <status>` line so the client
+    /// sees when it left, then the body's bytes.
+    struct Client {
+        io: DuplexStream,
+        req: RequestHeader,
+        status: u16,
+    }
+
+    impl Downstream for Client {
+        fn req_header(&self) -> &RequestHeader {
+            &self.req
+        }
+
+        fn version(&self) -> http::Version {
+            http::Version::HTTP_11
+        }
+
+        async fn read_chat_body(&mut self, _: usize, _: Instant) -> pingora::Result<BodyRead> {
+            Ok(BodyRead::Complete(Bytes::new()))
+        }
+
+        async fn write_response_header(
+            &mut self,
+            resp: Box<ResponseHeader>,
+        ) -> pingora::Result<()> {
+            self.status = resp.status.as_u16();
+            let line = format!("HEAD {}\n", self.status);
+            self.io
+                .write_all(line.as_bytes())
+                .await
+                .map_err(|e| pingora::Error::because(pingora::ErrorType::WriteError, "head", e))
+        }
+
+        async fn write_response_body(
+            &mut self,
+            body: Option<Bytes>,
+            _end: bool,
+        ) -> pingora::Result<()> {
+            let Some(body) = body else { return Ok(()) };
+            self.io
+                .write_all(&body)
+                .await
+                .map_err(|e| pingora::Error::because(pingora::ErrorType::WriteError, "body", e))
+        }
+
+        fn close_after(&mut self) {}
+
+        fn abort(&mut self) {}
+
+        async fn client_gone(&mut self) {
+            let mut buf = [0u8; 64];
+            while self.io.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+        }
+
+        fn status_written(&self) -> u16 {
+            self.status
+        }
+
+        fn client_ip(&self) -> Option<std::net::IpAddr> {
+            None
+        }
+    }
+
+    const RUNTIME: Timeouts = Timeouts {
+        connect: Duration::from_secs(1),
+        response: Duration::from_secs(10),
+        idle: Duration::from_secs(600),
+        pool_idle: Duration::from_secs(4),
+    };
+
+    fn frame(event: &str, data: &str) -> String {
+        format!("data: {{\"event\":\"{event}\",\"data\":{data},\"timestamp\":1}}\r\n\r\n")
+    }
+
+    fn thinking() -> String {
+        frame("thinking", r#"{"content":"planning"}"#)
+    }
+
+    fn text(t: &str) -> String {
+        frame("text_chunk", &format!(r#"{{"content":"{t}"}}"#))
+    }
+
+    fn complete() -> String {
+        frame("execution_complete", r#"{"final_response":"hi"}"#)
+    }
+
+    /// How the relay is set up: `commit_timeout` zero commits at the head.
+    struct Setup {
+        commit_timeout: Duration,
+        action: CommitTimeoutAction,
+        heartbeat: Duration,
+        budget: Duration,
+    }
+
+    impl Default for Setup {
+        fn default() -> Self {
+            Setup {
+                commit_timeout: Duration::from_secs(30),
+                action: CommitTimeoutAction::Commit,
+                heartbeat: Duration::from_secs(15),
+                budget: Duration::from_secs(300),
+            }
+        }
+    }
+
+    /// What the client got: each write's bytes with when (since the start) they arrived.
+    type Received = Vec<(Duration, String)>;
+
+    /// Relay what `script` (the runtime's side) sends; the runtime answers 200 with a
+    /// close-delimited body as soon as the request is in.
+    async fn run<F, Fut>(setup: Setup, script: F) -> (Relayed, Received)
+    where
+        F: FnOnce(DuplexStream) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let config = Config::parse(
+            "[server]\nlisten = \"127.0.0.1:1\"\n[legacy]\naddress = \"127.0.0.1:2\"\n[runtime]\naddress = \"127.0.0.1:3\"\n",
+        )
+        .unwrap();
+        let shared = Shared::new(config);
+        let (tx, mut accepted) = mpsc::unbounded_channel();
+        let counters = TimeoutCounters::unregistered(UpstreamName::Runtime);
+        let upstream = Upstream::new(Runtime(tx), counters);
+        let (client_io, theirs) = tokio::io::duplex(64 * 1024);
+        let mut client = Client {
+            io: theirs,
+            req: RequestHeader::build("POST", b"/api/v1/chat", None).unwrap(),
+            status: 0,
+        };
+        let start = Tick::now();
+        let reader = tokio::spawn(async move {
+            let mut client_io = client_io;
+            let mut got = Received::new();
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match client_io.read(&mut buf).await {
+                    Ok(0) | Err(_) => return got,
+                    Ok(n) => got.push((start.elapsed(), String::from_utf8_lossy(&buf[..n]).into())),
+                }
+            }
+        });
+        let started = Instant::now();
+        let args = RelayArgs {
+            shared,
+            decision: RolloutDecision {
+                mode: Mode::RuntimeOrchestrator,
+                reason: Reason::Default,
+            },
+            cors: CorsHeaders::default(),
+            session_id: "s1".into(),
+            started,
+            deadline: started + setup.budget,
+            heartbeat: setup.heartbeat,
+            max_frame_bytes: 64 * 1024,
+            commit_on: CommitOn::Content,
+            commit_timeout: setup.commit_timeout,
+            commit_timeout_action: setup.action,
+            map: MapSettings::default(),
+            saving: None,
+        };
+        let relayed = async {
+            let call = Call::new("127.0.0.1:3", RUNTIME);
+            let response = upstream
+                .send(
+                    &call,
+                    b"POST /x HTTP/1.1\r\nhost: r\r\ncontent-length: 0\r\n\r\n",
+                )
+                .await
+                .unwrap();
+            relay(&mut client, response.into_body(), args).await
+        };
+        let runtime = async {
+            let mut conn = accepted.recv().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let mut request = Vec::new();
+            while !request.ends_with(b"\r\n\r\n") {
+                let n = conn.read(&mut buf).await.unwrap();
+                request.extend_from_slice(&buf[..n]);
+            }
+            conn.write_all(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n",
+            )
+            .await
+            .unwrap();
+            script(conn).await;
+        };
+        let (relayed, ()) = tokio::join!(relayed, runtime);
+        drop(client);
+        (relayed, reader.await.unwrap())
+    }
+
+    async fn send(conn: &mut DuplexStream, what: &str) {
+        conn.write_all(what.as_bytes()).await.unwrap();
+    }
+
+    fn served(relayed: &Relayed) -> &StreamReport {
+        match relayed {
+            Relayed::Served(report) => report,
+            Relayed::FailOver { detail, .. } => panic!("failed over: {detail}"),
+        }
+    }
+
+    fn all(got: &Received) -> String {
+        got.iter().map(|(_, s)| s.as_str()).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn thinking_is_held_until_the_first_content_and_leaves_with_it() {
+        let (relayed, got) = run(Setup::default(), |mut rt| async move {
+            send(&mut rt, &thinking()).await;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            send(&mut rt, &text("hi")).await;
+            send(&mut rt, &complete()).await;
+        })
+        .await;
+        let report = served(&relayed);
+        assert_eq!(report.outcome, Some(Outcome::Success));
+        // Nothing before the content, then the head, the held status and the text together.
+        let (at, first) = &got[0];
+        assert_eq!(*at, Duration::from_secs(2), "{got:?}");
+        assert!(first.starts_with("HEAD 200\n"), "{first:?}");
+        let body = all(&got);
+        let (thinking, hi) = (body.find("thinking").unwrap(), body.find("hi").unwrap());
+        assert!(thinking < hi, "{body}");
+        assert_eq!(body.matches("event: done").count(), 1, "{body}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_commit_timeout_sends_the_held_head_and_status() {
+        let setup = Setup {
+            commit_timeout: Duration::from_millis(800),
+            ..Setup::default()
+        };
+        let (relayed, got) = run(setup, |mut rt| async move {
+            send(&mut rt, &thinking()).await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            send(&mut rt, &text("late")).await;
+            send(&mut rt, &complete()).await;
+        })
+        .await;
+        assert_eq!(served(&relayed).outcome, Some(Outcome::Success));
+        assert_eq!(got[0].0, Duration::from_millis(800), "{got:?}");
+        assert!(got[0].1.starts_with("HEAD 200\n") && got[0].1.contains("thinking"));
+        let late = got.iter().find(|(_, s)| s.contains("late")).unwrap();
+        assert_eq!(late.0, Duration::from_secs(5));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_commit_timeout_set_to_fail_over_hands_the_request_back_untouched() {
+        let setup = Setup {
+            commit_timeout: Duration::from_millis(800),
+            action: CommitTimeoutAction::Failover,
+            ..Setup::default()
+        };
+        let (relayed, got) = run(setup, |mut rt| async move {
+            send(&mut rt, &thinking()).await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        })
+        .await;
+        match relayed {
+            Relayed::FailOver { outcome, detail } => {
+                assert_eq!(outcome, Outcome::Timeout);
+                assert!(detail.contains("800 ms"), "{detail}");
+            }
+            Relayed::Served(r) => panic!("served: {r:?}"),
+        }
+        assert!(got.is_empty(), "the client got {got:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_execution_error_before_content_fails_over() {
+        let (relayed, got) = run(Setup::default(), |mut rt| async move {
+            send(&mut rt, &thinking()).await;
+            send(
+                &mut rt,
+                &frame("execution_error", r#"{"error":"boom","code":"LLM_DOWN"}"#),
+            )
+            .await;
+        })
+        .await;
+        match relayed {
+            Relayed::FailOver { outcome, detail } => {
+                assert_eq!(outcome, Outcome::Error);
+                assert!(detail.contains("LLM_DOWN"), "{detail}");
+            }
+            Relayed::Served(r) => panic!("served: {r:?}"),
+        }
+        assert!(got.is_empty(), "the client got {got:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_committed_stream_gets_a_heartbeat_each_interval() {
+        let setup = Setup {
+            commit_timeout: Duration::ZERO,
+            heartbeat: Duration::from_secs(10),
+            ..Setup::default()
+        };
+        let (relayed, got) = run(setup, |mut rt| async move {
+            send(&mut rt, &text("a")).await;
+            tokio::time::sleep(Duration::from_secs(25)).await;
+            send(&mut rt, &complete()).await;
+        })
+        .await;
+        assert_eq!(served(&relayed).outcome, Some(Outcome::Success));
+        let beats: Vec<Duration> = got
+            .iter()
+            .filter(|(_, s)| s.contains("heartbeat"))
+            .map(|(at, _)| *at)
+            .collect();
+        assert_eq!(
+            beats,
+            [Duration::from_secs(10), Duration::from_secs(20)],
+            "{got:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_deadline_ends_a_committed_stream_with_one_timeout_event() {
+        let setup = Setup {
+            commit_timeout: Duration::ZERO,
+            heartbeat: Duration::from_secs(3600),
+            budget: Duration::from_secs(60),
+            ..Setup::default()
+        };
+        let (relayed, got) = run(setup, |mut rt| async move {
+            send(&mut rt, &text("a")).await;
+            tokio::time::sleep(Duration::from_secs(120)).await;
+        })
+        .await;
+        let report = served(&relayed);
+        assert_eq!(report.outcome, Some(Outcome::Timeout));
+        assert_eq!(report.error_code, Some("TIMEOUT"));
+        let last = got.last().unwrap();
+        assert!(last.1.contains("TIMEOUT"), "{got:?}");
+        // The deadline is the caller's (a std Instant): a few real milliseconds apart from the
+        // paused clock's start.
+        assert!(
+            last.0 >= Duration::from_secs(60) && last.0 < Duration::from_secs(61),
+            "{got:?}"
+        );
+        assert_eq!(all(&got).matches("event: error").count(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn frames_after_done_never_reach_the_client() {
+        let setup = Setup {
+            commit_timeout: Duration::ZERO,
+            ..Setup::default()
+        };
+        let (relayed, got) = run(setup, |mut rt| async move {
+            send(&mut rt, &text("a")).await;
+            send(&mut rt, &complete()).await;
+            send(&mut rt, &text("stray")).await;
+            send(&mut rt, "data: [DONE]\r\n\r\n").await;
+        })
+        .await;
+        assert_eq!(served(&relayed).outcome, Some(Outcome::Success));
+        let body = all(&got);
+        assert!(!body.contains("stray"), "{body}");
+        assert_eq!(body.matches("event: done").count(), 1, "{body}");
     }
 }

@@ -20,10 +20,9 @@ use crate::core::agent2ui::{Mapped, StreamMapper};
 use crate::core::chat::{ChatBody, RuntimeRequest};
 use crate::core::identity::Caller;
 use crate::core::scorecard::{Comparison, Pairing, PathSample, StreamObserver};
-use crate::core::sse::{SseError, SseParser};
 use crate::core::stats::Outcome;
-use crate::core::stream::{self, End, Facts};
-use crate::runtime::connection::SseBody;
+use crate::core::stream::{self, End};
+use crate::runtime::events::{Read, RuntimeEvents};
 use crate::state::{Active, Shared};
 use crate::upstream::bridge::Credentials;
 
@@ -269,7 +268,7 @@ async fn run(
     started: Instant,
 ) -> ShadowReport {
     let deadline = started + active.config.runtime.execution_timeout();
-    let mut stream =
+    let stream =
         match crate::runtime::connection::open(shared, active, downstream, body, deadline, true)
             .await
         {
@@ -283,86 +282,51 @@ async fn run(
                 }
             }
         };
-    let mut parser = SseParser::new(active.config.runtime.max_frame_bytes);
-    let mut mapper = StreamMapper::new(session_id);
-    let mut events = Vec::new();
+    let mapper = StreamMapper::new(session_id);
+    let mut events = RuntimeEvents::new(stream, active.config.runtime.max_frame_bytes, mapper);
     let mut sink = Vec::new();
     let mut count = 0u64;
-    let mut completed = false;
-    let mut runtime_error = None;
     // The Agent2UI the copy would have sent, measured the way the legacy answer is.
     let mut observer = StreamObserver::new();
+    let mut at = started.elapsed();
     let end = 'read: loop {
+        sink.clear();
+        while let Some(read) = events.next(&mut sink) {
+            match read {
+                Read::Event(mapped) => {
+                    observer.feed(&sink, at);
+                    if let Mapped::Message(_)
+                    | Mapped::Heartbeat
+                    | Mapped::Complete(_)
+                    | Mapped::Failed { .. } = mapped
+                    {
+                        count += 1;
+                    }
+                }
+                Read::AfterDone => {}
+                Read::End(end) => break 'read end,
+            }
+            sink.clear();
+        }
         // `timeout_at` polls the read before its timer: a flooding runtime, whose read is always
         // ready, would never time out without this check first.
         let read = if Instant::now() >= deadline {
             None
         } else {
-            tokio::time::timeout_at(deadline.into(), stream.fill())
+            tokio::time::timeout_at(deadline.into(), events.read())
                 .await
                 .ok()
         };
-        match read {
-            None => {
-                break End::Deadline {
-                    budget: deadline - started,
-                }
-            }
-            Some(Err(e)) => {
-                break match crate::upstream::Silence::of(&e) {
-                    Some(s) => End::Stalled { idle: s.after },
-                    None => End::Broken(e.to_string()),
-                }
-            }
-            // Closed by the runtime: the connection cannot be reused, whatever the framing.
-            Some(Ok(0)) => {
-                break match stream.eof() {
-                    Ok(()) => End::BodyEnd,
-                    Err(e) => End::Broken(e.to_string()),
-                }
-            }
-            Some(Ok(_)) => {}
+        if read.is_none() {
+            break End::Deadline {
+                budget: deadline - started,
+            };
         }
-        events.clear();
-        let (body, parsed) = stream.parse_into(&mut parser, &mut events);
-        let at = started.elapsed();
-        for ev in &events {
-            sink.clear();
-            let mapped = mapper.map(ev, &mut sink);
-            observer.feed(&sink, at);
-            match mapped {
-                Mapped::Message(_) | Mapped::Heartbeat => count += 1,
-                Mapped::Complete(_) => {
-                    count += 1;
-                    completed = true;
-                }
-                Mapped::Failed { code, .. } => {
-                    count += 1;
-                    runtime_error = Some(code);
-                    break 'read End::ExecutionError;
-                }
-                Mapped::End => break 'read End::Done,
-                Mapped::Skipped | Mapped::Malformed | Mapped::Unknown => {}
-            }
-        }
-        if let Err(SseError::FrameTooLarge { limit }) = parsed {
-            break End::FrameTooLarge { limit };
-        }
-        match body {
-            Ok(true) => {
-                stream.release();
-                break End::BodyEnd;
-            }
-            Ok(false) => {}
-            Err(e) => break End::Broken(e.to_string()),
-        }
+        at = started.elapsed();
     };
-    let verdict = stream::verdict(&Facts {
-        client: false,
-        completed,
-        runtime_error,
-        end,
-    });
+    let verdict = stream::verdict(&events.facts(false, end));
+    // Read to its end, the connection goes back to the pool; closed otherwise.
+    events.release();
     ShadowReport {
         // A shadow copy has no client to lose and is dropped, not cut off, at shutdown: every
         // end it sees is the runtime's doing.

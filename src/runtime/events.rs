@@ -1,0 +1,195 @@
+//! The one reader of a runtime stream: its body read as it comes, parsed as SSE and mapped to
+//! Agent2UI events one at a time, with one rule for what ends the stream. The relay (a client
+//! reading), the shadow (nobody reading) and a detached execution (a client that left) read
+//! through it, so a stream ends the same way whoever reads it.
+//!
+//! What ends a stream: the runtime's `execution_error` or `[DONE]` (the events after either in
+//! the same read are not handed out), a frame over `runtime.max_frame_bytes`, the end of the
+//! body, a broken connection, or a silence past the runtime's idle timeout. After
+//! `execution_complete` the answer is whole: a frame other than `[DONE]` is dropped
+//! ([`Read::AfterDone`]), never handed out as a second terminal event or a stray message.
+//! [`RuntimeEvents::facts`] then says what [`stream::verdict`](crate::core::stream::verdict)
+//! judges.
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+
+use crate::core::agent2ui::{Mapped, StreamMapper};
+use crate::core::sse::{SseError, SseEvent, SseParser};
+use crate::core::stream::{End, Facts};
+use crate::upstream::{Body, Silence, Stage};
+
+/// What the next step of a stream is.
+#[derive(Debug)]
+pub enum Read {
+    /// One runtime event, mapped: what it wrote for the client is at the end of `out`.
+    Event(Mapped),
+    /// A frame after `execution_complete` other than `[DONE]`: dropped.
+    AfterDone,
+    /// The stream is over; nothing follows.
+    End(End),
+}
+
+/// One runtime stream, read event by event.
+pub struct RuntimeEvents<C = TcpStream> {
+    body: Body<C>,
+    parser: SseParser,
+    mapper: StreamMapper,
+    /// Parsed from the last read; handed out from `next`.
+    parsed: Vec<SseEvent>,
+    next: usize,
+    /// Why the stream is over, once known: handed out after the events parsed before it.
+    end: Option<End>,
+    /// Bytes the last read brought.
+    last_read: usize,
+    completed: bool,
+    runtime_error: Option<String>,
+}
+
+impl<C> RuntimeEvents<C> {
+    pub fn new(body: Body<C>, max_frame_bytes: usize, mapper: StreamMapper) -> Self {
+        RuntimeEvents {
+            body,
+            parser: SseParser::new(max_frame_bytes),
+            mapper,
+            parsed: Vec::new(),
+            next: 0,
+            end: None,
+            last_read: 0,
+            completed: false,
+            runtime_error: None,
+        }
+    }
+
+    /// The next step of the stream from what has been read, mapping an event's client bytes onto
+    /// `out`; `None` when more must be read first.
+    pub fn next(&mut self, out: &mut Vec<u8>) -> Option<Read> {
+        let Some(ev) = self.parsed.get(self.next) else {
+            return self.end.take().map(Read::End);
+        };
+        self.next += 1;
+        if self.completed && ev.data.trim() != "[DONE]" {
+            return Some(Read::AfterDone);
+        }
+        let mapped = self.mapper.map(ev, out);
+        match &mapped {
+            Mapped::Complete(_) => self.completed = true,
+            Mapped::Failed { code, .. } => {
+                self.runtime_error = Some(code.clone());
+                self.stop(End::ExecutionError);
+            }
+            Mapped::End => self.stop(End::Done),
+            _ => {}
+        }
+        Some(Read::Event(mapped))
+    }
+
+    /// The stream ends at this event: what followed it in the same read is not handed out.
+    fn stop(&mut self, end: End) {
+        self.next = self.parsed.len();
+        self.end = Some(end);
+    }
+
+    /// Bytes the last read brought: about what its events take once rewritten.
+    pub fn last_read(&self) -> usize {
+        self.last_read
+    }
+
+    /// `execution_complete` was mapped: the client has its answer.
+    pub fn completed(&self) -> bool {
+        self.completed
+    }
+
+    /// What the verdict on the stream's `end` looks at; `client`: someone reads it.
+    pub fn facts(&mut self, client: bool, end: End) -> Facts {
+        Facts {
+            client,
+            completed: self.completed,
+            runtime_error: self.runtime_error.take(),
+            end,
+        }
+    }
+
+    pub fn mapper(&mut self) -> &mut StreamMapper {
+        &mut self.mapper
+    }
+
+    /// Back to the pool if the body was read to its end and the connection can carry another
+    /// request; closed otherwise, which tells the runtime to stop.
+    pub fn release(self) {
+        self.body.release();
+    }
+}
+
+impl<C: AsyncRead + AsyncWrite + Unpin + Send + 'static> RuntimeEvents<C> {
+    /// Read more of the stream, once every event read before has been handed out. Cancel-safe:
+    /// its one await is the body's read, and what it read is parsed only once it completes, so it
+    /// can race timers in a `select!`.
+    pub async fn read(&mut self) {
+        debug_assert!(self.next >= self.parsed.len() && self.end.is_none());
+        let read = self.body.fill().await;
+        self.parsed.clear();
+        self.next = 0;
+        self.last_read = 0;
+        match read {
+            Ok(0) => self.end = Some(self.body_over()),
+            Ok(n) => {
+                self.last_read = n;
+                let (body, parsed) = self.parse();
+                self.end = match (parsed, body) {
+                    (Err(SseError::FrameTooLarge { limit }), _) => {
+                        Some(End::FrameTooLarge { limit })
+                    }
+                    (_, Ok(false)) => None,
+                    (_, Ok(true)) => Some(End::BodyEnd),
+                    (_, Err(e)) => Some(End::Broken(e.to_string())),
+                };
+            }
+            // Silent past its idle timeout (pings count), or the connection broke.
+            Err(e) => {
+                self.end = Some(match Silence::of(&e) {
+                    Some(s) if s.stage == Stage::Idle => End::Stalled { idle: s.after },
+                    _ => End::Broken(e.to_string()),
+                })
+            }
+        }
+    }
+
+    /// The runtime closed the connection: the end of a close-delimited body, a break otherwise.
+    fn body_over(&mut self) -> End {
+        match self.body.eof() {
+            Ok(()) => {
+                self.parser.finish();
+                End::BodyEnd
+            }
+            Err(e) => End::Broken(e.to_string()),
+        }
+    }
+
+    /// Decode what was read and parse it: whether the body is complete, then the parser's
+    /// verdict (a frame over its limit).
+    fn parse(
+        &mut self,
+    ) -> (
+        Result<bool, crate::core::h1::BodyError>,
+        Result<(), SseError>,
+    ) {
+        let (parser, parsed) = (&mut self.parser, &mut self.parsed);
+        let mut verdict = Ok(());
+        let body = self.body.decode(|piece| {
+            if verdict.is_ok() {
+                verdict = parser.feed(piece, parsed);
+            }
+        });
+        if let Ok(true) = body {
+            parser.finish();
+        }
+        (body, verdict)
+    }
+
+    /// After a clean end the body's last bytes may still be on their way: read them on a task
+    /// of its own so the connection can be reused.
+    pub fn release_when_done(self) {
+        self.body.release_when_done();
+    }
+}
