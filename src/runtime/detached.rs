@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 use crate::core::agent2ui::Mapped;
 use crate::core::stream::End;
 use crate::runtime::events::{Read, RuntimeEvents};
-use crate::runtime::relay::{save_answer, RelayArgs};
+use crate::runtime::execution::{save_answer, RelayArgs};
 
 /// What the relay holds when its client leaves.
 pub struct Leftover<C = TcpStream> {

@@ -5,6 +5,7 @@ pub mod connection;
 pub mod detached;
 pub mod downstream;
 pub mod events;
+pub mod execution;
 pub mod files;
 pub mod relay;
 pub mod respond;

@@ -12,21 +12,17 @@ use tokio::io::{AsyncRead, AsyncWrite};
 // The relay's own clock is tokio's, so that its timers can be tested on a paused clock.
 use tokio::time::Instant as Tick;
 
-use crate::core::agent2ui::{self, Completion, DoneEvent, MapSettings, Mapped, StreamMapper};
-use crate::core::bridge::AssistantMessage;
+use crate::core::agent2ui::{self, Completion, DoneEvent, Mapped, StreamMapper};
 use crate::core::commit::{Precommit, Seen, Step, Trigger};
-use crate::core::config::{CommitOn, CommitTimeoutAction, Mode};
-use crate::core::cors::CorsHeaders;
-use crate::core::routing::RolloutDecision;
+use crate::core::config::Mode;
 use crate::core::stats::Outcome;
 use crate::core::stream::{self, End, Facts};
 use crate::runtime::detached;
 use crate::runtime::downstream::Downstream;
 use crate::runtime::events::{Read, RuntimeEvents};
+pub use crate::runtime::execution::{save_answer, RelayArgs, Saving};
 use crate::runtime::respond::sse_response_header;
 use crate::state::in_flight::InFlight;
-use crate::state::Shared;
-use crate::upstream::bridge::{Bridge, Credentials, Persisted, Target};
 use crate::upstream::Body;
 
 /// Grace for the last write after the execution deadline.
@@ -99,44 +95,6 @@ enum Timer {
     Heartbeat,
     /// `runtime.commit_timeout_ms` passed while the head was held.
     CommitDue,
-}
-
-/// Everything the relay loop needs besides the client session.
-pub struct RelayArgs {
-    pub shared: std::sync::Arc<Shared>,
-    pub decision: RolloutDecision,
-    /// The CORS headers of the client's response head.
-    pub cors: CorsHeaders,
-    pub session_id: String,
-    pub started: Instant,
-    pub deadline: Instant,
-    pub heartbeat: Duration,
-    pub max_frame_bytes: usize,
-    pub commit_on: CommitOn,
-    /// From the runtime's response head; zero: committed at the head.
-    pub commit_timeout: Duration,
-    /// What the commit timeout does when no content came by then.
-    pub commit_timeout_action: CommitTimeoutAction,
-    /// The client event cap and the stream org's file link signer.
-    pub map: MapSettings,
-    /// Where the user's message and the answer are saved, with the bridge on.
-    pub saving: Option<Saving>,
-}
-
-/// The conversation bridge's part of a relay: legacy saves the user's message from the commit
-/// on (it completes before the first client event is written) and the runtime's answer before
-/// `done`.
-pub struct Saving {
-    pub bridge: std::sync::Arc<Bridge>,
-    pub target: std::sync::Arc<Target>,
-    pub who: Credentials,
-    pub message: String,
-    pub parent_id: Option<String>,
-    /// The session's last message when the chat began: what this chat saves comes after it.
-    pub after: Option<String>,
-    /// `bridge.max_detached` with `bridge.finish_detached` on: a client that leaves after the
-    /// commit still gets its answer saved (`detached`).
-    pub detach: Option<usize>,
 }
 
 /// Relay a runtime stream to the client until it completes, fails, times out or the client goes;
@@ -685,39 +643,6 @@ fn before_commit(mapped: &Mapped) -> String {
     }
 }
 
-/// `done.messageId`: the id legacy saved the answer under (the proxy's own while the save is
-/// retried in the background), or with the bridge off the stream's own id.
-pub(crate) async fn save_answer(
-    args: &RelayArgs,
-    mapper: &mut StreamMapper,
-    completion: &Completion,
-    latency_ms: u64,
-) -> String {
-    let Some(saving) = &args.saving else {
-        return mapper.message_id().to_string();
-    };
-    let answer = AssistantMessage::new(
-        &completion.final_response,
-        &mapper.take_text(),
-        completion.tokens,
-        latency_ms,
-    );
-    let persisted = saving
-        .bridge
-        .persist_assistant(
-            &saving.target,
-            &saving.who,
-            &args.session_id,
-            answer,
-            saving.after.clone(),
-        )
-        .await;
-    match persisted {
-        Persisted::Saved(id) => id,
-        Persisted::Deferred { message_id, .. } => message_id,
-    }
-}
-
 /// How long a client write may wait: until the execution deadline, or a short grace past it so
 /// the final event still reaches a client that is reading.
 fn write_by(deadline: Instant) -> Instant {
@@ -809,9 +734,13 @@ mod tests {
     use tokio::sync::mpsc;
 
     use super::*;
-    use crate::core::config::Config;
+    use crate::core::agent2ui::MapSettings;
+    use crate::core::config::{CommitOn, CommitTimeoutAction, Config};
+    use crate::core::cors::CorsHeaders;
     use crate::core::routing::Reason;
+    use crate::core::routing::RolloutDecision;
     use crate::runtime::downstream::BodyRead;
+    use crate::state::Shared;
     use crate::upstream::{Call, Connect, TimeoutCounters, Timeouts, Upstream, UpstreamName};
 
     /// Runtime connections in memory; the test is the runtime on the other end.
