@@ -15,7 +15,7 @@ use crate::ops::admin::{AdminApp, MetricsApp};
 use crate::ops::prometheus::PlainGet;
 use crate::ops::{fleet, health, reload};
 use crate::proxy::front_door::{ConnectionCount, FrontDoor};
-use crate::proxy::CutoverProxy;
+use crate::proxy::{ChatService, CutoverProxy};
 use crate::state::Shared;
 
 /// The services on ephemeral loopback ports, inside the current tokio runtime.
@@ -34,10 +34,11 @@ impl LocalServer {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let server_conf = Arc::new(ServerConf::default());
 
-        let proxy = pingora::proxy::http_proxy(&server_conf, CutoverProxy::new(shared.clone()));
+        let chats = Arc::new(ChatService::new(shared.clone()));
+        let proxy = pingora::proxy::http_proxy(&server_conf, CutoverProxy::new(chats.clone()));
         let proxy = Arc::new(FrontDoor::new(
             proxy,
-            shared.clone(),
+            chats,
             Arc::new(ConnectionCount::default()),
         ));
         let proxy_addr = serve(proxy, shutdown_rx.clone()).await?;
