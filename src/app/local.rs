@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use super::accept::accept_loop;
 use crate::core::config::Config;
 use crate::ops::admin::{AdminApp, MetricsApp};
-use crate::ops::prometheus::PlainGet;
+use crate::ops::prometheus::UpstreamGet;
 use crate::ops::{fleet, health, reload};
 use crate::proxy::front_door::{ConnectionCount, FrontDoor};
 use crate::proxy::{ChatService, CutoverProxy};
@@ -52,7 +52,7 @@ impl LocalServer {
         tokio::spawn(health::run(shared.clone(), shutdown_rx.clone()));
         tokio::spawn(fleet::run(
             shared.clone(),
-            Arc::new(PlainGet),
+            Arc::new(UpstreamGet::new()),
             shutdown_rx.clone(),
         ));
         if let Some(path) = config_path {

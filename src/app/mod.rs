@@ -52,7 +52,7 @@ impl BackgroundService for FleetService {
     async fn start(&self, shutdown: watch::Receiver<bool>) {
         fleet::run(
             self.0.clone(),
-            Arc::new(crate::ops::prometheus::PlainGet),
+            Arc::new(crate::ops::prometheus::UpstreamGet::new()),
             shutdown,
         )
         .await
