@@ -7,6 +7,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures::future::Either;
 use pingora::http::ResponseHeader;
 use tokio::io::{AsyncRead, AsyncWrite};
 // The relay's own clock is tokio's, so that its timers can be tested on a paused clock.
@@ -104,60 +105,71 @@ enum Timer {
 /// or the client leaving. What each means is the [`Relay`]'s: `on_event` and `on_end` for what
 /// the reader hands out, `on_timer` for the heartbeat and the commit timeout, `flush` after each
 /// read.
-pub async fn relay<D, C>(session: &mut D, stream: Body<C>, mut args: RelayArgs) -> Relayed
+///
+/// The set-up is done before the future is made, so that what it moves (the runtime's body, the
+/// arguments) is held once, in the relay's state, not a second time as the future's inputs: a
+/// held stream keeps this future for as long as it lasts.
+pub fn relay<'s, D, C>(
+    session: &'s mut D,
+    stream: Body<C>,
+    mut args: RelayArgs,
+) -> impl std::future::Future<Output = Relayed> + Send + 's
 where
     D: Downstream,
-    C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    C: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static,
 {
-    let header = match sse_response_header(args.decision, session.version(), &args.cors) {
-        Ok(h) => Box::new(h),
-        Err(e) => {
-            let report = StreamReport {
-                outcome: Some(Outcome::Error),
-                detail: Some(e.to_string()),
-                ..StreamReport::default()
-            };
-            return Relayed::Served(report);
-        }
-    };
-    let mut mapper = StreamMapper::with_settings(&args.session_id, std::mem::take(&mut args.map));
-    if args.saving.is_some() {
-        mapper = mapper.keeping_text();
-    }
-    let mut events = RuntimeEvents::new(stream, args.max_frame_bytes, mapper);
-    let mut cutoff = args.shared.cutoff.subscribe();
-    let mode = Mode::RuntimeOrchestrator.as_str();
-    let _in_flight = InFlight::new(
-        args.shared
-            .metrics
-            .streams_in_flight
-            .with_label_values(&[mode]),
-    );
-    let mut relay = Relay::new(session, args, header);
-    let mut flow = Flow::Go;
-    if relay.args.commit_timeout.is_zero() && !Box::pin(relay.commit(Trigger::Head)).await {
-        flow = Flow::Stop;
-    }
-    while let Flow::Go = flow {
-        let before = relay.out.len();
-        flow = match events.next(&mut relay.out) {
-            Some(Read::Event(mapped)) => relay.on_event(mapped, before, &mut events).await,
-            Some(Read::AfterDone) => {
-                relay
-                    .metrics()
-                    .sse_dropped_frames_total
-                    .with_label_values(&["after_done"])
-                    .inc();
-                Flow::Go
+    match sse_response_header(args.decision, session.version(), &args.cors) {
+        Ok(header) => {
+            let mut mapper =
+                StreamMapper::with_settings(&args.session_id, std::mem::take(&mut args.map));
+            if args.saving.is_some() {
+                mapper = mapper.keeping_text();
             }
-            Some(Read::End(end)) => relay.on_end(end, &mut events).await,
-            None => match relay.flush(&events).await {
-                Flow::Go => relay.wait(&mut events, &mut cutoff).await,
-                other => other,
-            },
-        };
+            let mut events = RuntimeEvents::new(stream, args.max_frame_bytes, mapper);
+            let mut relay = Relay::new(session, args, Box::new(header));
+            // Captured by the block, not passed to an async fn, whose arguments would be held
+            // twice (as its inputs and as its locals).
+            Either::Left(async move {
+                let mut cutoff = relay.args.shared.cutoff.subscribe();
+                let mode = Mode::RuntimeOrchestrator.as_str();
+                let _in_flight =
+                    InFlight::new(relay.metrics().streams_in_flight.with_label_values(&[mode]));
+                let mut flow = Flow::Go;
+                if relay.args.commit_timeout.is_zero()
+                    && !Box::pin(relay.commit(Trigger::Head)).await
+                {
+                    flow = Flow::Stop;
+                }
+                while let Flow::Go = flow {
+                    let before = relay.out.len();
+                    flow = match events.next(&mut relay.out) {
+                        Some(Read::Event(mapped)) => {
+                            relay.on_event(mapped, before, &mut events).await
+                        }
+                        Some(Read::AfterDone) => {
+                            relay
+                                .metrics()
+                                .sse_dropped_frames_total
+                                .with_label_values(&["after_done"])
+                                .inc();
+                            Flow::Go
+                        }
+                        Some(Read::End(end)) => relay.on_end(end, &mut events).await,
+                        None => match relay.flush(&events).await {
+                            Flow::Go => relay.wait(&mut events, &mut cutoff).await,
+                            other => other,
+                        },
+                    };
+                }
+                relay.finish(flow, events)
+            })
+        }
+        Err(e) => Either::Right(std::future::ready(Relayed::Served(StreamReport {
+            outcome: Some(Outcome::Error),
+            detail: Some(e.to_string()),
+            ..StreamReport::default()
+        }))),
     }
-    relay.finish(flow, events)
 }
 
 /// One relayed stream: where it stands, what it reported, and the client bytes not written yet.
