@@ -15,7 +15,7 @@ use crate::support;
 
 use std::net::SocketAddr;
 use std::path::Path as FsPath;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -170,148 +170,20 @@ async fn chat_within(
         .ok()
 }
 
-// ---- a hand-written upstream that reports how its connections end -----------------------------
-
-/// Holds every stream open after its first event and counts how its connections end: the proof
-/// that the proxy let go of them. Health checks get `connection: close`, so no pooled connection
-/// is mistaken for a held stream.
-struct HoldServer {
-    addr: SocketAddr,
-    /// Requests that got their response head (and first event, when there is one).
-    started: Arc<AtomicUsize>,
-    /// Of those, connections the proxy closed.
-    closed: Arc<AtomicUsize>,
-    /// Requests whose connection the proxy closed before they were answered at all.
-    closed_unanswered: Arc<AtomicUsize>,
-    /// Requests received (health checks excluded).
-    received: Arc<AtomicUsize>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for HoldServer {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// Read one request head and its Content-Length body; the request line.
-async fn read_request(conn: &mut TcpStream) -> Option<String> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 8192];
-    let head_end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
+/// An upstream that holds every answer open after `first` (sent with the head, or after
+/// `head_after` when given): its `hang_ups` are the proof that the proxy let go of them.
+fn holding(
+    first: Vec<u8>,
+    head_after: Option<Duration>,
+) -> impl Fn(&Received) -> Reply + Send + Sync + 'static {
+    runtime_script(move |_| match head_after {
+        None => Reply::sse(vec![Step::Send(first.clone()), Step::Hang]),
+        Some(delay) => {
+            let mut answer = SSE_HEAD.to_vec();
+            answer.extend_from_slice(&chunk(&first));
+            Reply::silent(vec![Step::Sleep(delay), Step::Send(answer), Step::Hang])
         }
-        let n = conn.read(&mut chunk).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-    let len: usize = head
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.trim()
-                .eq_ignore_ascii_case("content-length")
-                .then(|| v.trim().parse().ok())?
-        })
-        .unwrap_or(0);
-    while buf.len() < head_end + len {
-        let n = conn.read(&mut chunk).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    Some(head.lines().next().unwrap_or("").to_string())
-}
-
-/// Wait until the peer closes (EOF or error); whatever it sends meanwhile is ignored.
-async fn until_closed(conn: &mut TcpStream) {
-    let mut sink = [0u8; 4096];
-    loop {
-        match conn.read(&mut sink).await {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
-    }
-}
-
-impl HoldServer {
-    /// `first`: the first event's bytes, sent right after the head. `head_after`: answer only
-    /// after this long (`None`: at once), watching for the proxy to hang up meanwhile.
-    async fn start(first: Vec<u8>, head_after: Option<Duration>) -> HoldServer {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let started = Arc::new(AtomicUsize::new(0));
-        let closed = Arc::new(AtomicUsize::new(0));
-        let closed_unanswered = Arc::new(AtomicUsize::new(0));
-        let received = Arc::new(AtomicUsize::new(0));
-        let (s, c, cu, r) = (
-            started.clone(),
-            closed.clone(),
-            closed_unanswered.clone(),
-            received.clone(),
-        );
-        let task = tokio::spawn(async move {
-            let mut conns = tokio::task::JoinSet::new();
-            loop {
-                let Ok((mut conn, _)) = listener.accept().await else {
-                    return;
-                };
-                let (s, c, cu, r, first) =
-                    (s.clone(), c.clone(), cu.clone(), r.clone(), first.clone());
-                conns.spawn(async move {
-                    let _ = conn.set_nodelay(true);
-                    let Some(line) = read_request(&mut conn).await else {
-                        return;
-                    };
-                    if line.starts_with("GET /health") {
-                        let _ = conn
-                            .write_all(
-                                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}",
-                            )
-                            .await;
-                        return;
-                    }
-                    r.fetch_add(1, Ordering::SeqCst);
-                    if let Some(delay) = head_after {
-                        tokio::select! {
-                            _ = tokio::time::sleep(delay) => {}
-                            _ = until_closed(&mut conn) => {
-                                cu.fetch_add(1, Ordering::SeqCst);
-                                return;
-                            }
-                        }
-                    }
-                    let mut out = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
-                    out.extend_from_slice(format!("{:x}\r\n", first.len()).as_bytes());
-                    out.extend_from_slice(&first);
-                    out.extend_from_slice(b"\r\n");
-                    if conn.write_all(&out).await.is_err() {
-                        return;
-                    }
-                    s.fetch_add(1, Ordering::SeqCst);
-                    until_closed(&mut conn).await;
-                    c.fetch_add(1, Ordering::SeqCst);
-                });
-            }
-        });
-        HoldServer {
-            addr,
-            started,
-            closed,
-            closed_unanswered,
-            received,
-            task,
-        }
-    }
-
-    fn address(&self) -> String {
-        self.addr.to_string()
-    }
+    })
 }
 
 // ---- 1. the runtime dies with hundreds of streams in flight -----------------------------------
@@ -1036,8 +908,8 @@ async fn disconnect_storm_mid_stream_releases_upstreams_and_counts_no_runtime_fa
     logs();
     const RUNTIME_CLIENTS: usize = 100;
     const LEGACY_CLIENTS: usize = 50;
-    let runtime = HoldServer::start(runtime_first_event(), None).await;
-    let legacy = HoldServer::start(legacy_first_event(), None).await;
+    let runtime = Upstream::start(holding(runtime_first_event(), None)).await;
+    let legacy = Upstream::start(holding(legacy_first_event(), None)).await;
     let mut cfg = config(&legacy.address(), &runtime.address());
     cfg.runtime.execution_timeout_ms = 30_000;
     // Connects polled late on a busy machine must not turn into failovers (see the kill test).
@@ -1056,8 +928,8 @@ async fn disconnect_storm_mid_stream_releases_upstreams_and_counts_no_runtime_fa
     clients.extend(
         clients_holding_their_first_event(server.proxy_addr, "org-z", LEGACY_CLIENTS, "lg").await,
     );
-    assert_eq!(runtime.started.load(Ordering::SeqCst), RUNTIME_CLIENTS);
-    assert_eq!(legacy.started.load(Ordering::SeqCst), LEGACY_CLIENTS);
+    assert_eq!(runtime.answered(), RUNTIME_CLIENTS);
+    assert_eq!(legacy.answered(), LEGACY_CLIENTS);
     assert_eq!(in_flight(&server, RT), RUNTIME_CLIENTS as i64);
     assert_eq!(in_flight(&server, DIRECT), LEGACY_CLIENTS as i64);
 
@@ -1070,15 +942,14 @@ async fn disconnect_storm_mid_stream_releases_upstreams_and_counts_no_runtime_fa
         let _ = c.await;
     }
     let released = eventually(Duration::from_secs(5), || {
-        runtime.closed.load(Ordering::SeqCst) == RUNTIME_CLIENTS
-            && legacy.closed.load(Ordering::SeqCst) == LEGACY_CLIENTS
+        runtime.hang_ups() == RUNTIME_CLIENTS && legacy.hang_ups() == LEGACY_CLIENTS
     })
     .await;
     let took = storm.elapsed();
     eprintln!(
         "disconnect storm: runtime connections closed {}/{RUNTIME_CLIENTS}, legacy {}/{LEGACY_CLIENTS}, in {took:?}",
-        runtime.closed.load(Ordering::SeqCst),
-        legacy.closed.load(Ordering::SeqCst)
+        runtime.hang_ups(),
+        legacy.hang_ups()
     );
     assert!(released, "upstream connections were not released");
     assert!(
@@ -1132,7 +1003,11 @@ async fn disconnect_storm_mid_stream_releases_upstreams_and_counts_no_runtime_fa
 async fn disconnect_storm_before_the_first_byte_releases_runtime_connections() {
     logs();
     const CLIENTS: usize = 50;
-    let runtime = HoldServer::start(runtime_first_event(), Some(Duration::from_secs(20))).await;
+    let runtime = Upstream::start(holding(
+        runtime_first_event(),
+        Some(Duration::from_secs(20)),
+    ))
+    .await;
     let legacy = Upstream::start(echo_legacy).await;
     let mut cfg = config(&legacy.address(), &runtime.address());
     cfg.runtime.execution_timeout_ms = 30_000;
@@ -1151,25 +1026,18 @@ async fn disconnect_storm_before_the_first_byte_releases_runtime_connections() {
             })
         })
         .collect();
-    let rt = runtime.received.clone();
-    assert!(
-        eventually(Duration::from_secs(10), move || rt.load(Ordering::SeqCst)
-            == CLIENTS)
-        .await,
-        "the runtime did not get every request"
-    );
+    runtime.wait_for_work(CLIENTS).await;
     for c in &clients {
         c.abort();
     }
     let storm = Instant::now();
-    let closed = runtime.closed_unanswered.clone();
-    let released = eventually(Duration::from_secs(3), move || {
-        closed.load(Ordering::SeqCst) == CLIENTS
+    let released = eventually(Duration::from_secs(3), || {
+        runtime.unanswered_hang_ups() == CLIENTS
     })
     .await;
     eprintln!(
         "{} of {CLIENTS} unanswered runtime connections closed {:?} after the clients left; requests in flight {}",
-        runtime.closed_unanswered.load(Ordering::SeqCst),
+        runtime.unanswered_hang_ups(),
         storm.elapsed(),
         server.shared.requests.count()
     );
@@ -1192,74 +1060,6 @@ async fn disconnect_storm_before_the_first_byte_releases_runtime_connections() {
 
 // ---- 4. a client that stops reading -----------------------------------------------------------
 
-/// A runtime that streams text chunks as fast as the proxy takes them, forever; reports when
-/// the proxy hung up.
-struct FloodRuntime {
-    addr: SocketAddr,
-    closed: Arc<AtomicBool>,
-    sent: Arc<std::sync::atomic::AtomicU64>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for FloodRuntime {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl FloodRuntime {
-    async fn start() -> FloodRuntime {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let closed = Arc::new(AtomicBool::new(false));
-        let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (c, s) = (closed.clone(), sent.clone());
-        let task = tokio::spawn(async move {
-            let mut conns = tokio::task::JoinSet::new();
-            loop {
-                let Ok((mut conn, _)) = listener.accept().await else {
-                    return;
-                };
-                let (c, s) = (c.clone(), s.clone());
-                conns.spawn(async move {
-                    let Some(line) = read_request(&mut conn).await else {
-                        return;
-                    };
-                    if line.starts_with("GET /health") {
-                        let _ = conn
-                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}")
-                            .await;
-                        return;
-                    }
-                    let head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
-                    if conn.write_all(head).await.is_err() {
-                        c.store(true, Ordering::SeqCst);
-                        return;
-                    }
-                    let text = "x".repeat(16 * 1024);
-                    let f = frame("text_chunk", json!({ "content": text }));
-                    let mut chunk = format!("{:x}\r\n", f.len()).into_bytes();
-                    chunk.extend_from_slice(&f);
-                    chunk.extend_from_slice(b"\r\n");
-                    loop {
-                        if conn.write_all(&chunk).await.is_err() {
-                            c.store(true, Ordering::SeqCst);
-                            return;
-                        }
-                        s.fetch_add(chunk.len() as u64, Ordering::SeqCst);
-                    }
-                });
-            }
-        });
-        FloodRuntime {
-            addr,
-            closed,
-            sent,
-            task,
-        }
-    }
-}
-
 /// A client that stops reading mid-stream (a frozen tab, a stalled mobile link) while keeping
 /// its connection open: the relay blocks in its write to the client, where neither the execution
 /// deadline nor anything else is watched, so the stream, the runtime connection and the
@@ -1267,9 +1067,17 @@ impl FloodRuntime {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_that_stops_reading_does_not_hold_a_runtime_stream_past_the_timeout() {
     logs();
-    let runtime = FloodRuntime::start().await;
+    // Text chunks as fast as the proxy takes them, forever.
+    let text = "x".repeat(16 * 1024);
+    let runtime = Upstream::start(runtime_script(move |_| {
+        Reply::sse(vec![Step::flood(frame(
+            "text_chunk",
+            json!({ "content": text }),
+        ))])
+    }))
+    .await;
     let legacy = Upstream::start(echo_legacy).await;
-    let mut cfg = config(&legacy.address(), &runtime.addr.to_string());
+    let mut cfg = config(&legacy.address(), &runtime.address());
     cfg.runtime.execution_timeout_ms = 1000;
     let server = proxy(cfg).await;
 
@@ -1287,15 +1095,11 @@ async fn client_that_stops_reading_does_not_hold_a_runtime_stream_past_the_timeo
     assert!(n > 0);
     let started = Instant::now();
 
-    let closed = runtime.closed.clone();
-    let released = eventually(Duration::from_secs(5), move || {
-        closed.load(Ordering::SeqCst)
-    })
-    .await;
+    let released = eventually(Duration::from_secs(5), || runtime.hang_ups() == 1).await;
     eprintln!(
         "frozen client: runtime connection released {released} after {:?}; runtime sent {} KB; streams in flight {}",
         started.elapsed(),
-        runtime.sent.load(Ordering::SeqCst) / 1024,
+        runtime.bytes_sent() / 1024,
         in_flight(&server, RT)
     );
     assert!(
