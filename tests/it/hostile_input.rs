@@ -19,7 +19,7 @@ use cutover_proxy::app::LocalServer;
 use serde_json::{json, Value};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 // ---- a raw exchange with the proxy ------------------------------------------------------------
 
@@ -782,21 +782,6 @@ enum Misbehaviour {
     HugeHead,
 }
 
-struct HostileRuntime {
-    addr: SocketAddr,
-    /// Body bytes written for executions.
-    sent: Arc<AtomicU64>,
-    /// A write failed: the proxy closed the connection.
-    cut_off: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for HostileRuntime {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 fn garbage(seed: u64, len: usize) -> Vec<u8> {
     const TOKENS: &[&[u8]] = &[
         b"data: ",
@@ -835,118 +820,54 @@ fn garbage(seed: u64, len: usize) -> Vec<u8> {
     out
 }
 
-async fn write_chunk(conn: &mut TcpStream, data: &[u8]) -> std::io::Result<()> {
-    let mut c = format!("{:x}\r\n", data.len()).into_bytes();
-    c.extend_from_slice(data);
-    c.extend_from_slice(b"\r\n");
-    conn.write_all(&c).await
-}
-
-impl HostileRuntime {
-    async fn start(how: Misbehaviour) -> HostileRuntime {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let sent = Arc::new(AtomicU64::new(0));
-        let cut_off = Arc::new(AtomicBool::new(false));
-        let (s, c) = (sent.clone(), cut_off.clone());
-        let task = tokio::spawn(async move {
-            let mut conns = tokio::task::JoinSet::new();
-            loop {
-                let Ok((mut conn, _)) = listener.accept().await else {
-                    return;
-                };
-                let (s, c) = (s.clone(), c.clone());
-                conns.spawn(async move {
-                    let mut buf = vec![0u8; 64 * 1024];
-                    let n = conn.read(&mut buf).await.unwrap_or(0);
-                    if buf[..n].starts_with(b"GET /health") {
-                        let _ = conn
-                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}")
-                            .await;
-                        return;
-                    }
-                    let sse_head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
-                    let result: std::io::Result<()> = async {
-                        match how {
-                            Misbehaviour::Garbage { seed, then_close } => {
-                                conn.write_all(sse_head).await?;
-                                let g = garbage(seed, 256 * 1024);
-                                for piece in g.chunks(4096) {
-                                    write_chunk(&mut conn, piece).await?;
-                                    s.fetch_add(piece.len() as u64, Ordering::SeqCst);
-                                }
-                                if then_close {
-                                    // Cut mid-body: no last chunk, the connection closed.
-                                    return Err(std::io::ErrorKind::ConnectionAborted.into());
-                                }
-                                conn.write_all(b"0\r\n\r\n").await
-                            }
-                            Misbehaviour::EndlessLine => {
-                                conn.write_all(sse_head).await?;
-                                write_chunk(&mut conn, b"data: {\"event\":\"text_chunk\",\"data\":{\"content\":\"").await?;
-                                let piece = vec![b'y'; 64 * 1024];
-                                for _ in 0..100_000 {
-                                    write_chunk(&mut conn, &piece).await?;
-                                    s.fetch_add(piece.len() as u64, Ordering::SeqCst);
-                                    tokio::time::sleep(Duration::from_millis(1)).await;
-                                }
-                                Ok(())
-                            }
-                            Misbehaviour::HugeFrame => {
-                                conn.write_all(sse_head).await?;
-                                write_chunk(&mut conn, b"data: ").await?;
-                                let piece = vec![b'x'; 1024 * 1024];
-                                for _ in 0..100 {
-                                    write_chunk(&mut conn, &piece).await?;
-                                    s.fetch_add(piece.len() as u64, Ordering::SeqCst);
-                                }
-                                write_chunk(&mut conn, b"\n\n").await?;
-                                write_chunk(&mut conn, &frame("execution_complete", json!({}))).await?;
-                                write_chunk(&mut conn, &done_frame()).await?;
-                                conn.write_all(b"0\r\n\r\n").await
-                            }
-                            Misbehaviour::HeadThenSilence => {
-                                conn.write_all(sse_head).await?;
-                                std::future::pending().await
-                            }
-                            Misbehaviour::Silence => std::future::pending().await,
-                            Misbehaviour::GarbageHead => {
-                                conn.write_all(b"\x00\xffNOT HTTP AT ALL\r\n\r\n").await
-                            }
-                            Misbehaviour::HugeHead => {
-                                conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nx-huge: ").await?;
-                                let piece = vec![b'h'; 64 * 1024];
-                                for _ in 0..32 {
-                                    conn.write_all(&piece).await?;
-                                    s.fetch_add(piece.len() as u64, Ordering::SeqCst);
-                                }
-                                std::future::pending().await
-                            }
-                            Misbehaviour::NotSse => {
-                                let body = br#"{"result": "not a stream"}"#;
-                                conn.write_all(format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n", body.len()).as_bytes()).await?;
-                                conn.write_all(body).await
-                            }
-                        }
-                    }
-                    .await;
-                    match result {
-                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionAborted => return,
-                        Err(_) => c.store(true, Ordering::SeqCst),
-                        Ok(()) => {}
-                    }
-                    // Keep the connection until the proxy closes it.
-                    let mut sink = [0u8; 1024];
-                    while matches!(conn.read(&mut sink).await, Ok(n) if n > 0) {}
-                });
+/// The runtime's answer to an execution when it misbehaves `how`.
+fn misbehaving(how: Misbehaviour) -> Reply {
+    match how {
+        Misbehaviour::Garbage { seed, then_close } => {
+            let mut steps: Vec<Step> = garbage(seed, 256 * 1024)
+                .chunks(4096)
+                .map(|piece| Step::Send(piece.to_vec()))
+                .collect();
+            if then_close {
+                // Cut mid-body: no last chunk, the connection closed.
+                steps.push(Step::Close);
             }
-        });
-        HostileRuntime {
-            addr,
-            sent,
-            cut_off,
-            task,
+            Reply::sse(steps)
         }
+        Misbehaviour::EndlessLine => Reply::sse(vec![
+            Step::Send(b"data: {\"event\":\"text_chunk\",\"data\":{\"content\":\"".to_vec()),
+            Step::Repeat {
+                data: vec![b'y'; 64 * 1024],
+                times: 100_000,
+                pause: Duration::from_millis(1),
+            },
+        ]),
+        Misbehaviour::HugeFrame => Reply::sse(vec![
+            Step::Send(b"data: ".to_vec()),
+            Step::Repeat {
+                data: vec![b'x'; 1024 * 1024],
+                times: 100,
+                pause: Duration::ZERO,
+            },
+            Step::Send(b"\n\n".to_vec()),
+            Step::Send(frame("execution_complete", json!({}))),
+            Step::Send(done_frame()),
+        ]),
+        Misbehaviour::HeadThenSilence => Reply::sse(vec![Step::Hang]),
+        Misbehaviour::Silence => Reply::silent(vec![Step::Hang]),
+        Misbehaviour::GarbageHead => Reply::silent(vec![Step::Send(
+            b"\x00\xffNOT HTTP AT ALL\r\n\r\n".to_vec(),
+        )]),
+        Misbehaviour::HugeHead => Reply::silent(vec![
+            Step::Send(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nx-huge: ".to_vec()),
+            Step::Repeat {
+                data: vec![b'h'; 64 * 1024],
+                times: 32,
+                pause: Duration::ZERO,
+            },
+            Step::Hang,
+        ]),
+        Misbehaviour::NotSse => Reply::json(200, json!({"result": "not a stream"})),
     }
 }
 
@@ -991,18 +912,19 @@ fn ends_in_one_error_event(r: &Response) -> String {
     err["code"].as_str().unwrap().to_string()
 }
 
-async fn against(how: Misbehaviour, timeout_ms: u64) -> (HostileRuntime, Upstream, LocalServer) {
-    let runtime = HostileRuntime::start(how).await;
-    let legacy = Upstream::start(echo_legacy).await;
-    let mut cfg = config(&legacy.address(), &runtime.addr.to_string());
-    cfg.runtime.execution_timeout_ms = timeout_ms;
-    // The relay's defences once the stream is the client's (before the commit these streams
-    // fail over: commit_point.rs).
-    cfg.runtime.commit_timeout_ms = Some(0);
-    // Health checks must not open the breaker in the middle of a test.
-    cfg.runtime.health_interval_ms = 60_000;
-    let server = proxy(cfg).await;
-    (runtime, legacy, server)
+async fn against(how: Misbehaviour, timeout_ms: u64) -> Running {
+    Harness::new()
+        .runtime(runtime_script(move |_| misbehaving(how)))
+        .config(move |c| {
+            c.runtime.execution_timeout_ms = timeout_ms;
+            // The relay's defences once the stream is the client's (before the commit these
+            // streams fail over: commit_point.rs).
+            c.runtime.commit_timeout_ms = Some(0);
+            // Health checks must not open the breaker in the middle of a test.
+            c.runtime.health_interval_ms = 60_000;
+        })
+        .start()
+        .await
 }
 
 /// After a hostile runtime, the proxy still serves: the same runtime org gets an answer (an
@@ -1020,9 +942,9 @@ async fn runtime_sending_binary_garbage_gets_well_formed_output_and_one_terminal
     for seed in 1..=12u64 {
         for then_close in [false, true] {
             let how = Misbehaviour::Garbage { seed, then_close };
-            let (_runtime, legacy, server) = against(how, 10_000).await;
+            let h = against(how, 10_000).await;
             let t = Instant::now();
-            let r = chat(server.proxy_addr, Some("org-a"), "garbage", HI).await;
+            let r = chat(h.proxy_addr, Some("org-a"), "garbage", HI).await;
             // Garbage may happen to hold a valid frame (the tokens include execution_complete
             // and execution_error): then it ends like a runtime that sent it. Either way the
             // stream ends with one terminal event, last.
@@ -1044,30 +966,27 @@ async fn runtime_sending_binary_garbage_gets_well_formed_output_and_one_terminal
                 "no terminal event: {events:?}"
             );
             assert_eq!(terminal.len(), 1, "several terminal events: {terminal:?}");
-            assert!(legacy.work().is_empty());
-            still_up(&server).await;
+            assert!(h.legacy.work().is_empty());
+            still_up(&h).await;
         }
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runtime_line_without_end_is_cut_at_max_frame_bytes() {
-    let (runtime, _legacy, server) = against(Misbehaviour::EndlessLine, 30_000).await;
+    let h = against(Misbehaviour::EndlessLine, 30_000).await;
     let t = Instant::now();
-    let r = chat(server.proxy_addr, Some("org-a"), "endless", HI).await;
+    let r = chat(h.proxy_addr, Some("org-a"), "endless", HI).await;
     let took = t.elapsed();
     assert_eq!(ends_in_one_error_event(&r), "FRAME_TOO_LARGE");
-    let cut = {
-        let c = runtime.cut_off.clone();
-        eventually(Duration::from_secs(3), move || c.load(Ordering::SeqCst)).await
-    };
+    let cut = { eventually(Duration::from_secs(3), || h.runtime.hang_ups() == 1).await };
     eprintln!(
         "endless line: error after {took:?}, runtime cut off after {} KB",
-        runtime.sent.load(Ordering::SeqCst) / 1024
+        h.runtime.bytes_sent() / 1024
     );
     assert!(took < Duration::from_secs(3), "took {took:?}");
     assert!(cut, "the proxy kept reading an endless line");
-    still_up(&server).await;
+    still_up(&h).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1078,9 +997,9 @@ async fn runtime_100_mb_frame_ends_quickly_with_bounded_memory() {
     ) {
         return;
     }
-    let (runtime, _legacy, server) = against(Misbehaviour::HugeFrame, 30_000).await;
+    let h = against(Misbehaviour::HugeFrame, 30_000).await;
     // Warm the allocator and the connection paths with one ordinary request first.
-    still_up(&server).await;
+    still_up(&h).await;
     let rss_before = rss_kb();
     let peak = Arc::new(AtomicU64::new(rss_before));
     let sampling = Arc::new(AtomicBool::new(true));
@@ -1094,15 +1013,14 @@ async fn runtime_100_mb_frame_ends_quickly_with_bounded_memory() {
         })
     };
     let t = Instant::now();
-    let r = chat(server.proxy_addr, Some("org-a"), "huge", HI).await;
+    let r = chat(h.proxy_addr, Some("org-a"), "huge", HI).await;
     let took = t.elapsed();
     let code = ends_in_one_error_event(&r);
-    let c = runtime.cut_off.clone();
-    let cut = eventually(Duration::from_secs(5), move || c.load(Ordering::SeqCst)).await;
+    let cut = eventually(Duration::from_secs(5), || h.runtime.hang_ups() == 1).await;
     sampling.store(false, Ordering::SeqCst);
     sampler.await.unwrap();
     let peak_delta_mb = (peak.load(Ordering::SeqCst).saturating_sub(rss_before)) / 1024;
-    let sent_mb = runtime.sent.load(Ordering::SeqCst) / (1024 * 1024);
+    let sent_mb = h.runtime.bytes_sent() / (1024 * 1024);
     eprintln!(
         "100 MB frame: {code} after {took:?}; runtime sent {sent_mb} MB before being cut off; RSS peak +{peak_delta_mb} MB"
     );
@@ -1111,7 +1029,7 @@ async fn runtime_100_mb_frame_ends_quickly_with_bounded_memory() {
     assert!(cut, "the proxy read the whole 100 MB frame");
     assert!(sent_mb < 50, "the proxy kept reading: {sent_mb} MB");
     assert!(peak_delta_mb < 32, "RSS grew by {peak_delta_mb} MB");
-    still_up(&server).await;
+    still_up(&h).await;
 }
 
 fn rss_kb() -> u64 {
@@ -1127,9 +1045,9 @@ fn rss_kb() -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_runtime_times_out_with_an_error_event() {
     for how in [Misbehaviour::HeadThenSilence, Misbehaviour::Silence] {
-        let (_runtime, legacy, server) = against(how, 800).await;
+        let h = against(how, 800).await;
         let t = Instant::now();
-        let r = chat(server.proxy_addr, Some("org-a"), "silent", HI).await;
+        let r = chat(h.proxy_addr, Some("org-a"), "silent", HI).await;
         let took = t.elapsed();
         eprintln!("{how:?}: answered after {took:?}");
         assert_eq!(ends_in_one_error_event(&r), "TIMEOUT", "{how:?}");
@@ -1138,30 +1056,30 @@ async fn silent_runtime_times_out_with_an_error_event() {
             "{how:?}: {took:?}"
         );
         assert!(
-            legacy.work().is_empty(),
+            h.legacy.work().is_empty(),
             "{how:?}: no failover after a timeout"
         );
-        still_up(&server).await;
+        still_up(&h).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runtime_answering_something_else_than_sse() {
     // Not HTTP at all: nothing reached the client yet, so legacy serves it.
-    let (_runtime, legacy, server) = against(Misbehaviour::GarbageHead, 5_000).await;
-    let r = chat(server.proxy_addr, Some("org-a"), "nothttp", HI).await;
+    let h = against(Misbehaviour::GarbageHead, 5_000).await;
+    let r = chat(h.proxy_addr, Some("org-a"), "nothttp", HI).await;
     assert_eq!(r.status, 200);
     assert_eq!(r.header("x-execution-mode"), Some(DIRECT), "{r:?}");
     assert_eq!(r.header("x-execution-reason"), Some("failover"));
-    assert_eq!(legacy.work().len(), 1);
-    still_up(&server).await;
-    drop(server);
+    assert_eq!(h.legacy.work().len(), 1);
+    still_up(&h).await;
+    drop(h);
 
     // A response head that never ends (2 MB of one header): refused before a byte reached the
     // client, so legacy serves it; bounded in time.
-    let (_runtime, legacy, server) = against(Misbehaviour::HugeHead, 5_000).await;
+    let h = against(Misbehaviour::HugeHead, 5_000).await;
     let t = Instant::now();
-    let r = chat(server.proxy_addr, Some("org-a"), "hugehead", HI).await;
+    let r = chat(h.proxy_addr, Some("org-a"), "hugehead", HI).await;
     eprintln!(
         "2 MB response head: {:?} {:?} after {:?}",
         r.header("x-execution-mode"),
@@ -1171,16 +1089,16 @@ async fn runtime_answering_something_else_than_sse() {
     assert_eq!(r.status, 200);
     assert_eq!(r.header("x-execution-reason"), Some("failover"), "{r:?}");
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
-    assert_eq!(legacy.work().len(), 1);
-    still_up(&server).await;
-    drop(server);
+    assert_eq!(h.legacy.work().len(), 1);
+    still_up(&h).await;
+    drop(h);
 
     // A 200 JSON document: no event, no completion: one error event.
-    let (_runtime, legacy, server) = against(Misbehaviour::NotSse, 5_000).await;
-    let r = chat(server.proxy_addr, Some("org-a"), "json", HI).await;
+    let h = against(Misbehaviour::NotSse, 5_000).await;
+    let r = chat(h.proxy_addr, Some("org-a"), "json", HI).await;
     assert_eq!(ends_in_one_error_event(&r), "STREAM_TRUNCATED");
-    assert!(legacy.work().is_empty());
-    still_up(&server).await;
+    assert!(h.legacy.work().is_empty());
+    still_up(&h).await;
 }
 
 /// A runtime that keeps talking after `execution_complete`: the client got its `done`, so the
@@ -1189,29 +1107,29 @@ async fn runtime_answering_something_else_than_sse() {
 /// second `done`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runtime_talking_after_completion_gets_one_terminal_event() {
-    let legacy = Upstream::start(echo_legacy).await;
-    let runtime = Upstream::start(|req: &Received| {
-        if req.path == "/health" {
-            return Reply::json(200, json!({"status": "ok"}));
-        }
-        let complete = frame("execution_complete", json!({"final_response": "x"}));
-        let after = match req.json()["session_id"].as_str() {
-            Some("then-error") => frame("execution_error", json!({"error": "late failure"})),
-            Some("then-complete") => complete.clone(),
-            _ => frame("text_chunk", json!({"content": "after the end"})),
-        };
-        Reply::sse(vec![
-            Step::Send(frame("text_chunk", json!({"content": "answer"}))),
-            Step::Send(complete),
-            Step::Send(after),
-            Step::Send(done_frame()),
-        ])
-    })
-    .await;
-    let server = proxy(config(&legacy.address(), &runtime.address())).await;
+    let h = Harness::new()
+        .runtime(|req: &Received| {
+            if req.path == "/health" {
+                return healthy_runtime(req);
+            }
+            let complete = frame("execution_complete", json!({"final_response": "x"}));
+            let after = match req.json()["session_id"].as_str() {
+                Some("then-error") => frame("execution_error", json!({"error": "late failure"})),
+                Some("then-complete") => complete.clone(),
+                _ => frame("text_chunk", json!({"content": "after the end"})),
+            };
+            Reply::sse(vec![
+                Step::Send(frame("text_chunk", json!({"content": "answer"}))),
+                Step::Send(complete),
+                Step::Send(after),
+                Step::Send(done_frame()),
+            ])
+        })
+        .start()
+        .await;
     let mut wrong = Vec::new();
     for session in ["then-error", "then-complete", "then-text"] {
-        let r = chat(server.proxy_addr, Some("org-a"), session, HI).await;
+        let r = chat(h.proxy_addr, Some("org-a"), session, HI).await;
         let names: Vec<String> = well_formed_stream(&r).into_iter().map(|(e, _)| e).collect();
         eprintln!("{session}: {names:?}");
         if names != ["message", "done"] {
@@ -1228,23 +1146,20 @@ async fn runtime_talking_after_completion_gets_one_terminal_event() {
 /// and the execution is counted as cancelled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_request_during_a_runtime_stream_does_not_cut_it() {
-    let legacy = Upstream::start(echo_legacy).await;
-    let runtime = Upstream::start(|req: &Received| {
-        if req.path == "/health" {
-            return Reply::json(200, json!({"status": "ok"}));
-        }
-        Reply::sse(vec![
-            Step::Send(frame("text_chunk", json!({"content": "a"}))),
-            Step::Sleep(Duration::from_millis(300)),
-            Step::Send(frame("execution_complete", json!({}))),
-            Step::Send(done_frame()),
-        ])
-    })
-    .await;
-    let server = proxy(config(&legacy.address(), &runtime.address())).await;
+    let h = Harness::new()
+        .runtime(runtime_script(|_| {
+            Reply::sse(vec![
+                Step::Send(frame("text_chunk", json!({"content": "a"}))),
+                Step::Sleep(Duration::from_millis(300)),
+                Step::Send(frame("execution_complete", json!({}))),
+                Step::Send(done_frame()),
+            ])
+        }))
+        .start()
+        .await;
     let auth = format!("Bearer {}", token("org-a"));
     let body = HI;
-    let mut c = Client::connect(server.proxy_addr).await;
+    let mut c = Client::connect(h.proxy_addr).await;
     c.send(
         "POST",
         "/api/v1/chat/sessions/pipelined",
