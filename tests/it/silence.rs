@@ -28,15 +28,10 @@ fn thinking(content: &str) -> Vec<u8> {
 
 /// A runtime that answers health checks and executions with `steps` (`None`: no head at all).
 fn runtime(steps: Option<Vec<Step>>) -> impl Fn(&Received) -> Reply + Send + Sync + 'static {
-    move |req: &Received| {
-        if req.path == "/health" {
-            return healthy_runtime(req);
-        }
-        match &steps {
-            Some(steps) => Reply::sse(steps.clone()),
-            None => Reply::silent(vec![Step::Hang]),
-        }
-    }
+    runtime_script(move |_| match &steps {
+        Some(steps) => Reply::sse(steps.clone()),
+        None => Reply::silent(vec![Step::Hang]),
+    })
 }
 
 fn timeouts(h: &Running, upstream: &str, stage: &str) -> f64 {
