@@ -1095,7 +1095,7 @@ async fn client_that_stops_reading_does_not_hold_a_runtime_stream_past_the_timeo
     assert!(n > 0);
     let started = Instant::now();
 
-    let released = eventually(Duration::from_secs(5), || runtime.hang_ups() == 1).await;
+    let released = runtime.wait_for_hang_ups(1, Duration::from_secs(5)).await;
     eprintln!(
         "frozen client: runtime connection released {released} after {:?}; runtime sent {} KB; streams in flight {}",
         started.elapsed(),

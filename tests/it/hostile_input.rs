@@ -979,7 +979,7 @@ async fn runtime_line_without_end_is_cut_at_max_frame_bytes() {
     let r = chat(h.proxy_addr, Some("org-a"), "endless", HI).await;
     let took = t.elapsed();
     assert_eq!(ends_in_one_error_event(&r), "FRAME_TOO_LARGE");
-    let cut = { eventually(Duration::from_secs(3), || h.runtime.hang_ups() == 1).await };
+    let cut = h.runtime.wait_for_hang_ups(1, Duration::from_secs(3)).await;
     eprintln!(
         "endless line: error after {took:?}, runtime cut off after {} KB",
         h.runtime.bytes_sent() / 1024
@@ -1016,7 +1016,7 @@ async fn runtime_100_mb_frame_ends_quickly_with_bounded_memory() {
     let r = chat(h.proxy_addr, Some("org-a"), "huge", HI).await;
     let took = t.elapsed();
     let code = ends_in_one_error_event(&r);
-    let cut = eventually(Duration::from_secs(5), || h.runtime.hang_ups() == 1).await;
+    let cut = h.runtime.wait_for_hang_ups(1, Duration::from_secs(5)).await;
     sampling.store(false, Ordering::SeqCst);
     sampler.await.unwrap();
     let peak_delta_mb = (peak.load(Ordering::SeqCst).saturating_sub(rss_before)) / 1024;

@@ -139,7 +139,7 @@ struct Tally {
     /// Answers that wrote their first byte.
     answered: AtomicUsize,
     /// Answers the proxy hung up on before they ended (seen by a waiting step or a failed write).
-    hang_ups: AtomicUsize,
+    hang_ups: tokio::sync::watch::Sender<usize>,
     /// Of those, the ones that had not written a byte yet.
     unanswered_hang_ups: AtomicUsize,
     /// Body bytes written by `Send` and `Repeat` steps.
@@ -237,11 +237,17 @@ impl Upstream {
     }
     /// Answers to work the proxy hung up on before they ended.
     pub fn hang_ups(&self) -> usize {
-        self.tally.hang_ups.load(Ordering::SeqCst)
+        *self.tally.hang_ups.borrow()
     }
     /// Requests for work the proxy hung up on before a byte of the answer was written.
     pub fn unanswered_hang_ups(&self) -> usize {
         self.tally.unanswered_hang_ups.load(Ordering::SeqCst)
+    }
+    /// Wait up to `within` until the proxy has hung up on at least `n` answers; whether it did.
+    pub async fn wait_for_hang_ups(&self, n: usize, within: Duration) -> bool {
+        let mut hang_ups = self.tally.hang_ups.subscribe();
+        let reached = tokio::time::timeout(within, hang_ups.wait_for(|h| *h >= n)).await;
+        reached.is_ok()
     }
     /// Body bytes the scripts wrote (`Send` and `Repeat` steps).
     pub fn bytes_sent(&self) -> u64 {
@@ -310,12 +316,12 @@ impl Conn {
                 Ended::Closed => return,
                 Ended::HungUp => {
                     if work {
-                        self.tally.hang_ups.fetch_add(1, Ordering::SeqCst);
                         if written == 0 {
                             self.tally
                                 .unanswered_hang_ups
                                 .fetch_add(1, Ordering::SeqCst);
                         }
+                        self.tally.hang_ups.send_modify(|h| *h += 1);
                     }
                     return;
                 }
@@ -539,4 +545,9 @@ pub fn runtime_script(
         }
         script(executions.fetch_add(1, Ordering::SeqCst))
     }
+}
+
+/// A runtime that answers its health checks and streams `steps` for every execution.
+pub fn runtime_sse(steps: Vec<Step>) -> impl Fn(&Received) -> Reply + Send + Sync + 'static {
+    runtime_script(move |_| Reply::sse(steps.clone()))
 }
