@@ -8,7 +8,6 @@ use crate::support;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use cutover_proxy::app::LocalServer;
 use cutover_proxy::core::config::{Config, Mode};
 use serde_json::{json, Value};
 use support::legacy::{FakeLegacy, Fault, LegacyRoute};
@@ -73,40 +72,34 @@ fn bearer(org: &str) -> String {
     )
 }
 
-struct Setup {
-    legacy: FakeLegacy,
-    runtime: Upstream,
-    server: LocalServer,
-}
+type Setup = Running<FakeLegacy>;
 
 /// The test config with the bridge on (300 ms per call, a conversation of 3 messages: the last 2
 /// saved and the current one) and no default agent, then `tweak`.
-async fn start(tweak: impl FnOnce(&mut Config)) -> Setup {
+async fn start(tweak: impl FnOnce(&mut Config) + 'static) -> Setup {
     start_with(runtime, tweak).await
 }
 
 /// `start`, with another runtime stand-in.
 async fn start_with(
     runtime: impl Fn(&Received) -> Reply + Send + Sync + 'static,
-    tweak: impl FnOnce(&mut Config),
+    tweak: impl FnOnce(&mut Config) + 'static,
 ) -> Setup {
-    let legacy = fake_legacy().await;
-    let runtime = Upstream::start(runtime).await;
-    let mut cfg = config(&legacy.address(), &runtime.address());
-    cfg.bridge.enabled = true;
-    cfg.bridge.timeout_ms = 300;
-    cfg.bridge.history_limit = 3;
-    cfg.runtime.default_agent_id = String::new();
-    tweak(&mut cfg);
-    let server = proxy(cfg).await;
-    Setup {
-        legacy,
-        runtime,
-        server,
-    }
+    Harness::new()
+        .legacy_server(fake_legacy().await)
+        .runtime(runtime)
+        .config(|c| {
+            c.bridge.enabled = true;
+            c.bridge.timeout_ms = 300;
+            c.bridge.history_limit = 3;
+            c.runtime.default_agent_id = String::new();
+        })
+        .config(tweak)
+        .start()
+        .await
 }
 
-impl Setup {
+impl Running<FakeLegacy> {
     async fn post(&self, path: &str, org: &str, body: &Value, extra: &[(&str, &str)]) -> Response {
         let auth = bearer(org);
         let mut headers = vec![
@@ -125,7 +118,7 @@ impl Setup {
         .await
     }
 
-    async fn chat(&self, session: &str, org: &str, body: Value) -> Response {
+    async fn chat_in(&self, session: &str, org: &str, body: Value) -> Response {
         let path = format!("/api/v1/chat/sessions/{session}");
         self.post(&path, org, &body, &[]).await
     }
@@ -307,7 +300,7 @@ async fn each_turn_s_own_question_reaches_the_runtime() {
         "turn two: and Q4?",
         "turn three: and 2025?",
     ] {
-        let r = s.chat("s-1", "org-a", json!({"message": turn})).await;
+        let r = s.chat_in("s-1", "org-a", json!({"message": turn})).await;
         assert_served(&r, RT, "allowlist");
         let text: String = r
             .events()
@@ -378,22 +371,22 @@ async fn chat_start_creates_the_session_that_done_names() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chat_start_that_fails_over_deletes_its_session_before_legacy_serves_it() {
-    let legacy = fake_legacy().await;
-    let failing = Upstream::start(|req| {
-        if req.path == "/health" {
-            Reply::json(200, json!({"status": "ok"}))
-        } else {
-            Reply::json(500, json!({"detail": "boom"}))
-        }
-    })
-    .await;
-    let mut cfg = config(&legacy.address(), &failing.address());
-    cfg.bridge.enabled = true;
-    let server = proxy(cfg).await;
+    let h = Harness::new()
+        .legacy_server(fake_legacy().await)
+        .runtime(|req| {
+            if req.path == "/health" {
+                Reply::json(200, json!({"status": "ok"}))
+            } else {
+                Reply::json(500, json!({"detail": "boom"}))
+            }
+        })
+        .config(|c| c.bridge.enabled = true)
+        .start()
+        .await;
     let body = json!({"agentId": "ag-1", "message": "hello"});
     let auth = format!("Bearer {}", token("org-a"));
     let r = request(
-        server.proxy_addr,
+        h.proxy_addr,
         "POST",
         "/api/v1/chat/start",
         &[("authorization", auth.as_str())],
@@ -403,7 +396,7 @@ async fn a_chat_start_that_fails_over_deletes_its_session_before_legacy_serves_i
     assert_served(&r, DIRECT, "failover");
     assert!(r.text().contains("legacy"));
 
-    let received = legacy.received();
+    let received = h.legacy.received();
     let paths: Vec<(&str, &str)> = received
         .iter()
         .map(|q| (q.method.as_str(), q.path.as_str()))
@@ -422,7 +415,7 @@ async fn a_chat_start_that_fails_over_deletes_its_session_before_legacy_serves_i
         .expect("legacy served the chat");
     assert!(created < deleted && deleted < chat, "{paths:?}");
     let id = paths[deleted].1.rsplit('/').next().unwrap();
-    assert!(legacy.session(id).is_none(), "session {id} left behind");
+    assert!(h.legacy.session(id).is_none(), "session {id} left behind");
     assert_eq!(received[chat].body, body.to_string().as_bytes());
     assert!(
         !paths.iter().any(|p| p.1.ends_with("/messages")),
@@ -435,12 +428,12 @@ async fn refused_lookups_send_the_chat_to_legacy_unchanged_and_uncharged() {
     let s = start(|_| {}).await;
     let body = json!({"message": "hi"});
     // Another org's session is a 404.
-    let r = s.chat("s-b", "org-a", body.clone()).await;
+    let r = s.chat_in("s-b", "org-a", body.clone()).await;
     assert_legacy_served(&s, &r, "bridge_refused", "/api/v1/chat/sessions/s-b", &body).await;
     for status in [401, 403, 409] {
         s.legacy
             .fail(LegacyRoute::GetSession, Fault::Status(status));
-        let r = s.chat("s-1", "org-a", body.clone()).await;
+        let r = s.chat_in("s-1", "org-a", body.clone()).await;
         assert_legacy_served(&s, &r, "bridge_refused", "/api/v1/chat/sessions/s-1", &body).await;
     }
     s.legacy.heal(LegacyRoute::GetSession);
@@ -459,7 +452,7 @@ async fn unavailable_lookups_send_the_chat_to_legacy_unchanged_and_uncharged() {
     let s = start(|_| {}).await;
     let body = json!({"message": "hi"});
     s.legacy.fail(LegacyRoute::GetSession, Fault::Status(503));
-    let r = s.chat("s-1", "org-a", body.clone()).await;
+    let r = s.chat_in("s-1", "org-a", body.clone()).await;
     assert_legacy_served(
         &s,
         &r,
@@ -473,7 +466,7 @@ async fn unavailable_lookups_send_the_chat_to_legacy_unchanged_and_uncharged() {
     s.legacy.heal(LegacyRoute::GetSession);
     s.legacy.fail(LegacyRoute::GetMessages, Fault::Hang);
     let t = Instant::now();
-    let r = s.chat("s-1", "org-a", body.clone()).await;
+    let r = s.chat_in("s-1", "org-a", body.clone()).await;
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
     assert_legacy_served(
         &s,
@@ -486,7 +479,7 @@ async fn unavailable_lookups_send_the_chat_to_legacy_unchanged_and_uncharged() {
 
     // A session whose agent id could not go into a URL: legacy's data, not the caller's input.
     s.legacy.heal(LegacyRoute::GetMessages);
-    let r = s.chat("s-odd", "org-a", body.clone()).await;
+    let r = s.chat_in("s-odd", "org-a", body.clone()).await;
     assert_legacy_served(
         &s,
         &r,
@@ -500,15 +493,17 @@ async fn unavailable_lookups_send_the_chat_to_legacy_unchanged_and_uncharged() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_legacy_nobody_listens_on_is_bridge_unavailable() {
-    let runtime = Upstream::start(runtime).await;
-    let mut cfg = config(&format!("127.0.0.1:{}", free_port()), &runtime.address());
-    cfg.bridge.enabled = true;
-    let server = proxy(cfg).await;
-    let r = chat(server.proxy_addr, Some("org-a"), "s-1", HI).await;
+    let h = Harness::new()
+        .legacy_server(Unreachable::new())
+        .runtime(runtime)
+        .config(|c| c.bridge.enabled = true)
+        .start()
+        .await;
+    let r = chat(h.proxy_addr, Some("org-a"), "s-1", HI).await;
     // Legacy cannot serve it either: the client gets the proxy's 502, still saying why.
     assert_eq!(r.status, 502);
     assert_eq!(mode_reason(&r), (Some(DIRECT), Some("bridge_unavailable")));
-    assert!(runtime.work().is_empty());
+    assert!(h.runtime.work().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -522,7 +517,9 @@ async fn failed_saves_are_retried_in_order_counted_and_never_hold_done() {
     // The user message's first two attempts fail; its retries save it, and the answer follows it.
     s.legacy
         .fail(LegacyRoute::PostMessage, Fault::StatusTimes(503, 2));
-    let r = s.chat("s-1", "org-a", json!({"message": "retry me"})).await;
+    let r = s
+        .chat_in("s-1", "org-a", json!({"message": "retry me"}))
+        .await;
     let done = done_of(&r);
     let messages = s.legacy.messages("s-1");
     let contents: Vec<&Value> = messages[3..].iter().map(|m| &m["content"]).collect();
@@ -539,7 +536,7 @@ async fn failed_saves_are_retried_in_order_counted_and_never_hold_done() {
     // message, done twice that for the answer, not more.
     s.legacy.fail(LegacyRoute::PostMessage, Fault::Hang);
     let t = Instant::now();
-    let r = s.chat("s-1", "org-a", json!({"message": "lost?"})).await;
+    let r = s.chat_in("s-1", "org-a", json!({"message": "lost?"})).await;
     let took = t.elapsed();
     assert!(took < Duration::from_millis(1500), "{took:?}");
     let done = done_of(&r);
@@ -763,11 +760,11 @@ async fn with_the_bridge_off_the_agent_comes_from_the_body_or_the_config() {
     // No default agent: a chat without one goes to legacy, uncharged.
     let s = start(|c| c.bridge.enabled = false).await;
     let body = json!({"message": "hi"});
-    let r = s.chat("s-1", "org-a", body.clone()).await;
+    let r = s.chat_in("s-1", "org-a", body.clone()).await;
     assert_legacy_served(&s, &r, "no_agent", "/api/v1/chat/sessions/s-1", &body).await;
     // The body's agent is the runtime's.
     let r = s
-        .chat("s-1", "org-a", json!({"message": "hi", "agentId": "ag-9"}))
+        .chat_in("s-1", "org-a", json!({"message": "hi", "agentId": "ag-9"}))
         .await;
     assert_served(&r, RT, "allowlist");
     assert_eq!(done_of(&r)["usage"]["tokens"], 42);
@@ -782,7 +779,7 @@ async fn with_the_bridge_off_the_agent_comes_from_the_body_or_the_config() {
         c.runtime.default_agent_id = "agent-default".into();
     })
     .await;
-    let r = s.chat("s-1", "org-a", json!({"message": "hi"})).await;
+    let r = s.chat_in("s-1", "org-a", json!({"message": "hi"})).await;
     assert_served(&r, RT, "allowlist");
     let sent = s.runtime.work()[0].json();
     assert_eq!(sent["agent_id"], "agent-default");

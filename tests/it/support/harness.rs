@@ -200,6 +200,27 @@ impl LegacyServer for super::legacy::FakeLegacy {
     }
 }
 
+/// An address nothing listens on, for a legacy that is down.
+pub struct Unreachable(String);
+
+impl Unreachable {
+    pub fn new() -> Unreachable {
+        Unreachable(format!("127.0.0.1:{}", free_port()))
+    }
+}
+
+impl Default for Unreachable {
+    fn default() -> Self {
+        Unreachable::new()
+    }
+}
+
+impl LegacyServer for Unreachable {
+    fn address(&self) -> String {
+        self.0.clone()
+    }
+}
+
 /// Where the proxy's config comes from.
 enum Source {
     /// `config` (org-a on the allowlist) and the tweaks.
