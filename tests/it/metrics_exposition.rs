@@ -12,7 +12,6 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use cutover_proxy::core::config::Config;
 use cutover_proxy::ops::reload::{reload_from, ReloadResult};
 use support::*;
 
@@ -228,14 +227,15 @@ fn exposition_path() -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exposition_counts_a_scripted_mix_of_traffic() {
-    let legacy = Upstream::start(echo_legacy).await;
-    let runtime = Upstream::start(scripted_runtime).await;
-    let text = config_text(&legacy.address(), &runtime.address(), 200);
-    let server = proxy(Config::parse(&text).unwrap()).await;
+    let h = Harness::new()
+        .runtime(scripted_runtime)
+        .config_text(|legacy, runtime| config_text(legacy, runtime, 200))
+        .start()
+        .await;
     let body = r#"{"message":"hello"}"#;
 
     // Every series of the contract exists before any traffic, and the runtime is up.
-    let before = scrape_until(&server, "a passing health check", |s| {
+    let before = scrape_until(&h, "a passing health check", |s| {
         s.get("chat_runtime_health_up", &[]) == 1.0
     })
     .await;
@@ -266,7 +266,7 @@ async fn exposition_counts_a_scripted_mix_of_traffic() {
         ("s-drop", RT, "allowlist"),
         ("s-fail", DIRECT, "failover"),
     ] {
-        let r = chat(server.proxy_addr, Some("org-a"), session, body).await;
+        let r = chat(h.proxy_addr, Some("org-a"), session, body).await;
         assert_eq!(r.status, 200, "{session}");
         assert!(r.complete, "{session}");
         assert_eq!(r.header("x-execution-mode"), Some(want_mode), "{session}");
@@ -277,14 +277,14 @@ async fn exposition_counts_a_scripted_mix_of_traffic() {
         );
     }
     for session in ["s-b1", "s-b2"] {
-        let r = chat(server.proxy_addr, Some("org-b"), session, body).await;
+        let r = chat(h.proxy_addr, Some("org-b"), session, body).await;
         assert_eq!(r.header("x-execution-mode"), Some(DIRECT));
         assert_eq!(r.header("x-execution-reason"), Some("default"));
     }
-    let r = chat(server.proxy_addr, None, "s-anon", body).await;
+    let r = chat(h.proxy_addr, None, "s-anon", body).await;
     assert_eq!(r.header("x-execution-reason"), Some("no_identity"));
     let sent = 7.0;
-    let mid = scrape_until(&server, "7 requests counted", |s| {
+    let mid = scrape_until(&h, "7 requests counted", |s| {
         s.sum("chat_requests_total") - before.sum("chat_requests_total") == sent
     })
     .await;
@@ -293,10 +293,10 @@ async fn exposition_counts_a_scripted_mix_of_traffic() {
         before.get("chat_runtime_failover_total", &[]) + 1.0
     );
 
-    // Kill switch: the fallback gauge and the breaker series follow, and org-a goes to legacy.
-    let (status, _) = admin(&server, "POST", "/runtime/fallback/trip", Some(ADMIN_TOKEN)).await;
+    // Kill switch: the fallback gauge and the breaker series follow, and org-a goes to h.legacy.
+    let (status, _) = admin(&h, "POST", "/runtime/fallback/trip", Some(ADMIN_TOKEN)).await;
     assert_eq!(status, 200);
-    let tripped = scrape(&server).await;
+    let tripped = scrape(&h).await;
     assert_eq!(tripped.get("chat_runtime_fallback_enabled", &[]), 1.0);
     assert_eq!(
         tripped.get("chat_runtime_breaker_state", &[("state", "open")]),
@@ -306,16 +306,10 @@ async fn exposition_counts_a_scripted_mix_of_traffic() {
         tripped.get("chat_runtime_breaker_state", &[("state", "closed")]),
         0.0
     );
-    let r = chat(server.proxy_addr, Some("org-a"), "s-a3", body).await;
+    let r = chat(h.proxy_addr, Some("org-a"), "s-a3", body).await;
     assert_eq!(r.header("x-execution-mode"), Some(DIRECT));
     assert_eq!(r.header("x-execution-reason"), Some("breaker_open"));
-    let (status, _) = admin(
-        &server,
-        "POST",
-        "/runtime/fallback/reset",
-        Some(ADMIN_TOKEN),
-    )
-    .await;
+    let (status, _) = admin(&h, "POST", "/runtime/fallback/reset", Some(ADMIN_TOKEN)).await;
     assert_eq!(status, 200);
 
     // Config reloads: one refused file, then one that takes effect.
@@ -324,23 +318,23 @@ async fn exposition_counts_a_scripted_mix_of_traffic() {
     let path = dir.join("proxy.toml");
     std::fs::write(&path, "[server\nlisten = ").unwrap();
     assert!(matches!(
-        reload_from(&server.shared, &path),
+        reload_from(&h.shared, &path),
         ReloadResult::Refused(_)
     ));
     let reload_started = support::now() as f64;
     std::fs::write(
         &path,
-        config_text(&legacy.address(), &runtime.address(), 250),
+        config_text(&h.legacy.address(), &h.runtime.address(), 250),
     )
     .unwrap();
     assert!(matches!(
-        reload_from(&server.shared, &path),
+        reload_from(&h.shared, &path),
         ReloadResult::Applied { .. }
     ));
     let _ = std::fs::remove_dir_all(&dir);
 
     let sent = sent + 1.0;
-    let after = scrape_until(&server, "8 requests counted, streams done", |s| {
+    let after = scrape_until(&h, "8 requests counted, streams done", |s| {
         s.sum("chat_requests_total") - before.sum("chat_requests_total") == sent
             && s.get("chat_streams_in_flight", &[("mode", RT)]) == 0.0
             && s.get("chat_streams_in_flight", &[("mode", DIRECT)]) == 0.0

@@ -4,6 +4,7 @@
 //! front of scripted upstreams from `support`. Each test sends SIGTERM with `kill` and watches
 //! what a client, a new client, the readiness probe and the process itself see.
 
+// Not the Harness: signals and exit codes are the shipped binary's, run as a child process.
 use crate::support;
 
 use std::net::SocketAddr;
