@@ -293,7 +293,7 @@ async fn exposition_counts_a_scripted_mix_of_traffic() {
         before.get("chat_runtime_failover_total", &[]) + 1.0
     );
 
-    // Kill switch: the fallback gauge and the breaker series follow, and org-a goes to h.legacy.
+    // Kill switch: the fallback gauge and the breaker series follow, and org-a goes to legacy.
     let (status, _) = admin(&h, "POST", "/runtime/fallback/trip", Some(ADMIN_TOKEN)).await;
     assert_eq!(status, 200);
     let tripped = scrape(&h).await;
