@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 
 use cutover_proxy::app::LocalServer;
 use cutover_proxy::core::breaker::State;
-use cutover_proxy::core::config::Config;
 use cutover_proxy::core::config::Mode;
 use serde_json::{json, Value};
 use support::*;
@@ -314,29 +313,31 @@ async fn runtime_killed_with_streams_in_flight_fails_cleanly_and_recovers_withou
     let pending_n = 20;
     let timeout = Duration::from_secs(10);
 
-    let legacy = Upstream::start(echo_legacy).await;
-    let runtime = Upstream::start(kill_test_runtime).await;
-    let runtime_addr = runtime.addr;
-    let mut cfg = config(&legacy.address(), &runtime.address());
-    cfg.runtime.execution_timeout_ms = timeout.as_millis() as u64;
-    cfg.runtime.pool_idle_timeout_ms = 300;
-    cfg.legacy.pool_idle_timeout_ms = 300;
-    // Hundreds of connects at once on a busy 2-core machine (debug build, the test's own clients
-    // and upstreams on the same runtime) can take longer to be polled than the default test
-    // config's 500 ms; the killed runtime refuses at once, so a long timeout costs nothing.
-    cfg.runtime.connect_timeout_ms = 5000;
-    cfg.legacy.connect_timeout_ms = 5000;
-    cfg.breaker.min_requests = 5;
-    cfg.breaker.open_secs = 1;
-    let server = proxy(cfg).await;
-    let addr = server.proxy_addr;
+    let h = Harness::new()
+        .runtime(kill_test_runtime)
+        .config(move |c| {
+            c.runtime.execution_timeout_ms = timeout.as_millis() as u64;
+            c.runtime.pool_idle_timeout_ms = 300;
+            c.legacy.pool_idle_timeout_ms = 300;
+            // Hundreds of connects at once on a busy 2-core machine (debug build, the test's own clients
+            // and upstreams on the same runtime) can take longer to be polled than the default test
+            // config's 500 ms; the killed runtime refuses at once, so a long timeout costs nothing.
+            c.runtime.connect_timeout_ms = 5000;
+            c.legacy.connect_timeout_ms = 5000;
+            c.breaker.min_requests = 5;
+            c.breaker.open_secs = 1;
+        })
+        .start()
+        .await;
+    let runtime_addr = h.runtime.addr;
+    let addr = h.proxy_addr;
 
     // Warm-up: the same number of streams, run to completion, so that the allocator and the
     // connection pools have seen this load before the baseline is taken.
     let warm = open_held_streams(addr, n, "warm", Duration::from_secs(30)).await;
     let release_until_done = async {
         loop {
-            runtime.release();
+            h.runtime.release();
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     };
@@ -348,12 +349,12 @@ async fn runtime_killed_with_streams_in_flight_fails_cleanly_and_recovers_withou
         let r = r.as_ref().expect("a warm-up stream hung");
         assert!(is_runtime_stream(r), "warm-up stream: {r:?}");
     }
-    assert!(settled(&server, Duration::from_secs(5)).await);
+    assert!(settled(&h, Duration::from_secs(5)).await);
     tokio::time::sleep(Duration::from_millis(1000)).await; // pooled connections idle out
-    server.shared.breaker.reset(); // a window without the warm-up's successes
+    h.shared.breaker.reset(); // a window without the warm-up's successes
     let (fds_before, rss_before) = (fd_count(), rss_kb());
-    let opened_before = transitions(&server, "closed", "open");
-    let closed_before = transitions(&server, "half_open", "closed");
+    let opened_before = transitions(&h, "closed", "open");
+    let closed_before = transitions(&h, "half_open", "closed");
 
     // n streams in flight, and pending_n requests the runtime accepted but has not answered.
     let held = open_held_streams(addr, n, "kill", timeout + Duration::from_secs(5)).await;
@@ -370,7 +371,7 @@ async fn runtime_killed_with_streams_in_flight_fails_cleanly_and_recovers_withou
             })
         })
         .collect();
-    runtime.wait_for_work(2 * n + pending_n).await;
+    h.runtime.wait_for_work(2 * n + pending_n).await;
 
     // New requests keep arriving throughout.
     let stop = Arc::new(AtomicBool::new(false));
@@ -379,7 +380,7 @@ async fn runtime_killed_with_streams_in_flight_fails_cleanly_and_recovers_withou
 
     // Kill the runtime: every connection dropped, the port closed.
     let killed_at = Instant::now();
-    runtime.stop();
+    h.runtime.stop();
     let down = eventually(Duration::from_secs(5), || {
         std::net::TcpStream::connect_timeout(&runtime_addr, Duration::from_millis(100)).is_err()
     })
@@ -424,14 +425,14 @@ async fn runtime_killed_with_streams_in_flight_fails_cleanly_and_recovers_withou
     }
 
     // The breaker opens.
-    let shared = server.shared.clone();
+    let shared = h.shared.clone();
     assert!(
         eventually(Duration::from_secs(5), || shared.breaker.state()
             != State::Closed)
         .await,
         "the breaker did not open"
     );
-    let open_status = server.shared.breaker.status();
+    let open_status = h.shared.breaker.status();
     eprintln!("breaker: {} ({})", open_status.state, open_status.reason);
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
@@ -439,7 +440,7 @@ async fn runtime_killed_with_streams_in_flight_fails_cleanly_and_recovers_withou
     let back_at = Instant::now();
     let listener = TcpListener::bind(runtime_addr).await.unwrap();
     let revived = Upstream::on(listener, kill_test_runtime);
-    let shared = server.shared.clone();
+    let shared = h.shared.clone();
     let closed = eventually(Duration::from_secs(15), move || {
         shared.breaker.state() == State::Closed
     })
@@ -505,16 +506,16 @@ async fn runtime_killed_with_streams_in_flight_fails_cleanly_and_recovers_withou
         after_recovery > 0,
         "no request reached the runtime after recovery"
     );
-    assert!(transitions(&server, "closed", "open") > opened_before);
-    assert!(transitions(&server, "half_open", "closed") > closed_before);
+    assert!(transitions(&h, "closed", "open") > opened_before);
+    assert!(transitions(&h, "half_open", "closed") > closed_before);
 
     // Nothing left behind.
     assert!(
-        settled(&server, Duration::from_secs(5)).await,
+        settled(&h, Duration::from_secs(5)).await,
         "requests or streams still in flight: requests {}, runtime {}, direct {}",
-        server.shared.requests.count(),
-        in_flight(&server, RT),
-        in_flight(&server, DIRECT)
+        h.shared.requests.count(),
+        in_flight(&h, RT),
+        in_flight(&h, DIRECT)
     );
     drop(seen);
     drop(held_results);
@@ -606,15 +607,6 @@ fn reloads(server: &LocalServer, result: &str) -> u64 {
     counter(&server.shared.metrics.config_reloads_total, result)
 }
 
-async fn start_watching(path: &FsPath) -> LocalServer {
-    std::env::set_var(JWT_ENV, JWT_SECRET);
-    std::env::set_var(ADMIN_ENV, ADMIN_TOKEN);
-    let config = Config::load(path).unwrap();
-    LocalServer::start(config, Some(path.to_path_buf()))
-        .await
-        .unwrap()
-}
-
 /// One chat of the reload test, with the generations in force when it was sent and answered.
 #[derive(Debug)]
 struct Routed {
@@ -664,21 +656,21 @@ fn reload_load(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_reloads_under_load_fail_no_request_and_route_each_by_a_config_in_force() {
     logs();
-    let legacy = Upstream::start(echo_legacy).await;
-    let runtime = Upstream::start(healthy_runtime).await;
-    let (la, ra) = (legacy.address(), runtime.address());
     let dir = TempDir::new("reloads");
     let path = dir.join("proxy.toml");
-    std::fs::write(&path, generation_toml(&la, &ra, 0)).unwrap();
-    let server = start_watching(&path).await;
-    assert_eq!(generation_of(&server), 0);
-    let (success0, invalid0) = (reloads(&server, "success"), reloads(&server, "invalid"));
+    let h = Harness::new()
+        .watched(path.clone(), |l, r| generation_toml(l, r, 0))
+        .start()
+        .await;
+    let (la, ra) = (h.legacy.address(), h.runtime.address());
+    assert_eq!(generation_of(&h), 0);
+    let (success0, invalid0) = (reloads(&h, "success"), reloads(&h, "invalid"));
 
     let stop = Arc::new(AtomicBool::new(false));
-    let load = reload_load(&server, 4, stop.clone());
+    let load = reload_load(&h, 4, stop.clone());
     let applied = Arc::new(Mutex::new(vec![0usize]));
     let watcher = {
-        let (shared, applied, stop) = (server.shared.clone(), applied.clone(), stop.clone());
+        let (shared, applied, stop) = (h.shared.clone(), applied.clone(), stop.clone());
         tokio::spawn(async move {
             while !stop.load(Ordering::SeqCst) {
                 let g = shared.snapshot().config.rollout.shadow_max_inflight - 1000;
@@ -704,15 +696,15 @@ async fn a_hundred_reloads_under_load_fail_no_request_and_route_each_by_a_config
             // The last good write may still be in its debounce: once it is in force, nothing
             // but the broken file could change the config.
             assert!(
-                eventually(Duration::from_secs(5), || generation_of(&server) == g - 1).await,
+                eventually(Duration::from_secs(5), || generation_of(&h) == g - 1).await,
                 "generation {} was never applied",
                 g - 1
             );
-            let before = generation_of(&server);
+            let before = generation_of(&h);
             write_atomically(&dir, &path, &broken);
             tokio::time::sleep(Duration::from_millis(400)).await;
             assert_eq!(
-                generation_of(&server),
+                generation_of(&h),
                 before,
                 "the broken file changed the config in force"
             );
@@ -727,7 +719,7 @@ async fn a_hundred_reloads_under_load_fail_no_request_and_route_each_by_a_config
         tokio::time::sleep(Duration::from_millis(pause)).await;
     }
     let last = 100;
-    let shared = server.shared.clone();
+    let shared = h.shared.clone();
     assert!(
         eventually(Duration::from_secs(2), move || shared
             .snapshot()
@@ -791,8 +783,8 @@ async fn a_hundred_reloads_under_load_fail_no_request_and_route_each_by_a_config
         }
     }
     let (success, invalid) = (
-        reloads(&server, "success") - success0,
-        reloads(&server, "invalid") - invalid0,
+        reloads(&h, "success") - success0,
+        reloads(&h, "invalid") - invalid0,
     );
     eprintln!(
         "100 writes in {churn:?}: {} generations applied ({success} reloads counted, {invalid} refused); {} requests, {failed} failed, {} misrouted, {spanning} spanned a reload",
@@ -806,7 +798,7 @@ async fn a_hundred_reloads_under_load_fail_no_request_and_route_each_by_a_config
     assert!(success >= 10, "only {success} reloads applied");
     assert!(routed.len() >= 100, "too little load: {}", routed.len());
     assert_eq!(
-        runtime.work().len() + legacy.work().len(),
+        h.runtime.work().len() + h.legacy.work().len(),
         routed.len(),
         "every request reached exactly one upstream"
     );
@@ -818,13 +810,13 @@ async fn a_hundred_reloads_under_load_fail_no_request_and_route_each_by_a_config
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sustained_config_churn_still_applies_an_edit_within_a_second() {
     logs();
-    let legacy = Upstream::start(echo_legacy).await;
-    let runtime = Upstream::start(healthy_runtime).await;
-    let (la, ra) = (legacy.address(), runtime.address());
     let dir = TempDir::new("churn");
     let path = dir.join("proxy.toml");
-    std::fs::write(&path, generation_toml(&la, &ra, 0)).unwrap();
-    let server = start_watching(&path).await;
+    let h = Harness::new()
+        .watched(path.clone(), |l, r| generation_toml(l, r, 0))
+        .start()
+        .await;
+    let (la, ra) = (h.legacy.address(), h.runtime.address());
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let started = Instant::now();
@@ -834,7 +826,7 @@ async fn sustained_config_churn_still_applies_an_edit_within_a_second() {
         g += 1;
         write_atomically(&dir, &path, &generation_toml(&la, &ra, g));
         tokio::time::sleep(Duration::from_millis(fastrand::u64(20..=50))).await;
-        if first_applied.is_none() && generation_of(&server) > 0 {
+        if first_applied.is_none() && generation_of(&h) > 0 {
             first_applied = Some(started.elapsed());
         }
     }
@@ -908,15 +900,18 @@ async fn disconnect_storm_mid_stream_releases_upstreams_and_counts_no_runtime_fa
     logs();
     const RUNTIME_CLIENTS: usize = 100;
     const LEGACY_CLIENTS: usize = 50;
-    let runtime = Upstream::start(holding(runtime_first_event(), None)).await;
-    let legacy = Upstream::start(holding(legacy_first_event(), None)).await;
-    let mut cfg = config(&legacy.address(), &runtime.address());
-    cfg.runtime.execution_timeout_ms = 30_000;
-    // Connects polled late on a busy machine must not turn into failovers (see the kill test).
-    cfg.runtime.connect_timeout_ms = 5000;
-    cfg.legacy.connect_timeout_ms = 5000;
-    let server = proxy(cfg).await;
-    let m = server.shared.metrics;
+    let h = Harness::new()
+        .legacy(holding(legacy_first_event(), None))
+        .runtime(holding(runtime_first_event(), None))
+        .config(move |c| {
+            c.runtime.execution_timeout_ms = 30_000;
+            // Connects polled late on a busy machine must not turn into failovers (see the kill test).
+            c.runtime.connect_timeout_ms = 5000;
+            c.legacy.connect_timeout_ms = 5000;
+        })
+        .start()
+        .await;
+    let m = h.shared.metrics;
     let cancelled0 = counter(&m.execution_cancelled_total, RT);
     let errors0 = counter(&m.execution_error_total, RT);
     let timeouts0 = counter(&m.execution_timeout_total, RT);
@@ -924,14 +919,14 @@ async fn disconnect_storm_mid_stream_releases_upstreams_and_counts_no_runtime_fa
     let fds_before = fd_count();
 
     let mut clients =
-        clients_holding_their_first_event(server.proxy_addr, "org-a", RUNTIME_CLIENTS, "rt").await;
+        clients_holding_their_first_event(h.proxy_addr, "org-a", RUNTIME_CLIENTS, "rt").await;
     clients.extend(
-        clients_holding_their_first_event(server.proxy_addr, "org-z", LEGACY_CLIENTS, "lg").await,
+        clients_holding_their_first_event(h.proxy_addr, "org-z", LEGACY_CLIENTS, "lg").await,
     );
-    assert_eq!(runtime.answered(), RUNTIME_CLIENTS);
-    assert_eq!(legacy.answered(), LEGACY_CLIENTS);
-    assert_eq!(in_flight(&server, RT), RUNTIME_CLIENTS as i64);
-    assert_eq!(in_flight(&server, DIRECT), LEGACY_CLIENTS as i64);
+    assert_eq!(h.runtime.answered(), RUNTIME_CLIENTS);
+    assert_eq!(h.legacy.answered(), LEGACY_CLIENTS);
+    assert_eq!(in_flight(&h, RT), RUNTIME_CLIENTS as i64);
+    assert_eq!(in_flight(&h, DIRECT), LEGACY_CLIENTS as i64);
 
     // The storm: every client drops its connection at once.
     let storm = Instant::now();
@@ -942,22 +937,22 @@ async fn disconnect_storm_mid_stream_releases_upstreams_and_counts_no_runtime_fa
         let _ = c.await;
     }
     let released = eventually(Duration::from_secs(5), || {
-        runtime.hang_ups() == RUNTIME_CLIENTS && legacy.hang_ups() == LEGACY_CLIENTS
+        h.runtime.hang_ups() == RUNTIME_CLIENTS && h.legacy.hang_ups() == LEGACY_CLIENTS
     })
     .await;
     let took = storm.elapsed();
     eprintln!(
         "disconnect storm: runtime connections closed {}/{RUNTIME_CLIENTS}, legacy {}/{LEGACY_CLIENTS}, in {took:?}",
-        runtime.hang_ups(),
-        legacy.hang_ups()
+        h.runtime.hang_ups(),
+        h.legacy.hang_ups()
     );
     assert!(released, "upstream connections were not released");
     assert!(
-        settled(&server, Duration::from_secs(5)).await,
+        settled(&h, Duration::from_secs(5)).await,
         "in flight after the storm: requests {}, runtime streams {}, direct streams {}",
-        server.shared.requests.count(),
-        in_flight(&server, RT),
-        in_flight(&server, DIRECT)
+        h.shared.requests.count(),
+        in_flight(&h, RT),
+        in_flight(&h, DIRECT)
     );
     assert!(
         eventually(Duration::from_secs(2), || counter(
@@ -973,7 +968,7 @@ async fn disconnect_storm_mid_stream_releases_upstreams_and_counts_no_runtime_fa
     assert_eq!(counter(&m.execution_timeout_total, RT), timeouts0);
     assert_eq!(counter(&m.execution_error_total, DIRECT), direct_errors0);
     let now = Instant::now();
-    let window = server
+    let window = h
         .shared
         .stats
         .lock()
@@ -984,8 +979,8 @@ async fn disconnect_storm_mid_stream_releases_upstreams_and_counts_no_runtime_fa
         (0, 0, 0),
         "a client disconnect counted against the runtime"
     );
-    assert_eq!(server.shared.breaker.window_stats().total, 0);
-    assert_eq!(server.shared.breaker.state(), State::Closed);
+    assert_eq!(h.shared.breaker.window_stats().total, 0);
+    assert_eq!(h.shared.breaker.state(), State::Closed);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let fds_after = fd_count();
     eprintln!("fds {fds_before} -> {fds_after}");
@@ -1003,20 +998,21 @@ async fn disconnect_storm_mid_stream_releases_upstreams_and_counts_no_runtime_fa
 async fn disconnect_storm_before_the_first_byte_releases_runtime_connections() {
     logs();
     const CLIENTS: usize = 50;
-    let runtime = Upstream::start(holding(
-        runtime_first_event(),
-        Some(Duration::from_secs(20)),
-    ))
-    .await;
-    let legacy = Upstream::start(echo_legacy).await;
-    let mut cfg = config(&legacy.address(), &runtime.address());
-    cfg.runtime.execution_timeout_ms = 30_000;
-    // Connects polled late on a busy machine must not turn into failovers (see the kill test).
-    cfg.runtime.connect_timeout_ms = 5000;
-    cfg.legacy.connect_timeout_ms = 5000;
-    let server = proxy(cfg).await;
+    let h = Harness::new()
+        .runtime(holding(
+            runtime_first_event(),
+            Some(Duration::from_secs(20)),
+        ))
+        .config(move |c| {
+            c.runtime.execution_timeout_ms = 30_000;
+            // Connects polled late on a busy machine must not turn into failovers (see the kill test).
+            c.runtime.connect_timeout_ms = 5000;
+            c.legacy.connect_timeout_ms = 5000;
+        })
+        .start()
+        .await;
 
-    let addr = server.proxy_addr;
+    let addr = h.proxy_addr;
     let clients: Vec<_> = (0..CLIENTS)
         .map(|i| {
             tokio::spawn(async move {
@@ -1026,25 +1022,25 @@ async fn disconnect_storm_before_the_first_byte_releases_runtime_connections() {
             })
         })
         .collect();
-    runtime.wait_for_work(CLIENTS).await;
+    h.runtime.wait_for_work(CLIENTS).await;
     for c in &clients {
         c.abort();
     }
     let storm = Instant::now();
     let released = eventually(Duration::from_secs(3), || {
-        runtime.unanswered_hang_ups() == CLIENTS
+        h.runtime.unanswered_hang_ups() == CLIENTS
     })
     .await;
     eprintln!(
         "{} of {CLIENTS} unanswered runtime connections closed {:?} after the clients left; requests in flight {}",
-        runtime.unanswered_hang_ups(),
+        h.runtime.unanswered_hang_ups(),
         storm.elapsed(),
-        server.shared.requests.count()
+        h.shared.requests.count()
     );
     assert!(released, "runtime connections held after the clients left");
-    assert!(settled(&server, Duration::from_secs(2)).await);
+    assert!(settled(&h, Duration::from_secs(2)).await);
     let now = Instant::now();
-    let window = server
+    let window = h
         .shared
         .stats
         .lock()
@@ -1055,7 +1051,7 @@ async fn disconnect_storm_before_the_first_byte_releases_runtime_connections() {
         (0, 0),
         "clients leaving counted against the runtime"
     );
-    assert_eq!(server.shared.breaker.window_stats().total, 0);
+    assert_eq!(h.shared.breaker.window_stats().total, 0);
 }
 
 // ---- 4. a client that stops reading -----------------------------------------------------------
@@ -1069,20 +1065,21 @@ async fn client_that_stops_reading_does_not_hold_a_runtime_stream_past_the_timeo
     logs();
     // Text chunks as fast as the proxy takes them, forever.
     let text = "x".repeat(16 * 1024);
-    let runtime = Upstream::start(runtime_script(move |_| {
-        Reply::sse(vec![Step::flood(frame(
-            "text_chunk",
-            json!({ "content": text }),
-        ))])
-    }))
-    .await;
-    let legacy = Upstream::start(echo_legacy).await;
-    let mut cfg = config(&legacy.address(), &runtime.address());
-    cfg.runtime.execution_timeout_ms = 1000;
-    let server = proxy(cfg).await;
+    let h = Harness::new()
+        .runtime(runtime_script(move |_| {
+            Reply::sse(vec![Step::flood(frame(
+                "text_chunk",
+                json!({ "content": text }),
+            ))])
+        }))
+        .config(move |c| {
+            c.runtime.execution_timeout_ms = 1000;
+        })
+        .start()
+        .await;
 
     // Send the chat, read a little, then stop reading but keep the connection.
-    let mut conn = TcpStream::connect(server.proxy_addr).await.unwrap();
+    let mut conn = TcpStream::connect(h.proxy_addr).await.unwrap();
     let auth = format!("Bearer {}", token("org-a"));
     let body = HI;
     let req = format!(
@@ -1095,17 +1092,17 @@ async fn client_that_stops_reading_does_not_hold_a_runtime_stream_past_the_timeo
     assert!(n > 0);
     let started = Instant::now();
 
-    let released = runtime.wait_for_hang_ups(1, Duration::from_secs(5)).await;
+    let released = h.runtime.wait_for_hang_ups(1, Duration::from_secs(5)).await;
     eprintln!(
         "frozen client: runtime connection released {released} after {:?}; runtime sent {} KB; streams in flight {}",
         started.elapsed(),
-        runtime.bytes_sent() / 1024,
-        in_flight(&server, RT)
+        h.runtime.bytes_sent() / 1024,
+        in_flight(&h, RT)
     );
     assert!(
         released,
         "the runtime stream outlived execution_timeout_ms (1 s) by more than 4 s"
     );
-    assert!(settled(&server, Duration::from_secs(2)).await);
+    assert!(settled(&h, Duration::from_secs(2)).await);
     drop(conn);
 }
