@@ -129,7 +129,7 @@ async fn read_endpoints_have_the_contract_shapes() {
         (json!(false), json!("closed"))
     );
 
-    // org-a: two h.runtime successes and one h.runtime error; org-b: one direct success.
+    // org-a: two runtime successes and one runtime error; org-b: one direct success.
     for session in ["ok-1", "ok-2", "fails"] {
         let r = chat(h.proxy_addr, Some("org-a"), session, HI).await;
         assert_eq!(r.header("x-execution-mode"), Some("runtime_orchestrator"));

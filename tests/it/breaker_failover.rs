@@ -165,7 +165,7 @@ async fn execution_errors_open_the_breaker_and_it_recovers_by_itself() {
     for i in 1..=12 {
         let r = chat(h.proxy_addr, Some("org-a"), &format!("s-{i}"), HI).await;
         if i <= 10 {
-            // min_requests: no decision on fewer samples, so the first ten all reach the h.runtime.
+            // min_requests: no decision on fewer samples, so the first ten all reach the runtime.
             assert_runtime(&r, &format!("request {i}"));
             assert_eq!(names(&r), ["error"], "request {i}");
             recorded(&h, i, 0).await;
@@ -178,7 +178,7 @@ async fn execution_errors_open_the_breaker_and_it_recovers_by_itself() {
     assert_eq!(h.runtime.work().len(), 10);
     assert_eq!(h.legacy.work().len(), 2);
     assert_eq!(h.legacy.work()[0].body, HI.as_bytes());
-    // Open sends every org to h.legacy, not only the allowlisted ones.
+    // Open sends every org to legacy, not only the allowlisted ones.
     let r = h.chat("org-b").session("s-b").send().await;
     assert_legacy(&r, "breaker_open", "org-b while open");
     recorded(&h, 10, 3).await;
@@ -211,7 +211,7 @@ async fn execution_errors_open_the_breaker_and_it_recovers_by_itself() {
         (Some(3), Some(3))
     );
 
-    // The h.runtime recovers; nobody calls the admin API.
+    // The runtime recovers; nobody calls the admin API.
     healthy.store(true, Ordering::SeqCst);
     if retry_at(&h).is_some_and(|t| Instant::now() + Duration::from_millis(200) < t) {
         let r = h.chat("org-a").session("s-early").send().await;
@@ -443,7 +443,7 @@ async fn failing_health_checks_open_the_breaker_without_traffic_and_recovery_fol
 
     let r = h.chat("org-a").send().await;
     assert_legacy(&r, "breaker_open", "while health fails");
-    // Still failing after open_secs: no probes go to a h.runtime that says it is unhealthy.
+    // Still failing after open_secs: no probes go to a runtime that says it is unhealthy.
     let shared = h.shared.clone();
     assert!(
         eventually(Duration::from_secs(3), move || retry_at_passed(&shared)).await,

@@ -137,20 +137,13 @@ async fn still_serves(server: &LocalServer) {
     assert_eq!(r.status, 200, "{r:?}");
 }
 
-async fn healthy_pair() -> (Upstream, Upstream, LocalServer) {
-    let legacy = Upstream::start(echo_legacy).await;
-    let runtime = Upstream::start(healthy_runtime).await;
-    let server = proxy(config(&legacy.address(), &runtime.address())).await;
-    (legacy, runtime, server)
-}
-
 const WAIT: Duration = Duration::from_secs(5);
 
 // ---- malformed requests -----------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_request_lines_and_headers_get_400_and_reach_no_upstream() {
-    let (legacy, runtime, server) = healthy_pair().await;
+    let h = Harness::new().start().await;
     let cases: &[(&str, &[u8])] = &[
         ("garbage line", b"GARBAGE\r\n\r\n"),
         ("method only", b"GET\r\n\r\n"),
@@ -182,7 +175,7 @@ async fn malformed_request_lines_and_headers_get_400_and_reach_no_upstream() {
         ),
     ];
     for (what, bytes) in cases {
-        let raw = exchange(server.proxy_addr, bytes, WAIT).await;
+        let raw = exchange(h.proxy_addr, bytes, WAIT).await;
         eprintln!("{what}: {:?} in {:?}", raw.status, raw.took);
         assert_eq!(raw.status, Some(400), "{what}: {raw:?}");
         assert!(
@@ -191,18 +184,19 @@ async fn malformed_request_lines_and_headers_get_400_and_reach_no_upstream() {
             raw.took
         );
     }
-    assert!(legacy.work().is_empty(), "{:?}", legacy.work());
-    assert!(runtime.work().is_empty());
-    still_serves(&server).await;
+    assert!(h.legacy.work().is_empty(), "{:?}", h.legacy.work());
+    assert!(h.runtime.work().is_empty());
+    still_serves(&h).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_headers_get_a_bounded_answer() {
-    let legacy = Upstream::start(echo_legacy).await;
-    let runtime = Upstream::start(healthy_runtime).await;
-    let mut cfg = config(&legacy.address(), &runtime.address());
-    cfg.limits.max_header_bytes = 256 * 1024;
-    let server = proxy(cfg).await;
+    let h = Harness::new()
+        .config(move |c| {
+            c.limits.max_header_bytes = 256 * 1024;
+        })
+        .start()
+        .await;
     let auth = format!("Bearer {}", token("org-a"));
 
     // 100 KB: within a raised `limits.max_header_bytes`, so the request is served (passed
@@ -210,14 +204,19 @@ async fn oversized_headers_get_a_bounded_answer() {
     // the runtime, which only gets a fixed list of headers).
     let big = "x".repeat(100 * 1024);
     let req = format!("GET /api/v1/agents HTTP/1.1\r\nhost: a\r\nx-big: {big}\r\n\r\n");
-    let raw = exchange(server.proxy_addr, req.as_bytes(), WAIT).await;
+    let raw = exchange(h.proxy_addr, req.as_bytes(), WAIT).await;
     eprintln!(
         "100 KB header, passthrough: {:?} in {:?}",
         raw.status, raw.took
     );
     assert_eq!(raw.status, Some(200), "{raw:?}");
     assert_eq!(
-        legacy.work().last().unwrap().header("x-big").map(str::len),
+        h.legacy
+            .work()
+            .last()
+            .unwrap()
+            .header("x-big")
+            .map(str::len),
         Some(big.len()),
         "passthrough must keep the header whole"
     );
@@ -226,20 +225,20 @@ async fn oversized_headers_get_a_bounded_answer() {
         "POST /api/v1/chat/sessions/big HTTP/1.1\r\nhost: a\r\nauthorization: {auth}\r\ncontent-type: application/json\r\nx-big: {big}\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
     );
-    let raw = exchange(server.proxy_addr, req.as_bytes(), WAIT).await;
+    let raw = exchange(h.proxy_addr, req.as_bytes(), WAIT).await;
     eprintln!(
         "100 KB header, runtime chat: {:?} in {:?}",
         raw.status, raw.took
     );
     assert_eq!(raw.status, Some(200), "{raw:?}");
     assert_eq!(header_of(&raw, "x-execution-mode"), Some(RT));
-    assert!(runtime.work().last().unwrap().header("x-big").is_none());
+    assert!(h.runtime.work().last().unwrap().header("x-big").is_none());
 
     // Beyond the limit: 2 MB of header, and 300 header lines. Refused, bounded, nothing sent on.
-    let legacy_before = legacy.work().len();
+    let legacy_before = h.legacy.work().len();
     let huge = "y".repeat(2 * 1024 * 1024);
     let req = format!("GET /api/v1/agents HTTP/1.1\r\nhost: a\r\nx-huge: {huge}\r\n\r\n");
-    let raw = exchange(server.proxy_addr, req.as_bytes(), WAIT).await;
+    let raw = exchange(h.proxy_addr, req.as_bytes(), WAIT).await;
     eprintln!("2 MB header: {:?} in {:?}", raw.status, raw.took);
     assert_eq!(raw.status, Some(431), "{:?}", raw.head);
     let mut many = String::from("GET /api/v1/agents HTTP/1.1\r\nhost: a\r\n");
@@ -247,26 +246,26 @@ async fn oversized_headers_get_a_bounded_answer() {
         many.push_str(&format!("x-h{i}: v\r\n"));
     }
     many.push_str("\r\n");
-    let raw = exchange(server.proxy_addr, many.as_bytes(), WAIT).await;
+    let raw = exchange(h.proxy_addr, many.as_bytes(), WAIT).await;
     eprintln!("300 headers: {:?} in {:?}", raw.status, raw.took);
     assert_eq!(raw.status, Some(431), "{:?}", raw.head);
     // A 100 KB token: not a valid JWT, so legacy, never the runtime.
-    let runtime_before = runtime.work().len();
+    let runtime_before = h.runtime.work().len();
     let req = format!(
         "POST /api/v1/chat/sessions/t HTTP/1.1\r\nhost: a\r\nauthorization: Bearer {big}\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
     );
-    let raw = exchange(server.proxy_addr, req.as_bytes(), WAIT).await;
+    let raw = exchange(h.proxy_addr, req.as_bytes(), WAIT).await;
     assert_eq!(raw.status, Some(200), "{:?}", raw.head);
     assert_eq!(header_of(&raw, "x-execution-reason"), Some("no_identity"));
-    assert_eq!(runtime.work().len(), runtime_before);
-    assert_eq!(legacy.work().len(), legacy_before + 1);
-    still_serves(&server).await;
+    assert_eq!(h.runtime.work().len(), runtime_before);
+    assert_eq!(h.legacy.work().len(), legacy_before + 1);
+    still_serves(&h).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ambiguous_message_framing_is_refused_or_normalised() {
-    let (legacy, runtime, server) = healthy_pair().await;
+    let h = Harness::new().start().await;
     let auth = format!("Bearer {}", token("org-a"));
     let body = HI;
 
@@ -279,7 +278,7 @@ async fn ambiguous_message_framing_is_refused_or_normalised() {
             let req = format!(
                 "POST {path} HTTP/1.1\r\nhost: a\r\nauthorization: {auth}\r\n{lengths}\r\n\r\n{body}"
             );
-            let raw = exchange(server.proxy_addr, req.as_bytes(), WAIT).await;
+            let raw = exchange(h.proxy_addr, req.as_bytes(), WAIT).await;
             eprintln!("{path} {lengths:?}: {:?}", raw.status);
             assert_eq!(raw.status, Some(400), "{path} {lengths:?}: {raw:?}");
             assert!(raw.closed, "{path}: the connection must not be reused");
@@ -291,12 +290,12 @@ async fn ambiguous_message_framing_is_refused_or_normalised() {
         (format!("POST /api/v1/chat/sessions/s HTTP/1.1\r\nhost: a\r\nauthorization: {auth}\r\ntransfer-encoding: gzip\r\n\r\n{body}"), 501),
         (format!("POST /api/v1/chat/sessions/s HTTP/1.0\r\nhost: a\r\nauthorization: {auth}\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n"), 400),
     ] {
-        let raw = exchange(server.proxy_addr, req.as_bytes(), WAIT).await;
+        let raw = exchange(h.proxy_addr, req.as_bytes(), WAIT).await;
         assert_eq!(raw.status, Some(status), "{req:?}: {raw:?}");
         assert!(raw.closed, "{req:?}");
     }
-    assert!(legacy.work().is_empty(), "{:?}", legacy.work());
-    assert!(runtime.work().is_empty());
+    assert!(h.legacy.work().is_empty(), "{:?}", h.legacy.work());
+    assert!(h.runtime.work().is_empty());
 
     // Content-Length and chunked together: refused (RFC 9112 6.1 lets a server reject it, and an
     // upstream that reads the length instead would take the remainder for a request), the
@@ -307,17 +306,17 @@ async fn ambiguous_message_framing_is_refused_or_normalised() {
         let req = format!(
             "POST {path} HTTP/1.1\r\nhost: a\r\nauthorization: {auth}\r\ncontent-type: application/json\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n{chunked}{smuggled}"
         );
-        let raw = exchange(server.proxy_addr, req.as_bytes(), WAIT).await;
+        let raw = exchange(h.proxy_addr, req.as_bytes(), WAIT).await;
         assert_eq!(raw.status, Some(400), "{path}: {raw:?}");
         assert!(raw.closed, "{path}: keep-alive after TE+CL: {:?}", raw.head);
     }
     assert!(
-        legacy.work().is_empty(),
+        h.legacy.work().is_empty(),
         "a request with both framings reached legacy: {:?}",
-        legacy.work()
+        h.legacy.work()
     );
-    assert!(runtime.work().is_empty(), "{:?}", runtime.work());
-    still_serves(&server).await;
+    assert!(h.runtime.work().is_empty(), "{:?}", h.runtime.work());
+    still_serves(&h).await;
 }
 
 // ---- chat bodies ------------------------------------------------------------------------------
@@ -378,8 +377,8 @@ async fn send_chunked_body(addr: SocketAddr, org: &str, total: usize) -> Raw {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn huge_or_invalid_chat_bodies_get_4xx_without_reaching_the_runtime() {
-    let (legacy, runtime, server) = healthy_pair().await;
-    let addr = server.proxy_addr;
+    let h = Harness::new().start().await;
+    let addr = h.proxy_addr;
 
     // Declared too large: 413 before a byte of the body is read, for both modes.
     for org in ["org-a", "org-z"] {
@@ -406,7 +405,7 @@ async fn huge_or_invalid_chat_bodies_get_4xx_without_reaching_the_runtime() {
         raw.status, raw.took
     );
     assert_eq!(raw.status, Some(413), "{raw:?}");
-    assert!(runtime.work().is_empty());
+    assert!(h.runtime.work().is_empty());
 
     // Bodies that are not a chat message: 400 for the runtime path, no upstream contacted.
     let nested = format!(
@@ -428,7 +427,7 @@ async fn huge_or_invalid_chat_bodies_get_4xx_without_reaching_the_runtime() {
         ("NUL bytes", b"\0\0\0\0".to_vec()),
         ("deeply nested", nested.into_bytes()),
     ];
-    let before = legacy.work().len();
+    let before = h.legacy.work().len();
     for (what, body) in &bodies {
         let auth = format!("Bearer {}", token("org-a"));
         let mut req = format!(
@@ -446,9 +445,9 @@ async fn huge_or_invalid_chat_bodies_get_4xx_without_reaching_the_runtime() {
         );
         assert_eq!(header_of(&raw, "x-execution-mode"), Some(RT), "{what}");
     }
-    assert!(runtime.work().is_empty());
-    assert_eq!(legacy.work().len(), before);
-    still_serves(&server).await;
+    assert!(h.runtime.work().is_empty());
+    assert_eq!(h.legacy.work().len(), before);
+    still_serves(&h).await;
 }
 
 // ---- forged and broken tokens -----------------------------------------------------------------
@@ -491,22 +490,23 @@ fn crafted(header: Value, claims: Value, secret: Option<&str>) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_expired_and_broken_tokens_never_reach_the_runtime() {
-    let legacy = Upstream::start(echo_legacy).await;
-    let runtime = Upstream::start(healthy_runtime).await;
-    let mut cfg = config(&legacy.address(), &runtime.address());
-    cfg.identity.issuer = Some("chat-api".into());
-    // Room for the 64 KB token below: it is about verification, not the head limit.
-    cfg.limits.max_header_bytes = 128 * 1024;
-    let server = proxy(cfg).await;
+    let h = Harness::new()
+        .config(move |c| {
+            c.identity.issuer = Some("chat-api".into());
+            // Room for the 64 KB token below: it is about verification, not the head limit.
+            c.limits.max_header_bytes = 128 * 1024;
+        })
+        .start()
+        .await;
     let now = now();
     let good = json!({"orgId": "org-a", "userId": "u1", "exp": now + 600, "iss": "chat-api"});
     let hs256 = json!({"alg": "HS256", "typ": "JWT"});
 
     // The control: a valid token of the allowlisted org reaches the runtime.
     let valid = crafted(hs256.clone(), good.clone(), Some(JWT_SECRET));
-    let r = chat_as(server.proxy_addr, &format!("Bearer {valid}")).await;
+    let r = chat_as(h.proxy_addr, &format!("Bearer {valid}")).await;
     assert_eq!(r.header("x-execution-reason"), Some("allowlist"), "{r:?}");
-    let runtime_calls = runtime.work().len();
+    let runtime_calls = h.runtime.work().len();
 
     let with = |patch: Value| {
         let mut c = good.clone();
@@ -619,19 +619,18 @@ async fn forged_expired_and_broken_tokens_never_reach_the_runtime() {
         ("non-ASCII", "ünïcødé.tøkën.sïg".to_string()),
     ];
     // A valid signature over claims with a swapped org: the signature no longer matches.
-    let (h, rest) = valid.split_once('.').unwrap();
+    let (head, rest) = valid.split_once('.').unwrap();
     let sig = rest.rsplit_once('.').unwrap().1;
     let other = b64url(with(json!({"orgId": "org-evil"})).to_string().as_bytes());
     cases.push((
         "claims swapped under a valid signature",
-        format!("{h}.{other}.{sig}"),
+        format!("{head}.{other}.{sig}"),
     ));
 
     let unverified: u64 = ["invalid", "expired", "missing", "no_org_claim"]
         .iter()
         .map(|k| {
-            server
-                .shared
+            h.shared
                 .metrics
                 .unverified_total
                 .with_label_values(&[k])
@@ -639,7 +638,7 @@ async fn forged_expired_and_broken_tokens_never_reach_the_runtime() {
         })
         .sum();
     for (what, t) in &cases {
-        let r = chat_as(server.proxy_addr, &format!("Bearer {t}")).await;
+        let r = chat_as(h.proxy_addr, &format!("Bearer {t}")).await;
         assert_eq!(r.status, 200, "{what}: {r:?}");
         assert!(r.complete, "{what}");
         assert_eq!(r.header("x-execution-mode"), Some(DIRECT), "{what}");
@@ -651,7 +650,7 @@ async fn forged_expired_and_broken_tokens_never_reach_the_runtime() {
     }
     // A client-supplied org header is not an identity either.
     let r = request(
-        server.proxy_addr,
+        h.proxy_addr,
         "POST",
         "/api/v1/chat/sessions/spoof",
         &[("x-org-id", "org-a"), ("content-type", "application/json")],
@@ -661,15 +660,14 @@ async fn forged_expired_and_broken_tokens_never_reach_the_runtime() {
     assert_eq!(r.header("x-execution-reason"), Some("no_identity"));
 
     assert_eq!(
-        runtime.work().len(),
+        h.runtime.work().len(),
         runtime_calls,
         "a forged token reached the runtime"
     );
     let unverified_after: u64 = ["invalid", "expired", "missing", "no_org_claim"]
         .iter()
         .map(|k| {
-            server
-                .shared
+            h.shared
                 .metrics
                 .unverified_total
                 .with_label_values(&[k])
@@ -677,7 +675,7 @@ async fn forged_expired_and_broken_tokens_never_reach_the_runtime() {
         })
         .sum();
     assert!(unverified_after >= unverified + cases.len() as u64);
-    still_serves_with_issuer(&server).await;
+    still_serves_with_issuer(&h).await;
 }
 
 /// `identity.issuer` / `identity.audience` say "tokens must carry this iss / aud". jsonwebtoken
@@ -686,20 +684,21 @@ async fn forged_expired_and_broken_tokens_never_reach_the_runtime() {
 /// to a number, is taken as this issuer's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_without_the_configured_issuer_or_audience_are_refused() {
-    let legacy = Upstream::start(echo_legacy).await;
-    let runtime = Upstream::start(healthy_runtime).await;
-    let mut cfg = config(&legacy.address(), &runtime.address());
-    cfg.identity.issuer = Some("chat-api".into());
-    cfg.identity.audience = Some("chat".into());
-    let server = proxy(cfg).await;
+    let h = Harness::new()
+        .config(move |c| {
+            c.identity.issuer = Some("chat-api".into());
+            c.identity.audience = Some("chat".into());
+        })
+        .start()
+        .await;
     let exp = now() + 600;
     let hs256 = json!({"alg": "HS256", "typ": "JWT"});
     let sign = |claims: Value| crafted(hs256.clone(), claims, Some(JWT_SECRET));
 
     let valid = sign(json!({"orgId": "org-a", "exp": exp, "iss": "chat-api", "aud": "chat"}));
-    let r = chat_as(server.proxy_addr, &format!("Bearer {valid}")).await;
+    let r = chat_as(h.proxy_addr, &format!("Bearer {valid}")).await;
     assert_eq!(r.header("x-execution-reason"), Some("allowlist"), "{r:?}");
-    let runtime_calls = runtime.work().len();
+    let runtime_calls = h.runtime.work().len();
 
     let cases = [
         (
@@ -725,7 +724,7 @@ async fn tokens_without_the_configured_issuer_or_audience_are_refused() {
     ];
     let mut accepted = Vec::new();
     for (what, claims) in cases {
-        let r = chat_as(server.proxy_addr, &format!("Bearer {}", sign(claims))).await;
+        let r = chat_as(h.proxy_addr, &format!("Bearer {}", sign(claims))).await;
         assert_eq!(r.status, 200, "{what}");
         if r.header("x-execution-reason") != Some("no_identity") {
             accepted.push(what);
@@ -735,7 +734,7 @@ async fn tokens_without_the_configured_issuer_or_audience_are_refused() {
         accepted.is_empty(),
         "accepted without the configured claims: {accepted:?}"
     );
-    assert_eq!(runtime.work().len(), runtime_calls);
+    assert_eq!(h.runtime.work().len(), runtime_calls);
 }
 
 async fn chat_as(addr: SocketAddr, authorization: &str) -> Response {

@@ -133,7 +133,7 @@ async fn unverifiable_callers_are_served_by_legacy_and_never_reach_the_runtime()
         "an unverified caller reached the runtime"
     );
 
-    // Control: the same request with a valid token is served by the h.runtime.
+    // Control: the same request with a valid token is served by the runtime.
     let auth = format!("Bearer {valid}");
     let r = chat_with(h.proxy_addr, &[("authorization", &auth)]).await;
     assert_eq!(mode_reason(&r), RUNTIME_ALLOWLIST);
@@ -159,7 +159,7 @@ async fn a_client_org_header_is_not_trusted_by_default() {
     assert_eq!(mode_reason(&r), (Some("direct_llm"), Some("default")));
 
     assert!(h.runtime.work().is_empty());
-    // With no trusted header configured the header is just another header: h.legacy gets it as sent.
+    // With no trusted header configured the header is just another header: legacy gets it as sent.
     let got = h.legacy.work();
     assert_eq!(got.len(), 2);
     assert!(got.iter().all(|r| r.header("x-org-id") == Some("org-a")));

@@ -22,7 +22,7 @@ async fn methods_paths_queries_and_bodies_reach_legacy_byte_exact() {
         .legacy(|req: &Received| Reply::json(200, json!({"echo": req.path, "method": req.method})))
         .start()
         .await;
-    // An allowlisted caller: were any of these taken for a chat, it would go to the h.runtime.
+    // An allowlisted caller: were any of these taken for a chat, it would go to the runtime.
     let auth = format!("Bearer {}", token("org-a"));
 
     let cases: &[(&str, &str, &[u8])] = &[

@@ -242,7 +242,7 @@ async fn first_event_arrives_while_the_runtime_still_holds_the_second() {
         HI.as_bytes(),
     )
     .await;
-    // The h.runtime sends the second event only once the client holds the first: a proxy that
+    // The runtime sends the second event only once the client holds the first: a proxy that
     // buffered anything until the end would leave both waiting until the timeout below.
     let mut seen = Vec::new();
     let r = tokio::time::timeout(
@@ -572,7 +572,7 @@ async fn execution_timeout_ends_with_a_timeout_error_event() {
     let before = timeouts();
 
     // A first event then nothing; a response header then nothing; not even a header (an error
-    // event too, not a hang, and not a failover: the h.runtime had the whole execution time).
+    // event too, not a hang, and not a failover: the runtime had the whole execution time).
     let cases: [(&str, &[&str]); 3] = [
         ("first-event", &["message", "error"]),
         ("headers-only", &["error"]),
