@@ -331,25 +331,25 @@ async fn trip_sends_everyone_to_legacy_until_reset() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutations_are_refused_when_no_token_is_configured() {
-    let runtime = Upstream::start(healthy_runtime).await;
-    let legacy = Upstream::start(echo_legacy).await;
-    let mut cfg = config(&legacy.address(), &runtime.address());
     // An env var nobody sets (changing ADMIN_ENV would race the other tests of this process).
-    cfg.admin.token_env = "CUTOVER_TEST_ADMIN_TOKEN_NEVER_SET".into();
-    assert!(std::env::var(&cfg.admin.token_env).is_err());
-    let server = proxy(cfg).await;
+    const UNSET: &str = "CUTOVER_TEST_ADMIN_TOKEN_NEVER_SET";
+    assert!(std::env::var(UNSET).is_err());
+    let h = Harness::new()
+        .config(|c| c.admin.token_env = UNSET.into())
+        .start()
+        .await;
 
     for path in ["/runtime/fallback/trip", "/runtime/fallback/reset"] {
         for token in [None, Some(ADMIN_TOKEN), Some(""), Some("anything")] {
-            let (status, body) = admin(&server, "POST", path, token).await;
+            let (status, body) = admin(&h, "POST", path, token).await;
             assert_eq!(status, 401, "{path} with {token:?}: {body}");
         }
     }
-    assert_eq!(fallback_status(&server).await["state"], "closed");
-    let r = chat(server.proxy_addr, Some("org-a"), "s", HI).await;
+    assert_eq!(fallback_status(&h).await["state"], "closed");
+    let r = chat(h.proxy_addr, Some("org-a"), "s", HI).await;
     assert_eq!(r.header("x-execution-mode"), Some("runtime_orchestrator"));
     // Reads stay open.
-    let (status, _) = admin(&server, "GET", "/runtime/metrics", None).await;
+    let (status, _) = admin(&h, "GET", "/runtime/metrics", None).await;
     assert_eq!(status, 200);
 }
 

@@ -714,27 +714,28 @@ async fn runtime_hanging_after_execution_complete_gets_no_error_after_done() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_connection_is_reusable_after_runtime_streams() {
-    let runtime = Upstream::start(|req: &Received| {
-        if req.path == "/health" {
-            return Reply::json(200, json!({"status": "ok"}));
-        }
-        if req.json()["session_id"] == "fails" {
-            Reply::sse(vec![Step::Send(frame(
-                "text_chunk",
-                json!({"content": "cut"}),
-            ))])
-        } else {
-            Reply::sse(runtime_ok_steps())
-        }
-    })
-    .await;
-    let legacy = Upstream::start(echo_legacy).await;
-    let mut cfg = config(&legacy.address(), &runtime.address());
-    // Far beyond any Instant: the heartbeat timer must not overflow.
-    cfg.runtime.heartbeat_secs = u64::MAX;
-    let server = proxy(cfg).await;
+    let h = Harness::new()
+        .runtime(|req: &Received| {
+            if req.path == "/health" {
+                return Reply::json(200, json!({"status": "ok"}));
+            }
+            if req.json()["session_id"] == "fails" {
+                Reply::sse(vec![Step::Send(frame(
+                    "text_chunk",
+                    json!({"content": "cut"}),
+                ))])
+            } else {
+                Reply::sse(runtime_ok_steps())
+            }
+        })
+        .config(move |c| {
+            // Far beyond any Instant: the heartbeat timer must not overflow.
+            c.runtime.heartbeat_secs = u64::MAX;
+        })
+        .start()
+        .await;
 
-    let mut c = Client::connect(server.proxy_addr).await;
+    let mut c = Client::connect(h.proxy_addr).await;
     let auth = format!("Bearer {}", token("org-a"));
     for session in ["ok-1", "fails", "ok-2"] {
         c.send(
@@ -758,7 +759,7 @@ async fn client_connection_is_reusable_after_runtime_streams() {
         };
         assert_eq!(names(&events), expected, "{session}");
     }
-    assert_eq!(runtime.work().len(), 3);
+    assert_eq!(h.runtime.work().len(), 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
