@@ -374,39 +374,42 @@ async fn a_copy_whose_conversation_cannot_be_read_records_no_comparison() {
     // With the bridge on, a copy reads its conversation from legacy first; org-b has session
     // s-b, not s-missing.
     let legacy = legacy::FakeLegacy::seeded().await;
-    let runtime = Upstream::start(healthy_runtime).await;
-    let mut cfg = config(&legacy.address(), &runtime.address());
-    cfg.bridge.enabled = true;
-    cfg.runtime.default_agent_id = String::new();
-    cfg.rollout.shadow_orgs = vec!["org-b".into()];
-    cfg.shadow.ready_min_samples = 1;
-    let server = proxy(cfg).await;
+    let h = Harness::new()
+        .legacy_server(legacy)
+        .config(move |c| {
+            c.bridge.enabled = true;
+            c.runtime.default_agent_id = String::new();
+            c.rollout.shadow_orgs = vec!["org-b".into()];
+            c.shadow.ready_min_samples = 1;
+        })
+        .start()
+        .await;
     let skipped = || {
         metric(
-            &server,
+            &h,
             "cutover_shadow_unpaired_total",
             &[("cause", "copy_skipped")],
         )
     };
 
-    let r = chat(server.proxy_addr, Some("org-b"), "s-b", HI).await;
+    let r = chat(h.proxy_addr, Some("org-b"), "s-b", HI).await;
     assert_served(&r, DIRECT, "default");
-    let r = chat(server.proxy_addr, Some("org-b"), "s-missing", HI).await;
+    let r = chat(h.proxy_addr, Some("org-b"), "s-missing", HI).await;
     assert_served(&r, DIRECT, "default");
     assert!(
         eventually(Duration::from_secs(10), || skipped() == 1.0).await,
         "the skipped copy was not counted"
     );
     let compared = eventually(Duration::from_secs(10), || {
-        server.shared.scorecard.lock().unwrap().held("org-b") == 1
+        h.shared.scorecard.lock().unwrap().held("org-b") == 1
     })
     .await;
     assert!(compared, "the copy of s-b was not compared");
-    let (status, body) = admin(&server, "GET", "/runtime/shadow/org-b", None).await;
+    let (status, body) = admin(&h, "GET", "/runtime/shadow/org-b", None).await;
     assert_eq!(status, 200);
     assert_eq!(body["data"]["samples"], 1, "{body}");
     assert_eq!(
-        runtime.work().len(),
+        h.runtime.work().len(),
         1,
         "only the readable conversation reached the runtime"
     );
@@ -620,22 +623,25 @@ async fn a_copy_asks_the_question_once_when_legacy_saved_it_first() {
     legacy.add_message("s-b", "user", "earlier");
     legacy.add_message("s-b", "assistant", "reply");
     legacy.add_message("s-b", "user", "hi");
-    let runtime = Upstream::start(healthy_runtime).await;
-    let mut cfg = config(&legacy.address(), &runtime.address());
-    cfg.bridge.enabled = true;
-    cfg.rollout.shadow_orgs = vec!["org-b".into()];
-    let server = proxy(cfg).await;
-    let r = chat(server.proxy_addr, Some("org-b"), "s-b", HI).await;
+    let h = Harness::new()
+        .legacy_server(legacy)
+        .config(move |c| {
+            c.bridge.enabled = true;
+            c.rollout.shadow_orgs = vec!["org-b".into()];
+        })
+        .start()
+        .await;
+    let r = chat(h.proxy_addr, Some("org-b"), "s-b", HI).await;
     assert_served(&r, DIRECT, "default");
-    runtime.wait_for_work(1).await;
+    h.runtime.wait_for_work(1).await;
     assert_eq!(
-        runtime.work()[0].json()["history_messages"],
+        h.runtime.work()[0].json()["history_messages"],
         json!([{"role": "user", "content": "earlier"},
                {"role": "assistant", "content": "reply"},
                {"role": "user", "content": "hi"}])
     );
     assert!(
-        legacy
+        h.legacy
             .received()
             .iter()
             .filter(|r| !r.path.starts_with("/api/v1/chat/"))
