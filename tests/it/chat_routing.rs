@@ -565,23 +565,15 @@ async fn runtime_connections_are_reused_across_executions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chat_that_legacy_cannot_serve_still_says_how_it_was_routed() {
     // Legacy is a closed port: the chat fails, and the answer still carries the mode.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let runtime = Upstream::start(healthy_runtime).await;
-    let server = proxy(config(&closed.to_string(), &runtime.address())).await;
+    let h = Harness::new()
+        .legacy_server(Unreachable::new())
+        .start()
+        .await;
 
-    let r = chat(
-        server.proxy_addr,
-        Some("org-b"),
-        "s-x",
-        r#"{"message":"hello"}"#,
-    )
-    .await;
+    let r = chat(h.proxy_addr, Some("org-b"), "s-x", r#"{"message":"hello"}"#).await;
     assert_eq!(r.status, 502);
     assert_eq!(mode_reason(&r), (Some("direct_llm"), Some("default")));
-    let r = chat(server.proxy_addr, None, "s-x", r#"{"message":"hello"}"#).await;
+    let r = chat(h.proxy_addr, None, "s-x", r#"{"message":"hello"}"#).await;
     assert_eq!(r.status, 502);
     assert_eq!(mode_reason(&r), (Some("direct_llm"), Some("no_identity")));
 }

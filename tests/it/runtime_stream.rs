@@ -930,15 +930,16 @@ async fn every_http_framing_of_the_runtime_body_is_relayed() {
         ),
     ];
     for (name, head, bytes) in cases {
-        let runtime = Upstream::start(raw_runtime(head, bytes)).await;
-        let legacy = Upstream::start(echo_legacy).await;
-        let server = proxy(config(&legacy.address(), &runtime.address())).await;
-        let r = chat(server.proxy_addr, Some("org-a"), "s-framing", HI).await;
+        let h = Harness::new()
+            .runtime(raw_runtime(head, bytes))
+            .start()
+            .await;
+        let r = chat(h.proxy_addr, Some("org-a"), "s-framing", HI).await;
         assert_eq!(r.header("x-execution-mode"), Some(RT), "{name}");
         let events = whole_events(&r);
         assert_eq!(names(&events), ["message", "done"], "{name}: {events:?}");
         assert_eq!(data_of(&events[0])["data"]["content"], "hi", "{name}");
-        assert!(legacy.work().is_empty(), "{name}: served by legacy");
+        assert!(h.legacy.work().is_empty(), "{name}: served by legacy");
     }
 }
 

@@ -200,6 +200,13 @@ impl LegacyServer for super::legacy::FakeLegacy {
     }
 }
 
+/// A legacy written by hand on this address (one that speaks raw bytes).
+impl LegacyServer for std::net::SocketAddr {
+    fn address(&self) -> String {
+        self.to_string()
+    }
+}
+
 /// An address nothing listens on, for a legacy that is down.
 pub struct Unreachable(String);
 
