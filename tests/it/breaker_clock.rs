@@ -207,19 +207,21 @@ async fn health_opened_breaker_reads_half_open_once_the_runtime_is_back() {
     down.store(false, Ordering::SeqCst);
 
     // Polled through the admin API, as an operator would; each read may tick, none is a chat.
-    let deadline = Instant::now() + DEADLINE;
-    let status = loop {
+    let half_open = until(DEADLINE, || async {
         let status = fallback_status(&h).await;
         if status["state"] == "half_open" {
-            break status;
+            Ok(status)
+        } else {
+            Err(status)
         }
-        assert!(
-            Instant::now() < deadline,
+    })
+    .await;
+    let status = half_open.unwrap_or_else(|status| {
+        panic!(
             "still {status} {:?} after opening with the runtime healthy",
             before_opening.elapsed()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+        )
+    });
     assert!(before_opening.elapsed() >= Duration::from_secs(OPEN_SECS));
     assert_eq!(status["fallbackEnabled"], true, "{status}");
     assert_gauges(&scrape(&h).await, "half_open");

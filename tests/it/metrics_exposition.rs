@@ -156,19 +156,16 @@ async fn scrape_until(
     what: &str,
     cond: impl Fn(&Scrape) -> bool,
 ) -> Scrape {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
+    let got = until(Duration::from_secs(10), || async {
         let s = scrape(server).await;
         if cond(&s) {
-            return s;
+            Ok(s)
+        } else {
+            Err(s)
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {what}; last scrape:\n{}",
-            s.text
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
+    got.unwrap_or_else(|s| panic!("timed out waiting for {what}; last scrape:\n{}", s.text))
 }
 
 fn config_text(legacy: &str, runtime: &str, health_interval_ms: u64) -> String {

@@ -4,7 +4,7 @@
 
 use crate::support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use support::*;
@@ -19,18 +19,16 @@ fn shadowing(min: u64) -> impl FnOnce(&mut cutover_proxy::core::config::Config) 
 
 /// Poll `GET /runtime/shadow/{org}` until it holds `n` samples; its `data`.
 async fn scorecard(h: &Running, org: &str, n: u64) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    let got = until(Duration::from_secs(10), || async {
         let (status, body) = h.admin("GET", &format!("/runtime/shadow/{org}")).await;
         if status == 200 && body["data"]["samples"].as_u64() >= Some(n) {
-            return body["data"].clone();
+            Ok(body["data"].clone())
+        } else {
+            Err((status, body))
         }
-        assert!(
-            Instant::now() < deadline,
-            "{org}: {n} samples not reached: {status} {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
+    got.unwrap_or_else(|(status, body)| panic!("{org}: {n} samples not reached: {status} {body}"))
 }
 
 async fn chats(h: &Running, org: &str, n: usize) {

@@ -87,14 +87,28 @@ pub async fn proxy(config: Config) -> LocalServer {
 
 /// Poll `cond` every 20 ms until it holds or `within` passes.
 pub async fn eventually(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    until(within, || {
+        std::future::ready(if cond() { Ok(()) } else { Err(()) })
+    })
+    .await
+    .is_ok()
+}
+
+/// Ask `probe` every 20 ms until it answers `Ok`, or `within` passes: then its last `Err`, for
+/// the failure's message.
+pub async fn until<T, E, F, Fut>(within: Duration, mut probe: F) -> Result<T, E>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
     let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if cond() {
-            return true;
+    loop {
+        match probe().await {
+            Ok(done) => return Ok(done),
+            Err(last) if Instant::now() >= deadline => return Err(last),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    cond()
 }
 
 /// Outcomes are recorded when the proxy finishes a request, which can be just after the client
