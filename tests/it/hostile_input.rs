@@ -1149,7 +1149,7 @@ async fn pipelined_request_during_a_runtime_stream_does_not_cut_it() {
         .runtime(runtime_script(|_| {
             Reply::sse(vec![
                 Step::Send(frame("text_chunk", json!({"content": "a"}))),
-                Step::Sleep(Duration::from_millis(300)),
+                Step::WaitRelease,
                 Step::Send(frame("execution_complete", json!({}))),
                 Step::Send(done_frame()),
             ])
@@ -1169,9 +1169,12 @@ async fn pipelined_request_during_a_runtime_stream_does_not_cut_it() {
         body.as_bytes(),
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Pipelined while the stream is being relayed, before the runtime finishes it.
+    let relaying = || h.metrics().streams_in_flight.with_label_values(&[RT]).get() == 1;
+    assert!(eventually(WAIT, relaying).await, "the stream never began");
     c.send_raw(b"GET /api/v1/second HTTP/1.1\r\nhost: a\r\n\r\n")
         .await;
+    h.runtime.release();
     let first = c.read_response().await;
     let names: Vec<String> = well_formed_stream(&first)
         .into_iter()
