@@ -85,18 +85,21 @@ async fn until_mode(
     since: Instant,
     within: Duration,
 ) -> Duration {
-    loop {
+    let served = until(within.saturating_sub(since.elapsed()), || async {
         let got = mode_of(addr, org).await;
         if got == mode {
-            return since.elapsed();
+            Ok(since.elapsed())
+        } else {
+            Err(got)
         }
-        assert!(
-            since.elapsed() < within,
+    })
+    .await;
+    served.unwrap_or_else(|got| {
+        panic!(
             "{org} still served in {got} {:?} after the change (wanted {mode})",
             since.elapsed()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+        )
+    })
 }
 
 fn reloads(server: &LocalServer, result: &str) -> u64 {
@@ -622,6 +625,16 @@ async fn scrape(addr: std::net::SocketAddr, series: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Whether the binary counts `n` refused reloads within a second.
+async fn invalid_reloads_reach(metrics: std::net::SocketAddr, n: u64) -> bool {
+    let series = "cutover_config_reloads_total{result=\"invalid\"}";
+    let reached = until(WITHIN, || async {
+        (scrape(metrics, series).await >= n).then_some(()).ok_or(())
+    })
+    .await;
+    reached.is_ok()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_running_binary() {
     // Boxed: this future is too large for the test thread's stack in debug builds.
@@ -670,16 +683,16 @@ async fn sighup_scenario() {
     let metrics: std::net::SocketAddr = format!("127.0.0.1:{metrics_port}").parse().unwrap();
 
     // Up, and with its SIGHUP handler installed (before that, SIGHUP would kill it).
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !(tokio::net::TcpStream::connect(addr).await.is_ok() && bin.catches_hup()) {
+    let started = until(Duration::from_secs(15), || {
         assert!(bin.alive(), "proxy exited: {}", bin.log());
-        assert!(
-            Instant::now() < deadline,
-            "proxy did not start: {}",
-            bin.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        let hup = bin.catches_hup();
+        async move {
+            let up = hup && tokio::net::TcpStream::connect(addr).await.is_ok();
+            up.then_some(()).ok_or(())
+        }
+    })
+    .await;
+    assert!(started.is_ok(), "proxy did not start: {}", bin.log());
     assert_eq!(mode_of(addr, "org-a").await, RT);
 
     // Edit + SIGHUP: in force within a second (the watcher may see the edit too).
@@ -701,22 +714,20 @@ async fn sighup_scenario() {
         text(r#"runtime_orgs = ["org-a"]"#).replace("[breaker]\n", "[breaker]\nerror_rate = 2\n"),
     )
     .unwrap();
-    let deadline = Instant::now() + WITHIN;
-    while scrape(metrics, "cutover_config_reloads_total{result=\"invalid\"}").await < 1 {
-        assert!(Instant::now() < deadline, "broken file not refused");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert!(
+        invalid_reloads_reach(metrics, 1).await,
+        "broken file not refused"
+    );
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(
         scrape(metrics, "cutover_config_reloads_total{result=\"invalid\"}").await,
         1
     );
     bin.hup();
-    let deadline = Instant::now() + WITHIN;
-    while scrape(metrics, "cutover_config_reloads_total{result=\"invalid\"}").await < 2 {
-        assert!(Instant::now() < deadline, "SIGHUP did not re-read the file");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert!(
+        invalid_reloads_reach(metrics, 2).await,
+        "SIGHUP did not re-read the file"
+    );
     assert_eq!(mode_of(addr, "org-a").await, DIRECT, "refused file applied");
     let log = bin.log();
     assert!(

@@ -98,20 +98,17 @@ token_env = "{ADMIN_ENV}"
 
     /// Wait until the proxy accepts connections and `/readyz` answers 200.
     async fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if tokio::net::TcpStream::connect(self.proxy).await.is_ok()
-                && get(self.admin, "/readyz").await.map(|(s, _)| s) == Some(200)
-            {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "proxy did not become ready; log:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let ready = until(Duration::from_secs(15), || async {
+            let up = tokio::net::TcpStream::connect(self.proxy).await.is_ok()
+                && get(self.admin, "/readyz").await.map(|(s, _)| s) == Some(200);
+            up.then_some(()).ok_or(())
+        })
+        .await;
+        assert!(
+            ready.is_ok(),
+            "proxy did not become ready; log:\n{}",
+            self.log()
+        );
     }
 
     fn sigterm(&self) {
@@ -124,16 +121,13 @@ token_env = "{ADMIN_ENV}"
 
     /// Wait for the process to exit, at most `within`.
     async fn exited_within(&mut self, within: Duration) -> Option<(ExitStatus, Instant)> {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return Some((status, Instant::now()));
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let child = &mut self.child;
+        let exited = until(within, || {
+            let status = child.try_wait().unwrap();
+            std::future::ready(status.map(|s| (s, Instant::now())).ok_or(()))
+        })
+        .await;
+        exited.ok()
     }
 }
 
