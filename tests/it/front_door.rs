@@ -363,30 +363,20 @@ async fn unfinished_one_megabyte_heads_leave_memory_bounded() {
         .spawn()
         .unwrap();
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let ready = Instant::now();
-    loop {
-        let a = match TcpStream::connect(addr).await {
-            Ok(mut c) => {
-                let _ = c
-                    .write_all(
-                        b"GET /api/v1/agents HTTP/1.1\r\nHost: e\r\nConnection: close\r\n\r\n",
-                    )
-                    .await;
-                read_until_close(&mut c, Duration::from_secs(2))
-                    .await
-                    .status
-            }
-            Err(_) => None,
+    let ready = until(Duration::from_secs(15), || async {
+        let Ok(mut c) = TcpStream::connect(addr).await else {
+            return Err(());
         };
-        if a == Some(200) {
-            break;
-        }
-        assert!(
-            ready.elapsed() < Duration::from_secs(15),
-            "proxy did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        let _ = c
+            .write_all(b"GET /api/v1/agents HTTP/1.1\r\nHost: e\r\nConnection: close\r\n\r\n")
+            .await;
+        let status = read_until_close(&mut c, Duration::from_secs(2))
+            .await
+            .status;
+        (status == Some(200)).then_some(()).ok_or(())
+    })
+    .await;
+    assert!(ready.is_ok(), "proxy did not start");
     let (rss_before, _) = memory_kb(child.id());
 
     let mut clients = tokio::task::JoinSet::new();

@@ -195,15 +195,15 @@ async fn release_until(
     within: Duration,
     mut cond: impl FnMut() -> bool,
 ) -> bool {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if cond() {
-            return true;
+    let held = until(within, || {
+        let done = cond();
+        if !done {
+            runtime.release();
         }
-        runtime.release();
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    cond()
+        std::future::ready(done.then_some(()).ok_or(()))
+    })
+    .await;
+    held.is_ok()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

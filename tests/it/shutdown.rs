@@ -282,18 +282,20 @@ async fn sigterm_lets_in_flight_streams_finish_then_exits() {
     proxy.sigterm();
 
     // Readiness turns false (the admin API stays up to say so) and new connections are refused.
-    let mut ready_during_drain = None;
-    let mut refused_during_drain = false;
-    while term_at.elapsed() < Duration::from_secs(1) {
-        if ready_during_drain != Some(503) {
-            ready_during_drain = get(proxy.admin, "/readyz").await.map(|(s, _)| s);
+    // (readiness, refused once) seen so far.
+    let seen = std::cell::Cell::new((None, false));
+    let drain = Duration::from_secs(1).saturating_sub(term_at.elapsed());
+    let _ = until(drain, || async {
+        let (mut ready, mut was_refused) = seen.get();
+        if ready != Some(503) {
+            ready = get(proxy.admin, "/readyz").await.map(|(s, _)| s);
         }
-        refused_during_drain = refused_during_drain || refused(proxy.proxy).await;
-        if ready_during_drain == Some(503) && refused_during_drain {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        was_refused = was_refused || refused(proxy.proxy).await;
+        seen.set((ready, was_refused));
+        (ready == Some(503) && was_refused).then_some(()).ok_or(())
+    })
+    .await;
+    let (ready_during_drain, refused_during_drain) = seen.get();
     assert_eq!(ready_during_drain, Some(503), "/readyz during the drain");
     assert!(
         refused_during_drain,
