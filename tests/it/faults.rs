@@ -549,37 +549,25 @@ async fn futures_all<T: Send + 'static>(tasks: Vec<tokio::task::JoinHandle<T>>) 
 
 // ---- 2. a hundred reloads under steady load ---------------------------------------------------
 
-/// A fresh directory under the system temp dir, removed on drop.
 /// Generation `g` of the config: org-a on the allowlist when `g` is even, org-b when odd. The
 /// generation is tagged in `rollout.shadow_max_inflight` (unused: shadowing is off), so the test
 /// can tell which config is in force.
 fn generation_toml(legacy: &str, runtime: &str, g: usize) -> String {
     let org = if g % 2 == 0 { "org-a" } else { "org-b" };
-    format!(
-        r#"
-[server]
-listen = "127.0.0.1:1"
-[legacy]
-address = "{legacy}"
-connect_timeout_ms = 5000
-[runtime]
-address = "{runtime}"
-execution_timeout_ms = 5000
-commit_timeout_ms = 1000
-health_interval_ms = 200
-connect_timeout_ms = 5000
-default_agent_id = "{TEST_AGENT}"
-[rollout]
-runtime_orgs = ["{org}"]
-shadow_max_inflight = {tag}
-[identity]
-jwt_secret_env = "{JWT_ENV}"
-[breaker]
-open_secs = 1
-[admin]
-token_env = "{ADMIN_ENV}"
-{BRIDGE_OFF_TOML}"#,
-        tag = 1000 + g
+    let text = test_toml(legacy, runtime);
+    let text = retoml(&text, "[runtime]", "connect_timeout_ms = 5000\n[runtime]");
+    let text = retoml(
+        &text,
+        "connect_timeout_ms = 500\n",
+        "connect_timeout_ms = 5000\n",
+    );
+    retoml(
+        &text,
+        "runtime_orgs = [\"org-a\"]",
+        &format!(
+            "runtime_orgs = [\"{org}\"]\nshadow_max_inflight = {}",
+            1000 + g
+        ),
     )
 }
 

@@ -169,28 +169,10 @@ async fn scrape_until(
 }
 
 fn config_text(legacy: &str, runtime: &str, health_interval_ms: u64) -> String {
-    format!(
-        r#"
-[server]
-listen = "127.0.0.1:1"
-[legacy]
-address = "{legacy}"
-[runtime]
-address = "{runtime}"
-execution_timeout_ms = 5000
-commit_timeout_ms = 1000
-health_interval_ms = {health_interval_ms}
-connect_timeout_ms = 500
-default_agent_id = "{TEST_AGENT}"
-[rollout]
-runtime_orgs = ["org-a"]
-[identity]
-jwt_secret_env = "{JWT_ENV}"
-[breaker]
-open_secs = 1
-[admin]
-token_env = "{ADMIN_ENV}"
-{BRIDGE_OFF_TOML}"#
+    retoml(
+        &test_toml(legacy, runtime),
+        "health_interval_ms = 200",
+        &format!("health_interval_ms = {health_interval_ms}"),
     )
 }
 

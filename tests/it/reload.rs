@@ -19,32 +19,16 @@ use support::*;
 /// The contract: an edit is in force within a second.
 const WITHIN: Duration = Duration::from_secs(1);
 
-/// A fresh directory under the system temp dir, removed on drop.
 /// A complete proxy.toml like `support::config`, with the given listener and `[rollout]` body.
 fn toml_text(legacy: &str, runtime: &str, listen: &str, rollout: &str) -> String {
-    format!(
-        r#"
-[server]
-listen = "{listen}"
-[legacy]
-address = "{legacy}"
-[runtime]
-address = "{runtime}"
-execution_timeout_ms = 5000
-commit_timeout_ms = 200
-health_interval_ms = 200
-connect_timeout_ms = 500
-default_agent_id = "{TEST_AGENT}"
-[rollout]
-{rollout}
-[identity]
-jwt_secret_env = "{JWT_ENV}"
-[breaker]
-open_secs = 1
-[admin]
-token_env = "{ADMIN_ENV}"
-{BRIDGE_OFF_TOML}"#
-    )
+    let text = test_toml(legacy, runtime);
+    let text = retoml(
+        &text,
+        "listen = \"127.0.0.1:1\"",
+        &format!("listen = \"{listen}\""),
+    );
+    let text = retoml(&text, "commit_timeout_ms = 1000", "commit_timeout_ms = 200");
+    retoml(&text, "runtime_orgs = [\"org-a\"]", rollout)
 }
 
 /// The config at these upstreams' addresses with org-a on the allowlist (`true`) or nobody

@@ -52,7 +52,12 @@ pub const BRIDGE_OFF_TOML: &str = "[bridge]\nenabled = false\n";
 /// A config for tests: short timeouts, org-a on the allowlist, secrets from test env vars, the
 /// bridge off (`BRIDGE_OFF_TOML`) and `runtime.default_agent_id = TEST_AGENT`.
 pub fn config(legacy: &str, runtime: &str) -> Config {
-    let text = format!(
+    Config::parse(&test_toml(legacy, runtime)).unwrap()
+}
+
+/// `config`'s text, for a test that writes its config file or changes a line of it (`retoml`).
+pub fn test_toml(legacy: &str, runtime: &str) -> String {
+    format!(
         r#"
 [server]
 listen = "127.0.0.1:1"
@@ -74,8 +79,14 @@ open_secs = 1
 [admin]
 token_env = "{ADMIN_ENV}"
 {BRIDGE_OFF_TOML}"#
-    );
-    Config::parse(&text).unwrap()
+    )
+}
+
+/// `text` with its first `line` replaced by `with` (which may be several lines); the line must
+/// be there.
+pub fn retoml(text: &str, line: &str, with: &str) -> String {
+    assert!(text.contains(line), "no {line:?} in the config");
+    text.replacen(line, with, 1)
 }
 
 /// Start the proxy in-process with `config`.
