@@ -67,10 +67,6 @@ fn fallback_gauge(server: &LocalServer) -> i64 {
     server.shared.metrics.fallback_enabled.get()
 }
 
-fn counter(c: &prometheus::IntCounterVec, mode: &str) -> u64 {
-    c.with_label_values(&[mode]).get()
-}
-
 /// Wait until no probe is in flight any more (its outcome reached the breaker).
 async fn probes_settled(server: &LocalServer) {
     let shared = server.shared.clone();

@@ -39,31 +39,8 @@ fn logs() {
 
 // ---- measurements ----------------------------------------------------------------------------
 
-fn fd_count() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
-}
-
-fn rss_kb() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .expect("VmRSS in /proc/self/status")
-}
-
 fn in_flight(server: &LocalServer, mode: &str) -> i64 {
-    server
-        .shared
-        .metrics
-        .streams_in_flight
-        .with_label_values(&[mode])
-        .get()
-}
-
-fn counter(c: &prometheus::IntCounterVec, label: &str) -> u64 {
-    c.with_label_values(&[label]).get()
+    gauge(&server.shared.metrics.streams_in_flight, mode)
 }
 
 fn transitions(server: &LocalServer, from: &str, to: &str) -> u64 {

@@ -1031,16 +1031,6 @@ async fn runtime_100_mb_frame_ends_quickly_with_bounded_memory() {
     still_up(&h).await;
 }
 
-fn rss_kb() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_runtime_times_out_with_an_error_event() {
     for how in [Misbehaviour::HeadThenSilence, Misbehaviour::Silence] {

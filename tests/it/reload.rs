@@ -87,12 +87,7 @@ async fn until_mode(
 }
 
 fn reloads(server: &LocalServer, result: &str) -> u64 {
-    server
-        .shared
-        .metrics
-        .config_reloads_total
-        .with_label_values(&[result])
-        .get()
+    counter(&server.shared.metrics.config_reloads_total, result)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,12 +17,7 @@ use serde_json::{json, Value};
 use support::*;
 
 fn shadow_count(server: &LocalServer, outcome: &str) -> u64 {
-    server
-        .shared
-        .metrics
-        .shadow_total
-        .with_label_values(&[outcome])
-        .get()
+    counter(&server.shared.metrics.shadow_total, outcome)
 }
 
 fn shadow_in_flight(server: &LocalServer) -> usize {

@@ -80,12 +80,7 @@ fn ends_with_one_error(r: &Response) -> (Vec<(String, String)>, Value) {
 }
 
 fn dropped(server: &LocalServer, cause: &str) -> u64 {
-    server
-        .shared
-        .metrics
-        .sse_dropped_frames_total
-        .with_label_values(&[cause])
-        .get()
+    counter(&server.shared.metrics.sse_dropped_frames_total, cause)
 }
 
 /// The admin API's runtime window, once `n` runtime executions are recorded.
