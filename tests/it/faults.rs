@@ -118,20 +118,6 @@ fn error_code_of_runtime_stream(r: &Response) -> Option<String> {
     data["code"].as_str().map(str::to_string)
 }
 
-async fn post_chat(c: &mut Client, org: &str, session: &str, body: &str) {
-    let auth = format!("Bearer {}", token(org));
-    c.send(
-        "POST",
-        &format!("/api/v1/chat/sessions/{session}"),
-        &[
-            ("content-type", "application/json"),
-            ("authorization", &auth),
-        ],
-        body.as_bytes(),
-    )
-    .await;
-}
-
 /// A chat whose response is read to the end, within `limit`; `None` when it hung.
 async fn chat_within(
     addr: SocketAddr,
@@ -140,7 +126,7 @@ async fn chat_within(
     limit: Duration,
 ) -> Option<Response> {
     let mut c = Client::connect(addr).await;
-    post_chat(&mut c, org, session, HI).await;
+    c.post_chat(Some(org), session, HI).await;
     tokio::time::timeout(limit, c.read_response_with(|_| {}))
         .await
         .ok()
@@ -214,7 +200,8 @@ async fn open_held_streams(
         let session = format!("hold-{tag}-{i}");
         tasks.push(tokio::spawn(async move {
             let mut c = Client::connect(addr).await;
-            post_chat(&mut c, "org-a", &session, r#"{"message":"hold"}"#).await;
+            c.post_chat(Some("org-a"), &session, r#"{"message":"hold"}"#)
+                .await;
             let mut first = Some(tx);
             let r = tokio::time::timeout(
                 limit,
@@ -829,7 +816,7 @@ async fn clients_holding_their_first_event(
         let session = format!("{tag}-{i}");
         tasks.push(tokio::spawn(async move {
             let mut c = Client::connect(addr).await;
-            post_chat(&mut c, org, &session, HI).await;
+            c.post_chat(Some(org), &session, HI).await;
             let mut first = Some(tx);
             c.read_response_with(|_| {
                 if let Some(tx) = first.take() {
@@ -982,7 +969,7 @@ async fn disconnect_storm_before_the_first_byte_releases_runtime_connections() {
         .map(|i| {
             tokio::spawn(async move {
                 let mut c = Client::connect(addr).await;
-                post_chat(&mut c, "org-a", &format!("early-{i}"), HI).await;
+                c.post_chat(Some("org-a"), &format!("early-{i}"), HI).await;
                 c.read_response_with(|_| {}).await;
             })
         })

@@ -179,17 +179,8 @@ async fn start_chat(
     tokio::task::JoinHandle<(Response, Instant)>,
 ) {
     let mut c = Client::connect(addr).await;
-    let auth = format!("Bearer {}", token(org));
-    c.send(
-        "POST",
-        &format!("/api/v1/chat/sessions/{session}"),
-        &[
-            ("content-type", "application/json"),
-            ("authorization", &auth),
-        ],
-        br#"{"message":"hello"}"#,
-    )
-    .await;
+    c.post_chat(Some(org), session, br#"{"message":"hello"}"#)
+        .await;
     let (first_tx, first_rx) = mpsc::unbounded_channel();
     let task = tokio::spawn(async move {
         let r = tokio::time::timeout(

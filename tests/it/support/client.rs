@@ -307,18 +307,7 @@ pub async fn chat(
     body: &str,
 ) -> Response {
     let mut c = Client::connect(addr).await;
-    let auth = org.map(|o| format!("Bearer {}", token(o)));
-    let mut headers = vec![("content-type", "application/json")];
-    if let Some(a) = &auth {
-        headers.push(("authorization", a.as_str()));
-    }
-    c.send(
-        "POST",
-        &format!("/api/v1/chat/sessions/{session}"),
-        &headers,
-        body.as_bytes(),
-    )
-    .await;
+    c.post_chat(org, session, body).await;
     c.read_response().await
 }
 
@@ -338,6 +327,18 @@ pub async fn admin(
 }
 
 impl Client {
+    /// Send a chat message to `session` as `org` (None: no Authorization header); the response
+    /// is the caller's to read.
+    pub async fn post_chat(&mut self, org: Option<&str>, session: &str, body: impl AsRef<[u8]>) {
+        let auth = org.map(|o| format!("Bearer {}", token(o)));
+        let mut headers = vec![("content-type", "application/json")];
+        if let Some(a) = &auth {
+            headers.push(("authorization", a.as_str()));
+        }
+        let path = format!("/api/v1/chat/sessions/{session}");
+        self.send("POST", &path, &headers, body.as_ref()).await;
+    }
+
     /// Write bytes exactly as given: a hand-framed request (chunked body) or part of one.
     pub async fn send_raw(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).await.unwrap();
