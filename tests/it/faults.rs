@@ -266,12 +266,9 @@ fn steady_load(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runtime_killed_with_streams_in_flight_fails_cleanly_and_recovers_without_leaks() {
-    if !alone_in_process(
-        module_path!(),
-        "runtime_killed_with_streams_in_flight_fails_cleanly_and_recovers_without_leaks",
-    ) {
-        return;
-    }
+    crate::run_alone!(
+        "runtime_killed_with_streams_in_flight_fails_cleanly_and_recovers_without_leaks"
+    );
     logs();
     let n = streams_under_test();
     let pending_n = 20;
@@ -843,12 +840,9 @@ async fn clients_holding_their_first_event(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disconnect_storm_mid_stream_releases_upstreams_and_counts_no_runtime_failure() {
-    if !alone_in_process(
-        module_path!(),
-        "disconnect_storm_mid_stream_releases_upstreams_and_counts_no_runtime_failure",
-    ) {
-        return;
-    }
+    crate::run_alone!(
+        "disconnect_storm_mid_stream_releases_upstreams_and_counts_no_runtime_failure"
+    );
     logs();
     const RUNTIME_CLIENTS: usize = 100;
     const LEGACY_CLIENTS: usize = 50;

@@ -990,12 +990,7 @@ async fn runtime_line_without_end_is_cut_at_max_frame_bytes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runtime_100_mb_frame_ends_quickly_with_bounded_memory() {
-    if !alone_in_process(
-        module_path!(),
-        "runtime_100_mb_frame_ends_quickly_with_bounded_memory",
-    ) {
-        return;
-    }
+    crate::run_alone!("runtime_100_mb_frame_ends_quickly_with_bounded_memory");
     let h = against(Misbehaviour::HugeFrame, 30_000).await;
     // Warm the allocator and the connection paths with one ordinary request first.
     still_up(&h).await;

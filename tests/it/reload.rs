@@ -515,12 +515,7 @@ fn padded(mut text: String) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unchanged_file_is_not_read_again_and_again() {
     // Bytes read by this process: any other test's traffic would count.
-    if !alone_in_process(
-        module_path!(),
-        "an_unchanged_file_is_not_read_again_and_again",
-    ) {
-        return;
-    }
+    crate::run_alone!("an_unchanged_file_is_not_read_again_and_again");
     let dir = TempDir::new("quiet");
     let path = dir.join("proxy.toml");
     let h = Harness::new()

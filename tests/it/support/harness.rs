@@ -182,6 +182,16 @@ impl Drop for TempDir {
     }
 }
 
+/// `alone_in_process` for the test named `$test`, returning from it in the parent.
+#[macro_export]
+macro_rules! run_alone {
+    ($test:literal) => {
+        if !$crate::support::alone_in_process(module_path!(), $test) {
+            return;
+        }
+    };
+}
+
 /// Run the calling test by itself in a child process of this test binary, for figures that are
 /// per process (open file descriptors, RSS, bytes read): returns true in the child, which runs
 /// the body, and false in the parent, which has already asserted that the child passed. `module`
