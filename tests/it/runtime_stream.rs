@@ -226,17 +226,7 @@ async fn first_event_arrives_while_the_runtime_still_holds_the_second() {
         .await;
 
     let mut c = Client::connect(h.proxy_addr).await;
-    let auth = format!("Bearer {}", token("org-a"));
-    c.send(
-        "POST",
-        "/api/v1/chat/sessions/s-stream",
-        &[
-            ("content-type", "application/json"),
-            ("authorization", &auth),
-        ],
-        HI.as_bytes(),
-    )
-    .await;
+    c.post_chat(Some("org-a"), "s-stream", HI.as_bytes()).await;
     // The runtime sends the second event only once the client holds the first: a proxy that
     // buffered anything until the end would leave both waiting until the timeout below.
     let mut seen = Vec::new();
@@ -629,17 +619,7 @@ async fn client_disconnect_closes_the_runtime_connection_and_is_not_counted() {
     let addr = server.proxy_addr;
     let client = tokio::spawn(async move {
         let mut c = Client::connect(addr).await;
-        let auth = format!("Bearer {}", token("org-a"));
-        c.send(
-            "POST",
-            "/api/v1/chat/sessions/s-gone",
-            &[
-                ("content-type", "application/json"),
-                ("authorization", &auth),
-            ],
-            HI.as_bytes(),
-        )
-        .await;
+        c.post_chat(Some("org-a"), "s-gone", HI.as_bytes()).await;
         c.read_response_with(|chunk| {
             let _ = first_tx.send(chunk.to_vec());
         })
@@ -780,17 +760,8 @@ async fn client_disconnect_before_the_runtime_answers_cancels_it() {
     let before = cancelled();
 
     let mut c = Client::connect(server.proxy_addr).await;
-    let auth = format!("Bearer {}", token("org-a"));
-    c.send(
-        "POST",
-        "/api/v1/chat/sessions/s-early-gone",
-        &[
-            ("content-type", "application/json"),
-            ("authorization", &auth),
-        ],
-        HI.as_bytes(),
-    )
-    .await;
+    c.post_chat(Some("org-a"), "s-early-gone", HI.as_bytes())
+        .await;
     h.runtime.wait_for_work(1).await;
     drop(c);
 

@@ -327,17 +327,7 @@ async fn a_client_that_abandons_legacy_records_no_comparison() {
         .start()
         .await;
     let mut c = Client::connect(h.proxy_addr).await;
-    let auth = format!("Bearer {}", token("org-s"));
-    c.send(
-        "POST",
-        "/api/v1/chat/sessions/s-gone",
-        &[
-            ("content-type", "application/json"),
-            ("authorization", &auth),
-        ],
-        HI.as_bytes(),
-    )
-    .await;
+    c.post_chat(Some("org-s"), "s-gone", HI.as_bytes()).await;
     h.runtime.wait_for_work(1).await;
     drop(c);
     let gone = eventually(Duration::from_secs(10), || {
