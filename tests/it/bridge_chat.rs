@@ -577,32 +577,9 @@ fn pausing_runtime(req: &Received) -> Reply {
 
 /// Send a chat, read its first event, then leave (the socket dropped, as a closed tab does).
 async fn leave_after_the_first_event(s: &Setup, message: &str) {
-    let addr = s.server.proxy_addr;
-    let auth = bearer("org-a");
     let body = json!({"message": message}).to_string();
-    let (first_tx, mut first_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
-    let client = tokio::spawn(async move {
-        let mut c = Client::connect(addr).await;
-        let headers = [
-            ("content-type", "application/json"),
-            ("authorization", auth.as_str()),
-        ];
-        c.send(
-            "POST",
-            "/api/v1/chat/sessions/s-1",
-            &headers,
-            body.as_bytes(),
-        )
-        .await;
-        c.read_response_with(|chunk| {
-            let _ = first_tx.send(chunk.to_vec());
-        })
-        .await
-    });
-    let first = tokio::time::timeout(Duration::from_secs(5), first_rx.recv())
-        .await
-        .expect("first event")
-        .unwrap();
+    let (first, client) =
+        first_chunk_of_chat(s.server.proxy_addr, bearer("org-a"), "s-1", body).await;
     assert!(String::from_utf8_lossy(&first).contains("Hel"));
     client.abort();
     let _ = client.await;

@@ -510,20 +510,12 @@ async fn a_legacy_chat_stream_reaches_the_client_chunk_by_chunk() {
         HI.as_bytes(),
     )
     .await;
-    let mut released = false;
     // The second chunk is only sent once the first reached the client: a proxy that buffers
     // the response would never finish here.
-    let r = tokio::time::timeout(
-        Duration::from_secs(5),
-        c.read_response_with(|_| {
-            if !released {
-                released = true;
-                h.legacy.release();
-            }
-        }),
-    )
-    .await
-    .expect("legacy stream was held back by the proxy");
+    let r = c
+        .read_releasing(&h.legacy)
+        .await
+        .expect("legacy stream was held back by the proxy");
     assert_eq!(mode_reason(&r), (Some("direct_llm"), Some("default")));
     assert!(r.complete);
     assert_eq!(r.chunks[0].1, b"event: message\ndata: {\"n\":1}\n\n");

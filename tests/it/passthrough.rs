@@ -308,19 +308,11 @@ async fn a_streamed_legacy_response_arrives_chunk_by_chunk() {
     let mut c = Client::connect(h.proxy_addr).await;
     c.send("GET", "/api/v1/notifications/stream", &[], b"")
         .await;
-    let mut released = false;
     // Legacy sends its second piece only after the first reached the client.
-    let r = tokio::time::timeout(
-        Duration::from_secs(5),
-        c.read_response_with(|_| {
-            if !released {
-                released = true;
-                h.legacy.release();
-            }
-        }),
-    )
-    .await
-    .expect("the proxy held back the first piece of a streamed response");
+    let r = c
+        .read_releasing(&h.legacy)
+        .await
+        .expect("the proxy held back the first piece of a streamed response");
     assert_eq!(r.status, 200);
     assert!(r.complete);
     assert_eq!(r.chunks[0].1, b"first piece\n");

@@ -615,20 +615,8 @@ async fn client_disconnect_closes_the_runtime_connection_and_is_not_counted() {
     let before = cancelled();
 
     let started = Instant::now();
-    let (first_tx, mut first_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
-    let addr = server.proxy_addr;
-    let client = tokio::spawn(async move {
-        let mut c = Client::connect(addr).await;
-        c.post_chat(Some("org-a"), "s-gone", HI.as_bytes()).await;
-        c.read_response_with(|chunk| {
-            let _ = first_tx.send(chunk.to_vec());
-        })
-        .await
-    });
-    let first = tokio::time::timeout(Duration::from_secs(5), first_rx.recv())
-        .await
-        .expect("first event")
-        .unwrap();
+    let auth = format!("Bearer {}", token("org-a"));
+    let (first, client) = first_chunk_of_chat(server.proxy_addr, auth, "s-gone", HI.into()).await;
     assert_eq!(parse_events(std::str::from_utf8(&first).unwrap()).len(), 1);
     // The client goes away mid-stream (dropping its socket).
     client.abort();

@@ -327,6 +327,25 @@ pub async fn admin(
 }
 
 impl Client {
+    /// Read the whole response of an `upstream` that sends the rest of it only once released,
+    /// releasing it when the first chunk reached this client; `None` when it took over 5 s (a
+    /// proxy that held the first chunk back).
+    pub async fn read_releasing(
+        &mut self,
+        upstream: &super::upstream::Upstream,
+    ) -> Option<Response> {
+        let mut released = false;
+        let read = self.read_response_with(|_| {
+            if !released {
+                released = true;
+                upstream.release();
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(5), read)
+            .await
+            .ok()
+    }
+
     /// Send a chat message to `session` as `org` (None: no Authorization header); the response
     /// is the caller's to read.
     pub async fn post_chat(&mut self, org: Option<&str>, session: &str, body: impl AsRef<[u8]>) {
@@ -356,4 +375,33 @@ pub async fn request(
     let mut c = Client::connect(addr).await;
     c.send(method, path, headers, body).await;
     c.read_response().await
+}
+
+/// POST a chat to `session` with this `Authorization` on a task; once the client holds the
+/// first body chunk, that chunk and the task still reading the rest (abort it to hang up).
+pub async fn first_chunk_of_chat(
+    addr: std::net::SocketAddr,
+    authorization: String,
+    session: &str,
+    body: String,
+) -> (Vec<u8>, tokio::task::JoinHandle<Response>) {
+    let (first_tx, mut first_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    let path = format!("/api/v1/chat/sessions/{session}");
+    let client = tokio::spawn(async move {
+        let mut c = Client::connect(addr).await;
+        let headers = [
+            ("content-type", "application/json"),
+            ("authorization", authorization.as_str()),
+        ];
+        c.send("POST", &path, &headers, body.as_bytes()).await;
+        c.read_response_with(|chunk| {
+            let _ = first_tx.send(chunk.to_vec());
+        })
+        .await
+    });
+    let first = tokio::time::timeout(Duration::from_secs(5), first_rx.recv())
+        .await
+        .expect("first event")
+        .unwrap();
+    (first, client)
 }
