@@ -84,6 +84,15 @@ async fn fallback_status(server: &LocalServer) -> Value {
     data.clone()
 }
 
+/// Trip the breaker through the admin API with this `Authorization`; the status.
+async fn trip_with(h: &Running, authorization: &str) -> u16 {
+    let mut c = Client::connect(h.admin_addr).await;
+    let headers = [("authorization", authorization)];
+    c.send("POST", "/runtime/fallback/trip", &headers, b"")
+        .await;
+    c.read_response().await.status
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_endpoints_have_the_contract_shapes() {
     let h = Harness::new()
@@ -207,16 +216,7 @@ async fn mutations_need_the_admin_token() {
         assert_eq!(fallback_status(&h).await["state"], "closed", "{path}");
     }
     // The token in another scheme is not a bearer token.
-    let mut c = Client::connect(h.admin_addr).await;
-    let basic = format!("Basic {ADMIN_TOKEN}");
-    c.send(
-        "POST",
-        "/runtime/fallback/trip",
-        &[("authorization", basic.as_str())],
-        b"",
-    )
-    .await;
-    assert_eq!(c.read_response().await.status, 401);
+    assert_eq!(trip_with(&h, &format!("Basic {ADMIN_TOKEN}")).await, 401);
     assert_eq!(fallback_status(&h).await["state"], "closed");
 
     let (status, body) = admin(&h, "POST", "/runtime/fallback/reset", Some(ADMIN_TOKEN)).await;
@@ -224,16 +224,7 @@ async fn mutations_need_the_admin_token() {
     assert_eq!(body["success"], true);
 
     // The scheme is case-insensitive; the token is not.
-    let mut c = Client::connect(h.admin_addr).await;
-    let upper = format!("BEARER {ADMIN_TOKEN}");
-    c.send(
-        "POST",
-        "/runtime/fallback/trip",
-        &[("authorization", upper.as_str())],
-        b"",
-    )
-    .await;
-    assert_eq!(c.read_response().await.status, 200);
+    assert_eq!(trip_with(&h, &format!("BEARER {ADMIN_TOKEN}")).await, 200);
     assert_eq!(fallback_status(&h).await["state"], "open");
     let (status, _) = admin(
         &h,

@@ -156,6 +156,13 @@ fn done_of(r: &Response) -> Value {
 
 /// The chat went to legacy with its original body, for `reason`, and the runtime never saw it
 /// nor was it counted against the runtime.
+/// The reason a chat the bridge could not prepare goes to legacy with.
+const UNAVAILABLE: &str = "bridge_unavailable";
+
+fn chat_path(session: &str) -> String {
+    format!("/api/v1/chat/sessions/{session}")
+}
+
 async fn assert_legacy_served(s: &Setup, r: &Response, reason: &str, path: &str, body: &Value) {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_served(r, DIRECT, reason);
@@ -453,14 +460,7 @@ async fn unavailable_lookups_send_the_chat_to_legacy_unchanged_and_uncharged() {
     let body = json!({"message": "hi"});
     s.legacy.fail(LegacyRoute::GetSession, Fault::Status(503));
     let r = s.chat_in("s-1", "org-a", body.clone()).await;
-    assert_legacy_served(
-        &s,
-        &r,
-        "bridge_unavailable",
-        "/api/v1/chat/sessions/s-1",
-        &body,
-    )
-    .await;
+    assert_legacy_served(&s, &r, UNAVAILABLE, &chat_path("s-1"), &body).await;
 
     // A legacy that does not answer holds the chat no longer than the bridge's timeout.
     s.legacy.heal(LegacyRoute::GetSession);
@@ -468,26 +468,12 @@ async fn unavailable_lookups_send_the_chat_to_legacy_unchanged_and_uncharged() {
     let t = Instant::now();
     let r = s.chat_in("s-1", "org-a", body.clone()).await;
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
-    assert_legacy_served(
-        &s,
-        &r,
-        "bridge_unavailable",
-        "/api/v1/chat/sessions/s-1",
-        &body,
-    )
-    .await;
+    assert_legacy_served(&s, &r, UNAVAILABLE, &chat_path("s-1"), &body).await;
 
     // A session whose agent id could not go into a URL: legacy's data, not the caller's input.
     s.legacy.heal(LegacyRoute::GetMessages);
     let r = s.chat_in("s-odd", "org-a", body.clone()).await;
-    assert_legacy_served(
-        &s,
-        &r,
-        "bridge_unavailable",
-        "/api/v1/chat/sessions/s-odd",
-        &body,
-    )
-    .await;
+    assert_legacy_served(&s, &r, UNAVAILABLE, &chat_path("s-odd"), &body).await;
     assert!(!s.bridge_calls().iter().any(|c| c.path.contains("..")));
 }
 
