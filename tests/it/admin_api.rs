@@ -96,10 +96,8 @@ async fn trip_with(h: &Running, authorization: &str) -> u16 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_endpoints_have_the_contract_shapes() {
     let h = Harness::new()
-        .runtime(|req: &Received| {
-            if req.path == "/health" {
-                Reply::json(200, json!({"status": "ok"}))
-            } else if req.json()["session_id"] == "fails" {
+        .runtime(runtime_answering(|req: &Received| {
+            if req.json()["session_id"] == "fails" {
                 Reply::sse(vec![Step::Send(frame(
                     "execution_error",
                     json!({"error": "no"}),
@@ -107,7 +105,7 @@ async fn read_endpoints_have_the_contract_shapes() {
             } else {
                 Reply::sse(runtime_ok_steps())
             }
-        })
+        }))
         // The failing session's error is counted as one the user saw, after the commit.
         .config(|c| c.runtime.commit_timeout_ms = Some(0))
         .start()

@@ -79,15 +79,13 @@ async fn open_breaker_half_opens_on_time_with_no_traffic() {
     let recovered = Arc::new(AtomicBool::new(false));
     let r = recovered.clone();
     let h = Harness::new()
-        .runtime(move |req| {
-            if req.path == "/health" {
-                Reply::json(200, json!({"status": "ok"}))
-            } else if r.load(Ordering::SeqCst) {
+        .runtime(runtime_answering(move |_: &Received| {
+            if r.load(Ordering::SeqCst) {
                 Reply::sse(runtime_ok_steps())
             } else {
                 Reply::json(500, json!({"error": "overloaded"}))
             }
-        })
+        }))
         .config(move |c| {
             c.breaker.min_requests = 1;
             c.breaker.open_secs = OPEN_SECS;

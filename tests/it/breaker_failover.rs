@@ -130,10 +130,8 @@ async fn execution_errors_open_the_breaker_and_it_recovers_by_itself() {
     let healthy = Arc::new(AtomicBool::new(false));
     let h = healthy.clone();
     let h = Harness::new()
-        .runtime(move |req: &Received| {
-            if req.path == "/health" {
-                Reply::json(200, json!({"status": "ok"}))
-            } else if h.load(Ordering::SeqCst) {
+        .runtime(runtime_answering(move |_: &Received| {
+            if h.load(Ordering::SeqCst) {
                 Reply::sse(runtime_ok_steps())
             } else {
                 Reply::sse(vec![
@@ -144,7 +142,7 @@ async fn execution_errors_open_the_breaker_and_it_recovers_by_itself() {
                     Step::Send(done_frame()),
                 ])
             }
-        })
+        }))
         .config(move |cfg| {
             cfg.breaker.min_requests = 10;
             cfg.breaker.error_rate = 0.5;
@@ -228,16 +226,12 @@ async fn execution_errors_open_the_breaker_and_it_recovers_by_itself() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_probe_reopens_the_breaker() {
     let h = Harness::new()
-        .runtime(|req: &Received| {
-            if req.path == "/health" {
-                Reply::json(200, json!({"status": "ok"}))
-            } else {
-                Reply::sse(vec![Step::Send(frame(
-                    "execution_error",
-                    json!({"error": "still broken"}),
-                ))])
-            }
-        })
+        .runtime(runtime_answering(|_: &Received| {
+            Reply::sse(vec![Step::Send(frame(
+                "execution_error",
+                json!({"error": "still broken"}),
+            ))])
+        }))
         .config(move |cfg| {
             cfg.breaker.min_requests = 2;
             cfg.breaker.open_secs = 1;

@@ -380,13 +380,9 @@ async fn chat_start_creates_the_session_that_done_names() {
 async fn a_chat_start_that_fails_over_deletes_its_session_before_legacy_serves_it() {
     let h = Harness::new()
         .legacy_server(fake_legacy().await)
-        .runtime(|req| {
-            if req.path == "/health" {
-                Reply::json(200, json!({"status": "ok"}))
-            } else {
-                Reply::json(500, json!({"detail": "boom"}))
-            }
-        })
+        .runtime(runtime_answering(|_: &Received| {
+            Reply::json(500, json!({"detail": "boom"}))
+        }))
         .config(|c| c.bridge.enabled = true)
         .start()
         .await;

@@ -114,13 +114,7 @@ async fn runtimes_that_fail_first_thing_are_failed_over_with_the_original_body()
     ];
     for (what, reply, stage) in cases {
         let h = Harness::new()
-            .runtime(move |req: &Received| {
-                if req.path == "/health" {
-                    Reply::json(200, json!({"status": "ok"}))
-                } else {
-                    reply.clone()
-                }
-            })
+            .runtime(runtime_answering(move |_: &Received| reply.clone()))
             .config(|c| c.runtime.max_frame_bytes = 1024)
             .start()
             .await;

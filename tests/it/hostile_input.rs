@@ -1092,10 +1092,7 @@ async fn runtime_answering_something_else_than_sse() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runtime_talking_after_completion_gets_one_terminal_event() {
     let h = Harness::new()
-        .runtime(|req: &Received| {
-            if req.path == "/health" {
-                return healthy_runtime(req);
-            }
+        .runtime(runtime_answering(|req: &Received| {
             let complete = frame("execution_complete", json!({"final_response": "x"}));
             let after = match req.json()["session_id"].as_str() {
                 Some("then-error") => frame("execution_error", json!({"error": "late failure"})),
@@ -1108,7 +1105,7 @@ async fn runtime_talking_after_completion_gets_one_terminal_event() {
                 Step::Send(after),
                 Step::Send(done_frame()),
             ])
-        })
+        }))
         .start()
         .await;
     let mut wrong = Vec::new();

@@ -273,10 +273,7 @@ async fn stream_in_flight_during_a_reload_completes_under_the_config_it_started_
     let dir = TempDir::new("inflight");
     let path = dir.join("proxy.toml");
     let h = watching_org_a(&path)
-        .runtime(move |req| {
-            if req.path == "/health" {
-                return healthy_runtime(req);
-            }
+        .runtime(runtime_answering(move |req: &Received| {
             if req.json()["session_id"] != "s-held" {
                 return Reply::sse(runtime_ok_steps());
             }
@@ -292,7 +289,7 @@ async fn stream_in_flight_during_a_reload_completes_under_the_config_it_started_
                 )),
                 Step::Send(done_frame()),
             ])
-        })
+        }))
         .start()
         .await;
 

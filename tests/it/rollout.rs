@@ -285,10 +285,7 @@ async fn shadow_failures_never_open_the_breaker() {
     let calls = n.clone();
     // Every execution fails: a 500, or an execution_error event, in turn.
     let h = Harness::new()
-        .runtime(move |req| {
-            if req.path == "/health" {
-                return healthy_runtime(req);
-            }
+        .runtime(runtime_answering(move |_: &Received| {
             if calls.fetch_add(1, Ordering::SeqCst) % 2 == 0 {
                 Reply::json(500, json!({"detail": "boom"}))
             } else {
@@ -300,7 +297,7 @@ async fn shadow_failures_never_open_the_breaker() {
                     Step::Send(done_frame()),
                 ])
             }
-        })
+        }))
         .config(rollout(|c| c.rollout.shadow_percent = 100.0))
         .start()
         .await;
@@ -449,10 +446,7 @@ async fn only_direct_llm_chats_of_verified_orgs_off_the_denylist_are_shadowed() 
 async fn shadow_timeouts_are_judged_like_relayed_streams() {
     // s-complete: execution_complete, then silence without [DONE]; s-silent: silence only.
     let h = Harness::new()
-        .runtime(|req| {
-            if req.path == "/health" {
-                return healthy_runtime(req);
-            }
+        .runtime(runtime_answering(|req: &Received| {
             let mut steps = vec![Step::Send(frame("text_chunk", json!({"content": "x"})))];
             if req.json()["session_id"] == "s-complete" {
                 steps.push(Step::Send(frame(
@@ -462,7 +456,7 @@ async fn shadow_timeouts_are_judged_like_relayed_streams() {
             }
             steps.push(Step::Hang);
             Reply::sse(steps)
-        })
+        }))
         .config(rollout(|c| {
             c.rollout.shadow_percent = 100.0;
             c.runtime.execution_timeout_ms = 400;

@@ -141,10 +141,7 @@ async fn events_reach_the_client_whole_whatever_the_runtime_framing() {
         steps
     }
     let h = Harness::new()
-        .runtime(|req: &Received| {
-            if req.path == "/health" {
-                return Reply::json(200, json!({"status": "ok"}));
-            }
+        .runtime(runtime_answering(|req: &Received| {
             let sep = match req.json()["session_id"].as_str() {
                 Some("crlf") => "\r\n",
                 Some("lf") => "\n",
@@ -152,7 +149,7 @@ async fn events_reach_the_client_whole_whatever_the_runtime_framing() {
                 other => panic!("unexpected session {other:?}"),
             };
             Reply::sse(script(sep))
-        })
+        }))
         .start()
         .await;
 
@@ -296,10 +293,7 @@ async fn runtime_dying_mid_stream_ends_with_one_error_event() {
     // reach the client).
     let half = frame("text_chunk", json!({"content": "never finished"}));
     let h = Harness::new()
-        .runtime(move |req: &Received| {
-            if req.path == "/health" {
-                return Reply::json(200, json!({"status": "ok"}));
-            }
+        .runtime(runtime_answering(move |req: &Received| {
             let mut steps = vec![Step::Send(frame(
                 "text_chunk",
                 json!({"content": "before"}),
@@ -309,7 +303,7 @@ async fn runtime_dying_mid_stream_ends_with_one_error_event() {
             }
             steps.push(Step::Close);
             Reply::sse(steps)
-        })
+        }))
         .start()
         .await;
 
@@ -346,10 +340,7 @@ async fn frame_over_the_limit_ends_with_frame_too_large() {
     ]
     .concat();
     let h = Harness::new()
-        .runtime(move |req: &Received| {
-            if req.path == "/health" {
-                return Reply::json(200, json!({"status": "ok"}));
-            }
+        .runtime(runtime_answering(move |req: &Received| {
             let mut steps = vec![Step::Send(frame("text_chunk", json!({"content": "small"})))];
             if req.json()["session_id"] == "terminated" {
                 steps.push(Step::Send(big.clone()));
@@ -361,7 +352,7 @@ async fn frame_over_the_limit_ends_with_frame_too_large() {
                 steps.push(Step::Hang);
             }
             Reply::sse(steps)
-        })
+        }))
         .config(move |cfg| {
             cfg.runtime.max_frame_bytes = 1024;
             cfg.runtime.execution_timeout_ms = 10_000;
@@ -385,10 +376,7 @@ async fn frame_over_the_limit_ends_with_frame_too_large() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn execution_error_becomes_one_error_event_with_the_runtime_code() {
     let h = Harness::new()
-        .runtime(|req: &Received| {
-            if req.path == "/health" {
-                return Reply::json(200, json!({"status": "ok"}));
-            }
+        .runtime(runtime_answering(|req: &Received| {
             let err = if req.json()["session_id"] == "with-code" {
                 json!({"error": "tool crashed", "code": "TOOL_FAILED"})
             } else {
@@ -401,7 +389,7 @@ async fn execution_error_becomes_one_error_event_with_the_runtime_code() {
                 Step::Send(frame("text_chunk", json!({"content": "after"}))),
                 Step::Send(done_frame()),
             ])
-        })
+        }))
         .start()
         .await;
 
@@ -528,10 +516,7 @@ async fn silent_runtime_gets_heartbeats_between_events() {
 async fn execution_timeout_ends_with_a_timeout_error_event() {
     let _counters = COUNTERS.lock().await;
     let h = Harness::new()
-        .runtime(|req: &Received| {
-            if req.path == "/health" {
-                return Reply::json(200, json!({"status": "ok"}));
-            }
+        .runtime(runtime_answering(|req: &Received| {
             match req.json()["session_id"].as_str() {
                 // Accepts the request, never answers.
                 Some("no-header") => Reply::silent(vec![Step::Hang]),
@@ -541,7 +526,7 @@ async fn execution_timeout_ends_with_a_timeout_error_event() {
                     Step::Hang,
                 ]),
             }
-        })
+        }))
         .config(move |cfg| {
             cfg.runtime.execution_timeout_ms = 600;
         })
@@ -678,10 +663,7 @@ async fn runtime_hanging_after_execution_complete_gets_no_error_after_done() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_connection_is_reusable_after_runtime_streams() {
     let h = Harness::new()
-        .runtime(|req: &Received| {
-            if req.path == "/health" {
-                return Reply::json(200, json!({"status": "ok"}));
-            }
+        .runtime(runtime_answering(|req: &Received| {
             if req.json()["session_id"] == "fails" {
                 Reply::sse(vec![Step::Send(frame(
                     "text_chunk",
@@ -690,7 +672,7 @@ async fn client_connection_is_reusable_after_runtime_streams() {
             } else {
                 Reply::sse(runtime_ok_steps())
             }
-        })
+        }))
         .config(move |c| {
             // Far beyond any Instant: the heartbeat timer must not overflow.
             c.runtime.heartbeat_secs = u64::MAX;

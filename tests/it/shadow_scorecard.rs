@@ -107,10 +107,7 @@ async fn an_org_whose_copies_succeed_becomes_ready() {
 async fn an_org_whose_copies_fail_is_not_ready_for_its_error_rate() {
     let h = Harness::new()
         .config(shadowing(4))
-        .runtime(|req| {
-            if req.path == "/health" {
-                return healthy_runtime(req);
-            }
+        .runtime(runtime_answering(|_: &Received| {
             Reply::sse(vec![
                 Step::Send(frame("text_chunk", json!({"content": "par"}))),
                 Step::Send(frame(
@@ -119,7 +116,7 @@ async fn an_org_whose_copies_fail_is_not_ready_for_its_error_rate() {
                 )),
                 Step::Send(done_frame()),
             ])
-        })
+        }))
         .start()
         .await;
     chats(&h, "org-s", 4).await;
@@ -151,14 +148,11 @@ async fn an_org_whose_copies_fail_is_not_ready_for_its_error_rate() {
 async fn a_runtime_slow_to_its_first_event_trips_the_ttfe_ratio() {
     let h = Harness::new()
         .config(shadowing(3))
-        .runtime(|req| {
-            if req.path == "/health" {
-                return healthy_runtime(req);
-            }
+        .runtime(runtime_answering(|_: &Received| {
             let mut steps = vec![Step::Sleep(Duration::from_millis(400))];
             steps.extend(runtime_ok_steps());
             Reply::sse(steps)
-        })
+        }))
         .start()
         .await;
     chats(&h, "org-s", 3).await;

@@ -551,3 +551,15 @@ pub fn runtime_script(
 pub fn runtime_sse(steps: Vec<Step>) -> impl Fn(&Received) -> Reply + Send + Sync + 'static {
     runtime_script(move |_| Reply::sse(steps.clone()))
 }
+
+/// A runtime that answers its health checks and every other request with `script`.
+pub fn runtime_answering(
+    script: impl Fn(&Received) -> Reply + Send + Sync + 'static,
+) -> impl Fn(&Received) -> Reply + Send + Sync + 'static {
+    move |req: &Received| {
+        if req.path == "/health" {
+            return healthy_runtime(req);
+        }
+        script(req)
+    }
+}
