@@ -34,16 +34,7 @@ pub async fn read_request(
     parsed.parse(&buf[..head_end]).ok()?;
     let method = parsed.method?.to_string();
     let path = parsed.path?.to_string();
-    let headers: Vec<(String, String)> = parsed
-        .headers
-        .iter()
-        .map(|h| {
-            (
-                h.name.to_ascii_lowercase(),
-                String::from_utf8_lossy(h.value).to_string(),
-            )
-        })
-        .collect();
+    let headers = header_pairs(parsed.headers);
     buf.drain(..head_end);
     let get = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
     let body = if get("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
@@ -96,6 +87,25 @@ pub async fn read_request(
     })
 }
 
+/// Parsed headers as (lower-case name, value) pairs.
+fn header_pairs(headers: &[httparse::Header]) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .map(|h| {
+            let value = String::from_utf8_lossy(h.value).to_string();
+            (h.name.to_ascii_lowercase(), value)
+        })
+        .collect()
+}
+
+/// The value of header `name` (any case) among `headers`.
+pub fn header_in<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
 /// Raw response bytes as text without their `Date` lines: the one header two servers answering
 /// the same request at different times must differ in.
 pub fn without_date(bytes: &[u8]) -> String {
@@ -122,10 +132,7 @@ pub struct Response {
 
 impl Response {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        header_in(&self.headers, name)
     }
     pub fn body(&self) -> Vec<u8> {
         self.chunks.iter().flat_map(|(_, c)| c.clone()).collect()
@@ -218,16 +225,7 @@ impl Client {
         let mut parsed = httparse::Response::new(&mut headers);
         parsed.parse(&self.buf[..head_end]).unwrap();
         let status = parsed.code.unwrap();
-        let headers: Vec<(String, String)> = parsed
-            .headers
-            .iter()
-            .map(|h| {
-                (
-                    h.name.to_ascii_lowercase(),
-                    String::from_utf8_lossy(h.value).to_string(),
-                )
-            })
-            .collect();
+        let headers = header_pairs(parsed.headers);
         self.buf.drain(..head_end);
         let get = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
         let mut chunks = Vec::new();
