@@ -20,10 +20,6 @@ fn thinking(content: &str) -> Vec<u8> {
     frame("thinking", json!({"content": content, "stage": "planning"}))
 }
 
-fn text(content: &str) -> Vec<u8> {
-    frame("text_chunk", json!({"content": content}))
-}
-
 fn failed(code: &str) -> Vec<u8> {
     frame(
         "execution_error",

@@ -24,14 +24,6 @@ const DEADLINE: Duration = Duration::from_millis(400);
 /// What the machine may add to a deadline before a check calls it missed.
 const SLACK: Duration = Duration::from_millis(1000);
 
-fn thinking(content: &str) -> Vec<u8> {
-    frame("thinking", json!({"content": content}))
-}
-
-fn text(content: &str) -> Vec<u8> {
-    frame("text_chunk", json!({"content": content}))
-}
-
 fn complete() -> Vec<u8> {
     frame(
         "execution_complete",

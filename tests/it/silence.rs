@@ -18,14 +18,6 @@ const SLACK: Duration = Duration::from_millis(1200);
 /// At most what one relayed event takes from the proxy's read to the client's.
 const RELAY_HOP: Duration = Duration::from_millis(50);
 
-fn text(content: &str) -> Vec<u8> {
-    frame("text_chunk", json!({"content": content}))
-}
-
-fn thinking(content: &str) -> Vec<u8> {
-    frame("thinking", json!({"content": content}))
-}
-
 /// A runtime that answers health checks and executions with `steps` (`None`: no head at all).
 fn runtime(steps: Option<Vec<Step>>) -> impl Fn(&Received) -> Reply + Send + Sync + 'static {
     runtime_script(move |_| match &steps {

@@ -560,3 +560,13 @@ pub fn runtime_answering(
         script(req)
     }
 }
+
+/// A runtime `text_chunk` frame.
+pub fn text(content: &str) -> Vec<u8> {
+    frame("text_chunk", serde_json::json!({ "content": content }))
+}
+
+/// A runtime `thinking` frame.
+pub fn thinking(content: &str) -> Vec<u8> {
+    frame("thinking", serde_json::json!({ "content": content }))
+}
