@@ -267,17 +267,9 @@ async fn failed_probe_reopens_the_breaker() {
     assert_eq!(h.runtime.work().len(), 3);
 }
 
-/// Address of a port nobody listens on.
-async fn closed_port() -> String {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    drop(l);
-    addr.to_string()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runtime_failing_before_its_first_byte_is_failed_over_to_legacy() {
-    let refused = closed_port().await;
+    let refused = Unreachable::new().address();
     let answering = |status: u16| {
         move |req: &Received| {
             if req.path == "/health" {
