@@ -58,6 +58,26 @@ fn response_complete(buf: &[u8]) -> bool {
     false
 }
 
+/// Read into `buf` until it holds a whole response, the peer closes (true), or `wait` passes.
+async fn read_response_bytes(
+    conn: &mut (impl AsyncReadExt + Unpin),
+    buf: &mut Vec<u8>,
+    wait: Duration,
+) -> bool {
+    let mut chunk = vec![0u8; 64 * 1024];
+    let read = tokio::time::timeout(wait, async {
+        while !response_complete(buf) {
+            match conn.read(&mut chunk).await {
+                Ok(0) | Err(_) => return true,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        false
+    })
+    .await;
+    read.unwrap_or(false)
+}
+
 /// Send `bytes` on a fresh connection and read what comes back until the response is whole, the
 /// connection closes, or `wait` passes.
 async fn exchange(addr: SocketAddr, bytes: &[u8], wait: Duration) -> Raw {
@@ -66,23 +86,8 @@ async fn exchange(addr: SocketAddr, bytes: &[u8], wait: Duration) -> Raw {
     // The proxy may answer (and close) before it has read everything: a failed write is fine.
     let _ = conn.write_all(bytes).await;
     let mut buf = Vec::new();
-    let mut closed = false;
+    let mut closed = read_response_bytes(&mut conn, &mut buf, wait).await;
     let mut chunk = vec![0u8; 64 * 1024];
-    let _ = tokio::time::timeout(wait, async {
-        loop {
-            if response_complete(&buf) {
-                return;
-            }
-            match conn.read(&mut chunk).await {
-                Ok(0) | Err(_) => {
-                    closed = true;
-                    return;
-                }
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        }
-    })
-    .await;
     if !closed && response_complete(&buf) {
         // Does the proxy close the connection after this response?
         closed = matches!(
@@ -346,23 +351,7 @@ async fn send_chunked_body(addr: SocketAddr, org: &str, total: usize) -> Raw {
     });
     let started = Instant::now();
     let mut buf = Vec::new();
-    let mut closed = false;
-    let _ = tokio::time::timeout(WAIT, async {
-        let mut chunk = vec![0u8; 16 * 1024];
-        loop {
-            if response_complete(&buf) {
-                return;
-            }
-            match rd.read(&mut chunk).await {
-                Ok(0) | Err(_) => {
-                    closed = true;
-                    return;
-                }
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        }
-    })
-    .await;
+    let closed = read_response_bytes(&mut rd, &mut buf, WAIT).await;
     writer.abort();
     let i = find(&buf, b"\r\n\r\n").unwrap_or(buf.len());
     let head = String::from_utf8_lossy(&buf[..i]).to_string();
