@@ -337,7 +337,7 @@ async fn runtime_killed_with_streams_in_flight_fails_cleanly_and_recovers_withou
     // New requests keep arriving throughout.
     let stop = Arc::new(AtomicBool::new(false));
     let load = steady_load(addr, 4, stop.clone(), Duration::from_secs(20));
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    h.runtime.wait_for_work(2 * n + pending_n + 4).await;
 
     // Kill the runtime: every connection dropped, the port closed.
     let killed_at = Instant::now();
@@ -633,7 +633,8 @@ async fn a_hundred_reloads_under_load_fail_no_request_and_route_each_by_a_config
             }
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The load is flowing before the first write.
+    h.runtime.wait_for_work(4).await;
 
     // 100 writes, 20-50 ms apart; every 10th is followed by a pause long enough for the reload's
     // debounce, so that a good share of them are really applied under load. Write 50 is broken.
