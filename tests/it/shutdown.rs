@@ -43,30 +43,25 @@ impl ProxyProcess {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let (proxy, admin, metrics) = (free_port(), free_port(), free_port());
-        let config = format!(
-            r#"
-[server]
-listen = "127.0.0.1:{proxy}"
-admin_listen = "127.0.0.1:{admin}"
-metrics_listen = "127.0.0.1:{metrics}"
-threads = 2
-grace_period_secs = {grace_secs}
-[legacy]
-address = "{legacy}"
-[runtime]
-address = "{runtime}"
-execution_timeout_ms = 60000
-health_interval_ms = 200
-connect_timeout_ms = 500
-default_agent_id = "{TEST_AGENT}"
-[rollout]
-runtime_orgs = ["org-a"]
-[identity]
-jwt_secret_env = "{JWT_ENV}"
-[admin]
-token_env = "{ADMIN_ENV}"
-{bridge}"#
+        let config = test_toml(legacy, runtime);
+        let config = retoml(
+            &config,
+            "listen = \"127.0.0.1:1\"",
+            &format!(
+                "listen = \"127.0.0.1:{proxy}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n\
+                 metrics_listen = \"127.0.0.1:{metrics}\"\nthreads = 2\n\
+                 grace_period_secs = {grace_secs}"
+            ),
         );
+        let config = retoml(
+            &config,
+            "execution_timeout_ms = 5000",
+            "execution_timeout_ms = 60000",
+        );
+        // The shipped defaults for the commit point and the breaker.
+        let config = retoml(&config, "commit_timeout_ms = 1000\n", "");
+        let config = retoml(&config, "[breaker]\nopen_secs = 1\n", "");
+        let config = retoml(&config, BRIDGE_OFF_TOML, bridge);
         let path = dir.join("proxy.toml");
         std::fs::write(&path, config).unwrap();
         let log = std::fs::File::create(dir.join("proxy.log")).unwrap();
@@ -205,10 +200,7 @@ async fn first_chunk(rx: &mut mpsc::UnboundedReceiver<()>) {
 
 /// A runtime whose executions stream for about `secs` seconds before completing.
 fn slow_runtime(secs: u64) -> impl Fn(&Received) -> Reply + Send + Sync + 'static {
-    move |req: &Received| {
-        if req.path == "/health" {
-            return Reply::json(200, serde_json::json!({"status": "ok"}));
-        }
+    runtime_script(move |_| {
         let mut steps = vec![Step::Send(frame(
             "text_chunk",
             serde_json::json!({"content": "one"}),
@@ -226,7 +218,7 @@ fn slow_runtime(secs: u64) -> impl Fn(&Received) -> Reply + Send + Sync + 'stati
         )));
         steps.push(Step::Send(done_frame()));
         Reply::sse(steps)
-    }
+    })
 }
 
 /// A legacy Chat API whose chat answers stream for about `secs` seconds.
