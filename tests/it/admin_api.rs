@@ -84,13 +84,20 @@ async fn fallback_status(server: &LocalServer) -> Value {
     data.clone()
 }
 
+/// Trip the breaker through the admin API with this `Authorization`; the status.
+async fn trip_with(h: &Running, authorization: &str) -> u16 {
+    let mut c = Client::connect(h.admin_addr).await;
+    let headers = [("authorization", authorization)];
+    c.send("POST", "/runtime/fallback/trip", &headers, b"")
+        .await;
+    c.read_response().await.status
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_endpoints_have_the_contract_shapes() {
     let h = Harness::new()
-        .runtime(|req: &Received| {
-            if req.path == "/health" {
-                Reply::json(200, json!({"status": "ok"}))
-            } else if req.json()["session_id"] == "fails" {
+        .runtime(runtime_answering(|req: &Received| {
+            if req.json()["session_id"] == "fails" {
                 Reply::sse(vec![Step::Send(frame(
                     "execution_error",
                     json!({"error": "no"}),
@@ -98,7 +105,7 @@ async fn read_endpoints_have_the_contract_shapes() {
             } else {
                 Reply::sse(runtime_ok_steps())
             }
-        })
+        }))
         // The failing session's error is counted as one the user saw, after the commit.
         .config(|c| c.runtime.commit_timeout_ms = Some(0))
         .start()
@@ -129,7 +136,7 @@ async fn read_endpoints_have_the_contract_shapes() {
         (json!(false), json!("closed"))
     );
 
-    // org-a: two h.runtime successes and one h.runtime error; org-b: one direct success.
+    // org-a: two runtime successes and one runtime error; org-b: one direct success.
     for session in ["ok-1", "ok-2", "fails"] {
         let r = chat(h.proxy_addr, Some("org-a"), session, HI).await;
         assert_eq!(r.header("x-execution-mode"), Some("runtime_orchestrator"));
@@ -207,16 +214,7 @@ async fn mutations_need_the_admin_token() {
         assert_eq!(fallback_status(&h).await["state"], "closed", "{path}");
     }
     // The token in another scheme is not a bearer token.
-    let mut c = Client::connect(h.admin_addr).await;
-    let basic = format!("Basic {ADMIN_TOKEN}");
-    c.send(
-        "POST",
-        "/runtime/fallback/trip",
-        &[("authorization", basic.as_str())],
-        b"",
-    )
-    .await;
-    assert_eq!(c.read_response().await.status, 401);
+    assert_eq!(trip_with(&h, &format!("Basic {ADMIN_TOKEN}")).await, 401);
     assert_eq!(fallback_status(&h).await["state"], "closed");
 
     let (status, body) = admin(&h, "POST", "/runtime/fallback/reset", Some(ADMIN_TOKEN)).await;
@@ -224,16 +222,7 @@ async fn mutations_need_the_admin_token() {
     assert_eq!(body["success"], true);
 
     // The scheme is case-insensitive; the token is not.
-    let mut c = Client::connect(h.admin_addr).await;
-    let upper = format!("BEARER {ADMIN_TOKEN}");
-    c.send(
-        "POST",
-        "/runtime/fallback/trip",
-        &[("authorization", upper.as_str())],
-        b"",
-    )
-    .await;
-    assert_eq!(c.read_response().await.status, 200);
+    assert_eq!(trip_with(&h, &format!("BEARER {ADMIN_TOKEN}")).await, 200);
     assert_eq!(fallback_status(&h).await["state"], "open");
     let (status, _) = admin(
         &h,
@@ -331,25 +320,25 @@ async fn trip_sends_everyone_to_legacy_until_reset() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutations_are_refused_when_no_token_is_configured() {
-    let runtime = Upstream::start(healthy_runtime).await;
-    let legacy = Upstream::start(echo_legacy).await;
-    let mut cfg = config(&legacy.address(), &runtime.address());
     // An env var nobody sets (changing ADMIN_ENV would race the other tests of this process).
-    cfg.admin.token_env = "CUTOVER_TEST_ADMIN_TOKEN_NEVER_SET".into();
-    assert!(std::env::var(&cfg.admin.token_env).is_err());
-    let server = proxy(cfg).await;
+    const UNSET: &str = "CUTOVER_TEST_ADMIN_TOKEN_NEVER_SET";
+    assert!(std::env::var(UNSET).is_err());
+    let h = Harness::new()
+        .config(|c| c.admin.token_env = UNSET.into())
+        .start()
+        .await;
 
     for path in ["/runtime/fallback/trip", "/runtime/fallback/reset"] {
         for token in [None, Some(ADMIN_TOKEN), Some(""), Some("anything")] {
-            let (status, body) = admin(&server, "POST", path, token).await;
+            let (status, body) = admin(&h, "POST", path, token).await;
             assert_eq!(status, 401, "{path} with {token:?}: {body}");
         }
     }
-    assert_eq!(fallback_status(&server).await["state"], "closed");
-    let r = chat(server.proxy_addr, Some("org-a"), "s", HI).await;
+    assert_eq!(fallback_status(&h).await["state"], "closed");
+    let r = chat(h.proxy_addr, Some("org-a"), "s", HI).await;
     assert_eq!(r.header("x-execution-mode"), Some("runtime_orchestrator"));
     // Reads stay open.
-    let (status, _) = admin(&server, "GET", "/runtime/metrics", None).await;
+    let (status, _) = admin(&h, "GET", "/runtime/metrics", None).await;
     assert_eq!(status, 200);
 }
 

@@ -78,53 +78,46 @@ async fn open_breaker_half_opens_on_time_with_no_traffic() {
     let _serial = SERIAL.lock().await;
     let recovered = Arc::new(AtomicBool::new(false));
     let r = recovered.clone();
-    let runtime = Upstream::start(move |req| {
-        if req.path == "/health" {
-            Reply::json(200, json!({"status": "ok"}))
-        } else if r.load(Ordering::SeqCst) {
-            Reply::sse(runtime_ok_steps())
-        } else {
-            Reply::json(500, json!({"error": "overloaded"}))
-        }
-    })
-    .await;
-    let legacy = Upstream::start(echo_legacy).await;
-    let mut cfg = config(&legacy.address(), &runtime.address());
-    cfg.breaker.min_requests = 1;
-    cfg.breaker.open_secs = OPEN_SECS;
-    cfg.breaker.half_open_probes = 1;
-    cfg.runtime.health_interval_ms = 60_000;
-    let server = proxy(cfg).await;
-    let before = scrape(&server).await;
+    let h = Harness::new()
+        .runtime(runtime_answering(move |_: &Received| {
+            if r.load(Ordering::SeqCst) {
+                Reply::sse(runtime_ok_steps())
+            } else {
+                Reply::json(500, json!({"error": "overloaded"}))
+            }
+        }))
+        .config(move |c| {
+            c.breaker.min_requests = 1;
+            c.breaker.open_secs = OPEN_SECS;
+            c.breaker.half_open_probes = 1;
+            c.runtime.health_interval_ms = 60_000;
+        })
+        .start()
+        .await;
+    let before = scrape(&h).await;
 
     let before_opening = Instant::now();
-    let r = chat(
-        server.proxy_addr,
-        Some("org-a"),
-        "s-1",
-        r#"{"message":"hi"}"#,
-    )
-    .await;
+    let r = chat(h.proxy_addr, Some("org-a"), "s-1", r#"{"message":"hi"}"#).await;
     assert_eq!(r.header("x-execution-reason"), Some("failover"), "{r:?}");
-    let shared = server.shared.clone();
+    let shared = h.shared.clone();
     assert!(
         eventually(DEADLINE, || shared.breaker.state() == State::Open).await,
         "one failed execution with min_requests = 1 did not open the breaker"
     );
-    let retry_at = server.shared.breaker.retry_at().expect("open, not by hand");
+    let retry_at = h.shared.breaker.retry_at().expect("open, not by hand");
     assert!(retry_at >= before_opening + Duration::from_secs(OPEN_SECS));
-    let status = fallback_status(&server).await;
+    let status = fallback_status(&h).await;
     assert_eq!(status["state"], "open", "{status}");
     assert_eq!(status["fallbackEnabled"], true, "{status}");
     recovered.store(true, Ordering::SeqCst);
-    let (runtime_work, legacy_work) = (runtime.work().len(), legacy.work().len());
+    let (runtime_work, legacy_work) = (h.runtime.work().len(), h.legacy.work().len());
 
     // Only the lock-free mirror is polled here: it ticks nothing, so the move is the timer's.
-    let shared = server.shared.clone();
+    let shared = h.shared.clone();
     assert!(
         eventually(DEADLINE, || shared.breaker.state() == State::HalfOpen).await,
         "still {} {:?} after open_secs with no traffic",
-        server.shared.breaker.state(),
+        h.shared.breaker.state(),
         before_opening.elapsed()
     );
     let moved_after = before_opening.elapsed();
@@ -133,14 +126,14 @@ async fn open_breaker_half_opens_on_time_with_no_traffic() {
         "half-open after {moved_after:?}, before open_secs"
     );
 
-    let status = fallback_status(&server).await;
+    let status = fallback_status(&h).await;
     assert_eq!(status["state"], "half_open", "{status}");
     assert_eq!(status["fallbackEnabled"], true, "{status}");
     assert_eq!(
         status["fallbackReason"], "half-open after 1s open: letting up to 1 probes through",
         "{status}"
     );
-    let text = scrape(&server).await;
+    let text = scrape(&h).await;
     assert_gauges(&text, "half_open");
     assert_eq!(
         transitions(&text, "open", "half_open") - transitions(&before, "open", "half_open"),
@@ -148,32 +141,26 @@ async fn open_breaker_half_opens_on_time_with_no_traffic() {
         "the timer's transition is counted like any other:\n{text}"
     );
     assert_eq!(
-        runtime.work().len(),
+        h.runtime.work().len(),
         runtime_work,
         "no chat reached the runtime"
     );
-    assert_eq!(legacy.work().len(), legacy_work, "no chat reached legacy");
+    assert_eq!(h.legacy.work().len(), legacy_work, "no chat reached legacy");
 
     // The next chat is the probe that closes it.
-    let r = chat(
-        server.proxy_addr,
-        Some("org-a"),
-        "s-2",
-        r#"{"message":"hi"}"#,
-    )
-    .await;
+    let r = chat(h.proxy_addr, Some("org-a"), "s-2", r#"{"message":"hi"}"#).await;
     assert_eq!(
         r.header("x-execution-mode"),
         Some("runtime_orchestrator"),
         "{r:?}"
     );
-    let shared = server.shared.clone();
+    let shared = h.shared.clone();
     assert!(
         eventually(DEADLINE, || shared.breaker.state() == State::Closed).await,
         "the probe's success did not close the breaker"
     );
-    assert_gauges(&scrape(&server).await, "closed");
-    assert_eq!(fallback_status(&server).await["fallbackEnabled"], false);
+    assert_gauges(&scrape(&h).await, "closed");
+    assert_eq!(fallback_status(&h).await["fallbackEnabled"], false);
 }
 
 /// The issue's case: health checks opened it, the runtime is healthy again, and nobody chats.
@@ -183,28 +170,29 @@ async fn health_opened_breaker_reads_half_open_once_the_runtime_is_back() {
     let _serial = SERIAL.lock().await;
     let down = Arc::new(AtomicBool::new(true));
     let d = down.clone();
-    let runtime = Upstream::start(move |req| {
-        if req.path == "/health" && d.load(Ordering::SeqCst) {
-            Reply::json(503, json!({"status": "down"}))
-        } else {
-            healthy_runtime(req)
-        }
-    })
-    .await;
-    let legacy = Upstream::start(echo_legacy).await;
-    let mut cfg = config(&legacy.address(), &runtime.address());
-    cfg.breaker.open_secs = OPEN_SECS;
-    cfg.runtime.health_failures = 1;
-    cfg.runtime.health_interval_ms = 100;
     let before_opening = Instant::now();
-    let server = proxy(cfg).await;
+    let h = Harness::new()
+        .runtime(move |req| {
+            if req.path == "/health" && d.load(Ordering::SeqCst) {
+                Reply::json(503, json!({"status": "down"}))
+            } else {
+                healthy_runtime(req)
+            }
+        })
+        .config(move |c| {
+            c.breaker.open_secs = OPEN_SECS;
+            c.runtime.health_failures = 1;
+            c.runtime.health_interval_ms = 100;
+        })
+        .start()
+        .await;
 
-    let shared = server.shared.clone();
+    let shared = h.shared.clone();
     assert!(
         eventually(DEADLINE, || shared.breaker.state() == State::Open).await,
         "a failed health check did not open the breaker"
     );
-    let status = fallback_status(&server).await;
+    let status = fallback_status(&h).await;
     assert_eq!(status["state"], "open", "{status}");
     assert!(
         status["fallbackReason"]
@@ -213,26 +201,28 @@ async fn health_opened_breaker_reads_half_open_once_the_runtime_is_back() {
             .starts_with("health check failed 1 times"),
         "{status}"
     );
-    assert_gauges(&scrape(&server).await, "open");
+    assert_gauges(&scrape(&h).await, "open");
     down.store(false, Ordering::SeqCst);
 
     // Polled through the admin API, as an operator would; each read may tick, none is a chat.
-    let deadline = Instant::now() + DEADLINE;
-    let status = loop {
-        let status = fallback_status(&server).await;
+    let half_open = until(DEADLINE, || async {
+        let status = fallback_status(&h).await;
         if status["state"] == "half_open" {
-            break status;
+            Ok(status)
+        } else {
+            Err(status)
         }
-        assert!(
-            Instant::now() < deadline,
+    })
+    .await;
+    let status = half_open.unwrap_or_else(|status| {
+        panic!(
             "still {status} {:?} after opening with the runtime healthy",
             before_opening.elapsed()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+        )
+    });
     assert!(before_opening.elapsed() >= Duration::from_secs(OPEN_SECS));
     assert_eq!(status["fallbackEnabled"], true, "{status}");
-    assert_gauges(&scrape(&server).await, "half_open");
-    assert!(runtime.work().is_empty(), "no chat reached the runtime");
-    assert!(legacy.work().is_empty(), "no chat reached legacy");
+    assert_gauges(&scrape(&h).await, "half_open");
+    assert!(h.runtime.work().is_empty(), "no chat reached the runtime");
+    assert!(h.legacy.work().is_empty(), "no chat reached legacy");
 }

@@ -67,10 +67,6 @@ fn fallback_gauge(server: &LocalServer) -> i64 {
     server.shared.metrics.fallback_enabled.get()
 }
 
-fn counter(c: &prometheus::IntCounterVec, mode: &str) -> u64 {
-    c.with_label_values(&[mode]).get()
-}
-
 /// Wait until no probe is in flight any more (its outcome reached the breaker).
 async fn probes_settled(server: &LocalServer) {
     let shared = server.shared.clone();
@@ -134,10 +130,8 @@ async fn execution_errors_open_the_breaker_and_it_recovers_by_itself() {
     let healthy = Arc::new(AtomicBool::new(false));
     let h = healthy.clone();
     let h = Harness::new()
-        .runtime(move |req: &Received| {
-            if req.path == "/health" {
-                Reply::json(200, json!({"status": "ok"}))
-            } else if h.load(Ordering::SeqCst) {
+        .runtime(runtime_answering(move |_: &Received| {
+            if h.load(Ordering::SeqCst) {
                 Reply::sse(runtime_ok_steps())
             } else {
                 Reply::sse(vec![
@@ -148,7 +142,7 @@ async fn execution_errors_open_the_breaker_and_it_recovers_by_itself() {
                     Step::Send(done_frame()),
                 ])
             }
-        })
+        }))
         .config(move |cfg| {
             cfg.breaker.min_requests = 10;
             cfg.breaker.error_rate = 0.5;
@@ -165,7 +159,7 @@ async fn execution_errors_open_the_breaker_and_it_recovers_by_itself() {
     for i in 1..=12 {
         let r = chat(h.proxy_addr, Some("org-a"), &format!("s-{i}"), HI).await;
         if i <= 10 {
-            // min_requests: no decision on fewer samples, so the first ten all reach the h.runtime.
+            // min_requests: no decision on fewer samples, so the first ten all reach the runtime.
             assert_runtime(&r, &format!("request {i}"));
             assert_eq!(names(&r), ["error"], "request {i}");
             recorded(&h, i, 0).await;
@@ -178,7 +172,7 @@ async fn execution_errors_open_the_breaker_and_it_recovers_by_itself() {
     assert_eq!(h.runtime.work().len(), 10);
     assert_eq!(h.legacy.work().len(), 2);
     assert_eq!(h.legacy.work()[0].body, HI.as_bytes());
-    // Open sends every org to h.legacy, not only the allowlisted ones.
+    // Open sends every org to legacy, not only the allowlisted ones.
     let r = h.chat("org-b").session("s-b").send().await;
     assert_legacy(&r, "breaker_open", "org-b while open");
     recorded(&h, 10, 3).await;
@@ -211,7 +205,7 @@ async fn execution_errors_open_the_breaker_and_it_recovers_by_itself() {
         (Some(3), Some(3))
     );
 
-    // The h.runtime recovers; nobody calls the admin API.
+    // The runtime recovers; nobody calls the admin API.
     healthy.store(true, Ordering::SeqCst);
     if retry_at(&h).is_some_and(|t| Instant::now() + Duration::from_millis(200) < t) {
         let r = h.chat("org-a").session("s-early").send().await;
@@ -232,16 +226,12 @@ async fn execution_errors_open_the_breaker_and_it_recovers_by_itself() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_probe_reopens_the_breaker() {
     let h = Harness::new()
-        .runtime(|req: &Received| {
-            if req.path == "/health" {
-                Reply::json(200, json!({"status": "ok"}))
-            } else {
-                Reply::sse(vec![Step::Send(frame(
-                    "execution_error",
-                    json!({"error": "still broken"}),
-                ))])
-            }
-        })
+        .runtime(runtime_answering(|_: &Received| {
+            Reply::sse(vec![Step::Send(frame(
+                "execution_error",
+                json!({"error": "still broken"}),
+            ))])
+        }))
         .config(move |cfg| {
             cfg.breaker.min_requests = 2;
             cfg.breaker.open_secs = 1;
@@ -277,18 +267,9 @@ async fn failed_probe_reopens_the_breaker() {
     assert_eq!(h.runtime.work().len(), 3);
 }
 
-/// Address of a port nobody listens on.
-async fn closed_port() -> String {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    drop(l);
-    addr.to_string()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runtime_failing_before_its_first_byte_is_failed_over_to_legacy() {
-    let legacy = Upstream::start(echo_legacy).await;
-    let refused = closed_port().await;
+    let refused = Unreachable::new().address();
     let answering = |status: u16| {
         move |req: &Received| {
             if req.path == "/health" {
@@ -298,39 +279,46 @@ async fn runtime_failing_before_its_first_byte_is_failed_over_to_legacy() {
             }
         }
     };
-    let r500 = Upstream::start(answering(500)).await;
-    let r503 = Upstream::start(answering(503)).await;
     // Accepts, then closes without a status line.
-    let hangup = Upstream::start(|req: &Received| {
+    let hangup = |req: &Received| {
         if req.path == "/health" {
             Reply::json(200, json!({"status": "ok"}))
         } else {
             Reply::silent(vec![Step::Close])
         }
-    })
-    .await;
+    };
 
     let body = r#"{"message":"héllo 世界","parentMessageId":"m-41"}"#;
-    let cases = [
-        ("connection refused", refused, None),
-        ("500", r500.address(), Some(&r500)),
-        ("503", r503.address(), Some(&r503)),
-        ("closed before answering", hangup.address(), Some(&hangup)),
+    // A runtime script, or none: the runtime's address is the closed port.
+    type Script = Box<dyn Fn(&Received) -> Reply + Send + Sync>;
+    let cases: [(&str, Option<Script>); 4] = [
+        ("connection refused", None),
+        ("500", Some(Box::new(answering(500)))),
+        ("503", Some(Box::new(answering(503)))),
+        ("closed before answering", Some(Box::new(hangup))),
     ];
-    for (i, (what, runtime_addr, runtime)) in cases.into_iter().enumerate() {
-        let mut cfg = config(&legacy.address(), &runtime_addr);
+    for (i, (what, script)) in cases.into_iter().enumerate() {
+        let scripted = script.is_some();
         // Health checks must not open the breaker for the closed port during the test.
-        cfg.runtime.health_interval_ms = 60_000;
-        let server = proxy(cfg).await;
-        let failovers = server.shared.metrics.failover_total.get();
-        let rt_errors = counter(&server.shared.metrics.execution_error_total, RT);
+        let harness = Harness::new().config(|c| c.runtime.health_interval_ms = 60_000);
+        let h = match script {
+            Some(script) => harness.runtime(script),
+            None => {
+                let refused = refused.clone();
+                harness.config(move |c| c.runtime.address = refused)
+            }
+        }
+        .start()
+        .await;
+        let failovers = h.shared.metrics.failover_total.get();
+        let rt_errors = counter(&h.shared.metrics.execution_error_total, RT);
 
         let session = format!("fo-{i}");
-        let r = chat(server.proxy_addr, Some("org-a"), &session, body).await;
+        let r = chat(h.proxy_addr, Some("org-a"), &session, body).await;
         assert_legacy(&r, "failover", what);
         assert!(!r.text().contains("event: error"), "{what}");
 
-        let got = legacy.work();
+        let got = h.legacy.work();
         let got = got.last().unwrap();
         assert_eq!(got.method, "POST", "{what}");
         assert_eq!(
@@ -348,7 +336,8 @@ async fn runtime_failing_before_its_first_byte_is_failed_over_to_legacy() {
                 .is_some_and(|a| a.starts_with("Bearer ")),
             "{what}"
         );
-        if let Some(rt) = runtime {
+        if scripted {
+            let rt = &h.runtime;
             // One attempt; a second only when the first went over a pooled connection (the
             // health check's) that closed without an answer, which is how a stale one looks.
             let tries = rt.work().len();
@@ -359,8 +348,8 @@ async fn runtime_failing_before_its_first_byte_is_failed_over_to_legacy() {
         }
 
         // The runtime's failure counts against it; legacy's answer is a direct success.
-        recorded(&server, 1, 1).await;
-        let data = window(&server).await;
+        recorded(&h, 1, 1).await;
+        let data = window(&h).await;
         assert_eq!(
             (
                 data["runtime"]["total"].as_u64(),
@@ -377,19 +366,19 @@ async fn runtime_failing_before_its_first_byte_is_failed_over_to_legacy() {
             (Some(1), Some(1)),
             "{what}: {data}"
         );
-        assert_eq!(server.shared.breaker.window_stats().error, 1, "{what}");
+        assert_eq!(h.shared.breaker.window_stats().error, 1, "{what}");
         assert_eq!(
-            server.shared.metrics.failover_total.get(),
+            h.shared.metrics.failover_total.get(),
             failovers + 1,
             "{what}"
         );
         assert_eq!(
-            counter(&server.shared.metrics.execution_error_total, RT),
+            counter(&h.shared.metrics.execution_error_total, RT),
             rt_errors + 1,
             "{what}"
         );
+        assert_eq!(h.legacy.work().len(), 1, "{what}: legacy served it once");
     }
-    assert_eq!(legacy.work().len(), 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -443,7 +432,7 @@ async fn failing_health_checks_open_the_breaker_without_traffic_and_recovery_fol
 
     let r = h.chat("org-a").send().await;
     assert_legacy(&r, "breaker_open", "while health fails");
-    // Still failing after open_secs: no probes go to a h.runtime that says it is unhealthy.
+    // Still failing after open_secs: no probes go to a runtime that says it is unhealthy.
     let shared = h.shared.clone();
     assert!(
         eventually(Duration::from_secs(3), move || retry_at_passed(&shared)).await,
@@ -518,51 +507,40 @@ async fn health_checks_never_run_on_the_request_path() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_or_timing_out_runtimes_open_the_breaker() {
-    let legacy = Upstream::start(echo_legacy).await;
-    let slow = Upstream::start(|req: &Received| {
-        if req.path == "/health" {
-            return Reply::json(200, json!({"status": "ok"}));
-        }
-        let mut steps = vec![Step::Sleep(Duration::from_millis(300))];
-        steps.extend(runtime_ok_steps());
-        Reply::sse(steps)
-    })
-    .await;
-    let hanging = Upstream::start(|req: &Received| {
-        if req.path == "/health" {
-            Reply::json(200, json!({"status": "ok"}))
-        } else {
-            Reply::sse(vec![Step::Hang])
-        }
-    })
-    .await;
+    let mut slow = vec![Step::Sleep(Duration::from_millis(300))];
+    slow.extend(runtime_ok_steps());
+    let hanging = vec![Step::Hang];
 
     // (runtime, execution_timeout_ms, latency_ratio, what every execution looks like, reason)
     let cases = [
-        (&slow, 400, 0.5, "done", "mean latency"),
-        (&hanging, 300, 0.8, "error", "timeout rate"),
+        (slow, 400, 0.5, "done", "mean latency"),
+        (hanging, 300, 0.8, "error", "timeout rate"),
     ];
-    for (runtime, timeout_ms, ratio, last_event, reason) in cases {
-        let mut cfg = config(&legacy.address(), &runtime.address());
-        cfg.runtime.execution_timeout_ms = timeout_ms;
-        cfg.breaker.latency_ratio = ratio;
-        cfg.breaker.min_requests = 3;
-        let server = proxy(cfg).await;
+    for (steps, timeout_ms, ratio, last_event, reason) in cases {
+        let h = Harness::new()
+            .runtime(runtime_sse(steps))
+            .config(move |c| {
+                c.runtime.execution_timeout_ms = timeout_ms;
+                c.breaker.latency_ratio = ratio;
+                c.breaker.min_requests = 3;
+            })
+            .start()
+            .await;
         for i in 1..=3 {
-            let r = chat(server.proxy_addr, Some("org-a"), &format!("s-{i}"), HI).await;
+            let r = chat(h.proxy_addr, Some("org-a"), &format!("s-{i}"), HI).await;
             assert_runtime(&r, &format!("{reason}: request {i}"));
             assert_eq!(
                 names(&r).last().map(String::as_str),
                 Some(last_event),
                 "{reason}"
             );
-            recorded(&server, i, 0).await;
+            recorded(&h, i, 0).await;
         }
-        assert_eq!(server.shared.breaker.state(), State::Open, "{reason}");
-        let status = fallback_status(&server).await;
+        assert_eq!(h.shared.breaker.state(), State::Open, "{reason}");
+        let status = fallback_status(&h).await;
         let why = status["fallbackReason"].as_str().unwrap();
         assert!(why.contains(reason), "expected {reason:?}, got {why:?}");
-        let r = chat(server.proxy_addr, Some("org-a"), "s-4", HI).await;
+        let r = chat(h.proxy_addr, Some("org-a"), "s-4", HI).await;
         assert_legacy(&r, "breaker_open", reason);
     }
 }
@@ -593,24 +571,27 @@ async fn runtime_timing_out_on_connect_is_failed_over_and_counts_as_error() {
         return;
     }
 
-    let legacy = Upstream::start(echo_legacy).await;
-    let mut cfg = config(&legacy.address(), &addr.to_string());
-    cfg.runtime.connect_timeout_ms = 300;
-    cfg.runtime.health_interval_ms = 60_000;
-    let server = proxy(cfg).await;
+    let h = Harness::new()
+        .config(move |c| {
+            c.runtime.address = addr.to_string();
+            c.runtime.connect_timeout_ms = 300;
+            c.runtime.health_interval_ms = 60_000;
+        })
+        .start()
+        .await;
 
     let started = Instant::now();
     let body = r#"{"message":"hello"}"#;
-    let r = chat(server.proxy_addr, Some("org-a"), "s-ct", body).await;
+    let r = chat(h.proxy_addr, Some("org-a"), "s-ct", body).await;
     assert!(
         started.elapsed() < Duration::from_secs(3),
         "took {:?}",
         started.elapsed()
     );
     assert_legacy(&r, "failover", "connect timeout");
-    assert_eq!(legacy.work()[0].body, body.as_bytes());
-    recorded(&server, 1, 1).await;
-    let data = window(&server).await;
+    assert_eq!(h.legacy.work()[0].body, body.as_bytes());
+    recorded(&h, 1, 1).await;
+    let data = window(&h).await;
     assert_eq!(
         (
             data["runtime"]["error"].as_u64(),

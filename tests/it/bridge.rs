@@ -2,6 +2,7 @@
 //! refusals and outages, unsafe ids, saves made exactly once (late answers, lost answers, an API
 //! that goes down and comes back, the saves of one chat in order), session create and delete.
 
+// Not the Harness: these drive the bridge client itself against the fake Chat API, with no proxy.
 use crate::support;
 
 use std::io::Write;

@@ -8,7 +8,6 @@ use crate::support;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use cutover_proxy::app::LocalServer;
 use cutover_proxy::core::config::{Config, Mode};
 use serde_json::{json, Value};
 use support::legacy::{FakeLegacy, Fault, LegacyRoute};
@@ -73,40 +72,34 @@ fn bearer(org: &str) -> String {
     )
 }
 
-struct Setup {
-    legacy: FakeLegacy,
-    runtime: Upstream,
-    server: LocalServer,
-}
+type Setup = Running<FakeLegacy>;
 
 /// The test config with the bridge on (300 ms per call, a conversation of 3 messages: the last 2
 /// saved and the current one) and no default agent, then `tweak`.
-async fn start(tweak: impl FnOnce(&mut Config)) -> Setup {
+async fn start(tweak: impl FnOnce(&mut Config) + 'static) -> Setup {
     start_with(runtime, tweak).await
 }
 
 /// `start`, with another runtime stand-in.
 async fn start_with(
     runtime: impl Fn(&Received) -> Reply + Send + Sync + 'static,
-    tweak: impl FnOnce(&mut Config),
+    tweak: impl FnOnce(&mut Config) + 'static,
 ) -> Setup {
-    let legacy = fake_legacy().await;
-    let runtime = Upstream::start(runtime).await;
-    let mut cfg = config(&legacy.address(), &runtime.address());
-    cfg.bridge.enabled = true;
-    cfg.bridge.timeout_ms = 300;
-    cfg.bridge.history_limit = 3;
-    cfg.runtime.default_agent_id = String::new();
-    tweak(&mut cfg);
-    let server = proxy(cfg).await;
-    Setup {
-        legacy,
-        runtime,
-        server,
-    }
+    Harness::new()
+        .legacy_server(fake_legacy().await)
+        .runtime(runtime)
+        .config(|c| {
+            c.bridge.enabled = true;
+            c.bridge.timeout_ms = 300;
+            c.bridge.history_limit = 3;
+            c.runtime.default_agent_id = String::new();
+        })
+        .config(tweak)
+        .start()
+        .await
 }
 
-impl Setup {
+impl Running<FakeLegacy> {
     async fn post(&self, path: &str, org: &str, body: &Value, extra: &[(&str, &str)]) -> Response {
         let auth = bearer(org);
         let mut headers = vec![
@@ -125,7 +118,7 @@ impl Setup {
         .await
     }
 
-    async fn chat(&self, session: &str, org: &str, body: Value) -> Response {
+    async fn chat_in(&self, session: &str, org: &str, body: Value) -> Response {
         let path = format!("/api/v1/chat/sessions/{session}");
         self.post(&path, org, &body, &[]).await
     }
@@ -163,6 +156,13 @@ fn done_of(r: &Response) -> Value {
 
 /// The chat went to legacy with its original body, for `reason`, and the runtime never saw it
 /// nor was it counted against the runtime.
+/// The reason a chat the bridge could not prepare goes to legacy with.
+const UNAVAILABLE: &str = "bridge_unavailable";
+
+fn chat_path(session: &str) -> String {
+    format!("/api/v1/chat/sessions/{session}")
+}
+
 async fn assert_legacy_served(s: &Setup, r: &Response, reason: &str, path: &str, body: &Value) {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_served(r, DIRECT, reason);
@@ -307,7 +307,7 @@ async fn each_turn_s_own_question_reaches_the_runtime() {
         "turn two: and Q4?",
         "turn three: and 2025?",
     ] {
-        let r = s.chat("s-1", "org-a", json!({"message": turn})).await;
+        let r = s.chat_in("s-1", "org-a", json!({"message": turn})).await;
         assert_served(&r, RT, "allowlist");
         let text: String = r
             .events()
@@ -378,22 +378,18 @@ async fn chat_start_creates_the_session_that_done_names() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chat_start_that_fails_over_deletes_its_session_before_legacy_serves_it() {
-    let legacy = fake_legacy().await;
-    let failing = Upstream::start(|req| {
-        if req.path == "/health" {
-            Reply::json(200, json!({"status": "ok"}))
-        } else {
+    let h = Harness::new()
+        .legacy_server(fake_legacy().await)
+        .runtime(runtime_answering(|_: &Received| {
             Reply::json(500, json!({"detail": "boom"}))
-        }
-    })
-    .await;
-    let mut cfg = config(&legacy.address(), &failing.address());
-    cfg.bridge.enabled = true;
-    let server = proxy(cfg).await;
+        }))
+        .config(|c| c.bridge.enabled = true)
+        .start()
+        .await;
     let body = json!({"agentId": "ag-1", "message": "hello"});
     let auth = format!("Bearer {}", token("org-a"));
     let r = request(
-        server.proxy_addr,
+        h.proxy_addr,
         "POST",
         "/api/v1/chat/start",
         &[("authorization", auth.as_str())],
@@ -403,7 +399,7 @@ async fn a_chat_start_that_fails_over_deletes_its_session_before_legacy_serves_i
     assert_served(&r, DIRECT, "failover");
     assert!(r.text().contains("legacy"));
 
-    let received = legacy.received();
+    let received = h.legacy.received();
     let paths: Vec<(&str, &str)> = received
         .iter()
         .map(|q| (q.method.as_str(), q.path.as_str()))
@@ -422,7 +418,7 @@ async fn a_chat_start_that_fails_over_deletes_its_session_before_legacy_serves_i
         .expect("legacy served the chat");
     assert!(created < deleted && deleted < chat, "{paths:?}");
     let id = paths[deleted].1.rsplit('/').next().unwrap();
-    assert!(legacy.session(id).is_none(), "session {id} left behind");
+    assert!(h.legacy.session(id).is_none(), "session {id} left behind");
     assert_eq!(received[chat].body, body.to_string().as_bytes());
     assert!(
         !paths.iter().any(|p| p.1.ends_with("/messages")),
@@ -435,12 +431,12 @@ async fn refused_lookups_send_the_chat_to_legacy_unchanged_and_uncharged() {
     let s = start(|_| {}).await;
     let body = json!({"message": "hi"});
     // Another org's session is a 404.
-    let r = s.chat("s-b", "org-a", body.clone()).await;
+    let r = s.chat_in("s-b", "org-a", body.clone()).await;
     assert_legacy_served(&s, &r, "bridge_refused", "/api/v1/chat/sessions/s-b", &body).await;
     for status in [401, 403, 409] {
         s.legacy
             .fail(LegacyRoute::GetSession, Fault::Status(status));
-        let r = s.chat("s-1", "org-a", body.clone()).await;
+        let r = s.chat_in("s-1", "org-a", body.clone()).await;
         assert_legacy_served(&s, &r, "bridge_refused", "/api/v1/chat/sessions/s-1", &body).await;
     }
     s.legacy.heal(LegacyRoute::GetSession);
@@ -459,56 +455,37 @@ async fn unavailable_lookups_send_the_chat_to_legacy_unchanged_and_uncharged() {
     let s = start(|_| {}).await;
     let body = json!({"message": "hi"});
     s.legacy.fail(LegacyRoute::GetSession, Fault::Status(503));
-    let r = s.chat("s-1", "org-a", body.clone()).await;
-    assert_legacy_served(
-        &s,
-        &r,
-        "bridge_unavailable",
-        "/api/v1/chat/sessions/s-1",
-        &body,
-    )
-    .await;
+    let r = s.chat_in("s-1", "org-a", body.clone()).await;
+    assert_legacy_served(&s, &r, UNAVAILABLE, &chat_path("s-1"), &body).await;
 
     // A legacy that does not answer holds the chat no longer than the bridge's timeout.
     s.legacy.heal(LegacyRoute::GetSession);
     s.legacy.fail(LegacyRoute::GetMessages, Fault::Hang);
     let t = Instant::now();
-    let r = s.chat("s-1", "org-a", body.clone()).await;
+    let r = s.chat_in("s-1", "org-a", body.clone()).await;
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
-    assert_legacy_served(
-        &s,
-        &r,
-        "bridge_unavailable",
-        "/api/v1/chat/sessions/s-1",
-        &body,
-    )
-    .await;
+    assert_legacy_served(&s, &r, UNAVAILABLE, &chat_path("s-1"), &body).await;
 
     // A session whose agent id could not go into a URL: legacy's data, not the caller's input.
     s.legacy.heal(LegacyRoute::GetMessages);
-    let r = s.chat("s-odd", "org-a", body.clone()).await;
-    assert_legacy_served(
-        &s,
-        &r,
-        "bridge_unavailable",
-        "/api/v1/chat/sessions/s-odd",
-        &body,
-    )
-    .await;
+    let r = s.chat_in("s-odd", "org-a", body.clone()).await;
+    assert_legacy_served(&s, &r, UNAVAILABLE, &chat_path("s-odd"), &body).await;
     assert!(!s.bridge_calls().iter().any(|c| c.path.contains("..")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_legacy_nobody_listens_on_is_bridge_unavailable() {
-    let runtime = Upstream::start(runtime).await;
-    let mut cfg = config(&format!("127.0.0.1:{}", free_port()), &runtime.address());
-    cfg.bridge.enabled = true;
-    let server = proxy(cfg).await;
-    let r = chat(server.proxy_addr, Some("org-a"), "s-1", HI).await;
+    let h = Harness::new()
+        .legacy_server(Unreachable::new())
+        .runtime(runtime)
+        .config(|c| c.bridge.enabled = true)
+        .start()
+        .await;
+    let r = chat(h.proxy_addr, Some("org-a"), "s-1", HI).await;
     // Legacy cannot serve it either: the client gets the proxy's 502, still saying why.
     assert_eq!(r.status, 502);
     assert_eq!(mode_reason(&r), (Some(DIRECT), Some("bridge_unavailable")));
-    assert!(runtime.work().is_empty());
+    assert!(h.runtime.work().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -522,7 +499,9 @@ async fn failed_saves_are_retried_in_order_counted_and_never_hold_done() {
     // The user message's first two attempts fail; its retries save it, and the answer follows it.
     s.legacy
         .fail(LegacyRoute::PostMessage, Fault::StatusTimes(503, 2));
-    let r = s.chat("s-1", "org-a", json!({"message": "retry me"})).await;
+    let r = s
+        .chat_in("s-1", "org-a", json!({"message": "retry me"}))
+        .await;
     let done = done_of(&r);
     let messages = s.legacy.messages("s-1");
     let contents: Vec<&Value> = messages[3..].iter().map(|m| &m["content"]).collect();
@@ -539,7 +518,7 @@ async fn failed_saves_are_retried_in_order_counted_and_never_hold_done() {
     // message, done twice that for the answer, not more.
     s.legacy.fail(LegacyRoute::PostMessage, Fault::Hang);
     let t = Instant::now();
-    let r = s.chat("s-1", "org-a", json!({"message": "lost?"})).await;
+    let r = s.chat_in("s-1", "org-a", json!({"message": "lost?"})).await;
     let took = t.elapsed();
     assert!(took < Duration::from_millis(1500), "{took:?}");
     let done = done_of(&r);
@@ -580,32 +559,9 @@ fn pausing_runtime(req: &Received) -> Reply {
 
 /// Send a chat, read its first event, then leave (the socket dropped, as a closed tab does).
 async fn leave_after_the_first_event(s: &Setup, message: &str) {
-    let addr = s.server.proxy_addr;
-    let auth = bearer("org-a");
     let body = json!({"message": message}).to_string();
-    let (first_tx, mut first_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
-    let client = tokio::spawn(async move {
-        let mut c = Client::connect(addr).await;
-        let headers = [
-            ("content-type", "application/json"),
-            ("authorization", auth.as_str()),
-        ];
-        c.send(
-            "POST",
-            "/api/v1/chat/sessions/s-1",
-            &headers,
-            body.as_bytes(),
-        )
-        .await;
-        c.read_response_with(|chunk| {
-            let _ = first_tx.send(chunk.to_vec());
-        })
-        .await
-    });
-    let first = tokio::time::timeout(Duration::from_secs(5), first_rx.recv())
-        .await
-        .expect("first event")
-        .unwrap();
+    let (first, client) =
+        first_chunk_of_chat(s.server.proxy_addr, bearer("org-a"), "s-1", body).await;
     assert!(String::from_utf8_lossy(&first).contains("Hel"));
     client.abort();
     let _ = client.await;
@@ -763,11 +719,11 @@ async fn with_the_bridge_off_the_agent_comes_from_the_body_or_the_config() {
     // No default agent: a chat without one goes to legacy, uncharged.
     let s = start(|c| c.bridge.enabled = false).await;
     let body = json!({"message": "hi"});
-    let r = s.chat("s-1", "org-a", body.clone()).await;
+    let r = s.chat_in("s-1", "org-a", body.clone()).await;
     assert_legacy_served(&s, &r, "no_agent", "/api/v1/chat/sessions/s-1", &body).await;
     // The body's agent is the runtime's.
     let r = s
-        .chat("s-1", "org-a", json!({"message": "hi", "agentId": "ag-9"}))
+        .chat_in("s-1", "org-a", json!({"message": "hi", "agentId": "ag-9"}))
         .await;
     assert_served(&r, RT, "allowlist");
     assert_eq!(done_of(&r)["usage"]["tokens"], 42);
@@ -782,7 +738,7 @@ async fn with_the_bridge_off_the_agent_comes_from_the_body_or_the_config() {
         c.runtime.default_agent_id = "agent-default".into();
     })
     .await;
-    let r = s.chat("s-1", "org-a", json!({"message": "hi"})).await;
+    let r = s.chat_in("s-1", "org-a", json!({"message": "hi"})).await;
     assert_served(&r, RT, "allowlist");
     let sent = s.runtime.work()[0].json();
     assert_eq!(sent["agent_id"], "agent-default");

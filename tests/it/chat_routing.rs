@@ -191,7 +191,7 @@ async fn chat_routes_match_with_query_or_trailing_slash() {
         mode_reason(&r),
         (Some("runtime_orchestrator"), Some("allowlist"))
     );
-    // An escaped id reaches the h.runtime decoded, as h.legacy's router would see it.
+    // An escaped id reaches the runtime decoded, as legacy's router would see it.
     let r = post_chat(
         h.proxy_addr,
         Some("org-a"),
@@ -402,8 +402,8 @@ async fn bodies_over_the_chat_limit_get_413_and_reach_no_upstream() {
         assert_eq!(mode_reason(&r), expected, "{org:?}");
         assert_eq!(r.json()["error"]["code"], "PAYLOAD_TOO_LARGE");
     }
-    // Without a Content-Length the limit holds as well, on either path. (A h.legacy-bound body is
-    // streamed, so h.legacy may see the start of it, but never a whole request.)
+    // Without a Content-Length the limit holds as well, on either path. (A legacy-bound body is
+    // streamed, so legacy may see the start of it, but never a whole request.)
     let r = post_chat_chunked(h.proxy_addr, "org-a", path, over.as_bytes()).await;
     assert_eq!(r.status, 413);
     assert_eq!(
@@ -467,7 +467,7 @@ async fn a_runtime_bound_body_too_large_to_replay_is_served_by_legacy() {
     );
     assert!(h.runtime.work().is_empty());
 
-    // Just under the replay limit the h.runtime still serves it.
+    // Just under the replay limit the runtime still serves it.
     let fits = format!(r#"{{"message":"{}"}}"#, "z".repeat(limit - 20));
     assert!(fits.len() <= limit);
     let r = chat(h.proxy_addr, Some("org-a"), "s-fits", &fits).await;
@@ -510,20 +510,12 @@ async fn a_legacy_chat_stream_reaches_the_client_chunk_by_chunk() {
         HI.as_bytes(),
     )
     .await;
-    let mut released = false;
     // The second chunk is only sent once the first reached the client: a proxy that buffers
     // the response would never finish here.
-    let r = tokio::time::timeout(
-        Duration::from_secs(5),
-        c.read_response_with(|_| {
-            if !released {
-                released = true;
-                h.legacy.release();
-            }
-        }),
-    )
-    .await
-    .expect("legacy stream was held back by the proxy");
+    let r = c
+        .read_releasing(&h.legacy)
+        .await
+        .expect("legacy stream was held back by the proxy");
     assert_eq!(mode_reason(&r), (Some("direct_llm"), Some("default")));
     assert!(r.complete);
     assert_eq!(r.chunks[0].1, b"event: message\ndata: {\"n\":1}\n\n");
@@ -537,7 +529,7 @@ async fn runtime_connections_are_reused_across_executions() {
     let executions = 6;
     for i in 0..executions {
         if i > 0 {
-            // The relay hands the h.runtime connection back to the pool once it read the end of
+            // The relay hands the runtime connection back to the pool once it read the end of
             // the body, just after the client got its last event: give it that moment.
             tokio::time::sleep(Duration::from_millis(15)).await;
         }
@@ -565,23 +557,15 @@ async fn runtime_connections_are_reused_across_executions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chat_that_legacy_cannot_serve_still_says_how_it_was_routed() {
     // Legacy is a closed port: the chat fails, and the answer still carries the mode.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let runtime = Upstream::start(healthy_runtime).await;
-    let server = proxy(config(&closed.to_string(), &runtime.address())).await;
+    let h = Harness::new()
+        .legacy_server(Unreachable::new())
+        .start()
+        .await;
 
-    let r = chat(
-        server.proxy_addr,
-        Some("org-b"),
-        "s-x",
-        r#"{"message":"hello"}"#,
-    )
-    .await;
+    let r = chat(h.proxy_addr, Some("org-b"), "s-x", r#"{"message":"hello"}"#).await;
     assert_eq!(r.status, 502);
     assert_eq!(mode_reason(&r), (Some("direct_llm"), Some("default")));
-    let r = chat(server.proxy_addr, None, "s-x", r#"{"message":"hello"}"#).await;
+    let r = chat(h.proxy_addr, None, "s-x", r#"{"message":"hello"}"#).await;
     assert_eq!(r.status, 502);
     assert_eq!(mode_reason(&r), (Some("direct_llm"), Some("no_identity")));
 }

@@ -20,10 +20,6 @@ fn thinking(content: &str) -> Vec<u8> {
     frame("thinking", json!({"content": content, "stage": "planning"}))
 }
 
-fn text(content: &str) -> Vec<u8> {
-    frame("text_chunk", json!({"content": content}))
-}
-
 fn failed(code: &str) -> Vec<u8> {
     frame(
         "execution_error",
@@ -114,13 +110,7 @@ async fn runtimes_that_fail_first_thing_are_failed_over_with_the_original_body()
     ];
     for (what, reply, stage) in cases {
         let h = Harness::new()
-            .runtime(move |req: &Received| {
-                if req.path == "/health" {
-                    Reply::json(200, json!({"status": "ok"}))
-                } else {
-                    reply.clone()
-                }
-            })
+            .runtime(runtime_answering(move |_: &Received| reply.clone()))
             .config(|c| c.runtime.max_frame_bytes = 1024)
             .start()
             .await;
@@ -390,26 +380,34 @@ fn failing_runtime() -> impl Fn(&Received) -> Reply + Send + Sync + 'static {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_bridge_a_failover_saves_nothing_and_leaves_no_session() {
     let legacy = FakeLegacy::seeded().await;
-    let rt = Upstream::start(failing_runtime()).await;
-    let mut cfg = config(&legacy.address(), &rt.address());
-    cfg.bridge.enabled = true;
-    let server = proxy(cfg).await;
+    let h = Harness::new()
+        .legacy_server(legacy)
+        .runtime(failing_runtime())
+        .config(move |c| {
+            c.bridge.enabled = true;
+        })
+        .start()
+        .await;
     let auth = format!("Bearer {}", token("org-a"));
     let headers = [
         ("content-type", "application/json"),
         ("authorization", auth.as_str()),
     ];
 
-    let before = legacy.messages("s-1");
+    let before = h.legacy.messages("s-1");
     let path = "/api/v1/chat/sessions/s-1";
-    let r = request(server.proxy_addr, "POST", path, &headers, BODY.as_bytes()).await;
+    let r = request(h.proxy_addr, "POST", path, &headers, BODY.as_bytes()).await;
     assert_failed_over(&r, "session chat");
-    assert_eq!(legacy.messages("s-1"), before, "only legacy's own messages");
-    assert_eq!(rt.work().len(), 1);
+    assert_eq!(
+        h.legacy.messages("s-1"),
+        before,
+        "only legacy's own messages"
+    );
+    assert_eq!(h.runtime.work().len(), 1);
 
     let start = json!({"agentId": "ag-1", "message": "hello"}).to_string();
     let r = request(
-        server.proxy_addr,
+        h.proxy_addr,
         "POST",
         "/api/v1/chat/start",
         &headers,
@@ -417,9 +415,9 @@ async fn with_the_bridge_a_failover_saves_nothing_and_leaves_no_session() {
     )
     .await;
     assert_failed_over(&r, "chat start");
-    assert_eq!(rt.work().len(), 2);
+    assert_eq!(h.runtime.work().len(), 2);
 
-    let received = legacy.received();
+    let received = h.legacy.received();
     let calls: Vec<(&str, &str)> = received
         .iter()
         .map(|q| (q.method.as_str(), q.path.as_str()))
@@ -444,7 +442,7 @@ async fn with_the_bridge_a_failover_saves_nothing_and_leaves_no_session() {
         .expect("legacy served /chat/start");
     assert!(created < deleted && deleted < served, "{calls:?}");
     let id = calls[deleted].1.rsplit('/').next().unwrap();
-    assert!(legacy.session(id).is_none(), "session {id} left behind");
+    assert!(h.legacy.session(id).is_none(), "session {id} left behind");
     assert_eq!(received[served].body, start.as_bytes());
     let chat = calls
         .iter()
@@ -456,19 +454,22 @@ async fn with_the_bridge_a_failover_saves_nothing_and_leaves_no_session() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_bridge_the_user_message_is_saved_at_the_commit() {
     let legacy = FakeLegacy::seeded().await;
-    let rt = Upstream::start(runtime(vec![
-        Step::Send(thinking("planning")),
-        Step::WaitRelease,
-        Step::Send(text("Hello")),
-        Step::Send(complete()),
-        Step::Send(done_frame()),
-    ]))
-    .await;
-    let mut cfg = config(&legacy.address(), &rt.address());
-    cfg.bridge.enabled = true;
-    let server = proxy(cfg).await;
+    let h = Harness::new()
+        .legacy_server(legacy)
+        .runtime(runtime(vec![
+            Step::Send(thinking("planning")),
+            Step::WaitRelease,
+            Step::Send(text("Hello")),
+            Step::Send(complete()),
+            Step::Send(done_frame()),
+        ]))
+        .config(move |c| {
+            c.bridge.enabled = true;
+        })
+        .start()
+        .await;
     let auth = format!("Bearer {}", token("org-a"));
-    let mut client = Client::connect(server.proxy_addr).await;
+    let mut client = Client::connect(h.proxy_addr).await;
     client
         .send(
             "POST",
@@ -477,14 +478,14 @@ async fn with_the_bridge_the_user_message_is_saved_at_the_commit() {
             br#"{"message":"new"}"#,
         )
         .await;
-    rt.wait_for_work(1).await;
+    h.runtime.wait_for_work(1).await;
     // The runtime accepted and is thinking: nothing is saved while the proxy may still fail over.
-    assert_eq!(legacy.messages("s-1").len(), 3);
-    rt.release();
+    assert_eq!(h.legacy.messages("s-1").len(), 3);
+    h.runtime.release();
     let r = client.read_response().await;
     assert_served(&r, RT, "allowlist");
     assert_eq!(names(&r), ["message", "message", "done"]);
-    let messages = legacy.messages("s-1");
+    let messages = h.legacy.messages("s-1");
     assert_eq!(messages.len(), 5);
     assert_eq!(messages[3]["content"], "new");
     assert_eq!(messages[4]["content"], "ok");

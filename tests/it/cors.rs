@@ -250,13 +250,9 @@ async fn chats_reach_legacy_uncompressed_and_other_requests_keep_their_encoding(
 
     // A failed-over chat is a chat too.
     let failing = Harness::new()
-        .runtime(|req: &Received| {
-            if req.path == "/health" {
-                Reply::json(200, json!({"status": "ok"}))
-            } else {
-                Reply::json(500, json!({"detail": "boom"}))
-            }
-        })
+        .runtime(runtime_answering(|_: &Received| {
+            Reply::json(500, json!({"detail": "boom"}))
+        }))
         .start()
         .await;
     let r = browser_chat(&failing, "org-a", Some(APP), HI).await;

@@ -11,7 +11,7 @@
 
 use crate::support;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,33 +24,11 @@ const DEADLINE: Duration = Duration::from_millis(400);
 /// What the machine may add to a deadline before a check calls it missed.
 const SLACK: Duration = Duration::from_millis(1000);
 
-fn thinking(content: &str) -> Vec<u8> {
-    frame("thinking", json!({"content": content}))
-}
-
-fn text(content: &str) -> Vec<u8> {
-    frame("text_chunk", json!({"content": content}))
-}
-
 fn complete() -> Vec<u8> {
     frame(
         "execution_complete",
         json!({"final_response": "the answer", "usage": {"total_tokens": 12}}),
     )
-}
-
-/// A runtime that answers its health checks and scripts every execution with `script`, which
-/// is told how many executions came before.
-fn scripted(
-    script: impl Fn(usize) -> Reply + Send + Sync + 'static,
-) -> impl Fn(&Received) -> Reply + Send + Sync + 'static {
-    let executions = AtomicUsize::new(0);
-    move |req: &Received| {
-        if req.path == "/health" {
-            return healthy_runtime(req);
-        }
-        script(executions.fetch_add(1, Ordering::SeqCst))
-    }
 }
 
 /// The runtime's answer when it refuses with `status` and a JSON error.
@@ -95,7 +73,7 @@ fn assert_verdict(scored: &Scored, expected: Verdict) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s01_429_with_retry_after_fails_over_at_once_and_does_not_hammer() {
-    let h = harness(scripted(|_| refusal(429, "rate_limited", Some("2"))))
+    let h = harness(runtime_script(|_| refusal(429, "rate_limited", Some("2"))))
         .start()
         .await;
     let (r, took) = timed_chat(&h).await;
@@ -110,7 +88,7 @@ async fn s01_429_with_retry_after_fails_over_at_once_and_does_not_hammer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s02_429_persistent_fails_over_every_chat_with_one_attempt_each() {
-    let h = harness(scripted(|_| refusal(429, "rate_limited", None)))
+    let h = harness(runtime_script(|_| refusal(429, "rate_limited", None)))
         .start()
         .await;
     let mut every_one_by_legacy = true;
@@ -128,7 +106,7 @@ async fn s02_429_persistent_fails_over_every_chat_with_one_attempt_each() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s03_500_once_is_answered_by_legacy_and_the_next_chat_by_the_runtime() {
-    let h = harness(scripted(|n| {
+    let h = harness(runtime_script(|n| {
         if n == 0 {
             refusal(500, "internal", None)
         } else {
@@ -151,7 +129,7 @@ async fn s03_500_once_is_answered_by_legacy_and_the_next_chat_by_the_runtime() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s04_503_persistent_fails_over_within_one_attempt() {
-    let h = harness(scripted(|_| refusal(503, "overloaded", None)))
+    let h = harness(runtime_script(|_| refusal(503, "overloaded", None)))
         .start()
         .await;
     let (r, took) = timed_chat(&h).await;
@@ -167,7 +145,7 @@ async fn s04_503_persistent_fails_over_within_one_attempt() {
 /// answers); on a fresh connection it fails over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s05_a_reset_before_the_head_is_answered() {
-    let h = harness(scripted(|n| {
+    let h = harness(runtime_script(|n| {
         if n == 0 {
             Reply::silent(vec![Step::Reset])
         } else {
@@ -187,7 +165,7 @@ async fn s05_a_reset_before_the_head_is_answered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s06_no_response_at_all_is_answered_by_legacy_after_the_response_timeout() {
-    let h = harness(scripted(|_| Reply::silent(vec![Step::Hang])))
+    let h = harness(runtime_script(|_| Reply::silent(vec![Step::Hang])))
         .start()
         .await;
     let (r, took) = timed_chat(&h).await;
@@ -214,7 +192,7 @@ async fn s06_no_response_at_all_is_answered_by_legacy_after_the_response_timeout
 
 /// Headers and `thinking` at once, the text `late` after them.
 fn slow_first_content(late: Duration) -> impl Fn(&Received) -> Reply + Send + Sync + 'static {
-    scripted(move |_| {
+    runtime_script(move |_| {
         Reply::sse(vec![
             Step::Send(thinking("planning")),
             Step::Sleep(late),
@@ -264,7 +242,7 @@ async fn s07_slow_first_content_fails_over_at_the_commit_timeout_when_told_to() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s08_a_stream_cut_mid_answer_ends_with_one_clean_error() {
-    let h = harness(scripted(|n| {
+    let h = harness(runtime_script(|n| {
         if n > 0 {
             return Reply::sse(runtime_ok_steps());
         }
@@ -288,7 +266,7 @@ async fn s08_a_stream_cut_mid_answer_ends_with_one_clean_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s08_a_stream_cut_before_any_content_fails_over() {
-    let h = harness(scripted(|_| {
+    let h = harness(runtime_script(|_| {
         Reply::sse(vec![Step::Send(thinking("planning")), Step::Close])
     }))
     .start()
@@ -301,7 +279,7 @@ async fn s08_a_stream_cut_before_any_content_fails_over() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s09_a_stall_mid_answer_ends_within_the_idle_timeout_and_the_next_chat_is_served() {
-    let h = harness(scripted(|n| {
+    let h = harness(runtime_script(|n| {
         if n > 0 {
             return Reply::sse(runtime_ok_steps());
         }
@@ -330,7 +308,7 @@ async fn s09_a_stall_mid_answer_ends_within_the_idle_timeout_and_the_next_chat_i
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s09_a_stall_before_any_content_fails_over_within_the_idle_timeout() {
-    let h = harness(scripted(|_| {
+    let h = harness(runtime_script(|_| {
         Reply::sse(vec![Step::Send(thinking("planning")), Step::Hang])
     }))
     .config(|c| c.runtime.commit_timeout_ms = Some(4000))
@@ -346,7 +324,7 @@ async fn s09_a_stall_before_any_content_fails_over_within_the_idle_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s10_a_malformed_frame_is_skipped_and_the_answer_completes() {
-    let h = harness(scripted(|n| {
+    let h = harness(runtime_script(|n| {
         if n > 0 {
             return Reply::sse(runtime_ok_steps());
         }
@@ -381,7 +359,7 @@ async fn s10_a_malformed_frame_is_skipped_and_the_answer_completes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s11_a_stream_without_done_is_finalised_at_once_with_usage() {
-    let h = harness(scripted(|_| {
+    let h = harness(runtime_script(|_| {
         Reply::sse(vec![Step::Send(text("the answer")), Step::Send(complete())])
     }))
     .start()
@@ -400,9 +378,11 @@ async fn s11_a_stream_without_done_is_finalised_at_once_with_usage() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s12_a_context_length_refusal_is_not_repeated_and_legacy_answers() {
-    let h = harness(scripted(|_| refusal(400, "context_length_exceeded", None)))
-        .start()
-        .await;
+    let h = harness(runtime_script(|_| {
+        refusal(400, "context_length_exceeded", None)
+    }))
+    .start()
+    .await;
     let (r, _) = timed_chat(&h).await;
     let mut s = Scored::of(&r);
     s.required("no_same_model_retry", h.runtime.work().len() == 1)
@@ -412,9 +392,11 @@ async fn s12_a_context_length_refusal_is_not_repeated_and_legacy_answers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s13_a_content_filter_refusal_is_routed_around_through_legacy() {
-    let h = harness(scripted(|_| refusal(400, "content_policy_violation", None)))
-        .start()
-        .await;
+    let h = harness(runtime_script(|_| {
+        refusal(400, "content_policy_violation", None)
+    }))
+    .start()
+    .await;
     let (r, _) = timed_chat(&h).await;
     let mut s = Scored::of(&r);
     s.required("no_same_model_retry", h.runtime.work().len() == 1);
@@ -480,7 +462,7 @@ async fn s15_a_flapping_runtime_is_served_around_then_returned_to() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s16_a_failover_is_accounted_to_legacy_and_not_as_a_runtime_success() {
-    let h = harness(scripted(|_| refusal(503, "overloaded", None)))
+    let h = harness(runtime_script(|_| refusal(503, "overloaded", None)))
         .start()
         .await;
     let (r, _) = timed_chat(&h).await;

@@ -15,13 +15,12 @@ use crate::support;
 
 use std::net::SocketAddr;
 use std::path::Path as FsPath;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cutover_proxy::app::LocalServer;
 use cutover_proxy::core::breaker::State;
-use cutover_proxy::core::config::Config;
 use cutover_proxy::core::config::Mode;
 use serde_json::{json, Value};
 use support::*;
@@ -40,31 +39,8 @@ fn logs() {
 
 // ---- measurements ----------------------------------------------------------------------------
 
-fn fd_count() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
-}
-
-fn rss_kb() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .expect("VmRSS in /proc/self/status")
-}
-
 fn in_flight(server: &LocalServer, mode: &str) -> i64 {
-    server
-        .shared
-        .metrics
-        .streams_in_flight
-        .with_label_values(&[mode])
-        .get()
-}
-
-fn counter(c: &prometheus::IntCounterVec, label: &str) -> u64 {
-    c.with_label_values(&[label]).get()
+    gauge(&server.shared.metrics.streams_in_flight, mode)
 }
 
 fn transitions(server: &LocalServer, from: &str, to: &str) -> u64 {
@@ -142,20 +118,6 @@ fn error_code_of_runtime_stream(r: &Response) -> Option<String> {
     data["code"].as_str().map(str::to_string)
 }
 
-async fn post_chat(c: &mut Client, org: &str, session: &str, body: &str) {
-    let auth = format!("Bearer {}", token(org));
-    c.send(
-        "POST",
-        &format!("/api/v1/chat/sessions/{session}"),
-        &[
-            ("content-type", "application/json"),
-            ("authorization", &auth),
-        ],
-        body.as_bytes(),
-    )
-    .await;
-}
-
 /// A chat whose response is read to the end, within `limit`; `None` when it hung.
 async fn chat_within(
     addr: SocketAddr,
@@ -164,154 +126,26 @@ async fn chat_within(
     limit: Duration,
 ) -> Option<Response> {
     let mut c = Client::connect(addr).await;
-    post_chat(&mut c, org, session, HI).await;
+    c.post_chat(Some(org), session, HI).await;
     tokio::time::timeout(limit, c.read_response_with(|_| {}))
         .await
         .ok()
 }
 
-// ---- a hand-written upstream that reports how its connections end -----------------------------
-
-/// Holds every stream open after its first event and counts how its connections end: the proof
-/// that the proxy let go of them. Health checks get `connection: close`, so no pooled connection
-/// is mistaken for a held stream.
-struct HoldServer {
-    addr: SocketAddr,
-    /// Requests that got their response head (and first event, when there is one).
-    started: Arc<AtomicUsize>,
-    /// Of those, connections the proxy closed.
-    closed: Arc<AtomicUsize>,
-    /// Requests whose connection the proxy closed before they were answered at all.
-    closed_unanswered: Arc<AtomicUsize>,
-    /// Requests received (health checks excluded).
-    received: Arc<AtomicUsize>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for HoldServer {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// Read one request head and its Content-Length body; the request line.
-async fn read_request(conn: &mut TcpStream) -> Option<String> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 8192];
-    let head_end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
+/// An upstream that holds every answer open after `first` (sent with the head, or after
+/// `head_after` when given): its `hang_ups` are the proof that the proxy let go of them.
+fn holding(
+    first: Vec<u8>,
+    head_after: Option<Duration>,
+) -> impl Fn(&Received) -> Reply + Send + Sync + 'static {
+    runtime_script(move |_| match head_after {
+        None => Reply::sse(vec![Step::Send(first.clone()), Step::Hang]),
+        Some(delay) => {
+            let mut answer = SSE_HEAD.to_vec();
+            answer.extend_from_slice(&chunk(&first));
+            Reply::silent(vec![Step::Sleep(delay), Step::Send(answer), Step::Hang])
         }
-        let n = conn.read(&mut chunk).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-    let len: usize = head
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.trim()
-                .eq_ignore_ascii_case("content-length")
-                .then(|| v.trim().parse().ok())?
-        })
-        .unwrap_or(0);
-    while buf.len() < head_end + len {
-        let n = conn.read(&mut chunk).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    Some(head.lines().next().unwrap_or("").to_string())
-}
-
-/// Wait until the peer closes (EOF or error); whatever it sends meanwhile is ignored.
-async fn until_closed(conn: &mut TcpStream) {
-    let mut sink = [0u8; 4096];
-    loop {
-        match conn.read(&mut sink).await {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
-    }
-}
-
-impl HoldServer {
-    /// `first`: the first event's bytes, sent right after the head. `head_after`: answer only
-    /// after this long (`None`: at once), watching for the proxy to hang up meanwhile.
-    async fn start(first: Vec<u8>, head_after: Option<Duration>) -> HoldServer {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let started = Arc::new(AtomicUsize::new(0));
-        let closed = Arc::new(AtomicUsize::new(0));
-        let closed_unanswered = Arc::new(AtomicUsize::new(0));
-        let received = Arc::new(AtomicUsize::new(0));
-        let (s, c, cu, r) = (
-            started.clone(),
-            closed.clone(),
-            closed_unanswered.clone(),
-            received.clone(),
-        );
-        let task = tokio::spawn(async move {
-            let mut conns = tokio::task::JoinSet::new();
-            loop {
-                let Ok((mut conn, _)) = listener.accept().await else {
-                    return;
-                };
-                let (s, c, cu, r, first) =
-                    (s.clone(), c.clone(), cu.clone(), r.clone(), first.clone());
-                conns.spawn(async move {
-                    let _ = conn.set_nodelay(true);
-                    let Some(line) = read_request(&mut conn).await else {
-                        return;
-                    };
-                    if line.starts_with("GET /health") {
-                        let _ = conn
-                            .write_all(
-                                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}",
-                            )
-                            .await;
-                        return;
-                    }
-                    r.fetch_add(1, Ordering::SeqCst);
-                    if let Some(delay) = head_after {
-                        tokio::select! {
-                            _ = tokio::time::sleep(delay) => {}
-                            _ = until_closed(&mut conn) => {
-                                cu.fetch_add(1, Ordering::SeqCst);
-                                return;
-                            }
-                        }
-                    }
-                    let mut out = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
-                    out.extend_from_slice(format!("{:x}\r\n", first.len()).as_bytes());
-                    out.extend_from_slice(&first);
-                    out.extend_from_slice(b"\r\n");
-                    if conn.write_all(&out).await.is_err() {
-                        return;
-                    }
-                    s.fetch_add(1, Ordering::SeqCst);
-                    until_closed(&mut conn).await;
-                    c.fetch_add(1, Ordering::SeqCst);
-                });
-            }
-        });
-        HoldServer {
-            addr,
-            started,
-            closed,
-            closed_unanswered,
-            received,
-            task,
-        }
-    }
-
-    fn address(&self) -> String {
-        self.addr.to_string()
-    }
+    })
 }
 
 // ---- 1. the runtime dies with hundreds of streams in flight -----------------------------------
@@ -366,7 +200,8 @@ async fn open_held_streams(
         let session = format!("hold-{tag}-{i}");
         tasks.push(tokio::spawn(async move {
             let mut c = Client::connect(addr).await;
-            post_chat(&mut c, "org-a", &session, r#"{"message":"hold"}"#).await;
+            c.post_chat(Some("org-a"), &session, r#"{"message":"hold"}"#)
+                .await;
             let mut first = Some(tx);
             let r = tokio::time::timeout(
                 limit,
@@ -431,40 +266,39 @@ fn steady_load(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runtime_killed_with_streams_in_flight_fails_cleanly_and_recovers_without_leaks() {
-    if !alone_in_process(
-        module_path!(),
-        "runtime_killed_with_streams_in_flight_fails_cleanly_and_recovers_without_leaks",
-    ) {
-        return;
-    }
+    crate::run_alone!(
+        "runtime_killed_with_streams_in_flight_fails_cleanly_and_recovers_without_leaks"
+    );
     logs();
     let n = streams_under_test();
     let pending_n = 20;
     let timeout = Duration::from_secs(10);
 
-    let legacy = Upstream::start(echo_legacy).await;
-    let runtime = Upstream::start(kill_test_runtime).await;
-    let runtime_addr = runtime.addr;
-    let mut cfg = config(&legacy.address(), &runtime.address());
-    cfg.runtime.execution_timeout_ms = timeout.as_millis() as u64;
-    cfg.runtime.pool_idle_timeout_ms = 300;
-    cfg.legacy.pool_idle_timeout_ms = 300;
-    // Hundreds of connects at once on a busy 2-core machine (debug build, the test's own clients
-    // and upstreams on the same runtime) can take longer to be polled than the default test
-    // config's 500 ms; the killed runtime refuses at once, so a long timeout costs nothing.
-    cfg.runtime.connect_timeout_ms = 5000;
-    cfg.legacy.connect_timeout_ms = 5000;
-    cfg.breaker.min_requests = 5;
-    cfg.breaker.open_secs = 1;
-    let server = proxy(cfg).await;
-    let addr = server.proxy_addr;
+    let h = Harness::new()
+        .runtime(kill_test_runtime)
+        .config(move |c| {
+            c.runtime.execution_timeout_ms = timeout.as_millis() as u64;
+            c.runtime.pool_idle_timeout_ms = 300;
+            c.legacy.pool_idle_timeout_ms = 300;
+            // Hundreds of connects at once on a busy 2-core machine (debug build, the test's own clients
+            // and upstreams on the same runtime) can take longer to be polled than the default test
+            // config's 500 ms; the killed runtime refuses at once, so a long timeout costs nothing.
+            c.runtime.connect_timeout_ms = 5000;
+            c.legacy.connect_timeout_ms = 5000;
+            c.breaker.min_requests = 5;
+            c.breaker.open_secs = 1;
+        })
+        .start()
+        .await;
+    let runtime_addr = h.runtime.addr;
+    let addr = h.proxy_addr;
 
     // Warm-up: the same number of streams, run to completion, so that the allocator and the
     // connection pools have seen this load before the baseline is taken.
     let warm = open_held_streams(addr, n, "warm", Duration::from_secs(30)).await;
     let release_until_done = async {
         loop {
-            runtime.release();
+            h.runtime.release();
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     };
@@ -476,12 +310,12 @@ async fn runtime_killed_with_streams_in_flight_fails_cleanly_and_recovers_withou
         let r = r.as_ref().expect("a warm-up stream hung");
         assert!(is_runtime_stream(r), "warm-up stream: {r:?}");
     }
-    assert!(settled(&server, Duration::from_secs(5)).await);
+    assert!(settled(&h, Duration::from_secs(5)).await);
     tokio::time::sleep(Duration::from_millis(1000)).await; // pooled connections idle out
-    server.shared.breaker.reset(); // a window without the warm-up's successes
+    h.shared.breaker.reset(); // a window without the warm-up's successes
     let (fds_before, rss_before) = (fd_count(), rss_kb());
-    let opened_before = transitions(&server, "closed", "open");
-    let closed_before = transitions(&server, "half_open", "closed");
+    let opened_before = transitions(&h, "closed", "open");
+    let closed_before = transitions(&h, "half_open", "closed");
 
     // n streams in flight, and pending_n requests the runtime accepted but has not answered.
     let held = open_held_streams(addr, n, "kill", timeout + Duration::from_secs(5)).await;
@@ -498,16 +332,16 @@ async fn runtime_killed_with_streams_in_flight_fails_cleanly_and_recovers_withou
             })
         })
         .collect();
-    runtime.wait_for_work(2 * n + pending_n).await;
+    h.runtime.wait_for_work(2 * n + pending_n).await;
 
     // New requests keep arriving throughout.
     let stop = Arc::new(AtomicBool::new(false));
     let load = steady_load(addr, 4, stop.clone(), Duration::from_secs(20));
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    h.runtime.wait_for_work(2 * n + pending_n + 4).await;
 
     // Kill the runtime: every connection dropped, the port closed.
     let killed_at = Instant::now();
-    runtime.stop();
+    h.runtime.stop();
     let down = eventually(Duration::from_secs(5), || {
         std::net::TcpStream::connect_timeout(&runtime_addr, Duration::from_millis(100)).is_err()
     })
@@ -552,14 +386,14 @@ async fn runtime_killed_with_streams_in_flight_fails_cleanly_and_recovers_withou
     }
 
     // The breaker opens.
-    let shared = server.shared.clone();
+    let shared = h.shared.clone();
     assert!(
         eventually(Duration::from_secs(5), || shared.breaker.state()
             != State::Closed)
         .await,
         "the breaker did not open"
     );
-    let open_status = server.shared.breaker.status();
+    let open_status = h.shared.breaker.status();
     eprintln!("breaker: {} ({})", open_status.state, open_status.reason);
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
@@ -567,7 +401,7 @@ async fn runtime_killed_with_streams_in_flight_fails_cleanly_and_recovers_withou
     let back_at = Instant::now();
     let listener = TcpListener::bind(runtime_addr).await.unwrap();
     let revived = Upstream::on(listener, kill_test_runtime);
-    let shared = server.shared.clone();
+    let shared = h.shared.clone();
     let closed = eventually(Duration::from_secs(15), move || {
         shared.breaker.state() == State::Closed
     })
@@ -633,16 +467,16 @@ async fn runtime_killed_with_streams_in_flight_fails_cleanly_and_recovers_withou
         after_recovery > 0,
         "no request reached the runtime after recovery"
     );
-    assert!(transitions(&server, "closed", "open") > opened_before);
-    assert!(transitions(&server, "half_open", "closed") > closed_before);
+    assert!(transitions(&h, "closed", "open") > opened_before);
+    assert!(transitions(&h, "half_open", "closed") > closed_before);
 
     // Nothing left behind.
     assert!(
-        settled(&server, Duration::from_secs(5)).await,
+        settled(&h, Duration::from_secs(5)).await,
         "requests or streams still in flight: requests {}, runtime {}, direct {}",
-        server.shared.requests.count(),
-        in_flight(&server, RT),
-        in_flight(&server, DIRECT)
+        h.shared.requests.count(),
+        in_flight(&h, RT),
+        in_flight(&h, DIRECT)
     );
     drop(seen);
     drop(held_results);
@@ -676,37 +510,25 @@ async fn futures_all<T: Send + 'static>(tasks: Vec<tokio::task::JoinHandle<T>>) 
 
 // ---- 2. a hundred reloads under steady load ---------------------------------------------------
 
-/// A fresh directory under the system temp dir, removed on drop.
 /// Generation `g` of the config: org-a on the allowlist when `g` is even, org-b when odd. The
 /// generation is tagged in `rollout.shadow_max_inflight` (unused: shadowing is off), so the test
 /// can tell which config is in force.
 fn generation_toml(legacy: &str, runtime: &str, g: usize) -> String {
     let org = if g % 2 == 0 { "org-a" } else { "org-b" };
-    format!(
-        r#"
-[server]
-listen = "127.0.0.1:1"
-[legacy]
-address = "{legacy}"
-connect_timeout_ms = 5000
-[runtime]
-address = "{runtime}"
-execution_timeout_ms = 5000
-commit_timeout_ms = 1000
-health_interval_ms = 200
-connect_timeout_ms = 5000
-default_agent_id = "{TEST_AGENT}"
-[rollout]
-runtime_orgs = ["{org}"]
-shadow_max_inflight = {tag}
-[identity]
-jwt_secret_env = "{JWT_ENV}"
-[breaker]
-open_secs = 1
-[admin]
-token_env = "{ADMIN_ENV}"
-{BRIDGE_OFF_TOML}"#,
-        tag = 1000 + g
+    let text = test_toml(legacy, runtime);
+    let text = retoml(&text, "[runtime]", "connect_timeout_ms = 5000\n[runtime]");
+    let text = retoml(
+        &text,
+        "connect_timeout_ms = 500\n",
+        "connect_timeout_ms = 5000\n",
+    );
+    retoml(
+        &text,
+        "runtime_orgs = [\"org-a\"]",
+        &format!(
+            "runtime_orgs = [\"{org}\"]\nshadow_max_inflight = {}",
+            1000 + g
+        ),
     )
 }
 
@@ -732,15 +554,6 @@ fn write_atomically(dir: &TempDir, path: &FsPath, text: &str) {
 
 fn reloads(server: &LocalServer, result: &str) -> u64 {
     counter(&server.shared.metrics.config_reloads_total, result)
-}
-
-async fn start_watching(path: &FsPath) -> LocalServer {
-    std::env::set_var(JWT_ENV, JWT_SECRET);
-    std::env::set_var(ADMIN_ENV, ADMIN_TOKEN);
-    let config = Config::load(path).unwrap();
-    LocalServer::start(config, Some(path.to_path_buf()))
-        .await
-        .unwrap()
 }
 
 /// One chat of the reload test, with the generations in force when it was sent and answered.
@@ -792,21 +605,21 @@ fn reload_load(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_reloads_under_load_fail_no_request_and_route_each_by_a_config_in_force() {
     logs();
-    let legacy = Upstream::start(echo_legacy).await;
-    let runtime = Upstream::start(healthy_runtime).await;
-    let (la, ra) = (legacy.address(), runtime.address());
     let dir = TempDir::new("reloads");
     let path = dir.join("proxy.toml");
-    std::fs::write(&path, generation_toml(&la, &ra, 0)).unwrap();
-    let server = start_watching(&path).await;
-    assert_eq!(generation_of(&server), 0);
-    let (success0, invalid0) = (reloads(&server, "success"), reloads(&server, "invalid"));
+    let h = Harness::new()
+        .watched(path.clone(), |l, r| generation_toml(l, r, 0))
+        .start()
+        .await;
+    let (la, ra) = (h.legacy.address(), h.runtime.address());
+    assert_eq!(generation_of(&h), 0);
+    let (success0, invalid0) = (reloads(&h, "success"), reloads(&h, "invalid"));
 
     let stop = Arc::new(AtomicBool::new(false));
-    let load = reload_load(&server, 4, stop.clone());
+    let load = reload_load(&h, 4, stop.clone());
     let applied = Arc::new(Mutex::new(vec![0usize]));
     let watcher = {
-        let (shared, applied, stop) = (server.shared.clone(), applied.clone(), stop.clone());
+        let (shared, applied, stop) = (h.shared.clone(), applied.clone(), stop.clone());
         tokio::spawn(async move {
             while !stop.load(Ordering::SeqCst) {
                 let g = shared.snapshot().config.rollout.shadow_max_inflight - 1000;
@@ -820,7 +633,8 @@ async fn a_hundred_reloads_under_load_fail_no_request_and_route_each_by_a_config
             }
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The load is flowing before the first write.
+    h.runtime.wait_for_work(4).await;
 
     // 100 writes, 20-50 ms apart; every 10th is followed by a pause long enough for the reload's
     // debounce, so that a good share of them are really applied under load. Write 50 is broken.
@@ -832,15 +646,15 @@ async fn a_hundred_reloads_under_load_fail_no_request_and_route_each_by_a_config
             // The last good write may still be in its debounce: once it is in force, nothing
             // but the broken file could change the config.
             assert!(
-                eventually(Duration::from_secs(5), || generation_of(&server) == g - 1).await,
+                eventually(Duration::from_secs(5), || generation_of(&h) == g - 1).await,
                 "generation {} was never applied",
                 g - 1
             );
-            let before = generation_of(&server);
+            let before = generation_of(&h);
             write_atomically(&dir, &path, &broken);
             tokio::time::sleep(Duration::from_millis(400)).await;
             assert_eq!(
-                generation_of(&server),
+                generation_of(&h),
                 before,
                 "the broken file changed the config in force"
             );
@@ -855,7 +669,7 @@ async fn a_hundred_reloads_under_load_fail_no_request_and_route_each_by_a_config
         tokio::time::sleep(Duration::from_millis(pause)).await;
     }
     let last = 100;
-    let shared = server.shared.clone();
+    let shared = h.shared.clone();
     assert!(
         eventually(Duration::from_secs(2), move || shared
             .snapshot()
@@ -919,8 +733,8 @@ async fn a_hundred_reloads_under_load_fail_no_request_and_route_each_by_a_config
         }
     }
     let (success, invalid) = (
-        reloads(&server, "success") - success0,
-        reloads(&server, "invalid") - invalid0,
+        reloads(&h, "success") - success0,
+        reloads(&h, "invalid") - invalid0,
     );
     eprintln!(
         "100 writes in {churn:?}: {} generations applied ({success} reloads counted, {invalid} refused); {} requests, {failed} failed, {} misrouted, {spanning} spanned a reload",
@@ -934,7 +748,7 @@ async fn a_hundred_reloads_under_load_fail_no_request_and_route_each_by_a_config
     assert!(success >= 10, "only {success} reloads applied");
     assert!(routed.len() >= 100, "too little load: {}", routed.len());
     assert_eq!(
-        runtime.work().len() + legacy.work().len(),
+        h.runtime.work().len() + h.legacy.work().len(),
         routed.len(),
         "every request reached exactly one upstream"
     );
@@ -946,13 +760,13 @@ async fn a_hundred_reloads_under_load_fail_no_request_and_route_each_by_a_config
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sustained_config_churn_still_applies_an_edit_within_a_second() {
     logs();
-    let legacy = Upstream::start(echo_legacy).await;
-    let runtime = Upstream::start(healthy_runtime).await;
-    let (la, ra) = (legacy.address(), runtime.address());
     let dir = TempDir::new("churn");
     let path = dir.join("proxy.toml");
-    std::fs::write(&path, generation_toml(&la, &ra, 0)).unwrap();
-    let server = start_watching(&path).await;
+    let h = Harness::new()
+        .watched(path.clone(), |l, r| generation_toml(l, r, 0))
+        .start()
+        .await;
+    let (la, ra) = (h.legacy.address(), h.runtime.address());
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let started = Instant::now();
@@ -962,7 +776,7 @@ async fn sustained_config_churn_still_applies_an_edit_within_a_second() {
         g += 1;
         write_atomically(&dir, &path, &generation_toml(&la, &ra, g));
         tokio::time::sleep(Duration::from_millis(fastrand::u64(20..=50))).await;
-        if first_applied.is_none() && generation_of(&server) > 0 {
+        if first_applied.is_none() && generation_of(&h) > 0 {
             first_applied = Some(started.elapsed());
         }
     }
@@ -1000,7 +814,7 @@ async fn clients_holding_their_first_event(
         let session = format!("{tag}-{i}");
         tasks.push(tokio::spawn(async move {
             let mut c = Client::connect(addr).await;
-            post_chat(&mut c, org, &session, HI).await;
+            c.post_chat(Some(org), &session, HI).await;
             let mut first = Some(tx);
             c.read_response_with(|_| {
                 if let Some(tx) = first.take() {
@@ -1027,24 +841,24 @@ async fn clients_holding_their_first_event(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disconnect_storm_mid_stream_releases_upstreams_and_counts_no_runtime_failure() {
-    if !alone_in_process(
-        module_path!(),
-        "disconnect_storm_mid_stream_releases_upstreams_and_counts_no_runtime_failure",
-    ) {
-        return;
-    }
+    crate::run_alone!(
+        "disconnect_storm_mid_stream_releases_upstreams_and_counts_no_runtime_failure"
+    );
     logs();
     const RUNTIME_CLIENTS: usize = 100;
     const LEGACY_CLIENTS: usize = 50;
-    let runtime = HoldServer::start(runtime_first_event(), None).await;
-    let legacy = HoldServer::start(legacy_first_event(), None).await;
-    let mut cfg = config(&legacy.address(), &runtime.address());
-    cfg.runtime.execution_timeout_ms = 30_000;
-    // Connects polled late on a busy machine must not turn into failovers (see the kill test).
-    cfg.runtime.connect_timeout_ms = 5000;
-    cfg.legacy.connect_timeout_ms = 5000;
-    let server = proxy(cfg).await;
-    let m = server.shared.metrics;
+    let h = Harness::new()
+        .legacy(holding(legacy_first_event(), None))
+        .runtime(holding(runtime_first_event(), None))
+        .config(move |c| {
+            c.runtime.execution_timeout_ms = 30_000;
+            // Connects polled late on a busy machine must not turn into failovers (see the kill test).
+            c.runtime.connect_timeout_ms = 5000;
+            c.legacy.connect_timeout_ms = 5000;
+        })
+        .start()
+        .await;
+    let m = h.shared.metrics;
     let cancelled0 = counter(&m.execution_cancelled_total, RT);
     let errors0 = counter(&m.execution_error_total, RT);
     let timeouts0 = counter(&m.execution_timeout_total, RT);
@@ -1052,14 +866,14 @@ async fn disconnect_storm_mid_stream_releases_upstreams_and_counts_no_runtime_fa
     let fds_before = fd_count();
 
     let mut clients =
-        clients_holding_their_first_event(server.proxy_addr, "org-a", RUNTIME_CLIENTS, "rt").await;
+        clients_holding_their_first_event(h.proxy_addr, "org-a", RUNTIME_CLIENTS, "rt").await;
     clients.extend(
-        clients_holding_their_first_event(server.proxy_addr, "org-z", LEGACY_CLIENTS, "lg").await,
+        clients_holding_their_first_event(h.proxy_addr, "org-z", LEGACY_CLIENTS, "lg").await,
     );
-    assert_eq!(runtime.started.load(Ordering::SeqCst), RUNTIME_CLIENTS);
-    assert_eq!(legacy.started.load(Ordering::SeqCst), LEGACY_CLIENTS);
-    assert_eq!(in_flight(&server, RT), RUNTIME_CLIENTS as i64);
-    assert_eq!(in_flight(&server, DIRECT), LEGACY_CLIENTS as i64);
+    assert_eq!(h.runtime.answered(), RUNTIME_CLIENTS);
+    assert_eq!(h.legacy.answered(), LEGACY_CLIENTS);
+    assert_eq!(in_flight(&h, RT), RUNTIME_CLIENTS as i64);
+    assert_eq!(in_flight(&h, DIRECT), LEGACY_CLIENTS as i64);
 
     // The storm: every client drops its connection at once.
     let storm = Instant::now();
@@ -1070,23 +884,22 @@ async fn disconnect_storm_mid_stream_releases_upstreams_and_counts_no_runtime_fa
         let _ = c.await;
     }
     let released = eventually(Duration::from_secs(5), || {
-        runtime.closed.load(Ordering::SeqCst) == RUNTIME_CLIENTS
-            && legacy.closed.load(Ordering::SeqCst) == LEGACY_CLIENTS
+        h.runtime.hang_ups() == RUNTIME_CLIENTS && h.legacy.hang_ups() == LEGACY_CLIENTS
     })
     .await;
     let took = storm.elapsed();
     eprintln!(
         "disconnect storm: runtime connections closed {}/{RUNTIME_CLIENTS}, legacy {}/{LEGACY_CLIENTS}, in {took:?}",
-        runtime.closed.load(Ordering::SeqCst),
-        legacy.closed.load(Ordering::SeqCst)
+        h.runtime.hang_ups(),
+        h.legacy.hang_ups()
     );
     assert!(released, "upstream connections were not released");
     assert!(
-        settled(&server, Duration::from_secs(5)).await,
+        settled(&h, Duration::from_secs(5)).await,
         "in flight after the storm: requests {}, runtime streams {}, direct streams {}",
-        server.shared.requests.count(),
-        in_flight(&server, RT),
-        in_flight(&server, DIRECT)
+        h.shared.requests.count(),
+        in_flight(&h, RT),
+        in_flight(&h, DIRECT)
     );
     assert!(
         eventually(Duration::from_secs(2), || counter(
@@ -1102,7 +915,7 @@ async fn disconnect_storm_mid_stream_releases_upstreams_and_counts_no_runtime_fa
     assert_eq!(counter(&m.execution_timeout_total, RT), timeouts0);
     assert_eq!(counter(&m.execution_error_total, DIRECT), direct_errors0);
     let now = Instant::now();
-    let window = server
+    let window = h
         .shared
         .stats
         .lock()
@@ -1113,8 +926,8 @@ async fn disconnect_storm_mid_stream_releases_upstreams_and_counts_no_runtime_fa
         (0, 0, 0),
         "a client disconnect counted against the runtime"
     );
-    assert_eq!(server.shared.breaker.window_stats().total, 0);
-    assert_eq!(server.shared.breaker.state(), State::Closed);
+    assert_eq!(h.shared.breaker.window_stats().total, 0);
+    assert_eq!(h.shared.breaker.state(), State::Closed);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let fds_after = fd_count();
     eprintln!("fds {fds_before} -> {fds_after}");
@@ -1132,51 +945,49 @@ async fn disconnect_storm_mid_stream_releases_upstreams_and_counts_no_runtime_fa
 async fn disconnect_storm_before_the_first_byte_releases_runtime_connections() {
     logs();
     const CLIENTS: usize = 50;
-    let runtime = HoldServer::start(runtime_first_event(), Some(Duration::from_secs(20))).await;
-    let legacy = Upstream::start(echo_legacy).await;
-    let mut cfg = config(&legacy.address(), &runtime.address());
-    cfg.runtime.execution_timeout_ms = 30_000;
-    // Connects polled late on a busy machine must not turn into failovers (see the kill test).
-    cfg.runtime.connect_timeout_ms = 5000;
-    cfg.legacy.connect_timeout_ms = 5000;
-    let server = proxy(cfg).await;
+    let h = Harness::new()
+        .runtime(holding(
+            runtime_first_event(),
+            Some(Duration::from_secs(20)),
+        ))
+        .config(move |c| {
+            c.runtime.execution_timeout_ms = 30_000;
+            // Connects polled late on a busy machine must not turn into failovers (see the kill test).
+            c.runtime.connect_timeout_ms = 5000;
+            c.legacy.connect_timeout_ms = 5000;
+        })
+        .start()
+        .await;
 
-    let addr = server.proxy_addr;
+    let addr = h.proxy_addr;
     let clients: Vec<_> = (0..CLIENTS)
         .map(|i| {
             tokio::spawn(async move {
                 let mut c = Client::connect(addr).await;
-                post_chat(&mut c, "org-a", &format!("early-{i}"), HI).await;
+                c.post_chat(Some("org-a"), &format!("early-{i}"), HI).await;
                 c.read_response_with(|_| {}).await;
             })
         })
         .collect();
-    let rt = runtime.received.clone();
-    assert!(
-        eventually(Duration::from_secs(10), move || rt.load(Ordering::SeqCst)
-            == CLIENTS)
-        .await,
-        "the runtime did not get every request"
-    );
+    h.runtime.wait_for_work(CLIENTS).await;
     for c in &clients {
         c.abort();
     }
     let storm = Instant::now();
-    let closed = runtime.closed_unanswered.clone();
-    let released = eventually(Duration::from_secs(3), move || {
-        closed.load(Ordering::SeqCst) == CLIENTS
+    let released = eventually(Duration::from_secs(3), || {
+        h.runtime.unanswered_hang_ups() == CLIENTS
     })
     .await;
     eprintln!(
         "{} of {CLIENTS} unanswered runtime connections closed {:?} after the clients left; requests in flight {}",
-        runtime.closed_unanswered.load(Ordering::SeqCst),
+        h.runtime.unanswered_hang_ups(),
         storm.elapsed(),
-        server.shared.requests.count()
+        h.shared.requests.count()
     );
     assert!(released, "runtime connections held after the clients left");
-    assert!(settled(&server, Duration::from_secs(2)).await);
+    assert!(settled(&h, Duration::from_secs(2)).await);
     let now = Instant::now();
-    let window = server
+    let window = h
         .shared
         .stats
         .lock()
@@ -1187,78 +998,10 @@ async fn disconnect_storm_before_the_first_byte_releases_runtime_connections() {
         (0, 0),
         "clients leaving counted against the runtime"
     );
-    assert_eq!(server.shared.breaker.window_stats().total, 0);
+    assert_eq!(h.shared.breaker.window_stats().total, 0);
 }
 
 // ---- 4. a client that stops reading -----------------------------------------------------------
-
-/// A runtime that streams text chunks as fast as the proxy takes them, forever; reports when
-/// the proxy hung up.
-struct FloodRuntime {
-    addr: SocketAddr,
-    closed: Arc<AtomicBool>,
-    sent: Arc<std::sync::atomic::AtomicU64>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for FloodRuntime {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl FloodRuntime {
-    async fn start() -> FloodRuntime {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let closed = Arc::new(AtomicBool::new(false));
-        let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (c, s) = (closed.clone(), sent.clone());
-        let task = tokio::spawn(async move {
-            let mut conns = tokio::task::JoinSet::new();
-            loop {
-                let Ok((mut conn, _)) = listener.accept().await else {
-                    return;
-                };
-                let (c, s) = (c.clone(), s.clone());
-                conns.spawn(async move {
-                    let Some(line) = read_request(&mut conn).await else {
-                        return;
-                    };
-                    if line.starts_with("GET /health") {
-                        let _ = conn
-                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}")
-                            .await;
-                        return;
-                    }
-                    let head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
-                    if conn.write_all(head).await.is_err() {
-                        c.store(true, Ordering::SeqCst);
-                        return;
-                    }
-                    let text = "x".repeat(16 * 1024);
-                    let f = frame("text_chunk", json!({ "content": text }));
-                    let mut chunk = format!("{:x}\r\n", f.len()).into_bytes();
-                    chunk.extend_from_slice(&f);
-                    chunk.extend_from_slice(b"\r\n");
-                    loop {
-                        if conn.write_all(&chunk).await.is_err() {
-                            c.store(true, Ordering::SeqCst);
-                            return;
-                        }
-                        s.fetch_add(chunk.len() as u64, Ordering::SeqCst);
-                    }
-                });
-            }
-        });
-        FloodRuntime {
-            addr,
-            closed,
-            sent,
-            task,
-        }
-    }
-}
 
 /// A client that stops reading mid-stream (a frozen tab, a stalled mobile link) while keeping
 /// its connection open: the relay blocks in its write to the client, where neither the execution
@@ -1267,14 +1010,23 @@ impl FloodRuntime {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_that_stops_reading_does_not_hold_a_runtime_stream_past_the_timeout() {
     logs();
-    let runtime = FloodRuntime::start().await;
-    let legacy = Upstream::start(echo_legacy).await;
-    let mut cfg = config(&legacy.address(), &runtime.addr.to_string());
-    cfg.runtime.execution_timeout_ms = 1000;
-    let server = proxy(cfg).await;
+    // Text chunks as fast as the proxy takes them, forever.
+    let text = "x".repeat(16 * 1024);
+    let h = Harness::new()
+        .runtime(runtime_script(move |_| {
+            Reply::sse(vec![Step::flood(frame(
+                "text_chunk",
+                json!({ "content": text }),
+            ))])
+        }))
+        .config(move |c| {
+            c.runtime.execution_timeout_ms = 1000;
+        })
+        .start()
+        .await;
 
     // Send the chat, read a little, then stop reading but keep the connection.
-    let mut conn = TcpStream::connect(server.proxy_addr).await.unwrap();
+    let mut conn = TcpStream::connect(h.proxy_addr).await.unwrap();
     let auth = format!("Bearer {}", token("org-a"));
     let body = HI;
     let req = format!(
@@ -1287,21 +1039,17 @@ async fn client_that_stops_reading_does_not_hold_a_runtime_stream_past_the_timeo
     assert!(n > 0);
     let started = Instant::now();
 
-    let closed = runtime.closed.clone();
-    let released = eventually(Duration::from_secs(5), move || {
-        closed.load(Ordering::SeqCst)
-    })
-    .await;
+    let released = h.runtime.wait_for_hang_ups(1, Duration::from_secs(5)).await;
     eprintln!(
         "frozen client: runtime connection released {released} after {:?}; runtime sent {} KB; streams in flight {}",
         started.elapsed(),
-        runtime.sent.load(Ordering::SeqCst) / 1024,
-        in_flight(&server, RT)
+        h.runtime.bytes_sent() / 1024,
+        in_flight(&h, RT)
     );
     assert!(
         released,
         "the runtime stream outlived execution_timeout_ms (1 s) by more than 4 s"
     );
-    assert!(settled(&server, Duration::from_secs(2)).await);
+    assert!(settled(&h, Duration::from_secs(2)).await);
     drop(conn);
 }

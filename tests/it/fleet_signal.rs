@@ -94,15 +94,16 @@ async fn status(h: &Running) -> Value {
 
 /// Poll the status until `pred` holds (or fail after 5 s).
 async fn status_until(h: &Running, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
+    let got = until(Duration::from_secs(5), || async {
         let s = status(h).await;
         if pred(&s) {
-            return s;
+            Ok(s)
+        } else {
+            Err(s)
         }
-        assert!(Instant::now() < deadline, "{what}: {s}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
+    got.unwrap_or_else(|s| panic!("{what}: {s}"))
 }
 
 fn polls(h: &Running, result: &str) -> u64 {
@@ -151,18 +152,20 @@ async fn closing_stays_local_and_old_fleet_failures_do_not_reopen_it() {
     status_until(&h, "opened by the fleet", |s| s["openedBy"] == "fleet").await;
     // open_secs = 1: the replica's own probes close it; the fleet's window still holds the
     // same failures, which must not reopen it.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while h.server.shared.breaker.state() != cutover_proxy::core::breaker::State::Closed {
-        assert!(Instant::now() < deadline, "never closed by its probes");
+    let closed = until(Duration::from_secs(10), || async {
+        if h.server.shared.breaker.state() == cutover_proxy::core::breaker::State::Closed {
+            return Ok(());
+        }
         let _ = h.chat("org-a").send().await;
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        Err(())
+    })
+    .await;
+    assert!(closed.is_ok(), "never closed by its probes");
     let before = polls(&h, "ok");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while polls(&h, "ok") < before + 3 {
-        assert!(Instant::now() < deadline, "no polls after the close");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert!(
+        eventually(Duration::from_secs(5), || polls(&h, "ok") >= before + 3).await,
+        "no polls after the close"
+    );
     let s = status(&h).await;
     assert_eq!(s["state"], "closed", "{s}");
     // New failures since the close, in every replica: it opens again.

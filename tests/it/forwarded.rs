@@ -158,11 +158,14 @@ async fn chats_routed_to_legacy_and_failed_over_carry_it_too() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bridge_s_calls_carry_the_caller_s_address() {
     let legacy = FakeLegacy::seeded().await;
-    let runtime = Upstream::start(healthy_runtime).await;
-    let mut cfg = config(&legacy.address(), &runtime.address());
-    cfg.bridge.enabled = true;
-    cfg.identity.trusted_proxies = vec!["127.0.0.1".into()];
-    let server = proxy(cfg).await;
+    let h = Harness::new()
+        .legacy_server(legacy)
+        .config(move |c| {
+            c.bridge.enabled = true;
+            c.identity.trusted_proxies = vec!["127.0.0.1".into()];
+        })
+        .start()
+        .await;
     let auth = format!("Bearer {}", token("org-a"));
     let mut headers = vec![
         ("content-type", "application/json"),
@@ -170,7 +173,7 @@ async fn the_bridge_s_calls_carry_the_caller_s_address() {
     ];
     headers.extend_from_slice(&CLAIMED);
     let r = request(
-        server.proxy_addr,
+        h.proxy_addr,
         "POST",
         "/api/v1/chat/sessions/s-1",
         &headers,
@@ -178,7 +181,7 @@ async fn the_bridge_s_calls_carry_the_caller_s_address() {
     )
     .await;
     assert_served(&r, RT, "allowlist");
-    let calls = legacy.received();
+    let calls = h.legacy.received();
     // The session, the agent and the history; the user's message and the answer.
     assert_eq!(calls.len(), 5, "{calls:?}");
     for got in &calls {
@@ -196,5 +199,5 @@ async fn the_bridge_s_calls_carry_the_caller_s_address() {
         );
     }
     // The runtime is not legacy: it gets none of them.
-    assert_eq!(runtime.work()[0].header("x-forwarded-for"), None);
+    assert_eq!(h.runtime.work()[0].header("x-forwarded-for"), None);
 }

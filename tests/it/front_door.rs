@@ -54,17 +54,6 @@ async fn send(addr: SocketAddr, bytes: &[u8]) -> Answer {
     read_until_close(&mut conn, Duration::from_secs(5)).await
 }
 
-async fn start(
-    tweak: impl FnOnce(&mut cutover_proxy::core::config::Config),
-) -> (Upstream, Upstream, LocalServer) {
-    let legacy = Upstream::start(echo_legacy).await;
-    let runtime = Upstream::start(healthy_runtime).await;
-    let mut cfg = config(&legacy.address(), &runtime.address());
-    tweak(&mut cfg);
-    let server = proxy(cfg).await;
-    (legacy, runtime, server)
-}
-
 fn rejections(server: &LocalServer, reason: &str) -> f64 {
     metric(
         server,
@@ -77,7 +66,7 @@ const SMUGGLING: &[u8] = b"POST /empty2 HTTP/1.1\r\nHost: example\r\nTransfer-En
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chunk_size_line_without_digits_never_ends_the_body() {
-    let (legacy, _runtime, server) = start(|_| {}).await;
+    let h = Harness::new().start().await;
     // The finding's bytes, and the same body with each size line httparse took for the last
     // chunk: empty, a space, a tab, an extension alone; then a size above 2^63.
     let mut cases = vec![SMUGGLING.to_vec()];
@@ -93,26 +82,26 @@ async fn a_chunk_size_line_without_digits_never_ends_the_body() {
         b"POST /empty2 HTTP/1.1\r\nHost: example\r\nTransfer-Encoding: chunked\r\n\r\n10000000000000005\r\nhello\r\n0\r\n\r\nGET /SMUGGLED HTTP/1.1\r\nHost: example\r\n\r\n".to_vec(),
     );
     for bytes in &cases {
-        let a = send(server.proxy_addr, bytes).await;
+        let a = send(h.proxy_addr, bytes).await;
         // The head was good, so the request had begun; its body broke off: the connection is
         // closed without an answer (the upstream never got the request whole to answer it).
         assert!(a.closed, "{}: {a:?}", bytes.escape_ascii());
         assert_eq!(a.status, None, "{}: {a:?}", bytes.escape_ascii());
         assert!(a.took < Duration::from_secs(3), "{a:?}");
     }
-    let paths: Vec<String> = legacy.work().into_iter().map(|r| r.path).collect();
+    let paths: Vec<String> = h.legacy.work().into_iter().map(|r| r.path).collect();
     assert!(paths.is_empty(), "legacy received {paths:?}");
     let refused: f64 = ["chunk_size", "chunk_extension"]
         .iter()
-        .map(|r| rejections(&server, r))
+        .map(|r| rejections(&h, r))
         .sum();
     assert_eq!(refused, cases.len() as f64);
 
     // The same request well framed is served, once, with its body.
     let good = b"POST /empty2 HTTP/1.1\r\nHost: example\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5;ext=\"a b\"\r\nhello\r\n0\r\nX-Sum: 1\r\n\r\n";
-    let a = send(server.proxy_addr, good).await;
+    let a = send(h.proxy_addr, good).await;
     assert_eq!(a.status, Some(200), "{a:?}");
-    let work = legacy.work();
+    let work = h.legacy.work();
     assert_eq!(work.len(), 1, "{work:?}");
     assert_eq!(
         (work[0].path.as_str(), work[0].body.as_slice()),
@@ -122,7 +111,7 @@ async fn a_chunk_size_line_without_digits_never_ends_the_body() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ambiguous_heads_are_answered_400_and_reach_no_upstream() {
-    let (legacy, runtime, server) = start(|_| {}).await;
+    let h = Harness::new().start().await;
     let cases: &[(&[u8], u16, &str)] = &[
         (b"POST /x HTTP/1.1\r\nHost: e\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello", 400, "content_length"),
         (b"POST /x HTTP/1.1\r\nHost: e\r\nContent-Length: 5, 5\r\n\r\nhello", 400, "content_length"),
@@ -135,26 +124,26 @@ async fn ambiguous_heads_are_answered_400_and_reach_no_upstream() {
         (b"GET /x HTTP/1.1\nHost: e\n\n", 400, "malformed"),
     ];
     for (bytes, status, reason) in cases {
-        let before = rejections(&server, reason);
-        let a = send(server.proxy_addr, bytes).await;
+        let before = rejections(&h, reason);
+        let a = send(h.proxy_addr, bytes).await;
         assert_eq!(a.status, Some(*status), "{}: {a:?}", bytes.escape_ascii());
         assert!(a.closed, "{}: {a:?}", bytes.escape_ascii());
-        assert_eq!(rejections(&server, reason), before + 1.0, "{reason}");
+        assert_eq!(rejections(&h, reason), before + 1.0, "{reason}");
     }
-    assert!(legacy.work().is_empty(), "{:?}", legacy.work());
-    assert!(runtime.work().is_empty(), "{:?}", runtime.work());
+    assert!(h.legacy.work().is_empty(), "{:?}", h.legacy.work());
+    assert!(h.runtime.work().is_empty(), "{:?}", h.runtime.work());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_absolute_form_target_reaches_legacy_as_its_path_with_its_host() {
-    let (legacy, _runtime, server) = start(|_| {}).await;
+    let h = Harness::new().start().await;
     let a = send(
-        server.proxy_addr,
+        h.proxy_addr,
         b"GET http://legacy.example:8080/api/v1/agents?page=2 HTTP/1.1\r\nHost: other\r\nConnection: close\r\n\r\n",
     )
     .await;
     assert_eq!(a.status, Some(200), "{a:?}");
-    let work = legacy.work();
+    let work = h.legacy.work();
     assert_eq!(work.len(), 1, "{work:?}");
     assert_eq!(work[0].path, "/api/v1/agents?page=2");
     assert_eq!(work[0].header("host"), Some("legacy.example:8080"));
@@ -162,8 +151,11 @@ async fn an_absolute_form_target_reaches_legacy_as_its_path_with_its_host() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_head_over_the_limit_is_answered_431() {
-    let (legacy, _runtime, server) = start(|c| c.limits.max_header_bytes = 4096).await;
-    let mut conn = TcpStream::connect(server.proxy_addr).await.unwrap();
+    let h = Harness::new()
+        .config(|c| c.limits.max_header_bytes = 4096)
+        .start()
+        .await;
+    let mut conn = TcpStream::connect(h.proxy_addr).await.unwrap();
     conn.write_all(b"GET /x HTTP/1.1\r\nHost: e\r\nX-Big: ")
         .await
         .unwrap();
@@ -171,19 +163,22 @@ async fn a_head_over_the_limit_is_answered_431() {
     let a = read_until_close(&mut conn, Duration::from_secs(5)).await;
     assert_eq!(a.status, Some(431), "{a:?}");
     assert!(a.closed);
-    assert_eq!(rejections(&server, "header_too_large"), 1.0);
+    assert_eq!(rejections(&h, "header_too_large"), 1.0);
     // Just under the limit is served.
     let mut head = b"GET /x HTTP/1.1\r\nHost: e\r\nConnection: close\r\nX-Big: ".to_vec();
     head.resize(4096 - 4, b'a');
     head.extend_from_slice(b"\r\n\r\n");
-    assert_eq!(send(server.proxy_addr, &head).await.status, Some(200));
-    assert_eq!(legacy.work().len(), 1);
+    assert_eq!(send(h.proxy_addr, &head).await.status, Some(200));
+    assert_eq!(h.legacy.work().len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_head_trickled_a_byte_at_a_time_is_cut_at_the_header_deadline() {
-    let (legacy, _runtime, server) = start(|c| c.server.header_timeout_ms = 400).await;
-    let conn = TcpStream::connect(server.proxy_addr).await.unwrap();
+    let h = Harness::new()
+        .config(|c| c.server.header_timeout_ms = 400)
+        .start()
+        .await;
+    let conn = TcpStream::connect(h.proxy_addr).await.unwrap();
     let started = Instant::now();
     let (mut rd, mut wr) = conn.into_split();
     // One byte every 50 ms: each read comes well within any per-read timeout.
@@ -210,14 +205,17 @@ async fn a_head_trickled_a_byte_at_a_time_is_cut_at_the_header_deadline() {
     assert!(took >= Duration::from_millis(350), "{took:?}");
     assert!(took < Duration::from_secs(3), "{took:?}");
     assert!(buf.starts_with(b"HTTP/1.1 408 "), "{}", buf.escape_ascii());
-    assert_eq!(rejections(&server, "header_timeout"), 1.0);
-    assert!(legacy.work().is_empty());
+    assert_eq!(rejections(&h, "header_timeout"), 1.0);
+    assert!(h.legacy.work().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_keep_alive_connection_is_closed_after_the_keepalive_timeout() {
-    let (legacy, _runtime, server) = start(|c| c.server.keepalive_timeout_ms = 300).await;
-    let mut c = Client::connect(server.proxy_addr).await;
+    let h = Harness::new()
+        .config(|c| c.server.keepalive_timeout_ms = 300)
+        .start()
+        .await;
+    let mut c = Client::connect(h.proxy_addr).await;
     c.send("GET", "/api/v1/agents", &[], b"").await;
     assert_eq!(c.read_response().await.status, 200);
     let idle = Instant::now();
@@ -229,45 +227,48 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_keepalive_timeout() {
         "{:?}",
         idle.elapsed()
     );
-    assert_eq!(legacy.work().len(), 1);
+    assert_eq!(h.legacy.work().len(), 1);
     // Idling out is no refusal.
-    assert_eq!(rejections(&server, "header_timeout"), 0.0);
+    assert_eq!(rejections(&h, "header_timeout"), 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_keep_alive_connection_is_closed_on_shutdown() {
-    let (_legacy, _runtime, server) = start(|_| {}).await;
-    let mut c = Client::connect(server.proxy_addr).await;
+    let h = Harness::new().start().await;
+    let mut c = Client::connect(h.proxy_addr).await;
     c.send("GET", "/api/v1/agents", &[], b"").await;
     assert_eq!(c.read_response().await.status, 200);
     assert!(!c.closed_within(Duration::from_millis(100)).await);
     // Dropping the server raises its shutdown signal; the default keep-alive timeout is 75 s.
-    drop(server);
+    drop(h);
     assert!(c.closed_within(Duration::from_secs(2)).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_over_max_connections_are_refused_at_once() {
-    let (_legacy, _runtime, server) = start(|c| c.server.max_connections = 2).await;
+    let h = Harness::new()
+        .config(|c| c.server.max_connections = 2)
+        .start()
+        .await;
     let mut held = Vec::new();
     for _ in 0..2 {
-        let mut c = Client::connect(server.proxy_addr).await;
+        let mut c = Client::connect(h.proxy_addr).await;
         c.send("GET", "/api/v1/agents", &[], b"").await;
         assert_eq!(c.read_response().await.status, 200);
         held.push(c);
     }
-    assert_eq!(metric(&server, "cutover_front_door_connections", &[]), 2.0);
+    assert_eq!(metric(&h, "cutover_front_door_connections", &[]), 2.0);
     let a = send(
-        server.proxy_addr,
+        h.proxy_addr,
         b"GET /api/v1/agents HTTP/1.1\r\nHost: e\r\n\r\n",
     )
     .await;
     assert_eq!(a.status, Some(503), "{a:?}");
     assert!(a.closed && a.took < Duration::from_secs(1), "{a:?}");
-    assert_eq!(rejections(&server, "max_connections"), 1.0);
+    assert_eq!(rejections(&h, "max_connections"), 1.0);
     // A slot frees when a connection ends.
     drop(held.pop());
-    let shared = server.shared.clone();
+    let shared = h.shared.clone();
     assert!(
         eventually(Duration::from_secs(3), move || {
             shared.metrics.front_door.connections.get() == 1
@@ -275,7 +276,7 @@ async fn connections_over_max_connections_are_refused_at_once() {
         .await
     );
     let a = send(
-        server.proxy_addr,
+        h.proxy_addr,
         b"GET /api/v1/agents HTTP/1.1\r\nHost: e\r\nConnection: close\r\n\r\n",
     )
     .await;
@@ -284,8 +285,8 @@ async fn connections_over_max_connections_are_refused_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_requests_are_each_served_once_in_order() {
-    let (legacy, _runtime, server) = start(|_| {}).await;
-    let mut conn = TcpStream::connect(server.proxy_addr).await.unwrap();
+    let h = Harness::new().start().await;
+    let mut conn = TcpStream::connect(h.proxy_addr).await.unwrap();
     conn.write_all(
         b"GET /one HTTP/1.1\r\nHost: e\r\n\r\n\
           POST /two HTTP/1.1\r\nHost: e\r\nContent-Length: 3\r\n\r\nabc\
@@ -306,7 +307,7 @@ async fn pipelined_requests_are_each_served_once_in_order() {
         })
         .collect();
     assert!(order.windows(2).all(|w| w[0] < w[1]), "{}", a.text);
-    let work = legacy.work();
+    let work = h.legacy.work();
     let got: Vec<(&str, &[u8])> = work
         .iter()
         .map(|r| (r.path.as_str(), r.body.as_slice()))
@@ -337,6 +338,7 @@ fn memory_kb(pid: u32) -> (u64, u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unfinished_one_megabyte_heads_leave_memory_bounded() {
+    // Not the Harness: the memory measured is the shipped binary's, run as a child process.
     let legacy = Upstream::start(echo_legacy).await;
     let runtime = Upstream::start(healthy_runtime).await;
     let dir = TempDir::new("front-door-memory");
@@ -361,30 +363,20 @@ async fn unfinished_one_megabyte_heads_leave_memory_bounded() {
         .spawn()
         .unwrap();
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let ready = Instant::now();
-    loop {
-        let a = match TcpStream::connect(addr).await {
-            Ok(mut c) => {
-                let _ = c
-                    .write_all(
-                        b"GET /api/v1/agents HTTP/1.1\r\nHost: e\r\nConnection: close\r\n\r\n",
-                    )
-                    .await;
-                read_until_close(&mut c, Duration::from_secs(2))
-                    .await
-                    .status
-            }
-            Err(_) => None,
+    let ready = until(Duration::from_secs(15), || async {
+        let Ok(mut c) = TcpStream::connect(addr).await else {
+            return Err(());
         };
-        if a == Some(200) {
-            break;
-        }
-        assert!(
-            ready.elapsed() < Duration::from_secs(15),
-            "proxy did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        let _ = c
+            .write_all(b"GET /api/v1/agents HTTP/1.1\r\nHost: e\r\nConnection: close\r\n\r\n")
+            .await;
+        let status = read_until_close(&mut c, Duration::from_secs(2))
+            .await
+            .status;
+        (status == Some(200)).then_some(()).ok_or(())
+    })
+    .await;
+    assert!(ready.is_ok(), "proxy did not start");
     let (rss_before, _) = memory_kb(child.id());
 
     let mut clients = tokio::task::JoinSet::new();

@@ -19,7 +19,7 @@ use cutover_proxy::app::LocalServer;
 use serde_json::{json, Value};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 // ---- a raw exchange with the proxy ------------------------------------------------------------
 
@@ -58,6 +58,26 @@ fn response_complete(buf: &[u8]) -> bool {
     false
 }
 
+/// Read into `buf` until it holds a whole response, the peer closes (true), or `wait` passes.
+async fn read_response_bytes(
+    conn: &mut (impl AsyncReadExt + Unpin),
+    buf: &mut Vec<u8>,
+    wait: Duration,
+) -> bool {
+    let mut chunk = vec![0u8; 64 * 1024];
+    let read = tokio::time::timeout(wait, async {
+        while !response_complete(buf) {
+            match conn.read(&mut chunk).await {
+                Ok(0) | Err(_) => return true,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        false
+    })
+    .await;
+    read.unwrap_or(false)
+}
+
 /// Send `bytes` on a fresh connection and read what comes back until the response is whole, the
 /// connection closes, or `wait` passes.
 async fn exchange(addr: SocketAddr, bytes: &[u8], wait: Duration) -> Raw {
@@ -66,23 +86,8 @@ async fn exchange(addr: SocketAddr, bytes: &[u8], wait: Duration) -> Raw {
     // The proxy may answer (and close) before it has read everything: a failed write is fine.
     let _ = conn.write_all(bytes).await;
     let mut buf = Vec::new();
-    let mut closed = false;
+    let mut closed = read_response_bytes(&mut conn, &mut buf, wait).await;
     let mut chunk = vec![0u8; 64 * 1024];
-    let _ = tokio::time::timeout(wait, async {
-        loop {
-            if response_complete(&buf) {
-                return;
-            }
-            match conn.read(&mut chunk).await {
-                Ok(0) | Err(_) => {
-                    closed = true;
-                    return;
-                }
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        }
-    })
-    .await;
     if !closed && response_complete(&buf) {
         // Does the proxy close the connection after this response?
         closed = matches!(
@@ -137,20 +142,13 @@ async fn still_serves(server: &LocalServer) {
     assert_eq!(r.status, 200, "{r:?}");
 }
 
-async fn healthy_pair() -> (Upstream, Upstream, LocalServer) {
-    let legacy = Upstream::start(echo_legacy).await;
-    let runtime = Upstream::start(healthy_runtime).await;
-    let server = proxy(config(&legacy.address(), &runtime.address())).await;
-    (legacy, runtime, server)
-}
-
 const WAIT: Duration = Duration::from_secs(5);
 
 // ---- malformed requests -----------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_request_lines_and_headers_get_400_and_reach_no_upstream() {
-    let (legacy, runtime, server) = healthy_pair().await;
+    let h = Harness::new().start().await;
     let cases: &[(&str, &[u8])] = &[
         ("garbage line", b"GARBAGE\r\n\r\n"),
         ("method only", b"GET\r\n\r\n"),
@@ -182,7 +180,7 @@ async fn malformed_request_lines_and_headers_get_400_and_reach_no_upstream() {
         ),
     ];
     for (what, bytes) in cases {
-        let raw = exchange(server.proxy_addr, bytes, WAIT).await;
+        let raw = exchange(h.proxy_addr, bytes, WAIT).await;
         eprintln!("{what}: {:?} in {:?}", raw.status, raw.took);
         assert_eq!(raw.status, Some(400), "{what}: {raw:?}");
         assert!(
@@ -191,18 +189,19 @@ async fn malformed_request_lines_and_headers_get_400_and_reach_no_upstream() {
             raw.took
         );
     }
-    assert!(legacy.work().is_empty(), "{:?}", legacy.work());
-    assert!(runtime.work().is_empty());
-    still_serves(&server).await;
+    assert!(h.legacy.work().is_empty(), "{:?}", h.legacy.work());
+    assert!(h.runtime.work().is_empty());
+    still_serves(&h).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_headers_get_a_bounded_answer() {
-    let legacy = Upstream::start(echo_legacy).await;
-    let runtime = Upstream::start(healthy_runtime).await;
-    let mut cfg = config(&legacy.address(), &runtime.address());
-    cfg.limits.max_header_bytes = 256 * 1024;
-    let server = proxy(cfg).await;
+    let h = Harness::new()
+        .config(move |c| {
+            c.limits.max_header_bytes = 256 * 1024;
+        })
+        .start()
+        .await;
     let auth = format!("Bearer {}", token("org-a"));
 
     // 100 KB: within a raised `limits.max_header_bytes`, so the request is served (passed
@@ -210,14 +209,19 @@ async fn oversized_headers_get_a_bounded_answer() {
     // the runtime, which only gets a fixed list of headers).
     let big = "x".repeat(100 * 1024);
     let req = format!("GET /api/v1/agents HTTP/1.1\r\nhost: a\r\nx-big: {big}\r\n\r\n");
-    let raw = exchange(server.proxy_addr, req.as_bytes(), WAIT).await;
+    let raw = exchange(h.proxy_addr, req.as_bytes(), WAIT).await;
     eprintln!(
         "100 KB header, passthrough: {:?} in {:?}",
         raw.status, raw.took
     );
     assert_eq!(raw.status, Some(200), "{raw:?}");
     assert_eq!(
-        legacy.work().last().unwrap().header("x-big").map(str::len),
+        h.legacy
+            .work()
+            .last()
+            .unwrap()
+            .header("x-big")
+            .map(str::len),
         Some(big.len()),
         "passthrough must keep the header whole"
     );
@@ -226,20 +230,20 @@ async fn oversized_headers_get_a_bounded_answer() {
         "POST /api/v1/chat/sessions/big HTTP/1.1\r\nhost: a\r\nauthorization: {auth}\r\ncontent-type: application/json\r\nx-big: {big}\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
     );
-    let raw = exchange(server.proxy_addr, req.as_bytes(), WAIT).await;
+    let raw = exchange(h.proxy_addr, req.as_bytes(), WAIT).await;
     eprintln!(
         "100 KB header, runtime chat: {:?} in {:?}",
         raw.status, raw.took
     );
     assert_eq!(raw.status, Some(200), "{raw:?}");
     assert_eq!(header_of(&raw, "x-execution-mode"), Some(RT));
-    assert!(runtime.work().last().unwrap().header("x-big").is_none());
+    assert!(h.runtime.work().last().unwrap().header("x-big").is_none());
 
     // Beyond the limit: 2 MB of header, and 300 header lines. Refused, bounded, nothing sent on.
-    let legacy_before = legacy.work().len();
+    let legacy_before = h.legacy.work().len();
     let huge = "y".repeat(2 * 1024 * 1024);
     let req = format!("GET /api/v1/agents HTTP/1.1\r\nhost: a\r\nx-huge: {huge}\r\n\r\n");
-    let raw = exchange(server.proxy_addr, req.as_bytes(), WAIT).await;
+    let raw = exchange(h.proxy_addr, req.as_bytes(), WAIT).await;
     eprintln!("2 MB header: {:?} in {:?}", raw.status, raw.took);
     assert_eq!(raw.status, Some(431), "{:?}", raw.head);
     let mut many = String::from("GET /api/v1/agents HTTP/1.1\r\nhost: a\r\n");
@@ -247,26 +251,26 @@ async fn oversized_headers_get_a_bounded_answer() {
         many.push_str(&format!("x-h{i}: v\r\n"));
     }
     many.push_str("\r\n");
-    let raw = exchange(server.proxy_addr, many.as_bytes(), WAIT).await;
+    let raw = exchange(h.proxy_addr, many.as_bytes(), WAIT).await;
     eprintln!("300 headers: {:?} in {:?}", raw.status, raw.took);
     assert_eq!(raw.status, Some(431), "{:?}", raw.head);
     // A 100 KB token: not a valid JWT, so legacy, never the runtime.
-    let runtime_before = runtime.work().len();
+    let runtime_before = h.runtime.work().len();
     let req = format!(
         "POST /api/v1/chat/sessions/t HTTP/1.1\r\nhost: a\r\nauthorization: Bearer {big}\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
     );
-    let raw = exchange(server.proxy_addr, req.as_bytes(), WAIT).await;
+    let raw = exchange(h.proxy_addr, req.as_bytes(), WAIT).await;
     assert_eq!(raw.status, Some(200), "{:?}", raw.head);
     assert_eq!(header_of(&raw, "x-execution-reason"), Some("no_identity"));
-    assert_eq!(runtime.work().len(), runtime_before);
-    assert_eq!(legacy.work().len(), legacy_before + 1);
-    still_serves(&server).await;
+    assert_eq!(h.runtime.work().len(), runtime_before);
+    assert_eq!(h.legacy.work().len(), legacy_before + 1);
+    still_serves(&h).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ambiguous_message_framing_is_refused_or_normalised() {
-    let (legacy, runtime, server) = healthy_pair().await;
+    let h = Harness::new().start().await;
     let auth = format!("Bearer {}", token("org-a"));
     let body = HI;
 
@@ -279,7 +283,7 @@ async fn ambiguous_message_framing_is_refused_or_normalised() {
             let req = format!(
                 "POST {path} HTTP/1.1\r\nhost: a\r\nauthorization: {auth}\r\n{lengths}\r\n\r\n{body}"
             );
-            let raw = exchange(server.proxy_addr, req.as_bytes(), WAIT).await;
+            let raw = exchange(h.proxy_addr, req.as_bytes(), WAIT).await;
             eprintln!("{path} {lengths:?}: {:?}", raw.status);
             assert_eq!(raw.status, Some(400), "{path} {lengths:?}: {raw:?}");
             assert!(raw.closed, "{path}: the connection must not be reused");
@@ -291,12 +295,12 @@ async fn ambiguous_message_framing_is_refused_or_normalised() {
         (format!("POST /api/v1/chat/sessions/s HTTP/1.1\r\nhost: a\r\nauthorization: {auth}\r\ntransfer-encoding: gzip\r\n\r\n{body}"), 501),
         (format!("POST /api/v1/chat/sessions/s HTTP/1.0\r\nhost: a\r\nauthorization: {auth}\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n"), 400),
     ] {
-        let raw = exchange(server.proxy_addr, req.as_bytes(), WAIT).await;
+        let raw = exchange(h.proxy_addr, req.as_bytes(), WAIT).await;
         assert_eq!(raw.status, Some(status), "{req:?}: {raw:?}");
         assert!(raw.closed, "{req:?}");
     }
-    assert!(legacy.work().is_empty(), "{:?}", legacy.work());
-    assert!(runtime.work().is_empty());
+    assert!(h.legacy.work().is_empty(), "{:?}", h.legacy.work());
+    assert!(h.runtime.work().is_empty());
 
     // Content-Length and chunked together: refused (RFC 9112 6.1 lets a server reject it, and an
     // upstream that reads the length instead would take the remainder for a request), the
@@ -307,17 +311,17 @@ async fn ambiguous_message_framing_is_refused_or_normalised() {
         let req = format!(
             "POST {path} HTTP/1.1\r\nhost: a\r\nauthorization: {auth}\r\ncontent-type: application/json\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n{chunked}{smuggled}"
         );
-        let raw = exchange(server.proxy_addr, req.as_bytes(), WAIT).await;
+        let raw = exchange(h.proxy_addr, req.as_bytes(), WAIT).await;
         assert_eq!(raw.status, Some(400), "{path}: {raw:?}");
         assert!(raw.closed, "{path}: keep-alive after TE+CL: {:?}", raw.head);
     }
     assert!(
-        legacy.work().is_empty(),
+        h.legacy.work().is_empty(),
         "a request with both framings reached legacy: {:?}",
-        legacy.work()
+        h.legacy.work()
     );
-    assert!(runtime.work().is_empty(), "{:?}", runtime.work());
-    still_serves(&server).await;
+    assert!(h.runtime.work().is_empty(), "{:?}", h.runtime.work());
+    still_serves(&h).await;
 }
 
 // ---- chat bodies ------------------------------------------------------------------------------
@@ -347,23 +351,7 @@ async fn send_chunked_body(addr: SocketAddr, org: &str, total: usize) -> Raw {
     });
     let started = Instant::now();
     let mut buf = Vec::new();
-    let mut closed = false;
-    let _ = tokio::time::timeout(WAIT, async {
-        let mut chunk = vec![0u8; 16 * 1024];
-        loop {
-            if response_complete(&buf) {
-                return;
-            }
-            match rd.read(&mut chunk).await {
-                Ok(0) | Err(_) => {
-                    closed = true;
-                    return;
-                }
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        }
-    })
-    .await;
+    let closed = read_response_bytes(&mut rd, &mut buf, WAIT).await;
     writer.abort();
     let i = find(&buf, b"\r\n\r\n").unwrap_or(buf.len());
     let head = String::from_utf8_lossy(&buf[..i]).to_string();
@@ -378,8 +366,8 @@ async fn send_chunked_body(addr: SocketAddr, org: &str, total: usize) -> Raw {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn huge_or_invalid_chat_bodies_get_4xx_without_reaching_the_runtime() {
-    let (legacy, runtime, server) = healthy_pair().await;
-    let addr = server.proxy_addr;
+    let h = Harness::new().start().await;
+    let addr = h.proxy_addr;
 
     // Declared too large: 413 before a byte of the body is read, for both modes.
     for org in ["org-a", "org-z"] {
@@ -406,7 +394,7 @@ async fn huge_or_invalid_chat_bodies_get_4xx_without_reaching_the_runtime() {
         raw.status, raw.took
     );
     assert_eq!(raw.status, Some(413), "{raw:?}");
-    assert!(runtime.work().is_empty());
+    assert!(h.runtime.work().is_empty());
 
     // Bodies that are not a chat message: 400 for the runtime path, no upstream contacted.
     let nested = format!(
@@ -428,7 +416,7 @@ async fn huge_or_invalid_chat_bodies_get_4xx_without_reaching_the_runtime() {
         ("NUL bytes", b"\0\0\0\0".to_vec()),
         ("deeply nested", nested.into_bytes()),
     ];
-    let before = legacy.work().len();
+    let before = h.legacy.work().len();
     for (what, body) in &bodies {
         let auth = format!("Bearer {}", token("org-a"));
         let mut req = format!(
@@ -446,9 +434,9 @@ async fn huge_or_invalid_chat_bodies_get_4xx_without_reaching_the_runtime() {
         );
         assert_eq!(header_of(&raw, "x-execution-mode"), Some(RT), "{what}");
     }
-    assert!(runtime.work().is_empty());
-    assert_eq!(legacy.work().len(), before);
-    still_serves(&server).await;
+    assert!(h.runtime.work().is_empty());
+    assert_eq!(h.legacy.work().len(), before);
+    still_serves(&h).await;
 }
 
 // ---- forged and broken tokens -----------------------------------------------------------------
@@ -491,22 +479,23 @@ fn crafted(header: Value, claims: Value, secret: Option<&str>) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_expired_and_broken_tokens_never_reach_the_runtime() {
-    let legacy = Upstream::start(echo_legacy).await;
-    let runtime = Upstream::start(healthy_runtime).await;
-    let mut cfg = config(&legacy.address(), &runtime.address());
-    cfg.identity.issuer = Some("chat-api".into());
-    // Room for the 64 KB token below: it is about verification, not the head limit.
-    cfg.limits.max_header_bytes = 128 * 1024;
-    let server = proxy(cfg).await;
+    let h = Harness::new()
+        .config(move |c| {
+            c.identity.issuer = Some("chat-api".into());
+            // Room for the 64 KB token below: it is about verification, not the head limit.
+            c.limits.max_header_bytes = 128 * 1024;
+        })
+        .start()
+        .await;
     let now = now();
     let good = json!({"orgId": "org-a", "userId": "u1", "exp": now + 600, "iss": "chat-api"});
     let hs256 = json!({"alg": "HS256", "typ": "JWT"});
 
     // The control: a valid token of the allowlisted org reaches the runtime.
     let valid = crafted(hs256.clone(), good.clone(), Some(JWT_SECRET));
-    let r = chat_as(server.proxy_addr, &format!("Bearer {valid}")).await;
+    let r = chat_as(h.proxy_addr, &format!("Bearer {valid}")).await;
     assert_eq!(r.header("x-execution-reason"), Some("allowlist"), "{r:?}");
-    let runtime_calls = runtime.work().len();
+    let runtime_calls = h.runtime.work().len();
 
     let with = |patch: Value| {
         let mut c = good.clone();
@@ -619,19 +608,18 @@ async fn forged_expired_and_broken_tokens_never_reach_the_runtime() {
         ("non-ASCII", "ünïcødé.tøkën.sïg".to_string()),
     ];
     // A valid signature over claims with a swapped org: the signature no longer matches.
-    let (h, rest) = valid.split_once('.').unwrap();
+    let (head, rest) = valid.split_once('.').unwrap();
     let sig = rest.rsplit_once('.').unwrap().1;
     let other = b64url(with(json!({"orgId": "org-evil"})).to_string().as_bytes());
     cases.push((
         "claims swapped under a valid signature",
-        format!("{h}.{other}.{sig}"),
+        format!("{head}.{other}.{sig}"),
     ));
 
     let unverified: u64 = ["invalid", "expired", "missing", "no_org_claim"]
         .iter()
         .map(|k| {
-            server
-                .shared
+            h.shared
                 .metrics
                 .unverified_total
                 .with_label_values(&[k])
@@ -639,7 +627,7 @@ async fn forged_expired_and_broken_tokens_never_reach_the_runtime() {
         })
         .sum();
     for (what, t) in &cases {
-        let r = chat_as(server.proxy_addr, &format!("Bearer {t}")).await;
+        let r = chat_as(h.proxy_addr, &format!("Bearer {t}")).await;
         assert_eq!(r.status, 200, "{what}: {r:?}");
         assert!(r.complete, "{what}");
         assert_eq!(r.header("x-execution-mode"), Some(DIRECT), "{what}");
@@ -651,7 +639,7 @@ async fn forged_expired_and_broken_tokens_never_reach_the_runtime() {
     }
     // A client-supplied org header is not an identity either.
     let r = request(
-        server.proxy_addr,
+        h.proxy_addr,
         "POST",
         "/api/v1/chat/sessions/spoof",
         &[("x-org-id", "org-a"), ("content-type", "application/json")],
@@ -661,15 +649,14 @@ async fn forged_expired_and_broken_tokens_never_reach_the_runtime() {
     assert_eq!(r.header("x-execution-reason"), Some("no_identity"));
 
     assert_eq!(
-        runtime.work().len(),
+        h.runtime.work().len(),
         runtime_calls,
         "a forged token reached the runtime"
     );
     let unverified_after: u64 = ["invalid", "expired", "missing", "no_org_claim"]
         .iter()
         .map(|k| {
-            server
-                .shared
+            h.shared
                 .metrics
                 .unverified_total
                 .with_label_values(&[k])
@@ -677,7 +664,7 @@ async fn forged_expired_and_broken_tokens_never_reach_the_runtime() {
         })
         .sum();
     assert!(unverified_after >= unverified + cases.len() as u64);
-    still_serves_with_issuer(&server).await;
+    still_serves_with_issuer(&h).await;
 }
 
 /// `identity.issuer` / `identity.audience` say "tokens must carry this iss / aud". jsonwebtoken
@@ -686,20 +673,21 @@ async fn forged_expired_and_broken_tokens_never_reach_the_runtime() {
 /// to a number, is taken as this issuer's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_without_the_configured_issuer_or_audience_are_refused() {
-    let legacy = Upstream::start(echo_legacy).await;
-    let runtime = Upstream::start(healthy_runtime).await;
-    let mut cfg = config(&legacy.address(), &runtime.address());
-    cfg.identity.issuer = Some("chat-api".into());
-    cfg.identity.audience = Some("chat".into());
-    let server = proxy(cfg).await;
+    let h = Harness::new()
+        .config(move |c| {
+            c.identity.issuer = Some("chat-api".into());
+            c.identity.audience = Some("chat".into());
+        })
+        .start()
+        .await;
     let exp = now() + 600;
     let hs256 = json!({"alg": "HS256", "typ": "JWT"});
     let sign = |claims: Value| crafted(hs256.clone(), claims, Some(JWT_SECRET));
 
     let valid = sign(json!({"orgId": "org-a", "exp": exp, "iss": "chat-api", "aud": "chat"}));
-    let r = chat_as(server.proxy_addr, &format!("Bearer {valid}")).await;
+    let r = chat_as(h.proxy_addr, &format!("Bearer {valid}")).await;
     assert_eq!(r.header("x-execution-reason"), Some("allowlist"), "{r:?}");
-    let runtime_calls = runtime.work().len();
+    let runtime_calls = h.runtime.work().len();
 
     let cases = [
         (
@@ -725,7 +713,7 @@ async fn tokens_without_the_configured_issuer_or_audience_are_refused() {
     ];
     let mut accepted = Vec::new();
     for (what, claims) in cases {
-        let r = chat_as(server.proxy_addr, &format!("Bearer {}", sign(claims))).await;
+        let r = chat_as(h.proxy_addr, &format!("Bearer {}", sign(claims))).await;
         assert_eq!(r.status, 200, "{what}");
         if r.header("x-execution-reason") != Some("no_identity") {
             accepted.push(what);
@@ -735,7 +723,7 @@ async fn tokens_without_the_configured_issuer_or_audience_are_refused() {
         accepted.is_empty(),
         "accepted without the configured claims: {accepted:?}"
     );
-    assert_eq!(runtime.work().len(), runtime_calls);
+    assert_eq!(h.runtime.work().len(), runtime_calls);
 }
 
 async fn chat_as(addr: SocketAddr, authorization: &str) -> Response {
@@ -782,21 +770,6 @@ enum Misbehaviour {
     HugeHead,
 }
 
-struct HostileRuntime {
-    addr: SocketAddr,
-    /// Body bytes written for executions.
-    sent: Arc<AtomicU64>,
-    /// A write failed: the proxy closed the connection.
-    cut_off: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for HostileRuntime {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 fn garbage(seed: u64, len: usize) -> Vec<u8> {
     const TOKENS: &[&[u8]] = &[
         b"data: ",
@@ -835,118 +808,54 @@ fn garbage(seed: u64, len: usize) -> Vec<u8> {
     out
 }
 
-async fn write_chunk(conn: &mut TcpStream, data: &[u8]) -> std::io::Result<()> {
-    let mut c = format!("{:x}\r\n", data.len()).into_bytes();
-    c.extend_from_slice(data);
-    c.extend_from_slice(b"\r\n");
-    conn.write_all(&c).await
-}
-
-impl HostileRuntime {
-    async fn start(how: Misbehaviour) -> HostileRuntime {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let sent = Arc::new(AtomicU64::new(0));
-        let cut_off = Arc::new(AtomicBool::new(false));
-        let (s, c) = (sent.clone(), cut_off.clone());
-        let task = tokio::spawn(async move {
-            let mut conns = tokio::task::JoinSet::new();
-            loop {
-                let Ok((mut conn, _)) = listener.accept().await else {
-                    return;
-                };
-                let (s, c) = (s.clone(), c.clone());
-                conns.spawn(async move {
-                    let mut buf = vec![0u8; 64 * 1024];
-                    let n = conn.read(&mut buf).await.unwrap_or(0);
-                    if buf[..n].starts_with(b"GET /health") {
-                        let _ = conn
-                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}")
-                            .await;
-                        return;
-                    }
-                    let sse_head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
-                    let result: std::io::Result<()> = async {
-                        match how {
-                            Misbehaviour::Garbage { seed, then_close } => {
-                                conn.write_all(sse_head).await?;
-                                let g = garbage(seed, 256 * 1024);
-                                for piece in g.chunks(4096) {
-                                    write_chunk(&mut conn, piece).await?;
-                                    s.fetch_add(piece.len() as u64, Ordering::SeqCst);
-                                }
-                                if then_close {
-                                    // Cut mid-body: no last chunk, the connection closed.
-                                    return Err(std::io::ErrorKind::ConnectionAborted.into());
-                                }
-                                conn.write_all(b"0\r\n\r\n").await
-                            }
-                            Misbehaviour::EndlessLine => {
-                                conn.write_all(sse_head).await?;
-                                write_chunk(&mut conn, b"data: {\"event\":\"text_chunk\",\"data\":{\"content\":\"").await?;
-                                let piece = vec![b'y'; 64 * 1024];
-                                for _ in 0..100_000 {
-                                    write_chunk(&mut conn, &piece).await?;
-                                    s.fetch_add(piece.len() as u64, Ordering::SeqCst);
-                                    tokio::time::sleep(Duration::from_millis(1)).await;
-                                }
-                                Ok(())
-                            }
-                            Misbehaviour::HugeFrame => {
-                                conn.write_all(sse_head).await?;
-                                write_chunk(&mut conn, b"data: ").await?;
-                                let piece = vec![b'x'; 1024 * 1024];
-                                for _ in 0..100 {
-                                    write_chunk(&mut conn, &piece).await?;
-                                    s.fetch_add(piece.len() as u64, Ordering::SeqCst);
-                                }
-                                write_chunk(&mut conn, b"\n\n").await?;
-                                write_chunk(&mut conn, &frame("execution_complete", json!({}))).await?;
-                                write_chunk(&mut conn, &done_frame()).await?;
-                                conn.write_all(b"0\r\n\r\n").await
-                            }
-                            Misbehaviour::HeadThenSilence => {
-                                conn.write_all(sse_head).await?;
-                                std::future::pending().await
-                            }
-                            Misbehaviour::Silence => std::future::pending().await,
-                            Misbehaviour::GarbageHead => {
-                                conn.write_all(b"\x00\xffNOT HTTP AT ALL\r\n\r\n").await
-                            }
-                            Misbehaviour::HugeHead => {
-                                conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nx-huge: ").await?;
-                                let piece = vec![b'h'; 64 * 1024];
-                                for _ in 0..32 {
-                                    conn.write_all(&piece).await?;
-                                    s.fetch_add(piece.len() as u64, Ordering::SeqCst);
-                                }
-                                std::future::pending().await
-                            }
-                            Misbehaviour::NotSse => {
-                                let body = br#"{"result": "not a stream"}"#;
-                                conn.write_all(format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n", body.len()).as_bytes()).await?;
-                                conn.write_all(body).await
-                            }
-                        }
-                    }
-                    .await;
-                    match result {
-                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionAborted => return,
-                        Err(_) => c.store(true, Ordering::SeqCst),
-                        Ok(()) => {}
-                    }
-                    // Keep the connection until the proxy closes it.
-                    let mut sink = [0u8; 1024];
-                    while matches!(conn.read(&mut sink).await, Ok(n) if n > 0) {}
-                });
+/// The runtime's answer to an execution when it misbehaves `how`.
+fn misbehaving(how: Misbehaviour) -> Reply {
+    match how {
+        Misbehaviour::Garbage { seed, then_close } => {
+            let mut steps: Vec<Step> = garbage(seed, 256 * 1024)
+                .chunks(4096)
+                .map(|piece| Step::Send(piece.to_vec()))
+                .collect();
+            if then_close {
+                // Cut mid-body: no last chunk, the connection closed.
+                steps.push(Step::Close);
             }
-        });
-        HostileRuntime {
-            addr,
-            sent,
-            cut_off,
-            task,
+            Reply::sse(steps)
         }
+        Misbehaviour::EndlessLine => Reply::sse(vec![
+            Step::Send(b"data: {\"event\":\"text_chunk\",\"data\":{\"content\":\"".to_vec()),
+            Step::Repeat {
+                data: vec![b'y'; 64 * 1024],
+                times: 100_000,
+                pause: Duration::from_millis(1),
+            },
+        ]),
+        Misbehaviour::HugeFrame => Reply::sse(vec![
+            Step::Send(b"data: ".to_vec()),
+            Step::Repeat {
+                data: vec![b'x'; 1024 * 1024],
+                times: 100,
+                pause: Duration::ZERO,
+            },
+            Step::Send(b"\n\n".to_vec()),
+            Step::Send(frame("execution_complete", json!({}))),
+            Step::Send(done_frame()),
+        ]),
+        Misbehaviour::HeadThenSilence => Reply::sse(vec![Step::Hang]),
+        Misbehaviour::Silence => Reply::silent(vec![Step::Hang]),
+        Misbehaviour::GarbageHead => Reply::silent(vec![Step::Send(
+            b"\x00\xffNOT HTTP AT ALL\r\n\r\n".to_vec(),
+        )]),
+        Misbehaviour::HugeHead => Reply::silent(vec![
+            Step::Send(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nx-huge: ".to_vec()),
+            Step::Repeat {
+                data: vec![b'h'; 64 * 1024],
+                times: 32,
+                pause: Duration::ZERO,
+            },
+            Step::Hang,
+        ]),
+        Misbehaviour::NotSse => Reply::json(200, json!({"result": "not a stream"})),
     }
 }
 
@@ -991,18 +900,19 @@ fn ends_in_one_error_event(r: &Response) -> String {
     err["code"].as_str().unwrap().to_string()
 }
 
-async fn against(how: Misbehaviour, timeout_ms: u64) -> (HostileRuntime, Upstream, LocalServer) {
-    let runtime = HostileRuntime::start(how).await;
-    let legacy = Upstream::start(echo_legacy).await;
-    let mut cfg = config(&legacy.address(), &runtime.addr.to_string());
-    cfg.runtime.execution_timeout_ms = timeout_ms;
-    // The relay's defences once the stream is the client's (before the commit these streams
-    // fail over: commit_point.rs).
-    cfg.runtime.commit_timeout_ms = Some(0);
-    // Health checks must not open the breaker in the middle of a test.
-    cfg.runtime.health_interval_ms = 60_000;
-    let server = proxy(cfg).await;
-    (runtime, legacy, server)
+async fn against(how: Misbehaviour, timeout_ms: u64) -> Running {
+    Harness::new()
+        .runtime(runtime_script(move |_| misbehaving(how)))
+        .config(move |c| {
+            c.runtime.execution_timeout_ms = timeout_ms;
+            // The relay's defences once the stream is the client's (before the commit these
+            // streams fail over: commit_point.rs).
+            c.runtime.commit_timeout_ms = Some(0);
+            // Health checks must not open the breaker in the middle of a test.
+            c.runtime.health_interval_ms = 60_000;
+        })
+        .start()
+        .await
 }
 
 /// After a hostile runtime, the proxy still serves: the same runtime org gets an answer (an
@@ -1020,9 +930,9 @@ async fn runtime_sending_binary_garbage_gets_well_formed_output_and_one_terminal
     for seed in 1..=12u64 {
         for then_close in [false, true] {
             let how = Misbehaviour::Garbage { seed, then_close };
-            let (_runtime, legacy, server) = against(how, 10_000).await;
+            let h = against(how, 10_000).await;
             let t = Instant::now();
-            let r = chat(server.proxy_addr, Some("org-a"), "garbage", HI).await;
+            let r = chat(h.proxy_addr, Some("org-a"), "garbage", HI).await;
             // Garbage may happen to hold a valid frame (the tokens include execution_complete
             // and execution_error): then it ends like a runtime that sent it. Either way the
             // stream ends with one terminal event, last.
@@ -1044,43 +954,35 @@ async fn runtime_sending_binary_garbage_gets_well_formed_output_and_one_terminal
                 "no terminal event: {events:?}"
             );
             assert_eq!(terminal.len(), 1, "several terminal events: {terminal:?}");
-            assert!(legacy.work().is_empty());
-            still_up(&server).await;
+            assert!(h.legacy.work().is_empty());
+            still_up(&h).await;
         }
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runtime_line_without_end_is_cut_at_max_frame_bytes() {
-    let (runtime, _legacy, server) = against(Misbehaviour::EndlessLine, 30_000).await;
+    let h = against(Misbehaviour::EndlessLine, 30_000).await;
     let t = Instant::now();
-    let r = chat(server.proxy_addr, Some("org-a"), "endless", HI).await;
+    let r = chat(h.proxy_addr, Some("org-a"), "endless", HI).await;
     let took = t.elapsed();
     assert_eq!(ends_in_one_error_event(&r), "FRAME_TOO_LARGE");
-    let cut = {
-        let c = runtime.cut_off.clone();
-        eventually(Duration::from_secs(3), move || c.load(Ordering::SeqCst)).await
-    };
+    let cut = h.runtime.wait_for_hang_ups(1, Duration::from_secs(3)).await;
     eprintln!(
         "endless line: error after {took:?}, runtime cut off after {} KB",
-        runtime.sent.load(Ordering::SeqCst) / 1024
+        h.runtime.bytes_sent() / 1024
     );
     assert!(took < Duration::from_secs(3), "took {took:?}");
     assert!(cut, "the proxy kept reading an endless line");
-    still_up(&server).await;
+    still_up(&h).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runtime_100_mb_frame_ends_quickly_with_bounded_memory() {
-    if !alone_in_process(
-        module_path!(),
-        "runtime_100_mb_frame_ends_quickly_with_bounded_memory",
-    ) {
-        return;
-    }
-    let (runtime, _legacy, server) = against(Misbehaviour::HugeFrame, 30_000).await;
+    crate::run_alone!("runtime_100_mb_frame_ends_quickly_with_bounded_memory");
+    let h = against(Misbehaviour::HugeFrame, 30_000).await;
     // Warm the allocator and the connection paths with one ordinary request first.
-    still_up(&server).await;
+    still_up(&h).await;
     let rss_before = rss_kb();
     let peak = Arc::new(AtomicU64::new(rss_before));
     let sampling = Arc::new(AtomicBool::new(true));
@@ -1094,15 +996,14 @@ async fn runtime_100_mb_frame_ends_quickly_with_bounded_memory() {
         })
     };
     let t = Instant::now();
-    let r = chat(server.proxy_addr, Some("org-a"), "huge", HI).await;
+    let r = chat(h.proxy_addr, Some("org-a"), "huge", HI).await;
     let took = t.elapsed();
     let code = ends_in_one_error_event(&r);
-    let c = runtime.cut_off.clone();
-    let cut = eventually(Duration::from_secs(5), move || c.load(Ordering::SeqCst)).await;
+    let cut = h.runtime.wait_for_hang_ups(1, Duration::from_secs(5)).await;
     sampling.store(false, Ordering::SeqCst);
     sampler.await.unwrap();
     let peak_delta_mb = (peak.load(Ordering::SeqCst).saturating_sub(rss_before)) / 1024;
-    let sent_mb = runtime.sent.load(Ordering::SeqCst) / (1024 * 1024);
+    let sent_mb = h.runtime.bytes_sent() / (1024 * 1024);
     eprintln!(
         "100 MB frame: {code} after {took:?}; runtime sent {sent_mb} MB before being cut off; RSS peak +{peak_delta_mb} MB"
     );
@@ -1111,25 +1012,15 @@ async fn runtime_100_mb_frame_ends_quickly_with_bounded_memory() {
     assert!(cut, "the proxy read the whole 100 MB frame");
     assert!(sent_mb < 50, "the proxy kept reading: {sent_mb} MB");
     assert!(peak_delta_mb < 32, "RSS grew by {peak_delta_mb} MB");
-    still_up(&server).await;
-}
-
-fn rss_kb() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap()
+    still_up(&h).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_runtime_times_out_with_an_error_event() {
     for how in [Misbehaviour::HeadThenSilence, Misbehaviour::Silence] {
-        let (_runtime, legacy, server) = against(how, 800).await;
+        let h = against(how, 800).await;
         let t = Instant::now();
-        let r = chat(server.proxy_addr, Some("org-a"), "silent", HI).await;
+        let r = chat(h.proxy_addr, Some("org-a"), "silent", HI).await;
         let took = t.elapsed();
         eprintln!("{how:?}: answered after {took:?}");
         assert_eq!(ends_in_one_error_event(&r), "TIMEOUT", "{how:?}");
@@ -1138,30 +1029,30 @@ async fn silent_runtime_times_out_with_an_error_event() {
             "{how:?}: {took:?}"
         );
         assert!(
-            legacy.work().is_empty(),
+            h.legacy.work().is_empty(),
             "{how:?}: no failover after a timeout"
         );
-        still_up(&server).await;
+        still_up(&h).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runtime_answering_something_else_than_sse() {
     // Not HTTP at all: nothing reached the client yet, so legacy serves it.
-    let (_runtime, legacy, server) = against(Misbehaviour::GarbageHead, 5_000).await;
-    let r = chat(server.proxy_addr, Some("org-a"), "nothttp", HI).await;
+    let h = against(Misbehaviour::GarbageHead, 5_000).await;
+    let r = chat(h.proxy_addr, Some("org-a"), "nothttp", HI).await;
     assert_eq!(r.status, 200);
     assert_eq!(r.header("x-execution-mode"), Some(DIRECT), "{r:?}");
     assert_eq!(r.header("x-execution-reason"), Some("failover"));
-    assert_eq!(legacy.work().len(), 1);
-    still_up(&server).await;
-    drop(server);
+    assert_eq!(h.legacy.work().len(), 1);
+    still_up(&h).await;
+    drop(h);
 
     // A response head that never ends (2 MB of one header): refused before a byte reached the
     // client, so legacy serves it; bounded in time.
-    let (_runtime, legacy, server) = against(Misbehaviour::HugeHead, 5_000).await;
+    let h = against(Misbehaviour::HugeHead, 5_000).await;
     let t = Instant::now();
-    let r = chat(server.proxy_addr, Some("org-a"), "hugehead", HI).await;
+    let r = chat(h.proxy_addr, Some("org-a"), "hugehead", HI).await;
     eprintln!(
         "2 MB response head: {:?} {:?} after {:?}",
         r.header("x-execution-mode"),
@@ -1171,16 +1062,16 @@ async fn runtime_answering_something_else_than_sse() {
     assert_eq!(r.status, 200);
     assert_eq!(r.header("x-execution-reason"), Some("failover"), "{r:?}");
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
-    assert_eq!(legacy.work().len(), 1);
-    still_up(&server).await;
-    drop(server);
+    assert_eq!(h.legacy.work().len(), 1);
+    still_up(&h).await;
+    drop(h);
 
     // A 200 JSON document: no event, no completion: one error event.
-    let (_runtime, legacy, server) = against(Misbehaviour::NotSse, 5_000).await;
-    let r = chat(server.proxy_addr, Some("org-a"), "json", HI).await;
+    let h = against(Misbehaviour::NotSse, 5_000).await;
+    let r = chat(h.proxy_addr, Some("org-a"), "json", HI).await;
     assert_eq!(ends_in_one_error_event(&r), "STREAM_TRUNCATED");
-    assert!(legacy.work().is_empty());
-    still_up(&server).await;
+    assert!(h.legacy.work().is_empty());
+    still_up(&h).await;
 }
 
 /// A runtime that keeps talking after `execution_complete`: the client got its `done`, so the
@@ -1189,29 +1080,26 @@ async fn runtime_answering_something_else_than_sse() {
 /// second `done`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runtime_talking_after_completion_gets_one_terminal_event() {
-    let legacy = Upstream::start(echo_legacy).await;
-    let runtime = Upstream::start(|req: &Received| {
-        if req.path == "/health" {
-            return Reply::json(200, json!({"status": "ok"}));
-        }
-        let complete = frame("execution_complete", json!({"final_response": "x"}));
-        let after = match req.json()["session_id"].as_str() {
-            Some("then-error") => frame("execution_error", json!({"error": "late failure"})),
-            Some("then-complete") => complete.clone(),
-            _ => frame("text_chunk", json!({"content": "after the end"})),
-        };
-        Reply::sse(vec![
-            Step::Send(frame("text_chunk", json!({"content": "answer"}))),
-            Step::Send(complete),
-            Step::Send(after),
-            Step::Send(done_frame()),
-        ])
-    })
-    .await;
-    let server = proxy(config(&legacy.address(), &runtime.address())).await;
+    let h = Harness::new()
+        .runtime(runtime_answering(|req: &Received| {
+            let complete = frame("execution_complete", json!({"final_response": "x"}));
+            let after = match req.json()["session_id"].as_str() {
+                Some("then-error") => frame("execution_error", json!({"error": "late failure"})),
+                Some("then-complete") => complete.clone(),
+                _ => frame("text_chunk", json!({"content": "after the end"})),
+            };
+            Reply::sse(vec![
+                Step::Send(frame("text_chunk", json!({"content": "answer"}))),
+                Step::Send(complete),
+                Step::Send(after),
+                Step::Send(done_frame()),
+            ])
+        }))
+        .start()
+        .await;
     let mut wrong = Vec::new();
     for session in ["then-error", "then-complete", "then-text"] {
-        let r = chat(server.proxy_addr, Some("org-a"), session, HI).await;
+        let r = chat(h.proxy_addr, Some("org-a"), session, HI).await;
         let names: Vec<String> = well_formed_stream(&r).into_iter().map(|(e, _)| e).collect();
         eprintln!("{session}: {names:?}");
         if names != ["message", "done"] {
@@ -1228,23 +1116,20 @@ async fn runtime_talking_after_completion_gets_one_terminal_event() {
 /// and the execution is counted as cancelled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_request_during_a_runtime_stream_does_not_cut_it() {
-    let legacy = Upstream::start(echo_legacy).await;
-    let runtime = Upstream::start(|req: &Received| {
-        if req.path == "/health" {
-            return Reply::json(200, json!({"status": "ok"}));
-        }
-        Reply::sse(vec![
-            Step::Send(frame("text_chunk", json!({"content": "a"}))),
-            Step::Sleep(Duration::from_millis(300)),
-            Step::Send(frame("execution_complete", json!({}))),
-            Step::Send(done_frame()),
-        ])
-    })
-    .await;
-    let server = proxy(config(&legacy.address(), &runtime.address())).await;
+    let h = Harness::new()
+        .runtime(runtime_script(|_| {
+            Reply::sse(vec![
+                Step::Send(frame("text_chunk", json!({"content": "a"}))),
+                Step::WaitRelease,
+                Step::Send(frame("execution_complete", json!({}))),
+                Step::Send(done_frame()),
+            ])
+        }))
+        .start()
+        .await;
     let auth = format!("Bearer {}", token("org-a"));
     let body = HI;
-    let mut c = Client::connect(server.proxy_addr).await;
+    let mut c = Client::connect(h.proxy_addr).await;
     c.send(
         "POST",
         "/api/v1/chat/sessions/pipelined",
@@ -1255,9 +1140,12 @@ async fn pipelined_request_during_a_runtime_stream_does_not_cut_it() {
         body.as_bytes(),
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Pipelined while the stream is being relayed, before the runtime finishes it.
+    let relaying = || h.metrics().streams_in_flight.with_label_values(&[RT]).get() == 1;
+    assert!(eventually(WAIT, relaying).await, "the stream never began");
     c.send_raw(b"GET /api/v1/second HTTP/1.1\r\nhost: a\r\n\r\n")
         .await;
+    h.runtime.release();
     let first = c.read_response().await;
     let names: Vec<String> = well_formed_stream(&first)
         .into_iter()

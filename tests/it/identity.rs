@@ -133,7 +133,7 @@ async fn unverifiable_callers_are_served_by_legacy_and_never_reach_the_runtime()
         "an unverified caller reached the runtime"
     );
 
-    // Control: the same request with a valid token is served by the h.runtime.
+    // Control: the same request with a valid token is served by the runtime.
     let auth = format!("Bearer {valid}");
     let r = chat_with(h.proxy_addr, &[("authorization", &auth)]).await;
     assert_eq!(mode_reason(&r), RUNTIME_ALLOWLIST);
@@ -159,52 +159,48 @@ async fn a_client_org_header_is_not_trusted_by_default() {
     assert_eq!(mode_reason(&r), (Some("direct_llm"), Some("default")));
 
     assert!(h.runtime.work().is_empty());
-    // With no trusted header configured the header is just another header: h.legacy gets it as sent.
+    // With no trusted header configured the header is just another header: legacy gets it as sent.
     let got = h.legacy.work();
     assert_eq!(got.len(), 2);
     assert!(got.iter().all(|r| r.header("x-org-id") == Some("org-a")));
 }
 
-fn trusting(legacy: &Upstream, runtime: &Upstream) -> cutover_proxy::core::config::Config {
-    let mut cfg = config(&legacy.address(), &runtime.address());
-    cfg.identity.trusted_org_header = Some("x-org-id".into());
-    cfg
+fn trusting() -> Harness {
+    Harness::new().config(|c| c.identity.trusted_org_header = Some("x-org-id".into()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_configured_ingress_header_names_the_org() {
-    let legacy = Upstream::start(echo_legacy).await;
-    let runtime = Upstream::start(healthy_runtime).await;
-    let server = proxy(trusting(&legacy, &runtime)).await;
+    let h = trusting().start().await;
 
     // The ingress authenticated the caller: no JWT needed.
-    let r = chat_with(server.proxy_addr, &[("x-org-id", "org-a")]).await;
+    let r = chat_with(h.proxy_addr, &[("x-org-id", "org-a")]).await;
     assert_eq!(r.status, 200);
     assert_eq!(mode_reason(&r), RUNTIME_ALLOWLIST);
-    let sent = runtime.work()[0].json();
+    let sent = h.runtime.work()[0].json();
     assert_eq!(sent["org_id"], "org-a");
     assert_eq!(sent["metadata"]["user_id"], serde_json::Value::Null);
-    assert_eq!(runtime.work()[0].header("x-org-id"), None);
+    assert_eq!(h.runtime.work()[0].header("x-org-id"), None);
 
     // A token of the same org adds the user; one of another org is a conflict (below).
     let auth = format!("Bearer {}", token("org-a"));
     let r = chat_with(
-        server.proxy_addr,
+        h.proxy_addr,
         &[("authorization", &auth), ("x-org-id", "org-a")],
     )
     .await;
     assert_eq!(mode_reason(&r), RUNTIME_ALLOWLIST);
-    let sent = runtime.work()[1].json();
+    let sent = h.runtime.work()[1].json();
     assert_eq!(sent["org_id"], "org-a");
     assert_eq!(sent["metadata"]["user_id"], "user-1");
 
     // Header absent or empty: the JWT decides, as without the setting.
     let auth = format!("Bearer {}", token("org-a"));
-    let r = chat_with(server.proxy_addr, &[("authorization", &auth)]).await;
+    let r = chat_with(h.proxy_addr, &[("authorization", &auth)]).await;
     assert_eq!(mode_reason(&r), RUNTIME_ALLOWLIST);
-    let r = chat_with(server.proxy_addr, &[("x-org-id", "  ")]).await;
+    let r = chat_with(h.proxy_addr, &[("x-org-id", "  ")]).await;
     assert_eq!(mode_reason(&r), LEGACY_NO_IDENTITY);
-    assert_eq!(runtime.work().len(), 3);
+    assert_eq!(h.runtime.work().len(), 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -262,19 +258,17 @@ async fn a_token_of_another_org_than_the_ingress_header_is_served_by_legacy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_trusted_header_is_dropped_on_the_way_to_legacy() {
-    let legacy = Upstream::start(echo_legacy).await;
-    let runtime = Upstream::start(healthy_runtime).await;
-    let server = proxy(trusting(&legacy, &runtime)).await;
+    let h = trusting().start().await;
 
     // A legacy-bound chat (org-b is not allowlisted) ...
-    let r = chat_with(server.proxy_addr, &[("x-org-id", "org-b"), ("x-keep", "1")]).await;
+    let r = chat_with(h.proxy_addr, &[("x-org-id", "org-b"), ("x-keep", "1")]).await;
     assert_eq!(mode_reason(&r), (Some("direct_llm"), Some("default")));
     // ... an unverified one ...
-    let r = chat_with(server.proxy_addr, &[("x-org-id", ""), ("x-keep", "2")]).await;
+    let r = chat_with(h.proxy_addr, &[("x-org-id", ""), ("x-keep", "2")]).await;
     assert_eq!(mode_reason(&r), LEGACY_NO_IDENTITY);
     // ... and a request that is not a chat at all.
     let r = request(
-        server.proxy_addr,
+        h.proxy_addr,
         "GET",
         "/api/v1/agents",
         &[
@@ -287,7 +281,7 @@ async fn the_trusted_header_is_dropped_on_the_way_to_legacy() {
     .await;
     assert_eq!(r.status, 200);
 
-    let got = legacy.work();
+    let got = h.legacy.work();
     assert_eq!(got.len(), 3);
     for (i, req) in got.iter().enumerate() {
         assert_eq!(
@@ -297,35 +291,37 @@ async fn the_trusted_header_is_dropped_on_the_way_to_legacy() {
         );
         assert_eq!(req.header("x-keep"), Some((i + 1).to_string().as_str()));
     }
-    assert!(runtime.work().is_empty());
+    assert!(h.runtime.work().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_repeated_trusted_header_is_ambiguous_and_not_trusted() {
-    let legacy = Upstream::start(echo_legacy).await;
-    let runtime = Upstream::start(healthy_runtime).await;
-    let server = proxy(trusting(&legacy, &runtime)).await;
+    let h = trusting().start().await;
 
     // A client copy plus an ingress copy appended after it: neither can be told apart.
     let r = chat_with(
-        server.proxy_addr,
+        h.proxy_addr,
         &[("x-org-id", "org-a"), ("x-org-id", "org-b")],
     )
     .await;
     assert_eq!(mode_reason(&r), LEGACY_NO_IDENTITY);
     let r = chat_with(
-        server.proxy_addr,
+        h.proxy_addr,
         &[("x-org-id", "org-b"), ("x-org-id", "org-a")],
     )
     .await;
     assert_eq!(mode_reason(&r), LEGACY_NO_IDENTITY);
-    assert!(runtime.work().is_empty());
-    assert!(legacy.work().iter().all(|r| r.header("x-org-id").is_none()));
+    assert!(h.runtime.work().is_empty());
+    assert!(h
+        .legacy
+        .work()
+        .iter()
+        .all(|r| r.header("x-org-id").is_none()));
 
     // A verified token still identifies the caller.
     let auth = format!("Bearer {}", token("org-a"));
     let r = chat_with(
-        server.proxy_addr,
+        h.proxy_addr,
         &[
             ("authorization", &auth),
             ("x-org-id", "org-b"),
@@ -334,7 +330,7 @@ async fn a_repeated_trusted_header_is_ambiguous_and_not_trusted() {
     )
     .await;
     assert_eq!(mode_reason(&r), RUNTIME_ALLOWLIST);
-    assert_eq!(runtime.work()[0].json()["org_id"], "org-a");
+    assert_eq!(h.runtime.work()[0].json()["org_id"], "org-a");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

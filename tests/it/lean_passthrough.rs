@@ -30,6 +30,7 @@ use tokio::net::{TcpListener, TcpStream};
 type Script = fn(usize, &[u8]) -> (Vec<u8>, bool);
 
 /// A legacy speaking raw bytes: records every request as received, answers from `script`.
+/// Not the scripted upstream: these cases are about the exact bytes, which it would parse.
 async fn raw_legacy(script: Script) -> (std::net::SocketAddr, Arc<Mutex<Vec<Vec<u8>>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -184,11 +185,12 @@ fn normalise(bytes: &[u8]) -> String {
 /// What one proxy made of the case: the requests legacy received, the bytes the client got.
 async fn through(lean: bool, script: Script, steps: &[Do]) -> (Vec<String>, String) {
     let (legacy, seen) = raw_legacy(script).await;
-    let runtime = Upstream::start(healthy_runtime).await;
-    let mut cfg = config(&legacy.to_string(), &runtime.address());
-    cfg.server.lean_passthrough = lean;
-    let server = proxy(cfg).await;
-    let got = client(server.proxy_addr, steps).await;
+    let h = Harness::new()
+        .legacy_server(legacy)
+        .config(move |c| c.server.lean_passthrough = lean)
+        .start()
+        .await;
+    let got = client(h.proxy_addr, steps).await;
     let seen = seen
         .lock()
         .unwrap()
@@ -522,6 +524,7 @@ async fn a_lean_request_in_flight_at_shutdown_finishes_and_counts_for_the_drain(
 /// connection: each part must reach the client as it comes, not wait for the connection's end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_written_in_parts_reaches_a_keep_alive_client_as_it_comes() {
+    // Not the scripted upstream: the head and the body are written apart, on the test's cue.
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let legacy = listener.local_addr().unwrap();
     let (body_tx, body_rx) = tokio::sync::oneshot::channel::<()>();
@@ -538,12 +541,13 @@ async fn an_answer_written_in_parts_reaches_a_keep_alive_client_as_it_comes() {
         // Held open: nothing but the proxy's own flushing can deliver the answer.
         let _ = s.read(&mut [0u8; 1]).await;
     });
-    let runtime = Upstream::start(healthy_runtime).await;
-    let cfg = config(&legacy.to_string(), &runtime.address());
-    assert!(cfg.server.lean_passthrough, "the lean path is the default");
-    let server = proxy(cfg).await;
+    let h = Harness::new().legacy_server(legacy).start().await;
+    assert!(
+        h.shared.snapshot().config.server.lean_passthrough,
+        "the lean path is the default"
+    );
 
-    let mut c = TcpStream::connect(server.proxy_addr).await.unwrap();
+    let mut c = TcpStream::connect(h.proxy_addr).await.unwrap();
     c.write_all(b"GET /api/v1/agents HTTP/1.1\r\nHost: proxy.test\r\n\r\n")
         .await
         .unwrap();
@@ -577,7 +581,8 @@ async fn read_until(
 }
 
 /// A legacy that answers `413` as soon as it has a request's head, reads the rest of the
-/// connection away (as nginx's lingering close does) and closes.
+/// connection away (as nginx's lingering close does) and closes. Not the scripted upstream,
+/// which answers only after the whole request.
 async fn early_legacy() -> std::net::SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -609,14 +614,14 @@ async fn early_legacy() -> std::net::SocketAddr {
 async fn an_answer_before_the_whole_body_reaches_the_client_as_through_pingora() {
     let mut answers = Vec::new();
     for lean in [false, true] {
-        let legacy = early_legacy().await;
-        let runtime = Upstream::start(healthy_runtime).await;
-        let mut cfg = config(&legacy.to_string(), &runtime.address());
-        cfg.server.lean_passthrough = lean;
-        let server = proxy(cfg).await;
+        let h = Harness::new()
+            .legacy_server(early_legacy().await)
+            .config(move |c| c.server.lean_passthrough = lean)
+            .start()
+            .await;
         // A body far larger than the sockets' buffers, of which only the start is ever sent:
         // the client waits for the answer instead.
-        let mut s = TcpStream::connect(server.proxy_addr).await.unwrap();
+        let mut s = TcpStream::connect(h.proxy_addr).await.unwrap();
         s.write_all(
             b"POST /api/v1/files HTTP/1.1\r\nHost: proxy.test\r\nContent-Length: 50000000\r\n\r\nfirst bytes",
         )

@@ -12,7 +12,6 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use cutover_proxy::core::config::Config;
 use cutover_proxy::ops::reload::{reload_from, ReloadResult};
 use support::*;
 
@@ -157,44 +156,23 @@ async fn scrape_until(
     what: &str,
     cond: impl Fn(&Scrape) -> bool,
 ) -> Scrape {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
+    let got = until(Duration::from_secs(10), || async {
         let s = scrape(server).await;
         if cond(&s) {
-            return s;
+            Ok(s)
+        } else {
+            Err(s)
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {what}; last scrape:\n{}",
-            s.text
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
+    got.unwrap_or_else(|s| panic!("timed out waiting for {what}; last scrape:\n{}", s.text))
 }
 
 fn config_text(legacy: &str, runtime: &str, health_interval_ms: u64) -> String {
-    format!(
-        r#"
-[server]
-listen = "127.0.0.1:1"
-[legacy]
-address = "{legacy}"
-[runtime]
-address = "{runtime}"
-execution_timeout_ms = 5000
-commit_timeout_ms = 1000
-health_interval_ms = {health_interval_ms}
-connect_timeout_ms = 500
-default_agent_id = "{TEST_AGENT}"
-[rollout]
-runtime_orgs = ["org-a"]
-[identity]
-jwt_secret_env = "{JWT_ENV}"
-[breaker]
-open_secs = 1
-[admin]
-token_env = "{ADMIN_ENV}"
-{BRIDGE_OFF_TOML}"#
+    retoml(
+        &test_toml(legacy, runtime),
+        "health_interval_ms = 200",
+        &format!("health_interval_ms = {health_interval_ms}"),
     )
 }
 
@@ -228,14 +206,15 @@ fn exposition_path() -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exposition_counts_a_scripted_mix_of_traffic() {
-    let legacy = Upstream::start(echo_legacy).await;
-    let runtime = Upstream::start(scripted_runtime).await;
-    let text = config_text(&legacy.address(), &runtime.address(), 200);
-    let server = proxy(Config::parse(&text).unwrap()).await;
+    let h = Harness::new()
+        .runtime(scripted_runtime)
+        .config_text(|legacy, runtime| config_text(legacy, runtime, 200))
+        .start()
+        .await;
     let body = r#"{"message":"hello"}"#;
 
     // Every series of the contract exists before any traffic, and the runtime is up.
-    let before = scrape_until(&server, "a passing health check", |s| {
+    let before = scrape_until(&h, "a passing health check", |s| {
         s.get("chat_runtime_health_up", &[]) == 1.0
     })
     .await;
@@ -266,7 +245,7 @@ async fn exposition_counts_a_scripted_mix_of_traffic() {
         ("s-drop", RT, "allowlist"),
         ("s-fail", DIRECT, "failover"),
     ] {
-        let r = chat(server.proxy_addr, Some("org-a"), session, body).await;
+        let r = chat(h.proxy_addr, Some("org-a"), session, body).await;
         assert_eq!(r.status, 200, "{session}");
         assert!(r.complete, "{session}");
         assert_eq!(r.header("x-execution-mode"), Some(want_mode), "{session}");
@@ -277,14 +256,14 @@ async fn exposition_counts_a_scripted_mix_of_traffic() {
         );
     }
     for session in ["s-b1", "s-b2"] {
-        let r = chat(server.proxy_addr, Some("org-b"), session, body).await;
+        let r = chat(h.proxy_addr, Some("org-b"), session, body).await;
         assert_eq!(r.header("x-execution-mode"), Some(DIRECT));
         assert_eq!(r.header("x-execution-reason"), Some("default"));
     }
-    let r = chat(server.proxy_addr, None, "s-anon", body).await;
+    let r = chat(h.proxy_addr, None, "s-anon", body).await;
     assert_eq!(r.header("x-execution-reason"), Some("no_identity"));
     let sent = 7.0;
-    let mid = scrape_until(&server, "7 requests counted", |s| {
+    let mid = scrape_until(&h, "7 requests counted", |s| {
         s.sum("chat_requests_total") - before.sum("chat_requests_total") == sent
     })
     .await;
@@ -294,9 +273,9 @@ async fn exposition_counts_a_scripted_mix_of_traffic() {
     );
 
     // Kill switch: the fallback gauge and the breaker series follow, and org-a goes to legacy.
-    let (status, _) = admin(&server, "POST", "/runtime/fallback/trip", Some(ADMIN_TOKEN)).await;
+    let (status, _) = admin(&h, "POST", "/runtime/fallback/trip", Some(ADMIN_TOKEN)).await;
     assert_eq!(status, 200);
-    let tripped = scrape(&server).await;
+    let tripped = scrape(&h).await;
     assert_eq!(tripped.get("chat_runtime_fallback_enabled", &[]), 1.0);
     assert_eq!(
         tripped.get("chat_runtime_breaker_state", &[("state", "open")]),
@@ -306,16 +285,10 @@ async fn exposition_counts_a_scripted_mix_of_traffic() {
         tripped.get("chat_runtime_breaker_state", &[("state", "closed")]),
         0.0
     );
-    let r = chat(server.proxy_addr, Some("org-a"), "s-a3", body).await;
+    let r = chat(h.proxy_addr, Some("org-a"), "s-a3", body).await;
     assert_eq!(r.header("x-execution-mode"), Some(DIRECT));
     assert_eq!(r.header("x-execution-reason"), Some("breaker_open"));
-    let (status, _) = admin(
-        &server,
-        "POST",
-        "/runtime/fallback/reset",
-        Some(ADMIN_TOKEN),
-    )
-    .await;
+    let (status, _) = admin(&h, "POST", "/runtime/fallback/reset", Some(ADMIN_TOKEN)).await;
     assert_eq!(status, 200);
 
     // Config reloads: one refused file, then one that takes effect.
@@ -324,23 +297,23 @@ async fn exposition_counts_a_scripted_mix_of_traffic() {
     let path = dir.join("proxy.toml");
     std::fs::write(&path, "[server\nlisten = ").unwrap();
     assert!(matches!(
-        reload_from(&server.shared, &path),
+        reload_from(&h.shared, &path),
         ReloadResult::Refused(_)
     ));
     let reload_started = support::now() as f64;
     std::fs::write(
         &path,
-        config_text(&legacy.address(), &runtime.address(), 250),
+        config_text(&h.legacy.address(), &h.runtime.address(), 250),
     )
     .unwrap();
     assert!(matches!(
-        reload_from(&server.shared, &path),
+        reload_from(&h.shared, &path),
         ReloadResult::Applied { .. }
     ));
     let _ = std::fs::remove_dir_all(&dir);
 
     let sent = sent + 1.0;
-    let after = scrape_until(&server, "8 requests counted, streams done", |s| {
+    let after = scrape_until(&h, "8 requests counted, streams done", |s| {
         s.sum("chat_requests_total") - before.sum("chat_requests_total") == sent
             && s.get("chat_streams_in_flight", &[("mode", RT)]) == 0.0
             && s.get("chat_streams_in_flight", &[("mode", DIRECT)]) == 0.0

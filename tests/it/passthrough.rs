@@ -22,7 +22,7 @@ async fn methods_paths_queries_and_bodies_reach_legacy_byte_exact() {
         .legacy(|req: &Received| Reply::json(200, json!({"echo": req.path, "method": req.method})))
         .start()
         .await;
-    // An allowlisted caller: were any of these taken for a chat, it would go to the h.runtime.
+    // An allowlisted caller: were any of these taken for a chat, it would go to the runtime.
     let auth = format!("Bearer {}", token("org-a"));
 
     let cases: &[(&str, &str, &[u8])] = &[
@@ -142,7 +142,8 @@ async fn a_chunked_request_body_reaches_legacy_unchanged() {
 }
 
 /// A legacy that takes one request with a Content-Length body, reports body bytes as they arrive,
-/// and answers once it has the whole body.
+/// and answers once it has the whole body. Not the scripted upstream, which reports a request
+/// only once it is whole.
 async fn counting_legacy() -> (
     std::net::SocketAddr,
     tokio::sync::watch::Receiver<usize>,
@@ -190,16 +191,15 @@ async fn counting_legacy() -> (
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_request_body_is_streamed_to_legacy_byte_identical() {
-    let (legacy_addr, mut progress, legacy) = counting_legacy().await;
-    let runtime = Upstream::start(healthy_runtime).await;
-    let server = proxy(config(&legacy_addr.to_string(), &runtime.address())).await;
+    let (legacy_addr, mut progress, received) = counting_legacy().await;
+    let h = Harness::new().legacy_server(legacy_addr).start().await;
 
     let size = 5 * 1024 * 1024;
     let body: Vec<u8> = (0..size as u64)
         .map(|i| (i.wrapping_mul(2654435761) >> 7) as u8)
         .collect();
     let half = size / 2;
-    let mut c = Client::connect(server.proxy_addr).await;
+    let mut c = Client::connect(h.proxy_addr).await;
     c.send_raw(format!("PUT /api/v1/files/blob.bin HTTP/1.1\r\nhost: proxy.test\r\ncontent-length: {size}\r\n\r\n").as_bytes())
         .await;
     c.send_raw(&body[..half]).await;
@@ -213,7 +213,7 @@ async fn a_large_request_body_is_streamed_to_legacy_byte_identical() {
     assert_eq!(r.status, 201);
     assert_eq!(r.body(), b"ok");
     assert!(no_execution_headers(&r));
-    let (head, got) = legacy.await.unwrap();
+    let (head, got) = received.await.unwrap();
     assert!(
         head.starts_with("PUT /api/v1/files/blob.bin HTTP/1.1\r\n"),
         "{head}"
@@ -308,19 +308,11 @@ async fn a_streamed_legacy_response_arrives_chunk_by_chunk() {
     let mut c = Client::connect(h.proxy_addr).await;
     c.send("GET", "/api/v1/notifications/stream", &[], b"")
         .await;
-    let mut released = false;
     // Legacy sends its second piece only after the first reached the client.
-    let r = tokio::time::timeout(
-        Duration::from_secs(5),
-        c.read_response_with(|_| {
-            if !released {
-                released = true;
-                h.legacy.release();
-            }
-        }),
-    )
-    .await
-    .expect("the proxy held back the first piece of a streamed response");
+    let r = c
+        .read_releasing(&h.legacy)
+        .await
+        .expect("the proxy held back the first piece of a streamed response");
     assert_eq!(r.status, 200);
     assert!(r.complete);
     assert_eq!(r.chunks[0].1, b"first piece\n");
@@ -387,31 +379,23 @@ async fn sequential_requests_share_one_legacy_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_legacy_gives_502_and_the_proxy_keeps_serving() {
-    // A port nothing listens on.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    drop(listener);
-    let runtime = Upstream::start(healthy_runtime).await;
-    let server = proxy(config(&addr.to_string(), &runtime.address())).await;
+    let h = Harness::new()
+        .legacy_server(Unreachable::new())
+        .start()
+        .await;
 
     for path in ["/api/v1/agents", "/api/v1/agents?again=1"] {
-        let r = request(server.proxy_addr, "GET", path, &[], b"").await;
+        let r = request(h.proxy_addr, "GET", path, &[], b"").await;
         assert_eq!(r.status, 502, "{path}");
         assert!(no_execution_headers(&r));
     }
-    let r = request(
-        server.proxy_addr,
-        "POST",
-        "/api/v1/files",
-        &[],
-        &[7u8; 10_000],
-    )
-    .await;
+    let r = request(h.proxy_addr, "POST", "/api/v1/files", &[], &[7u8; 10_000]).await;
     assert_eq!(r.status, 502);
 
     // Legacy comes back on the same port: the next request is served.
-    let legacy = Upstream::on(TcpListener::bind(addr).await.unwrap(), echo_legacy);
-    let r = request(server.proxy_addr, "GET", "/api/v1/agents", &[], b"").await;
+    let back = TcpListener::bind(h.legacy.address()).await.unwrap();
+    let legacy = Upstream::on(back, echo_legacy);
+    let r = request(h.proxy_addr, "GET", "/api/v1/agents", &[], b"").await;
     assert_eq!(r.status, 200);
     assert_eq!(r.json(), json!({"echo": "/api/v1/agents", "method": "GET"}));
     assert_eq!(legacy.work().len(), 1);

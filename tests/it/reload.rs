@@ -13,60 +13,45 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cutover_proxy::app::LocalServer;
-use cutover_proxy::core::config::Config;
 use cutover_proxy::ops::reload::{reload_from, ReloadResult};
 use support::*;
 
 /// The contract: an edit is in force within a second.
 const WITHIN: Duration = Duration::from_secs(1);
 
-/// A fresh directory under the system temp dir, removed on drop.
 /// A complete proxy.toml like `support::config`, with the given listener and `[rollout]` body.
 fn toml_text(legacy: &str, runtime: &str, listen: &str, rollout: &str) -> String {
-    format!(
-        r#"
-[server]
-listen = "{listen}"
-[legacy]
-address = "{legacy}"
-[runtime]
-address = "{runtime}"
-execution_timeout_ms = 5000
-commit_timeout_ms = 200
-health_interval_ms = 200
-connect_timeout_ms = 500
-default_agent_id = "{TEST_AGENT}"
-[rollout]
-{rollout}
-[identity]
-jwt_secret_env = "{JWT_ENV}"
-[breaker]
-open_secs = 1
-[admin]
-token_env = "{ADMIN_ENV}"
-{BRIDGE_OFF_TOML}"#
-    )
+    let text = test_toml(legacy, runtime);
+    let text = retoml(
+        &text,
+        "listen = \"127.0.0.1:1\"",
+        &format!("listen = \"{listen}\""),
+    );
+    let text = retoml(&text, "commit_timeout_ms = 1000", "commit_timeout_ms = 200");
+    retoml(&text, "runtime_orgs = [\"org-a\"]", rollout)
 }
 
-/// org-a on the allowlist (`true`) or nobody (`false`).
-fn with_org_a(legacy: &Upstream, runtime: &Upstream, on: bool) -> String {
+/// The config at these upstreams' addresses with org-a on the allowlist (`true`) or nobody
+/// (`false`).
+fn org_a_toml(legacy: &str, runtime: &str, on: bool) -> String {
     let orgs = if on { r#"["org-a"]"# } else { "[]" };
     toml_text(
-        &legacy.address(),
-        &runtime.address(),
+        legacy,
+        runtime,
         "127.0.0.1:1",
         &format!("runtime_orgs = {orgs}"),
     )
 }
 
-/// Start the proxy in-process on `path`'s config, watching `path`.
-async fn start_watching(path: &Path) -> LocalServer {
-    std::env::set_var(JWT_ENV, JWT_SECRET);
-    std::env::set_var(ADMIN_ENV, ADMIN_TOKEN);
-    let config = Config::load(path).unwrap();
-    LocalServer::start(config, Some(path.to_path_buf()))
-        .await
-        .unwrap()
+/// `org_a_toml` for a started proxy's upstreams.
+fn with_org_a(legacy: &Upstream, runtime: &Upstream, on: bool) -> String {
+    org_a_toml(&legacy.address(), &runtime.address(), on)
+}
+
+/// A proxy between `legacy` and `runtime` watching `path`, which starts with org-a on the
+/// allowlist.
+fn watching_org_a(path: &Path) -> Harness {
+    Harness::new().watched(path.to_path_buf(), |l, r| org_a_toml(l, r, true))
 }
 
 async fn mode_of(addr: std::net::SocketAddr, org: &str) -> String {
@@ -84,71 +69,58 @@ async fn until_mode(
     since: Instant,
     within: Duration,
 ) -> Duration {
-    loop {
+    let served = until(within.saturating_sub(since.elapsed()), || async {
         let got = mode_of(addr, org).await;
         if got == mode {
-            return since.elapsed();
+            Ok(since.elapsed())
+        } else {
+            Err(got)
         }
-        assert!(
-            since.elapsed() < within,
+    })
+    .await;
+    served.unwrap_or_else(|got| {
+        panic!(
             "{org} still served in {got} {:?} after the change (wanted {mode})",
             since.elapsed()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+        )
+    })
 }
 
 fn reloads(server: &LocalServer, result: &str) -> u64 {
-    server
-        .shared
-        .metrics
-        .config_reloads_total
-        .with_label_values(&[result])
-        .get()
-}
-
-async fn upstreams() -> (Upstream, Upstream) {
-    (
-        Upstream::start(echo_legacy).await,
-        Upstream::start(healthy_runtime).await,
-    )
+    counter(&server.shared.metrics.config_reloads_total, result)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_place_rewrite_takes_effect_within_a_second() {
-    let (legacy, runtime) = upstreams().await;
     let dir = TempDir::new("inplace");
     let path = dir.join("proxy.toml");
-    std::fs::write(&path, with_org_a(&legacy, &runtime, true)).unwrap();
-    let server = start_watching(&path).await;
-    assert_eq!(mode_of(server.proxy_addr, "org-a").await, RT);
+    let h = watching_org_a(&path).start().await;
+    assert_eq!(mode_of(h.proxy_addr, "org-a").await, RT);
 
     let t = Instant::now();
-    std::fs::write(&path, with_org_a(&legacy, &runtime, false)).unwrap();
-    let took = until_mode(server.proxy_addr, "org-a", DIRECT, t, WITHIN).await;
+    std::fs::write(&path, with_org_a(&h.legacy, &h.runtime, false)).unwrap();
+    let took = until_mode(h.proxy_addr, "org-a", DIRECT, t, WITHIN).await;
     eprintln!("in-place rewrite in force after {took:?}");
 
     let t = Instant::now();
-    std::fs::write(&path, with_org_a(&legacy, &runtime, true)).unwrap();
-    until_mode(server.proxy_addr, "org-a", RT, t, WITHIN).await;
+    std::fs::write(&path, with_org_a(&h.legacy, &h.runtime, true)).unwrap();
+    until_mode(h.proxy_addr, "org-a", RT, t, WITHIN).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rename_over_the_file_takes_effect_within_a_second() {
-    let (legacy, runtime) = upstreams().await;
     let dir = TempDir::new("rename");
     let path = dir.join("proxy.toml");
-    std::fs::write(&path, with_org_a(&legacy, &runtime, true)).unwrap();
-    let server = start_watching(&path).await;
-    assert_eq!(mode_of(server.proxy_addr, "org-a").await, RT);
+    let h = watching_org_a(&path).start().await;
+    assert_eq!(mode_of(h.proxy_addr, "org-a").await, RT);
 
     for (on, mode) in [(false, DIRECT), (true, RT), (false, DIRECT)] {
         // What editors and config management do: write a temp file, then rename it over.
         let tmp = dir.join(".proxy.toml.swp");
-        std::fs::write(&tmp, with_org_a(&legacy, &runtime, on)).unwrap();
+        std::fs::write(&tmp, with_org_a(&h.legacy, &h.runtime, on)).unwrap();
         let t = Instant::now();
         std::fs::rename(&tmp, &path).unwrap();
-        let took = until_mode(server.proxy_addr, "org-a", mode, t, WITHIN).await;
+        let took = until_mode(h.proxy_addr, "org-a", mode, t, WITHIN).await;
         eprintln!("rename in force after {took:?}");
     }
 }
@@ -196,15 +168,15 @@ impl ConfigMap {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn configmap_data_symlink_swap_takes_effect_within_a_second() {
-    let (legacy, runtime) = upstreams().await;
-    let mut cm = ConfigMap::new(&with_org_a(&legacy, &runtime, true));
-    let server = start_watching(&cm.path()).await;
-    assert_eq!(mode_of(server.proxy_addr, "org-a").await, RT);
+    // The Harness writes the first config through proxy.toml's links.
+    let mut cm = ConfigMap::new("");
+    let h = watching_org_a(&cm.path()).start().await;
+    assert_eq!(mode_of(h.proxy_addr, "org-a").await, RT);
 
     for (on, mode) in [(false, DIRECT), (true, RT), (false, DIRECT)] {
         let t = Instant::now();
-        cm.update(&with_org_a(&legacy, &runtime, on));
-        let took = until_mode(server.proxy_addr, "org-a", mode, t, WITHIN).await;
+        cm.update(&with_org_a(&h.legacy, &h.runtime, on));
+        let took = until_mode(h.proxy_addr, "org-a", mode, t, WITHIN).await;
         eprintln!("ConfigMap swap in force after {took:?}");
     }
 }
@@ -213,19 +185,18 @@ async fn configmap_data_symlink_swap_takes_effect_within_a_second() {
 /// is an edit of proxy.toml too, though it happens outside the watched directory.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edit_of_a_symlinked_file_in_another_directory_takes_effect_within_a_second() {
-    let (legacy, runtime) = upstreams().await;
     let etc = TempDir::new("link");
     let srv = TempDir::new("target");
     let target = srv.join("proxy.toml");
-    std::fs::write(&target, with_org_a(&legacy, &runtime, true)).unwrap();
     let path = etc.join("proxy.toml");
     std::os::unix::fs::symlink(&target, &path).unwrap();
-    let server = start_watching(&path).await;
-    assert_eq!(mode_of(server.proxy_addr, "org-a").await, RT);
+    // Written through the link, into the target.
+    let h = watching_org_a(&path).start().await;
+    assert_eq!(mode_of(h.proxy_addr, "org-a").await, RT);
 
     let t = Instant::now();
-    std::fs::write(&target, with_org_a(&legacy, &runtime, false)).unwrap();
-    let took = until_mode(server.proxy_addr, "org-a", DIRECT, t, WITHIN).await;
+    std::fs::write(&target, with_org_a(&h.legacy, &h.runtime, false)).unwrap();
+    let took = until_mode(h.proxy_addr, "org-a", DIRECT, t, WITHIN).await;
     eprintln!("edit of the symlink target in force after {took:?}");
 }
 
@@ -238,120 +209,113 @@ fn replace(path: &Path, text: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broken_file_keeps_the_last_good_config_is_counted_once_and_a_fix_reloads() {
-    let (legacy, runtime) = upstreams().await;
     let dir = TempDir::new("broken");
     let path = dir.join("proxy.toml");
-    let good = with_org_a(&legacy, &runtime, true);
-    std::fs::write(&path, &good).unwrap();
-    let server = start_watching(&path).await;
-    assert_eq!(mode_of(server.proxy_addr, "org-a").await, RT);
+    let h = watching_org_a(&path).start().await;
+    assert_eq!(mode_of(h.proxy_addr, "org-a").await, RT);
     // Each version replaces the file whole: counted exactly, a refusal must not depend on the
     // reloader catching an in-place write half done (which it refuses too).
-    let invalid0 = reloads(&server, "invalid");
-    let success0 = reloads(&server, "success");
+    let invalid0 = reloads(&h, "invalid");
+    let success0 = reloads(&h, "success");
 
     // A syntax error, with org-a removed: nothing of it may apply.
-    let broken = with_org_a(&legacy, &runtime, false).replace("[breaker]", "[breaker");
+    let broken = with_org_a(&h.legacy, &h.runtime, false).replace("[breaker]", "[breaker");
     replace(&path, &broken);
     assert!(
-        eventually(WITHIN, || reloads(&server, "invalid") == invalid0 + 1).await,
+        eventually(WITHIN, || reloads(&h, "invalid") == invalid0 + 1).await,
         "syntax error not refused within a second"
     );
     // Refused once, not once per poll or per file event: wait out several poll periods.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(
-        reloads(&server, "invalid"),
+        reloads(&h, "invalid"),
         invalid0 + 1,
         "refusal counted again"
     );
     assert_eq!(
-        server.shared.metrics.config_file_valid.get(),
+        h.shared.metrics.config_file_valid.get(),
         0,
         "a refused file on disk must stay visible after the refusal was counted"
     );
-    assert_eq!(mode_of(server.proxy_addr, "org-a").await, RT);
-    assert_eq!(reloads(&server, "success"), success0);
+    assert_eq!(mode_of(h.proxy_addr, "org-a").await, RT);
+    assert_eq!(reloads(&h, "success"), success0);
 
     // A value that parses but fails validation.
-    let invalid =
-        with_org_a(&legacy, &runtime, false).replace("[breaker]\n", "[breaker]\nerror_rate = 2\n");
+    let invalid = with_org_a(&h.legacy, &h.runtime, false)
+        .replace("[breaker]\n", "[breaker]\nerror_rate = 2\n");
     replace(&path, &invalid);
     assert!(
-        eventually(WITHIN, || reloads(&server, "invalid") == invalid0 + 2).await,
+        eventually(WITHIN, || reloads(&h, "invalid") == invalid0 + 2).await,
         "error_rate = 2 not refused within a second"
     );
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(
-        reloads(&server, "invalid"),
+        reloads(&h, "invalid"),
         invalid0 + 2,
         "refusal counted again"
     );
-    assert_eq!(mode_of(server.proxy_addr, "org-a").await, RT);
-    assert_eq!(server.shared.snapshot().config.breaker.error_rate, 0.5);
+    assert_eq!(mode_of(h.proxy_addr, "org-a").await, RT);
+    assert_eq!(h.shared.snapshot().config.breaker.error_rate, 0.5);
 
     // The fix applies.
     let t = Instant::now();
-    replace(&path, &with_org_a(&legacy, &runtime, false));
-    until_mode(server.proxy_addr, "org-a", DIRECT, t, WITHIN).await;
-    assert_eq!(reloads(&server, "success"), success0 + 1);
-    assert_eq!(reloads(&server, "invalid"), invalid0 + 2);
-    assert_eq!(server.shared.metrics.config_file_valid.get(), 1);
+    replace(&path, &with_org_a(&h.legacy, &h.runtime, false));
+    until_mode(h.proxy_addr, "org-a", DIRECT, t, WITHIN).await;
+    assert_eq!(reloads(&h, "success"), success0 + 1);
+    assert_eq!(reloads(&h, "invalid"), invalid0 + 2);
+    assert_eq!(h.shared.metrics.config_file_valid.get(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_in_flight_during_a_reload_completes_under_the_config_it_started_with() {
-    let legacy = Upstream::start(echo_legacy).await;
     // The execution of session s-held is held until released; any other answers at once. (By
     // session, not by order: the harness records a request before its handler runs.)
-    let runtime = Upstream::start(move |req| {
-        if req.path == "/health" {
-            return healthy_runtime(req);
-        }
-        if req.json()["session_id"] != "s-held" {
-            return Reply::sse(runtime_ok_steps());
-        }
-        Reply::sse(vec![
-            Step::Send(frame(
-                "text_chunk",
-                serde_json::json!({"content": "started before the reload"}),
-            )),
-            Step::WaitRelease,
-            Step::Send(frame(
-                "execution_complete",
-                serde_json::json!({"final_response": "done"}),
-            )),
-            Step::Send(done_frame()),
-        ])
-    })
-    .await;
     let dir = TempDir::new("inflight");
     let path = dir.join("proxy.toml");
-    std::fs::write(&path, with_org_a(&legacy, &runtime, true)).unwrap();
-    let server = start_watching(&path).await;
+    let h = watching_org_a(&path)
+        .runtime(runtime_answering(move |req: &Received| {
+            if req.json()["session_id"] != "s-held" {
+                return Reply::sse(runtime_ok_steps());
+            }
+            Reply::sse(vec![
+                Step::Send(frame(
+                    "text_chunk",
+                    serde_json::json!({"content": "started before the reload"}),
+                )),
+                Step::WaitRelease,
+                Step::Send(frame(
+                    "execution_complete",
+                    serde_json::json!({"final_response": "done"}),
+                )),
+                Step::Send(done_frame()),
+            ])
+        }))
+        .start()
+        .await;
 
-    let addr = server.proxy_addr;
+    let addr = h.proxy_addr;
     let held = tokio::spawn(async move {
         chat(addr, Some("org-a"), "s-held", r#"{"message":"long one"}"#).await
     });
-    runtime.wait_for_work(1).await;
+    h.runtime.wait_for_work(1).await;
 
     // org-a leaves the allowlist while its stream is open: new requests go to legacy ...
     let t = Instant::now();
-    std::fs::write(&path, with_org_a(&legacy, &runtime, false)).unwrap();
-    until_mode(server.proxy_addr, "org-a", DIRECT, t, WITHIN).await;
+    std::fs::write(&path, with_org_a(&h.legacy, &h.runtime, false)).unwrap();
+    until_mode(h.proxy_addr, "org-a", DIRECT, t, WITHIN).await;
     assert!(!held.is_finished(), "the held stream ended early");
-    let executions = runtime.work().len();
+    let executions = h.runtime.work().len();
     for _ in 0..3 {
-        assert_eq!(mode_of(server.proxy_addr, "org-a").await, DIRECT);
+        assert_eq!(mode_of(h.proxy_addr, "org-a").await, DIRECT);
     }
     assert_eq!(
-        runtime.work().len(),
+        h.runtime.work().len(),
         executions,
         "org-a still reaches the runtime"
     );
 
     // ... and the one in flight finishes on the runtime, normally.
-    runtime.release();
+    h.runtime.release();
     let r = tokio::time::timeout(Duration::from_secs(10), held)
         .await
         .expect("held stream did not finish")
@@ -369,13 +333,11 @@ async fn stream_in_flight_during_a_reload_completes_under_the_config_it_started_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_request_fails_while_the_config_is_swapped_repeatedly() {
-    let (legacy, runtime) = upstreams().await;
     let dir = TempDir::new("churn");
     let path = dir.join("proxy.toml");
-    std::fs::write(&path, with_org_a(&legacy, &runtime, true)).unwrap();
-    let server = start_watching(&path).await;
+    let h = watching_org_a(&path).start().await;
 
-    let addr = server.proxy_addr;
+    let addr = h.proxy_addr;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut clients = Vec::new();
     for c in 0..3 {
@@ -401,7 +363,7 @@ async fn no_request_fails_while_the_config_is_swapped_repeatedly() {
     }
     for i in 0..8 {
         let tmp = dir.join("proxy.toml.new");
-        std::fs::write(&tmp, with_org_a(&legacy, &runtime, i % 2 == 1)).unwrap();
+        std::fs::write(&tmp, with_org_a(&h.legacy, &h.runtime, i % 2 == 1)).unwrap();
         std::fs::rename(&tmp, &path).unwrap();
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -412,7 +374,7 @@ async fn no_request_fails_while_the_config_is_swapped_repeatedly() {
     }
     assert!(modes.iter().any(|m| m == RT) && modes.iter().any(|m| m == DIRECT));
     assert_eq!(
-        runtime.work().len() + legacy.work().len(),
+        h.runtime.work().len() + h.legacy.work().len(),
         modes.len(),
         "every request reached exactly one upstream"
     );
@@ -420,91 +382,75 @@ async fn no_request_fails_while_the_config_is_swapped_repeatedly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_only_keys_are_reported_and_the_rest_of_the_change_applies() {
-    let (legacy, runtime) = upstreams().await;
     let dir = TempDir::new("restart");
     let path = dir.join("proxy.toml");
-    std::fs::write(&path, with_org_a(&legacy, &runtime, true)).unwrap();
     // No watcher: the reload is driven by hand to see its report.
-    let server = proxy(Config::load(&path).unwrap()).await;
-    assert_eq!(mode_of(server.proxy_addr, "org-a").await, RT);
+    let h = Harness::new()
+        .config_text(|l, r| org_a_toml(l, r, true))
+        .start()
+        .await;
+    std::fs::write(&path, with_org_a(&h.legacy, &h.runtime, true)).unwrap();
+    assert_eq!(mode_of(h.proxy_addr, "org-a").await, RT);
 
     let changed = toml_text(
-        &legacy.address(),
-        &runtime.address(),
+        &h.legacy.address(),
+        &h.runtime.address(),
         "127.0.0.1:2",
         "runtime_orgs = []",
     );
     std::fs::write(&path, changed).unwrap();
     assert_eq!(
-        reload_from(&server.shared, &path),
+        reload_from(&h.shared, &path),
         ReloadResult::Applied {
             restart_only: vec!["server.listen"]
         }
     );
     // The listener in use is unchanged, the routing change is in force.
-    assert_eq!(mode_of(server.proxy_addr, "org-a").await, DIRECT);
+    assert_eq!(mode_of(h.proxy_addr, "org-a").await, DIRECT);
     // Reported once, not at every later look at the same file.
-    assert_eq!(reload_from(&server.shared, &path), ReloadResult::Unchanged);
+    assert_eq!(reload_from(&h.shared, &path), ReloadResult::Unchanged);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_addresses_and_timeouts_are_reloadable() {
-    let legacy = Upstream::start(echo_legacy).await;
     let legacy2 = Upstream::start(echo_legacy).await;
-    // Executions take 600 ms.
-    let runtime = Upstream::start(|req| {
-        if req.path == "/health" {
-            return healthy_runtime(req);
-        }
-        let mut steps = vec![Step::Sleep(Duration::from_millis(600))];
-        steps.extend(runtime_ok_steps());
-        Reply::sse(steps)
-    })
-    .await;
     let dir = TempDir::new("addresses");
     let path = dir.join("proxy.toml");
-    let text = with_org_a(&legacy, &runtime, true);
-    std::fs::write(&path, &text).unwrap();
-    let server = start_watching(&path).await;
+    // Executions take 600 ms.
+    let mut slow = vec![Step::Sleep(Duration::from_millis(600))];
+    slow.extend(runtime_ok_steps());
+    let h = watching_org_a(&path)
+        .runtime(runtime_sse(slow))
+        .start()
+        .await;
+    let text = with_org_a(&h.legacy, &h.runtime, true);
     let names = |r: &Response| -> Vec<String> { r.events().into_iter().map(|(e, _)| e).collect() };
 
-    let r = chat(
-        server.proxy_addr,
-        Some("org-a"),
-        "s-slow",
-        r#"{"message":"x"}"#,
-    )
-    .await;
+    let r = chat(h.proxy_addr, Some("org-a"), "s-slow", r#"{"message":"x"}"#).await;
     assert_eq!(names(&r), ["message", "done"]);
-    assert_eq!(mode_of(server.proxy_addr, "org-b").await, DIRECT);
-    assert_eq!(legacy.work().len(), 1);
+    assert_eq!(mode_of(h.proxy_addr, "org-b").await, DIRECT);
+    assert_eq!(h.legacy.work().len(), 1);
 
     // Another legacy, and a runtime execution timeout shorter than the runtime takes.
     let t = Instant::now();
     std::fs::write(
         &path,
-        text.replace(&legacy.address(), &legacy2.address())
+        text.replace(&h.legacy.address(), &legacy2.address())
             .replace("execution_timeout_ms = 5000", "execution_timeout_ms = 300"),
     )
     .unwrap();
     while legacy2.work().is_empty() {
-        assert_eq!(mode_of(server.proxy_addr, "org-b").await, DIRECT);
+        assert_eq!(mode_of(h.proxy_addr, "org-b").await, DIRECT);
         assert!(t.elapsed() < WITHIN, "legacy.address not reloaded");
     }
-    let before = legacy.work().len();
-    assert_eq!(mode_of(server.proxy_addr, "org-b").await, DIRECT);
+    let before = h.legacy.work().len();
+    assert_eq!(mode_of(h.proxy_addr, "org-b").await, DIRECT);
     assert_eq!(
-        legacy.work().len(),
+        h.legacy.work().len(),
         before,
         "the old legacy still gets requests"
     );
-    let r = chat(
-        server.proxy_addr,
-        Some("org-a"),
-        "s-slow",
-        r#"{"message":"x"}"#,
-    )
-    .await;
+    let r = chat(h.proxy_addr, Some("org-a"), "s-slow", r#"{"message":"x"}"#).await;
     assert_eq!(r.header("x-execution-mode"), Some(RT));
     assert_eq!(names(&r), ["error"], "{:?}", r.events());
     assert!(r.events()[0].1.contains("TIMEOUT"), "{:?}", r.events());
@@ -515,12 +461,10 @@ async fn upstream_addresses_and_timeouts_are_reloadable() {
 /// config at every line.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_neighbour_file_does_not_postpone_a_reload() {
-    let (legacy, runtime) = upstreams().await;
     let dir = TempDir::new("neighbour");
     let path = dir.join("proxy.toml");
-    std::fs::write(&path, with_org_a(&legacy, &runtime, true)).unwrap();
-    let server = start_watching(&path).await;
-    assert_eq!(mode_of(server.proxy_addr, "org-a").await, RT);
+    let h = watching_org_a(&path).start().await;
+    assert_eq!(mode_of(h.proxy_addr, "org-a").await, RT);
 
     let log = dir.join("proxy.log");
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -543,8 +487,8 @@ async fn a_busy_neighbour_file_does_not_postpone_a_reload() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     for (on, mode) in [(false, DIRECT), (true, RT)] {
         let t = Instant::now();
-        std::fs::write(&path, with_org_a(&legacy, &runtime, on)).unwrap();
-        let took = until_mode(server.proxy_addr, "org-a", mode, t, WITHIN).await;
+        std::fs::write(&path, with_org_a(&h.legacy, &h.runtime, on)).unwrap();
+        let took = until_mode(h.proxy_addr, "org-a", mode, t, WITHIN).await;
         eprintln!("reload beside a busy log in force after {took:?}");
     }
     stop.store(true, Ordering::SeqCst);
@@ -555,27 +499,28 @@ async fn a_busy_neighbour_file_does_not_postpone_a_reload() {
 /// (inotify `IN_OPEN`), and reacting to it re-reads the file, which is another such event, forever
 /// once anything (an operator's `cat`, the periodic poll) has opened it. Measured as bytes read by
 /// this process while nothing changes, with a config padded to 1 MB so the loop cannot hide.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unchanged_file_is_not_read_again_and_again() {
-    // Bytes read by this process: any other test's traffic would count.
-    if !alone_in_process(
-        module_path!(),
-        "an_unchanged_file_is_not_read_again_and_again",
-    ) {
-        return;
-    }
-    let (legacy, runtime) = upstreams().await;
-    let dir = TempDir::new("quiet");
-    let path = dir.join("proxy.toml");
-    let mut text = with_org_a(&legacy, &runtime, true);
+/// `text` and 1 MiB of comments.
+fn padded(mut text: String) -> String {
     for _ in 0..16 {
         text.push('#');
         text.push_str(&"x".repeat(64 * 1024));
         text.push('\n');
     }
-    std::fs::write(&path, &text).unwrap();
-    let server = start_watching(&path).await;
-    assert_eq!(mode_of(server.proxy_addr, "org-a").await, RT);
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unchanged_file_is_not_read_again_and_again() {
+    // Bytes read by this process: any other test's traffic would count.
+    crate::run_alone!("an_unchanged_file_is_not_read_again_and_again");
+    let dir = TempDir::new("quiet");
+    let path = dir.join("proxy.toml");
+    let h = Harness::new()
+        .watched(path.clone(), |l, r| padded(org_a_toml(l, r, true)))
+        .start()
+        .await;
+    let text = padded(with_org_a(&h.legacy, &h.runtime, true));
+    assert_eq!(mode_of(h.proxy_addr, "org-a").await, RT);
     // Someone looks at the file (`cat proxy.toml`, `cutover-proxy check`, a poll of our own).
     assert_eq!(std::fs::read(&path).unwrap().len(), text.len());
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -598,7 +543,7 @@ async fn an_unchanged_file_is_not_read_again_and_again() {
         "{read} bytes read in 2 s of an unchanged {} byte config",
         text.len()
     );
-    drop(server);
+    drop(h);
 }
 
 // ---- SIGHUP, on the real binary ----
@@ -651,6 +596,16 @@ async fn scrape(addr: std::net::SocketAddr, series: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Whether the binary counts `n` refused reloads within a second.
+async fn invalid_reloads_reach(metrics: std::net::SocketAddr, n: u64) -> bool {
+    let series = "cutover_config_reloads_total{result=\"invalid\"}";
+    let reached = until(WITHIN, || async {
+        (scrape(metrics, series).await >= n).then_some(()).ok_or(())
+    })
+    .await;
+    reached.is_ok()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_running_binary() {
     // Boxed: this future is too large for the test thread's stack in debug builds.
@@ -658,7 +613,11 @@ async fn sighup_reloads_the_running_binary() {
 }
 
 async fn sighup_scenario() {
-    let (legacy, runtime) = upstreams().await;
+    // Not the Harness: the reload on SIGHUP is the shipped binary's, run as a child process.
+    let (legacy, runtime) = (
+        Upstream::start(echo_legacy).await,
+        Upstream::start(healthy_runtime).await,
+    );
     let dir = TempDir::new("sighup");
     let path = dir.join("proxy.toml");
     let (port, admin_port, metrics_port) = (free_port(), free_port(), free_port());
@@ -695,16 +654,16 @@ async fn sighup_scenario() {
     let metrics: std::net::SocketAddr = format!("127.0.0.1:{metrics_port}").parse().unwrap();
 
     // Up, and with its SIGHUP handler installed (before that, SIGHUP would kill it).
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !(tokio::net::TcpStream::connect(addr).await.is_ok() && bin.catches_hup()) {
+    let started = until(Duration::from_secs(15), || {
         assert!(bin.alive(), "proxy exited: {}", bin.log());
-        assert!(
-            Instant::now() < deadline,
-            "proxy did not start: {}",
-            bin.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        let hup = bin.catches_hup();
+        async move {
+            let up = hup && tokio::net::TcpStream::connect(addr).await.is_ok();
+            up.then_some(()).ok_or(())
+        }
+    })
+    .await;
+    assert!(started.is_ok(), "proxy did not start: {}", bin.log());
     assert_eq!(mode_of(addr, "org-a").await, RT);
 
     // Edit + SIGHUP: in force within a second (the watcher may see the edit too).
@@ -726,22 +685,20 @@ async fn sighup_scenario() {
         text(r#"runtime_orgs = ["org-a"]"#).replace("[breaker]\n", "[breaker]\nerror_rate = 2\n"),
     )
     .unwrap();
-    let deadline = Instant::now() + WITHIN;
-    while scrape(metrics, "cutover_config_reloads_total{result=\"invalid\"}").await < 1 {
-        assert!(Instant::now() < deadline, "broken file not refused");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert!(
+        invalid_reloads_reach(metrics, 1).await,
+        "broken file not refused"
+    );
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(
         scrape(metrics, "cutover_config_reloads_total{result=\"invalid\"}").await,
         1
     );
     bin.hup();
-    let deadline = Instant::now() + WITHIN;
-    while scrape(metrics, "cutover_config_reloads_total{result=\"invalid\"}").await < 2 {
-        assert!(Instant::now() < deadline, "SIGHUP did not re-read the file");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert!(
+        invalid_reloads_reach(metrics, 2).await,
+        "SIGHUP did not re-read the file"
+    );
     assert_eq!(mode_of(addr, "org-a").await, DIRECT, "refused file applied");
     let log = bin.log();
     assert!(

@@ -4,6 +4,7 @@
 //! agrees; where they disagreed, it reads the head as RFC 9112 says, which is always as one of
 //! them did. The `response_heads` fuzz target runs the same property on arbitrary bytes.
 
+// Not the Harness: a property of the pure head parser, with no proxy or sockets.
 #[path = "../../fuzz/reference/response_heads.rs"]
 mod reference;
 

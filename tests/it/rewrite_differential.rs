@@ -4,6 +4,7 @@
 //! what is made fresh per stream differs and is set aside: the stream's message id, and the
 //! time written for an event the runtime sent without one.
 
+// Not the Harness: the pure Agent2UI writer against its oracle, with no proxy or sockets.
 #[path = "../oracle/agent2ui.rs"]
 mod oracle;
 

@@ -17,12 +17,7 @@ use serde_json::{json, Value};
 use support::*;
 
 fn shadow_count(server: &LocalServer, outcome: &str) -> u64 {
-    server
-        .shared
-        .metrics
-        .shadow_total
-        .with_label_values(&[outcome])
-        .get()
+    counter(&server.shared.metrics.shadow_total, outcome)
 }
 
 fn shadow_in_flight(server: &LocalServer) -> usize {
@@ -30,12 +25,12 @@ fn shadow_in_flight(server: &LocalServer) -> usize {
 }
 
 /// `support::config` with its allowlist emptied, then `f` applied.
-fn rollout_config(legacy: &Upstream, runtime: &Upstream, f: impl FnOnce(&mut Config)) -> Config {
-    let mut c = config(&legacy.address(), &runtime.address());
-    c.rollout.runtime_orgs.clear();
-    f(&mut c);
-    c.validate().unwrap();
-    c
+fn rollout(f: impl FnOnce(&mut Config)) -> impl FnOnce(&mut Config) {
+    move |c| {
+        c.rollout.runtime_orgs.clear();
+        f(c);
+        c.validate().unwrap();
+    }
 }
 
 fn mode_reason(r: &Response) -> (String, String) {
@@ -80,17 +75,15 @@ async fn window(server: &LocalServer) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runtime_percent_moves_about_half_of_the_orgs_each_one_sticky() {
-    let legacy = Upstream::start(echo_legacy).await;
-    let runtime = Upstream::start(healthy_runtime).await;
-    let server = proxy(rollout_config(&legacy, &runtime, |c| {
-        c.rollout.runtime_percent = 50.0
-    }))
-    .await;
+    let h = Harness::new()
+        .config(rollout(|c| c.rollout.runtime_percent = 50.0))
+        .start()
+        .await;
 
     let orgs: Vec<String> = (0..200).map(|i| format!("tenant-{i:04}")).collect();
     let mut first = HashMap::new();
     for org in &orgs {
-        let got = ask(&server, Some(org)).await;
+        let got = ask(&h, Some(org)).await;
         // The assignment is the documented stable bucket, the same on every replica.
         let expected = if org_bucket(org) < 5_000 {
             pair(RT, "percent")
@@ -109,12 +102,13 @@ async fn runtime_percent_moves_about_half_of_the_orgs_each_one_sticky() {
     // The same org gets the same mode on every request.
     for org in orgs.iter().take(40) {
         for _ in 0..3 {
-            assert_eq!(ask(&server, Some(org)).await, first[org], "{org} flapped");
+            assert_eq!(ask(&h, Some(org)).await, first[org], "{org} flapped");
         }
     }
 
     // The runtime saw exactly the moved orgs, legacy the others.
-    let runtime_orgs: std::collections::HashSet<String> = runtime
+    let runtime_orgs: std::collections::HashSet<String> = h
+        .runtime
         .work()
         .iter()
         .map(|r| r.json()["org_id"].as_str().unwrap().to_string())
@@ -125,42 +119,47 @@ async fn runtime_percent_moves_about_half_of_the_orgs_each_one_sticky() {
         .map(|(o, _)| o.clone())
         .collect();
     assert_eq!(runtime_orgs, moved_orgs);
-    assert_eq!(server.shared.breaker.state(), State::Closed);
+    assert_eq!(h.shared.breaker.state(), State::Closed);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn direct_orgs_win_over_the_allowlist_the_percentage_and_default_mode() {
-    let legacy = Upstream::start(echo_legacy).await;
-    let runtime = Upstream::start(healthy_runtime).await;
-
+    let org_ids = |h: &Running| -> Vec<String> {
+        h.runtime
+            .work()
+            .iter()
+            .map(|r| r.json()["org_id"].as_str().unwrap().to_string())
+            .collect()
+    };
     // Everyone is moved by default; org-x is on both lists, org-y only on the denylist.
-    let server = proxy(rollout_config(&legacy, &runtime, |c| {
-        c.rollout.default_mode = Mode::RuntimeOrchestrator;
-        c.rollout.runtime_orgs = vec!["org-x".into(), "org-a".into()];
-        c.rollout.direct_orgs = vec!["org-x".into(), "org-y".into()];
-    }))
-    .await;
-    assert_eq!(ask(&server, Some("org-x")).await, pair(DIRECT, "denylist"));
-    assert_eq!(ask(&server, Some("org-y")).await, pair(DIRECT, "denylist"));
-    assert_eq!(ask(&server, Some("org-a")).await, pair(RT, "allowlist"));
-    assert_eq!(ask(&server, Some("org-z")).await, pair(RT, "default"));
-    assert_eq!(ask(&server, None).await, pair(DIRECT, "no_identity"));
-    drop(server);
+    let h = Harness::new()
+        .config(rollout(|c| {
+            c.rollout.default_mode = Mode::RuntimeOrchestrator;
+            c.rollout.runtime_orgs = vec!["org-x".into(), "org-a".into()];
+            c.rollout.direct_orgs = vec!["org-x".into(), "org-y".into()];
+        }))
+        .start()
+        .await;
+    assert_eq!(ask(&h, Some("org-x")).await, pair(DIRECT, "denylist"));
+    assert_eq!(ask(&h, Some("org-y")).await, pair(DIRECT, "denylist"));
+    assert_eq!(ask(&h, Some("org-a")).await, pair(RT, "allowlist"));
+    assert_eq!(ask(&h, Some("org-z")).await, pair(RT, "default"));
+    assert_eq!(ask(&h, None).await, pair(DIRECT, "no_identity"));
+    let mut reached = org_ids(&h);
+    drop(h);
 
     // And over runtime_percent = 100.
-    let server = proxy(rollout_config(&legacy, &runtime, |c| {
-        c.rollout.runtime_percent = 100.0;
-        c.rollout.direct_orgs = vec!["org-y".into()];
-    }))
-    .await;
-    assert_eq!(ask(&server, Some("org-y")).await, pair(DIRECT, "denylist"));
-    assert_eq!(ask(&server, Some("org-z")).await, pair(RT, "percent"));
+    let h = Harness::new()
+        .config(rollout(|c| {
+            c.rollout.runtime_percent = 100.0;
+            c.rollout.direct_orgs = vec!["org-y".into()];
+        }))
+        .start()
+        .await;
+    assert_eq!(ask(&h, Some("org-y")).await, pair(DIRECT, "denylist"));
+    assert_eq!(ask(&h, Some("org-z")).await, pair(RT, "percent"));
 
-    let reached: Vec<String> = runtime
-        .work()
-        .iter()
-        .map(|r| r.json()["org_id"].as_str().unwrap().to_string())
-        .collect();
+    reached.extend(org_ids(&h));
     assert!(
         !reached.iter().any(|o| o == "org-x" || o == "org-y"),
         "a denylisted org reached the runtime: {reached:?}"
@@ -191,28 +190,27 @@ async fn release_until(
     within: Duration,
     mut cond: impl FnMut() -> bool,
 ) -> bool {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if cond() {
-            return true;
+    let held = until(within, || {
+        let done = cond();
+        if !done {
+            runtime.release();
         }
-        runtime.release();
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    cond()
+        std::future::ready(done.then_some(()).ok_or(()))
+    })
+    .await;
+    held.is_ok()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shadow_copy_never_delays_the_legacy_answer_and_its_outcome_is_recorded() {
-    let legacy = Upstream::start(echo_legacy).await;
-    let runtime = Upstream::start(held_runtime).await;
-    let server = proxy(rollout_config(&legacy, &runtime, |c| {
-        c.rollout.shadow_percent = 100.0
-    }))
-    .await;
-    let success0 = shadow_count(&server, "success");
-    let events0 = server.shared.metrics.shadow_events_total.get();
-    let executions0 = server
+    let h = Harness::new()
+        .runtime(held_runtime)
+        .config(rollout(|c| c.rollout.shadow_percent = 100.0))
+        .start()
+        .await;
+    let success0 = shadow_count(&h, "success");
+    let events0 = h.shared.metrics.shadow_events_total.get();
+    let executions0 = h
         .shared
         .metrics
         .execution_total
@@ -221,19 +219,19 @@ async fn shadow_copy_never_delays_the_legacy_answer_and_its_outcome_is_recorded(
 
     let body = r#"{"message":"shadow me","parentMessageId":"m-9"}"#;
     let t = Instant::now();
-    let r = chat(server.proxy_addr, Some("org-b"), "s-shadow", body).await;
+    let r = chat(h.proxy_addr, Some("org-b"), "s-shadow", body).await;
     let took = t.elapsed();
 
     // The client got the legacy answer, whole, while the shadow runtime is still held.
     assert_legacy_answer(&r, "default");
     assert!(took < Duration::from_secs(2), "legacy answer took {took:?}");
-    let sent = legacy.work();
+    let sent = h.legacy.work();
     assert_eq!(sent.len(), 1);
     assert_eq!(sent[0].body, body.as_bytes(), "legacy got a different body");
 
     // The runtime got a proper runtime request for the same chat.
-    runtime.wait_for_work(1).await;
-    let copy = &runtime.work()[0];
+    h.runtime.wait_for_work(1).await;
+    let copy = &h.runtime.work()[0];
     assert_eq!(copy.method, "POST");
     assert_eq!(copy.path, "/api/v1/execute/stream");
     assert_eq!(
@@ -251,25 +249,24 @@ async fn shadow_copy_never_delays_the_legacy_answer_and_its_outcome_is_recorded(
         "the runtime cannot tell a copy from a real execution"
     );
     assert_eq!(
-        shadow_count(&server, "success"),
+        shadow_count(&h, "success"),
         success0,
         "shadow finished while held"
     );
-    assert_eq!(shadow_in_flight(&server), 1);
+    assert_eq!(shadow_in_flight(&h), 1);
 
     // Released, the shadow completes and is recorded as such, apart from real executions.
     assert!(
-        release_until(&runtime, Duration::from_secs(5), || shadow_count(
-            &server, "success"
+        release_until(&h.runtime, Duration::from_secs(5), || shadow_count(
+            &h, "success"
         ) == success0 + 1)
         .await,
         "shadow outcome not recorded"
     );
-    assert!(eventually(Duration::from_secs(1), || shadow_in_flight(&server) == 0).await);
-    assert_eq!(server.shared.metrics.shadow_events_total.get(), events0 + 2);
+    assert!(eventually(Duration::from_secs(1), || shadow_in_flight(&h) == 0).await);
+    assert_eq!(h.shared.metrics.shadow_events_total.get(), events0 + 2);
     assert_eq!(
-        server
-            .shared
+        h.shared
             .metrics
             .execution_total
             .with_label_values(&[RT])
@@ -277,45 +274,40 @@ async fn shadow_copy_never_delays_the_legacy_answer_and_its_outcome_is_recorded(
         executions0,
         "a shadow copy was counted as a runtime execution"
     );
-    let w = window(&server).await;
+    let w = window(&h).await;
     assert_eq!(w["runtime"]["total"], 0, "{w}");
     assert_eq!(w["direct"]["total"], 1, "{w}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shadow_failures_never_open_the_breaker() {
-    let legacy = Upstream::start(echo_legacy).await;
     let n = Arc::new(AtomicUsize::new(0));
     let calls = n.clone();
     // Every execution fails: a 500, or an execution_error event, in turn.
-    let runtime = Upstream::start(move |req| {
-        if req.path == "/health" {
-            return healthy_runtime(req);
-        }
-        if calls.fetch_add(1, Ordering::SeqCst) % 2 == 0 {
-            Reply::json(500, json!({"detail": "boom"}))
-        } else {
-            Reply::sse(vec![
-                Step::Send(frame(
-                    "execution_error",
-                    json!({"error": "kaput", "code": "E_TOOL"}),
-                )),
-                Step::Send(done_frame()),
-            ])
-        }
-    })
-    .await;
-    let server = proxy(rollout_config(&legacy, &runtime, |c| {
-        c.rollout.shadow_percent = 100.0
-    }))
-    .await;
-    let min_requests = server.shared.snapshot().config.breaker.min_requests as usize;
+    let h = Harness::new()
+        .runtime(runtime_answering(move |_: &Received| {
+            if calls.fetch_add(1, Ordering::SeqCst) % 2 == 0 {
+                Reply::json(500, json!({"detail": "boom"}))
+            } else {
+                Reply::sse(vec![
+                    Step::Send(frame(
+                        "execution_error",
+                        json!({"error": "kaput", "code": "E_TOOL"}),
+                    )),
+                    Step::Send(done_frame()),
+                ])
+            }
+        }))
+        .config(rollout(|c| c.rollout.shadow_percent = 100.0))
+        .start()
+        .await;
+    let min_requests = h.shared.snapshot().config.breaker.min_requests as usize;
     let copies = min_requests + 6;
-    let errors0 = shadow_count(&server, "error");
+    let errors0 = shadow_count(&h, "error");
 
     for i in 0..copies {
         let r = chat(
-            server.proxy_addr,
+            h.proxy_addr,
             Some("org-b"),
             &format!("s-fail-{i}"),
             r#"{"message":"x"}"#,
@@ -324,40 +316,41 @@ async fn shadow_failures_never_open_the_breaker() {
         assert_legacy_answer(&r, "default");
     }
     assert!(
-        eventually(Duration::from_secs(5), || shadow_count(&server, "error")
+        eventually(Duration::from_secs(5), || shadow_count(&h, "error")
             == errors0 + copies as u64)
         .await,
         "shadow errors not recorded: {} of {copies}",
-        shadow_count(&server, "error") - errors0
+        shadow_count(&h, "error") - errors0
     );
     assert_eq!(n.load(Ordering::SeqCst), copies);
 
     // 100 % of the shadow copies failed, well past min_requests: the breaker did not move.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(server.shared.breaker.state(), State::Closed);
-    let (status, body) = admin(&server, "GET", "/runtime/fallback/status", None).await;
+    assert_eq!(h.shared.breaker.state(), State::Closed);
+    let (status, body) = admin(&h, "GET", "/runtime/fallback/status", None).await;
     assert_eq!(status, 200);
     assert_eq!(body["data"]["state"], "closed", "{body}");
     assert_eq!(body["data"]["fallbackEnabled"], false, "{body}");
-    let w = window(&server).await;
+    let w = window(&h).await;
     assert_eq!(w["runtime"]["total"], 0, "{w}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shadow_copies_beyond_max_inflight_are_skipped() {
-    let legacy = Upstream::start(echo_legacy).await;
-    let runtime = Upstream::start(held_runtime).await;
-    let server = proxy(rollout_config(&legacy, &runtime, |c| {
-        c.rollout.shadow_percent = 100.0;
-        c.rollout.shadow_max_inflight = 2;
-    }))
-    .await;
-    let skipped0 = shadow_count(&server, "skipped");
-    let success0 = shadow_count(&server, "success");
+    let h = Harness::new()
+        .runtime(held_runtime)
+        .config(rollout(|c| {
+            c.rollout.shadow_percent = 100.0;
+            c.rollout.shadow_max_inflight = 2;
+        }))
+        .start()
+        .await;
+    let skipped0 = shadow_count(&h, "skipped");
+    let success0 = shadow_count(&h, "success");
 
     for i in 0..5 {
         let r = chat(
-            server.proxy_addr,
+            h.proxy_addr,
             Some("org-b"),
             &format!("s-bound-{i}"),
             r#"{"message":"x"}"#,
@@ -365,52 +358,52 @@ async fn shadow_copies_beyond_max_inflight_are_skipped() {
         .await;
         assert_legacy_answer(&r, "default");
     }
-    runtime.wait_for_work(2).await;
+    h.runtime.wait_for_work(2).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
-        runtime.work().len(),
+        h.runtime.work().len(),
         2,
         "more copies in flight than the bound"
     );
-    assert_eq!(shadow_count(&server, "skipped"), skipped0 + 3);
-    assert_eq!(shadow_in_flight(&server), 2);
-    assert_eq!(legacy.work().len(), 5);
+    assert_eq!(shadow_count(&h, "skipped"), skipped0 + 3);
+    assert_eq!(shadow_in_flight(&h), 2);
+    assert_eq!(h.legacy.work().len(), 5);
 
     assert!(
-        release_until(&runtime, Duration::from_secs(5), || shadow_count(
-            &server, "success"
+        release_until(&h.runtime, Duration::from_secs(5), || shadow_count(
+            &h, "success"
         ) == success0 + 2)
         .await
     );
-    assert!(eventually(Duration::from_secs(1), || shadow_in_flight(&server) == 0).await);
+    assert!(eventually(Duration::from_secs(1), || shadow_in_flight(&h) == 0).await);
 
     // Room again: the next copy goes out.
     let r = chat(
-        server.proxy_addr,
+        h.proxy_addr,
         Some("org-b"),
         "s-bound-after",
         r#"{"message":"x"}"#,
     )
     .await;
     assert_legacy_answer(&r, "default");
-    runtime.wait_for_work(3).await;
-    assert_eq!(shadow_count(&server, "skipped"), skipped0 + 3);
-    release_until(&runtime, Duration::from_secs(5), || {
-        shadow_count(&server, "success") == success0 + 3
+    h.runtime.wait_for_work(3).await;
+    assert_eq!(shadow_count(&h, "skipped"), skipped0 + 3);
+    release_until(&h.runtime, Duration::from_secs(5), || {
+        shadow_count(&h, "success") == success0 + 3
     })
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_direct_llm_chats_of_verified_orgs_off_the_denylist_are_shadowed() {
-    let legacy = Upstream::start(echo_legacy).await;
-    let runtime = Upstream::start(healthy_runtime).await;
-    let server = proxy(rollout_config(&legacy, &runtime, |c| {
-        c.rollout.shadow_percent = 100.0;
-        c.rollout.runtime_orgs = vec!["org-a".into()];
-        c.rollout.direct_orgs = vec!["org-d".into()];
-    }))
-    .await;
+    let h = Harness::new()
+        .config(rollout(|c| {
+            c.rollout.shadow_percent = 100.0;
+            c.rollout.runtime_orgs = vec!["org-a".into()];
+            c.rollout.direct_orgs = vec!["org-d".into()];
+        }))
+        .start()
+        .await;
     let org_ids = |runtime: &Upstream| -> Vec<String> {
         runtime
             .work()
@@ -420,37 +413,25 @@ async fn only_direct_llm_chats_of_verified_orgs_off_the_denylist_are_shadowed() 
     };
 
     // A denylisted org must stay off the runtime entirely, copies included.
-    let r = chat(
-        server.proxy_addr,
-        Some("org-d"),
-        "s-deny",
-        r#"{"message":"x"}"#,
-    )
-    .await;
+    let r = chat(h.proxy_addr, Some("org-d"), "s-deny", r#"{"message":"x"}"#).await;
     assert_legacy_answer(&r, "denylist");
     // Unverified callers have no org to send.
-    let r = chat(server.proxy_addr, None, "s-anon", r#"{"message":"x"}"#).await;
+    let r = chat(h.proxy_addr, None, "s-anon", r#"{"message":"x"}"#).await;
     assert_legacy_answer(&r, "no_identity");
     // An org already on the runtime is executed once, not copied as well.
-    assert_eq!(ask(&server, Some("org-a")).await, pair(RT, "allowlist"));
+    assert_eq!(ask(&h, Some("org-a")).await, pair(RT, "allowlist"));
     // The control: an ordinary direct_llm org is copied.
-    let r = chat(
-        server.proxy_addr,
-        Some("org-b"),
-        "s-ok",
-        r#"{"message":"x"}"#,
-    )
-    .await;
+    let r = chat(h.proxy_addr, Some("org-b"), "s-ok", r#"{"message":"x"}"#).await;
     assert_legacy_answer(&r, "default");
-    runtime.wait_for_work(2).await;
+    h.runtime.wait_for_work(2).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(org_ids(&runtime), ["org-a", "org-b"]);
+    assert_eq!(org_ids(&h.runtime), ["org-a", "org-b"]);
 
     // While the breaker keeps the runtime out, nothing is copied to it.
-    let (status, _) = admin(&server, "POST", "/runtime/fallback/trip", Some(ADMIN_TOKEN)).await;
+    let (status, _) = admin(&h, "POST", "/runtime/fallback/trip", Some(ADMIN_TOKEN)).await;
     assert_eq!(status, 200);
     let r = chat(
-        server.proxy_addr,
+        h.proxy_addr,
         Some("org-b"),
         "s-tripped",
         r#"{"message":"x"}"#,
@@ -458,41 +439,35 @@ async fn only_direct_llm_chats_of_verified_orgs_off_the_denylist_are_shadowed() 
     .await;
     assert_legacy_answer(&r, "breaker_open");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(org_ids(&runtime), ["org-a", "org-b"]);
+    assert_eq!(org_ids(&h.runtime), ["org-a", "org-b"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shadow_timeouts_are_judged_like_relayed_streams() {
-    let legacy = Upstream::start(echo_legacy).await;
     // s-complete: execution_complete, then silence without [DONE]; s-silent: silence only.
-    let runtime = Upstream::start(|req| {
-        if req.path == "/health" {
-            return healthy_runtime(req);
-        }
-        let mut steps = vec![Step::Send(frame("text_chunk", json!({"content": "x"})))];
-        if req.json()["session_id"] == "s-complete" {
-            steps.push(Step::Send(frame(
-                "execution_complete",
-                json!({"final_response": "x"}),
-            )));
-        }
-        steps.push(Step::Hang);
-        Reply::sse(steps)
-    })
-    .await;
-    let server = proxy(rollout_config(&legacy, &runtime, |c| {
-        c.rollout.shadow_percent = 100.0;
-        c.runtime.execution_timeout_ms = 400;
-        c.runtime.commit_timeout_ms = Some(0);
-    }))
-    .await;
-    let (success0, timeout0) = (
-        shadow_count(&server, "success"),
-        shadow_count(&server, "timeout"),
-    );
+    let h = Harness::new()
+        .runtime(runtime_answering(|req: &Received| {
+            let mut steps = vec![Step::Send(frame("text_chunk", json!({"content": "x"})))];
+            if req.json()["session_id"] == "s-complete" {
+                steps.push(Step::Send(frame(
+                    "execution_complete",
+                    json!({"final_response": "x"}),
+                )));
+            }
+            steps.push(Step::Hang);
+            Reply::sse(steps)
+        }))
+        .config(rollout(|c| {
+            c.rollout.shadow_percent = 100.0;
+            c.runtime.execution_timeout_ms = 400;
+            c.runtime.commit_timeout_ms = Some(0);
+        }))
+        .start()
+        .await;
+    let (success0, timeout0) = (shadow_count(&h, "success"), shadow_count(&h, "timeout"));
 
     let r = chat(
-        server.proxy_addr,
+        h.proxy_addr,
         Some("org-b"),
         "s-complete",
         r#"{"message":"x"}"#,
@@ -500,13 +475,13 @@ async fn shadow_timeouts_are_judged_like_relayed_streams() {
     .await;
     assert_legacy_answer(&r, "default");
     assert!(
-        eventually(Duration::from_secs(3), || shadow_count(&server, "success")
+        eventually(Duration::from_secs(3), || shadow_count(&h, "success")
             == success0 + 1)
         .await,
         "a completed execution whose [DONE] never came is a success"
     );
     let r = chat(
-        server.proxy_addr,
+        h.proxy_addr,
         Some("org-b"),
         "s-silent",
         r#"{"message":"x"}"#,
@@ -514,11 +489,11 @@ async fn shadow_timeouts_are_judged_like_relayed_streams() {
     .await;
     assert_legacy_answer(&r, "default");
     assert!(
-        eventually(Duration::from_secs(3), || shadow_count(&server, "timeout")
+        eventually(Duration::from_secs(3), || shadow_count(&h, "timeout")
             == timeout0 + 1)
         .await,
         "an execution past execution_timeout_ms is a timeout"
     );
-    assert!(eventually(Duration::from_secs(1), || shadow_in_flight(&server) == 0).await);
-    assert_eq!(server.shared.breaker.state(), State::Closed);
+    assert!(eventually(Duration::from_secs(1), || shadow_in_flight(&h) == 0).await);
+    assert_eq!(h.shared.breaker.state(), State::Closed);
 }

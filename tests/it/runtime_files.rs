@@ -278,6 +278,7 @@ async fn a_link_made_by_one_replica_downloads_from_another() {
     let mut cfg: Config = config(&h.legacy.address(), &h.runtime.address());
     cfg.runtime.file_url_secret_env = FILE_KEY_ENV.into();
     cfg.runtime.file_url_ttl_secs = 120;
+    // A replica: a second proxy in front of the same upstreams, which a Harness does not share.
     let replica = proxy(cfg.clone()).await;
     let r = download(replica.proxy_addr, &link, Some("org-a")).await;
     assert_eq!(r.status, 200, "{}", r.text());

@@ -20,17 +20,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// are their own.
 static COUNTERS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// A runtime that answers health checks and scripts executions with `steps`.
-fn runtime_script(steps: Vec<Step>) -> impl Fn(&Received) -> Reply + Send + Sync + 'static {
-    move |req: &Received| {
-        if req.path == "/health" {
-            Reply::json(200, json!({"status": "ok"}))
-        } else {
-            Reply::sse(steps.clone())
-        }
-    }
-}
-
 /// A runtime frame as sse-starlette writes it, with `sep` as the line terminator.
 fn frame_sep(event: &str, data: Value, sep: &str) -> Vec<u8> {
     let payload = json!({"event": event, "data": data, "timestamp": "2026-02-09T10:00:00.000Z"});
@@ -91,12 +80,7 @@ fn ends_with_one_error(r: &Response) -> (Vec<(String, String)>, Value) {
 }
 
 fn dropped(server: &LocalServer, cause: &str) -> u64 {
-    server
-        .shared
-        .metrics
-        .sse_dropped_frames_total
-        .with_label_values(&[cause])
-        .get()
+    counter(&server.shared.metrics.sse_dropped_frames_total, cause)
 }
 
 /// The admin API's runtime window, once `n` runtime executions are recorded.
@@ -157,10 +141,7 @@ async fn events_reach_the_client_whole_whatever_the_runtime_framing() {
         steps
     }
     let h = Harness::new()
-        .runtime(|req: &Received| {
-            if req.path == "/health" {
-                return Reply::json(200, json!({"status": "ok"}));
-            }
+        .runtime(runtime_answering(|req: &Received| {
             let sep = match req.json()["session_id"].as_str() {
                 Some("crlf") => "\r\n",
                 Some("lf") => "\n",
@@ -168,7 +149,7 @@ async fn events_reach_the_client_whole_whatever_the_runtime_framing() {
                 other => panic!("unexpected session {other:?}"),
             };
             Reply::sse(script(sep))
-        })
+        }))
         .start()
         .await;
 
@@ -228,7 +209,7 @@ async fn events_reach_the_client_whole_whatever_the_runtime_framing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_event_arrives_while_the_runtime_still_holds_the_second() {
     let h = Harness::new()
-        .runtime(runtime_script(vec![
+        .runtime(runtime_sse(vec![
             Step::Send(frame("text_chunk", json!({"content": "first"}))),
             Step::WaitRelease,
             Step::Send(frame("text_chunk", json!({"content": "second"}))),
@@ -242,18 +223,8 @@ async fn first_event_arrives_while_the_runtime_still_holds_the_second() {
         .await;
 
     let mut c = Client::connect(h.proxy_addr).await;
-    let auth = format!("Bearer {}", token("org-a"));
-    c.send(
-        "POST",
-        "/api/v1/chat/sessions/s-stream",
-        &[
-            ("content-type", "application/json"),
-            ("authorization", &auth),
-        ],
-        HI.as_bytes(),
-    )
-    .await;
-    // The h.runtime sends the second event only once the client holds the first: a proxy that
+    c.post_chat(Some("org-a"), "s-stream", HI.as_bytes()).await;
+    // The runtime sends the second event only once the client holds the first: a proxy that
     // buffered anything until the end would leave both waiting until the timeout below.
     let mut seen = Vec::new();
     let r = tokio::time::timeout(
@@ -280,7 +251,7 @@ async fn first_event_arrives_while_the_runtime_still_holds_the_second() {
 async fn stream_ending_without_execution_complete_is_truncated() {
     // Chunked body ends cleanly, but neither execution_complete nor [DONE] came.
     let h = Harness::new()
-        .runtime(runtime_script(vec![Step::Send(frame(
+        .runtime(runtime_sse(vec![Step::Send(frame(
             "text_chunk",
             json!({"content": "half an answer"}),
         ))]))
@@ -303,7 +274,7 @@ async fn stream_ending_without_execution_complete_is_truncated() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn done_marker_without_execution_complete_is_truncated() {
     let h = Harness::new()
-        .runtime(runtime_script(vec![
+        .runtime(runtime_sse(vec![
             Step::Send(frame("text_chunk", json!({"content": "x"}))),
             Step::Send(done_frame()),
         ]))
@@ -322,10 +293,7 @@ async fn runtime_dying_mid_stream_ends_with_one_error_event() {
     // reach the client).
     let half = frame("text_chunk", json!({"content": "never finished"}));
     let h = Harness::new()
-        .runtime(move |req: &Received| {
-            if req.path == "/health" {
-                return Reply::json(200, json!({"status": "ok"}));
-            }
+        .runtime(runtime_answering(move |req: &Received| {
             let mut steps = vec![Step::Send(frame(
                 "text_chunk",
                 json!({"content": "before"}),
@@ -335,7 +303,7 @@ async fn runtime_dying_mid_stream_ends_with_one_error_event() {
             }
             steps.push(Step::Close);
             Reply::sse(steps)
-        })
+        }))
         .start()
         .await;
 
@@ -372,10 +340,7 @@ async fn frame_over_the_limit_ends_with_frame_too_large() {
     ]
     .concat();
     let h = Harness::new()
-        .runtime(move |req: &Received| {
-            if req.path == "/health" {
-                return Reply::json(200, json!({"status": "ok"}));
-            }
+        .runtime(runtime_answering(move |req: &Received| {
             let mut steps = vec![Step::Send(frame("text_chunk", json!({"content": "small"})))];
             if req.json()["session_id"] == "terminated" {
                 steps.push(Step::Send(big.clone()));
@@ -387,7 +352,7 @@ async fn frame_over_the_limit_ends_with_frame_too_large() {
                 steps.push(Step::Hang);
             }
             Reply::sse(steps)
-        })
+        }))
         .config(move |cfg| {
             cfg.runtime.max_frame_bytes = 1024;
             cfg.runtime.execution_timeout_ms = 10_000;
@@ -411,10 +376,7 @@ async fn frame_over_the_limit_ends_with_frame_too_large() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn execution_error_becomes_one_error_event_with_the_runtime_code() {
     let h = Harness::new()
-        .runtime(|req: &Received| {
-            if req.path == "/health" {
-                return Reply::json(200, json!({"status": "ok"}));
-            }
+        .runtime(runtime_answering(|req: &Received| {
             let err = if req.json()["session_id"] == "with-code" {
                 json!({"error": "tool crashed", "code": "TOOL_FAILED"})
             } else {
@@ -427,7 +389,7 @@ async fn execution_error_becomes_one_error_event_with_the_runtime_code() {
                 Step::Send(frame("text_chunk", json!({"content": "after"}))),
                 Step::Send(done_frame()),
             ])
-        })
+        }))
         .start()
         .await;
 
@@ -458,7 +420,7 @@ async fn execution_error_becomes_one_error_event_with_the_runtime_code() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runtime_frames_that_are_not_events_are_dropped_and_counted() {
     let h = Harness::new()
-        .runtime(runtime_script(vec![
+        .runtime(runtime_sse(vec![
             Step::Send(b": ping\r\n\r\n".to_vec()),
             Step::Send(frame("text_chunk", json!({"content": "a"}))),
             Step::Send(b"data: this is not json\r\n\r\n".to_vec()),
@@ -511,7 +473,7 @@ async fn runtime_frames_that_are_not_events_are_dropped_and_counted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_runtime_gets_heartbeats_between_events() {
     let h = Harness::new()
-        .runtime(runtime_script(vec![
+        .runtime(runtime_sse(vec![
             Step::Send(frame("text_chunk", json!({"content": "before"}))),
             Step::Sleep(Duration::from_millis(2500)),
             Step::Send(frame("text_chunk", json!({"content": "after"}))),
@@ -554,10 +516,7 @@ async fn silent_runtime_gets_heartbeats_between_events() {
 async fn execution_timeout_ends_with_a_timeout_error_event() {
     let _counters = COUNTERS.lock().await;
     let h = Harness::new()
-        .runtime(|req: &Received| {
-            if req.path == "/health" {
-                return Reply::json(200, json!({"status": "ok"}));
-            }
+        .runtime(runtime_answering(|req: &Received| {
             match req.json()["session_id"].as_str() {
                 // Accepts the request, never answers.
                 Some("no-header") => Reply::silent(vec![Step::Hang]),
@@ -567,7 +526,7 @@ async fn execution_timeout_ends_with_a_timeout_error_event() {
                     Step::Hang,
                 ]),
             }
-        })
+        }))
         .config(move |cfg| {
             cfg.runtime.execution_timeout_ms = 600;
         })
@@ -583,7 +542,7 @@ async fn execution_timeout_ends_with_a_timeout_error_event() {
     let before = timeouts();
 
     // A first event then nothing; a response header then nothing; not even a header (an error
-    // event too, not a hang, and not a failover: the h.runtime had the whole execution time).
+    // event too, not a hang, and not a failover: the runtime had the whole execution time).
     let cases: [(&str, &[&str]); 3] = [
         ("first-event", &["message", "error"]),
         ("headers-only", &["error"]),
@@ -619,47 +578,17 @@ async fn execution_timeout_ends_with_a_timeout_error_event() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_disconnect_closes_the_runtime_connection_and_is_not_counted() {
     let _counters = COUNTERS.lock().await;
-    // A hand-written runtime: after the first event it waits for its connection to end.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let runtime_addr = listener.local_addr().unwrap();
-    let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<Duration>();
-    tokio::spawn(async move {
-        let mut closed_tx = Some(closed_tx);
-        loop {
-            let (mut conn, _) = listener.accept().await.unwrap();
-            let mut buf = vec![0u8; 64 * 1024];
-            let n = conn.read(&mut buf).await.unwrap_or(0);
-            let head = String::from_utf8_lossy(&buf[..n]).to_string();
-            if head.starts_with("GET /health") {
-                let _ = conn
-                    .write_all(
-                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}",
-                    )
-                    .await;
-                continue;
-            }
-            let first = frame("text_chunk", json!({"content": "first"}));
-            let mut out =
-                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
-            out.extend_from_slice(format!("{:x}\r\n", first.len()).as_bytes());
-            out.extend_from_slice(&first);
-            out.extend_from_slice(b"\r\n");
-            conn.write_all(&out).await.unwrap();
-            let sent = Instant::now();
-            // Anything but EOF or an error means the proxy kept the connection.
-            loop {
-                match conn.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => continue,
-                }
-            }
-            if let Some(tx) = closed_tx.take() {
-                let _ = tx.send(sent.elapsed());
-            }
-        }
-    });
-    let legacy = Upstream::start(echo_legacy).await;
-    let server = proxy(config(&legacy.address(), &runtime_addr.to_string())).await;
+    // After the first event the runtime holds the stream until the proxy hangs up.
+    let h = Harness::new()
+        .runtime(runtime_script(|_| {
+            Reply::sse(vec![
+                Step::Send(frame("text_chunk", json!({"content": "first"}))),
+                Step::Hang,
+            ])
+        }))
+        .start()
+        .await;
+    let server = &h.server;
     let cancelled = || {
         server
             .shared
@@ -670,45 +599,24 @@ async fn client_disconnect_closes_the_runtime_connection_and_is_not_counted() {
     };
     let before = cancelled();
 
-    let (first_tx, mut first_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
-    let addr = server.proxy_addr;
-    let client = tokio::spawn(async move {
-        let mut c = Client::connect(addr).await;
-        let auth = format!("Bearer {}", token("org-a"));
-        c.send(
-            "POST",
-            "/api/v1/chat/sessions/s-gone",
-            &[
-                ("content-type", "application/json"),
-                ("authorization", &auth),
-            ],
-            HI.as_bytes(),
-        )
-        .await;
-        c.read_response_with(|chunk| {
-            let _ = first_tx.send(chunk.to_vec());
-        })
-        .await
-    });
-    let first = tokio::time::timeout(Duration::from_secs(5), first_rx.recv())
-        .await
-        .expect("first event")
-        .unwrap();
+    let started = Instant::now();
+    let auth = format!("Bearer {}", token("org-a"));
+    let (first, client) = first_chunk_of_chat(server.proxy_addr, auth, "s-gone", HI.into()).await;
     assert_eq!(parse_events(std::str::from_utf8(&first).unwrap()).len(), 1);
     // The client goes away mid-stream (dropping its socket).
     client.abort();
     let _ = client.await;
 
-    let after = tokio::time::timeout(Duration::from_secs(3), closed_rx)
-        .await
-        .expect("the proxy kept the runtime connection open after the client left")
-        .unwrap();
-    assert!(after < Duration::from_secs(3));
+    assert!(
+        h.runtime.wait_for_hang_ups(1, Duration::from_secs(3)).await,
+        "the proxy kept the runtime connection open after the client left"
+    );
+    assert!(started.elapsed() < Duration::from_secs(3));
     assert!(
         eventually(Duration::from_secs(2), || cancelled() == before + 1).await,
         "the disconnect was not counted as cancelled"
     );
-    let stats = runtime_stats(&server, 0).await;
+    let stats = runtime_stats(server, 0).await;
     assert_eq!(
         (
             stats["total"].as_u64(),
@@ -726,7 +634,7 @@ async fn runtime_hanging_after_execution_complete_gets_no_error_after_done() {
     // execution_complete came, [DONE] never does: the client already has its `done`, so the
     // deadline ends the stream without an error event, and the execution counts as a success.
     let h = Harness::new()
-        .runtime(runtime_script(vec![
+        .runtime(runtime_sse(vec![
             Step::Send(frame("text_chunk", json!({"content": "answer"}))),
             Step::Send(frame(
                 "execution_complete",
@@ -754,27 +662,25 @@ async fn runtime_hanging_after_execution_complete_gets_no_error_after_done() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_connection_is_reusable_after_runtime_streams() {
-    let runtime = Upstream::start(|req: &Received| {
-        if req.path == "/health" {
-            return Reply::json(200, json!({"status": "ok"}));
-        }
-        if req.json()["session_id"] == "fails" {
-            Reply::sse(vec![Step::Send(frame(
-                "text_chunk",
-                json!({"content": "cut"}),
-            ))])
-        } else {
-            Reply::sse(runtime_ok_steps())
-        }
-    })
-    .await;
-    let legacy = Upstream::start(echo_legacy).await;
-    let mut cfg = config(&legacy.address(), &runtime.address());
-    // Far beyond any Instant: the heartbeat timer must not overflow.
-    cfg.runtime.heartbeat_secs = u64::MAX;
-    let server = proxy(cfg).await;
+    let h = Harness::new()
+        .runtime(runtime_answering(|req: &Received| {
+            if req.json()["session_id"] == "fails" {
+                Reply::sse(vec![Step::Send(frame(
+                    "text_chunk",
+                    json!({"content": "cut"}),
+                ))])
+            } else {
+                Reply::sse(runtime_ok_steps())
+            }
+        }))
+        .config(move |c| {
+            // Far beyond any Instant: the heartbeat timer must not overflow.
+            c.runtime.heartbeat_secs = u64::MAX;
+        })
+        .start()
+        .await;
 
-    let mut c = Client::connect(server.proxy_addr).await;
+    let mut c = Client::connect(h.proxy_addr).await;
     let auth = format!("Bearer {}", token("org-a"));
     for session in ["ok-1", "fails", "ok-2"] {
         c.send(
@@ -798,7 +704,7 @@ async fn client_connection_is_reusable_after_runtime_streams() {
         };
         assert_eq!(names(&events), expected, "{session}");
     }
-    assert_eq!(runtime.work().len(), 3);
+    assert_eq!(h.runtime.work().len(), 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -807,41 +713,12 @@ async fn client_disconnect_before_the_runtime_answers_cancels_it() {
     // The runtime takes the request and thinks; the client leaves before any header came back.
     // The runtime connection must be closed then, not kept until the execution deadline, and
     // the abandoned execution is not a timeout of the runtime.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let runtime_addr = listener.local_addr().unwrap();
-    let (got_tx, got_rx) = tokio::sync::oneshot::channel::<()>();
-    let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        let (mut got_tx, mut closed_tx) = (Some(got_tx), Some(closed_tx));
-        loop {
-            let (mut conn, _) = listener.accept().await.unwrap();
-            let mut buf = vec![0u8; 64 * 1024];
-            let n = conn.read(&mut buf).await.unwrap_or(0);
-            if String::from_utf8_lossy(&buf[..n]).starts_with("GET /health") {
-                let _ = conn
-                    .write_all(
-                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}",
-                    )
-                    .await;
-                continue;
-            }
-            if let Some(tx) = got_tx.take() {
-                let _ = tx.send(());
-            }
-            while let Ok(n) = conn.read(&mut buf).await {
-                if n == 0 {
-                    break;
-                }
-            }
-            if let Some(tx) = closed_tx.take() {
-                let _ = tx.send(());
-            }
-        }
-    });
-    let legacy = Upstream::start(echo_legacy).await;
-    let mut cfg = config(&legacy.address(), &runtime_addr.to_string());
-    cfg.runtime.execution_timeout_ms = 4_000;
-    let server = proxy(cfg).await;
+    let h = Harness::new()
+        .runtime(runtime_script(|_| Reply::silent(vec![Step::Hang])))
+        .config(|c| c.runtime.execution_timeout_ms = 4_000)
+        .start()
+        .await;
+    let server = &h.server;
     let cancelled = || {
         server
             .shared
@@ -853,32 +730,20 @@ async fn client_disconnect_before_the_runtime_answers_cancels_it() {
     let before = cancelled();
 
     let mut c = Client::connect(server.proxy_addr).await;
-    let auth = format!("Bearer {}", token("org-a"));
-    c.send(
-        "POST",
-        "/api/v1/chat/sessions/s-early-gone",
-        &[
-            ("content-type", "application/json"),
-            ("authorization", &auth),
-        ],
-        HI.as_bytes(),
-    )
-    .await;
-    tokio::time::timeout(Duration::from_secs(5), got_rx)
-        .await
-        .expect("the runtime got the request")
-        .unwrap();
+    c.post_chat(Some("org-a"), "s-early-gone", HI.as_bytes())
+        .await;
+    h.runtime.wait_for_work(1).await;
     drop(c);
 
-    tokio::time::timeout(Duration::from_secs(2), closed_rx)
-        .await
-        .expect("the proxy kept the runtime working for a client that left")
-        .unwrap();
+    assert!(
+        h.runtime.wait_for_hang_ups(1, Duration::from_secs(2)).await,
+        "the proxy kept the runtime working for a client that left"
+    );
     assert!(
         eventually(Duration::from_secs(2), || cancelled() == before + 1).await,
         "the abandoned execution was not counted as cancelled"
     );
-    let stats = runtime_stats(&server, 0).await;
+    let stats = runtime_stats(server, 0).await;
     assert_eq!(
         stats["total"].as_u64(),
         Some(0),
@@ -897,7 +762,7 @@ async fn execution_timeout_holds_while_the_runtime_floods_the_stream() {
     }
     let steps = vec![Step::Send(batch); 20_000];
     let h = Harness::new()
-        .runtime(runtime_script(steps))
+        .runtime(runtime_sse(steps))
         .config(move |cfg| {
             cfg.runtime.execution_timeout_ms = 300;
         })
@@ -916,7 +781,7 @@ async fn execution_timeout_holds_while_the_runtime_floods_the_stream() {
 async fn http10_clients_get_a_close_delimited_stream() {
     // nginx's proxy_http_version defaults to 1.0: no chunked framing, the body ends at close.
     let h = Harness::new()
-        .runtime(runtime_script(vec![
+        .runtime(runtime_sse(vec![
             Step::Send(frame("text_chunk", json!({"content": "one"}))),
             Step::Send(frame("execution_complete", json!({}))),
             Step::Send(done_frame()),
@@ -1001,15 +866,16 @@ async fn every_http_framing_of_the_runtime_body_is_relayed() {
         ),
     ];
     for (name, head, bytes) in cases {
-        let runtime = Upstream::start(raw_runtime(head, bytes)).await;
-        let legacy = Upstream::start(echo_legacy).await;
-        let server = proxy(config(&legacy.address(), &runtime.address())).await;
-        let r = chat(server.proxy_addr, Some("org-a"), "s-framing", HI).await;
+        let h = Harness::new()
+            .runtime(raw_runtime(head, bytes))
+            .start()
+            .await;
+        let r = chat(h.proxy_addr, Some("org-a"), "s-framing", HI).await;
         assert_eq!(r.header("x-execution-mode"), Some(RT), "{name}");
         let events = whole_events(&r);
         assert_eq!(names(&events), ["message", "done"], "{name}: {events:?}");
         assert_eq!(data_of(&events[0])["data"]["content"], "hi", "{name}");
-        assert!(legacy.work().is_empty(), "{name}: served by legacy");
+        assert!(h.legacy.work().is_empty(), "{name}: served by legacy");
     }
 }
 

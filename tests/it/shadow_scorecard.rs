@@ -4,7 +4,7 @@
 
 use crate::support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use support::*;
@@ -19,18 +19,16 @@ fn shadowing(min: u64) -> impl FnOnce(&mut cutover_proxy::core::config::Config) 
 
 /// Poll `GET /runtime/shadow/{org}` until it holds `n` samples; its `data`.
 async fn scorecard(h: &Running, org: &str, n: u64) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    let got = until(Duration::from_secs(10), || async {
         let (status, body) = h.admin("GET", &format!("/runtime/shadow/{org}")).await;
         if status == 200 && body["data"]["samples"].as_u64() >= Some(n) {
-            return body["data"].clone();
+            Ok(body["data"].clone())
+        } else {
+            Err((status, body))
         }
-        assert!(
-            Instant::now() < deadline,
-            "{org}: {n} samples not reached: {status} {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
+    got.unwrap_or_else(|(status, body)| panic!("{org}: {n} samples not reached: {status} {body}"))
 }
 
 async fn chats(h: &Running, org: &str, n: usize) {
@@ -109,10 +107,7 @@ async fn an_org_whose_copies_succeed_becomes_ready() {
 async fn an_org_whose_copies_fail_is_not_ready_for_its_error_rate() {
     let h = Harness::new()
         .config(shadowing(4))
-        .runtime(|req| {
-            if req.path == "/health" {
-                return healthy_runtime(req);
-            }
+        .runtime(runtime_answering(|_: &Received| {
             Reply::sse(vec![
                 Step::Send(frame("text_chunk", json!({"content": "par"}))),
                 Step::Send(frame(
@@ -121,7 +116,7 @@ async fn an_org_whose_copies_fail_is_not_ready_for_its_error_rate() {
                 )),
                 Step::Send(done_frame()),
             ])
-        })
+        }))
         .start()
         .await;
     chats(&h, "org-s", 4).await;
@@ -153,14 +148,11 @@ async fn an_org_whose_copies_fail_is_not_ready_for_its_error_rate() {
 async fn a_runtime_slow_to_its_first_event_trips_the_ttfe_ratio() {
     let h = Harness::new()
         .config(shadowing(3))
-        .runtime(|req| {
-            if req.path == "/health" {
-                return healthy_runtime(req);
-            }
+        .runtime(runtime_answering(|_: &Received| {
             let mut steps = vec![Step::Sleep(Duration::from_millis(400))];
             steps.extend(runtime_ok_steps());
             Reply::sse(steps)
-        })
+        }))
         .start()
         .await;
     chats(&h, "org-s", 3).await;
@@ -329,17 +321,7 @@ async fn a_client_that_abandons_legacy_records_no_comparison() {
         .start()
         .await;
     let mut c = Client::connect(h.proxy_addr).await;
-    let auth = format!("Bearer {}", token("org-s"));
-    c.send(
-        "POST",
-        "/api/v1/chat/sessions/s-gone",
-        &[
-            ("content-type", "application/json"),
-            ("authorization", &auth),
-        ],
-        HI.as_bytes(),
-    )
-    .await;
+    c.post_chat(Some("org-s"), "s-gone", HI.as_bytes()).await;
     h.runtime.wait_for_work(1).await;
     drop(c);
     let gone = eventually(Duration::from_secs(10), || {
@@ -374,39 +356,42 @@ async fn a_copy_whose_conversation_cannot_be_read_records_no_comparison() {
     // With the bridge on, a copy reads its conversation from legacy first; org-b has session
     // s-b, not s-missing.
     let legacy = legacy::FakeLegacy::seeded().await;
-    let runtime = Upstream::start(healthy_runtime).await;
-    let mut cfg = config(&legacy.address(), &runtime.address());
-    cfg.bridge.enabled = true;
-    cfg.runtime.default_agent_id = String::new();
-    cfg.rollout.shadow_orgs = vec!["org-b".into()];
-    cfg.shadow.ready_min_samples = 1;
-    let server = proxy(cfg).await;
+    let h = Harness::new()
+        .legacy_server(legacy)
+        .config(move |c| {
+            c.bridge.enabled = true;
+            c.runtime.default_agent_id = String::new();
+            c.rollout.shadow_orgs = vec!["org-b".into()];
+            c.shadow.ready_min_samples = 1;
+        })
+        .start()
+        .await;
     let skipped = || {
         metric(
-            &server,
+            &h,
             "cutover_shadow_unpaired_total",
             &[("cause", "copy_skipped")],
         )
     };
 
-    let r = chat(server.proxy_addr, Some("org-b"), "s-b", HI).await;
+    let r = chat(h.proxy_addr, Some("org-b"), "s-b", HI).await;
     assert_served(&r, DIRECT, "default");
-    let r = chat(server.proxy_addr, Some("org-b"), "s-missing", HI).await;
+    let r = chat(h.proxy_addr, Some("org-b"), "s-missing", HI).await;
     assert_served(&r, DIRECT, "default");
     assert!(
         eventually(Duration::from_secs(10), || skipped() == 1.0).await,
         "the skipped copy was not counted"
     );
     let compared = eventually(Duration::from_secs(10), || {
-        server.shared.scorecard.lock().unwrap().held("org-b") == 1
+        h.shared.scorecard.lock().unwrap().held("org-b") == 1
     })
     .await;
     assert!(compared, "the copy of s-b was not compared");
-    let (status, body) = admin(&server, "GET", "/runtime/shadow/org-b", None).await;
+    let (status, body) = admin(&h, "GET", "/runtime/shadow/org-b", None).await;
     assert_eq!(status, 200);
     assert_eq!(body["data"]["samples"], 1, "{body}");
     assert_eq!(
-        runtime.work().len(),
+        h.runtime.work().len(),
         1,
         "only the readable conversation reached the runtime"
     );
@@ -620,22 +605,25 @@ async fn a_copy_asks_the_question_once_when_legacy_saved_it_first() {
     legacy.add_message("s-b", "user", "earlier");
     legacy.add_message("s-b", "assistant", "reply");
     legacy.add_message("s-b", "user", "hi");
-    let runtime = Upstream::start(healthy_runtime).await;
-    let mut cfg = config(&legacy.address(), &runtime.address());
-    cfg.bridge.enabled = true;
-    cfg.rollout.shadow_orgs = vec!["org-b".into()];
-    let server = proxy(cfg).await;
-    let r = chat(server.proxy_addr, Some("org-b"), "s-b", HI).await;
+    let h = Harness::new()
+        .legacy_server(legacy)
+        .config(move |c| {
+            c.bridge.enabled = true;
+            c.rollout.shadow_orgs = vec!["org-b".into()];
+        })
+        .start()
+        .await;
+    let r = chat(h.proxy_addr, Some("org-b"), "s-b", HI).await;
     assert_served(&r, DIRECT, "default");
-    runtime.wait_for_work(1).await;
+    h.runtime.wait_for_work(1).await;
     assert_eq!(
-        runtime.work()[0].json()["history_messages"],
+        h.runtime.work()[0].json()["history_messages"],
         json!([{"role": "user", "content": "earlier"},
                {"role": "assistant", "content": "reply"},
                {"role": "user", "content": "hi"}])
     );
     assert!(
-        legacy
+        h.legacy
             .received()
             .iter()
             .filter(|r| !r.path.starts_with("/api/v1/chat/"))

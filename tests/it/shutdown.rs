@@ -4,6 +4,7 @@
 //! front of scripted upstreams from `support`. Each test sends SIGTERM with `kill` and watches
 //! what a client, a new client, the readiness probe and the process itself see.
 
+// Not the Harness: signals and exit codes are the shipped binary's, run as a child process.
 use crate::support;
 
 use std::net::SocketAddr;
@@ -42,30 +43,25 @@ impl ProxyProcess {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let (proxy, admin, metrics) = (free_port(), free_port(), free_port());
-        let config = format!(
-            r#"
-[server]
-listen = "127.0.0.1:{proxy}"
-admin_listen = "127.0.0.1:{admin}"
-metrics_listen = "127.0.0.1:{metrics}"
-threads = 2
-grace_period_secs = {grace_secs}
-[legacy]
-address = "{legacy}"
-[runtime]
-address = "{runtime}"
-execution_timeout_ms = 60000
-health_interval_ms = 200
-connect_timeout_ms = 500
-default_agent_id = "{TEST_AGENT}"
-[rollout]
-runtime_orgs = ["org-a"]
-[identity]
-jwt_secret_env = "{JWT_ENV}"
-[admin]
-token_env = "{ADMIN_ENV}"
-{bridge}"#
+        let config = test_toml(legacy, runtime);
+        let config = retoml(
+            &config,
+            "listen = \"127.0.0.1:1\"",
+            &format!(
+                "listen = \"127.0.0.1:{proxy}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n\
+                 metrics_listen = \"127.0.0.1:{metrics}\"\nthreads = 2\n\
+                 grace_period_secs = {grace_secs}"
+            ),
         );
+        let config = retoml(
+            &config,
+            "execution_timeout_ms = 5000",
+            "execution_timeout_ms = 60000",
+        );
+        // The shipped defaults for the commit point and the breaker.
+        let config = retoml(&config, "commit_timeout_ms = 1000\n", "");
+        let config = retoml(&config, "[breaker]\nopen_secs = 1\n", "");
+        let config = retoml(&config, BRIDGE_OFF_TOML, bridge);
         let path = dir.join("proxy.toml");
         std::fs::write(&path, config).unwrap();
         let log = std::fs::File::create(dir.join("proxy.log")).unwrap();
@@ -97,20 +93,17 @@ token_env = "{ADMIN_ENV}"
 
     /// Wait until the proxy accepts connections and `/readyz` answers 200.
     async fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if tokio::net::TcpStream::connect(self.proxy).await.is_ok()
-                && get(self.admin, "/readyz").await.map(|(s, _)| s) == Some(200)
-            {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "proxy did not become ready; log:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let ready = until(Duration::from_secs(15), || async {
+            let up = tokio::net::TcpStream::connect(self.proxy).await.is_ok()
+                && get(self.admin, "/readyz").await.map(|(s, _)| s) == Some(200);
+            up.then_some(()).ok_or(())
+        })
+        .await;
+        assert!(
+            ready.is_ok(),
+            "proxy did not become ready; log:\n{}",
+            self.log()
+        );
     }
 
     fn sigterm(&self) {
@@ -123,16 +116,13 @@ token_env = "{ADMIN_ENV}"
 
     /// Wait for the process to exit, at most `within`.
     async fn exited_within(&mut self, within: Duration) -> Option<(ExitStatus, Instant)> {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return Some((status, Instant::now()));
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let child = &mut self.child;
+        let exited = until(within, || {
+            let status = child.try_wait().unwrap();
+            std::future::ready(status.map(|s| (s, Instant::now())).ok_or(()))
+        })
+        .await;
+        exited.ok()
     }
 }
 
@@ -184,17 +174,8 @@ async fn start_chat(
     tokio::task::JoinHandle<(Response, Instant)>,
 ) {
     let mut c = Client::connect(addr).await;
-    let auth = format!("Bearer {}", token(org));
-    c.send(
-        "POST",
-        &format!("/api/v1/chat/sessions/{session}"),
-        &[
-            ("content-type", "application/json"),
-            ("authorization", &auth),
-        ],
-        br#"{"message":"hello"}"#,
-    )
-    .await;
+    c.post_chat(Some(org), session, br#"{"message":"hello"}"#)
+        .await;
     let (first_tx, first_rx) = mpsc::unbounded_channel();
     let task = tokio::spawn(async move {
         let r = tokio::time::timeout(
@@ -219,10 +200,7 @@ async fn first_chunk(rx: &mut mpsc::UnboundedReceiver<()>) {
 
 /// A runtime whose executions stream for about `secs` seconds before completing.
 fn slow_runtime(secs: u64) -> impl Fn(&Received) -> Reply + Send + Sync + 'static {
-    move |req: &Received| {
-        if req.path == "/health" {
-            return Reply::json(200, serde_json::json!({"status": "ok"}));
-        }
+    runtime_script(move |_| {
         let mut steps = vec![Step::Send(frame(
             "text_chunk",
             serde_json::json!({"content": "one"}),
@@ -240,7 +218,7 @@ fn slow_runtime(secs: u64) -> impl Fn(&Received) -> Reply + Send + Sync + 'stati
         )));
         steps.push(Step::Send(done_frame()));
         Reply::sse(steps)
-    }
+    })
 }
 
 /// A legacy Chat API whose chat answers stream for about `secs` seconds.
@@ -287,18 +265,20 @@ async fn sigterm_lets_in_flight_streams_finish_then_exits() {
     proxy.sigterm();
 
     // Readiness turns false (the admin API stays up to say so) and new connections are refused.
-    let mut ready_during_drain = None;
-    let mut refused_during_drain = false;
-    while term_at.elapsed() < Duration::from_secs(1) {
-        if ready_during_drain != Some(503) {
-            ready_during_drain = get(proxy.admin, "/readyz").await.map(|(s, _)| s);
+    // (readiness, refused once) seen so far.
+    let seen = std::cell::Cell::new((None, false));
+    let drain = Duration::from_secs(1).saturating_sub(term_at.elapsed());
+    let _ = until(drain, || async {
+        let (mut ready, mut was_refused) = seen.get();
+        if ready != Some(503) {
+            ready = get(proxy.admin, "/readyz").await.map(|(s, _)| s);
         }
-        refused_during_drain = refused_during_drain || refused(proxy.proxy).await;
-        if ready_during_drain == Some(503) && refused_during_drain {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        was_refused = was_refused || refused(proxy.proxy).await;
+        seen.set((ready, was_refused));
+        (ready == Some(503) && was_refused).then_some(()).ok_or(())
+    })
+    .await;
+    let (ready_during_drain, refused_during_drain) = seen.get();
     assert_eq!(ready_during_drain, Some(503), "/readyz during the drain");
     assert!(
         refused_during_drain,

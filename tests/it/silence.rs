@@ -18,25 +18,12 @@ const SLACK: Duration = Duration::from_millis(1200);
 /// At most what one relayed event takes from the proxy's read to the client's.
 const RELAY_HOP: Duration = Duration::from_millis(50);
 
-fn text(content: &str) -> Vec<u8> {
-    frame("text_chunk", json!({"content": content}))
-}
-
-fn thinking(content: &str) -> Vec<u8> {
-    frame("thinking", json!({"content": content}))
-}
-
 /// A runtime that answers health checks and executions with `steps` (`None`: no head at all).
 fn runtime(steps: Option<Vec<Step>>) -> impl Fn(&Received) -> Reply + Send + Sync + 'static {
-    move |req: &Received| {
-        if req.path == "/health" {
-            return healthy_runtime(req);
-        }
-        match &steps {
-            Some(steps) => Reply::sse(steps.clone()),
-            None => Reply::silent(vec![Step::Hang]),
-        }
-    }
+    runtime_script(move |_| match &steps {
+        Some(steps) => Reply::sse(steps.clone()),
+        None => Reply::silent(vec![Step::Hang]),
+    })
 }
 
 fn timeouts(h: &Running, upstream: &str, stage: &str) -> f64 {

@@ -48,3 +48,29 @@ pub fn metric(server: &LocalServer, name: &str, labels: &[(&str, &str)]) -> f64 
         })
         .sum()
 }
+
+/// `c{label}`, for a counter with one label.
+pub fn counter(c: &prometheus::IntCounterVec, label: &str) -> u64 {
+    c.with_label_values(&[label]).get()
+}
+
+/// `g{label}`, for a gauge with one label.
+pub fn gauge(g: &prometheus::IntGaugeVec, label: &str) -> i64 {
+    g.with_label_values(&[label]).get()
+}
+
+/// This process's resident memory, in KiB.
+pub fn rss_kb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS in /proc/self/status")
+}
+
+/// This process's open file descriptors.
+pub fn fd_count() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}

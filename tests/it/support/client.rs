@@ -34,16 +34,7 @@ pub async fn read_request(
     parsed.parse(&buf[..head_end]).ok()?;
     let method = parsed.method?.to_string();
     let path = parsed.path?.to_string();
-    let headers: Vec<(String, String)> = parsed
-        .headers
-        .iter()
-        .map(|h| {
-            (
-                h.name.to_ascii_lowercase(),
-                String::from_utf8_lossy(h.value).to_string(),
-            )
-        })
-        .collect();
+    let headers = header_pairs(parsed.headers);
     buf.drain(..head_end);
     let get = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
     let body = if get("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
@@ -96,6 +87,25 @@ pub async fn read_request(
     })
 }
 
+/// Parsed headers as (lower-case name, value) pairs.
+fn header_pairs(headers: &[httparse::Header]) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .map(|h| {
+            let value = String::from_utf8_lossy(h.value).to_string();
+            (h.name.to_ascii_lowercase(), value)
+        })
+        .collect()
+}
+
+/// The value of header `name` (any case) among `headers`.
+pub fn header_in<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
 /// Raw response bytes as text without their `Date` lines: the one header two servers answering
 /// the same request at different times must differ in.
 pub fn without_date(bytes: &[u8]) -> String {
@@ -122,10 +132,7 @@ pub struct Response {
 
 impl Response {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        header_in(&self.headers, name)
     }
     pub fn body(&self) -> Vec<u8> {
         self.chunks.iter().flat_map(|(_, c)| c.clone()).collect()
@@ -218,16 +225,7 @@ impl Client {
         let mut parsed = httparse::Response::new(&mut headers);
         parsed.parse(&self.buf[..head_end]).unwrap();
         let status = parsed.code.unwrap();
-        let headers: Vec<(String, String)> = parsed
-            .headers
-            .iter()
-            .map(|h| {
-                (
-                    h.name.to_ascii_lowercase(),
-                    String::from_utf8_lossy(h.value).to_string(),
-                )
-            })
-            .collect();
+        let headers = header_pairs(parsed.headers);
         self.buf.drain(..head_end);
         let get = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
         let mut chunks = Vec::new();
@@ -307,18 +305,7 @@ pub async fn chat(
     body: &str,
 ) -> Response {
     let mut c = Client::connect(addr).await;
-    let auth = org.map(|o| format!("Bearer {}", token(o)));
-    let mut headers = vec![("content-type", "application/json")];
-    if let Some(a) = &auth {
-        headers.push(("authorization", a.as_str()));
-    }
-    c.send(
-        "POST",
-        &format!("/api/v1/chat/sessions/{session}"),
-        &headers,
-        body.as_bytes(),
-    )
-    .await;
+    c.post_chat(org, session, body).await;
     c.read_response().await
 }
 
@@ -338,6 +325,37 @@ pub async fn admin(
 }
 
 impl Client {
+    /// Read the whole response of an `upstream` that sends the rest of it only once released,
+    /// releasing it when the first chunk reached this client; `None` when it took over 5 s (a
+    /// proxy that held the first chunk back).
+    pub async fn read_releasing(
+        &mut self,
+        upstream: &super::upstream::Upstream,
+    ) -> Option<Response> {
+        let mut released = false;
+        let read = self.read_response_with(|_| {
+            if !released {
+                released = true;
+                upstream.release();
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(5), read)
+            .await
+            .ok()
+    }
+
+    /// Send a chat message to `session` as `org` (None: no Authorization header); the response
+    /// is the caller's to read.
+    pub async fn post_chat(&mut self, org: Option<&str>, session: &str, body: impl AsRef<[u8]>) {
+        let auth = org.map(|o| format!("Bearer {}", token(o)));
+        let mut headers = vec![("content-type", "application/json")];
+        if let Some(a) = &auth {
+            headers.push(("authorization", a.as_str()));
+        }
+        let path = format!("/api/v1/chat/sessions/{session}");
+        self.send("POST", &path, &headers, body.as_ref()).await;
+    }
+
     /// Write bytes exactly as given: a hand-framed request (chunked body) or part of one.
     pub async fn send_raw(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).await.unwrap();
@@ -355,4 +373,33 @@ pub async fn request(
     let mut c = Client::connect(addr).await;
     c.send(method, path, headers, body).await;
     c.read_response().await
+}
+
+/// POST a chat to `session` with this `Authorization` on a task; once the client holds the
+/// first body chunk, that chunk and the task still reading the rest (abort it to hang up).
+pub async fn first_chunk_of_chat(
+    addr: std::net::SocketAddr,
+    authorization: String,
+    session: &str,
+    body: String,
+) -> (Vec<u8>, tokio::task::JoinHandle<Response>) {
+    let (first_tx, mut first_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    let path = format!("/api/v1/chat/sessions/{session}");
+    let client = tokio::spawn(async move {
+        let mut c = Client::connect(addr).await;
+        let headers = [
+            ("content-type", "application/json"),
+            ("authorization", authorization.as_str()),
+        ];
+        c.send("POST", &path, &headers, body.as_bytes()).await;
+        c.read_response_with(|chunk| {
+            let _ = first_tx.send(chunk.to_vec());
+        })
+        .await
+    });
+    let first = tokio::time::timeout(Duration::from_secs(5), first_rx.recv())
+        .await
+        .expect("first event")
+        .unwrap();
+    (first, client)
 }

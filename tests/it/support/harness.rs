@@ -1,7 +1,9 @@
 //! Fixtures: the test config, tokens, a proxy started in-process, and `Harness`, which starts a
 //! proxy between two scripted upstreams with defaults for everything a test does not name.
 
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -50,7 +52,12 @@ pub const BRIDGE_OFF_TOML: &str = "[bridge]\nenabled = false\n";
 /// A config for tests: short timeouts, org-a on the allowlist, secrets from test env vars, the
 /// bridge off (`BRIDGE_OFF_TOML`) and `runtime.default_agent_id = TEST_AGENT`.
 pub fn config(legacy: &str, runtime: &str) -> Config {
-    let text = format!(
+    Config::parse(&test_toml(legacy, runtime)).unwrap()
+}
+
+/// `config`'s text, for a test that writes its config file or changes a line of it (`retoml`).
+pub fn test_toml(legacy: &str, runtime: &str) -> String {
+    format!(
         r#"
 [server]
 listen = "127.0.0.1:1"
@@ -72,8 +79,14 @@ open_secs = 1
 [admin]
 token_env = "{ADMIN_ENV}"
 {BRIDGE_OFF_TOML}"#
-    );
-    Config::parse(&text).unwrap()
+    )
+}
+
+/// `text` with its first `line` replaced by `with` (which may be several lines); the line must
+/// be there.
+pub fn retoml(text: &str, line: &str, with: &str) -> String {
+    assert!(text.contains(line), "no {line:?} in the config");
+    text.replacen(line, with, 1)
 }
 
 /// Start the proxy in-process with `config`.
@@ -85,14 +98,28 @@ pub async fn proxy(config: Config) -> LocalServer {
 
 /// Poll `cond` every 20 ms until it holds or `within` passes.
 pub async fn eventually(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    until(within, || {
+        std::future::ready(if cond() { Ok(()) } else { Err(()) })
+    })
+    .await
+    .is_ok()
+}
+
+/// Ask `probe` every 20 ms until it answers `Ok`, or `within` passes: then its last `Err`, for
+/// the failure's message.
+pub async fn until<T, E, F, Fut>(within: Duration, mut probe: F) -> Result<T, E>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
     let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if cond() {
-            return true;
+    loop {
+        match probe().await {
+            Ok(done) => return Ok(done),
+            Err(last) if Instant::now() >= deadline => return Err(last),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    cond()
 }
 
 /// Outcomes are recorded when the proxy finishes a request, which can be just after the client
@@ -155,6 +182,16 @@ impl Drop for TempDir {
     }
 }
 
+/// `alone_in_process` for the test named `$test`, returning from it in the parent.
+#[macro_export]
+macro_rules! run_alone {
+    ($test:literal) => {
+        if !$crate::support::alone_in_process(module_path!(), $test) {
+            return;
+        }
+    };
+}
+
 /// Run the calling test by itself in a child process of this test binary, for figures that are
 /// per process (open file descriptors, RSS, bytes read): returns true in the child, which runs
 /// the body, and false in the parent, which has already asserted that the child passed. `module`
@@ -178,14 +215,71 @@ pub fn alone_in_process(module: &str, test: &str) -> bool {
 
 type Handler = Box<dyn Fn(&Received) -> Reply + Send + Sync>;
 type Tweak = Box<dyn FnOnce(&mut Config)>;
+type StartLegacy<L> = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = L> + Send>> + Send>;
+type Render = Box<dyn FnOnce(&str, &str) -> String>;
 
-/// A proxy to start between two scripted upstreams. Defaults: `echo_legacy`, `healthy_runtime`,
-/// and `config` (org-a on the allowlist).
-pub struct Harness {
-    legacy: Handler,
+/// A server a proxy can be pointed at as its legacy Chat API.
+pub trait LegacyServer {
+    fn address(&self) -> String;
+}
+
+impl LegacyServer for Upstream {
+    fn address(&self) -> String {
+        Upstream::address(self)
+    }
+}
+
+impl LegacyServer for super::legacy::FakeLegacy {
+    fn address(&self) -> String {
+        super::legacy::FakeLegacy::address(self)
+    }
+}
+
+/// A legacy written by hand on this address (one that speaks raw bytes).
+impl LegacyServer for std::net::SocketAddr {
+    fn address(&self) -> String {
+        self.to_string()
+    }
+}
+
+/// An address nothing listens on, for a legacy that is down.
+pub struct Unreachable(String);
+
+impl Unreachable {
+    pub fn new() -> Unreachable {
+        Unreachable(format!("127.0.0.1:{}", free_port()))
+    }
+}
+
+impl Default for Unreachable {
+    fn default() -> Self {
+        Unreachable::new()
+    }
+}
+
+impl LegacyServer for Unreachable {
+    fn address(&self) -> String {
+        self.0.clone()
+    }
+}
+
+/// Where the proxy's config comes from.
+enum Source {
+    /// `config` (org-a on the allowlist) and the tweaks.
+    Default,
+    /// A whole config file's text, made from the upstreams' addresses (legacy, runtime).
+    Text(Render),
+    /// That text written to this file, which the proxy watches for reloads as production does.
+    Watched(PathBuf, Render),
+}
+
+/// A proxy to start between a legacy and a scripted runtime. Defaults: `echo_legacy`,
+/// `healthy_runtime`, and `config` (org-a on the allowlist).
+pub struct Harness<L = Upstream> {
+    legacy: StartLegacy<L>,
     runtime: Handler,
     tweaks: Vec<Tweak>,
-    watch: Option<PathBuf>,
+    source: Source,
 }
 
 impl Default for Harness {
@@ -197,16 +291,34 @@ impl Default for Harness {
 impl Harness {
     pub fn new() -> Harness {
         Harness {
-            legacy: Box::new(echo_legacy),
+            legacy: scripted_legacy(echo_legacy),
             runtime: Box::new(healthy_runtime),
             tweaks: Vec::new(),
-            watch: None,
+            source: Source::Default,
         }
     }
     pub fn legacy(mut self, script: impl Fn(&Received) -> Reply + Send + Sync + 'static) -> Self {
-        self.legacy = Box::new(script);
+        self.legacy = scripted_legacy(script);
         self
     }
+    /// Put a started server (the fake legacy Chat API) in the legacy's place.
+    pub fn legacy_server<M: LegacyServer + Send + 'static>(self, legacy: M) -> Harness<M> {
+        Harness {
+            legacy: Box::new(move || Box::pin(async move { legacy })),
+            runtime: self.runtime,
+            tweaks: self.tweaks,
+            source: self.source,
+        }
+    }
+}
+
+fn scripted_legacy(
+    script: impl Fn(&Received) -> Reply + Send + Sync + 'static,
+) -> StartLegacy<Upstream> {
+    Box::new(move || Box::pin(Upstream::start(script)))
+}
+
+impl<L: LegacyServer> Harness<L> {
     pub fn runtime(mut self, script: impl Fn(&Received) -> Reply + Send + Sync + 'static) -> Self {
         self.runtime = Box::new(script);
         self
@@ -216,21 +328,45 @@ impl Harness {
         self.tweaks.push(Box::new(tweak));
         self
     }
-    /// Watch `path` for reloads, as production does.
-    pub fn watch(mut self, path: PathBuf) -> Self {
-        self.watch = Some(path);
+    /// The whole config file, from the legacy's and the runtime's addresses, instead of
+    /// `config`'s (tweaks still apply after).
+    pub fn config_text(mut self, text: impl FnOnce(&str, &str) -> String + 'static) -> Self {
+        self.source = Source::Text(Box::new(text));
         self
     }
-    pub async fn start(self) -> Running {
-        let legacy = Upstream::start(self.legacy).await;
+    /// Write the config file `text` makes from the legacy's and the runtime's addresses to
+    /// `path`, start on it and watch it for reloads, as production does (no tweaks: a reload
+    /// reads only the file).
+    pub fn watched(
+        mut self,
+        path: PathBuf,
+        text: impl FnOnce(&str, &str) -> String + 'static,
+    ) -> Self {
+        self.source = Source::Watched(path, Box::new(text));
+        self
+    }
+    pub async fn start(self) -> Running<L> {
+        let legacy = (self.legacy)().await;
         let runtime = Upstream::start(self.runtime).await;
-        let mut cfg = config(&legacy.address(), &runtime.address());
+        let (legacy_at, runtime_at) = (legacy.address(), runtime.address());
+        let (mut cfg, watch) = match self.source {
+            Source::Default => (config(&legacy_at, &runtime_at), None),
+            Source::Text(render) => (
+                Config::parse(&render(&legacy_at, &runtime_at)).unwrap(),
+                None,
+            ),
+            Source::Watched(path, render) => {
+                assert!(self.tweaks.is_empty(), "a watched config is the file alone");
+                std::fs::write(&path, render(&legacy_at, &runtime_at)).unwrap();
+                (Config::load(&path).unwrap(), Some(path))
+            }
+        };
         for tweak in self.tweaks {
             tweak(&mut cfg);
         }
         std::env::set_var(JWT_ENV, JWT_SECRET);
         std::env::set_var(ADMIN_ENV, ADMIN_TOKEN);
-        let server = LocalServer::start(cfg, self.watch).await.unwrap();
+        let server = LocalServer::start(cfg, watch).await.unwrap();
         Running {
             legacy,
             runtime,
@@ -240,20 +376,20 @@ impl Harness {
 }
 
 /// A started `Harness`: the proxy (its fields through `Deref`) and both upstreams.
-pub struct Running {
-    pub legacy: Upstream,
+pub struct Running<L = Upstream> {
+    pub legacy: L,
     pub runtime: Upstream,
     pub server: LocalServer,
 }
 
-impl std::ops::Deref for Running {
+impl<L> std::ops::Deref for Running<L> {
     type Target = LocalServer;
     fn deref(&self) -> &LocalServer {
         &self.server
     }
 }
 
-impl Running {
+impl<L> Running<L> {
     /// A chat request as `org` with a valid token, body `HI`.
     pub fn chat(&self, org: &str) -> Chat {
         Chat {

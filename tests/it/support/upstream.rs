@@ -1,11 +1,14 @@
 //! Scripted upstreams: real HTTP/1.1 servers on loopback that answer each request from a script
-//! (status, headers, body pieces with pauses, abrupt close) and record what they received.
+//! (status, headers, body pieces with pauses, floods, abrupt close or reset, raw bytes that are
+//! not HTTP at all), record what they received, and count how their answers went (begun, bytes
+//! sent, the proxy hanging up midway).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
@@ -24,21 +27,27 @@ pub struct Received {
 
 impl Received {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        super::client::header_in(&self.headers, name)
     }
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body).expect("upstream received JSON")
     }
 }
 
-/// One step of a scripted response body.
+/// One step of a scripted response body. The waiting steps (`Sleep`, `WaitRelease`, `Hang`)
+/// watch the connection meanwhile: if the proxy hangs up, the answer ends there and counts in
+/// `Upstream::hang_ups`.
 #[derive(Debug, Clone)]
 pub enum Step {
     /// Send these bytes as one chunk (chunked framing is added unless the reply is raw).
     Send(Vec<u8>),
+    /// Send `data` as one chunk `times` times, pausing `pause` after each (`usize::MAX`: until
+    /// the proxy stops taking them).
+    Repeat {
+        data: Vec<u8>,
+        times: usize,
+        pause: Duration,
+    },
     /// Pause.
     Sleep(Duration),
     /// Wait until the test calls `Upstream::release()`.
@@ -47,8 +56,19 @@ pub enum Step {
     Close,
     /// Reset the connection (RST, not FIN): what a crashed upstream or a load balancer does.
     Reset,
-    /// Never send anything more, keep the connection open.
+    /// Never send anything more, keep the connection open until the proxy hangs up.
     Hang,
+}
+
+impl Step {
+    /// `data` over and over, as fast as the proxy takes it, until it hangs up.
+    pub fn flood(data: Vec<u8>) -> Step {
+        Step::Repeat {
+            data,
+            times: usize::MAX,
+            pause: Duration::ZERO,
+        }
+    }
 }
 
 /// A scripted response.
@@ -85,6 +105,8 @@ impl Reply {
             no_head: false,
         }
     }
+    /// No head of its own: the connection carries exactly what `steps` send (nothing at all,
+    /// bytes that are not HTTP, a head written by hand).
     pub fn silent(steps: Vec<Step>) -> Reply {
         Reply {
             status: 0,
@@ -96,6 +118,31 @@ impl Reply {
     }
 }
 
+/// The head of a chunked SSE answer, for a `Reply::silent` script that writes its own.
+pub const SSE_HEAD: &[u8] =
+    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+
+/// `data` framed as one HTTP/1.1 chunk.
+pub fn chunk(data: &[u8]) -> Vec<u8> {
+    let mut framed = format!("{:x}\r\n", data.len()).into_bytes();
+    framed.extend_from_slice(data);
+    framed.extend_from_slice(b"\r\n");
+    framed
+}
+
+/// How the upstream's answers to work (requests other than health checks) went.
+#[derive(Default)]
+struct Tally {
+    /// Answers that wrote their first byte.
+    answered: AtomicUsize,
+    /// Answers the proxy hung up on before they ended (seen by a waiting step or a failed write).
+    hang_ups: tokio::sync::watch::Sender<usize>,
+    /// Of those, the ones that had not written a byte yet.
+    unanswered_hang_ups: AtomicUsize,
+    /// Body bytes written by `Send` and `Repeat` steps.
+    bytes_sent: AtomicU64,
+}
+
 type Handler = dyn Fn(&Received) -> Reply + Send + Sync;
 
 /// A scripted HTTP/1.1 upstream on an ephemeral loopback port.
@@ -105,6 +152,7 @@ pub struct Upstream {
     connections: Arc<AtomicUsize>,
     release: Arc<Notify>,
     arrived: Arc<Notify>,
+    tally: Arc<Tally>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -131,12 +179,15 @@ impl Upstream {
         let connections = Arc::new(AtomicUsize::new(0));
         let release = Arc::new(Notify::new());
         let arrived = Arc::new(Notify::new());
-        let (r, c, rel, arr) = (
-            received.clone(),
-            connections.clone(),
-            release.clone(),
-            arrived.clone(),
-        );
+        let tally = Arc::new(Tally::default());
+        let shared = Conn {
+            handler,
+            received: received.clone(),
+            release: release.clone(),
+            arrived: arrived.clone(),
+            tally: tally.clone(),
+        };
+        let c = connections.clone();
         let task = tokio::spawn(async move {
             let mut conns = tokio::task::JoinSet::new();
             loop {
@@ -144,8 +195,7 @@ impl Upstream {
                     return;
                 };
                 let id = c.fetch_add(1, Ordering::SeqCst);
-                let (h, r, rel, arr) = (handler.clone(), r.clone(), rel.clone(), arr.clone());
-                conns.spawn(serve_conn(stream, id, h, r, rel, arr));
+                conns.spawn(shared.clone().serve(stream, id));
             }
         });
         Upstream {
@@ -154,6 +204,7 @@ impl Upstream {
             connections,
             release,
             arrived,
+            tally,
             task,
         }
     }
@@ -176,6 +227,28 @@ impl Upstream {
     }
     pub fn connections(&self) -> usize {
         self.connections.load(Ordering::SeqCst)
+    }
+    /// Answers to work that wrote their first byte.
+    pub fn answered(&self) -> usize {
+        self.tally.answered.load(Ordering::SeqCst)
+    }
+    /// Answers to work the proxy hung up on before they ended.
+    pub fn hang_ups(&self) -> usize {
+        *self.tally.hang_ups.borrow()
+    }
+    /// Requests for work the proxy hung up on before a byte of the answer was written.
+    pub fn unanswered_hang_ups(&self) -> usize {
+        self.tally.unanswered_hang_ups.load(Ordering::SeqCst)
+    }
+    /// Wait up to `within` until the proxy has hung up on at least `n` answers; whether it did.
+    pub async fn wait_for_hang_ups(&self, n: usize, within: Duration) -> bool {
+        let mut hang_ups = self.tally.hang_ups.subscribe();
+        let reached = tokio::time::timeout(within, hang_ups.wait_for(|h| *h >= n)).await;
+        reached.is_ok()
+    }
+    /// Body bytes the scripts wrote (`Send` and `Repeat` steps).
+    pub fn bytes_sent(&self) -> u64 {
+        self.tally.bytes_sent.load(Ordering::SeqCst)
     }
     /// Let every `Step::WaitRelease` in progress (and the next one) continue.
     pub fn release(&self) {
@@ -202,23 +275,66 @@ impl Upstream {
     }
 }
 
-async fn serve_conn(
-    mut stream: TcpStream,
-    id: usize,
+/// What every connection of one upstream shares.
+#[derive(Clone)]
+struct Conn {
     handler: Arc<Handler>,
     received: Arc<Mutex<Vec<Received>>>,
     release: Arc<Notify>,
     arrived: Arc<Notify>,
-) {
-    let _ = stream.set_nodelay(true);
-    let mut buf = Vec::new();
-    loop {
-        let Some(req) = read_request(&mut stream, &mut buf, id).await else {
-            return;
-        };
-        received.lock().unwrap().push(req.clone());
-        arrived.notify_waiters();
-        let reply = handler(&req);
+    tally: Arc<Tally>,
+}
+
+/// How one answer ended.
+enum Ended {
+    /// The script ran to its end; the connection may carry another request.
+    Whole,
+    /// The script closed or reset the connection.
+    Closed,
+    /// The proxy hung up first.
+    HungUp,
+}
+
+impl Conn {
+    async fn serve(self, mut stream: TcpStream, id: usize) {
+        let _ = stream.set_nodelay(true);
+        let mut buf = Vec::new();
+        while let Some(req) = read_request(&mut stream, &mut buf, id).await {
+            self.received.lock().unwrap().push(req.clone());
+            self.arrived.notify_waiters();
+            let reply = (self.handler)(&req);
+            let work = req.path != "/health";
+            let mut written = 0u64;
+            let ended = self
+                .answer(&mut stream, &mut buf, &reply, work, &mut written)
+                .await;
+            match ended {
+                Ended::Whole => {}
+                Ended::Closed => return,
+                Ended::HungUp => {
+                    if work {
+                        if written == 0 {
+                            self.tally
+                                .unanswered_hang_ups
+                                .fetch_add(1, Ordering::SeqCst);
+                        }
+                        self.tally.hang_ups.send_modify(|h| *h += 1);
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn answer(
+        &self,
+        stream: &mut TcpStream,
+        buf: &mut Vec<u8>,
+        reply: &Reply,
+        work: bool,
+        written: &mut u64,
+    ) -> Ended {
+        let raw = reply.no_head || reply.fixed_body.is_some();
         if !reply.no_head {
             let mut head = format!("HTTP/1.1 {} X\r\n", reply.status);
             for (k, v) in &reply.headers {
@@ -232,41 +348,112 @@ async fn serve_conn(
             if let Some(b) = &reply.fixed_body {
                 out.extend_from_slice(b);
             }
-            if stream.write_all(&out).await.is_err() {
-                return;
+            if !self.write(stream, &out, work, written).await {
+                return Ended::HungUp;
             }
         }
         for step in &reply.steps {
             match step {
                 Step::Send(data) => {
-                    let framed = if reply.no_head || reply.fixed_body.is_some() {
-                        data.clone()
-                    } else {
-                        let mut f = format!("{:x}\r\n", data.len()).into_bytes();
-                        f.extend_from_slice(data);
-                        f.extend_from_slice(b"\r\n");
-                        f
-                    };
-                    if stream.write_all(&framed).await.is_err() {
-                        return;
+                    if !self.send(stream, data, raw, work, written).await {
+                        return Ended::HungUp;
                     }
                 }
-                Step::Sleep(d) => tokio::time::sleep(*d).await,
-                Step::WaitRelease => release.notified().await,
-                Step::Close => return,
+                Step::Repeat { data, times, pause } => {
+                    for _ in 0..*times {
+                        if !self.send(stream, data, raw, work, written).await {
+                            return Ended::HungUp;
+                        }
+                        if !pause.is_zero()
+                            && !unless_hung_up(stream, buf, tokio::time::sleep(*pause)).await
+                        {
+                            return Ended::HungUp;
+                        }
+                    }
+                }
+                Step::Sleep(d) => {
+                    if !unless_hung_up(stream, buf, tokio::time::sleep(*d)).await {
+                        return Ended::HungUp;
+                    }
+                }
+                Step::WaitRelease => {
+                    if !unless_hung_up(stream, buf, self.release.notified()).await {
+                        return Ended::HungUp;
+                    }
+                }
+                Step::Close => return Ended::Closed,
                 Step::Reset => {
                     // A zero linger turns the close into a reset.
                     let _ = stream.set_zero_linger();
-                    return;
+                    return Ended::Closed;
                 }
-                Step::Hang => std::future::pending::<()>().await,
+                Step::Hang => {
+                    unless_hung_up(stream, buf, std::future::pending::<()>()).await;
+                    return Ended::HungUp;
+                }
             }
         }
         if !reply.no_head
             && reply.fixed_body.is_none()
-            && stream.write_all(b"0\r\n\r\n").await.is_err()
+            && !self.write(stream, b"0\r\n\r\n", work, written).await
         {
-            return;
+            return Ended::HungUp;
+        }
+        Ended::Whole
+    }
+
+    /// Write one body piece, framed as a chunk unless the reply is raw.
+    async fn send(
+        &self,
+        stream: &mut TcpStream,
+        data: &[u8],
+        raw: bool,
+        work: bool,
+        written: &mut u64,
+    ) -> bool {
+        let ok = if raw {
+            self.write(stream, data, work, written).await
+        } else {
+            self.write(stream, &chunk(data), work, written).await
+        };
+        if ok {
+            self.tally
+                .bytes_sent
+                .fetch_add(data.len() as u64, Ordering::SeqCst);
+        }
+        ok
+    }
+
+    async fn write(
+        &self,
+        stream: &mut TcpStream,
+        bytes: &[u8],
+        work: bool,
+        written: &mut u64,
+    ) -> bool {
+        if stream.write_all(bytes).await.is_err() {
+            return false;
+        }
+        if work && *written == 0 && !bytes.is_empty() {
+            self.tally.answered.fetch_add(1, Ordering::SeqCst);
+        }
+        *written += bytes.len() as u64;
+        true
+    }
+}
+
+/// Run `wait` unless the peer hangs up first (false then). Whatever the peer sends meanwhile is
+/// kept in `buf` for the next request.
+async fn unless_hung_up(stream: &mut TcpStream, buf: &mut Vec<u8>, wait: impl Future) -> bool {
+    let mut piece = [0u8; 4096];
+    tokio::pin!(wait);
+    loop {
+        tokio::select! {
+            _ = &mut wait => return true,
+            read = stream.read(&mut piece) => match read {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => buf.extend_from_slice(&piece[..n]),
+            },
         }
     }
 }
@@ -341,4 +528,45 @@ pub fn echo_legacy(req: &Received) -> Reply {
             serde_json::json!({"echo": req.path, "method": req.method}),
         )
     }
+}
+
+/// A runtime that answers its health checks and scripts every execution with `script`, which
+/// is told how many executions came before.
+pub fn runtime_script(
+    script: impl Fn(usize) -> Reply + Send + Sync + 'static,
+) -> impl Fn(&Received) -> Reply + Send + Sync + 'static {
+    let executions = AtomicUsize::new(0);
+    move |req: &Received| {
+        if req.path == "/health" {
+            return healthy_runtime(req);
+        }
+        script(executions.fetch_add(1, Ordering::SeqCst))
+    }
+}
+
+/// A runtime that answers its health checks and streams `steps` for every execution.
+pub fn runtime_sse(steps: Vec<Step>) -> impl Fn(&Received) -> Reply + Send + Sync + 'static {
+    runtime_script(move |_| Reply::sse(steps.clone()))
+}
+
+/// A runtime that answers its health checks and every other request with `script`.
+pub fn runtime_answering(
+    script: impl Fn(&Received) -> Reply + Send + Sync + 'static,
+) -> impl Fn(&Received) -> Reply + Send + Sync + 'static {
+    move |req: &Received| {
+        if req.path == "/health" {
+            return healthy_runtime(req);
+        }
+        script(req)
+    }
+}
+
+/// A runtime `text_chunk` frame.
+pub fn text(content: &str) -> Vec<u8> {
+    frame("text_chunk", serde_json::json!({ "content": content }))
+}
+
+/// A runtime `thinking` frame.
+pub fn thinking(content: &str) -> Vec<u8> {
+    frame("thinking", serde_json::json!({ "content": content }))
 }
