@@ -787,3 +787,75 @@ async fn the_user_message_is_saved_while_the_runtime_works_on_its_first_event() 
         .collect();
     assert_eq!(roles, [json!("user"), json!("assistant")]);
 }
+
+/// A legacy restart as long as a real one (ten seconds), with the retries' default backoff and
+/// window: the chat finishing while legacy is down still answers the user at once, and once
+/// legacy is back both messages are saved, once each, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_finished_during_a_ten_second_legacy_restart_are_saved_once_it_is_back() {
+    const RESTART: Duration = Duration::from_secs(10);
+    let s = start(|_| {}).await;
+    assert_eq!(
+        s.server.shared.snapshot().config.bridge.persist_retry_secs,
+        300,
+        "the default retry window"
+    );
+    // The chat's lookups are done and the runtime is working on it when legacy goes down.
+    let chat = {
+        let addr = s.server.proxy_addr;
+        let body = json!({"message": "held"}).to_string();
+        let auth = bearer("org-a");
+        tokio::spawn(async move {
+            request(
+                addr,
+                "POST",
+                &chat_path("s-1"),
+                &[
+                    ("content-type", "application/json"),
+                    ("authorization", auth.as_str()),
+                ],
+                body.as_bytes(),
+            )
+            .await
+        })
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || s.runtime.work().len() == 1).await,
+        "the runtime never got the chat"
+    );
+    let before = s.legacy.messages("s-1").len();
+    s.legacy.stop();
+    s.runtime.release();
+    let r = chat.await.unwrap();
+    assert_served(&r, RT, "allowlist");
+    let done = done_of(&r);
+    assert_eq!(done["sessionId"], "s-1");
+    assert_eq!(s.server.shared.metrics.bridge.persist_pending.get(), 2);
+
+    // The restart itself: this wait is the outage under test.
+    tokio::time::sleep(RESTART).await;
+    s.legacy.restart().await;
+    let saved = |s: &Setup| -> Vec<Value> {
+        s.legacy.messages("s-1")[before..]
+            .iter()
+            .map(|m| m["content"].clone())
+            .collect()
+    };
+    // Retries at 0.5, 1, 2, 4, 8 s (with jitter) after the first failure: the one after ten
+    // seconds finds legacy back.
+    assert!(
+        eventually(Duration::from_secs(30), || s
+            .server
+            .shared
+            .metrics
+            .bridge
+            .persist_pending
+            .get()
+            == 0)
+        .await,
+        "still pending: {:?}",
+        saved(&s)
+    );
+    assert_eq!(saved(&s), [json!("held"), json!("Hello")]);
+    assert_eq!(s.persist_failures(), 0, "nothing given up");
+}
