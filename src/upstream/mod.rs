@@ -24,7 +24,9 @@ use std::fmt;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::BytesMut;
@@ -219,11 +221,17 @@ impl<C: AsyncRead + AsyncWrite + Unpin + Send + 'static> Response<C> {
     }
 }
 
+/// How often the idle connections are swept, at most and at least.
+const SWEEP_MAX: Duration = Duration::from_secs(1);
+const SWEEP_MIN: Duration = Duration::from_millis(50);
+
 /// One upstream's client.
 pub struct Upstream<K: Connect = Tcp> {
     name: UpstreamName,
     connector: K,
     pool: Arc<Pool<Watched<K::Conn>>>,
+    /// Whether the pool's sweep runs (started with the first request, on its runtime).
+    sweeping: AtomicBool,
     resolver: Resolver,
     counters: TimeoutCounters,
 }
@@ -234,9 +242,33 @@ impl<K: Connect> Upstream<K> {
             name: counters.upstream,
             connector,
             pool: Arc::default(),
+            sweeping: AtomicBool::new(false),
             resolver: Resolver::default(),
             counters,
         }
+    }
+
+    /// Close idle connections once they pass `pool_idle_timeout_ms`, in the background, for as
+    /// long as this client lives; checked every half of that limit (at most a second, at least
+    /// 50 ms apart).
+    fn sweep_idle(&self) {
+        if self.sweeping.load(Ordering::Relaxed) || self.sweeping.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let pool = Arc::downgrade(&self.pool);
+        tokio::spawn(async move {
+            loop {
+                let every = match pool.upgrade() {
+                    Some(pool) => pool.max_idle().map_or(SWEEP_MAX, |d| d / 2),
+                    None => return,
+                };
+                tokio::time::sleep(every.clamp(SWEEP_MIN, SWEEP_MAX)).await;
+                match pool.upgrade() {
+                    Some(pool) => pool.sweep(),
+                    None => return,
+                };
+            }
+        });
     }
 
     pub fn name(&self) -> UpstreamName {
@@ -276,6 +308,7 @@ impl<K: Connect> Upstream<K> {
             .await
             .map_err(|e| Failure::Unreachable(format!("resolving {}: {e}", call.address)))?;
         let key = pool::key(addr);
+        self.sweep_idle();
         // A pooled connection the upstream closed meanwhile fails on first use; a fresh attempt
         // is safe for a request that may be repeated, since such a connection answered nothing.
         for attempt in 0..2 {

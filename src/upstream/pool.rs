@@ -6,7 +6,10 @@
 //! the call, and every runtime stream paid it before its first event. Here an idle connection
 //! just waits in a list. One that the upstream closed meanwhile is noticed when taken, if the
 //! caller asks (a read that is ready at once: end of file or stray bytes); a request on one that
-//! closes before any answer byte is repeated once on a fresh connection (`Upstream`).
+//! closes before any answer byte is repeated once on a fresh connection (`Upstream`). A sweep
+//! ([`Pool::sweep`], run in the background by `Upstream`) closes what has idled past the
+//! upstream's `pool_idle_timeout_ms`, so that a burst's connections do not stay open, each holding
+//! a descriptor here and a worker there, until the next request.
 //!
 //! Each worker thread runs its own event loop: a connection is kept for the thread it was made or
 //! taken on ([`Key`]), since another thread's use would cost two cross-thread wake-ups per read;
@@ -56,12 +59,16 @@ type Lists<C> = HashMap<Key, Vec<(C, Instant)>>;
 
 pub struct Pool<C> {
     shards: Vec<Mutex<Lists<C>>>,
+    /// The longest a connection may idle, as the last request asked (the setting is
+    /// reloadable); `u64::MAX` until one did.
+    max_idle_ms: AtomicU64,
 }
 
 impl<C> Default for Pool<C> {
     fn default() -> Self {
         Pool {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            max_idle_ms: AtomicU64::new(u64::MAX),
         }
     }
 }
@@ -81,6 +88,33 @@ impl<C> Pool<C> {
         list.push((conn, Instant::now()));
     }
 
+    /// How long a connection may idle, as the last request asked.
+    pub fn max_idle(&self) -> Option<Duration> {
+        match self.max_idle_ms.load(Ordering::Relaxed) {
+            u64::MAX => None,
+            ms => Some(Duration::from_millis(ms)),
+        }
+    }
+
+    /// Close every connection that has idled for the longest a request last allowed; how many.
+    pub fn sweep(&self) -> usize {
+        let Some(max_idle) = self.max_idle() else {
+            return 0;
+        };
+        let mut closed = Vec::new();
+        for shard in &self.shards {
+            let mut lists = shard.lock().unwrap();
+            for list in lists.values_mut() {
+                // Oldest first: the expired ones are a prefix.
+                let expired = list.partition_point(|(_, since)| since.elapsed() >= max_idle);
+                closed.extend(list.drain(..expired).map(|(conn, _)| conn));
+            }
+            lists.retain(|_, list| !list.is_empty());
+        }
+        // Closed outside the locks.
+        closed.len()
+    }
+
     /// Idle connections for `key` (for tests).
     pub fn idle(&self, key: Key) -> usize {
         self.shard(key)
@@ -95,6 +129,10 @@ impl<C: Idle> Pool<C> {
     /// The most recently released connection for `key` that is younger than `max_idle` (and,
     /// with `check`, still open), if any; older ones are closed on the way.
     pub fn take(&self, key: Key, max_idle: Duration, check: bool) -> Option<C> {
+        let ms = u64::try_from(max_idle.as_millis()).unwrap_or(u64::MAX - 1);
+        if self.max_idle_ms.load(Ordering::Relaxed) != ms {
+            self.max_idle_ms.store(ms, Ordering::Relaxed);
+        }
         loop {
             let mut conn = {
                 let mut idle = self.shard(key).lock().unwrap();
@@ -180,6 +218,24 @@ mod tests {
         let pool = Pool::default();
         pool.put(key(addr()), fake(1));
         assert!(pool.take(key(addr()), Duration::ZERO, true).is_none());
+        assert_eq!(pool.idle(key(addr())), 0);
+    }
+
+    #[test]
+    fn a_sweep_closes_what_idled_past_the_last_requests_limit_and_keeps_the_rest() {
+        let pool = Pool::default();
+        pool.put(key(addr()), fake(1));
+        assert_eq!(pool.sweep(), 0, "no limit before a request set one");
+        assert!(pool.take(key(addr()), LONG, false).is_some());
+        pool.put(key(addr()), fake(2));
+        pool.put(key(addr()), fake(3));
+        assert_eq!(pool.sweep(), 0, "younger than a minute");
+        assert_eq!(pool.idle(key(addr())), 2);
+        // A reload shortened the limit: the next request's limit is the sweep's.
+        assert!(pool.take(key(addr()), Duration::ZERO, false).is_none());
+        pool.put(key(addr()), fake(4));
+        assert_eq!(pool.max_idle(), Some(Duration::ZERO));
+        assert_eq!(pool.sweep(), 1);
         assert_eq!(pool.idle(key(addr())), 0);
     }
 

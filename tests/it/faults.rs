@@ -1054,3 +1054,43 @@ async fn client_that_stops_reading_does_not_hold_a_runtime_stream_past_the_timeo
     assert!(settled(&h, Duration::from_secs(2)).await);
     drop(conn);
 }
+
+/// After a burst, the runtime connections the proxy kept for reuse are closed once they idle
+/// past `runtime.pool_idle_timeout_ms`, with no request coming to notice: each one holds a
+/// descriptor here and a worker at the runtime. On both paths to the runtime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bursts_pooled_runtime_connections_close_once_idle_without_another_request() {
+    for lean in [true, false] {
+        let h = Harness::new()
+            .config(move |c| {
+                c.server.lean_runtime = lean;
+                c.runtime.pool_idle_timeout_ms = 200;
+                // No health check comes to reuse (or close) a pooled connection meanwhile.
+                c.runtime.health_interval_ms = 3_600_000;
+            })
+            .start()
+            .await;
+        let chats: Vec<_> = (0..4)
+            .map(|i| {
+                let addr = h.proxy_addr;
+                tokio::spawn(async move {
+                    chat_within(addr, "org-a", &format!("burst-{i}"), Duration::from_secs(5)).await
+                })
+            })
+            .collect();
+        for r in futures_all(chats).await {
+            assert!(
+                r.as_ref().is_some_and(is_runtime_stream),
+                "lean {lean}: {r:?}"
+            );
+        }
+        let made = h.runtime.connections();
+        assert!(made >= 1);
+        assert!(
+            h.runtime
+                .wait_for_idle_closes(made, Duration::from_secs(3))
+                .await,
+            "lean {lean}: {made} runtime connections made, still open after 3 s idle"
+        );
+    }
+}

@@ -141,6 +141,8 @@ struct Tally {
     unanswered_hang_ups: AtomicUsize,
     /// Body bytes written by `Send` and `Repeat` steps.
     bytes_sent: AtomicU64,
+    /// Connections the proxy closed while they waited for a request (idle keep-alives).
+    idle_closes: tokio::sync::watch::Sender<usize>,
 }
 
 type Handler = dyn Fn(&Received) -> Reply + Send + Sync;
@@ -240,6 +242,13 @@ impl Upstream {
     pub fn unanswered_hang_ups(&self) -> usize {
         self.tally.unanswered_hang_ups.load(Ordering::SeqCst)
     }
+    /// Wait up to `within` until the proxy has closed at least `n` connections that were
+    /// waiting for their next request; whether it did.
+    pub async fn wait_for_idle_closes(&self, n: usize, within: Duration) -> bool {
+        let mut closes = self.tally.idle_closes.subscribe();
+        let reached = tokio::time::timeout(within, closes.wait_for(|c| *c >= n)).await;
+        reached.is_ok()
+    }
     /// Wait up to `within` until the proxy has hung up on at least `n` answers; whether it did.
     pub async fn wait_for_hang_ups(&self, n: usize, within: Duration) -> bool {
         let mut hang_ups = self.tally.hang_ups.subscribe();
@@ -324,6 +333,7 @@ impl Conn {
                 }
             }
         }
+        self.tally.idle_closes.send_modify(|c| *c += 1);
     }
 
     async fn answer(
