@@ -1306,11 +1306,9 @@ fn check_orgs(key: &str, orgs: &[String]) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// The smallest valid config, ending inside `[runtime]`: tests add to it.
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const MINIMAL: &str = r#"
+pub const MINIMAL: &str = r#"
 [server]
 listen = "127.0.0.1:8080"
 [legacy]
@@ -1318,6 +1316,10 @@ address = "127.0.0.1:3001"
 [runtime]
 address = "runtime:8000"
 "#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
 
     fn err_key(text: &str) -> String {
         Config::parse(text).unwrap_err().key
