@@ -3,7 +3,7 @@
 //! Parsing is strict (unknown keys are errors) and every error names the offending key, so
 //! `cutover-proxy check` can answer like `nginx -t`. Nothing here does I/O beyond reading the file;
 //! the environment variables the file names (secrets) are read where they are used
-//! (`identity::Verifier::from_env`, `app::state::Active::new`).
+//! (`identity::Verifier::from_env`, `state::Active::new`).
 
 use std::fmt;
 use std::path::Path;
