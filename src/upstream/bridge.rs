@@ -354,7 +354,6 @@ impl Bridge {
                 target,
                 who,
                 route,
-                "POST",
                 &path,
                 Some(&body),
                 bridge::parse_created_id,
@@ -380,8 +379,7 @@ impl Bridge {
         let route = Route::DeleteSession;
         let path = bridge::session_delete_url(&target.config, session_id)
             .map_err(|_| self.invalid_id(route))?;
-        self.call(target, who, route, "DELETE", &path, None, |_| Ok(()))
-            .await
+        self.call(target, who, route, &path, None, |_| Ok(())).await
     }
 
     /// `POST messages_path` with a body from `core::bridge` (user or assistant message); the
@@ -400,7 +398,6 @@ impl Bridge {
             target,
             who,
             route,
-            "POST",
             &path,
             Some(body),
             bridge::parse_created_id,
@@ -642,7 +639,6 @@ impl Bridge {
                 &target,
                 &who,
                 route,
-                "POST",
                 &path,
                 Some(&body),
                 bridge::parse_created_id,
@@ -662,7 +658,7 @@ impl Bridge {
         let route = Route::ReadBack;
         let path =
             bridge::messages_url(&target.config, session_id).map_err(|_| self.invalid_id(route))?;
-        self.call(target, who, route, "GET", &path, None, |b| {
+        self.call(target, who, route, &path, None, |b| {
             bridge::find_saved(b, &save.shape, save.after.as_deref())
         })
         .await
@@ -779,7 +775,7 @@ impl Bridge {
             return Ok(value);
         }
         let value = self
-            .call(target, who, read.route, "GET", &path, None, read.parse)
+            .call(target, who, read.route, &path, None, read.parse)
             .await?;
         self.store(read, key, value.clone());
         Ok(value)
@@ -796,7 +792,7 @@ impl Bridge {
             bridge::messages_url(&target.config, session_id).map_err(|_| self.invalid_id(route))?;
         // The current message is the conversation's last entry: `history_limit` in all.
         let keep = target.config.history_limit.saturating_sub(1);
-        self.call(target, who, route, "GET", &path, None, |b| {
+        self.call(target, who, route, &path, None, |b| {
             bridge::parse_messages(b, keep)
         })
         .await
@@ -837,21 +833,19 @@ impl Bridge {
         BridgeError::refused(route, None, "id is not a safe id; not sent to legacy")
     }
 
-    /// One call, bounded by `timeout_ms`, its answer parsed by `parse`, counted by route and
-    /// result.
-    #[allow(clippy::too_many_arguments)]
+    /// One call (with the route's method), bounded by `timeout_ms`, its answer parsed by
+    /// `parse`, counted by route and result.
     async fn call<T>(
         &self,
         target: &Target,
         who: &Credentials,
         route: Route,
-        method: &str,
         path: &str,
         body: Option<&[u8]>,
         parse: impl FnOnce(&[u8]) -> Result<T, BadAnswer>,
     ) -> Result<T, BridgeError> {
         let timeout = target.config.timeout();
-        self.call_within(timeout, target, who, route, method, path, body, parse)
+        self.call_within(timeout, target, who, route, path, body, parse)
             .await
     }
 
@@ -863,13 +857,12 @@ impl Bridge {
         target: &Target,
         who: &Credentials,
         route: Route,
-        method: &str,
         path: &str,
         body: Option<&[u8]>,
         parse: impl FnOnce(&[u8]) -> Result<T, BadAnswer>,
     ) -> Result<T, BridgeError> {
         let started = Instant::now();
-        let request = encode(target, who, method, path, body);
+        let request = encode(target, who, route.method(), path, body);
         let result = match tokio::time::timeout(timeout, self.exchange(target, &request)).await {
             Err(_) => Err(BridgeError::unavailable(
                 route,
