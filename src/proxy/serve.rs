@@ -432,6 +432,7 @@ impl CutoverProxy {
                     .finish_detached
                     .then_some(bridge_config.max_detached),
             }),
+            rescue: None,
         };
         match relay::relay(session, stream, args).await {
             Relayed::Served(report) => {
@@ -495,6 +496,7 @@ impl CutoverProxy {
             first_write: Some(req.started.elapsed()),
             events: 1,
             bytes,
+            rescued: None,
         });
     }
 
@@ -525,6 +527,7 @@ impl CutoverProxy {
             first_write: Some(req.started.elapsed()),
             events: 1,
             bytes,
+            rescued: None,
         });
     }
 
