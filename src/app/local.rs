@@ -12,10 +12,10 @@ use tokio::sync::watch;
 use super::accept::accept_loop;
 use crate::core::config::Config;
 use crate::ops::admin::{AdminApp, MetricsApp};
-use crate::ops::prometheus::PlainGet;
+use crate::ops::prometheus::UpstreamGet;
 use crate::ops::{fleet, health, reload};
 use crate::proxy::front_door::{ConnectionCount, FrontDoor};
-use crate::proxy::CutoverProxy;
+use crate::proxy::{ChatService, CutoverProxy};
 use crate::state::Shared;
 
 /// The services on ephemeral loopback ports, inside the current tokio runtime.
@@ -34,10 +34,11 @@ impl LocalServer {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let server_conf = Arc::new(ServerConf::default());
 
-        let proxy = pingora::proxy::http_proxy(&server_conf, CutoverProxy::new(shared.clone()));
+        let chats = Arc::new(ChatService::new(shared.clone()));
+        let proxy = pingora::proxy::http_proxy(&server_conf, CutoverProxy::new(chats.clone()));
         let proxy = Arc::new(FrontDoor::new(
             proxy,
-            shared.clone(),
+            chats,
             Arc::new(ConnectionCount::default()),
         ));
         let proxy_addr = serve(proxy, shutdown_rx.clone()).await?;
@@ -51,7 +52,7 @@ impl LocalServer {
         tokio::spawn(health::run(shared.clone(), shutdown_rx.clone()));
         tokio::spawn(fleet::run(
             shared.clone(),
-            Arc::new(PlainGet),
+            Arc::new(UpstreamGet::new()),
             shutdown_rx.clone(),
         ));
         if let Some(path) = config_path {

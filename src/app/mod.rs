@@ -31,7 +31,7 @@ use crate::core::config::Config;
 use crate::ops::admin::{AdminApp, MetricsApp};
 use crate::ops::{fleet, health, reload};
 use crate::proxy::front_door::{ConnectionCount, FrontDoor};
-use crate::proxy::CutoverProxy;
+use crate::proxy::{ChatService, CutoverProxy};
 use crate::state::Shared;
 use accept::accept_loop;
 use drain::{DrainOnSigterm, PINGORA_GRACE_SECS};
@@ -52,7 +52,7 @@ impl BackgroundService for FleetService {
     async fn start(&self, shutdown: watch::Receiver<bool>) {
         fleet::run(
             self.0.clone(),
-            Arc::new(crate::ops::prometheus::PlainGet),
+            Arc::new(crate::ops::prometheus::UpstreamGet::new()),
             shutdown,
         )
         .await
@@ -164,15 +164,17 @@ pub fn run(config_path: PathBuf, config: Config) -> ! {
     // connection's idle watcher, to a random thread: cross-thread wake-ups on most requests.
     // `server.max_connections` counts the connections of every worker.
     let open = Arc::new(ConnectionCount::default());
+    // One chat service for every worker, on both of its paths.
+    let chats = Arc::new(ChatService::new(shared.clone()));
     for (i, listen) in worker_listen_addresses(&config.server.listen, config.server.threads)
         .into_iter()
         .enumerate()
     {
         let proxy =
-            pingora::proxy::http_proxy(&server.configuration, CutoverProxy::new(shared.clone()));
+            pingora::proxy::http_proxy(&server.configuration, CutoverProxy::new(chats.clone()));
         let mut front = Service::new(
             format!("cutover-proxy-{i}"),
-            FrontDoor::new(proxy, shared.clone(), open.clone()),
+            FrontDoor::new(proxy, chats.clone(), open.clone()),
         );
         front.threads = Some(1);
         let mut socket = TcpSocketOptions::default();

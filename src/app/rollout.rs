@@ -14,7 +14,7 @@ use crate::core::rollout::{
     FleetQueries,
 };
 use crate::core::scorecard::Thresholds;
-use crate::ops::prometheus::{query, PlainGet};
+use crate::ops::prometheus::{query, UpstreamGet};
 
 /// Deadline of each query.
 const QUERY_DEADLINE: Duration = Duration::from_secs(15);
@@ -37,7 +37,7 @@ fn read_fleet(prometheus: &str, selector: &str, config: &Config) -> Result<Fleet
         let get = |promql: String| {
             let url = url.clone();
             async move {
-                query(&PlainGet, &url, &promql, QUERY_DEADLINE)
+                query(&UpstreamGet::new(), &url, &promql, QUERY_DEADLINE)
                     .await
                     .map_err(|e| format!("{promql}: {e}"))
             }

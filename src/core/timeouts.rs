@@ -87,6 +87,8 @@ impl Stage {
 pub enum UpstreamName {
     Legacy,
     Runtime,
+    /// The fleet signal's Prometheus (its timeouts are the fleet's own, not a labelled series).
+    Prometheus,
 }
 
 impl UpstreamName {
@@ -96,6 +98,7 @@ impl UpstreamName {
         match self {
             UpstreamName::Legacy => "legacy",
             UpstreamName::Runtime => "runtime",
+            UpstreamName::Prometheus => "prometheus",
         }
     }
 }

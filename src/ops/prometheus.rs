@@ -3,17 +3,18 @@
 //!
 //! The transport is one small trait, [`HttpGet`] (GET a path from a host within a deadline: the
 //! status and the whole body), so the query code does not care how connections are made.
-//! [`PlainGet`] is the plain implementation: one connection per request over tokio, the response
-//! read with the runtime client's own HTTP/1 parser (`core::h1`), the body capped.
+//! [`UpstreamGet`] is the implementation: the house's one upstream client (`upstream::Upstream`,
+//! as for legacy and the runtime) under the fleet's own deadline, the body capped.
 
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
-use crate::core::h1::{self, BodyDecoder};
+use crate::core::h1;
 use crate::core::prometheus::{parse_vector, HttpUrl, Sample};
+use crate::upstream::{
+    BodyFailure, Call, Failure, Tcp, TimeoutCounters, Timeouts, Upstream, UpstreamName,
+};
 
 /// Largest answer read: a fleet's per-org series are a few hundred kilobytes at most.
 pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
@@ -29,90 +30,75 @@ pub trait HttpGet: Send + Sync {
     ) -> Result<(u16, Vec<u8>), String>;
 }
 
-/// One connection per request, `Connection: close`.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct PlainGet;
+/// GETs through the house's one upstream client (`upstream::Upstream`), one connection per
+/// request (`Connection: close`: a poll every few seconds needs no pool), everything within the
+/// caller's deadline: the connection, the head, each read of the body, and the whole exchange.
+pub struct UpstreamGet {
+    upstream: Upstream,
+}
+
+impl UpstreamGet {
+    pub fn new() -> UpstreamGet {
+        let counters = TimeoutCounters::unregistered(UpstreamName::Prometheus);
+        UpstreamGet {
+            upstream: Upstream::new(Tcp, counters),
+        }
+    }
+}
+
+impl Default for UpstreamGet {
+    fn default() -> Self {
+        UpstreamGet::new()
+    }
+}
 
 #[async_trait]
-impl HttpGet for PlainGet {
+impl HttpGet for UpstreamGet {
     async fn get(
         &self,
         url: &HttpUrl,
         path_and_query: &str,
         deadline: Duration,
     ) -> Result<(u16, Vec<u8>), String> {
+        let late = || format!("no answer within {} ms", deadline.as_millis());
+        let authority = url.authority();
+        let timeouts = Timeouts {
+            connect: deadline,
+            response: deadline,
+            idle: deadline,
+            pool_idle: deadline,
+        };
+        let call = Call::new(&authority, timeouts);
+        let request = h1::encode_request(
+            "GET",
+            path_and_query,
+            &[
+                ("host", authority.as_bytes()),
+                ("accept", b"application/json"),
+                ("user-agent", b"cutover-proxy"),
+                ("connection", b"close"),
+            ],
+            b"",
+        );
         let exchange = async {
-            let authority = url.authority();
-            let mut tcp = TcpStream::connect(authority.as_str())
-                .await
-                .map_err(|e| format!("connect to {authority}: {e}"))?;
-            let request = h1::encode_request(
-                "GET",
-                path_and_query,
-                &[
-                    ("host", authority.as_bytes()),
-                    ("accept", b"application/json"),
-                    ("user-agent", b"cutover-proxy"),
-                    ("connection", b"close"),
-                ],
-                b"",
-            );
-            tcp.write_all(&request)
-                .await
-                .map_err(|e| format!("send: {e}"))?;
-            read_response(&mut tcp).await
+            let response = match self.upstream.send(&call, &request).await {
+                Ok(response) => response,
+                Err(Failure::Silent(_)) => return Err(late()),
+                Err(Failure::Unreachable(why)) => {
+                    return Err(format!("connect to {authority}: {why}"))
+                }
+                Err(e) => return Err(format!("{authority}: {e}")),
+            };
+            let status = response.status();
+            match response.into_body().read_to_end(MAX_BODY_BYTES).await {
+                Ok(body) => Ok((status, body)),
+                Err(BodyFailure::Silent(_)) => Err(late()),
+                Err(e) => Err(e.to_string()),
+            }
         };
         tokio::time::timeout(deadline, exchange)
             .await
-            .map_err(|_| format!("no answer within {} ms", deadline.as_millis()))?
-    }
-}
-
-async fn read_response(tcp: &mut TcpStream) -> Result<(u16, Vec<u8>), String> {
-    let mut buf = Vec::with_capacity(8 * 1024);
-    let head = loop {
-        if let Some(head) = h1::parse_head(&buf, false).map_err(|e| e.to_string())? {
-            break head;
-        }
-        if tcp
-            .read_buf(&mut buf)
-            .await
-            .map_err(|e| format!("read: {e}"))?
-            == 0
-        {
-            return Err("connection closed before the response head".into());
-        }
-    };
-    let mut decoder = BodyDecoder::new(head.framing);
-    let mut body = Vec::new();
-    let mut pending = buf.split_off(head.len);
-    loop {
-        let mut too_big = false;
-        let used = decoder
-            .decode(&pending, |piece| {
-                if body.len() + piece.len() > MAX_BODY_BYTES {
-                    too_big = true;
-                } else {
-                    body.extend_from_slice(piece);
-                }
-            })
-            .map_err(|e| e.to_string())?;
-        if too_big {
-            return Err(format!("answer larger than {MAX_BODY_BYTES} bytes"));
-        }
-        pending.drain(..used);
-        if decoder.is_done() {
-            return Ok((head.status, body));
-        }
-        if tcp
-            .read_buf(&mut pending)
-            .await
-            .map_err(|e| format!("read: {e}"))?
-            == 0
-        {
-            decoder.eof().map_err(|e| e.to_string())?;
-            return Ok((head.status, body));
-        }
+            .map_err(|_| late())?
     }
 }
 
@@ -168,6 +154,7 @@ pub async fn query(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
     /// A one-shot server that answers every connection with `answer`, after `delay`.
@@ -201,7 +188,7 @@ mod tests {
     #[tokio::test]
     async fn a_query_reads_the_vector() {
         let url = serve(answer("200 OK", VECTOR), Duration::ZERO).await;
-        let s = query(&PlainGet, &url, "up", Duration::from_secs(2))
+        let s = query(&UpstreamGet::new(), &url, "up", Duration::from_secs(2))
             .await
             .unwrap();
         assert_eq!(s[0].value, 42.0);
@@ -221,13 +208,13 @@ mod tests {
             Duration::ZERO,
         )
         .await;
-        let s = query(&PlainGet, &url, "1", Duration::from_secs(2))
+        let s = query(&UpstreamGet::new(), &url, "1", Duration::from_secs(2))
             .await
             .unwrap();
         assert_eq!(s[0].value, 7.0);
         let close: &[u8] = b"HTTP/1.0 200 OK\r\n\r\n{\"status\":\"success\",\"data\":{\"resultType\":\"scalar\",\"result\":[1,\"8\"]}}";
         let url = serve(close, Duration::ZERO).await;
-        let s = query(&PlainGet, &url, "1", Duration::from_secs(2))
+        let s = query(&UpstreamGet::new(), &url, "1", Duration::from_secs(2))
             .await
             .unwrap();
         assert_eq!(s[0].value, 8.0);
@@ -240,13 +227,13 @@ mod tests {
         let port = closed.local_addr().unwrap().port();
         drop(closed);
         let url = HttpUrl::parse(&format!("http://127.0.0.1:{port}")).unwrap();
-        let e = query(&PlainGet, &url, "up", Duration::from_secs(2))
+        let e = query(&UpstreamGet::new(), &url, "up", Duration::from_secs(2))
             .await
             .unwrap_err();
         assert_eq!(e.kind(), "unavailable", "{e}");
         // Slower than the deadline.
         let url = serve(answer("200 OK", VECTOR), Duration::from_millis(500)).await;
-        let e = query(&PlainGet, &url, "up", Duration::from_millis(50))
+        let e = query(&UpstreamGet::new(), &url, "up", Duration::from_millis(50))
             .await
             .unwrap_err();
         assert_eq!(e, QueryError::Unavailable("no answer within 50 ms".into()));
@@ -256,19 +243,19 @@ mod tests {
             Duration::ZERO,
         )
         .await;
-        let e = query(&PlainGet, &url, "up", Duration::from_secs(2))
+        let e = query(&UpstreamGet::new(), &url, "up", Duration::from_secs(2))
             .await
             .unwrap_err();
         assert_eq!(e.kind(), "unavailable");
         // A page that is not Prometheus', and a refused query.
         let url = serve(answer("200 OK", "<html>"), Duration::ZERO).await;
-        let e = query(&PlainGet, &url, "up", Duration::from_secs(2))
+        let e = query(&UpstreamGet::new(), &url, "up", Duration::from_secs(2))
             .await
             .unwrap_err();
         assert_eq!(e.kind(), "invalid");
         let refused = r#"{"status":"error","errorType":"bad_data","error":"parse error"}"#;
         let url = serve(answer("400 Bad Request", refused), Duration::ZERO).await;
-        let e = query(&PlainGet, &url, "up(", Duration::from_secs(2))
+        let e = query(&UpstreamGet::new(), &url, "up(", Duration::from_secs(2))
             .await
             .unwrap_err();
         assert!(e.detail().ends_with("(bad_data): parse error"), "{e}");
@@ -278,7 +265,7 @@ mod tests {
             Duration::ZERO,
         )
         .await;
-        let e = query(&PlainGet, &url, "up", Duration::from_secs(2))
+        let e = query(&UpstreamGet::new(), &url, "up", Duration::from_secs(2))
             .await
             .unwrap_err();
         assert!(e.detail().contains("connection closed"), "{e}");

@@ -10,7 +10,7 @@ use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use pingora::{Error, ErrorType, Result};
 
-use super::CutoverProxy;
+use super::service::ChatService;
 use crate::core::files;
 use crate::runtime::files::{fetch, RuntimeFile};
 use crate::runtime::respond::apply_cors;
@@ -19,7 +19,7 @@ use crate::state::Active;
 /// Why a file request was not served; for the log, never for the client.
 type Refused = &'static str;
 
-impl CutoverProxy {
+impl ChatService {
     /// Answer a request on the files route; always answered here, never passed to legacy.
     pub(super) async fn serve_file(&self, session: &mut Session, active: &Active) -> Result<bool> {
         let file = match self.open_file(session, active).await {

@@ -52,7 +52,7 @@ use crate::core::chunked::ChunkedValidator;
 use crate::core::config::Config;
 use crate::core::request_head::{self, refusal_response, Framing, Head, Refusal};
 use crate::proxy::ctx::Handover;
-use crate::proxy::CutoverProxy;
+use crate::proxy::service::ChatService;
 use crate::state::Shared;
 use crate::upstream::{Silence, Stage, UpstreamName};
 
@@ -123,24 +123,25 @@ impl Limits {
 }
 
 /// The front door of one worker.
-pub struct FrontDoor {
-    proxy: Arc<HttpProxy<CutoverProxy>>,
-    /// The same proxy logic, for the chats the front door serves itself.
-    chats: CutoverProxy,
+/// `P`: Pingora's proxy logic (`CutoverProxy`), for the requests handed over to it.
+pub struct FrontDoor<P> {
+    proxy: Arc<HttpProxy<P>>,
+    /// The chat service Pingora's path holds too, for the chats the front door serves itself.
+    chats: Arc<ChatService>,
     shared: Arc<Shared>,
     open: Arc<ConnectionCount>,
 }
 
-impl FrontDoor {
+impl<P> FrontDoor<P> {
     pub fn new(
-        proxy: HttpProxy<CutoverProxy>,
-        shared: Arc<Shared>,
+        proxy: HttpProxy<P>,
+        chats: Arc<ChatService>,
         open: Arc<ConnectionCount>,
-    ) -> FrontDoor {
+    ) -> FrontDoor<P> {
         FrontDoor {
             proxy: Arc::new(proxy),
-            chats: CutoverProxy::new(shared.clone()),
-            shared,
+            shared: chats.shared.clone(),
+            chats,
             open,
         }
     }
@@ -167,7 +168,11 @@ enum NoHead {
 }
 
 #[async_trait]
-impl ServerApp for FrontDoor {
+impl<P> ServerApp for FrontDoor<P>
+where
+    P: pingora::proxy::ProxyHttp + Send + Sync + 'static,
+    P::CTX: Send + Sync,
+{
     async fn process_new(
         self: &Arc<Self>,
         stream: Stream,
@@ -224,7 +229,11 @@ impl ServerApp for FrontDoor {
                 continue;
             }
             let chat = active.config.server.lean_runtime.then(|| {
-                crate::core::passthrough::chat_head(&io.buf, &head, crate::proxy::REPLAY_LIMIT)
+                crate::core::passthrough::chat_head(
+                    &io.buf,
+                    &head,
+                    crate::proxy::serve::REPLAY_LIMIT,
+                )
             });
             if let Some(Some(chat)) = chat {
                 match chat::serve(&self.chats, active, &mut io, head, chat, shutdown).await {

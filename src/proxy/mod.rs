@@ -1,10 +1,12 @@
-//! The Pingora glue: one `ProxyHttp` whose callbacks call into the pure modules.
+//! The proxy's two doors onto one chat service.
 //!
-//! `request_filter` decides the mode of a chat request and, on the runtime path, answers it itself
-//! (`serve`); everything else (legacy chat, failover, every other route) is proxied to legacy
-//! untouched by Pingora. `logging` is the one place where outcomes are counted (`record`).
-//! In front of it all, `front_door` reads each request head itself, bounded and strict, and
-//! hands the connection to Pingora one request at a time.
+//! `front_door` reads each request head itself, bounded and strict: a chat routed to the runtime
+//! it serves on its own connection (`ChatService::serve_chat`), a plain request it forwards on
+//! its lean path, and anything else it hands to Pingora one request at a time. Pingora's
+//! `ProxyHttp` (`CutoverProxy`) serves what it is handed: its `request_filter` calls the same
+//! `ChatService` for chats that reach it (odd request shapes, a lean path turned off), proxies
+//! legacy chats, failovers and every other route to legacy, and `logging` counts each chat once
+//! (`ChatService::record`).
 
 mod ctx;
 mod files;
@@ -14,6 +16,7 @@ mod peer;
 mod record;
 mod respond;
 mod serve;
+mod service;
 mod session;
 
 use std::sync::Arc;
@@ -27,8 +30,7 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
 use crate::core::config::Mode;
-use crate::core::identity::Unverified;
-use crate::core::routing::{chat_route, gate, ChatRoute, Gated};
+use crate::core::routing::chat_route;
 use crate::core::scorecard::{Coding, DecodingObserver};
 use crate::state::in_flight::InFlight;
 use crate::state::Shared;
@@ -37,115 +39,29 @@ use crate::upstream::{Silence, Stage, UpstreamName};
 use crate::runtime::downstream::Downstream;
 use crate::runtime::respond::{apply_cors, respond_json};
 pub use ctx::RequestCtx;
-use ctx::{ChatCtx, Handover, LegacyHalf, ProbeGuard, Served};
-use respond::Rejection;
-use serve::{content_length, RuntimePath};
+use ctx::{Handover, Served};
+use record::Finish;
+use service::Chat;
+pub use service::ChatService;
 
-/// Largest body Pingora can replay to legacy when the runtime fails before its first byte.
-pub const REPLAY_LIMIT: usize = 64 * 1024;
+pub use serve::REPLAY_LIMIT;
 
+/// Pingora's half of the house: legacy chats, failovers and every other route, proxied; the
+/// chats it routes to the runtime and the file links, answered by the [`ChatService`] it shares
+/// with the front door.
 pub struct CutoverProxy {
-    shared: Arc<Shared>,
+    chats: Arc<ChatService>,
 }
 
 impl CutoverProxy {
-    pub fn new(shared: Arc<Shared>) -> Self {
-        CutoverProxy { shared }
+    pub fn new(chats: Arc<ChatService>) -> Self {
+        CutoverProxy { chats }
     }
 
-    fn request_ctx(&self, active: Arc<crate::state::Active>, started: Instant) -> RequestCtx {
-        RequestCtx {
-            started,
-            _guard: self.shared.requests.enter(),
-            active,
-            chat: None,
-        }
+    fn shared(&self) -> &Shared {
+        &self.chats.shared
     }
 
-    /// A chat request, on either connection: who asks, how it is routed, and on the runtime path
-    /// its whole service.
-    async fn serve_chat<D: Downstream>(
-        &self,
-        session: &mut D,
-        ctx: &mut RequestCtx,
-        route: &ChatRoute,
-    ) -> Result<Chat> {
-        let active = ctx.active.clone();
-        let identity = active.verifier.identify(&session.req_header().headers);
-        if let Err(u) = identity {
-            self.shared
-                .metrics
-                .unverified_total
-                .with_label_values(&[u.as_str()])
-                .inc();
-            if u == Unverified::NoSecret {
-                tracing::warn!(
-                    env = %active.config.identity.jwt_secret_env,
-                    "no JWT secret configured: every chat request goes to legacy"
-                );
-            }
-        }
-        let org = identity.as_ref().map(|c| c.org_id.as_str()).map_err(|u| *u);
-        let breaker = &self.shared.breaker;
-        let Gated { decision, probe } = gate(
-            active.rollout.decide_identified(org),
-            breaker.state(),
-            || breaker.admit(),
-        );
-        let probe = ProbeGuard::new(&self.shared, probe);
-        let started = ctx.started;
-        let chat = ctx
-            .chat
-            .insert(ChatCtx::new(identity.ok(), decision, probe));
-        chat.request_id = serve::caller_request_id(session).map(str::to_string);
-        chat.cors = active.cors_for(&session.req_header().headers);
-
-        let limit = active.config.limits.max_chat_body_bytes;
-        if content_length(session).is_some_and(|n| n > limit) {
-            let msg = format!("chat request body exceeds {limit} bytes");
-            self.refuse(session, chat, Rejection::TooLarge, &msg)
-                .await?;
-            return Ok(Chat::Answered);
-        }
-        if decision.mode != Mode::RuntimeOrchestrator {
-            return Ok(Chat::Legacy { shadow: true });
-        }
-        let req = RuntimePath {
-            started,
-            active: &active,
-            chat,
-            route,
-        };
-        Ok(match self.serve_runtime(session, req).await? {
-            true => Chat::Answered,
-            false => Chat::Legacy { shadow: false },
-        })
-    }
-
-    /// A legacy chat, perhaps mirrored to the runtime (`maybe_shadow`).
-    async fn shadow_legacy(
-        &self,
-        session: &mut Session,
-        ctx: &mut RequestCtx,
-        route: &ChatRoute,
-    ) -> Result<()> {
-        let Some(chat) = ctx.chat.as_mut() else {
-            return Ok(());
-        };
-        let caller = chat.caller.clone();
-        let pair = self
-            .maybe_shadow(session, &ctx.active, route, caller)
-            .await?;
-        chat.shadow = pair.map(|pair| LegacyHalf {
-            pair,
-            observer: DecodingObserver::new(Coding::Identity),
-            unreadable: false,
-        });
-        Ok(())
-    }
-}
-
-impl CutoverProxy {
     /// Legacy's own CORS answer to a chat against what `[cors]` gives the proxy's answers to the
     /// same request: a difference means a browser sees another policy on the runtime path.
     fn check_cors_drift(
@@ -161,7 +77,7 @@ impl CutoverProxy {
         {
             return;
         }
-        self.shared.metrics.cors_mismatch_total.inc();
+        self.shared().metrics.cors_mismatch_total.inc();
         if !active
             .cors_drift_logged
             .swap(true, std::sync::atomic::Ordering::Relaxed)
@@ -196,7 +112,7 @@ impl CutoverProxy {
             None => return None,
         };
         tracing::warn!(stage = stage.as_str(), error = %e, "legacy fell silent");
-        self.shared
+        self.shared()
             .metrics
             .upstream_timeouts_total
             .with_label_values(&[UpstreamName::Legacy.as_str(), stage.as_str()])
@@ -205,20 +121,13 @@ impl CutoverProxy {
     }
 }
 
-/// Where a chat request went.
-enum Chat {
-    /// The proxy answered it: a runtime stream or a refusal.
-    Answered,
-    /// Legacy serves it; `shadow`: it was routed there, so a shadow copy may run.
-    Legacy { shadow: bool },
-}
-
 #[async_trait]
 impl ProxyHttp for CutoverProxy {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
-        self.request_ctx(self.shared.snapshot(), Instant::now())
+        self.chats
+            .request_ctx(self.shared().snapshot(), Instant::now())
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
@@ -233,7 +142,7 @@ impl ProxyHttp for CutoverProxy {
             } = *handover;
             *ctx = routed;
             if shadow {
-                self.shadow_legacy(session, ctx, &route).await?;
+                self.chats.shadow_legacy(session, ctx, &route).await?;
             }
             return Ok(false);
         }
@@ -244,16 +153,16 @@ impl ProxyHttp for CutoverProxy {
         let req = session.req_header();
         if req.uri.path().starts_with(crate::core::files::ROUTE_PREFIX) {
             let active = ctx.active.clone();
-            return self.serve_file(session, &active).await;
+            return self.chats.serve_file(session, &active).await;
         }
         let Some(route) = chat_route(&req.method, req.uri.path()) else {
             return Ok(false);
         };
-        match self.serve_chat(session, ctx, &route).await? {
+        match self.chats.serve_chat(session, ctx, &route).await? {
             Chat::Answered => Ok(true),
             Chat::Legacy { shadow } => {
                 if shadow {
-                    self.shadow_legacy(session, ctx, &route).await?;
+                    self.chats.shadow_legacy(session, ctx, &route).await?;
                 }
                 Ok(false)
             }
@@ -266,7 +175,7 @@ impl ProxyHttp for CutoverProxy {
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
         let addr = self
-            .shared
+            .shared()
             .resolver
             .resolve(&ctx.active.config.legacy.address)
             .await
@@ -279,7 +188,7 @@ impl ProxyHttp for CutoverProxy {
         if let Some(chat) = ctx.chat.as_mut() {
             if chat.in_flight.is_none() {
                 let gauge = self
-                    .shared
+                    .shared()
                     .metrics
                     .streams_in_flight
                     .with_label_values(&[Mode::DirectLlm.as_str()]);
@@ -350,7 +259,7 @@ impl ProxyHttp for CutoverProxy {
         chat.body_to_legacy += b.len();
         if chat.body_to_legacy > limit {
             chat.served = Served::Refused;
-            self.shared
+            self.shared()
                 .metrics
                 .rejected_total
                 .with_label_values(&["too_large"])
@@ -463,7 +372,8 @@ impl ProxyHttp for CutoverProxy {
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         let status = Downstream::status_written(session);
-        self.record(status, session.req_header().uri.path(), e, ctx);
+        let path = session.req_header().uri.path();
+        self.chats.record(status, path, Finish::of(e), ctx);
         if let Some(chat) = ctx.chat.as_mut() {
             chat.in_flight = None;
         }

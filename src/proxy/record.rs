@@ -6,23 +6,59 @@ use std::time::{Duration, Instant};
 use pingora::{Error, ErrorSource, ErrorType};
 
 use super::ctx::{ChatCtx, RequestCtx, Served};
-use super::CutoverProxy;
+use super::service::ChatService;
 use crate::core::config::Mode;
 use crate::core::scorecard::PathSample;
 use crate::core::stats::{outcome_label, Outcome};
 use crate::upstream::Silence;
 
-impl CutoverProxy {
+/// How the connection's part of a request ended, as the count reads it. The connection's own
+/// errors are translated into it where they arise (Pingora's by `CutoverProxy`), so a chat that
+/// never met Pingora is counted without one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// No error: the response status says how it went.
+    Clean,
+    /// The client went away (or failed) first: nobody's outcome.
+    ClientGone,
+    /// Legacy passed one of its deadlines.
+    TimedOut,
+    /// Anything else failed.
+    Failed,
+}
+
+impl Finish {
+    /// How a request carried by Pingora (or failed with one of its errors) ended.
+    pub(super) fn of(e: Option<&Error>) -> Finish {
+        match e {
+            None => Finish::Clean,
+            // Legacy past its head's deadline, which the client's connection reports.
+            Some(e) if Silence::in_pingora(e).is_some() => Finish::TimedOut,
+            Some(e) if e.esource() == &ErrorSource::Downstream => Finish::ClientGone,
+            Some(e)
+                if matches!(
+                    e.etype(),
+                    ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout
+                ) =>
+            {
+                Finish::TimedOut
+            }
+            Some(_) => Finish::Failed,
+        }
+    }
+}
+
+impl ChatService {
     /// Count a finished chat request: breaker, window stats, Prometheus, access log. `status`:
     /// of the response head written, 0 for none.
-    pub(super) fn record(&self, status: u16, path: &str, e: Option<&Error>, ctx: &mut RequestCtx) {
+    pub(super) fn record(&self, status: u16, path: &str, finish: Finish, ctx: &mut RequestCtx) {
         let Some(chat) = ctx.chat.as_mut() else {
             return;
         };
         let now = Instant::now();
         let total = ctx.started.elapsed();
         let runtime_outcome = self.record_runtime(chat, total, now);
-        let direct_outcome = self.record_legacy(chat, status, e, total, now);
+        let direct_outcome = self.record_legacy(chat, status, finish, total, now);
         let org = chat.org();
         let decision = chat.decision;
         self.shared
@@ -87,14 +123,14 @@ impl CutoverProxy {
         &self,
         chat: &ChatCtx,
         status: u16,
-        e: Option<&Error>,
+        finish: Finish,
         total: Duration,
         now: Instant,
     ) -> Option<Outcome> {
         if !matches!(chat.served, Served::Legacy { .. }) {
             return None;
         }
-        let outcome = legacy_outcome(status, e);
+        let outcome = legacy_outcome(status, finish);
         if let Some(half) = chat.shadow.as_ref().filter(|h| h.unreadable) {
             half.pair.legacy_unreadable(&self.shared);
         } else if let Some(half) = &chat.shadow {
@@ -167,21 +203,12 @@ impl CutoverProxy {
 }
 
 /// Classify what legacy did with a chat request; `None` when the client went away.
-fn legacy_outcome(status: u16, e: Option<&Error>) -> Option<Outcome> {
-    match e {
-        // Legacy past its head's deadline, which the client's connection reports.
-        Some(e) if Silence::in_pingora(e).is_some() => Some(Outcome::Timeout),
-        Some(e) if e.esource() == &ErrorSource::Downstream => None,
-        Some(e)
-            if matches!(
-                e.etype(),
-                ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout
-            ) =>
-        {
-            Some(Outcome::Timeout)
-        }
-        Some(_) => Some(Outcome::Error),
-        None if status >= 500 || status == 0 => Some(Outcome::Error),
-        None => Some(Outcome::Success),
+fn legacy_outcome(status: u16, finish: Finish) -> Option<Outcome> {
+    match finish {
+        Finish::ClientGone => None,
+        Finish::TimedOut => Some(Outcome::Timeout),
+        Finish::Failed => Some(Outcome::Error),
+        Finish::Clean if status >= 500 || status == 0 => Some(Outcome::Error),
+        Finish::Clean => Some(Outcome::Success),
     }
 }

@@ -3,7 +3,7 @@
 use pingora::Result;
 
 use super::ctx::{ChatCtx, Served};
-use super::CutoverProxy;
+use super::service::ChatService;
 use crate::runtime::downstream::Downstream;
 use crate::runtime::respond::respond_json;
 
@@ -29,7 +29,7 @@ impl Rejection {
     }
 }
 
-impl CutoverProxy {
+impl ChatService {
     /// Answer a chat request the proxy refuses itself (no upstream contacted): the probe slot is
     /// freed, the refusal counted, and the JSON error carries the routing headers.
     pub(super) async fn refuse<D: Downstream>(

@@ -12,16 +12,18 @@ use pingora::proxy::Session;
 use pingora::Result;
 
 use super::ctx::{ChatCtx, Failover, Served};
+use super::ctx::{LegacyHalf, ProbeGuard, RequestCtx};
 use super::respond::Rejection;
-use super::{CutoverProxy, REPLAY_LIMIT};
+use super::service::{Chat, ChatService};
 use crate::core::breaker::State;
 use crate::core::bridge::{self, BridgeError};
 use crate::core::chat::{self, ChatBody};
 use crate::core::config::Mode;
 use crate::core::forwarded::{Forwarded, Received};
-use crate::core::identity::Caller;
+use crate::core::identity::{Caller, Unverified};
 use crate::core::ids;
-use crate::core::routing::{ChatRoute, Reason, RolloutDecision};
+use crate::core::routing::{gate, ChatRoute, Gated, Reason, RolloutDecision};
+use crate::core::scorecard::{Coding, DecodingObserver};
 use crate::core::stream::{self, End, Facts};
 use crate::runtime::connection::{self, OpenFailure, RuntimeStream};
 use crate::runtime::downstream::{BodyRead, Downstream};
@@ -30,6 +32,9 @@ use crate::runtime::respond::respond_sse_error;
 use crate::runtime::shadow::{Pair, Reading, Source};
 use crate::state::Active;
 use crate::upstream::bridge::Credentials;
+
+/// Largest body Pingora can replay to legacy when the runtime fails before its first byte.
+pub const REPLAY_LIMIT: usize = 64 * 1024;
 
 pub(super) fn content_length<D: Downstream>(session: &D) -> Option<usize> {
     session
@@ -128,7 +133,98 @@ pub(super) struct RuntimePath<'a> {
     pub route: &'a ChatRoute,
 }
 
-impl CutoverProxy {
+impl ChatService {
+    pub(super) fn request_ctx(&self, active: Arc<Active>, started: Instant) -> RequestCtx {
+        RequestCtx {
+            started,
+            _guard: self.shared.requests.enter(),
+            active,
+            chat: None,
+        }
+    }
+
+    /// A chat request, on either connection: who asks, how it is routed, and on the runtime path
+    /// its whole service.
+    pub(super) async fn serve_chat<D: Downstream>(
+        &self,
+        session: &mut D,
+        ctx: &mut RequestCtx,
+        route: &ChatRoute,
+    ) -> Result<Chat> {
+        let active = ctx.active.clone();
+        let identity = active.verifier.identify(&session.req_header().headers);
+        if let Err(u) = identity {
+            self.shared
+                .metrics
+                .unverified_total
+                .with_label_values(&[u.as_str()])
+                .inc();
+            if u == Unverified::NoSecret {
+                tracing::warn!(
+                    env = %active.config.identity.jwt_secret_env,
+                    "no JWT secret configured: every chat request goes to legacy"
+                );
+            }
+        }
+        let org = identity.as_ref().map(|c| c.org_id.as_str()).map_err(|u| *u);
+        let breaker = &self.shared.breaker;
+        let Gated { decision, probe } = gate(
+            active.rollout.decide_identified(org),
+            breaker.state(),
+            || breaker.admit(),
+        );
+        let probe = ProbeGuard::new(&self.shared, probe);
+        let started = ctx.started;
+        let chat = ctx
+            .chat
+            .insert(ChatCtx::new(identity.ok(), decision, probe));
+        chat.request_id = caller_request_id(session).map(str::to_string);
+        chat.cors = active.cors_for(&session.req_header().headers);
+
+        let limit = active.config.limits.max_chat_body_bytes;
+        if content_length(session).is_some_and(|n| n > limit) {
+            let msg = format!("chat request body exceeds {limit} bytes");
+            self.refuse(session, chat, Rejection::TooLarge, &msg)
+                .await?;
+            return Ok(Chat::Answered);
+        }
+        if decision.mode != Mode::RuntimeOrchestrator {
+            return Ok(Chat::Legacy { shadow: true });
+        }
+        let req = RuntimePath {
+            started,
+            active: &active,
+            chat,
+            route,
+        };
+        Ok(match self.serve_runtime(session, req).await? {
+            true => Chat::Answered,
+            false => Chat::Legacy { shadow: false },
+        })
+    }
+
+    /// A legacy chat, perhaps mirrored to the runtime (`maybe_shadow`).
+    pub(super) async fn shadow_legacy(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        route: &ChatRoute,
+    ) -> Result<()> {
+        let Some(chat) = ctx.chat.as_mut() else {
+            return Ok(());
+        };
+        let caller = chat.caller.clone();
+        let pair = self
+            .maybe_shadow(session, &ctx.active, route, caller)
+            .await?;
+        chat.shadow = pair.map(|pair| LegacyHalf {
+            pair,
+            observer: DecodingObserver::new(Coding::Identity),
+            unreadable: false,
+        });
+        Ok(())
+    }
+
     /// The runtime path: returns true when the proxy answered, false to hand over to legacy.
     pub(super) async fn serve_runtime<D: Downstream>(
         &self,

@@ -21,8 +21,9 @@ use super::{chunk, FrontStream, Phase};
 use crate::core::passthrough::ChatHead;
 use crate::core::request_head::{Framing, Head};
 use crate::proxy::ctx::Handover;
+use crate::proxy::record::Finish;
+use crate::proxy::service::{Chat, ChatService};
 use crate::proxy::session::shutdown_socket;
-use crate::proxy::{Chat, CutoverProxy};
 use crate::runtime::downstream::{BodyRead, Downstream};
 use crate::state::Active;
 
@@ -36,14 +37,14 @@ pub(super) enum Served {
 
 /// Serve the chat whose head `head` is at the front of `io`'s buffer.
 pub(super) async fn serve(
-    proxy: &CutoverProxy,
+    chats: &ChatService,
     active: Arc<Active>,
     io: &mut FrontStream,
     head: Head,
     chat: ChatHead,
     shutdown: &ShutdownWatch,
 ) -> Served {
-    let mut ctx = proxy.request_ctx(active, io.arrived);
+    let mut ctx = chats.request_ctx(active, io.arrived);
     let ChatHead {
         route,
         path,
@@ -73,7 +74,7 @@ pub(super) async fn serve(
         chunked: false,
         ended: false,
     };
-    let served = proxy.serve_chat(&mut session, &mut ctx, &route).await;
+    let served = chats.serve_chat(&mut session, &mut ctx, &route).await;
     // The access log names the path without its query, as Pingora's `uri.path()` does.
     let logged = path.split('?').next().unwrap_or_default();
     match served {
@@ -82,14 +83,14 @@ pub(super) async fn serve(
             Served::Legacy(Box::new(Handover { ctx, route, shadow }))
         }
         Ok(Chat::Answered) => {
-            proxy.record(session.status, logged, None, &mut ctx);
+            chats.record(session.status, logged, Finish::Clean, &mut ctx);
             Served::Done {
                 keep_alive: session.keep_alive && session.ended && !*shutdown.borrow(),
             }
         }
         Err(e) => {
             tracing::debug!(error = %e, "chat request failed on the front door");
-            proxy.record(session.status, logged, Some(&e), &mut ctx);
+            chats.record(session.status, logged, Finish::of(Some(&e)), &mut ctx);
             Served::Done { keep_alive: false }
         }
     }
