@@ -22,16 +22,16 @@ pub type HeaderPair<'a> = (&'a [u8], &'a [u8]);
 /// and those `Connection` names removed, the proxy credentials and the trusted org header
 /// dropped, the proxy's `X-Forwarded-*` last), without `Accept-Encoding` (a compressed answer
 /// could not be read event by event), framed by its length.
-pub fn legacy_request<'a>(
+pub fn legacy_request(
     method: &str,
     target: &str,
-    headers: impl Iterator<Item = HeaderPair<'a>> + Clone,
+    headers: &[HeaderPair],
     trusted: Option<&str>,
     forwarded: &Forwarded,
     body: &[u8],
 ) -> Vec<u8> {
     let connection_named: Vec<&[u8]> = headers
-        .clone()
+        .iter()
         .filter(|(n, _)| n.eq_ignore_ascii_case(b"connection"))
         .flat_map(|(_, v)| v.split(|b| *b == b','))
         .map(<[u8]>::trim_ascii)
@@ -42,7 +42,7 @@ pub fn legacy_request<'a>(
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in headers {
+    for &(name, value) in headers {
         let dropped = [
             "proxy-authorization",
             "proxy-authenticate",
@@ -143,11 +143,14 @@ mod tests {
     }
 
     fn request(headers: &[(&str, &str)], trusted: Option<&str>) -> String {
-        let pairs = headers.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes()));
+        let pairs: Vec<HeaderPair> = headers
+            .iter()
+            .map(|(n, v)| (n.as_bytes(), v.as_bytes()))
+            .collect();
         let bytes = legacy_request(
             "POST",
             "/api/v1/chat/sessions/s1?x=1",
-            pairs,
+            &pairs,
             trusted,
             &forwarded(),
             br#"{"message":"hi"}"#,
