@@ -137,7 +137,14 @@ impl ChatService {
             Served::Legacy { .. } => legacy_outcome(status, finish),
             // Legacy's answer relayed by the proxy: the stream's own verdict.
             Served::Rescued { report, .. } => {
-                self.count(Mode::DirectLlm, chat.org(), report.outcome, total, None, now);
+                self.count(
+                    Mode::DirectLlm,
+                    chat.org(),
+                    report.outcome,
+                    total,
+                    None,
+                    now,
+                );
                 return report.outcome;
             }
             _ => return None,
