@@ -1337,16 +1337,20 @@ def report_commit(out, w):
           f"{fmt(hold['f50'] * 1e3)} ms, {ratio:.1f}× sooner); the first content moves by "
           f"{(stream['c50'] - hold['c50']) * 1e3:+.2f} ms at p50 (it waits for the runtime either way).")
     rescued, direct = agg.get("rescued"), agg.get("direct")
-    if rescued and direct:
-        planning = 2 * gap / 1000.0
-        cost = rescued["c50"] - direct["c50"]
+    stream = agg.get("stream-bridge-off")
+    if rescued and direct and stream:
+        # The same planning ends with the text (stream) or the error (rescued) at the same point:
+        # the stream case's first content is when the runtime failed.
+        leg = rescued["c50"] - stream["c50"]
         w(f"- Rescue: legacy's first content reached the user {fmt(rescued['c50'] * 1e3)} ms after "
-          f"the request at p50, against {fmt(direct['c50'] * 1e3)} ms for a chat routed to legacy "
-          f"directly: {cost * 1e3:+.2f} ms, of which the runtime's own planning before it failed is "
-          f"{planning * 1e3:.0f} ms; the rescue itself (the failure noticed, legacy asked and its "
-          f"events rewritten into the open stream) costs **{(cost - planning) * 1e3:+.2f} ms** over "
-          f"the direct answer. Meanwhile the user had the runtime's status after "
-          f"{fmt(rescued['f50'] * 1e3)} ms.")
+          f"the request at p50, {leg * 1e3:.2f} ms after the point where the same planning's own "
+          f"text arrives ({fmt(stream['c50'] * 1e3)} ms, *stream, bridge off*), which is when "
+          f"this runtime failed. A chat routed to legacy directly has its first content after "
+          f"{fmt(direct['c50'] * 1e3)} ms: the rescue's leg (the failure noticed, the request sent "
+          f"to legacy, its events rewritten into the open stream) costs "
+          f"**{(leg - direct['c50']) * 1e3:+.2f} ms** over a direct legacy answer "
+          f"({leg / direct['c50']:.1f}× its time to first content). Meanwhile the user had the "
+          f"runtime's status after {fmt(rescued['f50'] * 1e3)} ms.")
     w("")
 
 

@@ -281,9 +281,11 @@ nginx_proxy() { # name workers port runtime_port (master_process off under callg
   wait_port "$port" $((${#UNDER[@]} ? 120 : 10)) "$name"
 }
 
-# Section 6 sets these around a call: the proxy runs under callgrind, or takes Pingora's path.
+# Section 6 sets these around a call: the proxy runs under callgrind, or takes Pingora's path;
+# section 5 keeps the breaker out of its rescues.
 UNDER=()
 LEAN_PASSTHROUGH=true
+BREAKER_MIN_REQUESTS=10
 cutover_proxy() { # name threads port runtime_port [legacy_port bridge_enabled bridge_cache_ttl_ms commit_timeout_ms pre_content]
   local name=$1 threads=$2 port=$3 rport=$4 lport=${5:-$LEGACY_PORT} bridge=${6:-false} ttl=${7:-30000}
   local commit=${8:-5000} pre=${9:-stream}
@@ -291,7 +293,7 @@ cutover_proxy() { # name threads port runtime_port [legacy_port bridge_enabled b
     "PROXY_PORT=$port" "ADMIN_PORT=$((port + 1))" "METRICS_PORT=$((port + 2))" \
     "THREADS=$threads" "LEGACY_PORT=$lport" "RUNTIME_PORT=$rport" "STREAM_PATH=$STREAM_PATH" \
     "BRIDGE_ENABLED=$bridge" "BRIDGE_CACHE_TTL_MS=$ttl" "COMMIT_TIMEOUT_MS=$commit" \
-    "PRE_CONTENT=$pre" "LEAN_PASSTHROUGH=$LEAN_PASSTHROUGH"
+    "PRE_CONTENT=$pre" "LEAN_PASSTHROUGH=$LEAN_PASSTHROUGH" "BREAKER_MIN_REQUESTS=$BREAKER_MIN_REQUESTS"
   "$PROXY_BIN" check --config "$OUT/conf/$name.toml" >/dev/null || die "$name config invalid"
   # SIGINT: Pingora's fast shutdown (SIGTERM would drain for grace_period_secs).
   start "$name" INT "${UNDER[@]}" "$PROXY_BIN" --config "$OUT/conf/$name.toml"
@@ -570,9 +572,11 @@ if section 5; then
     case $name in *-bridge-on) bridge=true lport=$BRIDGE_LEGACY_PORT ;;
                   rescued) bridge=false lport=$PLANNING_RUNTIME_PORT ;;
                   *) bridge=false lport=$BRIDGE_LEGACY_PORT ;; esac
+    case $name in rescued) BREAKER_MIN_REQUESTS=1000000000 ;; *) BREAKER_MIN_REQUESTS=10 ;; esac
     cutover_proxy "commit-$name" 1 "${COMMIT_PORT[$name]}" $PLANNING_RUNTIME_PORT "$lport" \
       "$bridge" 30000 5000 "$pre"
   done
+  BREAKER_MIN_REQUESTS=10
   # The direct legacy chats go through the rescue's proxy: its legacy is the same stand-in.
   COMMIT_PORT[direct]=${COMMIT_PORT[rescued]}
   for r in $(seq 1 "$ROUNDS"); do
