@@ -605,6 +605,8 @@ impl<'s, D: Downstream> Relay<'s, D> {
                     return true;
                 }
             };
+        // Committed: no rescue any more, and a long stream need not keep legacy's request.
+        self.args.rescue = None;
         let shared = &self.args.shared;
         let metrics = &shared.metrics.commit;
         metrics
