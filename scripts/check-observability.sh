@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Checks the operator's view of cutover-proxy: alert rules, their unit tests, the Grafana
-# dashboard and docs/metrics.md, against the series src/ops/metrics.rs registers.
+# dashboard and docs/metrics.md, against the series src/state/metrics.rs registers.
 #
 #   scripts/check-observability.sh           check (part of `make test`)
 #   scripts/check-observability.sh --write   regenerate deploy/prometheus/alerts.yaml from rules.yml
@@ -12,7 +12,7 @@
 #    rules.yml is the source; the PrometheusRule is generated from it by --write (a fixed header,
 #    then rules.yml's `groups:` indented under `spec:`), so the comparison is textual and needs no
 #    YAML library. promtool also checks the extracted spec.
-# 4. Every metric named by a rule, a dashboard query or a dashboard variable is one src/ops/metrics.rs
+# 4. Every metric named by a rule, a dashboard query or a dashboard variable is one src/state/metrics.rs
 #    registers (histograms: only their _bucket/_sum/_count series) or one a recording rule
 #    records (named level:metric:operations, each with a promql_expr_test in alerts_test.yml and
 #    a line in docs/metrics.md); dashboard queries parse as
@@ -20,7 +20,7 @@
 #    every alert has severity, summary, description and a runbook_url into docs/operations.md
 #    whose anchor exists there.
 # 5. When tests/it/metrics_exposition.rs has written <target>/metrics-exposition.txt, the names
-#    parsed from src/ops/metrics.rs match the families the running proxy exports.
+#    parsed from src/state/metrics.rs match the families the running proxy exports.
 #
 # Needs promtool (Debian's `prometheus` package; scripts/install-deps.sh test) and python3
 # (standard library only).
@@ -58,7 +58,7 @@ RULES = "deploy/prometheus/rules.yml"
 CRD = "deploy/prometheus/alerts.yaml"
 TESTS = "deploy/prometheus/alerts_test.yml"
 DASHBOARD = "deploy/grafana/dashboard.json"
-METRICS_RS = "src/ops/metrics.rs"
+METRICS_RS = "src/state/metrics.rs"
 METRICS_DOC = "docs/metrics.md"
 OPERATIONS_DOC = "docs/operations.md"
 
@@ -424,7 +424,7 @@ if os.path.exists(exposition):
     print(f"checked names against {exposition}")
 else:
     print(f"note: {exposition} not found (written by `cargo test --test it metrics_exposition`); "
-          "names checked against src/ops/metrics.rs only")
+          "names checked against src/state/metrics.rs only")
 
 if failures:
     print("\n".join("FAIL: " + f for f in failures), file=sys.stderr)

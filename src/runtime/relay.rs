@@ -1286,6 +1286,19 @@ mod tests {
         }
     }
 
+    /// The relay handed the request back with `outcome`, its detail naming `why`, and the client
+    /// got nothing at all.
+    fn failed_over(relayed: Relayed, got: Received, outcome: Outcome, why: &str) {
+        match relayed {
+            Relayed::FailOver { outcome: o, detail } => {
+                assert_eq!(o, outcome);
+                assert!(detail.contains(why), "{detail}");
+            }
+            Relayed::Served(r) => panic!("served: {r:?}"),
+        }
+        assert!(got.is_empty(), "the client got {got:?}");
+    }
+
     fn all(got: &Received) -> String {
         got.iter().map(|(_, s)| s.as_str()).collect()
     }
@@ -1343,14 +1356,7 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(5)).await;
         })
         .await;
-        match relayed {
-            Relayed::FailOver { outcome, detail } => {
-                assert_eq!(outcome, Outcome::Timeout);
-                assert!(detail.contains("800 ms"), "{detail}");
-            }
-            Relayed::Served(r) => panic!("served: {r:?}"),
-        }
-        assert!(got.is_empty(), "the client got {got:?}");
+        failed_over(relayed, got, Outcome::Timeout, "800 ms");
     }
 
     #[tokio::test(start_paused = true)]
@@ -1364,14 +1370,7 @@ mod tests {
             .await;
         })
         .await;
-        match relayed {
-            Relayed::FailOver { outcome, detail } => {
-                assert_eq!(outcome, Outcome::Error);
-                assert!(detail.contains("LLM_DOWN"), "{detail}");
-            }
-            Relayed::Served(r) => panic!("served: {r:?}"),
-        }
-        assert!(got.is_empty(), "the client got {got:?}");
+        failed_over(relayed, got, Outcome::Error, "LLM_DOWN");
     }
 
     #[tokio::test(start_paused = true)]
