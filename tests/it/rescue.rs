@@ -617,3 +617,42 @@ async fn with_the_bridge_a_rescue_saves_nothing_and_deletes_the_start_session_fi
     assert!(legacy.session(id).is_none(), "session {id} left behind");
     assert_eq!(received[served].body, start.as_bytes());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shutdown_cutoff_ends_a_rescue_as_any_stream() {
+    let h = Harness::new()
+        .runtime(failing_runtime())
+        .legacy(|_: &Received| {
+            Reply::sse(vec![
+                Step::Send(
+                    b"event: message\ndata: {\"id\":\"l1\",\"type\":\"text\",\"data\":{\"content\":\"first\"}}\n\n"
+                        .to_vec(),
+                ),
+                Step::WaitRelease,
+            ])
+        })
+        .start()
+        .await;
+    let chat = tokio::spawn(h.chat("org-a").send());
+    h.legacy.wait_for_work(1).await;
+    h.shared.cutoff.send_replace(true);
+    let r = tokio::time::timeout(Duration::from_secs(3), chat)
+        .await
+        .expect("the rescue was not ended by the cutoff")
+        .unwrap();
+    assert_served(&r, RT, "allowlist");
+    assert!(r.complete, "a clean end, not a cut");
+    let events = r.events();
+    let last = events.last().unwrap();
+    assert_eq!(last.0, "error", "{events:?}");
+    assert_eq!(data(last)["code"], "SHUTTING_DOWN");
+    assert_eq!(
+        metric(
+            &h,
+            "cutover_runtime_failovers_total",
+            &[("stage", "in_stream")]
+        ),
+        1.0
+    );
+    h.legacy.release();
+}
