@@ -1,8 +1,8 @@
 //! Legacy's answer read into a client stream the runtime opened (`runtime.pre_content =
 //! "stream"`): the original request sent to legacy through legacy's client (`upstream`), under
-//! legacy's own deadlines, and its body read event by event, as the runtime's is
-//! (`events::RuntimeEvents`: the same [`Body`], the same cancel-safe read, the same SSE parser),
-//! each event written again whole (`core::rescue`).
+//! legacy's own deadlines, and its body read event by event through the runtime's own reader
+//! ([`Frames`]: the same cancel-safe read, the same SSE parser, the same rule for what ends a
+//! stream), each event written again whole (`core::rescue`).
 
 use std::time::Instant;
 
@@ -10,8 +10,9 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::core::rescue;
-use crate::core::sse::{SseError, SseEvent, SseParser};
-use crate::upstream::{Body, Call, Connect, Failure, Silence, Timeouts, Upstream};
+use crate::core::stream::End;
+use crate::runtime::events::Frames;
+use crate::upstream::{Body, Call, Connect, Failure, Timeouts, Upstream};
 
 /// What a relay needs to rescue its stream through legacy.
 pub struct Rescue {
@@ -72,40 +73,40 @@ pub enum Step {
     Failed(String),
 }
 
-/// Legacy's answer, read event by event.
+/// Legacy's answer, read event by event through the same reader as a runtime stream.
 pub struct LegacyEvents<C> {
-    body: Body<C>,
-    parser: SseParser,
-    parsed: Vec<SseEvent>,
-    next: usize,
-    end: Option<String>,
+    frames: Frames<C>,
 }
 
 impl<C> LegacyEvents<C> {
     fn new(body: Body<C>, max_frame: usize) -> Self {
         LegacyEvents {
-            body,
-            parser: SseParser::new(max_frame),
-            parsed: Vec::new(),
-            next: 0,
-            end: None,
+            frames: Frames::new(body, max_frame),
         }
     }
 
     /// The next step from what has been read; `None` when more must be read first.
     pub fn next(&mut self, out: &mut Vec<u8>) -> Option<Step> {
-        let Some(ev) = self.parsed.get(self.next) else {
-            return self.end.take().map(Step::Failed);
+        let Some(ev) = self.frames.next_frame() else {
+            return self.frames.end().map(|end| Step::Failed(ended(&end)));
         };
-        self.next += 1;
         rescue::write_event(ev, out);
         let done = rescue::is_done(ev);
         if done {
             // What follows legacy's `done` is not the client's.
-            self.next = self.parsed.len();
-            self.end = None;
+            self.frames.stop(None);
         }
         Some(Step::Event { done })
+    }
+}
+
+/// Why legacy's answer ended before its `done`, for the client's `error` event.
+fn ended(end: &End) -> String {
+    match end {
+        End::Stalled { idle } => format!("legacy sent nothing for {} ms", idle.as_millis()),
+        End::FrameTooLarge { limit } => format!("legacy sent an event larger than {limit} bytes"),
+        End::Broken(e) => format!("legacy's answer broke off: {e}"),
+        _ => "legacy's answer ended before its done".into(),
     }
 }
 
@@ -113,44 +114,12 @@ impl<C: AsyncRead + AsyncWrite + Unpin + Send + 'static> LegacyEvents<C> {
     /// Back to the pool when the answer was read to its end, closed otherwise (which drops the
     /// request at legacy).
     pub fn release(self) {
-        self.body.release_when_done();
+        self.frames.release_when_done();
     }
 
     /// Read more, once every event read before has been handed out. Cancel-safe, as the
-    /// runtime's reader: its one await is the body's read.
+    /// runtime's reader: see [`Frames::read`].
     pub async fn read(&mut self) {
-        let read = self.body.fill().await;
-        self.parsed.clear();
-        self.next = 0;
-        self.end = match read {
-            Ok(0) => Some(match self.body.eof() {
-                Ok(()) => "legacy's answer ended before its done".into(),
-                Err(e) => format!("legacy's answer broke off: {e}"),
-            }),
-            Ok(_) => {
-                let (parser, parsed) = (&mut self.parser, &mut self.parsed);
-                let mut verdict = Ok(());
-                let body = self.body.decode(|piece| {
-                    if verdict.is_ok() {
-                        verdict = parser.feed(piece, parsed);
-                    }
-                });
-                if let Ok(true) = body {
-                    parser.finish();
-                }
-                match (verdict, body) {
-                    (Err(SseError::FrameTooLarge { limit }), _) => {
-                        Some(format!("legacy sent an event larger than {limit} bytes"))
-                    }
-                    (_, Ok(false)) => None,
-                    (_, Ok(true)) => Some("legacy's answer ended before its done".into()),
-                    (_, Err(e)) => Some(format!("legacy's answer broke off: {e}")),
-                }
-            }
-            Err(e) => Some(match Silence::of(&e) {
-                Some(s) => format!("legacy: {s}"),
-                None => format!("legacy's answer broke off: {e}"),
-            }),
-        };
+        self.frames.read().await;
     }
 }
