@@ -26,7 +26,7 @@ fuzz_target!(|data: &[u8]| {
                 .chain(&config.rollout.direct_orgs)
             {
                 assert!(rollout.names(org));
-                let _ = rollout.decide(Some(org), false);
+                let _ = rollout.decide(Some(org));
             }
             let _ = Verifier::new(&config.identity, Some("fuzz-secret"));
             let _ = config.runtime.execution_timeout();

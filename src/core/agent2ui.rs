@@ -427,10 +427,7 @@ impl StreamMapper {
         let mut cuts: Vec<(K, String)> = Vec::new();
         let mut scratch = Vec::new();
         for key in [K::Result, K::Arguments, K::Params] {
-            let read = fields
-                .iter()
-                .any(|out| matches!(out, Out::Copy(_, k) if *k == key));
-            let Some(value) = p.get(key).non_null().filter(|_| read) else {
+            let Some(value) = p.get(key).non_null().filter(|_| copies(fields, key)) else {
                 continue;
             };
             cuts.push((key, String::new()));
@@ -592,6 +589,21 @@ fn write_obj(
     cuts: &[(K, String)],
 ) -> json::Result<()> {
     let mut obj = Obj::open(out);
+    write_entries(&mut obj, fields, p, cuts)?;
+    if !cuts.is_empty() {
+        obj.key("truncated");
+        obj.out.extend_from_slice(b"true");
+    }
+    obj.close();
+    Ok(())
+}
+
+fn write_entries(
+    obj: &mut Obj,
+    fields: &'static [Out],
+    p: &Payload,
+    cuts: &[(K, String)],
+) -> json::Result<()> {
     for field in fields {
         match *field {
             Out::Copy(name, key) => {
@@ -612,13 +624,9 @@ fn write_obj(
                 obj.out.extend_from_slice(value.as_bytes());
                 obj.out.push(b'"');
             }
+            Out::All(entries) => write_entries(obj, entries, p, cuts)?,
         }
     }
-    if !cuts.is_empty() {
-        obj.key("truncated");
-        obj.out.extend_from_slice(b"true");
-    }
-    obj.close();
     Ok(())
 }
 
@@ -731,9 +739,36 @@ enum Out {
     Copy(&'static str, K),
     /// The client's name and a fixed string.
     Fixed(&'static str, &'static str),
+    /// These entries, in this order: a part rows share (a call's ids, what every call says).
+    All(&'static [Out]),
 }
 
 use Out::{Copy as C, Fixed as F};
+
+/// Whether a row's entries copy the runtime field `key`.
+fn copies(fields: &[Out], key: K) -> bool {
+    fields.iter().any(|out| match out {
+        Out::Copy(_, k) => *k == key,
+        Out::Fixed(..) => false,
+        Out::All(entries) => copies(entries, key),
+    })
+}
+
+/// A plan step's id and title, first in each of its events' data.
+const STEP: Out = Out::All(&[C("stepId", K::StepId), C("title", K::Title)]);
+/// The ids of a tool, skill or MCP call, first in its start's and its completion's data.
+const TOOL: Out = Out::All(&[C("toolName", K::ToolName)]);
+const SKILL: Out = Out::All(&[C("skillId", K::SkillId), C("skillName", K::SkillName)]);
+const MCP: Out = Out::All(&[C("serverId", K::ServerId), C("toolName", K::ToolName)]);
+/// What a call's start says after the call's ids.
+const CALL_START: Out = Out::All(&[C("arguments", K::Arguments), F("status", "calling")]);
+/// What a call's completion says after the call's ids.
+const CALL_COMPLETE: Out = Out::All(&[
+    C("result", K::Result),
+    C("success", K::Success),
+    C("error", K::Error),
+    C("duration", K::Duration),
+]);
 
 const fn message(event: &'static str, kind: &'static str, fields: &'static [Out]) -> Row {
     Row {
@@ -759,8 +794,7 @@ const ROWS: &[Row] = &[
         "plan_step_start",
         "plan_step",
         &[
-            C("stepId", K::StepId),
-            C("title", K::Title),
+            STEP,
             F("status", "running"),
             C("tool", K::Tool),
             C("params", K::Params),
@@ -770,8 +804,7 @@ const ROWS: &[Row] = &[
         "plan_step_complete",
         "plan_step",
         &[
-            C("stepId", K::StepId),
-            C("title", K::Title),
+            STEP,
             F("status", "completed"),
             C("result", K::Result),
             C("durationMs", K::DurationMs),
@@ -780,77 +813,18 @@ const ROWS: &[Row] = &[
     message(
         "plan_step_failed",
         "plan_step",
-        &[
-            C("stepId", K::StepId),
-            C("title", K::Title),
-            F("status", "failed"),
-            C("error", K::Error),
-        ],
+        &[STEP, F("status", "failed"), C("error", K::Error)],
     ),
-    message(
-        "tool_call_start",
-        "tool_call",
-        &[
-            C("toolName", K::ToolName),
-            C("arguments", K::Arguments),
-            F("status", "calling"),
-        ],
-    ),
-    message(
-        "tool_call_complete",
-        "tool_result",
-        &[
-            C("toolName", K::ToolName),
-            C("result", K::Result),
-            C("success", K::Success),
-            C("error", K::Error),
-            C("duration", K::Duration),
-        ],
-    ),
-    message(
-        "skill_call_start",
-        "skill_call",
-        &[
-            C("skillId", K::SkillId),
-            C("skillName", K::SkillName),
-            C("arguments", K::Arguments),
-            F("status", "calling"),
-        ],
-    ),
+    message("tool_call_start", "tool_call", &[TOOL, CALL_START]),
+    message("tool_call_complete", "tool_result", &[TOOL, CALL_COMPLETE]),
+    message("skill_call_start", "skill_call", &[SKILL, CALL_START]),
     message(
         "skill_call_complete",
         "skill_result",
-        &[
-            C("skillId", K::SkillId),
-            C("skillName", K::SkillName),
-            C("result", K::Result),
-            C("success", K::Success),
-            C("error", K::Error),
-            C("duration", K::Duration),
-        ],
+        &[SKILL, CALL_COMPLETE],
     ),
-    message(
-        "mcp_call_start",
-        "mcp_call",
-        &[
-            C("serverId", K::ServerId),
-            C("toolName", K::ToolName),
-            C("arguments", K::Arguments),
-            F("status", "calling"),
-        ],
-    ),
-    message(
-        "mcp_call_complete",
-        "mcp_result",
-        &[
-            C("serverId", K::ServerId),
-            C("toolName", K::ToolName),
-            C("result", K::Result),
-            C("success", K::Success),
-            C("error", K::Error),
-            C("duration", K::Duration),
-        ],
-    ),
+    message("mcp_call_start", "mcp_call", &[MCP, CALL_START]),
+    message("mcp_call_complete", "mcp_result", &[MCP, CALL_COMPLETE]),
     message(
         "thinking",
         "thinking",

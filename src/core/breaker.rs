@@ -169,7 +169,8 @@ fn fmt_duration(d: Duration) -> String {
 }
 
 /// Breaker state; `fallbackEnabled` in the admin API is `state != Closed`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum State {
     Closed,
     Open,
@@ -216,14 +217,9 @@ impl fmt::Display for State {
     }
 }
 
-impl serde::Serialize for State {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(self.as_str())
-    }
-}
-
 /// What opened the breaker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Signal {
     /// This replica's own window of runtime outcomes.
     Local,
@@ -255,12 +251,6 @@ impl Signal {
             Signal::Probe => "probe",
             Signal::Manual => "manual",
         }
-    }
-}
-
-impl serde::Serialize for Signal {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(self.as_str())
     }
 }
 
@@ -1663,6 +1653,16 @@ address = "runtime:8000"
         assert_eq!(names, ["local", "fleet", "health", "probe", "manual"]);
         assert_eq!(t.to_string(), "closed -> open: x");
         assert_eq!(serde_json::to_value(State::HalfOpen).unwrap(), "half_open");
+    }
+
+    #[test]
+    fn the_json_names_are_the_metric_names() {
+        for state in [State::Closed, State::Open, State::HalfOpen] {
+            assert_eq!(serde_json::to_value(state).unwrap(), state.as_str());
+        }
+        for signal in Signal::ALL {
+            assert_eq!(serde_json::to_value(signal).unwrap(), signal.as_str());
+        }
     }
 
     #[test]

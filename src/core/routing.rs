@@ -98,12 +98,9 @@ impl Rollout {
         }
     }
 
-    /// Decide the mode for a caller. `org` is `None` when the caller could not be verified;
-    /// `breaker_open` is true while the breaker keeps the runtime out (open or tripped by hand).
-    pub fn decide(&self, org: Option<&str>, breaker_open: bool) -> RolloutDecision {
-        if breaker_open {
-            return RolloutDecision::direct(Reason::BreakerOpen);
-        }
+    /// Decide the mode for a caller. `org` is `None` when the caller could not be verified. The
+    /// breaker has its say afterwards, in [`gate`].
+    pub fn decide(&self, org: Option<&str>) -> RolloutDecision {
         let Some(org) = org else {
             return RolloutDecision::direct(Reason::NoIdentity);
         };
@@ -125,9 +122,9 @@ impl Rollout {
     /// Decide the mode for what identification gave: a verified caller's org, or why there is none.
     pub fn decide_identified(&self, org: Result<&str, Unverified>) -> RolloutDecision {
         match org {
-            Ok(org) => self.decide(Some(org), false),
+            Ok(org) => self.decide(Some(org)),
             Err(Unverified::Conflict) => RolloutDecision::direct(Reason::IdentityConflict),
-            Err(_) => self.decide(None, false),
+            Err(_) => self.decide(None),
         }
     }
 
@@ -311,11 +308,11 @@ mod tests {
     fn allowlisted_org_goes_to_runtime() {
         let r = rollout(|c| c.runtime_orgs = vec!["org-a".into()]);
         assert_eq!(
-            r.decide(Some("org-a"), false),
+            r.decide(Some("org-a")),
             RolloutDecision::runtime(Reason::Allowlist)
         );
         assert_eq!(
-            r.decide(Some("org-b"), false),
+            r.decide(Some("org-b")),
             RolloutDecision::direct(Reason::Default)
         );
     }
@@ -327,9 +324,11 @@ mod tests {
             c.default_mode = Mode::RuntimeOrchestrator;
         });
         for org in [Some("org-a"), Some("org-b"), None] {
+            let (g, _) = gated(r.decide(org), State::Open, Admission::Rejected);
             assert_eq!(
-                r.decide(org, true),
-                RolloutDecision::direct(Reason::BreakerOpen)
+                g.decision,
+                RolloutDecision::direct(Reason::BreakerOpen),
+                "{org:?}"
             );
         }
     }
@@ -340,10 +339,7 @@ mod tests {
             c.default_mode = Mode::RuntimeOrchestrator;
             c.runtime_percent = 100.0;
         });
-        assert_eq!(
-            r.decide(None, false),
-            RolloutDecision::direct(Reason::NoIdentity)
-        );
+        assert_eq!(r.decide(None), RolloutDecision::direct(Reason::NoIdentity));
     }
 
     #[test]
@@ -371,7 +367,7 @@ mod tests {
     fn default_mode_applies_to_other_orgs() {
         let r = rollout(|c| c.default_mode = Mode::RuntimeOrchestrator);
         assert_eq!(
-            r.decide(Some("anyone"), false),
+            r.decide(Some("anyone")),
             RolloutDecision::runtime(Reason::Default)
         );
     }
@@ -385,7 +381,7 @@ mod tests {
             c.runtime_percent = 100.0;
         });
         assert_eq!(
-            r.decide(Some("org-x"), false),
+            r.decide(Some("org-x")),
             RolloutDecision::direct(Reason::Denylist)
         );
     }
@@ -395,9 +391,7 @@ mod tests {
         for percent in [5.0, 25.0, 50.0] {
             let r = rollout(|c| c.runtime_percent = percent);
             let moved = (0..10_000)
-                .filter(|i| {
-                    r.decide(Some(&format!("org-{i}")), false).mode == Mode::RuntimeOrchestrator
-                })
+                .filter(|i| r.decide(Some(&format!("org-{i}"))).mode == Mode::RuntimeOrchestrator)
                 .count() as f64;
             let share = moved / 100.0;
             assert!(
@@ -413,9 +407,9 @@ mod tests {
         let all = rollout(|c| c.runtime_percent = 100.0);
         for i in 0..1000 {
             let org = format!("o{i}");
-            assert_eq!(none.decide(Some(&org), false).mode, Mode::DirectLlm);
+            assert_eq!(none.decide(Some(&org)).mode, Mode::DirectLlm);
             assert_eq!(
-                all.decide(Some(&org), false),
+                all.decide(Some(&org)),
                 RolloutDecision::runtime(Reason::Percent)
             );
         }
@@ -437,8 +431,8 @@ mod tests {
             let high = (low + extra).min(100.0);
             let a = rollout(|c| c.runtime_percent = low);
             let b = rollout(|c| c.runtime_percent = high);
-            if a.decide(Some(&org), false).mode == Mode::RuntimeOrchestrator {
-                prop_assert_eq!(b.decide(Some(&org), false).mode, Mode::RuntimeOrchestrator);
+            if a.decide(Some(&org)).mode == Mode::RuntimeOrchestrator {
+                prop_assert_eq!(b.decide(Some(&org)).mode, Mode::RuntimeOrchestrator);
             }
         }
     }

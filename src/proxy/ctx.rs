@@ -37,8 +37,8 @@ pub(super) struct Handover {
 pub(super) struct ChatCtx {
     pub caller: Option<Caller>,
     pub decision: RolloutDecision,
-    /// Holds a half-open breaker's probe slot, if this request was admitted as a probe.
-    pub probe: ProbeGuard,
+    /// Where the runtime's outcome goes, holding a probe slot if this chat was admitted as one.
+    pub breaker: BreakerTicket,
     pub served: Served,
     /// Legacy response: time to first body byte and bytes sent.
     pub first_byte: Option<Duration>,
@@ -95,7 +95,7 @@ pub(super) struct Failover {
 }
 
 impl ChatCtx {
-    pub fn new(caller: Option<Caller>, decision: RolloutDecision, probe: ProbeGuard) -> Self {
+    pub fn new(caller: Option<Caller>, decision: RolloutDecision, breaker: BreakerTicket) -> Self {
         let served = match decision.mode {
             crate::core::config::Mode::DirectLlm => Served::Legacy { failover: None },
             crate::core::config::Mode::RuntimeOrchestrator => Served::Unanswered,
@@ -103,7 +103,7 @@ impl ChatCtx {
         ChatCtx {
             caller,
             decision,
-            probe,
+            breaker,
             served,
             first_byte: None,
             bytes: 0,
@@ -169,14 +169,16 @@ pub(super) struct Delivered<'a> {
     pub detail: Option<&'a str>,
 }
 
-/// A half-open breaker admits a few probes at a time. The slot is freed when the guard drops,
-/// unless a recorded outcome already settled it, so no path out of a request can leak one.
+/// What a chat owes the breaker. Every runtime outcome is counted on the breaker through it,
+/// probe or not; if a half-open breaker admitted the chat as a probe, it also holds that slot,
+/// settled by the outcome or freed when the ticket is released or dropped, so no path out of a
+/// request can leak one.
 #[derive(Default)]
-pub(super) struct ProbeGuard(Option<Arc<Shared>>);
+pub(super) struct BreakerTicket(Option<Arc<Shared>>);
 
-impl ProbeGuard {
+impl BreakerTicket {
     pub fn new(shared: &Arc<Shared>, probe: bool) -> Self {
-        ProbeGuard(probe.then(|| shared.clone()))
+        BreakerTicket(probe.then(|| shared.clone()))
     }
 
     /// Count the runtime's outcome on the breaker; a probe's slot is settled by it.
@@ -184,9 +186,14 @@ impl ProbeGuard {
         let probe = self.0.take().is_some();
         shared.breaker.record(outcome, latency, probe);
     }
+
+    /// The runtime will not be asked after all: a probe's slot goes to another request now.
+    pub fn release(&mut self) {
+        *self = BreakerTicket::default();
+    }
 }
 
-impl Drop for ProbeGuard {
+impl Drop for BreakerTicket {
     fn drop(&mut self) {
         if let Some(shared) = self.0.take() {
             shared.breaker.release_probe();

@@ -117,7 +117,7 @@ impl ChatService {
         };
         // A probe with no verdict (client gone, shutdown) frees its slot when the context drops.
         if let Some(outcome) = outcome {
-            chat.probe.record(&self.shared, outcome, latency);
+            chat.breaker.record(&self.shared, outcome, latency);
         }
         let org = chat.org();
         self.count(Mode::RuntimeOrchestrator, org, outcome, latency, first, now);

@@ -41,7 +41,7 @@ impl ChatService {
     ) -> Result<bool> {
         let (status, cause, code) = rejection.parts();
         // The runtime will not be tried: another probe may go now, not once this answer is out.
-        chat.probe = Default::default();
+        chat.breaker.release();
         self.shared
             .metrics
             .rejected_total

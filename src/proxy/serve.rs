@@ -11,8 +11,8 @@ use bytes::Bytes;
 use pingora::proxy::Session;
 use pingora::Result;
 
+use super::ctx::{BreakerTicket, LegacyHalf, RequestCtx};
 use super::ctx::{ChatCtx, Failover, Served};
-use super::ctx::{LegacyHalf, ProbeGuard, RequestCtx};
 use super::respond::Rejection;
 use super::service::{Chat, ChatService};
 use crate::core::breaker::State;
@@ -177,11 +177,11 @@ impl ChatService {
             breaker.state(),
             || breaker.admit(),
         );
-        let probe = ProbeGuard::new(&self.shared, probe);
+        let breaker = BreakerTicket::new(&self.shared, probe);
         let started = ctx.started;
         let chat = ctx
             .chat
-            .insert(ChatCtx::new(identity.ok(), decision, probe));
+            .insert(ChatCtx::new(identity.ok(), decision, breaker));
         chat.request_id = caller_request_id(session).map(str::to_string);
         chat.cors = active.cors_for(&session.req_header().headers);
 
@@ -782,7 +782,7 @@ fn rescue_request<D: Downstream>(session: &D, active: &Active, body: &[u8]) -> R
 /// Legacy serves the chat after all, with its original body: not the runtime's doing, so the
 /// breaker's probe slot is freed for another request.
 fn to_legacy(chat: &mut ChatCtx, reason: Reason) {
-    chat.probe = Default::default();
+    chat.breaker.release();
     chat.decision = RolloutDecision {
         mode: Mode::DirectLlm,
         reason,

@@ -6,9 +6,11 @@
 //! as they come, and a failure before content is rescued in the open stream: legacy is asked
 //! for the same request and its events continue the client's stream (`runtime::rescue`).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures::future::Either;
 use pingora::http::ResponseHeader;
 use tokio::io::{AsyncRead, AsyncWrite};
 // The relay's own clock is tokio's, so that its timers can be tested on a paused clock.
@@ -122,86 +124,95 @@ enum Timer {
 /// or the client leaving. What each means is the [`Relay`]'s: `on_event` and `on_end` for what
 /// the reader hands out, `on_timer` for the heartbeat and the commit timeout, `flush` after each
 /// read.
-pub async fn relay<D, C>(session: &mut D, stream: Body<C>, args: RelayArgs) -> Relayed
+///
+/// The set-up is done before the future is made, so that what it moves (the runtime's body, the
+/// arguments) is held once, in the relay's state, not a second time as the future's inputs: a
+/// held stream keeps this future for as long as it lasts.
+pub fn relay<'s, D, C>(
+    session: &'s mut D,
+    stream: Body<C>,
+    args: RelayArgs,
+) -> impl std::future::Future<Output = Relayed> + Send + 's
 where
     D: Downstream,
-    C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    C: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static,
 {
     let legacy = args.shared.legacy.clone();
-    relay_with(session, stream, args, &legacy).await
+    relay_with(session, stream, args, legacy)
 }
 
 /// [`relay`], with the client a rescue asks legacy through.
-pub async fn relay_with<D, C, K>(
-    session: &mut D,
+pub fn relay_with<'s, D, C, K>(
+    session: &'s mut D,
     stream: Body<C>,
     mut args: RelayArgs,
-    legacy: &Upstream<K>,
-) -> Relayed
+    legacy: Arc<Upstream<K>>,
+) -> impl std::future::Future<Output = Relayed> + Send + 's
 where
     D: Downstream,
-    C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    C: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static,
     K: Connect,
 {
-    let header = match sse_response_header(args.decision, session.version(), &args.cors) {
-        Ok(h) => Box::new(h),
-        Err(e) => {
-            let report = StreamReport {
-                outcome: Some(Outcome::Error),
-                detail: Some(e.to_string()),
-                ..StreamReport::default()
-            };
-            return Relayed::Served(report);
-        }
-    };
-    let mut mapper = StreamMapper::with_settings(&args.session_id, std::mem::take(&mut args.map));
-    if args.saving.is_some() {
-        mapper = mapper.keeping_text();
-    }
-    let mut events = RuntimeEvents::new(stream, args.max_frame_bytes, mapper);
-    let mut cutoff = args.shared.cutoff.subscribe();
-    let mode = Mode::RuntimeOrchestrator.as_str();
-    let _in_flight = InFlight::new(
-        args.shared
-            .metrics
-            .streams_in_flight
-            .with_label_values(&[mode]),
-    );
-    let mut relay = Relay::new(session, args, header);
-    let mut flow = Flow::Go;
-    if relay.args.commit_timeout.is_zero() {
-        if !Box::pin(relay.commit(Trigger::Head)).await {
-            flow = Flow::Stop;
-        }
-    } else if relay.args.rescue.is_some() && !relay.open().await {
-        flow = Flow::Stop;
-    }
-    while let Flow::Go = flow {
-        let before = relay.out.len();
-        flow = match events.next(&mut relay.out) {
-            Some(Read::Event(mapped)) => relay.on_event(mapped, before, &mut events).await,
-            Some(Read::AfterDone) => {
-                relay
-                    .metrics()
-                    .sse_dropped_frames_total
-                    .with_label_values(&["after_done"])
-                    .inc();
-                Flow::Go
+    match sse_response_header(args.decision, session.version(), &args.cors) {
+        Ok(header) => {
+            let mut mapper =
+                StreamMapper::with_settings(&args.session_id, std::mem::take(&mut args.map));
+            if args.saving.is_some() {
+                mapper = mapper.keeping_text();
             }
-            Some(Read::End(end)) => relay.on_end(end, &mut events).await,
-            None => match relay.flush(&events).await {
-                Flow::Go => relay.wait(&mut events, &mut cutoff).await,
-                other => other,
-            },
-        };
-    }
-    match flow {
-        Flow::FailOver { detail, outcome } if matches!(relay.phase, Phase::Open(_)) => {
-            // Closed: the runtime stops working on an answer nobody will read.
-            drop(events);
-            Box::pin(relay.rescue(detail, outcome, legacy, &mut cutoff)).await
+            let mut events = RuntimeEvents::new(stream, args.max_frame_bytes, mapper);
+            let mut relay = Relay::new(session, args, Box::new(header));
+            // Captured by the block, not passed to an async fn, whose arguments would be held
+            // twice (as its inputs and as its locals).
+            Either::Left(async move {
+                let mut cutoff = relay.args.shared.cutoff.subscribe();
+                let mode = Mode::RuntimeOrchestrator.as_str();
+                let _in_flight =
+                    InFlight::new(relay.metrics().streams_in_flight.with_label_values(&[mode]));
+                let mut flow = Flow::Go;
+                if relay.args.commit_timeout.is_zero() {
+                    if !Box::pin(relay.commit(Trigger::Head)).await {
+                        flow = Flow::Stop;
+                    }
+                } else if relay.args.rescue.is_some() && !Box::pin(relay.open()).await {
+                    flow = Flow::Stop;
+                }
+                while let Flow::Go = flow {
+                    let before = relay.out.len();
+                    flow = match events.next(&mut relay.out) {
+                        Some(Read::Event(mapped)) => {
+                            relay.on_event(mapped, before, &mut events).await
+                        }
+                        Some(Read::AfterDone) => {
+                            relay
+                                .metrics()
+                                .sse_dropped_frames_total
+                                .with_label_values(&["after_done"])
+                                .inc();
+                            Flow::Go
+                        }
+                        Some(Read::End(end)) => relay.on_end(end, &mut events).await,
+                        None => match relay.flush(&events).await {
+                            Flow::Go => relay.wait(&mut events, &mut cutoff).await,
+                            other => other,
+                        },
+                    };
+                }
+                match flow {
+                    Flow::FailOver { detail, outcome } if matches!(relay.phase, Phase::Open(_)) => {
+                        // Closed: the runtime stops working on an answer nobody will read.
+                        drop(events);
+                        Box::pin(relay.rescue(detail, outcome, &legacy, &mut cutoff)).await
+                    }
+                    flow => relay.finish(flow, events),
+                }
+            })
         }
-        flow => relay.finish(flow, events),
+        Err(e) => Either::Right(std::future::ready(Relayed::Served(StreamReport {
+            outcome: Some(Outcome::Error),
+            detail: Some(e.to_string()),
+            ..StreamReport::default()
+        }))),
     }
 }
 
@@ -780,7 +791,8 @@ impl<'s, D: Downstream> Relay<'s, D> {
     }
 
     /// Delete the session the proxy made for this `/chat/start` before legacy makes its own.
-    async fn discard_session(&self) {
+    /// (`&mut`: a shared borrow held across the await would need the client side to be `Sync`.)
+    async fn discard_session(&mut self) {
         let Some(saving) = &self.args.saving else {
             return;
         };
@@ -1160,10 +1172,10 @@ mod tests {
         Gut: std::future::Future<Output = bool> + Send,
     {
         let (legacy_tx, mut legacy_accepted) = mpsc::unbounded_channel();
-        let legacy_client = Upstream::new(
+        let legacy_client = Arc::new(Upstream::new(
             Runtime(legacy_tx),
             TimeoutCounters::unregistered(UpstreamName::Legacy),
-        );
+        ));
         let legacy_side = tokio::spawn(async move {
             let Some(mut conn) = legacy_accepted.recv().await else {
                 return LegacySide::default();
@@ -1252,7 +1264,13 @@ mod tests {
                 )
                 .await
                 .unwrap();
-            relay_with(&mut client, response.into_body(), args, &legacy_client).await
+            relay_with(
+                &mut client,
+                response.into_body(),
+                args,
+                legacy_client.clone(),
+            )
+            .await
         };
         let runtime = async {
             let mut conn = accepted.recv().await.unwrap();
