@@ -257,7 +257,7 @@ def pct(values, p):
 
 def sse_cmd(args):
     token = make_jwt(args.org, "bench-user", os.environ[args.secret_env]) if args.org else None
-    body = json.dumps({"message": "benchmark"}).encode()
+    body = json.dumps({"message": args.message}).encode()
     firsts, totals, contents, arrivals = [], [], [], []
     events = None
     cpu0 = cputime(args.cpu_pid) if args.cpu_pid else None
@@ -317,7 +317,11 @@ def sse_cmd(args):
 class PlanningRuntime(BaseHTTPRequestHandler):
     """A runtime that thinks before it answers, like the real one: two `thinking` events
     `gap` seconds apart, then after another gap the text, `execution_complete` and [DONE], each
-    frame flushed on its own (chunked, keep-alive, as uvicorn serves sse-starlette)."""
+    frame flushed on its own (chunked, keep-alive, as uvicorn serves sse-starlette). Asked
+    `benchmark-fail`, the same planning ends in an `execution_error` instead of the text.
+
+    It is also a legacy Chat API's chat route (`POST /api/v1/chat/...`): the answer at once, five
+    Agent2UI `message` text events and a `done`, one write each, as Express writes them (LF)."""
 
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True
@@ -332,22 +336,37 @@ class PlanningRuntime(BaseHTTPRequestHandler):
                          + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
 
     def do_POST(self):
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
                          b"Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n")
         ts = "2026-02-09T10:00:00.000000+00:00"
 
-        def frame(event, data):
-            f = ("data: " + json.dumps({"event": event, "data": data, "timestamp": ts}) + "\r\n\r\n").encode()
+        def chunk(f):
             self.wfile.write(f"{len(f):x}\r\n".encode() + f + b"\r\n")
             self.wfile.flush()
 
+        def frame(event, data):
+            chunk(("data: " + json.dumps({"event": event, "data": data, "timestamp": ts}) + "\r\n\r\n").encode())
+
+        if self.path.startswith("/api/v1/chat/"):
+            for i, word in enumerate(["Legacy", " answer", " to", " the", " question."]):
+                msg = {"id": f"legacy-{i}", "type": "text", "data": {"content": word}, "timestamp": ts}
+                chunk(f"event: message\ndata: {json.dumps(msg, separators=(',', ':'))}\n\n".encode())
+            done = {"sessionId": "bench-session", "messageId": "legacy-m", "executionMode": "direct_llm"}
+            chunk(f"event: done\ndata: {json.dumps(done, separators=(',', ':'))}\n\n".encode())
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+            return
+        fail = b"benchmark-fail" in body
         frame("thinking", {"content": "reading the question", "stage": "planning"})
         time.sleep(self.gap)
         frame("thinking", {"content": "choosing a tool", "stage": "planning"})
         time.sleep(self.gap)
-        frame("text_chunk", {"content": "Here is the answer."})
-        frame("execution_complete", {"final_response": "Here is the answer."})
+        if fail:
+            frame("execution_error", {"error": "LLM provider returned 503", "code": "LLM_UNAVAILABLE"})
+        else:
+            frame("text_chunk", {"content": "Here is the answer."})
+            frame("execution_complete", {"final_response": "Here is the answer."})
         done = b"data: [DONE]\r\n\r\n"
         self.wfile.write(f"{len(done):x}\r\n".encode() + done + b"\r\n0\r\n\r\n")
         self.wfile.flush()
@@ -1255,23 +1274,27 @@ def report_bridge(out, w):
 
 def report_commit(out, w):
     cm = json.load(open(os.path.join(out, "commit.json")))
-    w("## 5. The commit point: time to first content, commit on and off")
+    gap = cm["gap_ms"]
+    w("## 5. The commit point: the head held or streamed, and the rescue")
     w("")
     w(f"Measured by `{cm['command']}` on {cm['date']} (commit {cm['commit']}, load average "
       f"{cm['loadavg']}). A runtime stand-in that plans (`benchtool.py planning-runtime`: two "
-      f"`thinking` events {cm['gap_ms']} ms apart, then after another {cm['gap_ms']} ms the text, "
-      "`execution_complete` and [DONE]) through four cutover-proxy instances (1 thread each): "
-      "*commit on* is the default (`commit_on = \"content\"`, `commit_timeout_ms = 5000`: the "
-      "`thinking` events are held until the text), *commit off* is `commit_timeout_ms = 0` "
-      "(committed at the runtime's head, every event written as it comes), each with the bridge "
-      "off and on (section 4's legacy stand-in; with the bridge on the user message's save "
-      "starts at the commit, so with commit on it is no longer overlapped with the runtime's "
-      "thinking). First event: the first event the client gets; first content: its first `text` "
-      f"event. {cm['rounds']} round(s) × {cm['per_round']} streams per case, interleaved; "
-      "percentiles over all streams.")
+      f"`thinking` events {gap} ms apart, then after another {gap} ms the text, "
+      "`execution_complete` and [DONE]) through cutover-proxy instances (1 thread each, "
+      "`commit_timeout_ms = 5000`): *hold* is `runtime.pre_content = \"hold\"` (the head and "
+      "the `thinking` events wait for the text), *stream* the default (the head and each "
+      "`thinking` go out as they come; the commit, and with the bridge on the user message's save, "
+      "still wait for the text), each with the bridge off and on (section 4's legacy stand-in). "
+      "*rescued*: the same planning ends in an `execution_error` instead of the text; the proxy "
+      "asks legacy (the same stand-in's chat route: five text events and `done` at once) and "
+      "continues the open stream with its answer. *direct*: the same legacy answering a chat "
+      "routed to it (an org off the allowlist), through the same proxy. First event: the first "
+      "event the client gets; first content: its first `text` event (legacy's, when rescued). "
+      f"{cm['rounds']} round(s) × {cm['per_round']} streams per case, interleaved; percentiles "
+      "over all streams.")
     w("")
-    w("| case | streams | first event p50 | first content p50 | first content p99 | total p50 "
-      "| first content p50 over commit off |")
+    w("| case | streams | first event p50 | first event p99 | first content p50 | first content p99 "
+      "| total p50 |")
     w("|---|---:|---:|---:|---:|---:|---:|")
     agg = {}
     for c in cm["cases"]:
@@ -1281,29 +1304,36 @@ def report_commit(out, w):
         t = [x for r in runs for x in r["total_s"]]
         if not fc:
             continue
-        agg[c["name"]] = a = {"f50": pct(f, 50), "c50": pct(fc, 50), "c99": pct(fc, 99),
-                              "t50": pct(t, 50), "n": len(fc)}
-        base = agg.get(c["name"].replace("on-", "off-"))
-        over = "–" if c["name"].startswith("off-") or not base else f"{(a['c50'] - base['c50']) * 1e3:+.2f} ms"
-        w(f"| {c['label']} | {a['n']} | {fmt(a['f50'] * 1e3)} ms | {fmt(a['c50'] * 1e3)} ms "
-          f"| {fmt(a['c99'] * 1e3)} ms | {fmt(a['t50'] * 1e3)} ms | {over} |")
+        agg[c["name"]] = a = {"f50": pct(f, 50), "f99": pct(f, 99), "c50": pct(fc, 50),
+                              "c99": pct(fc, 99), "t50": pct(t, 50), "n": len(fc)}
+        w(f"| {c['label']} | {a['n']} | {fmt(a['f50'] * 1e3)} ms | {fmt(a['f99'] * 1e3)} ms "
+          f"| {fmt(a['c50'] * 1e3)} ms | {fmt(a['c99'] * 1e3)} ms | {fmt(a['t50'] * 1e3)} ms |")
     w("")
-    hist = None
-    if os.path.exists(os.path.join(out, "bridge.json")):
-        br = json.load(open(os.path.join(out, "bridge.json")))
-        t = [x for r in br["runs"] if r.get("kind") == "rtt" and r.get("route") == "messages"
-             for x in r["rtt_s"]]
-        hist = pct(t, 50) if t else None
-    for commit in ("off", "on"):
-        on, off = agg.get(f"{commit}-bridge-on"), agg.get(f"{commit}-bridge-off")
-        if not (on and off):
+    for bridge in ("off", "on"):
+        hold, stream = agg.get(f"hold-bridge-{bridge}"), agg.get(f"stream-bridge-{bridge}")
+        if not (hold and stream):
             continue
-        extra = on["c50"] - off["c50"]
-        why = ("the user message's save overlaps the runtime's planning, so this is the lookups"
-               if commit == "off" else "the lookups and the user message's save at the commit")
-        rts = f" = {extra / hist:.2f} history round trips (section 4)" if hist else ""
-        w(f"- Commit {commit}: the bridge adds {extra * 1e3:+.2f} ms to the first content at p50 "
-          f"({why}){rts}.")
+        earlier = hold["f50"] - stream["f50"]
+        ratio = hold["f50"] / stream["f50"] if stream["f50"] else float("inf")
+        w(f"- Bridge {bridge}: with `stream` the user sees the runtime's status "
+          f"**{earlier * 1e3:.2f} ms earlier** at p50 ({fmt(stream['f50'] * 1e3)} against "
+          f"{fmt(hold['f50'] * 1e3)} ms, {ratio:.1f}× sooner); the first content moves by "
+          f"{(stream['c50'] - hold['c50']) * 1e3:+.2f} ms at p50 (it waits for the runtime either way).")
+    rescued, direct = agg.get("rescued"), agg.get("direct")
+    stream = agg.get("stream-bridge-off")
+    if rescued and direct and stream:
+        # The same planning ends with the text (stream) or the error (rescued) at the same point:
+        # the stream case's first content is when the runtime failed.
+        leg = rescued["c50"] - stream["c50"]
+        w(f"- Rescue: legacy's first content reached the user {fmt(rescued['c50'] * 1e3)} ms after "
+          f"the request at p50, {leg * 1e3:.2f} ms after the point where the same planning's own "
+          f"text arrives ({fmt(stream['c50'] * 1e3)} ms, *stream, bridge off*), which is when "
+          f"this runtime failed. A chat routed to legacy directly has its first content after "
+          f"{fmt(direct['c50'] * 1e3)} ms: the rescue's leg (the failure noticed, the request sent "
+          f"to legacy, its events rewritten into the open stream) costs "
+          f"**{(leg - direct['c50']) * 1e3:+.2f} ms** over a direct legacy answer "
+          f"({leg / direct['c50']:.1f}× its time to first content). Meanwhile the user had the "
+          f"runtime's status after {fmt(rescued['f50'] * 1e3)} ms.")
     w("")
 
 
@@ -1443,6 +1473,7 @@ def main():
     s.add_argument("--cpu-pid", type=int)
     s.add_argument("--threads", type=int, help="worker threads of the proxy measured")
     s.add_argument("--case", help="name of the case measured (section 4: bridge off / on)")
+    s.add_argument("--message", default="benchmark", help="the chat's message")
     s.add_argument("--out", required=True)
     s.set_defaults(fn=sse_cmd)
 

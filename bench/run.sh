@@ -10,8 +10,9 @@
 #   3. N idle SSE streams held through the proxy (and nginx): RSS per stream
 #   4. the conversation bridge: first event with the bridge off, on (cached lookups), on with a
 #      new session each chat and on without the cache, against a legacy stand-in with the bridge's routes; one legacy round trip
-#   5. the commit point: time to first content from a runtime that plans (two thinking events,
-#      then text), commit on (the default) vs off (commit_timeout_ms = 0), bridge off and on
+#   5. the commit point: first event and first content from a runtime that plans (two thinking
+#      events, then text), the head held (pre_content = "hold") vs streamed (the default), bridge
+#      off and on; and a rescue in the open stream against a direct legacy answer
 #   6. instruction counts under callgrind, each process alone, warm-up excluded: per passthrough
 #      request (nginx, HAProxy, cutover-proxy's lean and Pingora paths), per rewritten runtime
 #      event (the rewrite alone, and through the proxy beside nginx relaying), per held stream
@@ -92,8 +93,8 @@ NGINX_IDLE_PORT=$((P + 72))
 IDLE_PROXY_PORT=$((P + 200))
 BRIDGE_LEGACY_PORT=$((P + 84))   # upstream nginx: the bridge's legacy routes
 BRIDGE_PROXY_PORT=$((P + 300))    # section 4's proxies: +0 off, +10 on, +20 on without cache
-PLANNING_RUNTIME_PORT=$((P + 85))  # python: thinks, then answers
-COMMIT_PROXY_PORT=$((P + 400))    # section 5's proxies: +0 +10 commit off, +20 +30 on (bridge off, on)
+PLANNING_RUNTIME_PORT=$((P + 85))  # python: thinks, then answers (or fails); also legacy's chat route
+COMMIT_PROXY_PORT=$((P + 400))    # section 5's proxies: +0 +10 hold, +20 +30 stream (bridge off, on), +40 rescue
 CG_NGINX_PORT=$((P + 600))       # section 6, one at a time: nginx, HAProxy, cutover-proxy (+10, +11, +12)
 CG_HAPROXY_PORT=$((P + 601))
 CG_PROXY_PORT=$((P + 610))
@@ -280,17 +281,19 @@ nginx_proxy() { # name workers port runtime_port (master_process off under callg
   wait_port "$port" $((${#UNDER[@]} ? 120 : 10)) "$name"
 }
 
-# Section 6 sets these around a call: the proxy runs under callgrind, or takes Pingora's path.
+# Section 6 sets these around a call: the proxy runs under callgrind, or takes Pingora's path;
+# section 5 keeps the breaker out of its rescues.
 UNDER=()
 LEAN_PASSTHROUGH=true
-cutover_proxy() { # name threads port runtime_port [legacy_port bridge_enabled bridge_cache_ttl_ms commit_timeout_ms]
+BREAKER_MIN_REQUESTS=10
+cutover_proxy() { # name threads port runtime_port [legacy_port bridge_enabled bridge_cache_ttl_ms commit_timeout_ms pre_content]
   local name=$1 threads=$2 port=$3 rport=$4 lport=${5:-$LEGACY_PORT} bridge=${6:-false} ttl=${7:-30000}
-  local commit=${8:-5000}
+  local commit=${8:-5000} pre=${9:-stream}
   $TOOL render bench/proxy.toml.in "$OUT/conf/$name.toml" \
     "PROXY_PORT=$port" "ADMIN_PORT=$((port + 1))" "METRICS_PORT=$((port + 2))" \
     "THREADS=$threads" "LEGACY_PORT=$lport" "RUNTIME_PORT=$rport" "STREAM_PATH=$STREAM_PATH" \
     "BRIDGE_ENABLED=$bridge" "BRIDGE_CACHE_TTL_MS=$ttl" "COMMIT_TIMEOUT_MS=$commit" \
-    "LEAN_PASSTHROUGH=$LEAN_PASSTHROUGH"
+    "PRE_CONTENT=$pre" "LEAN_PASSTHROUGH=$LEAN_PASSTHROUGH" "BREAKER_MIN_REQUESTS=$BREAKER_MIN_REQUESTS"
   "$PROXY_BIN" check --config "$OUT/conf/$name.toml" >/dev/null || die "$name config invalid"
   # SIGINT: Pingora's fast shutdown (SIGTERM would drain for grace_period_secs).
   start "$name" INT "${UNDER[@]}" "$PROXY_BIN" --config "$OUT/conf/$name.toml"
@@ -544,33 +547,46 @@ if section 4; then
 fi
 
 # ---- 5. the commit point -------------------------------------------------------------------
-# A runtime that plans before it answers, through four proxies: commit at the runtime's head
-# (commit_timeout_ms = 0, every event written as it comes) or at its first content (the
-# default), each with the bridge off and on (section 4's legacy stand-in, cached lookups). What
-# the user waits for is the first content: holding the thinking events should not delay it, and
-# with the bridge on the user message's save, which now starts at the commit, adds to it.
+# A runtime that plans before it answers (two thinking events, then the text), through proxies
+# that hold the client's head until the first content (pre_content = "hold") or stream the head
+# and the status at once (the default), each with the bridge off and on (section 4's legacy
+# stand-in, cached lookups): when the user first sees something, and when the first content.
+# Then the rescue: the same planning ending in an execution_error, continued in the open stream
+# by legacy's answer (the planning runtime is legacy's chat route too), against the same legacy
+# answering a chat routed to it directly: what the rescue costs over a direct legacy answer.
 if section 5; then
-  log "section 5: commit off / on, bridge off / on, $ROUNDS × $COMMIT_STREAMS planning streams per case"
+  log "section 5: hold / stream, bridge off / on, rescue / direct legacy, $ROUNDS × $COMMIT_STREAMS planning streams per case"
   start planning-runtime TERM python3 bench/benchtool.py planning-runtime --port $PLANNING_RUNTIME_PORT \
     --gap-ms "$PLAN_GAP_MS"
   wait_port $PLANNING_RUNTIME_PORT 10 planning-runtime
-  COMMIT_CASES=("off-bridge-off=commit off, bridge off" "off-bridge-on=commit off, bridge on"
-                "on-bridge-off=commit on, bridge off" "on-bridge-on=commit on, bridge on")
+  COMMIT_CASES=("hold-bridge-off=hold, bridge off" "hold-bridge-on=hold, bridge on"
+                "stream-bridge-off=stream, bridge off" "stream-bridge-on=stream, bridge on"
+                "rescued=stream, the runtime fails: rescued by legacy" "direct=legacy, routed to it directly")
   declare -A COMMIT_PORT=()
   i=0
   for c in "${COMMIT_CASES[@]}"; do
     name=${c%%=*}
+    case $name in direct) continue ;; esac
     COMMIT_PORT[$name]=$((COMMIT_PROXY_PORT + 10 * i)); i=$((i + 1))
-    case $name in off-*) timeout_ms=0 ;; *) timeout_ms=5000 ;; esac
-    case $name in *-bridge-on) bridge=true ;; *) bridge=false ;; esac
-    cutover_proxy "commit-$name" 1 "${COMMIT_PORT[$name]}" $PLANNING_RUNTIME_PORT $BRIDGE_LEGACY_PORT \
-      "$bridge" 30000 "$timeout_ms"
+    case $name in hold-*) pre=hold ;; *) pre=stream ;; esac
+    case $name in *-bridge-on) bridge=true lport=$BRIDGE_LEGACY_PORT ;;
+                  rescued) bridge=false lport=$PLANNING_RUNTIME_PORT ;;
+                  *) bridge=false lport=$BRIDGE_LEGACY_PORT ;; esac
+    case $name in rescued) BREAKER_MIN_REQUESTS=1000000000 ;; *) BREAKER_MIN_REQUESTS=10 ;; esac
+    cutover_proxy "commit-$name" 1 "${COMMIT_PORT[$name]}" $PLANNING_RUNTIME_PORT "$lport" \
+      "$bridge" 30000 5000 "$pre"
   done
+  BREAKER_MIN_REQUESTS=10
+  # The direct legacy chats go through the rescue's proxy: its legacy is the same stand-in.
+  COMMIT_PORT[direct]=${COMMIT_PORT[rescued]}
   for r in $(seq 1 "$ROUNDS"); do
     for c in "${COMMIT_CASES[@]}"; do
       name=${c%%=*}
+      case $name in rescued) org=org-bench msg=benchmark-fail ;;
+                    direct) org=org-legacy msg=benchmark ;;
+                    *) org=org-bench msg=benchmark ;; esac
       $TOOL sse --kind proxy --case "$name" --threads 1 --stream short --port "${COMMIT_PORT[$name]}" \
-        --path $CHAT_PATH --org org-bench --count "$COMMIT_STREAMS" \
+        --path $CHAT_PATH --org "$org" --message "$msg" --count "$COMMIT_STREAMS" \
         --out "$OUT/commit/$name-r$r.json" >&2
     done
   done
@@ -583,7 +599,9 @@ if section 5; then
     --set "date=$(date -u '+%Y-%m-%d %H:%M UTC')" \
     --set "commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" \
     --set "loadavg=$(cut -d' ' -f1-3 /proc/loadavg)" --set "command=$COMMAND"
-  for c in "${COMMIT_CASES[@]}"; do stop "commit-${c%%=*}"; done
+  for c in "${COMMIT_CASES[@]}"; do
+    case ${c%%=*} in direct) ;; *) stop "commit-${c%%=*}" ;; esac
+  done
   stop planning-runtime
 fi
 

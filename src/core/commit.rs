@@ -5,8 +5,13 @@
 //! (an event the runtime sent, a timer, the end of the stream) and is told to keep holding,
 //! to commit (and why), or to fail over. After the commit the stream is the runtime's, and
 //! [`crate::core::stream::verdict`] judges how it ended.
+//!
+//! With `runtime.pre_content = "stream"` ([`Precommit::streaming`]) the head is not held: the
+//! status events and heartbeats pass to the client as they come ([`Step::Pass`]), and a failure
+//! before content is still [`Step::FailOver`], which the relay turns into a rescue inside the
+//! open stream.
 
-use crate::core::config::{CommitOn, CommitTimeoutAction};
+use crate::core::config::{CommitOn, CommitTimeoutAction, PreContent};
 use crate::core::stats::Outcome;
 use crate::core::stream::{End, CANCELLED_CODE};
 
@@ -86,6 +91,8 @@ impl Trigger {
 pub enum Step {
     /// Keep holding, and keep this event for the commit.
     Hold,
+    /// Streaming: this status event (or heartbeat) goes to the client now; still no content.
+    Pass,
     /// Write the response head, the held events, then this one.
     Commit(Trigger),
     /// Nothing reached the user: legacy serves the request instead. The runtime's outcome:
@@ -101,6 +108,7 @@ pub enum Step {
 pub struct Precommit {
     on: CommitOn,
     on_timeout: CommitTimeoutAction,
+    pre_content: PreContent,
     held: Held,
     held_bytes: usize,
 }
@@ -123,9 +131,16 @@ impl Precommit {
         Precommit {
             on,
             on_timeout,
+            pre_content: PreContent::Hold,
             held: Held::default(),
             held_bytes: 0,
         }
+    }
+
+    /// The same point with the head already out (`pre_content = "stream"`): nothing is held.
+    pub fn streaming(mut self) -> Self {
+        self.pre_content = PreContent::Stream;
+        self
     }
 
     pub fn held(&self) -> Held {
@@ -137,6 +152,12 @@ impl Precommit {
         match seen {
             Seen::Thinking { .. } | Seen::Ping { .. } | Seen::Content if first_event => {
                 Step::Commit(Trigger::FirstEvent)
+            }
+            // The head is out: status and liveness pass, and do not commit to the runtime.
+            Seen::Thinking { .. } | Seen::Ping { .. } | Seen::Heartbeat
+                if self.pre_content == PreContent::Stream =>
+            {
+                Step::Pass
             }
             Seen::Thinking { bytes } => {
                 self.held.thinking += 1;
@@ -200,6 +221,43 @@ mod tests {
 
     const THINKING: Seen<'static> = Seen::Thinking { bytes: 100 };
     const PING: Seen<'static> = Seen::Ping { bytes: 30 };
+
+    #[test]
+    fn streaming_passes_status_and_heartbeats_and_fails_over_the_same() {
+        let mut p = content().streaming();
+        for _ in 0..(MAX_HELD_EVENTS * 2) {
+            assert_eq!(p.see(Seen::Thinking { bytes: 4096 }), Step::Pass);
+            assert_eq!(p.see(PING), Step::Pass);
+            assert_eq!(p.see(Seen::Heartbeat), Step::Pass);
+        }
+        assert_eq!(p.held(), Held::default());
+        assert_eq!(p.see(Seen::Content), Step::Commit(Trigger::Content));
+        let mut p = content().streaming();
+        assert_eq!(
+            p.see(Seen::Error { code: "LLM_DOWN" }),
+            Step::FailOver(Outcome::Error)
+        );
+        assert_eq!(
+            content().streaming().see(Seen::Error {
+                code: CANCELLED_CODE
+            }),
+            Step::Commit(Trigger::Cancel)
+        );
+        let failover = Precommit::new(CommitOn::Content, CommitTimeoutAction::Failover).streaming();
+        assert_eq!(
+            failover.clone().see(Seen::Timeout),
+            Step::FailOver(Outcome::Timeout)
+        );
+        assert_eq!(
+            content().streaming().see(Seen::Timeout),
+            Step::Commit(Trigger::Timeout)
+        );
+        // commit_on = "first_event" commits at the first event, streamed or not.
+        assert_eq!(
+            on(CommitOn::FirstEvent).streaming().see(THINKING),
+            Step::Commit(Trigger::FirstEvent)
+        );
+    }
 
     #[test]
     fn thinking_and_pings_are_held_until_content() {
@@ -406,6 +464,7 @@ mod tests {
                         prop_assert!(p.held().events() < MAX_HELD_EVENTS);
                         continue;
                     }
+                    Step::Pass => prop_assert!(false, "a held stream passes nothing"),
                     Step::FailOver(Outcome::Error) => prop_assert!(
                         matches!(e, Ev::Error(false) | Ev::End(0..=4)),
                         "{e:?} failed over"

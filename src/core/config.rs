@@ -40,6 +40,19 @@ pub enum CommitOn {
     FirstEvent,
 }
 
+/// What the client gets before the runtime's first content (`runtime.pre_content`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PreContent {
+    /// The response head, `thinking` and heartbeats go out as they come; a runtime that fails
+    /// before content is rescued inside the open stream with legacy's answer.
+    #[default]
+    Stream,
+    /// The head and the status events wait for the commit; a failure before it is an ordinary
+    /// failover (the client sees only legacy's stream).
+    Hold,
+}
+
 /// What `runtime.commit_timeout_ms` passing with no content yet does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -281,6 +294,10 @@ pub struct RuntimeConfig {
     /// What the commit timeout does: commit and keep waiting on the runtime, or fail over.
     #[serde(default)]
     pub commit_timeout_action: CommitTimeoutAction,
+    /// Before the runtime's first content: stream the head and status events at once (and
+    /// rescue a failure in-stream through legacy), or hold them until the commit.
+    #[serde(default)]
+    pub pre_content: PreContent,
     /// The runtime's `agent_id` when the bridge is off and the body names none; empty: none.
     #[serde(default)]
     pub default_agent_id: String,
@@ -1512,6 +1529,16 @@ mod tests {
         assert_eq!(
             err_key(&with_runtime("commit_timeout_action = \"wait\"")),
             "runtime.commit_timeout_action"
+        );
+        assert_eq!(
+            Config::parse(MINIMAL).unwrap().runtime.pre_content,
+            PreContent::Stream
+        );
+        let c = Config::parse(&with("pre_content = \"hold\"")).unwrap();
+        assert_eq!(c.runtime.pre_content, PreContent::Hold);
+        assert_eq!(
+            err_key(&with("pre_content = \"buffer\"")),
+            "runtime.pre_content"
         );
     }
 

@@ -22,6 +22,7 @@ pub mod persist;
 pub mod prometheus;
 pub mod recent;
 pub mod request_head;
+pub mod rescue;
 pub mod rollout;
 pub mod routing;
 pub mod scorecard;

@@ -78,6 +78,13 @@ pub(super) enum Served {
     Runtime(StreamReport),
     /// Proxied to legacy, as decided or because the runtime failed before its first byte.
     Legacy { failover: Option<Failover> },
+    /// The runtime failed before content with the client's stream open
+    /// (`runtime.pre_content = "stream"`), and the proxy relayed legacy's answer into it:
+    /// counted as a failover, `report` (legacy's part) saying how the stream ended.
+    Rescued {
+        failover: Failover,
+        report: StreamReport,
+    },
 }
 
 /// The runtime failed before its first byte and legacy served the request instead.
@@ -140,6 +147,13 @@ impl ChatCtx {
             } => Delivered {
                 detail: Some(failover.failure.detail.as_str()),
                 ..legacy
+            },
+            Served::Rescued { failover, report } => Delivered {
+                events: report.events,
+                bytes: report.bytes,
+                first_write: report.first_write,
+                error_code: report.error_code,
+                detail: Some(report.detail.as_deref().unwrap_or(&failover.failure.detail)),
             },
             Served::Legacy { failover: None } | Served::Refused | Served::Unanswered => legacy,
         }

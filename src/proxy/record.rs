@@ -108,6 +108,12 @@ impl ChatService {
             Served::Legacy {
                 failover: Some(failover),
             } => (Some(failover.failure.outcome), failover.after, None),
+            // The runtime's status events reached the client before it failed.
+            Served::Rescued { failover, report } => (
+                Some(failover.failure.outcome),
+                failover.after,
+                report.first_write,
+            ),
             Served::Legacy { failover: None } | Served::Refused | Served::Unanswered => {
                 return None
             }
@@ -130,10 +136,22 @@ impl ChatService {
         total: Duration,
         now: Instant,
     ) -> Option<Outcome> {
-        if !matches!(chat.served, Served::Legacy { .. }) {
-            return None;
-        }
-        let outcome = legacy_outcome(status, finish);
+        let outcome = match &chat.served {
+            Served::Legacy { .. } => legacy_outcome(status, finish),
+            // Legacy's answer relayed by the proxy: the stream's own verdict.
+            Served::Rescued { report, .. } => {
+                self.count(
+                    Mode::DirectLlm,
+                    chat.org(),
+                    report.outcome,
+                    total,
+                    None,
+                    now,
+                );
+                return report.outcome;
+            }
+            _ => return None,
+        };
         if let Some(half) = chat.shadow.as_ref().filter(|h| h.unreadable) {
             half.pair.legacy_unreadable(&self.shared);
         } else if let Some(half) = &chat.shadow {

@@ -18,7 +18,7 @@ use super::service::{Chat, ChatService};
 use crate::core::breaker::State;
 use crate::core::bridge::{self, BridgeError};
 use crate::core::chat::{self, ChatBody};
-use crate::core::config::Mode;
+use crate::core::config::{Mode, PreContent};
 use crate::core::forwarded::{Forwarded, Received};
 use crate::core::identity::{Caller, Unverified};
 use crate::core::ids;
@@ -27,7 +27,8 @@ use crate::core::scorecard::{Coding, DecodingObserver};
 use crate::core::stream::{self, End, Facts};
 use crate::runtime::connection::{self, OpenFailure, RuntimeStream};
 use crate::runtime::downstream::{BodyRead, Downstream};
-use crate::runtime::relay::{self, RelayArgs, Relayed, Saving, StreamReport};
+use crate::runtime::relay::{self, RelayArgs, Relayed, Rescued, Saving, StreamReport};
+use crate::runtime::rescue::Rescue;
 use crate::runtime::respond::respond_sse_error;
 use crate::runtime::shadow::{Pair, Reading, Source};
 use crate::state::Active;
@@ -58,6 +59,9 @@ struct Execution {
     request_id: String,
     /// With the bridge on.
     bridged: Option<Bridged>,
+    /// `runtime.pre_content = "stream"`: the request legacy gets should the runtime fail
+    /// before content with the client's stream open.
+    rescue: Option<Rescue>,
 }
 
 /// The bridge's part of a runtime chat.
@@ -313,8 +317,14 @@ impl ChatService {
         let limits = &req.active.config.limits;
         // From the head, not from the request's first byte: the head had its own deadline.
         let by = Instant::now() + Duration::from_millis(limits.body_timeout_ms);
+        let mut rescue = None;
         let chat_body = match session.read_chat_body(limit, by).await? {
-            BodyRead::Complete(body) => chat::parse_chat_body(&body),
+            BodyRead::Complete(body) => {
+                if req.active.config.runtime.pre_content == PreContent::Stream {
+                    rescue = Some(rescue_request(session, req.active, &body));
+                }
+                chat::parse_chat_body(&body)
+            }
             BodyRead::TooLarge => {
                 let msg = format!("chat request body without Content-Length exceeds {limit} bytes");
                 self.refuse(session, req.chat, Rejection::TooLarge, &msg)
@@ -375,6 +385,7 @@ impl ChatService {
                 deadline,
                 request_id,
                 bridged: None,
+                rescue,
             })));
         }
 
@@ -415,6 +426,7 @@ impl ChatService {
                 created,
                 after: conversation.last_message_id,
             }),
+            rescue,
         })))
     }
 
@@ -504,6 +516,7 @@ impl ChatService {
     ) -> Option<OpenFailure> {
         let runtime = &req.active.config.runtime;
         let bridge_config = &req.active.config.bridge;
+        let created = request.bridged.as_ref().is_some_and(|b| b.created);
         let args = RelayArgs {
             shared: self.shared.clone(),
             decision: req.chat.decision,
@@ -528,10 +541,17 @@ impl ChatService {
                     .finish_detached
                     .then_some(bridge_config.max_detached),
             }),
+            rescue: request.rescue.map(|r| Rescue {
+                discard_session: created,
+                ..r
+            }),
         };
         match relay::relay(session, stream, args).await {
-            Relayed::Served(report) => {
-                req.chat.served = Served::Runtime(report);
+            Relayed::Served(mut report) => {
+                match report.rescued.take() {
+                    Some(rescued) => self.rescued(req, rescued, report),
+                    None => req.chat.served = Served::Runtime(report),
+                }
                 None
             }
             // An error (or, too slow, a timeout) for the breaker, like a runtime that failed
@@ -542,6 +562,37 @@ impl ChatService {
                 failover: true,
             }),
         }
+    }
+
+    /// The runtime failed before content with the client's stream open, and legacy's answer
+    /// continued it: a failover for the breaker, the stats, the metrics and the access log.
+    fn rescued(&self, req: &mut RuntimePath<'_>, rescued: Rescued, report: StreamReport) {
+        let metrics = self.shared.metrics;
+        metrics.failover_total.inc();
+        metrics
+            .commit
+            .failovers_total
+            .with_label_values(&["in_stream"])
+            .inc();
+        let after = req
+            .chat
+            .asked
+            .map_or(Duration::ZERO, |t| rescued.at.saturating_duration_since(t));
+        req.chat.served = Served::Rescued {
+            failover: Failover {
+                failure: OpenFailure {
+                    outcome: rescued.outcome,
+                    detail: rescued.detail,
+                    failover: true,
+                },
+                after,
+            },
+            report,
+        };
+        req.chat.decision = RolloutDecision {
+            mode: Mode::DirectLlm,
+            reason: Reason::Failover,
+        };
     }
 
     /// The runtime failed before anything reached the client (`stage`: before its response
@@ -591,6 +642,7 @@ impl ChatService {
             first_write: Some(req.started.elapsed()),
             events: 1,
             bytes,
+            rescued: None,
         });
     }
 
@@ -621,6 +673,7 @@ impl ChatService {
             first_write: Some(req.started.elapsed()),
             events: 1,
             bytes,
+            rescued: None,
         });
     }
 
@@ -692,6 +745,37 @@ impl ChatService {
             session_id,
             source,
         ))
+    }
+}
+
+/// The client's request as legacy gets it in a rescue: its method, target, headers (as
+/// Pingora's proxy would forward them, with the proxy's `X-Forwarded-*`) and body as sent.
+fn rescue_request<D: Downstream>(session: &D, active: &Active, body: &[u8]) -> Rescue {
+    let head = session.req_header();
+    let mut got = Received::default();
+    for (name, value) in &head.headers {
+        got.see(name.as_str().as_bytes(), value.as_bytes());
+    }
+    let forwarded = Forwarded::of(active.hop(session.client_ip()), &got);
+    let target = head.uri.path_and_query().map_or("/", |p| p.as_str());
+    let headers: Vec<_> = head
+        .headers
+        .iter()
+        .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()))
+        .collect();
+    let request = crate::core::rescue::legacy_request(
+        head.method.as_str(),
+        target,
+        &headers,
+        active.verifier.trusted_org_header().map(|h| h.as_str()),
+        &forwarded,
+        body,
+    );
+    Rescue {
+        request: Bytes::from(request),
+        address: active.config.legacy.address.clone(),
+        timeouts: active.legacy,
+        discard_session: false,
     }
 }
 

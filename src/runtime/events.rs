@@ -30,99 +30,70 @@ pub enum Read {
     End(End),
 }
 
-/// One runtime stream, read event by event.
-pub struct RuntimeEvents<C = TcpStream> {
+/// An upstream's event stream, read as it comes and parsed into whole frames, with one rule
+/// for what ends it: the end of the body, a broken connection, a frame over the limit, or a
+/// silence past the upstream's idle timeout. The runtime's stream is read through it
+/// ([`RuntimeEvents`], which maps each frame), and so is legacy's answer continuing a rescued
+/// stream (`runtime::rescue`, which writes each frame again).
+pub struct Frames<C = TcpStream> {
     body: Body<C>,
     parser: SseParser,
-    mapper: StreamMapper,
     /// Parsed from the last read; handed out from `next`.
     parsed: Vec<SseEvent>,
     next: usize,
-    /// Why the stream is over, once known: handed out after the events parsed before it.
+    /// Why the stream is over, once known: handed out after the frames parsed before it.
     end: Option<End>,
     /// Bytes the last read brought.
     last_read: usize,
-    completed: bool,
-    runtime_error: Option<String>,
 }
 
-impl<C> RuntimeEvents<C> {
-    pub fn new(body: Body<C>, max_frame_bytes: usize, mapper: StreamMapper) -> Self {
-        RuntimeEvents {
+impl<C> Frames<C> {
+    pub fn new(body: Body<C>, max_frame_bytes: usize) -> Self {
+        Frames {
             body,
             parser: SseParser::new(max_frame_bytes),
-            mapper,
             parsed: Vec::new(),
             next: 0,
             end: None,
             last_read: 0,
-            completed: false,
-            runtime_error: None,
         }
     }
 
-    /// The next step of the stream from what has been read, mapping an event's client bytes onto
-    /// `out`; `None` when more must be read first.
-    pub fn next(&mut self, out: &mut Vec<u8>) -> Option<Read> {
-        let Some(ev) = self.parsed.get(self.next) else {
-            return self.end.take().map(Read::End);
-        };
+    /// The next frame from what has been read; `None` when none is left, and then [`Self::end`]
+    /// says whether the stream is over.
+    pub fn next_frame(&mut self) -> Option<&SseEvent> {
+        let ev = self.parsed.get(self.next)?;
         self.next += 1;
-        if self.completed && ev.data.trim() != "[DONE]" {
-            return Some(Read::AfterDone);
-        }
-        let mapped = self.mapper.map(ev, out);
-        match &mapped {
-            Mapped::Complete(_) => self.completed = true,
-            Mapped::Failed { code, .. } => {
-                self.runtime_error = Some(code.clone());
-                self.stop(End::ExecutionError);
-            }
-            Mapped::End => self.stop(End::Done),
-            _ => {}
-        }
-        Some(Read::Event(mapped))
+        Some(ev)
     }
 
-    /// The stream ends at this event: what followed it in the same read is not handed out.
-    fn stop(&mut self, end: End) {
+    /// Why the stream is over, once every frame before it was handed out; `None` while more may
+    /// be read.
+    pub fn end(&mut self) -> Option<End> {
+        self.end.take()
+    }
+
+    /// The stream ends at the frame handed out last (`why`, or no further step at all): what
+    /// followed it in the same read is not handed out.
+    pub fn stop(&mut self, why: Option<End>) {
         self.next = self.parsed.len();
-        self.end = Some(end);
+        self.end = why;
     }
 
-    /// Bytes the last read brought: about what its events take once rewritten.
+    /// Bytes the last read brought.
     pub fn last_read(&self) -> usize {
         self.last_read
     }
 
-    /// `execution_complete` was mapped: the client has its answer.
-    pub fn completed(&self) -> bool {
-        self.completed
-    }
-
-    /// What the verdict on the stream's `end` looks at; `client`: someone reads it.
-    pub fn facts(&mut self, client: bool, end: End) -> Facts {
-        Facts {
-            client,
-            completed: self.completed,
-            runtime_error: self.runtime_error.take(),
-            end,
-        }
-    }
-
-    pub fn mapper(&mut self) -> &mut StreamMapper {
-        &mut self.mapper
-    }
-
     /// Back to the pool if the body was read to its end and the connection can carry another
-    /// request; closed otherwise, which tells the runtime to stop.
+    /// request; closed otherwise, which tells the upstream to stop.
     pub fn release(self) {
         self.body.release();
     }
 }
 
-impl<C: AsyncRead + AsyncWrite + Unpin + Send + 'static> RuntimeEvents<C> {
-    /// Read more of the stream, once every event read before has been handed out. Cancel-safe:
+impl<C: AsyncRead + AsyncWrite + Unpin + Send + 'static> Frames<C> {
+    /// Read more of the stream, once every frame read before has been handed out. Cancel-safe:
     /// its one await is the body's read, and what it read is parsed only once it completes, so it
     /// can race timers in a `select!`.
     pub async fn read(&mut self) {
@@ -155,7 +126,7 @@ impl<C: AsyncRead + AsyncWrite + Unpin + Send + 'static> RuntimeEvents<C> {
         }
     }
 
-    /// The runtime closed the connection: the end of a close-delimited body, a break otherwise.
+    /// The upstream closed the connection: the end of a close-delimited body, a break otherwise.
     fn body_over(&mut self) -> End {
         match self.body.eof() {
             Ok(()) => {
@@ -191,5 +162,90 @@ impl<C: AsyncRead + AsyncWrite + Unpin + Send + 'static> RuntimeEvents<C> {
     /// of its own so the connection can be reused.
     pub fn release_when_done(self) {
         self.body.release_when_done();
+    }
+}
+
+/// One runtime stream, read event by event.
+pub struct RuntimeEvents<C = TcpStream> {
+    frames: Frames<C>,
+    mapper: StreamMapper,
+    completed: bool,
+    runtime_error: Option<String>,
+}
+
+impl<C> RuntimeEvents<C> {
+    pub fn new(body: Body<C>, max_frame_bytes: usize, mapper: StreamMapper) -> Self {
+        RuntimeEvents {
+            frames: Frames::new(body, max_frame_bytes),
+            mapper,
+            completed: false,
+            runtime_error: None,
+        }
+    }
+
+    /// The next step of the stream from what has been read, mapping an event's client bytes onto
+    /// `out`; `None` when more must be read first.
+    pub fn next(&mut self, out: &mut Vec<u8>) -> Option<Read> {
+        let Some(ev) = self.frames.next_frame() else {
+            return self.frames.end().map(Read::End);
+        };
+        if self.completed && ev.data.trim() != "[DONE]" {
+            return Some(Read::AfterDone);
+        }
+        let mapped = self.mapper.map(ev, out);
+        match &mapped {
+            Mapped::Complete(_) => self.completed = true,
+            Mapped::Failed { code, .. } => {
+                self.runtime_error = Some(code.clone());
+                self.frames.stop(Some(End::ExecutionError));
+            }
+            Mapped::End => self.frames.stop(Some(End::Done)),
+            _ => {}
+        }
+        Some(Read::Event(mapped))
+    }
+
+    /// Bytes the last read brought: about what its events take once rewritten.
+    pub fn last_read(&self) -> usize {
+        self.frames.last_read()
+    }
+
+    /// `execution_complete` was mapped: the client has its answer.
+    pub fn completed(&self) -> bool {
+        self.completed
+    }
+
+    /// What the verdict on the stream's `end` looks at; `client`: someone reads it.
+    pub fn facts(&mut self, client: bool, end: End) -> Facts {
+        Facts {
+            client,
+            completed: self.completed,
+            runtime_error: self.runtime_error.take(),
+            end,
+        }
+    }
+
+    pub fn mapper(&mut self) -> &mut StreamMapper {
+        &mut self.mapper
+    }
+
+    /// Back to the pool if the body was read to its end and the connection can carry another
+    /// request; closed otherwise, which tells the runtime to stop.
+    pub fn release(self) {
+        self.frames.release();
+    }
+}
+
+impl<C: AsyncRead + AsyncWrite + Unpin + Send + 'static> RuntimeEvents<C> {
+    /// Read more of the stream, once every event read before has been handed out. Cancel-safe:
+    /// see [`Frames::read`].
+    pub async fn read(&mut self) {
+        self.frames.read().await;
+    }
+
+    /// After a clean end the body's last bytes may still be on their way: read them on a task
+    /// of its own so the connection can be reused.
+    pub fn release_when_done(self) {
+        self.frames.release_when_done();
     }
 }

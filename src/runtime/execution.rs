@@ -31,6 +31,10 @@ pub struct RelayArgs {
     pub map: MapSettings,
     /// Where the user's message and the answer are saved, with the bridge on.
     pub saving: Option<Saving>,
+    /// `runtime.pre_content = "stream"`: the head goes out with the runtime's, and a failure
+    /// before content is rescued in the open stream with this request to legacy. `None`: the
+    /// head is held until the commit (`"hold"`).
+    pub rescue: Option<crate::runtime::rescue::Rescue>,
 }
 
 /// The conversation bridge's part of a relay: legacy saves the user's message from the commit

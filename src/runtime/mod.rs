@@ -8,5 +8,6 @@ pub mod events;
 pub mod execution;
 pub mod files;
 pub mod relay;
+pub mod rescue;
 pub mod respond;
 pub mod shadow;

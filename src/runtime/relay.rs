@@ -2,8 +2,11 @@
 //! inline, each event whole and flushed as soon as its frame is complete. Until the commit point
 //! (`core::commit`) the client's response head is held, and a runtime that fails is handed back
 //! to be failed over; once a byte reached the client every failure ends the stream with exactly
-//! one `error` event.
+//! one `error` event. With `runtime.pre_content = "stream"` the head and the status events go out
+//! as they come, and a failure before content is rescued in the open stream: legacy is asked
+//! for the same request and its events continue the client's stream (`runtime::rescue`).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -16,15 +19,18 @@ use tokio::time::Instant as Tick;
 use crate::core::agent2ui::{self, Completion, DoneEvent, Mapped, StreamMapper};
 use crate::core::commit::{Precommit, Seen, Step, Trigger};
 use crate::core::config::Mode;
+use crate::core::rescue::FALLBACK_FAILED;
 use crate::core::stats::Outcome;
 use crate::core::stream::{self, End, Facts};
 use crate::runtime::detached;
 use crate::runtime::downstream::Downstream;
 use crate::runtime::events::{Read, RuntimeEvents};
 pub use crate::runtime::execution::{save_answer, RelayArgs, Saving};
+use crate::runtime::rescue;
+pub use crate::runtime::rescue::Rescued;
 use crate::runtime::respond::sse_response_header;
 use crate::state::in_flight::InFlight;
-use crate::upstream::Body;
+use crate::upstream::{Body, Connect, Upstream};
 
 /// Grace for the last write after the execution deadline.
 const WRITE_GRACE: Duration = Duration::from_secs(1);
@@ -40,6 +46,9 @@ pub struct StreamReport {
     pub first_write: Option<Duration>,
     pub events: u64,
     pub bytes: u64,
+    /// The runtime failed before content with the stream open, and legacy's answer continued
+    /// it: `outcome` above is then legacy's part, this the runtime's.
+    pub rescued: Option<Rescued>,
 }
 
 /// How a relay ended.
@@ -53,23 +62,32 @@ pub enum Relayed {
 }
 
 /// Where a relayed stream stands. Each state says what a failure does: while `Held`, nothing
-/// reached the client and legacy can answer instead; once `Committed`, the stream ends with one
-/// `error` event. A rescue inside the open stream would be states of its own here (the head and
-/// the status events out but no content yet, then legacy's events relayed in its place), beside
-/// these two, with the reader, the timers and the writes unchanged.
+/// reached the client and legacy can answer instead; while `Open`, the client has the head and
+/// status events but no content, and legacy's answer continues its stream (`Rescue`); once
+/// `Committed`, the stream ends with one `error` event.
 enum Phase {
     /// Before the commit: the response head and the events so far (in `out`) wait.
     Held(Held),
+    /// Before the commit with `pre_content = "stream"`: the head went out, status events and
+    /// heartbeats pass, a failure is rescued.
+    Open(Pending),
     /// The head went out. `user_saved`: the user message's save, which the next client write
     /// waits for.
     Committed {
         user_saved: Option<tokio::task::JoinHandle<()>>,
     },
+    /// The runtime failed while `Open`: legacy's events are relayed in its place.
+    Rescue,
 }
 
 /// A stream before its commit: the client's response head, not written yet.
 struct Held {
     header: Box<ResponseHeader>,
+    pending: Pending,
+}
+
+/// What a stream before its commit waits for.
+struct Pending {
     precommit: Precommit,
     head_at: Tick,
     commit_at: Tick,
@@ -99,7 +117,8 @@ enum Timer {
 }
 
 /// Relay a runtime stream to the client until it completes, fails, times out or the client goes;
-/// or, when the runtime fails before the commit, hand the request back for legacy.
+/// or, when the runtime fails before the commit, hand the request back for legacy (the head
+/// held), or rescue the open stream with legacy's answer (`args.rescue`).
 ///
 /// The loop only waits: for the runtime's next read, a timer, the deadline, the shutdown cutoff
 /// or the client leaving. What each means is the [`Relay`]'s: `on_event` and `on_end` for what
@@ -112,11 +131,27 @@ enum Timer {
 pub fn relay<'s, D, C>(
     session: &'s mut D,
     stream: Body<C>,
-    mut args: RelayArgs,
+    args: RelayArgs,
 ) -> impl std::future::Future<Output = Relayed> + Send + 's
 where
     D: Downstream,
     C: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static,
+{
+    let legacy = args.shared.legacy.clone();
+    relay_with(session, stream, args, legacy)
+}
+
+/// [`relay`], with the client a rescue asks legacy through.
+pub fn relay_with<'s, D, C, K>(
+    session: &'s mut D,
+    stream: Body<C>,
+    mut args: RelayArgs,
+    legacy: Arc<Upstream<K>>,
+) -> impl std::future::Future<Output = Relayed> + Send + 's
+where
+    D: Downstream,
+    C: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static,
+    K: Connect,
 {
     match sse_response_header(args.decision, session.version(), &args.cors) {
         Ok(header) => {
@@ -135,9 +170,11 @@ where
                 let _in_flight =
                     InFlight::new(relay.metrics().streams_in_flight.with_label_values(&[mode]));
                 let mut flow = Flow::Go;
-                if relay.args.commit_timeout.is_zero()
-                    && !Box::pin(relay.commit(Trigger::Head)).await
-                {
+                if relay.args.commit_timeout.is_zero() {
+                    if !Box::pin(relay.commit(Trigger::Head)).await {
+                        flow = Flow::Stop;
+                    }
+                } else if relay.args.rescue.is_some() && !Box::pin(relay.open()).await {
                     flow = Flow::Stop;
                 }
                 while let Flow::Go = flow {
@@ -161,7 +198,14 @@ where
                         },
                     };
                 }
-                relay.finish(flow, events)
+                match flow {
+                    Flow::FailOver { detail, outcome } if matches!(relay.phase, Phase::Open(_)) => {
+                        // Closed: the runtime stops working on an answer nobody will read.
+                        drop(events);
+                        Box::pin(relay.rescue(detail, outcome, &legacy, &mut cutoff)).await
+                    }
+                    flow => relay.finish(flow, events),
+                }
             })
         }
         Err(e) => Either::Right(std::future::ready(Relayed::Served(StreamReport {
@@ -189,11 +233,13 @@ impl<'s, D: Downstream> Relay<'s, D> {
         let head_at = Tick::now();
         let held = Held {
             header,
-            precommit: Precommit::new(args.commit_on, args.commit_timeout_action),
-            head_at,
-            commit_at: head_at
-                .checked_add(args.commit_timeout)
-                .unwrap_or(Tick::from_std(args.deadline)),
+            pending: Pending {
+                precommit: Precommit::new(args.commit_on, args.commit_timeout_action),
+                head_at,
+                commit_at: head_at
+                    .checked_add(args.commit_timeout)
+                    .unwrap_or(Tick::from_std(args.deadline)),
+            },
         };
         Relay {
             session,
@@ -210,11 +256,42 @@ impl<'s, D: Downstream> Relay<'s, D> {
         self.args.shared.metrics
     }
 
-    fn held(&mut self) -> Option<&mut Held> {
+    /// The client's head is still held.
+    fn held(&self) -> bool {
+        matches!(self.phase, Phase::Held(_))
+    }
+
+    /// Before the commit, held or open.
+    fn pending(&mut self) -> Option<&mut Pending> {
         match &mut self.phase {
-            Phase::Held(h) => Some(h),
-            Phase::Committed { .. } => None,
+            Phase::Held(h) => Some(&mut h.pending),
+            Phase::Open(p) => Some(p),
+            Phase::Committed { .. } | Phase::Rescue => None,
         }
+    }
+
+    /// `pre_content = "stream"`: the head goes out with the runtime's, before any content.
+    /// False when the client is gone.
+    async fn open(&mut self) -> bool {
+        let Phase::Held(held) = std::mem::replace(&mut self.phase, Phase::Rescue) else {
+            return true;
+        };
+        let Held { header, pending } = held;
+        self.phase = Phase::Open(Pending {
+            precommit: pending.precommit.streaming(),
+            ..pending
+        });
+        let written = tokio::time::timeout_at(
+            write_by(self.args.deadline).into(),
+            self.session.write_response_header(header),
+        )
+        .await;
+        if !matches!(written, Ok(Ok(()))) {
+            self.report.detail = Some("client disconnected before the first event".into());
+            return false;
+        }
+        self.last_write = Tick::now();
+        true
     }
 
     /// Wait for what comes next: the runtime's next read (`Go`), or a timer, the deadline, the
@@ -235,7 +312,7 @@ impl<'s, D: Downstream> Relay<'s, D> {
             .last_write
             .checked_add(self.args.heartbeat)
             .unwrap_or(deadline);
-        let commit_at = self.held().map(|h| h.commit_at);
+        let commit_at = self.pending().map(|p| p.commit_at);
         let wake = tokio::select! {
             biased;
             _ = tokio::time::sleep_until(deadline) => Err(End::Deadline {
@@ -276,7 +353,7 @@ impl<'s, D: Downstream> Relay<'s, D> {
         events: &mut RuntimeEvents<C>,
     ) -> Flow {
         let bytes = self.out.len() - before;
-        if let Some(h) = self.held() {
+        if let Some(h) = self.pending() {
             let seen = match &mapped {
                 Mapped::Message("thinking") => Some(Seen::Thinking { bytes }),
                 Mapped::Message(_) | Mapped::Complete(_) => Some(Seen::Content),
@@ -290,11 +367,15 @@ impl<'s, D: Downstream> Relay<'s, D> {
                 None => true,
                 // Counted as written at the commit.
                 Some(Step::Hold) => return Flow::Go,
+                // Streamed before the commit: counted and written below.
+                Some(Step::Pass) => true,
                 Some(Step::FailOver(outcome)) => {
+                    // The failure's own event is not the client's; what passed before it is.
+                    self.out.truncate(before);
                     return Flow::FailOver {
                         detail: before_commit(&mapped),
                         outcome,
-                    }
+                    };
                 }
                 Some(Step::Abandon) => return Flow::Stop,
                 Some(Step::Commit(trigger)) => Box::pin(self.commit(trigger)).await,
@@ -344,7 +425,7 @@ impl<'s, D: Downstream> Relay<'s, D> {
         // The first event leaves at once instead of after the whole read (up to 32 KiB of
         // frames) is rewritten: time to first event is what the user sees.
         // Held events wait for the commit.
-        if self.report.first_write.is_none() && !self.out.is_empty() && self.held().is_none() {
+        if self.report.first_write.is_none() && !self.out.is_empty() && !self.held() {
             let room = self.out.capacity();
             let bytes = Bytes::from(std::mem::replace(&mut self.out, Vec::with_capacity(room)));
             if !self.write(Some(bytes), false).await {
@@ -404,7 +485,7 @@ impl<'s, D: Downstream> Relay<'s, D> {
     /// A timer fired: before the commit it commits (or fails over, with
     /// `commit_timeout_action = "failover"`); a heartbeat adds its event.
     async fn on_timer(&mut self, timer: Timer) -> Flow {
-        if let Some(h) = self.held() {
+        if let Some(h) = self.pending() {
             let seen = match timer {
                 Timer::Heartbeat => Seen::Heartbeat,
                 Timer::CommitDue => Seen::Timeout,
@@ -425,6 +506,8 @@ impl<'s, D: Downstream> Relay<'s, D> {
                         outcome,
                     }
                 }
+                // A heartbeat on an open stream: written below.
+                Step::Pass => {}
                 Step::Hold | Step::Abandon => unreachable!("a timer commits or fails over"),
             }
         }
@@ -445,7 +528,7 @@ impl<'s, D: Downstream> Relay<'s, D> {
     where
         C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        if let Some(h) = self.held() {
+        if let Some(h) = self.pending() {
             match h.precommit.see(Seen::End(&end)) {
                 Step::Commit(trigger) => {
                     if !Box::pin(self.commit(trigger)).await {
@@ -453,7 +536,7 @@ impl<'s, D: Downstream> Relay<'s, D> {
                     }
                 }
                 Step::Abandon => return Flow::Stop,
-                Step::Hold => unreachable!("the end of a stream is never held"),
+                Step::Hold | Step::Pass => unreachable!("the end of a stream is never held"),
                 Step::FailOver(outcome) => {
                     let facts = Facts {
                         client: true,
@@ -498,7 +581,7 @@ impl<'s, D: Downstream> Relay<'s, D> {
     /// After a read, or a timer: what was mapped leaves in one write, unless the head is held.
     async fn flush<C>(&mut self, events: &RuntimeEvents<C>) -> Flow {
         self.tally.flush();
-        if self.held().is_some() || self.out.is_empty() {
+        if self.held() || self.out.is_empty() {
             return Flow::Go;
         }
         let bytes = Bytes::from(std::mem::take(&mut self.out));
@@ -523,11 +606,18 @@ impl<'s, D: Downstream> Relay<'s, D> {
     /// The held events are in `out` already and go out with the next write.
     /// False when the client is gone.
     async fn commit(&mut self, trigger: Trigger) -> bool {
-        let Phase::Held(held) =
-            std::mem::replace(&mut self.phase, Phase::Committed { user_saved: None })
-        else {
-            return true;
-        };
+        let (header, held) =
+            match std::mem::replace(&mut self.phase, Phase::Committed { user_saved: None }) {
+                Phase::Held(h) => (Some(h.header), h.pending),
+                // The head is out already.
+                Phase::Open(p) => (None, p),
+                other => {
+                    self.phase = other;
+                    return true;
+                }
+            };
+        // Committed: no rescue any more, and a long stream need not keep legacy's request.
+        self.args.rescue = None;
         let shared = &self.args.shared;
         let metrics = &shared.metrics.commit;
         metrics
@@ -545,14 +635,16 @@ impl<'s, D: Downstream> Relay<'s, D> {
             .with_label_values(&["heartbeat"])
             .inc_by(kept.pings as u64);
         self.report.events += kept.events() as u64;
-        let written = tokio::time::timeout_at(
-            write_by(self.args.deadline).into(),
-            self.session.write_response_header(held.header),
-        )
-        .await;
-        if !matches!(written, Ok(Ok(()))) {
-            self.report.detail = Some("client disconnected before the commit".into());
-            return false;
+        if let Some(header) = header {
+            let written = tokio::time::timeout_at(
+                write_by(self.args.deadline).into(),
+                self.session.write_response_header(header),
+            )
+            .await;
+            if !matches!(written, Ok(Ok(()))) {
+                self.report.detail = Some("client disconnected before the commit".into());
+                return false;
+            }
         }
         let user_saved = self.args.saving.as_ref().map(|s| {
             let (bridge, target, who) = (s.bridge.clone(), s.target.clone(), s.who.clone());
@@ -612,6 +704,169 @@ impl<'s, D: Downstream> Relay<'s, D> {
         }
     }
 
+    /// The runtime failed before content with the client's stream open: legacy is asked for the
+    /// same request (the session made for a `/chat/start` deleted first, as legacy makes its
+    /// own), and its events continue the stream to its `done`. Legacy refusing, silent past its
+    /// deadlines or breaking off ends the stream with one `FALLBACK_FAILED` event. The shutdown
+    /// cutoff ends it as any stream; a client that leaves drops the legacy request.
+    async fn rescue<K: Connect>(
+        mut self,
+        detail: String,
+        outcome: Outcome,
+        legacy: &Upstream<K>,
+        cutoff: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> Relayed {
+        self.phase = Phase::Rescue;
+        self.tally.flush();
+        tracing::warn!(detail = %detail, "runtime failed before content with the stream open; legacy continues it");
+        self.report.rescued = Some(Rescued {
+            outcome,
+            detail,
+            at: Instant::now(),
+        });
+        let Some(rescue) = self.args.rescue.take() else {
+            unreachable!("a stream is open only with a rescue");
+        };
+        if rescue.discard_session {
+            self.discard_session().await;
+        }
+        // Legacy's deadlines, not the runtime's execution budget, bound what follows; a client
+        // that does not read for legacy's idle time is given up.
+        let idle = rescue.timeouts.idle;
+        let asked = tokio::select! {
+            biased;
+            _ = cutoff.wait_for(|c| *c) => None,
+            r = rescue::ask(legacy, &rescue) => Some(r),
+            _ = self.session.client_gone() => return self.rescue_left(),
+        };
+        drop(rescue);
+        let Some(asked) = asked else {
+            return self.rescue_shutdown(idle).await;
+        };
+        let mut events = match asked {
+            Ok(events) => events,
+            Err(why) => return self.fallback_failed(why, idle).await,
+        };
+        let heartbeat = self.args.heartbeat;
+        loop {
+            match events.next(&mut self.out) {
+                Some(rescue::Step::Event { done: false }) => self.report.events += 1,
+                Some(rescue::Step::Event { done: true }) => {
+                    self.report.events += 1;
+                    let last = Bytes::from(std::mem::take(&mut self.out));
+                    self.report.outcome = if self.rescue_write(last, true, idle).await {
+                        Some(Outcome::Success)
+                    } else {
+                        self.report.detail = Some("client disconnected or stopped reading".into());
+                        None
+                    };
+                    events.release();
+                    return Relayed::Served(self.report);
+                }
+                Some(rescue::Step::Failed(why)) => return self.fallback_failed(why, idle).await,
+                None => {
+                    if !self.out.is_empty() {
+                        let bytes = Bytes::from(std::mem::take(&mut self.out));
+                        if !self.rescue_write(bytes, false, idle).await {
+                            return self.rescue_left();
+                        }
+                    }
+                    let heartbeat_at = self.last_write.checked_add(heartbeat);
+                    let shutdown = tokio::select! {
+                        biased;
+                        _ = cutoff.wait_for(|c| *c) => true,
+                        _ = events.read() => false,
+                        _ = tokio::time::sleep_until(heartbeat_at.unwrap_or(self.last_write)), if heartbeat_at.is_some() => {
+                            agent2ui::heartbeat_event(&mut self.out);
+                            false
+                        }
+                        _ = self.session.client_gone() => return self.rescue_left(),
+                    };
+                    if shutdown {
+                        return self.rescue_shutdown(idle).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Delete the session the proxy made for this `/chat/start` before legacy makes its own.
+    /// (`&mut`: a shared borrow held across the await would need the client side to be `Sync`.)
+    async fn discard_session(&mut self) {
+        let Some(saving) = &self.args.saving else {
+            return;
+        };
+        let deleted = saving
+            .bridge
+            .delete_session(&saving.target, &saving.who, &self.args.session_id)
+            .await;
+        if let Err(e) = deleted {
+            tracing::warn!(session_id = %self.args.session_id, error = %e, "could not delete the session made for a chat the runtime did not serve");
+        }
+    }
+
+    /// A write of legacy's events, given up when the client does not take it within `idle`.
+    async fn rescue_write(&mut self, bytes: Bytes, end: bool, idle: Duration) -> bool {
+        self.report.bytes += bytes.len() as u64;
+        let by = Instant::now() + idle;
+        if !write_client(&mut *self.session, Some(bytes), end, by).await {
+            return false;
+        }
+        self.last_write = Tick::now();
+        self.report
+            .first_write
+            .get_or_insert_with(|| self.args.started.elapsed());
+        true
+    }
+
+    /// Legacy cannot continue the stream: one `error` event ends it (after what was read).
+    async fn fallback_failed(mut self, why: String, idle: Duration) -> Relayed {
+        tracing::warn!(why = %why, "legacy could not continue a rescued stream");
+        agent2ui::error_event(&mut self.out, FALLBACK_FAILED, &why);
+        let metrics = self.metrics();
+        metrics.sse_events_total.with_label_values(&["error"]).inc();
+        metrics
+            .stream_errors_total
+            .with_label_values(&[FALLBACK_FAILED])
+            .inc();
+        self.report.events += 1;
+        self.report.error_code = Some(FALLBACK_FAILED);
+        self.report.detail = Some(why);
+        let last = Bytes::from(std::mem::take(&mut self.out));
+        self.report.outcome = self
+            .rescue_write(last, true, idle)
+            .await
+            .then_some(Outcome::Error);
+        Relayed::Served(self.report)
+    }
+
+    /// The shutdown cutoff during a rescue: the stream ends as any stream does.
+    async fn rescue_shutdown(mut self, idle: Duration) -> Relayed {
+        let verdict = stream::verdict(&Facts {
+            client: true,
+            completed: false,
+            runtime_error: None,
+            end: End::Shutdown,
+        });
+        if let Some(closing) = &verdict.closing {
+            agent2ui::error_event(&mut self.out, closing.code, &closing.message);
+            self.report.events += 1;
+            self.report.error_code = Some(closing.code);
+            self.report.detail = Some(closing.message.clone());
+        }
+        let last = Bytes::from(std::mem::take(&mut self.out));
+        self.rescue_write(last, true, idle).await;
+        self.report.outcome = verdict.outcome;
+        Relayed::Served(self.report)
+    }
+
+    /// The client left during a rescue: legacy's request is dropped with it.
+    fn rescue_left(mut self) -> Relayed {
+        self.report.outcome = None;
+        self.report.detail = Some("client disconnected during the rescue".into());
+        Relayed::Served(self.report)
+    }
+
     /// How the relay ended, the runtime connection released or handed on.
     fn finish<C>(self, flow: Flow, events: RuntimeEvents<C>) -> Relayed
     where
@@ -628,7 +883,7 @@ impl<'s, D: Downstream> Relay<'s, D> {
             Flow::Left => {
                 let user_saved = match phase {
                     Phase::Committed { user_saved } => user_saved,
-                    Phase::Held(_) => None,
+                    Phase::Held(_) | Phase::Open(_) | Phase::Rescue => None,
                 };
                 if let Some(max) = args.saving.as_ref().and_then(|s| s.detach) {
                     detached::finish(args, detached::Leftover { events, user_saved }, max);
@@ -855,11 +1110,17 @@ mod tests {
     }
 
     /// How the relay is set up: `commit_timeout` zero commits at the head.
+    #[derive(Clone)]
     struct Setup {
         commit_timeout: Duration,
         action: CommitTimeoutAction,
         heartbeat: Duration,
         budget: Duration,
+        /// `pre_content = "stream"`, legacy's deadlines.
+        rescue: Option<Timeouts>,
+        runtime_idle: Duration,
+        /// The client leaves once what it got holds this.
+        leave_at: Option<&'static str>,
     }
 
     impl Default for Setup {
@@ -869,6 +1130,9 @@ mod tests {
                 action: CommitTimeoutAction::Commit,
                 heartbeat: Duration::from_secs(15),
                 budget: Duration::from_secs(300),
+                rescue: None,
+                runtime_idle: Duration::from_secs(600),
+                leave_at: None,
             }
         }
     }
@@ -883,6 +1147,52 @@ mod tests {
         F: FnOnce(DuplexStream) -> Fut,
         Fut: std::future::Future<Output = ()>,
     {
+        let (relayed, got, _) = run_rescue(setup, script, |_| async { false }).await;
+        (relayed, got)
+    }
+
+    /// What legacy got and saw of a rescue: its request, and whether the proxy closed the
+    /// connection before legacy's script ended.
+    #[derive(Debug, Default)]
+    struct LegacySide {
+        request: String,
+        dropped: bool,
+    }
+
+    /// [`run`], with `legacy` the legacy end of a rescue's connection, once its request is in.
+    async fn run_rescue<F, Fut, G, Gut>(
+        setup: Setup,
+        script: F,
+        legacy: G,
+    ) -> (Relayed, Received, LegacySide)
+    where
+        F: FnOnce(DuplexStream) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+        G: FnOnce(DuplexStream) -> Gut + Send + 'static,
+        Gut: std::future::Future<Output = bool> + Send,
+    {
+        let (legacy_tx, mut legacy_accepted) = mpsc::unbounded_channel();
+        let legacy_client = Arc::new(Upstream::new(
+            Runtime(legacy_tx),
+            TimeoutCounters::unregistered(UpstreamName::Legacy),
+        ));
+        let legacy_side = tokio::spawn(async move {
+            let Some(mut conn) = legacy_accepted.recv().await else {
+                return LegacySide::default();
+            };
+            let mut buf = [0u8; 1024];
+            let mut request = Vec::new();
+            while !String::from_utf8_lossy(&request).ends_with("hi") {
+                let n = conn.read(&mut buf).await.unwrap();
+                request.extend_from_slice(&buf[..n]);
+            }
+            let dropped = legacy(conn).await;
+            LegacySide {
+                request: String::from_utf8(request).unwrap(),
+                dropped,
+            }
+        });
+        let leave_at = setup.leave_at;
         let config = Config::parse(
             "[server]\nlisten = \"127.0.0.1:1\"\n[legacy]\naddress = \"127.0.0.1:2\"\n[runtime]\naddress = \"127.0.0.1:3\"\n",
         )
@@ -907,6 +1217,9 @@ mod tests {
                     Ok(0) | Err(_) => return got,
                     Ok(n) => got.push((start.elapsed(), String::from_utf8_lossy(&buf[..n]).into())),
                 }
+                if leave_at.is_some_and(|l| all(&got).contains(l)) {
+                    return got;
+                }
             }
         });
         let started = Instant::now();
@@ -927,9 +1240,23 @@ mod tests {
             commit_timeout_action: setup.action,
             map: MapSettings::default(),
             saving: None,
+            rescue: setup.rescue.map(|timeouts| crate::runtime::rescue::Rescue {
+                request: Bytes::from_static(
+                    b"POST /api/v1/chat/sessions/s1 HTTP/1.1\r\nhost: l\r\ncontent-length: 2\r\n\r\nhi",
+                ),
+                address: "127.0.0.1:2".into(),
+                timeouts,
+                discard_session: false,
+            }),
         };
         let relayed = async {
-            let call = Call::new("127.0.0.1:3", RUNTIME);
+            let call = Call::new(
+                "127.0.0.1:3",
+                Timeouts {
+                    idle: setup.runtime_idle,
+                    ..RUNTIME
+                },
+            );
             let response = upstream
                 .send(
                     &call,
@@ -937,7 +1264,13 @@ mod tests {
                 )
                 .await
                 .unwrap();
-            relay(&mut client, response.into_body(), args).await
+            relay_with(
+                &mut client,
+                response.into_body(),
+                args,
+                legacy_client.clone(),
+            )
+            .await
         };
         let runtime = async {
             let mut conn = accepted.recv().await.unwrap();
@@ -956,7 +1289,8 @@ mod tests {
         };
         let (relayed, ()) = tokio::join!(relayed, runtime);
         drop(client);
-        (relayed, reader.await.unwrap())
+        drop(legacy_client);
+        (relayed, reader.await.unwrap(), legacy_side.await.unwrap())
     }
 
     async fn send(conn: &mut DuplexStream, what: &str) {
@@ -1127,5 +1461,303 @@ mod tests {
         let body = all(&got);
         assert!(!body.contains("stray"), "{body}");
         assert_eq!(body.matches("event: done").count(), 1, "{body}");
+    }
+
+    const LEGACY: Timeouts = Timeouts {
+        connect: Duration::from_secs(1),
+        response: Duration::from_secs(60),
+        idle: Duration::from_secs(300),
+        pool_idle: Duration::from_secs(4),
+    };
+
+    fn streaming() -> Setup {
+        Setup {
+            rescue: Some(LEGACY),
+            ..Setup::default()
+        }
+    }
+
+    const LEGACY_HEAD: &str = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\nconnection: close\r\n\r\n";
+    const LEGACY_ANSWER: &str = "event: message\r\ndata: {\"id\":\"l-0\",\"type\":\"text\",\"data\":{\"content\":\"Legacy\"}}\r\n\r\n\
+        event: message\ndata: {\"id\":\"l-1\",\"type\":\"text\",\"data\":{\"content\":\" answer\"}}\n\n\
+        event: done\ndata: {\"sessionId\":\"s1\",\"messageId\":\"l\",\"executionMode\":\"direct_llm\"}\n\n";
+
+    /// Legacy answering at once with its whole answer.
+    async fn legacy_answers(mut conn: DuplexStream) -> bool {
+        send(&mut conn, LEGACY_HEAD).await;
+        // Cut inside an event: the client still gets each one whole.
+        let (a, b) = LEGACY_ANSWER.split_at(40);
+        send(&mut conn, a).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        send(&mut conn, b).await;
+        false
+    }
+
+    fn error(code: &str) -> String {
+        frame(
+            "execution_error",
+            &format!(r#"{{"error":"boom","code":"{code}"}}"#),
+        )
+    }
+
+    fn rescued(relayed: &Relayed) -> (&StreamReport, &Rescued) {
+        let report = served(relayed);
+        let rescued = report.rescued.as_ref().expect("rescued");
+        (report, rescued)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn streaming_sends_thinking_at_once_and_rescues_an_error_with_legacys_answer() {
+        let (relayed, got, legacy) = run_rescue(
+            streaming(),
+            |mut rt| async move {
+                send(&mut rt, &thinking()).await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                send(&mut rt, &error("LLM_DOWN")).await;
+            },
+            legacy_answers,
+        )
+        .await;
+        let (report, rescue) = rescued(&relayed);
+        assert_eq!(rescue.outcome, Outcome::Error);
+        assert!(rescue.detail.contains("LLM_DOWN"), "{}", rescue.detail);
+        assert_eq!(report.outcome, Some(Outcome::Success));
+        // The head and the status at once, not held for a second.
+        let (at, first) = &got[0];
+        assert_eq!(*at, Duration::ZERO, "{got:?}");
+        assert!(first.starts_with("HEAD 200\n"), "{first:?}");
+        let thinking_at = got.iter().find(|(_, s)| s.contains("thinking")).unwrap().0;
+        assert_eq!(thinking_at, Duration::ZERO, "{got:?}");
+        // Then legacy's events, whole, LF only, ending with its own done.
+        let body = all(&got);
+        let after = &body[body
+            .find("event: message\ndata: {\"id\":\"l-0\"")
+            .expect(&body)..];
+        assert_eq!(after, LEGACY_ANSWER.replace("\r\n", "\n"));
+        assert!(!body.contains('\r'), "{body:?}");
+        assert!(!body.contains("LLM_DOWN"), "{body}");
+        assert_eq!(body.matches("event: done").count(), 1);
+        for (_, write) in &got[1..] {
+            assert!(
+                write.ends_with("\n\n"),
+                "a write ends inside an event: {got:?}"
+            );
+        }
+        assert!(legacy.request.starts_with("POST /api/v1/chat/sessions/s1 "));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancel_with_the_stream_open_is_not_rescued() {
+        let (relayed, got, legacy) = run_rescue(
+            streaming(),
+            |mut rt| async move {
+                send(&mut rt, &thinking()).await;
+                send(&mut rt, &error(stream::CANCELLED_CODE)).await;
+            },
+            legacy_answers,
+        )
+        .await;
+        let report = served(&relayed);
+        assert!(report.rescued.is_none());
+        assert!(all(&got).contains(stream::CANCELLED_CODE), "{got:?}");
+        assert!(legacy.request.is_empty(), "legacy was asked");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_failure_before_content_is_rescued_with_its_outcome() {
+        let cut = |mut rt: DuplexStream| async move {
+            send(&mut rt, &thinking()).await;
+            send(&mut rt, "data: {\"event\":\"text_ch").await;
+        };
+        let (relayed, got, _) = run_rescue(streaming(), cut, legacy_answers).await;
+        assert_eq!(rescued(&relayed).1.outcome, Outcome::Error);
+        assert!(all(&got).contains("event: done"), "{got:?}");
+
+        // Silent past the runtime's idle timeout: a timeout.
+        let setup = Setup {
+            runtime_idle: Duration::from_secs(3),
+            ..streaming()
+        };
+        let stall = |mut rt: DuplexStream| async move {
+            send(&mut rt, &thinking()).await;
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        };
+        let (relayed, got, _) = run_rescue(setup, stall, legacy_answers).await;
+        assert_eq!(rescued(&relayed).1.outcome, Outcome::Timeout);
+        let done_at = got
+            .iter()
+            .find(|(_, s)| s.contains("event: done"))
+            .unwrap()
+            .0;
+        assert!(
+            done_at >= Duration::from_secs(3) && done_at < Duration::from_secs(4),
+            "{got:?}"
+        );
+
+        // No content by the commit timeout, set to fail over.
+        let setup = Setup {
+            commit_timeout: Duration::from_millis(800),
+            action: CommitTimeoutAction::Failover,
+            ..streaming()
+        };
+        let (relayed, got, _) = run_rescue(setup, stall, legacy_answers).await;
+        let (_, rescue) = rescued(&relayed);
+        assert_eq!(rescue.outcome, Outcome::Timeout);
+        assert!(rescue.detail.contains("800 ms"), "{}", rescue.detail);
+        let done_at = got
+            .iter()
+            .find(|(_, s)| s.contains("event: done"))
+            .unwrap()
+            .0;
+        assert_eq!(done_at, Duration::from_millis(805), "{got:?}");
+
+        // A frame over the limit.
+        let big = |mut rt: DuplexStream| async move {
+            send(&mut rt, &thinking()).await;
+            send(&mut rt, &text(&"x".repeat(70 * 1024))).await;
+        };
+        let (relayed, got, _) = run_rescue(streaming(), big, legacy_answers).await;
+        assert_eq!(rescued(&relayed).1.outcome, Outcome::Error);
+        assert!(!all(&got).contains("xxxx"));
+        assert!(all(&got).contains("event: done"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_open_stream_gets_heartbeats_without_committing() {
+        let setup = Setup {
+            heartbeat: Duration::from_secs(10),
+            commit_timeout: Duration::from_secs(30),
+            ..streaming()
+        };
+        let (relayed, got, _) = run_rescue(
+            setup,
+            |mut rt| async move {
+                tokio::time::sleep(Duration::from_secs(25)).await;
+                send(&mut rt, &error("LLM_DOWN")).await;
+            },
+            legacy_answers,
+        )
+        .await;
+        // Still rescued after two heartbeats: they are not content.
+        rescued(&relayed);
+        let beats: Vec<Duration> = got
+            .iter()
+            .filter(|(_, s)| s.contains("heartbeat"))
+            .map(|(at, _)| *at)
+            .collect();
+        assert_eq!(beats, [Duration::from_secs(10), Duration::from_secs(20)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn legacy_refusing_ends_the_stream_with_one_fallback_error() {
+        for head in [
+            "HTTP/1.1 502 Bad Gateway\r\ncontent-type: text/event-stream\r\ncontent-length: 0\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}",
+        ] {
+            let (relayed, got, _) = run_rescue(
+                streaming(),
+                |mut rt| async move {
+                    send(&mut rt, &thinking()).await;
+                    send(&mut rt, &error("LLM_DOWN")).await;
+                },
+                move |mut conn| async move {
+                    send(&mut conn, head).await;
+                    false
+                },
+            )
+            .await;
+            let (report, _) = rescued(&relayed);
+            assert_eq!(report.outcome, Some(Outcome::Error));
+            assert_eq!(report.error_code, Some(FALLBACK_FAILED));
+            let body = all(&got);
+            assert_eq!(body.matches("event: error").count(), 1, "{body}");
+            assert!(body.ends_with("\n\n") && body.contains(FALLBACK_FAILED), "{body}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn legacys_own_deadlines_bound_the_rescue() {
+        let setup = Setup {
+            rescue: Some(Timeouts {
+                response: Duration::from_secs(2),
+                idle: Duration::from_secs(5),
+                ..LEGACY
+            }),
+            ..Setup::default()
+        };
+        let fail = |mut rt: DuplexStream| async move {
+            send(&mut rt, &thinking()).await;
+            send(&mut rt, &error("LLM_DOWN")).await;
+        };
+        // No head within legacy's response timeout.
+        let (relayed, got, _) = run_rescue(setup.clone(), fail, |conn| async move {
+            let _open = conn;
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            false
+        })
+        .await;
+        assert_eq!(served(&relayed).error_code, Some(FALLBACK_FAILED));
+        let last = got.last().unwrap();
+        assert!(last.1.contains(FALLBACK_FAILED), "{got:?}");
+        assert!(
+            last.0 >= Duration::from_secs(2) && last.0 < Duration::from_secs(3),
+            "{got:?}"
+        );
+        // Silent inside its answer past its idle timeout.
+        let (relayed, got, _) = run_rescue(setup, fail, |mut conn| async move {
+            send(&mut conn, LEGACY_HEAD).await;
+            send(
+                &mut conn,
+                &LEGACY_ANSWER[..LEGACY_ANSWER.find("event: done").unwrap()],
+            )
+            .await;
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            false
+        })
+        .await;
+        assert_eq!(served(&relayed).error_code, Some(FALLBACK_FAILED));
+        let body = all(&got);
+        assert!(
+            body.contains("answer") && !body.contains("event: done"),
+            "{body}"
+        );
+        let last = got.last().unwrap();
+        assert!(
+            last.0 >= Duration::from_secs(5) && last.0 < Duration::from_secs(6),
+            "{got:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_leaves_during_the_rescue_drops_legacys_request() {
+        let setup = Setup {
+            leave_at: Some("l-0"),
+            ..streaming()
+        };
+        let (relayed, _, legacy) = run_rescue(
+            setup,
+            |mut rt| async move {
+                send(&mut rt, &thinking()).await;
+                send(&mut rt, &error("LLM_DOWN")).await;
+            },
+            |mut conn| async move {
+                send(&mut conn, LEGACY_HEAD).await;
+                send(
+                    &mut conn,
+                    &LEGACY_ANSWER[..LEGACY_ANSWER.find("event: message\n").unwrap()],
+                )
+                .await;
+                // The proxy closes the connection once its client left.
+                let mut buf = [0u8; 64];
+                let closed = tokio::time::timeout(Duration::from_secs(30), async {
+                    while conn.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+                });
+                closed.await.is_ok()
+            },
+        )
+        .await;
+        let (report, _) = rescued(&relayed);
+        assert_eq!(report.outcome, None);
+        assert!(legacy.dropped, "legacy's connection stayed open");
     }
 }

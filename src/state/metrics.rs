@@ -643,15 +643,17 @@ const COMMIT_WAIT_BUCKETS_SECONDS: &[f64] = &[
 
 impl CommitMetrics {
     /// Where the runtime failed when legacy served the request: before its response head
-    /// (refused, non-2xx, connect failure), or after it but before the commit.
-    pub const STAGES: [&'static str; 2] = ["before_head", "before_commit"];
+    /// (refused, non-2xx, connect failure), after it but before the commit with the client's
+    /// head held, or before content with the client's stream open (`pre_content = "stream"`:
+    /// legacy's answer continued the stream).
+    pub const STAGES: [&'static str; 3] = ["before_head", "before_commit", "in_stream"];
 
     fn register(r: &Registry) -> prometheus::Result<CommitMetrics> {
         // One unlabelled child, looked up once here rather than per stream.
         let wait_seconds = histogram_vec(
             r,
             "cutover_commit_wait_seconds",
-            "Seconds from the runtime's response head to the commit (the client's head is held meanwhile).",
+            "Seconds from the runtime's response head to the commit (with pre_content = hold the client's head is held meanwhile).",
             &[],
             COMMIT_WAIT_BUCKETS_SECONDS
         )?
@@ -667,7 +669,7 @@ impl CommitMetrics {
             failovers_total: counter_vec(
                 r,
                 "cutover_runtime_failovers_total",
-                "Runtime requests served by legacy because the runtime failed before anything reached the client, by stage (before_head, before_commit).",
+                "Runtime requests served by legacy because the runtime failed before its first content, by stage (before_head, before_commit, in_stream).",
                 &["stage"]
             )?,
         };

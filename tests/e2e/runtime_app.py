@@ -18,6 +18,8 @@ table):
   hold                 first event, then waits until POST /control/release/{session_id}
   error                a few events, then execution_error (with a code)
   think_then_error     two thinking events, then execution_error: the real runtime's usual failure
+  think_pause_error    thinking at once, then execution_error RUNTIME_THINK_PAUSE seconds later (a
+                       planner that fails after working a while)
   error_nocode         execution_error without a code
   truncate             a few events, then the stream ends (no execution_complete, no [DONE])
   done_early           a few events, then [DONE] without execution_complete
@@ -52,6 +54,7 @@ from sse_starlette.sse import EventSourceResponse
 SEPARATORS = {"crlf": "\r\n", "lf": "\n", "cr": "\r"}
 SEP = SEPARATORS[os.environ.get("RUNTIME_SSE_SEP", "crlf")]
 SLOW_GAP = float(os.environ.get("RUNTIME_SLOW_GAP", "0.15"))
+THINK_PAUSE_S = float(os.environ.get("RUNTIME_THINK_PAUSE", "1.0"))
 
 app = FastAPI(title="runtime stand-in")
 
@@ -243,6 +246,14 @@ async def think_then_error_stream(s: Stream, session_id: str):
     yield s.done()
 
 
+async def think_pause_error_stream(s: Stream, session_id: str):
+    """A planner that shows its status at once, works for a second, then fails (before content)."""
+    yield s.frame("thinking", {"content": "正在分析任务...", "stage": "planning"})
+    await asyncio.sleep(THINK_PAUSE_S)
+    yield s.frame("execution_error", {"error": "LLM provider returned 503", "code": "LLM_UNAVAILABLE"})
+    yield s.done()
+
+
 async def error_nocode_stream(s: Stream, session_id: str):
     yield s.frame("text_chunk", {"content": "partial "})
     yield s.frame("execution_error", {"error": "tool registry unavailable"})
@@ -363,6 +374,7 @@ SCENARIOS = {
     "hold": hold_stream,
     "error": error_stream,
     "think_then_error": think_then_error_stream,
+    "think_pause_error": think_pause_error_stream,
     "error_nocode": error_nocode_stream,
     "truncate": truncate_stream,
     "done_early": done_early_stream,

@@ -15,6 +15,7 @@ import http.server
 import os
 import shutil
 import threading
+import uuid
 from pathlib import Path
 
 import pytest
@@ -197,3 +198,48 @@ def test_without_cors_on_the_proxy_s_answers_the_browser_blocks_them(make_proxy,
     assert seen["status"] is None and seen["error"] == "TypeError: Failed to fetch", seen
     seen = send(page, "org-z", sessionId=new_session_id(), message="hello")
     assert seen["error"] is None and seen["events"][-1]["event"] == "done", seen
+
+
+def test_the_web_app_sees_the_runtime_s_status_at_once_then_legacy_s_rescue(make_proxy, legacy, runtime, web_app):
+    """`runtime.pre_content = "stream"` (the default), the bridge on: a planner that shows
+    `thinking` at once, works for a second, then fails before any content. The page sees the
+    status well before the failure (held, it would see nothing for that second), then legacy's
+    answer and legacy's `done` in the same response, and the session holds exactly what legacy
+    saved for the chat it served: the question and its answer."""
+    agent_id, session_id = "agent-" + uuid.uuid4().hex[:12], new_session_id()
+    legacy.seed("org-a", agent={"id": agent_id, "name": "Planner", "systemPrompt": "You plan.", "config": {}})
+    legacy.seed("org-a", session={"id": session_id, "agentId": agent_id})
+    proxy = make_proxy(runtime, {"bridge": {"enabled": True}})
+    page, _ = web_app(proxy)
+    message = "scenario:think_pause_error"
+
+    seen = send(page, "org-a", sessionId=session_id, message=message)
+    assert seen["error"] is None and seen["status"] == 200, seen
+    events = seen["events"]
+    kinds = [e["event"] if e["event"] != "message" else e["data"]["type"] for e in events]
+    assert kinds == ["thinking"] + ["text"] * 5 + ["done"], seen
+    thinking, first_answer, done = events[0], events[1], events[-1]
+    assert thinking["data"]["data"]["content"] == "正在分析任务..."
+    # The runtime's first byte is its thinking: the page has it within the proxy's overhead
+    # (the bridge's lookups and the runtime's connection included), a second before the failure.
+    assert thinking["at"] < 500, f"thinking reached the page after {thinking['at']:.0f} ms"
+    assert first_answer["at"] >= 900, f"legacy's answer came {first_answer['at']:.0f} ms in: before the failure?"
+    answer = "".join(e["data"]["data"]["content"] for e in events[1:-1])
+    assert answer == f"Legacy answer to: {message} 你好"
+    assert done["data"]["executionMode"] == "direct_llm"
+
+    saved = legacy.messages(session_id, "org-a")
+    assert [(m["role"], m["content"]) for m in saved] == [("user", message), ("assistant", answer)], saved
+    assert done["data"]["messageId"] == saved[1]["id"]
+    # Legacy was asked once, by the proxy, with the caller's own request.
+    got = legacy.received_for(f"/api/v1/chat/sessions/{session_id}")
+    assert len(got) == 1 and got[0]["body"] == {"message": message}, got
+
+    # The control, held: the page sees nothing for that second, then legacy's stream alone.
+    session_id = new_session_id()
+    legacy.seed("org-a", session={"id": session_id, "agentId": agent_id})
+    held = make_proxy(runtime, {"bridge": {"enabled": True}, "runtime": {"pre_content": "hold"}})
+    page, _ = web_app(held)
+    seen = send(page, "org-a", sessionId=session_id, message=message)
+    assert [e["event"] for e in seen["events"]] == ["message"] * 5 + ["done"], seen
+    assert seen["events"][0]["at"] >= 900, seen["events"][0]

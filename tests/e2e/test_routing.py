@@ -99,16 +99,35 @@ def test_runtime_answering_500_fails_over_to_legacy(proxy, legacy, runtime):
     assert len(runtime.received_for(s.session_id)) == 1, "the runtime was tried first"
 
 
-def test_runtime_failing_before_its_first_content_fails_over_to_legacy(proxy, legacy, runtime):
-    """Two thinking events, then execution_error: before the commit point nothing reached the
-    user, so legacy serves the chat with its original body, with no error event."""
-    s = proxy.run_chat("org-a", "scenario:think_then_error")
-    assert_legacy_untouched(s, legacy, "scenario:think_then_error", "failover")
+@pytest.mark.parametrize("pre_content", ["hold", "stream"])
+def test_runtime_failing_before_its_first_content_fails_over_to_legacy(make_proxy, legacy, runtime, pre_content):
+    """Two thinking events, then execution_error. Held (`pre_content = "hold"`), nothing reached
+    the user: legacy serves the chat with its original body, with no error event. Streamed, the
+    user saw the thinking at once, and legacy's own stream continues the same response, byte for
+    byte after the status."""
+    proxy = make_proxy(runtime, {"runtime": {"pre_content": pre_content}})
+    message = "scenario:think_then_error"
+    s = proxy.run_chat("org-a", message)
+    if pre_content == "hold":
+        assert_legacy_untouched(s, legacy, message, "failover")
+    else:
+        assert s.status == 200
+        assert s.headers.get("x-execution-mode") == "runtime_orchestrator", dict(s.headers)
+        assert s.headers.get("x-execution-reason") == "allowlist"
+        answer = legacy_stream(s.session_id, message)
+        assert s.raw.endswith(answer), s.summary()
+        status = s.raw[: len(s.raw) - len(answer)]
+        assert status.count(b"event: message\n") == 2 and b'"type":"thinking"' in status, status
+        s.assert_strict()
+        got = legacy.received_for(f"/api/v1/chat/sessions/{s.session_id}")
+        assert len(got) == 1 and got[0]["body"] == {"message": message}, got
+        assert "accept-encoding" not in got[0]["headers"], got[0]["headers"]
     assert [f["event"] for f in runtime.sent(s.session_id)] == ["thinking", "thinking", "execution_error"]
     m = proxy.admin_get("/runtime/metrics").json()["data"]
     assert (m["runtime"]["total"], m["runtime"]["error"]) == (1, 1), m
     text = proxy.metrics_text()
-    assert metric_value(text, "cutover_runtime_failovers_total", stage="before_commit") == 1.0
+    stage = "before_commit" if pre_content == "hold" else "in_stream"
+    assert metric_value(text, "cutover_runtime_failovers_total", stage=stage) == 1.0
 
 
 def test_shadow_copy_never_delays_the_legacy_answer(make_proxy, legacy, runtime):

@@ -1,17 +1,22 @@
 //! The commit point: while nothing has reached the user, a runtime that fails first thing is
 //! failed over to legacy with the original body, nothing saved and an error on the breaker;
 //! after the commit (first content, the commit timeout, a heartbeat, a cancel) failures are
-//! `error` events on the runtime's stream.
+//! `error` events on the runtime's stream. With `runtime.pre_content = "hold"`; what holds with
+//! `"stream"` as well runs under both.
 
 use crate::support;
 
 use std::time::Duration;
 
 use cutover_proxy::core::breaker::State;
-use cutover_proxy::core::config::CommitOn;
+use cutover_proxy::core::config::{CommitOn, PreContent};
 use serde_json::{json, Value};
 use support::legacy::FakeLegacy;
 use support::*;
+
+/// What holds under both `runtime.pre_content` settings runs under both; what is about the held
+/// head runs under `hold` (its `stream` counterparts are in `rescue.rs`).
+const MODES: [PreContent; 2] = [PreContent::Hold, PreContent::Stream];
 
 /// A body legacy must get byte for byte: spacing, key order and non-ASCII as the client sent them.
 const BODY: &str = "{ \"message\" : \"h\u{e9}llo \u{4e16}\u{754c}\",\"parentMessageId\":\"p-1\" }";
@@ -110,6 +115,7 @@ async fn runtimes_that_fail_first_thing_are_failed_over_with_the_original_body()
     ];
     for (what, reply, stage) in cases {
         let h = Harness::new()
+            .config(|c| c.runtime.pre_content = PreContent::Hold)
             .runtime(runtime_answering(move |_: &Received| reply.clone()))
             .config(|c| c.runtime.max_frame_bytes = 1024)
             .start()
@@ -141,209 +147,243 @@ async fn runtimes_that_fail_first_thing_are_failed_over_with_the_original_body()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn held_thinking_comes_out_in_order_with_the_first_content() {
-    let h = Harness::new()
-        .runtime(runtime(vec![
-            Step::Send(thinking("one")),
-            // Dropped and counted; it writes nothing, and releases nothing held.
-            Step::Send(b"data: {not json\r\n\r\n".to_vec()),
-            Step::Send(frame("ping", json!({}))),
-            Step::Send(thinking("two")),
-            Step::Send(text("answer")),
-            Step::Send(complete()),
-            Step::Send(done_frame()),
-        ]))
-        .start()
-        .await;
-    let r = h.chat("org-a").send().await;
-    assert_served(&r, RT, "allowlist");
-    let events = r.events();
-    assert_eq!(
-        names(&r),
-        ["message", "heartbeat", "message", "message", "done"]
-    );
-    let contents: Vec<Value> = [0, 2, 3]
-        .iter()
-        .map(|&i| data(&events[i])["data"]["content"].clone())
-        .collect();
-    assert_eq!(contents, [json!("one"), json!("two"), json!("answer")]);
-    // The held events leave with the first content, in the same write.
-    let first = String::from_utf8(r.chunks[0].1.clone()).unwrap();
-    assert!(
-        first.contains("\"one\"") && first.contains("\"answer\""),
-        "{first:?}"
-    );
-    assert_eq!(
-        metric(&h, "cutover_commit_total", &[("trigger", "content")]),
-        1.0
-    );
-    assert_eq!(metric(&h, "cutover_commit_wait_seconds", &[]), 1.0);
-    assert_eq!(
-        metric(&h, "chat_sse_events_total", &[("type", "thinking")]),
-        2.0
-    );
-    assert!(h.legacy.work().is_empty());
+    for mode in MODES {
+        let h = Harness::new()
+            .config(move |c| c.runtime.pre_content = mode)
+            .runtime(runtime(vec![
+                Step::Send(thinking("one")),
+                // Dropped and counted; it writes nothing, and releases nothing held.
+                Step::Send(b"data: {not json\r\n\r\n".to_vec()),
+                Step::Send(frame("ping", json!({}))),
+                Step::Send(thinking("two")),
+                Step::Send(text("answer")),
+                Step::Send(complete()),
+                Step::Send(done_frame()),
+            ]))
+            .start()
+            .await;
+        let r = h.chat("org-a").send().await;
+        assert_served(&r, RT, "allowlist");
+        let events = r.events();
+        assert_eq!(
+            names(&r),
+            ["message", "heartbeat", "message", "message", "done"]
+        );
+        let contents: Vec<Value> = [0, 2, 3]
+            .iter()
+            .map(|&i| data(&events[i])["data"]["content"].clone())
+            .collect();
+        assert_eq!(contents, [json!("one"), json!("two"), json!("answer")]);
+        let first = String::from_utf8(r.chunks[0].1.clone()).unwrap();
+        if mode == PreContent::Hold {
+            // The held events leave with the first content, in the same write.
+            assert!(
+                first.contains("\"one\"") && first.contains("\"answer\""),
+                "{first:?}"
+            );
+        } else {
+            // Streamed: the first status is in the client's first read, whatever else is.
+            assert!(first.contains("\"one\""), "{first:?}");
+        }
+        assert_eq!(
+            metric(&h, "cutover_commit_total", &[("trigger", "content")]),
+            1.0
+        );
+        assert_eq!(metric(&h, "cutover_commit_wait_seconds", &[]), 1.0);
+        assert_eq!(
+            metric(&h, "chat_sse_events_total", &[("type", "thinking")]),
+            2.0
+        );
+        assert!(h.legacy.work().is_empty());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_error_after_content_stays_an_error_event() {
-    let h = Harness::new()
-        .runtime(runtime(vec![
-            Step::Send(thinking("planning")),
-            Step::Send(text("partial")),
-            Step::Send(failed("LLM_ERROR")),
-        ]))
-        .start()
-        .await;
-    let r = h.chat("org-a").send().await;
-    assert_served(&r, RT, "allowlist");
-    assert_eq!(names(&r), ["message", "message", "error"]);
-    assert_eq!(data(&r.events()[2])["code"], "LLM_ERROR");
-    assert!(h.legacy.work().is_empty());
-    recorded(&h, 1, 0).await;
-    assert_eq!(
-        metric(&h, "chat_execution_error_total", &[("mode", RT)]),
-        1.0
-    );
+    for mode in MODES {
+        let h = Harness::new()
+            .config(move |c| c.runtime.pre_content = mode)
+            .runtime(runtime(vec![
+                Step::Send(thinking("planning")),
+                Step::Send(text("partial")),
+                Step::Send(failed("LLM_ERROR")),
+            ]))
+            .start()
+            .await;
+        let r = h.chat("org-a").send().await;
+        assert_served(&r, RT, "allowlist");
+        assert_eq!(names(&r), ["message", "message", "error"]);
+        assert_eq!(data(&r.events()[2])["code"], "LLM_ERROR");
+        assert!(h.legacy.work().is_empty());
+        recorded(&h, 1, 0).await;
+        assert_eq!(
+            metric(&h, "chat_execution_error_total", &[("mode", RT)]),
+            1.0
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_error_after_the_commit_timeout_stays_an_error_event() {
-    let h = Harness::new()
-        .runtime(runtime(vec![
-            Step::Send(thinking("planning")),
-            // Past the commit timeout: the runtime's pacing is what this test is about.
-            Step::Sleep(Duration::from_millis(400)),
-            Step::Send(failed("LLM_ERROR")),
-        ]))
-        .config(|c| c.runtime.commit_timeout_ms = Some(100))
-        .start()
-        .await;
-    let r = h.chat("org-a").send().await;
-    assert_served(&r, RT, "allowlist");
-    assert_eq!(names(&r), ["message", "error"]);
-    // The held thinking went out at the commit, before the error was known.
-    assert!(r.chunks[1].0 >= r.chunks[0].0);
-    assert!(h.legacy.work().is_empty());
-    assert_eq!(
-        metric(&h, "cutover_commit_total", &[("trigger", "timeout")]),
-        1.0
-    );
+    for mode in MODES {
+        let h = Harness::new()
+            .config(move |c| c.runtime.pre_content = mode)
+            .runtime(runtime(vec![
+                Step::Send(thinking("planning")),
+                // Past the commit timeout: the runtime's pacing is what this test is about.
+                Step::Sleep(Duration::from_millis(400)),
+                Step::Send(failed("LLM_ERROR")),
+            ]))
+            .config(|c| c.runtime.commit_timeout_ms = Some(100))
+            .start()
+            .await;
+        let r = h.chat("org-a").send().await;
+        assert_served(&r, RT, "allowlist");
+        assert_eq!(names(&r), ["message", "error"]);
+        // The held thinking went out at the commit, before the error was known.
+        assert!(r.chunks[1].0 >= r.chunks[0].0);
+        assert!(h.legacy.work().is_empty());
+        assert_eq!(
+            metric(&h, "cutover_commit_total", &[("trigger", "timeout")]),
+            1.0
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_heartbeat_falling_due_while_held_commits() {
-    let h = Harness::new()
-        .runtime(runtime(vec![
-            Step::Send(thinking("planning")),
-            Step::Sleep(Duration::from_millis(1500)),
-            Step::Send(text("answer")),
-            Step::Send(complete()),
-            Step::Send(done_frame()),
-        ]))
-        .config(|c| {
-            c.runtime.heartbeat_secs = 1;
-            c.runtime.commit_timeout_ms = Some(4000);
-        })
-        .start()
-        .await;
-    let r = h.chat("org-a").send().await;
-    assert_served(&r, RT, "allowlist");
-    assert_eq!(names(&r), ["message", "heartbeat", "message", "done"]);
-    assert_eq!(
-        metric(&h, "cutover_commit_total", &[("trigger", "heartbeat")]),
-        1.0
-    );
+    for mode in MODES {
+        let h = Harness::new()
+            .config(move |c| c.runtime.pre_content = mode)
+            .runtime(runtime(vec![
+                Step::Send(thinking("planning")),
+                Step::Sleep(Duration::from_millis(1500)),
+                Step::Send(text("answer")),
+                Step::Send(complete()),
+                Step::Send(done_frame()),
+            ]))
+            .config(|c| {
+                c.runtime.heartbeat_secs = 1;
+                c.runtime.commit_timeout_ms = Some(4000);
+            })
+            .start()
+            .await;
+        let r = h.chat("org-a").send().await;
+        assert_served(&r, RT, "allowlist");
+        assert_eq!(names(&r), ["message", "heartbeat", "message", "done"]);
+        // Held, the heartbeat needs the head out: it commits. Streamed, it passes, and the
+        // content commits.
+        let trigger = match mode {
+            PreContent::Hold => "heartbeat",
+            PreContent::Stream => "content",
+        };
+        assert_eq!(
+            metric(&h, "cutover_commit_total", &[("trigger", trigger)]),
+            1.0,
+            "{mode:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_event_commits_on_a_thinking_event() {
-    let h = Harness::new()
-        .runtime(runtime(vec![
-            Step::Send(thinking("planning")),
-            Step::Send(failed("LLM_ERROR")),
-        ]))
-        .config(|c| c.runtime.commit_on = CommitOn::FirstEvent)
-        .start()
-        .await;
-    let r = h.chat("org-a").send().await;
-    assert_served(&r, RT, "allowlist");
-    assert_eq!(names(&r), ["message", "error"]);
-    assert!(h.legacy.work().is_empty());
-    assert_eq!(
-        metric(&h, "cutover_commit_total", &[("trigger", "first_event")]),
-        1.0
-    );
+    for mode in MODES {
+        let h = Harness::new()
+            .config(move |c| c.runtime.pre_content = mode)
+            .runtime(runtime(vec![
+                Step::Send(thinking("planning")),
+                Step::Send(failed("LLM_ERROR")),
+            ]))
+            .config(|c| c.runtime.commit_on = CommitOn::FirstEvent)
+            .start()
+            .await;
+        let r = h.chat("org-a").send().await;
+        assert_served(&r, RT, "allowlist");
+        assert_eq!(names(&r), ["message", "error"]);
+        assert!(h.legacy.work().is_empty());
+        assert_eq!(
+            metric(&h, "cutover_commit_total", &[("trigger", "first_event")]),
+            1.0
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_before_content_is_an_error_event_not_a_failover() {
-    let h = Harness::new()
-        .runtime(runtime(vec![
-            Step::Send(thinking("planning")),
-            Step::Send(failed("EXECUTION_CANCELLED")),
-            Step::Send(done_frame()),
-        ]))
-        .start()
-        .await;
-    let r = h.chat("org-a").send().await;
-    assert_served(&r, RT, "allowlist");
-    assert_eq!(names(&r), ["message", "error"]);
-    assert_eq!(data(&r.events()[1])["code"], "EXECUTION_CANCELLED");
-    assert!(h.legacy.work().is_empty());
-    assert_eq!(
-        metric(&h, "cutover_commit_total", &[("trigger", "cancel")]),
-        1.0
-    );
-    let cancelled = || metric(&h, "chat_execution_cancelled_total", &[("mode", RT)]);
-    assert!(eventually(Duration::from_secs(3), || cancelled() == 1.0).await);
-    assert_eq!(
-        metric(&h, "chat_execution_error_total", &[("mode", RT)]),
-        0.0
-    );
+    for mode in MODES {
+        let h = Harness::new()
+            .config(move |c| c.runtime.pre_content = mode)
+            .runtime(runtime(vec![
+                Step::Send(thinking("planning")),
+                Step::Send(failed("EXECUTION_CANCELLED")),
+                Step::Send(done_frame()),
+            ]))
+            .start()
+            .await;
+        let r = h.chat("org-a").send().await;
+        assert_served(&r, RT, "allowlist");
+        assert_eq!(names(&r), ["message", "error"]);
+        assert_eq!(data(&r.events()[1])["code"], "EXECUTION_CANCELLED");
+        assert!(h.legacy.work().is_empty());
+        assert_eq!(
+            metric(&h, "cutover_commit_total", &[("trigger", "cancel")]),
+            1.0
+        );
+        let cancelled = || metric(&h, "chat_execution_cancelled_total", &[("mode", RT)]);
+        assert!(eventually(Duration::from_secs(3), || cancelled() == 1.0).await);
+        assert_eq!(
+            metric(&h, "chat_execution_error_total", &[("mode", RT)]),
+            0.0
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_leaves_while_held_is_not_counted_against_the_runtime() {
-    let h = Harness::new()
-        .runtime(runtime(vec![Step::Send(thinking("planning")), Step::Hang]))
-        .config(|c| c.runtime.commit_timeout_ms = Some(4000))
-        .start()
-        .await;
-    let mut client = Client::connect(h.proxy_addr).await;
-    let auth = format!("Bearer {}", token("org-a"));
-    client
-        .send(
-            "POST",
-            "/api/v1/chat/sessions/s-1",
-            &[("authorization", auth.as_str())],
-            HI.as_bytes(),
-        )
-        .await;
-    h.runtime.wait_for_work(1).await;
-    drop(client);
+    for mode in MODES {
+        let h = Harness::new()
+            .config(move |c| c.runtime.pre_content = mode)
+            .runtime(runtime(vec![Step::Send(thinking("planning")), Step::Hang]))
+            .config(|c| c.runtime.commit_timeout_ms = Some(4000))
+            .start()
+            .await;
+        let mut client = Client::connect(h.proxy_addr).await;
+        let auth = format!("Bearer {}", token("org-a"));
+        client
+            .send(
+                "POST",
+                "/api/v1/chat/sessions/s-1",
+                &[("authorization", auth.as_str())],
+                HI.as_bytes(),
+            )
+            .await;
+        h.runtime.wait_for_work(1).await;
+        drop(client);
 
-    let cancelled = || metric(&h, "chat_execution_cancelled_total", &[("mode", RT)]);
-    assert!(
-        eventually(Duration::from_secs(3), || cancelled() == 1.0).await,
-        "the departure was never recorded"
-    );
-    assert_eq!(
-        metric(&h, "chat_execution_error_total", &[("mode", RT)]),
-        0.0
-    );
-    assert_eq!(metric(&h, "cutover_runtime_failovers_total", &[]), 0.0);
-    assert_eq!(metric(&h, "cutover_commit_total", &[]), 0.0);
-    assert!(
-        h.legacy.work().is_empty(),
-        "a departed client is not failed over"
-    );
-    let (_, window) = h.admin("GET", "/runtime/metrics").await;
-    assert_eq!(window["data"]["runtime"]["total"], 0);
+        let cancelled = || metric(&h, "chat_execution_cancelled_total", &[("mode", RT)]);
+        assert!(
+            eventually(Duration::from_secs(3), || cancelled() == 1.0).await,
+            "the departure was never recorded"
+        );
+        assert_eq!(
+            metric(&h, "chat_execution_error_total", &[("mode", RT)]),
+            0.0
+        );
+        assert_eq!(metric(&h, "cutover_runtime_failovers_total", &[]), 0.0);
+        assert_eq!(metric(&h, "cutover_commit_total", &[]), 0.0);
+        assert!(
+            h.legacy.work().is_empty(),
+            "a departed client is not failed over"
+        );
+        let (_, window) = h.admin("GET", "/runtime/metrics").await;
+        assert_eq!(window["data"]["runtime"]["total"], 0);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_breaker_counts_a_failover_before_the_commit_as_an_error() {
     let h = Harness::new()
+        .config(|c| c.runtime.pre_content = PreContent::Hold)
         .runtime(runtime(vec![
             Step::Send(thinking("planning")),
             Step::Send(failed("LLM_ERROR")),
@@ -385,6 +425,7 @@ async fn with_the_bridge_a_failover_saves_nothing_and_leaves_no_session() {
         .runtime(failing_runtime())
         .config(move |c| {
             c.bridge.enabled = true;
+            c.runtime.pre_content = PreContent::Hold;
         })
         .start()
         .await;
@@ -453,78 +494,85 @@ async fn with_the_bridge_a_failover_saves_nothing_and_leaves_no_session() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_bridge_the_user_message_is_saved_at_the_commit() {
-    let legacy = FakeLegacy::seeded().await;
-    let h = Harness::new()
-        .legacy_server(legacy)
-        .runtime(runtime(vec![
-            Step::Send(thinking("planning")),
-            Step::WaitRelease,
-            Step::Send(text("Hello")),
-            Step::Send(complete()),
-            Step::Send(done_frame()),
-        ]))
-        .config(move |c| {
-            c.bridge.enabled = true;
-        })
-        .start()
-        .await;
-    let auth = format!("Bearer {}", token("org-a"));
-    let mut client = Client::connect(h.proxy_addr).await;
-    client
-        .send(
-            "POST",
-            "/api/v1/chat/sessions/s-1",
-            &[("authorization", auth.as_str())],
-            br#"{"message":"new"}"#,
-        )
-        .await;
-    h.runtime.wait_for_work(1).await;
-    // The runtime accepted and is thinking: nothing is saved while the proxy may still fail over.
-    assert_eq!(h.legacy.messages("s-1").len(), 3);
-    h.runtime.release();
-    let r = client.read_response().await;
-    assert_served(&r, RT, "allowlist");
-    assert_eq!(names(&r), ["message", "message", "done"]);
-    let messages = h.legacy.messages("s-1");
-    assert_eq!(messages.len(), 5);
-    assert_eq!(messages[3]["content"], "new");
-    assert_eq!(messages[4]["content"], "ok");
+    for mode in MODES {
+        let legacy = FakeLegacy::seeded().await;
+        let h = Harness::new()
+            .legacy_server(legacy)
+            .runtime(runtime(vec![
+                Step::Send(thinking("planning")),
+                Step::WaitRelease,
+                Step::Send(text("Hello")),
+                Step::Send(complete()),
+                Step::Send(done_frame()),
+            ]))
+            .config(move |c| {
+                c.bridge.enabled = true;
+                c.runtime.pre_content = mode;
+            })
+            .start()
+            .await;
+        let auth = format!("Bearer {}", token("org-a"));
+        let mut client = Client::connect(h.proxy_addr).await;
+        client
+            .send(
+                "POST",
+                "/api/v1/chat/sessions/s-1",
+                &[("authorization", auth.as_str())],
+                br#"{"message":"new"}"#,
+            )
+            .await;
+        h.runtime.wait_for_work(1).await;
+        // The runtime accepted and is thinking: nothing is saved while the proxy may still fail over.
+        assert_eq!(h.legacy.messages("s-1").len(), 3);
+        h.runtime.release();
+        let r = client.read_response().await;
+        assert_served(&r, RT, "allowlist");
+        assert_eq!(names(&r), ["message", "message", "done"]);
+        let messages = h.legacy.messages("s-1");
+        assert_eq!(messages.len(), 5);
+        assert_eq!(messages[3]["content"], "new");
+        assert_eq!(messages[4]["content"], "ok");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_deadline_while_held_commits_and_answers_timeout() {
-    let h = Harness::new()
-        .runtime(runtime(vec![Step::Send(thinking("planning")), Step::Hang]))
-        .config(|c| {
-            c.runtime.execution_timeout_ms = 400;
-            c.runtime.commit_timeout_ms = Some(300);
-        })
-        .start()
-        .await;
-    let r = h.chat("org-a").send().await;
-    assert_served(&r, RT, "allowlist");
-    assert_eq!(names(&r), ["message", "error"]);
-    assert_eq!(data(&r.events()[1])["code"], "TIMEOUT");
-    // The commit timeout came first here; with the deadline first the answer is the same.
-    let h2 = Harness::new()
-        .runtime(runtime(vec![Step::Send(thinking("planning")), Step::Hang]))
-        .config(|c| c.runtime.execution_timeout_ms = 400)
-        .start()
-        .await;
-    let r = h2.chat("org-a").send().await;
-    assert_served(&r, RT, "allowlist");
-    assert_eq!(names(&r), ["message", "error"]);
-    assert_eq!(data(&r.events()[1])["code"], "TIMEOUT");
-    assert_eq!(
-        metric(&h2, "cutover_commit_total", &[("trigger", "deadline")]),
-        1.0
-    );
-    recorded(&h2, 1, 0).await;
-    assert_eq!(
-        metric(&h2, "chat_execution_timeout_total", &[("mode", RT)]),
-        1.0
-    );
-    assert!(h.legacy.work().is_empty() && h2.legacy.work().is_empty());
+    for mode in MODES {
+        let h = Harness::new()
+            .config(move |c| c.runtime.pre_content = mode)
+            .runtime(runtime(vec![Step::Send(thinking("planning")), Step::Hang]))
+            .config(|c| {
+                c.runtime.execution_timeout_ms = 400;
+                c.runtime.commit_timeout_ms = Some(300);
+            })
+            .start()
+            .await;
+        let r = h.chat("org-a").send().await;
+        assert_served(&r, RT, "allowlist");
+        assert_eq!(names(&r), ["message", "error"]);
+        assert_eq!(data(&r.events()[1])["code"], "TIMEOUT");
+        // The commit timeout came first here; with the deadline first the answer is the same.
+        let h2 = Harness::new()
+            .config(move |c| c.runtime.pre_content = mode)
+            .runtime(runtime(vec![Step::Send(thinking("planning")), Step::Hang]))
+            .config(|c| c.runtime.execution_timeout_ms = 400)
+            .start()
+            .await;
+        let r = h2.chat("org-a").send().await;
+        assert_served(&r, RT, "allowlist");
+        assert_eq!(names(&r), ["message", "error"]);
+        assert_eq!(data(&r.events()[1])["code"], "TIMEOUT");
+        assert_eq!(
+            metric(&h2, "cutover_commit_total", &[("trigger", "deadline")]),
+            1.0
+        );
+        recorded(&h2, 1, 0).await;
+        assert_eq!(
+            metric(&h2, "chat_execution_timeout_total", &[("mode", RT)]),
+            1.0
+        );
+        assert!(h.legacy.work().is_empty() && h2.legacy.work().is_empty());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -534,7 +582,11 @@ async fn a_runtime_that_only_thinks_is_committed_to_when_too_much_is_held() {
         .map(|i| Step::Send(thinking(&format!("step {i}"))))
         .collect();
     steps.push(Step::Send(failed("LLM_ERROR")));
-    let h = Harness::new().runtime(runtime(steps)).start().await;
+    let h = Harness::new()
+        .config(|c| c.runtime.pre_content = PreContent::Hold)
+        .runtime(runtime(steps))
+        .start()
+        .await;
     let r = h.chat("org-a").send().await;
     assert_served(&r, RT, "allowlist");
     let names = names(&r);
@@ -553,38 +605,41 @@ async fn a_runtime_that_only_thinks_is_committed_to_when_too_much_is_held() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutting_down_while_held_commits_and_answers_shutting_down() {
-    let h = Harness::new()
-        .runtime(runtime(vec![Step::Send(thinking("planning")), Step::Hang]))
-        .config(|c| c.runtime.commit_timeout_ms = Some(4000))
-        .start()
-        .await;
-    let chat = tokio::spawn(h.chat("org-a").send());
-    // The relay counts its stream from the runtime's head on, held or not.
-    let in_flight = || metric(&h, "chat_streams_in_flight", &[("mode", RT)]);
-    assert!(
-        eventually(Duration::from_secs(3), || in_flight() == 1.0).await,
-        "the runtime's stream never started"
-    );
-    h.shared.cutoff.send_replace(true);
+    for mode in MODES {
+        let h = Harness::new()
+            .config(move |c| c.runtime.pre_content = mode)
+            .runtime(runtime(vec![Step::Send(thinking("planning")), Step::Hang]))
+            .config(|c| c.runtime.commit_timeout_ms = Some(4000))
+            .start()
+            .await;
+        let chat = tokio::spawn(h.chat("org-a").send());
+        // The relay counts its stream from the runtime's head on, held or not.
+        let in_flight = || metric(&h, "chat_streams_in_flight", &[("mode", RT)]);
+        assert!(
+            eventually(Duration::from_secs(3), || in_flight() == 1.0).await,
+            "the runtime's stream never started"
+        );
+        h.shared.cutoff.send_replace(true);
 
-    let r = tokio::time::timeout(Duration::from_secs(3), chat)
-        .await
-        .expect("the held stream was not ended by the cutoff")
-        .unwrap();
-    assert_served(&r, RT, "allowlist");
-    let events = r.events();
-    let last = events.last().expect("events");
-    assert_eq!(last.0, "error", "{events:?}");
-    assert_eq!(data(last)["code"], "SHUTTING_DOWN");
-    assert_eq!(
-        metric(&h, "cutover_commit_total", &[("trigger", "shutdown")]),
-        1.0
-    );
-    // Not the runtime's fault, and nothing is failed over while the proxy stops.
-    assert_eq!(metric(&h, "cutover_runtime_failovers_total", &[]), 0.0);
-    assert!(h.legacy.work().is_empty());
-    assert_eq!(
-        metric(&h, "chat_execution_error_total", &[("mode", RT)]),
-        0.0
-    );
+        let r = tokio::time::timeout(Duration::from_secs(3), chat)
+            .await
+            .expect("the held stream was not ended by the cutoff")
+            .unwrap();
+        assert_served(&r, RT, "allowlist");
+        let events = r.events();
+        let last = events.last().expect("events");
+        assert_eq!(last.0, "error", "{events:?}");
+        assert_eq!(data(last)["code"], "SHUTTING_DOWN");
+        assert_eq!(
+            metric(&h, "cutover_commit_total", &[("trigger", "shutdown")]),
+            1.0
+        );
+        // Not the runtime's fault, and nothing is failed over while the proxy stops.
+        assert_eq!(metric(&h, "cutover_runtime_failovers_total", &[]), 0.0);
+        assert!(h.legacy.work().is_empty());
+        assert_eq!(
+            metric(&h, "chat_execution_error_total", &[("mode", RT)]),
+            0.0
+        );
+    }
 }

@@ -55,9 +55,17 @@ async fn timed_chat(h: &Running) -> (Response, Duration) {
     (r, started.elapsed())
 }
 
+/// Legacy answered: a failover (legacy's stream, its head saying so), or, with the runtime's
+/// stream already open (`runtime.pre_content = "stream"`), a rescue inside it, ending with
+/// legacy's own `done`.
 fn served_by_legacy(r: &Response) -> bool {
-    r.header("x-execution-mode") == Some(DIRECT)
-        && r.header("x-execution-reason") == Some("failover")
+    let failover = r.header("x-execution-mode") == Some(DIRECT)
+        && r.header("x-execution-reason") == Some("failover");
+    let rescued = r.header("x-execution-mode") == Some(RT)
+        && r.events().last().is_some_and(|(name, data)| {
+            name == "done" && data.contains("\"executionMode\":\"direct_llm\"")
+        });
+    failover || rescued
 }
 
 /// A healthy chat through the same proxy after the scenario, once the runtime behaves.

@@ -28,6 +28,7 @@ mod metrics_exposition;
 mod passthrough;
 mod real_runtime;
 mod reload;
+mod rescue;
 mod response_heads;
 mod rewrite_differential;
 mod rollout;

@@ -8,7 +8,7 @@ use crate::support;
 
 use std::time::{Duration, Instant};
 
-use cutover_proxy::core::config::CommitTimeoutAction;
+use cutover_proxy::core::config::{CommitTimeoutAction, PreContent};
 use serde_json::json;
 use support::*;
 
@@ -49,6 +49,32 @@ fn assert_within(took: Duration, what: &str) {
 /// The runtime's paths: the front door's own connection, and Pingora's.
 const RUNTIME_PATHS: [(bool, &str); 2] = [(true, "front door"), (false, "pingora")];
 
+/// Each runtime path under each `runtime.pre_content`.
+fn runtime_paths_and_modes() -> impl Iterator<Item = ((bool, &'static str), PreContent)> {
+    RUNTIME_PATHS
+        .into_iter()
+        .flat_map(|p| [PreContent::Hold, PreContent::Stream].map(|m| (p, m)))
+}
+
+/// Legacy answered the chat: held, as a failover (its own stream and head); streamed, inside the
+/// runtime's open stream, ending with legacy's `done`.
+#[track_caller]
+fn assert_legacy_answered(r: &Response, mode: PreContent, path: &str) {
+    match mode {
+        PreContent::Hold => assert_served(r, DIRECT, "failover"),
+        PreContent::Stream => {
+            assert_served(r, RT, "allowlist");
+            let names: Vec<String> = r.events().into_iter().map(|e| e.0).collect();
+            assert_eq!(names, ["message", "message", "done"], "{path}");
+            assert!(r.text().contains("\"legacy\""), "{path}");
+            assert!(
+                r.text().contains("\"executionMode\":\"direct_llm\""),
+                "{path}"
+            );
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_runtime_with_no_head_fails_over_at_its_response_timeout_on_both_paths() {
     for (lean, path) in RUNTIME_PATHS {
@@ -81,7 +107,7 @@ async fn a_runtime_with_no_head_fails_over_at_its_response_timeout_on_both_paths
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_runtime_silent_before_its_first_content_fails_over_at_its_idle_timeout() {
-    for (lean, path) in RUNTIME_PATHS {
+    for ((lean, path), mode) in runtime_paths_and_modes() {
         let h = Harness::new()
             .runtime(runtime(Some(vec![
                 Step::Send(thinking("planning")),
@@ -89,6 +115,7 @@ async fn a_runtime_silent_before_its_first_content_fails_over_at_its_idle_timeou
             ])))
             .config(move |c| {
                 c.server.lean_runtime = lean;
+                c.runtime.pre_content = mode;
                 c.runtime.idle_timeout_ms = DEADLINE.as_millis() as u64;
                 c.runtime.commit_timeout_ms = Some(4000);
             })
@@ -97,7 +124,7 @@ async fn a_runtime_silent_before_its_first_content_fails_over_at_its_idle_timeou
         let started = Instant::now();
         let r = h.chat("org-a").send().await;
         assert_within(started.elapsed(), path);
-        assert_served(&r, DIRECT, "failover");
+        assert_legacy_answered(&r, mode, path);
         recorded(&h, 1, 1).await;
         assert_eq!(
             metric(&h, "chat_execution_timeout_total", &[("mode", RT)]),
@@ -172,7 +199,7 @@ async fn pings_keep_a_quiet_runtime_alive() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_content_by_the_commit_timeout_fails_over_when_told_to_on_both_paths() {
-    for (lean, path) in RUNTIME_PATHS {
+    for ((lean, path), mode) in runtime_paths_and_modes() {
         let h = Harness::new()
             .runtime(runtime(Some(vec![
                 Step::Send(thinking("planning")),
@@ -181,6 +208,7 @@ async fn no_content_by_the_commit_timeout_fails_over_when_told_to_on_both_paths(
             ])))
             .config(move |c| {
                 c.server.lean_runtime = lean;
+                c.runtime.pre_content = mode;
                 c.runtime.commit_timeout_ms = Some(DEADLINE.as_millis() as u64);
                 c.runtime.commit_timeout_action = CommitTimeoutAction::Failover;
             })
@@ -189,7 +217,7 @@ async fn no_content_by_the_commit_timeout_fails_over_when_told_to_on_both_paths(
         let started = Instant::now();
         let r = h.chat("org-a").send().await;
         assert_within(started.elapsed(), path);
-        assert_served(&r, DIRECT, "failover");
+        assert_legacy_answered(&r, mode, path);
         recorded(&h, 1, 1).await;
         assert_eq!(
             metric(&h, "chat_execution_timeout_total", &[("mode", RT)]),

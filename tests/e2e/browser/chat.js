@@ -25,6 +25,8 @@ async function sendMessage ({ sessionId, agentId, message, parentMessageId }) {
     body = { agentId, message }
   }
   const controller = new AbortController()
+  // When each event reached the page, from the request (not the app's: the test's measure).
+  const t0 = performance.now()
   try {
     const token = getAuthToken()
     const response = await fetch(url, {
@@ -63,7 +65,7 @@ async function sendMessage ({ sessionId, agentId, message, parentMessageId }) {
           currentData = line.slice(5).trim()
         } else if (line === '' && currentData) {
           try {
-            seen.events.push({ event: currentEvent, data: JSON.parse(currentData) })
+            seen.events.push({ event: currentEvent, data: JSON.parse(currentData), at: performance.now() - t0 })
           } catch (e) {
             seen.events.push({ event: 'unparsed', data: currentData })
           }

@@ -10,7 +10,8 @@
  * answer waits in the compressor until the end. Ids and timestamps derive from the session id and
  * the message, so a test can compare the bytes its client got with `legacy_stream()`
  * (legacy_stream.py) byte for byte. Every other route echoes what it received (method, path,
- * query, headers, body size and hash). Chat requests are recorded: GET /control/received. The
+ * query, headers, body size and hash). Chat requests are recorded: GET /control/received. A chat
+ * in a session of the caller's org saves the user's message and the answer, as the product does. The
  * message "legacy:hold" makes the stream wait after its first event until
  * POST /control/release/{session_id}.
  *
@@ -59,10 +60,13 @@ let seq = 1
 
 // ---- the chat answer --------------------------------------------------------------------------
 
+const answerWords = (message) => ['Legacy', ' answer', ' to: ', message, ' 你好']
+const answerText = (message) => answerWords(message).join('')
+
 /** The SSE body of a legacy chat answer, as the writes the legacy API makes. */
 function legacyChunks (sessionId, message) {
   const digest = crypto.createHash('sha1').update(`${sessionId}|${message}`, 'utf8').digest('hex').slice(0, 12)
-  const words = ['Legacy', ' answer', ' to: ', message, ' 你好']
+  const words = answerWords(message)
   const chunks = words.map((word, i) => {
     const msg = {
       id: `legacy-${digest}-${i}`,
@@ -115,6 +119,15 @@ async function chat (req, res, sessionId) {
     raw_len: raw.length
   })
   const message = body && typeof body === 'object' && typeof body.message === 'string' ? body.message : ''
+  // As the product's chat service does: a chat in a session the caller's org owns saves the
+  // user's message before answering and the answer before `done`, under the id `done` names.
+  const owned = SESSIONS.get(sessionId)
+  const saving = owned && owned.orgId === callerOrg(req) ? MESSAGES.get(sessionId) : null
+  if (saving) {
+    saving.push({
+      id: `msg-${ids++}`, sessionId, role: 'user', content: message, parentId: (body && body.parentMessageId) || null, metadata: null, createdAt: nowIso()
+    })
+  }
   rateLimitHeaders(res)
   res.setHeader('Content-Type', 'text/event-stream')
   res.setHeader('Cache-Control', 'no-cache')
@@ -124,6 +137,12 @@ async function chat (req, res, sessionId) {
   res.status(200)
   const chunks = legacyChunks(sessionId, message)
   for (let i = 0; i < chunks.length; i++) {
+    if (saving && i === chunks.length - 1) {
+      const done = JSON.parse(chunks[i].slice(chunks[i].indexOf('data: ') + 6))
+      saving.push({
+        id: done.messageId, sessionId, role: 'assistant', content: answerText(message), parentId: null, metadata: null, createdAt: nowIso()
+      })
+    }
     res.write(chunks[i])
     if (i === 0 && message === 'legacy:hold') {
       // Hold the rest until the test says so (proves the proxy streams legacy too).
