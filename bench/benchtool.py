@@ -819,37 +819,20 @@ def report_cmd(args):
     w("- Raw outputs (every wrk run, every stream timing) are kept in `bench/out/`.")
     w("")
 
-    header = lines
     sections = {}
-
-    def section(n):
-        nonlocal lines, w
-        lines = sections[n] = []
-        w = lines.append
-
-    def have(name):
-        return os.path.exists(os.path.join(out, name))
-
-    # ---- 1. passthrough
-    if have("passthrough.json"):
-        section(1)
-        report_passthrough(out, w)
-    if have("sse.json"):
-        section(2)
-        report_sse(out, w)
-    if have("idle.json"):
-        section(3)
-        report_idle(out, w)
-    if have("bridge.json"):
-        section(4)
-        report_bridge(out, w)
-    if have("commit.json"):
-        section(5)
-        report_commit(out, w)
-    if have("counts.json"):
-        section(6)
-        report_counts(out, w)
-    write_results(args.results, header, sections)
+    reports = [
+        ("passthrough.json", report_passthrough),
+        ("sse.json", report_sse),
+        ("idle.json", report_idle),
+        ("bridge.json", report_bridge),
+        ("commit.json", report_commit),
+        ("counts.json", report_counts),
+    ]
+    for n, (name, report) in enumerate(reports, 1):
+        if os.path.exists(os.path.join(out, name)):
+            sections[n] = []
+            report(out, sections[n].append)
+    write_results(args.results, lines, sections)
 
 
 def write_results(path, header, sections):

@@ -851,10 +851,26 @@ mod tests {
 
     /// A breaker opened by errors at `t0`.
     fn opened(t0: Instant) -> Breaker {
-        let mut b = Breaker::new(settings(), t0);
+        opened_with(settings(), t0)
+    }
+
+    /// A breaker with these settings, opened by errors at `t0`.
+    fn opened_with(s: BreakerSettings, t0: Instant) -> Breaker {
+        let mut b = Breaker::new(s, t0);
         let t = record_n(&mut b, 10, Outcome::Error, t0).unwrap();
         assert_eq!((t.from, t.to), (State::Closed, State::Open));
         b
+    }
+
+    /// A breaker opened by errors at `t0` that half-opens with `probes` probes.
+    fn opened_with_probes(probes: u32, t0: Instant) -> Breaker {
+        opened_with(
+            BreakerSettings {
+                half_open_probes: probes,
+                ..settings()
+            },
+            t0,
+        )
     }
 
     #[test]
@@ -1122,10 +1138,7 @@ mod tests {
     #[test]
     fn probe_concurrency_is_bounded_and_release_frees_a_slot() {
         let t0 = Instant::now();
-        let mut s = settings();
-        s.half_open_probes = 2;
-        let mut b = Breaker::new(s, t0);
-        record_n(&mut b, 10, Outcome::Error, t0);
+        let mut b = opened_with_probes(2, t0);
         let t1 = t0 + secs(30);
         assert_eq!(b.admit(t1).0, Admission::Probe);
         assert_eq!(b.admit(t1).0, Admission::Probe);
@@ -1149,10 +1162,7 @@ mod tests {
     #[test]
     fn probes_from_an_earlier_phase_still_count_against_the_bound() {
         let t0 = Instant::now();
-        let mut s = settings();
-        s.half_open_probes = 2;
-        let mut b = Breaker::new(s, t0);
-        record_n(&mut b, 10, Outcome::Error, t0);
+        let mut b = opened_with_probes(2, t0);
         let t1 = t0 + secs(30);
         b.admit(t1);
         b.admit(t1);
@@ -1184,10 +1194,7 @@ mod tests {
     #[test]
     fn late_probe_outcome_while_closed_is_a_normal_sample() {
         let t0 = Instant::now();
-        let mut s = settings();
-        s.half_open_probes = 1;
-        let mut b = Breaker::new(s, t0);
-        record_n(&mut b, 10, Outcome::Error, t0);
+        let mut b = opened_with_probes(1, t0);
         let t1 = t0 + secs(30);
         b.admit(t1);
         b.release_probe();
@@ -1454,18 +1461,9 @@ mod tests {
         assert_eq!(s.exceeded(&few), None);
     }
 
-    const CONFIG: &str = r#"
-[server]
-listen = "127.0.0.1:8080"
-[legacy]
-address = "127.0.0.1:3001"
-[runtime]
-address = "runtime:8000"
-"#;
-
     #[test]
     fn settings_from_config() {
-        let c = crate::core::config::Config::parse(CONFIG).unwrap();
+        let c = crate::core::config::Config::parse(crate::core::config::MINIMAL).unwrap();
         let s = BreakerSettings::from_config(&c);
         // The contract's thresholds (with `execution_timeout_ms` = 300000, `health_failures` = 3).
         assert_eq!(
@@ -1486,7 +1484,7 @@ address = "runtime:8000"
             "{}execution_timeout_ms = 1000\ncommit_timeout_ms = 500\nhealth_failures = 5\n[breaker]\nwindow_secs = 60\n\
              min_requests = 4\nerror_rate = 0.25\ntimeout_rate = 0.1\nlatency_ratio = 0.3\n\
              open_secs = 7\nhalf_open_probes = 2\n",
-            CONFIG.trim_start()
+            crate::core::config::MINIMAL.trim_start()
         );
         let c = crate::core::config::Config::parse(&text).unwrap();
         assert_eq!(

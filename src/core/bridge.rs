@@ -84,6 +84,15 @@ impl Route {
         Route::DeleteSession,
     ];
 
+    /// The HTTP method the route is called with.
+    pub fn method(self) -> &'static str {
+        match self {
+            Route::Session | Route::Agent | Route::Messages | Route::ReadBack => "GET",
+            Route::SaveMessage | Route::CreateSession => "POST",
+            Route::DeleteSession => "DELETE",
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Route::Session => "session",

@@ -3,7 +3,7 @@
 //! Parsing is strict (unknown keys are errors) and every error names the offending key, so
 //! `cutover-proxy check` can answer like `nginx -t`. Nothing here does I/O beyond reading the file;
 //! the environment variables the file names (secrets) are read where they are used
-//! (`identity::Verifier::from_env`, `app::state::Active::new`).
+//! (`identity::Verifier::from_env`, `state::Active::new`).
 
 use std::fmt;
 use std::path::Path;
@@ -1323,11 +1323,9 @@ fn check_orgs(key: &str, orgs: &[String]) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// The smallest valid config, ending inside `[runtime]`: tests add to it.
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const MINIMAL: &str = r#"
+pub const MINIMAL: &str = r#"
 [server]
 listen = "127.0.0.1:8080"
 [legacy]
@@ -1336,8 +1334,17 @@ address = "127.0.0.1:3001"
 address = "runtime:8000"
 "#;
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
     fn err_key(text: &str) -> String {
         Config::parse(text).unwrap_err().key
+    }
+
+    /// `MINIMAL` with more lines in its `[runtime]` table.
+    fn with_runtime(lines: &str) -> String {
+        format!("{MINIMAL}{lines}\n")
     }
 
     #[test]
@@ -1450,10 +1457,7 @@ address = "runtime:8000"
 
     #[test]
     fn zero_durations_are_refused() {
-        let text = MINIMAL.replace(
-            "address = \"runtime:8000\"",
-            "address = \"runtime:8000\"\nexecution_timeout_ms = 0",
-        );
+        let text = with_runtime("execution_timeout_ms = 0");
         assert_eq!(err_key(&text), "runtime.execution_timeout_ms");
     }
 
@@ -1464,11 +1468,7 @@ address = "runtime:8000"
         assert_eq!(c.runtime.commit_timeout_ms, None);
         assert_eq!(c.runtime.commit_timeout(), Duration::from_secs(5));
         assert_eq!(c.runtime.commit_timeout_action, CommitTimeoutAction::Commit);
-        let runtime = "address = \"runtime:8000\"";
-        let text = MINIMAL.replace(
-            runtime,
-            &format!("{runtime}\ncommit_on = \"first_event\"\ncommit_timeout_ms = 0"),
-        );
+        let text = with_runtime("commit_on = \"first_event\"\ncommit_timeout_ms = 0");
         let c = Config::parse(&text).unwrap();
         assert_eq!(c.runtime.commit_on, CommitOn::FirstEvent);
         assert_eq!(c.runtime.commit_timeout(), Duration::ZERO);
@@ -1476,26 +1476,24 @@ address = "runtime:8000"
 
     #[test]
     fn a_commit_point_past_the_execution_timeout_is_refused() {
-        let runtime = "address = \"runtime:8000\"";
-        let with = |extra: &str| MINIMAL.replace(runtime, &format!("{runtime}\n{extra}"));
         // An explicit commit timeout must be below the execution's.
-        let e = Config::parse(&with(
+        let e = Config::parse(&with_runtime(
             "execution_timeout_ms = 5000\ncommit_timeout_ms = 5000",
         ))
         .unwrap_err();
         assert_eq!(e.key, "runtime.commit_timeout_ms", "{e}");
         assert!(e.message.contains("execution_timeout_ms (5000)"), "{e}");
-        Config::parse(&with(
+        Config::parse(&with_runtime(
             "execution_timeout_ms = 5000\ncommit_timeout_ms = 4999",
         ))
         .unwrap();
         // A default never makes an explicit setting invalid: unset, it is at most half of a
         // shorter execution timeout.
-        let c = Config::parse(&with("execution_timeout_ms = 5000")).unwrap();
+        let c = Config::parse(&with_runtime("execution_timeout_ms = 5000")).unwrap();
         assert_eq!(c.runtime.commit_timeout(), Duration::from_millis(2500));
-        let c = Config::parse(&with("execution_timeout_ms = 1")).unwrap();
+        let c = Config::parse(&with_runtime("execution_timeout_ms = 1")).unwrap();
         assert_eq!(c.runtime.commit_timeout(), Duration::ZERO);
-        let e = Config::parse(&with("commit_on = \"thinking\"")).unwrap_err();
+        let e = Config::parse(&with_runtime("commit_on = \"thinking\"")).unwrap_err();
         assert_eq!(e.key, "runtime.commit_on", "{e}");
     }
 
@@ -1523,25 +1521,23 @@ address = "runtime:8000"
                 assert_eq!(err_key(&text), format!("{table}.{key}"), "{key} = {bad}");
             }
         }
-        let runtime = "address = \"runtime:8000\"";
-        let with = |extra: &str| MINIMAL.replace(runtime, &format!("{runtime}\n{extra}"));
-        let c = Config::parse(&with("commit_timeout_action = \"failover\"")).unwrap();
+        let c = Config::parse(&with_runtime("commit_timeout_action = \"failover\"")).unwrap();
         assert_eq!(
             c.runtime.commit_timeout_action,
             CommitTimeoutAction::Failover
         );
         assert_eq!(
-            err_key(&with("commit_timeout_action = \"wait\"")),
+            err_key(&with_runtime("commit_timeout_action = \"wait\"")),
             "runtime.commit_timeout_action"
         );
         assert_eq!(
             Config::parse(MINIMAL).unwrap().runtime.pre_content,
             PreContent::Stream
         );
-        let c = Config::parse(&with("pre_content = \"hold\"")).unwrap();
+        let c = Config::parse(&with_runtime("pre_content = \"hold\"")).unwrap();
         assert_eq!(c.runtime.pre_content, PreContent::Hold);
         assert_eq!(
-            err_key(&with("pre_content = \"buffer\"")),
+            err_key(&with_runtime("pre_content = \"buffer\"")),
             "runtime.pre_content"
         );
     }
@@ -1554,10 +1550,7 @@ address = "runtime:8000"
 
     #[test]
     fn relative_paths_are_refused() {
-        let text = MINIMAL.replace(
-            "address = \"runtime:8000\"",
-            "address = \"runtime:8000\"\nstream_path = \"execute\"",
-        );
+        let text = with_runtime("stream_path = \"execute\"");
         assert_eq!(err_key(&text), "runtime.stream_path");
     }
 
@@ -1748,21 +1741,20 @@ address = "runtime:8000"
         assert_eq!(c.runtime.file_url_secret_env, "");
         assert_eq!(c.limits.max_client_event_bytes, 16384);
         let limits = |line: &str| format!("{MINIMAL}[limits]\n{line}\n");
-        let runtime = |line: &str| MINIMAL.replace("[runtime]\n", &format!("[runtime]\n{line}\n"));
         let c = Config::parse(&limits("max_client_event_bytes = 0")).unwrap();
         assert_eq!(c.limits.max_client_event_bytes, 0);
         assert_eq!(
             err_key(&limits("max_client_event_bytes = 100")),
             "limits.max_client_event_bytes"
         );
-        let c = Config::parse(&runtime("file_url_secret_env = \"FILE_KEY\"")).unwrap();
+        let c = Config::parse(&with_runtime("file_url_secret_env = \"FILE_KEY\"")).unwrap();
         assert_eq!(c.runtime.file_url_secret_env, "FILE_KEY");
         assert_eq!(
-            err_key(&runtime("file_url_secret_env = \"not a name\"")),
+            err_key(&with_runtime("file_url_secret_env = \"not a name\"")),
             "runtime.file_url_secret_env"
         );
         assert_eq!(
-            err_key(&runtime("file_url_ttl_secs = 0")),
+            err_key(&with_runtime("file_url_ttl_secs = 0")),
             "runtime.file_url_ttl_secs"
         );
     }

@@ -225,6 +225,14 @@ pub struct BodyDecoder {
     state: State,
 }
 
+/// Hand `sink` what `rest` holds of the `n` payload bytes still due: how many it took, and how
+/// many are still due after them.
+fn pass_on(rest: &[u8], n: u64, sink: &mut impl FnMut(&[u8])) -> (usize, u64) {
+    let take = rest.len().min(usize::try_from(n).unwrap_or(usize::MAX));
+    sink(&rest[..take]);
+    (take, n - take as u64)
+}
+
 impl BodyDecoder {
     pub fn new(framing: Framing) -> Self {
         let state = match framing {
@@ -260,10 +268,8 @@ impl BodyDecoder {
                     return Ok(input.len());
                 }
                 State::Length(n) => {
-                    let take = rest.len().min(usize::try_from(n).unwrap_or(usize::MAX));
-                    sink(&rest[..take]);
-                    pos += take;
-                    let left = n - take as u64;
+                    let (took, left) = pass_on(rest, n, &mut sink);
+                    pos += took;
                     self.state = if left == 0 {
                         State::Done
                     } else {
@@ -289,10 +295,8 @@ impl BodyDecoder {
                     Err(_) => return Err(BodyError::BadChunk("invalid chunk size")),
                 },
                 State::Data(n) => {
-                    let take = rest.len().min(usize::try_from(n).unwrap_or(usize::MAX));
-                    sink(&rest[..take]);
-                    pos += take;
-                    let left = n - take as u64;
+                    let (took, left) = pass_on(rest, n, &mut sink);
+                    pos += took;
                     self.state = if left == 0 {
                         State::DataEnd
                     } else {

@@ -204,54 +204,43 @@ mod tests {
     #[test]
     fn an_incomplete_stream_is_closed_with_the_reason_it_ended() {
         let truncated = "runtime stream ended without execution_complete";
-        assert_eq!(
-            verdict(&facts(End::Done)),
-            closed(Outcome::Error, "STREAM_TRUNCATED", truncated)
-        );
-        assert_eq!(
-            verdict(&facts(End::BodyEnd)),
-            closed(Outcome::Error, "STREAM_TRUNCATED", truncated)
-        );
-        assert_eq!(
-            verdict(&facts(End::Broken("connection reset".into()))),
-            closed(
-                Outcome::Error,
-                "RUNTIME_DISCONNECTED",
-                "runtime stream failed: connection reset"
-            )
-        );
-        assert_eq!(
-            verdict(&facts(End::FrameTooLarge { limit: 1024 })),
-            closed(
-                Outcome::Error,
-                "FRAME_TOO_LARGE",
-                "runtime sent a frame larger than 1024 bytes"
-            )
-        );
-        assert_eq!(
-            verdict(&facts(End::Deadline {
-                budget: Duration::from_millis(1500)
-            })),
-            closed(
-                Outcome::Timeout,
-                "TIMEOUT",
-                "runtime execution exceeded 1500 ms"
-            )
-        );
-        assert_eq!(
-            verdict(&facts(End::ExecutionError)),
-            quiet(Some(Outcome::Error))
-        );
-        assert_eq!(
-            verdict(&facts(End::Stalled {
-                idle: Duration::from_millis(60_000)
-            })),
-            closed(
-                Outcome::Timeout,
-                "RUNTIME_STALLED",
-                "runtime sent nothing for 60000 ms"
-            )
-        );
+        let ms = Duration::from_millis;
+        use Outcome::{Error, Timeout};
+        for (end, expected) in [
+            (End::Done, closed(Error, "STREAM_TRUNCATED", truncated)),
+            (End::BodyEnd, closed(Error, "STREAM_TRUNCATED", truncated)),
+            (
+                End::Broken("connection reset".into()),
+                closed(
+                    Error,
+                    "RUNTIME_DISCONNECTED",
+                    "runtime stream failed: connection reset",
+                ),
+            ),
+            (
+                End::FrameTooLarge { limit: 1024 },
+                closed(
+                    Error,
+                    "FRAME_TOO_LARGE",
+                    "runtime sent a frame larger than 1024 bytes",
+                ),
+            ),
+            (
+                End::Deadline { budget: ms(1500) },
+                closed(Timeout, "TIMEOUT", "runtime execution exceeded 1500 ms"),
+            ),
+            (End::ExecutionError, quiet(Some(Error))),
+            (
+                End::Stalled { idle: ms(60_000) },
+                closed(
+                    Timeout,
+                    "RUNTIME_STALLED",
+                    "runtime sent nothing for 60000 ms",
+                ),
+            ),
+        ] {
+            assert_eq!(verdict(&facts(end.clone())), expected, "{end:?}");
+        }
     }
 
     #[test]

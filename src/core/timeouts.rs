@@ -155,16 +155,20 @@ impl ReadClock {
     }
 }
 
+/// Deadlines for tests of the clock and of the reads it bounds.
+#[cfg(test)]
+pub const TEST_TIMEOUTS: Timeouts = Timeouts {
+    connect: Duration::from_millis(100),
+    response: Duration::from_secs(10),
+    idle: Duration::from_secs(60),
+    pool_idle: Duration::from_secs(4),
+};
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const T: Timeouts = Timeouts {
-        connect: Duration::from_millis(100),
-        response: Duration::from_secs(10),
-        idle: Duration::from_secs(60),
-        pool_idle: Duration::from_secs(4),
-    };
+    const T: Timeouts = TEST_TIMEOUTS;
 
     fn at(start: Instant, secs: u64) -> Instant {
         start + Duration::from_secs(secs)
@@ -206,30 +210,15 @@ mod tests {
 
     #[test]
     fn the_policy_is_read_from_the_config() {
-        let c = Config::parse(
-            "[server]\nlisten = \"127.0.0.1:1\"\n[legacy]\naddress = \"l:1\"\n\
-             [runtime]\naddress = \"r:1\"\n",
-        )
-        .unwrap();
-        let l = Timeouts::legacy(&c);
-        assert_eq!(
-            (l.connect, l.response, l.idle, l.pool_idle),
-            (
-                Duration::from_secs(1),
-                Duration::from_secs(60),
-                Duration::from_secs(300),
-                Duration::from_secs(30)
-            )
-        );
-        let r = Timeouts::runtime(&c);
-        assert_eq!(
-            (r.connect, r.response, r.idle, r.pool_idle),
-            (
-                Duration::from_secs(1),
-                Duration::from_secs(10),
-                Duration::from_secs(60),
-                Duration::from_secs(4)
-            )
-        );
+        let c = Config::parse(crate::core::config::MINIMAL).unwrap();
+        let secs = Duration::from_secs;
+        let timeouts = |connect, response, idle, pool_idle| Timeouts {
+            connect: secs(connect),
+            response: secs(response),
+            idle: secs(idle),
+            pool_idle: secs(pool_idle),
+        };
+        assert_eq!(Timeouts::legacy(&c), timeouts(1, 60, 300, 30));
+        assert_eq!(Timeouts::runtime(&c), timeouts(1, 10, 60, 4));
     }
 }

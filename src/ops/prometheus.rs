@@ -183,14 +183,17 @@ mod tests {
         Box::leak(text.into_bytes().into_boxed_slice())
     }
 
+    /// A query through the upstream client, within 2 s.
+    async fn ask(url: &HttpUrl, promql: &str) -> Result<Vec<Sample>, QueryError> {
+        query(&UpstreamGet::new(), url, promql, Duration::from_secs(2)).await
+    }
+
     const VECTOR: &str = r#"{"status":"success","data":{"resultType":"vector","result":[{"metric":{},"value":[1,"42"]}]}}"#;
 
     #[tokio::test]
     async fn a_query_reads_the_vector() {
         let url = serve(answer("200 OK", VECTOR), Duration::ZERO).await;
-        let s = query(&UpstreamGet::new(), &url, "up", Duration::from_secs(2))
-            .await
-            .unwrap();
+        let s = ask(&url, "up").await.unwrap();
         assert_eq!(s[0].value, 42.0);
     }
 
@@ -208,15 +211,11 @@ mod tests {
             Duration::ZERO,
         )
         .await;
-        let s = query(&UpstreamGet::new(), &url, "1", Duration::from_secs(2))
-            .await
-            .unwrap();
+        let s = ask(&url, "1").await.unwrap();
         assert_eq!(s[0].value, 7.0);
         let close: &[u8] = b"HTTP/1.0 200 OK\r\n\r\n{\"status\":\"success\",\"data\":{\"resultType\":\"scalar\",\"result\":[1,\"8\"]}}";
         let url = serve(close, Duration::ZERO).await;
-        let s = query(&UpstreamGet::new(), &url, "1", Duration::from_secs(2))
-            .await
-            .unwrap();
+        let s = ask(&url, "1").await.unwrap();
         assert_eq!(s[0].value, 8.0);
     }
 
@@ -227,9 +226,7 @@ mod tests {
         let port = closed.local_addr().unwrap().port();
         drop(closed);
         let url = HttpUrl::parse(&format!("http://127.0.0.1:{port}")).unwrap();
-        let e = query(&UpstreamGet::new(), &url, "up", Duration::from_secs(2))
-            .await
-            .unwrap_err();
+        let e = ask(&url, "up").await.unwrap_err();
         assert_eq!(e.kind(), "unavailable", "{e}");
         // Slower than the deadline.
         let url = serve(answer("200 OK", VECTOR), Duration::from_millis(500)).await;
@@ -243,21 +240,15 @@ mod tests {
             Duration::ZERO,
         )
         .await;
-        let e = query(&UpstreamGet::new(), &url, "up", Duration::from_secs(2))
-            .await
-            .unwrap_err();
+        let e = ask(&url, "up").await.unwrap_err();
         assert_eq!(e.kind(), "unavailable");
         // A page that is not Prometheus', and a refused query.
         let url = serve(answer("200 OK", "<html>"), Duration::ZERO).await;
-        let e = query(&UpstreamGet::new(), &url, "up", Duration::from_secs(2))
-            .await
-            .unwrap_err();
+        let e = ask(&url, "up").await.unwrap_err();
         assert_eq!(e.kind(), "invalid");
         let refused = r#"{"status":"error","errorType":"bad_data","error":"parse error"}"#;
         let url = serve(answer("400 Bad Request", refused), Duration::ZERO).await;
-        let e = query(&UpstreamGet::new(), &url, "up(", Duration::from_secs(2))
-            .await
-            .unwrap_err();
+        let e = ask(&url, "up(").await.unwrap_err();
         assert!(e.detail().ends_with("(bad_data): parse error"), "{e}");
         // Cut in the middle of the body.
         let url = serve(
@@ -265,9 +256,7 @@ mod tests {
             Duration::ZERO,
         )
         .await;
-        let e = query(&UpstreamGet::new(), &url, "up", Duration::from_secs(2))
-            .await
-            .unwrap_err();
+        let e = ask(&url, "up").await.unwrap_err();
         assert!(e.detail().contains("connection closed"), "{e}");
     }
 }

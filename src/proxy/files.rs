@@ -1,7 +1,9 @@
-//! The proxy's own route for runtime files, `GET /api/v1/runtime/files/{file_id}?exp&src&sig`:
-//! a signed link checked against the caller's verified org (its bearer token, or without one the
-//! `identity.token_cookie` a browser's plain link carries), then the runtime's file streamed
-//! through. Every refusal is the same bare 404, so a link says nothing about why it failed.
+//! One concern of the `ChatService` (`proxy::service`), on Pingora's path only
+//! (`ChatService::serve_file`, from `request_filter`): the proxy's own route for runtime files,
+//! `GET /api/v1/runtime/files/{file_id}?exp&src&sig`. A signed link is checked against the
+//! caller's verified org (its bearer token, or without one the `identity.token_cookie` a
+//! browser's plain link carries), then the runtime's file is streamed through. Every refusal is
+//! the same bare 404, so a link says nothing about why it failed.
 
 use std::time::SystemTime;
 

@@ -1,5 +1,8 @@
-//! Counting a finished chat request, once, in `logging`: the breaker, the admin window stats,
-//! Prometheus and the access log.
+//! One concern of the `ChatService` (`proxy::service`): counting a finished request once
+//! (`ChatService::record`), from Pingora's `logging` or from the front door when it served the
+//! chat itself: the breaker (through the chat's `BreakerTicket`), the admin window stats,
+//! Prometheus and the access log. How the connection ended comes as a [`Finish`] of its own,
+//! not as Pingora's error.
 
 use std::time::{Duration, Instant};
 

@@ -1,4 +1,7 @@
-//! The chat requests the proxy refuses itself, with no upstream: why, and the JSON answer.
+//! One concern of the `ChatService` (`proxy::service`): the chat requests the proxy refuses
+//! itself, with no upstream (`ChatService::refuse`, on either connection): why, and the JSON
+//! answer. The bytes of that answer, and of every other response the proxy writes itself, are
+//! `runtime::respond`'s.
 
 use pingora::Result;
 

@@ -68,11 +68,7 @@ impl Pair {
 
     /// Legacy answered in a content coding the comparison cannot read: nothing is compared.
     pub fn legacy_unreadable(&self, shared: &Shared) {
-        shared
-            .metrics
-            .shadow_unpaired_total
-            .with_label_values(&["legacy_undecodable"])
-            .inc();
+        unpaired(shared, "legacy_undecodable");
         let joined = self.0.halves.lock().unwrap().legacy(None);
         self.settle(shared, joined);
     }
@@ -80,11 +76,7 @@ impl Pair {
     /// The legacy answer is over; `None`: the client abandoned it, so nothing is compared.
     pub fn legacy(&self, shared: &Shared, sample: Option<PathSample>) {
         if sample.is_none() {
-            shared
-                .metrics
-                .shadow_unpaired_total
-                .with_label_values(&["client_gone"])
-                .inc();
+            unpaired(shared, "client_gone");
         }
         let joined = self.0.halves.lock().unwrap().legacy(sample);
         self.settle(shared, joined);
@@ -93,11 +85,7 @@ impl Pair {
     /// The copy is over; `None`: it could not run, so nothing is compared.
     fn runtime(&self, shared: &Shared, sample: Option<PathSample>) {
         if sample.is_none() {
-            shared
-                .metrics
-                .shadow_unpaired_total
-                .with_label_values(&["copy_skipped"])
-                .inc();
+            unpaired(shared, "copy_skipped");
         }
         let joined = self.0.halves.lock().unwrap().runtime(sample);
         self.settle(shared, joined);
@@ -112,6 +100,15 @@ impl Pair {
             .unwrap()
             .record(&self.0.org, &c, Instant::now());
     }
+}
+
+/// A pair that will not be compared, counted by why.
+fn unpaired(shared: &Shared, why: &'static str) {
+    shared
+        .metrics
+        .shadow_unpaired_total
+        .with_label_values(&[why])
+        .inc();
 }
 
 /// Frees a slot of `shadow_max_inflight` when the copy ends, however it ends (a panic, or its

@@ -180,8 +180,10 @@ enum Next {
 /// The bridge's cache, and legacy's client it calls through; one per process.
 pub struct Bridge {
     legacy: Arc<Upstream>,
-    sessions: Mutex<TtlCache<ScopedId, String>>,
-    agents: Mutex<TtlCache<ScopedId, AgentProfile>>,
+    /// A session's agent id, per caller.
+    sessions: CachedRead<String>,
+    /// An agent's settings, per caller.
+    agents: CachedRead<AgentProfile>,
     metrics: &'static BridgeMetrics,
     /// The first wait between save attempts, in microseconds.
     retry_backoff_us: AtomicU64,
@@ -190,16 +192,63 @@ pub struct Bridge {
     next_pending: AtomicU64,
 }
 
+/// One of the bridge's cached reads: its route, its URL, how its answer is parsed, and the
+/// answers kept per caller (`name` labels the cache's series).
+struct CachedRead<V> {
+    route: Route,
+    name: &'static str,
+    url: fn(&BridgeConfig, &str) -> Result<String, bridge::UnsafeId>,
+    parse: fn(&[u8]) -> Result<V, BadAnswer>,
+    cache: Mutex<TtlCache<ScopedId, V>>,
+}
+
+impl<V: Clone> CachedRead<V> {
+    fn new(
+        route: Route,
+        name: &'static str,
+        url: fn(&BridgeConfig, &str) -> Result<String, bridge::UnsafeId>,
+        parse: fn(&[u8]) -> Result<V, BadAnswer>,
+        config: &BridgeConfig,
+    ) -> Self {
+        let ttl = Duration::from_millis(config.cache_ttl_ms);
+        let cache = Mutex::new(TtlCache::new(config.cache_entries, ttl));
+        CachedRead {
+            route,
+            name,
+            url,
+            parse,
+            cache,
+        }
+    }
+
+    fn configure(&self, config: &BridgeConfig) {
+        let ttl = Duration::from_millis(config.cache_ttl_ms);
+        let mut cache = self.cache.lock().unwrap();
+        cache.configure(config.cache_entries, ttl);
+    }
+
+    fn len(&self) -> usize {
+        self.cache.lock().unwrap().len()
+    }
+}
+
 impl Bridge {
     /// A bridge with a legacy client of its own (its timeouts counted nowhere); the proxy's
     /// shares legacy's client ([`Bridge::calling`]).
     pub fn new(config: &BridgeConfig, metrics: &'static BridgeMetrics) -> Bridge {
-        let ttl = Duration::from_millis(config.cache_ttl_ms);
         let counters = TimeoutCounters::unregistered(UpstreamName::Legacy);
+        let (session_url, parse_session) = (bridge::session_url, bridge::parse_session);
+        let (agent_url, parse_agent) = (bridge::agent_url, bridge::parse_agent);
         Bridge {
             legacy: Arc::new(Upstream::new(Tcp, counters)),
-            sessions: Mutex::new(TtlCache::new(config.cache_entries, ttl)),
-            agents: Mutex::new(TtlCache::new(config.cache_entries, ttl)),
+            sessions: CachedRead::new(
+                Route::Session,
+                "session",
+                session_url,
+                parse_session,
+                config,
+            ),
+            agents: CachedRead::new(Route::Agent, "agent", agent_url, parse_agent, config),
             metrics,
             retry_backoff_us: AtomicU64::new(RETRY_BACKOFF.as_micros() as u64),
             pending: Mutex::default(),
@@ -228,15 +277,8 @@ impl Bridge {
 
     /// Take a reloaded config's cache limits.
     pub fn configure(&self, config: &BridgeConfig) {
-        let ttl = Duration::from_millis(config.cache_ttl_ms);
-        self.sessions
-            .lock()
-            .unwrap()
-            .configure(config.cache_entries, ttl);
-        self.agents
-            .lock()
-            .unwrap()
-            .configure(config.cache_entries, ttl);
+        self.sessions.configure(config);
+        self.agents.configure(config);
         self.update_cache_gauges();
     }
 
@@ -312,7 +354,6 @@ impl Bridge {
                 target,
                 who,
                 route,
-                "POST",
                 &path,
                 Some(&body),
                 bridge::parse_created_id,
@@ -338,8 +379,7 @@ impl Bridge {
         let route = Route::DeleteSession;
         let path = bridge::session_delete_url(&target.config, session_id)
             .map_err(|_| self.invalid_id(route))?;
-        self.call(target, who, route, "DELETE", &path, None, |_| Ok(()))
-            .await
+        self.call(target, who, route, &path, None, |_| Ok(())).await
     }
 
     /// `POST messages_path` with a body from `core::bridge` (user or assistant message); the
@@ -358,7 +398,6 @@ impl Bridge {
             target,
             who,
             route,
-            "POST",
             &path,
             Some(body),
             bridge::parse_created_id,
@@ -600,7 +639,6 @@ impl Bridge {
                 &target,
                 &who,
                 route,
-                "POST",
                 &path,
                 Some(&body),
                 bridge::parse_created_id,
@@ -620,7 +658,7 @@ impl Bridge {
         let route = Route::ReadBack;
         let path =
             bridge::messages_url(&target.config, session_id).map_err(|_| self.invalid_id(route))?;
-        self.call(target, who, route, "GET", &path, None, |b| {
+        self.call(target, who, route, &path, None, |b| {
             bridge::find_saved(b, &save.shape, save.after.as_deref())
         })
         .await
@@ -710,26 +748,8 @@ impl Bridge {
         who: &Credentials,
         session_id: &str,
     ) -> Result<String, BridgeError> {
-        let route = Route::Session;
-        let path =
-            bridge::session_url(&target.config, session_id).map_err(|_| self.invalid_id(route))?;
-        let key = who.scoped(session_id);
-        if let Some(agent) = self.cached(&self.sessions, &key, "session") {
-            return Ok(agent);
-        }
-        let agent = self
-            .call(
-                target,
-                who,
-                route,
-                "GET",
-                &path,
-                None,
-                bridge::parse_session,
-            )
-            .await?;
-        self.store(&self.sessions, key, agent.clone());
-        Ok(agent)
+        self.cached_get(target, who, session_id, &self.sessions)
+            .await
     }
 
     async fn agent(
@@ -738,18 +758,27 @@ impl Bridge {
         who: &Credentials,
         agent_id: &str,
     ) -> Result<AgentProfile, BridgeError> {
-        let route = Route::Agent;
-        let path =
-            bridge::agent_url(&target.config, agent_id).map_err(|_| self.invalid_id(route))?;
-        let key = who.scoped(agent_id);
-        if let Some(agent) = self.cached(&self.agents, &key, "agent") {
-            return Ok(agent);
+        self.cached_get(target, who, agent_id, &self.agents).await
+    }
+
+    /// A GET of what `id` names, answered from the caller's cache while it is fresh.
+    async fn cached_get<V: Clone>(
+        &self,
+        target: &Target,
+        who: &Credentials,
+        id: &str,
+        read: &CachedRead<V>,
+    ) -> Result<V, BridgeError> {
+        let path = (read.url)(&target.config, id).map_err(|_| self.invalid_id(read.route))?;
+        let key = who.scoped(id);
+        if let Some(value) = self.cached(read, &key) {
+            return Ok(value);
         }
-        let agent = self
-            .call(target, who, route, "GET", &path, None, bridge::parse_agent)
+        let value = self
+            .call(target, who, read.route, &path, None, read.parse)
             .await?;
-        self.store(&self.agents, key, agent.clone());
-        Ok(agent)
+        self.store(read, key, value.clone());
+        Ok(value)
     }
 
     async fn history(
@@ -763,39 +792,37 @@ impl Bridge {
             bridge::messages_url(&target.config, session_id).map_err(|_| self.invalid_id(route))?;
         // The current message is the conversation's last entry: `history_limit` in all.
         let keep = target.config.history_limit.saturating_sub(1);
-        self.call(target, who, route, "GET", &path, None, |b| {
+        self.call(target, who, route, &path, None, |b| {
             bridge::parse_messages(b, keep)
         })
         .await
     }
 
-    fn cached<V: Clone>(
-        &self,
-        cache: &Mutex<TtlCache<ScopedId, V>>,
-        key: &ScopedId,
-        name: &str,
-    ) -> Option<V> {
-        let hit = cache.lock().unwrap().get(key, Instant::now());
+    fn cached<V: Clone>(&self, read: &CachedRead<V>, key: &ScopedId) -> Option<V> {
+        let hit = read.cache.lock().unwrap().get(key, Instant::now());
         let counter = if hit.is_some() {
             &self.metrics.cache_hits_total
         } else {
             &self.metrics.cache_misses_total
         };
-        counter.with_label_values(&[name]).inc();
+        counter.with_label_values(&[read.name]).inc();
         hit
     }
 
-    fn store<V: Clone>(&self, cache: &Mutex<TtlCache<ScopedId, V>>, key: ScopedId, value: V) {
-        cache.lock().unwrap().insert(key, value, Instant::now());
+    fn store<V: Clone>(&self, read: &CachedRead<V>, key: ScopedId, value: V) {
+        read.cache
+            .lock()
+            .unwrap()
+            .insert(key, value, Instant::now());
         self.update_cache_gauges();
     }
 
     fn update_cache_gauges(&self) {
-        let sessions = self.sessions.lock().unwrap().len();
-        let agents = self.agents.lock().unwrap().len();
         let g = &self.metrics.cache_entries;
-        g.with_label_values(&["session"]).set(sessions as i64);
-        g.with_label_values(&["agent"]).set(agents as i64);
+        g.with_label_values(&[self.sessions.name])
+            .set(self.sessions.len() as i64);
+        g.with_label_values(&[self.agents.name])
+            .set(self.agents.len() as i64);
     }
 
     fn invalid_id(&self, route: Route) -> BridgeError {
@@ -806,21 +833,19 @@ impl Bridge {
         BridgeError::refused(route, None, "id is not a safe id; not sent to legacy")
     }
 
-    /// One call, bounded by `timeout_ms`, its answer parsed by `parse`, counted by route and
-    /// result.
-    #[allow(clippy::too_many_arguments)]
+    /// One call (with the route's method), bounded by `timeout_ms`, its answer parsed by
+    /// `parse`, counted by route and result.
     async fn call<T>(
         &self,
         target: &Target,
         who: &Credentials,
         route: Route,
-        method: &str,
         path: &str,
         body: Option<&[u8]>,
         parse: impl FnOnce(&[u8]) -> Result<T, BadAnswer>,
     ) -> Result<T, BridgeError> {
         let timeout = target.config.timeout();
-        self.call_within(timeout, target, who, route, method, path, body, parse)
+        self.call_within(timeout, target, who, route, path, body, parse)
             .await
     }
 
@@ -832,13 +857,12 @@ impl Bridge {
         target: &Target,
         who: &Credentials,
         route: Route,
-        method: &str,
         path: &str,
         body: Option<&[u8]>,
         parse: impl FnOnce(&[u8]) -> Result<T, BadAnswer>,
     ) -> Result<T, BridgeError> {
         let started = Instant::now();
-        let request = encode(target, who, method, path, body);
+        let request = encode(target, who, route.method(), path, body);
         let result = match tokio::time::timeout(timeout, self.exchange(target, &request)).await {
             Err(_) => Err(BridgeError::unavailable(
                 route,

@@ -268,12 +268,7 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    const T: Timeouts = Timeouts {
-        connect: Duration::from_millis(100),
-        response: Duration::from_secs(10),
-        idle: Duration::from_secs(60),
-        pool_idle: Duration::from_secs(4),
-    };
+    const T: Timeouts = crate::core::timeouts::TEST_TIMEOUTS;
 
     fn watched() -> (
         Watched<tokio::io::DuplexStream>,

@@ -4,7 +4,7 @@
 //! one keeps Pingora's per-request state for all that time: its session, its head buffer and the
 //! futures of its request loop, about 25 KiB. Here the stream keeps this module's connection
 //! state and the relay's. Identity, routing, refusals, the bridge, the relay and the access log
-//! are the same code as on Pingora's path (`proxy::serve_chat`, through `Downstream`). A chat
+//! are the same code as on Pingora's path (`ChatService::serve_chat`, through `Downstream`). A chat
 //! legacy serves after all (routed there, failed over, or a body too large to send twice) is
 //! handed to Pingora with its head and body as they were read, and its routing as decided here.
 
