@@ -1534,10 +1534,10 @@ mod tests {
             Config::parse(MINIMAL).unwrap().runtime.pre_content,
             PreContent::Stream
         );
-        let c = Config::parse(&with("pre_content = \"hold\"")).unwrap();
+        let c = Config::parse(&with_runtime("pre_content = \"hold\"")).unwrap();
         assert_eq!(c.runtime.pre_content, PreContent::Hold);
         assert_eq!(
-            err_key(&with("pre_content = \"buffer\"")),
+            err_key(&with_runtime("pre_content = \"buffer\"")),
             "runtime.pre_content"
         );
     }
