@@ -663,16 +663,10 @@ async fn runtime_hanging_after_execution_complete_gets_no_error_after_done() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_connection_is_reusable_after_runtime_streams() {
     let h = Harness::new()
-        .runtime(runtime_answering(|req: &Received| {
-            if req.json()["session_id"] == "fails" {
-                Reply::sse(vec![Step::Send(frame(
-                    "text_chunk",
-                    json!({"content": "cut"}),
-                ))])
-            } else {
-                Reply::sse(runtime_ok_steps())
-            }
-        }))
+        .runtime(runtime_failing_session_fails(frame(
+            "text_chunk",
+            json!({"content": "cut"}),
+        )))
         .config(move |c| {
             // Far beyond any Instant: the heartbeat timer must not overflow.
             c.runtime.heartbeat_secs = u64::MAX;
