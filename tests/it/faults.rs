@@ -401,11 +401,9 @@ async fn runtime_killed_with_streams_in_flight_fails_cleanly_and_recovers_withou
     let back_at = Instant::now();
     let listener = TcpListener::bind(runtime_addr).await.unwrap();
     let revived = Upstream::on(listener, kill_test_runtime);
-    let shared = h.shared.clone();
-    let closed = eventually(Duration::from_secs(15), move || {
-        shared.breaker.state() == State::Closed
-    })
-    .await;
+    let closed = h
+        .breaker_becomes(State::Closed, Duration::from_secs(15))
+        .await;
     assert!(
         closed,
         "the breaker did not close after the runtime came back"

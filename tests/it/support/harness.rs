@@ -382,6 +382,18 @@ pub struct Running<L = Upstream> {
     pub server: LocalServer,
 }
 
+impl<L> Running<L> {
+    /// Whether the breaker is in `state` (as its lock-free mirror says) within `within`.
+    pub async fn breaker_becomes(
+        &self,
+        state: cutover_proxy::core::breaker::State,
+        within: Duration,
+    ) -> bool {
+        let shared = self.shared.clone();
+        eventually(within, move || shared.breaker.state() == state).await
+    }
+}
+
 impl<L> std::ops::Deref for Running<L> {
     type Target = LocalServer;
     fn deref(&self) -> &LocalServer {

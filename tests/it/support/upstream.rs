@@ -230,6 +230,13 @@ impl Upstream {
             .filter(|r| r.path != "/health")
             .collect()
     }
+    /// `field` of each JSON body in [`Upstream::work`], in order.
+    pub fn work_field(&self, field: &str) -> Vec<serde_json::Value> {
+        self.work()
+            .iter()
+            .map(|w| w.json()[field].clone())
+            .collect()
+    }
     pub fn connections(&self) -> usize {
         self.connections.load(Ordering::SeqCst)
     }
