@@ -7,7 +7,6 @@ use crate::support;
 use std::time::{Duration, Instant};
 
 use cutover_proxy::core::breaker::State;
-use cutover_proxy::core::config::Mode;
 use support::*;
 
 /// The head of a chat request as org-a, announcing `HI` as its body, which is not sent.
@@ -22,10 +21,7 @@ fn head_only(session: &str) -> Vec<u8> {
 }
 
 fn runtime_executions(h: &Running) -> u64 {
-    let stats = h.shared.stats.lock().unwrap();
-    stats
-        .snapshot(Mode::RuntimeOrchestrator, Instant::now())
-        .total
+    h.runtime_window().total
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

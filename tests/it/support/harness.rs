@@ -392,6 +392,15 @@ impl<L> Running<L> {
         let shared = self.shared.clone();
         eventually(within, move || shared.breaker.state() == state).await
     }
+
+    /// The runtime's execution counts over the current stats window.
+    pub fn runtime_window(&self) -> cutover_proxy::core::stats::WindowStats {
+        let stats = self.shared.stats.lock().unwrap();
+        stats.snapshot(
+            cutover_proxy::core::config::Mode::RuntimeOrchestrator,
+            Instant::now(),
+        )
+    }
 }
 
 impl<L> std::ops::Deref for Running<L> {
