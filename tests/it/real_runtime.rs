@@ -65,7 +65,20 @@ fn real_runtime_steps() -> Vec<Step> {
             "execution_complete",
             "{\"final_response\": \"Done \\u2705\"}",
         )),
-        Step::Send(b"data: [DONE]\r\n\r\n".to_vec()),
+        Step::Send(DONE.to_vec()),
+    ]
+}
+
+/// The runtime's stream marker after its last event.
+const DONE: &[u8] = b"data: [DONE]\r\n\r\n";
+
+/// `first`, then an `execution_error` whose payload is `error` (JSON text as written), then
+/// the end marker.
+fn failing_after(first: Vec<u8>, error: &str) -> Vec<Step> {
+    vec![
+        Step::Send(first),
+        Step::Send(py_frame("execution_error", error)),
+        Step::Send(DONE.to_vec()),
     ]
 }
 
@@ -152,25 +165,17 @@ async fn a_real_runtime_stream_reaches_the_client_whole_and_verbatim() {
 
     let text_event = message(&events[5].1);
     assert_eq!(text_event["data"]["content"], "Done ✅");
-    recorded(&h, 1, 0).await;
-    assert_eq!(
-        metric(&h, "chat_execution_success_total", &[("mode", RT)]),
-        1.0
-    );
+    assert_one_runtime(&h, 0, "success").await;
 }
 
 fn failing_steps() -> Vec<Step> {
-    vec![
-        Step::Send(py_frame(
+    failing_after(
+        py_frame(
             "thinking",
             "{\"content\": \"Planning\", \"stage\": \"planning\"}",
-        )),
-        Step::Send(py_frame(
-            "execution_error",
-            "{\"error\": \"LLM provider returned 429\", \"code\": \"LLM_RATE_LIMITED\", \"httpStatus\": 429, \"details\": {\"provider\": \"openai\", \"retry_after\": 2.5}, \"traceId\": \"4bf92f3577b34da6a3ce929d0e0e4736\"}",
-        )),
-        Step::Send(b"data: [DONE]\r\n\r\n".to_vec()),
-    ]
+        ),
+        "{\"error\": \"LLM provider returned 429\", \"code\": \"LLM_RATE_LIMITED\", \"httpStatus\": 429, \"details\": {\"provider\": \"openai\", \"retry_after\": 2.5}, \"traceId\": \"4bf92f3577b34da6a3ce929d0e0e4736\"}",
+    )
 }
 
 #[tokio::test]
@@ -195,22 +200,14 @@ async fn an_execution_error_keeps_its_status_details_and_trace_id() {
         data.contains(r#""details":{"provider": "openai", "retry_after": 2.5}"#),
         "{data}"
     );
-    recorded(&h, 1, 0).await;
-    assert_eq!(
-        metric(&h, "chat_execution_error_total", &[("mode", RT)]),
-        1.0
-    );
+    assert_one_runtime(&h, 0, "error").await;
 }
 
 fn cancelled_steps() -> Vec<Step> {
-    vec![
-        Step::Send(py_frame("text_chunk", "{\"content\": \"Half an answ\"}")),
-        Step::Send(py_frame(
-            "execution_error",
-            "{\"error\": \"Execution cancelled by user\", \"code\": \"EXECUTION_CANCELLED\", \"httpStatus\": 499, \"traceId\": \"0af7651916cd43dd8448eb211c80319c\"}",
-        )),
-        Step::Send(b"data: [DONE]\r\n\r\n".to_vec()),
-    ]
+    failing_after(
+        py_frame("text_chunk", "{\"content\": \"Half an answ\"}"),
+        "{\"error\": \"Execution cancelled by user\", \"code\": \"EXECUTION_CANCELLED\", \"httpStatus\": 499, \"traceId\": \"0af7651916cd43dd8448eb211c80319c\"}",
+    )
 }
 
 #[tokio::test]

@@ -140,6 +140,18 @@ pub async fn recorded(server: &LocalServer, runtime: u64, direct: u64) {
     );
 }
 
+/// Once one runtime execution (and `direct` direct ones) is recorded: the runtime's counted as
+/// `outcome` (`success`, `error`, `timeout`).
+pub async fn assert_one_runtime(server: &LocalServer, direct: u64, outcome: &str) {
+    recorded(server, 1, direct).await;
+    let name = format!("chat_execution_{outcome}_total");
+    assert_eq!(
+        super::assert::metric(server, &name, &[("mode", RT)]),
+        1.0,
+        "{name}"
+    );
+}
+
 /// A port nothing listens on now (bound, read, released).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -396,10 +408,7 @@ impl<L> Running<L> {
     /// The runtime's execution counts over the current stats window.
     pub fn runtime_window(&self) -> cutover_proxy::core::stats::WindowStats {
         let stats = self.shared.stats.lock().unwrap();
-        stats.snapshot(
-            cutover_proxy::core::config::Mode::RuntimeOrchestrator,
-            Instant::now(),
-        )
+        stats.snapshot(Mode::RuntimeOrchestrator, Instant::now())
     }
 }
 
