@@ -302,7 +302,9 @@ async fn get_head_and_bodies_match_pingora() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn response_framings_match_pingora() {
     let after_one = |path: &'static [u8]| [Do::Send(path), Do::Await, Do::Send(GET)];
-    let cases: [(&str, Script, Vec<Do>, fn(&str) -> bool); 5] = [
+    // Name, legacy's answer, the client's steps, and what the client must get.
+    type Case = (&'static str, Script, Vec<Do>, fn(&str) -> bool);
+    let cases: [Case; 5] = [
         (
             "chunked response",
             |_, _| {
