@@ -97,6 +97,16 @@ fn message(data: &str) -> serde_json::Value {
     serde_json::from_str(data).unwrap_or_else(|e| panic!("event data is not JSON ({e}): {data}"))
 }
 
+/// A chat served by the runtime whose last event is an error: that error's message, parsed,
+/// and its data as sent.
+async fn runtime_error_event(h: &Running) -> (serde_json::Value, String) {
+    let r = h.chat("org-a").send().await;
+    assert_served(&r, RT, "allowlist");
+    let (name, data) = r.events().pop().unwrap();
+    assert_eq!(name, "error");
+    (message(&data), data)
+}
+
 #[tokio::test]
 async fn a_real_runtime_stream_reaches_the_client_whole_and_verbatim() {
     let h = Harness::new()
@@ -186,12 +196,7 @@ async fn an_execution_error_keeps_its_status_details_and_trace_id() {
         .config(|c| c.runtime.commit_timeout_ms = Some(0))
         .start()
         .await;
-    let r = h.chat("org-a").send().await;
-    assert_served(&r, RT, "allowlist");
-    let events = r.events();
-    let (name, data) = events.last().unwrap();
-    assert_eq!(name, "error");
-    let error = message(data);
+    let (error, data) = runtime_error_event(&h).await;
     assert_eq!(error["code"], "LLM_RATE_LIMITED");
     assert_eq!(error["message"], "LLM provider returned 429");
     assert_eq!(error["httpStatus"], 429);
@@ -218,12 +223,7 @@ async fn a_users_cancel_is_reported_to_the_client_and_charged_to_nobody() {
         .start()
         .await;
     for _ in 0..3 {
-        let r = h.chat("org-a").send().await;
-        assert_served(&r, RT, "allowlist");
-        let events = r.events();
-        let (name, data) = events.last().unwrap();
-        assert_eq!(name, "error");
-        let error = message(data);
+        let (error, _) = runtime_error_event(&h).await;
         assert_eq!(error["code"], "EXECUTION_CANCELLED");
         assert_eq!(error["httpStatus"], 499);
     }
