@@ -17,27 +17,11 @@
 
 #[path = "../reference/response_heads.rs"]
 mod reference;
+#[path = "../common/response_heads.rs"]
+mod common;
 
-use cutover_proxy::core::h1::{parse_head, Framing};
 use libfuzzer_sys::fuzz_target;
-use reference::Reading;
-
-fn reading(bytes: &[u8], head_only: bool) -> Result<Option<Reading>, ()> {
-    match parse_head(bytes, head_only) {
-        Ok(Some(h)) => Ok(Some(Reading {
-            status: h.status,
-            framing: match h.framing {
-                Framing::Chunked => reference::Framing::Chunked,
-                Framing::Length(n) => reference::Framing::Length(n),
-                Framing::Close => reference::Framing::Close,
-            },
-            keep_alive: h.keep_alive,
-            len: h.len,
-        })),
-        Ok(None) => Ok(None),
-        Err(_) => Err(()),
-    }
-}
+use common::reading;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&flags, bytes)) = data.split_first() else {

@@ -1246,53 +1246,40 @@ fn check_addr(key: &str, value: &str) -> Result<(), ConfigError> {
     }
 }
 
-fn check_path(key: &str, value: &str) -> Result<(), ConfigError> {
-    if value.starts_with('/') && value.parse::<http::uri::PathAndQuery>().is_ok() {
+/// `Ok` when `ok`; otherwise `key`'s error, saying `why`.
+fn ensure(ok: bool, key: &str, why: impl FnOnce() -> String) -> Result<(), ConfigError> {
+    if ok {
         Ok(())
     } else {
-        Err(ConfigError::new(
-            key,
-            format!("{value:?} is not an absolute path"),
-        ))
+        Err(ConfigError::new(key, why()))
     }
+}
+
+fn check_path(key: &str, value: &str) -> Result<(), ConfigError> {
+    let ok = value.starts_with('/') && value.parse::<http::uri::PathAndQuery>().is_ok();
+    ensure(ok, key, || format!("{value:?} is not an absolute path"))
 }
 
 fn check_positive(key: &str, value: u64) -> Result<(), ConfigError> {
-    if value > 0 {
-        Ok(())
-    } else {
-        Err(ConfigError::new(key, "must be greater than 0"))
-    }
+    ensure(value > 0, key, || "must be greater than 0".into())
 }
 
 fn check_range(key: &str, value: f64, min: f64, max: f64) -> Result<(), ConfigError> {
-    if value.is_finite() && value >= min && value <= max {
-        Ok(())
-    } else {
-        Err(ConfigError::new(
-            key,
-            format!("must be between {min} and {max}, got {value}"),
-        ))
-    }
+    let ok = value.is_finite() && value >= min && value <= max;
+    ensure(ok, key, || {
+        format!("must be between {min} and {max}, got {value}")
+    })
 }
 
 fn check_rate(key: &str, value: f64) -> Result<(), ConfigError> {
-    if value.is_finite() && (0.0..=1.0).contains(&value) {
-        Ok(())
-    } else {
-        Err(ConfigError::new(
-            key,
-            format!("must be a rate between 0 and 1, got {value}"),
-        ))
-    }
+    let ok = value.is_finite() && (0.0..=1.0).contains(&value);
+    ensure(ok, key, || {
+        format!("must be a rate between 0 and 1, got {value}")
+    })
 }
 
 fn check_nonempty(key: &str, value: &str) -> Result<(), ConfigError> {
-    if value.trim().is_empty() {
-        Err(ConfigError::new(key, "must not be empty"))
-    } else {
-        Ok(())
-    }
+    ensure(!value.trim().is_empty(), key, || "must not be empty".into())
 }
 
 fn check_env_name(key: &str, value: &str) -> Result<(), ConfigError> {
@@ -1301,14 +1288,9 @@ fn check_env_name(key: &str, value: &str) -> Result<(), ConfigError> {
         && value
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_');
-    if ok {
-        Ok(())
-    } else {
-        Err(ConfigError::new(
-            key,
-            format!("{value:?} is not an environment variable name"),
-        ))
-    }
+    ensure(ok, key, || {
+        format!("{value:?} is not an environment variable name")
+    })
 }
 
 fn check_orgs(key: &str, orgs: &[String]) -> Result<(), ConfigError> {
@@ -1340,6 +1322,16 @@ mod tests {
 
     fn err_key(text: &str) -> String {
         Config::parse(text).unwrap_err().key
+    }
+
+    /// Each `key = value` (`value` as TOML) in a `[table]` after `MINIMAL` is refused, naming
+    /// `table.key`.
+    #[track_caller]
+    fn assert_refused_in(table: &str, cases: &[(&str, &str)]) {
+        for (key, value) in cases {
+            let text = format!("{MINIMAL}\n[{table}]\n{key} = {value}\n");
+            assert_eq!(err_key(&text), format!("{table}.{key}"), "{key} = {value}");
+        }
     }
 
     /// `MINIMAL` with more lines in its `[runtime]` table.
@@ -1418,14 +1410,14 @@ mod tests {
 
     #[test]
     fn rates_outside_unit_interval_are_refused() {
-        for (key, v) in [
-            ("error_rate", "1.5"),
-            ("timeout_rate", "-0.1"),
-            ("error_rate", "nan"),
-        ] {
-            let text = format!("{MINIMAL}\n[breaker]\n{key} = {v}\n");
-            assert_eq!(err_key(&text), format!("breaker.{key}"), "{key}={v}");
-        }
+        assert_refused_in(
+            "breaker",
+            &[
+                ("error_rate", "1.5"),
+                ("timeout_rate", "-0.1"),
+                ("error_rate", "nan"),
+            ],
+        );
     }
 
     #[test]
@@ -1646,19 +1638,19 @@ mod tests {
 
     #[test]
     fn bridge_limits_must_be_positive() {
-        for (key, value) in [
-            ("history_limit", "0"),
-            ("timeout_ms", "0"),
-            ("cache_entries", "0"),
-            ("timeout_ms", "600000"),
-            ("persist_retry_secs", "86401"),
-            ("persist_retry_secs", "-1"),
-            ("max_detached", "0"),
-            ("max_detached", "100001"),
-        ] {
-            let text = format!("{MINIMAL}\n[bridge]\n{key} = {value}\n");
-            assert_eq!(err_key(&text), format!("bridge.{key}"), "{key} = {value}");
-        }
+        assert_refused_in(
+            "bridge",
+            &[
+                ("history_limit", "0"),
+                ("timeout_ms", "0"),
+                ("cache_entries", "0"),
+                ("timeout_ms", "600000"),
+                ("persist_retry_secs", "86401"),
+                ("persist_retry_secs", "-1"),
+                ("max_detached", "0"),
+                ("max_detached", "100001"),
+            ],
+        );
     }
 
     #[test]

@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 
 use crate::core::config::Mode;
-use crate::core::scorecard::Thresholds;
+use crate::core::scorecard::{Scorecard, Thresholds};
 use crate::state::Shared;
 
 pub struct AdminApp {
@@ -24,6 +24,12 @@ pub struct AdminApp {
 impl AdminApp {
     pub fn new(shared: Arc<Shared>) -> Self {
         AdminApp { shared }
+    }
+
+    /// Judge the shadow scorecard by the thresholds of the config in force.
+    fn judge_shadow<T>(&self, judge: impl FnOnce(&Scorecard, &Thresholds) -> T) -> T {
+        let thresholds = Thresholds::from_config(&self.shared.snapshot().config);
+        judge(&self.shared.scorecard.lock().unwrap(), &thresholds)
     }
 
     fn authorized(&self, session: &ServerSession) -> Result<(), &'static str> {
@@ -135,13 +141,7 @@ impl AdminApp {
                 )
             }
             ("GET", "/runtime/shadow") => {
-                let thresholds = Thresholds::from_config(&self.shared.snapshot().config);
-                let orgs = self
-                    .shared
-                    .scorecard
-                    .lock()
-                    .unwrap()
-                    .reports(&thresholds, now);
+                let orgs = self.judge_shadow(|card, t| card.reports(t, now));
                 (
                     StatusCode::OK,
                     json!({"success": true, "data": {"orgs": orgs}}),
@@ -152,13 +152,7 @@ impl AdminApp {
                 if org.is_empty() || org.contains('/') {
                     return not_found();
                 }
-                let thresholds = Thresholds::from_config(&self.shared.snapshot().config);
-                let report = self
-                    .shared
-                    .scorecard
-                    .lock()
-                    .unwrap()
-                    .report(org, &thresholds, now);
+                let report = self.judge_shadow(|card, t| card.report(org, t, now));
                 match report {
                     Some(s) => (StatusCode::OK, json!({"success": true, "data": s})),
                     // Never compared here (or evicted): nothing to judge, as for any unknown path.

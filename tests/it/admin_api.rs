@@ -63,11 +63,7 @@ fn counts(m: &Value) -> (u64, u64, u64, u64) {
 
 /// `GET /runtime/fallback/status` → `data`, after checking the envelope and shape.
 async fn fallback_status(server: &LocalServer) -> Value {
-    let (status, body) = admin(server, "GET", "/runtime/fallback/status", None).await;
-    assert_eq!(status, 200);
-    assert_eq!(keys(&body), set(&["success", "data"]), "{body}");
-    assert_eq!(body["success"], true);
-    let data = &body["data"];
+    let data = &admin_data(server, "/runtime/fallback/status").await;
     assert_eq!(
         keys(data),
         set(&["fallbackEnabled", "fallbackReason", "state"]),
@@ -84,6 +80,15 @@ async fn fallback_status(server: &LocalServer) -> Value {
     data.clone()
 }
 
+/// `GET path` on the admin API → `data`, after checking the 200 and the `{success, data}` envelope.
+async fn admin_data(server: &LocalServer, path: &str) -> Value {
+    let (status, body) = admin(server, "GET", path, None).await;
+    assert_eq!(status, 200, "{path}: {body}");
+    assert_eq!(keys(&body), set(&["success", "data"]), "{path}: {body}");
+    assert_eq!(body["success"], true, "{path}: {body}");
+    body["data"].clone()
+}
+
 /// Trip the breaker through the admin API with this `Authorization`; the status.
 async fn trip_with(h: &Running, authorization: &str) -> u16 {
     let mut c = Client::connect(h.admin_addr).await;
@@ -96,27 +101,17 @@ async fn trip_with(h: &Running, authorization: &str) -> u16 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_endpoints_have_the_contract_shapes() {
     let h = Harness::new()
-        .runtime(runtime_answering(|req: &Received| {
-            if req.json()["session_id"] == "fails" {
-                Reply::sse(vec![Step::Send(frame(
-                    "execution_error",
-                    json!({"error": "no"}),
-                ))])
-            } else {
-                Reply::sse(runtime_ok_steps())
-            }
-        }))
+        .runtime(runtime_failing_session_fails(frame(
+            "execution_error",
+            json!({"error": "no"}),
+        )))
         // The failing session's error is counted as one the user saw, after the commit.
         .config(|c| c.runtime.commit_timeout_ms = Some(0))
         .start()
         .await;
 
     // Before any traffic: zeros, closed.
-    let (status, body) = admin(&h, "GET", "/runtime/metrics", None).await;
-    assert_eq!(status, 200);
-    assert_eq!(keys(&body), set(&["success", "data"]), "{body}");
-    assert_eq!(body["success"], true);
-    let data = &body["data"];
+    let data = &admin_data(&h, "/runtime/metrics").await;
     assert_eq!(
         keys(data),
         set(&["direct", "runtime", "fallbackEnabled", "fallbackReason"]),
@@ -159,11 +154,7 @@ async fn read_endpoints_have_the_contract_shapes() {
         "{data}"
     );
 
-    let (status, body) = admin(&h, "GET", "/runtime/metrics/org-a", None).await;
-    assert_eq!(status, 200);
-    assert_eq!(keys(&body), set(&["success", "data"]), "{body}");
-    assert_eq!(body["success"], true);
-    let data = &body["data"];
+    let data = &admin_data(&h, "/runtime/metrics/org-a").await;
     assert_eq!(keys(data), set(&["orgId", "direct", "runtime"]), "{data}");
     assert_eq!(data["orgId"], "org-a");
     assert_m(&data["direct"], "org-a direct");

@@ -99,9 +99,8 @@ async fn open_breaker_half_opens_on_time_with_no_traffic() {
     let before_opening = Instant::now();
     let r = chat(h.proxy_addr, Some("org-a"), "s-1", r#"{"message":"hi"}"#).await;
     assert_eq!(r.header("x-execution-reason"), Some("failover"), "{r:?}");
-    let shared = h.shared.clone();
     assert!(
-        eventually(DEADLINE, || shared.breaker.state() == State::Open).await,
+        h.breaker_becomes(State::Open, DEADLINE).await,
         "one failed execution with min_requests = 1 did not open the breaker"
     );
     let retry_at = h.shared.breaker.retry_at().expect("open, not by hand");
@@ -113,9 +112,8 @@ async fn open_breaker_half_opens_on_time_with_no_traffic() {
     let (runtime_work, legacy_work) = (h.runtime.work().len(), h.legacy.work().len());
 
     // Only the lock-free mirror is polled here: it ticks nothing, so the move is the timer's.
-    let shared = h.shared.clone();
     assert!(
-        eventually(DEADLINE, || shared.breaker.state() == State::HalfOpen).await,
+        h.breaker_becomes(State::HalfOpen, DEADLINE).await,
         "still {} {:?} after open_secs with no traffic",
         h.shared.breaker.state(),
         before_opening.elapsed()
@@ -154,9 +152,8 @@ async fn open_breaker_half_opens_on_time_with_no_traffic() {
         Some("runtime_orchestrator"),
         "{r:?}"
     );
-    let shared = h.shared.clone();
     assert!(
-        eventually(DEADLINE, || shared.breaker.state() == State::Closed).await,
+        h.breaker_becomes(State::Closed, DEADLINE).await,
         "the probe's success did not close the breaker"
     );
     assert_gauges(&scrape(&h).await, "closed");
@@ -187,9 +184,8 @@ async fn health_opened_breaker_reads_half_open_once_the_runtime_is_back() {
         .start()
         .await;
 
-    let shared = h.shared.clone();
     assert!(
-        eventually(DEADLINE, || shared.breaker.state() == State::Open).await,
+        h.breaker_becomes(State::Open, DEADLINE).await,
         "a failed health check did not open the breaker"
     );
     let status = fallback_status(&h).await;

@@ -405,11 +405,8 @@ async fn failing_health_checks_open_the_breaker_without_traffic_and_recovery_fol
         .start()
         .await;
 
-    let shared = h.shared.clone();
     assert!(
-        eventually(Duration::from_secs(3), move || shared.breaker.state()
-            == State::Open)
-        .await,
+        h.breaker_becomes(State::Open, Duration::from_secs(3)).await,
         "failing health checks did not open the breaker"
     );
     let health_checks = h.runtime.count() - h.runtime.work().len();

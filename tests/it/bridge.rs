@@ -46,6 +46,14 @@ fn bridge(target: &Target) -> Arc<Bridge> {
     )
 }
 
+/// The seeded fake legacy, a target on it, and a bridge counting in the shared series.
+async fn seeded() -> (FakeLegacy, Target, Arc<Bridge>) {
+    let legacy = FakeLegacy::seeded().await;
+    let t = target(&legacy);
+    let b = bridge(&t);
+    (legacy, t, b)
+}
+
 /// A bridge with series of its own, for a test that counts exactly.
 fn counted(target: &Target) -> (Arc<Bridge>, &'static BridgeMetrics) {
     let metrics = &Metrics::leak_on(prometheus::Registry::new()).bridge;
@@ -59,6 +67,18 @@ fn who(org: &str) -> Credentials {
         user_id: Some("user-1".into()),
     };
     Credentials::new(&format!("Bearer {}", token(org)), Some("req-7"), &caller)
+}
+
+/// Save `message` as org-a's answer in `s-1`, to follow the message `m-3`.
+async fn save_answer(b: &Arc<Bridge>, t: &Target, message: AssistantMessage) -> Persisted {
+    b.persist_assistant(t, &who("org-a"), "s-1", message, Some("m-3".into()))
+        .await
+}
+
+/// Save org-a's message `content` in `s-1`, to follow the message `after`.
+async fn save_user(b: &Arc<Bridge>, t: &Target, content: &str, after: Option<String>) -> Persisted {
+    b.persist_user(t, &who("org-a"), "s-1", content, None, after)
+        .await
 }
 
 fn requests(route: &str, result: &str) -> u64 {
@@ -91,9 +111,7 @@ fn assert_unavailable(r: Result<impl std::fmt::Debug, BridgeError>, route: Route
 
 #[tokio::test]
 async fn session_lookup_reads_agent_settings_and_history_with_the_caller_s_headers() {
-    let legacy = FakeLegacy::seeded().await;
-    let t = target(&legacy);
-    let b = bridge(&t);
+    let (legacy, t, b) = seeded().await;
     let ok_before = requests("messages", "ok");
 
     let c = b.lookup_session(&t, &who("org-a"), "s-1").await.unwrap();
@@ -171,9 +189,7 @@ async fn history_keeps_room_for_the_current_message() {
 
 #[tokio::test]
 async fn the_history_is_read_while_the_session_is_looked_up() {
-    let legacy = FakeLegacy::seeded().await;
-    let t = target(&legacy);
-    let b = bridge(&t);
+    let (legacy, t, b) = seeded().await;
     // Both take 200 ms: one after the other they would take 400.
     legacy.fail(
         LegacyRoute::GetSession,
@@ -195,9 +211,7 @@ async fn the_history_is_read_while_the_session_is_looked_up() {
 
 #[tokio::test]
 async fn second_lookup_takes_agent_id_and_settings_from_the_cache() {
-    let legacy = FakeLegacy::seeded().await;
-    let t = target(&legacy);
-    let b = bridge(&t);
+    let (legacy, t, b) = seeded().await;
     let first = b.lookup_session(&t, &who("org-a"), "s-1").await.unwrap();
     assert_eq!(legacy.count(), 3);
     let hits = bridge_metrics()
@@ -262,9 +276,7 @@ async fn another_org_s_session_is_refused() {
 
 #[tokio::test]
 async fn missing_token_and_forbidden_are_refused() {
-    let legacy = FakeLegacy::seeded().await;
-    let t = target(&legacy);
-    let b = bridge(&t);
+    let (legacy, t, b) = seeded().await;
     let mut anonymous = who("org-a");
     anonymous.authorization = String::new();
     assert_refused(
@@ -290,9 +302,7 @@ async fn missing_token_and_forbidden_are_refused() {
 
 #[tokio::test]
 async fn server_errors_and_unusable_answers_are_unavailable() {
-    let legacy = FakeLegacy::seeded().await;
-    let t = target(&legacy);
-    let b = bridge(&t);
+    let (legacy, t, b) = seeded().await;
     let before = requests("session", "unavailable");
     legacy.fail(LegacyRoute::GetSession, Fault::Status(503));
     assert_unavailable(
@@ -352,9 +362,7 @@ async fn a_closed_port_is_unavailable() {
 
 #[tokio::test]
 async fn unsafe_ids_never_reach_legacy() {
-    let legacy = FakeLegacy::seeded().await;
-    let t = target(&legacy);
-    let b = bridge(&t);
+    let (legacy, t, b) = seeded().await;
     let before = requests("session", "invalid_id");
     for bad in [
         "..",
@@ -404,23 +412,18 @@ async fn unsafe_ids_never_reach_legacy() {
 
 #[tokio::test]
 async fn messages_are_saved_and_their_ids_returned() {
-    let legacy = FakeLegacy::seeded().await;
-    let t = target(&legacy);
-    let b = bridge(&t);
+    let (legacy, t, b) = seeded().await;
     let user = cutover_proxy::core::bridge::user_message_body("hello", Some("m-3"));
     let id = b
         .save_message(&t, &who("org-a"), "s-1", &user)
         .await
         .unwrap();
-    let saved = b
-        .persist_assistant(
-            &t,
-            &who("org-a"),
-            "s-1",
-            AssistantMessage::new("", "streamed text", Some(9), 120),
-            Some("m-3".into()),
-        )
-        .await;
+    let saved = save_answer(
+        &b,
+        &t,
+        AssistantMessage::new("", "streamed text", Some(9), 120),
+    )
+    .await;
     let Persisted::Saved(assistant_id) = saved else {
         panic!("expected a saved message, got {saved:?}");
     };
@@ -465,15 +468,7 @@ async fn a_failed_save_is_read_back_then_sent_again() {
     let (b, metrics) = counted(&t);
     // A 5xx may come after the row was written: each is followed by a read-back.
     legacy.fail(LegacyRoute::PostMessage, Fault::StatusTimes(503, 2));
-    let saved = b
-        .persist_assistant(
-            &t,
-            &who("org-a"),
-            "s-1",
-            AssistantMessage::new("answer", "", None, 5),
-            Some("m-3".into()),
-        )
-        .await;
+    let saved = save_answer(&b, &t, AssistantMessage::new("answer", "", None, 5)).await;
     let Persisted::Deferred { message_id, retry } = saved else {
         panic!("expected a deferred save, got {saved:?}");
     };
@@ -501,23 +496,13 @@ async fn a_failed_save_is_read_back_then_sent_again() {
 
 #[tokio::test]
 async fn a_save_answered_late_is_saved_once_under_legacy_s_id() {
-    let legacy = FakeLegacy::seeded().await;
-    let t = target(&legacy);
-    let b = bridge(&t);
+    let (legacy, t, b) = seeded().await;
     // Slower than timeout_ms (300), within the wait for the answer (twice that).
     legacy.fail_next(
         LegacyRoute::PostMessage,
         Fault::Slow(Duration::from_millis(450)),
     );
-    let saved = b
-        .persist_assistant(
-            &t,
-            &who("org-a"),
-            "s-1",
-            AssistantMessage::new("late", "", None, 5),
-            Some("m-3".into()),
-        )
-        .await;
+    let saved = save_answer(&b, &t, AssistantMessage::new("late", "", None, 5)).await;
     let Persisted::Saved(id) = saved else {
         panic!("expected legacy's id, got {saved:?}");
     };
@@ -530,15 +515,7 @@ async fn a_save_answered_late_is_saved_once_under_legacy_s_id() {
         LegacyRoute::PostMessage,
         Fault::Slow(Duration::from_millis(900)),
     );
-    let saved = b
-        .persist_assistant(
-            &t,
-            &who("org-a"),
-            "s-1",
-            AssistantMessage::new("later", "", None, 5),
-            Some("m-3".into()),
-        )
-        .await;
+    let saved = save_answer(&b, &t, AssistantMessage::new("later", "", None, 5)).await;
     let Persisted::Deferred { message_id, retry } = saved else {
         panic!("expected a deferred save, got {saved:?}");
     };
@@ -555,9 +532,7 @@ async fn a_save_answered_late_is_saved_once_under_legacy_s_id() {
 
 #[tokio::test]
 async fn a_save_whose_answer_was_lost_is_found_by_the_read_back() {
-    let legacy = FakeLegacy::seeded().await;
-    let t = target(&legacy);
-    let b = bridge(&t);
+    let (legacy, t, b) = seeded().await;
     // The same words as an earlier message: only what came after the chat began counts.
     legacy.add_message("s-1", "user", "again");
     let before = legacy.messages("s-1").last().unwrap()["id"]
@@ -565,16 +540,7 @@ async fn a_save_whose_answer_was_lost_is_found_by_the_read_back() {
         .unwrap()
         .to_string();
     legacy.fail_next(LegacyRoute::PostMessage, Fault::SaveThenDrop);
-    let saved = b
-        .persist_user(
-            &t,
-            &who("org-a"),
-            "s-1",
-            "again",
-            None,
-            Some(before.clone()),
-        )
-        .await;
+    let saved = save_user(&b, &t, "again", Some(before.clone())).await;
     let Persisted::Saved(id) = saved else {
         panic!("expected the id the read-back found, got {saved:?}");
     };
@@ -587,22 +553,11 @@ async fn a_save_whose_answer_was_lost_is_found_by_the_read_back() {
 
 #[tokio::test]
 async fn a_save_lives_through_legacy_going_down_and_coming_back() {
-    let legacy = FakeLegacy::seeded().await;
-    let t = target(&legacy);
-    let b = bridge(&t);
+    let (legacy, t, b) = seeded().await;
     // The user's message: legacy goes down as it is saved (connection refused), for a while
     // (the ten seconds of a restart, made short), then comes back with the same data.
     legacy.stop();
-    let saved = b
-        .persist_user(
-            &t,
-            &who("org-a"),
-            "s-1",
-            "through the restart",
-            None,
-            Some("m-3".into()),
-        )
-        .await;
+    let saved = save_user(&b, &t, "through the restart", Some("m-3".into())).await;
     let Persisted::Deferred { retry, .. } = saved else {
         panic!("expected a deferred save, got {saved:?}");
     };
@@ -623,20 +578,9 @@ async fn a_save_lives_through_legacy_going_down_and_coming_back() {
 
 #[tokio::test]
 async fn a_rate_limited_save_is_sent_again_without_a_read_back() {
-    let legacy = FakeLegacy::seeded().await;
-    let t = target(&legacy);
-    let b = bridge(&t);
+    let (legacy, t, b) = seeded().await;
     legacy.fail(LegacyRoute::PostMessage, Fault::StatusTimes(429, 1));
-    let saved = b
-        .persist_user(
-            &t,
-            &who("org-a"),
-            "s-1",
-            "slow down",
-            None,
-            Some("m-3".into()),
-        )
-        .await;
+    let saved = save_user(&b, &t, "slow down", Some("m-3".into())).await;
     let Persisted::Deferred { retry, .. } = saved else {
         panic!("expected a deferred save, got {saved:?}");
     };
@@ -652,35 +596,16 @@ async fn a_rate_limited_save_is_sent_again_without_a_read_back() {
 
 #[tokio::test]
 async fn the_saves_of_one_chat_reach_legacy_in_order() {
-    let legacy = FakeLegacy::seeded().await;
-    let t = target(&legacy);
-    let b = bridge(&t);
+    let (legacy, t, b) = seeded().await;
     // The user's message is answered after 1 s: the first event stops waiting for it after
     // 300 ms, the answer's save after another 600.
     legacy.fail_next(
         LegacyRoute::PostMessage,
         Fault::Slow(Duration::from_millis(1000)),
     );
-    let user = b
-        .persist_user(
-            &t,
-            &who("org-a"),
-            "s-1",
-            "question",
-            None,
-            Some("m-3".into()),
-        )
-        .await;
+    let user = save_user(&b, &t, "question", Some("m-3".into())).await;
     assert!(matches!(user, Persisted::Deferred { .. }), "{user:?}");
-    let answer = b
-        .persist_assistant(
-            &t,
-            &who("org-a"),
-            "s-1",
-            AssistantMessage::new("its answer", "", None, 7),
-            Some("m-3".into()),
-        )
-        .await;
+    let answer = save_answer(&b, &t, AssistantMessage::new("its answer", "", None, 7)).await;
     let Persisted::Deferred { retry, .. } = answer else {
         panic!("expected the answer to wait for its question, got {answer:?}");
     };
@@ -697,9 +622,7 @@ async fn the_saves_of_one_chat_reach_legacy_in_order() {
         LegacyRoute::PostMessage,
         Fault::Slow(Duration::from_millis(1000)),
     );
-    let _slow = b
-        .persist_user(&t, &who("org-a"), "s-1", "slow", None, None)
-        .await;
+    let _slow = save_user(&b, &t, "slow", None).await;
     let quick = b.persist_user(&t, &other, "s-1", "quick", None, None).await;
     assert!(matches!(quick, Persisted::Saved(_)), "{quick:?}");
 }
@@ -747,15 +670,7 @@ async fn a_save_that_never_succeeds_is_logged_whole_and_counted() {
     legacy.fail(LegacyRoute::PostMessage, Fault::Hang);
     let content = "the whole answer, 多字节 and \"quotes\"";
     let started = Instant::now();
-    let saved = b
-        .persist_assistant(
-            &t,
-            &who("org-a"),
-            "s-1",
-            AssistantMessage::new(content, "", Some(3), 42),
-            Some("m-3".into()),
-        )
-        .await;
+    let saved = save_answer(&b, &t, AssistantMessage::new(content, "", Some(3), 42)).await;
     let first_took = started.elapsed();
     // The answer's wait: twice timeout_ms.
     assert!(first_took >= Duration::from_millis(590), "{first_took:?}");
@@ -811,9 +726,7 @@ async fn saves_pending_at_shutdown_are_logged_whole() {
 
 #[tokio::test]
 async fn a_refused_save_is_not_retried() {
-    let legacy = FakeLegacy::seeded().await;
-    let t = target(&legacy);
-    let b = bridge(&t);
+    let (legacy, t, b) = seeded().await;
     let saved = b
         .persist_assistant(
             &t,
@@ -836,9 +749,7 @@ async fn a_refused_save_is_not_retried() {
 
 #[tokio::test]
 async fn sessions_are_created_with_a_title_and_deleted() {
-    let legacy = FakeLegacy::seeded().await;
-    let t = target(&legacy);
-    let b = bridge(&t);
+    let (legacy, t, b) = seeded().await;
     let message = "x".repeat(60);
     let id = b
         .create_session(&t, &who("org-a"), "ag-1", &message)
@@ -880,9 +791,7 @@ async fn sessions_are_created_with_a_title_and_deleted() {
 
 #[tokio::test]
 async fn calls_reuse_pooled_connections() {
-    let legacy = FakeLegacy::seeded().await;
-    let t = target(&legacy);
-    let b = bridge(&t);
+    let (legacy, t, b) = seeded().await;
     for _ in 0..3 {
         b.lookup_start(&t, &who("org-b"), "ag-b").await.unwrap();
         b.delete_session(&t, &who("org-a"), "nope")

@@ -12,6 +12,8 @@ fn bearer(org: &str) -> String {
     format!("Bearer {}", token(org))
 }
 
+const HELLO: &str = r#"{"message":"hello"}"#;
+
 /// POST `body` to a chat `path` as `org` (None: no token), with a correct Content-Length.
 async fn post_chat(
     addr: std::net::SocketAddr,
@@ -61,10 +63,7 @@ async fn allowlisted_org_is_served_by_the_runtime_with_the_mapped_body() {
         .send()
         .await;
     assert_eq!(r.status, 200);
-    assert_eq!(
-        mode_reason(&r),
-        (Some("runtime_orchestrator"), Some("allowlist"))
-    );
+    assert_routed(&r, RT, "allowlist");
     assert_eq!(r.header("content-type"), Some("text/event-stream"));
     assert!(r.complete);
     assert_eq!(event_names(&r), ["message", "done"]);
@@ -117,10 +116,7 @@ async fn chat_start_maps_the_agent_and_generates_a_session() {
         )
         .await;
         assert_eq!(r.status, 200);
-        assert_eq!(
-            mode_reason(&r),
-            (Some("runtime_orchestrator"), Some("allowlist"))
-        );
+        assert_routed(&r, RT, "allowlist");
         assert_eq!(event_names(&r), ["message", "done"]);
 
         let sent = &h.runtime.work()[i];
@@ -158,59 +154,22 @@ async fn chat_routes_match_with_query_or_trailing_slash() {
     let h = Harness::new().start().await;
     let body = HI.as_bytes();
 
-    let r = post_chat(
-        h.proxy_addr,
-        Some("org-a"),
+    let mut last = None;
+    for path in [
         "/api/v1/chat/sessions/s-q?trace=1",
-        body,
-    )
-    .await;
-    assert_eq!(
-        mode_reason(&r),
-        (Some("runtime_orchestrator"), Some("allowlist"))
-    );
-    let r = post_chat(
-        h.proxy_addr,
-        Some("org-a"),
         "/api/v1/chat/sessions/s-slash/",
-        body,
-    )
-    .await;
-    assert_eq!(
-        mode_reason(&r),
-        (Some("runtime_orchestrator"), Some("allowlist"))
-    );
-    let r = post_chat(
-        h.proxy_addr,
-        Some("org-a"),
         "/api/v1/chat/start?x=1",
-        HI.as_bytes(),
-    )
-    .await;
-    assert_eq!(
-        mode_reason(&r),
-        (Some("runtime_orchestrator"), Some("allowlist"))
-    );
-    // An escaped id reaches the runtime decoded, as legacy's router would see it.
-    let r = post_chat(
-        h.proxy_addr,
-        Some("org-a"),
+        // An escaped id reaches the runtime decoded, as legacy's router would see it.
         "/api/v1/chat/sessions/s%20%E4%BD%A0",
-        body,
-    )
-    .await;
-    assert_eq!(
-        mode_reason(&r),
-        (Some("runtime_orchestrator"), Some("allowlist"))
-    );
+    ] {
+        let r = post_chat(h.proxy_addr, Some("org-a"), path, body).await;
+        assert_eq!(mode_reason(&r), (Some(RT), Some("allowlist")), "{path}");
+        last = Some(r);
+    }
+    let r = last.unwrap();
     let done: serde_json::Value = serde_json::from_str(&r.events()[1].1).unwrap();
     assert_eq!(done["sessionId"], "s 你");
-    let ids: Vec<_> = h
-        .runtime
-        .work()
-        .iter()
-        .map(|w| w.json()["session_id"].clone())
-        .collect();
+    let ids = h.runtime.work_field("session_id");
     assert_eq!(ids[..2], [json!("s-q"), json!("s-slash")]);
     assert_eq!(ids[3], json!("s 你"));
 
@@ -222,7 +181,7 @@ async fn chat_routes_match_with_query_or_trailing_slash() {
         body,
     )
     .await;
-    assert_eq!(mode_reason(&r), (Some("direct_llm"), Some("default")));
+    assert_routed(&r, DIRECT, "default");
     assert_eq!(
         h.legacy.work()[0].path,
         "/api/v1/chat/sessions/s-q?trace=1&a=%2F"
@@ -234,21 +193,11 @@ async fn chat_routes_match_with_query_or_trailing_slash() {
 async fn other_orgs_and_unverified_callers_go_to_legacy() {
     let h = Harness::new().start().await;
 
-    let r = h
-        .chat("org-b")
-        .session("s-2")
-        .body(r#"{"message":"hello"}"#)
-        .send()
-        .await;
-    assert_eq!(mode_reason(&r), (Some("direct_llm"), Some("default")));
+    let r = chat(h.proxy_addr, Some("org-b"), "s-2", HELLO).await;
+    assert_routed(&r, DIRECT, "default");
     assert!(r.text().contains("legacy"));
-    let r = h
-        .anonymous_chat()
-        .session("s-3")
-        .body(r#"{"message":"hello"}"#)
-        .send()
-        .await;
-    assert_eq!(mode_reason(&r), (Some("direct_llm"), Some("no_identity")));
+    let r = chat(h.proxy_addr, None, "s-3", HELLO).await;
+    assert_routed(&r, DIRECT, "no_identity");
     let r = post_chat(
         h.proxy_addr,
         Some("org-b"),
@@ -256,11 +205,11 @@ async fn other_orgs_and_unverified_callers_go_to_legacy() {
         br#"{"agentId":"g","message":"x"}"#,
     )
     .await;
-    assert_eq!(mode_reason(&r), (Some("direct_llm"), Some("default")));
+    assert_routed(&r, DIRECT, "default");
     let work = h.legacy.work();
     assert_eq!(work.len(), 3);
     assert_eq!(work[0].path, "/api/v1/chat/sessions/s-2");
-    assert_eq!(work[0].body, br#"{"message":"hello"}"#);
+    assert_eq!(work[0].body, HELLO.as_bytes());
     assert_eq!(work[2].path, "/api/v1/chat/start");
     assert_eq!(work[2].body, br#"{"agentId":"g","message":"x"}"#);
     assert!(h.runtime.work().is_empty());
@@ -275,44 +224,18 @@ async fn default_mode_runtime_sends_every_verified_org_to_the_runtime() {
         .start()
         .await;
 
-    let r = h
-        .chat("org-b")
-        .session("s-b")
-        .body(r#"{"message":"hello"}"#)
-        .send()
-        .await;
+    let r = chat(h.proxy_addr, Some("org-b"), "s-b", HELLO).await;
     assert_eq!(r.status, 200);
-    assert_eq!(
-        mode_reason(&r),
-        (Some("runtime_orchestrator"), Some("default"))
-    );
+    assert_routed(&r, RT, "default");
     assert_eq!(event_names(&r), ["message", "done"]);
-    let r = h
-        .chat("org-a")
-        .session("s-a")
-        .body(r#"{"message":"hello"}"#)
-        .send()
-        .await;
-    assert_eq!(
-        mode_reason(&r),
-        (Some("runtime_orchestrator"), Some("allowlist"))
-    );
-    let orgs: Vec<_> = h
-        .runtime
-        .work()
-        .iter()
-        .map(|w| w.json()["org_id"].clone())
-        .collect();
+    let r = chat(h.proxy_addr, Some("org-a"), "s-a", HELLO).await;
+    assert_routed(&r, RT, "allowlist");
+    let orgs = h.runtime.work_field("org_id");
     assert_eq!(orgs, [json!("org-b"), json!("org-a")]);
 
     // Still never an unverified caller.
-    let r = h
-        .anonymous_chat()
-        .session("s-n")
-        .body(r#"{"message":"hello"}"#)
-        .send()
-        .await;
-    assert_eq!(mode_reason(&r), (Some("direct_llm"), Some("no_identity")));
+    let r = chat(h.proxy_addr, None, "s-n", HELLO).await;
+    assert_routed(&r, DIRECT, "no_identity");
     assert_eq!(h.legacy.work().len(), 1);
     assert_eq!(h.runtime.work().len(), 2);
 }
@@ -357,20 +280,10 @@ async fn bad_bodies_on_the_runtime_path_get_400_and_reach_no_upstream() {
         }
     }
     // Barrier: a good request on each path arrives, and is the first either upstream saw.
-    let r = h
-        .chat("org-a")
-        .session("s-ok")
-        .body(r#"{"message":"ok"}"#)
-        .send()
-        .await;
-    assert_eq!(r.status, 200);
-    let r = h
-        .chat("org-b")
-        .session("s-ok")
-        .body(r#"{"message":"ok"}"#)
-        .send()
-        .await;
-    assert_eq!(r.status, 200);
+    for org in ["org-a", "org-b"] {
+        let r = chat(h.proxy_addr, Some(org), "s-ok", r#"{"message":"ok"}"#).await;
+        assert_eq!(r.status, 200, "{org}");
+    }
     assert_eq!(h.runtime.work().len(), 1);
     assert_eq!(h.runtime.work()[0].json()["user_message"], "ok");
     assert_eq!(h.legacy.work().len(), 1);
@@ -406,14 +319,11 @@ async fn bodies_over_the_chat_limit_get_413_and_reach_no_upstream() {
     // streamed, so legacy may see the start of it, but never a whole request.)
     let r = post_chat_chunked(h.proxy_addr, "org-a", path, over.as_bytes()).await;
     assert_eq!(r.status, 413);
-    assert_eq!(
-        mode_reason(&r),
-        (Some("runtime_orchestrator"), Some("allowlist"))
-    );
+    assert_routed(&r, RT, "allowlist");
     assert_eq!(r.json()["error"]["code"], "PAYLOAD_TOO_LARGE");
     let r = post_chat_chunked(h.proxy_addr, "org-b", path, over.as_bytes()).await;
     assert_eq!(r.status, 413);
-    assert_eq!(mode_reason(&r), (Some("direct_llm"), Some("default")));
+    assert_routed(&r, DIRECT, "default");
     assert_eq!(r.json()["error"]["code"], "PAYLOAD_TOO_LARGE");
     let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
     assert!(msg.contains("1024"), "{msg}");
@@ -455,7 +365,7 @@ async fn a_runtime_bound_body_too_large_to_replay_is_served_by_legacy() {
     assert!(big.len() > limit);
     let r = chat(h.proxy_addr, Some("org-a"), "s-large", &big).await;
     assert_eq!(r.status, 200);
-    assert_eq!(mode_reason(&r), (Some("direct_llm"), Some("large_body")));
+    assert_routed(&r, DIRECT, "large_body");
     assert!(r.text().contains("legacy"));
     let got = h.legacy.work();
     assert_eq!(got.len(), 1);
@@ -471,10 +381,7 @@ async fn a_runtime_bound_body_too_large_to_replay_is_served_by_legacy() {
     let fits = format!(r#"{{"message":"{}"}}"#, "z".repeat(limit - 20));
     assert!(fits.len() <= limit);
     let r = chat(h.proxy_addr, Some("org-a"), "s-fits", &fits).await;
-    assert_eq!(
-        mode_reason(&r),
-        (Some("runtime_orchestrator"), Some("allowlist"))
-    );
+    assert_routed(&r, RT, "allowlist");
     assert_eq!(h.runtime.work().len(), 1);
     assert_eq!(
         h.runtime.work()[0].json()["user_message"]
@@ -516,7 +423,7 @@ async fn a_legacy_chat_stream_reaches_the_client_chunk_by_chunk() {
         .read_releasing(&h.legacy)
         .await
         .expect("legacy stream was held back by the proxy");
-    assert_eq!(mode_reason(&r), (Some("direct_llm"), Some("default")));
+    assert_routed(&r, DIRECT, "default");
     assert!(r.complete);
     assert_eq!(r.chunks[0].1, b"event: message\ndata: {\"n\":1}\n\n");
     assert_eq!(event_names(&r), ["message", "done"]);
@@ -562,12 +469,12 @@ async fn a_chat_that_legacy_cannot_serve_still_says_how_it_was_routed() {
         .start()
         .await;
 
-    let r = chat(h.proxy_addr, Some("org-b"), "s-x", r#"{"message":"hello"}"#).await;
+    let r = chat(h.proxy_addr, Some("org-b"), "s-x", HELLO).await;
     assert_eq!(r.status, 502);
-    assert_eq!(mode_reason(&r), (Some("direct_llm"), Some("default")));
-    let r = chat(h.proxy_addr, None, "s-x", r#"{"message":"hello"}"#).await;
+    assert_routed(&r, DIRECT, "default");
+    let r = chat(h.proxy_addr, None, "s-x", HELLO).await;
     assert_eq!(r.status, 502);
-    assert_eq!(mode_reason(&r), (Some("direct_llm"), Some("no_identity")));
+    assert_routed(&r, DIRECT, "no_identity");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

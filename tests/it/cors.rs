@@ -199,23 +199,25 @@ fn legacy_with_cors(allow: &'static str) -> impl Fn(&Received) -> Reply + Send +
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_policy_that_drifted_from_legacy_s_is_counted() {
-    let h = Harness::new()
-        .legacy(legacy_with_cors("*"))
+/// A proxy with the default CORS policy (no origin from the environment) in front of
+/// [`legacy_with_cors`].
+async fn proxy_before_legacy_with_cors(allow: &'static str) -> Running {
+    Harness::new()
+        .legacy(legacy_with_cors(allow))
         .config(|c| c.cors.origin_env = String::new())
         .start()
-        .await;
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_that_drifted_from_legacy_s_is_counted() {
+    let h = proxy_before_legacy_with_cors("*").await;
     let r = browser_chat(&h, "org-z", Some(APP), HI).await;
     assert_served(&r, DIRECT, "default");
     assert_eq!(r.header("access-control-allow-origin"), Some("*"));
     assert_eq!(metric(&h, "cutover_cors_mismatch_total", &[]), 0.0);
 
-    let drifted = Harness::new()
-        .legacy(legacy_with_cors("https://app.example"))
-        .config(|c| c.cors.origin_env = String::new())
-        .start()
-        .await;
+    let drifted = proxy_before_legacy_with_cors("https://app.example").await;
     let r = browser_chat(&drifted, "org-z", Some(APP), HI).await;
     // Legacy's answer passes as legacy sent it.
     assert_eq!(

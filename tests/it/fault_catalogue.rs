@@ -41,6 +41,24 @@ fn refusal(status: u16, code: &str, retry_after: Option<&str>) -> Reply {
 }
 
 /// The suite's proxy: the runtime's deadlines at 400 ms.
+/// A runtime whose first execution sends the text chunks `t0 `, `t1 `, … (`texts` of them) and
+/// then `then`; every later one answers whole.
+fn first_execution_cut(
+    texts: usize,
+    then: Vec<Step>,
+) -> impl Fn(&Received) -> Reply + Send + Sync + 'static {
+    runtime_script(move |n| {
+        if n > 0 {
+            return Reply::sse(runtime_ok_steps());
+        }
+        let mut steps: Vec<Step> = (0..texts)
+            .map(|i| Step::Send(text(&format!("t{i} "))))
+            .collect();
+        steps.extend(then.iter().cloned());
+        Reply::sse(steps)
+    })
+}
+
 fn harness(runtime: impl Fn(&Received) -> Reply + Send + Sync + 'static) -> Harness {
     Harness::new().runtime(runtime).config(|c| {
         c.runtime.response_timeout_ms = DEADLINE.as_millis() as u64;
@@ -53,6 +71,15 @@ async fn timed_chat(h: &Running) -> (Response, Duration) {
     let started = Instant::now();
     let r = h.chat("org-a").send().await;
     (r, started.elapsed())
+}
+
+/// The catalogue's proxy started before `runtime`, and one chat through it, timed.
+async fn started_and_timed(
+    runtime: impl Fn(&Received) -> Reply + Send + Sync + 'static,
+) -> (Running, Response, Duration) {
+    let h = harness(runtime).start().await;
+    let (r, took) = timed_chat(&h).await;
+    (h, r, took)
 }
 
 /// Legacy answered: a failover (legacy's stream, its head saying so), or, with the runtime's
@@ -81,10 +108,8 @@ fn assert_verdict(scored: &Scored, expected: Verdict) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s01_429_with_retry_after_fails_over_at_once_and_does_not_hammer() {
-    let h = harness(runtime_script(|_| refusal(429, "rate_limited", Some("2"))))
-        .start()
-        .await;
-    let (r, took) = timed_chat(&h).await;
+    let (h, r, took) =
+        started_and_timed(runtime_script(|_| refusal(429, "rate_limited", Some("2")))).await;
     let mut s = Scored::of(&r);
     // The catalogue's "honour the header or fail over": a chat is not repeated on the runtime
     // (its tools may have run), so it fails over at once.
@@ -114,16 +139,14 @@ async fn s02_429_persistent_fails_over_every_chat_with_one_attempt_each() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s03_500_once_is_answered_by_legacy_and_the_next_chat_by_the_runtime() {
-    let h = harness(runtime_script(|n| {
+    let (h, r, _) = started_and_timed(runtime_script(|n| {
         if n == 0 {
             refusal(500, "internal", None)
         } else {
             Reply::sse(runtime_ok_steps())
         }
     }))
-    .start()
     .await;
-    let (r, _) = timed_chat(&h).await;
     let mut s = Scored::of(&r);
     // Failing over instead of repeating the execution: acceptable, as the catalogue notes.
     s.required("fallback_used", served_by_legacy(&r));
@@ -137,10 +160,8 @@ async fn s03_500_once_is_answered_by_legacy_and_the_next_chat_by_the_runtime() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s04_503_persistent_fails_over_within_one_attempt() {
-    let h = harness(runtime_script(|_| refusal(503, "overloaded", None)))
-        .start()
-        .await;
-    let (r, took) = timed_chat(&h).await;
+    let (h, r, took) =
+        started_and_timed(runtime_script(|_| refusal(503, "overloaded", None))).await;
     let mut s = Scored::of(&r);
     s.required("bounded_attempts", h.runtime.work().len() == 1)
         .required("fallback_used", served_by_legacy(&r))
@@ -153,16 +174,14 @@ async fn s04_503_persistent_fails_over_within_one_attempt() {
 /// answers); on a fresh connection it fails over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s05_a_reset_before_the_head_is_answered() {
-    let h = harness(runtime_script(|n| {
+    let (h, r, took) = started_and_timed(runtime_script(|n| {
         if n == 0 {
             Reply::silent(vec![Step::Reset])
         } else {
             Reply::sse(runtime_ok_steps())
         }
     }))
-    .start()
     .await;
-    let (r, took) = timed_chat(&h).await;
     let mut s = Scored::of(&r);
     let retried = h.runtime.work().len() == 2 && r.header("x-execution-mode") == Some(RT);
     s.required("retried_or_failed_over", retried || served_by_legacy(&r))
@@ -173,21 +192,14 @@ async fn s05_a_reset_before_the_head_is_answered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s06_no_response_at_all_is_answered_by_legacy_after_the_response_timeout() {
-    let h = harness(runtime_script(|_| Reply::silent(vec![Step::Hang])))
-        .start()
-        .await;
-    let (r, took) = timed_chat(&h).await;
+    let (h, r, took) = started_and_timed(runtime_script(|_| Reply::silent(vec![Step::Hang]))).await;
     let mut s = Scored::of(&r);
     s.required("fallback_used", served_by_legacy(&r))
         .required("not_before_the_deadline", took >= DEADLINE)
         .required("within_budget", took < DEADLINE + SLACK)
         .advisory("silent_route_not_retried", h.runtime.work().len() == 1);
     assert_verdict(&s, Verdict::Pass);
-    recorded(&h, 1, 1).await;
-    assert_eq!(
-        metric(&h, "chat_execution_timeout_total", &[("mode", RT)]),
-        1.0
-    );
+    assert_one_runtime(&h, 1, "timeout").await;
     assert_eq!(
         metric(
             &h,
@@ -241,28 +253,12 @@ async fn s07_slow_first_content_fails_over_at_the_commit_timeout_when_told_to() 
     s.required("fallback_used", served_by_legacy(&r))
         .advisory("ttft_limit", took < Duration::from_millis(100) + SLACK);
     assert_verdict(&s, Verdict::Pass);
-    recorded(&h, 1, 1).await;
-    assert_eq!(
-        metric(&h, "chat_execution_timeout_total", &[("mode", RT)]),
-        1.0
-    );
+    assert_one_runtime(&h, 1, "timeout").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s08_a_stream_cut_mid_answer_ends_with_one_clean_error() {
-    let h = harness(runtime_script(|n| {
-        if n > 0 {
-            return Reply::sse(runtime_ok_steps());
-        }
-        let mut steps: Vec<Step> = (0..40)
-            .map(|i| Step::Send(text(&format!("t{i} "))))
-            .collect();
-        steps.push(Step::Close);
-        Reply::sse(steps)
-    }))
-    .start()
-    .await;
-    let (r, took) = timed_chat(&h).await;
+    let (h, r, took) = started_and_timed(first_execution_cut(40, vec![Step::Close])).await;
     let mut s = Scored::of(&r);
     let last = r.events().last().cloned().unwrap_or_default();
     s.required("no_hang", took < SLACK)
@@ -274,12 +270,10 @@ async fn s08_a_stream_cut_mid_answer_ends_with_one_clean_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s08_a_stream_cut_before_any_content_fails_over() {
-    let h = harness(runtime_script(|_| {
+    let (_h, r, _) = started_and_timed(runtime_script(|_| {
         Reply::sse(vec![Step::Send(thinking("planning")), Step::Close])
     }))
-    .start()
     .await;
-    let (r, _) = timed_chat(&h).await;
     let mut s = Scored::of(&r);
     s.required("fallback_used", served_by_legacy(&r));
     assert_verdict(&s, Verdict::Pass);
@@ -287,19 +281,7 @@ async fn s08_a_stream_cut_before_any_content_fails_over() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s09_a_stall_mid_answer_ends_within_the_idle_timeout_and_the_next_chat_is_served() {
-    let h = harness(runtime_script(|n| {
-        if n > 0 {
-            return Reply::sse(runtime_ok_steps());
-        }
-        let mut steps: Vec<Step> = (0..20)
-            .map(|i| Step::Send(text(&format!("t{i} "))))
-            .collect();
-        steps.push(Step::Hang);
-        Reply::sse(steps)
-    }))
-    .start()
-    .await;
-    let (r, took) = timed_chat(&h).await;
+    let (h, r, took) = started_and_timed(first_execution_cut(20, vec![Step::Hang])).await;
     let mut s = Scored::of(&r);
     let last = r.events().last().cloned().unwrap_or_default();
     s.required("stalled_said", last.1.contains("RUNTIME_STALLED"))
@@ -332,24 +314,16 @@ async fn s09_a_stall_before_any_content_fails_over_within_the_idle_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s10_a_malformed_frame_is_skipped_and_the_answer_completes() {
-    let h = harness(runtime_script(|n| {
-        if n > 0 {
-            return Reply::sse(runtime_ok_steps());
-        }
-        let mut steps: Vec<Step> = (0..9)
-            .map(|i| Step::Send(text(&format!("t{i} "))))
-            .collect();
-        steps.push(Step::Send(
-            b"data: {\"event\": \"text_chunk\", \"data\": {\r\n\r\n".to_vec(),
-        ));
-        steps.push(Step::Send(text("rest")));
-        steps.push(Step::Send(complete()));
-        steps.push(Step::Send(done_frame()));
-        Reply::sse(steps)
-    }))
-    .start()
+    let (h, r, _) = started_and_timed(first_execution_cut(
+        9,
+        vec![
+            Step::Send(b"data: {\"event\": \"text_chunk\", \"data\": {\r\n\r\n".to_vec()),
+            Step::Send(text("rest")),
+            Step::Send(complete()),
+            Step::Send(done_frame()),
+        ],
+    ))
     .await;
-    let (r, _) = timed_chat(&h).await;
     let mut s = Scored::of(&r);
     let texts = r.events().iter().filter(|(e, _)| e == "message").count();
     s.required("alive_after", alive_after(&h).await)
@@ -367,12 +341,10 @@ async fn s10_a_malformed_frame_is_skipped_and_the_answer_completes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s11_a_stream_without_done_is_finalised_at_once_with_usage() {
-    let h = harness(runtime_script(|_| {
+    let (_h, r, took) = started_and_timed(runtime_script(|_| {
         Reply::sse(vec![Step::Send(text("the answer")), Step::Send(complete())])
     }))
-    .start()
     .await;
-    let (r, took) = timed_chat(&h).await;
     let mut s = Scored::of(&r);
     let usage = r
         .events()
@@ -386,12 +358,10 @@ async fn s11_a_stream_without_done_is_finalised_at_once_with_usage() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s12_a_context_length_refusal_is_not_repeated_and_legacy_answers() {
-    let h = harness(runtime_script(|_| {
+    let (h, r, _) = started_and_timed(runtime_script(|_| {
         refusal(400, "context_length_exceeded", None)
     }))
-    .start()
     .await;
-    let (r, _) = timed_chat(&h).await;
     let mut s = Scored::of(&r);
     s.required("no_same_model_retry", h.runtime.work().len() == 1)
         .required("fallback_used", served_by_legacy(&r));
@@ -400,12 +370,10 @@ async fn s12_a_context_length_refusal_is_not_repeated_and_legacy_answers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s13_a_content_filter_refusal_is_routed_around_through_legacy() {
-    let h = harness(runtime_script(|_| {
+    let (h, r, _) = started_and_timed(runtime_script(|_| {
         refusal(400, "content_policy_violation", None)
     }))
-    .start()
     .await;
-    let (r, _) = timed_chat(&h).await;
     let mut s = Scored::of(&r);
     s.required("no_same_model_retry", h.runtime.work().len() == 1);
     // The ideal is the runtime's own error; legacy (which applies its own policy) answers
@@ -470,10 +438,7 @@ async fn s15_a_flapping_runtime_is_served_around_then_returned_to() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s16_a_failover_is_accounted_to_legacy_and_not_as_a_runtime_success() {
-    let h = harness(runtime_script(|_| refusal(503, "overloaded", None)))
-        .start()
-        .await;
-    let (r, _) = timed_chat(&h).await;
+    let (h, r, _) = started_and_timed(runtime_script(|_| refusal(503, "overloaded", None))).await;
     let mut s = Scored::of(&r);
     let done = r
         .events()

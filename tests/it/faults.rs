@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use cutover_proxy::app::LocalServer;
 use cutover_proxy::core::breaker::State;
-use cutover_proxy::core::config::Mode;
+use cutover_proxy::core::config::Config;
 use serde_json::{json, Value};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -185,6 +185,23 @@ fn kill_test_runtime(req: &Received) -> Reply {
     }
 }
 
+/// How many of `n` signals came on `rx` within `within` (fewer when the senders are gone).
+async fn count_signals(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<()>,
+    n: usize,
+    within: Duration,
+) -> usize {
+    tokio::time::timeout(within, async {
+        let mut got = 0;
+        while got < n && rx.recv().await.is_some() {
+            got += 1;
+        }
+        got
+    })
+    .await
+    .unwrap_or(0)
+}
+
 /// Open `n` `hold-{tag}-i` streams and wait until each client holds its first event. Each task
 /// returns the response (or `None` if it did not end within `limit`) and when it ended.
 async fn open_held_streams(
@@ -217,15 +234,7 @@ async fn open_held_streams(
         }));
     }
     drop(first_tx);
-    let got = tokio::time::timeout(Duration::from_secs(30), async {
-        let mut got = 0;
-        while got < n && first_rx.recv().await.is_some() {
-            got += 1;
-        }
-        got
-    })
-    .await
-    .unwrap_or(0);
+    let got = count_signals(&mut first_rx, n, Duration::from_secs(30)).await;
     assert_eq!(got, n, "only {got} of {n} streams got their first event");
     tasks
 }
@@ -401,11 +410,9 @@ async fn runtime_killed_with_streams_in_flight_fails_cleanly_and_recovers_withou
     let back_at = Instant::now();
     let listener = TcpListener::bind(runtime_addr).await.unwrap();
     let revived = Upstream::on(listener, kill_test_runtime);
-    let shared = h.shared.clone();
-    let closed = eventually(Duration::from_secs(15), move || {
-        shared.breaker.state() == State::Closed
-    })
-    .await;
+    let closed = h
+        .breaker_becomes(State::Closed, Duration::from_secs(15))
+        .await;
     assert!(
         closed,
         "the breaker did not close after the runtime came back"
@@ -602,15 +609,21 @@ fn reload_load(
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hundred_reloads_under_load_fail_no_request_and_route_each_by_a_config_in_force() {
-    logs();
-    let dir = TempDir::new("reloads");
+/// A proxy watching `proxy.toml` in a new directory (tagged `tag`), at generation 0.
+async fn watching_generation_0(tag: &str) -> (TempDir, std::path::PathBuf, Running) {
+    let dir = TempDir::new(tag);
     let path = dir.join("proxy.toml");
     let h = Harness::new()
         .watched(path.clone(), |l, r| generation_toml(l, r, 0))
         .start()
         .await;
+    (dir, path, h)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_reloads_under_load_fail_no_request_and_route_each_by_a_config_in_force() {
+    logs();
+    let (dir, path, h) = watching_generation_0("reloads").await;
     let (la, ra) = (h.legacy.address(), h.runtime.address());
     assert_eq!(generation_of(&h), 0);
     let (success0, invalid0) = (reloads(&h, "success"), reloads(&h, "invalid"));
@@ -761,12 +774,7 @@ async fn a_hundred_reloads_under_load_fail_no_request_and_route_each_by_a_config
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sustained_config_churn_still_applies_an_edit_within_a_second() {
     logs();
-    let dir = TempDir::new("churn");
-    let path = dir.join("proxy.toml");
-    let h = Harness::new()
-        .watched(path.clone(), |l, r| generation_toml(l, r, 0))
-        .start()
-        .await;
+    let (dir, path, h) = watching_generation_0("churn").await;
     let (la, ra) = (h.legacy.address(), h.runtime.address());
     tokio::time::sleep(Duration::from_millis(300)).await;
 
@@ -827,17 +835,17 @@ async fn clients_holding_their_first_event(
         }));
     }
     drop(tx);
-    let got = tokio::time::timeout(Duration::from_secs(20), async {
-        let mut got = 0;
-        while got < n && rx.recv().await.is_some() {
-            got += 1;
-        }
-        got
-    })
-    .await
-    .unwrap_or(0);
+    let got = count_signals(&mut rx, n, Duration::from_secs(20)).await;
     assert_eq!(got, n, "{tag}: only {got} of {n} clients got a first event");
     tasks
+}
+
+/// The disconnect storms' config: executions that outlast the test, and connects polled late on
+/// a busy machine that must not turn into failovers (see the kill test).
+fn storm_config(c: &mut Config) {
+    c.runtime.execution_timeout_ms = 30_000;
+    c.runtime.connect_timeout_ms = 5000;
+    c.legacy.connect_timeout_ms = 5000;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -851,12 +859,7 @@ async fn disconnect_storm_mid_stream_releases_upstreams_and_counts_no_runtime_fa
     let h = Harness::new()
         .legacy(holding(legacy_first_event(), None))
         .runtime(holding(runtime_first_event(), None))
-        .config(move |c| {
-            c.runtime.execution_timeout_ms = 30_000;
-            // Connects polled late on a busy machine must not turn into failovers (see the kill test).
-            c.runtime.connect_timeout_ms = 5000;
-            c.legacy.connect_timeout_ms = 5000;
-        })
+        .config(storm_config)
         .start()
         .await;
     let m = h.shared.metrics;
@@ -915,13 +918,7 @@ async fn disconnect_storm_mid_stream_releases_upstreams_and_counts_no_runtime_fa
     assert_eq!(counter(&m.execution_error_total, RT), errors0);
     assert_eq!(counter(&m.execution_timeout_total, RT), timeouts0);
     assert_eq!(counter(&m.execution_error_total, DIRECT), direct_errors0);
-    let now = Instant::now();
-    let window = h
-        .shared
-        .stats
-        .lock()
-        .unwrap()
-        .snapshot(Mode::RuntimeOrchestrator, now);
+    let window = h.runtime_window();
     assert_eq!(
         (window.total, window.error, window.timeout),
         (0, 0, 0),
@@ -951,12 +948,7 @@ async fn disconnect_storm_before_the_first_byte_releases_runtime_connections() {
             runtime_first_event(),
             Some(Duration::from_secs(20)),
         ))
-        .config(move |c| {
-            c.runtime.execution_timeout_ms = 30_000;
-            // Connects polled late on a busy machine must not turn into failovers (see the kill test).
-            c.runtime.connect_timeout_ms = 5000;
-            c.legacy.connect_timeout_ms = 5000;
-        })
+        .config(storm_config)
         .start()
         .await;
 
@@ -987,13 +979,7 @@ async fn disconnect_storm_before_the_first_byte_releases_runtime_connections() {
     );
     assert!(released, "runtime connections held after the clients left");
     assert!(settled(&h, Duration::from_secs(2)).await);
-    let now = Instant::now();
-    let window = h
-        .shared
-        .stats
-        .lock()
-        .unwrap()
-        .snapshot(Mode::RuntimeOrchestrator, now);
+    let window = h.runtime_window();
     assert_eq!(
         (window.error, window.timeout),
         (0, 0),

@@ -5,6 +5,7 @@
 
 use crate::support;
 
+use cutover_proxy::app::LocalServer;
 use serde_json::json;
 use support::legacy::FakeLegacy;
 use support::*;
@@ -28,11 +29,7 @@ fn forwarded(r: &Received) -> (Option<&str>, Option<&str>, Option<&str>) {
 /// Each forwarded header arrived once.
 fn once_each(r: &Received) {
     for name in ["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"] {
-        let n = r
-            .headers
-            .iter()
-            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
-            .count();
+        let n = r.headers_named(name).len();
         assert_eq!(n, 1, "{name} on {} {}: {:?}", r.method, r.path, r.headers);
     }
 }
@@ -40,8 +37,34 @@ fn once_each(r: &Received) {
 const THE_PROXY_S: (Option<&str>, Option<&str>, Option<&str>) =
     (Some("127.0.0.1"), Some("http"), Some("proxy.test"));
 
+/// `CLAIMED` from a trusted hop: its chain kept with the hop's address appended, its proto and
+/// host believed.
+const CLAIMS_KEPT_HOP_APPENDED: (Option<&str>, Option<&str>, Option<&str>) = (
+    Some("203.0.113.66, 127.0.0.1"),
+    Some("https"),
+    Some("app.example.com"),
+);
+
 async fn get(h: &Running, headers: &[(&str, &str)]) -> Response {
     request(h.proxy_addr, "GET", "/api/v1/agents?page=1", headers, b"").await
+}
+
+/// A chat as `org` carrying a client's own `X-Forwarded-*` claims.
+async fn claimed_chat(h: &LocalServer, org: &str) -> Response {
+    let auth = format!("Bearer {}", token(org));
+    let mut headers = vec![
+        ("content-type", "application/json"),
+        ("authorization", auth.as_str()),
+    ];
+    headers.extend_from_slice(&CLAIMED);
+    request(
+        h.proxy_addr,
+        "POST",
+        "/api/v1/chat/sessions/s-1",
+        &headers,
+        HI.as_bytes(),
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -83,15 +106,7 @@ async fn a_trusted_hop_s_chain_is_kept_and_its_address_appended() {
         get(&h, &CLAIMED).await;
         let got = &h.legacy.received()[0];
         once_each(got);
-        assert_eq!(
-            forwarded(got),
-            (
-                Some("203.0.113.66, 127.0.0.1"),
-                Some("https"),
-                Some("app.example.com")
-            ),
-            "lean {lean}"
-        );
+        assert_eq!(forwarded(got), CLAIMS_KEPT_HOP_APPENDED, "lean {lean}");
     }
     // A trusted list that does not hold the peer believes nothing it sent.
     let h = Harness::new()
@@ -117,34 +132,10 @@ async fn chats_routed_to_legacy_and_failed_over_carry_it_too() {
             .config(move |c| c.server.lean_runtime = lean_runtime)
             .start()
             .await;
-        let auth = format!("Bearer {}", token("org-b"));
-        let mut headers = vec![
-            ("content-type", "application/json"),
-            ("authorization", auth.as_str()),
-        ];
-        headers.extend_from_slice(&CLAIMED);
         // org-b is not on the allowlist: legacy's chat.
-        let r = request(
-            h.proxy_addr,
-            "POST",
-            "/api/v1/chat/sessions/s-1",
-            &headers,
-            HI.as_bytes(),
-        )
-        .await;
-        assert_served(&r, DIRECT, "default");
+        assert_served(&claimed_chat(&h, "org-b").await, DIRECT, "default");
         // org-a's chat: the runtime answers 500, the chat fails over.
-        let auth = format!("Bearer {}", token("org-a"));
-        headers[1] = ("authorization", auth.as_str());
-        let r = request(
-            h.proxy_addr,
-            "POST",
-            "/api/v1/chat/sessions/s-1",
-            &headers,
-            HI.as_bytes(),
-        )
-        .await;
-        assert_served(&r, DIRECT, "failover");
+        assert_served(&claimed_chat(&h, "org-a").await, DIRECT, "failover");
         let chats = h.legacy.received();
         assert_eq!(chats.len(), 2, "lean_runtime {lean_runtime}");
         for got in &chats {
@@ -166,21 +157,7 @@ async fn the_bridge_s_calls_carry_the_caller_s_address() {
         })
         .start()
         .await;
-    let auth = format!("Bearer {}", token("org-a"));
-    let mut headers = vec![
-        ("content-type", "application/json"),
-        ("authorization", auth.as_str()),
-    ];
-    headers.extend_from_slice(&CLAIMED);
-    let r = request(
-        h.proxy_addr,
-        "POST",
-        "/api/v1/chat/sessions/s-1",
-        &headers,
-        HI.as_bytes(),
-    )
-    .await;
-    assert_served(&r, RT, "allowlist");
+    assert_served(&claimed_chat(&h, "org-a").await, RT, "allowlist");
     let calls = h.legacy.received();
     // The session, the agent and the history; the user's message and the answer.
     assert_eq!(calls.len(), 5, "{calls:?}");
@@ -188,11 +165,7 @@ async fn the_bridge_s_calls_carry_the_caller_s_address() {
         once_each(got);
         assert_eq!(
             forwarded(got),
-            (
-                Some("203.0.113.66, 127.0.0.1"),
-                Some("https"),
-                Some("app.example.com")
-            ),
+            CLAIMS_KEPT_HOP_APPENDED,
             "{} {}",
             got.method,
             got.path

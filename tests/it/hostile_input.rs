@@ -477,6 +477,14 @@ fn crafted(header: Value, claims: Value, secret: Option<&str>) -> String {
     format!("{signing_input}.{signature}")
 }
 
+/// Chats counted as unverified, whatever the reason.
+fn unverified_total(h: &Running) -> u64 {
+    ["invalid", "expired", "missing", "no_org_claim"]
+        .iter()
+        .map(|k| counter(&h.shared.metrics.unverified_total, k))
+        .sum()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_expired_and_broken_tokens_never_reach_the_runtime() {
     let h = Harness::new()
@@ -616,16 +624,7 @@ async fn forged_expired_and_broken_tokens_never_reach_the_runtime() {
         format!("{head}.{other}.{sig}"),
     ));
 
-    let unverified: u64 = ["invalid", "expired", "missing", "no_org_claim"]
-        .iter()
-        .map(|k| {
-            h.shared
-                .metrics
-                .unverified_total
-                .with_label_values(&[k])
-                .get()
-        })
-        .sum();
+    let unverified = unverified_total(&h);
     for (what, t) in &cases {
         let r = chat_as(h.proxy_addr, &format!("Bearer {t}")).await;
         assert_eq!(r.status, 200, "{what}: {r:?}");
@@ -653,16 +652,7 @@ async fn forged_expired_and_broken_tokens_never_reach_the_runtime() {
         runtime_calls,
         "a forged token reached the runtime"
     );
-    let unverified_after: u64 = ["invalid", "expired", "missing", "no_org_claim"]
-        .iter()
-        .map(|k| {
-            h.shared
-                .metrics
-                .unverified_total
-                .with_label_values(&[k])
-                .get()
-        })
-        .sum();
+    let unverified_after = unverified_total(&h);
     assert!(unverified_after >= unverified + cases.len() as u64);
     still_serves_with_issuer(&h).await;
 }

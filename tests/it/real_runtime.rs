@@ -65,7 +65,20 @@ fn real_runtime_steps() -> Vec<Step> {
             "execution_complete",
             "{\"final_response\": \"Done \\u2705\"}",
         )),
-        Step::Send(b"data: [DONE]\r\n\r\n".to_vec()),
+        Step::Send(DONE.to_vec()),
+    ]
+}
+
+/// The runtime's stream marker after its last event.
+const DONE: &[u8] = b"data: [DONE]\r\n\r\n";
+
+/// `first`, then an `execution_error` whose payload is `error` (JSON text as written), then
+/// the end marker.
+fn failing_after(first: Vec<u8>, error: &str) -> Vec<Step> {
+    vec![
+        Step::Send(first),
+        Step::Send(py_frame("execution_error", error)),
+        Step::Send(DONE.to_vec()),
     ]
 }
 
@@ -82,6 +95,16 @@ fn script(steps: fn() -> Vec<Step>) -> impl Fn(&Received) -> Reply + Send + Sync
 /// The Agent2UI message of a client event, parsed.
 fn message(data: &str) -> serde_json::Value {
     serde_json::from_str(data).unwrap_or_else(|e| panic!("event data is not JSON ({e}): {data}"))
+}
+
+/// A chat served by the runtime whose last event is an error: that error's message, parsed,
+/// and its data as sent.
+async fn runtime_error_event(h: &Running) -> (serde_json::Value, String) {
+    let r = h.chat("org-a").send().await;
+    assert_served(&r, RT, "allowlist");
+    let (name, data) = r.events().pop().unwrap();
+    assert_eq!(name, "error");
+    (message(&data), data)
 }
 
 #[tokio::test]
@@ -152,25 +175,17 @@ async fn a_real_runtime_stream_reaches_the_client_whole_and_verbatim() {
 
     let text_event = message(&events[5].1);
     assert_eq!(text_event["data"]["content"], "Done ✅");
-    recorded(&h, 1, 0).await;
-    assert_eq!(
-        metric(&h, "chat_execution_success_total", &[("mode", RT)]),
-        1.0
-    );
+    assert_one_runtime(&h, 0, "success").await;
 }
 
 fn failing_steps() -> Vec<Step> {
-    vec![
-        Step::Send(py_frame(
+    failing_after(
+        py_frame(
             "thinking",
             "{\"content\": \"Planning\", \"stage\": \"planning\"}",
-        )),
-        Step::Send(py_frame(
-            "execution_error",
-            "{\"error\": \"LLM provider returned 429\", \"code\": \"LLM_RATE_LIMITED\", \"httpStatus\": 429, \"details\": {\"provider\": \"openai\", \"retry_after\": 2.5}, \"traceId\": \"4bf92f3577b34da6a3ce929d0e0e4736\"}",
-        )),
-        Step::Send(b"data: [DONE]\r\n\r\n".to_vec()),
-    ]
+        ),
+        "{\"error\": \"LLM provider returned 429\", \"code\": \"LLM_RATE_LIMITED\", \"httpStatus\": 429, \"details\": {\"provider\": \"openai\", \"retry_after\": 2.5}, \"traceId\": \"4bf92f3577b34da6a3ce929d0e0e4736\"}",
+    )
 }
 
 #[tokio::test]
@@ -181,12 +196,7 @@ async fn an_execution_error_keeps_its_status_details_and_trace_id() {
         .config(|c| c.runtime.commit_timeout_ms = Some(0))
         .start()
         .await;
-    let r = h.chat("org-a").send().await;
-    assert_served(&r, RT, "allowlist");
-    let events = r.events();
-    let (name, data) = events.last().unwrap();
-    assert_eq!(name, "error");
-    let error = message(data);
+    let (error, data) = runtime_error_event(&h).await;
     assert_eq!(error["code"], "LLM_RATE_LIMITED");
     assert_eq!(error["message"], "LLM provider returned 429");
     assert_eq!(error["httpStatus"], 429);
@@ -195,22 +205,14 @@ async fn an_execution_error_keeps_its_status_details_and_trace_id() {
         data.contains(r#""details":{"provider": "openai", "retry_after": 2.5}"#),
         "{data}"
     );
-    recorded(&h, 1, 0).await;
-    assert_eq!(
-        metric(&h, "chat_execution_error_total", &[("mode", RT)]),
-        1.0
-    );
+    assert_one_runtime(&h, 0, "error").await;
 }
 
 fn cancelled_steps() -> Vec<Step> {
-    vec![
-        Step::Send(py_frame("text_chunk", "{\"content\": \"Half an answ\"}")),
-        Step::Send(py_frame(
-            "execution_error",
-            "{\"error\": \"Execution cancelled by user\", \"code\": \"EXECUTION_CANCELLED\", \"httpStatus\": 499, \"traceId\": \"0af7651916cd43dd8448eb211c80319c\"}",
-        )),
-        Step::Send(b"data: [DONE]\r\n\r\n".to_vec()),
-    ]
+    failing_after(
+        py_frame("text_chunk", "{\"content\": \"Half an answ\"}"),
+        "{\"error\": \"Execution cancelled by user\", \"code\": \"EXECUTION_CANCELLED\", \"httpStatus\": 499, \"traceId\": \"0af7651916cd43dd8448eb211c80319c\"}",
+    )
 }
 
 #[tokio::test]
@@ -221,12 +223,7 @@ async fn a_users_cancel_is_reported_to_the_client_and_charged_to_nobody() {
         .start()
         .await;
     for _ in 0..3 {
-        let r = h.chat("org-a").send().await;
-        assert_served(&r, RT, "allowlist");
-        let events = r.events();
-        let (name, data) = events.last().unwrap();
-        assert_eq!(name, "error");
-        let error = message(data);
+        let (error, _) = runtime_error_event(&h).await;
         assert_eq!(error["code"], "EXECUTION_CANCELLED");
         assert_eq!(error["httpStatus"], 499);
     }

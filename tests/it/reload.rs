@@ -54,6 +54,16 @@ fn watching_org_a(path: &Path) -> Harness {
     Harness::new().watched(path.to_path_buf(), |l, r| org_a_toml(l, r, true))
 }
 
+/// [`watching_org_a`] started on `proxy.toml` in a new directory (tagged `tag`), org-a served
+/// by the runtime.
+async fn watching_org_a_in(tag: &str) -> (TempDir, PathBuf, Running) {
+    let dir = TempDir::new(tag);
+    let path = dir.join("proxy.toml");
+    let h = watching_org_a(&path).start().await;
+    assert_eq!(mode_of(h.proxy_addr, "org-a").await, RT);
+    (dir, path, h)
+}
+
 async fn mode_of(addr: std::net::SocketAddr, org: &str) -> String {
     let r = chat(addr, Some(org), "s-reload", HI).await;
     assert_eq!(r.status, 200);
@@ -86,41 +96,64 @@ async fn until_mode(
     })
 }
 
+/// The config with org-a on the allowlist or off it (`on`), put in place by `write`; how long
+/// until chats of org-a are served so (within a second, or the test fails).
+async fn org_a_switched(h: &Running, on: bool, write: impl FnOnce(&str)) -> Duration {
+    let t = Instant::now();
+    write(&with_org_a(&h.legacy, &h.runtime, on));
+    let mode = if on { RT } else { DIRECT };
+    until_mode(h.proxy_addr, "org-a", mode, t, WITHIN).await
+}
+
 fn reloads(server: &LocalServer, result: &str) -> u64 {
     counter(&server.shared.metrics.config_reloads_total, result)
 }
 
+/// `text` replaces the config file at `path` and is refused within a second (the `invalid`
+/// count reaching `invalid`), and is still counted once after `settle`.
+async fn refused_once(
+    server: &LocalServer,
+    path: &Path,
+    text: &str,
+    invalid: u64,
+    settle: Duration,
+    what: &str,
+) {
+    replace(path, text);
+    assert!(
+        eventually(WITHIN, || reloads(server, "invalid") == invalid).await,
+        "{what} not refused within a second"
+    );
+    tokio::time::sleep(settle).await;
+    assert_eq!(
+        reloads(server, "invalid"),
+        invalid,
+        "{what}: refusal counted again"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_place_rewrite_takes_effect_within_a_second() {
-    let dir = TempDir::new("inplace");
-    let path = dir.join("proxy.toml");
-    let h = watching_org_a(&path).start().await;
-    assert_eq!(mode_of(h.proxy_addr, "org-a").await, RT);
+    let (_dir, path, h) = watching_org_a_in("inplace").await;
 
-    let t = Instant::now();
-    std::fs::write(&path, with_org_a(&h.legacy, &h.runtime, false)).unwrap();
-    let took = until_mode(h.proxy_addr, "org-a", DIRECT, t, WITHIN).await;
+    let took = org_a_switched(&h, false, |text| std::fs::write(&path, text).unwrap()).await;
     eprintln!("in-place rewrite in force after {took:?}");
 
-    let t = Instant::now();
-    std::fs::write(&path, with_org_a(&h.legacy, &h.runtime, true)).unwrap();
-    until_mode(h.proxy_addr, "org-a", RT, t, WITHIN).await;
+    org_a_switched(&h, true, |text| std::fs::write(&path, text).unwrap()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rename_over_the_file_takes_effect_within_a_second() {
-    let dir = TempDir::new("rename");
-    let path = dir.join("proxy.toml");
-    let h = watching_org_a(&path).start().await;
-    assert_eq!(mode_of(h.proxy_addr, "org-a").await, RT);
+    let (dir, path, h) = watching_org_a_in("rename").await;
 
-    for (on, mode) in [(false, DIRECT), (true, RT), (false, DIRECT)] {
+    for on in [false, true, false] {
         // What editors and config management do: write a temp file, then rename it over.
         let tmp = dir.join(".proxy.toml.swp");
-        std::fs::write(&tmp, with_org_a(&h.legacy, &h.runtime, on)).unwrap();
-        let t = Instant::now();
-        std::fs::rename(&tmp, &path).unwrap();
-        let took = until_mode(h.proxy_addr, "org-a", mode, t, WITHIN).await;
+        let took = org_a_switched(&h, on, |text| {
+            std::fs::write(&tmp, text).unwrap();
+            std::fs::rename(&tmp, &path).unwrap();
+        })
+        .await;
         eprintln!("rename in force after {took:?}");
     }
 }
@@ -173,10 +206,8 @@ async fn configmap_data_symlink_swap_takes_effect_within_a_second() {
     let h = watching_org_a(&cm.path()).start().await;
     assert_eq!(mode_of(h.proxy_addr, "org-a").await, RT);
 
-    for (on, mode) in [(false, DIRECT), (true, RT), (false, DIRECT)] {
-        let t = Instant::now();
-        cm.update(&with_org_a(&h.legacy, &h.runtime, on));
-        let took = until_mode(h.proxy_addr, "org-a", mode, t, WITHIN).await;
+    for on in [false, true, false] {
+        let took = org_a_switched(&h, on, |text| cm.update(text)).await;
         eprintln!("ConfigMap swap in force after {took:?}");
     }
 }
@@ -194,9 +225,7 @@ async fn edit_of_a_symlinked_file_in_another_directory_takes_effect_within_a_sec
     let h = watching_org_a(&path).start().await;
     assert_eq!(mode_of(h.proxy_addr, "org-a").await, RT);
 
-    let t = Instant::now();
-    std::fs::write(&target, with_org_a(&h.legacy, &h.runtime, false)).unwrap();
-    let took = until_mode(h.proxy_addr, "org-a", DIRECT, t, WITHIN).await;
+    let took = org_a_switched(&h, false, |text| std::fs::write(&target, text).unwrap()).await;
     eprintln!("edit of the symlink target in force after {took:?}");
 }
 
@@ -209,10 +238,7 @@ fn replace(path: &Path, text: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broken_file_keeps_the_last_good_config_is_counted_once_and_a_fix_reloads() {
-    let dir = TempDir::new("broken");
-    let path = dir.join("proxy.toml");
-    let h = watching_org_a(&path).start().await;
-    assert_eq!(mode_of(h.proxy_addr, "org-a").await, RT);
+    let (_dir, path, h) = watching_org_a_in("broken").await;
     // Each version replaces the file whole: counted exactly, a refusal must not depend on the
     // reloader catching an in-place write half done (which it refuses too).
     let invalid0 = reloads(&h, "invalid");
@@ -220,18 +246,16 @@ async fn broken_file_keeps_the_last_good_config_is_counted_once_and_a_fix_reload
 
     // A syntax error, with org-a removed: nothing of it may apply.
     let broken = with_org_a(&h.legacy, &h.runtime, false).replace("[breaker]", "[breaker");
-    replace(&path, &broken);
-    assert!(
-        eventually(WITHIN, || reloads(&h, "invalid") == invalid0 + 1).await,
-        "syntax error not refused within a second"
-    );
     // Refused once, not once per poll or per file event: wait out several poll periods.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    assert_eq!(
-        reloads(&h, "invalid"),
+    refused_once(
+        &h,
+        &path,
+        &broken,
         invalid0 + 1,
-        "refusal counted again"
-    );
+        Duration::from_millis(2500),
+        "syntax error",
+    )
+    .await;
     assert_eq!(
         h.shared.metrics.config_file_valid.get(),
         0,
@@ -243,24 +267,20 @@ async fn broken_file_keeps_the_last_good_config_is_counted_once_and_a_fix_reload
     // A value that parses but fails validation.
     let invalid = with_org_a(&h.legacy, &h.runtime, false)
         .replace("[breaker]\n", "[breaker]\nerror_rate = 2\n");
-    replace(&path, &invalid);
-    assert!(
-        eventually(WITHIN, || reloads(&h, "invalid") == invalid0 + 2).await,
-        "error_rate = 2 not refused within a second"
-    );
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(
-        reloads(&h, "invalid"),
+    refused_once(
+        &h,
+        &path,
+        &invalid,
         invalid0 + 2,
-        "refusal counted again"
-    );
+        Duration::from_millis(1500),
+        "error_rate = 2",
+    )
+    .await;
     assert_eq!(mode_of(h.proxy_addr, "org-a").await, RT);
     assert_eq!(h.shared.snapshot().config.breaker.error_rate, 0.5);
 
     // The fix applies.
-    let t = Instant::now();
-    replace(&path, &with_org_a(&h.legacy, &h.runtime, false));
-    until_mode(h.proxy_addr, "org-a", DIRECT, t, WITHIN).await;
+    org_a_switched(&h, false, |text| replace(&path, text)).await;
     assert_eq!(reloads(&h, "success"), success0 + 1);
     assert_eq!(reloads(&h, "invalid"), invalid0 + 2);
     assert_eq!(h.shared.metrics.config_file_valid.get(), 1);
@@ -300,9 +320,7 @@ async fn stream_in_flight_during_a_reload_completes_under_the_config_it_started_
     h.runtime.wait_for_work(1).await;
 
     // org-a leaves the allowlist while its stream is open: new requests go to legacy ...
-    let t = Instant::now();
-    std::fs::write(&path, with_org_a(&h.legacy, &h.runtime, false)).unwrap();
-    until_mode(h.proxy_addr, "org-a", DIRECT, t, WITHIN).await;
+    org_a_switched(&h, false, |text| std::fs::write(&path, text).unwrap()).await;
     assert!(!held.is_finished(), "the held stream ended early");
     let executions = h.runtime.work().len();
     for _ in 0..3 {
@@ -461,10 +479,7 @@ async fn upstream_addresses_and_timeouts_are_reloadable() {
 /// config at every line.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_neighbour_file_does_not_postpone_a_reload() {
-    let dir = TempDir::new("neighbour");
-    let path = dir.join("proxy.toml");
-    let h = watching_org_a(&path).start().await;
-    assert_eq!(mode_of(h.proxy_addr, "org-a").await, RT);
+    let (dir, path, h) = watching_org_a_in("neighbour").await;
 
     let log = dir.join("proxy.log");
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -485,10 +500,8 @@ async fn a_busy_neighbour_file_does_not_postpone_a_reload() {
         })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
-    for (on, mode) in [(false, DIRECT), (true, RT)] {
-        let t = Instant::now();
-        std::fs::write(&path, with_org_a(&h.legacy, &h.runtime, on)).unwrap();
-        let took = until_mode(h.proxy_addr, "org-a", mode, t, WITHIN).await;
+    for on in [false, true] {
+        let took = org_a_switched(&h, on, |text| std::fs::write(&path, text).unwrap()).await;
         eprintln!("reload beside a busy log in force after {took:?}");
     }
     stop.store(true, Ordering::SeqCst);

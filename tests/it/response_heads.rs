@@ -5,29 +5,13 @@
 //! them did. The `response_heads` fuzz target runs the same property on arbitrary bytes.
 
 // Not the Harness: a property of the pure head parser, with no proxy or sockets.
+#[path = "../../fuzz/common/response_heads.rs"]
+mod common;
 #[path = "../../fuzz/reference/response_heads.rs"]
 mod reference;
 
-use cutover_proxy::core::h1::{parse_head, Framing};
+use common::reading;
 use proptest::prelude::*;
-use reference::Reading;
-
-fn reading(bytes: &[u8], head_only: bool) -> Result<Option<Reading>, ()> {
-    match parse_head(bytes, head_only) {
-        Ok(Some(h)) => Ok(Some(Reading {
-            status: h.status,
-            framing: match h.framing {
-                Framing::Chunked => reference::Framing::Chunked,
-                Framing::Length(n) => reference::Framing::Length(n),
-                Framing::Close => reference::Framing::Close,
-            },
-            keep_alive: h.keep_alive,
-            len: h.len,
-        })),
-        Ok(None) => Ok(None),
-        Err(_) => Err(()),
-    }
-}
 
 fn header() -> impl Strategy<Value = String> {
     let te = prop::sample::select(vec![

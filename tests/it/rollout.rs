@@ -24,6 +24,12 @@ fn shadow_in_flight(server: &LocalServer) -> usize {
     server.shared.shadow_in_flight.load(Ordering::SeqCst)
 }
 
+/// A chat with a short body as `org` in `session`, which legacy answers for `reason`.
+async fn answered_by_legacy(server: &LocalServer, org: Option<&str>, session: &str, reason: &str) {
+    let r = chat(server.proxy_addr, org, session, r#"{"message":"x"}"#).await;
+    assert_legacy_answer(&r, reason);
+}
+
 /// `support::config` with its allowlist emptied, then `f` applied.
 fn rollout(f: impl FnOnce(&mut Config)) -> impl FnOnce(&mut Config) {
     move |c| {
@@ -306,14 +312,7 @@ async fn shadow_failures_never_open_the_breaker() {
     let errors0 = shadow_count(&h, "error");
 
     for i in 0..copies {
-        let r = chat(
-            h.proxy_addr,
-            Some("org-b"),
-            &format!("s-fail-{i}"),
-            r#"{"message":"x"}"#,
-        )
-        .await;
-        assert_legacy_answer(&r, "default");
+        answered_by_legacy(&h, Some("org-b"), &format!("s-fail-{i}"), "default").await;
     }
     assert!(
         eventually(Duration::from_secs(5), || shadow_count(&h, "error")
@@ -349,14 +348,7 @@ async fn shadow_copies_beyond_max_inflight_are_skipped() {
     let success0 = shadow_count(&h, "success");
 
     for i in 0..5 {
-        let r = chat(
-            h.proxy_addr,
-            Some("org-b"),
-            &format!("s-bound-{i}"),
-            r#"{"message":"x"}"#,
-        )
-        .await;
-        assert_legacy_answer(&r, "default");
+        answered_by_legacy(&h, Some("org-b"), &format!("s-bound-{i}"), "default").await;
     }
     h.runtime.wait_for_work(2).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -378,14 +370,7 @@ async fn shadow_copies_beyond_max_inflight_are_skipped() {
     assert!(eventually(Duration::from_secs(1), || shadow_in_flight(&h) == 0).await);
 
     // Room again: the next copy goes out.
-    let r = chat(
-        h.proxy_addr,
-        Some("org-b"),
-        "s-bound-after",
-        r#"{"message":"x"}"#,
-    )
-    .await;
-    assert_legacy_answer(&r, "default");
+    answered_by_legacy(&h, Some("org-b"), "s-bound-after", "default").await;
     h.runtime.wait_for_work(3).await;
     assert_eq!(shadow_count(&h, "skipped"), skipped0 + 3);
     release_until(&h.runtime, Duration::from_secs(5), || {
@@ -413,16 +398,13 @@ async fn only_direct_llm_chats_of_verified_orgs_off_the_denylist_are_shadowed() 
     };
 
     // A denylisted org must stay off the runtime entirely, copies included.
-    let r = chat(h.proxy_addr, Some("org-d"), "s-deny", r#"{"message":"x"}"#).await;
-    assert_legacy_answer(&r, "denylist");
+    answered_by_legacy(&h, Some("org-d"), "s-deny", "denylist").await;
     // Unverified callers have no org to send.
-    let r = chat(h.proxy_addr, None, "s-anon", r#"{"message":"x"}"#).await;
-    assert_legacy_answer(&r, "no_identity");
+    answered_by_legacy(&h, None, "s-anon", "no_identity").await;
     // An org already on the runtime is executed once, not copied as well.
     assert_eq!(ask(&h, Some("org-a")).await, pair(RT, "allowlist"));
     // The control: an ordinary direct_llm org is copied.
-    let r = chat(h.proxy_addr, Some("org-b"), "s-ok", r#"{"message":"x"}"#).await;
-    assert_legacy_answer(&r, "default");
+    answered_by_legacy(&h, Some("org-b"), "s-ok", "default").await;
     h.runtime.wait_for_work(2).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(org_ids(&h.runtime), ["org-a", "org-b"]);
@@ -430,14 +412,7 @@ async fn only_direct_llm_chats_of_verified_orgs_off_the_denylist_are_shadowed() 
     // While the breaker keeps the runtime out, nothing is copied to it.
     let (status, _) = admin(&h, "POST", "/runtime/fallback/trip", Some(ADMIN_TOKEN)).await;
     assert_eq!(status, 200);
-    let r = chat(
-        h.proxy_addr,
-        Some("org-b"),
-        "s-tripped",
-        r#"{"message":"x"}"#,
-    )
-    .await;
-    assert_legacy_answer(&r, "breaker_open");
+    answered_by_legacy(&h, Some("org-b"), "s-tripped", "breaker_open").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(org_ids(&h.runtime), ["org-a", "org-b"]);
 }
@@ -466,34 +441,28 @@ async fn shadow_timeouts_are_judged_like_relayed_streams() {
         .await;
     let (success0, timeout0) = (shadow_count(&h, "success"), shadow_count(&h, "timeout"));
 
-    let r = chat(
-        h.proxy_addr,
-        Some("org-b"),
-        "s-complete",
-        r#"{"message":"x"}"#,
-    )
-    .await;
-    assert_legacy_answer(&r, "default");
-    assert!(
-        eventually(Duration::from_secs(3), || shadow_count(&h, "success")
-            == success0 + 1)
-        .await,
-        "a completed execution whose [DONE] never came is a success"
-    );
-    let r = chat(
-        h.proxy_addr,
-        Some("org-b"),
-        "s-silent",
-        r#"{"message":"x"}"#,
-    )
-    .await;
-    assert_legacy_answer(&r, "default");
-    assert!(
-        eventually(Duration::from_secs(3), || shadow_count(&h, "timeout")
-            == timeout0 + 1)
-        .await,
-        "an execution past execution_timeout_ms is a timeout"
-    );
+    for (session, outcome, was, why) in [
+        (
+            "s-complete",
+            "success",
+            success0,
+            "a completed execution whose [DONE] never came is a success",
+        ),
+        (
+            "s-silent",
+            "timeout",
+            timeout0,
+            "an execution past execution_timeout_ms is a timeout",
+        ),
+    ] {
+        answered_by_legacy(&h, Some("org-b"), session, "default").await;
+        assert!(
+            eventually(Duration::from_secs(3), || shadow_count(&h, outcome)
+                == was + 1)
+            .await,
+            "{why}"
+        );
+    }
     assert!(eventually(Duration::from_secs(1), || shadow_in_flight(&h) == 0).await);
     assert_eq!(h.shared.breaker.state(), State::Closed);
 }

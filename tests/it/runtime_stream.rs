@@ -91,6 +91,18 @@ async fn runtime_stats(server: &LocalServer, n: u64) -> Value {
     body["data"]["runtime"].clone()
 }
 
+/// The runtime's admin stats once `n` executions are recorded, after checking that they are
+/// all of them `outcome` (`success`, `error`, `timeout`).
+async fn runtime_all(server: &LocalServer, n: u64, outcome: &str) -> Value {
+    let stats = runtime_stats(server, n).await;
+    assert_eq!(
+        (stats["total"].as_u64(), stats[outcome].as_u64()),
+        (Some(n), Some(n)),
+        "{outcome}: {stats}"
+    );
+    stats
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_reach_the_client_whole_whatever_the_runtime_framing() {
     // One session per line terminator; the runtime cuts frames at awkward bytes and packs
@@ -263,12 +275,7 @@ async fn stream_ending_without_execution_complete_is_truncated() {
     assert_eq!(names(&events), ["message", "error"]);
     assert_eq!(err["code"], "STREAM_TRUNCATED");
 
-    let stats = runtime_stats(&h, 1).await;
-    assert_eq!(
-        (stats["total"].as_u64(), stats["error"].as_u64()),
-        (Some(1), Some(1)),
-        "{stats}"
-    );
+    runtime_all(&h, 1, "error").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -317,12 +324,7 @@ async fn runtime_dying_mid_stream_ends_with_one_error_event() {
             "{session}: a reset is not a clean end"
         );
     }
-    let stats = runtime_stats(&h, 2).await;
-    assert_eq!(
-        (stats["total"].as_u64(), stats["error"].as_u64()),
-        (Some(2), Some(2)),
-        "{stats}"
-    );
+    runtime_all(&h, 2, "error").await;
     assert!(
         h.legacy.work().is_empty(),
         "bytes reached the client: no failover"
@@ -409,12 +411,7 @@ async fn execution_error_becomes_one_error_event_with_the_runtime_code() {
         json!({"code": "SSE_STREAM_ERROR", "message": "something broke"})
     );
 
-    let stats = runtime_stats(&h, 2).await;
-    assert_eq!(
-        (stats["total"].as_u64(), stats["error"].as_u64()),
-        (Some(2), Some(2)),
-        "{stats}"
-    );
+    runtime_all(&h, 2, "error").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -462,12 +459,7 @@ async fn runtime_frames_that_are_not_events_are_dropped_and_counted() {
 
     assert_eq!(dropped(&h, "malformed") - malformed, 1);
     assert_eq!(dropped(&h, "unknown_event") - unknown, 1);
-    let stats = runtime_stats(&h, 1).await;
-    assert_eq!(
-        (stats["total"].as_u64(), stats["success"].as_u64()),
-        (Some(1), Some(1)),
-        "{stats}"
-    );
+    runtime_all(&h, 1, "success").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -589,14 +581,7 @@ async fn client_disconnect_closes_the_runtime_connection_and_is_not_counted() {
         .start()
         .await;
     let server = &h.server;
-    let cancelled = || {
-        server
-            .shared
-            .metrics
-            .execution_cancelled_total
-            .with_label_values(&[RT])
-            .get()
-    };
+    let cancelled = || counter(&server.shared.metrics.execution_cancelled_total, RT);
     let before = cancelled();
 
     let started = Instant::now();
@@ -663,16 +648,10 @@ async fn runtime_hanging_after_execution_complete_gets_no_error_after_done() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_connection_is_reusable_after_runtime_streams() {
     let h = Harness::new()
-        .runtime(runtime_answering(|req: &Received| {
-            if req.json()["session_id"] == "fails" {
-                Reply::sse(vec![Step::Send(frame(
-                    "text_chunk",
-                    json!({"content": "cut"}),
-                ))])
-            } else {
-                Reply::sse(runtime_ok_steps())
-            }
-        }))
+        .runtime(runtime_failing_session_fails(frame(
+            "text_chunk",
+            json!({"content": "cut"}),
+        )))
         .config(move |c| {
             // Far beyond any Instant: the heartbeat timer must not overflow.
             c.runtime.heartbeat_secs = u64::MAX;
@@ -719,14 +698,7 @@ async fn client_disconnect_before_the_runtime_answers_cancels_it() {
         .start()
         .await;
     let server = &h.server;
-    let cancelled = || {
-        server
-            .shared
-            .metrics
-            .execution_cancelled_total
-            .with_label_values(&[RT])
-            .get()
-    };
+    let cancelled = || counter(&server.shared.metrics.execution_cancelled_total, RT);
     let before = cancelled();
 
     let mut c = Client::connect(server.proxy_addr).await;

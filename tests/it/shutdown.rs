@@ -26,8 +26,14 @@ struct ProxyProcess {
 }
 
 impl ProxyProcess {
-    async fn start(name: &str, legacy: &str, runtime: &str, grace_secs: u64) -> ProxyProcess {
-        ProxyProcess::start_with(name, legacy, runtime, grace_secs, BRIDGE_OFF_TOML).await
+    async fn start(
+        name: &str,
+        legacy: &Upstream,
+        runtime: &Upstream,
+        grace: Duration,
+    ) -> ProxyProcess {
+        let (legacy, runtime) = (legacy.address(), runtime.address());
+        ProxyProcess::start_with(name, &legacy, &runtime, grace.as_secs(), BRIDGE_OFF_TOML).await
     }
 
     /// `start`, with this `[bridge]` table.
@@ -114,15 +120,18 @@ impl ProxyProcess {
         assert!(status.success(), "kill -TERM failed");
     }
 
-    /// Wait for the process to exit, at most `within`.
-    async fn exited_within(&mut self, within: Duration) -> Option<(ExitStatus, Instant)> {
+    /// Wait for the process to exit, at most `within` (else fail saying `otherwise`), and check
+    /// that it exited with success; when it did.
+    async fn exits_cleanly_within(&mut self, within: Duration, otherwise: &str) -> Instant {
         let child = &mut self.child;
-        let exited = until(within, || {
+        let (status, at): (ExitStatus, Instant) = until(within, || {
             let status = child.try_wait().unwrap();
             std::future::ready(status.map(|s| (s, Instant::now())).ok_or(()))
         })
-        .await;
-        exited.ok()
+        .await
+        .expect(otherwise);
+        assert!(status.success(), "exit status {status:?}");
+        at
     }
 }
 
@@ -248,13 +257,7 @@ async fn sigterm_lets_in_flight_streams_finish_then_exits() {
     let legacy = Upstream::start(slow_legacy(2)).await;
     let runtime = Upstream::start(slow_runtime(2)).await;
     let grace = Duration::from_secs(10);
-    let mut proxy = ProxyProcess::start(
-        "finish",
-        &legacy.address(),
-        &runtime.address(),
-        grace.as_secs(),
-    )
-    .await;
+    let mut proxy = ProxyProcess::start("finish", &legacy, &runtime, grace).await;
 
     // One stream on each path, both well under way when SIGTERM arrives.
     let (mut rt_first, rt_stream) = start_chat(proxy.proxy, "org-a", "s-rt").await;
@@ -331,11 +334,12 @@ async fn sigterm_lets_in_flight_streams_finish_then_exits() {
     );
 
     // Nothing in flight any more: the process exits 0 at once, not at the end of the grace period.
-    let (status, exited_at) = proxy
-        .exited_within(Duration::from_secs(5))
-        .await
-        .expect("proxy did not exit after its streams ended");
-    assert!(status.success(), "exit status {status:?}");
+    let exited_at = proxy
+        .exits_cleanly_within(
+            Duration::from_secs(5),
+            "proxy did not exit after its streams ended",
+        )
+        .await;
     assert!(
         exited_at.saturating_duration_since(last_end) < Duration::from_millis(1500),
         "exited {:?} after the last stream ended",
@@ -351,13 +355,7 @@ async fn a_stream_outliving_the_grace_period_ends_with_an_error_event() {
     // Far longer than the grace period.
     let runtime = Upstream::start(slow_runtime(60)).await;
     let grace = Duration::from_secs(2);
-    let mut proxy = ProxyProcess::start(
-        "cutoff",
-        &legacy.address(),
-        &runtime.address(),
-        grace.as_secs(),
-    )
-    .await;
+    let mut proxy = ProxyProcess::start("cutoff", &legacy, &runtime, grace).await;
 
     let (mut first, stream) = start_chat(proxy.proxy, "org-a", "s-long").await;
     first_chunk(&mut first).await;
@@ -385,11 +383,9 @@ async fn a_stream_outliving_the_grace_period_ends_with_an_error_event() {
     );
     assert!(events.iter().any(|(e, _)| e == "message"), "{events:?}");
 
-    let (status, exited_at) = proxy
-        .exited_within(Duration::from_secs(5))
-        .await
-        .expect("proxy did not exit");
-    assert!(status.success(), "exit status {status:?}");
+    let exited_at = proxy
+        .exits_cleanly_within(Duration::from_secs(5), "proxy did not exit")
+        .await;
     assert!(
         exited_at - term_at < grace + Duration::from_millis(1000),
         "exited {:?} after SIGTERM",
@@ -401,17 +397,15 @@ async fn a_stream_outliving_the_grace_period_ends_with_an_error_event() {
 async fn an_idle_proxy_exits_at_once_on_sigterm() {
     let legacy = Upstream::start(echo_legacy).await;
     let runtime = Upstream::start(healthy_runtime).await;
-    let mut proxy = ProxyProcess::start("idle", &legacy.address(), &runtime.address(), 30).await;
+    let mut proxy = ProxyProcess::start("idle", &legacy, &runtime, Duration::from_secs(30)).await;
     // A finished request leaves nothing in flight behind it.
     let r = chat(proxy.proxy, Some("org-a"), "s-idle", r#"{"message":"hi"}"#).await;
     assert!(r.complete);
     let term_at = Instant::now();
     proxy.sigterm();
-    let (status, exited_at) = proxy
-        .exited_within(Duration::from_secs(5))
-        .await
-        .expect("idle proxy did not exit");
-    assert!(status.success(), "exit status {status:?}");
+    let exited_at = proxy
+        .exits_cleanly_within(Duration::from_secs(5), "idle proxy did not exit")
+        .await;
     assert!(
         exited_at - term_at < Duration::from_secs(2),
         "an idle proxy exits without waiting out the 30 s grace period: {:?}",
@@ -457,7 +451,7 @@ async fn a_listen_port_in_use_fails_the_start() {
 async fn sigint_during_the_drain_exits_at_once() {
     let legacy = Upstream::start(echo_legacy).await;
     let runtime = Upstream::start(slow_runtime(60)).await;
-    let mut proxy = ProxyProcess::start("sigint", &legacy.address(), &runtime.address(), 30).await;
+    let mut proxy = ProxyProcess::start("sigint", &legacy, &runtime, Duration::from_secs(30)).await;
     let (mut first, stream) = start_chat(proxy.proxy, "org-a", "s-int").await;
     first_chunk(&mut first).await;
     proxy.sigterm();
@@ -472,11 +466,9 @@ async fn sigint_during_the_drain_exits_at_once() {
         .status()
         .unwrap();
     assert!(status.success());
-    let (status, exited_at) = proxy
-        .exited_within(Duration::from_secs(5))
-        .await
-        .expect("SIGINT did not end the drain");
-    assert!(status.success(), "exit status {status:?}");
+    let exited_at = proxy
+        .exits_cleanly_within(Duration::from_secs(5), "SIGINT did not end the drain")
+        .await;
     assert!(
         exited_at - int_at < Duration::from_secs(1),
         "{:?}",
@@ -523,11 +515,9 @@ async fn messages_still_being_saved_at_exit_are_logged_whole() {
 
     let sent = Instant::now();
     proxy.sigterm();
-    let (status, at) = proxy
-        .exited_within(Duration::from_secs(10))
-        .await
-        .expect("the proxy did not exit");
-    assert!(status.success(), "{status:?}");
+    let at = proxy
+        .exits_cleanly_within(Duration::from_secs(10), "the proxy did not exit")
+        .await;
     // The pending saves held the drain until its cutoff (1 s before the 2 s grace ends).
     assert!(at - sent >= Duration::from_millis(900), "{:?}", at - sent);
     let log = proxy.log();

@@ -34,6 +34,24 @@ fn timeouts(h: &Running, upstream: &str, stage: &str) -> f64 {
     )
 }
 
+/// Once the one chat is recorded (`direct` of it by legacy): counted as the runtime's timeout.
+async fn assert_one_runtime_timeout(h: &Running, direct: u64, path: &str) {
+    recorded(h, 1, direct).await;
+    assert_eq!(
+        metric(h, "chat_execution_timeout_total", &[("mode", RT)]),
+        1.0,
+        "{path}"
+    );
+}
+
+/// A chat as `org`, which must end within the deadline (see [`assert_within`]).
+async fn chat_within(h: &Running, org: &str, what: &str) -> Response {
+    let started = Instant::now();
+    let r = h.chat(org).send().await;
+    assert_within(started.elapsed(), what);
+    r
+}
+
 #[track_caller]
 fn assert_within(took: Duration, what: &str) {
     assert!(
@@ -86,21 +104,14 @@ async fn a_runtime_with_no_head_fails_over_at_its_response_timeout_on_both_paths
             })
             .start()
             .await;
-        let started = Instant::now();
-        let r = h.chat("org-a").send().await;
-        assert_within(started.elapsed(), path);
+        let r = chat_within(&h, "org-a", path).await;
         assert_served(&r, DIRECT, "failover");
         assert_eq!(
             h.legacy.work()[0].body,
             HI.as_bytes(),
             "{path}: original body"
         );
-        recorded(&h, 1, 1).await;
-        assert_eq!(
-            metric(&h, "chat_execution_timeout_total", &[("mode", RT)]),
-            1.0,
-            "{path}"
-        );
+        assert_one_runtime_timeout(&h, 1, path).await;
         assert_eq!(timeouts(&h, "runtime", "response"), 1.0, "{path}");
     }
 }
@@ -121,16 +132,9 @@ async fn a_runtime_silent_before_its_first_content_fails_over_at_its_idle_timeou
             })
             .start()
             .await;
-        let started = Instant::now();
-        let r = h.chat("org-a").send().await;
-        assert_within(started.elapsed(), path);
+        let r = chat_within(&h, "org-a", path).await;
         assert_legacy_answered(&r, mode, path);
-        recorded(&h, 1, 1).await;
-        assert_eq!(
-            metric(&h, "chat_execution_timeout_total", &[("mode", RT)]),
-            1.0,
-            "{path}"
-        );
+        assert_one_runtime_timeout(&h, 1, path).await;
         assert_eq!(timeouts(&h, "runtime", "idle"), 1.0, "{path}");
     }
 }
@@ -156,12 +160,7 @@ async fn a_runtime_silent_after_the_commit_ends_its_stream_with_runtime_stalled(
         // hop shorter than the deadline.
         let gap = r.chunks[1].0 - r.chunks[0].0;
         assert_within(gap + RELAY_HOP, path);
-        recorded(&h, 1, 0).await;
-        assert_eq!(
-            metric(&h, "chat_execution_timeout_total", &[("mode", RT)]),
-            1.0,
-            "{path}"
-        );
+        assert_one_runtime_timeout(&h, 0, path).await;
         assert_eq!(
             metric(
                 &h,
@@ -214,16 +213,9 @@ async fn no_content_by_the_commit_timeout_fails_over_when_told_to_on_both_paths(
             })
             .start()
             .await;
-        let started = Instant::now();
-        let r = h.chat("org-a").send().await;
-        assert_within(started.elapsed(), path);
+        let r = chat_within(&h, "org-a", path).await;
         assert_legacy_answered(&r, mode, path);
-        recorded(&h, 1, 1).await;
-        assert_eq!(
-            metric(&h, "chat_execution_timeout_total", &[("mode", RT)]),
-            1.0,
-            "{path}"
-        );
+        assert_one_runtime_timeout(&h, 1, path).await;
         assert_eq!(
             metric(&h, "cutover_commit_total", &[]),
             0.0,
@@ -261,9 +253,7 @@ async fn a_chat_legacy_never_answers_is_a_504_with_its_routing() {
         .config(|c| c.legacy.response_timeout_ms = DEADLINE.as_millis() as u64)
         .start()
         .await;
-    let started = Instant::now();
-    let r = h.chat("org-b").send().await;
-    assert_within(started.elapsed(), "chat");
+    let r = chat_within(&h, "org-b", "chat").await;
     assert_eq!(r.status, 504);
     assert_eq!(mode_reason(&r), (Some(DIRECT), Some("default")));
     recorded(&h, 0, 1).await;

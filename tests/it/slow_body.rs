@@ -7,7 +7,6 @@ use crate::support;
 use std::time::{Duration, Instant};
 
 use cutover_proxy::core::breaker::State;
-use cutover_proxy::core::config::Mode;
 use support::*;
 
 /// The head of a chat request as org-a, announcing `HI` as its body, which is not sent.
@@ -22,10 +21,7 @@ fn head_only(session: &str) -> Vec<u8> {
 }
 
 fn runtime_executions(h: &Running) -> u64 {
-    let stats = h.shared.stats.lock().unwrap();
-    stats
-        .snapshot(Mode::RuntimeOrchestrator, Instant::now())
-        .total
+    h.runtime_window().total
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -50,11 +46,7 @@ async fn a_body_slower_than_the_execution_timeout_is_still_served_by_the_runtime
     assert_eq!(event_names(&r), ["message", "done"], "{}", r.text());
     assert_eq!(h.runtime.work().len(), 1);
     assert_eq!(h.runtime.work()[0].json()["user_message"], "hi");
-    recorded(&h, 1, 0).await;
-    assert_eq!(
-        metric(&h, "chat_execution_success_total", &[("mode", RT)]),
-        1.0
-    );
+    assert_one_runtime(&h, 0, "success").await;
     assert_eq!(
         metric(&h, "chat_execution_timeout_total", &[("mode", RT)]),
         0.0

@@ -18,7 +18,6 @@ mod verdict;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use serde::ser::SerializeStruct;
 use serde::Serialize;
 
 use crate::core::recent::RecentOrgs;
@@ -200,7 +199,8 @@ fn medians<'a>(s: &mut PathSummary, paths: impl Iterator<Item = &'a KeptPath>) {
 }
 
 /// The admin API's `S` object for one org, plus `samplesNeeded`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct OrgReport {
     pub org_id: String,
     pub samples: u64,
@@ -211,6 +211,7 @@ pub struct OrgReport {
     /// For `insufficient`: about how many more comparisons would decide it; `None` otherwise,
     /// or when more of the same would not.
     pub samples_needed: Option<u64>,
+    #[serde(serialize_with = "verdict::serialize_legacy")]
     pub legacy: PathSummary,
     pub runtime: PathSummary,
 }
@@ -231,21 +232,6 @@ impl OrgReport {
             legacy,
             runtime,
         }
-    }
-}
-
-impl Serialize for OrgReport {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut s = serializer.serialize_struct("OrgReport", 8)?;
-        s.serialize_field("orgId", &self.org_id)?;
-        s.serialize_field("samples", &self.samples)?;
-        s.serialize_field("agreement", &self.agreement)?;
-        s.serialize_field("verdict", &self.verdict)?;
-        s.serialize_field("reasons", &self.reasons)?;
-        s.serialize_field("samplesNeeded", &self.samples_needed)?;
-        s.serialize_field("legacy", &verdict::Legacy(&self.legacy))?;
-        s.serialize_field("runtime", &self.runtime)?;
-        s.end()
     }
 }
 
@@ -279,6 +265,22 @@ pub(crate) mod samples {
             legacy: sample(legacy, 100),
             runtime: sample(runtime, runtime_ttfe_ms),
         }
+    }
+
+    /// The `i`th of a run of comparisons whose first `failing` runtime halves end in `outcome`
+    /// and the rest succeed; legacy always succeeds.
+    pub fn runtime_fails_first(
+        i: usize,
+        failing: usize,
+        outcome: Outcome,
+        runtime_ttfe_ms: u64,
+    ) -> Comparison {
+        let rt = if i < failing {
+            outcome
+        } else {
+            Outcome::Success
+        };
+        cmp(Outcome::Success, rt, runtime_ttfe_ms)
     }
 }
 
@@ -332,14 +334,7 @@ mod tests {
 
     #[test]
     fn a_failing_runtime_is_not_ready_with_the_error_rate_reason() {
-        let (s, t0) = card_with(10, |i| {
-            let rt = if i < 6 {
-                Outcome::Error
-            } else {
-                Outcome::Success
-            };
-            cmp(Outcome::Success, rt, 100)
-        });
+        let (s, t0) = card_with(10, |i| runtime_fails_first(i, 6, Outcome::Error, 100));
         let r = s.report("org-a", &T, t0).unwrap();
         assert_eq!(r.verdict, Verdict::NotReady);
         assert_eq!(
@@ -352,14 +347,7 @@ mod tests {
 
     #[test]
     fn timeouts_count_as_runtime_failures() {
-        let (s, t0) = card_with(10, |i| {
-            let rt = if i < 7 {
-                Outcome::Timeout
-            } else {
-                Outcome::Success
-            };
-            cmp(Outcome::Success, rt, 100)
-        });
+        let (s, t0) = card_with(10, |i| runtime_fails_first(i, 7, Outcome::Timeout, 100));
         let r = s.report("org-a", &T, t0).unwrap();
         assert_eq!((r.runtime.timeout, r.runtime.error), (7, 0));
         assert_eq!(r.verdict, Verdict::NotReady);

@@ -14,7 +14,6 @@
 //! A legacy side that failed on most comparisons is a broken measurement, not a baseline: such
 //! a window is `insufficient` whatever the runtime did.
 
-use serde::ser::SerializeStruct;
 use serde::Serialize;
 
 use crate::core::significance::{
@@ -74,8 +73,9 @@ pub fn p50(values: &mut [u32]) -> Option<u32> {
     Some(values[(values.len() - 1) / 2])
 }
 
-/// One path's totals and medians over the window.
-#[derive(Debug, Clone, PartialEq, Default)]
+/// One path's totals and medians over the window; serialized, the runtime's half of `S`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct PathSummary {
     pub success: u64,
     pub error: u64,
@@ -288,32 +288,29 @@ pub fn judge(t: &Tally, th: &Thresholds) -> Judgement {
 }
 
 /// Legacy's half of `S`: no `timeout` (a legacy answer either ends with `done` or it fails).
-pub(super) struct Legacy<'a>(pub(super) &'a PathSummary);
-
-impl Serialize for Legacy<'_> {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let p = self.0;
-        let mut s = serializer.serialize_struct("Legacy", 5)?;
-        s.serialize_field("success", &p.success)?;
-        s.serialize_field("error", &(p.error + p.timeout))?;
-        s.serialize_field("ttfeMsP50", &p.ttfe_ms_p50)?;
-        s.serialize_field("durationMsP50", &p.duration_ms_p50)?;
-        s.serialize_field("textCharsP50", &p.text_chars_p50)?;
-        s.end()
-    }
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Legacy {
+    success: u64,
+    error: u64,
+    ttfe_ms_p50: Option<f64>,
+    duration_ms_p50: Option<f64>,
+    text_chars_p50: Option<u64>,
 }
 
-impl Serialize for PathSummary {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut s = serializer.serialize_struct("Runtime", 6)?;
-        s.serialize_field("success", &self.success)?;
-        s.serialize_field("error", &self.error)?;
-        s.serialize_field("timeout", &self.timeout)?;
-        s.serialize_field("ttfeMsP50", &self.ttfe_ms_p50)?;
-        s.serialize_field("durationMsP50", &self.duration_ms_p50)?;
-        s.serialize_field("textCharsP50", &self.text_chars_p50)?;
-        s.end()
+/// Serialize legacy's [`PathSummary`] as its half of `S`.
+pub(super) fn serialize_legacy<S: serde::Serializer>(
+    p: &PathSummary,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    Legacy {
+        success: p.success,
+        error: p.error + p.timeout,
+        ttfe_ms_p50: p.ttfe_ms_p50,
+        duration_ms_p50: p.duration_ms_p50,
+        text_chars_p50: p.text_chars_p50,
     }
+    .serialize(serializer)
 }
 
 #[cfg(test)]
@@ -321,7 +318,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    use crate::core::scorecard::samples::{cmp, T};
+    use crate::core::scorecard::samples::{cmp, runtime_fails_first, T};
     use crate::core::scorecard::Comparison;
     use crate::core::stats::Outcome;
 
@@ -405,14 +402,7 @@ mod tests {
     #[test]
     fn a_failing_runtime_is_not_ready_with_its_bound() {
         let j = judge(
-            &tally((0..10).map(|i| {
-                let rt = if i < 6 {
-                    Outcome::Error
-                } else {
-                    Outcome::Success
-                };
-                cmp(Outcome::Success, rt, 100)
-            })),
+            &tally((0..10).map(|i| runtime_fails_first(i, 6, Outcome::Error, 100))),
             &T,
         );
         assert_eq!(j.verdict, Verdict::NotReady);
@@ -438,14 +428,7 @@ mod tests {
     #[test]
     fn each_criterion_gives_its_own_reason() {
         let j = judge(
-            &tally((0..20).map(|i| {
-                let rt = if i < 12 {
-                    Outcome::Error
-                } else {
-                    Outcome::Success
-                };
-                cmp(Outcome::Success, rt, 900)
-            })),
+            &tally((0..20).map(|i| runtime_fails_first(i, 12, Outcome::Error, 900))),
             &LOOSE,
         );
         assert_eq!(j.verdict, Verdict::NotReady);
@@ -467,27 +450,26 @@ mod tests {
         assert_eq!(j.samples_needed, None);
     }
 
-    #[test]
-    fn a_runtime_without_any_event_is_judged_on_its_failures() {
-        let t = tally((0..10).map(|_| Comparison {
+    /// `c` with a runtime half that never sent an event.
+    fn no_runtime_event(c: Comparison) -> Comparison {
+        Comparison {
             runtime: crate::core::scorecard::PathSample {
                 ttfe: None,
-                ..cmp(Outcome::Success, Outcome::Error, 1).runtime
+                ..c.runtime
             },
-            ..cmp(Outcome::Success, Outcome::Error, 1)
-        }));
+            ..c
+        }
+    }
+
+    #[test]
+    fn a_runtime_without_any_event_is_judged_on_its_failures() {
+        let t = tally((0..10).map(|_| no_runtime_event(cmp(Outcome::Success, Outcome::Error, 1))));
         let j = judge(&t, &T);
         assert_eq!(j.verdict, Verdict::NotReady);
         assert_eq!(j.reasons.len(), 1);
         assert!(j.reasons[0].starts_with("runtime error rate 1.00 > legacy 0.00 + 0.02"));
         // With clean outcomes and no runtime event at all, nothing can be said of its speed.
-        let t = tally((0..200).map(|_| Comparison {
-            runtime: crate::core::scorecard::PathSample {
-                ttfe: None,
-                ..ok(1).runtime
-            },
-            ..ok(1)
-        }));
+        let t = tally((0..200).map(|_| no_runtime_event(ok(1))));
         let j = judge(&t, &T);
         assert_eq!(j.verdict, Verdict::Insufficient);
         assert_eq!(

@@ -11,11 +11,17 @@ pub fn mode_reason(r: &Response) -> (Option<&str>, Option<&str>) {
     (r.header("x-execution-mode"), r.header("x-execution-reason"))
 }
 
+/// Routed in `mode` for `reason`, whatever the answer.
+#[track_caller]
+pub fn assert_routed(r: &Response, mode: &str, reason: &str) {
+    assert_eq!(mode_reason(r), (Some(mode), Some(reason)));
+}
+
 /// A 200 served in `mode` for `reason`, body complete.
 #[track_caller]
 pub fn assert_served(r: &Response, mode: &str, reason: &str) {
     assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(mode_reason(r), (Some(mode), Some(reason)));
+    assert_routed(r, mode, reason);
     assert!(r.complete, "body cut short");
 }
 

@@ -106,6 +106,15 @@ pub fn header_in<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a 
         .map(|(_, v)| v.as_str())
 }
 
+/// Every value of the header `name`, in the order they came.
+pub fn headers_in<'a>(headers: &'a [(String, String)], name: &str) -> Vec<&'a str> {
+    headers
+        .iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+        .collect()
+}
+
 /// Raw response bytes as text without their `Date` lines: the one header two servers answering
 /// the same request at different times must differ in.
 pub fn without_date(bytes: &[u8]) -> String {
@@ -133,6 +142,9 @@ pub struct Response {
 impl Response {
     pub fn header(&self, name: &str) -> Option<&str> {
         header_in(&self.headers, name)
+    }
+    pub fn headers_named(&self, name: &str) -> Vec<&str> {
+        headers_in(&self.headers, name)
     }
     pub fn body(&self) -> Vec<u8> {
         self.chunks.iter().flat_map(|(_, c)| c.clone()).collect()

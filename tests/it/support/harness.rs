@@ -140,6 +140,18 @@ pub async fn recorded(server: &LocalServer, runtime: u64, direct: u64) {
     );
 }
 
+/// Once one runtime execution (and `direct` direct ones) is recorded: the runtime's counted as
+/// `outcome` (`success`, `error`, `timeout`).
+pub async fn assert_one_runtime(server: &LocalServer, direct: u64, outcome: &str) {
+    recorded(server, 1, direct).await;
+    let name = format!("chat_execution_{outcome}_total");
+    assert_eq!(
+        super::assert::metric(server, &name, &[("mode", RT)]),
+        1.0,
+        "{name}"
+    );
+}
+
 /// A port nothing listens on now (bound, read, released).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -380,6 +392,24 @@ pub struct Running<L = Upstream> {
     pub legacy: L,
     pub runtime: Upstream,
     pub server: LocalServer,
+}
+
+impl<L> Running<L> {
+    /// Whether the breaker is in `state` (as its lock-free mirror says) within `within`.
+    pub async fn breaker_becomes(
+        &self,
+        state: cutover_proxy::core::breaker::State,
+        within: Duration,
+    ) -> bool {
+        let shared = self.shared.clone();
+        eventually(within, move || shared.breaker.state() == state).await
+    }
+
+    /// The runtime's execution counts over the current stats window.
+    pub fn runtime_window(&self) -> cutover_proxy::core::stats::WindowStats {
+        let stats = self.shared.stats.lock().unwrap();
+        stats.snapshot(Mode::RuntimeOrchestrator, Instant::now())
+    }
 }
 
 impl<L> std::ops::Deref for Running<L> {

@@ -29,6 +29,9 @@ impl Received {
     pub fn header(&self, name: &str) -> Option<&str> {
         super::client::header_in(&self.headers, name)
     }
+    pub fn headers_named(&self, name: &str) -> Vec<&str> {
+        super::client::headers_in(&self.headers, name)
+    }
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body).expect("upstream received JSON")
     }
@@ -225,6 +228,13 @@ impl Upstream {
         self.received()
             .into_iter()
             .filter(|r| r.path != "/health")
+            .collect()
+    }
+    /// `field` of each JSON body in [`Upstream::work`], in order.
+    pub fn work_field(&self, field: &str) -> Vec<serde_json::Value> {
+        self.work()
+            .iter()
+            .map(|w| w.json()[field].clone())
             .collect()
     }
     pub fn connections(&self) -> usize {
@@ -569,6 +579,20 @@ pub fn runtime_answering(
         }
         script(req)
     }
+}
+
+/// A runtime that answers every session with [`runtime_ok_steps`] but `fails`, which gets only
+/// `frame` and then the end of the stream.
+pub fn runtime_failing_session_fails(
+    frame: Vec<u8>,
+) -> impl Fn(&Received) -> Reply + Send + Sync + 'static {
+    runtime_answering(move |req: &Received| {
+        if req.json()["session_id"] == "fails" {
+            Reply::sse(vec![Step::Send(frame.clone())])
+        } else {
+            Reply::sse(runtime_ok_steps())
+        }
+    })
 }
 
 /// A runtime `text_chunk` frame.
