@@ -218,7 +218,7 @@ pub fn prepare(
         out.extend_from_slice(line);
         out.extend_from_slice(b"\r\n");
     }
-    Forwarded::of(hop, &received).write_lines(&mut out);
+    Forwarded::write(hop, &received, &mut out);
     if let Some(line) = chunked {
         out.extend_from_slice(line);
         out.extend_from_slice(b"\r\n");
