@@ -206,7 +206,11 @@ impl Forwarded {
 
 /// `v` as [`String::from_utf8_lossy`] has it (as it is, when it is UTF-8).
 fn lossy(v: &[u8], out: &mut Vec<u8>) {
-    out.extend_from_slice(String::from_utf8_lossy(v).as_bytes());
+    if v.is_ascii() {
+        out.extend_from_slice(v);
+    } else {
+        out.extend_from_slice(String::from_utf8_lossy(v).as_bytes());
+    }
 }
 
 /// `ip` as its `Display` writes it; an IPv4 address octet by octet, without `fmt`.

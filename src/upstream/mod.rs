@@ -318,7 +318,8 @@ impl<K: Connect> Upstream<K> {
                 .map_err(Failure::widen)?;
             let sent = request.write(&mut conn).await.map_err(Failure::Caller)?;
             conn.sent();
-            let mut buf = BytesMut::new();
+            // The head's first read allocates once, at its size, not by growing an empty buffer.
+            let mut buf = BytesMut::with_capacity(HEAD_READ);
             match read_head(&mut conn, &mut buf, call.head_only, false).await {
                 Err(Failure::NoAnswer(why)) if reused && call.repeatable => {
                     tracing::debug!(
