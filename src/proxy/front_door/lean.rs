@@ -97,6 +97,7 @@ pub(super) async fn serve(
         repeatable: !has_body,
         check_pooled: has_body,
         head_only: req.head_only,
+        literal: active.legacy_literal,
         ..Call::new(&active.config.legacy.address, active.legacy)
     };
     // Legacy may answer before the whole body (a 401 or 413 up front): the answer goes to the
