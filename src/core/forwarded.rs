@@ -141,6 +141,58 @@ impl Forwarded {
         .filter_map(|(n, v)| Some((n, v?)))
     }
 
+    /// The lines [`Forwarded::of`]`(hop, got)` would write, straight into `out`: the same bytes
+    /// without a `String` per value (the lean path writes them for every request).
+    pub fn write(hop: Hop, got: &Received, out: &mut Vec<u8>) {
+        let mut first = true;
+        let entry = |out: &mut Vec<u8>, first: &mut bool| {
+            if *first {
+                out.extend_from_slice(FOR.as_bytes());
+                out.extend_from_slice(b": ");
+                *first = false;
+            } else {
+                out.extend_from_slice(b", ");
+            }
+        };
+        if hop.trusted {
+            let chain = got
+                .xff
+                .iter()
+                .flat_map(|line| line.split(|b| *b == b','))
+                .map(<[u8]>::trim_ascii)
+                .filter(|a| !a.is_empty());
+            for a in chain {
+                entry(out, &mut first);
+                lossy(a, out);
+            }
+        }
+        if let Some(peer) = hop.peer {
+            entry(out, &mut first);
+            write_ip(peer, out);
+        }
+        if !first {
+            out.extend_from_slice(b"\r\n");
+        }
+        let (proto, host) = if hop.trusted {
+            (
+                got.proto.filter(|p| !p.is_empty()),
+                got.forwarded_host.filter(|h| !h.is_empty()).or(got.host),
+            )
+        } else {
+            (None, got.host)
+        };
+        out.extend_from_slice(PROTO.as_bytes());
+        out.extend_from_slice(b": ");
+        lossy(proto.unwrap_or(b"http"), out);
+        out.extend_from_slice(b"\r\n");
+        if let Some(host) = host.filter(|h| !h.is_empty()) {
+            out.extend_from_slice(HOST.as_bytes());
+            out.extend_from_slice(b": ");
+            lossy(host, out);
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+
     /// The header lines, `Name: value\r\n` each, as the lean path writes them.
     pub fn write_lines(&self, out: &mut Vec<u8>) {
         for (name, value) in self.headers() {
@@ -148,6 +200,34 @@ impl Forwarded {
             out.extend_from_slice(b": ");
             out.extend_from_slice(value.as_bytes());
             out.extend_from_slice(b"\r\n");
+        }
+    }
+}
+
+/// `v` as [`String::from_utf8_lossy`] has it (as it is, when it is UTF-8).
+fn lossy(v: &[u8], out: &mut Vec<u8>) {
+    if v.is_ascii() {
+        out.extend_from_slice(v);
+    } else {
+        out.extend_from_slice(String::from_utf8_lossy(v).as_bytes());
+    }
+}
+
+/// `ip` as its `Display` writes it; an IPv4 address octet by octet, without `fmt`.
+fn write_ip(ip: IpAddr, out: &mut Vec<u8>) {
+    match ip {
+        IpAddr::V4(v4) => {
+            let mut digits = itoa::Buffer::new();
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                out.extend_from_slice(digits.format(octet).as_bytes());
+            }
+        }
+        IpAddr::V6(v6) => {
+            use std::io::Write;
+            let _ = write!(out, "{v6}");
         }
     }
 }
@@ -252,7 +332,72 @@ mod tests {
         assert!(!is_forwarded(b"forwarded") && !is_forwarded(b"x-real-ip"));
     }
 
+    fn written(hop: Hop, got: &Received) -> Vec<u8> {
+        let mut direct = Vec::new();
+        Forwarded::write(hop, got, &mut direct);
+        direct
+    }
+
+    fn via_of(hop: Hop, got: &Received) -> Vec<u8> {
+        let mut lines = Vec::new();
+        Forwarded::of(hop, got).write_lines(&mut lines);
+        lines
+    }
+
+    #[test]
+    fn the_direct_writer_matches_the_headers_on_the_usual_shapes() {
+        let ips = [
+            "203.0.113.9",
+            "0.0.0.0",
+            "255.255.255.255",
+            "10.1.2.3",
+            "2001:db8::1",
+            "::1",
+        ];
+        for peer in ips.iter().map(|s| Some(ip(s))).chain([None]) {
+            for trusted in [false, true] {
+                let hop = Hop { peer, trusted };
+                for got in [
+                    got(
+                        &["198.51.100.7, 10.9.9.9", " 172.16.0.1 "],
+                        Some("https"),
+                        Some("a"),
+                    ),
+                    got(&[" , ,"], Some(""), Some("")),
+                    Received::default(),
+                    Received {
+                        host: Some(b"h\xffst"),
+                        xff: vec![b"\xfe, 1.2.3.4"],
+                        ..Received::default()
+                    },
+                ] {
+                    assert_eq!(written(hop, &got), via_of(hop, &got), "{hop:?} {got:?}");
+                }
+            }
+        }
+    }
+
     proptest! {
+        #[test]
+        fn the_direct_writer_matches_the_headers(
+            peer in proptest::option::of(any::<IpAddr>()),
+            trusted in any::<bool>(),
+            xff in proptest::collection::vec(proptest::collection::vec(
+                prop_oneof![Just(b','), Just(b' '), Just(b'1'), Just(b'.'), any::<u8>()], 0..12), 0..3),
+            proto in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..6)),
+            fhost in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..6)),
+            host in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..6)),
+        ) {
+            let hop = Hop { peer, trusted };
+            let got = Received {
+                xff: xff.iter().map(Vec::as_slice).collect(),
+                proto: proto.as_deref(),
+                forwarded_host: fhost.as_deref(),
+                host: host.as_deref(),
+            };
+            prop_assert_eq!(written(hop, &got), via_of(hop, &got));
+        }
+
         #[test]
         fn the_peer_is_always_last_and_untrusted_chains_never_pass(
             a in any::<[u8; 4]>(),

@@ -138,6 +138,9 @@ fn origin_request<'h, 'b>(
     Some((bytes, req))
 }
 
+/// What the `X-Forwarded-*` lines add to a head, beyond a `Host` and a caller's own chain.
+const FORWARDED_ROOM: usize = 160;
+
 /// A request the lean path takes, its head as legacy gets it.
 pub struct Request {
     pub upstream_head: Vec<u8>,
@@ -186,7 +189,9 @@ pub fn prepare(
     }) {
         return None;
     }
-    let mut out = Vec::with_capacity(bytes.len() + 32);
+    // Room for the forwarded headers too (their names, the peer's address, the Host again):
+    // the head is written without growing.
+    let mut out = Vec::with_capacity(bytes.len() + FORWARDED_ROOM);
     if version == 0 {
         // As Pingora does: legacy is asked in HTTP/1.1, so the pooled connection stays open.
         let line = &bytes[..start];
@@ -218,7 +223,7 @@ pub fn prepare(
         out.extend_from_slice(line);
         out.extend_from_slice(b"\r\n");
     }
-    Forwarded::of(hop, &received).write_lines(&mut out);
+    Forwarded::write(hop, &received, &mut out);
     if let Some(line) = chunked {
         out.extend_from_slice(line);
         out.extend_from_slice(b"\r\n");

@@ -36,6 +36,8 @@ pub struct Active {
     pub verifier: Verifier,
     /// Legacy's policy, for every call to it: the lean passthrough, the bridge, Pingora's proxy.
     pub legacy: Timeouts,
+    /// `legacy.address` when it is an IP literal, parsed once here rather than per request.
+    pub legacy_literal: Option<std::net::SocketAddr>,
     /// The runtime's policy: its streams, shadow copies, files and health checks.
     pub runtime: Timeouts,
     /// Where the conversation bridge finds legacy, and its routes; shared with each bridged
@@ -72,6 +74,7 @@ impl Active {
             rollout: Rollout::new(&config.rollout),
             verifier,
             legacy: Timeouts::legacy(&config),
+            legacy_literal: config.legacy.address.parse().ok(),
             runtime: Timeouts::runtime(&config),
             admin_token,
             file_key,

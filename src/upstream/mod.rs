@@ -76,6 +76,8 @@ impl<S: AsyncRead + Unpin> pool::Idle for Watched<S> {
 pub struct Call<'a> {
     /// Where the upstream is (`host:port`, resolved and cached).
     pub address: &'a str,
+    /// `address` already parsed, when it is an IP literal: not parsed again per call.
+    pub literal: Option<SocketAddr>,
     pub timeouts: Timeouts,
     /// May go again, once, on a fresh connection when a pooled one closes before any answer
     /// byte (nothing was answered, so nothing was done twice).
@@ -92,6 +94,7 @@ impl<'a> Call<'a> {
     pub fn new(address: &'a str, timeouts: Timeouts) -> Call<'a> {
         Call {
             address,
+            literal: None,
             timeouts,
             repeatable: true,
             check_pooled: true,
@@ -302,11 +305,13 @@ impl<K: Connect> Upstream<K> {
         call: &Call<'_>,
         mut request: R,
     ) -> Result<(R::Sent, Response<K::Conn>), Failure<R::Error>> {
-        let addr = self
-            .resolver
-            .resolve(call.address)
-            .await
-            .map_err(|e| Failure::Unreachable(format!("resolving {}: {e}", call.address)))?;
+        let addr =
+            match call.literal {
+                Some(addr) => addr,
+                None => self.resolver.resolve(call.address).await.map_err(|e| {
+                    Failure::Unreachable(format!("resolving {}: {e}", call.address))
+                })?,
+            };
         let key = pool::key(addr);
         self.sweep_idle();
         // A pooled connection the upstream closed meanwhile fails on first use; a fresh attempt
@@ -318,7 +323,8 @@ impl<K: Connect> Upstream<K> {
                 .map_err(Failure::widen)?;
             let sent = request.write(&mut conn).await.map_err(Failure::Caller)?;
             conn.sent();
-            let mut buf = BytesMut::new();
+            // The head's first read allocates once, at its size, not by growing an empty buffer.
+            let mut buf = BytesMut::with_capacity(HEAD_READ);
             match read_head(&mut conn, &mut buf, call.head_only, false).await {
                 Err(Failure::NoAnswer(why)) if reused && call.repeatable => {
                     tracing::debug!(
@@ -480,6 +486,32 @@ mod tests {
             got.extend_from_slice(&buf[..n]);
         }
         got
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_parsed_literal_is_used_without_resolving_the_address() {
+        let (up, mut accepted) = upstream(false);
+        // A name that could never resolve: only the literal can have been used.
+        let call = Call {
+            literal: Some(ADDR.parse().unwrap()),
+            ..Call::new("legacy.invalid:9", T)
+        };
+        let (sent, _upstream_side) = tokio::join!(up.send(&call, GET), async {
+            let mut c = accepted.recv().await.unwrap();
+            request_on(&mut c).await;
+            c.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+                .await
+                .unwrap();
+            c
+        });
+        let mut body = sent.expect("sent to the literal").into_body();
+        assert!(body.decode(|_| {}).unwrap());
+        body.release();
+        assert_eq!(
+            up.idle(ADDR.parse().unwrap()),
+            1,
+            "pooled under the literal"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -15,7 +15,6 @@
 //! taken on ([`Key`]), since another thread's use would cost two cross-thread wake-ups per read;
 //! and each thread's connections sit behind a lock of their own, so workers never contend.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -55,7 +54,34 @@ pub fn partition() -> u64 {
     PARTITION.with(|p| *p)
 }
 
-type Lists<C> = HashMap<Key, Vec<(C, Instant)>>;
+/// One shard's idle lists by key. A shard holds one worker's keys (a few more when workers
+/// outnumber the shards): one per upstream address, a handful, which a scan finds for less than
+/// hashing the key costs, and this is done twice per request (take and put).
+struct Lists<C>(Vec<(Key, Vec<(C, Instant)>)>);
+
+impl<C> Lists<C> {
+    fn get(&self, key: Key) -> Option<&Vec<(C, Instant)>> {
+        self.0.iter().find(|(k, _)| *k == key).map(|(_, list)| list)
+    }
+
+    fn get_mut(&mut self, key: Key) -> Option<&mut Vec<(C, Instant)>> {
+        self.0
+            .iter_mut()
+            .find(|(k, _)| *k == key)
+            .map(|(_, list)| list)
+    }
+
+    fn entry(&mut self, key: Key) -> &mut Vec<(C, Instant)> {
+        let at = match self.0.iter().position(|(k, _)| *k == key) {
+            Some(at) => at,
+            None => {
+                self.0.push((key, Vec::new()));
+                self.0.len() - 1
+            }
+        };
+        &mut self.0[at].1
+    }
+}
 
 pub struct Pool<C> {
     shards: Vec<Mutex<Lists<C>>>,
@@ -67,7 +93,7 @@ pub struct Pool<C> {
 impl<C> Default for Pool<C> {
     fn default() -> Self {
         Pool {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS).map(|_| Mutex::new(Lists(Vec::new()))).collect(),
             max_idle_ms: AtomicU64::new(u64::MAX),
         }
     }
@@ -81,7 +107,7 @@ impl<C> Pool<C> {
     /// Keep `conn` for the next request for `key`.
     pub fn put(&self, key: Key, conn: C) {
         let mut idle = self.shard(key).lock().unwrap();
-        let list = idle.entry(key).or_default();
+        let list = idle.entry(key);
         if list.len() >= MAX_IDLE {
             list.remove(0);
         }
@@ -104,12 +130,12 @@ impl<C> Pool<C> {
         let mut closed = Vec::new();
         for shard in &self.shards {
             let mut lists = shard.lock().unwrap();
-            for list in lists.values_mut() {
+            for (_, list) in &mut lists.0 {
                 // Oldest first: the expired ones are a prefix.
                 let expired = list.partition_point(|(_, since)| since.elapsed() >= max_idle);
                 closed.extend(list.drain(..expired).map(|(conn, _)| conn));
             }
-            lists.retain(|_, list| !list.is_empty());
+            lists.0.retain(|(_, list)| !list.is_empty());
         }
         // Closed outside the locks.
         closed.len()
@@ -117,11 +143,7 @@ impl<C> Pool<C> {
 
     /// Idle connections for `key` (for tests).
     pub fn idle(&self, key: Key) -> usize {
-        self.shard(key)
-            .lock()
-            .unwrap()
-            .get(&key)
-            .map_or(0, Vec::len)
+        self.shard(key).lock().unwrap().get(key).map_or(0, Vec::len)
     }
 }
 
@@ -136,7 +158,7 @@ impl<C: Idle> Pool<C> {
         loop {
             let mut conn = {
                 let mut idle = self.shard(key).lock().unwrap();
-                let list = idle.get_mut(&key)?;
+                let list = idle.get_mut(key)?;
                 let (conn, since) = list.pop()?;
                 if since.elapsed() >= max_idle {
                     // The rest are older still.

@@ -83,8 +83,12 @@ pub(super) async fn serve(
 ) -> bool {
     let _in_flight = shared.requests.enter();
     io.buf.advance(head.skip + head.len);
-    // The proxy's own error answers carry CORS, so a browser can read their status.
-    let cors = cors_lines(active, &req.upstream_head);
+    // The proxy's own error answers carry CORS, so a browser can read their status; their
+    // lines are made only when one is sent.
+    let cors = Cors {
+        active,
+        upstream_head: &req.upstream_head,
+    };
     let has_body = !matches!(req.framing, Framing::None | Framing::Length(0));
     let write_timeout = Duration::from_millis(active.config.server.write_timeout_ms);
     let call = Call {
@@ -93,6 +97,7 @@ pub(super) async fn serve(
         repeatable: !has_body,
         check_pooled: has_body,
         head_only: req.head_only,
+        literal: active.legacy_literal,
         ..Call::new(&active.config.legacy.address, active.legacy)
     };
     // Legacy may answer before the whole body (a 401 or 413 up front): the answer goes to the
@@ -101,7 +106,7 @@ pub(super) async fn serve(
     let (whole, mut response) = match shared.legacy.send_with(&call, upload).await {
         Ok(sent) => sent,
         Err(failure) => {
-            failed(io, failure, &cors).await;
+            failed(io, failure, cors).await;
             return false;
         }
     };
@@ -109,7 +114,7 @@ pub(super) async fn serve(
     while (100..200).contains(&response.status()) {
         if response.status() == 101 {
             // Nothing asked for an upgrade.
-            bad_gateway(io, &cors).await;
+            bad_gateway(io, cors).await;
             return false;
         }
         if write_client(io, response.raw_head(), write_timeout)
@@ -119,7 +124,7 @@ pub(super) async fn serve(
             return false;
         }
         if let Err(failure) = response.next_head(req.head_only).await {
-            failed(io, failure.widen(), &cors).await;
+            failed(io, failure.widen(), cors).await;
             return false;
         }
     }
@@ -129,7 +134,10 @@ pub(super) async fn serve(
         && whole
         && (framing != h1::Framing::Close || rechunk)
         && !*shutdown.borrow();
-    let mut out = Vec::new();
+    // Room for the head and what came with it, re-framed: a small answer leaves in one write
+    // from one allocation.
+    let mut out =
+        Vec::with_capacity(response.raw_head().len() + 64 + response.body_mut().buffered() + 32);
     client_head(response.raw_head(), keep, rechunk, &mut out);
     let body = response.into_body();
     match send_response(io, body, framing, (keep, rechunk), out, write_timeout).await {
@@ -145,7 +153,7 @@ pub(super) async fn serve(
 
 /// The client's answer when legacy gave no usable head: 504 when it was silent, 502 when it
 /// failed, 400 when the client's own body stalled, nothing when the client is gone.
-async fn failed(io: &mut FrontStream, failure: Failure<Fail>, cors: &[u8]) {
+async fn failed(io: &mut FrontStream, failure: Failure<Fail>, cors: Cors<'_>) {
     match failure {
         Failure::Caller(Fail::BodyTimeout) => error(io, BAD_REQUEST_HEAD, cors).await,
         Failure::Caller(Fail::Close) => {}
@@ -160,21 +168,31 @@ async fn failed(io: &mut FrontStream, failure: Failure<Fail>, cors: &[u8]) {
     }
 }
 
-/// The CORS header lines of an error answer to the request whose head is `upstream_head`.
-fn cors_lines(active: &Active, upstream_head: &[u8]) -> Vec<u8> {
-    let (_, mut lines) = crate::core::passthrough::header_lines(upstream_head);
-    let origin = lines
-        .find(|(name, _)| name.trim_ascii().eq_ignore_ascii_case(b"origin"))
-        .and_then(|(name, line)| line.get(name.len() + 1..))
-        .map(<[u8]>::trim_ascii);
-    active.cors.headers(origin).lines()
+/// What the CORS header lines of an error answer are made from: the config and the request's
+/// head as legacy gets it.
+#[derive(Clone, Copy)]
+struct Cors<'a> {
+    active: &'a Active,
+    upstream_head: &'a [u8],
 }
 
-async fn bad_gateway(io: &mut FrontStream, cors: &[u8]) {
+impl Cors<'_> {
+    fn lines(self) -> Vec<u8> {
+        let (_, mut lines) = crate::core::passthrough::header_lines(self.upstream_head);
+        let origin = lines
+            .find(|(name, _)| name.trim_ascii().eq_ignore_ascii_case(b"origin"))
+            .and_then(|(name, line)| line.get(name.len() + 1..))
+            .map(<[u8]>::trim_ascii);
+        self.active.cors.headers(origin).lines()
+    }
+}
+
+async fn bad_gateway(io: &mut FrontStream, cors: Cors<'_>) {
     error(io, BAD_GATEWAY_HEAD, cors).await
 }
 
-async fn error(io: &mut FrontStream, head: &str, cors: &[u8]) {
+async fn error(io: &mut FrontStream, head: &str, cors: Cors<'_>) {
+    let cors = cors.lines();
     let date = pingora::protocols::http::date::get_cached_date();
     let mut answer = Vec::with_capacity(160 + cors.len());
     answer.extend_from_slice(head.as_bytes());
@@ -183,7 +201,7 @@ async fn error(io: &mut FrontStream, head: &str, cors: &[u8]) {
     answer.extend_from_slice(b"\r\n");
     answer.extend_from_slice(ERROR_FIELDS.as_bytes());
     // Where Pingora's own error answer has the headers added to it: before its Connection.
-    answer.extend_from_slice(cors);
+    answer.extend_from_slice(&cors);
     answer.extend_from_slice(ERROR_END.as_bytes());
     let inner = &mut io.inner;
     let _ = timeout(Duration::from_secs(1), async {
