@@ -1222,33 +1222,7 @@ mod tests {
                 }
             }
         });
-        let started = Instant::now();
-        let args = RelayArgs {
-            shared,
-            decision: RolloutDecision {
-                mode: Mode::RuntimeOrchestrator,
-                reason: Reason::Default,
-            },
-            cors: CorsHeaders::default(),
-            session_id: "s1".into(),
-            started,
-            deadline: started + setup.budget,
-            heartbeat: setup.heartbeat,
-            max_frame_bytes: 64 * 1024,
-            commit_on: CommitOn::Content,
-            commit_timeout: setup.commit_timeout,
-            commit_timeout_action: setup.action,
-            map: MapSettings::default(),
-            saving: None,
-            rescue: setup.rescue.map(|timeouts| crate::runtime::rescue::Rescue {
-                request: Bytes::from_static(
-                    b"POST /api/v1/chat/sessions/s1 HTTP/1.1\r\nhost: l\r\ncontent-length: 2\r\n\r\nhi",
-                ),
-                address: "127.0.0.1:2".into(),
-                timeouts,
-                discard_session: false,
-            }),
-        };
+        let args = relay_args(shared, &setup);
         let relayed = async {
             let call = Call::new(
                 "127.0.0.1:3",
@@ -1291,6 +1265,37 @@ mod tests {
         drop(client);
         drop(legacy_client);
         (relayed, reader.await.unwrap(), legacy_side.await.unwrap())
+    }
+
+    /// The relay's arguments for `setup`, the bridge off.
+    fn relay_args(shared: Arc<Shared>, setup: &Setup) -> RelayArgs {
+        let started = Instant::now();
+        RelayArgs {
+            shared,
+            decision: RolloutDecision {
+                mode: Mode::RuntimeOrchestrator,
+                reason: Reason::Default,
+            },
+            cors: CorsHeaders::default(),
+            session_id: "s1".into(),
+            started,
+            deadline: started + setup.budget,
+            heartbeat: setup.heartbeat,
+            max_frame_bytes: 64 * 1024,
+            commit_on: CommitOn::Content,
+            commit_timeout: setup.commit_timeout,
+            commit_timeout_action: setup.action,
+            map: MapSettings::default(),
+            saving: None,
+            rescue: setup.rescue.map(|timeouts| (crate::runtime::rescue::Rescue {
+                request: Bytes::from_static(
+                    b"POST /api/v1/chat/sessions/s1 HTTP/1.1\r\nhost: l\r\ncontent-length: 2\r\n\r\nhi",
+                ),
+                address: "127.0.0.1:2".into(),
+                timeouts,
+                discard_session: false,
+            })),
+        }
     }
 
     async fn send(conn: &mut DuplexStream, what: &str) {
@@ -1759,5 +1764,53 @@ mod tests {
         let (report, _) = rescued(&relayed);
         assert_eq!(report.outcome, None);
         assert!(legacy.dropped, "legacy's connection stayed open");
+    }
+
+    /// A held stream keeps the relay's future for as long as it lasts, for each of thousands of
+    /// streams: a change that makes it larger should be one that means to. The future is as
+    /// large as the largest step it awaits inline; steps a stream takes once are boxed.
+    #[tokio::test]
+    async fn a_held_streams_relay_future_stays_small() {
+        let config = Config::parse(
+            "[server]\nlisten = \"127.0.0.1:1\"\n[legacy]\naddress = \"127.0.0.1:2\"\n[runtime]\naddress = \"127.0.0.1:3\"\n",
+        )
+        .unwrap();
+        let (tx, mut accepted) = mpsc::unbounded_channel();
+        let upstream = Upstream::new(
+            Runtime(tx),
+            TimeoutCounters::unregistered(UpstreamName::Runtime),
+        );
+        let runtime = async {
+            let mut conn = accepted.recv().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let mut request = Vec::new();
+            while !request.ends_with(b"\r\n\r\n") {
+                let n = conn.read(&mut buf).await.unwrap();
+                request.extend_from_slice(&buf[..n]);
+            }
+            conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n")
+                .await
+                .unwrap();
+            conn
+        };
+        let call = Call::new("127.0.0.1:3", RUNTIME);
+        let request = b"POST /x HTTP/1.1\r\nhost: r\r\ncontent-length: 0\r\n\r\n";
+        let (response, _conn) = tokio::join!(upstream.send(&call, request), runtime);
+        // Pingora's session: of the client sides, the one whose writes' futures are largest.
+        let (mut ours, theirs) = tokio::io::duplex(1024);
+        let mut client = pingora::proxy::Session::new_h1(Box::new(theirs));
+        ours.write_all(b"POST /api/v1/chat HTTP/1.1\r\nhost: p\r\ncontent-length: 0\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(client.read_request().await.unwrap());
+        let setup = Setup {
+            rescue: Some(RUNTIME),
+            ..Setup::default()
+        };
+        let args = relay_args(Shared::new(config), &setup);
+        let relaying = relay(&mut client, response.unwrap().into_body(), args);
+        let size = std::mem::size_of_val(&relaying);
+        println!("relay future: {size} bytes");
+        assert!(size <= 3300, "the relay's future grew to {size} bytes");
     }
 }
