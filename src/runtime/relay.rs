@@ -587,7 +587,13 @@ impl<'s, D: Downstream> Relay<'s, D> {
     /// After a read, or a timer: what was mapped leaves in one write, unless the head is held.
     async fn flush<C>(&mut self, events: &RuntimeEvents<C>) -> Flow {
         self.tally.flush();
-        if self.held() || self.out.is_empty() {
+        if self.held() {
+            return Flow::Go;
+        }
+        if self.out.is_empty() {
+            // The room kept for the rest of a read the first event left early from, or
+            // reserved for a read that wrote nothing: not kept while the stream waits.
+            self.out = Vec::new();
             return Flow::Go;
         }
         let bytes = Bytes::from(std::mem::take(&mut self.out));
