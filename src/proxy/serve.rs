@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures::FutureExt;
 use pingora::proxy::Session;
 use pingora::Result;
 
@@ -552,9 +553,10 @@ impl ChatService {
                 r
             }),
         };
-        let relaying = relay::relay(session, stream, args);
-        async move {
-            match relaying.await {
+        // What follows the relay is plain code: mapped onto its future rather than awaited in an
+        // async block, which would keep a second slot of the relay future's size.
+        relay::relay(session, stream, args).map(move |relayed| {
+            match relayed {
                 Relayed::Served(mut report) => {
                     match report.rescued.take() {
                         Some(rescued) => self.rescued(req, rescued, report),
@@ -570,7 +572,7 @@ impl ChatService {
                     failover: true,
                 }),
             }
-        }
+        })
     }
 
     /// The runtime failed before content with the client's stream open, and legacy's answer
