@@ -133,6 +133,14 @@ impl SseParser {
         pending
     }
 
+    /// Between reads: give back what a large line or frame left behind beyond `keep` bytes, so
+    /// that a stream that waits keeps small buffers whatever passed before. What is pending (a
+    /// line or frame not complete yet) is kept.
+    pub fn shrink(&mut self, keep: usize) {
+        self.carry.shrink_to(keep);
+        self.data.shrink_to(keep);
+    }
+
     /// Number of `:` comment lines seen (e.g. sse-starlette's `: ping`).
     pub fn comments(&self) -> u64 {
         self.comments
@@ -353,6 +361,29 @@ mod tests {
             data: data.to_owned(),
             ..SseEvent::default()
         }
+    }
+
+    #[test]
+    fn shrink_gives_back_a_large_frames_buffers_and_keeps_what_is_pending() {
+        let mut p = SseParser::new(MAX);
+        let mut out = Vec::new();
+        let big = format!("data: {}", "x".repeat(16 * 1024));
+        // The line comes in two reads: its start waits in `carry`.
+        let (first, second) = big.as_bytes().split_at(8 * 1024);
+        p.feed(first, &mut out).unwrap();
+        p.feed(second, &mut out).unwrap();
+        p.feed(b"\n\n", &mut out).unwrap();
+        assert_eq!(out.len(), 1);
+        assert!(p.carry.capacity() >= 8 * 1024);
+        p.shrink(1024);
+        assert!(p.carry.capacity() <= 1024, "{}", p.carry.capacity());
+        assert!(p.data.capacity() <= 1024, "{}", p.data.capacity());
+        // A pending line survives a shrink whole.
+        let pending = format!("data: {}", "y".repeat(4 * 1024));
+        p.feed(pending.as_bytes(), &mut out).unwrap();
+        p.shrink(1024);
+        p.feed(b"\n\n", &mut out).unwrap();
+        assert_eq!(out[1].data, "y".repeat(4 * 1024));
     }
 
     #[test]

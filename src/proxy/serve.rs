@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures::FutureExt;
 use pingora::proxy::Session;
 use pingora::Result;
 
@@ -61,7 +62,7 @@ struct Execution {
     bridged: Option<Bridged>,
     /// `runtime.pre_content = "stream"`: the request legacy gets should the runtime fail
     /// before content with the client's stream open.
-    rescue: Option<Rescue>,
+    rescue: Option<Box<Rescue>>,
 }
 
 /// The bridge's part of a runtime chat.
@@ -321,7 +322,7 @@ impl ChatService {
         let chat_body = match session.read_chat_body(limit, by).await? {
             BodyRead::Complete(body) => {
                 if req.active.config.runtime.pre_content == PreContent::Stream {
-                    rescue = Some(rescue_request(session, req.active, &body));
+                    rescue = Some(Box::new(rescue_request(session, req.active, &body)));
                 }
                 chat::parse_chat_body(&body)
             }
@@ -507,13 +508,17 @@ impl ChatService {
 
     /// Relay the runtime's stream to the client; the failure to fail over with when the runtime
     /// failed before the commit.
-    async fn relay<D: Downstream>(
-        &self,
-        session: &mut D,
-        req: &mut RuntimePath<'_>,
+    ///
+    /// Not an async fn: its arguments (the execution, the runtime's body) move into the relay's
+    /// state before the future is made, instead of being held a second time as the future's
+    /// inputs for as long as the stream lasts.
+    fn relay<'a, 'p: 'a, D: Downstream>(
+        &'a self,
+        session: &'a mut D,
+        req: &'a mut RuntimePath<'p>,
         request: Execution,
         stream: RuntimeStream,
-    ) -> Option<OpenFailure> {
+    ) -> impl std::future::Future<Output = Option<OpenFailure>> + Send + use<'a, 'p, D> {
         let runtime = &req.active.config.runtime;
         let bridge_config = &req.active.config.bridge;
         let created = request.bridged.as_ref().is_some_and(|b| b.created);
@@ -530,38 +535,44 @@ impl ChatService {
             commit_timeout: runtime.commit_timeout(),
             commit_timeout_action: runtime.commit_timeout_action,
             map: req.active.map_settings(req.chat.org().unwrap_or_default()),
-            saving: request.bridged.map(|b| Saving {
-                bridge: self.shared.bridge.clone(),
-                target: req.active.bridge.clone(),
-                who: b.who,
-                message: b.message,
-                parent_id: b.parent_id,
-                after: b.after,
-                detach: bridge_config
-                    .finish_detached
-                    .then_some(bridge_config.max_detached),
+            saving: request.bridged.map(|b| {
+                Box::new(Saving {
+                    bridge: self.shared.bridge.clone(),
+                    target: req.active.bridge.clone(),
+                    who: b.who,
+                    message: b.message,
+                    parent_id: b.parent_id,
+                    after: b.after,
+                    detach: bridge_config
+                        .finish_detached
+                        .then_some(bridge_config.max_detached),
+                })
             }),
-            rescue: request.rescue.map(|r| Rescue {
-                discard_session: created,
-                ..r
+            rescue: request.rescue.map(|mut r| {
+                r.discard_session = created;
+                r
             }),
         };
-        match relay::relay(session, stream, args).await {
-            Relayed::Served(mut report) => {
-                match report.rescued.take() {
-                    Some(rescued) => self.rescued(req, rescued, report),
-                    None => req.chat.served = Served::Runtime(report),
+        // What follows the relay is plain code: mapped onto its future rather than awaited in an
+        // async block, which would keep a second slot of the relay future's size.
+        relay::relay(session, stream, args).map(move |relayed| {
+            match relayed {
+                Relayed::Served(mut report) => {
+                    match report.rescued.take() {
+                        Some(rescued) => self.rescued(req, rescued, report),
+                        None => req.chat.served = Served::Runtime(report),
+                    }
+                    None
                 }
-                None
+                // An error (or, too slow, a timeout) for the breaker, like a runtime that failed
+                // before its head.
+                Relayed::FailOver { detail, outcome } => Some(OpenFailure {
+                    outcome,
+                    detail,
+                    failover: true,
+                }),
             }
-            // An error (or, too slow, a timeout) for the breaker, like a runtime that failed
-            // before its head.
-            Relayed::FailOver { detail, outcome } => Some(OpenFailure {
-                outcome,
-                detail,
-                failover: true,
-            }),
-        }
+        })
     }
 
     /// The runtime failed before content with the client's stream open, and legacy's answer

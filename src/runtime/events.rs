@@ -19,6 +19,12 @@ use crate::core::sse::{SseError, SseEvent, SseParser};
 use crate::core::stream::{End, Facts};
 use crate::upstream::{Body, Silence, Stage};
 
+/// Parsed frames' room kept between reads: a few, so that a steady stream of small reads does
+/// not allocate it again each time.
+const KEEP_FRAMES: usize = 8;
+/// The parser's line and frame buffers kept between reads, for the same reason.
+const KEEP_BYTES: usize = 1024;
+
 /// What the next step of a stream is.
 #[derive(Debug)]
 pub enum Read {
@@ -98,9 +104,13 @@ impl<C: AsyncRead + AsyncWrite + Unpin + Send + 'static> Frames<C> {
     /// can race timers in a `select!`.
     pub async fn read(&mut self) {
         debug_assert!(self.next >= self.parsed.len() && self.end.is_none());
-        let read = self.body.fill().await;
+        // Every frame of the last read was handed out: a stream that now waits, maybe for
+        // minutes, keeps neither them nor the room a large read needed.
         self.parsed.clear();
+        self.parsed.shrink_to(KEEP_FRAMES);
         self.next = 0;
+        self.parser.shrink(KEEP_BYTES);
+        let read = self.body.fill().await;
         self.last_read = 0;
         match read {
             Ok(0) => self.end = Some(self.body_over()),

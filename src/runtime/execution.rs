@@ -29,12 +29,15 @@ pub struct RelayArgs {
     pub commit_timeout_action: CommitTimeoutAction,
     /// The client event cap and the stream org's file link signer.
     pub map: MapSettings,
-    /// Where the user's message and the answer are saved, with the bridge on.
-    pub saving: Option<Saving>,
+    /// Where the user's message and the answer are saved, with the bridge on. Boxed, as is
+    /// `rescue`: a stream without it then carries a pointer, not the whole of it, for as long
+    /// as it lasts.
+    pub saving: Option<Box<Saving>>,
     /// `runtime.pre_content = "stream"`: the head goes out with the runtime's, and a failure
     /// before content is rescued in the open stream with this request to legacy. `None`: the
     /// head is held until the commit (`"hold"`).
-    pub rescue: Option<crate::runtime::rescue::Rescue>,
+    /// Dropped at the commit.
+    pub rescue: Option<Box<crate::runtime::rescue::Rescue>>,
 }
 
 /// The conversation bridge's part of a relay: legacy saves the user's message from the commit
@@ -44,6 +47,7 @@ pub struct Saving {
     pub bridge: std::sync::Arc<Bridge>,
     pub target: std::sync::Arc<Target>,
     pub who: Credentials,
+    /// Moved into its save at the commit: a long stream does not keep the question.
     pub message: String,
     pub parent_id: Option<String>,
     /// The session's last message when the chat began: what this chat saves comes after it.

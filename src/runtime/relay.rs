@@ -191,7 +191,10 @@ where
                                 .inc();
                             Flow::Go
                         }
-                        Some(Read::End(end)) => relay.on_end(end, &mut events).await,
+                        // Boxed, as is each step a stream takes once (its commit, its first
+                        // write, its answer, its end): the future is as large as its largest
+                        // step, and a held stream keeps it whole while it waits.
+                        Some(Read::End(end)) => Box::pin(relay.on_end(end, &mut events)).await,
                         None => match relay.flush(&events).await {
                             Flow::Go => relay.wait(&mut events, &mut cutoff).await,
                             other => other,
@@ -333,14 +336,15 @@ impl<'s, D: Downstream> Relay<'s, D> {
         };
         match wake {
             Ok(timer) => match self.on_timer(timer).await {
-                Flow::Go => self.flush(events).await,
+                // A heartbeat's write: once in an interval, boxed.
+                Flow::Go => Box::pin(self.flush(events)).await,
                 other => other,
             },
             Err(End::ClientGone) => {
                 self.report.detail = Some("client disconnected".into());
                 self.leave(events)
             }
-            Err(end) => self.on_end(end, events).await,
+            Err(end) => Box::pin(self.on_end(end, events)).await,
         }
     }
 
@@ -398,7 +402,9 @@ impl<'s, D: Downstream> Relay<'s, D> {
                     .inc();
                 self.report.events += 1;
             }
-            Mapped::Complete(completion) => return self.on_complete(completion, events).await,
+            Mapped::Complete(completion) => {
+                return Box::pin(self.on_complete(completion, events)).await
+            }
             Mapped::Failed { code, message } => {
                 metrics.sse_events_total.with_label_values(&["error"]).inc();
                 // The runtime's own code is unbounded: label it as one kind, a user's cancel
@@ -428,7 +434,7 @@ impl<'s, D: Downstream> Relay<'s, D> {
         if self.report.first_write.is_none() && !self.out.is_empty() && !self.held() {
             let room = self.out.capacity();
             let bytes = Bytes::from(std::mem::replace(&mut self.out, Vec::with_capacity(room)));
-            if !self.write(Some(bytes), false).await {
+            if !Box::pin(self.write(Some(bytes), false)).await {
                 self.report.detail = Some("client disconnected or stopped reading".into());
                 // The events of this read not handed out yet are the detached reader's first.
                 return self.leave(events);
@@ -581,7 +587,13 @@ impl<'s, D: Downstream> Relay<'s, D> {
     /// After a read, or a timer: what was mapped leaves in one write, unless the head is held.
     async fn flush<C>(&mut self, events: &RuntimeEvents<C>) -> Flow {
         self.tally.flush();
-        if self.held() || self.out.is_empty() {
+        if self.held() {
+            return Flow::Go;
+        }
+        if self.out.is_empty() {
+            // The room kept for the rest of a read the first event left early from, or
+            // reserved for a read that wrote nothing: not kept while the stream waits.
+            self.out = Vec::new();
             return Flow::Go;
         }
         let bytes = Bytes::from(std::mem::take(&mut self.out));
@@ -646,9 +658,10 @@ impl<'s, D: Downstream> Relay<'s, D> {
                 return false;
             }
         }
-        let user_saved = self.args.saving.as_ref().map(|s| {
+        let user_saved = self.args.saving.as_mut().map(|s| {
             let (bridge, target, who) = (s.bridge.clone(), s.target.clone(), s.who.clone());
-            let (session_id, message) = (self.args.session_id.clone(), s.message.clone());
+            let session_id = self.args.session_id.clone();
+            let message = std::mem::take(&mut s.message);
             let (parent_id, after) = (s.parent_id.clone(), s.after.clone());
             tokio::spawn(async move {
                 // A deferred save is retried, and logged if it never succeeds, on its own task.
@@ -1222,33 +1235,7 @@ mod tests {
                 }
             }
         });
-        let started = Instant::now();
-        let args = RelayArgs {
-            shared,
-            decision: RolloutDecision {
-                mode: Mode::RuntimeOrchestrator,
-                reason: Reason::Default,
-            },
-            cors: CorsHeaders::default(),
-            session_id: "s1".into(),
-            started,
-            deadline: started + setup.budget,
-            heartbeat: setup.heartbeat,
-            max_frame_bytes: 64 * 1024,
-            commit_on: CommitOn::Content,
-            commit_timeout: setup.commit_timeout,
-            commit_timeout_action: setup.action,
-            map: MapSettings::default(),
-            saving: None,
-            rescue: setup.rescue.map(|timeouts| crate::runtime::rescue::Rescue {
-                request: Bytes::from_static(
-                    b"POST /api/v1/chat/sessions/s1 HTTP/1.1\r\nhost: l\r\ncontent-length: 2\r\n\r\nhi",
-                ),
-                address: "127.0.0.1:2".into(),
-                timeouts,
-                discard_session: false,
-            }),
-        };
+        let args = relay_args(shared, &setup);
         let relayed = async {
             let call = Call::new(
                 "127.0.0.1:3",
@@ -1291,6 +1278,37 @@ mod tests {
         drop(client);
         drop(legacy_client);
         (relayed, reader.await.unwrap(), legacy_side.await.unwrap())
+    }
+
+    /// The relay's arguments for `setup`, the bridge off.
+    fn relay_args(shared: Arc<Shared>, setup: &Setup) -> RelayArgs {
+        let started = Instant::now();
+        RelayArgs {
+            shared,
+            decision: RolloutDecision {
+                mode: Mode::RuntimeOrchestrator,
+                reason: Reason::Default,
+            },
+            cors: CorsHeaders::default(),
+            session_id: "s1".into(),
+            started,
+            deadline: started + setup.budget,
+            heartbeat: setup.heartbeat,
+            max_frame_bytes: 64 * 1024,
+            commit_on: CommitOn::Content,
+            commit_timeout: setup.commit_timeout,
+            commit_timeout_action: setup.action,
+            map: MapSettings::default(),
+            saving: None,
+            rescue: setup.rescue.map(|timeouts| Box::new(crate::runtime::rescue::Rescue {
+                request: Bytes::from_static(
+                    b"POST /api/v1/chat/sessions/s1 HTTP/1.1\r\nhost: l\r\ncontent-length: 2\r\n\r\nhi",
+                ),
+                address: "127.0.0.1:2".into(),
+                timeouts,
+                discard_session: false,
+            })),
+        }
     }
 
     async fn send(conn: &mut DuplexStream, what: &str) {
@@ -1759,5 +1777,53 @@ mod tests {
         let (report, _) = rescued(&relayed);
         assert_eq!(report.outcome, None);
         assert!(legacy.dropped, "legacy's connection stayed open");
+    }
+
+    /// A held stream keeps the relay's future for as long as it lasts, for each of thousands of
+    /// streams: a change that makes it larger should be one that means to. The future is as
+    /// large as the largest step it awaits inline; steps a stream takes once are boxed.
+    #[tokio::test]
+    async fn a_held_streams_relay_future_stays_small() {
+        let config = Config::parse(
+            "[server]\nlisten = \"127.0.0.1:1\"\n[legacy]\naddress = \"127.0.0.1:2\"\n[runtime]\naddress = \"127.0.0.1:3\"\n",
+        )
+        .unwrap();
+        let (tx, mut accepted) = mpsc::unbounded_channel();
+        let upstream = Upstream::new(
+            Runtime(tx),
+            TimeoutCounters::unregistered(UpstreamName::Runtime),
+        );
+        let runtime = async {
+            let mut conn = accepted.recv().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let mut request = Vec::new();
+            while !request.ends_with(b"\r\n\r\n") {
+                let n = conn.read(&mut buf).await.unwrap();
+                request.extend_from_slice(&buf[..n]);
+            }
+            conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n")
+                .await
+                .unwrap();
+            conn
+        };
+        let call = Call::new("127.0.0.1:3", RUNTIME);
+        let request = b"POST /x HTTP/1.1\r\nhost: r\r\ncontent-length: 0\r\n\r\n";
+        let (response, _conn) = tokio::join!(upstream.send(&call, request), runtime);
+        // Pingora's session: of the client sides, the one whose writes' futures are largest.
+        let (mut ours, theirs) = tokio::io::duplex(1024);
+        let mut client = pingora::proxy::Session::new_h1(Box::new(theirs));
+        ours.write_all(b"POST /api/v1/chat HTTP/1.1\r\nhost: p\r\ncontent-length: 0\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(client.read_request().await.unwrap());
+        let setup = Setup {
+            rescue: Some(RUNTIME),
+            ..Setup::default()
+        };
+        let args = relay_args(Shared::new(config), &setup);
+        let relaying = relay(&mut client, response.unwrap().into_body(), args);
+        let size = std::mem::size_of_val(&relaying);
+        println!("relay future: {size} bytes");
+        assert!(size <= 4096, "the relay's future grew to {size} bytes");
     }
 }
