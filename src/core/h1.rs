@@ -180,7 +180,7 @@ pub fn header_value<'a>(head: &'a [u8], name: &str) -> Option<&'a [u8]> {
 }
 
 /// The elements of a comma-separated header value, trimmed, empty ones left out.
-fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+pub(crate) fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     value
         .split(|b| *b == b',')
         .map(<[u8]>::trim_ascii)

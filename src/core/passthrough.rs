@@ -8,18 +8,12 @@ use crate::core::files::ROUTE_PREFIX;
 use std::mem::MaybeUninit;
 
 use crate::core::forwarded::{is_forwarded, Forwarded, Hop, Received};
+use crate::core::h1::tokens;
 use crate::core::request_head::{header_slots, Framing, Head};
 use crate::core::routing::{chat_route, ChatRoute};
 
 fn named(name: &[u8], token: &str) -> bool {
     name.eq_ignore_ascii_case(token.as_bytes())
-}
-
-fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
-    value
-        .split(|b| *b == b',')
-        .map(<[u8]>::trim_ascii)
-        .filter(|t| !t.is_empty())
 }
 
 /// Hop-by-hop: the fixed ones and those a `Connection` header names (RFC 9110 §7.6.1).
