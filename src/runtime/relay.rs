@@ -284,16 +284,28 @@ impl<'s, D: Downstream> Relay<'s, D> {
             precommit: pending.precommit.streaming(),
             ..pending
         });
+        if !self
+            .write_head(header, "client disconnected before the first event")
+            .await
+        {
+            return false;
+        }
+        self.last_write = Tick::now();
+        true
+    }
+
+    /// The response head, within the stream's deadline. False, with `gone` as the report's
+    /// detail, when the client is gone.
+    async fn write_head(&mut self, header: Box<ResponseHeader>, gone: &'static str) -> bool {
         let written = tokio::time::timeout_at(
             write_by(self.args.deadline).into(),
             self.session.write_response_header(header),
         )
         .await;
         if !matches!(written, Ok(Ok(()))) {
-            self.report.detail = Some("client disconnected before the first event".into());
+            self.report.detail = Some(gone.into());
             return false;
         }
-        self.last_write = Tick::now();
         true
     }
 
@@ -648,13 +660,10 @@ impl<'s, D: Downstream> Relay<'s, D> {
             .inc_by(kept.pings as u64);
         self.report.events += kept.events() as u64;
         if let Some(header) = header {
-            let written = tokio::time::timeout_at(
-                write_by(self.args.deadline).into(),
-                self.session.write_response_header(header),
-            )
-            .await;
-            if !matches!(written, Ok(Ok(()))) {
-                self.report.detail = Some("client disconnected before the commit".into());
+            if !self
+                .write_head(header, "client disconnected before the commit")
+                .await
+            {
                 return false;
             }
         }
@@ -699,14 +708,19 @@ impl<'s, D: Downstream> Relay<'s, D> {
             self.report.bytes += b.len() as u64;
         }
         self.user_message_saved().await;
-        if !write_client(&mut *self.session, bytes, end, self.args.deadline).await {
-            return false;
+        let written = write_client(&mut *self.session, bytes, end, self.args.deadline).await;
+        if written {
+            self.wrote();
         }
+        written
+    }
+
+    /// A write of events reached the client: the last write (and maybe the first) is now.
+    fn wrote(&mut self) {
         self.last_write = Tick::now();
         self.report
             .first_write
             .get_or_insert_with(|| self.args.started.elapsed());
-        true
     }
 
     /// The stream's last write: its last events, if any, and its end.
@@ -822,14 +836,11 @@ impl<'s, D: Downstream> Relay<'s, D> {
     async fn rescue_write(&mut self, bytes: Bytes, end: bool, idle: Duration) -> bool {
         self.report.bytes += bytes.len() as u64;
         let by = Instant::now() + idle;
-        if !write_client(&mut *self.session, Some(bytes), end, by).await {
-            return false;
+        let written = write_client(&mut *self.session, Some(bytes), end, by).await;
+        if written {
+            self.wrote();
         }
-        self.last_write = Tick::now();
-        self.report
-            .first_write
-            .get_or_insert_with(|| self.args.started.elapsed());
-        true
+        written
     }
 
     /// Legacy cannot continue the stream: one `error` event ends it (after what was read).
@@ -1260,18 +1271,11 @@ mod tests {
             .await
         };
         let runtime = async {
-            let mut conn = accepted.recv().await.unwrap();
-            let mut buf = [0u8; 1024];
-            let mut request = Vec::new();
-            while !request.ends_with(b"\r\n\r\n") {
-                let n = conn.read(&mut buf).await.unwrap();
-                request.extend_from_slice(&buf[..n]);
-            }
-            conn.write_all(
+            let conn = answered(
+                &mut accepted,
                 b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n",
             )
-            .await
-            .unwrap();
+            .await;
             script(conn).await;
         };
         let (relayed, ()) = tokio::join!(relayed, runtime);
@@ -1309,6 +1313,22 @@ mod tests {
                 discard_session: false,
             })),
         }
+    }
+
+    /// The runtime's side of the next call: its request head read, `head` written back.
+    async fn answered(
+        accepted: &mut mpsc::UnboundedReceiver<DuplexStream>,
+        head: &[u8],
+    ) -> DuplexStream {
+        let mut conn = accepted.recv().await.unwrap();
+        let mut buf = [0u8; 1024];
+        let mut request = Vec::new();
+        while !request.ends_with(b"\r\n\r\n") {
+            let n = conn.read(&mut buf).await.unwrap();
+            request.extend_from_slice(&buf[..n]);
+        }
+        conn.write_all(head).await.unwrap();
+        conn
     }
 
     async fn send(conn: &mut DuplexStream, what: &str) {
@@ -1793,19 +1813,10 @@ mod tests {
             Runtime(tx),
             TimeoutCounters::unregistered(UpstreamName::Runtime),
         );
-        let runtime = async {
-            let mut conn = accepted.recv().await.unwrap();
-            let mut buf = [0u8; 1024];
-            let mut request = Vec::new();
-            while !request.ends_with(b"\r\n\r\n") {
-                let n = conn.read(&mut buf).await.unwrap();
-                request.extend_from_slice(&buf[..n]);
-            }
-            conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n")
-                .await
-                .unwrap();
-            conn
-        };
+        let runtime = answered(
+            &mut accepted,
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n",
+        );
         let call = Call::new("127.0.0.1:3", RUNTIME);
         let request = b"POST /x HTTP/1.1\r\nhost: r\r\ncontent-length: 0\r\n\r\n";
         let (response, _conn) = tokio::join!(upstream.send(&call, request), runtime);
