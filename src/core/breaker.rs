@@ -849,6 +849,24 @@ mod tests {
         last
     }
 
+    /// A new breaker with the default test settings, and the time it was made.
+    fn closed() -> (Breaker, Instant) {
+        closed_with(settings())
+    }
+
+    /// A new breaker with these settings, and the time it was made.
+    fn closed_with(s: BreakerSettings) -> (Breaker, Instant) {
+        let t0 = Instant::now();
+        (Breaker::new(s, t0), t0)
+    }
+
+    /// A status in `state`, falling back to legacy, for a reason that starts with `reason`.
+    fn falls_back(status: &BreakerStatus, state: State, reason: &str) {
+        assert_eq!(status.state, state);
+        assert!(status.fallback_enabled());
+        assert!(status.reason.starts_with(reason), "{}", status.reason);
+    }
+
     /// A breaker opened by errors at `t0`.
     fn opened(t0: Instant) -> Breaker {
         opened_with(settings(), t0)
@@ -862,21 +880,20 @@ mod tests {
         b
     }
 
-    /// A breaker opened by errors at `t0` that half-opens with `probes` probes.
-    fn opened_with_probes(probes: u32, t0: Instant) -> Breaker {
-        opened_with(
-            BreakerSettings {
-                half_open_probes: probes,
-                ..settings()
-            },
-            t0,
-        )
+    /// A breaker opened by errors that half-opens with `probes` probes, and the time it first
+    /// admits them (`open_for` after it opened).
+    fn half_opening(probes: u32) -> (Breaker, Instant) {
+        let t0 = Instant::now();
+        let s = BreakerSettings {
+            half_open_probes: probes,
+            ..settings()
+        };
+        (opened_with(s, t0), t0 + secs(30))
     }
 
     #[test]
     fn starts_closed_and_allows() {
-        let t0 = Instant::now();
-        let mut b = Breaker::new(settings(), t0);
+        let (mut b, t0) = closed();
         assert_eq!(b.state(), State::Closed);
         assert_eq!(b.reason(), "");
         assert!(!b.manually_tripped());
@@ -886,8 +903,7 @@ mod tests {
 
     #[test]
     fn error_rate_opens_only_strictly_above_threshold() {
-        let t0 = Instant::now();
-        let mut b = Breaker::new(settings(), t0);
+        let (mut b, t0) = closed();
         assert_eq!(record_n(&mut b, 5, Outcome::Success, t0), None);
         // 5 of 10: exactly 0.5, not above.
         assert_eq!(record_n(&mut b, 5, Outcome::Error, t0), None);
@@ -902,8 +918,7 @@ mod tests {
 
     #[test]
     fn timeout_rate_opens_only_strictly_above_threshold() {
-        let t0 = Instant::now();
-        let mut b = Breaker::new(settings(), t0);
+        let (mut b, t0) = closed();
         record_n(&mut b, 7, Outcome::Success, t0);
         // 3 of 10: exactly 0.3.
         assert_eq!(record_n(&mut b, 3, Outcome::Timeout, t0), None);
@@ -914,8 +929,7 @@ mod tests {
 
     #[test]
     fn mean_latency_opens_only_strictly_above_threshold() {
-        let t0 = Instant::now();
-        let mut b = Breaker::new(settings(), t0);
+        let (mut b, t0) = closed();
         for _ in 0..10 {
             assert_eq!(b.record(Outcome::Success, 100 * MS, false, t0), None);
         }
@@ -928,11 +942,11 @@ mod tests {
 
     #[test]
     fn latency_counts_failures_too() {
-        let t0 = Instant::now();
-        let mut s = settings();
-        s.error_rate = 1.0;
-        s.timeout_rate = 1.0;
-        let mut b = Breaker::new(s, t0);
+        let (mut b, t0) = closed_with(BreakerSettings {
+            error_rate: 1.0,
+            timeout_rate: 1.0,
+            ..settings()
+        });
         for _ in 0..9 {
             b.record(Outcome::Success, MS, false, t0);
         }
@@ -942,8 +956,7 @@ mod tests {
 
     #[test]
     fn no_decision_below_min_requests() {
-        let t0 = Instant::now();
-        let mut b = Breaker::new(settings(), t0);
+        let (mut b, t0) = closed();
         assert_eq!(record_n(&mut b, 9, Outcome::Error, t0), None);
         assert_eq!(b.state(), State::Closed);
         assert_eq!(b.window_stats(t0).error, 9);
@@ -1013,8 +1026,7 @@ mod tests {
 
     #[test]
     fn tick_changes_nothing_but_an_open_period_that_is_over() {
-        let t0 = Instant::now();
-        let mut b = Breaker::new(settings(), t0);
+        let (mut b, t0) = closed();
         assert_eq!(b.tick(t0 + secs(3600)), None);
         assert_eq!(b.state(), State::Closed);
 
@@ -1063,9 +1075,7 @@ mod tests {
 
     #[test]
     fn half_open_closes_after_enough_probe_successes() {
-        let t0 = Instant::now();
-        let mut b = opened(t0);
-        let t1 = t0 + secs(30);
+        let (mut b, t1) = half_opening(3);
         for _ in 0..3 {
             assert_eq!(b.admit(t1).0, Admission::Probe);
         }
@@ -1086,9 +1096,7 @@ mod tests {
 
     #[test]
     fn probe_slot_freed_by_success_admits_another_probe() {
-        let t0 = Instant::now();
-        let mut b = opened(t0);
-        let t1 = t0 + secs(30);
+        let (mut b, t1) = half_opening(3);
         for _ in 0..3 {
             b.admit(t1);
         }
@@ -1137,9 +1145,7 @@ mod tests {
 
     #[test]
     fn probe_concurrency_is_bounded_and_release_frees_a_slot() {
-        let t0 = Instant::now();
-        let mut b = opened_with_probes(2, t0);
-        let t1 = t0 + secs(30);
+        let (mut b, t1) = half_opening(2);
         assert_eq!(b.admit(t1).0, Admission::Probe);
         assert_eq!(b.admit(t1).0, Admission::Probe);
         for _ in 0..5 {
@@ -1161,9 +1167,7 @@ mod tests {
 
     #[test]
     fn probes_from_an_earlier_phase_still_count_against_the_bound() {
-        let t0 = Instant::now();
-        let mut b = opened_with_probes(2, t0);
-        let t1 = t0 + secs(30);
+        let (mut b, t1) = half_opening(2);
         b.admit(t1);
         b.admit(t1);
         // One fails: open again, the other is still running.
@@ -1193,9 +1197,7 @@ mod tests {
 
     #[test]
     fn late_probe_outcome_while_closed_is_a_normal_sample() {
-        let t0 = Instant::now();
-        let mut b = opened_with_probes(1, t0);
-        let t1 = t0 + secs(30);
+        let (mut b, t1) = half_opening(1);
         b.admit(t1);
         b.release_probe();
         b.admit(t1);
@@ -1208,8 +1210,7 @@ mod tests {
 
     #[test]
     fn manual_trip_stays_open_until_reset() {
-        let t0 = Instant::now();
-        let mut b = Breaker::new(settings(), t0);
+        let (mut b, t0) = closed();
         let t = b.trip(t0).unwrap();
         assert_eq!((t.from, t.to), (State::Closed, State::Open));
         assert_eq!(t.reason, "tripped manually");
@@ -1269,8 +1270,7 @@ mod tests {
 
     #[test]
     fn consecutive_health_failures_open() {
-        let t0 = Instant::now();
-        let mut b = Breaker::new(settings(), t0);
+        let (mut b, t0) = closed();
         assert_eq!(b.record_health(false, "timeout", t0), None);
         assert_eq!(b.record_health(false, "timeout", t0), None);
         assert_eq!(b.record_health(true, "", t0), None);
@@ -1317,8 +1317,7 @@ mod tests {
 
     #[test]
     fn health_opened_breaker_recovers_without_manual_step() {
-        let t0 = Instant::now();
-        let mut b = Breaker::new(settings(), t0);
+        let (mut b, t0) = closed();
         for _ in 0..3 {
             b.record_health(false, "refused", t0);
         }
@@ -1337,8 +1336,7 @@ mod tests {
 
     #[test]
     fn set_settings_takes_effect_and_keeps_state() {
-        let t0 = Instant::now();
-        let mut b = Breaker::new(settings(), t0);
+        let (mut b, t0) = closed();
         record_n(&mut b, 4, Outcome::Error, t0);
         let mut s = settings();
         s.min_requests = 5;
@@ -1368,8 +1366,7 @@ mod tests {
 
     #[test]
     fn raising_a_threshold_stops_it_opening() {
-        let t0 = Instant::now();
-        let mut b = Breaker::new(settings(), t0);
+        let (mut b, t0) = closed();
         let mut s = settings();
         s.error_rate = 1.0;
         b.set_settings(s, t0);
@@ -1378,11 +1375,11 @@ mod tests {
 
     #[test]
     fn zero_probes_and_zero_health_failures_act_as_one() {
-        let t0 = Instant::now();
-        let mut s = settings();
-        s.half_open_probes = 0;
-        s.health_failures = 0;
-        let mut b = Breaker::new(s, t0);
+        let (mut b, t0) = closed_with(BreakerSettings {
+            half_open_probes: 0,
+            health_failures: 0,
+            ..settings()
+        });
         assert!(b.record_health(false, "x", t0).is_some());
         b.record_health(true, "", t0);
         assert_eq!(b.admit(t0 + secs(30)).0, Admission::Probe);
@@ -1522,8 +1519,7 @@ mod tests {
 
     #[test]
     fn the_fleet_opens_a_closed_breaker_and_says_so() {
-        let t0 = Instant::now();
-        let mut b = Breaker::new(settings(), t0);
+        let (mut b, t0) = closed();
         // This replica saw two errors: far from min_requests on its own.
         record_n(&mut b, 2, Outcome::Error, t0);
         let t = b.record_fleet(reading(t0, 12.0, 9.0, 0.0), t0).unwrap();
@@ -1552,8 +1548,7 @@ mod tests {
 
     #[test]
     fn the_fleet_needs_min_requests_and_a_crossed_threshold() {
-        let t0 = Instant::now();
-        let mut b = Breaker::new(settings(), t0);
+        let (mut b, t0) = closed();
         assert_eq!(b.record_fleet(reading(t0, 9.0, 9.0, 0.0), t0), None);
         assert_eq!(b.record_fleet(reading(t0, 20.0, 10.0, 6.0), t0), None);
         let t = b.record_fleet(reading(t0, 20.0, 10.0, 7.0), t0).unwrap();
@@ -1565,8 +1560,7 @@ mod tests {
 
     #[test]
     fn a_fleet_reading_older_than_the_last_close_does_not_reopen_it() {
-        let t0 = Instant::now();
-        let mut b = Breaker::new(settings(), t0);
+        let (mut b, t0) = closed();
         // Opened by the fleet, then closed by its own probes at t1.
         b.record_fleet(reading(t0, 12.0, 12.0, 0.0), t0).unwrap();
         let t1 = t0 + secs(31);
@@ -1600,8 +1594,7 @@ mod tests {
 
     #[test]
     fn a_manual_trip_or_reset_keeps_its_own_signal() {
-        let t0 = Instant::now();
-        let mut b = Breaker::new(settings(), t0);
+        let (mut b, t0) = closed();
         b.trip(t0);
         assert_eq!(b.record_fleet(reading(t0, 12.0, 12.0, 0.0), t0), None);
         assert_eq!(b.signal(), Some(Signal::Manual));
@@ -1694,13 +1687,7 @@ mod tests {
         }
         assert_eq!(shared.state(), State::Open);
         let status = shared.status();
-        assert_eq!(status.state, State::Open);
-        assert!(status.fallback_enabled());
-        assert!(
-            status.reason.starts_with("error rate 1.00"),
-            "{}",
-            status.reason
-        );
+        falls_back(&status, State::Open, "error rate 1.00");
         assert!(!status.manual);
         assert_eq!(shared.window_stats().error, 10);
 
@@ -1758,14 +1745,7 @@ mod tests {
         // Nothing ticked since it opened: the mirror and a plain status read have not moved.
         assert_eq!(shared.state(), State::Open);
         assert_eq!(shared.status().state, State::Open);
-        let status = shared.report();
-        assert_eq!(status.state, State::HalfOpen);
-        assert!(status.fallback_enabled());
-        assert!(
-            status.reason.starts_with("half-open after 0s open"),
-            "{}",
-            status.reason
-        );
+        falls_back(&shared.report(), State::HalfOpen, "half-open after 0s open");
         assert_eq!(shared.state(), State::HalfOpen);
         assert!(shared.retry_at().is_some_and(|at| at <= Instant::now()));
         assert_eq!(
