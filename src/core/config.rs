@@ -880,11 +880,10 @@ impl Config {
             self.runtime.health_failures.into(),
         )?;
         check_positive("runtime.heartbeat_secs", self.runtime.heartbeat_secs)?;
-        check_range(
+        check_bytes(
             "runtime.max_frame_bytes",
-            self.runtime.max_frame_bytes as f64,
-            1024.0,
-            (64 * 1024 * 1024) as f64,
+            self.runtime.max_frame_bytes,
+            1024,
         )?;
         // A commit timer that outlasts the execution would hold a stream's first byte until
         // the deadline answers it. Only an explicit one: the default follows the execution's.
@@ -994,11 +993,10 @@ impl Config {
             self.breaker.half_open_probes.into(),
         )?;
         check_env_name("admin.token_env", &self.admin.token_env)?;
-        check_range(
+        check_bytes(
             "limits.max_chat_body_bytes",
-            self.limits.max_chat_body_bytes as f64,
-            1.0,
-            (64 * 1024 * 1024) as f64,
+            self.limits.max_chat_body_bytes,
+            1,
         )?;
         check_positive(
             "limits.max_tracked_orgs",
@@ -1040,11 +1038,10 @@ impl Config {
         }
         // Below this not even a small tool call's names and ids fit beside a shortened result.
         if self.limits.max_client_event_bytes != 0 {
-            check_range(
+            check_bytes(
                 "limits.max_client_event_bytes",
-                self.limits.max_client_event_bytes as f64,
-                1024.0,
-                (64 * 1024 * 1024) as f64,
+                self.limits.max_client_event_bytes,
+                1024,
             )?;
         }
         Ok(())
@@ -1271,6 +1268,11 @@ fn check_range(key: &str, value: f64, min: f64, max: f64) -> Result<(), ConfigEr
     })
 }
 
+/// A size in bytes, from `min` to 64 MiB.
+fn check_bytes(key: &str, value: usize, min: usize) -> Result<(), ConfigError> {
+    check_range(key, value as f64, min as f64, (64 * 1024 * 1024) as f64)
+}
+
 fn check_rate(key: &str, value: f64) -> Result<(), ConfigError> {
     let ok = value.is_finite() && (0.0..=1.0).contains(&value);
     ensure(ok, key, || {
@@ -1324,6 +1326,14 @@ mod tests {
         Config::parse(text).unwrap_err().key
     }
 
+    /// `text` is refused, naming `key`, with a message that says `says`.
+    #[track_caller]
+    fn assert_refused(text: &str, key: &str, says: &str) {
+        let e = Config::parse(text).unwrap_err();
+        assert_eq!(e.key, key, "{e}");
+        assert!(e.message.contains(says), "{e}");
+    }
+
     /// Each `key = value` (`value` as TOML) in a `[table]` after `MINIMAL` is refused, naming
     /// `table.key`.
     #[track_caller]
@@ -1370,9 +1380,7 @@ mod tests {
     #[test]
     fn unknown_key_is_named_with_its_table() {
         let text = MINIMAL.replace("[legacy]", "[legacy]\nadress = \"x\"");
-        let e = Config::parse(&text).unwrap_err();
-        assert_eq!(e.key, "legacy.adress");
-        assert!(e.to_string().contains("unknown key"), "{e}");
+        assert_refused(&text, "legacy.adress", "unknown key");
     }
 
     #[test]
@@ -1383,17 +1391,13 @@ mod tests {
     #[test]
     fn wrong_type_names_the_key() {
         let text = format!("{MINIMAL}\n[breaker]\nmin_requests = \"ten\"\n");
-        let e = Config::parse(&text).unwrap_err();
-        assert_eq!(e.key, "breaker.min_requests");
-        assert!(e.message.contains("invalid type"), "{e}");
+        assert_refused(&text, "breaker.min_requests", "invalid type");
     }
 
     #[test]
     fn bad_mode_names_the_key() {
         let text = format!("{MINIMAL}\n[rollout]\ndefault_mode = \"runtime\"\n");
-        let e = Config::parse(&text).unwrap_err();
-        assert_eq!(e.key, "rollout.default_mode");
-        assert!(e.message.contains("runtime_orchestrator"), "{e}");
+        assert_refused(&text, "rollout.default_mode", "runtime_orchestrator");
     }
 
     #[test]
@@ -1431,9 +1435,7 @@ mod tests {
     #[test]
     fn syntax_errors_name_the_key_and_line() {
         let text = MINIMAL.replace("\"127.0.0.1:3001\"", "127.0.0.1:3001");
-        let e = Config::parse(&text).unwrap_err();
-        assert_eq!(e.key, "legacy.address", "{e}");
-        assert!(e.message.contains("line 5"), "{e}");
+        assert_refused(&text, "legacy.address", "line 5");
         let text = format!("{MINIMAL}\n[rollout]\nruntime_orgs = [\"a\",\n");
         let e = Config::parse(&text).unwrap_err();
         assert!(e.message.contains("line"), "{e}");
@@ -1442,9 +1444,7 @@ mod tests {
     #[test]
     fn missing_required_key_is_named() {
         let text = MINIMAL.replace("address = \"runtime:8000\"", "");
-        let e = Config::parse(&text).unwrap_err();
-        assert_eq!(e.key, "runtime");
-        assert!(e.message.contains("address"), "{e}");
+        assert_refused(&text, "runtime", "address");
     }
 
     #[test]
@@ -1610,9 +1610,7 @@ mod tests {
     #[test]
     fn bridge_unknown_key_is_named() {
         let text = format!("{MINIMAL}\n[bridge]\nhistory = 3\n");
-        let e = Config::parse(&text).unwrap_err();
-        assert_eq!(e.key, "bridge.history");
-        assert!(e.to_string().contains("unknown key"), "{e}");
+        assert_refused(&text, "bridge.history", "unknown key");
     }
 
     #[test]
