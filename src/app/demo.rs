@@ -271,6 +271,24 @@ async fn legacy_conn(mut stream: TcpStream, state: Shared) {
     }
 }
 
+/// The question a runtime request asks, read the way the real runtime reads it: a non-empty
+/// `history_messages` is the whole conversation (its last user entry is the question) and
+/// `user_message` is then ignored; otherwise `user_message`.
+pub fn question_of(input: &Value) -> String {
+    let history = input["history_messages"]
+        .as_array()
+        .filter(|h| !h.is_empty());
+    let asked = match history {
+        Some(h) => h
+            .iter()
+            .rev()
+            .find(|m| m["role"] == "user")
+            .and_then(|m| m["content"].as_str()),
+        None => input["user_message"].as_str(),
+    };
+    asked.unwrap_or_default().to_string()
+}
+
 fn runtime_frame(event: &str, data: serde_json::Value) -> String {
     let ts = humantime::format_rfc3339_millis(std::time::SystemTime::now());
     format!(
@@ -297,25 +315,13 @@ async fn runtime_conn(mut stream: TcpStream) {
             respond_json(&mut stream, "422 Unprocessable Entity", detail).await;
             continue;
         }
-        // As the real runtime reads it: a non-empty history is the whole conversation, its last
-        // user entry the question, and `user_message` is then ignored.
-        let history = input["history_messages"]
+        let message = question_of(&input);
+        let earlier = input["history_messages"]
             .as_array()
-            .filter(|h| !h.is_empty());
-        let message = match history {
-            Some(h) => h
-                .iter()
-                .rev()
-                .find(|m| m["role"] == "user")
-                .and_then(|m| m["content"].as_str()),
-            None => input["user_message"].as_str(),
-        }
-        .unwrap_or("")
-        .to_string();
+            .map_or(0, |h| h.len().saturating_sub(1));
         // Says what it understood, so the demo shows the history growing chat by chat.
         let answer = format!(
-            "Hello from the runtime orchestrator: you asked {message:?} ({} earlier messages).",
-            history.map_or(0, |h| h.len() - 1)
+            "Hello from the runtime orchestrator: you asked {message:?} ({earlier} earlier messages).",
         );
         if stream.write_all(SSE_HEAD.as_bytes()).await.is_err() {
             return;

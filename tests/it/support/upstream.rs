@@ -13,6 +13,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
 use super::client::read_request;
+pub use cutover_proxy::app::demo::question_of;
 
 /// A request as an upstream received it.
 #[derive(Debug, Clone)]
@@ -506,24 +507,6 @@ pub fn answer_steps(text: &str) -> Vec<Step> {
         )),
         Step::Send(done_frame()),
     ]
-}
-
-/// The question a runtime request asks, read the way the real runtime reads it: a non-empty
-/// `history_messages` is the whole conversation (its last user entry is the question) and
-/// `user_message` is then ignored; otherwise `user_message`.
-pub fn question_of(body: &serde_json::Value) -> String {
-    let history = body["history_messages"]
-        .as_array()
-        .filter(|h| !h.is_empty());
-    let asked = match history {
-        Some(h) => h
-            .iter()
-            .rev()
-            .find(|m| m["role"] == "user")
-            .and_then(|m| m["content"].as_str()),
-        None => body["user_message"].as_str(),
-    };
-    asked.unwrap_or_default().to_string()
 }
 
 /// A runtime that answers health checks and, for an execution, streams back the question it
