@@ -270,14 +270,25 @@ mod tests {
 
     const T: Timeouts = crate::core::timeouts::TEST_TIMEOUTS;
 
-    fn watched() -> (
+    /// A watched connection, its peer's end, and its timeout counters.
+    type Ends = (
         Watched<tokio::io::DuplexStream>,
         tokio::io::DuplexStream,
         TimeoutCounters,
-    ) {
+    );
+
+    fn watched() -> Ends {
         let (a, b) = tokio::io::duplex(1024);
         let counters = TimeoutCounters::unregistered(UpstreamName::Runtime);
         (Watched::new(a, T, counters.clone()), b, counters)
+    }
+
+    /// `watched()` past its request and response head: reading the body.
+    fn in_body() -> Ends {
+        let (mut conn, peer, counters) = watched();
+        conn.sent();
+        conn.head_received();
+        (conn, peer, counters)
     }
 
     #[tokio::test(start_paused = true)]
@@ -303,9 +314,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn each_byte_restarts_the_idle_deadline() {
-        let (mut conn, mut peer, counters) = watched();
-        conn.sent();
-        conn.head_received();
+        let (mut conn, mut peer, counters) = in_body();
         let started = Instant::now();
         let mut buf = [0u8; 16];
         for _ in 0..3 {
@@ -321,9 +330,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_read_that_loses_a_race_loses_no_bytes_and_keeps_the_deadline() {
-        let (mut conn, mut peer, _) = watched();
-        conn.sent();
-        conn.head_received();
+        let (mut conn, mut peer, _) = in_body();
         let started = Instant::now();
         let mut buf = [0u8; 16];
         // A read cancelled by a shorter timer, many times over.
