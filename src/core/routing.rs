@@ -305,16 +305,57 @@ mod tests {
     }
 
     #[test]
-    fn allowlisted_org_goes_to_runtime() {
-        let r = rollout(|c| c.runtime_orgs = vec!["org-a".into()]);
-        assert_eq!(
-            r.decide(Some("org-a")),
-            RolloutDecision::runtime(Reason::Allowlist)
+    fn each_rule_decides_for_the_orgs_it_names() {
+        /// What the case is, the config, the caller's org and the decision.
+        type Case = (
+            &'static str,
+            fn(&mut RolloutConfig),
+            Option<&'static str>,
+            RolloutDecision,
         );
-        assert_eq!(
-            r.decide(Some("org-b")),
-            RolloutDecision::direct(Reason::Default)
-        );
+        let cases: [Case; 5] = [
+            (
+                "an allowlisted org goes to the runtime",
+                |c| c.runtime_orgs = vec!["org-a".into()],
+                Some("org-a"),
+                RolloutDecision::runtime(Reason::Allowlist),
+            ),
+            (
+                "an org not on the allowlist gets the default",
+                |c| c.runtime_orgs = vec!["org-a".into()],
+                Some("org-b"),
+                RolloutDecision::direct(Reason::Default),
+            ),
+            (
+                "the default mode applies to other orgs",
+                |c| c.default_mode = Mode::RuntimeOrchestrator,
+                Some("anyone"),
+                RolloutDecision::runtime(Reason::Default),
+            ),
+            (
+                "the denylist wins over the allowlist, the percent and the default",
+                |c| {
+                    c.default_mode = Mode::RuntimeOrchestrator;
+                    c.runtime_orgs = vec!["org-x".into()];
+                    c.direct_orgs = vec!["org-x".into()];
+                    c.runtime_percent = 100.0;
+                },
+                Some("org-x"),
+                RolloutDecision::direct(Reason::Denylist),
+            ),
+            (
+                "an unverified caller never reaches the runtime",
+                |c| {
+                    c.default_mode = Mode::RuntimeOrchestrator;
+                    c.runtime_percent = 100.0;
+                },
+                None,
+                RolloutDecision::direct(Reason::NoIdentity),
+            ),
+        ];
+        for (case, config, org, decision) in cases {
+            assert_eq!(rollout(config).decide(org), decision, "{case}");
+        }
     }
 
     #[test]
@@ -331,15 +372,6 @@ mod tests {
                 "{org:?}"
             );
         }
-    }
-
-    #[test]
-    fn unverified_callers_never_reach_the_runtime() {
-        let r = rollout(|c| {
-            c.default_mode = Mode::RuntimeOrchestrator;
-            c.runtime_percent = 100.0;
-        });
-        assert_eq!(r.decide(None), RolloutDecision::direct(Reason::NoIdentity));
     }
 
     #[test]
@@ -361,29 +393,6 @@ mod tests {
             RolloutDecision::runtime(Reason::Allowlist)
         );
         assert_eq!(Reason::IdentityConflict.as_str(), "identity_conflict");
-    }
-
-    #[test]
-    fn default_mode_applies_to_other_orgs() {
-        let r = rollout(|c| c.default_mode = Mode::RuntimeOrchestrator);
-        assert_eq!(
-            r.decide(Some("anyone")),
-            RolloutDecision::runtime(Reason::Default)
-        );
-    }
-
-    #[test]
-    fn denylist_wins_over_allowlist_percent_and_default() {
-        let r = rollout(|c| {
-            c.default_mode = Mode::RuntimeOrchestrator;
-            c.runtime_orgs = vec!["org-x".into()];
-            c.direct_orgs = vec!["org-x".into()];
-            c.runtime_percent = 100.0;
-        });
-        assert_eq!(
-            r.decide(Some("org-x")),
-            RolloutDecision::direct(Reason::Denylist)
-        );
     }
 
     #[test]
