@@ -313,9 +313,14 @@ mod tests {
     use std::task::Poll;
     use tokio::io::{AsyncRead, DuplexStream, ReadBuf};
 
-    fn front(server: DuplexStream) -> FrontStream {
+    /// A client's end of a connection, and the front door's.
+    fn connected() -> (DuplexStream, FrontStream) {
+        let (client, server) = tokio::io::duplex(64 * 1024);
         let rejections = IntCounterVec::new(Opts::new("r", "r"), &["reason"]).unwrap();
-        FrontStream::new(Box::new(server), 32 * 1024, rejections)
+        (
+            client,
+            FrontStream::new(Box::new(server), 32 * 1024, rejections),
+        )
     }
 
     fn session(io: &mut FrontStream) -> ChatSession<'_> {
@@ -376,8 +381,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_response_head_leaves_with_the_first_event_in_one_write() {
-        let (mut client, server) = tokio::io::duplex(64 * 1024);
-        let mut io = front(server);
+        let (mut client, mut io) = connected();
         let mut s = session(&mut io);
         head_held(&mut s, &mut client, ("transfer-encoding", "chunked")).await;
 
@@ -402,8 +406,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_response_that_ends_with_no_body_still_sends_its_head() {
-        let (mut client, server) = tokio::io::duplex(64 * 1024);
-        let mut io = front(server);
+        let (mut client, mut io) = connected();
         let mut s = session(&mut io);
         head_held(&mut s, &mut client, ("content-length", "0")).await;
         s.write_response_body(None, true).await.unwrap();
