@@ -343,6 +343,16 @@ mod tests {
         )
     }
 
+    /// A fresh directory whose `proxy.toml` moves `orgs` to the runtime, the file, and the
+    /// state loaded from it.
+    fn loaded(tag: &str, orgs: &str) -> (PathBuf, PathBuf, Arc<Shared>) {
+        let d = dir(tag);
+        let path = d.join("proxy.toml");
+        std::fs::write(&path, text(orgs, "127.0.0.1:1")).unwrap();
+        let shared = Shared::new(Config::load(&path).unwrap());
+        (d, path, shared)
+    }
+
     fn invalid(shared: &Shared) -> u64 {
         shared
             .metrics
@@ -353,10 +363,7 @@ mod tests {
 
     #[test]
     fn reload_from_applies_ignores_and_refuses() {
-        let d = dir("from");
-        let path = d.join("proxy.toml");
-        std::fs::write(&path, text("[\"org-a\"]", "127.0.0.1:1")).unwrap();
-        let shared = Shared::new(Config::load(&path).unwrap());
+        let (d, path, shared) = loaded("from", "[\"org-a\"]");
 
         assert_eq!(reload_from(&shared, &path), ReloadResult::Unchanged);
 
@@ -403,10 +410,7 @@ mod tests {
 
     #[test]
     fn a_refused_file_is_examined_once_until_it_changes_or_sighup() {
-        let d = dir("checker");
-        let path = d.join("proxy.toml");
-        std::fs::write(&path, text("[]", "127.0.0.1:1")).unwrap();
-        let shared = Shared::new(Config::load(&path).unwrap());
+        let (d, path, shared) = loaded("checker", "[]");
         let mut c = Checker {
             shared: shared.clone(),
             path: path.clone(),
@@ -450,10 +454,7 @@ mod tests {
 
     #[test]
     fn refusals_are_counted() {
-        let d = dir("count");
-        let path = d.join("proxy.toml");
-        std::fs::write(&path, text("[]", "127.0.0.1:1")).unwrap();
-        let shared = Shared::new(Config::load(&path).unwrap());
+        let (d, path, shared) = loaded("count", "[]");
         std::fs::write(&path, "[server").unwrap();
         let before = invalid(&shared);
         assert!(matches!(
