@@ -215,6 +215,17 @@ async def tracked(gen, session_id: str):
         raise
 
 
+def canned(*frames, done=True):
+    """A scenario that sends these (event, data) frames at once, then `[DONE]` unless `done` is
+    false."""
+    async def stream(s: Stream, session_id: str):
+        for event, data in frames:
+            yield s.frame(event, data)
+        if done:
+            yield s.done()
+    return stream
+
+
 async def table_stream(s: Stream, session_id: str):
     for event, data in TABLE:
         yield s.frame(event, data)
@@ -230,11 +241,11 @@ async def hold_stream(s: Stream, session_id: str):
     yield s.done()
 
 
-async def error_stream(s: Stream, session_id: str):
-    yield s.frame("thinking", {"content": "looking up the agent", "stage": "planning"})
-    yield s.frame("text_chunk", {"content": "partial "})
-    yield s.frame("execution_error", {"error": "LLM provider quota exceeded", "code": "LLM_QUOTA"})
-    yield s.done()
+error_stream = canned(
+    ("thinking", {"content": "looking up the agent", "stage": "planning"}),
+    ("text_chunk", {"content": "partial "}),
+    ("execution_error", {"error": "LLM provider quota exceeded", "code": "LLM_QUOTA"}),
+)
 
 
 async def think_then_error_stream(s: Stream, session_id: str):
@@ -254,20 +265,16 @@ async def think_pause_error_stream(s: Stream, session_id: str):
     yield s.done()
 
 
-async def error_nocode_stream(s: Stream, session_id: str):
-    yield s.frame("text_chunk", {"content": "partial "})
-    yield s.frame("execution_error", {"error": "tool registry unavailable"})
-    yield s.done()
-
-
-async def truncate_stream(s: Stream, session_id: str):
-    yield s.frame("thinking", {"content": "about to stop", "stage": "planning"})
-    yield s.frame("text_chunk", {"content": "cut here"})
-
-
-async def done_early_stream(s: Stream, session_id: str):
-    yield s.frame("text_chunk", {"content": "no completion follows"})
-    yield s.done()
+error_nocode_stream = canned(
+    ("text_chunk", {"content": "partial "}),
+    ("execution_error", {"error": "tool registry unavailable"}),
+)
+truncate_stream = canned(
+    ("thinking", {"content": "about to stop", "stage": "planning"}),
+    ("text_chunk", {"content": "cut here"}),
+    done=False,
+)
+done_early_stream = canned(("text_chunk", {"content": "no completion follows"}))
 
 
 async def crash_stream(s: Stream, session_id: str):
@@ -282,9 +289,11 @@ async def cut_mid_frame_stream(s: Stream, session_id: str):
     yield b'data: {"event": "text_chunk", "data": {"content": "half'
 
 
-async def complete_no_done_stream(s: Stream, session_id: str):
-    yield s.frame("text_chunk", {"content": "all there"})
-    yield s.frame("execution_complete", {"final_response": "all there"})
+complete_no_done_stream = canned(
+    ("text_chunk", {"content": "all there"}),
+    ("execution_complete", {"final_response": "all there"}),
+    done=False,
+)
 
 
 async def slow_stream(s: Stream, session_id: str):
