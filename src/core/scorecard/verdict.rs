@@ -341,6 +341,25 @@ mod tests {
         max_ttfe_ratio: 2.0,
     };
 
+    /// A judgement of `verdict` for exactly these reasons, with no count of samples to wait for.
+    fn judgement(verdict: Verdict, reasons: &[&str]) -> Judgement {
+        Judgement {
+            verdict,
+            reasons: reasons.iter().map(|r| r.to_string()).collect(),
+            samples_needed: None,
+        }
+    }
+
+    /// `j` is `verdict` for as many reasons as `starts`, each starting with its own.
+    #[track_caller]
+    fn assert_reasons_start(j: &Judgement, verdict: Verdict, starts: &[&str]) {
+        assert_eq!(j.verdict, verdict, "{j:?}");
+        assert_eq!(j.reasons.len(), starts.len(), "{j:?}");
+        for (reason, start) in j.reasons.iter().zip(starts) {
+            assert!(reason.starts_with(start), "{j:?}");
+        }
+    }
+
     #[test]
     fn p50_is_the_lower_median() {
         assert_eq!(p50(&mut []), None);
@@ -365,14 +384,7 @@ mod tests {
     #[test]
     fn a_clean_runtime_as_fast_as_legacy_is_ready() {
         let j = judge(&tally((0..12).map(|_| ok(100))), &LOOSE);
-        assert_eq!(
-            j,
-            Judgement {
-                verdict: Verdict::Ready,
-                reasons: vec![],
-                samples_needed: None
-            }
-        );
+        assert_eq!(j, judgement(Verdict::Ready, &[]));
     }
 
     #[test]
@@ -380,13 +392,10 @@ mod tests {
         // 0 failures on either side in 50: the point difference is 0, but the upper 95 % bound
         // is z²/(50+z²) = 0.051 > 0.02; 133 clean comparisons get there.
         let j = judge(&tally((0..50).map(|_| ok(100))), &T);
-        assert_eq!(j.verdict, Verdict::Insufficient, "{j:?}");
-        assert_eq!(j.reasons.len(), 1);
-        assert!(
-            j.reasons[0].starts_with(
-                "runtime error rate 0.00 vs legacy 0.00 + 0.02: not shown within at 95 %"
-            ),
-            "{j:?}"
+        assert_reasons_start(
+            &j,
+            Verdict::Insufficient,
+            &["runtime error rate 0.00 vs legacy 0.00 + 0.02: not shown within at 95 %"],
         );
         assert_eq!(j.samples_needed, Some(83));
         assert_eq!(
@@ -405,23 +414,22 @@ mod tests {
             &tally((0..10).map(|i| runtime_fails_first(i, 6, Outcome::Error, 100))),
             &T,
         );
-        assert_eq!(j.verdict, Verdict::NotReady);
         assert_eq!(
-            j.reasons,
-            ["runtime error rate 0.60 > legacy 0.00 + 0.02 (95 % bound: at least +0.273)"]
+            j,
+            judgement(
+                Verdict::NotReady,
+                &["runtime error rate 0.60 > legacy 0.00 + 0.02 (95 % bound: at least +0.273)"]
+            )
         );
-        assert_eq!(j.samples_needed, None);
     }
 
     #[test]
     fn a_slow_runtime_is_not_ready_for_its_first_event() {
         let j = judge(&tally((0..10).map(|_| ok(900))), &LOOSE);
-        assert_eq!(j.verdict, Verdict::NotReady);
-        assert_eq!(j.reasons.len(), 1, "{j:?}");
-        assert!(
-            j.reasons[0]
-                .starts_with("runtime ttfe p50 896 ms > 2 x legacy 112 ms (Mann-Whitney, z = "),
-            "{j:?}"
+        assert_reasons_start(
+            &j,
+            Verdict::NotReady,
+            &["runtime ttfe p50 896 ms > 2 x legacy 112 ms (Mann-Whitney, z = "],
         );
     }
 
@@ -431,10 +439,14 @@ mod tests {
             &tally((0..20).map(|i| runtime_fails_first(i, 12, Outcome::Error, 900))),
             &LOOSE,
         );
-        assert_eq!(j.verdict, Verdict::NotReady);
-        assert_eq!(j.reasons.len(), 2, "{j:?}");
-        assert!(j.reasons[0].starts_with("runtime error rate 0.60 > legacy 0.00 + 0.30"));
-        assert!(j.reasons[1].starts_with("runtime ttfe p50 "));
+        assert_reasons_start(
+            &j,
+            Verdict::NotReady,
+            &[
+                "runtime error rate 0.60 > legacy 0.00 + 0.30",
+                "runtime ttfe p50 ",
+            ],
+        );
     }
 
     #[test]
@@ -442,12 +454,13 @@ mod tests {
         // The window the old verdict called ready: legacy 0 of 11 successes, the runtime fine.
         let t = tally((0..11).map(|_| cmp(Outcome::Error, Outcome::Success, 100)));
         let j = judge(&t, &LOOSE);
-        assert_eq!(j.verdict, Verdict::Insufficient);
         assert_eq!(
-            j.reasons,
-            ["legacy failed on 11 of 11 samples: no baseline to judge the runtime against"]
+            j,
+            judgement(
+                Verdict::Insufficient,
+                &["legacy failed on 11 of 11 samples: no baseline to judge the runtime against"]
+            )
         );
-        assert_eq!(j.samples_needed, None);
     }
 
     /// `c` with a runtime half that never sent an event.
@@ -465,18 +478,21 @@ mod tests {
     fn a_runtime_without_any_event_is_judged_on_its_failures() {
         let t = tally((0..10).map(|_| no_runtime_event(cmp(Outcome::Success, Outcome::Error, 1))));
         let j = judge(&t, &T);
-        assert_eq!(j.verdict, Verdict::NotReady);
-        assert_eq!(j.reasons.len(), 1);
-        assert!(j.reasons[0].starts_with("runtime error rate 1.00 > legacy 0.00 + 0.02"));
+        assert_reasons_start(
+            &j,
+            Verdict::NotReady,
+            &["runtime error rate 1.00 > legacy 0.00 + 0.02"],
+        );
         // With clean outcomes and no runtime event at all, nothing can be said of its speed.
         let t = tally((0..200).map(|_| no_runtime_event(ok(1))));
         let j = judge(&t, &T);
-        assert_eq!(j.verdict, Verdict::Insufficient);
         assert_eq!(
-            j.reasons,
-            ["no time to first event on the runtime side yet"]
+            j,
+            judgement(
+                Verdict::Insufficient,
+                &["no time to first event on the runtime side yet"]
+            )
         );
-        assert_eq!(j.samples_needed, None);
     }
 
     #[test]
