@@ -488,6 +488,17 @@ mod tests {
         got
     }
 
+    /// The upstream's side of the next connection: one request's head read, `answer` written.
+    async fn answered(
+        accepted: &mut mpsc::UnboundedReceiver<DuplexStream>,
+        answer: &[u8],
+    ) -> DuplexStream {
+        let mut c = accepted.recv().await.unwrap();
+        request_on(&mut c).await;
+        c.write_all(answer).await.unwrap();
+        c
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_parsed_literal_is_used_without_resolving_the_address() {
         let (up, mut accepted) = upstream(false);
@@ -496,14 +507,10 @@ mod tests {
             literal: Some(ADDR.parse().unwrap()),
             ..Call::new("legacy.invalid:9", T)
         };
-        let (sent, _upstream_side) = tokio::join!(up.send(&call, GET), async {
-            let mut c = accepted.recv().await.unwrap();
-            request_on(&mut c).await;
-            c.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
-                .await
-                .unwrap();
-            c
-        });
+        let (sent, _upstream_side) = tokio::join!(
+            up.send(&call, GET),
+            answered(&mut accepted, b"HTTP/1.1 204 No Content\r\n\r\n")
+        );
         let mut body = sent.expect("sent to the literal").into_body();
         assert!(body.decode(|_| {}).unwrap());
         body.release();
@@ -519,11 +526,8 @@ mod tests {
         let (up, mut accepted) = upstream(false);
         let started = Instant::now();
         let call = Call::new(ADDR, T);
-        let (sent, mut upstream_side) = tokio::join!(up.send(&call, GET), async {
-            let mut c = accepted.recv().await.unwrap();
-            request_on(&mut c).await;
-            c
-        });
+        let (sent, mut upstream_side) =
+            tokio::join!(up.send(&call, GET), answered(&mut accepted, b""));
         let e = sent.err().expect("no head, no response");
         assert_eq!(e.timed_out(), Some(Stage::Response), "{e}");
         assert_eq!(started.elapsed(), T.response);
@@ -538,14 +542,13 @@ mod tests {
     async fn a_body_that_stalls_fails_its_read_at_the_idle_timeout() {
         let (up, mut accepted) = upstream(false);
         let call = Call::new(ADDR, T);
-        let (sent, _upstream_side) = tokio::join!(up.send(&call, GET), async {
-            let mut c = accepted.recv().await.unwrap();
-            request_on(&mut c).await;
-            c.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n")
-                .await
-                .unwrap();
-            c
-        });
+        let (sent, _upstream_side) = tokio::join!(
+            up.send(&call, GET),
+            answered(
+                &mut accepted,
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n"
+            )
+        );
         let mut body = sent.unwrap().into_body();
         let mut payload = Vec::new();
         let started = Instant::now();
@@ -575,14 +578,13 @@ mod tests {
                 ..Call::new(ADDR, T)
             };
             // A first request, whose connection goes back to the pool...
-            let (first, mut c1) = tokio::join!(up.send(&call, GET), async {
-                let mut c = accepted.recv().await.unwrap();
-                request_on(&mut c).await;
-                c.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                    .await
-                    .unwrap();
-                c
-            });
+            let (first, mut c1) = tokio::join!(
+                up.send(&call, GET),
+                answered(
+                    &mut accepted,
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+                )
+            );
             let body = first.unwrap().into_body();
             assert_eq!(body.read_to_end(16).await.unwrap(), b"ok");
             assert_eq!(up.idle(ADDR.parse().unwrap()), 1);
@@ -591,12 +593,7 @@ mod tests {
                 request_on(&mut c1).await;
                 drop(c1);
                 if repeatable {
-                    let mut c2 = accepted.recv().await.unwrap();
-                    request_on(&mut c2).await;
-                    c2.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
-                        .await
-                        .unwrap();
-                    Some(c2)
+                    Some(answered(&mut accepted, b"HTTP/1.1 204 No Content\r\n\r\n").await)
                 } else {
                     None
                 }
@@ -629,13 +626,11 @@ mod tests {
         let (up, mut accepted) = upstream(false);
         let call = Call::new(ADDR, T);
         let (sent, _c) = tokio::join!(up.send(&call, GET), async {
-            let mut c = accepted.recv().await.unwrap();
-            request_on(&mut c).await;
-            c.write_all(
+            let mut c = answered(
+                &mut accepted,
                 b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: x\r\n\r\n",
             )
-            .await
-            .unwrap();
+            .await;
             tokio::time::sleep(Duration::from_secs(5)).await;
             c.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: a/b\r\nContent-Le")
                 .await
