@@ -879,10 +879,16 @@ def write_results(path, header, sections):
     print(f"wrote {path}" + (f" (sections {missing} kept from the earlier run)" if missing else ""))
 
 
-def report_passthrough(out, w):
-    pt = json.load(open(os.path.join(out, "passthrough.json")))
-    w("## 1. Non-chat passthrough (small JSON GET)")
+def section(out, name, w, title):
+    """The results in `name` under `out`, once their section's heading is written."""
+    results = json.load(open(os.path.join(out, name)))
+    w(f"## {title}")
     w("")
+    return results
+
+
+def report_passthrough(out, w):
+    pt = section(out, "passthrough.json", w, "1. Non-chat passthrough (small JSON GET)")
     w(f"`wrk -t{pt['wrk_threads']} -c{pt['connections']} -d{pt['duration']} --latency` against "
       f"`GET /api/v1/bench/status` (a {pt['body_bytes']}-byte JSON body from a static nginx "
       f"upstream, its own instance, {pt['upstream_workers']} worker(s)). "
@@ -966,9 +972,7 @@ def report_passthrough(out, w):
 
 
 def report_sse(out, w):
-    sse = json.load(open(os.path.join(out, "sse.json")))
-    w("## 2. SSE on the runtime path (10k-event runtime stream)")
-    w("")
+    sse = section(out, "sse.json", w, "2. SSE on the runtime path (10k-event runtime stream)")
     w(f"One `POST` per stream on a fresh connection (`Connection: close`), one stream at a time. "
       f"The runtime stand-in is nginx serving a canned {sse['stream_bytes']:,}-byte stream of "
       f"{sse['runtime_frames']:,} runtime frames ({sse['chunks']:,} `text_chunk`, "
@@ -1102,9 +1106,7 @@ def proxy_first_byte_buckets(path):
 
 
 def report_idle(out, w):
-    idle = json.load(open(os.path.join(out, "idle.json")))
-    w("## 3. Idle SSE streams held open")
-    w("")
+    idle = section(out, "idle.json", w, "3. Idle SSE streams held open")
     w("A Python asyncio runtime stand-in sends one event per stream, then holds it; the client "
       "opens N streams (chat route, allowlisted org: the proxy's runtime path, which reads the "
       "runtime connection in the stream's own task), waits for the first event on every one, "
@@ -1177,9 +1179,7 @@ def report_idle(out, w):
 
 
 def report_bridge(out, w):
-    br = json.load(open(os.path.join(out, "bridge.json")))
-    w("## 4. The conversation bridge: time to first event, bridge off and on")
-    w("")
+    br = section(out, "bridge.json", w, "4. The conversation bridge: time to first event, bridge off and on")
     w(f"Measured by `{br['command']}` on {br['date']} (commit {br['commit']}, load average "
       f"{br['loadavg']}). The short runtime stream of section 2 (nginx, 12 frames) through three "
       "cutover-proxy instances (1 thread each) whose legacy is an nginx stand-in with the "
@@ -1273,10 +1273,8 @@ def report_bridge(out, w):
 
 
 def report_commit(out, w):
-    cm = json.load(open(os.path.join(out, "commit.json")))
+    cm = section(out, "commit.json", w, "5. The commit point: the head held or streamed, and the rescue")
     gap = cm["gap_ms"]
-    w("## 5. The commit point: the head held or streamed, and the rescue")
-    w("")
     w(f"Measured by `{cm['command']}` on {cm['date']} (commit {cm['commit']}, load average "
       f"{cm['loadavg']}). A runtime stand-in that plans (`benchtool.py planning-runtime`: two "
       f"`thinking` events {gap} ms apart, then after another {gap} ms the text, "
@@ -1338,9 +1336,7 @@ def report_commit(out, w):
 
 
 def report_counts(out, w):
-    cg = json.load(open(os.path.join(out, "counts.json")))
-    w("## 6. Instruction counts (callgrind)")
-    w("")
+    cg = section(out, "counts.json", w, "6. Instruction counts (callgrind)")
     w("Instructions retired, counted by Valgrind's callgrind: on a shared, noisy machine they move "
       "by a fraction of a percent from run to run where times move by tens of percent, so the "
       "targets below are judged on them. Each server runs alone under callgrind (one worker: "
