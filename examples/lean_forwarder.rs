@@ -96,32 +96,53 @@ fn header_is(value: &[u8], token: &str) -> bool {
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
+/// A head's length once it is complete (`None` while it is not); one httparse refuses is
+/// answered with `refusal`.
+fn head_len(
+    parsed: httparse::Result<usize>,
+    refusal: &'static [u8],
+) -> Result<Option<usize>, Fail> {
+    match parsed {
+        Ok(httparse::Status::Complete(n)) => Ok(Some(n)),
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(_) => Err(Fail::Reject(refusal)),
+    }
+}
+
+/// Whether a message's connection stays open: HTTP/1.1's default, or what its `Connection`
+/// lines say.
+fn keeps_alive(version: Option<u8>, headers: &[httparse::Header]) -> bool {
+    let mut keep_alive = version == Some(1);
+    for h in headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+    {
+        if header_is(h.value, "close") {
+            keep_alive = false;
+        } else if header_is(h.value, "keep-alive") {
+            keep_alive = true;
+        }
+    }
+    keep_alive
+}
+
 fn parse_request(buf: &[u8]) -> Result<Option<RequestHead>, Fail> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
-    let len = match req.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(_) => return Err(Fail::Reject(BAD_REQUEST)),
+    let Some(len) = head_len(req.parse(buf), BAD_REQUEST)? else {
+        return Ok(None);
     };
-    let mut keep_alive = req.version == Some(1);
-    for h in req.headers.iter() {
-        if h.name.eq_ignore_ascii_case("connection") {
-            if header_is(h.value, "close") {
-                keep_alive = false;
-            } else if header_is(h.value, "keep-alive") {
-                keep_alive = true;
-            }
-        } else if h.name.eq_ignore_ascii_case("transfer-encoding")
+    let framed = req.headers.iter().any(|h| {
+        h.name.eq_ignore_ascii_case("transfer-encoding")
             || (h.name.eq_ignore_ascii_case("content-length") && h.value != b"0")
-        {
-            return Err(Fail::Reject(NOT_IMPLEMENTED));
-        }
+    });
+    if framed {
+        return Err(Fail::Reject(NOT_IMPLEMENTED));
     }
     Ok(Some(RequestHead {
         len,
         head_only: req.method == Some("HEAD"),
-        keep_alive,
+        keep_alive: keeps_alive(req.version, req.headers),
     }))
 }
 
@@ -129,22 +150,14 @@ fn parse_request(buf: &[u8]) -> Result<Option<RequestHead>, Fail> {
 fn parse_response(buf: &[u8], head_only: bool) -> Result<Option<(usize, Body, bool)>, Fail> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut headers);
-    let len = match resp.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(_) => return Err(Fail::Reject(BAD_GATEWAY)),
+    let Some(len) = head_len(resp.parse(buf), BAD_GATEWAY)? else {
+        return Ok(None);
     };
     let code = resp.code.unwrap_or(0);
-    let mut reusable = resp.version == Some(1);
+    let reusable = keeps_alive(resp.version, resp.headers);
     let mut body = None;
     for h in resp.headers.iter() {
-        if h.name.eq_ignore_ascii_case("connection") {
-            if header_is(h.value, "close") {
-                reusable = false;
-            } else if header_is(h.value, "keep-alive") {
-                reusable = true;
-            }
-        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+        if h.name.eq_ignore_ascii_case("transfer-encoding") {
             if !header_is(h.value, "chunked") {
                 return Err(Fail::Reject(BAD_GATEWAY));
             }
