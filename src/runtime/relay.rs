@@ -1538,6 +1538,12 @@ mod tests {
         )
     }
 
+    /// The runtime's side of a stream that shows its status, then fails with `code`.
+    async fn thinks_then_fails(mut rt: DuplexStream, code: &'static str) {
+        send(&mut rt, &thinking()).await;
+        send(&mut rt, &error(code)).await;
+    }
+
     fn rescued(relayed: &Relayed) -> (&StreamReport, &Rescued) {
         let report = served(relayed);
         let rescued = report.rescued.as_ref().expect("rescued");
@@ -1588,10 +1594,7 @@ mod tests {
     async fn a_cancel_with_the_stream_open_is_not_rescued() {
         let (relayed, got, legacy) = run_rescue(
             streaming(),
-            |mut rt| async move {
-                send(&mut rt, &thinking()).await;
-                send(&mut rt, &error(stream::CANCELLED_CODE)).await;
-            },
+            |rt| thinks_then_fails(rt, stream::CANCELLED_CODE),
             legacy_answers,
         )
         .await;
@@ -1694,10 +1697,7 @@ mod tests {
         ] {
             let (relayed, got, _) = run_rescue(
                 streaming(),
-                |mut rt| async move {
-                    send(&mut rt, &thinking()).await;
-                    send(&mut rt, &error("LLM_DOWN")).await;
-                },
+                |rt| thinks_then_fails(rt, "LLM_DOWN"),
                 move |mut conn| async move {
                     send(&mut conn, head).await;
                     false
@@ -1723,10 +1723,7 @@ mod tests {
             }),
             ..Setup::default()
         };
-        let fail = |mut rt: DuplexStream| async move {
-            send(&mut rt, &thinking()).await;
-            send(&mut rt, &error("LLM_DOWN")).await;
-        };
+        let fail = |rt| thinks_then_fails(rt, "LLM_DOWN");
         // No head within legacy's response timeout.
         let (relayed, got, _) = run_rescue(setup.clone(), fail, |conn| async move {
             let _open = conn;
@@ -1774,10 +1771,7 @@ mod tests {
         };
         let (relayed, _, legacy) = run_rescue(
             setup,
-            |mut rt| async move {
-                send(&mut rt, &thinking()).await;
-                send(&mut rt, &error("LLM_DOWN")).await;
-            },
+            |rt| thinks_then_fails(rt, "LLM_DOWN"),
             |mut conn| async move {
                 send(&mut conn, LEGACY_HEAD).await;
                 send(
