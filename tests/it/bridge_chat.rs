@@ -399,30 +399,12 @@ async fn a_chat_start_that_fails_over_deletes_its_session_before_legacy_serves_i
     assert_served(&r, DIRECT, "failover");
     assert!(r.text().contains("legacy"));
 
-    let received = h.legacy.received();
-    let paths: Vec<(&str, &str)> = received
-        .iter()
-        .map(|q| (q.method.as_str(), q.path.as_str()))
-        .collect();
-    let created = paths
-        .iter()
-        .position(|p| *p == ("POST", "/api/v1/sessions"))
-        .expect("a session was created");
-    let deleted = paths
-        .iter()
-        .position(|(m, _)| *m == "DELETE")
-        .expect("the session was deleted");
-    let chat = paths
-        .iter()
-        .position(|p| *p == ("POST", "/api/v1/chat/start"))
-        .expect("legacy served the chat");
-    assert!(created < deleted && deleted < chat, "{paths:?}");
-    let id = paths[deleted].1.rsplit('/').next().unwrap();
-    assert!(h.legacy.session(id).is_none(), "session {id} left behind");
-    assert_eq!(received[chat].body, body.to_string().as_bytes());
+    let calls = h
+        .legacy
+        .assert_start_undone_before_served(body.to_string().as_bytes());
     assert!(
-        !paths.iter().any(|p| p.1.ends_with("/messages")),
-        "{paths:?}"
+        !calls.iter().any(|c| c.1.ends_with("/messages")),
+        "{calls:?}"
     );
 }
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 use cutover_proxy::core::breaker::State;
 use cutover_proxy::core::config::{CommitOn, PreContent};
 use serde_json::{json, Value};
-use support::legacy::FakeLegacy;
+use support::legacy::{self, FakeLegacy};
 use support::*;
 
 /// What holds under both `runtime.pre_content` settings runs under both; what is about the held
@@ -25,30 +25,12 @@ fn thinking(content: &str) -> Vec<u8> {
     frame("thinking", json!({"content": content, "stage": "planning"}))
 }
 
-fn failed(code: &str) -> Vec<u8> {
-    frame(
-        "execution_error",
-        json!({"error": "model overloaded", "code": code}),
-    )
-}
-
 fn complete() -> Vec<u8> {
     frame("execution_complete", json!({"final_response": "ok"}))
 }
 
 fn names(r: &Response) -> Vec<String> {
     event_names(r)
-}
-
-/// A runtime answering every execution with `steps`.
-fn runtime(steps: Vec<Step>) -> impl Fn(&Received) -> Reply + Send + Sync + 'static {
-    move |req: &Received| {
-        if req.path == "/health" {
-            Reply::json(200, json!({"status": "ok"}))
-        } else {
-            Reply::sse(steps.clone())
-        }
-    }
 }
 
 /// Served by legacy as a failover: its ordinary stream, no error event.
@@ -59,10 +41,6 @@ fn assert_failed_over(r: &Response, what: &str) {
     assert!(r.text().contains("\"legacy\""), "{what}");
 }
 
-fn data(event: &(String, String)) -> Value {
-    serde_json::from_str(&event.1).unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runtimes_that_fail_first_thing_are_failed_over_with_the_original_body() {
     let big = "x".repeat(4096);
@@ -70,7 +48,7 @@ async fn runtimes_that_fail_first_thing_are_failed_over_with_the_original_body()
         (
             "execution_error first",
             Reply::sse(vec![
-                Step::Send(failed("LLM_ERROR")),
+                Step::Send(execution_error("LLM_ERROR")),
                 Step::Send(done_frame()),
             ]),
             "before_commit",
@@ -80,7 +58,7 @@ async fn runtimes_that_fail_first_thing_are_failed_over_with_the_original_body()
             Reply::sse(vec![
                 Step::Send(thinking("planning")),
                 Step::Send(thinking("still planning")),
-                Step::Send(failed("LLM_RATE_LIMITED")),
+                Step::Send(execution_error("LLM_RATE_LIMITED")),
                 Step::Send(done_frame()),
             ]),
             "before_commit",
@@ -150,7 +128,7 @@ async fn held_thinking_comes_out_in_order_with_the_first_content() {
     for mode in MODES {
         let h = Harness::new()
             .config(move |c| c.runtime.pre_content = mode)
-            .runtime(runtime(vec![
+            .runtime(runtime_sse(vec![
                 Step::Send(thinking("one")),
                 // Dropped and counted; it writes nothing, and releases nothing held.
                 Step::Send(b"data: {not json\r\n\r\n".to_vec()),
@@ -171,7 +149,7 @@ async fn held_thinking_comes_out_in_order_with_the_first_content() {
         );
         let contents: Vec<Value> = [0, 2, 3]
             .iter()
-            .map(|&i| data(&events[i])["data"]["content"].clone())
+            .map(|&i| event_data(&events[i])["data"]["content"].clone())
             .collect();
         assert_eq!(contents, [json!("one"), json!("two"), json!("answer")]);
         let first = String::from_utf8(r.chunks[0].1.clone()).unwrap();
@@ -203,17 +181,17 @@ async fn an_error_after_content_stays_an_error_event() {
     for mode in MODES {
         let h = Harness::new()
             .config(move |c| c.runtime.pre_content = mode)
-            .runtime(runtime(vec![
+            .runtime(runtime_sse(vec![
                 Step::Send(thinking("planning")),
                 Step::Send(text("partial")),
-                Step::Send(failed("LLM_ERROR")),
+                Step::Send(execution_error("LLM_ERROR")),
             ]))
             .start()
             .await;
         let r = h.chat("org-a").send().await;
         assert_served(&r, RT, "allowlist");
         assert_eq!(names(&r), ["message", "message", "error"]);
-        assert_eq!(data(&r.events()[2])["code"], "LLM_ERROR");
+        assert_eq!(event_data(&r.events()[2])["code"], "LLM_ERROR");
         assert!(h.legacy.work().is_empty());
         recorded(&h, 1, 0).await;
         assert_eq!(
@@ -228,11 +206,11 @@ async fn an_error_after_the_commit_timeout_stays_an_error_event() {
     for mode in MODES {
         let h = Harness::new()
             .config(move |c| c.runtime.pre_content = mode)
-            .runtime(runtime(vec![
+            .runtime(runtime_sse(vec![
                 Step::Send(thinking("planning")),
                 // Past the commit timeout: the runtime's pacing is what this test is about.
                 Step::Sleep(Duration::from_millis(400)),
-                Step::Send(failed("LLM_ERROR")),
+                Step::Send(execution_error("LLM_ERROR")),
             ]))
             .config(|c| c.runtime.commit_timeout_ms = Some(100))
             .start()
@@ -255,7 +233,7 @@ async fn a_heartbeat_falling_due_while_held_commits() {
     for mode in MODES {
         let h = Harness::new()
             .config(move |c| c.runtime.pre_content = mode)
-            .runtime(runtime(vec![
+            .runtime(runtime_sse(vec![
                 Step::Send(thinking("planning")),
                 Step::Sleep(Duration::from_millis(1500)),
                 Step::Send(text("answer")),
@@ -290,9 +268,9 @@ async fn first_event_commits_on_a_thinking_event() {
     for mode in MODES {
         let h = Harness::new()
             .config(move |c| c.runtime.pre_content = mode)
-            .runtime(runtime(vec![
+            .runtime(runtime_sse(vec![
                 Step::Send(thinking("planning")),
-                Step::Send(failed("LLM_ERROR")),
+                Step::Send(execution_error("LLM_ERROR")),
             ]))
             .config(|c| c.runtime.commit_on = CommitOn::FirstEvent)
             .start()
@@ -313,9 +291,9 @@ async fn a_cancel_before_content_is_an_error_event_not_a_failover() {
     for mode in MODES {
         let h = Harness::new()
             .config(move |c| c.runtime.pre_content = mode)
-            .runtime(runtime(vec![
+            .runtime(runtime_sse(vec![
                 Step::Send(thinking("planning")),
-                Step::Send(failed("EXECUTION_CANCELLED")),
+                Step::Send(execution_error("EXECUTION_CANCELLED")),
                 Step::Send(done_frame()),
             ]))
             .start()
@@ -323,7 +301,7 @@ async fn a_cancel_before_content_is_an_error_event_not_a_failover() {
         let r = h.chat("org-a").send().await;
         assert_served(&r, RT, "allowlist");
         assert_eq!(names(&r), ["message", "error"]);
-        assert_eq!(data(&r.events()[1])["code"], "EXECUTION_CANCELLED");
+        assert_eq!(event_data(&r.events()[1])["code"], "EXECUTION_CANCELLED");
         assert!(h.legacy.work().is_empty());
         assert_eq!(
             metric(&h, "cutover_commit_total", &[("trigger", "cancel")]),
@@ -343,7 +321,10 @@ async fn a_client_that_leaves_while_held_is_not_counted_against_the_runtime() {
     for mode in MODES {
         let h = Harness::new()
             .config(move |c| c.runtime.pre_content = mode)
-            .runtime(runtime(vec![Step::Send(thinking("planning")), Step::Hang]))
+            .runtime(runtime_sse(vec![
+                Step::Send(thinking("planning")),
+                Step::Hang,
+            ]))
             .config(|c| c.runtime.commit_timeout_ms = Some(4000))
             .start()
             .await;
@@ -384,9 +365,9 @@ async fn a_client_that_leaves_while_held_is_not_counted_against_the_runtime() {
 async fn the_breaker_counts_a_failover_before_the_commit_as_an_error() {
     let h = Harness::new()
         .config(|c| c.runtime.pre_content = PreContent::Hold)
-        .runtime(runtime(vec![
+        .runtime(runtime_sse(vec![
             Step::Send(thinking("planning")),
-            Step::Send(failed("LLM_ERROR")),
+            Step::Send(execution_error("LLM_ERROR")),
         ]))
         .config(|c| {
             c.breaker.min_requests = 2;
@@ -409,10 +390,10 @@ async fn the_breaker_counts_a_failover_before_the_commit_as_an_error() {
 
 /// Two thinking events, then an `execution_error`: the real runtime's usual failure.
 fn failing_runtime() -> impl Fn(&Received) -> Reply + Send + Sync + 'static {
-    runtime(vec![
+    runtime_sse(vec![
         Step::Send(thinking("planning")),
         Step::Send(thinking("still planning")),
-        Step::Send(failed("LLM_ERROR")),
+        Step::Send(execution_error("LLM_ERROR")),
         Step::Send(done_frame()),
     ])
 }
@@ -429,67 +410,7 @@ async fn with_the_bridge_a_failover_saves_nothing_and_leaves_no_session() {
         })
         .start()
         .await;
-    let auth = format!("Bearer {}", token("org-a"));
-    let headers = [
-        ("content-type", "application/json"),
-        ("authorization", auth.as_str()),
-    ];
-
-    let before = h.legacy.messages("s-1");
-    let path = "/api/v1/chat/sessions/s-1";
-    let r = request(h.proxy_addr, "POST", path, &headers, BODY.as_bytes()).await;
-    assert_failed_over(&r, "session chat");
-    assert_eq!(
-        h.legacy.messages("s-1"),
-        before,
-        "only legacy's own messages"
-    );
-    assert_eq!(h.runtime.work().len(), 1);
-
-    let start = json!({"agentId": "ag-1", "message": "hello"}).to_string();
-    let r = request(
-        h.proxy_addr,
-        "POST",
-        "/api/v1/chat/start",
-        &headers,
-        start.as_bytes(),
-    )
-    .await;
-    assert_failed_over(&r, "chat start");
-    assert_eq!(h.runtime.work().len(), 2);
-
-    let received = h.legacy.received();
-    let calls: Vec<(&str, &str)> = received
-        .iter()
-        .map(|q| (q.method.as_str(), q.path.as_str()))
-        .collect();
-    assert!(
-        !calls
-            .iter()
-            .any(|(m, p)| *m == "POST" && p.ends_with("/messages")),
-        "the proxy saved a message: {calls:?}"
-    );
-    let created = calls
-        .iter()
-        .position(|c| *c == ("POST", "/api/v1/sessions"))
-        .expect("a session was made for /chat/start");
-    let deleted = calls
-        .iter()
-        .position(|(m, _)| *m == "DELETE")
-        .expect("and deleted");
-    let served = calls
-        .iter()
-        .position(|c| *c == ("POST", "/api/v1/chat/start"))
-        .expect("legacy served /chat/start");
-    assert!(created < deleted && deleted < served, "{calls:?}");
-    let id = calls[deleted].1.rsplit('/').next().unwrap();
-    assert!(h.legacy.session(id).is_none(), "session {id} left behind");
-    assert_eq!(received[served].body, start.as_bytes());
-    let chat = calls
-        .iter()
-        .position(|c| *c == ("POST", path))
-        .expect("legacy served the session chat");
-    assert_eq!(received[chat].body, BODY.as_bytes());
+    legacy::assert_bridge_chats_leave_nothing(&h, BODY, assert_failed_over).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -498,7 +419,7 @@ async fn with_the_bridge_the_user_message_is_saved_at_the_commit() {
         let legacy = FakeLegacy::seeded().await;
         let h = Harness::new()
             .legacy_server(legacy)
-            .runtime(runtime(vec![
+            .runtime(runtime_sse(vec![
                 Step::Send(thinking("planning")),
                 Step::WaitRelease,
                 Step::Send(text("Hello")),
@@ -540,7 +461,10 @@ async fn the_deadline_while_held_commits_and_answers_timeout() {
     for mode in MODES {
         let h = Harness::new()
             .config(move |c| c.runtime.pre_content = mode)
-            .runtime(runtime(vec![Step::Send(thinking("planning")), Step::Hang]))
+            .runtime(runtime_sse(vec![
+                Step::Send(thinking("planning")),
+                Step::Hang,
+            ]))
             .config(|c| {
                 c.runtime.execution_timeout_ms = 400;
                 c.runtime.commit_timeout_ms = Some(300);
@@ -550,18 +474,21 @@ async fn the_deadline_while_held_commits_and_answers_timeout() {
         let r = h.chat("org-a").send().await;
         assert_served(&r, RT, "allowlist");
         assert_eq!(names(&r), ["message", "error"]);
-        assert_eq!(data(&r.events()[1])["code"], "TIMEOUT");
+        assert_eq!(event_data(&r.events()[1])["code"], "TIMEOUT");
         // The commit timeout came first here; with the deadline first the answer is the same.
         let h2 = Harness::new()
             .config(move |c| c.runtime.pre_content = mode)
-            .runtime(runtime(vec![Step::Send(thinking("planning")), Step::Hang]))
+            .runtime(runtime_sse(vec![
+                Step::Send(thinking("planning")),
+                Step::Hang,
+            ]))
             .config(|c| c.runtime.execution_timeout_ms = 400)
             .start()
             .await;
         let r = h2.chat("org-a").send().await;
         assert_served(&r, RT, "allowlist");
         assert_eq!(names(&r), ["message", "error"]);
-        assert_eq!(data(&r.events()[1])["code"], "TIMEOUT");
+        assert_eq!(event_data(&r.events()[1])["code"], "TIMEOUT");
         assert_eq!(
             metric(&h2, "cutover_commit_total", &[("trigger", "deadline")]),
             1.0
@@ -581,10 +508,10 @@ async fn a_runtime_that_only_thinks_is_committed_to_when_too_much_is_held() {
     let mut steps: Vec<Step> = (0..n + 2)
         .map(|i| Step::Send(thinking(&format!("step {i}"))))
         .collect();
-    steps.push(Step::Send(failed("LLM_ERROR")));
+    steps.push(Step::Send(execution_error("LLM_ERROR")));
     let h = Harness::new()
         .config(|c| c.runtime.pre_content = PreContent::Hold)
-        .runtime(runtime(steps))
+        .runtime(runtime_sse(steps))
         .start()
         .await;
     let r = h.chat("org-a").send().await;
@@ -594,7 +521,11 @@ async fn a_runtime_that_only_thinks_is_committed_to_when_too_much_is_held() {
     assert_eq!(names.last().map(String::as_str), Some("error"));
     let events = r.events();
     for (i, ev) in events.iter().take(n + 2).enumerate() {
-        assert_eq!(data(ev)["data"]["content"], format!("step {i}"), "in order");
+        assert_eq!(
+            event_data(ev)["data"]["content"],
+            format!("step {i}"),
+            "in order"
+        );
     }
     assert_eq!(
         metric(&h, "cutover_commit_total", &[("trigger", "overflow")]),
@@ -608,7 +539,10 @@ async fn shutting_down_while_held_commits_and_answers_shutting_down() {
     for mode in MODES {
         let h = Harness::new()
             .config(move |c| c.runtime.pre_content = mode)
-            .runtime(runtime(vec![Step::Send(thinking("planning")), Step::Hang]))
+            .runtime(runtime_sse(vec![
+                Step::Send(thinking("planning")),
+                Step::Hang,
+            ]))
             .config(|c| c.runtime.commit_timeout_ms = Some(4000))
             .start()
             .await;
@@ -629,7 +563,7 @@ async fn shutting_down_while_held_commits_and_answers_shutting_down() {
         let events = r.events();
         let last = events.last().expect("events");
         assert_eq!(last.0, "error", "{events:?}");
-        assert_eq!(data(last)["code"], "SHUTTING_DOWN");
+        assert_eq!(event_data(last)["code"], "SHUTTING_DOWN");
         assert_eq!(
             metric(&h, "cutover_commit_total", &[("trigger", "shutdown")]),
             1.0

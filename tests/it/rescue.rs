@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use cutover_proxy::core::breaker::State;
 use cutover_proxy::core::config::CommitTimeoutAction;
 use serde_json::{json, Value};
-use support::legacy::FakeLegacy;
+use support::legacy::{self, FakeLegacy};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -27,32 +27,6 @@ fn thinking(content: &str) -> Vec<u8> {
     frame("thinking", json!({"content": content, "stage": "planning"}))
 }
 
-fn failed(code: &str) -> Vec<u8> {
-    frame(
-        "execution_error",
-        json!({"error": "model overloaded", "code": code}),
-    )
-}
-
-fn text(content: &str) -> Vec<u8> {
-    frame("text_chunk", json!({"content": content}))
-}
-
-/// A runtime answering every execution with `steps`.
-fn runtime(steps: Vec<Step>) -> impl Fn(&Received) -> Reply + Send + Sync + 'static {
-    move |req: &Received| {
-        if req.path == "/health" {
-            Reply::json(200, json!({"status": "ok"}))
-        } else {
-            Reply::sse(steps.clone())
-        }
-    }
-}
-
-fn data(event: &(String, String)) -> Value {
-    serde_json::from_str(&event.1).unwrap()
-}
-
 /// The client got the runtime's status, then legacy's answer (`echo_legacy`: one message and
 /// `done`) in the same stream, whole events, LF only, no error.
 #[track_caller]
@@ -64,7 +38,10 @@ fn assert_rescued(r: &Response, what: &str) {
     let kinds: Vec<String> = events
         .iter()
         .map(|e| match e.0.as_str() {
-            "message" => data(e)["type"].as_str().unwrap_or_default().to_string(),
+            "message" => event_data(e)["type"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
             other => other.to_string(),
         })
         .collect();
@@ -80,7 +57,7 @@ fn assert_rescued(r: &Response, what: &str) {
             .all(|k| k == "thinking" || k == "heartbeat"),
         "{what}: only status before legacy's answer: {kinds:?}"
     );
-    let done = data(events.last().unwrap());
+    let done = event_data(events.last().unwrap());
     assert_eq!(done["executionMode"], DIRECT, "{what}");
     let body = r.text();
     assert!(!body.contains('\r'), "{what}: {body:?}");
@@ -101,7 +78,7 @@ async fn each_failure_before_content_is_rescued_in_the_open_stream_on_both_doors
             "execution_error after thinking",
             vec![
                 Step::Send(thinking("planning")),
-                Step::Send(failed("LLM_ERROR")),
+                Step::Send(execution_error("LLM_ERROR")),
                 Step::Send(done_frame()),
             ],
             "error",
@@ -135,7 +112,7 @@ async fn each_failure_before_content_is_rescued_in_the_open_stream_on_both_doors
         for (what, steps, outcome) in &cases {
             let what = format!("{what} ({path})");
             let h = Harness::new()
-                .runtime(runtime(steps.clone()))
+                .runtime(runtime_sse(steps.clone()))
                 .config(move |c| {
                     c.server.lean_runtime = lean;
                     c.runtime.max_frame_bytes = 1024;
@@ -186,7 +163,7 @@ async fn each_failure_before_content_is_rescued_in_the_open_stream_on_both_doors
 async fn no_content_by_the_commit_timeout_is_rescued_when_told_to_fail_over() {
     for (lean, path) in PATHS {
         let h = Harness::new()
-            .runtime(runtime(vec![
+            .runtime(runtime_sse(vec![
                 Step::Send(thinking("planning")),
                 Step::Sleep(Duration::from_secs(3)),
                 Step::Send(text("late")),
@@ -239,9 +216,9 @@ async fn a_non_2xx_head_is_still_an_ordinary_failover() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_with_the_stream_open_is_an_error_event_never_a_rescue() {
     let h = Harness::new()
-        .runtime(runtime(vec![
+        .runtime(runtime_sse(vec![
             Step::Send(thinking("planning")),
-            Step::Send(failed("EXECUTION_CANCELLED")),
+            Step::Send(execution_error("EXECUTION_CANCELLED")),
             Step::Send(done_frame()),
         ]))
         .start()
@@ -249,7 +226,7 @@ async fn a_cancel_with_the_stream_open_is_an_error_event_never_a_rescue() {
     let r = h.chat("org-a").send().await;
     assert_served(&r, RT, "allowlist");
     assert_eq!(event_names(&r), ["message", "error"]);
-    assert_eq!(data(&r.events()[1])["code"], "EXECUTION_CANCELLED");
+    assert_eq!(event_data(&r.events()[1])["code"], "EXECUTION_CANCELLED");
     assert!(h.legacy.work().is_empty(), "legacy was asked");
     let cancelled = || metric(&h, "chat_execution_cancelled_total", &[("mode", RT)]);
     assert!(eventually(Duration::from_secs(3), || cancelled() == 1.0).await);
@@ -257,9 +234,9 @@ async fn a_cancel_with_the_stream_open_is_an_error_event_never_a_rescue() {
 }
 
 fn failing_runtime() -> impl Fn(&Received) -> Reply + Send + Sync + 'static {
-    runtime(vec![
+    runtime_sse(vec![
         Step::Send(thinking("planning")),
-        Step::Send(failed("LLM_ERROR")),
+        Step::Send(execution_error("LLM_ERROR")),
         Step::Send(done_frame()),
     ])
 }
@@ -294,7 +271,7 @@ async fn legacy_refusing_the_rescue_is_one_fallback_failed_event() {
             assert!(r.complete, "{what}");
             let events = r.events();
             assert_eq!(event_names(&r), ["message", "error"], "{what}");
-            let error = data(&events[1]);
+            let error = event_data(&events[1]);
             assert_eq!(error["code"], "FALLBACK_FAILED", "{what}");
             assert!(
                 error["message"].as_str().unwrap().contains("legacy"),
@@ -362,7 +339,7 @@ async fn a_slow_legacy_is_held_to_its_own_deadlines_in_a_rescue() {
         let events = r.events();
         let last = events.last().unwrap();
         assert_eq!(last.0, "error", "{what}: {events:?}");
-        assert_eq!(data(last)["code"], "FALLBACK_FAILED", "{what}");
+        assert_eq!(event_data(last)["code"], "FALLBACK_FAILED", "{what}");
         if stage == "idle" {
             assert!(
                 r.text().contains("\"legacy\""),
@@ -454,11 +431,11 @@ async fn after_the_status_the_client_gets_legacy_s_own_answer_byte_for_byte() {
     };
     for (lean, path) in PATHS {
         let h = Harness::new()
-            .runtime(runtime(vec![
+            .runtime(runtime_sse(vec![
                 Step::Send(thinking("one")),
                 Step::Send(frame("ping", json!({}))),
                 Step::Send(thinking("two")),
-                Step::Send(failed("LLM_ERROR")),
+                Step::Send(execution_error("LLM_ERROR")),
             ]))
             .legacy(legacy_answer)
             .config(move |c| c.server.lean_runtime = lean)
@@ -560,62 +537,13 @@ async fn the_breaker_counts_a_rescue_as_a_runtime_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_bridge_a_rescue_saves_nothing_and_deletes_the_start_session_first() {
-    let legacy = FakeLegacy::seeded().await;
-    let rt = Upstream::start(failing_runtime()).await;
-    let mut cfg = config(&legacy.address(), &rt.address());
-    cfg.bridge.enabled = true;
-    let server = proxy(cfg).await;
-    let auth = format!("Bearer {}", token("org-a"));
-    let headers = [
-        ("content-type", "application/json"),
-        ("authorization", auth.as_str()),
-    ];
-
-    let before = legacy.messages("s-1");
-    let path = "/api/v1/chat/sessions/s-1";
-    let r = request(server.proxy_addr, "POST", path, &headers, BODY.as_bytes()).await;
-    assert_rescued(&r, "session chat");
-    assert_eq!(legacy.messages("s-1"), before, "only legacy's own messages");
-
-    let start = json!({"agentId": "ag-1", "message": "hello"}).to_string();
-    let r = request(
-        server.proxy_addr,
-        "POST",
-        "/api/v1/chat/start",
-        &headers,
-        start.as_bytes(),
-    )
-    .await;
-    assert_rescued(&r, "chat start");
-    assert_eq!(rt.work().len(), 2);
-
-    let received = legacy.received();
-    let calls: Vec<(&str, &str)> = received
-        .iter()
-        .map(|q| (q.method.as_str(), q.path.as_str()))
-        .collect();
-    assert!(
-        !calls
-            .iter()
-            .any(|(m, p)| *m == "POST" && p.ends_with("/messages")),
-        "the proxy saved a message: {calls:?}"
-    );
-    let created = calls
-        .iter()
-        .position(|c| *c == ("POST", "/api/v1/sessions"))
-        .expect("a session was made for /chat/start");
-    let deleted = calls
-        .iter()
-        .position(|(m, _)| *m == "DELETE")
-        .expect("and deleted");
-    let served = calls
-        .iter()
-        .position(|c| *c == ("POST", "/api/v1/chat/start"))
-        .expect("legacy served /chat/start");
-    assert!(created < deleted && deleted < served, "{calls:?}");
-    let id = calls[deleted].1.rsplit('/').next().unwrap();
-    assert!(legacy.session(id).is_none(), "session {id} left behind");
-    assert_eq!(received[served].body, start.as_bytes());
+    let h = Harness::new()
+        .legacy_server(FakeLegacy::seeded().await)
+        .runtime(failing_runtime())
+        .config(|c| c.bridge.enabled = true)
+        .start()
+        .await;
+    legacy::assert_bridge_chats_leave_nothing(&h, BODY, assert_rescued).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -645,7 +573,7 @@ async fn the_shutdown_cutoff_ends_a_rescue_as_any_stream() {
     let events = r.events();
     let last = events.last().unwrap();
     assert_eq!(last.0, "error", "{events:?}");
-    assert_eq!(data(last)["code"], "SHUTTING_DOWN");
+    assert_eq!(event_data(last)["code"], "SHUTTING_DOWN");
     // Counted when the request is recorded, which may be just after the client read its end.
     let failovers = || {
         metric(

@@ -161,6 +161,11 @@ impl Response {
     }
 }
 
+/// An event's data, parsed.
+pub fn event_data(event: &(String, String)) -> serde_json::Value {
+    serde_json::from_str(&event.1).unwrap()
+}
+
 /// Split `event: X\ndata: Y\n\n` blocks; anything else is a test failure.
 pub fn parse_events(text: &str) -> Vec<(String, String)> {
     assert!(!text.contains('\r'), "client stream contains CR: {text:?}");

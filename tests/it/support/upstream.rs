@@ -604,3 +604,11 @@ pub fn text(content: &str) -> Vec<u8> {
 pub fn thinking(content: &str) -> Vec<u8> {
     frame("thinking", serde_json::json!({ "content": content }))
 }
+
+/// A runtime `execution_error` frame with `code`, the way an overloaded model fails.
+pub fn execution_error(code: &str) -> Vec<u8> {
+    frame(
+        "execution_error",
+        serde_json::json!({"error": "model overloaded", "code": code}),
+    )
+}
