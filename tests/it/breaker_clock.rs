@@ -77,15 +77,9 @@ fn transitions(text: &str, from: &str, to: &str) -> f64 {
 async fn open_breaker_half_opens_on_time_with_no_traffic() {
     let _serial = SERIAL.lock().await;
     let recovered = Arc::new(AtomicBool::new(false));
-    let r = recovered.clone();
+    let failure = Reply::json(500, json!({"error": "overloaded"}));
     let h = Harness::new()
-        .runtime(runtime_answering(move |_: &Received| {
-            if r.load(Ordering::SeqCst) {
-                Reply::sse(runtime_ok_steps())
-            } else {
-                Reply::json(500, json!({"error": "overloaded"}))
-            }
-        }))
+        .runtime(runtime_failing_until(recovered.clone(), failure))
         .config(move |c| {
             c.breaker.min_requests = 1;
             c.breaker.open_secs = OPEN_SECS;

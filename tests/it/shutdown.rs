@@ -497,19 +497,8 @@ async fn messages_still_being_saved_at_exit_are_logged_whole() {
     )
     .await;
     let content = "kept whole: 多字节 \"quoted\"";
-    let auth = format!("Bearer {}", token("org-a"));
     let body = serde_json::json!({"message": content}).to_string();
-    let r = request(
-        proxy.proxy,
-        "POST",
-        "/api/v1/chat/sessions/s-1",
-        &[
-            ("content-type", "application/json"),
-            ("authorization", auth.as_str()),
-        ],
-        body.as_bytes(),
-    )
-    .await;
+    let r = chat(proxy.proxy, Some("org-a"), "s-1", &body).await;
     assert_served(&r, RT, "allowlist");
     assert!(r.text().contains("event: done"), "{}", r.text());
 

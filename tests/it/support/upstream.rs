@@ -4,7 +4,7 @@
 //! sent, the proxy hanging up midway).
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -64,6 +64,14 @@ pub enum Step {
 }
 
 impl Step {
+    /// `times` chunks of `len` copies of `byte`, pausing `pause` after each.
+    pub fn fill(byte: u8, len: usize, times: usize, pause: Duration) -> Step {
+        Step::Repeat {
+            data: vec![byte; len],
+            times,
+            pause,
+        }
+    }
     /// `data` over and over, as fast as the proxy takes it, until it hangs up.
     pub fn flood(data: Vec<u8>) -> Step {
         Step::Repeat {
@@ -579,6 +587,21 @@ pub fn runtime_answering(
         }
         script(req)
     }
+}
+
+/// A runtime that answers every execution with `failure` until `recovered` is set, and with
+/// [`runtime_ok_steps`] from then on.
+pub fn runtime_failing_until(
+    recovered: Arc<AtomicBool>,
+    failure: Reply,
+) -> impl Fn(&Received) -> Reply + Send + Sync + 'static {
+    runtime_answering(move |_: &Received| {
+        if recovered.load(Ordering::SeqCst) {
+            Reply::sse(runtime_ok_steps())
+        } else {
+            failure.clone()
+        }
+    })
 }
 
 /// A runtime that answers every session with [`runtime_ok_steps`] but `fails`, which gets only
