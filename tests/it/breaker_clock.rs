@@ -195,14 +195,11 @@ async fn health_opened_breaker_reads_half_open_once_the_runtime_is_back() {
     down.store(false, Ordering::SeqCst);
 
     // Polled through the admin API, as an operator would; each read may tick, none is a chat.
-    let half_open = until(DEADLINE, || async {
-        let status = fallback_status(&h).await;
-        if status["state"] == "half_open" {
-            Ok(status)
-        } else {
-            Err(status)
-        }
-    })
+    let half_open = poll_until(
+        DEADLINE,
+        || fallback_status(&h),
+        |s| s["state"] == "half_open",
+    )
     .await;
     let status = half_open.unwrap_or_else(|status| {
         panic!(

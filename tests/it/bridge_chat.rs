@@ -379,11 +379,10 @@ async fn chat_start_creates_the_session_that_done_names() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chat_start_that_fails_over_deletes_its_session_before_legacy_serves_it() {
     let h = Harness::new()
-        .legacy_server(fake_legacy().await)
+        .bridged(fake_legacy().await)
         .runtime(runtime_answering(|_: &Received| {
             Reply::json(500, json!({"detail": "boom"}))
         }))
-        .config(|c| c.bridge.enabled = true)
         .start()
         .await;
     let body = json!({"agentId": "ag-1", "message": "hello"});
@@ -458,9 +457,8 @@ async fn unavailable_lookups_send_the_chat_to_legacy_unchanged_and_uncharged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_legacy_nobody_listens_on_is_bridge_unavailable() {
     let h = Harness::new()
-        .legacy_server(Unreachable::new())
+        .bridged(Unreachable::new())
         .runtime(runtime)
-        .config(|c| c.bridge.enabled = true)
         .start()
         .await;
     let r = chat(h.proxy_addr, Some("org-a"), "s-1", HI).await;

@@ -402,12 +402,9 @@ fn failing_runtime() -> impl Fn(&Received) -> Reply + Send + Sync + 'static {
 async fn with_the_bridge_a_failover_saves_nothing_and_leaves_no_session() {
     let legacy = FakeLegacy::seeded().await;
     let h = Harness::new()
-        .legacy_server(legacy)
+        .bridged(legacy)
         .runtime(failing_runtime())
-        .config(move |c| {
-            c.bridge.enabled = true;
-            c.runtime.pre_content = PreContent::Hold;
-        })
+        .config(|c| c.runtime.pre_content = PreContent::Hold)
         .start()
         .await;
     legacy::assert_bridge_chats_leave_nothing(&h, BODY, assert_failed_over).await;

@@ -156,15 +156,7 @@ async fn scrape_until(
     what: &str,
     cond: impl Fn(&Scrape) -> bool,
 ) -> Scrape {
-    let got = until(Duration::from_secs(10), || async {
-        let s = scrape(server).await;
-        if cond(&s) {
-            Ok(s)
-        } else {
-            Err(s)
-        }
-    })
-    .await;
+    let got = poll_until(Duration::from_secs(10), || scrape(server), cond).await;
     got.unwrap_or_else(|s| panic!("timed out waiting for {what}; last scrape:\n{}", s.text))
 }
 

@@ -538,9 +538,8 @@ async fn the_breaker_counts_a_rescue_as_a_runtime_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_bridge_a_rescue_saves_nothing_and_deletes_the_start_session_first() {
     let h = Harness::new()
-        .legacy_server(FakeLegacy::seeded().await)
+        .bridged(FakeLegacy::seeded().await)
         .runtime(failing_runtime())
-        .config(|c| c.bridge.enabled = true)
         .start()
         .await;
     legacy::assert_bridge_chats_leave_nothing(&h, BODY, assert_rescued).await;
