@@ -8,7 +8,6 @@ use crate::support;
 
 use std::time::Duration;
 
-use cutover_proxy::core::breaker::State;
 use cutover_proxy::core::config::{CommitOn, PreContent};
 use serde_json::{json, Value};
 use support::legacy::{self, FakeLegacy};
@@ -100,11 +99,7 @@ async fn runtimes_that_fail_first_thing_are_failed_over_with_the_original_body()
             .await;
         let r = h.chat("org-a").body(BODY).send().await;
         assert_failed_over(&r, what);
-        assert_eq!(h.runtime.work().len(), 1, "{what}");
-        let legacy = h.legacy.work();
-        assert_eq!(legacy.len(), 1, "{what}");
-        assert_eq!(legacy[0].body, BODY.as_bytes(), "{what}: legacy's body");
-        assert_eq!(legacy[0].path, "/api/v1/chat/sessions/s-1", "{what}");
+        h.assert_legacy_got_the_chat(BODY, what);
 
         recorded(&h, 1, 1).await;
         let rt = [("mode", RT)];
@@ -302,7 +297,7 @@ async fn a_cancel_before_content_is_an_error_event_not_a_failover() {
         assert_served(&r, RT, "allowlist");
         assert_eq!(names(&r), ["message", "error"]);
         assert_eq!(event_data(&r.events()[1])["code"], "EXECUTION_CANCELLED");
-        assert!(h.legacy.work().is_empty());
+        assert!(h.legacy.work().is_empty(), "{mode:?}: legacy was asked");
         assert_eq!(
             metric(&h, "cutover_commit_total", &[("trigger", "cancel")]),
             1.0
@@ -313,6 +308,8 @@ async fn a_cancel_before_content_is_an_error_event_not_a_failover() {
             metric(&h, "chat_execution_error_total", &[("mode", RT)]),
             0.0
         );
+        // Neither failed over before the commit nor rescued in the open stream.
+        assert_eq!(metric(&h, "cutover_runtime_failovers_total", &[]), 0.0);
     }
 }
 
@@ -341,15 +338,7 @@ async fn a_client_that_leaves_while_held_is_not_counted_against_the_runtime() {
         h.runtime.wait_for_work(1).await;
         drop(client);
 
-        let cancelled = || metric(&h, "chat_execution_cancelled_total", &[("mode", RT)]);
-        assert!(
-            eventually(Duration::from_secs(3), || cancelled() == 1.0).await,
-            "the departure was never recorded"
-        );
-        assert_eq!(
-            metric(&h, "chat_execution_error_total", &[("mode", RT)]),
-            0.0
-        );
+        assert_departure_recorded(&h, RT, 0.0).await;
         assert_eq!(metric(&h, "cutover_runtime_failovers_total", &[]), 0.0);
         assert_eq!(metric(&h, "cutover_commit_total", &[]), 0.0);
         assert!(
@@ -363,29 +352,13 @@ async fn a_client_that_leaves_while_held_is_not_counted_against_the_runtime() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_breaker_counts_a_failover_before_the_commit_as_an_error() {
-    let h = Harness::new()
+    let harness = Harness::new()
         .config(|c| c.runtime.pre_content = PreContent::Hold)
         .runtime(runtime_sse(vec![
             Step::Send(thinking("planning")),
             Step::Send(execution_error("LLM_ERROR")),
-        ]))
-        .config(|c| {
-            c.breaker.min_requests = 2;
-            c.breaker.error_rate = 0.5;
-        })
-        .start()
-        .await;
-    for i in 1..=2 {
-        let r = h.chat("org-a").session(&format!("s-{i}")).send().await;
-        assert_failed_over(&r, &format!("request {i}"));
-        recorded(&h, i, i).await;
-    }
-    assert_eq!(h.shared.breaker.state(), State::Open);
-    let (_, window) = h.admin("GET", "/runtime/metrics").await;
-    assert_eq!(window["data"]["runtime"]["error"], 2);
-    let r = h.chat("org-a").session("s-3").send().await;
-    assert_served(&r, DIRECT, "breaker_open");
-    assert_eq!(h.runtime.work().len(), 2);
+        ]));
+    assert_two_failures_open_the_breaker(harness, assert_failed_over).await;
 }
 
 /// Two thinking events, then an `execution_error`: the real runtime's usual failure.
@@ -550,17 +523,7 @@ async fn shutting_down_while_held_commits_and_answers_shutting_down() {
             eventually(Duration::from_secs(3), || in_flight() == 1.0).await,
             "the runtime's stream never started"
         );
-        h.shared.cutoff.send_replace(true);
-
-        let r = tokio::time::timeout(Duration::from_secs(3), chat)
-            .await
-            .expect("the held stream was not ended by the cutoff")
-            .unwrap();
-        assert_served(&r, RT, "allowlist");
-        let events = r.events();
-        let last = events.last().expect("events");
-        assert_eq!(last.0, "error", "{events:?}");
-        assert_eq!(event_data(last)["code"], "SHUTTING_DOWN");
+        h.cut_off(chat, "the held stream").await;
         assert_eq!(
             metric(&h, "cutover_commit_total", &[("trigger", "shutdown")]),
             1.0

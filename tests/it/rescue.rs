@@ -8,7 +8,6 @@ use crate::support;
 
 use std::time::{Duration, Instant};
 
-use cutover_proxy::core::breaker::State;
 use cutover_proxy::core::config::CommitTimeoutAction;
 use serde_json::{json, Value};
 use support::legacy::{self, FakeLegacy};
@@ -124,11 +123,7 @@ async fn each_failure_before_content_is_rescued_in_the_open_stream_on_both_doors
             let r = h.chat("org-a").body(BODY).send().await;
             assert_rescued(&r, &what);
             assert!(!r.text().contains("xxxx"), "{what}");
-            assert_eq!(h.runtime.work().len(), 1, "{what}");
-            let legacy = h.legacy.work();
-            assert_eq!(legacy.len(), 1, "{what}");
-            assert_eq!(legacy[0].body, BODY.as_bytes(), "{what}: legacy's body");
-            assert_eq!(legacy[0].path, "/api/v1/chat/sessions/s-1", "{what}");
+            h.assert_legacy_got_the_chat(BODY, &what);
 
             recorded(&h, 1, 1).await;
             let rt = [("mode", RT)];
@@ -175,13 +170,7 @@ async fn no_content_by_the_commit_timeout_is_rescued_when_told_to_fail_over() {
             })
             .start()
             .await;
-        let started = Instant::now();
-        let r = h.chat("org-a").send().await;
-        let took = started.elapsed();
-        assert!(
-            took >= DEADLINE && took < DEADLINE + SLACK,
-            "{path}: {took:?}"
-        );
+        let r = chat_taking_the_deadline(&h, path).await;
         assert_rescued(&r, path);
         assert!(!r.text().contains("late"), "{path}");
         recorded(&h, 1, 1).await;
@@ -213,32 +202,42 @@ async fn a_non_2xx_head_is_still_an_ordinary_failover() {
     assert_eq!((stage("before_head"), stage("in_stream")), (1.0, 0.0));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cancel_with_the_stream_open_is_an_error_event_never_a_rescue() {
-    let h = Harness::new()
-        .runtime(runtime_sse(vec![
-            Step::Send(thinking("planning")),
-            Step::Send(execution_error("EXECUTION_CANCELLED")),
-            Step::Send(done_frame()),
-        ]))
-        .start()
-        .await;
-    let r = h.chat("org-a").send().await;
-    assert_served(&r, RT, "allowlist");
-    assert_eq!(event_names(&r), ["message", "error"]);
-    assert_eq!(event_data(&r.events()[1])["code"], "EXECUTION_CANCELLED");
-    assert!(h.legacy.work().is_empty(), "legacy was asked");
-    let cancelled = || metric(&h, "chat_execution_cancelled_total", &[("mode", RT)]);
-    assert!(eventually(Duration::from_secs(3), || cancelled() == 1.0).await);
-    assert_eq!(metric(&h, "cutover_runtime_failovers_total", &[]), 0.0);
-}
-
 fn failing_runtime() -> impl Fn(&Received) -> Reply + Send + Sync + 'static {
     runtime_sse(vec![
         Step::Send(thinking("planning")),
         Step::Send(execution_error("LLM_ERROR")),
         Step::Send(done_frame()),
     ])
+}
+
+/// A failing runtime rescued by a legacy that sends its first event (`"first"`) and then
+/// nothing until the test releases it; then `rest`.
+async fn rescued_by_a_legacy_that_waits(rest: Vec<Step>) -> Running {
+    let mut steps = vec![
+        Step::Send(
+            b"event: message\ndata: {\"id\":\"l1\",\"type\":\"text\",\"data\":{\"content\":\"first\"}}\n\n"
+                .to_vec(),
+        ),
+        Step::WaitRelease,
+    ];
+    steps.extend(rest);
+    Harness::new()
+        .runtime(failing_runtime())
+        .legacy(move |_: &Received| Reply::sse(steps.clone()))
+        .start()
+        .await
+}
+
+/// Org-a's chat, which must take `DEADLINE`, and no more than the machine may add.
+async fn chat_taking_the_deadline(h: &Running, what: &str) -> Response {
+    let started = Instant::now();
+    let r = h.chat("org-a").send().await;
+    let took = started.elapsed();
+    assert!(
+        took >= DEADLINE && took < DEADLINE + SLACK,
+        "{what}: {took:?}"
+    );
+    r
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -328,13 +327,7 @@ async fn a_slow_legacy_is_held_to_its_own_deadlines_in_a_rescue() {
             })
             .start()
             .await;
-        let started = Instant::now();
-        let r = h.chat("org-a").send().await;
-        let took = started.elapsed();
-        assert!(
-            took >= DEADLINE && took < DEADLINE + SLACK,
-            "{what}: {took:?}"
-        );
+        let r = chat_taking_the_deadline(&h, what).await;
         assert!(r.complete, "{what}");
         let events = r.events();
         let last = events.last().unwrap();
@@ -360,20 +353,10 @@ async fn a_slow_legacy_is_held_to_its_own_deadlines_in_a_rescue() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_leaves_during_the_rescue_ends_it() {
-    let h = Harness::new()
-        .runtime(failing_runtime())
-        .legacy(|_: &Received| {
-            Reply::sse(vec![
-                Step::Send(
-                    b"event: message\ndata: {\"id\":\"l1\",\"type\":\"text\",\"data\":{\"content\":\"first\"}}\n\n"
-                        .to_vec(),
-                ),
-                Step::WaitRelease,
-                Step::Send(b"event: done\ndata: {\"executionMode\":\"direct_llm\"}\n\n".to_vec()),
-            ])
-        })
-        .start()
-        .await;
+    let h = rescued_by_a_legacy_that_waits(vec![Step::Send(
+        b"event: done\ndata: {\"executionMode\":\"direct_llm\"}\n\n".to_vec(),
+    )])
+    .await;
     let mut s = tokio::net::TcpStream::connect(h.proxy_addr).await.unwrap();
     let request = format!(
         "POST /api/v1/chat/sessions/s-1 HTTP/1.1\r\nHost: p\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{HI}",
@@ -393,15 +376,7 @@ async fn a_client_that_leaves_during_the_rescue_ends_it() {
     }
     drop(s);
     // Nobody's outcome on legacy's side; the runtime is still charged for failing.
-    let left = || metric(&h, "chat_execution_cancelled_total", &[("mode", DIRECT)]);
-    assert!(
-        eventually(Duration::from_secs(3), || left() == 1.0).await,
-        "the departure was never recorded"
-    );
-    assert_eq!(
-        metric(&h, "chat_execution_error_total", &[("mode", RT)]),
-        1.0
-    );
+    assert_departure_recorded(&h, DIRECT, 1.0).await;
     h.legacy.release();
 }
 
@@ -516,23 +491,8 @@ async fn legacy_gets_the_caller_s_request_as_pingora_would_forward_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_breaker_counts_a_rescue_as_a_runtime_error() {
-    let h = Harness::new()
-        .runtime(failing_runtime())
-        .config(|c| {
-            c.breaker.min_requests = 2;
-            c.breaker.error_rate = 0.5;
-        })
-        .start()
-        .await;
-    for i in 1..=2 {
-        let r = h.chat("org-a").session(&format!("s-{i}")).send().await;
-        assert_rescued(&r, &format!("request {i}"));
-        recorded(&h, i, i).await;
-    }
-    assert_eq!(h.shared.breaker.state(), State::Open);
-    let r = h.chat("org-a").session("s-3").send().await;
-    assert_served(&r, DIRECT, "breaker_open");
-    assert_eq!(h.runtime.work().len(), 2);
+    let harness = Harness::new().runtime(failing_runtime());
+    assert_two_failures_open_the_breaker(harness, assert_rescued).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -547,32 +507,11 @@ async fn with_the_bridge_a_rescue_saves_nothing_and_deletes_the_start_session_fi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shutdown_cutoff_ends_a_rescue_as_any_stream() {
-    let h = Harness::new()
-        .runtime(failing_runtime())
-        .legacy(|_: &Received| {
-            Reply::sse(vec![
-                Step::Send(
-                    b"event: message\ndata: {\"id\":\"l1\",\"type\":\"text\",\"data\":{\"content\":\"first\"}}\n\n"
-                        .to_vec(),
-                ),
-                Step::WaitRelease,
-            ])
-        })
-        .start()
-        .await;
+    let h = rescued_by_a_legacy_that_waits(Vec::new()).await;
     let chat = tokio::spawn(h.chat("org-a").send());
     h.legacy.wait_for_work(1).await;
-    h.shared.cutoff.send_replace(true);
-    let r = tokio::time::timeout(Duration::from_secs(3), chat)
-        .await
-        .expect("the rescue was not ended by the cutoff")
-        .unwrap();
-    assert_served(&r, RT, "allowlist");
+    let r = h.cut_off(chat, "the rescue").await;
     assert!(r.complete, "a clean end, not a cut");
-    let events = r.events();
-    let last = events.last().unwrap();
-    assert_eq!(last.0, "error", "{events:?}");
-    assert_eq!(event_data(last)["code"], "SHUTTING_DOWN");
     // Counted when the request is recorded, which may be just after the client read its end.
     let failovers = || {
         metric(
