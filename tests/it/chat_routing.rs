@@ -395,13 +395,10 @@ async fn a_runtime_bound_body_too_large_to_replay_is_served_by_legacy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_legacy_chat_stream_reaches_the_client_chunk_by_chunk() {
     let h = Harness::new()
-        .legacy(|_: &Received| {
-            Reply::sse(vec![
-                Step::Send(b"event: message\ndata: {\"n\":1}\n\n".to_vec()),
-                Step::WaitRelease,
-                Step::Send(b"event: done\ndata: {\"n\":2}\n\n".to_vec()),
-            ])
-        })
+        .legacy(released_in_two(
+            b"event: message\ndata: {\"n\":1}\n\n",
+            b"event: done\ndata: {\"n\":2}\n\n",
+        ))
         .start()
         .await;
 

@@ -558,6 +558,20 @@ pub fn echo_legacy(req: &Received) -> Reply {
     }
 }
 
+/// An upstream that streams `first`, waits until the test releases it, then streams `then`.
+pub fn released_in_two(
+    first: &'static [u8],
+    then: &'static [u8],
+) -> impl Fn(&Received) -> Reply + Send + Sync + 'static {
+    move |_: &Received| {
+        Reply::sse(vec![
+            Step::Send(first.to_vec()),
+            Step::WaitRelease,
+            Step::Send(then.to_vec()),
+        ])
+    }
+}
+
 /// A runtime that answers its health checks and scripts every execution with `script`, which
 /// is told how many executions came before.
 pub fn runtime_script(
