@@ -8,7 +8,7 @@ use crate::support;
 
 use std::time::Duration;
 
-use cutover_proxy::core::config::{CommitOn, PreContent};
+use cutover_proxy::core::config::{CommitOn, Config, PreContent};
 use serde_json::{json, Value};
 use support::legacy::{self, FakeLegacy};
 use support::*;
@@ -32,6 +32,53 @@ fn names(r: &Response) -> Vec<String> {
     event_names(r)
 }
 
+/// A proxy under `mode`, with `tweak`, in front of a runtime that thinks and then goes on with
+/// `after`.
+async fn thinks_then(
+    mode: PreContent,
+    after: Vec<Step>,
+    tweak: impl FnOnce(&mut Config) + 'static,
+) -> Running {
+    let mut steps = vec![Step::Send(thinking("planning"))];
+    steps.extend(after);
+    Harness::new()
+        .config(move |c| c.runtime.pre_content = mode)
+        .runtime(runtime_sse(steps))
+        .config(tweak)
+        .start()
+        .await
+}
+
+/// A proxy under `mode` in front of a runtime that thinks and then hangs, with a commit timeout
+/// (4 s) nothing here waits for.
+async fn held_open(mode: PreContent) -> Running {
+    thinks_then(mode, vec![Step::Hang], |c| {
+        c.runtime.commit_timeout_ms = Some(4000)
+    })
+    .await
+}
+
+/// Org-a's chat, served by the runtime whole with events named `names`; legacy never asked.
+async fn on_the_runtime(h: &Running, names: &[&str]) -> Response {
+    let r = h.chat("org-a").send().await;
+    assert_served(&r, RT, "allowlist");
+    assert_eq!(event_names(&r), names, "{:?}", r.events());
+    assert!(h.legacy.work().is_empty(), "legacy was asked");
+    r
+}
+
+/// The one commit was for `trigger`.
+#[track_caller]
+fn assert_committed_by(h: &Running, trigger: &str) {
+    let commits = metric(h, "cutover_commit_total", &[("trigger", trigger)]);
+    assert_eq!(commits, 1.0, "commits for {trigger}");
+}
+
+/// The `code` of the event at `at`.
+fn code_at(r: &Response, at: usize) -> Value {
+    event_data(&r.events()[at])["code"].clone()
+}
+
 /// Served by legacy as a failover: its ordinary stream, no error event.
 fn assert_failed_over(r: &Response, what: &str) {
     assert_served(r, DIRECT, "failover");
@@ -42,54 +89,30 @@ fn assert_failed_over(r: &Response, what: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runtimes_that_fail_first_thing_are_failed_over_with_the_original_body() {
-    let big = "x".repeat(4096);
-    let cases: Vec<(&str, Reply, &str)> = vec![
-        (
-            "execution_error first",
-            Reply::sse(vec![
-                Step::Send(execution_error("LLM_ERROR")),
-                Step::Send(done_frame()),
-            ]),
-            "before_commit",
-        ),
-        (
-            "two thinking, then execution_error",
-            Reply::sse(vec![
-                Step::Send(thinking("planning")),
-                Step::Send(thinking("still planning")),
-                Step::Send(execution_error("LLM_RATE_LIMITED")),
-                Step::Send(done_frame()),
-            ]),
-            "before_commit",
-        ),
-        (
-            "a crash after one thinking",
-            Reply::sse(vec![Step::Send(thinking("planning")), Step::Close]),
-            "before_commit",
-        ),
-        (
-            "a frame over max_frame_bytes before content",
-            Reply::sse(vec![
-                Step::Send(thinking("planning")),
-                Step::Send(text(&big)),
-                Step::Hang,
-            ]),
-            "before_commit",
-        ),
-        (
-            "a stream that ends without content",
-            Reply::sse(vec![
-                Step::Send(thinking("planning")),
-                Step::Send(done_frame()),
-            ]),
-            "before_commit",
-        ),
-        (
-            "a 503 head",
-            Reply::json(503, json!({"detail": "overloaded"})),
-            "before_head",
-        ),
-    ];
+    // Failing before any content: after the head, before the commit.
+    let mut streams = failures_after_thinking();
+    streams.push((
+        "execution_error first",
+        vec![
+            Step::Send(execution_error("LLM_ERROR")),
+            Step::Send(done_frame()),
+        ],
+    ));
+    streams.push((
+        "two thinking, then execution_error",
+        vec![
+            Step::Send(thinking("planning")),
+            Step::Send(thinking("still planning")),
+            Step::Send(execution_error("LLM_RATE_LIMITED")),
+            Step::Send(done_frame()),
+        ],
+    ));
+    let mut cases: Vec<(&str, Reply, &str)> = streams
+        .into_iter()
+        .map(|(what, steps)| (what, Reply::sse(steps), "before_commit"))
+        .collect();
+    let overloaded = Reply::json(503, json!({"detail": "overloaded"}));
+    cases.push(("a 503 head", overloaded, "before_head"));
     for (what, reply, stage) in cases {
         let h = Harness::new()
             .config(|c| c.runtime.pre_content = PreContent::Hold)
@@ -174,134 +197,76 @@ async fn held_thinking_comes_out_in_order_with_the_first_content() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_error_after_content_stays_an_error_event() {
     for mode in MODES {
-        let h = Harness::new()
-            .config(move |c| c.runtime.pre_content = mode)
-            .runtime(runtime_sse(vec![
-                Step::Send(thinking("planning")),
-                Step::Send(text("partial")),
-                Step::Send(execution_error("LLM_ERROR")),
-            ]))
-            .start()
-            .await;
-        let r = h.chat("org-a").send().await;
-        assert_served(&r, RT, "allowlist");
-        assert_eq!(names(&r), ["message", "message", "error"]);
-        assert_eq!(event_data(&r.events()[2])["code"], "LLM_ERROR");
-        assert!(h.legacy.work().is_empty());
+        let after = vec![
+            Step::Send(text("partial")),
+            Step::Send(execution_error("LLM_ERROR")),
+        ];
+        let h = thinks_then(mode, after, |_| {}).await;
+        let r = on_the_runtime(&h, &["message", "message", "error"]).await;
+        assert_eq!(code_at(&r, 2), "LLM_ERROR");
         recorded(&h, 1, 0).await;
-        assert_eq!(
-            metric(&h, "chat_execution_error_total", &[("mode", RT)]),
-            1.0
-        );
+        let errors = metric(&h, "chat_execution_error_total", &[("mode", RT)]);
+        assert_eq!(errors, 1.0, "{mode:?}");
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_error_after_the_commit_timeout_stays_an_error_event() {
     for mode in MODES {
-        let h = Harness::new()
-            .config(move |c| c.runtime.pre_content = mode)
-            .runtime(runtime_sse(vec![
-                Step::Send(thinking("planning")),
-                // Past the commit timeout: the runtime's pacing is what this test is about.
-                Step::Sleep(Duration::from_millis(400)),
-                Step::Send(execution_error("LLM_ERROR")),
-            ]))
-            .config(|c| c.runtime.commit_timeout_ms = Some(100))
-            .start()
-            .await;
-        let r = h.chat("org-a").send().await;
-        assert_served(&r, RT, "allowlist");
-        assert_eq!(names(&r), ["message", "error"]);
+        // Past the commit timeout: the runtime's pacing is what this test is about.
+        let after = vec![
+            Step::Sleep(Duration::from_millis(400)),
+            Step::Send(execution_error("LLM_ERROR")),
+        ];
+        let h = thinks_then(mode, after, |c| c.runtime.commit_timeout_ms = Some(100)).await;
+        let r = on_the_runtime(&h, &["message", "error"]).await;
         // The held thinking went out at the commit, before the error was known.
-        assert!(r.chunks[1].0 >= r.chunks[0].0);
-        assert!(h.legacy.work().is_empty());
-        assert_eq!(
-            metric(&h, "cutover_commit_total", &[("trigger", "timeout")]),
-            1.0
-        );
+        assert!(r.chunks[1].0 >= r.chunks[0].0, "{mode:?}");
+        assert_committed_by(&h, "timeout");
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_heartbeat_falling_due_while_held_commits() {
     for mode in MODES {
-        let h = Harness::new()
-            .config(move |c| c.runtime.pre_content = mode)
-            .runtime(runtime_sse(vec![
-                Step::Send(thinking("planning")),
-                Step::Sleep(Duration::from_millis(1500)),
-                Step::Send(text("answer")),
-                Step::Send(complete()),
-                Step::Send(done_frame()),
-            ]))
-            .config(|c| {
-                c.runtime.heartbeat_secs = 1;
-                c.runtime.commit_timeout_ms = Some(4000);
-            })
-            .start()
-            .await;
-        let r = h.chat("org-a").send().await;
-        assert_served(&r, RT, "allowlist");
-        assert_eq!(names(&r), ["message", "heartbeat", "message", "done"]);
+        let mut after = vec![Step::Sleep(Duration::from_millis(1500))];
+        after.extend(answer_steps("answer"));
+        let h = thinks_then(mode, after, |c| {
+            c.runtime.heartbeat_secs = 1;
+            c.runtime.commit_timeout_ms = Some(4000);
+        })
+        .await;
+        on_the_runtime(&h, &["message", "heartbeat", "message", "done"]).await;
         // Held, the heartbeat needs the head out: it commits. Streamed, it passes, and the
         // content commits.
-        let trigger = match mode {
-            PreContent::Hold => "heartbeat",
-            PreContent::Stream => "content",
-        };
-        assert_eq!(
-            metric(&h, "cutover_commit_total", &[("trigger", trigger)]),
-            1.0,
-            "{mode:?}"
-        );
+        match mode {
+            PreContent::Hold => assert_committed_by(&h, "heartbeat"),
+            PreContent::Stream => assert_committed_by(&h, "content"),
+        }
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_event_commits_on_a_thinking_event() {
     for mode in MODES {
-        let h = Harness::new()
-            .config(move |c| c.runtime.pre_content = mode)
-            .runtime(runtime_sse(vec![
-                Step::Send(thinking("planning")),
-                Step::Send(execution_error("LLM_ERROR")),
-            ]))
-            .config(|c| c.runtime.commit_on = CommitOn::FirstEvent)
-            .start()
-            .await;
-        let r = h.chat("org-a").send().await;
-        assert_served(&r, RT, "allowlist");
-        assert_eq!(names(&r), ["message", "error"]);
-        assert!(h.legacy.work().is_empty());
-        assert_eq!(
-            metric(&h, "cutover_commit_total", &[("trigger", "first_event")]),
-            1.0
-        );
+        let after = vec![Step::Send(execution_error("LLM_ERROR"))];
+        let h = thinks_then(mode, after, |c| c.runtime.commit_on = CommitOn::FirstEvent).await;
+        on_the_runtime(&h, &["message", "error"]).await;
+        assert_committed_by(&h, "first_event");
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_before_content_is_an_error_event_not_a_failover() {
     for mode in MODES {
-        let h = Harness::new()
-            .config(move |c| c.runtime.pre_content = mode)
-            .runtime(runtime_sse(vec![
-                Step::Send(thinking("planning")),
-                Step::Send(execution_error("EXECUTION_CANCELLED")),
-                Step::Send(done_frame()),
-            ]))
-            .start()
-            .await;
-        let r = h.chat("org-a").send().await;
-        assert_served(&r, RT, "allowlist");
-        assert_eq!(names(&r), ["message", "error"]);
-        assert_eq!(event_data(&r.events()[1])["code"], "EXECUTION_CANCELLED");
-        assert!(h.legacy.work().is_empty(), "{mode:?}: legacy was asked");
-        assert_eq!(
-            metric(&h, "cutover_commit_total", &[("trigger", "cancel")]),
-            1.0
-        );
+        let after = vec![
+            Step::Send(execution_error("EXECUTION_CANCELLED")),
+            Step::Send(done_frame()),
+        ];
+        let h = thinks_then(mode, after, |_| {}).await;
+        let r = on_the_runtime(&h, &["message", "error"]).await;
+        assert_eq!(code_at(&r, 1), "EXECUTION_CANCELLED");
+        assert_committed_by(&h, "cancel");
         let cancelled = || metric(&h, "chat_execution_cancelled_total", &[("mode", RT)]);
         assert!(eventually(Duration::from_secs(3), || cancelled() == 1.0).await);
         assert_eq!(
@@ -316,15 +281,7 @@ async fn a_cancel_before_content_is_an_error_event_not_a_failover() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_leaves_while_held_is_not_counted_against_the_runtime() {
     for mode in MODES {
-        let h = Harness::new()
-            .config(move |c| c.runtime.pre_content = mode)
-            .runtime(runtime_sse(vec![
-                Step::Send(thinking("planning")),
-                Step::Hang,
-            ]))
-            .config(|c| c.runtime.commit_timeout_ms = Some(4000))
-            .start()
-            .await;
+        let h = held_open(mode).await;
         let mut client = Client::connect(h.proxy_addr).await;
         let auth = format!("Bearer {}", token("org-a"));
         client
@@ -429,46 +386,27 @@ async fn with_the_bridge_the_user_message_is_saved_at_the_commit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_deadline_while_held_commits_and_answers_timeout() {
     for mode in MODES {
-        let h = Harness::new()
-            .config(move |c| c.runtime.pre_content = mode)
-            .runtime(runtime_sse(vec![
-                Step::Send(thinking("planning")),
-                Step::Hang,
-            ]))
-            .config(|c| {
-                c.runtime.execution_timeout_ms = 400;
-                c.runtime.commit_timeout_ms = Some(300);
-            })
-            .start()
-            .await;
-        let r = h.chat("org-a").send().await;
-        assert_served(&r, RT, "allowlist");
-        assert_eq!(names(&r), ["message", "error"]);
-        assert_eq!(event_data(&r.events()[1])["code"], "TIMEOUT");
-        // The commit timeout came first here; with the deadline first the answer is the same.
-        let h2 = Harness::new()
-            .config(move |c| c.runtime.pre_content = mode)
-            .runtime(runtime_sse(vec![
-                Step::Send(thinking("planning")),
-                Step::Hang,
-            ]))
-            .config(|c| c.runtime.execution_timeout_ms = 400)
-            .start()
-            .await;
-        let r = h2.chat("org-a").send().await;
-        assert_served(&r, RT, "allowlist");
-        assert_eq!(names(&r), ["message", "error"]);
-        assert_eq!(event_data(&r.events()[1])["code"], "TIMEOUT");
+        // The commit timeout comes first, then the deadline; with the deadline first the answer
+        // is the same.
+        let h = thinks_then(mode, vec![Step::Hang], |c| {
+            c.runtime.execution_timeout_ms = 400;
+            c.runtime.commit_timeout_ms = Some(300);
+        })
+        .await;
+        let r = on_the_runtime(&h, &["message", "error"]).await;
+        assert_eq!(code_at(&r, 1), "TIMEOUT");
+        let h = thinks_then(mode, vec![Step::Hang], |c| {
+            c.runtime.execution_timeout_ms = 400
+        })
+        .await;
+        let r = on_the_runtime(&h, &["message", "error"]).await;
+        assert_eq!(code_at(&r, 1), "TIMEOUT");
+        assert_committed_by(&h, "deadline");
+        recorded(&h, 1, 0).await;
         assert_eq!(
-            metric(&h2, "cutover_commit_total", &[("trigger", "deadline")]),
+            metric(&h, "chat_execution_timeout_total", &[("mode", RT)]),
             1.0
         );
-        recorded(&h2, 1, 0).await;
-        assert_eq!(
-            metric(&h2, "chat_execution_timeout_total", &[("mode", RT)]),
-            1.0
-        );
-        assert!(h.legacy.work().is_empty() && h2.legacy.work().is_empty());
     }
 }
 
@@ -484,11 +422,9 @@ async fn a_runtime_that_only_thinks_is_committed_to_when_too_much_is_held() {
         .runtime(runtime_sse(steps))
         .start()
         .await;
-    let r = h.chat("org-a").send().await;
-    assert_served(&r, RT, "allowlist");
-    let names = names(&r);
-    assert_eq!(names.len(), n + 3, "{names:?}");
-    assert_eq!(names.last().map(String::as_str), Some("error"));
+    let mut names = vec!["message"; n + 2];
+    names.push("error");
+    let r = on_the_runtime(&h, &names).await;
     let events = r.events();
     for (i, ev) in events.iter().take(n + 2).enumerate() {
         assert_eq!(
@@ -497,25 +433,13 @@ async fn a_runtime_that_only_thinks_is_committed_to_when_too_much_is_held() {
             "in order"
         );
     }
-    assert_eq!(
-        metric(&h, "cutover_commit_total", &[("trigger", "overflow")]),
-        1.0
-    );
-    assert!(h.legacy.work().is_empty());
+    assert_committed_by(&h, "overflow");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutting_down_while_held_commits_and_answers_shutting_down() {
     for mode in MODES {
-        let h = Harness::new()
-            .config(move |c| c.runtime.pre_content = mode)
-            .runtime(runtime_sse(vec![
-                Step::Send(thinking("planning")),
-                Step::Hang,
-            ]))
-            .config(|c| c.runtime.commit_timeout_ms = Some(4000))
-            .start()
-            .await;
+        let h = held_open(mode).await;
         let chat = tokio::spawn(h.chat("org-a").send());
         // The relay counts its stream from the runtime's head on, held or not.
         let in_flight = || metric(&h, "chat_streams_in_flight", &[("mode", RT)]);
@@ -524,10 +448,7 @@ async fn shutting_down_while_held_commits_and_answers_shutting_down() {
             "the runtime's stream never started"
         );
         h.cut_off(chat, "the held stream").await;
-        assert_eq!(
-            metric(&h, "cutover_commit_total", &[("trigger", "shutdown")]),
-            1.0
-        );
+        assert_committed_by(&h, "shutdown");
         // Not the runtime's fault, and nothing is failed over while the proxy stops.
         assert_eq!(metric(&h, "cutover_runtime_failovers_total", &[]), 0.0);
         assert!(h.legacy.work().is_empty());

@@ -71,42 +71,16 @@ fn assert_rescued(r: &Response, what: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_failure_before_content_is_rescued_in_the_open_stream_on_both_doors() {
-    let big = "x".repeat(4096);
-    let cases: Vec<(&str, Vec<Step>, &str)> = vec![
-        (
-            "execution_error after thinking",
-            vec![
-                Step::Send(thinking("planning")),
-                Step::Send(execution_error("LLM_ERROR")),
-                Step::Send(done_frame()),
-            ],
-            "error",
-        ),
-        (
-            "a crash after thinking",
-            vec![Step::Send(thinking("planning")), Step::Close],
-            "error",
-        ),
-        (
-            "a frame over max_frame_bytes before content",
-            vec![
-                Step::Send(thinking("planning")),
-                Step::Send(text(&big)),
-                Step::Hang,
-            ],
-            "error",
-        ),
-        (
-            "a stream that ends without content",
-            vec![Step::Send(thinking("planning")), Step::Send(done_frame())],
-            "error",
-        ),
-        (
-            "silent past runtime.idle_timeout_ms before content",
-            vec![Step::Send(thinking("planning")), Step::Hang],
-            "timeout",
-        ),
-    ];
+    let mut cases: Vec<(&str, Vec<Step>, &str)> = failures_after_thinking()
+        .into_iter()
+        .map(|(what, steps)| (what, steps, "error"))
+        .collect();
+    let silent = vec![Step::Send(planning()), Step::Hang];
+    cases.push((
+        "silent past runtime.idle_timeout_ms before content",
+        silent,
+        "timeout",
+    ));
     for (lean, path) in PATHS {
         for (what, steps, outcome) in &cases {
             let what = format!("{what} ({path})");

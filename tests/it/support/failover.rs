@@ -9,7 +9,8 @@ use tokio::task::JoinHandle;
 
 use super::client::Response;
 use super::{
-    assert_served, event_data, eventually, metric, recorded, Harness, Running, DIRECT, RT,
+    assert_served, done_frame, event_data, eventually, execution_error, frame, metric, recorded,
+    text, Harness, Running, Step, DIRECT, RT,
 };
 
 impl Running {
@@ -78,4 +79,44 @@ pub async fn assert_departure_recorded(server: &LocalServer, mode: &str, runtime
     );
     let errors = metric(server, "chat_execution_error_total", &[("mode", RT)]);
     assert_eq!(errors, runtime_errors);
+}
+
+/// A runtime's `thinking` event, at the planning stage.
+pub fn planning() -> Vec<u8> {
+    frame(
+        "thinking",
+        serde_json::json!({"content": "planning", "stage": "planning"}),
+    )
+}
+
+/// Ways a runtime fails after thinking and before any content, each named: an
+/// `execution_error`, a crash, a frame over a `runtime.max_frame_bytes` of 1024, and a clean
+/// end.
+pub fn failures_after_thinking() -> Vec<(&'static str, Vec<Step>)> {
+    let big = "x".repeat(4096);
+    [
+        (
+            "execution_error after thinking",
+            vec![
+                Step::Send(execution_error("LLM_ERROR")),
+                Step::Send(done_frame()),
+            ],
+        ),
+        ("a crash after thinking", vec![Step::Close]),
+        (
+            "a frame over max_frame_bytes before content",
+            vec![Step::Send(text(&big)), Step::Hang],
+        ),
+        (
+            "a stream that ends without content",
+            vec![Step::Send(done_frame())],
+        ),
+    ]
+    .into_iter()
+    .map(|(what, after)| {
+        let mut steps = vec![Step::Send(planning())];
+        steps.extend(after);
+        (what, steps)
+    })
+    .collect()
 }
