@@ -204,9 +204,7 @@ async fn an_error_after_content_stays_an_error_event() {
         let h = thinks_then(mode, after, |_| {}).await;
         let r = on_the_runtime(&h, &["message", "message", "error"]).await;
         assert_eq!(code_at(&r, 2), "LLM_ERROR");
-        recorded(&h, 1, 0).await;
-        let errors = metric(&h, "chat_execution_error_total", &[("mode", RT)]);
-        assert_eq!(errors, 1.0, "{mode:?}");
+        assert_one_runtime(&h, 0, "error").await;
     }
 }
 
@@ -402,11 +400,7 @@ async fn the_deadline_while_held_commits_and_answers_timeout() {
         let r = on_the_runtime(&h, &["message", "error"]).await;
         assert_eq!(code_at(&r, 1), "TIMEOUT");
         assert_committed_by(&h, "deadline");
-        recorded(&h, 1, 0).await;
-        assert_eq!(
-            metric(&h, "chat_execution_timeout_total", &[("mode", RT)]),
-            1.0
-        );
+        assert_one_runtime(&h, 0, "timeout").await;
     }
 }
 
