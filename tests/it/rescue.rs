@@ -12,7 +12,7 @@ use cutover_proxy::core::config::CommitTimeoutAction;
 use serde_json::{json, Value};
 use support::legacy::{self, FakeLegacy};
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 
 /// A body legacy must get byte for byte.
 const BODY: &str = "{ \"message\" : \"h\u{e9}llo \u{4e16}\u{754c}\",\"parentMessageId\":\"p-1\" }";
@@ -331,13 +331,7 @@ async fn a_client_that_leaves_during_the_rescue_ends_it() {
         b"event: done\ndata: {\"executionMode\":\"direct_llm\"}\n\n".to_vec(),
     )])
     .await;
-    let mut s = tokio::net::TcpStream::connect(h.proxy_addr).await.unwrap();
-    let request = format!(
-        "POST /api/v1/chat/sessions/s-1 HTTP/1.1\r\nHost: p\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{HI}",
-        token("org-a"),
-        HI.len()
-    );
-    s.write_all(request.as_bytes()).await.unwrap();
+    let mut s = raw_chat(h.proxy_addr, "HTTP/1.1", "s-1").await;
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
     while find(&got, b"\"first\"").is_none() {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use cutover_proxy::app::LocalServer;
 use serde_json::{json, Value};
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 
 /// Taken by the tests that move the timeout or cancellation counters, so the deltas they assert
 /// are their own.
@@ -750,14 +750,7 @@ async fn http10_clients_get_a_close_delimited_stream() {
         .start()
         .await;
 
-    let mut conn = tokio::net::TcpStream::connect(h.proxy_addr).await.unwrap();
-    let body = HI;
-    let req = format!(
-        "POST /api/v1/chat/sessions/s-10 HTTP/1.0\r\nhost: proxy.test\r\nauthorization: Bearer {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        token("org-a"),
-        body.len()
-    );
-    conn.write_all(req.as_bytes()).await.unwrap();
+    let mut conn = raw_chat(h.proxy_addr, "HTTP/1.0", "s-10").await;
     let mut raw = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut raw))
         .await

@@ -379,6 +379,30 @@ impl Client {
     }
 }
 
+/// The head of org-a's chat request to `session` as raw bytes, in `version` ("HTTP/1.1",
+/// "HTTP/1.0"), announcing a JSON body of `body_len` bytes; `extra` header lines (each ending in
+/// CRLF) go before the blank line.
+pub fn chat_head(version: &str, session: &str, body_len: usize, extra: &str) -> Vec<u8> {
+    format!(
+        "POST /api/v1/chat/sessions/{session} {version}\r\nHost: proxy.test\r\n\
+         Authorization: Bearer {}\r\nContent-Type: application/json\r\n\
+         {extra}Content-Length: {body_len}\r\n\r\n",
+        token("org-a"),
+    )
+    .into_bytes()
+}
+
+/// A raw connection to `addr` on which org-a's whole chat to `session` (body `HI`) was sent in
+/// `version`; the response is the caller's to read.
+pub async fn raw_chat(addr: std::net::SocketAddr, version: &str, session: &str) -> TcpStream {
+    let hi = super::harness::HI;
+    let mut request = chat_head(version, session, hi.len(), "");
+    request.extend_from_slice(hi.as_bytes());
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&request).await.unwrap();
+    s
+}
+
 /// Send one request on a fresh connection and read the whole response.
 pub async fn request(
     addr: std::net::SocketAddr,
