@@ -35,23 +35,6 @@ fn names(events: &[(String, String)]) -> Vec<&str> {
     events.iter().map(|(e, _)| e.as_str()).collect()
 }
 
-/// Every chunk the client received holds only whole events (the web app drops an event cut
-/// between two reads), LF-only, one data line each; returns all the events in order.
-fn whole_events(r: &Response) -> Vec<(String, String)> {
-    let mut all = Vec::new();
-    for (i, (_, chunk)) in r.chunks.iter().enumerate() {
-        let text = std::str::from_utf8(chunk)
-            .unwrap_or_else(|e| panic!("chunk {i} is not UTF-8 on its own ({e}): {chunk:?}"));
-        assert!(
-            text.ends_with("\n\n") && !text.starts_with('\n'),
-            "chunk {i} does not hold whole events: {text:?}"
-        );
-        all.extend(parse_events(text));
-    }
-    assert_eq!(all, r.events(), "chunks and body disagree");
-    all
-}
-
 /// The events of a stream that ended with an error: exactly one `error`, last, and a properly
 /// terminated chunked body. Returns the events and the error's data.
 fn ends_with_one_error(r: &Response) -> (Vec<(String, String)>, Value) {

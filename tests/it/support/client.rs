@@ -166,6 +166,23 @@ pub fn event_data(event: &(String, String)) -> serde_json::Value {
     serde_json::from_str(&event.1).unwrap()
 }
 
+/// Every chunk the client received holds only whole events (the web app drops an event cut
+/// between two reads), LF-only, one data line each; returns all the events in order.
+pub fn whole_events(r: &Response) -> Vec<(String, String)> {
+    let mut all = Vec::new();
+    for (i, (_, chunk)) in r.chunks.iter().enumerate() {
+        let text = std::str::from_utf8(chunk)
+            .unwrap_or_else(|e| panic!("chunk {i} is not UTF-8 on its own ({e}): {chunk:?}"));
+        assert!(
+            text.ends_with("\n\n") && !text.starts_with('\n'),
+            "chunk {i} does not hold whole events: {text:?}"
+        );
+        all.extend(parse_events(text));
+    }
+    assert_eq!(all, r.events(), "chunks and body disagree");
+    all
+}
+
 /// Split `event: X\ndata: Y\n\n` blocks; anything else is a test failure.
 pub fn parse_events(text: &str) -> Vec<(String, String)> {
     assert!(!text.contains('\r'), "client stream contains CR: {text:?}");
