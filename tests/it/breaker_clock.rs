@@ -77,15 +77,9 @@ fn transitions(text: &str, from: &str, to: &str) -> f64 {
 async fn open_breaker_half_opens_on_time_with_no_traffic() {
     let _serial = SERIAL.lock().await;
     let recovered = Arc::new(AtomicBool::new(false));
-    let r = recovered.clone();
+    let failure = Reply::json(500, json!({"error": "overloaded"}));
     let h = Harness::new()
-        .runtime(runtime_answering(move |_: &Received| {
-            if r.load(Ordering::SeqCst) {
-                Reply::sse(runtime_ok_steps())
-            } else {
-                Reply::json(500, json!({"error": "overloaded"}))
-            }
-        }))
+        .runtime(runtime_failing_until(recovered.clone(), failure))
         .config(move |c| {
             c.breaker.min_requests = 1;
             c.breaker.open_secs = OPEN_SECS;
@@ -201,14 +195,11 @@ async fn health_opened_breaker_reads_half_open_once_the_runtime_is_back() {
     down.store(false, Ordering::SeqCst);
 
     // Polled through the admin API, as an operator would; each read may tick, none is a chat.
-    let half_open = until(DEADLINE, || async {
-        let status = fallback_status(&h).await;
-        if status["state"] == "half_open" {
-            Ok(status)
-        } else {
-            Err(status)
-        }
-    })
+    let half_open = poll_until(
+        DEADLINE,
+        || fallback_status(&h),
+        |s| s["state"] == "half_open",
+    )
     .await;
     let status = half_open.unwrap_or_else(|status| {
         panic!(

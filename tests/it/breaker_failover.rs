@@ -63,6 +63,11 @@ async fn window(server: &LocalServer) -> Value {
     body["data"].clone()
 }
 
+/// `[total, success, error, timeout]` of one side (`runtime` or `direct`) of the admin API's window.
+fn outcomes(window: &Value, side: &str) -> [u64; 4] {
+    ["total", "success", "error", "timeout"].map(|k| window[side][k].as_u64().expect(k))
+}
+
 fn fallback_gauge(server: &LocalServer) -> i64 {
     server.shared.metrics.fallback_enabled.get()
 }
@@ -128,21 +133,12 @@ async fn probe_until_closed(server: &LocalServer, runtime: &Upstream) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn execution_errors_open_the_breaker_and_it_recovers_by_itself() {
     let healthy = Arc::new(AtomicBool::new(false));
-    let h = healthy.clone();
+    let failure = Reply::sse(vec![
+        Step::Send(execution_error("LLM_ERROR")),
+        Step::Send(done_frame()),
+    ]);
     let h = Harness::new()
-        .runtime(runtime_answering(move |_: &Received| {
-            if h.load(Ordering::SeqCst) {
-                Reply::sse(runtime_ok_steps())
-            } else {
-                Reply::sse(vec![
-                    Step::Send(frame(
-                        "execution_error",
-                        json!({"error": "model overloaded", "code": "LLM_ERROR"}),
-                    )),
-                    Step::Send(done_frame()),
-                ])
-            }
-        }))
+        .runtime(runtime_failing_until(healthy.clone(), failure))
         .config(move |cfg| {
             cfg.breaker.min_requests = 10;
             cfg.breaker.error_rate = 0.5;
@@ -189,21 +185,9 @@ async fn execution_errors_open_the_breaker_and_it_recovers_by_itself() {
     let data = window(&h).await;
     assert_eq!(data["fallbackEnabled"], true);
     assert_eq!(data["fallbackReason"], reason);
-    assert_eq!(
-        (
-            data["runtime"]["total"].as_u64(),
-            data["runtime"]["error"].as_u64()
-        ),
-        (Some(10), Some(10))
-    );
+    assert_eq!(outcomes(&data, "runtime"), [10, 0, 10, 0]);
     assert_eq!(data["runtime"]["errorRate"].as_f64(), Some(1.0));
-    assert_eq!(
-        (
-            data["direct"]["total"].as_u64(),
-            data["direct"]["success"].as_u64()
-        ),
-        (Some(3), Some(3))
-    );
+    assert_eq!(outcomes(&data, "direct"), [3, 3, 0, 0]);
 
     // The runtime recovers; nobody calls the admin API.
     healthy.store(true, Ordering::SeqCst);
@@ -350,22 +334,8 @@ async fn runtime_failing_before_its_first_byte_is_failed_over_to_legacy() {
         // The runtime's failure counts against it; legacy's answer is a direct success.
         recorded(&h, 1, 1).await;
         let data = window(&h).await;
-        assert_eq!(
-            (
-                data["runtime"]["total"].as_u64(),
-                data["runtime"]["error"].as_u64()
-            ),
-            (Some(1), Some(1)),
-            "{what}: {data}"
-        );
-        assert_eq!(
-            (
-                data["direct"]["total"].as_u64(),
-                data["direct"]["success"].as_u64()
-            ),
-            (Some(1), Some(1)),
-            "{what}: {data}"
-        );
+        assert_eq!(outcomes(&data, "runtime"), [1, 0, 1, 0], "{what}: {data}");
+        assert_eq!(outcomes(&data, "direct"), [1, 1, 0, 0], "{what}: {data}");
         assert_eq!(h.shared.breaker.window_stats().error, 1, "{what}");
         assert_eq!(
             h.shared.metrics.failover_total.get(),
@@ -590,11 +560,8 @@ async fn runtime_timing_out_on_connect_is_failed_over_and_counts_as_error() {
     recorded(&h, 1, 1).await;
     let data = window(&h).await;
     assert_eq!(
-        (
-            data["runtime"]["error"].as_u64(),
-            data["runtime"]["timeout"].as_u64()
-        ),
-        (Some(1), Some(0)),
+        outcomes(&data, "runtime"),
+        [1, 0, 1, 0],
         "a runtime that cannot be reached is an error, as every failover: {data}"
     );
     drop(listener);

@@ -46,6 +46,28 @@ fn bridge(target: &Target) -> Arc<Bridge> {
     )
 }
 
+/// Legacy's id for a save it settled within the chat's wait (else fail, expecting `what`).
+#[track_caller]
+fn saved_id(saved: Persisted, what: &str) -> String {
+    match saved {
+        Persisted::Saved(id) => id,
+        other => panic!("expected {what}, got {other:?}"),
+    }
+}
+
+/// A save not settled within the chat's wait (else fail, expecting `what`): the proxy's own id
+/// for `done`, and the retry that settles it.
+#[track_caller]
+fn deferred(
+    saved: Persisted,
+    what: &str,
+) -> (String, tokio::task::JoinHandle<Result<String, BridgeError>>) {
+    match saved {
+        Persisted::Deferred { message_id, retry } => (message_id, retry),
+        other => panic!("expected {what}, got {other:?}"),
+    }
+}
+
 /// The seeded fake legacy, a target on it, and a bridge counting in the shared series.
 async fn seeded() -> (FakeLegacy, Target, Arc<Bridge>) {
     let legacy = FakeLegacy::seeded().await;
@@ -424,9 +446,7 @@ async fn messages_are_saved_and_their_ids_returned() {
         AssistantMessage::new("", "streamed text", Some(9), 120),
     )
     .await;
-    let Persisted::Saved(assistant_id) = saved else {
-        panic!("expected a saved message, got {saved:?}");
-    };
+    let assistant_id = saved_id(saved, "a saved message");
     let stored = legacy.messages("s-1");
     assert_eq!(stored.len(), 5);
     assert_eq!(
@@ -454,6 +474,14 @@ fn rows(legacy: &FakeLegacy, content: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Legacy holds `content` once, under `id`.
+#[track_caller]
+fn assert_saved_once(legacy: &FakeLegacy, content: &str, id: &str) {
+    let rows = rows(legacy, content);
+    assert_eq!(rows.len(), 1, "{content}: {rows:?}");
+    assert_eq!(rows[0]["id"], id, "{content}");
+}
+
 /// A bridge with one retry window (`persist_retry_secs`).
 fn windowed(legacy: &FakeLegacy, secs: u64) -> (Target, Arc<Bridge>, &'static BridgeMetrics) {
     let t = target_with(legacy, &format!("persist_retry_secs = {secs}\n"));
@@ -469,13 +497,10 @@ async fn a_failed_save_is_read_back_then_sent_again() {
     // A 5xx may come after the row was written: each is followed by a read-back.
     legacy.fail(LegacyRoute::PostMessage, Fault::StatusTimes(503, 2));
     let saved = save_answer(&b, &t, AssistantMessage::new("answer", "", None, 5)).await;
-    let Persisted::Deferred { message_id, retry } = saved else {
-        panic!("expected a deferred save, got {saved:?}");
-    };
+    let (message_id, retry) = deferred(saved, "a deferred save");
     assert_eq!(message_id.len(), 36, "{message_id} is not a UUID");
     let id = retry.await.unwrap().expect("third attempt saves it");
-    assert_eq!(rows(&legacy, "answer").len(), 1);
-    assert_eq!(rows(&legacy, "answer")[0]["id"], id.as_str());
+    assert_saved_once(&legacy, "answer", &id);
     assert_eq!(legacy.calls(LegacyRoute::PostMessage), 3);
     assert_eq!(
         legacy.calls(LegacyRoute::GetMessages),
@@ -503,11 +528,8 @@ async fn a_save_answered_late_is_saved_once_under_legacy_s_id() {
         Fault::Slow(Duration::from_millis(450)),
     );
     let saved = save_answer(&b, &t, AssistantMessage::new("late", "", None, 5)).await;
-    let Persisted::Saved(id) = saved else {
-        panic!("expected legacy's id, got {saved:?}");
-    };
-    assert_eq!(rows(&legacy, "late").len(), 1);
-    assert_eq!(rows(&legacy, "late")[0]["id"], id.as_str());
+    let id = saved_id(saved, "legacy's id");
+    assert_saved_once(&legacy, "late", &id);
 
     // Slower than the wait: done would name a proxy-made id, and the answer that comes later
     // settles it: still one row, and no second attempt.
@@ -516,13 +538,10 @@ async fn a_save_answered_late_is_saved_once_under_legacy_s_id() {
         Fault::Slow(Duration::from_millis(900)),
     );
     let saved = save_answer(&b, &t, AssistantMessage::new("later", "", None, 5)).await;
-    let Persisted::Deferred { message_id, retry } = saved else {
-        panic!("expected a deferred save, got {saved:?}");
-    };
+    let (message_id, retry) = deferred(saved, "a deferred save");
     let id = retry.await.unwrap().expect("the late answer settles it");
     assert_ne!(id, message_id);
-    assert_eq!(rows(&legacy, "later").len(), 1);
-    assert_eq!(rows(&legacy, "later")[0]["id"], id.as_str());
+    assert_saved_once(&legacy, "later", &id);
     assert_eq!(
         legacy.calls(LegacyRoute::PostMessage),
         2,
@@ -541,9 +560,7 @@ async fn a_save_whose_answer_was_lost_is_found_by_the_read_back() {
         .to_string();
     legacy.fail_next(LegacyRoute::PostMessage, Fault::SaveThenDrop);
     let saved = save_user(&b, &t, "again", Some(before.clone())).await;
-    let Persisted::Saved(id) = saved else {
-        panic!("expected the id the read-back found, got {saved:?}");
-    };
+    let id = saved_id(saved, "the id the read-back found");
     let again = rows(&legacy, "again");
     assert_eq!(again.len(), 2, "the earlier one and this one: {again:?}");
     assert_eq!(again[1]["id"], id.as_str());
@@ -558,9 +575,7 @@ async fn a_save_lives_through_legacy_going_down_and_coming_back() {
     // (the ten seconds of a restart, made short), then comes back with the same data.
     legacy.stop();
     let saved = save_user(&b, &t, "through the restart", Some("m-3".into())).await;
-    let Persisted::Deferred { retry, .. } = saved else {
-        panic!("expected a deferred save, got {saved:?}");
-    };
+    let (_, retry) = deferred(saved, "a deferred save");
     assert_eq!(b.pending_saves(), 1);
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert!(!retry.is_finished(), "still retrying while legacy is down");
@@ -581,9 +596,7 @@ async fn a_rate_limited_save_is_sent_again_without_a_read_back() {
     let (legacy, t, b) = seeded().await;
     legacy.fail(LegacyRoute::PostMessage, Fault::StatusTimes(429, 1));
     let saved = save_user(&b, &t, "slow down", Some("m-3".into())).await;
-    let Persisted::Deferred { retry, .. } = saved else {
-        panic!("expected a deferred save, got {saved:?}");
-    };
+    let (_, retry) = deferred(saved, "a deferred save");
     retry.await.unwrap().unwrap();
     assert_eq!(rows(&legacy, "slow down").len(), 1);
     assert_eq!(legacy.calls(LegacyRoute::PostMessage), 2);
@@ -606,9 +619,7 @@ async fn the_saves_of_one_chat_reach_legacy_in_order() {
     let user = save_user(&b, &t, "question", Some("m-3".into())).await;
     assert!(matches!(user, Persisted::Deferred { .. }), "{user:?}");
     let answer = save_answer(&b, &t, AssistantMessage::new("its answer", "", None, 7)).await;
-    let Persisted::Deferred { retry, .. } = answer else {
-        panic!("expected the answer to wait for its question, got {answer:?}");
-    };
+    let (_, retry) = deferred(answer, "the answer to wait for its question");
     retry.await.unwrap().unwrap();
     let contents: Vec<serde_json::Value> = legacy.messages("s-1")[3..]
         .iter()
@@ -675,9 +686,7 @@ async fn a_save_that_never_succeeds_is_logged_whole_and_counted() {
     // The answer's wait: twice timeout_ms.
     assert!(first_took >= Duration::from_millis(590), "{first_took:?}");
     assert!(first_took < Duration::from_millis(1000), "{first_took:?}");
-    let Persisted::Deferred { retry, .. } = saved else {
-        panic!("expected a deferred save, got {saved:?}");
-    };
+    let (_, retry) = deferred(saved, "a deferred save");
     assert_unavailable(retry.await.unwrap(), Route::SaveMessage);
     assert!(
         started.elapsed() < Duration::from_secs(3),
@@ -736,9 +745,7 @@ async fn a_refused_save_is_not_retried() {
             None,
         )
         .await;
-    let Persisted::Deferred { retry, .. } = saved else {
-        panic!("expected a deferred save, got {saved:?}");
-    };
+    let (_, retry) = deferred(saved, "a deferred save");
     assert_refused(retry.await.unwrap(), Route::SaveMessage, Some(404));
     assert_eq!(
         legacy.count(),

@@ -379,11 +379,10 @@ async fn chat_start_creates_the_session_that_done_names() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chat_start_that_fails_over_deletes_its_session_before_legacy_serves_it() {
     let h = Harness::new()
-        .legacy_server(fake_legacy().await)
+        .bridged(fake_legacy().await)
         .runtime(runtime_answering(|_: &Received| {
             Reply::json(500, json!({"detail": "boom"}))
         }))
-        .config(|c| c.bridge.enabled = true)
         .start()
         .await;
     let body = json!({"agentId": "ag-1", "message": "hello"});
@@ -399,30 +398,12 @@ async fn a_chat_start_that_fails_over_deletes_its_session_before_legacy_serves_i
     assert_served(&r, DIRECT, "failover");
     assert!(r.text().contains("legacy"));
 
-    let received = h.legacy.received();
-    let paths: Vec<(&str, &str)> = received
-        .iter()
-        .map(|q| (q.method.as_str(), q.path.as_str()))
-        .collect();
-    let created = paths
-        .iter()
-        .position(|p| *p == ("POST", "/api/v1/sessions"))
-        .expect("a session was created");
-    let deleted = paths
-        .iter()
-        .position(|(m, _)| *m == "DELETE")
-        .expect("the session was deleted");
-    let chat = paths
-        .iter()
-        .position(|p| *p == ("POST", "/api/v1/chat/start"))
-        .expect("legacy served the chat");
-    assert!(created < deleted && deleted < chat, "{paths:?}");
-    let id = paths[deleted].1.rsplit('/').next().unwrap();
-    assert!(h.legacy.session(id).is_none(), "session {id} left behind");
-    assert_eq!(received[chat].body, body.to_string().as_bytes());
+    let calls = h
+        .legacy
+        .assert_start_undone_before_served(body.to_string().as_bytes());
     assert!(
-        !paths.iter().any(|p| p.1.ends_with("/messages")),
-        "{paths:?}"
+        !calls.iter().any(|c| c.1.ends_with("/messages")),
+        "{calls:?}"
     );
 }
 
@@ -476,9 +457,8 @@ async fn unavailable_lookups_send_the_chat_to_legacy_unchanged_and_uncharged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_legacy_nobody_listens_on_is_bridge_unavailable() {
     let h = Harness::new()
-        .legacy_server(Unreachable::new())
+        .bridged(Unreachable::new())
         .runtime(runtime)
-        .config(|c| c.bridge.enabled = true)
         .start()
         .await;
     let r = chat(h.proxy_addr, Some("org-a"), "s-1", HI).await;

@@ -395,13 +395,10 @@ async fn a_runtime_bound_body_too_large_to_replay_is_served_by_legacy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_legacy_chat_stream_reaches_the_client_chunk_by_chunk() {
     let h = Harness::new()
-        .legacy(|_: &Received| {
-            Reply::sse(vec![
-                Step::Send(b"event: message\ndata: {\"n\":1}\n\n".to_vec()),
-                Step::WaitRelease,
-                Step::Send(b"event: done\ndata: {\"n\":2}\n\n".to_vec()),
-            ])
-        })
+        .legacy(released_in_two(
+            b"event: message\ndata: {\"n\":1}\n\n",
+            b"event: done\ndata: {\"n\":2}\n\n",
+        ))
         .start()
         .await;
 
@@ -485,13 +482,8 @@ async fn a_client_expecting_100_continue_is_told_to_send_the_body() {
 
     let body = format!(r#"{{"message":"{}"}}"#, "x".repeat(2000));
     let mut conn = tokio::net::TcpStream::connect(h.proxy_addr).await.unwrap();
-    let head = format!(
-        "POST /api/v1/chat/sessions/s-100 HTTP/1.1\r\nhost: a\r\nauthorization: Bearer {}\r\n\
-         content-type: application/json\r\ncontent-length: {}\r\nexpect: 100-continue\r\n\r\n",
-        token("org-a"),
-        body.len()
-    );
-    conn.write_all(head.as_bytes()).await.unwrap();
+    let head = chat_head("HTTP/1.1", "s-100", body.len(), "Expect: 100-continue\r\n");
+    conn.write_all(&head).await.unwrap();
     let mut interim = [0u8; 64];
     let n = tokio::time::timeout(Duration::from_millis(500), conn.read(&mut interim))
         .await

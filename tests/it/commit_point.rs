@@ -8,10 +8,9 @@ use crate::support;
 
 use std::time::Duration;
 
-use cutover_proxy::core::breaker::State;
-use cutover_proxy::core::config::{CommitOn, PreContent};
+use cutover_proxy::core::config::{CommitOn, Config, PreContent};
 use serde_json::{json, Value};
-use support::legacy::FakeLegacy;
+use support::legacy::{self, FakeLegacy};
 use support::*;
 
 /// What holds under both `runtime.pre_content` settings runs under both; what is about the held
@@ -25,13 +24,6 @@ fn thinking(content: &str) -> Vec<u8> {
     frame("thinking", json!({"content": content, "stage": "planning"}))
 }
 
-fn failed(code: &str) -> Vec<u8> {
-    frame(
-        "execution_error",
-        json!({"error": "model overloaded", "code": code}),
-    )
-}
-
 fn complete() -> Vec<u8> {
     frame("execution_complete", json!({"final_response": "ok"}))
 }
@@ -40,15 +32,51 @@ fn names(r: &Response) -> Vec<String> {
     event_names(r)
 }
 
-/// A runtime answering every execution with `steps`.
-fn runtime(steps: Vec<Step>) -> impl Fn(&Received) -> Reply + Send + Sync + 'static {
-    move |req: &Received| {
-        if req.path == "/health" {
-            Reply::json(200, json!({"status": "ok"}))
-        } else {
-            Reply::sse(steps.clone())
-        }
-    }
+/// A proxy under `mode`, with `tweak`, in front of a runtime that thinks and then goes on with
+/// `after`.
+async fn thinks_then(
+    mode: PreContent,
+    after: Vec<Step>,
+    tweak: impl FnOnce(&mut Config) + 'static,
+) -> Running {
+    let mut steps = vec![Step::Send(thinking("planning"))];
+    steps.extend(after);
+    Harness::new()
+        .config(move |c| c.runtime.pre_content = mode)
+        .runtime(runtime_sse(steps))
+        .config(tweak)
+        .start()
+        .await
+}
+
+/// A proxy under `mode` in front of a runtime that thinks and then hangs, with a commit timeout
+/// (4 s) nothing here waits for.
+async fn held_open(mode: PreContent) -> Running {
+    thinks_then(mode, vec![Step::Hang], |c| {
+        c.runtime.commit_timeout_ms = Some(4000)
+    })
+    .await
+}
+
+/// Org-a's chat, served by the runtime whole with events named `names`; legacy never asked.
+async fn on_the_runtime(h: &Running, names: &[&str]) -> Response {
+    let r = h.chat("org-a").send().await;
+    assert_served(&r, RT, "allowlist");
+    assert_eq!(event_names(&r), names, "{:?}", r.events());
+    assert!(h.legacy.work().is_empty(), "legacy was asked");
+    r
+}
+
+/// The one commit was for `trigger`.
+#[track_caller]
+fn assert_committed_by(h: &Running, trigger: &str) {
+    let commits = metric(h, "cutover_commit_total", &[("trigger", trigger)]);
+    assert_eq!(commits, 1.0, "commits for {trigger}");
+}
+
+/// The `code` of the event at `at`.
+fn code_at(r: &Response, at: usize) -> Value {
+    event_data(&r.events()[at])["code"].clone()
 }
 
 /// Served by legacy as a failover: its ordinary stream, no error event.
@@ -59,60 +87,32 @@ fn assert_failed_over(r: &Response, what: &str) {
     assert!(r.text().contains("\"legacy\""), "{what}");
 }
 
-fn data(event: &(String, String)) -> Value {
-    serde_json::from_str(&event.1).unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runtimes_that_fail_first_thing_are_failed_over_with_the_original_body() {
-    let big = "x".repeat(4096);
-    let cases: Vec<(&str, Reply, &str)> = vec![
-        (
-            "execution_error first",
-            Reply::sse(vec![
-                Step::Send(failed("LLM_ERROR")),
-                Step::Send(done_frame()),
-            ]),
-            "before_commit",
-        ),
-        (
-            "two thinking, then execution_error",
-            Reply::sse(vec![
-                Step::Send(thinking("planning")),
-                Step::Send(thinking("still planning")),
-                Step::Send(failed("LLM_RATE_LIMITED")),
-                Step::Send(done_frame()),
-            ]),
-            "before_commit",
-        ),
-        (
-            "a crash after one thinking",
-            Reply::sse(vec![Step::Send(thinking("planning")), Step::Close]),
-            "before_commit",
-        ),
-        (
-            "a frame over max_frame_bytes before content",
-            Reply::sse(vec![
-                Step::Send(thinking("planning")),
-                Step::Send(text(&big)),
-                Step::Hang,
-            ]),
-            "before_commit",
-        ),
-        (
-            "a stream that ends without content",
-            Reply::sse(vec![
-                Step::Send(thinking("planning")),
-                Step::Send(done_frame()),
-            ]),
-            "before_commit",
-        ),
-        (
-            "a 503 head",
-            Reply::json(503, json!({"detail": "overloaded"})),
-            "before_head",
-        ),
-    ];
+    // Failing before any content: after the head, before the commit.
+    let mut streams = failures_after_thinking();
+    streams.push((
+        "execution_error first",
+        vec![
+            Step::Send(execution_error("LLM_ERROR")),
+            Step::Send(done_frame()),
+        ],
+    ));
+    streams.push((
+        "two thinking, then execution_error",
+        vec![
+            Step::Send(thinking("planning")),
+            Step::Send(thinking("still planning")),
+            Step::Send(execution_error("LLM_RATE_LIMITED")),
+            Step::Send(done_frame()),
+        ],
+    ));
+    let mut cases: Vec<(&str, Reply, &str)> = streams
+        .into_iter()
+        .map(|(what, steps)| (what, Reply::sse(steps), "before_commit"))
+        .collect();
+    let overloaded = Reply::json(503, json!({"detail": "overloaded"}));
+    cases.push(("a 503 head", overloaded, "before_head"));
     for (what, reply, stage) in cases {
         let h = Harness::new()
             .config(|c| c.runtime.pre_content = PreContent::Hold)
@@ -122,11 +122,7 @@ async fn runtimes_that_fail_first_thing_are_failed_over_with_the_original_body()
             .await;
         let r = h.chat("org-a").body(BODY).send().await;
         assert_failed_over(&r, what);
-        assert_eq!(h.runtime.work().len(), 1, "{what}");
-        let legacy = h.legacy.work();
-        assert_eq!(legacy.len(), 1, "{what}");
-        assert_eq!(legacy[0].body, BODY.as_bytes(), "{what}: legacy's body");
-        assert_eq!(legacy[0].path, "/api/v1/chat/sessions/s-1", "{what}");
+        h.assert_legacy_got_the_chat(BODY, what);
 
         recorded(&h, 1, 1).await;
         let rt = [("mode", RT)];
@@ -150,7 +146,7 @@ async fn held_thinking_comes_out_in_order_with_the_first_content() {
     for mode in MODES {
         let h = Harness::new()
             .config(move |c| c.runtime.pre_content = mode)
-            .runtime(runtime(vec![
+            .runtime(runtime_sse(vec![
                 Step::Send(thinking("one")),
                 // Dropped and counted; it writes nothing, and releases nothing held.
                 Step::Send(b"data: {not json\r\n\r\n".to_vec()),
@@ -171,7 +167,7 @@ async fn held_thinking_comes_out_in_order_with_the_first_content() {
         );
         let contents: Vec<Value> = [0, 2, 3]
             .iter()
-            .map(|&i| data(&events[i])["data"]["content"].clone())
+            .map(|&i| event_data(&events[i])["data"]["content"].clone())
             .collect();
         assert_eq!(contents, [json!("one"), json!("two"), json!("answer")]);
         let first = String::from_utf8(r.chunks[0].1.clone()).unwrap();
@@ -201,152 +197,89 @@ async fn held_thinking_comes_out_in_order_with_the_first_content() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_error_after_content_stays_an_error_event() {
     for mode in MODES {
-        let h = Harness::new()
-            .config(move |c| c.runtime.pre_content = mode)
-            .runtime(runtime(vec![
-                Step::Send(thinking("planning")),
-                Step::Send(text("partial")),
-                Step::Send(failed("LLM_ERROR")),
-            ]))
-            .start()
-            .await;
-        let r = h.chat("org-a").send().await;
-        assert_served(&r, RT, "allowlist");
-        assert_eq!(names(&r), ["message", "message", "error"]);
-        assert_eq!(data(&r.events()[2])["code"], "LLM_ERROR");
-        assert!(h.legacy.work().is_empty());
-        recorded(&h, 1, 0).await;
-        assert_eq!(
-            metric(&h, "chat_execution_error_total", &[("mode", RT)]),
-            1.0
-        );
+        let after = vec![
+            Step::Send(text("partial")),
+            Step::Send(execution_error("LLM_ERROR")),
+        ];
+        let h = thinks_then(mode, after, |_| {}).await;
+        let r = on_the_runtime(&h, &["message", "message", "error"]).await;
+        assert_eq!(code_at(&r, 2), "LLM_ERROR");
+        assert_one_runtime(&h, 0, "error").await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_error_after_the_commit_timeout_stays_an_error_event() {
     for mode in MODES {
-        let h = Harness::new()
-            .config(move |c| c.runtime.pre_content = mode)
-            .runtime(runtime(vec![
-                Step::Send(thinking("planning")),
-                // Past the commit timeout: the runtime's pacing is what this test is about.
-                Step::Sleep(Duration::from_millis(400)),
-                Step::Send(failed("LLM_ERROR")),
-            ]))
-            .config(|c| c.runtime.commit_timeout_ms = Some(100))
-            .start()
-            .await;
-        let r = h.chat("org-a").send().await;
-        assert_served(&r, RT, "allowlist");
-        assert_eq!(names(&r), ["message", "error"]);
+        // Past the commit timeout: the runtime's pacing is what this test is about.
+        let after = vec![
+            Step::Sleep(Duration::from_millis(400)),
+            Step::Send(execution_error("LLM_ERROR")),
+        ];
+        let h = thinks_then(mode, after, |c| c.runtime.commit_timeout_ms = Some(100)).await;
+        let r = on_the_runtime(&h, &["message", "error"]).await;
         // The held thinking went out at the commit, before the error was known.
-        assert!(r.chunks[1].0 >= r.chunks[0].0);
-        assert!(h.legacy.work().is_empty());
-        assert_eq!(
-            metric(&h, "cutover_commit_total", &[("trigger", "timeout")]),
-            1.0
-        );
+        assert!(r.chunks[1].0 >= r.chunks[0].0, "{mode:?}");
+        assert_committed_by(&h, "timeout");
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_heartbeat_falling_due_while_held_commits() {
     for mode in MODES {
-        let h = Harness::new()
-            .config(move |c| c.runtime.pre_content = mode)
-            .runtime(runtime(vec![
-                Step::Send(thinking("planning")),
-                Step::Sleep(Duration::from_millis(1500)),
-                Step::Send(text("answer")),
-                Step::Send(complete()),
-                Step::Send(done_frame()),
-            ]))
-            .config(|c| {
-                c.runtime.heartbeat_secs = 1;
-                c.runtime.commit_timeout_ms = Some(4000);
-            })
-            .start()
-            .await;
-        let r = h.chat("org-a").send().await;
-        assert_served(&r, RT, "allowlist");
-        assert_eq!(names(&r), ["message", "heartbeat", "message", "done"]);
+        let mut after = vec![Step::Sleep(Duration::from_millis(1500))];
+        after.extend(answer_steps("answer"));
+        let h = thinks_then(mode, after, |c| {
+            c.runtime.heartbeat_secs = 1;
+            c.runtime.commit_timeout_ms = Some(4000);
+        })
+        .await;
+        on_the_runtime(&h, &["message", "heartbeat", "message", "done"]).await;
         // Held, the heartbeat needs the head out: it commits. Streamed, it passes, and the
         // content commits.
-        let trigger = match mode {
-            PreContent::Hold => "heartbeat",
-            PreContent::Stream => "content",
-        };
-        assert_eq!(
-            metric(&h, "cutover_commit_total", &[("trigger", trigger)]),
-            1.0,
-            "{mode:?}"
-        );
+        match mode {
+            PreContent::Hold => assert_committed_by(&h, "heartbeat"),
+            PreContent::Stream => assert_committed_by(&h, "content"),
+        }
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_event_commits_on_a_thinking_event() {
     for mode in MODES {
-        let h = Harness::new()
-            .config(move |c| c.runtime.pre_content = mode)
-            .runtime(runtime(vec![
-                Step::Send(thinking("planning")),
-                Step::Send(failed("LLM_ERROR")),
-            ]))
-            .config(|c| c.runtime.commit_on = CommitOn::FirstEvent)
-            .start()
-            .await;
-        let r = h.chat("org-a").send().await;
-        assert_served(&r, RT, "allowlist");
-        assert_eq!(names(&r), ["message", "error"]);
-        assert!(h.legacy.work().is_empty());
-        assert_eq!(
-            metric(&h, "cutover_commit_total", &[("trigger", "first_event")]),
-            1.0
-        );
+        let after = vec![Step::Send(execution_error("LLM_ERROR"))];
+        let h = thinks_then(mode, after, |c| c.runtime.commit_on = CommitOn::FirstEvent).await;
+        on_the_runtime(&h, &["message", "error"]).await;
+        assert_committed_by(&h, "first_event");
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_before_content_is_an_error_event_not_a_failover() {
     for mode in MODES {
-        let h = Harness::new()
-            .config(move |c| c.runtime.pre_content = mode)
-            .runtime(runtime(vec![
-                Step::Send(thinking("planning")),
-                Step::Send(failed("EXECUTION_CANCELLED")),
-                Step::Send(done_frame()),
-            ]))
-            .start()
-            .await;
-        let r = h.chat("org-a").send().await;
-        assert_served(&r, RT, "allowlist");
-        assert_eq!(names(&r), ["message", "error"]);
-        assert_eq!(data(&r.events()[1])["code"], "EXECUTION_CANCELLED");
-        assert!(h.legacy.work().is_empty());
-        assert_eq!(
-            metric(&h, "cutover_commit_total", &[("trigger", "cancel")]),
-            1.0
-        );
+        let after = vec![
+            Step::Send(execution_error("EXECUTION_CANCELLED")),
+            Step::Send(done_frame()),
+        ];
+        let h = thinks_then(mode, after, |_| {}).await;
+        let r = on_the_runtime(&h, &["message", "error"]).await;
+        assert_eq!(code_at(&r, 1), "EXECUTION_CANCELLED");
+        assert_committed_by(&h, "cancel");
         let cancelled = || metric(&h, "chat_execution_cancelled_total", &[("mode", RT)]);
         assert!(eventually(Duration::from_secs(3), || cancelled() == 1.0).await);
         assert_eq!(
             metric(&h, "chat_execution_error_total", &[("mode", RT)]),
             0.0
         );
+        // Neither failed over before the commit nor rescued in the open stream.
+        assert_eq!(metric(&h, "cutover_runtime_failovers_total", &[]), 0.0);
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_leaves_while_held_is_not_counted_against_the_runtime() {
     for mode in MODES {
-        let h = Harness::new()
-            .config(move |c| c.runtime.pre_content = mode)
-            .runtime(runtime(vec![Step::Send(thinking("planning")), Step::Hang]))
-            .config(|c| c.runtime.commit_timeout_ms = Some(4000))
-            .start()
-            .await;
+        let h = held_open(mode).await;
         let mut client = Client::connect(h.proxy_addr).await;
         let auth = format!("Bearer {}", token("org-a"));
         client
@@ -360,15 +293,7 @@ async fn a_client_that_leaves_while_held_is_not_counted_against_the_runtime() {
         h.runtime.wait_for_work(1).await;
         drop(client);
 
-        let cancelled = || metric(&h, "chat_execution_cancelled_total", &[("mode", RT)]);
-        assert!(
-            eventually(Duration::from_secs(3), || cancelled() == 1.0).await,
-            "the departure was never recorded"
-        );
-        assert_eq!(
-            metric(&h, "chat_execution_error_total", &[("mode", RT)]),
-            0.0
-        );
+        assert_departure_recorded(&h, RT, 0.0).await;
         assert_eq!(metric(&h, "cutover_runtime_failovers_total", &[]), 0.0);
         assert_eq!(metric(&h, "cutover_commit_total", &[]), 0.0);
         assert!(
@@ -382,37 +307,21 @@ async fn a_client_that_leaves_while_held_is_not_counted_against_the_runtime() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_breaker_counts_a_failover_before_the_commit_as_an_error() {
-    let h = Harness::new()
+    let harness = Harness::new()
         .config(|c| c.runtime.pre_content = PreContent::Hold)
-        .runtime(runtime(vec![
+        .runtime(runtime_sse(vec![
             Step::Send(thinking("planning")),
-            Step::Send(failed("LLM_ERROR")),
-        ]))
-        .config(|c| {
-            c.breaker.min_requests = 2;
-            c.breaker.error_rate = 0.5;
-        })
-        .start()
-        .await;
-    for i in 1..=2 {
-        let r = h.chat("org-a").session(&format!("s-{i}")).send().await;
-        assert_failed_over(&r, &format!("request {i}"));
-        recorded(&h, i, i).await;
-    }
-    assert_eq!(h.shared.breaker.state(), State::Open);
-    let (_, window) = h.admin("GET", "/runtime/metrics").await;
-    assert_eq!(window["data"]["runtime"]["error"], 2);
-    let r = h.chat("org-a").session("s-3").send().await;
-    assert_served(&r, DIRECT, "breaker_open");
-    assert_eq!(h.runtime.work().len(), 2);
+            Step::Send(execution_error("LLM_ERROR")),
+        ]));
+    assert_two_failures_open_the_breaker(harness, assert_failed_over).await;
 }
 
 /// Two thinking events, then an `execution_error`: the real runtime's usual failure.
 fn failing_runtime() -> impl Fn(&Received) -> Reply + Send + Sync + 'static {
-    runtime(vec![
+    runtime_sse(vec![
         Step::Send(thinking("planning")),
         Step::Send(thinking("still planning")),
-        Step::Send(failed("LLM_ERROR")),
+        Step::Send(execution_error("LLM_ERROR")),
         Step::Send(done_frame()),
     ])
 }
@@ -421,75 +330,12 @@ fn failing_runtime() -> impl Fn(&Received) -> Reply + Send + Sync + 'static {
 async fn with_the_bridge_a_failover_saves_nothing_and_leaves_no_session() {
     let legacy = FakeLegacy::seeded().await;
     let h = Harness::new()
-        .legacy_server(legacy)
+        .bridged(legacy)
         .runtime(failing_runtime())
-        .config(move |c| {
-            c.bridge.enabled = true;
-            c.runtime.pre_content = PreContent::Hold;
-        })
+        .config(|c| c.runtime.pre_content = PreContent::Hold)
         .start()
         .await;
-    let auth = format!("Bearer {}", token("org-a"));
-    let headers = [
-        ("content-type", "application/json"),
-        ("authorization", auth.as_str()),
-    ];
-
-    let before = h.legacy.messages("s-1");
-    let path = "/api/v1/chat/sessions/s-1";
-    let r = request(h.proxy_addr, "POST", path, &headers, BODY.as_bytes()).await;
-    assert_failed_over(&r, "session chat");
-    assert_eq!(
-        h.legacy.messages("s-1"),
-        before,
-        "only legacy's own messages"
-    );
-    assert_eq!(h.runtime.work().len(), 1);
-
-    let start = json!({"agentId": "ag-1", "message": "hello"}).to_string();
-    let r = request(
-        h.proxy_addr,
-        "POST",
-        "/api/v1/chat/start",
-        &headers,
-        start.as_bytes(),
-    )
-    .await;
-    assert_failed_over(&r, "chat start");
-    assert_eq!(h.runtime.work().len(), 2);
-
-    let received = h.legacy.received();
-    let calls: Vec<(&str, &str)> = received
-        .iter()
-        .map(|q| (q.method.as_str(), q.path.as_str()))
-        .collect();
-    assert!(
-        !calls
-            .iter()
-            .any(|(m, p)| *m == "POST" && p.ends_with("/messages")),
-        "the proxy saved a message: {calls:?}"
-    );
-    let created = calls
-        .iter()
-        .position(|c| *c == ("POST", "/api/v1/sessions"))
-        .expect("a session was made for /chat/start");
-    let deleted = calls
-        .iter()
-        .position(|(m, _)| *m == "DELETE")
-        .expect("and deleted");
-    let served = calls
-        .iter()
-        .position(|c| *c == ("POST", "/api/v1/chat/start"))
-        .expect("legacy served /chat/start");
-    assert!(created < deleted && deleted < served, "{calls:?}");
-    let id = calls[deleted].1.rsplit('/').next().unwrap();
-    assert!(h.legacy.session(id).is_none(), "session {id} left behind");
-    assert_eq!(received[served].body, start.as_bytes());
-    let chat = calls
-        .iter()
-        .position(|c| *c == ("POST", path))
-        .expect("legacy served the session chat");
-    assert_eq!(received[chat].body, BODY.as_bytes());
+    legacy::assert_bridge_chats_leave_nothing(&h, BODY, assert_failed_over).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -498,7 +344,7 @@ async fn with_the_bridge_the_user_message_is_saved_at_the_commit() {
         let legacy = FakeLegacy::seeded().await;
         let h = Harness::new()
             .legacy_server(legacy)
-            .runtime(runtime(vec![
+            .runtime(runtime_sse(vec![
                 Step::Send(thinking("planning")),
                 Step::WaitRelease,
                 Step::Send(text("Hello")),
@@ -538,40 +384,23 @@ async fn with_the_bridge_the_user_message_is_saved_at_the_commit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_deadline_while_held_commits_and_answers_timeout() {
     for mode in MODES {
-        let h = Harness::new()
-            .config(move |c| c.runtime.pre_content = mode)
-            .runtime(runtime(vec![Step::Send(thinking("planning")), Step::Hang]))
-            .config(|c| {
-                c.runtime.execution_timeout_ms = 400;
-                c.runtime.commit_timeout_ms = Some(300);
-            })
-            .start()
-            .await;
-        let r = h.chat("org-a").send().await;
-        assert_served(&r, RT, "allowlist");
-        assert_eq!(names(&r), ["message", "error"]);
-        assert_eq!(data(&r.events()[1])["code"], "TIMEOUT");
-        // The commit timeout came first here; with the deadline first the answer is the same.
-        let h2 = Harness::new()
-            .config(move |c| c.runtime.pre_content = mode)
-            .runtime(runtime(vec![Step::Send(thinking("planning")), Step::Hang]))
-            .config(|c| c.runtime.execution_timeout_ms = 400)
-            .start()
-            .await;
-        let r = h2.chat("org-a").send().await;
-        assert_served(&r, RT, "allowlist");
-        assert_eq!(names(&r), ["message", "error"]);
-        assert_eq!(data(&r.events()[1])["code"], "TIMEOUT");
-        assert_eq!(
-            metric(&h2, "cutover_commit_total", &[("trigger", "deadline")]),
-            1.0
-        );
-        recorded(&h2, 1, 0).await;
-        assert_eq!(
-            metric(&h2, "chat_execution_timeout_total", &[("mode", RT)]),
-            1.0
-        );
-        assert!(h.legacy.work().is_empty() && h2.legacy.work().is_empty());
+        // The commit timeout comes first, then the deadline; with the deadline first the answer
+        // is the same.
+        let h = thinks_then(mode, vec![Step::Hang], |c| {
+            c.runtime.execution_timeout_ms = 400;
+            c.runtime.commit_timeout_ms = Some(300);
+        })
+        .await;
+        let r = on_the_runtime(&h, &["message", "error"]).await;
+        assert_eq!(code_at(&r, 1), "TIMEOUT");
+        let h = thinks_then(mode, vec![Step::Hang], |c| {
+            c.runtime.execution_timeout_ms = 400
+        })
+        .await;
+        let r = on_the_runtime(&h, &["message", "error"]).await;
+        assert_eq!(code_at(&r, 1), "TIMEOUT");
+        assert_committed_by(&h, "deadline");
+        assert_one_runtime(&h, 0, "timeout").await;
     }
 }
 
@@ -581,37 +410,30 @@ async fn a_runtime_that_only_thinks_is_committed_to_when_too_much_is_held() {
     let mut steps: Vec<Step> = (0..n + 2)
         .map(|i| Step::Send(thinking(&format!("step {i}"))))
         .collect();
-    steps.push(Step::Send(failed("LLM_ERROR")));
+    steps.push(Step::Send(execution_error("LLM_ERROR")));
     let h = Harness::new()
         .config(|c| c.runtime.pre_content = PreContent::Hold)
-        .runtime(runtime(steps))
+        .runtime(runtime_sse(steps))
         .start()
         .await;
-    let r = h.chat("org-a").send().await;
-    assert_served(&r, RT, "allowlist");
-    let names = names(&r);
-    assert_eq!(names.len(), n + 3, "{names:?}");
-    assert_eq!(names.last().map(String::as_str), Some("error"));
+    let mut names = vec!["message"; n + 2];
+    names.push("error");
+    let r = on_the_runtime(&h, &names).await;
     let events = r.events();
     for (i, ev) in events.iter().take(n + 2).enumerate() {
-        assert_eq!(data(ev)["data"]["content"], format!("step {i}"), "in order");
+        assert_eq!(
+            event_data(ev)["data"]["content"],
+            format!("step {i}"),
+            "in order"
+        );
     }
-    assert_eq!(
-        metric(&h, "cutover_commit_total", &[("trigger", "overflow")]),
-        1.0
-    );
-    assert!(h.legacy.work().is_empty());
+    assert_committed_by(&h, "overflow");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutting_down_while_held_commits_and_answers_shutting_down() {
     for mode in MODES {
-        let h = Harness::new()
-            .config(move |c| c.runtime.pre_content = mode)
-            .runtime(runtime(vec![Step::Send(thinking("planning")), Step::Hang]))
-            .config(|c| c.runtime.commit_timeout_ms = Some(4000))
-            .start()
-            .await;
+        let h = held_open(mode).await;
         let chat = tokio::spawn(h.chat("org-a").send());
         // The relay counts its stream from the runtime's head on, held or not.
         let in_flight = || metric(&h, "chat_streams_in_flight", &[("mode", RT)]);
@@ -619,21 +441,8 @@ async fn shutting_down_while_held_commits_and_answers_shutting_down() {
             eventually(Duration::from_secs(3), || in_flight() == 1.0).await,
             "the runtime's stream never started"
         );
-        h.shared.cutoff.send_replace(true);
-
-        let r = tokio::time::timeout(Duration::from_secs(3), chat)
-            .await
-            .expect("the held stream was not ended by the cutoff")
-            .unwrap();
-        assert_served(&r, RT, "allowlist");
-        let events = r.events();
-        let last = events.last().expect("events");
-        assert_eq!(last.0, "error", "{events:?}");
-        assert_eq!(data(last)["code"], "SHUTTING_DOWN");
-        assert_eq!(
-            metric(&h, "cutover_commit_total", &[("trigger", "shutdown")]),
-            1.0
-        );
+        h.cut_off(chat, "the held stream").await;
+        assert_committed_by(&h, "shutdown");
         // Not the runtime's fault, and nothing is failed over while the proxy stops.
         assert_eq!(metric(&h, "cutover_runtime_failovers_total", &[]), 0.0);
         assert!(h.legacy.work().is_empty());

@@ -356,26 +356,25 @@ async fn s11_a_stream_without_done_is_finalised_at_once_with_usage() {
     assert_verdict(&s, Verdict::Pass);
 }
 
+/// A runtime that refuses the chat with a 400 of `code`, which asking again cannot change: the
+/// response, scored so far on the runtime being asked once.
+async fn refused_for_good(code: &'static str) -> (Scored, Response) {
+    let (h, r, _) = started_and_timed(runtime_script(move |_| refusal(400, code, None))).await;
+    let mut s = Scored::of(&r);
+    s.required("no_same_model_retry", h.runtime.work().len() == 1);
+    (s, r)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s12_a_context_length_refusal_is_not_repeated_and_legacy_answers() {
-    let (h, r, _) = started_and_timed(runtime_script(|_| {
-        refusal(400, "context_length_exceeded", None)
-    }))
-    .await;
-    let mut s = Scored::of(&r);
-    s.required("no_same_model_retry", h.runtime.work().len() == 1)
-        .required("fallback_used", served_by_legacy(&r));
+    let (mut s, r) = refused_for_good("context_length_exceeded").await;
+    s.required("fallback_used", served_by_legacy(&r));
     assert_verdict(&s, Verdict::Pass);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s13_a_content_filter_refusal_is_routed_around_through_legacy() {
-    let (h, r, _) = started_and_timed(runtime_script(|_| {
-        refusal(400, "content_policy_violation", None)
-    }))
-    .await;
-    let mut s = Scored::of(&r);
-    s.required("no_same_model_retry", h.runtime.work().len() == 1);
+    let (mut s, _) = refused_for_good("content_policy_violation").await;
     // The ideal is the runtime's own error; legacy (which applies its own policy) answers
     // instead, which failoverbench scores as routing around the rejection.
     s.advisory("ideal_error", !s.rescued);

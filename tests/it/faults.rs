@@ -52,13 +52,21 @@ fn transitions(server: &LocalServer, from: &str, to: &str) -> u64 {
         .get()
 }
 
-/// Wait until the proxy has nothing in flight: no request, no stream of either mode.
-async fn settled(server: &LocalServer, within: Duration) -> bool {
+/// Within `within`, the proxy has nothing in flight: no request, no stream of either mode (else
+/// fail saying `what`, and what is left).
+async fn assert_settled(server: &LocalServer, within: Duration, what: &str) {
     let shared = server.shared.clone();
-    eventually(within, move || {
+    let settled = eventually(within, move || {
         shared.requests.count() == 0 && in_flight(server, RT) == 0 && in_flight(server, DIRECT) == 0
     })
-    .await
+    .await;
+    assert!(
+        settled,
+        "{what}: requests {}, runtime streams {}, direct streams {}",
+        server.shared.requests.count(),
+        in_flight(server, RT),
+        in_flight(server, DIRECT)
+    );
 }
 
 // ---- responses -------------------------------------------------------------------------------
@@ -73,21 +81,6 @@ fn mode(r: &Response) -> &str {
 
 fn reason(r: &Response) -> &str {
     r.header("x-execution-reason").unwrap_or("")
-}
-
-/// Every chunk holds whole LF-only events (what the web app's reader needs); the events.
-fn whole_events(r: &Response) -> Vec<(String, String)> {
-    let mut all = Vec::new();
-    for (i, (_, chunk)) in r.chunks.iter().enumerate() {
-        let text = std::str::from_utf8(chunk)
-            .unwrap_or_else(|e| panic!("chunk {i} is not UTF-8 ({e}): {chunk:?}"));
-        assert!(
-            text.ends_with("\n\n"),
-            "chunk {i} does not end on an event boundary: {text:?}"
-        );
-        all.extend(parse_events(text));
-    }
-    all
 }
 
 /// A legacy answer (the stand-in's two events), whole and terminated.
@@ -319,7 +312,7 @@ async fn runtime_killed_with_streams_in_flight_fails_cleanly_and_recovers_withou
         let r = r.as_ref().expect("a warm-up stream hung");
         assert!(is_runtime_stream(r), "warm-up stream: {r:?}");
     }
-    assert!(settled(&h, Duration::from_secs(5)).await);
+    assert_settled(&h, Duration::from_secs(5), "in flight after the warm-up").await;
     tokio::time::sleep(Duration::from_millis(1000)).await; // pooled connections idle out
     h.shared.breaker.reset(); // a window without the warm-up's successes
     let (fds_before, rss_before) = (fd_count(), rss_kb());
@@ -478,13 +471,7 @@ async fn runtime_killed_with_streams_in_flight_fails_cleanly_and_recovers_withou
     assert!(transitions(&h, "half_open", "closed") > closed_before);
 
     // Nothing left behind.
-    assert!(
-        settled(&h, Duration::from_secs(5)).await,
-        "requests or streams still in flight: requests {}, runtime {}, direct {}",
-        h.shared.requests.count(),
-        in_flight(&h, RT),
-        in_flight(&h, DIRECT)
-    );
+    assert_settled(&h, Duration::from_secs(5), "still in flight").await;
     drop(seen);
     drop(held_results);
     tokio::time::sleep(Duration::from_millis(1500)).await; // pooled connections idle out
@@ -898,13 +885,7 @@ async fn disconnect_storm_mid_stream_releases_upstreams_and_counts_no_runtime_fa
         h.legacy.hang_ups()
     );
     assert!(released, "upstream connections were not released");
-    assert!(
-        settled(&h, Duration::from_secs(5)).await,
-        "in flight after the storm: requests {}, runtime streams {}, direct streams {}",
-        h.shared.requests.count(),
-        in_flight(&h, RT),
-        in_flight(&h, DIRECT)
-    );
+    assert_settled(&h, Duration::from_secs(5), "in flight after the storm").await;
     assert!(
         eventually(Duration::from_secs(2), || counter(
             &m.execution_cancelled_total,
@@ -978,7 +959,12 @@ async fn disconnect_storm_before_the_first_byte_releases_runtime_connections() {
         h.shared.requests.count()
     );
     assert!(released, "runtime connections held after the clients left");
-    assert!(settled(&h, Duration::from_secs(2)).await);
+    assert_settled(
+        &h,
+        Duration::from_secs(2),
+        "in flight after the clients left",
+    )
+    .await;
     let window = h.runtime_window();
     assert_eq!(
         (window.error, window.timeout),
@@ -1037,7 +1023,7 @@ async fn client_that_stops_reading_does_not_hold_a_runtime_stream_past_the_timeo
         released,
         "the runtime stream outlived execution_timeout_ms (1 s) by more than 4 s"
     );
-    assert!(settled(&h, Duration::from_secs(2)).await);
+    assert_settled(&h, Duration::from_secs(2), "in flight").await;
     drop(conn);
 }
 

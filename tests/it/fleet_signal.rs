@@ -94,16 +94,9 @@ async fn status(h: &Running) -> Value {
 
 /// Poll the status until `pred` holds (or fail after 5 s).
 async fn status_until(h: &Running, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-    let got = until(Duration::from_secs(5), || async {
-        let s = status(h).await;
-        if pred(&s) {
-            Ok(s)
-        } else {
-            Err(s)
-        }
-    })
-    .await;
-    got.unwrap_or_else(|s| panic!("{what}: {s}"))
+    poll_until(Duration::from_secs(5), || status(h), pred)
+        .await
+        .unwrap_or_else(|s| panic!("{what}: {s}"))
 }
 
 fn polls(h: &Running, result: &str) -> u64 {

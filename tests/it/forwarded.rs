@@ -150,11 +150,8 @@ async fn chats_routed_to_legacy_and_failed_over_carry_it_too() {
 async fn the_bridge_s_calls_carry_the_caller_s_address() {
     let legacy = FakeLegacy::seeded().await;
     let h = Harness::new()
-        .legacy_server(legacy)
-        .config(move |c| {
-            c.bridge.enabled = true;
-            c.identity.trusted_proxies = vec!["127.0.0.1".into()];
-        })
+        .bridged(legacy)
+        .config(|c| c.identity.trusted_proxies = vec!["127.0.0.1".into()])
         .start()
         .await;
     assert_served(&claimed_chat(&h, "org-a").await, RT, "allowlist");

@@ -814,19 +814,11 @@ fn misbehaving(how: Misbehaviour) -> Reply {
         }
         Misbehaviour::EndlessLine => Reply::sse(vec![
             Step::Send(b"data: {\"event\":\"text_chunk\",\"data\":{\"content\":\"".to_vec()),
-            Step::Repeat {
-                data: vec![b'y'; 64 * 1024],
-                times: 100_000,
-                pause: Duration::from_millis(1),
-            },
+            Step::fill(b'y', 64 * 1024, 100_000, Duration::from_millis(1)),
         ]),
         Misbehaviour::HugeFrame => Reply::sse(vec![
             Step::Send(b"data: ".to_vec()),
-            Step::Repeat {
-                data: vec![b'x'; 1024 * 1024],
-                times: 100,
-                pause: Duration::ZERO,
-            },
+            Step::fill(b'x', 1024 * 1024, 100, Duration::ZERO),
             Step::Send(b"\n\n".to_vec()),
             Step::Send(frame("execution_complete", json!({}))),
             Step::Send(done_frame()),
@@ -838,11 +830,7 @@ fn misbehaving(how: Misbehaviour) -> Reply {
         )]),
         Misbehaviour::HugeHead => Reply::silent(vec![
             Step::Send(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nx-huge: ".to_vec()),
-            Step::Repeat {
-                data: vec![b'h'; 64 * 1024],
-                times: 32,
-                pause: Duration::ZERO,
-            },
+            Step::fill(b'h', 64 * 1024, 32, Duration::ZERO),
             Step::Hang,
         ]),
         Misbehaviour::NotSse => Reply::json(200, json!({"result": "not a stream"})),

@@ -476,13 +476,7 @@ async fn upstream_failures_match_pingora() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lean_request_in_flight_at_shutdown_finishes_and_counts_for_the_drain() {
     let h = Harness::new()
-        .legacy(|_: &Received| {
-            Reply::sse(vec![
-                Step::Send(b"first\n".to_vec()),
-                Step::WaitRelease,
-                Step::Send(b"second\n".to_vec()),
-            ])
-        })
+        .legacy(released_in_two(b"first\n", b"second\n"))
         .start()
         .await;
     assert!(h.shared.snapshot().config.server.lean_passthrough);

@@ -8,12 +8,11 @@ use crate::support;
 
 use std::time::{Duration, Instant};
 
-use cutover_proxy::core::breaker::State;
 use cutover_proxy::core::config::CommitTimeoutAction;
 use serde_json::{json, Value};
-use support::legacy::FakeLegacy;
+use support::legacy::{self, FakeLegacy};
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 
 /// A body legacy must get byte for byte.
 const BODY: &str = "{ \"message\" : \"h\u{e9}llo \u{4e16}\u{754c}\",\"parentMessageId\":\"p-1\" }";
@@ -27,32 +26,6 @@ fn thinking(content: &str) -> Vec<u8> {
     frame("thinking", json!({"content": content, "stage": "planning"}))
 }
 
-fn failed(code: &str) -> Vec<u8> {
-    frame(
-        "execution_error",
-        json!({"error": "model overloaded", "code": code}),
-    )
-}
-
-fn text(content: &str) -> Vec<u8> {
-    frame("text_chunk", json!({"content": content}))
-}
-
-/// A runtime answering every execution with `steps`.
-fn runtime(steps: Vec<Step>) -> impl Fn(&Received) -> Reply + Send + Sync + 'static {
-    move |req: &Received| {
-        if req.path == "/health" {
-            Reply::json(200, json!({"status": "ok"}))
-        } else {
-            Reply::sse(steps.clone())
-        }
-    }
-}
-
-fn data(event: &(String, String)) -> Value {
-    serde_json::from_str(&event.1).unwrap()
-}
-
 /// The client got the runtime's status, then legacy's answer (`echo_legacy`: one message and
 /// `done`) in the same stream, whole events, LF only, no error.
 #[track_caller]
@@ -64,7 +37,10 @@ fn assert_rescued(r: &Response, what: &str) {
     let kinds: Vec<String> = events
         .iter()
         .map(|e| match e.0.as_str() {
-            "message" => data(e)["type"].as_str().unwrap_or_default().to_string(),
+            "message" => event_data(e)["type"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
             other => other.to_string(),
         })
         .collect();
@@ -80,7 +56,7 @@ fn assert_rescued(r: &Response, what: &str) {
             .all(|k| k == "thinking" || k == "heartbeat"),
         "{what}: only status before legacy's answer: {kinds:?}"
     );
-    let done = data(events.last().unwrap());
+    let done = event_data(events.last().unwrap());
     assert_eq!(done["executionMode"], DIRECT, "{what}");
     let body = r.text();
     assert!(!body.contains('\r'), "{what}: {body:?}");
@@ -95,47 +71,21 @@ fn assert_rescued(r: &Response, what: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_failure_before_content_is_rescued_in_the_open_stream_on_both_doors() {
-    let big = "x".repeat(4096);
-    let cases: Vec<(&str, Vec<Step>, &str)> = vec![
-        (
-            "execution_error after thinking",
-            vec![
-                Step::Send(thinking("planning")),
-                Step::Send(failed("LLM_ERROR")),
-                Step::Send(done_frame()),
-            ],
-            "error",
-        ),
-        (
-            "a crash after thinking",
-            vec![Step::Send(thinking("planning")), Step::Close],
-            "error",
-        ),
-        (
-            "a frame over max_frame_bytes before content",
-            vec![
-                Step::Send(thinking("planning")),
-                Step::Send(text(&big)),
-                Step::Hang,
-            ],
-            "error",
-        ),
-        (
-            "a stream that ends without content",
-            vec![Step::Send(thinking("planning")), Step::Send(done_frame())],
-            "error",
-        ),
-        (
-            "silent past runtime.idle_timeout_ms before content",
-            vec![Step::Send(thinking("planning")), Step::Hang],
-            "timeout",
-        ),
-    ];
+    let mut cases: Vec<(&str, Vec<Step>, &str)> = failures_after_thinking()
+        .into_iter()
+        .map(|(what, steps)| (what, steps, "error"))
+        .collect();
+    let silent = vec![Step::Send(planning()), Step::Hang];
+    cases.push((
+        "silent past runtime.idle_timeout_ms before content",
+        silent,
+        "timeout",
+    ));
     for (lean, path) in PATHS {
         for (what, steps, outcome) in &cases {
             let what = format!("{what} ({path})");
             let h = Harness::new()
-                .runtime(runtime(steps.clone()))
+                .runtime(runtime_sse(steps.clone()))
                 .config(move |c| {
                     c.server.lean_runtime = lean;
                     c.runtime.max_frame_bytes = 1024;
@@ -147,11 +97,7 @@ async fn each_failure_before_content_is_rescued_in_the_open_stream_on_both_doors
             let r = h.chat("org-a").body(BODY).send().await;
             assert_rescued(&r, &what);
             assert!(!r.text().contains("xxxx"), "{what}");
-            assert_eq!(h.runtime.work().len(), 1, "{what}");
-            let legacy = h.legacy.work();
-            assert_eq!(legacy.len(), 1, "{what}");
-            assert_eq!(legacy[0].body, BODY.as_bytes(), "{what}: legacy's body");
-            assert_eq!(legacy[0].path, "/api/v1/chat/sessions/s-1", "{what}");
+            h.assert_legacy_got_the_chat(BODY, &what);
 
             recorded(&h, 1, 1).await;
             let rt = [("mode", RT)];
@@ -186,7 +132,7 @@ async fn each_failure_before_content_is_rescued_in_the_open_stream_on_both_doors
 async fn no_content_by_the_commit_timeout_is_rescued_when_told_to_fail_over() {
     for (lean, path) in PATHS {
         let h = Harness::new()
-            .runtime(runtime(vec![
+            .runtime(runtime_sse(vec![
                 Step::Send(thinking("planning")),
                 Step::Sleep(Duration::from_secs(3)),
                 Step::Send(text("late")),
@@ -198,13 +144,7 @@ async fn no_content_by_the_commit_timeout_is_rescued_when_told_to_fail_over() {
             })
             .start()
             .await;
-        let started = Instant::now();
-        let r = h.chat("org-a").send().await;
-        let took = started.elapsed();
-        assert!(
-            took >= DEADLINE && took < DEADLINE + SLACK,
-            "{path}: {took:?}"
-        );
+        let r = chat_taking_the_deadline(&h, path).await;
         assert_rescued(&r, path);
         assert!(!r.text().contains("late"), "{path}");
         recorded(&h, 1, 1).await;
@@ -236,32 +176,42 @@ async fn a_non_2xx_head_is_still_an_ordinary_failover() {
     assert_eq!((stage("before_head"), stage("in_stream")), (1.0, 0.0));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cancel_with_the_stream_open_is_an_error_event_never_a_rescue() {
-    let h = Harness::new()
-        .runtime(runtime(vec![
-            Step::Send(thinking("planning")),
-            Step::Send(failed("EXECUTION_CANCELLED")),
-            Step::Send(done_frame()),
-        ]))
-        .start()
-        .await;
-    let r = h.chat("org-a").send().await;
-    assert_served(&r, RT, "allowlist");
-    assert_eq!(event_names(&r), ["message", "error"]);
-    assert_eq!(data(&r.events()[1])["code"], "EXECUTION_CANCELLED");
-    assert!(h.legacy.work().is_empty(), "legacy was asked");
-    let cancelled = || metric(&h, "chat_execution_cancelled_total", &[("mode", RT)]);
-    assert!(eventually(Duration::from_secs(3), || cancelled() == 1.0).await);
-    assert_eq!(metric(&h, "cutover_runtime_failovers_total", &[]), 0.0);
-}
-
 fn failing_runtime() -> impl Fn(&Received) -> Reply + Send + Sync + 'static {
-    runtime(vec![
+    runtime_sse(vec![
         Step::Send(thinking("planning")),
-        Step::Send(failed("LLM_ERROR")),
+        Step::Send(execution_error("LLM_ERROR")),
         Step::Send(done_frame()),
     ])
+}
+
+/// A failing runtime rescued by a legacy that sends its first event (`"first"`) and then
+/// nothing until the test releases it; then `rest`.
+async fn rescued_by_a_legacy_that_waits(rest: Vec<Step>) -> Running {
+    let mut steps = vec![
+        Step::Send(
+            b"event: message\ndata: {\"id\":\"l1\",\"type\":\"text\",\"data\":{\"content\":\"first\"}}\n\n"
+                .to_vec(),
+        ),
+        Step::WaitRelease,
+    ];
+    steps.extend(rest);
+    Harness::new()
+        .runtime(failing_runtime())
+        .legacy(move |_: &Received| Reply::sse(steps.clone()))
+        .start()
+        .await
+}
+
+/// Org-a's chat, which must take `DEADLINE`, and no more than the machine may add.
+async fn chat_taking_the_deadline(h: &Running, what: &str) -> Response {
+    let started = Instant::now();
+    let r = h.chat("org-a").send().await;
+    let took = started.elapsed();
+    assert!(
+        took >= DEADLINE && took < DEADLINE + SLACK,
+        "{what}: {took:?}"
+    );
+    r
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -294,7 +244,7 @@ async fn legacy_refusing_the_rescue_is_one_fallback_failed_event() {
             assert!(r.complete, "{what}");
             let events = r.events();
             assert_eq!(event_names(&r), ["message", "error"], "{what}");
-            let error = data(&events[1]);
+            let error = event_data(&events[1]);
             assert_eq!(error["code"], "FALLBACK_FAILED", "{what}");
             assert!(
                 error["message"].as_str().unwrap().contains("legacy"),
@@ -351,18 +301,12 @@ async fn a_slow_legacy_is_held_to_its_own_deadlines_in_a_rescue() {
             })
             .start()
             .await;
-        let started = Instant::now();
-        let r = h.chat("org-a").send().await;
-        let took = started.elapsed();
-        assert!(
-            took >= DEADLINE && took < DEADLINE + SLACK,
-            "{what}: {took:?}"
-        );
+        let r = chat_taking_the_deadline(&h, what).await;
         assert!(r.complete, "{what}");
         let events = r.events();
         let last = events.last().unwrap();
         assert_eq!(last.0, "error", "{what}: {events:?}");
-        assert_eq!(data(last)["code"], "FALLBACK_FAILED", "{what}");
+        assert_eq!(event_data(last)["code"], "FALLBACK_FAILED", "{what}");
         if stage == "idle" {
             assert!(
                 r.text().contains("\"legacy\""),
@@ -383,27 +327,11 @@ async fn a_slow_legacy_is_held_to_its_own_deadlines_in_a_rescue() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_leaves_during_the_rescue_ends_it() {
-    let h = Harness::new()
-        .runtime(failing_runtime())
-        .legacy(|_: &Received| {
-            Reply::sse(vec![
-                Step::Send(
-                    b"event: message\ndata: {\"id\":\"l1\",\"type\":\"text\",\"data\":{\"content\":\"first\"}}\n\n"
-                        .to_vec(),
-                ),
-                Step::WaitRelease,
-                Step::Send(b"event: done\ndata: {\"executionMode\":\"direct_llm\"}\n\n".to_vec()),
-            ])
-        })
-        .start()
-        .await;
-    let mut s = tokio::net::TcpStream::connect(h.proxy_addr).await.unwrap();
-    let request = format!(
-        "POST /api/v1/chat/sessions/s-1 HTTP/1.1\r\nHost: p\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{HI}",
-        token("org-a"),
-        HI.len()
-    );
-    s.write_all(request.as_bytes()).await.unwrap();
+    let h = rescued_by_a_legacy_that_waits(vec![Step::Send(
+        b"event: done\ndata: {\"executionMode\":\"direct_llm\"}\n\n".to_vec(),
+    )])
+    .await;
+    let mut s = raw_chat(h.proxy_addr, "HTTP/1.1", "s-1").await;
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
     while find(&got, b"\"first\"").is_none() {
@@ -416,15 +344,7 @@ async fn a_client_that_leaves_during_the_rescue_ends_it() {
     }
     drop(s);
     // Nobody's outcome on legacy's side; the runtime is still charged for failing.
-    let left = || metric(&h, "chat_execution_cancelled_total", &[("mode", DIRECT)]);
-    assert!(
-        eventually(Duration::from_secs(3), || left() == 1.0).await,
-        "the departure was never recorded"
-    );
-    assert_eq!(
-        metric(&h, "chat_execution_error_total", &[("mode", RT)]),
-        1.0
-    );
+    assert_departure_recorded(&h, DIRECT, 1.0).await;
     h.legacy.release();
 }
 
@@ -454,11 +374,11 @@ async fn after_the_status_the_client_gets_legacy_s_own_answer_byte_for_byte() {
     };
     for (lean, path) in PATHS {
         let h = Harness::new()
-            .runtime(runtime(vec![
+            .runtime(runtime_sse(vec![
                 Step::Send(thinking("one")),
                 Step::Send(frame("ping", json!({}))),
                 Step::Send(thinking("two")),
-                Step::Send(failed("LLM_ERROR")),
+                Step::Send(execution_error("LLM_ERROR")),
             ]))
             .legacy(legacy_answer)
             .config(move |c| c.server.lean_runtime = lean)
@@ -539,113 +459,27 @@ async fn legacy_gets_the_caller_s_request_as_pingora_would_forward_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_breaker_counts_a_rescue_as_a_runtime_error() {
-    let h = Harness::new()
-        .runtime(failing_runtime())
-        .config(|c| {
-            c.breaker.min_requests = 2;
-            c.breaker.error_rate = 0.5;
-        })
-        .start()
-        .await;
-    for i in 1..=2 {
-        let r = h.chat("org-a").session(&format!("s-{i}")).send().await;
-        assert_rescued(&r, &format!("request {i}"));
-        recorded(&h, i, i).await;
-    }
-    assert_eq!(h.shared.breaker.state(), State::Open);
-    let r = h.chat("org-a").session("s-3").send().await;
-    assert_served(&r, DIRECT, "breaker_open");
-    assert_eq!(h.runtime.work().len(), 2);
+    let harness = Harness::new().runtime(failing_runtime());
+    assert_two_failures_open_the_breaker(harness, assert_rescued).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_bridge_a_rescue_saves_nothing_and_deletes_the_start_session_first() {
-    let legacy = FakeLegacy::seeded().await;
-    let rt = Upstream::start(failing_runtime()).await;
-    let mut cfg = config(&legacy.address(), &rt.address());
-    cfg.bridge.enabled = true;
-    let server = proxy(cfg).await;
-    let auth = format!("Bearer {}", token("org-a"));
-    let headers = [
-        ("content-type", "application/json"),
-        ("authorization", auth.as_str()),
-    ];
-
-    let before = legacy.messages("s-1");
-    let path = "/api/v1/chat/sessions/s-1";
-    let r = request(server.proxy_addr, "POST", path, &headers, BODY.as_bytes()).await;
-    assert_rescued(&r, "session chat");
-    assert_eq!(legacy.messages("s-1"), before, "only legacy's own messages");
-
-    let start = json!({"agentId": "ag-1", "message": "hello"}).to_string();
-    let r = request(
-        server.proxy_addr,
-        "POST",
-        "/api/v1/chat/start",
-        &headers,
-        start.as_bytes(),
-    )
-    .await;
-    assert_rescued(&r, "chat start");
-    assert_eq!(rt.work().len(), 2);
-
-    let received = legacy.received();
-    let calls: Vec<(&str, &str)> = received
-        .iter()
-        .map(|q| (q.method.as_str(), q.path.as_str()))
-        .collect();
-    assert!(
-        !calls
-            .iter()
-            .any(|(m, p)| *m == "POST" && p.ends_with("/messages")),
-        "the proxy saved a message: {calls:?}"
-    );
-    let created = calls
-        .iter()
-        .position(|c| *c == ("POST", "/api/v1/sessions"))
-        .expect("a session was made for /chat/start");
-    let deleted = calls
-        .iter()
-        .position(|(m, _)| *m == "DELETE")
-        .expect("and deleted");
-    let served = calls
-        .iter()
-        .position(|c| *c == ("POST", "/api/v1/chat/start"))
-        .expect("legacy served /chat/start");
-    assert!(created < deleted && deleted < served, "{calls:?}");
-    let id = calls[deleted].1.rsplit('/').next().unwrap();
-    assert!(legacy.session(id).is_none(), "session {id} left behind");
-    assert_eq!(received[served].body, start.as_bytes());
+    let h = Harness::new()
+        .bridged(FakeLegacy::seeded().await)
+        .runtime(failing_runtime())
+        .start()
+        .await;
+    legacy::assert_bridge_chats_leave_nothing(&h, BODY, assert_rescued).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shutdown_cutoff_ends_a_rescue_as_any_stream() {
-    let h = Harness::new()
-        .runtime(failing_runtime())
-        .legacy(|_: &Received| {
-            Reply::sse(vec![
-                Step::Send(
-                    b"event: message\ndata: {\"id\":\"l1\",\"type\":\"text\",\"data\":{\"content\":\"first\"}}\n\n"
-                        .to_vec(),
-                ),
-                Step::WaitRelease,
-            ])
-        })
-        .start()
-        .await;
+    let h = rescued_by_a_legacy_that_waits(Vec::new()).await;
     let chat = tokio::spawn(h.chat("org-a").send());
     h.legacy.wait_for_work(1).await;
-    h.shared.cutoff.send_replace(true);
-    let r = tokio::time::timeout(Duration::from_secs(3), chat)
-        .await
-        .expect("the rescue was not ended by the cutoff")
-        .unwrap();
-    assert_served(&r, RT, "allowlist");
+    let r = h.cut_off(chat, "the rescue").await;
     assert!(r.complete, "a clean end, not a cut");
-    let events = r.events();
-    let last = events.last().unwrap();
-    assert_eq!(last.0, "error", "{events:?}");
-    assert_eq!(data(last)["code"], "SHUTTING_DOWN");
     // Counted when the request is recorded, which may be just after the client read its end.
     let failovers = || {
         metric(

@@ -86,6 +86,17 @@ async fn file_links(h: &Running, org: &str) -> Vec<String> {
         .collect()
 }
 
+/// A proxy in front of `files_runtime`, with `tweak`, and the file links org-a's chat got.
+async fn with_org_a_links(tweak: impl FnOnce(&mut Config) + 'static) -> (Running, Vec<String>) {
+    let h = Harness::new()
+        .runtime(files_runtime)
+        .config(tweak)
+        .start()
+        .await;
+    let links = file_links(&h, "org-a").await;
+    (h, links)
+}
+
 /// GET `url` on the proxy, as `org` when given.
 async fn download(addr: std::net::SocketAddr, url: &str, org: Option<&str>) -> Response {
     let auth = org.map(|o| format!("Bearer {}", token(o)));
@@ -198,8 +209,8 @@ async fn a_file_link_downloads_the_runtime_bytes_for_its_own_org_only() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tampered_and_expired_links_are_404() {
-    let h = Harness::new().runtime(files_runtime).start().await;
-    let link = file_links(&h, "org-a").await.remove(0);
+    let (h, mut links) = with_org_a_links(|_| {}).await;
+    let link = links.remove(0);
     let query = query_of(&link);
 
     let sig_at = link.find("sig=").unwrap() + 4;
@@ -258,15 +269,12 @@ async fn tampered_and_expired_links_are_404() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_link_made_by_one_replica_downloads_from_another() {
     std::env::set_var(FILE_KEY_ENV, "shared-file-link-key");
-    let h = Harness::new()
-        .runtime(files_runtime)
-        .config(|cfg| {
-            cfg.runtime.file_url_secret_env = FILE_KEY_ENV.into();
-            cfg.runtime.file_url_ttl_secs = 120;
-        })
-        .start()
-        .await;
-    let link = file_links(&h, "org-a").await.remove(0);
+    let (h, mut links) = with_org_a_links(|cfg| {
+        cfg.runtime.file_url_secret_env = FILE_KEY_ENV.into();
+        cfg.runtime.file_url_ttl_secs = 120;
+    })
+    .await;
+    let link = links.remove(0);
     let exp: u64 = query_of(&link)
         .split('&')
         .find_map(|p| p.strip_prefix("exp="))
@@ -292,8 +300,8 @@ async fn a_link_made_by_one_replica_downloads_from_another() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_download_streams_as_the_runtime_sends_it() {
-    let h = Harness::new().runtime(files_runtime).start().await;
-    let big = file_links(&h, "org-a").await.remove(1);
+    let (h, mut links) = with_org_a_links(|_| {}).await;
+    let big = links.remove(1);
     let auth = format!("Bearer {}", token("org-a"));
     let mut c = Client::connect(h.proxy_addr).await;
     c.send("GET", &big, &[("authorization", &auth)], b"").await;
@@ -329,12 +337,8 @@ async fn open_link(addr: std::net::SocketAddr, url: &str, cookie: &str) -> Respo
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plain_link_downloads_with_the_auth_token_cookie() {
-    let h = Harness::new()
-        .runtime(files_runtime)
-        .config(|c| c.cors.origin_env = String::new())
-        .start()
-        .await;
-    let link = file_links(&h, "org-a").await.remove(0);
+    let (h, mut links) = with_org_a_links(|c| c.cors.origin_env = String::new()).await;
+    let link = links.remove(0);
 
     let cookies = format!("theme=dark; auth_token={}; lang=zh", token("org-a"));
     let r = open_link(h.proxy_addr, &link, &cookies).await;
@@ -396,12 +400,8 @@ async fn a_plain_link_downloads_with_the_auth_token_cookie() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_token_cookie_can_be_turned_off() {
-    let h = Harness::new()
-        .runtime(files_runtime)
-        .config(|c| c.identity.token_cookie = String::new())
-        .start()
-        .await;
-    let link = file_links(&h, "org-a").await.remove(0);
+    let (h, mut links) = with_org_a_links(|c| c.identity.token_cookie = String::new()).await;
+    let link = links.remove(0);
     let r = open_link(
         h.proxy_addr,
         &link,

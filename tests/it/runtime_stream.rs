@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use cutover_proxy::app::LocalServer;
 use serde_json::{json, Value};
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 
 /// Taken by the tests that move the timeout or cancellation counters, so the deltas they assert
 /// are their own.
@@ -33,23 +33,6 @@ fn data_of(event: &(String, String)) -> Value {
 
 fn names(events: &[(String, String)]) -> Vec<&str> {
     events.iter().map(|(e, _)| e.as_str()).collect()
-}
-
-/// Every chunk the client received holds only whole events (the web app drops an event cut
-/// between two reads), LF-only, one data line each; returns all the events in order.
-fn whole_events(r: &Response) -> Vec<(String, String)> {
-    let mut all = Vec::new();
-    for (i, (_, chunk)) in r.chunks.iter().enumerate() {
-        let text = std::str::from_utf8(chunk)
-            .unwrap_or_else(|e| panic!("chunk {i} is not UTF-8 on its own ({e}): {chunk:?}"));
-        assert!(
-            text.ends_with("\n\n") && !text.starts_with('\n'),
-            "chunk {i} does not hold whole events: {text:?}"
-        );
-        all.extend(parse_events(text));
-    }
-    assert_eq!(all, r.events(), "chunks and body disagree");
-    all
 }
 
 /// The events of a stream that ended with an error: exactly one `error`, last, and a properly
@@ -79,6 +62,22 @@ fn ends_with_one_error(r: &Response) -> (Vec<(String, String)>, Value) {
     (events, err)
 }
 
+/// Org-a's chat on `session`, ended cleanly: its events, each chunk whole (see [`whole_events`]).
+async fn whole_stream(h: &Running, session: &str) -> Vec<(String, String)> {
+    let r = h.chat("org-a").session(session).send().await;
+    assert!(r.complete, "{session}: response not terminated");
+    whole_events(&r)
+}
+
+/// Org-a's chat on `session`: one event, then the one error that ends it (as
+/// [`ends_with_one_error`] checks); the events and the error's data.
+async fn message_then_error(h: &Running, session: &str) -> (Vec<(String, String)>, Value) {
+    let r = h.chat("org-a").session(session).send().await;
+    let (events, err) = ends_with_one_error(&r);
+    assert_eq!(names(&events), ["message", "error"], "{session}");
+    (events, err)
+}
+
 fn dropped(server: &LocalServer, cause: &str) -> u64 {
     counter(&server.shared.metrics.sse_dropped_frames_total, cause)
 }
@@ -89,6 +88,30 @@ async fn runtime_stats(server: &LocalServer, n: u64) -> Value {
     let (status, body) = admin(server, "GET", "/runtime/metrics", None).await;
     assert_eq!(status, 200);
     body["data"]["runtime"].clone()
+}
+
+/// After a client left: the proxy hung up on the runtime (within 3 s), counted the execution
+/// as cancelled (one more than `cancelled_before`), and charged the runtime nothing.
+async fn assert_left_uncharged(h: &Running, cancelled_before: u64, what: &str) {
+    assert!(
+        h.runtime.wait_for_hang_ups(1, Duration::from_secs(3)).await,
+        "{what}: the proxy kept the runtime connection open after the client left"
+    );
+    let cancelled = || counter(&h.shared.metrics.execution_cancelled_total, RT);
+    assert!(
+        eventually(Duration::from_secs(2), || cancelled()
+            == cancelled_before + 1)
+        .await,
+        "{what}: the departure was not counted as cancelled"
+    );
+    let stats = runtime_stats(h, 0).await;
+    let charged = ["total", "error", "timeout"].map(|k| stats[k].as_u64());
+    assert_eq!(
+        charged,
+        [Some(0); 3],
+        "{what} is not the runtime's fault: {stats}"
+    );
+    assert_eq!(h.shared.breaker.window_stats().total, 0, "{what}");
 }
 
 /// The runtime's admin stats once `n` executions are recorded, after checking that they are
@@ -259,39 +282,29 @@ async fn first_event_arrives_while_the_runtime_still_holds_the_second() {
     assert_eq!(data_of(&events[1])["data"]["content"], "second");
 }
 
+/// A runtime whose every answer is `steps`, which end before `execution_complete`: org-a's
+/// chat on `session` ends with `STREAM_TRUNCATED`.
+async fn truncated(steps: Vec<Step>, session: &str) -> Running {
+    let h = Harness::new().runtime(runtime_sse(steps)).start().await;
+    let (_, err) = message_then_error(&h, session).await;
+    assert_eq!(err["code"], "STREAM_TRUNCATED", "{session}");
+    h
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_ending_without_execution_complete_is_truncated() {
     // Chunked body ends cleanly, but neither execution_complete nor [DONE] came.
-    let h = Harness::new()
-        .runtime(runtime_sse(vec![Step::Send(frame(
-            "text_chunk",
-            json!({"content": "half an answer"}),
-        ))]))
-        .start()
-        .await;
-
-    let r = h.chat("org-a").session("s-trunc").send().await;
-    let (events, err) = ends_with_one_error(&r);
-    assert_eq!(names(&events), ["message", "error"]);
-    assert_eq!(err["code"], "STREAM_TRUNCATED");
-
+    let h = truncated(vec![Step::Send(text("half an answer"))], "s-trunc").await;
     runtime_all(&h, 1, "error").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn done_marker_without_execution_complete_is_truncated() {
-    let h = Harness::new()
-        .runtime(runtime_sse(vec![
-            Step::Send(frame("text_chunk", json!({"content": "x"}))),
-            Step::Send(done_frame()),
-        ]))
-        .start()
-        .await;
-
-    let r = h.chat("org-a").session("s-done").send().await;
-    let (events, err) = ends_with_one_error(&r);
-    assert_eq!(names(&events), ["message", "error"]);
-    assert_eq!(err["code"], "STREAM_TRUNCATED");
+    truncated(
+        vec![Step::Send(text("x")), Step::Send(done_frame())],
+        "s-done",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -315,9 +328,7 @@ async fn runtime_dying_mid_stream_ends_with_one_error_event() {
         .await;
 
     for session in ["between-frames", "mid-frame"] {
-        let r = chat(h.proxy_addr, Some("org-a"), session, HI).await;
-        let (events, err) = ends_with_one_error(&r);
-        assert_eq!(names(&events), ["message", "error"], "{session}");
+        let (events, err) = message_then_error(&h, session).await;
         assert_eq!(data_of(&events[0])["data"]["content"], "before");
         assert_ne!(
             err["code"], "STREAM_TRUNCATED",
@@ -395,17 +406,13 @@ async fn execution_error_becomes_one_error_event_with_the_runtime_code() {
         .start()
         .await;
 
-    let r = h.chat("org-a").session("with-code").send().await;
-    let (events, err) = ends_with_one_error(&r);
-    assert_eq!(names(&events), ["message", "error"]);
+    let (_, err) = message_then_error(&h, "with-code").await;
     assert_eq!(
         err,
         json!({"code": "TOOL_FAILED", "message": "tool crashed"})
     );
 
-    let r = h.chat("org-a").session("without-code").send().await;
-    let (events, err) = ends_with_one_error(&r);
-    assert_eq!(names(&events), ["message", "error"]);
+    let (_, err) = message_then_error(&h, "without-code").await;
     assert_eq!(
         err,
         json!({"code": "SSE_STREAM_ERROR", "message": "something broke"})
@@ -433,9 +440,7 @@ async fn runtime_frames_that_are_not_events_are_dropped_and_counted() {
         .await;
     let (malformed, unknown) = (dropped(&h, "malformed"), dropped(&h, "unknown_event"));
 
-    let r = h.chat("org-a").session("s-drop").send().await;
-    assert!(r.complete);
-    let events = whole_events(&r);
+    let events = whole_stream(&h, "s-drop").await;
     assert_eq!(
         names(&events),
         ["message", "heartbeat", "message", "done"],
@@ -592,26 +597,8 @@ async fn client_disconnect_closes_the_runtime_connection_and_is_not_counted() {
     client.abort();
     let _ = client.await;
 
-    assert!(
-        h.runtime.wait_for_hang_ups(1, Duration::from_secs(3)).await,
-        "the proxy kept the runtime connection open after the client left"
-    );
+    assert_left_uncharged(&h, before, "a client disconnect mid-stream").await;
     assert!(started.elapsed() < Duration::from_secs(3));
-    assert!(
-        eventually(Duration::from_secs(2), || cancelled() == before + 1).await,
-        "the disconnect was not counted as cancelled"
-    );
-    let stats = runtime_stats(server, 0).await;
-    assert_eq!(
-        (
-            stats["total"].as_u64(),
-            stats["error"].as_u64(),
-            stats["timeout"].as_u64()
-        ),
-        (Some(0), Some(0), Some(0)),
-        "a client disconnect is not the runtime's fault: {stats}"
-    );
-    assert_eq!(server.shared.breaker.window_stats().total, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -633,9 +620,7 @@ async fn runtime_hanging_after_execution_complete_gets_no_error_after_done() {
         .start()
         .await;
 
-    let r = h.chat("org-a").session("s-late").send().await;
-    assert!(r.complete);
-    let events = whole_events(&r);
+    let events = whole_stream(&h, "s-late").await;
     assert_eq!(names(&events), ["message", "done"], "{events:?}");
     let stats = runtime_stats(&h, 1).await;
     assert_eq!(
@@ -707,20 +692,7 @@ async fn client_disconnect_before_the_runtime_answers_cancels_it() {
     h.runtime.wait_for_work(1).await;
     drop(c);
 
-    assert!(
-        h.runtime.wait_for_hang_ups(1, Duration::from_secs(2)).await,
-        "the proxy kept the runtime working for a client that left"
-    );
-    assert!(
-        eventually(Duration::from_secs(2), || cancelled() == before + 1).await,
-        "the abandoned execution was not counted as cancelled"
-    );
-    let stats = runtime_stats(server, 0).await;
-    assert_eq!(
-        stats["total"].as_u64(),
-        Some(0),
-        "a client that left is not the runtime's fault: {stats}"
-    );
+    assert_left_uncharged(&h, before, "a client gone before the runtime's head").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -761,14 +733,7 @@ async fn http10_clients_get_a_close_delimited_stream() {
         .start()
         .await;
 
-    let mut conn = tokio::net::TcpStream::connect(h.proxy_addr).await.unwrap();
-    let body = HI;
-    let req = format!(
-        "POST /api/v1/chat/sessions/s-10 HTTP/1.0\r\nhost: proxy.test\r\nauthorization: Bearer {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        token("org-a"),
-        body.len()
-    );
-    conn.write_all(req.as_bytes()).await.unwrap();
+    let mut conn = raw_chat(h.proxy_addr, "HTTP/1.0", "s-10").await;
     let mut raw = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut raw))
         .await
@@ -866,8 +831,6 @@ async fn a_broken_chunked_body_ends_with_one_error_event() {
         ))
         .start()
         .await;
-    let r = h.chat("org-a").session("s-badchunk").send().await;
-    let (events, err) = ends_with_one_error(&r);
-    assert_eq!(names(&events), ["message", "error"]);
+    let (_, err) = message_then_error(&h, "s-badchunk").await;
     assert_eq!(err["code"], "RUNTIME_DISCONNECTED");
 }

@@ -357,9 +357,8 @@ async fn a_copy_whose_conversation_cannot_be_read_records_no_comparison() {
     // s-b, not s-missing.
     let legacy = legacy::FakeLegacy::seeded().await;
     let h = Harness::new()
-        .legacy_server(legacy)
+        .bridged(legacy)
         .config(move |c| {
-            c.bridge.enabled = true;
             c.runtime.default_agent_id = String::new();
             c.rollout.shadow_orgs = vec!["org-b".into()];
             c.shadow.ready_min_samples = 1;
@@ -606,11 +605,8 @@ async fn a_copy_asks_the_question_once_when_legacy_saved_it_first() {
     legacy.add_message("s-b", "assistant", "reply");
     legacy.add_message("s-b", "user", "hi");
     let h = Harness::new()
-        .legacy_server(legacy)
-        .config(move |c| {
-            c.bridge.enabled = true;
-            c.rollout.shadow_orgs = vec!["org-b".into()];
-        })
+        .bridged(legacy)
+        .config(|c| c.rollout.shadow_orgs = vec!["org-b".into()])
         .start()
         .await;
     let r = chat(h.proxy_addr, Some("org-b"), "s-b", HI).await;

@@ -120,6 +120,16 @@ impl ProxyProcess {
         assert!(status.success(), "kill -TERM failed");
     }
 
+    /// Exit cleanly less than `bound` after a signal sent at `signalled` (within 5 s, else fail
+    /// saying `what`).
+    async fn exits_in_time(&mut self, signalled: Instant, bound: Duration, what: &str) {
+        let took = self
+            .exits_cleanly_within(Duration::from_secs(5), what)
+            .await
+            - signalled;
+        assert!(took < bound, "{what}: exited {took:?} after the signal");
+    }
+
     /// Wait for the process to exit, at most `within` (else fail saying `otherwise`), and check
     /// that it exited with success; when it did.
     async fn exits_cleanly_within(&mut self, within: Duration, otherwise: &str) -> Instant {
@@ -383,14 +393,10 @@ async fn a_stream_outliving_the_grace_period_ends_with_an_error_event() {
     );
     assert!(events.iter().any(|(e, _)| e == "message"), "{events:?}");
 
-    let exited_at = proxy
-        .exits_cleanly_within(Duration::from_secs(5), "proxy did not exit")
+    let bound = grace + Duration::from_millis(1000);
+    proxy
+        .exits_in_time(term_at, bound, "the drain ends with its grace")
         .await;
-    assert!(
-        exited_at - term_at < grace + Duration::from_millis(1000),
-        "exited {:?} after SIGTERM",
-        exited_at - term_at
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -403,14 +409,10 @@ async fn an_idle_proxy_exits_at_once_on_sigterm() {
     assert!(r.complete);
     let term_at = Instant::now();
     proxy.sigterm();
-    let exited_at = proxy
-        .exits_cleanly_within(Duration::from_secs(5), "idle proxy did not exit")
+    let what = "an idle proxy exits without waiting out the 30 s grace period";
+    proxy
+        .exits_in_time(term_at, Duration::from_secs(2), what)
         .await;
-    assert!(
-        exited_at - term_at < Duration::from_secs(2),
-        "an idle proxy exits without waiting out the 30 s grace period: {:?}",
-        exited_at - term_at
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -466,14 +468,10 @@ async fn sigint_during_the_drain_exits_at_once() {
         .status()
         .unwrap();
     assert!(status.success());
-    let exited_at = proxy
-        .exits_cleanly_within(Duration::from_secs(5), "SIGINT did not end the drain")
+    let what = "SIGINT ends the drain";
+    proxy
+        .exits_in_time(int_at, Duration::from_secs(1), what)
         .await;
-    assert!(
-        exited_at - int_at < Duration::from_secs(1),
-        "{:?}",
-        exited_at - int_at
-    );
     let (r, _) = stream.await.unwrap();
     assert!(!r.complete, "the stream is cut, not finished");
 }
@@ -497,19 +495,8 @@ async fn messages_still_being_saved_at_exit_are_logged_whole() {
     )
     .await;
     let content = "kept whole: 多字节 \"quoted\"";
-    let auth = format!("Bearer {}", token("org-a"));
     let body = serde_json::json!({"message": content}).to_string();
-    let r = request(
-        proxy.proxy,
-        "POST",
-        "/api/v1/chat/sessions/s-1",
-        &[
-            ("content-type", "application/json"),
-            ("authorization", auth.as_str()),
-        ],
-        body.as_bytes(),
-    )
-    .await;
+    let r = chat(proxy.proxy, Some("org-a"), "s-1", &body).await;
     assert_served(&r, RT, "allowlist");
     assert!(r.text().contains("event: done"), "{}", r.text());
 

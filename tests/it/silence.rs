@@ -8,7 +8,7 @@ use crate::support;
 
 use std::time::{Duration, Instant};
 
-use cutover_proxy::core::config::{CommitTimeoutAction, PreContent};
+use cutover_proxy::core::config::{CommitTimeoutAction, Config, PreContent};
 use serde_json::json;
 use support::*;
 
@@ -116,27 +116,43 @@ async fn a_runtime_with_no_head_fails_over_at_its_response_timeout_on_both_paths
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_runtime_silent_before_its_first_content_fails_over_at_its_idle_timeout() {
+/// On each runtime path under each `runtime.pre_content`, org-a's chat to a runtime that thinks
+/// and then goes on with `after`, its deadline set by `deadline`: answered by legacy within the
+/// deadline, counted as the runtime's timeout; `check` judges the rest.
+async fn thinks_then_legacy_answers(
+    after: Vec<Step>,
+    deadline: fn(&mut Config),
+    check: impl Fn(&Running, &str),
+) {
     for ((lean, path), mode) in runtime_paths_and_modes() {
+        let mut steps = vec![Step::Send(thinking("planning"))];
+        steps.extend(after.clone());
         let h = Harness::new()
-            .runtime(runtime(Some(vec![
-                Step::Send(thinking("planning")),
-                Step::Hang,
-            ])))
+            .runtime(runtime(Some(steps)))
             .config(move |c| {
                 c.server.lean_runtime = lean;
                 c.runtime.pre_content = mode;
-                c.runtime.idle_timeout_ms = DEADLINE.as_millis() as u64;
-                c.runtime.commit_timeout_ms = Some(4000);
             })
+            .config(deadline)
             .start()
             .await;
         let r = chat_within(&h, "org-a", path).await;
         assert_legacy_answered(&r, mode, path);
         assert_one_runtime_timeout(&h, 1, path).await;
-        assert_eq!(timeouts(&h, "runtime", "idle"), 1.0, "{path}");
+        check(&h, path);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runtime_silent_before_its_first_content_fails_over_at_its_idle_timeout() {
+    let deadline = |c: &mut Config| {
+        c.runtime.idle_timeout_ms = DEADLINE.as_millis() as u64;
+        c.runtime.commit_timeout_ms = Some(4000);
+    };
+    thinks_then_legacy_answers(vec![Step::Hang], deadline, |h, path| {
+        assert_eq!(timeouts(h, "runtime", "idle"), 1.0, "{path}")
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -198,52 +214,68 @@ async fn pings_keep_a_quiet_runtime_alive() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_content_by_the_commit_timeout_fails_over_when_told_to_on_both_paths() {
-    for ((lean, path), mode) in runtime_paths_and_modes() {
-        let h = Harness::new()
-            .runtime(runtime(Some(vec![
-                Step::Send(thinking("planning")),
-                Step::Sleep(Duration::from_secs(3)),
-                Step::Send(text("late")),
-            ])))
-            .config(move |c| {
-                c.server.lean_runtime = lean;
-                c.runtime.pre_content = mode;
-                c.runtime.commit_timeout_ms = Some(DEADLINE.as_millis() as u64);
-                c.runtime.commit_timeout_action = CommitTimeoutAction::Failover;
-            })
-            .start()
-            .await;
-        let r = chat_within(&h, "org-a", path).await;
-        assert_legacy_answered(&r, mode, path);
-        assert_one_runtime_timeout(&h, 1, path).await;
-        assert_eq!(
-            metric(&h, "cutover_commit_total", &[]),
-            0.0,
-            "{path}: nothing was committed"
-        );
-    }
+    let late = vec![
+        Step::Sleep(Duration::from_secs(3)),
+        Step::Send(text("late")),
+    ];
+    let deadline = |c: &mut Config| {
+        c.runtime.commit_timeout_ms = Some(DEADLINE.as_millis() as u64);
+        c.runtime.commit_timeout_action = CommitTimeoutAction::Failover;
+    };
+    thinks_then_legacy_answers(late, deadline, |h, path| {
+        let committed = metric(h, "cutover_commit_total", &[]);
+        assert_eq!(committed, 0.0, "{path}: nothing was committed");
+    })
+    .await;
 }
 
 /// Legacy's paths for a plain request: the lean passthrough, and Pingora's proxy.
 const LEGACY_PATHS: [(bool, &str); 2] = [(true, "lean"), (false, "pingora")];
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_legacy_with_no_head_is_a_504_at_its_response_timeout_on_both_paths() {
+/// On both of legacy's paths, a GET of `route` from a legacy answering `steps` (`reply` makes
+/// the answer), with legacy's `stage` deadline ("response" or "idle") at `DEADLINE`: answered
+/// within the deadline, and counted; `check` judges each answer.
+async fn legacy_silent_on_both_paths(
+    reply: fn(Vec<Step>) -> Reply,
+    steps: Vec<Step>,
+    stage: &'static str,
+    route: &str,
+    check: impl Fn(&Response, &str),
+) {
     for (lean, path) in LEGACY_PATHS {
+        let (reply, steps) = (reply, steps.clone());
         let h = Harness::new()
-            .legacy(|_: &Received| Reply::silent(vec![Step::Hang]))
+            .legacy(move |_: &Received| reply(steps.clone()))
             .config(move |c| {
                 c.server.lean_passthrough = lean;
-                c.legacy.response_timeout_ms = DEADLINE.as_millis() as u64;
+                let deadline = DEADLINE.as_millis() as u64;
+                match stage {
+                    "response" => c.legacy.response_timeout_ms = deadline,
+                    "idle" => c.legacy.idle_timeout_ms = deadline,
+                    other => panic!("legacy has no {other} deadline"),
+                }
             })
             .start()
             .await;
         let started = Instant::now();
-        let r = request(h.proxy_addr, "GET", "/api/v1/agents", &[], b"").await;
+        let r = request(h.proxy_addr, "GET", route, &[], b"").await;
         assert_within(started.elapsed(), path);
-        assert_eq!(r.status, 504, "{path}");
-        assert_eq!(timeouts(&h, "legacy", "response"), 1.0, "{path}");
+        check(&r, path);
+        assert_eq!(timeouts(&h, "legacy", stage), 1.0, "{path}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_legacy_with_no_head_is_a_504_at_its_response_timeout_on_both_paths() {
+    let no_head = vec![Step::Hang];
+    legacy_silent_on_both_paths(
+        Reply::silent,
+        no_head,
+        "response",
+        "/api/v1/agents",
+        |r, path| assert_eq!(r.status, 504, "{path}"),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -265,25 +297,19 @@ async fn a_chat_legacy_never_answers_is_a_504_with_its_routing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_legacy_silent_inside_its_answer_has_the_connection_closed_at_its_idle_timeout() {
-    for (lean, path) in LEGACY_PATHS {
-        let h = Harness::new()
-            .legacy(|_: &Received| {
-                Reply::sse(vec![Step::Send(b"data: first\n\n".to_vec()), Step::Hang])
-            })
-            .config(move |c| {
-                c.server.lean_passthrough = lean;
-                c.legacy.idle_timeout_ms = DEADLINE.as_millis() as u64;
-            })
-            .start()
-            .await;
-        let started = Instant::now();
-        let r = request(h.proxy_addr, "GET", "/api/v1/events", &[], b"").await;
-        assert_within(started.elapsed(), path);
-        assert_eq!(r.status, 200, "{path}");
-        assert!(!r.complete, "{path}: a cut answer must not look whole");
-        assert_eq!(r.body(), b"data: first\n\n", "{path}");
-        assert_eq!(timeouts(&h, "legacy", "idle"), 1.0, "{path}");
-    }
+    let first_then_silence = vec![Step::Send(b"data: first\n\n".to_vec()), Step::Hang];
+    legacy_silent_on_both_paths(
+        Reply::sse,
+        first_then_silence,
+        "idle",
+        "/api/v1/events",
+        |r, path| {
+            assert_eq!(r.status, 200, "{path}");
+            assert!(!r.complete, "{path}: a cut answer must not look whole");
+            assert_eq!(r.body(), b"data: first\n\n", "{path}");
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,13 +11,7 @@ use support::*;
 
 /// The head of a chat request as org-a, announcing `HI` as its body, which is not sent.
 fn head_only(session: &str) -> Vec<u8> {
-    format!(
-        "POST /api/v1/chat/sessions/{session} HTTP/1.1\r\nhost: proxy.test\r\n\
-         authorization: Bearer {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
-        token("org-a"),
-        HI.len()
-    )
-    .into_bytes()
+    chat_head("HTTP/1.1", session, HI.len(), "")
 }
 
 fn runtime_executions(h: &Running) -> u64 {

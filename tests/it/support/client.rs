@@ -161,6 +161,28 @@ impl Response {
     }
 }
 
+/// An event's data, parsed.
+pub fn event_data(event: &(String, String)) -> serde_json::Value {
+    serde_json::from_str(&event.1).unwrap()
+}
+
+/// Every chunk the client received holds only whole events (the web app drops an event cut
+/// between two reads), LF-only, one data line each; returns all the events in order.
+pub fn whole_events(r: &Response) -> Vec<(String, String)> {
+    let mut all = Vec::new();
+    for (i, (_, chunk)) in r.chunks.iter().enumerate() {
+        let text = std::str::from_utf8(chunk)
+            .unwrap_or_else(|e| panic!("chunk {i} is not UTF-8 on its own ({e}): {chunk:?}"));
+        assert!(
+            text.ends_with("\n\n") && !text.starts_with('\n'),
+            "chunk {i} does not hold whole events: {text:?}"
+        );
+        all.extend(parse_events(text));
+    }
+    assert_eq!(all, r.events(), "chunks and body disagree");
+    all
+}
+
 /// Split `event: X\ndata: Y\n\n` blocks; anything else is a test failure.
 pub fn parse_events(text: &str) -> Vec<(String, String)> {
     assert!(!text.contains('\r'), "client stream contains CR: {text:?}");
@@ -372,6 +394,30 @@ impl Client {
     pub async fn send_raw(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).await.unwrap();
     }
+}
+
+/// The head of org-a's chat request to `session` as raw bytes, in `version` ("HTTP/1.1",
+/// "HTTP/1.0"), announcing a JSON body of `body_len` bytes; `extra` header lines (each ending in
+/// CRLF) go before the blank line.
+pub fn chat_head(version: &str, session: &str, body_len: usize, extra: &str) -> Vec<u8> {
+    format!(
+        "POST /api/v1/chat/sessions/{session} {version}\r\nHost: proxy.test\r\n\
+         Authorization: Bearer {}\r\nContent-Type: application/json\r\n\
+         {extra}Content-Length: {body_len}\r\n\r\n",
+        token("org-a"),
+    )
+    .into_bytes()
+}
+
+/// A raw connection to `addr` on which org-a's whole chat to `session` (body `HI`) was sent in
+/// `version`; the response is the caller's to read.
+pub async fn raw_chat(addr: std::net::SocketAddr, version: &str, session: &str) -> TcpStream {
+    let hi = super::harness::HI;
+    let mut request = chat_head(version, session, hi.len(), "");
+    request.extend_from_slice(hi.as_bytes());
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&request).await.unwrap();
+    s
 }
 
 /// Send one request on a fresh connection and read the whole response.

@@ -122,6 +122,32 @@ where
     }
 }
 
+/// Read `read` every 20 ms until a reading satisfies `holds`, or `within` passes: then the last
+/// reading, for the failure's message.
+pub async fn poll_until<T, F, Fut>(
+    within: Duration,
+    mut read: F,
+    holds: impl Fn(&T) -> bool,
+) -> Result<T, T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = T>,
+{
+    let holds = &holds;
+    until(within, || {
+        let reading = read();
+        async move {
+            let value = reading.await;
+            if holds(&value) {
+                Ok(value)
+            } else {
+                Err(value)
+            }
+        }
+    })
+    .await
+}
+
 /// Outcomes are recorded when the proxy finishes a request, which can be just after the client
 /// read the whole response: wait until at least `runtime` runtime and `direct` direct executions
 /// are in the admin window.
@@ -321,6 +347,15 @@ impl Harness {
             tweaks: self.tweaks,
             source: self.source,
         }
+    }
+}
+
+impl Harness {
+    /// The conversation bridge on, with `legacy` (the fake legacy Chat API, or one nobody
+    /// listens on) in the legacy's place.
+    pub fn bridged<M: LegacyServer + Send + 'static>(self, legacy: M) -> Harness<M> {
+        self.legacy_server(legacy)
+            .config(|c| c.bridge.enabled = true)
     }
 }
 

@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
-use super::{echo_legacy, Received, Reply, Step, Upstream, JWT_SECRET};
+use super::{
+    echo_legacy, request, token, Received, Reply, Response, Running, Step, Upstream, JWT_SECRET,
+};
 
 /// A route of the fake, for faults.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -225,6 +227,80 @@ impl FakeLegacy {
             .filter(|r| route_of(r).is_some_and(|(r, _)| r == route))
             .count()
     }
+
+    /// A `/chat/start` that did not stay on the runtime: the session the proxy made for it was
+    /// deleted before legacy served the start itself, with `body` as the client sent it, and the
+    /// proxy saved no message. Every call legacy received, `(method, path)` in order.
+    #[track_caller]
+    pub fn assert_start_undone_before_served(&self, body: &[u8]) -> Vec<(String, String)> {
+        let received = self.received();
+        let calls: Vec<(String, String)> = received
+            .iter()
+            .map(|q| (q.method.clone(), q.path.clone()))
+            .collect();
+        let at = |method: &str, path: &str| calls.iter().position(|c| c.0 == method && c.1 == path);
+        assert!(
+            !calls
+                .iter()
+                .any(|(m, p)| m == "POST" && p.ends_with("/messages")),
+            "the proxy saved a message: {calls:?}"
+        );
+        let created = at("POST", "/api/v1/sessions").expect("a session was made for /chat/start");
+        let deleted = calls
+            .iter()
+            .position(|(m, _)| m == "DELETE")
+            .expect("and deleted");
+        let served = at("POST", "/api/v1/chat/start").expect("legacy served /chat/start");
+        assert!(created < deleted && deleted < served, "{calls:?}");
+        let id = calls[deleted].1.rsplit('/').next().unwrap();
+        assert!(self.session(id).is_none(), "session {id} left behind");
+        assert_eq!(received[served].body, body, "legacy's /chat/start body");
+        calls
+    }
+}
+
+/// With the bridge on and a runtime that fails before content, a session chat with `body` and
+/// then a `/chat/start`, each answered as `answered` checks: legacy gets the session chat's body
+/// byte for byte, the proxy saves nothing of its own, and the start's session is undone before
+/// legacy serves the start.
+pub async fn assert_bridge_chats_leave_nothing(
+    h: &Running<FakeLegacy>,
+    body: &str,
+    answered: impl Fn(&Response, &str),
+) {
+    let before = h.legacy.messages("s-1");
+    let r = h.chat("org-a").body(body).send().await;
+    answered(&r, "session chat");
+    assert_eq!(
+        h.legacy.messages("s-1"),
+        before,
+        "only legacy's own messages"
+    );
+    assert_eq!(h.runtime.work().len(), 1);
+
+    let auth = format!("Bearer {}", token("org-a"));
+    let headers = [
+        ("content-type", "application/json"),
+        ("authorization", auth.as_str()),
+    ];
+    let start = json!({"agentId": "ag-1", "message": "hello"}).to_string();
+    let r = request(
+        h.proxy_addr,
+        "POST",
+        "/api/v1/chat/start",
+        &headers,
+        start.as_bytes(),
+    )
+    .await;
+    answered(&r, "chat start");
+    assert_eq!(h.runtime.work().len(), 2);
+
+    let calls = h.legacy.assert_start_undone_before_served(start.as_bytes());
+    let chat = calls
+        .iter()
+        .position(|(m, p)| m == "POST" && p == "/api/v1/chat/sessions/s-1")
+        .expect("legacy served the session chat");
+    assert_eq!(h.legacy.received()[chat].body, body.as_bytes());
 }
 
 /// Messages whose commit is done.

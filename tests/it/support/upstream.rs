@@ -4,7 +4,7 @@
 //! sent, the proxy hanging up midway).
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -65,6 +65,14 @@ pub enum Step {
 }
 
 impl Step {
+    /// `times` chunks of `len` copies of `byte`, pausing `pause` after each.
+    pub fn fill(byte: u8, len: usize, times: usize, pause: Duration) -> Step {
+        Step::Repeat {
+            data: vec![byte; len],
+            times,
+            pause,
+        }
+    }
     /// `data` over and over, as fast as the proxy takes it, until it hangs up.
     pub fn flood(data: Vec<u8>) -> Step {
         Step::Repeat {
@@ -533,6 +541,20 @@ pub fn echo_legacy(req: &Received) -> Reply {
     }
 }
 
+/// An upstream that streams `first`, waits until the test releases it, then streams `then`.
+pub fn released_in_two(
+    first: &'static [u8],
+    then: &'static [u8],
+) -> impl Fn(&Received) -> Reply + Send + Sync + 'static {
+    move |_: &Received| {
+        Reply::sse(vec![
+            Step::Send(first.to_vec()),
+            Step::WaitRelease,
+            Step::Send(then.to_vec()),
+        ])
+    }
+}
+
 /// A runtime that answers its health checks and scripts every execution with `script`, which
 /// is told how many executions came before.
 pub fn runtime_script(
@@ -564,6 +586,21 @@ pub fn runtime_answering(
     }
 }
 
+/// A runtime that answers every execution with `failure` until `recovered` is set, and with
+/// [`runtime_ok_steps`] from then on.
+pub fn runtime_failing_until(
+    recovered: Arc<AtomicBool>,
+    failure: Reply,
+) -> impl Fn(&Received) -> Reply + Send + Sync + 'static {
+    runtime_answering(move |_: &Received| {
+        if recovered.load(Ordering::SeqCst) {
+            Reply::sse(runtime_ok_steps())
+        } else {
+            failure.clone()
+        }
+    })
+}
+
 /// A runtime that answers every session with [`runtime_ok_steps`] but `fails`, which gets only
 /// `frame` and then the end of the stream.
 pub fn runtime_failing_session_fails(
@@ -586,4 +623,12 @@ pub fn text(content: &str) -> Vec<u8> {
 /// A runtime `thinking` frame.
 pub fn thinking(content: &str) -> Vec<u8> {
     frame("thinking", serde_json::json!({ "content": content }))
+}
+
+/// A runtime `execution_error` frame with `code`, the way an overloaded model fails.
+pub fn execution_error(code: &str) -> Vec<u8> {
+    frame(
+        "execution_error",
+        serde_json::json!({"error": "model overloaded", "code": code}),
+    )
 }
