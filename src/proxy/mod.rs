@@ -174,17 +174,21 @@ impl ProxyHttp for CutoverProxy {
         _session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
-        let addr = self
-            .shared()
-            .resolver
-            .resolve(&ctx.active.config.legacy.address)
-            .await
-            .map_err(|e| {
-                Error::explain(
-                    ErrorType::ConnectNoRoute,
-                    format!("resolving legacy address: {e}"),
-                )
-            })?;
+        // An IP literal was parsed once with its config; a name goes to the resolver's cache.
+        let addr = match ctx.active.legacy_literal {
+            Some(addr) => addr,
+            None => self
+                .shared()
+                .resolver
+                .resolve(&ctx.active.config.legacy.address)
+                .await
+                .map_err(|e| {
+                    Error::explain(
+                        ErrorType::ConnectNoRoute,
+                        format!("resolving legacy address: {e}"),
+                    )
+                })?,
+        };
         if let Some(chat) = ctx.chat.as_mut() {
             if chat.in_flight.is_none() {
                 let gauge = self
