@@ -125,6 +125,11 @@ impl CutoverProxy {
 impl ProxyHttp for CutoverProxy {
     type CTX = RequestCtx;
 
+    /// None: Pingora's default is its response compression, added disabled, which would still
+    /// be set up, consulted and dropped on every request. The proxy compresses nothing itself:
+    /// legacy's answers pass as legacy encoded them.
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
+
     fn new_ctx(&self) -> RequestCtx {
         self.chats
             .request_ctx(self.shared().snapshot(), Instant::now())
