@@ -10,12 +10,22 @@
 //! peer's address alone, `http` (the proxy's listener is plain HTTP) and the request's `Host`.
 
 use std::net::IpAddr;
+use std::ops::Range;
 
 use ipnet::IpNet;
 
 pub const FOR: &str = "x-forwarded-for";
 pub const PROTO: &str = "x-forwarded-proto";
 pub const HOST: &str = "x-forwarded-host";
+/// The three, in the order they are sent.
+pub const NAMES: [&str; 3] = [FOR, PROTO, HOST];
+
+/// Where [`Forwarded::write_with`] is in a header's value.
+#[derive(Clone, Copy)]
+enum Edge {
+    Start,
+    End,
+}
 
 /// Whether `name` is one of the three headers the proxy writes itself.
 pub fn is_forwarded(name: &[u8]) -> bool {
@@ -144,11 +154,47 @@ impl Forwarded {
     /// The lines [`Forwarded::of`]`(hop, got)` would write, straight into `out`: the same bytes
     /// without a `String` per value (the lean path writes them for every request).
     pub fn write(hop: Hop, got: &Received, out: &mut Vec<u8>) {
-        let mut first = true;
-        let entry = |out: &mut Vec<u8>, first: &mut bool| {
-            if *first {
-                out.extend_from_slice(FOR.as_bytes());
+        Forwarded::write_with(hop, got, out, |out, header, edge| match edge {
+            Edge::Start => {
+                out.extend_from_slice(NAMES[header].as_bytes());
                 out.extend_from_slice(b": ");
+            }
+            Edge::End => out.extend_from_slice(b"\r\n"),
+        });
+    }
+
+    /// The values [`Forwarded::of`]`(hop, got)` would give, one after another in `out`, and
+    /// where each is in it (For, Proto, Host; `None`: left out): Pingora's path sets them as
+    /// headers without a `String` or `fmt` per value.
+    pub fn write_values(hop: Hop, got: &Received, out: &mut Vec<u8>) -> [Option<Range<usize>>; 3] {
+        let mut spans: [Option<Range<usize>>; 3] = Default::default();
+        Forwarded::write_with(hop, got, out, |out, header, edge| {
+            let at = out.len();
+            let span = &mut spans[header];
+            match edge {
+                Edge::Start => *span = Some(at..at),
+                Edge::End => {
+                    if let Some(span) = span {
+                        span.end = at;
+                    }
+                }
+            }
+        });
+        spans
+    }
+
+    /// The one writer of the three values: `mark` is told where each header's value starts
+    /// and ends in `out` (the header by its index in [`NAMES`]), in the order they are sent.
+    fn write_with(
+        hop: Hop,
+        got: &Received,
+        out: &mut Vec<u8>,
+        mut mark: impl FnMut(&mut Vec<u8>, usize, Edge),
+    ) {
+        let mut first = true;
+        let mut entry = |out: &mut Vec<u8>, first: &mut bool| {
+            if *first {
+                mark(out, 0, Edge::Start);
                 *first = false;
             } else {
                 out.extend_from_slice(b", ");
@@ -171,7 +217,7 @@ impl Forwarded {
             write_ip(peer, out);
         }
         if !first {
-            out.extend_from_slice(b"\r\n");
+            mark(out, 0, Edge::End);
         }
         let (proto, host) = if hop.trusted {
             (
@@ -181,15 +227,13 @@ impl Forwarded {
         } else {
             (None, got.host)
         };
-        out.extend_from_slice(PROTO.as_bytes());
-        out.extend_from_slice(b": ");
+        mark(out, 1, Edge::Start);
         lossy(proto.unwrap_or(b"http"), out);
-        out.extend_from_slice(b"\r\n");
+        mark(out, 1, Edge::End);
         if let Some(host) = host.filter(|h| !h.is_empty()) {
-            out.extend_from_slice(HOST.as_bytes());
-            out.extend_from_slice(b": ");
+            mark(out, 2, Edge::Start);
             lossy(host, out);
-            out.extend_from_slice(b"\r\n");
+            mark(out, 2, Edge::End);
         }
     }
 
@@ -338,6 +382,22 @@ mod tests {
         direct
     }
 
+    /// The lines from [`Forwarded::write_values`]' values, written as the lean path writes them.
+    fn via_values(hop: Hop, got: &Received) -> Vec<u8> {
+        let mut values = Vec::new();
+        let spans = Forwarded::write_values(hop, got, &mut values);
+        let mut lines = Vec::new();
+        for (name, span) in NAMES.iter().zip(spans) {
+            if let Some(span) = span {
+                lines.extend_from_slice(name.as_bytes());
+                lines.extend_from_slice(b": ");
+                lines.extend_from_slice(&values[span]);
+                lines.extend_from_slice(b"\r\n");
+            }
+        }
+        lines
+    }
+
     fn via_of(hop: Hop, got: &Received) -> Vec<u8> {
         let mut lines = Vec::new();
         Forwarded::of(hop, got).write_lines(&mut lines);
@@ -372,6 +432,7 @@ mod tests {
                     },
                 ] {
                     assert_eq!(written(hop, &got), via_of(hop, &got), "{hop:?} {got:?}");
+                    assert_eq!(via_values(hop, &got), via_of(hop, &got), "{hop:?} {got:?}");
                 }
             }
         }
@@ -396,6 +457,7 @@ mod tests {
                 host: host.as_deref(),
             };
             prop_assert_eq!(written(hop, &got), via_of(hop, &got));
+            prop_assert_eq!(via_values(hop, &got), via_of(hop, &got));
         }
 
         #[test]

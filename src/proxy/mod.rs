@@ -125,6 +125,11 @@ impl CutoverProxy {
 impl ProxyHttp for CutoverProxy {
     type CTX = RequestCtx;
 
+    /// None: Pingora's default is its response compression, added disabled, which would still
+    /// be set up, consulted and dropped on every request. The proxy compresses nothing itself:
+    /// legacy's answers pass as legacy encoded them.
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
+
     fn new_ctx(&self) -> RequestCtx {
         self.chats
             .request_ctx(self.shared().snapshot(), Instant::now())
@@ -174,17 +179,21 @@ impl ProxyHttp for CutoverProxy {
         _session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
-        let addr = self
-            .shared()
-            .resolver
-            .resolve(&ctx.active.config.legacy.address)
-            .await
-            .map_err(|e| {
-                Error::explain(
-                    ErrorType::ConnectNoRoute,
-                    format!("resolving legacy address: {e}"),
-                )
-            })?;
+        // An IP literal was parsed once with its config; a name goes to the resolver's cache.
+        let addr = match ctx.active.legacy_literal {
+            Some(addr) => addr,
+            None => self
+                .shared()
+                .resolver
+                .resolve(&ctx.active.config.legacy.address)
+                .await
+                .map_err(|e| {
+                    Error::explain(
+                        ErrorType::ConnectNoRoute,
+                        format!("resolving legacy address: {e}"),
+                    )
+                })?,
+        };
         if let Some(chat) = ctx.chat.as_mut() {
             if chat.in_flight.is_none() {
                 let gauge = self
