@@ -1017,12 +1017,8 @@ mod tests {
     //! connection through the runtime's client, the client a fake [`Downstream`] on
     //! `tokio::io::duplex` that notes when each write reached it.
 
-    use std::net::SocketAddr;
-
-    use async_trait::async_trait;
     use pingora::http::RequestHeader;
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
-    use tokio::sync::mpsc;
 
     use super::*;
     use crate::core::agent2ui::MapSettings;
@@ -1032,20 +1028,8 @@ mod tests {
     use crate::core::routing::RolloutDecision;
     use crate::runtime::downstream::BodyRead;
     use crate::state::Shared;
-    use crate::upstream::{Call, Connect, TimeoutCounters, Timeouts, Upstream, UpstreamName};
-
-    /// Runtime connections in memory; the test is the runtime on the other end.
-    struct Runtime(mpsc::UnboundedSender<DuplexStream>);
-
-    #[async_trait]
-    impl Connect for Runtime {
-        type Conn = DuplexStream;
-        async fn connect(&self, _addr: SocketAddr) -> std::io::Result<DuplexStream> {
-            let (ours, theirs) = tokio::io::duplex(64 * 1024);
-            self.0.send(theirs).unwrap();
-            Ok(ours)
-        }
-    }
+    use crate::upstream::in_memory::{self, answered};
+    use crate::upstream::{Call, Timeouts, UpstreamName};
 
     /// The client's side of a chat: the head is written as a `HEAD <status>` line so the client
     /// sees when it left, then the body's bytes.
@@ -1195,11 +1179,8 @@ mod tests {
         G: FnOnce(DuplexStream) -> Gut + Send + 'static,
         Gut: std::future::Future<Output = bool> + Send,
     {
-        let (legacy_tx, mut legacy_accepted) = mpsc::unbounded_channel();
-        let legacy_client = Arc::new(Upstream::new(
-            Runtime(legacy_tx),
-            TimeoutCounters::unregistered(UpstreamName::Legacy),
-        ));
+        let (legacy_client, mut legacy_accepted) = in_memory::upstream(UpstreamName::Legacy, false);
+        let legacy_client = Arc::new(legacy_client);
         let legacy_side = tokio::spawn(async move {
             let Some(mut conn) = legacy_accepted.recv().await else {
                 return LegacySide::default();
@@ -1222,9 +1203,7 @@ mod tests {
         )
         .unwrap();
         let shared = Shared::new(config);
-        let (tx, mut accepted) = mpsc::unbounded_channel();
-        let counters = TimeoutCounters::unregistered(UpstreamName::Runtime);
-        let upstream = Upstream::new(Runtime(tx), counters);
+        let (upstream, mut accepted) = in_memory::upstream(UpstreamName::Runtime, false);
         let (client_io, theirs) = tokio::io::duplex(64 * 1024);
         let mut client = Client {
             io: theirs,
@@ -1313,22 +1292,6 @@ mod tests {
                 discard_session: false,
             })),
         }
-    }
-
-    /// The runtime's side of the next call: its request head read, `head` written back.
-    async fn answered(
-        accepted: &mut mpsc::UnboundedReceiver<DuplexStream>,
-        head: &[u8],
-    ) -> DuplexStream {
-        let mut conn = accepted.recv().await.unwrap();
-        let mut buf = [0u8; 1024];
-        let mut request = Vec::new();
-        while !request.ends_with(b"\r\n\r\n") {
-            let n = conn.read(&mut buf).await.unwrap();
-            request.extend_from_slice(&buf[..n]);
-        }
-        conn.write_all(head).await.unwrap();
-        conn
     }
 
     async fn send(conn: &mut DuplexStream, what: &str) {
@@ -1802,11 +1765,7 @@ mod tests {
             "[server]\nlisten = \"127.0.0.1:1\"\n[legacy]\naddress = \"127.0.0.1:2\"\n[runtime]\naddress = \"127.0.0.1:3\"\n",
         )
         .unwrap();
-        let (tx, mut accepted) = mpsc::unbounded_channel();
-        let upstream = Upstream::new(
-            Runtime(tx),
-            TimeoutCounters::unregistered(UpstreamName::Runtime),
-        );
+        let (upstream, mut accepted) = in_memory::upstream(UpstreamName::Runtime, false);
         let runtime = answered(
             &mut accepted,
             b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n",

@@ -15,6 +15,8 @@
 
 pub mod body;
 pub mod bridge;
+#[cfg(test)]
+pub(crate) mod in_memory;
 pub mod pool;
 pub mod resolve;
 pub mod watched;
@@ -434,31 +436,12 @@ async fn read_head<C: AsyncRead + Unpin>(
 
 #[cfg(test)]
 mod tests {
+    use super::in_memory::{self, answered, request_on, Duplex};
     use super::*;
     use std::time::Duration;
     use tokio::io::DuplexStream;
     use tokio::sync::mpsc;
     use tokio::time::Instant;
-
-    /// Connections made in memory; the test is the upstream on the other end of each.
-    struct Duplex {
-        accepted: mpsc::UnboundedSender<DuplexStream>,
-        /// Never connect (a black hole) when set.
-        hang: bool,
-    }
-
-    #[async_trait]
-    impl Connect for Duplex {
-        type Conn = DuplexStream;
-        async fn connect(&self, _addr: SocketAddr) -> io::Result<DuplexStream> {
-            if self.hang {
-                std::future::pending::<()>().await;
-            }
-            let (ours, theirs) = tokio::io::duplex(64 * 1024);
-            self.accepted.send(theirs).unwrap();
-            Ok(ours)
-        }
-    }
 
     const T: Timeouts = Timeouts {
         connect: Duration::from_millis(100),
@@ -468,36 +451,11 @@ mod tests {
     };
 
     fn upstream(hang: bool) -> (Upstream<Duplex>, mpsc::UnboundedReceiver<DuplexStream>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let counters = TimeoutCounters::unregistered(UpstreamName::Runtime);
-        (Upstream::new(Duplex { accepted: tx, hang }, counters), rx)
+        in_memory::upstream(UpstreamName::Runtime, hang)
     }
 
     const ADDR: &str = "127.0.0.1:9";
     const GET: &[u8] = b"GET / HTTP/1.1\r\nhost: a\r\n\r\n";
-
-    /// Read one request's head off the upstream's side.
-    async fn request_on(conn: &mut DuplexStream) -> Vec<u8> {
-        let mut got = Vec::new();
-        let mut buf = [0u8; 1024];
-        while !got.ends_with(b"\r\n\r\n") {
-            let n = conn.read(&mut buf).await.unwrap();
-            assert!(n > 0, "closed before a request");
-            got.extend_from_slice(&buf[..n]);
-        }
-        got
-    }
-
-    /// The upstream's side of the next connection: one request's head read, `answer` written.
-    async fn answered(
-        accepted: &mut mpsc::UnboundedReceiver<DuplexStream>,
-        answer: &[u8],
-    ) -> DuplexStream {
-        let mut c = accepted.recv().await.unwrap();
-        request_on(&mut c).await;
-        c.write_all(answer).await.unwrap();
-        c
-    }
 
     #[tokio::test(start_paused = true)]
     async fn a_parsed_literal_is_used_without_resolving_the_address() {
