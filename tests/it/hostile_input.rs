@@ -843,12 +843,7 @@ fn well_formed_stream(r: &Response) -> Vec<(String, String)> {
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.header("x-execution-mode"), Some(RT));
     assert!(r.complete, "the response was not terminated");
-    let mut events = Vec::new();
-    for (i, (_, chunk)) in r.chunks.iter().enumerate() {
-        let text = std::str::from_utf8(chunk).unwrap_or_else(|e| panic!("chunk {i}: {e}"));
-        assert!(text.ends_with("\n\n"), "chunk {i} cuts an event: {text:?}");
-        events.extend(parse_events(text));
-    }
+    let events = whole_events(r);
     for (name, data) in &events {
         assert!(
             ["message", "heartbeat", "done", "error"].contains(&name.as_str()),

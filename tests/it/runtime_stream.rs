@@ -26,11 +26,6 @@ fn frame_sep(event: &str, data: Value, sep: &str) -> Vec<u8> {
     format!("data: {payload}{sep}{sep}").into_bytes()
 }
 
-fn data_of(event: &(String, String)) -> Value {
-    serde_json::from_str(&event.1)
-        .unwrap_or_else(|e| panic!("event data is not JSON ({e}): {event:?}"))
-}
-
 fn names(events: &[(String, String)]) -> Vec<&str> {
     events.iter().map(|(e, _)| e.as_str()).collect()
 }
@@ -54,7 +49,7 @@ fn ends_with_one_error(r: &Response) -> (Vec<(String, String)>, Value) {
         !events.iter().any(|(e, _)| e == "done"),
         "done and error both sent: {events:?}"
     );
-    let err = data_of(last);
+    let err = event_data(last);
     assert!(
         err["code"].is_string() && err["message"].is_string(),
         "error data: {err}"
@@ -201,7 +196,7 @@ async fn events_reach_the_client_whole_whatever_the_runtime_framing() {
         );
         let types: Vec<Value> = events[..4]
             .iter()
-            .map(|e| data_of(e)["type"].clone())
+            .map(|e| event_data(e)["type"].clone())
             .collect();
         assert_eq!(
             types,
@@ -214,27 +209,31 @@ async fn events_reach_the_client_whole_whatever_the_runtime_framing() {
             "{session}"
         );
         assert_eq!(
-            data_of(&events[0])["data"],
+            event_data(&events[0])["data"],
             json!({"content": "让我想想", "stage": "plan"}),
             "{session}"
         );
-        assert_eq!(data_of(&events[1])["data"]["content"], "你好", "{session}");
         assert_eq!(
-            data_of(&events[2])["data"]["content"],
+            event_data(&events[1])["data"]["content"],
+            "你好",
+            "{session}"
+        );
+        assert_eq!(
+            event_data(&events[2])["data"]["content"],
             "世界🌏",
             "{session}"
         );
         assert_eq!(
-            data_of(&events[3])["data"]["toolName"],
+            event_data(&events[3])["data"]["toolName"],
             "search",
             "{session}"
         );
         assert_eq!(
-            data_of(&events[3])["data"]["arguments"],
+            event_data(&events[3])["data"]["arguments"],
             json!({"q": "天气"}),
             "{session}"
         );
-        let done = data_of(&events[4]);
+        let done = event_data(&events[4]);
         assert_eq!(done["sessionId"], session);
         assert_eq!(done["executionMode"], RT);
     }
@@ -276,10 +275,10 @@ async fn first_event_arrives_while_the_runtime_still_holds_the_second() {
     assert!(r.complete);
     let first = parse_events(&seen[0]);
     assert_eq!(first.len(), 1, "first chunk: {:?}", seen[0]);
-    assert_eq!(data_of(&first[0])["data"]["content"], "first");
+    assert_eq!(event_data(&first[0])["data"]["content"], "first");
     let events = whole_events(&r);
     assert_eq!(names(&events), ["message", "message", "done"]);
-    assert_eq!(data_of(&events[1])["data"]["content"], "second");
+    assert_eq!(event_data(&events[1])["data"]["content"], "second");
 }
 
 /// A runtime whose every answer is `steps`, which end before `execution_complete`: org-a's
@@ -329,7 +328,7 @@ async fn runtime_dying_mid_stream_ends_with_one_error_event() {
 
     for session in ["between-frames", "mid-frame"] {
         let (events, err) = message_then_error(&h, session).await;
-        assert_eq!(data_of(&events[0])["data"]["content"], "before");
+        assert_eq!(event_data(&events[0])["data"]["content"], "before");
         assert_ne!(
             err["code"], "STREAM_TRUNCATED",
             "{session}: a reset is not a clean end"
@@ -446,11 +445,11 @@ async fn runtime_frames_that_are_not_events_are_dropped_and_counted() {
         ["message", "heartbeat", "message", "done"],
         "{events:?}"
     );
-    assert_eq!(data_of(&events[0])["data"]["content"], "a");
+    assert_eq!(event_data(&events[0])["data"]["content"], "a");
     assert_eq!(events[1].1, "null");
-    assert_eq!(data_of(&events[2])["data"]["content"], "b");
+    assert_eq!(event_data(&events[2])["data"]["content"], "b");
     // The Agent2UI envelope of a message.
-    let msg = data_of(&events[0]);
+    let msg = event_data(&events[0]);
     assert_eq!(msg["type"], "text");
     assert!(
         msg["id"].is_string() && msg["timestamp"].is_string(),
@@ -458,7 +457,7 @@ async fn runtime_frames_that_are_not_events_are_dropped_and_counted() {
     );
     assert_ne!(
         msg["id"],
-        data_of(&events[2])["id"],
+        event_data(&events[2])["id"],
         "message ids must be unique"
     );
 
@@ -811,7 +810,7 @@ async fn every_http_framing_of_the_runtime_body_is_relayed() {
         assert_eq!(r.header("x-execution-mode"), Some(RT), "{name}");
         let events = whole_events(&r);
         assert_eq!(names(&events), ["message", "done"], "{name}: {events:?}");
-        assert_eq!(data_of(&events[0])["data"]["content"], "hi", "{name}");
+        assert_eq!(event_data(&events[0])["data"]["content"], "hi", "{name}");
         assert!(h.legacy.work().is_empty(), "{name}: served by legacy");
     }
 }

@@ -163,7 +163,8 @@ impl Response {
 
 /// An event's data, parsed.
 pub fn event_data(event: &(String, String)) -> serde_json::Value {
-    serde_json::from_str(&event.1).unwrap()
+    serde_json::from_str(&event.1)
+        .unwrap_or_else(|e| panic!("event data is not JSON ({e}): {event:?}"))
 }
 
 /// Every chunk the client received holds only whole events (the web app drops an event cut
