@@ -208,31 +208,20 @@ async fn events_reach_the_client_whole_whatever_the_runtime_framing() {
             ],
             "{session}"
         );
-        assert_eq!(
-            event_data(&events[0])["data"],
-            json!({"content": "让我想想", "stage": "plan"}),
-            "{session}"
-        );
-        assert_eq!(
-            event_data(&events[1])["data"]["content"],
-            "你好",
-            "{session}"
-        );
-        assert_eq!(
-            event_data(&events[2])["data"]["content"],
-            "世界🌏",
-            "{session}"
-        );
-        assert_eq!(
-            event_data(&events[3])["data"]["toolName"],
-            "search",
-            "{session}"
-        );
-        assert_eq!(
-            event_data(&events[3])["data"]["arguments"],
-            json!({"q": "天气"}),
-            "{session}"
-        );
+        for (i, pointer, expected) in [
+            (0, "/data", json!({"content": "让我想想", "stage": "plan"})),
+            (1, "/data/content", json!("你好")),
+            (2, "/data/content", json!("世界🌏")),
+            (3, "/data/toolName", json!("search")),
+            (3, "/data/arguments", json!({"q": "天气"})),
+        ] {
+            let data = event_data(&events[i]);
+            assert_eq!(
+                data.pointer(pointer),
+                Some(&expected),
+                "{session}: event {i} {pointer}"
+            );
+        }
         let done = event_data(&events[4]);
         assert_eq!(done["sessionId"], session);
         assert_eq!(done["executionMode"], RT);
