@@ -50,8 +50,9 @@ pub(super) struct ChatCtx {
     /// When the runtime was asked, once the chat body had been read: its latency starts here.
     pub asked: Option<Instant>,
     /// A shadow copy of this legacy chat is running: the legacy answer is measured as it
-    /// passes, to be compared with it.
-    pub shadow: Option<LegacyHalf>,
+    /// passes, to be compared with it. Boxed: few chats have one, and every request's context
+    /// is moved whole into Pingora's future for it, twice.
+    pub shadow: Option<Box<LegacyHalf>>,
     /// The client's `x-request-id`, or the one made for its runtime execution, for the access
     /// log: what joins its line to the client's and upstreams' own logs.
     pub request_id: Option<String>,

@@ -222,10 +222,12 @@ impl ChatService {
         let pair = self
             .maybe_shadow(session, &ctx.active, route, caller)
             .await?;
-        chat.shadow = pair.map(|pair| LegacyHalf {
-            pair,
-            observer: DecodingObserver::new(Coding::Identity),
-            unreadable: false,
+        chat.shadow = pair.map(|pair| {
+            Box::new(LegacyHalf {
+                pair,
+                observer: DecodingObserver::new(Coding::Identity),
+                unreadable: false,
+            })
         });
         Ok(())
     }
