@@ -10,12 +10,18 @@
 //! - the head the client gets is one complete head with legacy's status, no hop-by-hop header
 //!   but the one `connection` header;
 //! - a chat the front door serves itself (`chat_head`) is a chat route with a body of exactly
-//!   its `Content-Length`, within the limit, and never one the lean passthrough also takes.
+//!   its `Content-Length`, within the limit, and never one the lean passthrough also takes;
+//! - the head Pingora is handed (`with_forwarded`) is one valid head within Pingora's 256
+//!   fields, with the client's request line, framing and other headers, and one
+//!   `X-Forwarded-For` ending with the peer.
 
 #![no_main]
 
 use cutover_proxy::core::h1::parse_head;
-use cutover_proxy::core::passthrough::{chat_head, client_head, header_lines, prepare};
+use cutover_proxy::core::forwarded::is_forwarded;
+use cutover_proxy::core::passthrough::{
+    chat_head, client_head, header_lines, prepare, with_forwarded,
+};
 use cutover_proxy::core::request_head::{self, Framing};
 use libfuzzer_sys::fuzz_target;
 
@@ -32,6 +38,7 @@ fn check_request(raw: &[u8]) {
         peer: Some(std::net::IpAddr::from([10, 0, 0, 9])),
         trusted: raw.len() % 2 == 0,
     };
+    check_handed(raw, &head, &trusted, hop);
     if let Some(chat) = chat_head(raw, &head, 64) {
         assert_eq!(head.framing, Framing::Length(chat.body_len as u64));
         assert!(chat.body_len <= 64, "body over the limit");
@@ -88,6 +95,66 @@ fn check_request(raw: &[u8]) {
             assert_eq!(h.value, b"keep-alive", "a client's Connection forwarded");
         }
     }
+}
+
+/// A head's request line, its line end included.
+fn line(head: &[u8]) -> Vec<u8> {
+    let end = head.iter().position(|b| *b == b'\n').map_or(head.len(), |i| i + 1);
+    head[..end].to_vec()
+}
+
+fn check_handed(
+    raw: &[u8],
+    head: &request_head::Head,
+    trusted: &http::HeaderName,
+    hop: cutover_proxy::core::forwarded::Hop,
+) {
+    let client = match &head.rewritten {
+        Some(bytes) => &bytes[..],
+        None => &raw[head.skip..head.skip + head.len],
+    };
+    let handed = with_forwarded(client, hop, Some(trusted));
+    // As Pingora reads it: at most 256 fields.
+    let mut fields = [httparse::EMPTY_HEADER; 256];
+    assert_eq!(
+        httparse::Request::new(&mut fields).parse(&handed),
+        Ok(httparse::Status::Complete(handed.len())),
+        "not one head Pingora reads"
+    );
+    // Read again by the front door's rules (the three lines over its limit taken out).
+    let fewer = with_forwarded(client, cutover_proxy::core::forwarded::Hop::default(), None);
+    let strip: Vec<u8> = header_lines(&fewer)
+        .1
+        .filter(|(n, _)| !is_forwarded(n))
+        .fold(line(&fewer), |mut out, (_, l)| {
+            out.extend_from_slice(l);
+            out.extend_from_slice(b"\r\n");
+            out
+        });
+    let again = request_head::parse(&[&strip[..], b"\r\n"].concat(), usize::MAX)
+        .expect("the handed head is refused")
+        .expect("the handed head is not whole");
+    assert_eq!(again.framing, head.framing, "framing changed");
+    assert_eq!(line(&handed), line(client), "request line changed");
+    let names = |h: &[u8]| -> Vec<Vec<u8>> {
+        header_lines(h)
+            .1
+            .map(|(n, _)| n.to_ascii_lowercase())
+            .filter(|n| !is_forwarded(n))
+            .collect()
+    };
+    // The client's own lines are all there, the ones Pingora drops moved after the proxy's.
+    let (mut sent, mut got) = (names(client), names(&handed));
+    sent.sort();
+    got.sort();
+    assert_eq!(sent, got, "a client header lost or added");
+    let xff: Vec<&[u8]> = header_lines(&handed)
+        .1
+        .filter(|(n, _)| n.eq_ignore_ascii_case(b"x-forwarded-for"))
+        .map(|(n, l)| l[n.len() + 1..].trim_ascii())
+        .collect();
+    assert_eq!(xff.len(), 1, "one X-Forwarded-For");
+    assert!(xff[0].ends_with(b"10.0.0.9"), "the peer is not the last hop");
 }
 
 fn check_response(raw: &[u8]) {

@@ -201,21 +201,14 @@ pub fn prepare(
     let mut chunked = None;
     for (name, line) in lines {
         received.see(name, line.get(name.len() + 1..).unwrap_or_default());
-        // Pingora drops the proxy credentials too: they are this hop's.
-        let proxy_auth = named(name, "proxy-authorization") || named(name, "proxy-authenticate");
-        if hop_by_hop(name, &conn.named)
-            || proxy_auth
-            || trusted.is_some_and(|t| named(name, t.as_str()))
-            || is_forwarded(name)
-        {
-            continue;
+        match fate(name, &conn.named, trusted) {
+            Fate::Kept => {
+                out.extend_from_slice(line);
+                out.extend_from_slice(b"\r\n");
+            }
+            Fate::Reframed => chunked = Some(line),
+            Fate::Dropped | Fate::Replaced => {}
         }
-        if named(name, "transfer-encoding") {
-            chunked = Some(line);
-            continue;
-        }
-        out.extend_from_slice(line);
-        out.extend_from_slice(b"\r\n");
     }
     Forwarded::write(hop, &received, &mut out);
     if let Some(line) = chunked {
@@ -230,6 +223,80 @@ pub fn prepare(
         http11: version == 1,
         framing: head.framing,
     })
+}
+
+/// What becomes of a client's header line on its way to legacy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fate {
+    /// Sent on as it came.
+    Kept,
+    /// Hop-by-hop (the fixed ones and those `Connection` names), the proxy credentials (this
+    /// hop's; Pingora drops them too) and the trusted org header: not sent.
+    Dropped,
+    /// `Transfer-Encoding`: Pingora frames the body again after the request filters, so it
+    /// comes last, after the forwarded headers.
+    Reframed,
+    /// A client's `X-Forwarded-*`: the proxy's are sent instead (`core::forwarded`).
+    Replaced,
+}
+
+fn fate(name: &[u8], connection_named: &[&[u8]], trusted: Option<&http::HeaderName>) -> Fate {
+    if is_forwarded(name) {
+        Fate::Replaced
+    } else if hop_by_hop(name, connection_named)
+        || named(name, "proxy-authorization")
+        || named(name, "proxy-authenticate")
+        || trusted.is_some_and(|t| named(name, t.as_str()))
+    {
+        Fate::Dropped
+    } else if named(name, "transfer-encoding") {
+        Fate::Reframed
+    } else {
+        Fate::Kept
+    }
+}
+
+/// The head the front door hands Pingora for `head` (a client's, whole): the client's
+/// `X-Forwarded-*` lines replaced by the proxy's (those the lean path writes), and the lines
+/// Pingora or its filters will drop or frame again moved after them.
+///
+/// Pingora reads the proxy's lines as the request's own and builds its header maps at their
+/// size; three headers added to its parsed request would grow both maps (values, and names as
+/// sent) up to three times each, and parse and hash each name again. What is removed from
+/// those maps leaves the slot to the last entry, so lines that are removed must come last for
+/// the rest to keep their order: legacy gets the lines the lean path sends, in its order.
+pub fn with_forwarded(head: &[u8], hop: Hop, trusted: Option<&http::HeaderName>) -> Vec<u8> {
+    let (start, lines) = header_lines(head);
+    let conn = connection(header_lines(head).1);
+    let mut out = Vec::with_capacity(head.len() + FORWARDED_ROOM);
+    out.extend_from_slice(&head[..start]);
+    let mut received = Received::default();
+    let mut last = 0;
+    for (name, line) in lines {
+        received.see(name, line.get(name.len() + 1..).unwrap_or_default());
+        match fate(name, &conn.named, trusted) {
+            Fate::Kept => {
+                out.extend_from_slice(line);
+                out.extend_from_slice(b"\r\n");
+            }
+            Fate::Dropped | Fate::Reframed => last += 1,
+            Fate::Replaced => {}
+        }
+    }
+    Forwarded::write(hop, &received, &mut out);
+    if last > 0 {
+        for (name, line) in header_lines(head).1 {
+            if matches!(
+                fate(name, &conn.named, trusted),
+                Fate::Dropped | Fate::Reframed
+            ) {
+                out.extend_from_slice(line);
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+    }
+    out.extend_from_slice(b"\r\n");
+    out
 }
 
 /// A chat request the front door serves itself (`server.lean_runtime`): its head, parsed once.
@@ -483,6 +550,44 @@ mod tests {
         );
     }
 
+    #[test]
+    fn the_head_handed_on_has_the_proxy_s_forwarded_lines_last() {
+        let peer = |ip: &str, trusted: bool| Hop {
+            peer: Some(ip.parse().unwrap()),
+            trusted,
+        };
+        let plain = b"GET /a HTTP/1.1\r\nHost: app.test\r\nAccept: */*\r\n\r\n";
+        assert_eq!(
+            String::from_utf8(with_forwarded(plain, peer("10.1.2.3", false), None)).unwrap(),
+            "GET /a HTTP/1.1\r\nHost: app.test\r\nAccept: */*\r\nx-forwarded-for: 10.1.2.3\r\n\
+             x-forwarded-proto: http\r\nx-forwarded-host: app.test\r\n\r\n"
+        );
+        // A client's own are dropped, wherever they were; a trusted hop's are carried on.
+        let sent = b"GET /a HTTP/1.1\r\nX-Forwarded-For: 1.1.1.1\r\nHost: app.test\r\n\
+                     X-Forwarded-Proto: https\r\nAccept: */*\r\nX-Forwarded-Host: evil.test\r\n\r\n";
+        assert_eq!(
+            String::from_utf8(with_forwarded(sent, peer("10.1.2.3", false), None)).unwrap(),
+            "GET /a HTTP/1.1\r\nHost: app.test\r\nAccept: */*\r\nx-forwarded-for: 10.1.2.3\r\n\
+             x-forwarded-proto: http\r\nx-forwarded-host: app.test\r\n\r\n"
+        );
+        assert_eq!(
+            String::from_utf8(with_forwarded(sent, peer("10.1.2.3", true), None)).unwrap(),
+            "GET /a HTTP/1.1\r\nHost: app.test\r\nAccept: */*\r\n\
+             x-forwarded-for: 1.1.1.1, 10.1.2.3\r\nx-forwarded-proto: https\r\n\
+             x-forwarded-host: evil.test\r\n\r\n"
+        );
+        // Bare LF line ends come out as CRLF; no Host, no X-Forwarded-Host.
+        assert_eq!(
+            String::from_utf8(with_forwarded(
+                b"GET / HTTP/1.0\nAccept: x\n\n",
+                Hop::default(),
+                None
+            ))
+            .unwrap(),
+            "GET / HTTP/1.0\nAccept: x\r\nx-forwarded-proto: http\r\n\r\n"
+        );
+    }
+
     proptest::proptest! {
         #[test]
         fn header_lines_split_a_head_as_a_byte_by_byte_split_does(
@@ -499,6 +604,55 @@ mod tests {
             let (got_start, lines) = header_lines(&head);
             proptest::prop_assert_eq!(got_start, start);
             proptest::prop_assert_eq!(lines.collect::<Vec<_>>(), expected);
+        }
+
+        /// What Pingora reads from the head it is handed is what it used to send legacy after
+        /// taking the client's head: every other header as it came, in order, then the three
+        /// that [`Forwarded::of`] gives for the hop.
+        #[test]
+        fn the_handed_head_carries_what_forwarded_of_gives(
+            headers in proptest::collection::vec((
+                proptest::sample::select(vec![
+                    "Host", "Accept", "X-Forwarded-For", "x-forwarded-proto",
+                    "X-Forwarded-Host", "X-Other",
+                ]),
+                "[a-z0-9.,: ]{0,12}",
+            ), 0..8),
+            trusted in proptest::bool::ANY,
+            peer in proptest::option::of(proptest::sample::select(vec!["10.0.0.1", "::1"])),
+        ) {
+            let mut raw = b"GET /x HTTP/1.1\r\n".to_vec();
+            for (name, value) in &headers {
+                raw.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
+            }
+            raw.extend_from_slice(b"\r\n");
+            let hop = Hop { peer: peer.map(|p| p.parse().unwrap()), trusted };
+            let handed = with_forwarded(&raw, hop, None);
+
+            let mut parsed = [httparse::EMPTY_HEADER; 16];
+            let mut req = httparse::Request::new(&mut parsed);
+            proptest::prop_assert!(req.parse(&handed).unwrap().is_complete());
+            let got: Vec<(String, String)> = req
+                .headers
+                .iter()
+                .map(|h| (h.name.to_string(), String::from_utf8_lossy(h.value).into_owned()))
+                .collect();
+
+            let mut received = Received::default();
+            for (name, value) in &headers {
+                received.see(name.as_bytes(), value.as_bytes());
+            }
+            let mut expected: Vec<(String, String)> = headers
+                .iter()
+                .filter(|(n, _)| !is_forwarded(n.as_bytes()))
+                .map(|(n, v)| (n.to_string(), v.trim().to_string()))
+                .collect();
+            expected.extend(
+                Forwarded::of(hop, &received)
+                    .headers()
+                    .map(|(n, v)| (n.to_string(), v.to_string())),
+            );
+            proptest::prop_assert_eq!(got, expected);
         }
     }
 }

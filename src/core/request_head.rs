@@ -7,8 +7,9 @@
 //! the proxy hands on is decided once (`Framing`). An absolute-form target is rewritten to
 //! origin-form with the authority as `Host` (RFC 9112 §3.2.2), so routing only ever sees paths.
 
-/// Most header lines in a head (Pingora's own limit).
-pub const MAX_HEADERS: usize = 256;
+/// Most header lines in a head: Pingora's own limit (256), less the three `X-Forwarded-*`
+/// lines added to each head it is handed (`core::passthrough::with_forwarded`).
+pub const MAX_HEADERS: usize = 256 - 3;
 
 /// Room for a head's header lines, left uninitialised for httparse's `*_with_uninit_headers`:
 /// it writes what it parses, and writing 256 blank headers first cost more than parsing a

@@ -12,6 +12,8 @@
 //! Pingora reads the connection through `FrontStream`, which hands it the validated head and then
 //! exactly the body the head frames (a chunked body only as far as `core::chunked` has found it
 //! well formed), never a byte of the next request: every head on the connection is read here.
+//! The head it hands on already carries the proxy's `X-Forwarded-*` headers for legacy
+//! (`core::passthrough::with_forwarded`), so Pingora sizes its header maps for them once.
 //!
 //! A plain non-chat request skips Pingora altogether (`lean`, `server.lean_passthrough`).
 //!
@@ -34,6 +36,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::{Buf, BytesMut};
+use http::HeaderName;
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::raw_connect::ProxyDigest;
@@ -50,6 +53,8 @@ use tokio::time::{timeout, timeout_at, Instant};
 
 use crate::core::chunked::ChunkedValidator;
 use crate::core::config::Config;
+use crate::core::forwarded::Hop;
+use crate::core::passthrough::with_forwarded;
 use crate::core::request_head::{self, refusal_response, Framing, Head, Refusal};
 use crate::proxy::ctx::Handover;
 use crate::proxy::service::ChatService;
@@ -250,8 +255,9 @@ where
                     }
                 }
             } else {
+                let hop = active.hop(io.peer_ip());
+                io.begin(head, hop, active.verifier.trusted_org_header());
                 drop(active);
-                io.begin(head);
             }
             served.served_pingora.inc();
             let mut session = ServerSession::new_http1(Box::new(io));
@@ -298,6 +304,11 @@ fn chunk(out: &mut Vec<u8>, data: &[u8]) {
     out.extend_from_slice(format!("{:X}\r\n", data.len()).as_bytes());
     out.extend_from_slice(data);
     out.extend_from_slice(b"\r\n");
+}
+
+/// Pingora read this request from the front door, so its head has the proxy's `X-Forwarded-*`.
+pub(super) fn handed_by_front_door(session: &pingora::proxy::Session) -> bool {
+    front_stream(session).is_some()
 }
 
 /// The chat the front door routed before handing this request to Pingora, if it did.
@@ -388,9 +399,10 @@ async fn read_head(
 enum Phase {
     /// The front door is reading a head; Pingora has no session on the connection.
     Front,
-    /// Handing Pingora the head, `remaining` bytes of it at the front of the buffer.
+    /// Handing Pingora `head` (the client's, with the proxy's `X-Forwarded-*`), from `at` on.
     Head {
-        remaining: usize,
+        head: Vec<u8>,
+        at: usize,
         body: Body,
     },
     Body(Body),
@@ -497,24 +509,31 @@ impl FrontStream {
             .await
     }
 
-    /// Hand `head` to Pingora next, then its body.
-    fn begin(&mut self, head: Head) {
+    /// Hand `head` to Pingora next, with the proxy's `X-Forwarded-*` for a request from `hop`
+    /// (`core::passthrough::with_forwarded`; `trusted`: the trusted org header), then its body.
+    fn begin(&mut self, head: Head, hop: Hop, trusted: Option<&HeaderName>) {
+        self.hand_on(head, |client| with_forwarded(client, hop, trusted));
+    }
+
+    /// Read `head` and its body back as the client sent them (the head as the front door
+    /// rewrote it, if it did).
+    fn begin_as_sent(&mut self, head: Head) {
+        self.hand_on(head, <[u8]>::to_vec);
+    }
+
+    fn hand_on(&mut self, head: Head, handed: impl FnOnce(&[u8]) -> Vec<u8>) {
         // A wait for legacy's head is the request's it was armed for.
         *self.legacy_head.get_mut().unwrap() = None;
         self.head_timer = None;
-        self.buf.advance(head.skip);
-        let remaining = match head.rewritten {
-            Some(bytes) => {
-                let rest = self.buf.split_off(head.len);
-                self.buf.clear();
-                self.buf.extend_from_slice(&bytes);
-                self.buf.unsplit(rest);
-                bytes.len()
-            }
-            None => head.len,
+        let client = match &head.rewritten {
+            Some(bytes) => &bytes[..],
+            None => &self.buf[head.skip..head.skip + head.len],
         };
+        let handed = handed(client);
+        self.buf.advance(head.skip + head.len);
         self.phase = Phase::Head {
-            remaining,
+            head: handed,
+            at: 0,
             body: Body::of(head.framing).unwrap_or(Body::Length(0)),
         };
     }
@@ -641,12 +660,11 @@ impl AsyncRead for FrontStream {
                 io::ErrorKind::InvalidData,
                 "no request being read",
             ))),
-            Phase::Head { remaining, .. } => {
-                let n = (*remaining).min(out.remaining());
-                out.put_slice(&this.buf[..n]);
-                this.buf.advance(n);
-                *remaining -= n;
-                if *remaining == 0 {
+            Phase::Head { head, at, .. } => {
+                let n = (head.len() - *at).min(out.remaining());
+                out.put_slice(&head[*at..*at + n]);
+                *at += n;
+                if *at == head.len() {
                     let Phase::Head { body, .. } =
                         std::mem::replace(&mut this.phase, Phase::Between)
                     else {
@@ -864,7 +882,7 @@ mod tests {
                 Err(NoHead::Closed) => break,
                 Err(_) => return Err(requests),
             };
-            io.begin(head);
+            io.begin(head, Hop::default(), None);
             let mut request = Vec::new();
             while !matches!(io.phase, Phase::Between) {
                 let mut buf = [0u8; 700];
@@ -933,7 +951,17 @@ mod tests {
                 pieces.push(all[at..cut].to_vec());
                 at = cut;
             }
-            prop_assert_eq!(run(requests_read(pieces)), Ok(requests));
+            // Each head as the front door hands it on, with the proxy's forwarded lines.
+            let handed: Vec<Vec<u8>> = requests
+                .iter()
+                .map(|r| {
+                    let end = memchr::memmem::find(r, b"\r\n\r\n").unwrap() + 4;
+                    let mut handed = with_forwarded(&r[..end], Hop::default(), None);
+                    handed.extend_from_slice(&r[end..]);
+                    handed
+                })
+                .collect();
+            prop_assert_eq!(run(requests_read(pieces)), Ok(handed));
         }
     }
 

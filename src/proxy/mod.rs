@@ -10,7 +10,6 @@
 
 mod ctx;
 mod files;
-mod forwarded;
 pub mod front_door;
 mod peer;
 mod record;
@@ -209,7 +208,8 @@ impl ProxyHttp for CutoverProxy {
 
     /// What legacy is sent: the client's request as it came, with two exceptions. The
     /// `X-Forwarded-For`, `-Proto` and `-Host` headers are the proxy's (`core::forwarded`: the
-    /// caller's address appended to a trusted hop's chain, or alone). And when
+    /// caller's address appended to a trusted hop's chain, or alone), already in the head the
+    /// front door handed Pingora (`core::passthrough::with_forwarded`). And when
     /// `identity.trusted_org_header` is configured, every copy of that header is removed, on
     /// every request to legacy (chat, failover and all other routes).
     ///
@@ -236,8 +236,7 @@ impl ProxyHttp for CutoverProxy {
         // The peer's read timeout (legacy's idle one) also bounds the wait for the head.
         let t = &ctx.active.legacy;
         front_door::await_legacy_head(session, t.response.min(t.idle));
-        let hop = ctx.active.hop(Downstream::client_ip(session));
-        forwarded::set(upstream_request, hop)
+        Ok(())
     }
 
     async fn upstream_response_filter(

@@ -20,7 +20,7 @@ use crate::core::breaker::State;
 use crate::core::bridge::{self, BridgeError};
 use crate::core::chat::{self, ChatBody};
 use crate::core::config::{Mode, PreContent};
-use crate::core::forwarded::{Forwarded, Received};
+use crate::core::forwarded::{Forwarded, Hop, Received};
 use crate::core::identity::{Caller, Unverified};
 use crate::core::ids;
 use crate::core::routing::{gate, ChatRoute, Gated, Reason, RolloutDecision};
@@ -111,12 +111,22 @@ fn credentials<D: Downstream>(
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
+    Credentials::new(authorization, request_id, caller).forwarded(forwarded(session, active))
+}
+
+/// The `X-Forwarded-*` headers legacy gets for the caller's request: those already in its head
+/// when the front door wrote them there, else the proxy's for its connection.
+fn forwarded<D: Downstream>(session: &D, active: &Active) -> Forwarded {
     let mut got = Received::default();
-    for (name, value) in headers {
+    for (name, value) in &session.req_header().headers {
         got.see(name.as_str().as_bytes(), value.as_bytes());
     }
-    let forwarded = Forwarded::of(active.hop(session.client_ip()), &got);
-    Credentials::new(authorization, request_id, caller).forwarded(forwarded)
+    let hop = if session.forwarded_in_head() {
+        Hop::AS_WRITTEN
+    } else {
+        active.hop(session.client_ip())
+    };
+    Forwarded::of(hop, &got)
 }
 
 /// How opening the runtime ended.
@@ -765,11 +775,7 @@ impl ChatService {
 /// Pingora's proxy would forward them, with the proxy's `X-Forwarded-*`) and body as sent.
 fn rescue_request<D: Downstream>(session: &D, active: &Active, body: &[u8]) -> Rescue {
     let head = session.req_header();
-    let mut got = Received::default();
-    for (name, value) in &head.headers {
-        got.see(name.as_str().as_bytes(), value.as_bytes());
-    }
-    let forwarded = Forwarded::of(active.hop(session.client_ip()), &got);
+    let forwarded = forwarded(session, active);
     let target = head.uri.path_and_query().map_or("/", |p| p.as_str());
     let headers: Vec<_> = head
         .headers

@@ -98,6 +98,10 @@ impl Downstream for Session {
     fn client_ip(&self) -> Option<std::net::IpAddr> {
         Some(self.downstream_session.client_addr()?.as_inet()?.ip())
     }
+
+    fn forwarded_in_head(&self) -> bool {
+        crate::proxy::front_door::handed_by_front_door(self)
+    }
 }
 
 /// Shut a socket down in both directions so pending and later writes fail at once.

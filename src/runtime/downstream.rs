@@ -65,4 +65,10 @@ pub trait Downstream: Send {
 
     /// The client's address (the peer of its connection), for `X-Forwarded-For`.
     fn client_ip(&self) -> Option<std::net::IpAddr>;
+
+    /// The request head already carries the proxy's `X-Forwarded-*` (the front door wrote them
+    /// into the head it handed Pingora): they are the ones legacy gets, as they are.
+    fn forwarded_in_head(&self) -> bool {
+        false
+    }
 }

@@ -238,6 +238,24 @@ async fn get_head_and_bodies_match_pingora() {
     assert!(got.ends_with("hello"), "{got}");
     assert_eq!(seen.len(), 1);
 
+    // A client's own forwarded headers and hop-by-hop ones amid the rest: on both paths legacy
+    // gets the rest in the client's order, then the proxy's three.
+    let (seen, _) = same(
+        "a client's X-Forwarded-* among its headers",
+        ok,
+        &[Do::Send(
+            b"GET /h HTTP/1.1\r\nX-Forwarded-For: 203.0.113.66\r\nHost: proxy.test\r\n\
+              Connection: close, x-secret\r\nX-Secret: 1\r\nX-Forwarded-Proto: https\r\nAccept: */*\r\n\
+              TE: trailers\r\nX-Forwarded-Host: evil.test\r\nX-Last: 1\r\n\r\n",
+        )],
+    )
+    .await;
+    assert_eq!(
+        seen,
+        ["GET /h HTTP/1.1\r\nHost: proxy.test\r\nAccept: */*\r\nX-Last: 1\r\n\
+          x-forwarded-for: 127.0.0.1\r\nx-forwarded-proto: http\r\nx-forwarded-host: proxy.test\r\n\r\n"]
+    );
+
     same(
         "HEAD",
         |_, _| {

@@ -18,6 +18,7 @@ use pingora::{Error, ErrorType, Result};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{chunk, FrontStream, Phase};
+use crate::core::forwarded::Hop;
 use crate::core::passthrough::ChatHead;
 use crate::core::request_head::{Framing, Head};
 use crate::proxy::ctx::Handover;
@@ -44,6 +45,8 @@ pub(super) async fn serve(
     chat: ChatHead,
     shutdown: &ShutdownWatch,
 ) -> Served {
+    let hop = active.hop(io.peer_ip());
+    let trusted = active.verifier.trusted_org_header().cloned();
     let mut ctx = chats.request_ctx(active, io.arrived);
     let ChatHead {
         route,
@@ -55,7 +58,7 @@ pub(super) async fn serve(
     } = chat;
     let Ok(req) = request_header(&path, version, headers) else {
         // Not reached: `chat_head` took only names and values `http` accepts.
-        io.begin(head);
+        io.begin(head, hop, trusted.as_ref());
         return Served::Legacy(Box::new(Handover {
             ctx,
             route,
@@ -65,6 +68,8 @@ pub(super) async fn serve(
     let mut session = ChatSession {
         io,
         head,
+        hop,
+        trusted,
         version,
         req: Some(Box::new(req)),
         keep_alive: keep_alive && !*shutdown.borrow(),
@@ -115,6 +120,10 @@ struct ChatSession<'a> {
     io: &'a mut FrontStream,
     /// The head as the front door parsed it, at the front of the buffer until the body is read.
     head: Head,
+    /// Where the request came from, for legacy's `X-Forwarded-*` should Pingora take it over,
+    /// and the trusted org header, which legacy is not sent.
+    hop: Hop,
+    trusted: Option<http::HeaderName>,
     /// Until the runtime answers.
     req: Option<Box<RequestHeader>>,
     version: http::Version,
@@ -134,7 +143,8 @@ impl ChatSession<'_> {
     fn replay_for_legacy(&mut self) {
         let Some(replay) = self.replay.take() else {
             // The body was not read: the head is still where it was.
-            self.io.begin(self.head.clone());
+            self.io
+                .begin(self.head.clone(), self.hop, self.trusted.as_ref());
             return;
         };
         let rest = std::mem::take(&mut self.io.buf);
@@ -142,12 +152,16 @@ impl ChatSession<'_> {
         buf.extend_from_slice(&replay);
         buf.extend_from_slice(&rest);
         self.io.buf = buf;
-        self.io.begin(Head {
-            skip: 0,
-            len: self.head.len,
-            framing: self.head.framing,
-            rewritten: None,
-        });
+        self.io.begin(
+            Head {
+                skip: 0,
+                len: self.head.len,
+                framing: self.head.framing,
+                rewritten: None,
+            },
+            self.hop,
+            self.trusted.as_ref(),
+        );
     }
 
     /// One write, the response head in front of the first: a head sent on its own is a second
@@ -198,7 +212,7 @@ impl Downstream for ChatSession<'_> {
         }
         let head_len = self.head.len;
         let mut replay = Vec::with_capacity(head_len + len as usize);
-        self.io.begin(self.head.clone());
+        self.io.begin_as_sent(self.head.clone());
         while !matches!(self.io.phase, Phase::Between) {
             match tokio::time::timeout_at(by.into(), self.io.read_buf(&mut replay)).await {
                 Err(_) => return Ok(BodyRead::TimedOut),
@@ -331,6 +345,8 @@ mod tests {
         ChatSession {
             io,
             head,
+            hop: Hop::default(),
+            trusted: None,
             req: None,
             version: http::Version::HTTP_11,
             keep_alive: true,
