@@ -266,28 +266,52 @@ fn fate(name: &[u8], connection_named: &[&[u8]], trusted: Option<&http::HeaderNa
 /// those maps leaves the slot to the last entry, so lines that are removed must come last for
 /// the rest to keep their order: legacy gets the lines the lean path sends, in its order.
 pub fn with_forwarded(head: &[u8], hop: Hop, trusted: Option<&http::HeaderName>) -> Vec<u8> {
+    // Most heads' `Connection` names no header to drop: one pass over their lines then, a
+    // second for one that does.
+    handed(head, hop, trusted, &[]).unwrap_or_else(|| {
+        let conn = connection(header_lines(head).1);
+        handed(head, hop, trusted, &conn.named).expect("every header it names is known")
+    })
+}
+
+/// [`with_forwarded`], knowing the headers `Connection` names; `None` if it names another.
+fn handed(
+    head: &[u8],
+    hop: Hop,
+    trusted: Option<&http::HeaderName>,
+    connection_named: &[&[u8]],
+) -> Option<Vec<u8>> {
     let (start, lines) = header_lines(head);
-    let conn = connection(header_lines(head).1);
     let mut out = Vec::with_capacity(head.len() + FORWARDED_ROOM);
     out.extend_from_slice(&head[..start]);
     let mut received = Received::default();
-    let mut last = 0;
+    let mut last = false;
     for (name, line) in lines {
-        received.see(name, line.get(name.len() + 1..).unwrap_or_default());
-        match fate(name, &conn.named, trusted) {
+        let value = line.get(name.len() + 1..).unwrap_or_default();
+        received.see(name, value);
+        if named(name, "connection")
+            && tokens(value).any(|t| {
+                !t.eq_ignore_ascii_case(b"close")
+                    && !t.eq_ignore_ascii_case(b"keep-alive")
+                    && !connection_named.iter().any(|n| n.eq_ignore_ascii_case(t))
+            })
+        {
+            return None;
+        }
+        match fate(name, connection_named, trusted) {
             Fate::Kept => {
                 out.extend_from_slice(line);
                 out.extend_from_slice(b"\r\n");
             }
-            Fate::Dropped | Fate::Reframed => last += 1,
+            Fate::Dropped | Fate::Reframed => last = true,
             Fate::Replaced => {}
         }
     }
     Forwarded::write(hop, &received, &mut out);
-    if last > 0 {
+    if last {
         for (name, line) in header_lines(head).1 {
             if matches!(
-                fate(name, &conn.named, trusted),
+                fate(name, connection_named, trusted),
                 Fate::Dropped | Fate::Reframed
             ) {
                 out.extend_from_slice(line);
@@ -296,7 +320,7 @@ pub fn with_forwarded(head: &[u8], hop: Hop, trusted: Option<&http::HeaderName>)
         }
     }
     out.extend_from_slice(b"\r\n");
-    out
+    Some(out)
 }
 
 /// A chat request the front door serves itself (`server.lean_runtime`): its head, parsed once.
@@ -575,6 +599,17 @@ mod tests {
             "GET /a HTTP/1.1\r\nHost: app.test\r\nAccept: */*\r\n\
              x-forwarded-for: 1.1.1.1, 10.1.2.3\r\nx-forwarded-proto: https\r\n\
              x-forwarded-host: evil.test\r\n\r\n"
+        );
+        // What Pingora drops or frames again goes last, so that its removal reorders nothing.
+        let hop_by_hop = b"POST /a HTTP/1.1\r\nHost: app.test\r\nConnection: close, X-Secret\r\n\
+                           X-Secret: 1\r\nTransfer-Encoding: chunked\r\nX-Org: o\r\nAccept: */*\r\n\r\n";
+        let org = http::HeaderName::from_static("x-org");
+        assert_eq!(
+            String::from_utf8(with_forwarded(hop_by_hop, peer("10.1.2.3", false), Some(&org)))
+                .unwrap(),
+            "POST /a HTTP/1.1\r\nHost: app.test\r\nAccept: */*\r\nx-forwarded-for: 10.1.2.3\r\n\
+             x-forwarded-proto: http\r\nx-forwarded-host: app.test\r\nConnection: close, X-Secret\r\n\
+             X-Secret: 1\r\nTransfer-Encoding: chunked\r\nX-Org: o\r\n\r\n"
         );
         // Bare LF line ends come out as CRLF; no Host, no X-Forwarded-Host.
         assert_eq!(
