@@ -136,6 +136,10 @@ fn worker_listen_addresses(listen: &str, workers: usize) -> Vec<String> {
         .collect()
 }
 
+/// Pingora's timeouts up to this long run on its own timer (fast, shared per 10 ms); longer
+/// ones on tokio's.
+const FAST_TIMER_MAX_SECS: u64 = 30;
+
 /// Run the proxy until SIGTERM/SIGINT. Never returns.
 pub fn run(config_path: PathBuf, config: Config) -> ! {
     // The proxy port is only checked here (Pingora binds it itself); admin and metrics are kept.
@@ -152,6 +156,11 @@ pub fn run(config_path: PathBuf, config: Config) -> ! {
         work_stealing: false,
         grace_period_seconds: Some(PINGORA_GRACE_SECS),
         graceful_shutdown_timeout_seconds: Some(1),
+        // Pingora keeps a fast timer until its deadline even once cancelled; tokio's goes when
+        // cancelled. Legacy's idle timeout (300 s by default) bounds every read from legacy and
+        // is nearly always cancelled by the read: on tokio's timer, not one kept per 10 ms
+        // bucket for five minutes.
+        fast_timeout_to_tokio_threshold_seconds: Some(FAST_TIMER_MAX_SECS),
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
