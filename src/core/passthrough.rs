@@ -375,6 +375,13 @@ pub fn chat_head(buf: &[u8], head: &Head, max_body: usize) -> Option<ChatHead> {
 /// `Connection` header; `rechunk`: a close-delimited body goes on chunked, as Pingora sends it
 /// to keep the client connection.
 pub fn client_head(head: &[u8], keep: bool, rechunk: bool, out: &mut Vec<u8>) {
+    // Empty lines before the status line are read past (`h1::parse_head`) and not sent on, as
+    // Pingora writes only the status line: the first line is the status line.
+    let empty = head
+        .iter()
+        .take_while(|b| matches!(b, b'\r' | b'\n'))
+        .count();
+    let head = &head[empty..];
     // Ours may be a little longer than legacy's.
     out.reserve(head.len() + 64);
     let (start, lines) = header_lines(head);
@@ -572,6 +579,16 @@ mod tests {
             out,
             b"HTTP/1.1 200 OK\r\nX-A: 1\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n"
         );
+        // Empty lines before the status line are not sent on, and the status line is never
+        // taken for a header, not even one its Connection names (found by fuzzing).
+        let mut out = Vec::new();
+        client_head(
+            b"\n\r\nHTTP/1.1 200\r\nConnection: HTTP/1.1 200\r\n\r\n",
+            true,
+            false,
+            &mut out,
+        );
+        assert_eq!(out, b"HTTP/1.1 200\r\nConnection: keep-alive\r\n\r\n");
     }
 
     #[test]
