@@ -192,7 +192,7 @@ impl ChatService {
         let started = ctx.started;
         let chat = ctx
             .chat
-            .insert(Box::new(ChatCtx::new(identity.ok(), decision, breaker)));
+            .insert(ChatCtx::new(identity.ok(), decision, breaker));
         chat.request_id = caller_request_id(session).map(str::to_string);
         chat.cors = active.cors_for(&session.req_header().headers);
 
