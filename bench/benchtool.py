@@ -863,7 +863,7 @@ def write_results(path, header, sections):
     w("## Reproduce")
     w("")
     w("```sh")
-    w("make bench                 # ~15 minutes: release build, all six sections, this file")
+    w("make bench                 # ~25 minutes: release build, all six sections, this file")
     w("BENCH_QUICK=1 make bench   # a few minutes' smoke run (short runs, one round, 1k idle streams)")
     w("BENCH_SECTIONS=4 bench/run.sh   # only section 4 (release build first); the others stay as they are here")
     w("```")
@@ -871,7 +871,7 @@ def write_results(path, header, sections):
     w("Knobs (environment): `BENCH_SECTIONS`, `BENCH_ROUNDS`, `BENCH_DURATION`, `BENCH_CONNS`, "
       "`BENCH_WRK_THREADS`, `BENCH_PROXY_THREADS` (space-separated list, one proxy per value), "
       "`BENCH_SSE_STREAMS`, `BENCH_BRIDGE_STREAMS`, `BENCH_COMMIT_STREAMS`, `BENCH_PLAN_GAP_MS`, "
-      "`BENCH_IDLE_N`, `BENCH_NGINX_AUTO`, `BENCH_PT_ROUNDS`, `BENCH_CG_RUNS`, `BENCH_CG_CONNS`, "
+      "`BENCH_IDLE_N`, `BENCH_IDLE_ROUNDS`, `BENCH_NGINX_AUTO`, `BENCH_PT_ROUNDS`, `BENCH_CG_RUNS`, `BENCH_CG_CONNS`, "
       "`BENCH_CG_REQUESTS`, `BENCH_CG_STREAMS`, `BENCH_CG_SSE`, `BENCH_PORT_BASE`, "
       "`CUTOVER_PROXY_BIN`, `BENCH_LEAN_BIN`, `BENCH_REWRITE_BIN`. See the top of `bench/run.sh`.")
     with open(path, "w") as f:
@@ -1120,26 +1120,43 @@ def report_idle(out, w):
     if idle.get("note"):
         w(f"> {idle['note']}")
         w("")
-    w("| case | streams requested | established | RSS before | RSS with streams | RSS per stream "
-      "| RSS per stream vs nginx |")
-    w("|---|---:|---:|---:|---:|---:|---:|")
-    by = {(r["case"], r["requested"]): r for r in idle["runs"]}
+    def per_stream(r):
+        return (r["rss_after_kib"] - r["rss_before_kib"]) / max(1, r["established"])
+
+    # Each (case, N) is measured once per round; the round with the median RSS per stream
+    # stands for it, the others give the range.
+    rounds = {}
     for r in idle["runs"]:
-        per = (r["rss_after_kib"] - r["rss_before_kib"]) / max(1, r["established"])
+        rounds.setdefault((r["case"], r["requested"]), []).append(r)
+    by, spread = {}, {}
+    for key, rs in rounds.items():
+        rs = sorted(rs, key=per_stream)
+        by[key] = rs[(len(rs) - 1) // 2]
+        spread[key] = (per_stream(rs[0]), per_stream(rs[-1]), len(rs))
+    w(f"{idle.get('rounds', 1)} round(s), the cases interleaved in each; each row is the round "
+      "with the median RSS per stream, the range over all rounds beside it.")
+    w("")
+    w("| case | streams requested | established | RSS before | RSS with streams | RSS per stream "
+      "| range over rounds | RSS per stream vs nginx |")
+    w("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for key, r in by.items():
+        per = per_stream(r)
         ng = by.get(("nginx-1w", r["requested"]))
-        ngper = (ng["rss_after_kib"] - ng["rss_before_kib"]) / max(1, ng["established"]) if ng else None
+        ngper = per_stream(ng) if ng else None
+        lo, hi, n = spread[key]
         label = {"proxy": f"cutover-proxy ({idle['threads']} threads), bridge off",
                  "proxy-bridge": f"cutover-proxy ({idle['threads']} threads), bridge on",
                  "nginx-1w": "nginx, 1 worker"}[r["case"]]
         w(f"| {label} | {r['requested']:,} | {r['established']:,} "
           f"| {r['rss_before_kib'] / 1024:.1f} MiB | {r['rss_after_kib'] / 1024:.1f} MiB "
-          f"| {per:.1f} KiB | {ratio(per, ngper) if r['case'] != 'nginx-1w' else '1.00×'} |")
+          f"| {per:.1f} KiB | {f'{lo:.1f}–{hi:.1f} KiB' if n > 1 else '–'} "
+          f"| {ratio(per, ngper) if r['case'] != 'nginx-1w' else '1.00×'} |")
     w("")
     # Between two N in the same run, what one more stream costs: a fixed cost (pools, caches,
     # what the allocator keeps of a burst of set-ups) drops out.
     marginal = {}
     for case in ("proxy", "proxy-bridge", "nginx-1w"):
-        runs = sorted((r for r in idle["runs"] if r["case"] == case), key=lambda r: r["established"])
+        runs = sorted((r for r in by.values() if r["case"] == case), key=lambda r: r["established"])
         if len(runs) >= 2 and runs[-1]["established"] > runs[0]["established"]:
             lo, hi = runs[0], runs[-1]
             marginal[case] = ((hi["rss_after_kib"] - lo["rss_after_kib"])
@@ -1154,15 +1171,15 @@ def report_idle(out, w):
           + ". At the smallest N the bridged figure also carries the fixed costs of its burst "
           "of set-ups (legacy lookups and saves, 200 at a time): memory the allocator keeps, "
           "idle connections in the bridge's legacy pool.")
-    for r in [r for r in idle["runs"] if r["case"] == "proxy-bridge"]:
-        per = (r["rss_after_kib"] - r["rss_before_kib"]) / max(1, r["established"])
+    for r in [r for r in by.values() if r["case"] == "proxy-bridge"]:
+        per = per_stream(r)
         ng = by.get(("nginx-1w", r["requested"]))
         if ng:
-            ngper = (ng["rss_after_kib"] - ng["rss_before_kib"]) / max(1, ng["established"])
+            ngper = per_stream(ng)
             w(f"- Target (a held stream with the bridge on ≤ nginx's per stream), "
               f"{r['requested']:,} streams: **{'met' if per <= ngper else 'not met'}** "
               f"({per:.1f} KiB against {ngper:.1f} KiB, {per / ngper:.2f}×).")
-    big = [r for r in idle["runs"] if r["case"] == "proxy"]
+    big = [r for r in by.values() if r["case"] == "proxy"]
     if big:
         r = max(big, key=lambda r: r["established"])
         mb = r["rss_after_kib"] * 1024 / 1e6
@@ -1170,7 +1187,7 @@ def report_idle(out, w):
             w(f"- Target (10k idle streams ≤ 300 MB RSS): {r['established']:,} streams → "
               f"{mb:.0f} MB: **{'met' if mb <= 300 else 'not met'}**.")
         else:
-            per = (r["rss_after_kib"] - r["rss_before_kib"]) / max(1, r["established"])
+            per = per_stream(r)
             est = (r["rss_before_kib"] + 10000 * per) * 1024 / 1e6
             w(f"- Target (10k idle streams ≤ 300 MB RSS): measured {r['established']:,} streams → "
               f"{mb:.0f} MB; extrapolated to 10,000 (RSS before + 10,000 × per stream) → "

@@ -40,6 +40,7 @@ if [ "$QUICK" = 1 ]; then
   DURATION=${BENCH_DURATION:-3s}
   SSE_STREAMS=${BENCH_SSE_STREAMS:-20}      # per case and round
   IDLE_N=${BENCH_IDLE_N:-1000}
+  IDLE_ROUNDS=${BENCH_IDLE_ROUNDS:-1}
   NGINX_AUTO=${BENCH_NGINX_AUTO:-0}
   CG_RUNS=${BENCH_CG_RUNS:-1}
 else
@@ -50,6 +51,9 @@ else
   DURATION=${BENCH_DURATION:-5s}
   SSE_STREAMS=${BENCH_SSE_STREAMS:-200}
   IDLE_N=${BENCH_IDLE_N:-1000 10000}
+  # Section 3's RSS per stream at 1,000 streams moves by about 1 KiB between runs of the same
+  # code (pages, the allocator's timing): the median of three rounds is reported.
+  IDLE_ROUNDS=${BENCH_IDLE_ROUNDS:-3}
   NGINX_AUTO=${BENCH_NGINX_AUTO:-1}
 fi
 CONNS=${BENCH_CONNS:-50}
@@ -219,7 +223,7 @@ else
 fi
 [ "$QUICK" = 1 ] && COMMAND="BENCH_QUICK=1 $COMMAND"
 for v in BENCH_SECTIONS BENCH_BRIDGE_STREAMS BENCH_COMMIT_STREAMS BENCH_PLAN_GAP_MS BENCH_ROUNDS BENCH_PT_ROUNDS BENCH_DURATION BENCH_CONNS BENCH_WRK_THREADS BENCH_PROXY_THREADS \
-         BENCH_SSE_THREADS BENCH_SSE_STREAMS BENCH_IDLE_N BENCH_NGINX_AUTO BENCH_UPSTREAM_WORKERS \
+         BENCH_SSE_THREADS BENCH_SSE_STREAMS BENCH_IDLE_N BENCH_IDLE_ROUNDS BENCH_NGINX_AUTO BENCH_UPSTREAM_WORKERS \
          BENCH_SSE_CHUNKS CUTOVER_PROXY_BIN BENCH_LEAN_BIN BENCH_REWRITE_BIN BENCH_CG_RUNS \
          BENCH_CG_CONNS BENCH_CG_REQUESTS BENCH_CG_STREAMS BENCH_CG_SSE BENCH_PORT_BASE; do
   [ -n "${!v:-}" ] && COMMAND="$v='${!v}' $COMMAND"
@@ -435,12 +439,12 @@ stop nginx-1w; stop nginx-auto
 if section 3; then
   # Each stream holds two descriptors in the proxy (client + runtime connection).
   MAX_STREAMS=$(((NOFILE - 200) / 2))
-  log "section 3: idle streams (N = $IDLE_N; open-files limit $NOFILE → at most $MAX_STREAMS per process)"
+  log "section 3: idle streams (N = $IDLE_N, $IDLE_ROUNDS round(s); open-files limit $NOFILE → at most $MAX_STREAMS per process)"
   NOTE=""
   : >"$OUT/idle.jsonl"
 
-  idle_run() { # case n
-    local case=$1 want=$2 n=$2 pid pids before after ready="$OUT/idle/$1-$2.ready" waited
+  idle_run() { # case n round
+    local case=$1 want=$2 n=$2 pid pids before after ready="$OUT/idle/$1-$2-r$3.ready" waited
     if [ "$n" -gt "$MAX_STREAMS" ]; then
       n=$MAX_STREAMS
       NOTE="$want streams requested, $n opened: the open-files limit here is $NOFILE (hard), and each proxied stream needs two descriptors. Raise \`ulimit -Hn\` to measure exactly $want."
@@ -461,7 +465,7 @@ if section 3; then
     # A few streams first, so that one-off allocations (runtime threads, pools, lazily built
     # state) count in the baseline rather than per stream.
     $TOOL idle-client --port "$port" --path "$path" --org org-bench --n 20 --hold 0 \
-      --ready-file "$OUT/idle/$case-$want.warm" >/dev/null
+      --ready-file "$OUT/idle/$case-$want-r$3.warm" >/dev/null
     sleep 1
     [ "$case" = nginx-1w ] && pids="$pid $(children_of "$pid")"   # nginx: master + worker
     before=$($TOOL rss $pids)
@@ -476,20 +480,23 @@ if section 3; then
     sleep 1   # let the proxy settle (relay tasks parked, buffers at steady state)
     after=$($TOOL rss $pids)
     [ "$case" = nginx-1w ] || curl -s "http://127.0.0.1:$((IDLE_PROXY_PORT + 2))/metrics" \
-      >"$OUT/idle/$case-$want.metrics" || true
+      >"$OUT/idle/$case-$want-r$3.metrics" || true
     $TOOL idle-record "$ready" "$case" "$want" "$before" "$after" >>"$OUT/idle.jsonl"
     stop idle-client
     if [ "$case" = nginx-1w ]; then stop nginx-idle; else stop idle-proxy; fi
     stop idle-runtime
   }
 
-  for n in $IDLE_N; do
-    idle_run proxy "$n"
-    idle_run proxy-bridge "$n"
-    idle_run nginx-1w "$n"
+  # Rounds interleave the cases, so that a slow spell of the machine falls on all of them.
+  for r in $(seq 1 "$IDLE_ROUNDS"); do
+    for n in $IDLE_N; do
+      idle_run proxy "$n" "$r"
+      idle_run proxy-bridge "$n" "$r"
+      idle_run nginx-1w "$n" "$r"
+    done
   done
   $TOOL collect "$OUT/idle.json" --jsonl "$OUT/idle.jsonl" --set "threads=$SSE_THREADS" \
-    --set "nofile=$NOFILE" --set "note=$NOTE"
+    --set "nofile=$NOFILE" --set "note=$NOTE" --set "rounds=$IDLE_ROUNDS"
 fi
 
 # ---- 4. the conversation bridge ------------------------------------------------------------
