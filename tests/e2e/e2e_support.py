@@ -43,9 +43,21 @@ SEPS = {"crlf": "\r\n", "lf": "\n", "cr": "\r"}
 # ---- processes -----------------------------------------------------------------------------
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free ports: each socket stays bound until all are chosen, since a port
+    just released may be handed out again at once (the proxy's listen and metrics ports once
+    came out the same, and its listener then found the port taken)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def _child_setup():
@@ -325,7 +337,7 @@ class Proxy:
         # Free ports are picked before the proxy binds them; should another process take one in
         # between, the proxy exits at once and is started again on fresh ports.
         for attempt in range(1, self.START_ATTEMPTS + 1):
-            self.port, self.admin_port, self.metrics_port = free_port(), free_port(), free_port()
+            self.port, self.admin_port, self.metrics_port = free_ports(3)
             self.base = f"http://127.0.0.1:{self.port}"
             self.admin = f"http://127.0.0.1:{self.admin_port}"
             self.metrics_base = f"http://127.0.0.1:{self.metrics_port}"
