@@ -16,15 +16,6 @@ use ipnet::IpNet;
 pub const FOR: &str = "x-forwarded-for";
 pub const PROTO: &str = "x-forwarded-proto";
 pub const HOST: &str = "x-forwarded-host";
-/// The three, in the order they are sent.
-pub const NAMES: [&str; 3] = [FOR, PROTO, HOST];
-
-/// Where [`Forwarded::write_with`] is in a header's value.
-#[derive(Clone, Copy)]
-enum Edge {
-    Start,
-    End,
-}
 
 /// Whether `name` is one of the three headers the proxy writes itself.
 pub fn is_forwarded(name: &[u8]) -> bool {
@@ -160,27 +151,11 @@ impl Forwarded {
     /// The lines [`Forwarded::of`]`(hop, got)` would write, straight into `out`: the same bytes
     /// without a `String` per value (the lean path writes them for every request).
     pub fn write(hop: Hop, got: &Received, out: &mut Vec<u8>) {
-        Forwarded::write_with(hop, got, out, |out, header, edge| match edge {
-            Edge::Start => {
-                out.extend_from_slice(NAMES[header].as_bytes());
-                out.extend_from_slice(b": ");
-            }
-            Edge::End => out.extend_from_slice(b"\r\n"),
-        });
-    }
-
-    /// The one writer of the three values: `mark` is told where each header's value starts
-    /// and ends in `out` (the header by its index in [`NAMES`]), in the order they are sent.
-    fn write_with(
-        hop: Hop,
-        got: &Received,
-        out: &mut Vec<u8>,
-        mut mark: impl FnMut(&mut Vec<u8>, usize, Edge),
-    ) {
         let mut first = true;
-        let mut entry = |out: &mut Vec<u8>, first: &mut bool| {
+        let entry = |out: &mut Vec<u8>, first: &mut bool| {
             if *first {
-                mark(out, 0, Edge::Start);
+                out.extend_from_slice(FOR.as_bytes());
+                out.extend_from_slice(b": ");
                 *first = false;
             } else {
                 out.extend_from_slice(b", ");
@@ -203,7 +178,7 @@ impl Forwarded {
             write_ip(peer, out);
         }
         if !first {
-            mark(out, 0, Edge::End);
+            out.extend_from_slice(b"\r\n");
         }
         let (proto, host) = if hop.trusted {
             (
@@ -213,13 +188,15 @@ impl Forwarded {
         } else {
             (None, got.host)
         };
-        mark(out, 1, Edge::Start);
+        out.extend_from_slice(PROTO.as_bytes());
+        out.extend_from_slice(b": ");
         lossy(proto.unwrap_or(b"http"), out);
-        mark(out, 1, Edge::End);
+        out.extend_from_slice(b"\r\n");
         if let Some(host) = host.filter(|h| !h.is_empty()) {
-            mark(out, 2, Edge::Start);
+            out.extend_from_slice(HOST.as_bytes());
+            out.extend_from_slice(b": ");
             lossy(host, out);
-            mark(out, 2, Edge::End);
+            out.extend_from_slice(b"\r\n");
         }
     }
 

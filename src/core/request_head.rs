@@ -273,7 +273,6 @@ impl<'a> Target<'a> {
     }
 }
 
-/// `uri-host [":" port]`: reg-name, IPv4 or an IP literal in brackets; never userinfo.
 /// The bytes a `Host` may hold (a reg-name, an IP literal, a port), as a table: each byte
 /// looked up once instead of searched for in a list of punctuation.
 const HOST_BYTES: [bool; 256] = {
@@ -292,6 +291,7 @@ const HOST_BYTES: [bool; 256] = {
     table
 };
 
+/// `uri-host [":" port]`: reg-name, IPv4 or an IP literal in brackets; never userinfo.
 fn is_host(value: &[u8]) -> bool {
     !value.is_empty() && value.iter().all(|&b| HOST_BYTES[b as usize])
 }
