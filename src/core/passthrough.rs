@@ -287,14 +287,12 @@ fn handed(
     let mut received = Received::default();
     let mut last = false;
     for (name, line) in lines {
-        let value = line.get(name.len() + 1..).unwrap_or_default();
-        received.see(name, value);
+        received.see(name, line.get(name.len() + 1..).unwrap_or_default());
         if named(name, "connection")
-            && tokens(value).any(|t| {
-                !t.eq_ignore_ascii_case(b"close")
-                    && !t.eq_ignore_ascii_case(b"keep-alive")
-                    && !connection_named.iter().any(|n| n.eq_ignore_ascii_case(t))
-            })
+            && connection([(name, line)].into_iter())
+                .named
+                .iter()
+                .any(|t| !connection_named.iter().any(|n| n.eq_ignore_ascii_case(t)))
         {
             return None;
         }
